@@ -1,0 +1,1 @@
+"""roundtrip: prove e-mail works end to end."""

@@ -1,0 +1,311 @@
+"""asyncio adapter between a socket and a sans-IO line machine (POP3, IMAP).
+
+The machine decides everything; this module only moves bytes, upgrades the transport for
+STARTTLS/STLS, enforces the idle timeout, forwards store changes (for IMAP IDLE and untagged
+updates), and records unexpected exceptions on the stack's loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..errors import RemoteProtocolError
+from ..protocols._lines import ConnectionClosed, Event, StartTLSRequested
+
+__all__ = ["ConnectionInfo", "LineServerProtocol", "Machine", "MachineFactory", "serve"]
+
+log = logging.getLogger("roundtrip.servers")
+
+
+class Machine(Protocol):
+    """What the adapter needs of a sans-IO machine."""
+
+    def receive_data(self, data: bytes) -> list[Event]: ...
+
+    def data_to_send(self) -> bytes: ...
+
+    def tls_started(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """What a machine factory learns about a new connection."""
+
+    peer: str
+    secure: bool
+
+
+MachineFactory = Callable[[ConnectionInfo], Machine]
+
+
+class LineServerProtocol(asyncio.Protocol):
+    """Drives one machine over one connection.
+
+    Args:
+        factory: builds the machine for this connection.
+        starttls_context: server context for STARTTLS/STLS (None: the machine never asks).
+        implicit_tls: True when the listener wraps TLS from the first byte.
+        idle_timeout: seconds without input before the connection is closed.
+        on_error: records an unexpected exception (the stack re-raises it in the test).
+        subscribe: registers a listener for store changes; returns a function that removes it.
+        tls_handshake_timeout: seconds a STARTTLS handshake may take.
+    """
+
+    def __init__(
+        self,
+        factory: MachineFactory,
+        *,
+        starttls_context: ssl.SSLContext | None,
+        implicit_tls: bool,
+        idle_timeout: float,
+        on_error: Callable[[BaseException], None],
+        subscribe: Callable[[Callable[[Any], None]], Callable[[], None]] | None = None,
+        tls_handshake_timeout: float = 30.0,
+        connections: set[LineServerProtocol] | None = None,
+    ) -> None:
+        self._factory = factory
+        self._starttls_context = starttls_context
+        self._implicit_tls = implicit_tls
+        self._idle_timeout = idle_timeout
+        self._on_error = on_error
+        self._subscribe = subscribe
+        self._unsubscribe: Callable[[], None] | None = None
+        self._tls_handshake_timeout = tls_handshake_timeout
+        self._connections = connections
+        self._transport: asyncio.Transport | None = None
+        self._machine: Machine | None = None
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._upgrading = False
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        if self._connections is not None:
+            self._connections.add(self)
+        peer = transport.get_extra_info("peername")
+        peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        secure = self._implicit_tls or transport.get_extra_info("ssl_object") is not None
+        try:
+            self._machine = self._factory(ConnectionInfo(peer=peer_text, secure=secure))
+        except Exception as exc:  # a bug in the machine's constructor: report, close
+            self._on_error(exc)
+            transport.abort()
+            return
+        on_change = getattr(self._machine, "on_store_change", None)
+        if self._subscribe is not None and on_change is not None:
+            self._unsubscribe = self._subscribe(self._store_changed)
+        self._flush()
+        self._reset_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self._machine is None or self._closed:
+            return
+        self._reset_idle()
+        self._feed(data)
+
+    def eof_received(self) -> bool | None:
+        if self._machine is not None and not self._closed:
+            self._feed(b"")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._upgrading:
+            # start_tls swaps protocols under us; the real loss is reported later.
+            return
+        self._finish()
+
+    # internals
+
+    def _feed(self, data: bytes) -> None:
+        assert self._machine is not None
+        try:
+            events = self._machine.receive_data(data)
+        except RemoteProtocolError as exc:
+            log.info("closing connection: %s", exc)
+            self._flush()
+            self._close()
+            return
+        except Exception as exc:
+            self._on_error(exc)
+            self._close()
+            return
+        self._flush()
+        self._handle(events)
+
+    def _handle(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, ConnectionClosed):
+                self._close()
+                return
+            if isinstance(event, StartTLSRequested):
+                self._start_tls()
+                return
+
+    def _flush(self) -> None:
+        if self._machine is None or self._transport is None:
+            return
+        out = self._machine.data_to_send()
+        if out and not self._transport.is_closing():
+            self._transport.write(out)
+
+    def _start_tls(self) -> None:
+        assert self._transport is not None and self._starttls_context is not None
+        transport = self._transport
+        transport.pause_reading()
+        self._upgrading = True
+        task = self._loop.create_task(self._upgrade(transport))
+        task.add_done_callback(_consume_result)
+
+    async def _upgrade(self, transport: asyncio.Transport) -> None:
+        assert self._starttls_context is not None and self._machine is not None
+        try:
+            new = await self._loop.start_tls(
+                transport,
+                self,
+                self._starttls_context,
+                server_side=True,
+                ssl_handshake_timeout=self._tls_handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            log.info("STARTTLS handshake failed: %r", exc)
+            self._upgrading = False
+            transport.abort()
+            self._finish()
+            return
+        self._upgrading = False
+        if new is None:
+            self._finish()
+            return
+        self._transport = new  # type: ignore[assignment]
+        try:
+            self._machine.tls_started()
+        except Exception as exc:
+            self._on_error(exc)
+            self._close()
+            return
+        self._flush()
+        self._reset_idle()
+
+    def _store_changed(self, change: Any) -> None:
+        # Called on whatever thread changed the store: hop onto our loop.
+        if self._loop.is_closed():
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._deliver_change, change)
+        except RuntimeError:  # loop closed between the check and the call
+            pass
+
+    def _deliver_change(self, change: Any) -> None:
+        if self._closed or self._machine is None or self._upgrading:
+            return
+        try:
+            self._machine.on_store_change(change)  # type: ignore[attr-defined]
+        except Exception as exc:
+            self._on_error(exc)
+            self._close()
+            return
+        self._flush()
+
+    def _reset_idle(self) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        self._idle_handle = self._loop.call_later(self._idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        machine = self._machine
+        timed_out = getattr(machine, "timed_out", None)
+        if timed_out is not None:
+            try:
+                timed_out()
+            except Exception as exc:
+                self._on_error(exc)
+            self._flush()
+        self._close()
+
+    def _close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._connections is not None:
+            self._connections.discard(self)
+        if self._machine is not None:
+            # EOF lets the machine release what it holds (a POP3 maildrop lock, say).
+            try:
+                self._machine.receive_data(b"")
+            except RemoteProtocolError:
+                pass
+            except Exception as exc:
+                self._on_error(exc)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+        self._finish()
+
+
+def _consume_result(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def serve(
+    factory: MachineFactory,
+    *,
+    host: str,
+    port: int,
+    implicit_tls_context: ssl.SSLContext | None,
+    starttls_context: ssl.SSLContext | None,
+    idle_timeout: float,
+    on_error: Callable[[BaseException], None],
+    subscribe: Callable[[Callable[[Any], None]], Callable[[], None]] | None = None,
+    tls_handshake_timeout: float = 30.0,
+) -> tuple[asyncio.Server, set[LineServerProtocol]]:
+    """Listen on ``host:port`` (0 picks a free port) and drive a machine per connection.
+
+    Returns:
+        The asyncio server (read the bound port from ``server.sockets``) and the live set of
+        connections, so the caller can abort them on stop.
+    """
+    loop = asyncio.get_running_loop()
+    connections: set[LineServerProtocol] = set()
+
+    def protocol() -> LineServerProtocol:
+        return LineServerProtocol(
+            factory,
+            starttls_context=starttls_context,
+            implicit_tls=implicit_tls_context is not None,
+            idle_timeout=idle_timeout,
+            on_error=on_error,
+            subscribe=subscribe,
+            tls_handshake_timeout=tls_handshake_timeout,
+            connections=connections,
+        )
+
+    server = await loop.create_server(
+        protocol,
+        host=host,
+        port=port,
+        ssl=implicit_tls_context,
+        ssl_handshake_timeout=tls_handshake_timeout if implicit_tls_context else None,
+        reuse_address=True,
+    )
+    return server, connections

@@ -1,0 +1,119 @@
+"""One asyncio event loop in a background thread, shared by every server of a stack.
+
+Synchronous code (tests, the CLI) submits coroutines with ``run()``; errors raised by server
+code on the loop are recorded with ``record_error()`` and re-raised by ``check()`` in the thread
+that asks, so a crash in an adapter fails the test that caused it (STYLE.md 11.5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from ..errors import ServerStartError
+
+__all__ = ["LoopThread"]
+
+T = TypeVar("T")
+log = logging.getLogger("roundtrip.servers")
+
+
+class LoopThread:
+    """An event loop running in a daemon thread until ``stop()``."""
+
+    def __init__(self, name: str = "roundtrip-loop") -> None:
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(self._loop_exception)
+        self._errors: list[BaseException] = []
+        self._errors_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._started = threading.Event()
+        self._stopped = False
+        self._thread.start()
+        self._started.wait(10)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._started.set)
+        try:
+            self.loop.run_forever()
+        finally:
+            try:
+                pending = asyncio.all_tasks(self.loop)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    self.loop.run_until_complete(
+                        asyncio.gather(*pending, return_exceptions=True)
+                    )
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            finally:
+                self.loop.close()
+
+    @property
+    def in_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def run(self, coro: Awaitable[T], timeout: float) -> T:
+        """Run ``coro`` on the loop and wait for its result from another thread.
+
+        Raises:
+            TimeoutError: it did not finish within ``timeout`` seconds (it is cancelled).
+        """
+        if self.in_loop_thread:
+            raise RuntimeError("LoopThread.run() called from the loop thread: it would deadlock")
+        future = asyncio.run_coroutine_threadsafe(_as_coro(coro), self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"loop task did not finish within {timeout:g} s") from None
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Schedule ``fn(*args)`` on the loop thread, from any thread."""
+        if self.in_loop_thread:
+            fn(*args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def record_error(self, exc: BaseException) -> None:
+        """Remember an exception raised by server code; ``check()`` re-raises it."""
+        log.error("server error: %r", exc, exc_info=exc)
+        with self._errors_lock:
+            self._errors.append(exc)
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, (ConnectionError, OSError, asyncio.CancelledError)):
+            # A peer went away mid-write or mid-handshake: not a server bug.
+            log.debug("connection-level error: %s", context.get("message"))
+            return
+        self.record_error(exc or RuntimeError(str(context.get("message"))))
+
+    def errors(self) -> list[BaseException]:
+        with self._errors_lock:
+            return list(self._errors)
+
+    def take_errors(self) -> list[BaseException]:
+        with self._errors_lock:
+            errors, self._errors = self._errors, []
+        return errors
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop and join the thread. A second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise ServerStartError(f"event loop thread did not stop within {timeout:g} s")
+
+
+async def _as_coro(aw: Awaitable[T]) -> T:
+    return await aw
