@@ -185,7 +185,7 @@ class LineServerProtocol(asyncio.Protocol):
         if new is None:
             self._finish()
             return
-        self._transport = new  # type: ignore[assignment]
+        self._transport = new
         try:
             self._machine.tls_started()
         except Exception as exc:
