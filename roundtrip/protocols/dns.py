@@ -1,0 +1,455 @@
+"""Authoritative DNS answers for the stack's zones: ``answer(zone, query_bytes) -> bytes``.
+
+Theory of operation
+-------------------
+The stack serves a handful of domains (``example.org``, ``example.net`` ...) from memory. A
+:class:`Zone` is an immutable index of :class:`Record` values grouped under their zone apexes
+(every name carrying an SOA record is an apex). :func:`respond` takes one DNS message in wire
+format (RFC 1035 §4) and returns one reply; the UDP and TCP adapters in ``servers/dns.py`` only
+move bytes. There is no state between queries, so there are no protocol states to name.
+
+Answers (RFC 1034 §4.3.2, RFC 2308):
+
+- The name lies in one of our zones and has records of the asked type: NOERROR, AA set, the
+  RRset in the answer section. MX and NS answers carry the A/AAAA records of their targets in the
+  additional section when we serve them (RFC 1035 §3.3.9, RFC 5321 §5.1 clients use them).
+- A CNAME at the name is returned and followed inside our zones (at most ``_MAX_CNAME_CHAIN``
+  hops, which stops loops).
+- The name exists (it has records, or names below it do: an "empty non-terminal") but not with
+  that type: NOERROR with an empty answer and the zone's SOA in the authority section ("NoAnswer",
+  RFC 2308 §2.2).
+- The name lies in our zone but does not exist: NXDOMAIN with the SOA in the authority section
+  (RFC 2308 §2.1).
+- The name lies outside every zone: REFUSED (we are not a recursive resolver), or NXDOMAIN
+  without SOA when the zone was built with ``refuse_outside=False`` (a hermetic world in which
+  nothing else exists).
+- Garbage: FORMERR when at least a header ID can be read, otherwise nothing (``b""``: the
+  adapter drops the datagram). Messages with the QR bit set (responses) are never answered,
+  so two servers cannot be made to bounce errors at each other. Unknown opcodes get NOTIMP,
+  classes other than IN get REFUSED.
+
+A query dnspython cannot parse gets a FORMERR header built by hand (there is no message to
+echo). Every exception raised while answering a parsed query becomes an rcode in exactly one
+place, :func:`_rcode_for` (STYLE.md §5): protocol violations by the client are FORMERR, anything
+else SERVFAIL, and the unexpected exception is handed back in :attr:`Reply.error` so the adapter
+can record it.
+
+Deliberately unsupported: wildcards (RFC 4592), delegation below our zones (NS records are
+answered as data, never as referrals), DNSSEC, zone transfers (AXFR/IXFR get NOTIMP), dynamic
+update, classes other than IN. Record types are limited to A, AAAA, MX, TXT, CNAME, NS and SOA.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+
+from ..errors import ConfigError
+
+__all__ = [
+    "RECORD_TYPES",
+    "Record",
+    "Reply",
+    "Zone",
+    "answer",
+    "build_zone",
+    "default_records",
+    "respond",
+    "udp_max_size",
+]
+
+#: The record types a :class:`Record` may carry.
+RECORD_TYPES = frozenset({"A", "AAAA", "MX", "TXT", "CNAME", "NS", "SOA"})
+
+# A chain longer than this is a loop or a misconfiguration; RFC 1034 §3.6.2 asks resolvers to
+# stop following, and an authoritative server may as well.
+_MAX_CNAME_CHAIN = 8
+
+# RFC 1035 §2.3.4: a UDP reply without EDNS is at most 512 octets.
+UDP_PAYLOAD_DEFAULT = 512
+
+# RFC 1035 §4.2.2: TCP messages carry a two-octet length, so 65535 octets at most.
+TCP_PAYLOAD_MAX = 65535
+
+# RFC 1035 §3.3.14: one <character-string> in a TXT record is at most 255 octets.
+_TXT_CHUNK = 255
+
+_HEADER = struct.Struct("!HHHHHH")
+_QR = 0x8000
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One resource record, as text.
+
+    Args:
+        name: owner name, absolute or not (``mail.example.org`` and ``mail.example.org.`` are
+            the same name).
+        rtype: one of :data:`RECORD_TYPES`.
+        value: the RDATA in zone-file syntax: ``"127.0.0.1"``, ``"10 mail.example.org."``,
+            ``"0 ."`` (null MX, RFC 7505). TXT values may be given unquoted; they are quoted and
+            split into 255-octet strings as needed.
+        ttl: time to live in seconds.
+    """
+
+    name: str
+    rtype: str
+    value: str
+    ttl: int = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What :func:`respond` produced for one query.
+
+    Attributes:
+        wire: the reply in wire format; ``b""`` means send nothing.
+        qname: the question's name as text ("" when the query could not be parsed).
+        qtype: the question's type as text ("" when unknown).
+        rcode: the reply's rcode as text ("NOERROR", "NXDOMAIN", ...).
+        error: an unexpected exception turned into SERVFAIL, for the adapter to record.
+    """
+
+    wire: bytes
+    qname: str
+    qtype: str
+    rcode: str
+    error: BaseException | None = None
+
+
+class Zone:
+    """An immutable, indexed set of records under one or more zone apexes.
+
+    Build it with :func:`build_zone`. ``apexes`` are the names carrying SOA records.
+    """
+
+    __slots__ = ("_names", "_rrsets", "apexes", "records", "refuse_outside")
+
+    def __init__(
+        self,
+        rrsets: dict[dns.name.Name, dict[dns.rdatatype.RdataType, dns.rrset.RRset]],
+        apexes: tuple[dns.name.Name, ...],
+        records: tuple[Record, ...],
+        *,
+        refuse_outside: bool,
+    ) -> None:
+        self._rrsets = rrsets
+        self.apexes = apexes
+        self.records = records
+        self.refuse_outside = refuse_outside
+        names: set[dns.name.Name] = set()
+        for name in rrsets:
+            apex = self.apex_of(name)
+            # Every ancestor down to the apex exists too (empty non-terminals, RFC 8020).
+            while apex is not None and name != apex and name.is_subdomain(apex):
+                names.add(name)
+                name = name.parent()
+            if apex is not None:
+                names.add(apex)
+        self._names = frozenset(names)
+
+    def apex_of(self, name: dns.name.Name) -> dns.name.Name | None:
+        """The closest enclosing apex of ``name``, or None when we do not serve it."""
+        best: dns.name.Name | None = None
+        for apex in self.apexes:
+            if name.is_subdomain(apex) and (best is None or len(apex) > len(best)):
+                best = apex
+        return best
+
+    def exists(self, name: dns.name.Name) -> bool:
+        return name in self._names
+
+    def rrset(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> dns.rrset.RRset | None:
+        return self._rrsets.get(name, {}).get(rdtype)
+
+    def rrsets_at(self, name: dns.name.Name) -> list[dns.rrset.RRset]:
+        return list(self._rrsets.get(name, {}).values())
+
+    def __repr__(self) -> str:
+        apexes = ", ".join(a.to_text() for a in self.apexes)
+        return f"<Zone apexes=[{apexes}] records={len(self.records)}>"
+
+
+def _absolute(name: str) -> dns.name.Name:
+    return dns.name.from_text(name.strip(), origin=dns.name.root)
+
+
+def _txt_value(value: str) -> str:
+    if value.startswith('"'):
+        return value
+    data = value.encode("utf-8")
+    chunks = [data[i : i + _TXT_CHUNK] for i in range(0, len(data), _TXT_CHUNK)] or [b""]
+    quoted = []
+    for chunk in chunks:
+        text = chunk.decode("utf-8", "surrogateescape")
+        quoted.append('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return " ".join(quoted)
+
+
+def build_zone(records: Iterable[Record], *, refuse_outside: bool = True) -> Zone:
+    """Index ``records`` for :func:`answer`.
+
+    Args:
+        records: the records; at least one SOA defines a zone apex, and every record must lie at
+            or below an apex.
+        refuse_outside: answer names outside every zone with REFUSED (True, what an
+            authoritative-only server does) or with NXDOMAIN (False: nothing else exists).
+
+    Returns:
+        An immutable :class:`Zone`.
+
+    Raises:
+        ConfigError: an unsupported type, unparsable RDATA, or a record outside every zone.
+    """
+    records = tuple(records)
+    rrsets: dict[dns.name.Name, dict[dns.rdatatype.RdataType, dns.rrset.RRset]] = {}
+    apexes: list[dns.name.Name] = []
+    for record in records:
+        rtype = record.rtype.upper()
+        if rtype not in RECORD_TYPES:
+            raise ConfigError(
+                f"unsupported DNS record type {record.rtype!r} for {record.name!r}; "
+                f"expected one of {sorted(RECORD_TYPES)}"
+            )
+        try:
+            name = _absolute(record.name)
+            rdtype = dns.rdatatype.from_text(rtype)
+            value = _txt_value(record.value) if rtype == "TXT" else record.value
+            rdata = dns.rdata.from_text(
+                dns.rdataclass.IN, rdtype, value, origin=dns.name.root, relativize=False
+            )
+        except dns.exception.DNSException as exc:
+            raise ConfigError(f"bad DNS record {record!r}: {exc}") from exc
+        by_type = rrsets.setdefault(name, {})
+        rrset = by_type.get(rdtype)
+        if rrset is None:
+            rrset = by_type[rdtype] = dns.rrset.RRset(name, dns.rdataclass.IN, rdtype)
+        rrset.add(rdata, record.ttl)
+        if rdtype == dns.rdatatype.SOA and name not in apexes:
+            apexes.append(name)
+    for name in rrsets:
+        if not any(name.is_subdomain(apex) for apex in apexes):
+            raise ConfigError(
+                f"DNS record owner {name.to_text()!r} lies outside every zone "
+                f"(apexes with an SOA record: {[a.to_text() for a in apexes]})"
+            )
+    return Zone(rrsets, tuple(apexes), records, refuse_outside=refuse_outside)
+
+
+def default_records(domain: str, ip: str, *, mx_host: str | None = None) -> list[Record]:
+    """The records a mail domain needs: SOA, NS, MX, the MX host's address, and SPF.
+
+    Args:
+        domain: the mail domain (``example.org``).
+        ip: the address the domain's MX (and name server) answers on; IPv4 or IPv6.
+        mx_host: the MX host name; ``mail.<domain>`` by default. Its address record is added
+            only when it lies inside ``domain``.
+
+    Returns:
+        Records for :func:`build_zone`: ``SOA``, ``NS ns.<domain>``, its address,
+        ``MX 10 <mx_host>``, the MX host's A or AAAA, and ``TXT "v=spf1 ip4:<ip> -all"``.
+    """
+    apex = domain.rstrip(".").lower()
+    address = ipaddress.ip_address(ip)
+    atype = "AAAA" if address.version == 6 else "A"
+    mechanism = "ip6" if address.version == 6 else "ip4"
+    mx = (mx_host or f"mail.{apex}").rstrip(".").lower()
+    ns = f"ns.{apex}"
+    records = [
+        Record(apex, "SOA", f"{ns}. hostmaster.{apex}. 1 3600 600 86400 60"),
+        Record(apex, "NS", f"{ns}."),
+        Record(ns, atype, str(address)),
+        Record(apex, "MX", f"10 {mx}."),
+        Record(apex, "TXT", f"v=spf1 {mechanism}:{address} -all"),
+    ]
+    if mx == apex or mx.endswith("." + apex):
+        records.append(Record(mx, atype, str(address)))
+    return records
+
+
+def answer(zone: Zone, query: bytes, *, max_size: int = TCP_PAYLOAD_MAX) -> bytes:
+    """Answer one DNS query in wire format.
+
+    Args:
+        zone: the records we serve.
+        query: the query message (without the TCP length prefix).
+        max_size: the largest reply the transport carries; a larger reply is truncated with
+            the TC flag set (UDP: pass :func:`udp_max_size`).
+
+    Returns:
+        The reply in wire format, or ``b""`` when the input is too short to answer at all.
+    """
+    return respond(zone, query, max_size=max_size).wire
+
+
+def respond(zone: Zone, query: bytes, *, max_size: int = TCP_PAYLOAD_MAX) -> Reply:
+    """Like :func:`answer`, with the question and rcode for logging (see :class:`Reply`)."""
+    try:
+        message = dns.message.from_wire(query)
+    except Exception:
+        return _unparsable(query)
+    qname, qtype = "", ""
+    if len(message.question) == 1:
+        qname = message.question[0].name.to_text()
+        qtype = dns.rdatatype.to_text(message.question[0].rdtype)
+    if message.flags & dns.flags.QR:
+        # A response sent to us: answering could start a reflection loop, so drop it.
+        return Reply(b"", qname, qtype, "FORMERR")
+    try:
+        response = _build(zone, message)
+        wire = _to_wire(response, max_size)
+        return Reply(wire, qname, qtype, dns.rcode.to_text(response.rcode()))
+    except Exception as exc:
+        rcode = _rcode_for(exc)
+        response = dns.message.make_response(message)
+        response.set_rcode(rcode)
+        error = None if rcode == dns.rcode.FORMERR else exc
+        return Reply(_to_wire(response, max_size), qname, qtype, dns.rcode.to_text(rcode), error)
+
+
+def udp_max_size(query: bytes) -> int:
+    """The largest UDP reply the sender of ``query`` accepts (EDNS payload, RFC 6891 §6.2.5)."""
+    try:
+        message = dns.message.from_wire(query)
+    except Exception:
+        return UDP_PAYLOAD_DEFAULT
+    if message.edns >= 0:
+        return max(UDP_PAYLOAD_DEFAULT, min(message.payload, TCP_PAYLOAD_MAX))
+    return UDP_PAYLOAD_DEFAULT
+
+
+class _MalformedQuery(dns.exception.FormError):
+    """A query dnspython parsed but that breaks the protocol (RFC 9619: one question)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)  # type: ignore[no-untyped-call]
+
+
+def _rcode_for(exc: BaseException) -> dns.rcode.Rcode:
+    """The one place where an exception raised while answering becomes an rcode (STYLE.md §5).
+
+    A query that breaks the protocol is the client's fault (FORMERR); anything else is ours
+    (SERVFAIL), and :func:`respond` hands the exception to the adapter to record.
+    """
+    if isinstance(exc, dns.exception.FormError):
+        return dns.rcode.FORMERR
+    return dns.rcode.SERVFAIL
+
+
+def _unparsable(query: bytes) -> Reply:
+    """FORMERR built by hand: dnspython could not parse the query, so echo only its ID."""
+    if len(query) < 2:
+        return Reply(b"", "", "", "FORMERR")
+    (qid,) = struct.unpack("!H", query[:2])
+    if len(query) >= 4 and query[2] & 0x80:
+        # A response (QR set) sent to us: answering it could start a reflection loop.
+        return Reply(b"", "", "", "FORMERR")
+    # Whatever dnspython raised, input it cannot parse is a format error (RFC 1035 §4.1.1).
+    opcode_bits = (query[2] & 0x78) << 8 if len(query) >= 3 else 0
+    flags = _QR | opcode_bits | int(dns.rcode.FORMERR)
+    return Reply(_HEADER.pack(qid, flags, 0, 0, 0, 0), "", "", "FORMERR")
+
+
+def _to_wire(response: dns.message.Message, max_size: int) -> bytes:
+    try:
+        return response.to_wire(max_size=max_size)
+    except dns.exception.TooBig:
+        # RFC 2181 §9: set TC and drop what does not fit; the client retries over TCP.
+        response.answer.clear()
+        response.authority.clear()
+        response.additional.clear()
+        response.flags |= dns.flags.TC
+        return response.to_wire(max_size=max_size)
+
+
+def _build(zone: Zone, query: dns.message.Message) -> dns.message.Message:
+    response = dns.message.make_response(query)
+    response.flags &= ~dns.flags.RA
+    if query.opcode() != dns.opcode.QUERY:
+        response.set_rcode(dns.rcode.NOTIMP)
+        return response
+    if len(query.question) != 1:
+        # RFC 9619: a query carries exactly one question.
+        raise _MalformedQuery(f"{len(query.question)} questions")
+    question = query.question[0]
+    if question.rdclass != dns.rdataclass.IN:
+        response.set_rcode(dns.rcode.REFUSED)
+        return response
+    if question.rdtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR):
+        response.set_rcode(dns.rcode.NOTIMP)
+        return response
+    apex = zone.apex_of(question.name)
+    if apex is None:
+        response.set_rcode(dns.rcode.REFUSED if zone.refuse_outside else dns.rcode.NXDOMAIN)
+        return response
+    response.flags |= dns.flags.AA
+    _resolve(zone, response, question.name, question.rdtype, apex)
+    return response
+
+
+def _resolve(
+    zone: Zone,
+    response: dns.message.Message,
+    name: dns.name.Name,
+    rdtype: dns.rdatatype.RdataType,
+    apex: dns.name.Name,
+) -> None:
+    seen: set[dns.name.Name] = set()
+    for _ in range(_MAX_CNAME_CHAIN):
+        seen.add(name)
+        if not zone.exists(name):
+            # RFC 6604 §2.1: after a CNAME the rcode describes the last name in the chain.
+            response.set_rcode(dns.rcode.NXDOMAIN)
+            _add_soa(zone, response, apex)
+            return
+        if rdtype == dns.rdatatype.ANY:
+            response.answer.extend(zone.rrsets_at(name))
+            return
+        found = zone.rrset(name, rdtype)
+        if found is not None:
+            response.answer.append(found)
+            _add_additionals(zone, response, found)
+            return
+        cname = zone.rrset(name, dns.rdatatype.CNAME)
+        if cname is None or rdtype == dns.rdatatype.CNAME:
+            _add_soa(zone, response, apex)
+            return
+        response.answer.append(cname)
+        target = cname[0].target
+        next_apex = zone.apex_of(target)
+        if next_apex is None or target in seen:
+            return
+        name, apex = target, next_apex
+
+
+def _add_soa(zone: Zone, response: dns.message.Message, apex: dns.name.Name) -> None:
+    soa = zone.rrset(apex, dns.rdatatype.SOA)
+    if soa is not None:
+        response.authority.append(soa)
+
+
+def _add_additionals(zone: Zone, response: dns.message.Message, rrset: dns.rrset.RRset) -> None:
+    if rrset.rdtype == dns.rdatatype.MX:
+        targets = [rdata.exchange for rdata in rrset]
+    elif rrset.rdtype == dns.rdatatype.NS:
+        targets = [rdata.target for rdata in rrset]
+    else:
+        return
+    for target in targets:
+        for atype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            extra = zone.rrset(target, atype)
+            if extra is not None and extra not in response.additional:
+                response.additional.append(extra)

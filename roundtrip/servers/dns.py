@@ -1,0 +1,225 @@
+"""UDP and TCP listeners on one port, answering with :func:`roundtrip.protocols.dns.respond`.
+
+Both listeners share one ephemeral port so a resolver pointed at ``(host, port)`` can retry a
+truncated UDP answer over TCP (RFC 7766). The UDP socket is bound first with port 0; the TCP
+listener then binds the same number, and the pair is retried when another process already
+holds that TCP port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import struct
+from collections.abc import Callable, Iterable
+from typing import cast
+
+from ..errors import ServerStartError
+from ..protocols.dns import (
+    TCP_PAYLOAD_MAX,
+    Record,
+    Reply,
+    Zone,
+    build_zone,
+    respond,
+    udp_max_size,
+)
+
+__all__ = ["DNSServer", "start_dns"]
+
+log = logging.getLogger("roundtrip.servers.dns")
+
+ZoneProvider = Callable[[], Zone]
+
+_BIND_ATTEMPTS = 8
+_LENGTH = struct.Struct("!H")
+
+
+class DNSServer:
+    """A running DNS server; build it with :func:`start_dns`.
+
+    Attributes:
+        host: the address both listeners are bound to.
+        port: the UDP and TCP port.
+        query_log: one ``(qname, qtype, rcode)`` per query answered (or dropped), in order.
+    """
+
+    def __init__(
+        self,
+        zone_provider: ZoneProvider,
+        *,
+        host: str,
+        on_error: Callable[[BaseException], None],
+        tcp_idle_timeout: float,
+    ) -> None:
+        self.host = host
+        self.port = 0
+        self.query_log: list[tuple[str, str, str]] = []
+        self._zone_provider = zone_provider
+        self._on_error = on_error
+        self._tcp_idle_timeout = tcp_idle_timeout
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._tcp_tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)``, what a resolver needs."""
+        return (self.host, self.port)
+
+    def set_records(self, records: Iterable[Record], *, refuse_outside: bool = True) -> None:
+        """Serve ``records`` from now on, replacing the zone provider.
+
+        Safe to call from the loop thread; from another thread, go through ``LoopThread.call``.
+
+        Raises:
+            ConfigError: a record is invalid (see :func:`build_zone`); the old zone stays.
+        """
+        zone = build_zone(records, refuse_outside=refuse_outside)
+        self._zone_provider = lambda: zone
+
+    def set_zone(self, zone: Zone | ZoneProvider) -> None:
+        """Serve ``zone`` (or whatever the callable returns per query) from now on."""
+        self._zone_provider = _provider(zone)
+
+    def answer(self, query: bytes, *, max_size: int) -> bytes:
+        """Answer one query, log it, and record unexpected errors."""
+        try:
+            zone = self._zone_provider()
+        except Exception as exc:
+            self._on_error(exc)
+            return b""
+        reply: Reply = respond(zone, query, max_size=max_size)
+        self.query_log.append((reply.qname, reply.qtype, reply.rcode))
+        if reply.error is not None:
+            self._on_error(reply.error)
+        return reply.wire
+
+    async def close(self) -> None:
+        """Close both listeners and every TCP connection. A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+        for task in list(self._tcp_tasks):
+            task.cancel()
+        if self._tcp_tasks:
+            await asyncio.gather(*self._tcp_tasks, return_exceptions=True)
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tcp_tasks.add(task)
+        try:
+            while True:
+                # RFC 7766 §6.2.3: a client may send several queries on one connection.
+                header = await asyncio.wait_for(reader.readexactly(2), self._tcp_idle_timeout)
+                (length,) = _LENGTH.unpack(header)
+                query = await asyncio.wait_for(reader.readexactly(length), self._tcp_idle_timeout)
+                wire = self.answer(query, max_size=TCP_PAYLOAD_MAX)
+                if not wire:
+                    break
+                writer.write(_LENGTH.pack(len(wire)) + wire)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:
+            self._on_error(exc)
+        finally:
+            if task is not None:
+                self._tcp_tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+class _UDPProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: DNSServer) -> None:
+        self._server = server
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The selector loop's UDP transport does not subclass DatagramTransport: cast.
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        try:
+            wire = self._server.answer(data, max_size=udp_max_size(data))
+            if wire and self._transport is not None:
+                self._transport.sendto(wire, addr)
+        except Exception as exc:
+            self._server._on_error(exc)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a client that went away: not our bug.
+        log.debug("UDP error: %r", exc)
+
+
+def _provider(zone: Zone | ZoneProvider) -> ZoneProvider:
+    if isinstance(zone, Zone):
+        fixed = zone
+        return lambda: fixed
+    return zone
+
+
+async def start_dns(
+    zone_provider: ZoneProvider | Zone,
+    *,
+    host: str,
+    port: int = 0,
+    on_error: Callable[[BaseException], None],
+    tcp_idle_timeout: float = 10.0,
+) -> DNSServer:
+    """Start a DNS server on the running loop; return once both listeners are bound.
+
+    Args:
+        zone_provider: the zone to serve, or a callable returning it for each query (so the
+            stack can rebuild zones when domains change).
+        host: the address to bind (``127.0.0.1`` or ``::1``).
+        port: 0 for an ephemeral port (the default), else a fixed one.
+        on_error: records unexpected exceptions (``LoopThread.record_error``).
+        tcp_idle_timeout: seconds a TCP connection may wait for its next query.
+
+    Returns:
+        The running :class:`DNSServer`; ``await server.close()`` stops it.
+
+    Raises:
+        ServerStartError: no port could be bound for both UDP and TCP.
+    """
+    loop = asyncio.get_running_loop()
+    server = DNSServer(
+        _provider(zone_provider), host=host, on_error=on_error, tcp_idle_timeout=tcp_idle_timeout
+    )
+    last_error: OSError | None = None
+    for _ in range(_BIND_ATTEMPTS if port == 0 else 1):
+        try:
+            udp, _protocol = await loop.create_datagram_endpoint(
+                lambda: _UDPProtocol(server), local_addr=(host, port)
+            )
+        except OSError as exc:
+            raise ServerStartError(f"DNS: cannot bind UDP {host}:{port}: {exc}") from exc
+        bound = udp.get_extra_info("sockname")[1]
+        try:
+            tcp = await asyncio.start_server(server._serve_tcp, host, bound)
+        except OSError as exc:
+            udp.close()
+            last_error = exc
+            if exc.errno != errno.EADDRINUSE:
+                break
+            continue
+        server._udp, server._tcp, server.port = udp, tcp, bound
+        return server
+    raise ServerStartError(
+        f"DNS: cannot bind TCP on the UDP port at {host} after {_BIND_ATTEMPTS} attempts: "
+        f"{last_error}"
+    ) from last_error
