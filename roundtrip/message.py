@@ -1,0 +1,604 @@
+"""A received message, parsed once into the things a test asserts on.
+
+:class:`ReceivedMessage` wraps the raw bytes a mailbox returned and exposes decoded headers,
+addresses, the primary text and HTML bodies, attachments, inline parts, links, one-time codes
+and the parsed ``Received`` chain. It uses only the standard library's ``email`` package with
+``email.policy.default``.
+
+Hostile input does not crash it (SECURITY.md A5.5): CPython's parser recurses once per MIME
+level and raises ``RecursionError`` at about 1000 levels. Then the message falls back to its
+headers and raw bytes, with no bodies or parts, and :attr:`ReceivedMessage.parse_error` says why.
+The MIME tree itself is walked iteratively, never recursively. Malformed headers keep their raw
+value instead of raising.
+
+Conventions: header values are unfolded and RFC 2047/6532-decoded ``str``; bodies are decoded
+``str`` with CRLF turned into ``\\n``; addresses are bare ``local@domain`` strings; content ids
+have no angle brackets; everything absent is ``None`` (or an empty list).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.errors
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from email import policy
+from email.header import decode_header, make_header
+from email.message import Message
+from email.parser import BytesParser
+from email.utils import getaddresses, parsedate_to_datetime
+from html.parser import HTMLParser
+
+__all__ = [
+    "Attachment",
+    "Headers",
+    "ReceivedHop",
+    "ReceivedMessage",
+    "parse_received",
+]
+
+_POLICY = policy.default
+
+# What CPython's header and MIME parsers have raised on malformed input (besides the
+# defects they register); we keep the raw value rather than fail the caller's test.
+_PARSE_ERRORS = (
+    ValueError,
+    LookupError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    email.errors.MessageError,
+)
+
+# RFC 3848 section 1: the "with" protocol names that mean the hop used TLS.
+_TLS_PROTOCOLS = frozenset(
+    {"ESMTPS", "ESMTPSA", "LMTPS", "LMTPSA", "UTF8SMTPS", "UTF8SMTPSA", "UTF8LMTPS", "UTF8LMTPSA"}
+)
+# Comments MTAs add when the hop was encrypted (Postfix "(using TLSv1.3 ...)", Exim
+# "(version=TLS1_3 ...)", sendmail "(version=TLSv1.3 ...)").
+_TLS_COMMENT = re.compile(r"\(using TLS|\bversion=TLS|\bTLSv1")
+_TEXT_URL = re.compile(r"(?:https?://|mailto:)[^\s<>\"'`]+", re.IGNORECASE)
+_TRAILING_PUNCT = ".,;:!?'\""
+DEFAULT_CODE_PATTERN = r"\b\d{6}\b"
+
+
+def _unsurrogate(text: str) -> str:
+    # The bytes parser smuggles non-ASCII octets (RFC 6532 UTF-8 headers) through as
+    # surrogate escapes; turn them back into UTF-8 text.
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _unfold(text: str) -> str:
+    return re.sub(r"\r?\n(?=[ \t])", "", text).replace("\r", "").replace("\n", "")
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """One non-body MIME leaf: a file, an inline image, a calendar part, a forwarded message.
+
+    Attributes:
+        filename: the decoded file name (RFC 2231 and RFC 2047 handled), or ``None``.
+        content_type: lowercase ``maintype/subtype``.
+        data: the transfer-decoded bytes (base64/quoted-printable undone, charset untouched);
+            for ``message/rfc822`` the serialized inner message.
+        content_id: the Content-ID without angle brackets (what ``cid:`` URLs reference).
+        inline: True for parts shown in the body (inline disposition, a Content-ID, or an
+            unnamed text part), False for downloadable attachments.
+    """
+
+    filename: str | None
+    content_type: str
+    data: bytes = field(repr=False)
+    content_id: str | None = None
+    inline: bool = False
+
+    @property
+    def size(self) -> int:
+        """Length of :attr:`data` in bytes."""
+        return len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedHop:
+    """One ``Received`` header (RFC 5321 section 4.4), parsed leniently.
+
+    Attributes:
+        from_: the host after ``from`` (as the receiving server recorded it), or ``None``.
+        by: the receiving host.
+        with_: the protocol (``ESMTPS``, ``LMTP`` ...), as written.
+        for_: the recipient after ``for``, without angle brackets.
+        id: the receiving server's queue id.
+        timestamp: the date after the last ``;`` (timezone-aware), or ``None``.
+        tls: True when the protocol is one of RFC 3848's TLS names or a comment says TLS.
+        raw: the unfolded header value.
+    """
+
+    from_: str | None
+    by: str | None
+    with_: str | None
+    for_: str | None
+    id: str | None
+    timestamp: datetime | None
+    tls: bool
+    raw: str
+
+
+class Headers:
+    """Decoded headers in their original order; names are case-insensitive.
+
+    ``get(name)`` returns the first value, ``get_all(name)`` every value; ``name in headers``,
+    ``headers[name]`` (``KeyError`` when absent), ``len()``, iteration over names and
+    ``items()`` behave as for ``email.message.Message``.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[str, str]]) -> None:
+        self._items = [(name, value) for name, value in items]
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """Return the first value of header ``name``, or ``default``."""
+        wanted = name.lower()
+        for key, value in self._items:
+            if key.lower() == wanted:
+                return value
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        """Return every value of header ``name`` in order (empty list when absent)."""
+        wanted = name.lower()
+        return [value for key, value in self._items if key.lower() == wanted]
+
+    def items(self) -> list[tuple[str, str]]:
+        """Return ``(name, value)`` pairs in order, names as written in the message."""
+        return list(self._items)
+
+    def keys(self) -> list[str]:
+        return [key for key, _ in self._items]
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+
+class _HTMLScan(HTMLParser):
+    """Collects href/src values and the visible text of an HTML body."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.links: list[str] = []
+        self.text: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("script", "style"):
+            self._skip += 1
+        for name, value in attrs:
+            if name in ("href", "src") and value:
+                value = value.strip()
+                if value and not value.startswith("#"):
+                    self.links.append(value)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style") and self._skip:
+            self._skip -= 1
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.text.append(data)
+
+
+def _text_links(text: str) -> list[str]:
+    found = []
+    for match in _TEXT_URL.finditer(text):
+        url = match.group(0)
+        while url and url[-1] in _TRAILING_PUNCT:
+            url = url[:-1]
+        # Drop a closing bracket the URL did not open: "(see https://x/y)".
+        for opener, closer in (("(", ")"), ("[", "]")):
+            while url.endswith(closer) and url.count(closer) > url.count(opener):
+                url = url[:-1]
+        if url:
+            found.append(url)
+    return found
+
+
+def _strip_comments(text: str) -> str:
+    out = []
+    depth = 0
+    for char in text:
+        if char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif not depth:
+            out.append(char)
+    return "".join(out)
+
+
+def parse_received(value: str) -> ReceivedHop:
+    """Parse one ``Received`` header value; fields it cannot find are ``None``."""
+    text = " ".join(value.split())
+    clauses, semicolon, date_part = text.rpartition(";")
+    if not semicolon:
+        clauses, date_part = text, ""
+    tokens = _strip_comments(clauses).split()
+    found: dict[str, str] = {}
+    for position, token in enumerate(tokens[:-1]):
+        key = token.lower()
+        if key in ("from", "by", "with", "id", "for") and key not in found:
+            found[key] = tokens[position + 1]
+    timestamp: datetime | None = None
+    date_text = _strip_comments(date_part).strip()
+    if date_text:
+        try:
+            timestamp = parsedate_to_datetime(date_text)
+        except (ValueError, TypeError, IndexError):
+            timestamp = None
+    with_ = found.get("with")
+    tls = (with_ or "").upper() in _TLS_PROTOCOLS or bool(_TLS_COMMENT.search(text))
+    recipient = found.get("for")
+    return ReceivedHop(
+        from_=found.get("from"),
+        by=found.get("by"),
+        with_=with_,
+        for_=recipient.strip("<>") if recipient else None,
+        id=found.get("id"),
+        timestamp=timestamp,
+        tls=tls,
+        raw=text,
+    )
+
+
+def _body_offset(raw: bytes) -> int:
+    """Offset of the first body octet: just after the blank line ending the header block."""
+    if raw.startswith(b"\r\n"):
+        return 2
+    if raw.startswith(b"\n"):
+        return 1
+    candidates = []
+    crlf = raw.find(b"\r\n\r\n")
+    if crlf != -1:
+        candidates.append(crlf + 4)
+    lf = raw.find(b"\n\n")
+    if lf != -1:
+        candidates.append(lf + 2)
+    return min(candidates) if candidates else len(raw)
+
+
+def _decode_text(data: bytes, charset: str | None) -> str:
+    for candidate in (charset, "utf-8"):
+        if not candidate:
+            continue
+        try:
+            return data.decode(candidate)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return data.decode("utf-8", "replace")
+
+
+def _filename(part: Message) -> str | None:
+    try:
+        name = part.get_filename()
+    except _PARSE_ERRORS:
+        return None
+    if name is None:
+        return None
+    name = _unsurrogate(str(name))
+    if "=?" in name:
+        with contextlib.suppress(*_PARSE_ERRORS):
+            name = str(make_header(decode_header(name)))
+    return name
+
+
+def _header_text(part: Message, name: str) -> str | None:
+    try:
+        value = part.get(name)
+    except _PARSE_ERRORS:
+        return None
+    return None if value is None else _unsurrogate(_unfold(str(value))).strip()
+
+
+def _leaf_data(part: Message) -> bytes:
+    if part.get_content_type() == "message/rfc822":
+        inner = part.get_payload()
+        if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+            try:
+                serialized: bytes = inner[0].as_bytes()
+                return serialized
+            except (RecursionError, *_PARSE_ERRORS):
+                return b""
+        return b""
+    try:
+        data = part.get_payload(decode=True)
+    except _PARSE_ERRORS:
+        return b""
+    return data if isinstance(data, bytes) else b""
+
+
+def _leaves(root: Message) -> list[tuple[Message, str]]:
+    """MIME leaves in document order with their parent's content type, without recursion."""
+    leaves: list[tuple[Message, str]] = []
+    stack: list[tuple[Message, str]] = [(root, "")]
+    while stack:
+        part, parent = stack.pop()
+        content_type = part.get_content_type()
+        if part.is_multipart() and content_type != "message/rfc822":
+            children = part.get_payload()
+            if isinstance(children, list):
+                stack.extend(
+                    (child, content_type)
+                    for child in reversed(children)
+                    if isinstance(child, Message)
+                )
+            continue
+        leaves.append((part, parent))
+    return leaves
+
+
+class ReceivedMessage:
+    """A message as a mailbox returned it, parsed for assertions.
+
+    Args:
+        raw: the message bytes (``BODY[]`` over IMAP, ``RETR`` over POP3, a stored file).
+
+    Attributes:
+        raw: the bytes given.
+        headers: decoded :class:`Headers`.
+        subject: the decoded Subject (``""`` when absent).
+        from_: the first From address, or ``None``.
+        sender: the Sender address when there is one, else :attr:`from_` (RFC 5322 3.6.2).
+        to: To addresses (groups flattened), in order.
+        cc: Cc addresses, in order.
+        message_id: the Message-ID as written, angle brackets included, or ``None``.
+        date: the Date header as an aware ``datetime``, or ``None`` when absent or invalid.
+        text: the primary text/plain body (first non-attachment text/plain part), or ``None``.
+        html: the primary text/html body, or ``None``.
+        attachments: downloadable parts (``inline`` False), in document order.
+        inline_parts: inline non-body parts (cid: images, calendar parts, extra text parts).
+        links: URLs in the text body, then href/src values in the HTML body, deduplicated.
+        body_sha256: hex SHA-256 of the raw bytes after the header block's blank line.
+        received_chain: parsed ``Received`` headers, newest (topmost) first.
+        parse_error: why the MIME structure could not be parsed (then only headers and raw
+            bytes are available), or ``None``.
+    """
+
+    __slots__ = (
+        "_html_text",
+        "attachments",
+        "body_sha256",
+        "cc",
+        "date",
+        "from_",
+        "headers",
+        "html",
+        "inline_parts",
+        "links",
+        "message_id",
+        "parse_error",
+        "raw",
+        "received_chain",
+        "sender",
+        "subject",
+        "text",
+        "to",
+    )
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = bytes(raw)
+        self.parse_error: str | None = None
+        parser = BytesParser(policy=_POLICY)
+        try:
+            msg = parser.parsebytes(self.raw)
+        except RecursionError:
+            msg = parser.parsebytes(self.raw, headersonly=True)
+            self.parse_error = (
+                "MIME structure too deeply nested for the email package (RecursionError); "
+                "only headers and raw bytes are available"
+            )
+
+        self.headers = Headers(
+            (name, self._decode_header(name, value)) for name, value in msg.raw_items()
+        )
+        self.subject = self.headers.get("Subject") or ""
+        self.message_id = (self.headers.get("Message-ID") or "").strip() or None
+        self.date = self._parse_date(self.headers.get("Date"))
+        from_list = self._addresses(msg, "From")
+        self.from_ = from_list[0] if from_list else None
+        sender_list = self._addresses(msg, "Sender")
+        self.sender = sender_list[0] if sender_list else self.from_
+        self.to = self._addresses(msg, "To")
+        self.cc = self._addresses(msg, "Cc")
+        self.body_sha256 = hashlib.sha256(self.raw[_body_offset(self.raw) :]).hexdigest()
+        self.received_chain = [parse_received(v) for v in self.headers.get_all("Received")]
+
+        self.text: str | None = None
+        self.html: str | None = None
+        self.attachments: list[Attachment] = []
+        self.inline_parts: list[Attachment] = []
+        if self.parse_error is None:
+            self._collect_parts(msg)
+
+        scan = _HTMLScan()
+        if self.html is not None:
+            scan.feed(self.html)
+            scan.close()
+        self._html_text = "".join(scan.text)
+        links = _text_links(self.text or "") + scan.links
+        self.links: list[str] = list(dict.fromkeys(links))
+
+    # -- construction helpers -------------------------------------------------------------
+
+    @staticmethod
+    def _decode_header(name: str, value: str) -> str:
+        try:
+            decoded = str(_POLICY.header_fetch_parse(name, value))
+        except _PARSE_ERRORS:
+            decoded = value
+        return _unsurrogate(_unfold(decoded)).strip()
+
+    @staticmethod
+    def _parse_date(value: str | None) -> datetime | None:
+        if not value:
+            return None
+        try:
+            return parsedate_to_datetime(value)
+        except (ValueError, TypeError, IndexError):
+            return None
+
+    @staticmethod
+    def _addresses(msg: Message, name: str) -> list[str]:
+        found: list[str] = []
+        for raw_name, raw_value in msg.raw_items():
+            if raw_name.lower() != name.lower():
+                continue
+            try:
+                header = _POLICY.header_fetch_parse(raw_name, raw_value)
+                found.extend(_unsurrogate(a.addr_spec) for a in header.addresses)
+            except _PARSE_ERRORS:
+                text = _unsurrogate(_unfold(raw_value))
+                found.extend(addr for _, addr in getaddresses([text]) if addr)
+        return [a for a in found if a and a != "<>"]
+
+    def _collect_parts(self, msg: Message) -> None:
+        for part, _parent in _leaves(msg):
+            content_type = part.get_content_type()
+            try:
+                disposition = part.get_content_disposition()
+            except _PARSE_ERRORS:
+                disposition = None
+            filename = _filename(part)
+            content_id = _header_text(part, "Content-ID")
+            if content_id:
+                content_id = content_id.strip("<>").strip() or None
+            is_file = disposition == "attachment" or (disposition is None and filename is not None)
+            data = _leaf_data(part)
+
+            if content_type in ("text/plain", "text/html") and not is_file:
+                body = _decode_text(data, part.get_content_charset()).replace("\r\n", "\n")
+                if content_type == "text/plain" and self.text is None:
+                    self.text = body
+                    continue
+                if content_type == "text/html" and self.html is None:
+                    self.html = body
+                    continue
+
+            if disposition == "inline":
+                inline = True
+            elif disposition == "attachment":
+                inline = False
+            else:
+                # No disposition: a cid-referenced part or an unnamed text part is shown
+                # in the body; anything else (a signature, a bare blob) is a file.
+                inline = content_id is not None or (
+                    part.get_content_maintype() == "text" and not is_file
+                )
+            item = Attachment(
+                filename=filename,
+                content_type=content_type,
+                data=data,
+                content_id=content_id,
+                inline=inline,
+            )
+            (self.inline_parts if inline else self.attachments).append(item)
+
+    # -- assertions helpers ---------------------------------------------------------------
+
+    def find_link(self, pattern: str | re.Pattern[str]) -> str:
+        """Return the first link matching ``pattern``.
+
+        A ``str`` pattern matches when it occurs literally in the link or, if it is a valid
+        regular expression, when ``re.search`` finds it; a compiled pattern uses ``search``.
+
+        Raises:
+            AssertionError: no link matches; the message lists every link found.
+        """
+        regex: re.Pattern[str] | None
+        if isinstance(pattern, str):
+            try:
+                regex = re.compile(pattern)
+            except re.error:
+                regex = None
+            for link in self.links:
+                if pattern in link or (regex is not None and regex.search(link)):
+                    return link
+            shown = pattern
+        else:
+            for link in self.links:
+                if pattern.search(link):
+                    return link
+            shown = pattern.pattern
+        if self.links:
+            listing = "\n".join(f"  - {link}" for link in self.links)
+            seen = f"the {len(self.links)} link(s) found:\n{listing}"
+        else:
+            seen = "the message has no links in its text or HTML body"
+        raise AssertionError(f"no link matches {shown!r} in {self.summary()}; {seen}")
+
+    def find_code(self, pattern: str | re.Pattern[str] = DEFAULT_CODE_PATTERN) -> str:
+        """Return the first one-time code matching ``pattern`` (six digits by default).
+
+        Looks in the text body, then the HTML body's visible text, then the Subject. With a
+        capturing group, the first group is returned, else the whole match.
+
+        Raises:
+            AssertionError: nothing matches; the message shows the start of each place searched.
+        """
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        places = (
+            ("text body", self.text or ""),
+            ("HTML text", self._html_text),
+            ("Subject", self.subject),
+        )
+        for _, haystack in places:
+            match = regex.search(haystack)
+            if match:
+                return match.group(1) if regex.groups else match.group(0)
+        seen = "; ".join(
+            f"{where}: {_preview(haystack)}" for where, haystack in places if haystack.strip()
+        )
+        raise AssertionError(
+            f"no code matches {regex.pattern!r} in {self.summary()}; "
+            f"searched {seen or 'nothing (the message has no text, HTML or Subject)'}"
+        )
+
+    @property
+    def size(self) -> int:
+        """Length of :attr:`raw` in bytes."""
+        return len(self.raw)
+
+    @property
+    def body(self) -> bytes:
+        """The raw bytes after the header block (what :attr:`body_sha256` hashes)."""
+        return self.raw[_body_offset(self.raw) :]
+
+    def summary(self) -> str:
+        """One line: ``from -> to: subject (N bytes)``."""
+        recipients = ", ".join(self.to + self.cc) or "<no recipients>"
+        subject = " ".join(self.subject.split()) or "<no subject>"
+        return f"{self.from_ or '<no sender>'} -> {recipients}: {subject} ({len(self.raw)} bytes)"
+
+    def __repr__(self) -> str:
+        return f"<ReceivedMessage {self.summary()}>"
+
+
+def _preview(text: str, limit: int = 80) -> str:
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= limit else flat[: limit - 3] + "...")
