@@ -212,6 +212,9 @@ class Store:
         self._uidvalidity = itertools.count(int(clock()) & 0x7FFFFFFF or 1)
         #: Bumped on every change anywhere: waiters compare it.
         self.generation = 0
+        #: Called with an exception a listener raised; the change itself stands. The stack
+        #: points it at its error log so the test that caused it fails.
+        self.on_listener_error: Callable[[BaseException], None] | None = None
 
     # Users
 
@@ -507,4 +510,9 @@ class Store:
         with self._lock:
             listeners = list(self._listeners)
         for listener in listeners:
-            listener(change)
+            try:
+                listener(change)
+            except Exception as exc:  # a listener's bug must not undo or hide a delivery
+                if self.on_listener_error is None:
+                    raise
+                self.on_listener_error(exc)

@@ -344,6 +344,20 @@ class Relay:
                 entry.timer = None
                 self._start(entry)
 
+    async def clear(self) -> None:
+        """Forget every queued message and event (a test's clean slate); stays open."""
+        for entry in self._entries.values():
+            if entry.timer is not None:
+                entry.timer.cancel()
+                entry.timer = None
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._entries.clear()
+        self.events.clear()
+
     async def close(self) -> None:
         """Cancel retries and running attempts. Queued messages stay in memory."""
         self._closed = True

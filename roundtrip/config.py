@@ -1,0 +1,372 @@
+"""Frozen option objects, and the only place that parses option strings and environment variables.
+
+Precedence, lowest to highest (STYLE.md section 6): dataclass defaults < ini < command line <
+``mailstack`` marker keyword arguments < explicit code arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_DOMAINS",
+    "PASSWORD_ENV",
+    "Endpoint",
+    "PortMode",
+    "StackConfig",
+    "TLSMode",
+    "Timeouts",
+    "User",
+    "parse_bool",
+    "parse_domains",
+    "parse_endpoint",
+    "parse_port_mode",
+    "parse_seconds",
+    "parse_tls_mode",
+    "parse_user",
+]
+
+DEFAULT_DOMAINS = ("example.com", "example.org")
+PortMode = Literal["ephemeral", "standard"]
+TLSMode = Literal["starttls", "implicit", "both"]
+_PORT_MODES = ("ephemeral", "standard")
+_TLS_MODES = ("starttls", "implicit", "both")
+# RFC 1035 section 2.3.1 labels, lower-cased; at least two labels.
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+
+
+def _generated_password() -> str:
+    return secrets.token_urlsafe(12)
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A mailbox owner: full address and password."""
+
+    address: str
+    password: str = field(default_factory=_generated_password, repr=False)
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+    def __post_init__(self) -> None:
+        local, at, domain = self.address.rpartition("@")
+        if not at or not local or not domain:
+            raise ConfigError(f"user address {self.address!r} is not of the form local@domain")
+        object.__setattr__(self, "address", f"{local}@{domain.lower()}")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Every time limit of a stack, in float seconds."""
+
+    #: How long start() may take before ServerStartError.
+    start_timeout: float = 10.0
+    #: Idle time before a server closes a connection (RFC 5321 4.5.3.2: 5 minutes).
+    idle_timeout: float = 300.0
+    #: TLS handshake limit for implicit TLS and STARTTLS (SECURITY.md A3.4).
+    tls_handshake_timeout: float = 30.0
+    #: Default wait of mailstack.wait_for() and of probes.
+    wait_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class StackConfig:
+    """What a MailStack serves.
+
+    Args:
+        domains: mail domains; each gets SMTP (MX), submission (465 and 587), POP3 and IMAP.
+        users: mailbox owners; by default one ``user@<domain>`` per domain.
+        host: loopback address to bind in ``ephemeral`` mode.
+        ports: ``ephemeral`` (port 0, safe in parallel) or ``standard`` (25, 465, 587, 110, 995,
+            143, 993, 53 on 127.0.0.N per domain; needs root or CAP_NET_BIND_SERVICE).
+        tls: which submission flavour probes and helpers prefer: ``implicit`` (465),
+            ``starttls`` (587) or ``both``. Every listener runs regardless.
+        timeouts: time limits.
+        max_message_size: SIZE limit advertised by SMTP and the IMAP APPENDLIMIT (bytes).
+    """
+
+    domains: tuple[str, ...] = DEFAULT_DOMAINS
+    users: tuple[User, ...] = ()
+    host: str = "127.0.0.1"
+    ports: PortMode = "ephemeral"
+    tls: TLSMode = "both"
+    timeouts: Timeouts = Timeouts()
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 1000
+    #: Seconds between relay attempts after a temporary failure (then the last one repeats).
+    retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0)
+    #: Seconds a message may wait in the relay queue before it bounces (Postfix: 5 days).
+    queue_lifetime: float = 600.0
+
+    def __post_init__(self) -> None:
+        domains = tuple(dict.fromkeys(parse_domains(self.domains)))
+        if not domains:
+            raise ConfigError("a stack needs at least one domain")
+        object.__setattr__(self, "domains", domains)
+        if self.ports not in _PORT_MODES:
+            raise ConfigError(f"ports={self.ports!r}: choose one of {', '.join(_PORT_MODES)}")
+        if self.tls not in _TLS_MODES:
+            raise ConfigError(f"tls={self.tls!r}: choose one of {', '.join(_TLS_MODES)}")
+        users = tuple(u if isinstance(u, User) else parse_user(u) for u in self.users)
+        if not users:
+            users = tuple(User(f"user@{d}") for d in domains)
+        for user in users:
+            if user.domain not in domains:
+                raise ConfigError(
+                    f"user {user.address!r} is not in a domain of the stack ({', '.join(domains)})"
+                )
+        object.__setattr__(self, "users", users)
+        if self.max_message_size <= 0:
+            raise ConfigError("max_message_size must be positive")
+
+    def user(self, domain: str | None = None) -> User:
+        """The first user (of ``domain`` when given)."""
+        for user in self.users:
+            if domain is None or user.domain == domain.lower():
+                return user
+        raise ConfigError(f"no user in domain {domain!r}")
+
+    def replace(self, **overrides: Any) -> StackConfig:
+        """A copy with some fields changed.
+
+        Raises:
+            ConfigError: an unknown key (the message lists the valid ones) or a bad value.
+        """
+        valid = {f.name for f in dataclasses.fields(self)} | set(_TIMEOUT_KEYS)
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise ConfigError(
+                f"unknown stack option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
+            )
+        timeouts = {k: float(overrides.pop(k)) for k in list(overrides) if k in _TIMEOUT_KEYS}
+        if timeouts:
+            overrides["timeouts"] = dataclasses.replace(self.timeouts, **timeouts)
+        if "domains" in overrides and "users" not in overrides:
+            overrides["users"] = ()
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_strings(cls, values: Mapping[str, Any]) -> StackConfig:
+        """Build from ini/CLI strings (None values are ignored)."""
+        kwargs: dict[str, Any] = {}
+        timeouts: dict[str, float] = {}
+        for key, value in values.items():
+            if value is None or value == "" or value == []:
+                continue
+            if key == "domains":
+                kwargs["domains"] = parse_domains(value)
+            elif key == "users":
+                kwargs["users"] = tuple(parse_user(v) for v in _as_list(value))
+            elif key == "host":
+                kwargs["host"] = str(value).strip()
+            elif key == "ports":
+                kwargs["ports"] = parse_port_mode(value)
+            elif key == "tls":
+                kwargs["tls"] = parse_tls_mode(value)
+            elif key == "timeout":
+                timeouts["wait_timeout"] = parse_seconds(value, "timeout")
+            elif key in _TIMEOUT_KEYS:
+                timeouts[key] = parse_seconds(value, key)
+            else:
+                raise ConfigError(f"unknown option {key!r}")
+        if timeouts:
+            kwargs["timeouts"] = Timeouts(**timeouts)
+        return cls(**kwargs)
+
+
+_TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [v for v in re.split(r"[\s,]+", value) if v]
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+def parse_domains(value: str | Iterable[str]) -> tuple[str, ...]:
+    """Parse a domain list (a string separated by commas/whitespace, or an iterable)."""
+    out = []
+    for item in _as_list(value):
+        domain = item.strip().rstrip(".").lower()
+        if not _DOMAIN_RE.match(domain):
+            raise ConfigError(f"{item!r} is not a valid mail domain (like example.com)")
+        out.append(domain)
+    return tuple(out)
+
+
+def parse_user(value: str | User) -> User:
+    """Parse ``ADDRESS[:PASSWORD]``; without a password one is generated."""
+    if isinstance(value, User):
+        return value
+    address, sep, password = str(value).partition(":")
+    address = address.strip()
+    if sep and not password:
+        raise ConfigError(f"user {address!r}: empty password after ':'")
+    return User(address, password) if sep else User(address)
+
+
+def parse_port_mode(value: str) -> PortMode:
+    text = str(value).strip().lower()
+    if text == "ephemeral":
+        return "ephemeral"
+    if text == "standard":
+        return "standard"
+    raise ConfigError(f"ports={value!r}: choose one of {', '.join(_PORT_MODES)}")
+
+
+def parse_tls_mode(value: str) -> TLSMode:
+    text = str(value).strip().lower()
+    if text == "starttls":
+        return "starttls"
+    if text == "implicit":
+        return "implicit"
+    if text == "both":
+        return "both"
+    raise ConfigError(f"tls={value!r}: choose one of {', '.join(_TLS_MODES)}")
+
+
+def parse_seconds(value: str | float, name: str = "timeout") -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r}: expected a number of seconds") from None
+    if not seconds > 0:
+        raise ConfigError(f"{name}={value!r}: must be greater than 0")
+    return seconds
+
+
+def parse_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{value!r}: expected true or false")
+
+
+# Probe targets (issue: validate real mail servers). URL scheme -> (protocol, tls, default port).
+_SCHEMES: dict[str, tuple[str, str, int]] = {
+    "smtps": ("smtp", "implicit", 465),
+    "smtp": ("smtp", "starttls", 587),
+    "imaps": ("imap", "implicit", 993),
+    "imap": ("imap", "starttls", 143),
+    "pop3s": ("pop3", "implicit", 995),
+    "pop3": ("pop3", "starttls", 110),
+}
+#: Environment variables that hold the password for each protocol; never argv, never printed.
+PASSWORD_ENV = {
+    "smtp": "ROUNDTRIP_SMTP_PASSWORD",
+    "imap": "ROUNDTRIP_IMAP_PASSWORD",
+    "pop3": "ROUNDTRIP_POP3_PASSWORD",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A server a probe talks to: protocol, TLS flavour, address and credentials.
+
+    ``server_name`` is the name the certificate must match (the host by default).
+    """
+
+    protocol: str
+    tls: str
+    host: str
+    port: int
+    user: str = ""
+    password: str = field(default="", repr=False)
+    server_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.server_name:
+            object.__setattr__(self, "server_name", self.host)
+
+    @property
+    def scheme(self) -> str:
+        for scheme, (protocol, tls, _) in _SCHEMES.items():
+            if protocol == self.protocol and tls == self.tls:
+                return scheme
+        raise ConfigError(f"no URL scheme for {self.protocol}/{self.tls}")
+
+    @property
+    def url(self) -> str:
+        """The URL without any password."""
+        user = _url_quote(self.user) + "@" if self.user else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{user}{host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _url_quote(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe="")
+
+
+def parse_endpoint(
+    url: str,
+    *,
+    expect: str | None = None,
+    env: Mapping[str, str] | None = None,
+    password: str | None = None,
+    server_name: str = "",
+) -> Endpoint:
+    """Parse ``smtps://USER@HOST[:PORT]`` (and smtp, imaps, imap, pop3s, pop3).
+
+    The user is percent-decoded (``%40`` for ``@``). The password comes from ``password`` or
+    from the protocol's environment variable (``ROUNDTRIP_SMTP_PASSWORD`` ...), never from
+    the URL.
+
+    Raises:
+        ConfigError: bad scheme, a password in the URL, a bad port, or the wrong protocol.
+    """
+    import os
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(url.strip())
+        port_value = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{url!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise ConfigError(
+            f"{url!r}: unknown scheme {scheme!r}; use one of {', '.join(_SCHEMES)}"
+        )
+    protocol, tls, default_port = _SCHEMES[scheme]
+    if expect is not None and protocol != expect:
+        choices = ", ".join(s for s, v in _SCHEMES.items() if v[0] == expect)
+        raise ConfigError(f"{url!r}: expected a {expect.upper()} URL ({choices})")
+    if parts.password is not None:
+        raise ConfigError(
+            f"{scheme}://...: put no password in the URL; set {PASSWORD_ENV[protocol]} instead"
+        )
+    if not parts.hostname:
+        raise ConfigError(f"{url!r}: no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{url!r}: unexpected path or query after the host")
+    environ = os.environ if env is None else env
+    secret = password if password is not None else environ.get(PASSWORD_ENV[protocol], "")
+    return Endpoint(
+        protocol=protocol,
+        tls=tls,
+        host=parts.hostname,
+        port=port_value or default_port,
+        user=unquote(parts.username or ""),
+        password=secret,
+        server_name=server_name,
+    )

@@ -1,0 +1,334 @@
+"""Find a tagged message over IMAP or POP3, waiting until a deadline, timing each step.
+
+IMAP waits with IDLE (RFC 2177) where the server offers it, else polls with a growing
+interval; POP3 has no push, and a POP3 session sees the maildrop as it was at login, so it
+reconnects to look again.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import poplib
+import re
+import socket
+import ssl
+import time
+from typing import Any
+
+from ..config import Endpoint
+from ..errors import NotDeliveredError, TLSError
+from ._net import Timeline, map_errors, open_socket, tls_facts, wrap_tls
+
+__all__ = ["fetch_imap", "fetch_pop3"]
+
+_POLL_FIRST = 0.005
+_POLL_MAX = 0.5
+_IDLE_TAG = b"RTIDLE"
+
+
+def _backoff(delay: float) -> float:
+    return min(delay * 2, _POLL_MAX)
+
+
+class _IMAP(imaplib.IMAP4):
+    """imaplib over a timed, tuned socket; dials ``endpoint.host``, verifies ``server_name``."""
+
+    def __init__(self, endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline,
+                 timeout: float) -> None:
+        self._endpoint = endpoint
+        self._context = context
+        self._timeline = timeline
+        super().__init__(endpoint.server_name, endpoint.port, timeout=timeout)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        sock = open_socket(self._endpoint.host, self._endpoint.port, timeout or 10.0,
+                           self._timeline, "imap")
+        if self._endpoint.tls == "implicit":
+            try:
+                return wrap_tls(sock, self._context, self._endpoint.server_name,
+                                self._timeline, "imap")
+            except BaseException:
+                sock.close()
+                raise
+        return sock
+
+
+def _imap_search(imap: _IMAP, message_id: str) -> list[bytes]:
+    typ, data = imap.uid("SEARCH", "HEADER", "Message-ID", f'"{message_id}"')
+    if typ != "OK":
+        raise imaplib.IMAP4.error(f"SEARCH failed: {data!r}")
+    found = b" ".join(d for d in data if isinstance(d, bytes)).split()
+    return found
+
+
+def _imap_idle_once(imap: _IMAP, remaining: float) -> None:
+    """IDLE until the server announces something or ``remaining`` seconds pass."""
+    imap.send(_IDLE_TAG + b" IDLE\r\n")
+    sock = imap.sock
+    sock.settimeout(max(remaining, 0.01))
+    try:
+        line = imap.readline()
+        if not line.startswith(b"+"):
+            raise imaplib.IMAP4.error(f"IDLE refused: {line!r}")
+        try:
+            while True:
+                line = imap.readline()
+                if not line:
+                    raise imaplib.IMAP4.abort("connection closed during IDLE")
+                if re.match(rb"\* \d+ (EXISTS|RECENT)", line):
+                    break
+        except TimeoutError:
+            pass
+        sock.settimeout(imap._timeout_value)
+        imap.send(b"DONE\r\n")
+        while True:
+            line = imap.readline()
+            if not line:
+                raise imaplib.IMAP4.abort("connection closed after IDLE")
+            if line.startswith(_IDLE_TAG + b" "):
+                break
+    finally:
+        sock.settimeout(imap._timeout_value)
+
+
+def fetch_imap(
+    endpoint: Endpoint,
+    *,
+    message_id: str,
+    context: ssl.SSLContext,
+    timeout: float,
+    deadline: float,
+    timeline: Timeline,
+    delete: bool,
+    mailbox: str = "INBOX",
+) -> list[bytes]:
+    """Log in, wait until ``message_id`` is in ``mailbox`` (until ``deadline``, a
+    ``time.monotonic()`` value), fetch every copy, and delete them if ``delete``.
+
+    Returns:
+        The raw bytes of each copy found (normally one).
+
+    Raises:
+        NotDeliveredError: no copy by the deadline.
+        ConnectError, TLSError, AuthError, RejectedError: a step failed.
+    """
+    server = endpoint.address
+    with map_errors("IMAP CONNECT", server):
+        imap = _IMAP(endpoint, context, timeline, timeout)
+        imap._timeout_value = timeout  # type: ignore[attr-defined]
+    try:
+        if endpoint.tls == "starttls":
+            if "LOGINDISABLED" not in imap.capabilities:
+                timeline.findings.append(
+                    f"{server}: IMAP offers LOGIN before STARTTLS (no LOGINDISABLED)"
+                )
+            if "STARTTLS" not in imap.capabilities:
+                raise TLSError(f"STARTTLS: {server} does not offer STARTTLS; no credentials "
+                               "were sent", step="STARTTLS", host=server)
+            with map_errors("IMAP STARTTLS", server):
+                started = time.perf_counter()
+                imap.starttls(ssl_context=context)
+                timeline.add("imap tls", started, server=server)
+                assert isinstance(imap.sock, ssl.SSLSocket)
+                timeline.tls.append(tls_facts(imap.sock, server=server,
+                                              server_name=endpoint.server_name,
+                                              verified=context.check_hostname))
+        with map_errors("IMAP LOGIN", server):
+            started = time.perf_counter()
+            imap.login(endpoint.user, endpoint.password)
+            timeline.add("imap login", started, server=server)
+        with map_errors("IMAP SELECT", server):
+            started = time.perf_counter()
+            typ, data = imap.select(_quote_mailbox(mailbox))
+            if typ != "OK":
+                raise imaplib.IMAP4.error(f"SELECT {mailbox} failed: {data!r}")
+            timeline.add("imap select", started, server=server)
+        idle = "IDLE" in imap.capabilities
+        started = time.perf_counter()
+        delay = _POLL_FIRST
+        with map_errors("IMAP WAIT", server):
+            while True:
+                uids = _imap_search(imap, message_id)
+                remaining = deadline - time.monotonic()
+                if uids or remaining <= 0:
+                    break
+                if idle:
+                    _imap_idle_once(imap, remaining)
+                else:
+                    time.sleep(min(delay, remaining))
+                    delay = _backoff(delay)
+                    imap.noop()
+        if not uids:
+            timeline.fail("imap visible", started, server=server, detail="not found")
+            raise NotDeliveredError(
+                f"FETCH: message {message_id} not found in {mailbox} at {server} by the "
+                "deadline", step="FETCH", host=server,
+            )
+        timeline.add("imap visible", started, server=server,
+                     detail="IDLE" if idle else "poll")
+        copies: list[bytes] = []
+        with map_errors("IMAP FETCH", server):
+            started = time.perf_counter()
+            for uid in uids:
+                typ, data = imap.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
+                copies.extend(_literals(data))
+            timeline.add("imap fetch", started, server=server, detail=f"{len(copies)} copy")
+        if delete:
+            with map_errors("IMAP DELETE", server):
+                started = time.perf_counter()
+                uid_set = ",".join(u.decode() for u in uids)
+                imap.uid("STORE", uid_set, "+FLAGS.SILENT", r"(\Deleted)")
+                if "UIDPLUS" in imap.capabilities:
+                    imap.uid("EXPUNGE", uid_set)
+                else:
+                    imap.expunge()
+                timeline.add("imap delete", started, server=server)
+        with map_errors("IMAP LOGOUT", server):
+            imap.logout()
+        return copies
+    finally:
+        _close_quietly(imap)
+
+
+def _literals(data: list[Any]) -> list[bytes]:
+    return [part[1] for part in data if isinstance(part, tuple) and len(part) == 2]
+
+
+def _quote_mailbox(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9._/-]+", name) else '"' + name.replace('"', r"\"") + '"'
+
+
+def _close_quietly(client: Any) -> None:
+    sock = getattr(client, "sock", None)
+    try:
+        if sock is not None:
+            sock.close()
+    except OSError:
+        pass
+    file = getattr(client, "file", None)
+    if file is not None:
+        try:
+            file.close()
+        except OSError:
+            pass
+
+
+class _POP3(poplib.POP3):
+    """poplib over a timed, tuned socket."""
+
+    def __init__(self, endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline,
+                 timeout: float) -> None:
+        self._endpoint = endpoint
+        self._context = context
+        self._timeline = timeline
+        super().__init__(endpoint.server_name, endpoint.port, timeout=timeout)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        sock = open_socket(self._endpoint.host, self._endpoint.port, timeout, self._timeline,
+                           "pop3")
+        if self._endpoint.tls == "implicit":
+            try:
+                return wrap_tls(sock, self._context, self._endpoint.server_name,
+                                self._timeline, "pop3")
+            except BaseException:
+                sock.close()
+                raise
+        return sock
+
+
+def _pop3_session(endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline,
+                  timeout: float) -> _POP3:
+    server = endpoint.address
+    with map_errors("POP3 CONNECT", server):
+        pop = _POP3(endpoint, context, timeline, timeout)
+    try:
+        if endpoint.tls == "starttls":
+            with map_errors("POP3 CAPA", server):
+                caps = pop.capa()
+            if "STLS" not in caps:
+                raise TLSError(f"STLS: {server} does not offer STLS; no credentials were sent",
+                               step="STLS", host=server)
+            if "USER" in caps:
+                timeline.findings.append(f"{server}: POP3 offers USER before STLS")
+            with map_errors("POP3 STLS", server):
+                started = time.perf_counter()
+                pop.stls(context=context)
+                timeline.add("pop3 tls", started, server=server)
+                assert isinstance(pop.sock, ssl.SSLSocket)
+                timeline.tls.append(tls_facts(pop.sock, server=server,
+                                              server_name=endpoint.server_name,
+                                              verified=context.check_hostname))
+        with map_errors("POP3 LOGIN", server):
+            started = time.perf_counter()
+            pop.user(endpoint.user)
+            pop.pass_(endpoint.password)
+            timeline.add("pop3 login", started, server=server)
+        return pop
+    except BaseException:
+        _close_quietly(pop)
+        raise
+
+
+_MESSAGE_ID_RE = re.compile(rb"^Message-ID:\s*(<[^>\r\n]*>)", re.IGNORECASE | re.MULTILINE)
+
+
+def fetch_pop3(
+    endpoint: Endpoint,
+    *,
+    message_id: str,
+    context: ssl.SSLContext,
+    timeout: float,
+    deadline: float,
+    timeline: Timeline,
+    delete: bool,
+) -> list[bytes]:
+    """Like ``fetch_imap`` over POP3: reconnect until the message shows, RETR every copy."""
+    server = endpoint.address
+    started_wait = time.perf_counter()
+    delay = _POLL_FIRST
+    checked: dict[bytes, bool] = {}
+    while True:
+        pop = _pop3_session(endpoint, context, timeline, timeout)
+        try:
+            with map_errors("POP3 SEARCH", server):
+                matches: list[int] = []
+                _, listing, _ = pop.uidl()
+                for entry in listing:
+                    num, _, uidl = entry.partition(b" ")
+                    if uidl not in checked:
+                        _, lines, _ = pop.top(int(num), 0)
+                        header = b"\r\n".join(lines)
+                        found = _MESSAGE_ID_RE.search(header)
+                        checked[uidl] = bool(found and found.group(1).decode() == message_id)
+                    if checked[uidl]:
+                        matches.append(int(num))
+            remaining = deadline - time.monotonic()
+            if matches:
+                timeline.add("pop3 visible", started_wait, server=server, detail="poll")
+                copies: list[bytes] = []
+                with map_errors("POP3 RETR", server):
+                    started = time.perf_counter()
+                    for num in matches:
+                        _, lines, _ = pop.retr(num)
+                        copies.append(b"\r\n".join(lines) + b"\r\n")
+                    timeline.add("pop3 fetch", started, server=server,
+                                 detail=f"{len(copies)} copy")
+                with map_errors("POP3 DELE", server):
+                    if delete:
+                        for num in matches:
+                            pop.dele(num)
+                    pop.quit()
+                return copies
+            with map_errors("POP3 QUIT", server):
+                pop.quit()
+        finally:
+            _close_quietly(pop)
+        if remaining <= 0:
+            timeline.fail("pop3 visible", started_wait, server=server, detail="not found")
+            raise NotDeliveredError(
+                f"RETR: message {message_id} not found at {server} by the deadline",
+                step="RETR", host=server,
+            )
+        time.sleep(min(delay, remaining))
+        delay = _backoff(delay)
+

@@ -1,0 +1,162 @@
+"""Submit a uniquely tagged message over SMTP (implicit TLS or STARTTLS), timing each step."""
+
+from __future__ import annotations
+
+import email.utils
+import secrets
+import smtplib
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+
+from ..config import Endpoint
+from ..errors import AuthError, TLSError
+from ._net import Timeline, map_errors, open_socket, tls_facts, wrap_tls
+
+__all__ = ["ProbeMessage", "build_probe_message", "submit"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeMessage:
+    """A message made for a probe: its bytes and the token that finds it again."""
+
+    token: str
+    message_id: str
+    subject: str
+    mail_from: str
+    rcpt_to: str
+    raw: bytes
+
+    @property
+    def body(self) -> bytes:
+        return self.raw.split(b"\r\n\r\n", 1)[1]
+
+
+def build_probe_message(*, mail_from: str, rcpt_to: str, now: float | None = None) -> ProbeMessage:
+    """A small text message carrying a random token in Subject, Message-ID and body."""
+    token = secrets.token_hex(8)
+    stamp = time.time() if now is None else now
+    domain = mail_from.rpartition("@")[2] or "roundtrip.invalid"
+    message_id = f"<roundtrip-{token}@{domain}>"
+    subject = f"roundtrip probe {token}"
+    lines = [
+        f"From: <{mail_from}>",
+        f"To: <{rcpt_to}>",
+        f"Subject: {subject}",
+        f"Date: {email.utils.formatdate(stamp)}",
+        f"Message-ID: {message_id}",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 7bit",
+        "",
+        f"roundtrip probe token {token}",
+        "A line starting with a dot follows, to check dot transparency:",
+        ".leading dot",
+        "",
+    ]
+    raw = "\r\n".join(lines).encode("ascii")
+    return ProbeMessage(token, message_id, subject, mail_from, rcpt_to, raw)
+
+
+class _SMTPClient(smtplib.SMTP):
+    """smtplib with timed, tuned sockets; dials ``endpoint.host``, verifies ``server_name``."""
+
+    def __init__(self, endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline,
+                 timeout: float) -> None:
+        self._endpoint = endpoint
+        self._context = context
+        self._timeline = timeline
+        super().__init__(timeout=timeout)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = open_socket(self._endpoint.host, port, timeout, self._timeline, "smtp")
+        if self._endpoint.tls == "implicit":
+            try:
+                return wrap_tls(sock, self._context, self._endpoint.server_name,
+                                self._timeline, "smtp")
+            except BaseException:
+                sock.close()
+                raise
+        return sock
+
+
+def submit(
+    endpoint: Endpoint,
+    message: ProbeMessage,
+    *,
+    context: ssl.SSLContext,
+    timeout: float,
+    timeline: Timeline,
+    local_hostname: str = "roundtrip.probe",
+) -> str:
+    """Connect, secure, authenticate and submit ``message``; return the server's DATA reply.
+
+    A STARTTLS endpoint that does not offer STARTTLS fails before any credential is sent.
+
+    Raises:
+        ConnectError, TLSError, AuthError, RejectedError: the step that failed, with the reply.
+    """
+    server = endpoint.address
+    client = _SMTPClient(endpoint, context, timeline, timeout)
+    try:
+        with map_errors("CONNECT", server):
+            started = time.perf_counter()
+            code, banner = client.connect(endpoint.server_name, endpoint.port)
+            client._host = endpoint.server_name
+            timeline.add("smtp greeting", started, server=server, detail=f"{code}")
+        with map_errors("EHLO", server):
+            started = time.perf_counter()
+            client.ehlo(local_hostname)
+            timeline.add("smtp ehlo", started, server=server)
+        if endpoint.tls == "starttls":
+            if client.has_extn("auth"):
+                timeline.findings.append(
+                    f"{server}: AUTH is offered before STARTTLS (RFC 8314 section 3.3: "
+                    "credentials could be sent in plaintext)"
+                )
+            if not client.has_extn("starttls"):
+                raise TLSError(
+                    f"STARTTLS: {server} does not offer STARTTLS; no credentials were sent",
+                    step="STARTTLS", host=server,
+                )
+            with map_errors("STARTTLS", server):
+                started = time.perf_counter()
+                client.starttls(context=context)
+                step = timeline.add("smtp tls", started, server=server)
+                assert isinstance(client.sock, ssl.SSLSocket)
+                facts = tls_facts(client.sock, server=server, server_name=endpoint.server_name,
+                                  verified=context.check_hostname)
+                timeline.tls.append(facts)
+                step.detail = f"{facts.version} {facts.cipher}"
+                client.ehlo(local_hostname)
+        if endpoint.user:
+            if not client.has_extn("auth"):
+                raise AuthError(
+                    f"AUTH: {server} does not offer AUTH after TLS", step="AUTH", host=server
+                )
+            with map_errors("AUTH", server):
+                started = time.perf_counter()
+                client.login(endpoint.user, endpoint.password)
+                timeline.add("smtp auth", started, server=server)
+        with map_errors("SUBMIT", server):
+            started = time.perf_counter()
+            code, reply = client.mail(message.mail_from)
+            if code != 250:
+                raise smtplib.SMTPSenderRefused(code, reply, message.mail_from)
+            code, reply = client.rcpt(message.rcpt_to)
+            if code not in (250, 251):
+                raise smtplib.SMTPRecipientsRefused({message.rcpt_to: (code, reply)})
+            code, reply = client.data(message.raw)
+            if code != 250:
+                raise smtplib.SMTPDataError(code, reply)
+            text = reply.decode("utf-8", "replace")
+            timeline.add("smtp submit", started, server=server, detail=f"{code} {text}")
+        with map_errors("QUIT", server):
+            try:
+                client.quit()
+            except smtplib.SMTPServerDisconnected:
+                pass
+        return f"{code} {text}"
+    finally:
+        client.close()

@@ -1,0 +1,310 @@
+"""pytest plugin: a hermetic mail world per session, emptied for each test.
+
+Fixtures:
+    mailstack_config   (session) the StackConfig; override it in a conftest.py.
+    mailstack_ca       (session) the CertificateAuthority shared by every stack of the session.
+    mailstack_session  (session) the running MailStack.
+    mailstack          (function) the session stack with its mailboxes emptied; a test marked
+                       ``@pytest.mark.mailstack(**overrides)`` gets a private stack instead.
+    mailstack_factory  (function) builds extra stacks; all are stopped at teardown.
+    mailstack_probe    (function) round trips against the stack, or against a real server
+                       with ``--roundtrip-live``.
+
+Options (command line ``--roundtrip-*``, ini ``roundtrip_*``): host, tls, timeout, domains;
+``--roundtrip-live=smtps://USER@HOST`` with ``--roundtrip-live-imap``/``--roundtrip-live-pop3``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .certs import CertificateAuthority
+    from .config import Endpoint, StackConfig
+    from .probes.roundtrip import ProbeResult
+    from .stack import MailStack
+
+_RUNNING: list[MailStack] = []
+
+_OPTIONS = {
+    # name: (help, ini type, default)
+    "host": ("loopback address the stack binds (default 127.0.0.1)", "string", None),
+    "tls": ("preferred submission TLS: starttls, implicit or both", "string", None),
+    "timeout": ("seconds to wait for mail and for start-up", "string", None),
+    "domains": ("mail domains of the stack (default example.com, example.org)", "linelist", None),
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("roundtrip", "roundtrip mail stack")
+    for name, (help_text, kind, default) in _OPTIONS.items():
+        group.addoption(
+            f"--roundtrip-{name}",
+            dest=f"roundtrip_{name}",
+            default=None,
+            help=help_text + (" (comma-separated)" if kind == "linelist" else ""),
+        )
+        parser.addini(f"roundtrip_{name}", help_text, type=kind, default=default)  # type: ignore[arg-type]
+    group.addoption(
+        "--roundtrip-live",
+        dest="roundtrip_live",
+        default=None,
+        metavar="URL",
+        help="run against a real server: smtps://USER@HOST[:PORT] or smtp://USER@HOST[:PORT]; "
+        "password from ROUNDTRIP_SMTP_PASSWORD",
+    )
+    group.addoption("--roundtrip-live-imap", dest="roundtrip_live_imap", default=None,
+                    metavar="URL", help="imaps://USER@HOST or imap://... for live mode "
+                    "(password from ROUNDTRIP_IMAP_PASSWORD)")
+    group.addoption("--roundtrip-live-pop3", dest="roundtrip_live_pop3", default=None,
+                    metavar="URL", help="pop3s://USER@HOST or pop3://... for live mode "
+                    "(password from ROUNDTRIP_POP3_PASSWORD)")
+    group.addoption("--roundtrip-live-cafile", dest="roundtrip_live_cafile", default=None,
+                    metavar="PEM", help="CA bundle to verify the live server (default: system)")
+
+
+def _values(config: pytest.Config) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in _OPTIONS:
+        cli = config.getoption(f"roundtrip_{name}")
+        ini = config.getini(f"roundtrip_{name}")
+        values[name] = cli if cli is not None else (ini or None)
+    return values
+
+
+def _stack_config(config: pytest.Config) -> StackConfig:
+    from .config import StackConfig
+
+    try:
+        return StackConfig.from_strings(_values(config))
+    except ConfigError as exc:
+        raise pytest.UsageError(f"roundtrip: {exc}") from None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "mailstack(**overrides): give this test a private mail stack built with these "
+        "StackConfig overrides (domains=, users=, tls=, max_message_size=, ...)",
+    )
+    config.addinivalue_line(
+        "markers", "roundtrip_live: talks to a real mail server; runs only with --roundtrip-live"
+    )
+    _stack_config(config)  # fail fast on bad ini/CLI values
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    stack = _stack_config(config)
+    live = config.getoption("roundtrip_live")
+    target = f"live {live}" if live else f"embedded on {stack.host}"
+    return (
+        f"roundtrip: {target}, domains {', '.join(stack.domains)}, tls {stack.tls}, "
+        f"timeout {stack.timeouts.wait_timeout:g}s"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("roundtrip_live"):
+        return
+    skip = pytest.mark.skip(reason="needs a real mail server: pass --roundtrip-live=URL")
+    for item in items:
+        if item.get_closest_marker("roundtrip_live") is not None:
+            item.add_marker(skip)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    while _RUNNING:
+        _RUNNING.pop().stop()
+
+
+@pytest.fixture(scope="session")
+def mailstack_config(pytestconfig: pytest.Config) -> StackConfig:
+    """The configuration of the session stack (from ini and command line)."""
+    return _stack_config(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def mailstack_ca() -> Iterator[CertificateAuthority]:
+    """One trustme CA for the whole session."""
+    from .certs import CertificateAuthority
+
+    ca = CertificateAuthority()
+    yield ca
+    ca.cleanup()
+
+
+def _start(config: StackConfig, ca: CertificateAuthority) -> MailStack:
+    from .stack import MailStack
+
+    stack = MailStack(config, ca=ca)
+    stack.start()
+    _RUNNING.append(stack)
+    return stack
+
+
+def _stop(stack: MailStack) -> None:
+    if stack in _RUNNING:
+        _RUNNING.remove(stack)
+    stack.stop()
+
+
+@pytest.fixture(scope="session")
+def mailstack_session(
+    mailstack_config: StackConfig, mailstack_ca: CertificateAuthority
+) -> Iterator[MailStack]:
+    """The stack shared by the session, started on first use."""
+    stack = _start(mailstack_config, mailstack_ca)
+    yield stack
+    _stop(stack)
+
+
+@pytest.fixture
+def mailstack_factory(
+    mailstack_config: StackConfig, mailstack_ca: CertificateAuthority
+) -> Iterator[Callable[..., MailStack]]:
+    """Build extra, isolated stacks: ``mailstack_factory(domains=["a.test"])``."""
+    made: list[MailStack] = []
+
+    def factory(**overrides: Any) -> MailStack:
+        try:
+            config = mailstack_config.replace(**overrides)
+        except ConfigError as exc:
+            raise pytest.UsageError(f"roundtrip: {exc}") from None
+        stack = _start(config, mailstack_ca)
+        made.append(stack)
+        return stack
+
+    yield factory
+    for stack in made:
+        _stop(stack)
+    for stack in made:
+        stack.check()
+
+
+@pytest.fixture
+def mailstack(request: pytest.FixtureRequest) -> Iterator[MailStack]:
+    """The running stack for this test, with every mailbox empty.
+
+    At teardown, an exception raised in any server thread during the test is re-raised.
+    """
+    marker = request.node.get_closest_marker("mailstack")
+    if marker is not None:
+        if marker.args:
+            raise pytest.UsageError("roundtrip: @pytest.mark.mailstack takes keyword arguments")
+        factory = request.getfixturevalue("mailstack_factory")
+        yield factory(**marker.kwargs)
+        return
+    stack: MailStack = request.getfixturevalue("mailstack_session")
+    stack.reset()
+    yield stack
+    stack.check()
+
+
+class MailstackProbe:
+    """Round trips for tests, against the embedded stack or, in live mode, a real server.
+
+    Attributes:
+        live: True when ``--roundtrip-live`` points it at a real server.
+        smtp, imap, pop3: the endpoints it uses (passwords held, never shown).
+        context: the SSLContext that verifies the servers.
+    """
+
+    def __init__(
+        self,
+        *,
+        smtp: Endpoint,
+        imap: Endpoint | None,
+        pop3: Endpoint | None,
+        context: ssl.SSLContext,
+        mail_from: str,
+        rcpt_to: str,
+        timeout: float,
+        live: bool,
+    ) -> None:
+        self.smtp = smtp
+        self.imap = imap
+        self.pop3 = pop3
+        self.context = context
+        self.mail_from = mail_from
+        self.rcpt_to = rcpt_to
+        self.timeout = timeout
+        self.live = live
+
+    def roundtrip(self, retrieve: str = "imap", *, keep: bool = False) -> ProbeResult:
+        """Submit a tagged message, find it over ``retrieve`` (imap or pop3), verify it."""
+        from .probes.roundtrip import run_probe
+
+        target = self.imap if retrieve == "imap" else self.pop3
+        if target is None:
+            raise pytest.UsageError(f"roundtrip: no {retrieve} endpoint configured for the probe")
+        return run_probe(
+            self.smtp, target, context=self.context, mail_from=self.mail_from,
+            rcpt_to=self.rcpt_to, timeout=self.timeout, keep=keep,
+        )
+
+    def assert_roundtrip(self, retrieve: str = "imap") -> ProbeResult:
+        """Like ``roundtrip`` but fails the test with the probe's error when it fails."""
+        result = self.roundtrip(retrieve)
+        if not result.ok:
+            pytest.fail(f"round trip over {retrieve} failed at {result.error_step}: {result.error}",
+                        pytrace=False)
+        return result
+
+
+@pytest.fixture
+def mailstack_probe(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -> MailstackProbe:
+    """A probe wired to the stack (or to the live server given by ``--roundtrip-live``)."""
+    from .config import Endpoint, parse_endpoint
+
+    live = pytestconfig.getoption("roundtrip_live")
+    if live:
+        try:
+            smtp = parse_endpoint(live, expect="smtp")
+            imap_url = pytestconfig.getoption("roundtrip_live_imap")
+            pop3_url = pytestconfig.getoption("roundtrip_live_pop3")
+            imap = parse_endpoint(imap_url, expect="imap") if imap_url else None
+            pop3 = parse_endpoint(pop3_url, expect="pop3") if pop3_url else None
+        except ConfigError as exc:
+            raise pytest.UsageError(f"roundtrip: {exc}") from None
+        if imap is None and pop3 is None:
+            raise pytest.UsageError(
+                "roundtrip: --roundtrip-live needs --roundtrip-live-imap or --roundtrip-live-pop3"
+            )
+        context = ssl.create_default_context()
+        cafile = pytestconfig.getoption("roundtrip_live_cafile")
+        if cafile:
+            context = ssl.create_default_context(cafile=cafile)
+        user = smtp.user
+        reader = (imap or pop3)
+        assert reader is not None
+        return MailstackProbe(
+            smtp=smtp, imap=imap, pop3=pop3, context=context, mail_from=user,
+            rcpt_to=reader.user or user, timeout=_stack_config(pytestconfig).timeouts.wait_timeout,
+            live=True,
+        )
+    stack: MailStack = request.getfixturevalue("mailstack")
+    sender = stack.user(stack.config.domains[0])
+    recipient = stack.user(stack.config.domains[-1])
+    src = stack.endpoints(sender.domain)
+    dst = stack.endpoints(recipient.domain)
+    smtp_service = "submission" if stack.config.tls == "starttls" else "submissions"
+    return MailstackProbe(
+        smtp=Endpoint("smtp", "starttls" if smtp_service == "submission" else "implicit",
+                      src.host, src.ports[smtp_service], sender.address, sender.password,
+                      src.hostname),
+        imap=Endpoint("imap", "implicit", dst.host, dst.ports["imaps"], recipient.address,
+                      recipient.password, dst.hostname),
+        pop3=Endpoint("pop3", "implicit", dst.host, dst.ports["pop3s"], recipient.address,
+                      recipient.password, dst.hostname),
+        context=stack.client_context(),
+        mail_from=sender.address,
+        rcpt_to=recipient.address,
+        timeout=stack.config.timeouts.wait_timeout,
+        live=False,
+    )

@@ -1,0 +1,340 @@
+"""aiosmtpd listeners for the three SMTP roles, on the stack's own event loop.
+
+aiosmtpd parses the protocol; the handler's hooks are shims around ``protocols/smtp.py``. Two
+aiosmtpd behaviours are corrected here (NOTES.md):
+
+- on an implicit-TLS listener aiosmtpd never learns that the link is encrypted, so it neither
+  advertises nor accepts AUTH (aiosmtpd issues #274, #281). ``_SMTP.connection_made`` marks the
+  TLS layer as active when the transport already carries an SSL object (465 only; the STARTTLS
+  path is aiosmtpd's own);
+- aiosmtpd does not advertise PIPELINING or ENHANCEDSTATUSCODES, and many of its replies lack
+  enhanced codes; ``_SMTP.push`` adds them (RFC 2034) once the client used EHLO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from ..errors import MailboxError, StorageError
+from ..protocols.smtp import (
+    Reply,
+    Role,
+    TLSInfo,
+    add_missing_headers,
+    check_recipient,
+    check_sender,
+    enhanced_status,
+    received_header,
+    with_protocol,
+)
+
+__all__ = ["Accepted", "Router", "SMTPHandler", "start_smtp"]
+
+log = logging.getLogger("roundtrip.servers.smtp")
+# aiosmtpd logs "Session.login_data is deprecated" on every AUTH, and every command at INFO.
+logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+_queue_ids = itertools.count(1)
+
+
+def _new_queue_id() -> str:
+    return f"{os.getpid():x}{next(_queue_ids):08X}"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A message accepted by one SMTP listener, handed to the router.
+
+    ``raw`` already carries this hop's Received line (and, on submission, a Message-ID and
+    Date if they were missing).
+    """
+
+    role: Role
+    server_domain: str
+    hostname: str
+    queue_id: str
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    raw: bytes
+    authenticated_user: str | None
+    tls: bool
+    received_at: float
+    received_monotonic: float
+
+
+#: Delivers or queues an accepted message; raising StorageError makes the reply a 451.
+Router = Callable[[Accepted], None]
+
+
+class _SMTP(SMTP):
+    """aiosmtpd's SMTP with the two corrections described in the module docstring."""
+
+    _implicit_tls = False
+    _auth_offered = True
+    _in_ehlo = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._implicit_tls and self._original_transport is None:
+            ssl_protocol = getattr(transport, "_ssl_protocol", None)
+            has_tls = transport.get_extra_info("ssl_object") is not None
+            if ssl_protocol is not None and has_tls and self.session is not None:
+                self._tls_protocol = ssl_protocol
+                self.session.ssl = ssl_protocol._extra
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self._auth_offered and self._tls_protocol:
+            # The MX takes no AUTH at all; before TLS aiosmtpd's own 538 answers.
+            await self.push("502 5.5.1 AUTH not available on this port")
+            return
+        await super().smtp_AUTH(arg)
+
+    async def push(self, status: Any) -> None:
+        session = self.session
+        if isinstance(status, str) and not self._in_ehlo and session and session.extended_smtp:
+            status = enhanced_status(status)
+        await super().push(status)
+
+
+class SMTPHandler:
+    """aiosmtpd handler for one listener: role policy, trace header, hand-off to the router."""
+
+    def __init__(
+        self,
+        *,
+        role: Role,
+        domain: str,
+        hostname: str,
+        local_domains: Callable[[], Collection[str]],
+        has_user: Callable[[str], bool],
+        check_password: Callable[[str, str], bool],
+        router: Router,
+        max_recipients: int,
+        enforce_sender: bool,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.role = role
+        self.domain = domain
+        self.hostname = hostname
+        self._local_domains = local_domains
+        self._has_user = has_user
+        self._check_password = check_password
+        self._router = router
+        self._max_recipients = max_recipients
+        self._enforce_sender = enforce_sender
+        self._on_error = on_error
+
+    # aiosmtpd hooks (names fixed by aiosmtpd)
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.role is Role.SMTP:
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
+        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        # On the MX nobody is authenticated: only the address syntax is checked.
+        refusal = check_sender(
+            address, authenticated_user=_auth_user(session), enforce=self._enforce_sender
+        )
+        if refusal is not None:
+            return refusal
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return Reply.OK
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        refusal = check_recipient(
+            address,
+            role=self.role,
+            local_domains=self._local_domains(),
+            has_user=self._has_user,
+            current_count=len(envelope.rcpt_tos),
+            max_recipients=self._max_recipients,
+        )
+        if refusal is not None:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return Reply.RCPT_OK
+
+    async def handle_VRFY(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str
+    ) -> str:
+        return Reply.VRFY
+
+    async def handle_EXPN(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str
+    ) -> str:
+        return Reply.EXPN
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        accepted = self._accept(session, envelope)
+        try:
+            self._router(accepted)
+        except (StorageError, MailboxError, OSError) as exc:
+            log.warning("storing %s failed: %s", accepted.queue_id, exc)
+            return Reply.STORE_FAILED
+        except Exception as exc:  # a bug of ours: temporary failure, reported to the test
+            if self._on_error is None:
+                raise
+            self._on_error(exc)
+            return Reply.STORE_FAILED
+        return Reply.QUEUED.format(queue_id=accepted.queue_id)
+
+    # helpers
+
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        """aiosmtpd authenticator: the same 535 for an unknown user and a wrong password."""
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        user = auth_data.login.decode("utf-8", "replace")
+        password = auth_data.password.decode("utf-8", "replace")
+        if self.role is Role.SMTP or not self._check_password(user, password):
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=user)
+
+    def _accept(self, session: Session, envelope: Envelope) -> Accepted:
+        now = time.time()
+        queue_id = _new_queue_id()
+        content = envelope.original_content or envelope.content or b""
+        if isinstance(content, str):
+            content = content.encode("utf-8", "surrogateescape")
+        user = _auth_user(session)
+        tls = session.ssl is not None
+        tls_info = _tls_info(session)
+        if self.role is not Role.SMTP:
+            content = add_missing_headers(
+                content, domain=self.domain, queue_id=queue_id, timestamp=now
+            )
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        rcpts = tuple(envelope.rcpt_tos)
+        trace = received_header(
+            helo=session.host_name or "",
+            peer_ip=peer,
+            by_host=self.hostname,
+            protocol=with_protocol(
+                esmtp=bool(session.extended_smtp), tls=tls, authenticated=user is not None
+            ),
+            queue_id=queue_id,
+            recipient=rcpts[0] if len(rcpts) == 1 else None,
+            timestamp=now,
+            tls=tls_info,
+        )
+        return Accepted(
+            role=self.role,
+            server_domain=self.domain,
+            hostname=self.hostname,
+            queue_id=queue_id,
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=rcpts,
+            raw=trace + content,
+            authenticated_user=user,
+            tls=tls,
+            received_at=now,
+            received_monotonic=time.monotonic(),
+        )
+
+
+def _auth_user(session: Session) -> str | None:
+    if not session.authenticated:
+        return None
+    data = session.auth_data
+    if isinstance(data, bytes):
+        return data.decode("utf-8", "replace")
+    return str(data) if data is not None else None
+
+
+def _tls_info(session: Session) -> TLSInfo | None:
+    extra = session.ssl
+    if not extra:
+        return None
+    ssl_object = extra.get("ssl_object")
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher() or ("unknown", "", 0)
+    return TLSInfo(
+        version=ssl_object.version() or "TLS", cipher=cipher[0], bits=int(cipher[2] or 0)
+    )
+
+
+async def start_smtp(
+    handler: SMTPHandler,
+    *,
+    host: str,
+    port: int,
+    tls_context: ssl.SSLContext,
+    max_message_size: int,
+    idle_timeout: float,
+    tls_handshake_timeout: float,
+) -> asyncio.Server:
+    """Listen for one SMTP role on ``host:port`` (0 picks a free port).
+
+    ``submissions`` wraps TLS from the first byte; ``submission`` and ``smtp`` offer STARTTLS
+    (required before MAIL on ``submission``).
+    """
+    loop = asyncio.get_running_loop()
+    implicit = handler.role is Role.SUBMISSIONS
+
+    def factory() -> _SMTP:
+        server = _SMTP(
+            handler,
+            hostname=handler.hostname,
+            ident="roundtrip ESMTP",
+            data_size_limit=max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=None if implicit else tls_context,
+            # Not aiosmtpd's require_starttls: it answers 530 to AUTH before STARTTLS, where
+            # RFC 4954 wants 538. MAIL before STARTTLS still gets 530 (AUTH is required and
+            # cannot happen before TLS).
+            require_starttls=False,
+            auth_required=handler.role is not Role.SMTP,
+            auth_require_tls=True,
+            authenticator=handler.authenticate,
+            auth_exclude_mechanism=None,
+            timeout=idle_timeout,
+            loop=loop,
+        )
+        server._implicit_tls = implicit
+        server._auth_offered = handler.role is not Role.SMTP
+        return server
+
+    return await loop.create_server(
+        factory,
+        host=host,
+        port=port,
+        ssl=tls_context if implicit else None,
+        ssl_handshake_timeout=tls_handshake_timeout if implicit else None,
+        reuse_address=True,
+    )

@@ -1,0 +1,693 @@
+"""MailStack: the store, the certificates and every server, started, checked and stopped together.
+
+A stack serves several mail domains on loopback. Each domain has an MX (``smtp``), submission
+over implicit TLS (``submissions``) and with STARTTLS (``submission``), POP3 (``pop3s``,
+``pop3``) and IMAP (``imaps``, ``imap``); one DNS server answers for every domain. All servers
+run on one event loop in one background thread (NOTES.md "One event loop").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .certs import CertificateAuthority
+from .config import StackConfig, User
+from .errors import ConfigError, MailboxError, NotDeliveredError, ServerStartError
+from .message import ReceivedMessage
+from .protocols.smtp import Role, domain_of
+from .protocols.dns import default_records
+from .servers._runner import LoopThread
+from .servers.dns import DNSServer, start_dns
+from .servers.pop3 import start_pop3
+from .servers.relay import Relay, RelayEvent
+from .servers.smtp import Accepted, SMTPHandler, start_smtp
+from .store import Store, StoredMessage
+
+__all__ = [
+    "OUTBOUND_ADDRESS",
+    "HopTiming",
+    "STANDARD_PORTS",
+    "DeliveredMessage",
+    "DomainEndpoints",
+    "MailStack",
+]
+
+#: Mail to domains outside the stack is captured in this mailbox, never sent anywhere.
+OUTBOUND_ADDRESS = "outbound@roundtrip.invalid"
+
+#: Well-known ports used with ``ports="standard"``.
+STANDARD_PORTS = {
+    "smtp": 25,
+    "submissions": 465,
+    "submission": 587,
+    "pop3": 110,
+    "pop3s": 995,
+    "imap": 143,
+    "imaps": 993,
+    "dns": 53,
+}
+SERVICES = ("smtp", "submissions", "submission", "pop3", "pop3s", "imap", "imaps")
+IMPLICIT_TLS_SERVICES = ("submissions", "pop3s", "imaps")
+
+
+@dataclass(frozen=True, slots=True)
+class DomainEndpoints:
+    """Where one domain's services listen."""
+
+    domain: str
+    hostname: str
+    host: str
+    ports: dict[str, int]
+
+    def address(self, service: str) -> tuple[str, int]:
+        """``(host, port)`` of a service (``smtp``, ``submissions``, ``imaps`` ...)."""
+        return self.host, self.ports[service]
+
+    def url_host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    def endpoint(self, service: str) -> str:
+        """``HOST:PORT`` of a service, IPv6 hosts in brackets."""
+        return f"{self.url_host()}:{self.ports[service]}"
+
+
+@dataclass(frozen=True, slots=True)
+class HopTiming:
+    """One step of a message's journey through the stack.
+
+    ``at`` is in seconds since the first hop accepted the message.
+    """
+
+    step: str
+    host: str
+    at: float
+
+
+# How many messages' journeys the stack remembers (oldest forgotten first).
+_TIMELINE_LIMIT = 10_000
+_RECEIVED_ID = re.compile(rb"^Received:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*?\bid ([0-9A-Za-z]+)",
+                          re.MULTILINE)
+_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]*>)", re.MULTILINE | re.IGNORECASE)
+
+
+@dataclass
+class _Listeners:
+    servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    connections: list[set[Any]] = field(default_factory=list)
+
+
+class MailStack:
+    """A hermetic mail world on loopback.
+
+    Args:
+        config: domains, users, addresses and limits (``StackConfig()`` by default).
+        ca: the certificate authority to issue from (a new one by default; the pytest plugin
+            shares one per session).
+        store: the mailbox store (a new in-memory one by default).
+
+    Use as a context manager, or call ``start()`` and ``stop()``.
+    """
+
+    def __init__(
+        self,
+        config: StackConfig | None = None,
+        *,
+        ca: CertificateAuthority | None = None,
+        store: Store | None = None,
+    ) -> None:
+        self.config = config if config is not None else StackConfig()
+        self.ca = ca if ca is not None else CertificateAuthority()
+        self.store = store if store is not None else Store()
+        self.domains: dict[str, DomainEndpoints] = {}
+        self._thread: LoopThread | None = None
+        self._listeners = _Listeners()
+        self.dns: DNSServer | None = None
+        self.relay: Relay | None = None
+        # Journey of each accepted message, keyed by the accepting hop's queue id.
+        self._hops: collections.OrderedDict[str, list[HopTiming]] = collections.OrderedDict()
+        self._relay_origin: dict[str, str] = {}
+        self._by_message_id: dict[str, list[str]] = {}
+        self._started = False
+        self._stopped = False
+        self._start_lock = threading.Lock()
+        for user in self.config.users:
+            self.store.add_user(user.address, user.password)
+        self.store.add_user(OUTBOUND_ADDRESS, "")
+
+    # lifecycle
+
+    def __enter__(self) -> MailStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def started(self) -> bool:
+        return self._started and not self._stopped
+
+    def start(self) -> MailStack:
+        """Bind every listener and return once each accepts connections (TLS included).
+
+        Raises:
+            ServerStartError: a port could not be bound, or a listener was not ready within
+                ``config.timeouts.start_timeout`` seconds.
+        """
+        with self._start_lock:
+            if self._started:
+                return self
+            self._started = True
+        self._thread = LoopThread(name=f"roundtrip-{'-'.join(self.config.domains)}")
+        self.store.on_listener_error = self._thread.record_error
+        timeout = self.config.timeouts.start_timeout
+        try:
+            self._thread.run(self._start_all(), timeout=timeout)
+            self._thread.run(self._self_check(), timeout=timeout)
+        except TimeoutError:
+            self.stop()
+            raise ServerStartError(
+                f"the stack was not ready within {timeout:g} s; raise start_timeout "
+                "(roundtrip_timeout in pytest ini) if the machine is slow"
+            ) from None
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _host_for(self, index: int) -> str:
+        if self.config.ports == "standard":
+            return f"127.0.0.{index + 1}"
+        return self.config.host
+
+    def _port_for(self, service: str) -> int:
+        return STANDARD_PORTS[service] if self.config.ports == "standard" else 0
+
+    async def _start_all(self) -> None:
+        assert self._thread is not None
+        timeouts = self.config.timeouts
+        on_error = self._thread.record_error
+        for index, domain in enumerate(self.config.domains):
+            host = self._host_for(index)
+            hostname = f"mail.{domain}"
+            tls = self.ca.server_context([hostname, domain])
+            ports: dict[str, int] = {}
+            for service in ("smtp", "submissions", "submission"):
+                role = Role(service)
+                handler = SMTPHandler(
+                    role=role,
+                    domain=domain,
+                    hostname=hostname,
+                    local_domains=lambda: self.config.domains,
+                    has_user=self.store.has_user,
+                    check_password=self.store.check_password,
+                    router=self._route,
+                    max_recipients=self.config.max_recipients,
+                    enforce_sender=True,
+                    on_error=on_error,
+                )
+                server = await self._bind(
+                    service,
+                    host,
+                    start_smtp(
+                        handler,
+                        host=host,
+                        port=self._port_for(service),
+                        tls_context=tls,
+                        max_message_size=self.config.max_message_size,
+                        idle_timeout=timeouts.idle_timeout,
+                        tls_handshake_timeout=timeouts.tls_handshake_timeout,
+                    ),
+                )
+                ports[service] = _bound_port(server)
+            from .servers.imap import start_imap
+
+            for service, starter in (
+                ("pop3s", start_pop3),
+                ("pop3", start_pop3),
+                ("imaps", start_imap),
+                ("imap", start_imap),
+            ):
+                implicit = service in IMPLICIT_TLS_SERVICES
+                server, conns = await self._bind(
+                    service,
+                    host,
+                    starter(
+                        self.store,
+                        host=host,
+                        port=self._port_for(service),
+                        hostname=hostname,
+                        implicit_tls_context=tls if implicit else None,
+                        starttls_context=None if implicit else tls,
+                        idle_timeout=timeouts.idle_timeout,
+                        on_error=on_error,
+                        tls_handshake_timeout=timeouts.tls_handshake_timeout,
+                    ),
+                )
+                self._listeners.connections.append(conns)
+                ports[service] = _bound_port(server)
+            self.domains[domain] = DomainEndpoints(domain, hostname, host, ports)
+        await self._start_routing()
+
+    async def _start_routing(self) -> None:
+        """The DNS zone of every domain, and the relay that routes by it."""
+        assert self._thread is not None
+        records = []
+        for ep in self.domains.values():
+            records += default_records(ep.domain, ep.host, mx_host=ep.hostname)
+        dns_host = "127.0.0.1" if self.config.ports == "standard" else self.config.host
+        try:
+            self.dns = await start_dns(
+                records and _zone(records), host=dns_host, port=self._port_for("dns"),
+                on_error=self._thread.record_error,
+            )
+        except OSError as exc:
+            raise ServerStartError(f"cannot bind dns on {dns_host}: {exc}") from exc
+        mx_ports = {ep.hostname: ep.ports["smtp"] for ep in self.domains.values()}
+        self.relay = Relay(
+            dns_address=self.dns.address,
+            tls_context=self.ca.client_context(),
+            local_domains=lambda: set(self.config.domains),
+            mx_port=lambda host: mx_ports.get(host.rstrip(".").lower(), 25),
+            deliver_local=lambda address, raw, mailbox: self._deliver(address, raw, mailbox),
+            capture_outbound=self._capture,
+            on_error=self._thread.record_error,
+            retry_delays=self.config.retry_delays,
+            queue_lifetime=self.config.queue_lifetime,
+            connect_timeout=self.config.timeouts.start_timeout,
+            reporting_mta=next(iter(self.domains.values())).hostname,
+            on_event=self._relay_event,
+        )
+
+    async def _bind(self, service: str, host: str, starting: Any) -> Any:
+        try:
+            result = await starting
+        except OSError as exc:
+            port = STANDARD_PORTS[service] if self.config.ports == "standard" else 0
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise ServerStartError(
+                    f"cannot bind {service} on {host}:{port}: permission denied; ports="
+                    "'standard' needs root or CAP_NET_BIND_SERVICE (use ports='ephemeral')"
+                ) from exc
+            if exc.errno == errno.EADDRINUSE:
+                raise ServerStartError(
+                    f"cannot bind {service} on {host}:{port}: the address is in use"
+                ) from exc
+            raise ServerStartError(f"cannot bind {service} on {host}:{port}: {exc}") from exc
+        server = result[0] if isinstance(result, tuple) else result
+        self._listeners.servers.append(server)
+        return result
+
+    async def _self_check(self) -> None:
+        """Connect to every listener; complete a TLS handshake on the implicit-TLS ones."""
+        client = self.ca.client_context()
+
+        async def probe(ep: DomainEndpoints, service: str) -> None:
+            tls = client if service in IMPLICIT_TLS_SERVICES else None
+            _, writer = await asyncio.open_connection(
+                ep.host, ep.ports[service], ssl=tls, server_hostname=ep.hostname if tls else None
+            )
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, ssl.SSLError):
+                pass
+
+        await asyncio.gather(
+            *(probe(ep, s) for ep in self.domains.values() for s in SERVICES)
+        )
+
+    def stop(self) -> None:
+        """Close every listener and connection and stop the loop. A second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
+        thread = self._thread
+        if thread is None:
+            return
+        if thread.loop.is_running():
+            try:
+                thread.run(self._close_all(), timeout=5)
+            except TimeoutError:
+                pass
+        thread.stop()
+        self.ca.cleanup()
+
+    async def _close_all(self) -> None:
+        if self.relay is not None:
+            await self.relay.close()
+        if self.dns is not None:
+            await self.dns.close()
+        for conns in self._listeners.connections:
+            for conn in list(conns):
+                conn.abort()
+        for server in self._listeners.servers:
+            server.close()
+        # Cancel sessions still running (aiosmtpd handlers) so nothing outlives the loop.
+        current = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not current]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def check(self) -> None:
+        """Re-raise the first exception any server raised since the last check."""
+        if self._thread is None:
+            return
+        errors = self._thread.take_errors()
+        if errors:
+            raise errors[0]
+
+    def reset(self) -> None:
+        """Empty every mailbox and the relay queue, forget recorded errors and DNS queries.
+
+        The servers keep running.
+        """
+        if self._thread is not None and self.relay is not None:
+            relay, dns = self.relay, self.dns
+            self._thread.run(relay.clear(), timeout=5)
+            if dns is not None:
+                dns.query_log.clear()
+        self.store.clear()
+        if self._thread is not None:
+            self._thread.take_errors()
+
+    # routing
+
+    def _route(self, accepted: Accepted) -> None:
+        """Deliver or queue an accepted message (runs on the loop thread).
+
+        The MX stores for its own users. A submission server stores mail for its own domain,
+        and hands everything else to the relay, which looks up the MX in the stack's DNS and
+        delivers over SMTP with STARTTLS (or captures mail for domains outside the stack).
+        """
+        self._record(accepted.queue_id, f"{accepted.role.value} accepted", accepted.hostname,
+                     accepted.received_monotonic)
+        remote = []
+        stored = False
+        for rcpt in accepted.rcpt_tos:
+            if accepted.role is Role.SMTP or domain_of(rcpt) == accepted.server_domain:
+                self.store.deliver(
+                    rcpt, accepted.raw, envelope_from=accepted.mail_from, envelope_to=(rcpt,)
+                )
+                stored = True
+            else:
+                remote.append(rcpt)
+        if stored:
+            self._record(accepted.queue_id, "stored", accepted.hostname, time.monotonic())
+            self._index_journey(accepted.raw)
+        if remote:
+            assert self.relay is not None
+            entry = self.relay.enqueue(
+                helo=accepted.hostname,
+                mail_from=accepted.mail_from or "<>",
+                rcpt_tos=remote,
+                raw=accepted.raw,
+                received_at=accepted.received_at,
+            )
+            self._relay_origin[entry.id] = accepted.queue_id
+            self._record(accepted.queue_id, "relay queued", entry.id, time.monotonic())
+
+    # journeys (per-hop timings)
+
+    def _record(self, queue_id: str, step: str, host: str, when: float) -> None:
+        hops = self._hops.get(queue_id)
+        if hops is None:
+            hops = self._hops[queue_id] = []
+            while len(self._hops) > _TIMELINE_LIMIT:
+                old, _ = self._hops.popitem(last=False)
+                self._relay_origin = {k: v for k, v in self._relay_origin.items() if v != old}
+        hops.append(HopTiming(step, host, when))
+
+    def _relay_event(self, event: RelayEvent) -> None:
+        origin = self._relay_origin.get(event.queue_id)
+        if origin is not None:
+            self._record(origin, f"relay {event.step}", event.detail, time.monotonic())
+
+    def _index_journey(self, raw: bytes) -> None:
+        head = raw.split(b"\r\n\r\n", 1)[0]
+        found = _MESSAGE_ID.search(head)
+        if found is None:
+            return
+        ids = [m.decode() for m in _RECEIVED_ID.findall(head)]
+        key = found.group(1).decode("utf-8", "replace")
+        self._by_message_id[key] = ids
+        while len(self._by_message_id) > _TIMELINE_LIMIT:
+            self._by_message_id.pop(next(iter(self._by_message_id)))
+
+    def journey(self, message_id: str) -> list[HopTiming]:
+        """Per-hop timings of a message stored by this stack, found by its Message-ID.
+
+        Steps: ``submissions accepted`` (or ``submission``/``smtp``), ``relay queued``,
+        ``relay mx-lookup``, ``relay connected``, ``smtp accepted`` (the recipient's MX),
+        ``relay delivered``, ``stored``; ``at`` counts seconds from the first step.
+        """
+        ids = self._by_message_id.get(message_id.strip(), [])
+        hops = [h for qid in reversed(ids) for h in self._hops.get(qid, [])]
+        if not hops:
+            return []
+        hops.sort(key=lambda h: h.at)
+        start = hops[0].at
+        return [HopTiming(h.step, h.host, h.at - start) for h in hops]
+
+    def _deliver(self, address: str, raw: bytes, mailbox: str) -> None:
+        self.store.deliver(address, raw, mailbox=mailbox, envelope_to=(address,))
+
+    def _capture(self, mail_from: str, rcpt: str, raw: bytes) -> None:
+        self.store.deliver(OUTBOUND_ADDRESS, raw, envelope_from=mail_from, envelope_to=(rcpt,))
+
+    # facts for clients
+
+    @property
+    def users(self) -> tuple[User, ...]:
+        return self.config.users
+
+    def user(self, domain: str | None = None) -> User:
+        """The first user (of ``domain`` when given)."""
+        return self.config.user(domain)
+
+    def endpoints(self, domain: str | None = None) -> DomainEndpoints:
+        """The endpoints of ``domain`` (the first domain by default)."""
+        self._require_started()
+        name = (domain or self.config.domains[0]).lower()
+        try:
+            return self.domains[name]
+        except KeyError:
+            raise ConfigError(
+                f"{domain!r} is not a domain of this stack ({', '.join(self.domains)})"
+            ) from None
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client SSLContext that trusts this stack's CA (and verifies host names)."""
+        return self.ca.client_context()
+
+    @property
+    def ca_file(self) -> str:
+        """Path of a PEM file holding the CA certificate, for external programs."""
+        return self.ca.ca_file()
+
+    def describe(self, *, include_passwords: bool = True) -> dict[str, Any]:
+        """The ``roundtrip serve --json`` document."""
+        self._require_started()
+        assert self.dns is not None
+        dns_host = f"[{self.dns.host}]" if ":" in self.dns.host else self.dns.host
+        return {
+            "ca_file": self.ca_file,
+            "dns": f"{dns_host}:{self.dns.port}",
+            "domains": {
+                d: {service: ep.endpoint(service) for service in SERVICES}
+                for d, ep in self.domains.items()
+            },
+            "users": [
+                {"address": u.address, "password": u.password if include_passwords else "***"}
+                for u in self.config.users
+            ],
+        }
+
+    def _require_started(self) -> None:
+        if not self.started:
+            raise ServerStartError("the stack is not running: call start() first")
+
+    # reading what arrived
+
+    def messages(self, to: str | None = None, *, mailbox: str | None = None) -> list[DeliveredMessage]:
+        """Messages stored so far (for one recipient, or all users), oldest first."""
+        stored = self.store.messages(to, mailbox) if to else [
+            m for u in self.store.users() if u != OUTBOUND_ADDRESS
+            for m in self.store.messages(u, mailbox)
+        ]
+        stored.sort(key=lambda m: m.stored_monotonic)
+        return [_received(m) for m in stored]
+
+    @property
+    def outbound(self) -> list[DeliveredMessage]:
+        """Messages addressed to domains outside the stack, captured instead of sent."""
+        return [_received(m) for m in self.store.messages(OUTBOUND_ADDRESS)]
+
+    def wait_for(
+        self,
+        to: str | None = None,
+        *,
+        subject: str | None = None,
+        sender: str | None = None,
+        match: Callable[[DeliveredMessage], bool] | None = None,
+        mailbox: str = "INBOX",
+        timeout: float | None = None,
+    ) -> DeliveredMessage:
+        """Wait until a matching message is stored, and return it.
+
+        Args:
+            to: recipient mailbox owner (any user when None).
+            subject: the exact decoded Subject.
+            sender: the From address (case-insensitive).
+            match: any other predicate on the parsed message.
+            mailbox: the folder to look in.
+            timeout: seconds to wait (``config.timeouts.wait_timeout`` by default).
+
+        Raises:
+            NotDeliveredError: nothing matched in time; the message lists what did arrive.
+        """
+        limit = self.config.timeouts.wait_timeout if timeout is None else timeout
+        addresses = [to] if to is not None else [
+            u for u in self.store.users() if u != OUTBOUND_ADDRESS
+        ]
+        for address in addresses:
+            if not self.store.has_user(address):
+                raise ConfigError(f"{address!r} is not a user of this stack")
+        seen: dict[int, DeliveredMessage] = {}
+
+        def find() -> DeliveredMessage | None:
+            for address in addresses:
+                try:
+                    box = self.store.mailbox(address, mailbox)
+                except MailboxError:
+                    continue
+                for msg in box:
+                    parsed = seen.get(id(msg))
+                    if parsed is None:
+                        parsed = seen[id(msg)] = _received(msg)
+                    if _matches(parsed, subject=subject, sender=sender, match=match):
+                        return parsed
+            return None
+
+        started = time.monotonic()
+        found = self.store.wait_until(find, limit)
+        if found is None:
+            raise NotDeliveredError(
+                _not_delivered_text(
+                    self, to=to, subject=subject, sender=sender, mailbox=mailbox, waited=limit,
+                    custom=match is not None, since=started,
+                ),
+                step="WAIT",
+            )
+        self.check()
+        return found
+
+
+class DeliveredMessage(ReceivedMessage):
+    """A message as the stack stored it: parsed, plus where and when it was stored.
+
+    Attributes:
+        stored: the store's record (user, mailbox, uid, flags, internal date, envelope).
+    """
+
+    __slots__ = ("stored",)
+
+    def __init__(self, raw: bytes, stored: StoredMessage) -> None:
+        super().__init__(raw)
+        self.stored = stored
+
+    @property
+    def envelope_from(self) -> str:
+        return self.stored.envelope_from
+
+    @property
+    def envelope_to(self) -> tuple[str, ...]:
+        return self.stored.envelope_to
+
+
+def _received(stored: StoredMessage) -> DeliveredMessage:
+    parsed = stored.cache.get("received")
+    if parsed is None:
+        parsed = stored.cache["received"] = DeliveredMessage(stored.raw, stored)
+    assert isinstance(parsed, DeliveredMessage)
+    return parsed
+
+
+def _matches(
+    msg: DeliveredMessage,
+    *,
+    subject: str | None,
+    sender: str | None,
+    match: Callable[[DeliveredMessage], bool] | None,
+) -> bool:
+    if subject is not None and msg.subject != subject:
+        return False
+    if sender is not None and (msg.from_ or "").lower() != sender.lower():
+        return False
+    return match is None or bool(match(msg))
+
+
+def _not_delivered_text(
+    stack: MailStack,
+    *,
+    to: str | None,
+    subject: str | None,
+    sender: str | None,
+    mailbox: str,
+    waited: float,
+    custom: bool,
+    since: float,
+) -> str:
+    wanted = [f"to {to}" if to else "to any user", f"in {mailbox}"]
+    if subject is not None:
+        wanted.append(f"with subject {subject!r}")
+    if sender is not None:
+        wanted.append(f"from {sender}")
+    if custom:
+        wanted.append("matching the given predicate")
+    arrived = stack.messages()
+    lines = [f"no message {' '.join(wanted)} arrived within {waited:g} s."]
+    if not arrived:
+        lines.append("No message arrived in any mailbox.")
+    else:
+        lines.append(f"What did arrive ({len(arrived)}):")
+        for msg in arrived[-20:]:
+            lines.append(f"  - {_arrival_line(msg)}")
+    outbound = stack.outbound
+    if outbound:
+        lines.append(f"Captured for outside domains ({len(outbound)}):")
+        for msg in outbound[-5:]:
+            lines.append(f"  - {_arrival_line(msg)}")
+    return "\n".join(lines)
+
+
+def _arrival_line(msg: DeliveredMessage) -> str:
+    stored = msg.stored
+    where = f"{stored.user} {stored.mailbox}: "
+    stamp = time.strftime("%H:%M:%S", time.localtime(stored.internal_date))
+    return f"{where}from {msg.from_ or '?'} subject {msg.subject!r} at {stamp}"
+
+
+def _zone(records: list[Any]) -> Any:
+    from .protocols.dns import build_zone
+
+    return build_zone(records)
+
+
+def _bound_port(server: Any) -> int:
+    sockets = getattr(server, "sockets", None) or []
+    for sock in sockets:
+        return int(sock.getsockname()[1])
+    raise ServerStartError("listener has no bound socket")
+
