@@ -1,0 +1,303 @@
+"""IMAP SEARCH keys (RFC 3501 section 6.4.4) compiled to predicates.
+
+Theory of operation
+-------------------
+``compile_search`` turns the tokens after ``SEARCH [CHARSET x]`` into one predicate over
+``(message, sequence number)``; top-level keys are ANDed, ``OR``/``NOT``/parentheses nest.
+Matching is case-insensitive substring matching on decoded text (RFC 3501: "case-insensitive
+substring"). Dates compare calendar days in UTC, disregarding time and time zone.
+
+SEARCH scans the selected mailbox, which is allowed; what a message parses into (the MIME tree,
+decoded header values, body text, Date header) is memoised in ``StoredMessage.cache`` so a
+second SEARCH does not parse again.
+
+Supported charsets: UTF-8 and US-ASCII (anything else is ``NO [BADCHARSET]``).
+Unsupported: ``MODSEQ`` (CONDSTORE), ``YOUNGER``/``OLDER`` (WITHIN), ``FUZZY``.
+``RECENT``/``NEW`` match nothing and ``OLD`` matches everything: this server never sets
+``\\Recent``.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from . import _mime
+from ._imapparse import MAX_DEPTH, ParseError, SequenceSet, Token, parse_date, parse_sequence_set
+
+__all__ = ["BadCharsetError", "Matcher", "SearchMessage", "compile_search", "mime_tree"]
+
+
+class SearchMessage(Protocol):
+    """What SEARCH reads of a stored message."""
+
+    @property
+    def uid(self) -> int: ...
+
+    @property
+    def raw(self) -> bytes: ...
+
+    @property
+    def flags(self) -> frozenset[str]: ...
+
+    @property
+    def internal_date(self) -> float: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def cache(self) -> dict[str, Any]: ...
+
+
+Matcher = Callable[[SearchMessage, int], bool]
+
+
+class BadCharsetError(ParseError):
+    """SEARCH named a charset we do not support: ``NO [BADCHARSET (UTF-8 US-ASCII)]``."""
+
+
+CHARSETS = ("UTF-8", "US-ASCII")
+
+
+def mime_tree(msg: SearchMessage) -> Any:
+    """The parsed MIME tree of ``msg``, memoised in its cache."""
+    tree = msg.cache.get("mime")
+    if tree is None:
+        tree = msg.cache["mime"] = _mime.parse(msg.raw)
+    return tree
+
+
+def _header_text(msg: SearchMessage, name: str) -> list[str]:
+    key = "hdr:" + name.lower()
+    values = msg.cache.get(key)
+    if values is None:
+        values = msg.cache[key] = [
+            v.casefold() for v in _mime.header_values(msg.raw, name, tree=mime_tree(msg))
+        ]
+    return list(values)
+
+
+def _body_text(msg: SearchMessage) -> str:
+    text = msg.cache.get("search_text")
+    if text is None:
+        text = msg.cache["search_text"] = _mime.search_text(msg.raw, tree=mime_tree(msg)).casefold()
+    return str(text)
+
+
+def _all_headers_text(msg: SearchMessage) -> str:
+    text = msg.cache.get("header_text")
+    if text is None:
+        head = msg.raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+        text = msg.cache["header_text"] = head.decode("utf-8", "replace").casefold()
+    return str(text)
+
+
+def _sent_day(msg: SearchMessage) -> datetime.date | None:
+    if "sent_date" not in msg.cache:
+        msg.cache["sent_date"] = _mime.header_date(msg.raw, tree=mime_tree(msg))
+    when = msg.cache["sent_date"]
+    if when is None:
+        return None
+    return _day(float(when))
+
+
+def _day(when: float) -> datetime.date:
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).date()
+
+
+_FLAG_KEYS = {
+    "ANSWERED": ("\\Answered", True),
+    "DELETED": ("\\Deleted", True),
+    "DRAFT": ("\\Draft", True),
+    "FLAGGED": ("\\Flagged", True),
+    "SEEN": ("\\Seen", True),
+    "UNANSWERED": ("\\Answered", False),
+    "UNDELETED": ("\\Deleted", False),
+    "UNDRAFT": ("\\Draft", False),
+    "UNFLAGGED": ("\\Flagged", False),
+    "UNSEEN": ("\\Seen", False),
+}
+
+_ADDRESS_KEYS = {"FROM": "From", "TO": "To", "CC": "Cc", "BCC": "Bcc", "SUBJECT": "Subject"}
+
+
+class _Compiler:
+    def __init__(
+        self, tokens: list[Token], charset: str, count: int, max_uid: int, depth: int = 0
+    ) -> None:
+        if depth > MAX_DEPTH:
+            raise ParseError("search keys nested too deeply")
+        self._depth = depth
+        self._tokens = tokens
+        self._pos = 0
+        self._charset = charset
+        self._count = count
+        self._max_uid = max_uid
+
+    def _next(self) -> Token:
+        if self._pos >= len(self._tokens):
+            raise ParseError("missing search key or argument")
+        tok = self._tokens[self._pos]
+        self._pos += 1
+        return tok
+
+    def _string(self) -> str:
+        tok = self._next()
+        if isinstance(tok, list):
+            raise ParseError("expected a string")
+        if isinstance(tok, str):
+            return tok.casefold()
+        codec = "ascii" if self._charset == "US-ASCII" else "utf-8"
+        try:
+            return tok.decode(codec).casefold()
+        except UnicodeDecodeError as exc:
+            raise ParseError(f"search string is not {self._charset}") from exc
+
+    def _atom(self) -> str:
+        tok = self._next()
+        if not isinstance(tok, str):
+            if isinstance(tok, bytes):
+                return tok.decode("ascii", "replace")
+            raise ParseError("expected an atom")
+        return tok
+
+    def _number(self) -> int:
+        text = self._atom()
+        if not text.isdigit() or len(text) > 10:
+            raise ParseError("expected a number")
+        return int(text)
+
+    def _date(self) -> datetime.date:
+        year, month, day = parse_date(self._atom())
+        return datetime.date(year, month, day)
+
+    def compile_all(self) -> Matcher:
+        keys: list[Matcher] = []
+        while self._pos < len(self._tokens):
+            keys.append(self.key())
+        if not keys:
+            raise ParseError("SEARCH needs at least one key")
+        return _and(keys)
+
+    def key(self) -> Matcher:
+        tok = self._next()
+        if isinstance(tok, list):
+            sub = _Compiler(tok, self._charset, self._count, self._max_uid, self._depth + 1)
+            return sub.compile_all()
+        if isinstance(tok, bytes):
+            raise ParseError("expected a search key")
+        name = tok.upper()
+        if name == "ALL":
+            return lambda m, s: True
+        if name in _FLAG_KEYS:
+            flag, wanted = _FLAG_KEYS[name]
+            return lambda m, s: (flag in m.flags) is wanted
+        if name in ("NEW", "RECENT"):
+            return lambda m, s: False
+        if name == "OLD":
+            return lambda m, s: True
+        if name in ("KEYWORD", "UNKEYWORD"):
+            kw = self._atom().casefold()
+            wanted = name == "KEYWORD"
+            return lambda m, s: any(f.casefold() == kw for f in m.flags) is wanted
+        if name in _ADDRESS_KEYS:
+            return self._header_matcher(_ADDRESS_KEYS[name], self._string())
+        if name == "HEADER":
+            field = self._atom()
+            return self._header_matcher(field, self._string())
+        if name == "BODY":
+            needle = self._string()
+            return lambda m, s: needle in _body_text(m)
+        if name == "TEXT":
+            needle = self._string()
+            return lambda m, s: needle in _all_headers_text(m) or needle in _body_text(m)
+        if name in ("SINCE", "BEFORE", "ON"):
+            return _date_matcher(name, self._date(), lambda m: _day(m.internal_date))
+        if name in ("SENTSINCE", "SENTBEFORE", "SENTON"):
+            return _date_matcher(name[4:], self._date(), _sent_day)
+        if name == "LARGER":
+            n = self._number()
+            return lambda m, s: m.size > n
+        if name == "SMALLER":
+            n = self._number()
+            return lambda m, s: m.size < n
+        if name == "UID":
+            uids = parse_sequence_set(self._atom())
+            top = self._max_uid
+            return lambda m, s: uids.contains(m.uid, top)
+        if name in ("NOT", "OR"):
+            self._depth += 1
+            if self._depth > MAX_DEPTH:
+                raise ParseError("search keys nested too deeply")
+            try:
+                if name == "NOT":
+                    inner = self.key()
+                    return lambda m, s: not inner(m, s)
+                left, right = self.key(), self.key()
+                return lambda m, s: left(m, s) or right(m, s)
+            finally:
+                self._depth -= 1
+        if name[:1].isdigit() or name[:1] == "*":
+            seqs: SequenceSet = parse_sequence_set(name)
+            count = self._count
+            return lambda m, s: seqs.contains(s, count)
+        raise ParseError(f"unknown search key {name[:40]!r}")
+
+    @staticmethod
+    def _header_matcher(field: str, needle: str) -> Matcher:
+        def match(m: SearchMessage, s: int) -> bool:
+            values = _header_text(m, field)
+            if not needle:
+                return bool(values)
+            return any(needle in v for v in values)
+
+        return match
+
+
+def _and(keys: list[Matcher]) -> Matcher:
+    if len(keys) == 1:
+        return keys[0]
+    return lambda m, s: all(k(m, s) for k in keys)
+
+
+def _date_matcher(
+    how: str, day: datetime.date, get: Callable[[SearchMessage], datetime.date | None]
+) -> Matcher:
+    def match(m: SearchMessage, s: int) -> bool:
+        have = get(m)
+        if have is None:
+            return False
+        if how == "SINCE":
+            return have >= day
+        if how == "BEFORE":
+            return have < day
+        return have == day
+
+    return match
+
+
+def compile_search(tokens: list[Token], *, count: int, max_uid: int) -> Matcher:
+    """Compile SEARCH arguments (everything after the verb) into a predicate.
+
+    Args:
+        tokens: the arguments, ``CHARSET x`` included when the client sent it.
+        count: messages in the session's view (what ``*`` means for sequence numbers).
+        max_uid: the highest UID in the view (what ``*`` means in ``UID`` keys).
+
+    Raises:
+        BadCharsetError: an unsupported ``CHARSET``.
+        ParseError: a malformed or unknown key.
+    """
+    charset = "UTF-8"
+    if tokens and isinstance(tokens[0], str) and tokens[0].upper() == "CHARSET":
+        if len(tokens) < 2 or isinstance(tokens[1], list):
+            raise ParseError("CHARSET needs a name")
+        raw = tokens[1]
+        name = (raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw).upper()
+        if name not in CHARSETS:
+            raise BadCharsetError(f"unsupported charset {name[:40]!r}")
+        charset = name
+        tokens = tokens[2:]
+    return _Compiler(tokens, charset, count, max_uid).compile_all()
