@@ -38,6 +38,7 @@ __all__ = [
     "STANDARD_PORTS",
     "DeliveredMessage",
     "DomainEndpoints",
+    "Faults",
     "MailStack",
 ]
 
@@ -100,6 +101,30 @@ _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]*>)", re.MULTILINE | re.
 
 
 @dataclass
+class Faults:
+    """Test-only misbehaviour, to prove that a validator notices it. All off by default.
+
+    Attributes:
+        drop: accept mail with 250 but never store it (a lost message).
+        duplicate: store every local delivery twice.
+        alter_body: change one byte of the body while storing (a message altered in transit).
+    """
+
+    drop: bool = False
+    duplicate: bool = False
+    alter_body: bool = False
+
+    def apply(self, raw: bytes) -> list[bytes]:
+        """The copies to store for one delivery of ``raw``."""
+        if self.drop:
+            return []
+        if self.alter_body:
+            head, sep, body = raw.partition(b"\r\n\r\n")
+            raw = head + sep + (body[:-3] + b"#" + body[-2:] if len(body) > 2 else body + b"#")
+        return [raw, raw] if self.duplicate else [raw]
+
+
+@dataclass
 class _Listeners:
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
     connections: list[set[Any]] = field(default_factory=list)
@@ -136,6 +161,8 @@ class MailStack:
         self._hops: collections.OrderedDict[str, list[HopTiming]] = collections.OrderedDict()
         self._relay_origin: dict[str, str] = {}
         self._by_message_id: dict[str, list[str]] = {}
+        #: Test-only misbehaviour switches (see Faults); reset() turns them off.
+        self.faults = Faults()
         self._started = False
         self._stopped = False
         self._start_lock = threading.Lock()
@@ -379,6 +406,7 @@ class MailStack:
             if dns is not None:
                 dns.query_log.clear()
         self.store.clear()
+        self.faults = Faults()
         if self._thread is not None:
             self._thread.take_errors()
 
@@ -397,9 +425,10 @@ class MailStack:
         stored = False
         for rcpt in accepted.rcpt_tos:
             if accepted.role is Role.SMTP or domain_of(rcpt) == accepted.server_domain:
-                self.store.deliver(
-                    rcpt, accepted.raw, envelope_from=accepted.mail_from, envelope_to=(rcpt,)
-                )
+                for copy in self.faults.apply(accepted.raw):
+                    self.store.deliver(
+                        rcpt, copy, envelope_from=accepted.mail_from, envelope_to=(rcpt,)
+                    )
                 stored = True
             else:
                 remote.append(rcpt)

@@ -78,7 +78,10 @@ def _imap_idle_once(imap: _IMAP, remaining: float) -> None:
                 if re.match(rb"\* \d+ (EXISTS|RECENT)", line):
                     break
         except TimeoutError:
-            pass
+            # A timed-out socket file refuses further reads; nothing was half-read (the
+            # timeout means no bytes came), so a fresh file over the same socket is exact.
+            stale, imap.file = imap.file, sock.makefile("rb")
+            stale.close()
         sock.settimeout(imap._timeout_value)
         imap.send(b"DONE\r\n")
         while True:

@@ -81,6 +81,8 @@ class LineServerProtocol(asyncio.Protocol):
         self._machine: Machine | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
         self._upgrading = False
+        # Decrypted bytes that arrive between the end of the handshake and tls_started().
+        self._held = b""
         self._closed = False
         self._loop = asyncio.get_running_loop()
 
@@ -110,6 +112,11 @@ class LineServerProtocol(asyncio.Protocol):
         if self._machine is None or self._closed:
             return
         self._reset_idle()
+        if self._upgrading:
+            # The TLS layer may hand us the client's first encrypted command before the
+            # start_tls() await resumes: hold it until the machine knows TLS is up.
+            self._held += data
+            return
         self._feed(data)
 
     def eof_received(self) -> bool | None:
@@ -194,6 +201,9 @@ class LineServerProtocol(asyncio.Protocol):
             return
         self._flush()
         self._reset_idle()
+        held, self._held = self._held, b""
+        if held:
+            self._feed(held)
 
     def _store_changed(self, change: Any) -> None:
         # Called on whatever thread changed the store: hop onto our loop.
