@@ -44,17 +44,35 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="run a local mail stack until Ctrl-C or SIGTERM")
-    serve.add_argument("--domain", action="append", default=[], metavar="NAME",
-                       help="a mail domain to serve (repeatable; default example.com, example.org)")
-    serve.add_argument("--user", action="append", default=[], metavar="ADDRESS[:PASSWORD]",
-                       help="a mailbox (repeatable; default user@<domain>, generated password)")
-    serve.add_argument("--ports", choices=("ephemeral", "standard"), default="ephemeral",
-                       help="ephemeral: free ports on 127.0.0.1 (default); standard: 25, 465, "
-                       "587, 110, 995, 143, 993, 53 on 127.0.0.N (needs root)")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="loopback address for ephemeral ports (default 127.0.0.1)")
-    serve.add_argument("--json", action="store_true",
-                       help="print one JSON line once every listener is ready")
+    serve.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a mail domain to serve (repeatable; default example.com, example.org)",
+    )
+    serve.add_argument(
+        "--user",
+        action="append",
+        default=[],
+        metavar="ADDRESS[:PASSWORD]",
+        help="a mailbox (repeatable; default user@<domain>, generated password)",
+    )
+    serve.add_argument(
+        "--ports",
+        choices=("ephemeral", "standard"),
+        default="ephemeral",
+        help="ephemeral: free ports on 127.0.0.1 (default); standard: 25, 465, "
+        "587, 110, 995, 143, 993, 53 on 127.0.0.N (needs root)",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="loopback address for ephemeral ports (default 127.0.0.1)",
+    )
+    serve.add_argument(
+        "--json", action="store_true", help="print one JSON line once every listener is ready"
+    )
 
     probe = sub.add_parser(
         "probe",
@@ -63,20 +81,32 @@ def _parser() -> argparse.ArgumentParser:
         "user@example.com to user@example.org, retrieve over IMAPS and POP3S. Passwords come "
         "only from ROUNDTRIP_SMTP_PASSWORD, ROUNDTRIP_IMAP_PASSWORD, ROUNDTRIP_POP3_PASSWORD.",
     )
-    probe.add_argument("--smtp", metavar="URL",
-                       help="smtps://USER@HOST[:PORT] (implicit TLS, 465) or smtp://... "
-                       "(STARTTLS required, 587)")
+    probe.add_argument(
+        "--smtp",
+        metavar="URL",
+        help="smtps://USER@HOST[:PORT] (implicit TLS, 465) or smtp://... (STARTTLS required, 587)",
+    )
     retrieve = probe.add_mutually_exclusive_group()
     retrieve.add_argument("--imap", metavar="URL", help="imaps://USER@HOST[:PORT] or imap://...")
     retrieve.add_argument("--pop3", metavar="URL", help="pop3s://USER@HOST[:PORT] or pop3://...")
-    probe.add_argument("--from", dest="mail_from", metavar="ADDR",
-                       help="envelope sender (default: the SMTP user)")
-    probe.add_argument("--to", dest="rcpt_to", metavar="ADDR",
-                       help="recipient (default: the IMAP/POP3 user)")
-    probe.add_argument("--cafile", metavar="PEM",
-                       help="CA certificates to verify servers with (default: system store)")
-    probe.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                       help="how long to wait for the message (default 30)")
+    probe.add_argument(
+        "--from", dest="mail_from", metavar="ADDR", help="envelope sender (default: the SMTP user)"
+    )
+    probe.add_argument(
+        "--to", dest="rcpt_to", metavar="ADDR", help="recipient (default: the IMAP/POP3 user)"
+    )
+    probe.add_argument(
+        "--cafile",
+        metavar="PEM",
+        help="CA certificates to verify servers with (default: system store)",
+    )
+    probe.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the message (default 30)",
+    )
     probe.add_argument("--keep", action="store_true", help="do not delete the probe message")
     probe.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
@@ -163,16 +193,29 @@ def _probe(args: argparse.Namespace, out: TextIO) -> int:
     smtp = parse_endpoint(args.smtp, expect="smtp")
     if not (args.imap or args.pop3):
         raise ConfigError("--smtp needs --imap URL or --pop3 URL to find the message")
-    reader = parse_endpoint(args.imap, expect="imap") if args.imap else parse_endpoint(
-        args.pop3, expect="pop3")
-    context = ssl.create_default_context(cafile=args.cafile) if args.cafile else \
-        ssl.create_default_context()
+    reader = (
+        parse_endpoint(args.imap, expect="imap")
+        if args.imap
+        else parse_endpoint(args.pop3, expect="pop3")
+    )
+    context = (
+        ssl.create_default_context(cafile=args.cafile)
+        if args.cafile
+        else ssl.create_default_context()
+    )
     mail_from = args.mail_from or smtp.user
     rcpt_to = args.rcpt_to or reader.user
     if not mail_from or not rcpt_to:
         raise ConfigError("give --from and --to, or users in the URLs")
-    result = run_probe(smtp, reader, context=context, mail_from=mail_from, rcpt_to=rcpt_to,
-                       timeout=args.timeout, keep=args.keep)
+    result = run_probe(
+        smtp,
+        reader,
+        context=context,
+        mail_from=mail_from,
+        rcpt_to=rcpt_to,
+        timeout=args.timeout,
+        keep=args.keep,
+    )
     _report([result], out, json_output=args.json, title=f"{smtp.url} -> {reader.url}")
     return EXIT_OK if result.ok else EXIT_FAILED
 
@@ -185,24 +228,54 @@ def _probe_embedded(args: argparse.Namespace, out: TextIO) -> int:
         recipient = stack.user(stack.config.domains[-1])
         src = stack.endpoints(sender.domain)
         dst = stack.endpoints(recipient.domain)
-        smtp = Endpoint("smtp", "implicit", src.host, src.ports["submissions"], sender.address,
-                        sender.password, src.hostname)
+        smtp = Endpoint(
+            "smtp",
+            "implicit",
+            src.host,
+            src.ports["submissions"],
+            sender.address,
+            sender.password,
+            src.hostname,
+        )
         readers = [
-            Endpoint("imap", "implicit", dst.host, dst.ports["imaps"], recipient.address,
-                     recipient.password, dst.hostname),
-            Endpoint("pop3", "implicit", dst.host, dst.ports["pop3s"], recipient.address,
-                     recipient.password, dst.hostname),
+            Endpoint(
+                "imap",
+                "implicit",
+                dst.host,
+                dst.ports["imaps"],
+                recipient.address,
+                recipient.password,
+                dst.hostname,
+            ),
+            Endpoint(
+                "pop3",
+                "implicit",
+                dst.host,
+                dst.ports["pop3s"],
+                recipient.address,
+                recipient.password,
+                dst.hostname,
+            ),
         ]
         results = [
-            run_probe(smtp, reader, context=stack.client_context(),
-                      mail_from=args.mail_from or sender.address,
-                      rcpt_to=args.rcpt_to or recipient.address,
-                      timeout=args.timeout, keep=args.keep)
+            run_probe(
+                smtp,
+                reader,
+                context=stack.client_context(),
+                mail_from=args.mail_from or sender.address,
+                rcpt_to=args.rcpt_to or recipient.address,
+                timeout=args.timeout,
+                keep=args.keep,
+            )
             for reader in readers
         ]
         stack.check()
-    _report(results, out, json_output=args.json,
-            title=f"embedded stack ({', '.join(stack.config.domains)}) on {src.host}")
+    _report(
+        results,
+        out,
+        json_output=args.json,
+        title=f"embedded stack ({', '.join(stack.config.domains)}) on {src.host}",
+    )
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
@@ -225,15 +298,22 @@ def _report(results: list[ProbeResult], out: TextIO, *, json_output: bool, title
         for step in result.steps:
             mark = "ok  " if step.ok else "FAIL"
             detail = f"  {step.detail}" if step.detail else ""
-            print(f"    {mark} {step.name:<16} {_ms(step.seconds)}  {step.server}{detail}",
-                  file=out)
+            print(
+                f"    {mark} {step.name:<16} {_ms(step.seconds)}  {step.server}{detail}", file=out
+            )
         for facts in result.tls:
-            print(f"    tls  {facts.server:<21} {facts.version} {facts.cipher}; "
-                  f"subject {facts.subject}; issuer {facts.issuer}; "
-                  f"{facts.days_left} days left", file=out)
+            print(
+                f"    tls  {facts.server:<21} {facts.version} {facts.cipher}; "
+                f"subject {facts.subject}; issuer {facts.issuer}; "
+                f"{facts.days_left} days left",
+                file=out,
+            )
         for hop in result.hops:
-            print(f"    hop  {hop.from_ or '?'} -> {hop.by or '?'} with {hop.with_ or '?'}"
-                  f"{'' if hop.tls else '  (NO TLS)'}", file=out)
+            print(
+                f"    hop  {hop.from_ or '?'} -> {hop.by or '?'} with {hop.with_ or '?'}"
+                f"{'' if hop.tls else '  (NO TLS)'}",
+                file=out,
+            )
         for name, ok in result.checks.items():
             print(f"    {'ok  ' if ok else 'FAIL'} check {name}", file=out)
         for finding in result.findings:

@@ -344,9 +344,7 @@ def parse_endpoint(
         raise ConfigError(f"{url!r}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in _SCHEMES:
-        raise ConfigError(
-            f"{url!r}: unknown scheme {scheme!r}; use one of {', '.join(_SCHEMES)}"
-        )
+        raise ConfigError(f"{url!r}: unknown scheme {scheme!r}; use one of {', '.join(_SCHEMES)}")
     protocol, tls, default_port = _SCHEMES[scheme]
     if expect is not None and protocol != expect:
         choices = ", ".join(s for s, v in _SCHEMES.items() if v[0] == expect)

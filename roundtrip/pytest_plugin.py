@@ -59,14 +59,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="run against a real server: smtps://USER@HOST[:PORT] or smtp://USER@HOST[:PORT]; "
         "password from ROUNDTRIP_SMTP_PASSWORD",
     )
-    group.addoption("--roundtrip-live-imap", dest="roundtrip_live_imap", default=None,
-                    metavar="URL", help="imaps://USER@HOST or imap://... for live mode "
-                    "(password from ROUNDTRIP_IMAP_PASSWORD)")
-    group.addoption("--roundtrip-live-pop3", dest="roundtrip_live_pop3", default=None,
-                    metavar="URL", help="pop3s://USER@HOST or pop3://... for live mode "
-                    "(password from ROUNDTRIP_POP3_PASSWORD)")
-    group.addoption("--roundtrip-live-cafile", dest="roundtrip_live_cafile", default=None,
-                    metavar="PEM", help="CA bundle to verify the live server (default: system)")
+    group.addoption(
+        "--roundtrip-live-imap",
+        dest="roundtrip_live_imap",
+        default=None,
+        metavar="URL",
+        help="imaps://USER@HOST or imap://... for live mode "
+        "(password from ROUNDTRIP_IMAP_PASSWORD)",
+    )
+    group.addoption(
+        "--roundtrip-live-pop3",
+        dest="roundtrip_live_pop3",
+        default=None,
+        metavar="URL",
+        help="pop3s://USER@HOST or pop3://... for live mode "
+        "(password from ROUNDTRIP_POP3_PASSWORD)",
+    )
+    group.addoption(
+        "--roundtrip-live-cafile",
+        dest="roundtrip_live_cafile",
+        default=None,
+        metavar="PEM",
+        help="CA bundle to verify the live server (default: system)",
+    )
 
 
 def _values(config: pytest.Config) -> dict[str, Any]:
@@ -244,16 +259,23 @@ class MailstackProbe:
         if target is None:
             raise pytest.UsageError(f"roundtrip: no {retrieve} endpoint configured for the probe")
         return run_probe(
-            self.smtp, target, context=self.context, mail_from=self.mail_from,
-            rcpt_to=self.rcpt_to, timeout=self.timeout, keep=keep,
+            self.smtp,
+            target,
+            context=self.context,
+            mail_from=self.mail_from,
+            rcpt_to=self.rcpt_to,
+            timeout=self.timeout,
+            keep=keep,
         )
 
     def assert_roundtrip(self, retrieve: str = "imap") -> ProbeResult:
         """Like ``roundtrip`` but fails the test with the probe's error when it fails."""
         result = self.roundtrip(retrieve)
         if not result.ok:
-            pytest.fail(f"round trip over {retrieve} failed at {result.error_step}: {result.error}",
-                        pytrace=False)
+            pytest.fail(
+                f"round trip over {retrieve} failed at {result.error_step}: {result.error}",
+                pytrace=False,
+            )
         return result
 
 
@@ -281,11 +303,16 @@ def mailstack_probe(request: pytest.FixtureRequest, pytestconfig: pytest.Config)
         if cafile:
             context = ssl.create_default_context(cafile=cafile)
         user = smtp.user
-        reader = (imap or pop3)
+        reader = imap or pop3
         assert reader is not None
         return MailstackProbe(
-            smtp=smtp, imap=imap, pop3=pop3, context=context, mail_from=user,
-            rcpt_to=reader.user or user, timeout=_stack_config(pytestconfig).timeouts.wait_timeout,
+            smtp=smtp,
+            imap=imap,
+            pop3=pop3,
+            context=context,
+            mail_from=user,
+            rcpt_to=reader.user or user,
+            timeout=_stack_config(pytestconfig).timeouts.wait_timeout,
             live=True,
         )
     stack: MailStack = request.getfixturevalue("mailstack")
@@ -295,13 +322,33 @@ def mailstack_probe(request: pytest.FixtureRequest, pytestconfig: pytest.Config)
     dst = stack.endpoints(recipient.domain)
     smtp_service = "submission" if stack.config.tls == "starttls" else "submissions"
     return MailstackProbe(
-        smtp=Endpoint("smtp", "starttls" if smtp_service == "submission" else "implicit",
-                      src.host, src.ports[smtp_service], sender.address, sender.password,
-                      src.hostname),
-        imap=Endpoint("imap", "implicit", dst.host, dst.ports["imaps"], recipient.address,
-                      recipient.password, dst.hostname),
-        pop3=Endpoint("pop3", "implicit", dst.host, dst.ports["pop3s"], recipient.address,
-                      recipient.password, dst.hostname),
+        smtp=Endpoint(
+            "smtp",
+            "starttls" if smtp_service == "submission" else "implicit",
+            src.host,
+            src.ports[smtp_service],
+            sender.address,
+            sender.password,
+            src.hostname,
+        ),
+        imap=Endpoint(
+            "imap",
+            "implicit",
+            dst.host,
+            dst.ports["imaps"],
+            recipient.address,
+            recipient.password,
+            dst.hostname,
+        ),
+        pop3=Endpoint(
+            "pop3",
+            "implicit",
+            dst.host,
+            dst.ports["pop3s"],
+            recipient.address,
+            recipient.password,
+            dst.hostname,
+        ),
         context=stack.client_context(),
         mail_from=sender.address,
         rcpt_to=recipient.address,

@@ -23,8 +23,8 @@ from .certs import CertificateAuthority
 from .config import StackConfig, User
 from .errors import ConfigError, MailboxError, NotDeliveredError, ServerStartError
 from .message import ReceivedMessage
+from .protocols.dns import Record, build_zone, default_records
 from .protocols.smtp import Role, domain_of
-from .protocols.dns import default_records
 from .servers._runner import LoopThread
 from .servers.dns import DNSServer, start_dns
 from .servers.pop3 import start_pop3
@@ -34,11 +34,11 @@ from .store import Store, StoredMessage
 
 __all__ = [
     "OUTBOUND_ADDRESS",
-    "HopTiming",
     "STANDARD_PORTS",
     "DeliveredMessage",
     "DomainEndpoints",
     "Faults",
+    "HopTiming",
     "MailStack",
 ]
 
@@ -95,8 +95,9 @@ class HopTiming:
 
 # How many messages' journeys the stack remembers (oldest forgotten first).
 _TIMELINE_LIMIT = 10_000
-_RECEIVED_ID = re.compile(rb"^Received:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*?\bid ([0-9A-Za-z]+)",
-                          re.MULTILINE)
+_RECEIVED_ID = re.compile(
+    rb"^Received:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*?\bid ([0-9A-Za-z]+)", re.MULTILINE
+)
 _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]*>)", re.MULTILINE | re.IGNORECASE)
 
 
@@ -288,13 +289,15 @@ class MailStack:
     async def _start_routing(self) -> None:
         """The DNS zone of every domain, and the relay that routes by it."""
         assert self._thread is not None
-        records = []
+        records: list[Record] = []
         for ep in self.domains.values():
             records += default_records(ep.domain, ep.host, mx_host=ep.hostname)
         dns_host = "127.0.0.1" if self.config.ports == "standard" else self.config.host
         try:
             self.dns = await start_dns(
-                records and _zone(records), host=dns_host, port=self._port_for("dns"),
+                build_zone(records),
+                host=dns_host,
+                port=self._port_for("dns"),
                 on_error=self._thread.record_error,
             )
         except OSError as exc:
@@ -349,9 +352,7 @@ class MailStack:
             except (ConnectionError, ssl.SSLError):
                 pass
 
-        await asyncio.gather(
-            *(probe(ep, s) for ep in self.domains.values() for s in SERVICES)
-        )
+        await asyncio.gather(*(probe(ep, s) for ep in self.domains.values() for s in SERVICES))
 
     def stop(self) -> None:
         """Close every listener and connection and stop the loop. A second call does nothing."""
@@ -419,8 +420,12 @@ class MailStack:
         and hands everything else to the relay, which looks up the MX in the stack's DNS and
         delivers over SMTP with STARTTLS (or captures mail for domains outside the stack).
         """
-        self._record(accepted.queue_id, f"{accepted.role.value} accepted", accepted.hostname,
-                     accepted.received_monotonic)
+        self._record(
+            accepted.queue_id,
+            f"{accepted.role.value} accepted",
+            accepted.hostname,
+            accepted.received_monotonic,
+        )
         remote = []
         stored = False
         for rcpt in accepted.rcpt_tos:
@@ -549,12 +554,20 @@ class MailStack:
 
     # reading what arrived
 
-    def messages(self, to: str | None = None, *, mailbox: str | None = None) -> list[DeliveredMessage]:
+    def messages(
+        self, to: str | None = None, *, mailbox: str | None = None
+    ) -> list[DeliveredMessage]:
         """Messages stored so far (for one recipient, or all users), oldest first."""
-        stored = self.store.messages(to, mailbox) if to else [
-            m for u in self.store.users() if u != OUTBOUND_ADDRESS
-            for m in self.store.messages(u, mailbox)
-        ]
+        stored = (
+            self.store.messages(to, mailbox)
+            if to
+            else [
+                m
+                for u in self.store.users()
+                if u != OUTBOUND_ADDRESS
+                for m in self.store.messages(u, mailbox)
+            ]
+        )
         stored.sort(key=lambda m: m.stored_monotonic)
         return [_received(m) for m in stored]
 
@@ -587,9 +600,9 @@ class MailStack:
             NotDeliveredError: nothing matched in time; the message lists what did arrive.
         """
         limit = self.config.timeouts.wait_timeout if timeout is None else timeout
-        addresses = [to] if to is not None else [
-            u for u in self.store.users() if u != OUTBOUND_ADDRESS
-        ]
+        addresses = (
+            [to] if to is not None else [u for u in self.store.users() if u != OUTBOUND_ADDRESS]
+        )
         for address in addresses:
             if not self.store.has_user(address):
                 raise ConfigError(f"{address!r} is not a user of this stack")
@@ -610,12 +623,18 @@ class MailStack:
             return None
 
         started = time.monotonic()
-        found = self.store.wait_until(find, limit)
+        found: DeliveredMessage | None = self.store.wait_until(find, limit)
         if found is None:
             raise NotDeliveredError(
                 _not_delivered_text(
-                    self, to=to, subject=subject, sender=sender, mailbox=mailbox, waited=limit,
-                    custom=match is not None, since=started,
+                    self,
+                    to=to,
+                    subject=subject,
+                    sender=sender,
+                    mailbox=mailbox,
+                    waited=limit,
+                    custom=match is not None,
+                    since=started,
                 ),
                 step="WAIT",
             )
@@ -708,15 +727,8 @@ def _arrival_line(msg: DeliveredMessage) -> str:
     return f"{where}from {msg.from_ or '?'} subject {msg.subject!r} at {stamp}"
 
 
-def _zone(records: list[Any]) -> Any:
-    from .protocols.dns import build_zone
-
-    return build_zone(records)
-
-
 def _bound_port(server: Any) -> int:
     sockets = getattr(server, "sockets", None) or []
     for sock in sockets:
         return int(sock.getsockname()[1])
     raise ServerStartError("listener has no bound socket")
-

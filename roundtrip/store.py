@@ -428,7 +428,11 @@ class Store:
                 msg = src.get(uid)
                 if msg is not None:
                     new = self._put(
-                        dst, msg.raw, msg.flags, msg.internal_date, msg.envelope_from,
+                        dst,
+                        msg.raw,
+                        msg.flags,
+                        msg.internal_date,
+                        msg.envelope_from,
                         msg.envelope_to,
                     )
                     pairs.append((uid, new.uid))
@@ -438,7 +442,9 @@ class Store:
             self._notify(StoreChange(dst.user, dst.name, "added", tuple(n for _, n in pairs)))
         return pairs
 
-    def messages(self, address: str | None = None, mailbox: str | None = None) -> list[StoredMessage]:
+    def messages(
+        self, address: str | None = None, mailbox: str | None = None
+    ) -> list[StoredMessage]:
         """A snapshot of stored messages, for one user or all, optionally one mailbox."""
         with self._lock:
             users = [self._key(address)] if address is not None else sorted(self._mailboxes)

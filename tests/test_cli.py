@@ -44,8 +44,16 @@ def test_cli_probe_embedded_default_passes(capsys: pytest.CaptureFixture[str]) -
     assert main(["probe"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("roundtrip probe: embedded stack (example.com, example.org)")
-    for step in ("smtp connect", "smtp tls", "smtp auth", "smtp submit", "imap visible",
-                 "imap fetch", "pop3 visible", "pop3 fetch"):
+    for step in (
+        "smtp connect",
+        "smtp tls",
+        "smtp auth",
+        "smtp submit",
+        "imap visible",
+        "imap fetch",
+        "pop3 visible",
+        "pop3 fetch",
+    ):
         assert f"ok   {step}" in out
     assert out.count("PASS") == 2
 
@@ -60,8 +68,9 @@ def test_cli_probe_json_is_one_document(capsys: pytest.CaptureFixture[str]) -> N
 
 @pytest.mark.usefixtures("passwords")
 @pytest.mark.parametrize("reader", ["--imap", "--pop3"])
-def test_cli_probe_real_target_passes(stack: MailStack, reader: str,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_probe_real_target_passes(
+    stack: MailStack, reader: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     smtp, imap, pop3 = _urls(stack)
     url = imap if reader == "--imap" else pop3
     assert main(["probe", "--smtp", smtp, reader, url, "--cafile", stack.ca_file]) == 0
@@ -72,8 +81,9 @@ def test_cli_probe_real_target_passes(stack: MailStack, reader: str,
 
 
 @pytest.mark.usefixtures("passwords")
-def test_cli_probe_untrusted_ca_exits_1_naming_tls(stack: MailStack, tmp_path: object,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_probe_untrusted_ca_exits_1_naming_tls(
+    stack: MailStack, tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
     other = CertificateAuthority()
     try:
         smtp, imap, _ = _urls(stack)
@@ -85,8 +95,9 @@ def test_cli_probe_untrusted_ca_exits_1_naming_tls(stack: MailStack, tmp_path: o
 
 
 @pytest.mark.usefixtures("passwords")
-def test_cli_probe_wrong_password_exits_1(stack: MailStack, monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_probe_wrong_password_exits_1(
+    stack: MailStack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("ROUNDTRIP_SMTP_PASSWORD", "not-the-password")
     smtp, imap, _ = _urls(stack)
     assert main(["probe", "--smtp", smtp, "--imap", imap, "--cafile", stack.ca_file]) == 1
@@ -108,8 +119,9 @@ def test_cli_probe_wrong_password_exits_1(stack: MailStack, monkeypatch: pytest.
         (["nonsense"], "invalid choice"),
     ],
 )
-def test_cli_usage_errors_exit_2(argv: list[str], message: str,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_usage_errors_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 
@@ -126,17 +138,38 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 def test_cli_serve_json_prints_one_line_then_serves_until_sigterm() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "roundtrip", "serve", "--json", "--domain", "a.test",
-         "--domain", "b.test", "--user", "alice@a.test:pw-a"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "roundtrip",
+            "serve",
+            "--json",
+            "--domain",
+            "a.test",
+            "--domain",
+            "b.test",
+            "--user",
+            "alice@a.test:pw-a",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         doc = json.loads(_read_line(proc, TIMEOUT))
         assert set(doc) >= {"ca_file", "domains", "users"}
         assert set(doc["domains"]) == {"a.test", "b.test"}
         for services in doc["domains"].values():
-            assert set(services) >= {"smtp", "submissions", "submission", "pop3", "pop3s",
-                                     "imap", "imaps"}
+            assert set(services) >= {
+                "smtp",
+                "submissions",
+                "submission",
+                "pop3",
+                "pop3s",
+                "imap",
+                "imaps",
+            }
         assert {"address": "alice@a.test", "password": "pw-a"} in doc["users"]
         assert os.path.exists(doc["ca_file"])
         host, _, port = doc["domains"]["a.test"]["submissions"].rpartition(":")
@@ -154,7 +187,12 @@ def test_cli_serve_json_prints_one_line_then_serves_until_sigterm() -> None:
 
 
 def test_cli_python_m_help() -> None:
-    result = subprocess.run([sys.executable, "-m", "roundtrip", "--help"], capture_output=True,
-                            text=True, timeout=TIMEOUT, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "roundtrip", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
     assert result.returncode == 0
     assert "serve" in result.stdout and "probe" in result.stdout

@@ -30,8 +30,13 @@ def test_config_password_not_in_repr() -> None:
 
 def test_config_from_strings_parses_ini_values() -> None:
     config = StackConfig.from_strings(
-        {"domains": ["a.test", "B.Test."], "users": "x@a.test:pw1, y@b.test", "timeout": "2.5",
-         "tls": "implicit", "host": "127.0.0.2"}
+        {
+            "domains": ["a.test", "B.Test."],
+            "users": "x@a.test:pw1, y@b.test",
+            "timeout": "2.5",
+            "tls": "implicit",
+            "host": "127.0.0.2",
+        }
     )
     assert config.domains == ("a.test", "b.test")
     assert config.users[0] == User("x@a.test", "pw1")

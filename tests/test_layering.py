@@ -99,15 +99,31 @@ def test_layering_only_the_plugin_imports_pytest() -> None:
 @pytest.mark.parametrize(
     ("unit", "module", "source", "expected"),
     [
-        ("protocols", ("roundtrip", "protocols", "x"), "from ..stack import MailStack\n",
-         "imports roundtrip.stack"),
+        (
+            "protocols",
+            ("roundtrip", "protocols", "x"),
+            "from ..stack import MailStack\n",
+            "imports roundtrip.stack",
+        ),
         ("protocols", ("roundtrip", "protocols", "x"), "import asyncio\n", "imports asyncio"),
-        ("protocols", ("roundtrip", "protocols", "x"), "from ..store import Store\n",
-         "imports roundtrip.store"),
-        ("probes", ("roundtrip", "probes", "x"), "from ..store import Store\n",
-         "probes import only"),
-        ("servers", ("roundtrip", "servers", "x"), "from ..stack import MailStack\n",
-         "imports roundtrip.stack"),
+        (
+            "protocols",
+            ("roundtrip", "protocols", "x"),
+            "from ..store import Store\n",
+            "imports roundtrip.store",
+        ),
+        (
+            "probes",
+            ("roundtrip", "probes", "x"),
+            "from ..store import Store\n",
+            "probes import only",
+        ),
+        (
+            "servers",
+            ("roundtrip", "servers", "x"),
+            "from ..stack import MailStack\n",
+            "imports roundtrip.stack",
+        ),
     ],
 )
 def test_layering_checker_reports_upward_imports(

@@ -6,7 +6,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-USER_TEST = '''
+USER_TEST = """
 import smtplib, poplib, imaplib
 import pytest
 
@@ -55,56 +55,67 @@ def test_factory(mailstack_factory):
 @pytest.mark.roundtrip_live
 def test_only_live():
     raise AssertionError("must be skipped without --roundtrip-live")
-'''
+"""
 
 
 def test_plugin_fixtures_work_in_a_user_project(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_user=USER_TEST)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs")
     result.assert_outcomes(passed=6, skipped=1)
-    result.stdout.fnmatch_lines(["roundtrip: embedded on 127.0.0.1, domains example.com, "
-                                 "example.org, tls both, timeout 10s",
-                                 "*needs a real mail server: pass --roundtrip-live=URL*"])
+    result.stdout.fnmatch_lines(
+        [
+            "roundtrip: embedded on 127.0.0.1, domains example.com, "
+            "example.org, tls both, timeout 10s",
+            "*needs a real mail server: pass --roundtrip-live=URL*",
+        ]
+    )
 
 
 def test_plugin_failing_wait_for_is_readable(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
-        test_fail='''
+        test_fail="""
 def test_nothing_arrives(mailstack):
     mailstack.wait_for("user@example.org", subject="Your invoice", timeout=0.2)
-'''
+"""
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([
-        "*NotDeliveredError: no message to user@example.org in INBOX with subject "
-        "'Your invoice' arrived within 0.2 s.*",
-        "*No message arrived in any mailbox.*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*NotDeliveredError: no message to user@example.org in INBOX with subject "
+            "'Your invoice' arrived within 0.2 s.*",
+            "*No message arrived in any mailbox.*",
+        ]
+    )
 
 
 def test_plugin_ini_options_and_bad_values(pytester: pytest.Pytester) -> None:
-    pytester.makeini("[pytest]\nroundtrip_domains =\n    one.test\n    two.test\n"
-                     "roundtrip_timeout = 3\n")
-    pytester.makepyfile(test_ini="def test_domains(mailstack):\n"
-                                 "    assert list(mailstack.domains) == ['one.test', 'two.test']\n")
+    pytester.makeini(
+        "[pytest]\nroundtrip_domains =\n    one.test\n    two.test\nroundtrip_timeout = 3\n"
+    )
+    pytester.makepyfile(
+        test_ini="def test_domains(mailstack):\n"
+        "    assert list(mailstack.domains) == ['one.test', 'two.test']\n"
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["roundtrip: *domains one.test, two.test*timeout 3s"])
     bad = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--roundtrip-tls=sometimes")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
-    bad.stderr.fnmatch_lines(["*roundtrip: tls='sometimes': choose one of starttls, implicit, both*"])
+    bad.stderr.fnmatch_lines(
+        ["*roundtrip: tls='sometimes': choose one of starttls, implicit, both*"]
+    )
 
 
 def test_plugin_unknown_marker_key_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
-        test_marker='''
+        test_marker="""
 import pytest
 
 @pytest.mark.mailstack(colour="blue")
 def test_x(mailstack):
     pass
-'''
+"""
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     assert result.ret != 0
@@ -113,7 +124,7 @@ def test_x(mailstack):
 
 def test_plugin_server_error_fails_the_test_that_caused_it(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
-        test_crash='''
+        test_crash="""
 def test_causes_crash(mailstack):
     def broken(change):
         raise RuntimeError("adapter crashed")
@@ -125,12 +136,13 @@ def test_causes_crash(mailstack):
 
 def test_next_one_is_clean(mailstack):
     pass
-'''
+"""
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, errors=1)
-    result.stdout.fnmatch_lines(["*ERROR at teardown of test_causes_crash*",
-                                 "*RuntimeError: adapter crashed*"])
+    result.stdout.fnmatch_lines(
+        ["*ERROR at teardown of test_causes_crash*", "*RuntimeError: adapter crashed*"]
+    )
 
 
 def test_plugin_runs_under_xdist_without_port_clashes(pytester: pytest.Pytester) -> None:

@@ -45,8 +45,12 @@ def _submit_465(stack: MailStack, raw: bytes, *, to: str) -> None:
 
 def test_stack_465_submit_then_pop3s_retr_is_byte_identical(stack: MailStack) -> None:
     sender, rcpt = stack.user("example.com"), stack.user("example.org")
-    raw = make_message(sender=sender.address, recipient=rcpt.address, subject="465 to pop3s",
-                       body="line one\r\n.leading dot\r\n..two dots\r\n")
+    raw = make_message(
+        sender=sender.address,
+        recipient=rcpt.address,
+        subject="465 to pop3s",
+        body="line one\r\n.leading dot\r\n..two dots\r\n",
+    )
     _submit_465(stack, raw, to=rcpt.address)
     stack.wait_for(rcpt.address, subject="465 to pop3s", timeout=TIMEOUT)
     host, port = stack.endpoints("example.org").address("pop3s")
@@ -162,8 +166,11 @@ def test_stack_foreign_domain_mail_is_captured_not_sent(stack: MailStack) -> Non
 
 def test_stack_wait_for_failure_lists_what_arrived(stack: MailStack) -> None:
     sender, rcpt = stack.user("example.com"), stack.user("example.org")
-    _submit_465(stack, make_message(sender=sender.address, recipient=rcpt.address,
-                                    subject="the real one"), to=rcpt.address)
+    _submit_465(
+        stack,
+        make_message(sender=sender.address, recipient=rcpt.address, subject="the real one"),
+        to=rcpt.address,
+    )
     with pytest.raises(NotDeliveredError) as info:
         stack.wait_for(rcpt.address, subject="another one", timeout=0.2)
     text = str(info.value)
@@ -180,8 +187,15 @@ def test_stack_describe_has_every_service_per_domain(stack: MailStack) -> None:
     doc = stack.describe()
     assert set(doc["domains"]) == {"example.com", "example.org"}
     for services in doc["domains"].values():
-        assert set(services) >= {"smtp", "submissions", "submission", "pop3", "pop3s", "imap",
-                                 "imaps"}
+        assert set(services) >= {
+            "smtp",
+            "submissions",
+            "submission",
+            "pop3",
+            "pop3s",
+            "imap",
+            "imaps",
+        }
         for endpoint in services.values():
             host, _, port = endpoint.rpartition(":")
             assert host == "127.0.0.1" and int(port) > 0
@@ -211,8 +225,11 @@ def test_stack_server_error_is_reraised_by_check(stack: MailStack) -> None:
     sender = rcpt = stack.user("example.com")
     stack.store.add_listener(broken)
     try:
-        _submit_465(stack, make_message(sender=sender.address, recipient=rcpt.address,
-                                        subject="boom"), to=rcpt.address)
+        _submit_465(
+            stack,
+            make_message(sender=sender.address, recipient=rcpt.address, subject="boom"),
+            to=rcpt.address,
+        )
     finally:
         stack.store.remove_listener(broken)
     assert [m.subject for m in stack.messages(rcpt.address)] == ["boom"]

@@ -86,7 +86,9 @@ def _tune(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
 
 
-def open_socket(host: str, port: int, timeout: float, timeline: Timeline, label: str) -> socket.socket:
+def open_socket(
+    host: str, port: int, timeout: float, timeline: Timeline, label: str
+) -> socket.socket:
     """TCP connect with the probe's socket options; records a ``<label> connect`` step."""
     started = time.perf_counter()
     sock = socket.create_connection((host, port), timeout)
@@ -109,8 +111,9 @@ def wrap_tls(
     tls_sock = context.wrap_socket(sock, server_hostname=server_name)
     _tune(tls_sock)
     step = timeline.add(f"{label} tls", started, server=server)
-    facts = tls_facts(tls_sock, server=server, server_name=server_name,
-                      verified=context.check_hostname)
+    facts = tls_facts(
+        tls_sock, server=server, server_name=server_name, verified=context.check_hostname
+    )
     timeline.tls.append(facts)
     step.detail = f"{facts.version} {facts.cipher}"
     if facts.version in ("TLSv1", "TLSv1.1", "SSLv3"):
@@ -140,7 +143,8 @@ def tls_facts(sock: ssl.SSLSocket, *, server: str, server_name: str, verified: b
         days = (expires - datetime.datetime.now(datetime.UTC)).days
     subject = _name(cert.get("subject"))
     if not subject:
-        sans = [v for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "IP Address")]
+        alt_names: Any = cert.get("subjectAltName", ())
+        sans = [str(v) for k, v in alt_names if k in ("DNS", "IP Address")]
         subject = "SAN=" + ",".join(sans[:4])
     cipher = sock.cipher()
     return TLSFacts(
@@ -179,54 +183,69 @@ def map_errors(step: str, server: str) -> Iterator[None]:
     except ssl.SSLCertVerificationError as exc:
         raise TLSError(
             f"{step}: certificate verification failed for {server}: {exc.verify_message}",
-            step=step, host=server,
+            step=step,
+            host=server,
         ) from exc
     except ssl.SSLError as exc:
         raise TLSError(f"{step}: TLS failed with {server}: {exc}", step=step, host=server) from exc
     except smtplib.SMTPAuthenticationError as exc:
         raise AuthError(
             f"{step}: {server} refused the credentials: {_reply_text(exc)!r}",
-            step=step, host=server, reply=_reply_text(exc),
+            step=step,
+            host=server,
+            reply=_reply_text(exc),
         ) from exc
     except smtplib.SMTPRecipientsRefused as exc:
         replies = {r: f"{c} {m.decode('utf-8', 'replace')}" for r, (c, m) in exc.recipients.items()}
         raise RejectedError(
             f"{step}: {server} refused the recipient(s): {replies!r}",
-            step="RCPT", host=server, reply=str(replies),
+            step="RCPT",
+            host=server,
+            reply=str(replies),
         ) from exc
     except smtplib.SMTPSenderRefused as exc:
         raise RejectedError(
             f"{step}: {server} refused the sender: {_reply_text(exc)!r}",
-            step="MAIL", host=server, reply=_reply_text(exc),
+            step="MAIL",
+            host=server,
+            reply=_reply_text(exc),
         ) from exc
     except smtplib.SMTPNotSupportedError as exc:
         raise RejectedError(f"{step}: {server}: {exc}", step=step, host=server) from exc
     except smtplib.SMTPResponseException as exc:
         raise RejectedError(
             f"{step}: {server} answered {_reply_text(exc)!r}",
-            step=step, host=server, reply=_reply_text(exc),
+            step=step,
+            host=server,
+            reply=_reply_text(exc),
         ) from exc
     except smtplib.SMTPServerDisconnected as exc:
-        raise ConnectError(f"{step}: {server} closed the connection: {exc}", step=step,
-                           host=server) from exc
+        raise ConnectError(
+            f"{step}: {server} closed the connection: {exc}", step=step, host=server
+        ) from exc
     except smtplib.SMTPException as exc:
         raise RejectedError(f"{step}: {server}: {exc}", step=step, host=server) from exc
     except imaplib.IMAP4.error as exc:
         text = str(exc)
-        cls = AuthError if step.endswith("LOGIN") or "AUTHENTICATIONFAILED" in text else RejectedError
-        raise cls(f"{step}: {server} answered {text!r}", step=step, host=server,
-                  reply=text) from exc
+        cls = (
+            AuthError if step.endswith("LOGIN") or "AUTHENTICATIONFAILED" in text else RejectedError
+        )
+        raise cls(
+            f"{step}: {server} answered {text!r}", step=step, host=server, reply=text
+        ) from exc
     except poplib.error_proto as exc:
         text = str(exc.args[0] if exc.args else exc)
         if isinstance(exc.args[0] if exc.args else None, bytes):
             text = exc.args[0].decode("utf-8", "replace")
         cls = AuthError if step.endswith(("USER", "PASS", "LOGIN")) else RejectedError
-        raise cls(f"{step}: {server} answered {text!r}", step=step, host=server,
-                  reply=text) from exc
+        raise cls(
+            f"{step}: {server} answered {text!r}", step=step, host=server, reply=text
+        ) from exc
     except TimeoutError as exc:
-        raise ConnectError(f"{step}: {server} did not answer in time", step=step,
-                           host=server) from exc
+        raise ConnectError(
+            f"{step}: {server} did not answer in time", step=step, host=server
+        ) from exc
     except OSError as exc:
-        raise ConnectError(f"{step}: cannot talk to {server}: {exc}", step=step,
-                           host=server) from exc
-
+        raise ConnectError(
+            f"{step}: cannot talk to {server}: {exc}", step=step, host=server
+        ) from exc

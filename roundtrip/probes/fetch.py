@@ -33,20 +33,23 @@ def _backoff(delay: float) -> float:
 class _IMAP(imaplib.IMAP4):
     """imaplib over a timed, tuned socket; dials ``endpoint.host``, verifies ``server_name``."""
 
-    def __init__(self, endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline,
-                 timeout: float) -> None:
+    def __init__(
+        self, endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline, timeout: float
+    ) -> None:
         self._endpoint = endpoint
         self._context = context
         self._timeline = timeline
         super().__init__(endpoint.server_name, endpoint.port, timeout=timeout)
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
-        sock = open_socket(self._endpoint.host, self._endpoint.port, timeout or 10.0,
-                           self._timeline, "imap")
+        sock = open_socket(
+            self._endpoint.host, self._endpoint.port, timeout or 10.0, self._timeline, "imap"
+        )
         if self._endpoint.tls == "implicit":
             try:
-                return wrap_tls(sock, self._context, self._endpoint.server_name,
-                                self._timeline, "imap")
+                return wrap_tls(
+                    sock, self._context, self._endpoint.server_name, self._timeline, "imap"
+                )
             except BaseException:
                 sock.close()
                 raise
@@ -126,16 +129,24 @@ def fetch_imap(
                     f"{server}: IMAP offers LOGIN before STARTTLS (no LOGINDISABLED)"
                 )
             if "STARTTLS" not in imap.capabilities:
-                raise TLSError(f"STARTTLS: {server} does not offer STARTTLS; no credentials "
-                               "were sent", step="STARTTLS", host=server)
+                raise TLSError(
+                    f"STARTTLS: {server} does not offer STARTTLS; no credentials were sent",
+                    step="STARTTLS",
+                    host=server,
+                )
             with map_errors("IMAP STARTTLS", server):
                 started = time.perf_counter()
                 imap.starttls(ssl_context=context)
                 timeline.add("imap tls", started, server=server)
                 assert isinstance(imap.sock, ssl.SSLSocket)
-                timeline.tls.append(tls_facts(imap.sock, server=server,
-                                              server_name=endpoint.server_name,
-                                              verified=context.check_hostname))
+                timeline.tls.append(
+                    tls_facts(
+                        imap.sock,
+                        server=server,
+                        server_name=endpoint.server_name,
+                        verified=context.check_hostname,
+                    )
+                )
         with map_errors("IMAP LOGIN", server):
             started = time.perf_counter()
             imap.login(endpoint.user, endpoint.password)
@@ -164,11 +175,11 @@ def fetch_imap(
         if not uids:
             timeline.fail("imap visible", started, server=server, detail="not found")
             raise NotDeliveredError(
-                f"FETCH: message {message_id} not found in {mailbox} at {server} by the "
-                "deadline", step="FETCH", host=server,
+                f"FETCH: message {message_id} not found in {mailbox} at {server} by the deadline",
+                step="FETCH",
+                host=server,
             )
-        timeline.add("imap visible", started, server=server,
-                     detail="IDLE" if idle else "poll")
+        timeline.add("imap visible", started, server=server, detail="IDLE" if idle else "poll")
         copies: list[bytes] = []
         with map_errors("IMAP FETCH", server):
             started = time.perf_counter()
@@ -219,28 +230,32 @@ def _close_quietly(client: Any) -> None:
 class _POP3(poplib.POP3):
     """poplib over a timed, tuned socket."""
 
-    def __init__(self, endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline,
-                 timeout: float) -> None:
+    def __init__(
+        self, endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline, timeout: float
+    ) -> None:
         self._endpoint = endpoint
         self._context = context
         self._timeline = timeline
         super().__init__(endpoint.server_name, endpoint.port, timeout=timeout)
 
     def _create_socket(self, timeout: float) -> socket.socket:
-        sock = open_socket(self._endpoint.host, self._endpoint.port, timeout, self._timeline,
-                           "pop3")
+        sock = open_socket(
+            self._endpoint.host, self._endpoint.port, timeout, self._timeline, "pop3"
+        )
         if self._endpoint.tls == "implicit":
             try:
-                return wrap_tls(sock, self._context, self._endpoint.server_name,
-                                self._timeline, "pop3")
+                return wrap_tls(
+                    sock, self._context, self._endpoint.server_name, self._timeline, "pop3"
+                )
             except BaseException:
                 sock.close()
                 raise
         return sock
 
 
-def _pop3_session(endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline,
-                  timeout: float) -> _POP3:
+def _pop3_session(
+    endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline, timeout: float
+) -> _POP3:
     server = endpoint.address
     with map_errors("POP3 CONNECT", server):
         pop = _POP3(endpoint, context, timeline, timeout)
@@ -249,8 +264,11 @@ def _pop3_session(endpoint: Endpoint, context: ssl.SSLContext, timeline: Timelin
             with map_errors("POP3 CAPA", server):
                 caps = pop.capa()
             if "STLS" not in caps:
-                raise TLSError(f"STLS: {server} does not offer STLS; no credentials were sent",
-                               step="STLS", host=server)
+                raise TLSError(
+                    f"STLS: {server} does not offer STLS; no credentials were sent",
+                    step="STLS",
+                    host=server,
+                )
             if "USER" in caps:
                 timeline.findings.append(f"{server}: POP3 offers USER before STLS")
             with map_errors("POP3 STLS", server):
@@ -258,9 +276,14 @@ def _pop3_session(endpoint: Endpoint, context: ssl.SSLContext, timeline: Timelin
                 pop.stls(context=context)
                 timeline.add("pop3 tls", started, server=server)
                 assert isinstance(pop.sock, ssl.SSLSocket)
-                timeline.tls.append(tls_facts(pop.sock, server=server,
-                                              server_name=endpoint.server_name,
-                                              verified=context.check_hostname))
+                timeline.tls.append(
+                    tls_facts(
+                        pop.sock,
+                        server=server,
+                        server_name=endpoint.server_name,
+                        verified=context.check_hostname,
+                    )
+                )
         with map_errors("POP3 LOGIN", server):
             started = time.perf_counter()
             pop.user(endpoint.user)
@@ -297,14 +320,15 @@ def fetch_pop3(
                 matches: list[int] = []
                 _, listing, _ = pop.uidl()
                 for entry in listing:
-                    num, _, uidl = entry.partition(b" ")
+                    number, _, uidl = entry.partition(b" ")
+                    num = int(number)
                     if uidl not in checked:
-                        _, lines, _ = pop.top(int(num), 0)
+                        _, lines, _ = pop.top(num, 0)
                         header = b"\r\n".join(lines)
                         found = _MESSAGE_ID_RE.search(header)
                         checked[uidl] = bool(found and found.group(1).decode() == message_id)
                     if checked[uidl]:
-                        matches.append(int(num))
+                        matches.append(num)
             remaining = deadline - time.monotonic()
             if matches:
                 timeline.add("pop3 visible", started_wait, server=server, detail="poll")
@@ -314,8 +338,7 @@ def fetch_pop3(
                     for num in matches:
                         _, lines, _ = pop.retr(num)
                         copies.append(b"\r\n".join(lines) + b"\r\n")
-                    timeline.add("pop3 fetch", started, server=server,
-                                 detail=f"{len(copies)} copy")
+                    timeline.add("pop3 fetch", started, server=server, detail=f"{len(copies)} copy")
                 with map_errors("POP3 DELE", server):
                     if delete:
                         for num in matches:
@@ -330,8 +353,8 @@ def fetch_pop3(
             timeline.fail("pop3 visible", started_wait, server=server, detail="not found")
             raise NotDeliveredError(
                 f"RETR: message {message_id} not found at {server} by the deadline",
-                step="RETR", host=server,
+                step="RETR",
+                host=server,
             )
         time.sleep(min(delay, remaining))
         delay = _backoff(delay)
-

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..config import Endpoint
 from ..errors import ProbeError
-from ._net import Step, TLSFacts, Timeline
+from ._net import Step, Timeline, TLSFacts
 from .fetch import fetch_imap, fetch_pop3
 from .send import ProbeMessage, build_probe_message, submit
 
@@ -74,7 +74,7 @@ def _split(raw: bytes) -> tuple[bytes, bytes]:
     for sep in (b"\r\n\r\n", b"\n\n"):
         idx = raw.find(sep)
         if idx >= 0:
-            return raw[:idx], raw[idx + len(sep):]
+            return raw[:idx], raw[idx + len(sep) :]
     return raw, b""
 
 
@@ -94,8 +94,15 @@ def parse_hops(raw: bytes) -> list[Hop]:
         proto = with_.group(1).rstrip(";") if with_ else ""
         tls = bool(re.match(r"(?i)(E?SMTPS|ESMTPSA|LMTPS|UTF8SMTPS)", proto)) or "TLS" in text
         date = text.rpartition(";")[2].strip() if ";" in text else ""
-        hops.append(Hop(by=by.group(1) if by else "", from_=frm.group(1) if frm else "",
-                        with_=proto, tls=tls, date=date))
+        hops.append(
+            Hop(
+                by=by.group(1) if by else "",
+                from_=frm.group(1) if frm else "",
+                with_=proto,
+                tls=tls,
+                date=date,
+            )
+        )
     return hops
 
 
@@ -113,10 +120,9 @@ def verify(sent: ProbeMessage, copies: list[bytes], result: ProbeResult) -> None
     received = _HEADER_PARSER.parsebytes(head + b"\r\n\r\n")
     original = _HEADER_PARSER.parsebytes(_split(sent.raw)[0] + b"\r\n\r\n")
     for name in ("From", "To", "Subject", "Message-ID"):
-        result.checks[f"{name} unchanged"] = (
-            " ".join(str(received.get(name, "")).split())
-            == " ".join(str(original.get(name, "")).split())
-        )
+        result.checks[f"{name} unchanged"] = " ".join(
+            str(received.get(name, "")).split()
+        ) == " ".join(str(original.get(name, "")).split())
     result.hops = parse_hops(got)
     for hop in result.hops:
         if not hop.tls:
@@ -151,12 +157,18 @@ def run_probe(
     result.message_id = message.message_id
     deadline = time.monotonic() + timeout
     try:
-        result.submit_reply = submit(smtp, message, context=context, timeout=timeout,
-                                     timeline=timeline)
+        result.submit_reply = submit(
+            smtp, message, context=context, timeout=timeout, timeline=timeline
+        )
         fetcher = fetch_imap if retrieve.protocol == "imap" else fetch_pop3
         copies = fetcher(
-            retrieve, message_id=message.message_id, context=context, timeout=timeout,
-            deadline=deadline, timeline=timeline, delete=not keep,
+            retrieve,
+            message_id=message.message_id,
+            context=context,
+            timeout=timeout,
+            deadline=deadline,
+            timeline=timeline,
+            delete=not keep,
         )
         verify(message, copies, result)
     except ProbeError as exc:
@@ -173,4 +185,3 @@ def run_probe(
         result.error = "verification failed: " + ", ".join(failed)
         result.error_step = "VERIFY"
     return result
-

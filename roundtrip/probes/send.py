@@ -62,8 +62,9 @@ def build_probe_message(*, mail_from: str, rcpt_to: str, now: float | None = Non
 class _SMTPClient(smtplib.SMTP):
     """smtplib with timed, tuned sockets; dials ``endpoint.host``, verifies ``server_name``."""
 
-    def __init__(self, endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline,
-                 timeout: float) -> None:
+    def __init__(
+        self, endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline, timeout: float
+    ) -> None:
         self._endpoint = endpoint
         self._context = context
         self._timeline = timeline
@@ -73,8 +74,9 @@ class _SMTPClient(smtplib.SMTP):
         sock = open_socket(self._endpoint.host, port, timeout, self._timeline, "smtp")
         if self._endpoint.tls == "implicit":
             try:
-                return wrap_tls(sock, self._context, self._endpoint.server_name,
-                                self._timeline, "smtp")
+                return wrap_tls(
+                    sock, self._context, self._endpoint.server_name, self._timeline, "smtp"
+                )
             except BaseException:
                 sock.close()
                 raise
@@ -102,8 +104,8 @@ def submit(
     try:
         with map_errors("CONNECT", server):
             started = time.perf_counter()
-            code, banner = client.connect(endpoint.server_name, endpoint.port)
-            client._host = endpoint.server_name
+            code, _ = client.connect(endpoint.server_name, endpoint.port)
+            client._host = endpoint.server_name  # type: ignore[attr-defined]  # for starttls()
             timeline.add("smtp greeting", started, server=server, detail=f"{code}")
         with map_errors("EHLO", server):
             started = time.perf_counter()
@@ -118,15 +120,20 @@ def submit(
             if not client.has_extn("starttls"):
                 raise TLSError(
                     f"STARTTLS: {server} does not offer STARTTLS; no credentials were sent",
-                    step="STARTTLS", host=server,
+                    step="STARTTLS",
+                    host=server,
                 )
             with map_errors("STARTTLS", server):
                 started = time.perf_counter()
                 client.starttls(context=context)
                 step = timeline.add("smtp tls", started, server=server)
                 assert isinstance(client.sock, ssl.SSLSocket)
-                facts = tls_facts(client.sock, server=server, server_name=endpoint.server_name,
-                                  verified=context.check_hostname)
+                facts = tls_facts(
+                    client.sock,
+                    server=server,
+                    server_name=endpoint.server_name,
+                    verified=context.check_hostname,
+                )
                 timeline.tls.append(facts)
                 step.detail = f"{facts.version} {facts.cipher}"
                 client.ehlo(local_hostname)

@@ -32,18 +32,37 @@ def _clean(stack: MailStack) -> Iterator[None]:
 def _endpoint(stack: MailStack, domain: str, service: str, **changes: str) -> Endpoint:
     ep = stack.endpoints(domain)
     user = stack.user(domain)
-    protocol = {"submissions": "smtp", "submission": "smtp", "imaps": "imap", "imap": "imap",
-                "pop3s": "pop3", "pop3": "pop3"}[service]
+    protocol = {
+        "submissions": "smtp",
+        "submission": "smtp",
+        "imaps": "imap",
+        "imap": "imap",
+        "pop3s": "pop3",
+        "pop3": "pop3",
+    }[service]
     tls = "implicit" if service.endswith("s") else "starttls"
     fields = {"user": user.address, "password": user.password, "server_name": ep.hostname}
     fields.update(changes)
-    return Endpoint(protocol, tls, ep.host, ep.ports[service], fields["user"],
-                    fields["password"], fields["server_name"])
+    return Endpoint(
+        protocol,
+        tls,
+        ep.host,
+        ep.ports[service],
+        fields["user"],
+        fields["password"],
+        fields["server_name"],
+    )
 
 
-def _probe(stack: MailStack, smtp_service: str = "submissions", reader: str = "imaps",
-           *, timeout: float = TIMEOUT, context: object = None, **smtp_changes: str
-           ) -> ProbeResult:
+def _probe(
+    stack: MailStack,
+    smtp_service: str = "submissions",
+    reader: str = "imaps",
+    *,
+    timeout: float = TIMEOUT,
+    context: object = None,
+    **smtp_changes: str,
+) -> ProbeResult:
     return run_probe(
         _endpoint(stack, "example.com", smtp_service, **smtp_changes),
         _endpoint(stack, "example.org", reader),
@@ -56,15 +75,21 @@ def _probe(stack: MailStack, smtp_service: str = "submissions", reader: str = "i
 
 @pytest.mark.parametrize("smtp_service", ["submissions", "submission"])
 @pytest.mark.parametrize("reader", ["imaps", "imap", "pop3s", "pop3"])
-def test_probe_roundtrip_passes_every_tls_flavour(stack: MailStack, smtp_service: str,
-                                                   reader: str) -> None:
+def test_probe_roundtrip_passes_every_tls_flavour(
+    stack: MailStack, smtp_service: str, reader: str
+) -> None:
     result = _probe(stack, smtp_service, reader)
     assert result.ok, result.error
     names = [s.name for s in result.steps]
     proto = reader.rstrip("s")
     assert names[:2] == ["smtp connect", "smtp tls"] or "smtp tls" in names
-    for step in ("smtp auth", "smtp submit", f"{proto} login", f"{proto} visible",
-                 f"{proto} fetch"):
+    for step in (
+        "smtp auth",
+        "smtp submit",
+        f"{proto} login",
+        f"{proto} visible",
+        f"{proto} fetch",
+    ):
         assert step in names
     assert all(s.seconds >= 0 for s in result.steps)
     assert len(result.tls) >= 2
@@ -142,12 +167,15 @@ def plain_smtp_server() -> Iterator[int]:
         loop = asyncio.get_running_loop()
         return await loop.create_server(
             lambda: AiosmtpdSMTP(Handler(), hostname="plain.test", loop=loop),
-            host="127.0.0.1", port=0)
+            host="127.0.0.1",
+            port=0,
+        )
 
     server = thread.run(start(), timeout=TIMEOUT)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
+
         async def close() -> None:
             server.close()
             await server.wait_closed()
@@ -157,13 +185,26 @@ def plain_smtp_server() -> Iterator[int]:
     assert seen == []
 
 
-def test_probe_starttls_not_offered_fails_before_credentials(stack: MailStack,
-                                                              plain_smtp_server: int) -> None:
-    smtp = Endpoint("smtp", "starttls", "127.0.0.1", plain_smtp_server, "user@example.com",
-                    "secret-pw", "plain.test")
-    result = run_probe(smtp, _endpoint(stack, "example.org", "imaps"),
-                       context=stack.client_context(), mail_from="user@example.com",
-                       rcpt_to="user@example.org", timeout=TIMEOUT)
+def test_probe_starttls_not_offered_fails_before_credentials(
+    stack: MailStack, plain_smtp_server: int
+) -> None:
+    smtp = Endpoint(
+        "smtp",
+        "starttls",
+        "127.0.0.1",
+        plain_smtp_server,
+        "user@example.com",
+        "secret-pw",
+        "plain.test",
+    )
+    result = run_probe(
+        smtp,
+        _endpoint(stack, "example.org", "imaps"),
+        context=stack.client_context(),
+        mail_from="user@example.com",
+        rcpt_to="user@example.org",
+        timeout=TIMEOUT,
+    )
     assert not result.ok and result.error_step == "STARTTLS"
     assert "does not offer STARTTLS; no credentials were sent" in result.error
     assert "smtp auth" not in [s.name for s in result.steps]

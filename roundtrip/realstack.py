@@ -1,0 +1,729 @@
+"""A real Postfix + Dovecot pair on loopback, for validator integration tests and benchmarks.
+
+Theory of operation
+-------------------
+``RealMailServer`` writes a complete, private configuration for the Debian packages
+``postfix``, ``dovecot-imapd``, ``dovecot-pop3d`` and ``dovecot-lmtpd`` under one temporary
+directory and starts both daemons from it. Nothing under ``/etc`` is read for settings or
+written, and no system service is started or stopped:
+
+- Postfix runs as ``postfix -c DIR start`` with its own ``queue_directory``,
+  ``data_directory`` and ``maillog_file``. It listens on 127.0.0.1 only: implicit-TLS
+  submission (RFC 8314, "465") and STARTTLS submission (RFC 6409, "587"), plus an optional
+  unauthenticated MX listener ("25"). Every outbound transport is ``error:``, so nothing
+  leaves the machine. Mail for ``domain`` goes through Dovecot LMTP over a unix socket.
+  No service is chrooted: the sockets live in the temporary directory.
+- Dovecot runs as ``dovecot -F -c FILE`` (our child, output to a log file, because it keeps
+  the caller's stdout open) with its own ``base_dir`` and ``state_dir``: IMAPS, POP3S, IMAP
+  and POP3 with STARTTLS on 127.0.0.1, a passwd-file passdb, Maildir storage owned by
+  ``nobody``, and the SASL socket that Postfix authenticates against.
+- Ports are found by binding port 0 and closing the socket before the daemons bind them,
+  which races with other programs; a start that fails is retried once on fresh ports.
+- Both daemons are stopped by the PID in their pid files (SIGTERM, then SIGKILL).
+
+Broken variants (for proving that a validator notices) are constructor knobs: a bad TLS
+certificate, AUTH offered before STARTTLS, mail silently discarded, mail delivered twice, and
+mail whose body the relay rewrites.
+
+It needs root (Postfix's master insists on it) and the packages above; ``is_available()``
+says why not when they are missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import grp
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Literal
+
+from roundtrip.certs import CertificateAuthority
+from roundtrip.errors import ConfigError, ServerStartError
+
+__all__ = ["TLS_CERT_CHOICES", "RealMailServer"]
+
+TLSCertKind = Literal["good", "wrong_host", "expired", "untrusted"]
+TLS_CERT_CHOICES: tuple[str, ...] = ("good", "wrong_host", "expired", "untrusted")
+
+#: Port names, in the order they are allocated.
+_PORT_NAMES = ("submissions", "submission", "imaps", "imap", "pop3s", "pop3")
+_IMPLICIT_TLS_PORTS = frozenset({"submissions", "imaps", "pop3s"})
+
+_POSTFIX = "/usr/sbin/postfix"
+_POSTFIX_DAEMON_DIR = "/usr/lib/postfix/sbin"
+_DOVECOT = "/usr/sbin/dovecot"
+_DOVECOT_LMTP = "/usr/lib/dovecot/lmtp"
+_REQUIRED_ACCOUNTS = ("postfix", "dovecot", "dovenull", "nobody")
+
+#: The marker that ``alter_body=True`` appends to every non-empty body line.
+ALTERED_SUFFIX = " [altered by relay]"
+#: The address detail (``user+DETAIL@domain``) used by ``duplicate_delivery=True``.
+_DUPLICATE_DETAIL = "roundtrip-duplicate"
+#: sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_SOCKET_PATH = 107
+_STOP_TIMEOUT = 10.0
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports the kernel hands out for port 0 right now (closed again before returning)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaps counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    # The state letter follows the command name in parentheses, which may contain spaces.
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as fh:
+            text = fh.read().split()
+    except OSError:
+        return None
+    return int(text[0]) if text and text[0].isdigit() else None
+
+
+class RealMailServer:
+    """A loopback Postfix + Dovecot mail server under a private temporary directory.
+
+    Use it as a context manager, or call ``start()`` and ``stop()``.
+
+    Args:
+        domain: the one mail domain served (virtual mailbox domain); the host name is
+            ``mail.<domain>``.
+        users: login -> password. A login without ``@`` gets ``@<domain>`` appended; logins
+            are full addresses. Defaults to ``alice`` and ``bob``.
+        ca: the CA that issues the server certificate (a new one by default).
+        workdir: the parent directory of the temporary directory (``tempfile`` default).
+        startup_timeout: seconds to wait for every listener to complete a TLS handshake.
+        tls_cert: ``"good"``; ``"wrong_host"`` (a leaf for ``wrong.invalid`` only);
+            ``"expired"`` (validity ended yesterday); ``"untrusted"`` (issued by another CA).
+        allow_plaintext_auth_on_starttls_port: offer AUTH before STARTTLS on ``submission``
+            and accept mail there without TLS.
+        discard_mail: accept mail for the domain and silently drop it.
+        duplicate_delivery: deliver every message for the domain twice.
+        alter_body: append ``ALTERED_SUFFIX`` to every non-empty body line in transit.
+        mx: also listen as an unauthenticated MX (STARTTLS offered) under ``ports["smtp"]``.
+        keep: leave the temporary directory in place after ``stop()`` (for debugging).
+    """
+
+    def __init__(
+        self,
+        *,
+        domain: str = "example.net",
+        users: Mapping[str, str] | None = None,
+        ca: CertificateAuthority | None = None,
+        workdir: str | None = None,
+        startup_timeout: float = 20.0,
+        tls_cert: TLSCertKind = "good",
+        allow_plaintext_auth_on_starttls_port: bool = False,
+        discard_mail: bool = False,
+        duplicate_delivery: bool = False,
+        alter_body: bool = False,
+        mx: bool = False,
+        keep: bool = False,
+    ) -> None:
+        if tls_cert not in TLS_CERT_CHOICES:
+            raise ConfigError(f"tls_cert={tls_cert!r} is not one of {', '.join(TLS_CERT_CHOICES)}")
+        if not domain or any(c in domain for c in " \t\r\n/:@,") or domain != domain.lower():
+            raise ConfigError(f"domain={domain!r}: expected a lower-case DNS name")
+        if users is None:
+            users = {"alice": "alice-" + secrets.token_hex(8), "bob": "bob-" + secrets.token_hex(8)}
+        self.domain = domain
+        self.users: dict[str, str] = {}
+        for login, password in users.items():
+            address = login if "@" in login else f"{login}@{domain}"
+            local, _, user_domain = address.partition("@")
+            if user_domain != domain:
+                raise ConfigError(f"user {login!r} is outside domain {domain!r}")
+            bad = set(":\r\n\t #+") & set(address) or set(":\r\n") & set(password)
+            if not local or bad or not password:
+                raise ConfigError(f"user {login!r}: unusable login or password for passwd-file")
+            self.users[address] = password
+        self.ca = ca if ca is not None else CertificateAuthority()
+        self.host = "127.0.0.1"
+        self.hostname = f"mail.{domain}"
+        self.startup_timeout = startup_timeout
+        self.tls_cert: TLSCertKind = tls_cert
+        self.allow_plaintext_auth_on_starttls_port = allow_plaintext_auth_on_starttls_port
+        self.discard_mail = discard_mail
+        self.duplicate_delivery = duplicate_delivery
+        self.alter_body = alter_body
+        self.mx = mx
+        self.keep = keep
+        self.ports: dict[str, int] = {}
+        self.start_duration = 0.0
+        self._parent_dir = workdir
+        self._workdir: str | None = None
+        self._dovecot: subprocess.Popen[bytes] | None = None
+        self._started = False
+        self._quick_start = True
+
+    # -- public API ----------------------------------------------------------------------
+
+    @staticmethod
+    def is_available() -> tuple[bool, str]:
+        """Whether this machine can run the harness.
+
+        Returns:
+            ``(True, "")``, or ``(False, reason)`` naming what is missing.
+        """
+        missing = [
+            path
+            for path in (_POSTFIX, f"{_POSTFIX_DAEMON_DIR}/master", _DOVECOT, _DOVECOT_LMTP)
+            if not os.access(path, os.X_OK)
+        ]
+        if missing:
+            return False, (
+                f"missing {', '.join(missing)}: apt-get install postfix dovecot-imapd "
+                "dovecot-pop3d dovecot-lmtpd"
+            )
+        if not os.path.exists("/usr/lib/dovecot/pop3") or not os.path.exists(
+            "/usr/lib/dovecot/imap"
+        ):
+            return (
+                False,
+                "Dovecot IMAP or POP3 missing: apt-get install dovecot-imapd dovecot-pop3d",
+            )
+        for account in _REQUIRED_ACCOUNTS:
+            try:
+                pwd.getpwnam(account)
+            except KeyError:
+                return False, f"system account {account!r} missing (created by the packages)"
+        if os.geteuid() != 0:
+            return False, "Postfix's master daemon must be started as root"
+        return True, ""
+
+    @property
+    def workdir(self) -> str:
+        """The temporary directory holding configs, queue, mailboxes and logs."""
+        if self._workdir is None:
+            raise ServerStartError("RealMailServer has not been started")
+        return self._workdir
+
+    def start(self) -> RealMailServer:
+        """Write the configuration, start Postfix and Dovecot, wait until every port is ready.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ServerStartError: the packages are missing, a daemon refused its configuration,
+                or a listener did not complete a TLS handshake within ``startup_timeout``.
+        """
+        if self._started:
+            return self
+        ok, reason = self.is_available()
+        if not ok:
+            raise ServerStartError(f"Postfix + Dovecot harness unavailable: {reason}")
+        began = time.monotonic()
+        for attempt in (1, 2):
+            try:
+                self._start_once()
+            except ServerStartError:
+                # Another program may have taken a port between our probe and the bind.
+                self._stop_processes()
+                if attempt == 2:
+                    raise
+                self._remove_workdir(force=True)
+                # The second try lets ``postfix start`` run its own integrity checks.
+                self._quick_start = False
+            else:
+                break
+        self._started = True
+        self.start_duration = time.monotonic() - began
+        return self
+
+    def stop(self) -> None:
+        """Stop both daemons (SIGTERM, then SIGKILL) and remove the directory. Idempotent."""
+        self._stop_processes()
+        self._started = False
+        self._remove_workdir(force=False)
+
+    def log_text(self) -> str:
+        """The Postfix and Dovecot logs so far, for assertions and failure messages."""
+        if self._workdir is None:
+            return ""
+        parts = []
+        for name in ("postfix.log", "postfix-start.log", "dovecot.log", "dovecot-stdout.log"):
+            path = os.path.join(self._workdir, "log", name)
+            try:
+                with open(path, encoding="utf-8", errors="replace") as fh:
+                    text = fh.read()
+            except FileNotFoundError:
+                continue
+            if text:
+                parts.append(f"==> {name} <==\n{text}")
+        return "\n".join(parts)
+
+    def mailbox_address(self, login: str) -> str:
+        """The full address for ``login`` (``alice`` -> ``alice@<domain>``)."""
+        return login if "@" in login else f"{login}@{self.domain}"
+
+    def __enter__(self) -> RealMailServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self._started else "stopped"
+        return f"<RealMailServer {self.domain} {state} ports={self.ports}>"
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def _start_once(self) -> None:
+        self._workdir = tempfile.mkdtemp(prefix="rt-mail-", dir=self._parent_dir)
+        # Postfix and Dovecot drop privileges (postfix, dovenull, nobody) and must still reach
+        # their sockets, queue and mailboxes below this directory.
+        os.chmod(self._workdir, 0o755)
+        sock_probe = os.path.join(self._workdir, "sock", "auth-client")
+        if len(sock_probe.encode()) > _MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"workdir {self._workdir!r} is too long for unix socket paths; pass a shorter "
+                "workdir="
+            )
+        names = [*_PORT_NAMES, "smtp"] if self.mx else list(_PORT_NAMES)
+        self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
+        self._write_tls()
+        self._write_dovecot()
+        self._write_postfix()
+        deadline = time.monotonic() + self.startup_timeout
+        self._start_dovecot()
+        self._start_postfix()
+        self._wait_ready(deadline)
+
+    def _path(self, *parts: str) -> str:
+        return os.path.join(self.workdir, *parts)
+
+    def _mkdir(self, *parts: str, mode: int = 0o755) -> str:
+        path = self._path(*parts)
+        os.makedirs(path, exist_ok=True)
+        os.chmod(path, mode)
+        return path
+
+    def _write(self, relpath: str, text: str | bytes, mode: int = 0o644) -> str:
+        path = self._path(relpath)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = text.encode() if isinstance(text, str) else text
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(path, mode)
+        return path
+
+    def _write_tls(self) -> None:
+        names = (self.hostname, "localhost", "127.0.0.1")
+        now = datetime.datetime.now(datetime.UTC)
+        if self.tls_cert == "good":
+            leaf = self.ca.ca.issue_cert(*names)
+        elif self.tls_cert == "wrong_host":
+            leaf = self.ca.ca.issue_cert("wrong.invalid")
+        elif self.tls_cert == "expired":
+            leaf = self.ca.ca.issue_cert(
+                *names,
+                not_before=now - datetime.timedelta(days=30),
+                not_after=now - datetime.timedelta(days=1),
+            )
+        else:
+            other = CertificateAuthority()
+            leaf = other.ca.issue_cert(*names)
+        key = leaf.private_key_pem.bytes()
+        chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+        self._mkdir("tls")
+        self._write("tls/key.pem", key, mode=0o600)
+        self._write("tls/cert.pem", chain)
+
+    def _write_dovecot(self) -> None:
+        nobody = pwd.getpwnam("nobody")
+        self._mkdir("log")
+        self._mkdir("sock")
+        self._mkdir("dovecot", "run")
+        self._mkdir("dovecot", "state")
+        mail = self._mkdir("mail")
+        os.chown(mail, nobody.pw_uid, nobody.pw_gid)
+        self._write(
+            "dovecot/users",
+            "".join(f"{user}:{{PLAIN}}{pw}::::::\n" for user, pw in self.users.items()),
+            mode=0o644,
+        )
+        p = self.ports
+        w = self.workdir
+        conf = f"""\
+# Written by roundtrip.realstack; nothing here is read from /etc/dovecot.
+instance_name = roundtrip-{os.path.basename(w)}
+base_dir = {w}/dovecot/run
+state_dir = {w}/dovecot/state
+listen = 127.0.0.1
+protocols = imap pop3 lmtp
+log_path = {w}/log/dovecot.log
+default_login_user = dovenull
+default_internal_user = dovecot
+# TLS before any authentication, even from loopback (Dovecot treats loopback as secure).
+ssl = required
+ssl_cert = <{w}/tls/cert.pem
+ssl_key = <{w}/tls/key.pem
+ssl_min_protocol = TLSv1.2
+auth_mechanisms = plain login
+# Tests try wrong passwords on purpose; the default 2 s penalty only slows them down.
+auth_failure_delay = 0
+mail_location = maildir:~/Maildir
+recipient_delimiter = +
+lmtp_save_to_detail_mailbox = no
+pop3_uidl_format = %08Xu%08Xv
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {w}/dovecot/users
+}}
+userdb {{
+  driver = static
+  args = uid={nobody.pw_uid} gid={nobody.pw_gid} home={w}/mail/%d/%n
+}}
+protocol lmtp {{
+  postmaster_address = postmaster@{self.domain}
+}}
+service lmtp {{
+  unix_listener {w}/sock/lmtp {{
+    mode = 0666
+  }}
+}}
+service auth {{
+  unix_listener {w}/sock/auth-client {{
+    mode = 0666
+  }}
+}}
+service imap-login {{
+  service_count = 0
+  process_min_avail = 1
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {p["imap"]}
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {p["imaps"]}
+    ssl = yes
+  }}
+}}
+service pop3-login {{
+  service_count = 0
+  process_min_avail = 1
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {p["pop3"]}
+  }}
+  inet_listener pop3s {{
+    address = 127.0.0.1
+    port = {p["pop3s"]}
+    ssl = yes
+  }}
+}}
+"""
+        self._write("dovecot/dovecot.conf", conf)
+
+    def _write_postfix(self) -> None:
+        w = self.workdir
+        etc = self._mkdir("postfix", "etc")
+        self._make_queue()
+        maps = {
+            "vmailbox": "".join(f"{user} OK\n" for user in self.users),
+        }
+        extra: list[str] = []
+        if self.discard_mail:
+            maps["transport"] = f"{self.domain} discard:silently dropped by roundtrip harness\n"
+            extra.append(f"transport_maps = texthash:{etc}/transport")
+        if self.duplicate_delivery:
+            # The alias maps each user to itself plus user+detail; Dovecot strips the detail,
+            # so both copies land in the same INBOX, in separate LMTP transactions.
+            maps["virtual"] = "".join(
+                f"{user} {user}, {user.replace('@', '+' + _DUPLICATE_DETAIL + '@', 1)}\n"
+                for user in self.users
+            )
+            extra.append(f"virtual_alias_maps = texthash:{etc}/virtual")
+            extra.append("lmtp_destination_recipient_limit = 1")
+        if self.alter_body:
+            maps["body_checks"] = f"/^(.*[^[:space:]].*)$/ REPLACE ${{1}}{ALTERED_SUFFIX}\n"
+            extra.append(f"body_checks = regexp:{etc}/body_checks")
+        for name, text in maps.items():
+            self._write(f"postfix/etc/{name}", text)
+        main = f"""\
+# Written by roundtrip.realstack; nothing here is read from /etc/postfix.
+compatibility_level = 3.6
+queue_directory = {w}/postfix/spool
+data_directory = {w}/postfix/data
+mail_owner = postfix
+setgid_group = postdrop
+default_privs = nobody
+myhostname = {self.hostname}
+mydomain = {self.domain}
+myorigin = $mydomain
+mydestination =
+mynetworks = 127.0.0.0/8
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+maillog_file = {w}/log/postfix.log
+maillog_file_prefixes = {w}/log
+alias_maps =
+alias_database =
+biff = no
+append_dot_mydomain = no
+smtputf8_enable = yes
+# Nothing leaves this machine.
+default_transport = error:outbound mail is disabled in the roundtrip harness
+relay_transport = error:outbound mail is disabled in the roundtrip harness
+local_transport = error:local delivery is disabled in the roundtrip harness
+virtual_mailbox_domains = {self.domain}
+virtual_mailbox_maps = texthash:{etc}/vmailbox
+virtual_transport = lmtp:unix:{w}/sock/lmtp
+smtpd_banner = $myhostname ESMTP
+smtpd_tls_chain_files = {w}/tls/key.pem, {w}/tls/cert.pem
+smtpd_tls_security_level = may
+smtpd_tls_auth_only = yes
+smtpd_tls_protocols = >=TLSv1.2
+smtpd_tls_mandatory_protocols = >=TLSv1.2
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = {w}/sock/auth-client
+smtpd_sasl_auth_enable = no
+smtpd_relay_restrictions = permit_sasl_authenticated, reject_unauth_destination
+smtpd_recipient_restrictions =
+smtp_tls_security_level = none
+tls_random_source = dev:/dev/urandom
+delay_warning_time = 0
+notify_classes =
+in_flow_delay = 0
+{chr(10).join(extra)}
+"""
+        submission_tls = "may" if self.allow_plaintext_auth_on_starttls_port else "encrypt"
+        submission_auth_only = "no" if self.allow_plaintext_auth_on_starttls_port else "yes"
+        submit_opts = (
+            "  -o smtpd_sasl_auth_enable=yes\n"
+            "  -o smtpd_client_restrictions=permit_sasl_authenticated,reject\n"
+            "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject\n"
+        )
+        p = self.ports
+        master = f"""\
+# Written by roundtrip.realstack. Nothing is chrooted: the sockets live in {w}/sock.
+127.0.0.1:{p["submissions"]} inet n - n - - smtpd
+  -o syslog_name=postfix/submissions
+  -o smtpd_tls_wrappermode=yes
+  -o smtpd_tls_security_level=encrypt
+{submit_opts}\
+127.0.0.1:{p["submission"]} inet n - n - - smtpd
+  -o syslog_name=postfix/submission
+  -o smtpd_tls_security_level={submission_tls}
+  -o smtpd_tls_auth_only={submission_auth_only}
+{submit_opts}\
+"""
+        if self.mx:
+            master += (
+                f"127.0.0.1:{p['smtp']} inet n - n - - smtpd\n"
+                "  -o syslog_name=postfix/mx\n"
+                "  -o smtpd_relay_restrictions=reject_unauth_destination\n"
+            )
+        master += """\
+pickup     unix  n - n 60   1 pickup
+cleanup    unix  n - n -    0 cleanup
+qmgr       unix  n - n 300  1 qmgr
+tlsmgr     unix  - - n 1000? 1 tlsmgr
+rewrite    unix  - - n -    - trivial-rewrite
+bounce     unix  - - n -    0 bounce
+defer      unix  - - n -    0 bounce
+trace      unix  - - n -    0 bounce
+verify     unix  - - n -    1 verify
+flush      unix  n - n 1000? 0 flush
+proxymap   unix  - - n -    - proxymap
+proxywrite unix  - - n -    1 proxymap
+smtp       unix  - - n -    - smtp
+relay      unix  - - n -    - smtp
+showq      unix  n - n -    - showq
+error      unix  - - n -    - error
+retry      unix  - - n -    - error
+discard    unix  - - n -    - discard
+lmtp       unix  - - n -    - lmtp
+anvil      unix  - - n -    1 anvil
+scache     unix  - - n -    1 scache
+postlog    unix-dgram n - n - 1 postlogd
+"""
+        self._write("postfix/etc/main.cf", main)
+        self._write("postfix/etc/master.cf", master)
+
+    def _make_queue(self) -> None:
+        """Create the queue tree as Postfix's ``postfix-files`` describes it.
+
+        ``postfix start`` would create it too, through ``post-install create-missing``, but that
+        script costs about 2 s; with the tree in place a ``quick-start`` file skips it.
+        """
+        postfix = pwd.getpwnam("postfix")
+        postdrop = grp.getgrnam("postdrop").gr_gid
+        spool = self._mkdir("postfix", "spool")
+        self._mkdir("postfix", "spool", "pid")
+        for name in (
+            "active",
+            "bounce",
+            "corrupt",
+            "defer",
+            "deferred",
+            "flush",
+            "hold",
+            "incoming",
+            "private",
+            "saved",
+            "trace",
+        ):
+            os.chown(self._mkdir("postfix", "spool", name, mode=0o700), postfix.pw_uid, 0)
+        os.chown(self._mkdir("postfix", "spool", "maildrop", mode=0o730), postfix.pw_uid, postdrop)
+        os.chown(self._mkdir("postfix", "spool", "public", mode=0o710), postfix.pw_uid, postdrop)
+        data = self._mkdir("postfix", "data", mode=0o700)
+        os.chown(data, postfix.pw_uid, postfix.pw_gid)
+        if self._quick_start:
+            self._write("postfix/spool/quick-start", b"")
+        else:
+            os.chmod(spool, 0o755)
+
+    def _start_dovecot(self) -> None:
+        conf = self._path("dovecot", "dovecot.conf")
+        with open(self._path("log", "dovecot-stdout.log"), "ab") as out:
+            # Our child in the foreground (-F): we can wait() for it, and it never holds a
+            # pipe of ours open.
+            self._dovecot = subprocess.Popen(
+                [_DOVECOT, "-F", "-c", conf],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _start_postfix(self) -> None:
+        etc = self._path("postfix", "etc")
+        with open(self._path("log", "postfix-start.log"), "ab") as out:
+            proc = subprocess.run(
+                [_POSTFIX, "-c", etc, "start"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=self.startup_timeout,
+                check=False,
+            )
+        if proc.returncode != 0:
+            raise ServerStartError(
+                f"'postfix -c {etc} start' exited {proc.returncode}; its errors went to syslog. "
+                f"Run: script -qec 'postfix -c {etc} check' /dev/null\n{self.log_text()}"
+            )
+
+    def _wait_ready(self, deadline: float) -> None:
+        # Certificates may be broken on purpose, so readiness does not verify them.
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        pending = dict(self.ports)
+        last_error: dict[str, str] = {}
+        while pending:
+            for name, port in list(pending.items()):
+                try:
+                    self._probe(name, port, ctx, deadline)
+                except (OSError, TimeoutError) as exc:
+                    last_error[name] = repr(exc)
+                else:
+                    del pending[name]
+            if self._dovecot is not None and self._dovecot.poll() is not None:
+                raise ServerStartError(
+                    f"dovecot exited with {self._dovecot.returncode} during start-up\n"
+                    f"{self.log_text()}"
+                )
+            if not pending:
+                break
+            if time.monotonic() >= deadline:
+                detail = ", ".join(f"{n}:{self.ports[n]} ({last_error.get(n)})" for n in pending)
+                raise ServerStartError(
+                    f"Postfix/Dovecot listeners not ready after {self.startup_timeout} s: "
+                    f"{detail}; raise startup_timeout if the machine is slow\n{self.log_text()}"
+                )
+            # A bounded poll interval between connection attempts, not synchronisation.
+            time.sleep(0.02)
+
+    def _probe(self, name: str, port: int, ctx: ssl.SSLContext, deadline: float) -> None:
+        """Complete a TLS handshake (implicit-TLS ports) or read the greeting (others)."""
+        timeout = max(0.1, min(2.0, deadline - time.monotonic()))
+        with socket.create_connection((self.host, port), timeout=timeout) as raw:
+            if name in _IMPLICIT_TLS_PORTS:
+                with ctx.wrap_socket(raw, server_hostname=self.hostname) as tls:
+                    greeting = tls.recv(512)
+            else:
+                greeting = raw.recv(512)
+        if not greeting:
+            raise ConnectionResetError(f"{name}: closed before the greeting")
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def _stop_processes(self) -> None:
+        if self._workdir is None:
+            return
+        pids = [
+            _read_pid(self._path("postfix", "spool", "pid", "master.pid")),
+            _read_pid(self._path("dovecot", "run", "master.pid")),
+        ]
+        if self._dovecot is not None:
+            pids.append(self._dovecot.pid)
+        live = {pid for pid in pids if pid is not None and pid > 1 and _pid_alive(pid)}
+        for pid in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        while live and time.monotonic() < deadline:
+            if self._dovecot is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._dovecot.wait(timeout=0.01)
+            live = {pid for pid in live if _pid_alive(pid)}
+            if live:
+                time.sleep(0.02)
+        for pid in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self._dovecot is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._dovecot.wait(timeout=_STOP_TIMEOUT)
+            self._dovecot = None
+
+    def _remove_workdir(self, *, force: bool) -> None:
+        if self._workdir is None:
+            return
+        if force or not self.keep:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
