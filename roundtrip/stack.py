@@ -24,12 +24,13 @@ from .config import StackConfig, User
 from .errors import ConfigError, MailboxError, NotDeliveredError, ServerStartError
 from .message import ReceivedMessage
 from .protocols.dns import Record, build_zone, default_records
+from .protocols.filter import ContentFilter, FilterInput, default_filter, prepend_headers
 from .protocols.smtp import Role, domain_of
 from .servers._runner import LoopThread
 from .servers.dns import DNSServer, start_dns
 from .servers.pop3 import start_pop3
 from .servers.relay import Relay, RelayEvent
-from .servers.smtp import Accepted, SMTPHandler, start_smtp
+from .servers.smtp import Accepted, ContentRejected, SMTPHandler, start_smtp
 from .store import Store, StoredMessage
 
 __all__ = [
@@ -164,6 +165,9 @@ class MailStack:
         self._by_message_id: dict[str, list[str]] = {}
         #: Test-only misbehaviour switches (see Faults); reset() turns them off.
         self.faults = Faults()
+        #: The receiving MX's content filter (see roundtrip.protocols.filter); a test may
+        #: replace it, and reset() restores the default, which only adds X-Spam headers.
+        self.content_filter: ContentFilter | None = default_filter
         self._started = False
         self._stopped = False
         self._start_lock = threading.Lock()
@@ -408,6 +412,7 @@ class MailStack:
                 dns.query_log.clear()
         self.store.clear()
         self.faults = Faults()
+        self.content_filter = default_filter
         if self._thread is not None:
             self._thread.take_errors()
 
@@ -426,20 +431,41 @@ class MailStack:
             accepted.hostname,
             accepted.received_monotonic,
         )
+        raw, mailbox = accepted.raw, "INBOX"
+        content_filter = self.content_filter
+        if accepted.role is Role.SMTP and content_filter is not None:
+            verdict = content_filter(
+                FilterInput(
+                    mail_from=accepted.mail_from,
+                    rcpt_tos=accepted.rcpt_tos,
+                    raw=raw,
+                    tls=accepted.tls,
+                    helo=accepted.helo,
+                    hostname=accepted.hostname,
+                )
+            )
+            if verdict is not None:
+                if verdict.action == "reject":
+                    raise ContentRejected(verdict.reply)
+                raw, mailbox = prepend_headers(raw, verdict.headers), verdict.mailbox
         remote = []
         stored = False
         for rcpt in accepted.rcpt_tos:
             if accepted.role is Role.SMTP or domain_of(rcpt) == accepted.server_domain:
-                for copy in self.faults.apply(accepted.raw):
+                for copy in self.faults.apply(raw):
                     self.store.deliver(
-                        rcpt, copy, envelope_from=accepted.mail_from, envelope_to=(rcpt,)
+                        rcpt,
+                        copy,
+                        mailbox=mailbox,
+                        envelope_from=accepted.mail_from,
+                        envelope_to=(rcpt,),
                     )
                 stored = True
             else:
                 remote.append(rcpt)
         if stored:
             self._record(accepted.queue_id, "stored", accepted.hostname, time.monotonic())
-            self._index_journey(accepted.raw)
+            self._index_journey(raw)
         if remote:
             assert self.relay is not None
             entry = self.relay.enqueue(

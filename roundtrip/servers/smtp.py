@@ -38,7 +38,7 @@ from ..protocols.smtp import (
     with_protocol,
 )
 
-__all__ = ["Accepted", "Router", "SMTPHandler", "start_smtp"]
+__all__ = ["Accepted", "ContentRejected", "Router", "SMTPHandler", "start_smtp"]
 
 log = logging.getLogger("roundtrip.servers.smtp")
 # aiosmtpd logs "Session.login_data is deprecated" on every AUTH, and every command at INFO.
@@ -70,10 +70,20 @@ class Accepted:
     tls: bool
     received_at: float
     received_monotonic: float
+    #: The client's EHLO/HELO name, as given.
+    helo: str = ""
 
 
 #: Delivers or queues an accepted message; raising StorageError makes the reply a 451.
 Router = Callable[[Accepted], None]
+
+
+class ContentRejected(Exception):
+    """Raised by a router whose content filter refuses the message; ``reply`` is sent."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
 
 
 class _SMTP(SMTP):
@@ -200,6 +210,8 @@ class SMTPHandler:
         accepted = self._accept(session, envelope)
         try:
             self._router(accepted)
+        except ContentRejected as exc:
+            return exc.reply
         except (StorageError, MailboxError, OSError) as exc:
             log.warning("storing %s failed: %s", accepted.queue_id, exc)
             return Reply.STORE_FAILED
@@ -263,6 +275,7 @@ class SMTPHandler:
             tls=tls,
             received_at=now,
             received_monotonic=time.monotonic(),
+            helo=session.host_name or "",
         )
 
 
