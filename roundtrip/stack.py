@@ -30,7 +30,7 @@ from .servers._runner import LoopThread
 from .servers.dns import DNSServer, start_dns
 from .servers.pop3 import start_pop3
 from .servers.relay import Relay, RelayEvent
-from .servers.smtp import Accepted, ContentRejected, SMTPHandler, start_smtp
+from .servers.smtp import Accepted, ContentRejectedError, SMTPHandler, start_smtp
 from .store import Store, StoredMessage
 
 __all__ = [
@@ -446,7 +446,7 @@ class MailStack:
             )
             if verdict is not None:
                 if verdict.action == "reject":
-                    raise ContentRejected(verdict.reply)
+                    raise ContentRejectedError(verdict.reply)
                 raw, mailbox = prepend_headers(raw, verdict.headers), verdict.mailbox
         remote = []
         stored = False

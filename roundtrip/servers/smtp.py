@@ -38,7 +38,7 @@ from ..protocols.smtp import (
     with_protocol,
 )
 
-__all__ = ["Accepted", "ContentRejected", "Router", "SMTPHandler", "start_smtp"]
+__all__ = ["Accepted", "ContentRejectedError", "Router", "SMTPHandler", "start_smtp"]
 
 log = logging.getLogger("roundtrip.servers.smtp")
 # aiosmtpd logs "Session.login_data is deprecated" on every AUTH, and every command at INFO.
@@ -78,7 +78,7 @@ class Accepted:
 Router = Callable[[Accepted], None]
 
 
-class ContentRejected(Exception):
+class ContentRejectedError(Exception):
     """Raised by a router whose content filter refuses the message; ``reply`` is sent."""
 
     def __init__(self, reply: str) -> None:
@@ -210,7 +210,7 @@ class SMTPHandler:
         accepted = self._accept(session, envelope)
         try:
             self._router(accepted)
-        except ContentRejected as exc:
+        except ContentRejectedError as exc:
             return exc.reply
         except (StorageError, MailboxError, OSError) as exc:
             log.warning("storing %s failed: %s", accepted.queue_id, exc)
