@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import grp
+import ipaddress
 import os
 import pwd
 import secrets
@@ -41,6 +42,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import tempfile
 import time
@@ -51,7 +53,7 @@ from typing import Literal
 from roundtrip.certs import CertificateAuthority
 from roundtrip.errors import ConfigError, ServerStartError
 
-__all__ = ["TLS_CERT_CHOICES", "RealMailServer"]
+__all__ = ["ALTERED_SUFFIX", "TLS_CERT_CHOICES", "RealMailServer"]
 
 TLSCertKind = Literal["good", "wrong_host", "expired", "untrusted"]
 TLS_CERT_CHOICES: tuple[str, ...] = ("good", "wrong_host", "expired", "untrusted")
@@ -73,20 +75,36 @@ _DUPLICATE_DETAIL = "roundtrip-duplicate"
 #: sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _STOP_TIMEOUT = 10.0
+#: The longest unix socket path below the work directory (one of Dovecot's in base_dir).
+_LONGEST_SOCKET = os.path.join("run", "replication-notify-fifo")
 
 
-def _free_ports(count: int) -> list[int]:
+def _free_ports(host: str, count: int) -> list[int]:
     """Ports the kernel hands out for port 0 right now (closed again before returning)."""
     socks: list[socket.socket] = []
     try:
         for _ in range(count):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             socks.append(s)
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
             s.close()
+
+
+def _untraversable_ancestor(path: str) -> str | None:
+    """The first directory from ``/`` down to ``path`` that other users cannot enter."""
+    current = "/"
+    for part in [p for p in path.split(os.sep) if p]:
+        current = os.path.join(current, part)
+        try:
+            mode = os.stat(current).st_mode
+        except FileNotFoundError:
+            return None
+        if not mode & stat.S_IXOTH:
+            return current
+    return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -99,11 +117,12 @@ def _pid_alive(pid: int) -> bool:
         return True
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            stat = fh.read()
+            proc_stat = fh.read()
     except OSError:
         return False
     # The state letter follows the command name in parentheses, which may contain spaces.
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+    # A zombie counts as gone: PID 1 of a container may never reap the daemonised master.
+    return proc_stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def _read_pid(path: str) -> int | None:
@@ -123,6 +142,10 @@ class RealMailServer:
     Args:
         domain: the one mail domain served (virtual mailbox domain); the host name is
             ``mail.<domain>``.
+        host: the loopback address every listener binds. Dovecot counts a client whose
+            address equals the server's as secure and then allows plaintext logins before
+            STARTTLS; a different address such as ``127.0.0.2`` (the client's source stays
+            127.0.0.1) gives the behaviour remote clients see.
         users: login -> password. A login without ``@`` gets ``@<domain>`` appended; logins
             are full addresses. Defaults to ``alice`` and ``bob``.
         ca: the CA that issues the server certificate (a new one by default).
@@ -143,6 +166,7 @@ class RealMailServer:
         self,
         *,
         domain: str = "example.net",
+        host: str = "127.0.0.1",
         users: Mapping[str, str] | None = None,
         ca: CertificateAuthority | None = None,
         workdir: str | None = None,
@@ -159,6 +183,11 @@ class RealMailServer:
             raise ConfigError(f"tls_cert={tls_cert!r} is not one of {', '.join(TLS_CERT_CHOICES)}")
         if not domain or any(c in domain for c in " \t\r\n/:@,") or domain != domain.lower():
             raise ConfigError(f"domain={domain!r}: expected a lower-case DNS name")
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                raise ValueError(host)
+        except ValueError:
+            raise ConfigError(f"host={host!r}: expected a loopback IP address") from None
         if users is None:
             users = {"alice": "alice-" + secrets.token_hex(8), "bob": "bob-" + secrets.token_hex(8)}
         self.domain = domain
@@ -173,7 +202,7 @@ class RealMailServer:
                 raise ConfigError(f"user {login!r}: unusable login or password for passwd-file")
             self.users[address] = password
         self.ca = ca if ca is not None else CertificateAuthority()
-        self.host = "127.0.0.1"
+        self.host = host
         self.hostname = f"mail.{domain}"
         self.startup_timeout = startup_timeout
         self.tls_cert: TLSCertKind = tls_cert
@@ -190,6 +219,7 @@ class RealMailServer:
         self._dovecot: subprocess.Popen[bytes] | None = None
         self._started = False
         self._quick_start = True
+        self._final_log = ""
 
     # -- public API ----------------------------------------------------------------------
 
@@ -255,11 +285,15 @@ class RealMailServer:
             except ServerStartError:
                 # Another program may have taken a port between our probe and the bind.
                 self._stop_processes()
+                self._remove_workdir(force=attempt == 1)
                 if attempt == 2:
                     raise
-                self._remove_workdir(force=True)
                 # The second try lets ``postfix start`` run its own integrity checks.
                 self._quick_start = False
+            except BaseException:
+                self._stop_processes()
+                self._remove_workdir(force=False)
+                raise
             else:
                 break
         self._started = True
@@ -270,12 +304,14 @@ class RealMailServer:
         """Stop both daemons (SIGTERM, then SIGKILL) and remove the directory. Idempotent."""
         self._stop_processes()
         self._started = False
+        if self._workdir is not None:
+            self._final_log = self.log_text()
         self._remove_workdir(force=False)
 
     def log_text(self) -> str:
-        """The Postfix and Dovecot logs so far, for assertions and failure messages."""
+        """The Postfix and Dovecot logs so far (after ``stop()``: as they were at the end)."""
         if self._workdir is None:
-            return ""
+            return self._final_log
         parts = []
         for name in ("postfix.log", "postfix-start.log", "dovecot.log", "dovecot-stdout.log"):
             path = os.path.join(self._workdir, "log", name)
@@ -310,18 +346,28 @@ class RealMailServer:
     # -- start-up ------------------------------------------------------------------------
 
     def _start_once(self) -> None:
-        self._workdir = tempfile.mkdtemp(prefix="rt-mail-", dir=self._parent_dir)
+        parent = self._parent_dir if self._parent_dir is not None else tempfile.gettempdir()
+        # mkdtemp adds 8 characters to the prefix.
+        parent = os.path.abspath(parent)
+        longest = os.path.join(parent, "rt-mail-XXXXXXXX", _LONGEST_SOCKET)
+        if len(longest.encode()) > _MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"workdir={parent!r} is too long for unix socket paths (at most "
+                f"{_MAX_SOCKET_PATH} bytes); pass a shorter workdir="
+            )
+        blocked = _untraversable_ancestor(parent)
+        if blocked is not None:
+            raise ConfigError(
+                f"workdir={parent!r}: {blocked!r} is not searchable by other users (mode o+x), "
+                "so Postfix and Dovecot cannot reach their sockets after dropping root; pass "
+                "another workdir="
+            )
+        self._workdir = tempfile.mkdtemp(prefix="rt-mail-", dir=parent)
         # Postfix and Dovecot drop privileges (postfix, dovenull, nobody) and must still reach
         # their sockets, queue and mailboxes below this directory.
         os.chmod(self._workdir, 0o755)
-        sock_probe = os.path.join(self._workdir, "sock", "auth-client")
-        if len(sock_probe.encode()) > _MAX_SOCKET_PATH:
-            raise ConfigError(
-                f"workdir {self._workdir!r} is too long for unix socket paths; pass a shorter "
-                "workdir="
-            )
         names = [*_PORT_NAMES, "smtp"] if self.mx else list(_PORT_NAMES)
-        self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
+        self.ports = dict(zip(names, _free_ports(self.host, len(names)), strict=True))
         self._write_tls()
         self._write_dovecot()
         self._write_postfix()
@@ -347,10 +393,14 @@ class RealMailServer:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.chmod(path, mode)
+        # Postfix pauses 300 ms at a time until a table or main.cf is over a second old
+        # ("pausing to let ... cool down"): that alone cost 2.1 s of every start.
+        cooled = time.time() - 10
+        os.utime(path, (cooled, cooled))
         return path
 
     def _write_tls(self) -> None:
-        names = (self.hostname, "localhost", "127.0.0.1")
+        names = tuple(dict.fromkeys((self.hostname, "localhost", "127.0.0.1", self.host)))
         now = datetime.datetime.now(datetime.UTC)
         if self.tls_cert == "good":
             leaf = self.ca.ca.issue_cert(*names)
@@ -375,7 +425,7 @@ class RealMailServer:
         nobody = pwd.getpwnam("nobody")
         self._mkdir("log")
         self._mkdir("sock")
-        self._mkdir("dovecot", "run")
+        self._mkdir("run")
         self._mkdir("dovecot", "state")
         mail = self._mkdir("mail")
         os.chown(mail, nobody.pw_uid, nobody.pw_gid)
@@ -389,9 +439,9 @@ class RealMailServer:
         conf = f"""\
 # Written by roundtrip.realstack; nothing here is read from /etc/dovecot.
 instance_name = roundtrip-{os.path.basename(w)}
-base_dir = {w}/dovecot/run
+base_dir = {w}/run
 state_dir = {w}/dovecot/state
-listen = 127.0.0.1
+listen = {self.host}
 protocols = imap pop3 lmtp
 log_path = {w}/log/dovecot.log
 default_login_user = dovenull
@@ -424,6 +474,13 @@ service lmtp {{
     mode = 0666
   }}
 }}
+# Without this socket Dovecot skips its per-IP penalty (2 s, doubling after each failure),
+# which would otherwise slow every wrong-password test that follows another.
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
 service auth {{
   unix_listener {w}/sock/auth-client {{
     mode = 0666
@@ -433,11 +490,11 @@ service imap-login {{
   service_count = 0
   process_min_avail = 1
   inet_listener imap {{
-    address = 127.0.0.1
+    address = {self.host}
     port = {p["imap"]}
   }}
   inet_listener imaps {{
-    address = 127.0.0.1
+    address = {self.host}
     port = {p["imaps"]}
     ssl = yes
   }}
@@ -446,11 +503,11 @@ service pop3-login {{
   service_count = 0
   process_min_avail = 1
   inet_listener pop3 {{
-    address = 127.0.0.1
+    address = {self.host}
     port = {p["pop3"]}
   }}
   inet_listener pop3s {{
-    address = 127.0.0.1
+    address = {self.host}
     port = {p["pop3s"]}
     ssl = yes
   }}
@@ -496,7 +553,10 @@ mydomain = {self.domain}
 myorigin = $mydomain
 mydestination =
 mynetworks = 127.0.0.0/8
-inet_interfaces = 127.0.0.1
+# Every listener names its address in master.cf; these only tell Postfix which addresses
+# are its own ("127.0.0.2" is no interface address, but the kernel routes it to lo).
+inet_interfaces = loopback-only
+proxy_interfaces = {self.host}
 inet_protocols = ipv4
 maillog_file = {w}/log/postfix.log
 maillog_file_prefixes = {w}/log
@@ -528,6 +588,7 @@ tls_random_source = dev:/dev/urandom
 delay_warning_time = 0
 notify_classes =
 in_flow_delay = 0
+smtpd_error_sleep_time = 0
 {chr(10).join(extra)}
 """
         submission_tls = "may" if self.allow_plaintext_auth_on_starttls_port else "encrypt"
@@ -540,12 +601,12 @@ in_flow_delay = 0
         p = self.ports
         master = f"""\
 # Written by roundtrip.realstack. Nothing is chrooted: the sockets live in {w}/sock.
-127.0.0.1:{p["submissions"]} inet n - n - - smtpd
+{self.host}:{p["submissions"]} inet n - n - - smtpd
   -o syslog_name=postfix/submissions
   -o smtpd_tls_wrappermode=yes
   -o smtpd_tls_security_level=encrypt
 {submit_opts}\
-127.0.0.1:{p["submission"]} inet n - n - - smtpd
+{self.host}:{p["submission"]} inet n - n - - smtpd
   -o syslog_name=postfix/submission
   -o smtpd_tls_security_level={submission_tls}
   -o smtpd_tls_auth_only={submission_auth_only}
@@ -553,7 +614,7 @@ in_flow_delay = 0
 """
         if self.mx:
             master += (
-                f"127.0.0.1:{p['smtp']} inet n - n - - smtpd\n"
+                f"{self.host}:{p['smtp']} inet n - n - - smtpd\n"
                 "  -o syslog_name=postfix/mx\n"
                 "  -o smtpd_relay_restrictions=reject_unauth_destination\n"
             )
@@ -643,9 +704,29 @@ postlog    unix-dgram n - n - 1 postlogd
             )
         if proc.returncode != 0:
             raise ServerStartError(
-                f"'postfix -c {etc} start' exited {proc.returncode}; its errors went to syslog. "
-                f"Run: script -qec 'postfix -c {etc} check' /dev/null\n{self.log_text()}"
+                f"'postfix -c {etc} start' exited {proc.returncode}: "
+                f"{self._postfix_diagnosis(etc)}\n{self.log_text()}"
             )
+
+    def _postfix_diagnosis(self, etc: str) -> str:
+        """Postfix's own complaint, which it sends to syslog (absent in containers).
+
+        Postfix also writes to stderr when stderr is a terminal, hence ``script``.
+        """
+        script = shutil.which("script")
+        if script is None:
+            return f"see syslog, or run: postfix -c {etc} check"
+        try:
+            proc = subprocess.run(
+                [script, "-qec", f"{_POSTFIX} -c {etc} check", "/dev/null"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=self.startup_timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return f"'postfix -c {etc} check' timed out"
+        return proc.stdout.decode(errors="replace").strip() or "no message from postfix check"
 
     def _wait_ready(self, deadline: float) -> None:
         # Certificates may be broken on purpose, so readiness does not verify them.
@@ -697,7 +778,7 @@ postlog    unix-dgram n - n - 1 postlogd
             return
         pids = [
             _read_pid(self._path("postfix", "spool", "pid", "master.pid")),
-            _read_pid(self._path("dovecot", "run", "master.pid")),
+            _read_pid(self._path("run", "master.pid")),
         ]
         if self._dovecot is not None:
             pids.append(self._dovecot.pid)
@@ -705,6 +786,11 @@ postlog    unix-dgram n - n - 1 postlogd
         for pid in live:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+        if self._dovecot is not None and self._dovecot.returncode is None:
+            # Dovecot's master waits about 1 s for its children after SIGTERM; they share the
+            # process group we gave it (start_new_session), so end them together.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._dovecot.pid, signal.SIGTERM)
         deadline = time.monotonic() + _STOP_TIMEOUT
         while live and time.monotonic() < deadline:
             if self._dovecot is not None:
