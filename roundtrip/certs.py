@@ -43,11 +43,12 @@ class CertificateAuthority:
         Leaves are cached per set of names (minting costs about a millisecond with ECDSA).
         """
         names = tuple(dict.fromkeys([*identities, *_LOOPBACK_IDENTITIES]))
+        # A Common Name as well as the SANs: fetchmail (6.4) refuses certificates without one.
         if not_after is not None:
-            return self.ca.issue_cert(*names, not_after=not_after)
+            return self.ca.issue_cert(*names, common_name=names[0], not_after=not_after)
         cert = self._leaves.get(names)
         if cert is None:
-            cert = self._leaves[names] = self.ca.issue_cert(*names)
+            cert = self._leaves[names] = self.ca.issue_cert(*names, common_name=names[0])
         return cert
 
     def server_context(
