@@ -20,6 +20,7 @@ __all__ = [
     "PASSWORD_ENV",
     "Endpoint",
     "PortMode",
+    "SMTPLimits",
     "StackConfig",
     "TLSMode",
     "Timeouts",
@@ -79,6 +80,79 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class SMTPLimits:
+    """Abuse limits of the SMTP listeners (SECURITY.md A1, A4.3, A5.4, A8).
+
+    Defaults follow the RFCs, Postfix and Dovecot; a test stack lowers them to run fast. A
+    count of 0 turns that limit off.
+    """
+
+    #: Longest command line, CRLF included (RFC 5321 4.5.3.1.4: 512 octets). MAIL gets the
+    #: extra octets that SIZE and SMTPUTF8 allow (RFC 1870, RFC 6531 3.4).
+    max_command_line: int = 512
+    #: Longest text line of DATA, CRLF included (RFC 5321 4.5.3.1.6: 1000 octets). A longer
+    #: line makes the whole message fail with 500 after the final dot; nothing is stored.
+    max_text_line: int = 1000
+    #: 4xx/5xx replies in one session before "421 4.7.0 Error: too many errors" and close
+    #: (Postfix smtpd_hard_error_limit 20).
+    max_errors: int = 20
+    #: Commands per session, by verb; "*" is the budget of every other verb. Past it: 421 and
+    #: close (aiosmtpd command_call_limit; Postfix smtpd_junk_command_limit 100 for
+    #: NOOP/RSET/VRFY). RCPT gets room for several full-size transactions.
+    command_limits: tuple[tuple[str, int], ...] = (
+        ("*", 1000),
+        ("NOOP", 100),
+        ("RSET", 100),
+        ("VRFY", 100),
+        ("EXPN", 100),
+        ("HELP", 100),
+        ("RCPT", 10_000),
+    )
+    #: Simultaneous connections to one listener (Postfix default_process_limit 100).
+    max_connections: int = 100
+    #: Simultaneous connections from one client IP to one listener
+    #: (Postfix smtpd_client_connection_count_limit 50).
+    max_connections_per_ip: int = 50
+    #: Failed AUTH (535) on one connection before 421 and close.
+    max_auth_failures: int = 3
+    #: Delay before AUTH is answered, after failures from the same client IP: 0, then this,
+    #: doubling up to ``auth_penalty_max``. It runs before the credentials are checked, so a
+    #: right password waits too and timing reveals nothing (Dovecot auth penalty: 2 s doubling
+    #: to 15 s). Ours is small because a test stack shares one client IP between tests that
+    #: fail AUTH on purpose and tests with sub-second timeouts. Success clears it.
+    auth_penalty_initial: float = 0.1
+    auth_penalty_max: float = 1.0
+    #: Failures from an IP are forgotten this long after its last one.
+    auth_penalty_timeout: float = 300.0
+    #: Time for the whole DATA phase, from 354 to the final dot; every N bytes received add
+    #: N/min_data_rate seconds, never beyond this much from now (Postfix
+    #: smtpd_per_request_deadline with smtpd_timeout 300 s and smtpd_min_data_rate 500).
+    data_timeout: float = 300.0
+    #: Bytes per second a DATA sender must sustain (Postfix smtpd_min_data_rate 500).
+    min_data_rate: float = 500.0
+    #: Received fields a message may already carry (Postfix hopcount_limit 50); more is a
+    #: mail loop: 554 5.4.6, not stored.
+    max_hops: int = 50
+    #: Seconds to wait before the banner; a client that talks first gets 554 5.5.0 and is
+    #: dropped (Postfix postscreen_greet_wait, sendmail greet_pause). 0 (default) sends the
+    #: banner at once; bytes that arrive before it still count as pregreet.
+    greet_pause: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_command_line < 64 or self.max_text_line < 64:
+            raise ConfigError("max_command_line and max_text_line must be at least 64 octets")
+        for name in ("data_timeout", "min_data_rate"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"smtp_limits.{name} must be greater than 0")
+        for name in ("auth_penalty_initial", "auth_penalty_max", "greet_pause"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"smtp_limits.{name} must not be negative")
+        object.__setattr__(
+            self, "command_limits", tuple((str(k).upper(), int(v)) for k, v in self.command_limits)
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class StackConfig:
     """What a MailStack serves.
 
@@ -106,6 +180,8 @@ class StackConfig:
     retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0)
     #: Seconds a message may wait in the relay queue before it bounces (Postfix: 5 days).
     queue_lifetime: float = 600.0
+    #: Abuse limits of the SMTP listeners.
+    smtp_limits: SMTPLimits = SMTPLimits()
 
     def __post_init__(self) -> None:
         domains = tuple(dict.fromkeys(parse_domains(self.domains)))

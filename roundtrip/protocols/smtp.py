@@ -13,7 +13,16 @@ Both submission roles require AUTH before MAIL and accept any syntactically vali
 routing decides what happens to it. An authenticated user may only use their own address as
 envelope sender (Postfix ``reject_sender_login_mismatch``), unless the stack turns that off.
 
-Not handled here: parsing, dot-stuffing, SIZE and line limits (aiosmtpd does those).
+Abuse limits (SECURITY.md A1, A4.3, A5, A8) are decided here and enforced by the adapter:
+``check_address_encoding`` (RFC 6531: 8-bit addresses need SMTPUTF8, and must be valid UTF-8),
+``check_hops`` (mail loops, Postfix ``hopcount_limit``), ``extend_data_deadline`` (a DATA
+deadline that only a minimum data rate can push back, Postfix ``smtpd_min_data_rate``),
+``counts_as_error`` (Postfix ``smtpd_hard_error_limit``), and two small bookkeeping classes with
+injected clocks: ``ConnectionCounts`` (total and per-IP caps) and ``AuthPenalties`` (a growing
+delay per client IP after failed AUTH, Dovecot's auth penalty).
+
+Not handled here: parsing, dot-stuffing, and the SIZE and line-length checks themselves
+(aiosmtpd does those; the adapter configures them).
 """
 
 from __future__ import annotations
@@ -25,14 +34,22 @@ from dataclasses import dataclass
 from enum import Enum
 
 __all__ = [
+    "AuthPenalties",
+    "ConnectionCounts",
     "Reply",
     "Role",
     "TLSInfo",
     "add_missing_headers",
+    "auth_penalty",
+    "check_address_encoding",
+    "check_hops",
     "check_recipient",
     "check_sender",
+    "count_received",
+    "counts_as_error",
     "domain_of",
     "enhanced_status",
+    "extend_data_deadline",
     "received_header",
     "with_protocol",
 ]
@@ -64,6 +81,26 @@ class Reply:
     STORE_FAILED = "451 4.3.0 Error: queue file write error"
     VRFY = "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery"
     EXPN = "502 5.5.1 EXPN not available"
+    # Abuse limits (SECURITY.md A1.6, A4.3, A8.1-A8.3). Texts follow Postfix smtpd.
+    UNKNOWN_COMMAND = "500 Error: command not recognized"
+    TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors"
+    TOO_MANY_CONNECTIONS = "421 4.7.0 Error: too many connections"
+    TOO_MANY_CONNECTIONS_FROM = "421 4.7.0 Error: too many connections from {ip}"
+    TOO_MANY_AUTH_FAILURES = "421 4.7.0 Error: too many failed authentications"
+    TIMEOUT = "421 4.4.2 Error: timeout exceeded"
+    #: A client that talked before the banner (Postfix smtpd_forbid_unauth_pipelining text).
+    PREGREET = "554 5.5.0 Error: SMTP protocol synchronization"
+    AUTH_IN_TRANSACTION = "503 5.5.1 Error: MAIL transaction in progress"
+    AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
+    AUTH_ABORTED = "501 5.7.0 Auth aborted"
+    AUTH_BAD_BASE64 = "501 5.5.2 Can't decode base64"
+    #: 8-bit addresses without SMTPUTF8: 553 with X.6.7 (RFC 6531 section 3.7, RFC 5248).
+    NON_ASCII_SENDER = "553 5.6.7 Non-ASCII addresses not permitted for that sender"
+    NON_ASCII_RECIPIENT = "553 5.6.7 Non-ASCII addresses not permitted for that recipient"
+    MALFORMED_UTF8_SENDER = "553 5.1.7 Error: malformed UTF-8 in sender address"
+    MALFORMED_UTF8_RECIPIENT = "553 5.1.3 Error: malformed UTF-8 in recipient address"
+    #: A mail loop (RFC 5321 section 6.3; Postfix hopcount_limit, bounce code 5.4.6).
+    TOO_MANY_HOPS = "554 5.4.6 Error: too many hops"
 
 
 # Enhanced status codes for aiosmtpd's own replies, which lack them (RFC 2034 section 3).
@@ -269,3 +306,168 @@ def add_missing_headers(raw: bytes, *, domain: str, queue_id: str, timestamp: fl
         # No header/body separator and no final newline: end the last line first.
         return raw + eol + extra
     return raw[:end] + extra + raw[end:]
+
+
+# Abuse limits
+
+
+def counts_as_error(reply: str) -> bool:
+    """Whether a final reply counts towards the session's error limit.
+
+    Every 4xx and 5xx does (Postfix increments its error count on each rejected command),
+    except the 421 that closes the session anyway.
+    """
+    return len(reply) >= 3 and reply[0] in "45" and not reply.startswith("421")
+
+
+# Lone surrogates are how aiosmtpd hands over bytes that are not UTF-8 (surrogateescape).
+_UNDECODABLE = re.compile(r"[\udc80-\udcff]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def check_address_encoding(address: str, *, smtputf8: bool, sender: bool) -> str | None:
+    """Decide whether an envelope address may carry the octets it does (RFC 6531).
+
+    Without the SMTPUTF8 parameter on MAIL, any octet above 127 is refused with 553 5.6.7
+    (RFC 6531 section 3.7, code X.6.7). With it, the address must still be valid UTF-8 (RFC 6532
+    section 3.1); undecodable octets get 553 5.1.7 (sender) or 5.1.3 (recipient).
+
+    Returns:
+        None to accept, or the reply line to refuse with.
+    """
+    if not _NON_ASCII.search(address):
+        return None
+    if not smtputf8:
+        return Reply.NON_ASCII_SENDER if sender else Reply.NON_ASCII_RECIPIENT
+    if _UNDECODABLE.search(address):
+        return Reply.MALFORMED_UTF8_SENDER if sender else Reply.MALFORMED_UTF8_RECIPIENT
+    return None
+
+
+_RECEIVED = re.compile(rb"^Received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+def count_received(raw: bytes) -> int:
+    """How many ``Received:`` fields the header block of ``raw`` carries (body lines are not
+    counted)."""
+    end, _ = _header_block_end(raw)
+    return len(_RECEIVED.findall(raw, 0, end))
+
+
+def check_hops(raw: bytes, *, max_hops: int) -> str | None:
+    """Refuse a message that already went through more than ``max_hops`` hops.
+
+    RFC 5321 section 6.3 asks for a loop limit on Received fields; Postfix's
+    ``hopcount_limit`` is 50 and bounces with 5.4.6. ``max_hops`` 0 turns the check off.
+
+    Returns:
+        None to accept, or the reply line to refuse with.
+    """
+    if max_hops and count_received(raw) > max_hops:
+        return Reply.TOO_MANY_HOPS
+    return None
+
+
+def extend_data_deadline(
+    deadline: float, *, now: float, received: int, min_rate: float, timeout: float
+) -> float:
+    """The DATA deadline after ``received`` more bytes arrived at ``now``.
+
+    Each byte buys ``1/min_rate`` seconds, but the deadline never lies more than ``timeout``
+    ahead of now (Postfix ``smtpd_per_request_deadline`` with ``smtpd_min_data_rate``). A
+    client slower than ``min_rate`` therefore runs out of time however it trickles.
+    """
+    return min(deadline + received / min_rate, now + timeout)
+
+
+def auth_penalty(failures: int, *, initial: float, maximum: float) -> float:
+    """Seconds to wait before answering AUTH after ``failures`` recent failures.
+
+    0 for none, then ``initial`` doubling up to ``maximum`` (Dovecot ``auth_penalty``:
+    2 s doubling to 15 s).
+    """
+    if failures <= 0 or initial <= 0:
+        return 0.0
+    return float(min(maximum, initial * 2 ** min(failures - 1, 32)))
+
+
+class AuthPenalties:
+    """Failed AUTH attempts per client IP, and the delay they earn.
+
+    A success from the IP clears its record, and so does ``timeout`` seconds without a new
+    failure; there is no lockout, only a delay. Times are whatever clock the caller uses.
+    """
+
+    #: Above this many tracked IPs, expired records are pruned (memory stays bounded).
+    MAX_TRACKED = 4096
+
+    def __init__(self, *, initial: float, maximum: float, timeout: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.timeout = timeout
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def delay(self, ip: str, now: float) -> float:
+        """Seconds the next AUTH from ``ip`` waits before it is answered."""
+        entry = self._failures.get(ip)
+        if entry is None:
+            return 0.0
+        count, last = entry
+        if now - last > self.timeout:
+            del self._failures[ip]
+            return 0.0
+        return auth_penalty(count, initial=self.initial, maximum=self.maximum)
+
+    def failed(self, ip: str, now: float) -> None:
+        count, last = self._failures.get(ip, (0, now))
+        if now - last > self.timeout:
+            count = 0
+        self._failures[ip] = (count + 1, now)
+        if len(self._failures) > self.MAX_TRACKED:
+            self._prune(now)
+
+    def succeeded(self, ip: str) -> None:
+        self._failures.pop(ip, None)
+
+    def _prune(self, now: float) -> None:
+        fresh = {ip: e for ip, e in self._failures.items() if now - e[1] <= self.timeout}
+        if len(fresh) > self.MAX_TRACKED:  # still too many: keep the most recent half
+            keep = sorted(fresh.items(), key=lambda item: item[1][1])[-self.MAX_TRACKED // 2 :]
+            fresh = dict(keep)
+        self._failures = fresh
+
+
+class ConnectionCounts:
+    """Open connections of one listener, in total and per client IP.
+
+    ``admit`` either counts a new connection or returns the reply to refuse it with
+    (Postfix ``smtpd_client_connection_count_limit``); 0 turns a cap off.
+    """
+
+    def __init__(self, *, max_total: int, max_per_ip: int) -> None:
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.total = 0
+        self._per_ip: dict[str, int] = {}
+
+    def admit(self, ip: str) -> str | None:
+        """Count a new connection from ``ip``, or return the 421 to refuse it with."""
+        if self.max_per_ip and self._per_ip.get(ip, 0) >= self.max_per_ip:
+            return Reply.TOO_MANY_CONNECTIONS_FROM.format(ip=ip)
+        if self.max_total and self.total >= self.max_total:
+            return Reply.TOO_MANY_CONNECTIONS
+        self.total += 1
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        """Forget a connection that ``admit`` counted."""
+        self.total = max(0, self.total - 1)
+        left = self._per_ip.get(ip, 0) - 1
+        if left > 0:
+            self._per_ip[ip] = left
+        else:
+            self._per_ip.pop(ip, None)
+
+    def open_from(self, ip: str) -> int:
+        return self._per_ip.get(ip, 0)

@@ -9,36 +9,75 @@ aiosmtpd behaviours are corrected here (NOTES.md):
   path is aiosmtpd's own);
 - aiosmtpd does not advertise PIPELINING or ENHANCEDSTATUSCODES, and many of its replies lack
   enhanced codes; ``_SMTP.push`` adds them (RFC 2034) once the client used EHLO.
+
+Abuse limits (``config.SMTPLimits``; SECURITY.md A1, A2.3, A4.3, A4.4, A8), which aiosmtpd lacks
+or gets wrong, are enforced in ``_SMTP``:
+
+- command and text line lengths: aiosmtpd's own checks, sized per session (its
+  ``command_size_limits`` is a class-wide dict that every EHLO grows);
+- an error budget per session (Postfix ``smtpd_hard_error_limit``) in place of aiosmtpd's
+  "5 unknown commands" rule, and a command budget (aiosmtpd ``command_call_limit``);
+- total and per-IP connection caps, answered with a 421 banner;
+- deadlines instead of aiosmtpd's timer (restarted by every valid command, so a trickling
+  client could hold a session forever): each command line must arrive within ``idle_timeout``
+  of our last reply, and DATA must keep up a minimum rate; trickling extends neither;
+- AUTH: a growing delay per client IP before AUTH is answered (Dovecot's auth penalty, applied
+  before the credentials are checked, so timing tells nothing), a cap per connection, 503 for
+  AUTH during a transaction, and 500 5.5.6 for an over-long SASL line;
+- a client that talks before the banner (pregreet) gets 554 5.5.0 and is dropped. Postfix's
+  postscreen drops such clients too; the wait before the banner (``greet_pause``) is off by
+  default so test stacks answer at once.
+
+Once a session is being closed for a limit, no further command runs and no message is handed
+to the router, even if more input was already buffered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
+import collections
+import functools
 import itertools
 import logging
 import os
 import ssl
 import time
+from base64 import b64decode, b64encode
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from ..config import SMTPLimits
 from ..errors import MailboxError, StorageError
 from ..protocols.smtp import (
+    AuthPenalties,
+    ConnectionCounts,
     Reply,
     Role,
     TLSInfo,
     add_missing_headers,
+    check_address_encoding,
+    check_hops,
     check_recipient,
     check_sender,
+    counts_as_error,
     enhanced_status,
+    extend_data_deadline,
     received_header,
     with_protocol,
 )
 
-__all__ = ["Accepted", "ContentRejectedError", "Router", "SMTPHandler", "start_smtp"]
+__all__ = [
+    "Accepted",
+    "AuthPenalties",
+    "ContentRejectedError",
+    "Router",
+    "SMTPHandler",
+    "start_smtp",
+]
 
 log = logging.getLogger("roundtrip.servers.smtp")
 # aiosmtpd logs "Session.login_data is deprecated" on every AUTH, and every command at INFO.
@@ -86,14 +125,78 @@ class ContentRejectedError(Exception):
         self.reply = reply
 
 
+# After closing for a limit, how long the peer gets to read our last reply before the
+# connection is aborted (a client that never reads must not pin the socket).
+_CLOSE_GRACE = 2.0
+
+
+class _Commands(dict[str, Any]):
+    """aiosmtpd's verb -> method table, with a method for every unknown verb.
+
+    aiosmtpd closes after 5 unknown commands with a 502 of its own; routing unknown verbs to
+    ``_SMTP._unknown_command`` puts them under our error budget instead. Once the session is
+    closing, every verb maps to a method that does nothing.
+    """
+
+    def __init__(self, server: _SMTP, methods: dict[str, Any]) -> None:
+        super().__init__(methods)
+        self._server = server
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if self._server._closing:
+            return self._server._ignore_command
+        method = super().get(key)
+        if method is None:
+            return functools.partial(self._server._unknown_command, key)
+        return method
+
+
 class _SMTP(SMTP):
-    """aiosmtpd's SMTP with the two corrections described in the module docstring."""
+    """aiosmtpd's SMTP with the corrections and limits described in the module docstring."""
 
     _implicit_tls = False
     _auth_offered = True
     _in_ehlo = False
 
+    def __init__(
+        self,
+        handler: SMTPHandler,
+        *,
+        limits: SMTPLimits,
+        connections: ConnectionCounts,
+        auth_penalties: AuthPenalties,
+        **kwargs: Any,
+    ) -> None:
+        # aiosmtpd sizes its StreamReader from this inside __init__: one text line (RFC 5321
+        # 4.5.3.1.6, CRLF included) plus the transparency dot.
+        self.line_length_limit = limits.max_text_line + 1
+        super().__init__(handler, command_call_limit=_call_limits(limits), **kwargs)
+        # aiosmtpd compares the line without its CRLF; RFC 5321 4.5.3.1.4 counts it.
+        base = limits.max_command_line - 2
+        self.command_size_limit = base
+        self.command_size_limits = collections.defaultdict(lambda: base)
+        self._smtp_methods = _Commands(self, self._smtp_methods)
+        self._limits = limits
+        self._connections = connections
+        self._auth_penalties = auth_penalties
+        self._peer_ip = ""
+        self._admitted = False
+        self._rejection: str | None = None
+        self._closing = False
+        self._close_handle: asyncio.TimerHandle | None = None
+        self._greeted = False
+        self._pregreet = False
+        self._errors = 0
+        self._auth_failures = 0
+        self._last_code = ""
+        self._in_data = False
+        self._deadline = 0.0
+        self._bytes_since_reply = 0
+
+    # connection life cycle
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
         super().connection_made(transport)
         if self._implicit_tls and self._original_transport is None:
             ssl_protocol = getattr(transport, "_ssl_protocol", None)
@@ -101,8 +204,143 @@ class _SMTP(SMTP):
             if ssl_protocol is not None and has_tls and self.session is not None:
                 self._tls_protocol = ssl_protocol
                 self.session.ssl = ssl_protocol._extra
+        if first:
+            peer = transport.get_extra_info("peername")
+            self._peer_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+            self._rejection = self._connections.admit(self._peer_ip)
+            self._admitted = self._rejection is None
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._admitted:
+            self._admitted = False
+            self._connections.release(self._peer_ip)
+        if self._close_handle is not None:
+            self._close_handle.cancel()
+            self._close_handle = None
+        super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._greeted:
+            self._pregreet = True
+        if self._closing:
+            return  # whatever follows a limit is never parsed
+        self._bytes_since_reply += len(data)
+        if self._in_data:
+            limits = self._limits
+            self._deadline = extend_data_deadline(
+                self._deadline,
+                now=self.loop.time(),
+                received=len(data),
+                min_rate=limits.min_data_rate,
+                timeout=limits.data_timeout,
+            )
+        super().data_received(data)
+
+    async def _handle_client(self) -> None:
+        if self._rejection is not None:
+            log.info("refused %s: %s", self._peer_ip, self._rejection)
+            self._close_with(self._rejection)
+            return
+        if self._limits.greet_pause > 0:
+            await asyncio.sleep(self._limits.greet_pause)
+        if self._pregreet:
+            log.info("%s talked before the banner", self._peer_ip)
+            self._close_with(Reply.PREGREET)
+            return
+        # aiosmtpd writes the banner before its first await: nothing can arrive in between.
+        self._greeted = True
+        await super()._handle_client()
+
+    def _close_with(self, reply: str | None) -> None:
+        """Send ``reply`` (if any) as the last words, close, and abort if the peer stalls."""
+        if self._closing:
+            return
+        self._closing = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if reply is not None:
+            transport.write(reply.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
+        transport.close()
+        self._close_handle = self.loop.call_later(_CLOSE_GRACE, transport.abort)  # type: ignore[attr-defined]
+
+    # deadlines (SECURITY.md A8.1)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd restarts its timer on every valid command; ours are deadlines, armed when a
+        # reply goes out (_arm). Only the first call, from connection_made, arms one.
+        if self._timeout_handle is None:
+            self._arm(self._timeout_duration)
+
+    def _arm(self, seconds: float) -> None:
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        self._deadline = self.loop.time() + seconds
+        self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        if self.loop.time() < self._deadline:  # DATA bought more time meanwhile
+            self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_passed)
+            return
+        buffered = len(getattr(self._reader, "_buffer", b""))
+        if self._in_data or self._bytes_since_reply or buffered:
+            log.info("%s: deadline passed mid-command", self._peer_ip)
+            self._close_with(Reply.TIMEOUT)
+        else:
+            # An idle client is simply dropped, as aiosmtpd does.
+            log.info("%s: idle timeout", self._peer_ip)
+            self._close_with(None)
+
+    # replies
+
+    async def push(self, status: Any) -> None:
+        if self._closing:
+            return
+        session = self.session
+        if isinstance(status, str) and not self._in_ehlo and session and session.extended_smtp:
+            status = enhanced_status(status)
+        text = status if isinstance(status, str) else bytes(status).decode("ascii", "replace")
+        code = text[:3]
+        final = len(text) == 3 or text[3:4] == " "
+        if code == "354":
+            self._in_data = True
+            self._bytes_since_reply = 0
+            self._arm(self._limits.data_timeout)
+        elif final:
+            self._in_data = False
+            self._bytes_since_reply = 0
+            self._last_code = code
+            self._arm(self._timeout_duration)
+        if isinstance(status, str):
+            # A reply may echo client text; never let an undecodable byte crash the session.
+            status = status.encode("utf-8", "backslashreplace")
+        await super().push(status)
+        if code == "421":  # aiosmtpd's command budget closes the connection itself
+            self._closing = True
+            return
+        if final and counts_as_error(text):
+            self._errors += 1
+            if self._limits.max_errors and self._errors >= self._limits.max_errors:
+                log.info("%s: too many errors", self._peer_ip)
+                self._close_with(Reply.TOO_MANY_ERRORS)
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if self._closing:  # e.g. the final dot of a DATA buffered before a 421
+            return Reply.TIMEOUT
+        return await super()._call_handler_hook(command, *args)
+
+    async def _unknown_command(self, command: str, arg: str | None) -> None:
+        log.info("%s: unrecognised command", self._peer_ip)
+        await self.push(Reply.UNKNOWN_COMMAND)
+
+    async def _ignore_command(self, arg: str | None) -> None:
+        return None
+
+    # commands
 
     async def smtp_EHLO(self, hostname: str) -> None:
+        # aiosmtpd adds the SIZE and SMTPUTF8 allowances to MAIL on every EHLO.
+        self.command_size_limits.clear()
         self._in_ehlo = True
         try:
             await super().smtp_EHLO(hostname)
@@ -114,13 +352,77 @@ class _SMTP(SMTP):
             # The MX takes no AUTH at all; before TLS aiosmtpd's own 538 answers.
             await self.push("502 5.5.1 AUTH not available on this port")
             return
+        session, envelope = self.session, self.envelope
+        assert session is not None and envelope is not None
+        if envelope.mail_from is not None and session.extended_smtp:
+            await self.push(Reply.AUTH_IN_TRANSACTION)  # RFC 4954 section 4
+            return
+        attempt = bool(arg) and self._tls_protocol is not None and not session.authenticated
+        if attempt:
+            delay = self._auth_penalties.delay(self._peer_ip, self.loop.time())
+            if delay > 0:
+                # Before the credentials are checked: right and wrong ones wait alike.
+                await asyncio.sleep(delay)
+        self._last_code = ""
         await super().smtp_AUTH(arg)
+        if not attempt:
+            return
+        if session.authenticated:
+            self._auth_penalties.succeeded(self._peer_ip)
+        elif self._last_code == "535":
+            self._auth_penalties.failed(self._peer_ip, self.loop.time())
+            self._auth_failures += 1
+            cap = self._limits.max_auth_failures
+            if cap and self._auth_failures >= cap:
+                log.info("%s: too many failed AUTH", self._peer_ip)
+                self._close_with(Reply.TOO_MANY_AUTH_FAILURES)
 
-    async def push(self, status: Any) -> None:
-        session = self.session
-        if isinstance(status, str) and not self._in_ehlo and session and session.extended_smtp:
-            status = enhanced_status(status)
-        await super().push(status)
+    async def challenge_auth(
+        self,
+        challenge: str | bytes,
+        encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> Any:
+        """aiosmtpd's SASL exchange step, without logging client data (it logged undecodable
+        responses verbatim) and with a bounded line (its readline raised on a long one)."""
+        raw = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (b64encode(raw) if encode_to_b64 else raw))
+        line = await self._read_line()
+        if line is None:
+            await self.push(Reply.AUTH_LINE_TOO_LONG)
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":  # RFC 4954 section 4: the client cancels
+            await self.push(Reply.AUTH_ABORTED)
+            return MISSING
+        try:
+            return b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push(Reply.AUTH_BAD_BASE64)
+            return MISSING
+
+    async def _read_line(self) -> bytes | None:
+        """One line from the client, or None when it was longer than the reader's limit (the
+        whole line is consumed either way; at most one limit's worth is held in memory)."""
+        try:
+            return await self._reader.readuntil()
+        except asyncio.LimitOverrunError as exc:
+            await self._reader.read(exc.consumed)
+        while True:
+            try:
+                await self._reader.readuntil()
+                return None
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.read(exc.consumed)
+
+
+def _call_limits(limits: SMTPLimits) -> dict[str, int] | None:
+    """aiosmtpd's ``command_call_limit`` from ours (0 means unlimited)."""
+    budgets = {verb: count for verb, count in limits.command_limits if count > 0}
+    if not budgets:
+        return None
+    budgets.setdefault("*", 2**31)  # aiosmtpd would otherwise allow 20 of every other verb
+    return budgets
 
 
 class SMTPHandler:
@@ -139,6 +441,7 @@ class SMTPHandler:
         max_recipients: int,
         enforce_sender: bool,
         on_error: Callable[[BaseException], None] | None = None,
+        limits: SMTPLimits | None = None,
     ) -> None:
         self.role = role
         self.domain = domain
@@ -150,6 +453,7 @@ class SMTPHandler:
         self._max_recipients = max_recipients
         self._enforce_sender = enforce_sender
         self._on_error = on_error
+        self.limits = limits if limits is not None else SMTPLimits()
 
     # aiosmtpd hooks (names fixed by aiosmtpd)
 
@@ -169,6 +473,9 @@ class SMTPHandler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        refusal = check_address_encoding(address, smtputf8=envelope.smtp_utf8, sender=True)
+        if refusal is not None:
+            return refusal
         # On the MX nobody is authenticated: only the address syntax is checked.
         refusal = check_sender(
             address, authenticated_user=_auth_user(session), enforce=self._enforce_sender
@@ -182,6 +489,9 @@ class SMTPHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        refusal = check_address_encoding(address, smtputf8=envelope.smtp_utf8, sender=False)
+        if refusal is not None:
+            return refusal
         refusal = check_recipient(
             address,
             role=self.role,
@@ -207,6 +517,9 @@ class SMTPHandler:
         return Reply.EXPN
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        refusal = check_hops(_content(envelope), max_hops=self.limits.max_hops)
+        if refusal is not None:
+            return refusal
         accepted = self._accept(session, envelope)
         try:
             self._router(accepted)
@@ -239,9 +552,7 @@ class SMTPHandler:
     def _accept(self, session: Session, envelope: Envelope) -> Accepted:
         now = time.time()
         queue_id = _new_queue_id()
-        content = envelope.original_content or envelope.content or b""
-        if isinstance(content, str):
-            content = content.encode("utf-8", "surrogateescape")
+        content = _content(envelope)
         user = _auth_user(session)
         tls = session.ssl is not None
         tls_info = _tls_info(session)
@@ -279,6 +590,13 @@ class SMTPHandler:
         )
 
 
+def _content(envelope: Envelope) -> bytes:
+    content = envelope.original_content or envelope.content or b""
+    if isinstance(content, str):
+        content = content.encode("utf-8", "surrogateescape")
+    return content
+
+
 def _auth_user(session: Session) -> str | None:
     if not session.authenticated:
         return None
@@ -310,18 +628,39 @@ async def start_smtp(
     max_message_size: int,
     idle_timeout: float,
     tls_handshake_timeout: float,
+    auth_penalties: AuthPenalties | None = None,
 ) -> asyncio.Server:
     """Listen for one SMTP role on ``host:port`` (0 picks a free port).
 
     ``submissions`` wraps TLS from the first byte; ``submission`` and ``smtp`` offer STARTTLS
     (required before MAIL on ``submission``).
+
+    Args:
+        handler: the role's policy; its ``limits`` (``SMTPLimits``) apply to this listener.
+        idle_timeout: deadline for each command line, counted from our previous reply.
+        tls_handshake_timeout: limit for the implicit-TLS handshake.
+        auth_penalties: failed-AUTH records per client IP; pass one object to several
+            listeners to share them (by default each listener keeps its own).
     """
     loop = asyncio.get_running_loop()
     implicit = handler.role is Role.SUBMISSIONS
+    limits = handler.limits
+    connections = ConnectionCounts(
+        max_total=limits.max_connections, max_per_ip=limits.max_connections_per_ip
+    )
+    if auth_penalties is None:
+        auth_penalties = AuthPenalties(
+            initial=limits.auth_penalty_initial,
+            maximum=limits.auth_penalty_max,
+            timeout=limits.auth_penalty_timeout,
+        )
 
     def factory() -> _SMTP:
         server = _SMTP(
             handler,
+            limits=limits,
+            connections=connections,
+            auth_penalties=auth_penalties,
             hostname=handler.hostname,
             ident="roundtrip ESMTP",
             data_size_limit=max_message_size,
