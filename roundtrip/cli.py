@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--json", action="store_true", help="print one JSON line once every listener is ready"
     )
+    serve.add_argument(
+        "--maildir",
+        metavar="DIR",
+        help="keep mail durably in Maildir++ folders under DIR (fsync before every 250; "
+        "survives restarts; readable by mutt and Dovecot)",
+    )
 
     probe = sub.add_parser(
         "probe",
@@ -147,9 +153,14 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
+    store = None
+    if args.maildir:
+        from .maildir import MaildirStore
+
+        store = MaildirStore(args.maildir)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with MailStack(config) as stack:
+        with MailStack(config, store=store) as stack:
             if args.json:
                 print(json.dumps(stack.describe(), separators=(",", ":")), file=out, flush=True)
             else:

@@ -196,3 +196,47 @@ def test_cli_python_m_help() -> None:
     )
     assert result.returncode == 0
     assert "serve" in result.stdout and "probe" in result.stdout
+
+
+def test_cli_serve_maildir_keeps_mail_across_restarts(tmp_path: object) -> None:
+    import pathlib
+    import smtplib
+    import ssl
+
+    root = pathlib.Path(str(tmp_path)) / "mail"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    argv = [
+        sys.executable,
+        "-m",
+        "roundtrip",
+        "serve",
+        "--json",
+        "--domain",
+        "a.test",
+        "--user",
+        "alice@a.test:pw-a",
+        "--maildir",
+        str(root),
+    ]
+    for round_ in range(2):
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        try:
+            doc = json.loads(_read_line(proc, TIMEOUT))
+            if round_ == 0:
+                host, _, port = doc["domains"]["a.test"]["submissions"].rpartition(":")
+                context = ssl.create_default_context(cafile=doc["ca_file"])
+                with smtplib.SMTP_SSL(host, int(port), context=context, timeout=TIMEOUT) as smtp:
+                    smtp.login("alice@a.test", "pw-a")
+                    smtp.sendmail(
+                        "alice@a.test", ["alice@a.test"], b"Subject: kept\r\n\r\ndurable\r\n"
+                    )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0
+    files = [p for p in (root / "alice@a.test").rglob("*") if p.parent.name in ("new", "cur")]
+    assert len(files) == 1
+    stored = files[0].read_bytes()
+    assert b"Subject: kept\r\n" in stored and stored.endswith(b"\r\n\r\ndurable\r\n")

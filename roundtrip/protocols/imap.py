@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import MailboxError, RemoteProtocolError
+from ..errors import MailboxError, RemoteProtocolError, StorageError
 from . import _mime
 from ._imapparse import (
     MAX_NUMBER,
@@ -539,7 +539,7 @@ class IMAPConnection:
             if self.state not in states:
                 raise ParseError(f"{verb} not allowed in state {self.state.value}")
             handler(tag, tokens[2:])
-        except (ParseError, _NoError, MailboxError) as exc:
+        except (ParseError, _NoError, MailboxError, StorageError) as exc:
             self._reply_error(tag, exc)
 
     def _reply_error(self, tag: str, exc: Exception) -> None:
@@ -554,6 +554,9 @@ class IMAPConnection:
             self._tagged(tag, "NO", code + _safe(str(exc)))
         elif isinstance(exc, MailboxError):
             self._tagged(tag, "NO", f"[{_safe(exc.code)}] {_safe(str(exc))}")
+        elif isinstance(exc, StorageError):
+            # Disk full or I/O error in a durable store: temporary (RFC 5530 UNAVAILABLE).
+            self._tagged(tag, "NO", f"[UNAVAILABLE] {_safe(str(exc))}")
         else:  # pragma: no cover - the caller passes only the types above
             raise exc
 

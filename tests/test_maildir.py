@@ -1,0 +1,714 @@
+"""MaildirStore: the Store contract on both backends, durability, fsync order, faults, interop."""
+
+from __future__ import annotations
+
+import errno
+import imaplib
+import mailbox
+import os
+import re
+import shutil
+import smtplib
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _support import make_message
+
+from roundtrip import MailStack, StackConfig, User
+from roundtrip.errors import MailboxError, StorageError
+from roundtrip.maildir import LOG_NAME, MaildirStore, folder_dirname, folder_name
+from roundtrip.store import DEFAULT_FOLDERS, Store, StoreChange
+
+TIMEOUT = 5
+ALICE = "alice@example.com"
+RAW = b"From: <bob@example.org>\r\nSubject: one\r\n\r\nbody\r\n"
+NAME_RE = re.compile(r"^\d+\.M\d+P\d+Q\d+R[0-9a-f]+\.[^/:]+,S=(\d+)(?::2,([A-Z]*))?$")
+
+
+def _maildir(path: Path) -> MaildirStore:
+    return MaildirStore(path)
+
+
+@pytest.fixture(params=["memory", "maildir"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The same behaviour is required of both backends."""
+    if request.param == "memory":
+        s: Store = Store()
+    else:
+        s = MaildirStore(tmp_path / "mail")
+    s.add_user(ALICE, "secret")
+    yield s
+    if isinstance(s, MaildirStore):
+        s.close()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "mail"
+
+
+@pytest.fixture
+def md(root: Path) -> Iterator[MaildirStore]:
+    s = MaildirStore(root)
+    s.add_user(ALICE, "secret")
+    yield s
+    s.close()
+
+
+def _reopen(store: MaildirStore) -> MaildirStore:
+    store.close()
+    return MaildirStore(store.root)
+
+
+def _tree(root: Path) -> list[str]:
+    """Every file and directory under root, relative (the lock file aside)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name != ".roundtrip.lock")
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.name != ".roundtrip.lock"
+    }
+
+
+# The Store contract, on both backends
+
+
+def test_store_contract_users_and_default_folders(store: Store) -> None:
+    assert store.has_user("ALICE@example.com")
+    assert not store.has_user("nobody@example.com")
+    assert store.users() == [ALICE]
+    assert [b.name for b in store.mailboxes(ALICE)] == ["INBOX", "Drafts", "Junk", "Sent", "Trash"]
+    assert store.mailbox(ALICE, "Sent").special_use == "\\Sent"
+    assert store.check_password(ALICE, "secret")
+    assert not store.check_password(ALICE, "wrong")
+    assert not store.check_password("nobody@example.com", "secret")
+
+
+def test_store_contract_deliver_assigns_increasing_uids_and_announces(store: Store) -> None:
+    changes: list[StoreChange] = []
+    store.add_listener(changes.append)
+    first = store.deliver(ALICE, RAW, envelope_from="bob@example.org", envelope_to=[ALICE])
+    second = store.append(ALICE, b"x\r\n", flags={"\\Seen", "$Label"}, internal_date=1e9)
+    assert (first.uid, second.uid) == (1, 2)
+    assert store.mailbox(ALICE).uidnext == 3
+    assert changes == [
+        StoreChange(ALICE, "INBOX", "added", (1,)),
+        StoreChange(ALICE, "INBOX", "added", (2,)),
+    ]
+    got = store.messages(ALICE, "INBOX")
+    assert [m.raw for m in got] == [RAW, b"x\r\n"]
+    assert [m.size for m in got] == [len(RAW), 3]
+    assert got[0].envelope_from == "bob@example.org" and got[0].envelope_to == (ALICE,)
+    assert got[1].flags == {"\\Seen", "$Label"} and got[1].internal_date == 1e9
+    got[0].cache["k"] = 1
+    assert store.mailbox(ALICE).get(1).cache == {"k": 1}  # type: ignore[union-attr]
+
+
+def test_store_contract_deliver_to_unknown_user_or_mailbox_fails(store: Store) -> None:
+    with pytest.raises(MailboxError) as user:
+        store.deliver("nobody@example.com", RAW)
+    with pytest.raises(MailboxError) as box:
+        store.deliver(ALICE, RAW, mailbox="Nope")
+    assert user.value.code == box.value.code == "NONEXISTENT"
+    assert store.messages(ALICE) == []
+
+
+def test_store_contract_set_flags_and_expunge(store: Store) -> None:
+    for _ in range(3):
+        store.deliver(ALICE, RAW)
+    changes: list[StoreChange] = []
+    store.add_listener(changes.append)
+    changed = store.set_flags(ALICE, "INBOX", {1: frozenset({"\\Seen"}), 2: frozenset()})
+    assert [m.uid for m in changed] == [1]  # 2 had no flags already
+    assert store.set_flags(ALICE, "INBOX", {1: frozenset({"\\Seen"})}) == []
+    assert store.expunge(ALICE, "INBOX", [3, 2, 99]) == [2, 3]
+    assert store.mailbox(ALICE).uids() == [1]
+    assert changes == [
+        StoreChange(ALICE, "INBOX", "flags", (1,)),
+        StoreChange(ALICE, "INBOX", "expunged", (2, 3)),
+    ]
+    # UIDs are never reused (RFC 3501 2.3.1.1).
+    assert store.deliver(ALICE, RAW).uid == 4
+
+
+def test_store_contract_copy(store: Store) -> None:
+    store.deliver(ALICE, RAW, flags={"\\Flagged"})
+    assert store.copy(ALICE, "INBOX", [1, 7], "Trash") == [(1, 1)]
+    (copy,) = store.messages(ALICE, "Trash")
+    assert copy.raw == RAW and copy.flags == {"\\Flagged"} and copy.mailbox == "Trash"
+
+
+def test_store_contract_create_rename_delete(store: Store) -> None:
+    store.create_mailbox(ALICE, "Work/")
+    store.create_mailbox(ALICE, "Work/2024")
+    store.deliver(ALICE, RAW, mailbox="Work/2024")
+    with pytest.raises(MailboxError) as exists:
+        store.create_mailbox(ALICE, "Work")
+    assert exists.value.code == "ALREADYEXISTS"
+    store.rename_mailbox(ALICE, "Work", "Archive")
+    names = {b.name for b in store.mailboxes(ALICE)}
+    assert {"Archive", "Archive/2024"} <= names and "Work" not in names
+    assert [m.raw for m in store.messages(ALICE, "Archive/2024")] == [RAW]
+    store.delete_mailbox(ALICE, "Archive/2024")
+    with pytest.raises(MailboxError) as gone:
+        store.mailbox(ALICE, "Archive/2024")
+    assert gone.value.code == "NONEXISTENT"
+    with pytest.raises(MailboxError) as inbox:
+        store.delete_mailbox(ALICE, "inbox")
+    assert inbox.value.code == "CANNOT"
+
+
+def test_store_contract_rename_inbox_moves_messages(store: Store) -> None:
+    store.deliver(ALICE, RAW)
+    store.deliver(ALICE, b"two\r\n", flags={"\\Seen"})
+    store.rename_mailbox(ALICE, "INBOX", "Old")
+    assert store.messages(ALICE, "INBOX") == []
+    moved = store.messages(ALICE, "Old")
+    assert [(m.uid, m.raw, m.flags) for m in moved] == [
+        (1, RAW, frozenset()),
+        (2, b"two\r\n", {"\\Seen"}),
+    ]
+    assert store.deliver(ALICE, RAW).uid == 3  # INBOX keeps counting
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc", "~root", "a/../../b", "", "cur", "a\\b", ".x"])
+def test_store_contract_bad_mailbox_names_are_refused(store: Store, name: str) -> None:
+    with pytest.raises(MailboxError) as exc:
+        store.create_mailbox(ALICE, name)
+    assert exc.value.code == "CANNOT"
+
+
+def test_store_contract_subscribe_clear_and_locks(store: Store) -> None:
+    store.subscribe(ALICE, "Junk", False)
+    assert not store.mailbox(ALICE, "Junk").subscribed
+    store.create_mailbox(ALICE, "Extra")
+    store.deliver(ALICE, RAW)
+    store.clear()
+    assert [b.name for b in store.mailboxes(ALICE)] == list(
+        sorted(DEFAULT_FOLDERS, key=lambda n: (n != "INBOX", n))
+    )
+    assert store.messages() == []
+    assert store.deliver(ALICE, RAW).uid == 2  # UIDs keep increasing
+    assert store.lock_maildrop(ALICE)
+    assert not store.lock_maildrop(ALICE)
+    store.unlock_maildrop(ALICE)
+    assert store.lock_maildrop(ALICE)
+
+
+def test_store_contract_wait_until_wakes_on_delivery(store: Store) -> None:
+    assert not store.wait_until(lambda: store.messages(ALICE), timeout=0.05)
+    timer = threading.Timer(0.05, store.deliver, args=(ALICE, RAW))
+    timer.start()
+    try:
+        found = store.wait_until(lambda: store.messages(ALICE), timeout=TIMEOUT)
+    finally:
+        timer.join(TIMEOUT)
+    assert [m.raw for m in found] == [RAW]
+
+
+# Durability: a new MaildirStore over the same tree sees everything
+
+
+def test_maildir_reopen_recovers_users_folders_messages_flags_and_uids(
+    md: MaildirStore,
+) -> None:
+    md.create_mailbox(ALICE, "Projects/Roundtrip")
+    md.create_mailbox(ALICE, "Käse.v2")  # non-ASCII and a dot in one name
+    md.deliver(ALICE, RAW, envelope_from="bob@example.org", envelope_to=[ALICE])
+    md.deliver(ALICE, b"two\r\n", flags={"\\Seen", "$Important"}, internal_date=1234567890.0)
+    md.deliver(ALICE, b"three\r\n", mailbox="Käse.v2")
+    md.copy(ALICE, "INBOX", [2], "Projects/Roundtrip")
+    md.set_flags(ALICE, "INBOX", {1: frozenset({"\\Answered", "\\Draft", "custom"})})
+    md.subscribe(ALICE, "Trash", False)
+    before = {
+        b.name: (b.uidvalidity, b.uidnext, b.special_use, b.subscribed, b.uids())
+        for b in md.mailboxes(ALICE)
+    }
+    messages = sorted(
+        (m.mailbox, m.uid, m.raw, sorted(m.flags), m.internal_date, m.envelope_from, m.envelope_to)
+        for m in md.messages()
+    )
+    again = _reopen(md)
+    try:
+        assert again.users() == [ALICE]
+        after = {
+            b.name: (b.uidvalidity, b.uidnext, b.special_use, b.subscribed, b.uids())
+            for b in again.mailboxes(ALICE)
+        }
+        assert after == before
+        assert (
+            sorted(
+                (
+                    m.mailbox,
+                    m.uid,
+                    m.raw,
+                    sorted(m.flags),
+                    m.internal_date,
+                    m.envelope_from,
+                    m.envelope_to,
+                )
+                for m in again.messages()
+            )
+            == messages
+        )
+        # Passwords are not on disk: login waits for add_user (the stack calls it at start).
+        assert not again.check_password(ALICE, "secret")
+        again.add_user(ALICE, "secret")
+        assert again.check_password(ALICE, "secret")
+        assert again.deliver(ALICE, RAW).uid == 3
+    finally:
+        again.close()
+    assert not any("secret" in p.read_text("latin-1") for p in md.root.rglob("*") if p.is_file())
+
+
+def test_maildir_reopen_after_expunge_never_reuses_uids(md: MaildirStore) -> None:
+    for _ in range(3):
+        md.deliver(ALICE, RAW)
+    md.expunge(ALICE, "INBOX", [2, 3])
+    validity = md.mailbox(ALICE).uidvalidity
+    again = _reopen(md)
+    try:
+        box = again.mailbox(ALICE)
+        assert box.uids() == [1]  # the expunged messages stay gone
+        assert (box.uidvalidity, box.uidnext) == (validity, 4)
+        assert again.deliver(ALICE, RAW).uid == 4
+    finally:
+        again.close()
+
+
+def test_maildir_recreated_folder_gets_a_new_uidvalidity_across_restarts(
+    md: MaildirStore,
+) -> None:
+    old = md.create_mailbox(ALICE, "Temp").uidvalidity
+    md.delete_mailbox(ALICE, "Temp")
+    again = _reopen(md)
+    try:
+        assert again.create_mailbox(ALICE, "Temp").uidvalidity > old
+    finally:
+        again.close()
+
+
+def test_maildir_files_from_other_tools_get_uids_above_uidnext(md: MaildirStore) -> None:
+    md.deliver(ALICE, RAW)
+    md.deliver(ALICE, RAW)
+    md.expunge(ALICE, "INBOX", [2])
+    user_dir = md.root / ALICE
+    md.close()
+    other = mailbox.Maildir(user_dir, factory=None, create=False)
+    seen = mailbox.MaildirMessage(b"Subject: dropped\r\n\r\nin\r\n")
+    seen.set_subdir("cur")
+    seen.set_flags("S")
+    other.add(seen)
+    other.close()
+    again = MaildirStore(md.root)
+    try:
+        box = again.mailbox(ALICE)
+        assert box.uids() == [1, 3]
+        dropped = box.get(3)
+        assert dropped is not None and dropped.flags == {"\\Seen"}
+        assert dropped.raw == b"Subject: dropped\n\nin\n"  # mailbox.Maildir writes LF
+        assert box.uidnext == 4
+    finally:
+        again.close()
+    # The new UID was recorded: a third opening keeps it.
+    third = MaildirStore(md.root)
+    try:
+        assert third.mailbox(ALICE).uids() == [1, 3]
+    finally:
+        third.close()
+
+
+def test_maildir_stale_tmp_files_are_removed_at_start_never_delivered(md: MaildirStore) -> None:
+    md.deliver(ALICE, RAW)
+    tmp = md.root / ALICE / "tmp"
+    (tmp / "1700000000.M1P2Q3Rabc.host,S=5").write_bytes(b"half")
+    (tmp / "foreign-in-progress").write_bytes(b"another tool is writing")
+    again = _reopen(md)
+    try:
+        assert sorted(os.listdir(tmp)) == ["foreign-in-progress"]  # too young to be garbage
+        assert [m.uid for m in again.messages(ALICE)] == [1]
+    finally:
+        again.close()
+
+
+def test_maildir_torn_log_tail_is_ignored(md: MaildirStore) -> None:
+    md.deliver(ALICE, RAW)
+    md.deliver(ALICE, RAW)
+    with open(md.root / ALICE / LOG_NAME, "ab") as log:
+        log.write(b'{"uid":3,"fi')  # a crash in the middle of an append
+    again = _reopen(md)
+    try:
+        assert again.mailbox(ALICE).uids() == [1, 2]
+        assert again.deliver(ALICE, RAW).uid == 3
+    finally:
+        again.close()
+    third = MaildirStore(md.root)
+    try:
+        assert third.mailbox(ALICE).uids() == [1, 2, 3]
+    finally:
+        third.close()
+
+
+def test_maildir_one_store_per_tree(md: MaildirStore) -> None:
+    with pytest.raises(StorageError, match="in use"):
+        MaildirStore(md.root)
+    md.close()
+    MaildirStore(md.root).close()
+
+
+def test_maildir_log_is_compacted_when_mostly_dead(md: MaildirStore) -> None:
+    for _ in range(300):
+        md.deliver(ALICE, b"x\r\n")
+    md.expunge(ALICE, "INBOX", range(1, 300))
+    lines = (md.root / ALICE / LOG_NAME).read_bytes().splitlines()
+    assert len(lines) < 10
+    again = _reopen(md)
+    try:
+        box = again.mailbox(ALICE)
+        assert (box.uids(), box.uidnext) == ([300], 301)
+    finally:
+        again.close()
+
+
+# On-disk format
+
+
+def test_maildir_file_names_and_flag_letters(md: MaildirStore) -> None:
+    plain = md.deliver(ALICE, RAW)
+    flagged = md.deliver(ALICE, RAW, flags={"\\Seen"})
+    inbox = md.root / ALICE
+    (new,) = os.listdir(inbox / "new")
+    (cur,) = os.listdir(inbox / "cur")
+    assert NAME_RE.match(new) and NAME_RE.match(new)[1] == str(len(RAW))  # type: ignore[index]
+    assert cur.endswith(":2,S") and NAME_RE.match(cur)
+    every = frozenset({"\\Seen", "\\Answered", "\\Flagged", "\\Draft", "\\Deleted", "$kw"})
+    md.set_flags(ALICE, "INBOX", {plain.uid: every, flagged.uid: frozenset()})
+    assert os.listdir(inbox / "new") == []
+    assert sorted(n.partition(":2,")[2] for n in os.listdir(inbox / "cur")) == ["", "DFRST"]
+    assert plain.raw == RAW and plain.flags == every
+
+
+def test_maildir_folder_names_map_to_maildirplusplus_and_back() -> None:
+    assert folder_dirname("Sent") == ".Sent"
+    assert folder_dirname("A/B") == ".A.B"
+    assert folder_dirname("v1.2/Käse & Co") == ".v1\\2e2.K&AOQ-se &- Co"
+    for name in ["Sent", "A/B", "v1.2/Käse & Co", "INBOX/child", "日本語"]:
+        assert folder_name(folder_dirname(name)) == name
+    for bad in ["..", ".", "Sent", "..x", ".a..b", ".cur", ".&Jjo"]:
+        assert folder_name(bad) is None
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "~", "~user", "a/../../x", "..", "x/./y"])
+def test_maildir_names_never_escape_root(md: MaildirStore, tmp_path: Path, name: str) -> None:
+    before = sorted(p.name for p in tmp_path.iterdir())
+    tree = _tree(md.root)
+    with pytest.raises(MailboxError):
+        md.create_mailbox(ALICE, name)
+    with pytest.raises(MailboxError):
+        md.rename_mailbox(ALICE, "Junk", name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert _tree(md.root) == tree
+
+
+@pytest.mark.parametrize("address", ["../evil@x", "/etc/passwd", "~root", ".hidden@x", "a/b@x"])
+def test_maildir_addresses_never_escape_root(
+    md: MaildirStore, tmp_path: Path, address: str
+) -> None:
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(MailboxError):
+        md.add_user(address, "pw")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert md.users() == [ALICE]
+
+
+def test_maildir_messages_are_not_kept_in_memory(md: MaildirStore) -> None:
+    msg = md.deliver(ALICE, RAW)
+    held = []
+    for cls in type(msg).__mro__:
+        for slot in getattr(cls, "__slots__", ()):
+            try:  # read the slot itself, not the property that shadows it
+                held.append(cls.__dict__[slot].__get__(msg, cls))
+            except AttributeError:
+                continue
+    assert held and not any(isinstance(v, bytes) for v in held)
+    assert msg.raw == RAW and msg.size == len(RAW)
+    # A session still holding an expunged message can read it (RFC 3501 7.4.1).
+    md.expunge(ALICE, "INBOX", [msg.uid])
+    assert msg.raw == RAW
+
+
+def test_maildir_vanished_file_is_a_storage_error(md: MaildirStore) -> None:
+    msg = md.deliver(ALICE, RAW)
+    (path,) = (md.root / ALICE / "new").iterdir()
+    path.unlink()
+    with pytest.raises(StorageError):
+        _ = msg.raw
+
+
+# fsync: the file, then the directory, then the UID record, before deliver returns
+
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+@pytest.fixture
+def syscalls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name fsynced descriptors")
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", _fd_path(fd)))
+        real_fsync(fd)
+
+    def rename(src: Any, dst: Any, **kw: Any) -> None:
+        calls.append(("rename", f"{src} -> {dst}"))
+        real_rename(src, dst, **kw)
+
+    monkeypatch.setattr("roundtrip.maildir.os.fsync", fsync)
+    monkeypatch.setattr("roundtrip.maildir.os.rename", rename)
+    return calls
+
+
+def test_maildir_deliver_fsyncs_file_then_directory_then_uid_map(
+    md: MaildirStore, syscalls: list[tuple[str, str]]
+) -> None:
+    md.deliver(ALICE, RAW)
+    inbox = str(md.root / ALICE)
+    (name,) = os.listdir(f"{inbox}/new")
+    assert syscalls == [
+        ("fsync", f"{inbox}/tmp/{name}"),
+        ("rename", f"{inbox}/tmp/{name} -> {inbox}/new/{name}"),
+        ("fsync", f"{inbox}/new"),
+        ("fsync", f"{inbox}/{LOG_NAME}"),
+    ]
+
+
+def test_maildir_spy_sees_that_python_mailbox_skips_the_directory_fsync(
+    tmp_path: Path, syscalls: list[tuple[str, str]]
+) -> None:
+    # The twin: the same spy on CPython's mailbox.Maildir finds no directory fsync, which is
+    # why MaildirStore does not use it (SECURITY.md, Durability item 8).
+    box = mailbox.Maildir(tmp_path / "py", create=True)
+    box.add(RAW)
+    box.close()
+    assert any(kind == "fsync" for kind, _ in syscalls) or not hasattr(os, "fsync")
+    assert not any(kind == "fsync" and os.path.isdir(path) for kind, path in syscalls)
+
+
+def test_maildir_flag_changes_and_expunges_fsync_the_directory(
+    md: MaildirStore, syscalls: list[tuple[str, str]]
+) -> None:
+    msg = md.deliver(ALICE, RAW)
+    syscalls.clear()
+    md.set_flags(ALICE, "INBOX", {msg.uid: frozenset({"\\Seen"})})
+    inbox = str(md.root / ALICE)
+    assert syscalls[0][0] == "rename"
+    assert {("fsync", f"{inbox}/new"), ("fsync", f"{inbox}/cur")} <= set(syscalls)
+    syscalls.clear()
+    md.expunge(ALICE, "INBOX", [msg.uid])
+    assert ("fsync", f"{inbox}/cur") in syscalls
+
+
+# Fault injection: ENOSPC / EIO at each step -> StorageError, nothing left behind
+
+
+def _fail_nth(real: Callable[..., Any], n: int, err: int) -> Callable[..., Any]:
+    count = 0
+
+    def fake(*args: Any, **kwargs: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count == n:
+            raise OSError(err, os.strerror(err))
+        return real(*args, **kwargs)
+
+    return fake
+
+
+@pytest.mark.parametrize(
+    ("call", "n", "err"),
+    [
+        ("write", 1, errno.ENOSPC),  # the message file
+        ("fsync", 1, errno.EIO),  # the message file
+        ("rename", 1, errno.ENOSPC),  # tmp/ -> new/
+        ("fsync", 2, errno.EIO),  # the new/ directory
+        ("write", 2, errno.ENOSPC),  # the UID record
+        ("fsync", 3, errno.EIO),  # the UID record
+    ],
+)
+def test_maildir_storage_faults_leave_no_trace(
+    md: MaildirStore, monkeypatch: pytest.MonkeyPatch, call: str, n: int, err: int
+) -> None:
+    md.deliver(ALICE, RAW)
+    before = _snapshot(md.root)
+    tree = _tree(md.root)
+    changes: list[StoreChange] = []
+    md.add_listener(changes.append)
+    monkeypatch.setattr(f"roundtrip.maildir.os.{call}", _fail_nth(getattr(os, call), n, err))
+    with pytest.raises(StorageError) as exc:
+        md.deliver(ALICE, b"Subject: lost\r\n\r\nx\r\n")
+    monkeypatch.undo()
+    assert os.strerror(err) in str(exc.value)
+    assert _tree(md.root) == tree  # nothing in tmp/, new/ or cur/
+    assert _snapshot(md.root) == before  # the UID log is as it was
+    assert changes == [] and [m.uid for m in md.messages(ALICE)] == [1]
+    assert md.deliver(ALICE, RAW).uid == 2  # and the store goes on working
+    again = _reopen(md)
+    try:
+        assert [m.uid for m in again.messages(ALICE)] == [1, 2]
+    finally:
+        again.close()
+
+
+def test_maildir_fault_in_flag_rename_is_a_storage_error(
+    md: MaildirStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    msg = md.deliver(ALICE, RAW)
+    monkeypatch.setattr("roundtrip.maildir.os.rename", _fail_nth(os.rename, 1, errno.EIO))
+    with pytest.raises(StorageError):
+        md.set_flags(ALICE, "INBOX", {msg.uid: frozenset({"\\Seen"})})
+    assert msg.flags == frozenset() and msg.raw == RAW
+
+
+def test_maildir_fault_in_keyword_record_undoes_the_rename(
+    md: MaildirStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    msg = md.deliver(ALICE, RAW)
+    names = _tree(md.root)
+    monkeypatch.setattr("roundtrip.maildir.os.write", _fail_nth(os.write, 1, errno.ENOSPC))
+    with pytest.raises(StorageError):
+        md.set_flags(ALICE, "INBOX", {msg.uid: frozenset({"\\Seen", "$Label"})})
+    monkeypatch.undo()
+    assert _tree(md.root) == names and msg.flags == frozenset() and msg.raw == RAW
+    again = _reopen(md)
+    try:
+        assert [m.flags for m in again.messages(ALICE)] == [frozenset()]
+    finally:
+        again.close()
+
+
+# Readable by other tools
+
+
+def test_maildir_is_readable_by_python_mailbox(md: MaildirStore) -> None:
+    md.create_mailbox(ALICE, "Archive/2024")
+    md.deliver(ALICE, RAW)
+    md.deliver(ALICE, b"Subject: two\r\n\r\n2\r\n", flags={"\\Seen", "\\Flagged"})
+    md.deliver(ALICE, b"Subject: old\r\n\r\nx\r\n", mailbox="Archive/2024")
+    inbox = mailbox.Maildir(md.root / ALICE, factory=None, create=False)
+    try:
+        got = sorted((m.get_flags(), bytes(m)) for m in inbox)
+        assert [flags for flags, _ in got] == ["", "FS"]
+        assert sorted(inbox.list_folders()) == ["Archive.2024", "Drafts", "Junk", "Sent", "Trash"]
+        archive = inbox.get_folder("Archive.2024")
+        assert [m["Subject"] for m in archive] == ["old"]
+    finally:
+        inbox.close()
+
+
+def test_maildir_is_readable_by_dovecot(md: MaildirStore, tmp_path: Path) -> None:
+    doveadm = shutil.which("doveadm")
+    if doveadm is None:
+        pytest.skip("doveadm (Dovecot) is not installed")
+    md.deliver(ALICE, RAW)
+    md.deliver(ALICE, b"Subject: sent\r\n\r\n2\r\n", mailbox="Sent", flags={"\\Seen"})
+    # Dovecot refuses to open mail as root: as root, read a copy owned by "nobody" in a
+    # directory that user can reach (pytest's tmp_path is private to root).
+    uid, gid = (65534, 65534) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    with tempfile.TemporaryDirectory(prefix="roundtrip-dovecot-") as scratch:
+        copy = Path(scratch, "Maildir")
+        shutil.copytree(md.root / ALICE, copy)
+        for path in [Path(scratch), *Path(scratch).rglob("*")]:
+            if os.geteuid() == 0:
+                os.chown(path, uid, gid)
+        conf = tmp_path / "dovecot.conf"
+        conf.write_text(f"base_dir = {tmp_path}/run\nstate_dir = {tmp_path}/state\n")
+        options = {
+            "mail_location": f"maildir:{copy}:INDEX=MEMORY",
+            "mail_uid": str(uid),
+            "mail_gid": str(gid),
+            "first_valid_uid": "1",
+            "first_valid_gid": "1",
+        }
+        cmd = [doveadm, "-c", str(conf)]
+        for key, value in options.items():
+            cmd += ["-o", f"{key}={value}"]
+        cmd += ["fetch", "mailbox flags hdr.subject", "ALL"]
+        env = {"PATH": os.environ.get("PATH", ""), "USER": ALICE, "HOME": str(copy)}
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0 and "Error" not in out.stderr, out.stderr
+    # One "key: value" line per field; records are separated by a blank or form-feed line.
+    records: list[dict[str, str]] = []
+    for line in out.stdout.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and key == "mailbox":
+            records.append({})
+        if sep and records:
+            records[-1][key] = value
+    summary = sorted((r["mailbox"], "\\Seen" in r["flags"], r["hdr.subject"]) for r in records)
+    assert summary == [("INBOX", False, "one"), ("Sent", True, "sent")]
+
+
+# Through the stack: 250 only after storage, 451 when storage fails
+
+
+@pytest.fixture
+def maildir_stack(root: Path) -> Iterator[MailStack]:
+    config = StackConfig(domains=("example.com",), users=(User(ALICE, "alice-pw"),))
+    store = MaildirStore(root)
+    try:
+        with MailStack(config, store=store) as stack:
+            yield stack
+    finally:
+        store.close()
+
+
+def _submit(stack: MailStack, raw: bytes) -> None:
+    host, port = stack.endpoints().address("submissions")
+    with smtplib.SMTP_SSL(host, port, context=stack.client_context(), timeout=TIMEOUT) as smtp:
+        smtp.login(ALICE, "alice-pw")
+        smtp.sendmail(ALICE, [ALICE], raw)
+
+
+def test_maildir_stack_delivers_and_imap_reads_it(maildir_stack: MailStack, root: Path) -> None:
+    raw = make_message(sender=ALICE, recipient=ALICE, subject="durable")
+    _submit(maildir_stack, raw)
+    assert len(list((root / ALICE / "new").iterdir())) == 1  # on disk before the 250 came back
+    host, port = maildir_stack.endpoints().address("imaps")
+    imap = imaplib.IMAP4_SSL(
+        host, port, ssl_context=maildir_stack.client_context(), timeout=TIMEOUT
+    )
+    try:
+        imap.login(ALICE, "alice-pw")
+        imap.select("INBOX")
+        typ, data = imap.uid("FETCH", "1", "(BODY.PEEK[])")
+        assert typ == "OK" and raw.split(b"\r\n\r\n")[1] in data[0][1]
+    finally:
+        imap.logout()
+    maildir_stack.check()
+
+
+def test_maildir_stack_storage_failure_is_451_not_250(
+    maildir_stack: MailStack, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = make_message(sender=ALICE, recipient=ALICE, subject="disk full")
+    tree = _tree(root)
+    monkeypatch.setattr("roundtrip.maildir.os.fsync", _fail_nth(os.fsync, 1, errno.ENOSPC))
+    with pytest.raises(smtplib.SMTPDataError) as exc:
+        _submit(maildir_stack, raw)
+    monkeypatch.undo()
+    assert exc.value.smtp_code == 451
+    assert _tree(root) == tree
+    assert maildir_stack.store.messages(ALICE) == []
+    maildir_stack.check()
