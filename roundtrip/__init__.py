@@ -21,6 +21,13 @@ _EXPORTS = {
     "DeliveredMessage": "stack",
     "Endpoint": "config",
     "MailStack": "stack",
+    "MaildirStore": "maildir",
+    "RoundtripOutcome": "testing",
+    "assert_delivered": "assertions",
+    "assert_not_delivered": "assertions",
+    "body_contains": "assertions",
+    "header_matches": "assertions",
+    "roundtrip_eml": "testing",
     "MailboxError": "errors",
     "NotDeliveredError": "errors",
     "ProbeError": "errors",
@@ -58,6 +65,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .assertions import (
+        assert_delivered,
+        assert_not_delivered,
+        body_contains,
+        header_matches,
+    )
     from .certs import CertificateAuthority
     from .config import Endpoint, StackConfig, Timeouts, User, parse_endpoint
     from .errors import (
@@ -75,7 +88,9 @@ if TYPE_CHECKING:
         StorageError,
         TLSError,
     )
+    from .maildir import MaildirStore
     from .message import ReceivedMessage
     from .probes.roundtrip import ProbeResult, run_probe
     from .stack import DeliveredMessage, MailStack
     from .store import Store
+    from .testing import RoundtripOutcome, roundtrip_eml

@@ -15,6 +15,7 @@ EXPECTED = [
     "Endpoint",
     "MailStack",
     "MailboxError",
+    "MaildirStore",
     "NotDeliveredError",
     "ProbeError",
     "ProbeResult",
@@ -22,6 +23,7 @@ EXPECTED = [
     "ReceivedMessage",
     "RejectedError",
     "RoundtripError",
+    "RoundtripOutcome",
     "RoundtripWarning",
     "ServerStartError",
     "StackConfig",
@@ -31,7 +33,12 @@ EXPECTED = [
     "Timeouts",
     "User",
     "__version__",
+    "assert_delivered",
+    "assert_not_delivered",
+    "body_contains",
+    "header_matches",
     "parse_endpoint",
+    "roundtrip_eml",
     "run_probe",
 ]
 

@@ -1,0 +1,430 @@
+"""Assertions over the messages a mailbox received, with failure messages a human can act on.
+
+``assert_delivered(messages, to=..., subject=...)`` returns the matching messages or raises
+``AssertionError``. The message says what was expected, then what did arrive (sender,
+recipients, subject, time; at most :data:`MAX_SHOWN` arrivals), and, when one arrival misses by
+a single criterion (a subject a few characters off, the right subject for the wrong recipient),
+a short ``difflib`` diff of that closest candidate. ``assert_not_delivered`` is the negation.
+
+Criteria combine with AND:
+
+- ``to``: a recipient, compared case-insensitively with the envelope recipients and mailbox
+  owner of a stored message, and with its To and Cc addresses.
+- ``subject``: the exact decoded Subject, or a compiled regular expression (``search``).
+- ``sender``: the From address (case-insensitive), also accepted as the Sender or envelope
+  sender.
+- ``headers``: ``{name: value}``; each value exact (surrounding space ignored) or a compiled
+  regular expression; any occurrence of a repeated header may match.
+- ``body_contains``: a substring of the text body or of the HTML body.
+- ``match``: any predicate, for example :func:`header_matches` or :func:`body_contains`
+  (these two describe themselves in failure messages).
+
+This module uses only the standard library and :mod:`roundtrip.message`; it never imports
+pytest, so the same calls work in any test runner.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
+
+from .message import ReceivedMessage
+
+__all__ = [
+    "MAX_SHOWN",
+    "Criteria",
+    "Matcher",
+    "TextPattern",
+    "assert_delivered",
+    "assert_not_delivered",
+    "body_contains",
+    "header_matches",
+]
+
+#: At most this many arrivals are listed in a failure message (the newest ones).
+MAX_SHOWN = 20
+
+M = TypeVar("M", bound=ReceivedMessage)
+#: A literal string, or a compiled regular expression applied with ``search``.
+TextPattern = str | re.Pattern[str]
+
+# Near misses: a subject or body line at least this similar (difflib ratio) gets a diff.
+_SIMILAR = 0.6
+_DIFF_LINES = 12
+
+
+class Matcher:
+    """A predicate on a message that can describe itself in a failure message.
+
+    Args:
+        description: what it checks, as it reads after "matching", e.g.
+            ``header X-Spam-Flag ~ 'NO'``.
+        predicate: the check itself.
+    """
+
+    __slots__ = ("_predicate", "description")
+
+    def __init__(self, description: str, predicate: Callable[[ReceivedMessage], bool]) -> None:
+        self.description = description
+        self._predicate = predicate
+
+    def __call__(self, message: ReceivedMessage) -> bool:
+        return bool(self._predicate(message))
+
+    def __repr__(self) -> str:
+        return f"<Matcher {self.description}>"
+
+
+def _compile(pattern: TextPattern) -> re.Pattern[str]:
+    return pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
+
+
+def header_matches(name: str, pattern: TextPattern) -> Matcher:
+    """A matcher: some value of header ``name`` matches ``pattern`` (``re.search``).
+
+    Args:
+        name: the header name (case-insensitive).
+        pattern: a regular expression, as a string or compiled; values are decoded and
+            unfolded (see :class:`roundtrip.message.Headers`).
+    """
+    regex = _compile(pattern)
+
+    def check(message: ReceivedMessage) -> bool:
+        return any(regex.search(value) for value in message.headers.get_all(name))
+
+    return Matcher(f"header {name} ~ {regex.pattern!r}", check)
+
+
+def body_contains(text: str) -> Matcher:
+    """A matcher: the text body or the HTML body contains ``text``."""
+
+    def check(message: ReceivedMessage) -> bool:
+        return _body_has(message, text)
+
+    return Matcher(f"body containing {text!r}", check)
+
+
+def _body_has(message: ReceivedMessage, text: str) -> bool:
+    return any(text in body for body in (message.text, message.html) if body)
+
+
+def _norm_space(value: str) -> str:
+    return " ".join(value.split())
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What a wanted message looks like; see the module docstring for each field.
+
+    ``select(messages)`` returns the messages that match; :meth:`MailStack.assert_delivered`
+    uses it to wait until enough have arrived.
+    """
+
+    to: str | None = None
+    subject: TextPattern | None = None
+    sender: str | None = None
+    match: Callable[[ReceivedMessage], bool] | None = None
+    headers: Mapping[str, TextPattern] | None = None
+    body_contains: str | None = None
+
+    def count(self) -> int:
+        """How many criteria are given (each header counts as one)."""
+        given = [self.to, self.subject, self.sender, self.match, self.body_contains]
+        return sum(v is not None for v in given) + len(self.headers or {})
+
+    def failures(self, message: ReceivedMessage) -> list[str]:
+        """Names of the criteria ``message`` does not meet (empty: it matches)."""
+        failed = []
+        if self.to is not None and self.to.lower() not in _recipients(message):
+            failed.append("to")
+        if self.subject is not None and not _subject_ok(self.subject, message.subject):
+            failed.append("subject")
+        if self.sender is not None and self.sender.lower() not in _senders(message):
+            failed.append("sender")
+        for name, wanted in (self.headers or {}).items():
+            if not _header_ok(message, name, wanted):
+                failed.append(f"header {name}")
+        if self.body_contains is not None and not _body_has(message, self.body_contains):
+            failed.append("body")
+        if self.match is not None and not self.match(message):
+            failed.append("match")
+        return failed
+
+    def select(self, messages: Iterable[M]) -> list[M]:
+        """The messages that meet every criterion, in the order given."""
+        return [m for m in messages if not self.failures(m)]
+
+    def describe(self) -> str:
+        """The wanted message in words: ``to X with subject 'Y' from Z ...``."""
+        parts = [f"to {self.to}" if self.to is not None else "to anyone"]
+        if self.subject is not None:
+            if isinstance(self.subject, re.Pattern):
+                parts.append(f"with subject ~ {self.subject.pattern!r}")
+            else:
+                parts.append(f"with subject {self.subject!r}")
+        if self.sender is not None:
+            parts.append(f"from {self.sender}")
+        for name, wanted in (self.headers or {}).items():
+            shown = wanted.pattern if isinstance(wanted, re.Pattern) else wanted
+            op = "~" if isinstance(wanted, re.Pattern) else "="
+            parts.append(f"with header {name} {op} {shown!r}")
+        if self.body_contains is not None:
+            parts.append(f"with body containing {self.body_contains!r}")
+        if self.match is not None:
+            described = getattr(self.match, "description", None)
+            fname = getattr(self.match, "__name__", None)
+            parts.append(
+                f"matching {described}"
+                if described
+                else f"matching {fname}()"
+                if fname and fname != "<lambda>"
+                else "matching the given predicate"
+            )
+        return " ".join(parts)
+
+
+def _recipients(message: ReceivedMessage) -> set[str]:
+    found = {a.lower() for a in (*message.to, *message.cc)}
+    envelope_to = getattr(message, "envelope_to", ())
+    found.update(a.lower() for a in envelope_to if isinstance(a, str))
+    stored = getattr(message, "stored", None)
+    user = getattr(stored, "user", None)
+    if isinstance(user, str):
+        found.add(user.lower())
+    return found
+
+
+def _senders(message: ReceivedMessage) -> set[str]:
+    found = {a.lower() for a in (message.from_, message.sender) if a}
+    envelope_from = getattr(message, "envelope_from", None)
+    if isinstance(envelope_from, str) and envelope_from:
+        found.add(envelope_from.lower())
+    return found
+
+
+def _subject_ok(wanted: TextPattern, subject: str) -> bool:
+    if isinstance(wanted, re.Pattern):
+        return wanted.search(subject) is not None
+    return subject == wanted
+
+
+def _header_ok(message: ReceivedMessage, name: str, wanted: TextPattern) -> bool:
+    values = message.headers.get_all(name)
+    if isinstance(wanted, re.Pattern):
+        return any(wanted.search(v) for v in values)
+    return any(_norm_space(v) == _norm_space(wanted) for v in values)
+
+
+# -- the assertions ----------------------------------------------------------------------------
+
+
+def assert_delivered(
+    messages: Iterable[M],
+    *,
+    to: str | None = None,
+    subject: TextPattern | None = None,
+    sender: str | None = None,
+    count: int | None = 1,
+    match: Callable[[ReceivedMessage], bool] | None = None,
+    headers: Mapping[str, TextPattern] | None = None,
+    body_contains: str | None = None,
+) -> list[M]:
+    """Assert that ``count`` of ``messages`` meet every given criterion, and return them.
+
+    Args:
+        messages: what arrived (``mailstack.messages()``, parsed IMAP/POP3 downloads ...).
+        to, subject, sender, match, headers, body_contains: the criteria (module docstring).
+        count: how many must match exactly; ``None`` means at least one.
+
+    Returns:
+        The matching messages, in the order given.
+
+    Raises:
+        AssertionError: a different number matched. The message lists what arrived and,
+            for a near miss, a diff of the closest candidate.
+        ValueError: ``count`` is negative.
+    """
+    if count is not None and count < 0:
+        raise ValueError(f"count must be >= 0 or None, got {count}")
+    criteria = Criteria(to, subject, sender, match, headers, body_contains)
+    arrived = list(messages)
+    matched = criteria.select(arrived)
+    if (count is None and matched) or len(matched) == count:
+        return matched
+    want = "at least 1 message" if count is None else _plural(count, "message")
+    if count is not None and count > 0 and matched:
+        lines = [
+            f"expected exactly {want} {criteria.describe()}, but {len(matched)} matched:",
+            *_listing(matched),
+        ]
+        raise AssertionError("\n".join(lines))
+    exactly = "exactly " if count is not None else ""
+    lines = [f"expected {exactly}{want} {criteria.describe()}, but {len(matched)} matched."]
+    if count == 0:
+        lines.append("Matched:")
+        lines += _listing(matched)
+    elif not matched:
+        lines += _near_miss(criteria, arrived)
+        lines += _arrivals(arrived)
+    raise AssertionError("\n".join(lines))
+
+
+def assert_not_delivered(
+    messages: Iterable[ReceivedMessage],
+    *,
+    to: str | None = None,
+    subject: TextPattern | None = None,
+    sender: str | None = None,
+    match: Callable[[ReceivedMessage], bool] | None = None,
+    headers: Mapping[str, TextPattern] | None = None,
+    body_contains: str | None = None,
+) -> None:
+    """Assert that none of ``messages`` meets every given criterion.
+
+    With no criterion at all, asserts that nothing arrived.
+
+    Raises:
+        AssertionError: something matched; the message lists what.
+    """
+    criteria = Criteria(to, subject, sender, match, headers, body_contains)
+    matched = criteria.select(messages)
+    if not matched:
+        return
+    lines = [
+        f"expected no message {criteria.describe()}, but {len(matched)} matched:",
+        *_listing(matched),
+    ]
+    raise AssertionError("\n".join(lines))
+
+
+# -- failure text ------------------------------------------------------------------------------
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _when(message: ReceivedMessage) -> str:
+    stored = getattr(message, "stored", None)
+    internal = getattr(stored, "internal_date", None)
+    if isinstance(internal, (int, float)):
+        return time.strftime("%H:%M:%S", time.localtime(internal))
+    date = message.date
+    if isinstance(date, datetime):
+        return date.strftime("%Y-%m-%d %H:%M:%S %z").strip()
+    return "no date"
+
+
+def _arrival(message: ReceivedMessage) -> str:
+    recipients = sorted(_recipients(message)) or ["<no recipients>"]
+    stored = getattr(message, "stored", None)
+    where = ""
+    if stored is not None and isinstance(getattr(stored, "mailbox", None), str):
+        where = f" [{stored.mailbox}]"
+    return (
+        f"from {message.from_ or '<no sender>'} to {', '.join(recipients)}{where} "
+        f"subject {message.subject!r} at {_when(message)}"
+    )
+
+
+def _listing(messages: Sequence[ReceivedMessage]) -> list[str]:
+    shown = messages[-MAX_SHOWN:]
+    lines = []
+    if len(messages) > len(shown):
+        lines.append(f"  ({len(messages) - len(shown)} earlier not shown)")
+    lines += [f"  - {_arrival(m)}" for m in shown]
+    return lines
+
+
+def _arrivals(arrived: Sequence[ReceivedMessage]) -> list[str]:
+    if not arrived:
+        return ["Nothing arrived."]
+    return [f"What did arrive ({len(arrived)}):", *_listing(arrived)]
+
+
+def _ratio(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def _closeness(criteria: Criteria, message: ReceivedMessage, failed: list[str]) -> float:
+    """Higher is closer: few failed criteria, then a similar subject."""
+    score = -float(len(failed))
+    if isinstance(criteria.subject, str):
+        score += _ratio(criteria.subject, message.subject) / 2
+    return score
+
+
+def _near_miss(criteria: Criteria, arrived: Sequence[ReceivedMessage]) -> list[str]:
+    """A diff of the closest candidate, when it misses by one criterion only."""
+    best: tuple[float, ReceivedMessage, list[str]] | None = None
+    for message in arrived:
+        failed = criteria.failures(message)
+        score = _closeness(criteria, message, failed)
+        if best is None or score > best[0]:
+            best = (score, message, failed)
+    if best is None:
+        return []
+    _, message, failed = best
+    if len(failed) != 1:
+        return []
+    what = failed[0]
+    if what == "subject" and isinstance(criteria.subject, str):
+        if _ratio(criteria.subject, message.subject) < _SIMILAR:
+            return []
+    elif criteria.count() < 2:
+        return []  # it met no other criterion: not a near miss, just a different message
+    head = f"Closest candidate (only {what if what != 'match' else 'the predicate'} differs): "
+    lines = [head + _arrival(message)]
+    if what == "subject" and isinstance(criteria.subject, str):
+        lines += _diff([criteria.subject], [message.subject], "subject")
+    elif what == "to":
+        got = ", ".join(sorted(_recipients(message))) or "<no recipients>"
+        lines.append(f"  it went to {got}, not {criteria.to}")
+        close = difflib.get_close_matches(
+            (criteria.to or "").lower(), sorted(_recipients(message)), n=1
+        )
+        if close:
+            lines += _diff([criteria.to or ""], close, "recipient")
+    elif what == "sender":
+        got = ", ".join(sorted(_senders(message))) or "<no sender>"
+        lines.append(f"  it came from {got}, not {criteria.sender}")
+        lines += _diff([criteria.sender or ""], [message.from_ or ""], "sender")
+    elif what.startswith("header "):
+        name = what[len("header ") :]
+        values = message.headers.get_all(name)
+        lines.append(f"  {name}: {values!r}" if values else f"  it has no {name} header")
+        wanted = (criteria.headers or {}).get(name)
+        if isinstance(wanted, str) and len(values) == 1:
+            lines += _diff([wanted], values, name)
+    elif what == "body":
+        lines += _body_near_miss(criteria.body_contains or "", message)
+    return lines
+
+
+def _body_near_miss(wanted: str, message: ReceivedMessage) -> list[str]:
+    body = message.text if message.text is not None else message.html
+    if not body:
+        return ["  it has no text or HTML body"]
+    candidates = [line.strip() for line in body.splitlines() if line.strip()]
+    close = difflib.get_close_matches(wanted.strip(), candidates, n=1, cutoff=_SIMILAR)
+    if close:
+        return _diff([wanted.strip()], close, "body line")
+    preview = _norm_space(body)
+    return [f"  body starts {preview[:80]!r}{'...' if len(preview) > 80 else ''}"]
+
+
+def _diff(expected: list[str], actual: list[str], what: str) -> list[str]:
+    diff = list(
+        difflib.ndiff(
+            [f"{e}\n" for e in expected],
+            [f"{a}\n" for a in actual],
+        )
+    )
+    lines = [f"  diff of {what} (- expected, + actual):"]
+    lines += ["    " + line.rstrip("\n") for line in diff[:_DIFF_LINES]]
+    return lines

@@ -1,0 +1,560 @@
+"""Round-trip your own ``.eml`` files through a stack in one line per test.
+
+Parametrise over a directory with :func:`roundtrip.corpus.corpus_params` (this module does not
+import pytest), then call :func:`roundtrip_eml`::
+
+    from roundtrip.corpus import corpus_params
+    from roundtrip.testing import roundtrip_eml
+
+    @pytest.mark.parametrize("eml", corpus_params("tests/emails"), ids=str)
+    def test_email_survives(mailstack, eml):
+        outcome = roundtrip_eml(mailstack, eml.raw)
+        assert outcome.identical, outcome.diff()
+
+``roundtrip_eml`` submits the bytes over implicit TLS with AUTH (port 465 semantics) as the
+first user of the first domain to the first user of the last domain, so the message crosses
+the relay, the DNS MX lookup and the recipient's MX; it waits until the message is stored and
+downloads it over IMAP ``BODY[]`` and/or POP3 ``RETR``, reading the exact octets.
+
+What "identical" means: the receiving side prepends trace and filter fields (``Received``,
+``X-Spam-*``; see :data:`TRACE_FIELDS`). Everything after them must equal the submitted bytes,
+and every download must equal the stored copy. SMTP itself cannot carry a message without a
+final CRLF, and the stack's relay turns every stray CR or LF into CRLF (SECURITY.md A2.2), so
+such messages are only :attr:`RoundtripOutcome.equivalent`; the corpus flags them
+(``no-final-newline``, ``bare-lf``, ``bare-cr``).
+
+Every client here verifies certificates (against the stack's CA, or the context given).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import imaplib
+import poplib
+import re
+import smtplib
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .config import Endpoint, User
+from .stack import DeliveredMessage, MailStack
+
+__all__ = [
+    "TRACE_FIELDS",
+    "RoundtripOutcome",
+    "fetch_imap",
+    "fetch_pop3",
+    "normalize_line_endings",
+    "roundtrip_eml",
+    "send_eml",
+    "smtp_options",
+    "split_added_headers",
+]
+
+#: Header fields a receiving side may prepend without the message counting as changed
+#: (``fnmatch`` patterns, case-insensitive): trace fields (RFC 5321 section 4.4) and the
+#: headers that delivery agents and filters conventionally add.
+TRACE_FIELDS = (
+    "Received",
+    "Return-Path",
+    "Delivered-To",
+    "X-Original-To",
+    "Authentication-Results",
+    "X-Spam-*",
+)
+
+Retrieve = Literal["imap", "pop3", "both"]
+
+_STRAY_EOL = re.compile(rb"\r\n|\r|\n")
+_HAS_STRAY = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_DIFF_WINDOW = 600  # bytes either side of the first difference shown by diff()
+_DIFF_LINES = 40
+
+
+def normalize_line_endings(raw: bytes) -> bytes:
+    """``raw`` as a normalising SMTP path delivers it.
+
+    First the SMTP client ends the content with CRLF if it does not already end so (smtplib
+    appends CRLF even after a bare LF), then every CR, LF or CRLF becomes CRLF: what the
+    stack's relay does to every message it forwards (SECURITY.md A2.2).
+    """
+    data = raw if raw.endswith(b"\r\n") else raw + b"\r\n"
+    return _STRAY_EOL.sub(b"\r\n", data) if _HAS_STRAY.search(data) else data
+
+
+def smtp_options(raw: bytes, *addresses: str) -> list[str]:
+    """The MAIL FROM parameters ``raw`` needs: SMTPUTF8 and/or BODY=8BITMIME.
+
+    SMTPUTF8 (RFC 6531) when the header block or an address holds non-ASCII; BODY=8BITMIME
+    (RFC 6152) when any octet is 8-bit.
+    """
+    head = raw[: _header_end(raw)]
+    utf8 = not head.isascii() or not all(a.isascii() for a in addresses)
+    if utf8:
+        return ["SMTPUTF8", "BODY=8BITMIME"]
+    return [] if raw.isascii() else ["BODY=8BITMIME"]
+
+
+def _header_end(raw: bytes) -> int:
+    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i != -1]
+    return min(ends) if ends else len(raw)
+
+
+def _field_starts(raw: bytes) -> list[int]:
+    """Offsets where each header field starts, up to the empty line that ends the header."""
+    starts: list[int] = []
+    pos = 0
+    size = len(raw)
+    while pos < size:
+        eol = raw.find(b"\n", pos)
+        nxt = size if eol == -1 else eol + 1
+        if raw[pos:nxt] in (b"\r\n", b"\n"):
+            break
+        if raw[pos : pos + 1] not in (b" ", b"\t") or not starts:
+            starts.append(pos)
+        pos = nxt
+    return starts
+
+
+def _field_name(field_bytes: bytes) -> str:
+    return field_bytes.split(b":", 1)[0].strip().decode("ascii", "replace")
+
+
+def split_added_headers(stored: bytes, submitted: bytes) -> tuple[bytes, bytes]:
+    """Split ``stored`` into ``(prepended fields, the rest)``.
+
+    The split is at the field boundary after which ``stored`` equals ``submitted`` (as is,
+    with a final CRLF added, or line-ending normalised). When no boundary gives that, the
+    number of fields added is the difference in field counts, so that the rest can be
+    diffed against ``submitted``.
+    """
+    starts = _field_starts(stored)
+    wanted = {submitted}
+    if not submitted.endswith(b"\r\n"):
+        wanted.add(submitted + b"\r\n")
+    wanted.add(normalize_line_endings(submitted))
+    for offset in [0, *starts[1:]]:
+        rest_len = len(stored) - offset
+        if any(len(w) == rest_len and stored.endswith(w) for w in wanted):
+            return stored[:offset], stored[offset:]
+    added = len(starts) - len(_field_starts(submitted))
+    offset = starts[added] if 0 < added < len(starts) else 0
+    return stored[:offset], stored[offset:]
+
+
+def _first_difference(a: bytes, b: bytes) -> int:
+    """Index of the first differing byte (``min(len)`` when one is a prefix of the other)."""
+    low, high = 0, min(len(a), len(b))
+    if a[:high] == b[:high]:
+        return high
+    # Binary search on equal prefixes: O(n log n) memcmp, fine for 60 MB messages.
+    while high - low > 4096:
+        mid = (low + high) // 2
+        if a[low:mid] == b[low:mid]:
+            low = mid
+        else:
+            high = mid
+    for i in range(low, high):
+        if a[i] != b[i]:
+            return i
+    return high
+
+
+def _byte_diff(expected: bytes, actual: bytes, what: str) -> list[str]:
+    at = _first_difference(expected, actual)
+    lines = [
+        f"{what}: first difference at byte {at} (expected {len(expected)} bytes, got {len(actual)})"
+    ]
+    start = max(0, expected.rfind(b"\n", 0, max(0, at - _DIFF_WINDOW)) + 1)
+    exp = expected[start : at + _DIFF_WINDOW].splitlines(keepends=True)
+    act = actual[start : at + _DIFF_WINDOW].splitlines(keepends=True)
+    diff = difflib.unified_diff(
+        [repr(x)[2:-1] for x in exp],
+        [repr(x)[2:-1] for x in act],
+        "expected",
+        "actual",
+        lineterm="",
+        n=2,
+    )
+    shown = list(diff)
+    lines += [f"  {line}" for line in shown[:_DIFF_LINES]]
+    if len(shown) > _DIFF_LINES:
+        lines.append(f"  ... ({len(shown) - _DIFF_LINES} more diff lines)")
+    return lines
+
+
+@dataclass(frozen=True)
+class RoundtripOutcome:
+    """What happened to one message on its way through the stack.
+
+    Attributes:
+        submitted: the bytes handed to the SMTP client.
+        stored: the bytes the recipient's mailbox holds.
+        fetched: the bytes downloaded by the first retrieval method.
+        fetched_by: every download, by method (``"imap"``, ``"pop3"``).
+        added_headers: the fields prepended to ``stored`` by the receiving side.
+        message: the stored message, parsed (``.stored`` has the mailbox and UID).
+        allowed_added: the field-name patterns that count as trace or filter fields.
+    """
+
+    submitted: bytes = field(repr=False)
+    stored: bytes = field(repr=False)
+    fetched: bytes = field(repr=False)
+    fetched_by: Mapping[str, bytes] = field(repr=False)
+    added_headers: bytes
+    message: DeliveredMessage | None = field(default=None, repr=False)
+    allowed_added: tuple[str, ...] = TRACE_FIELDS
+
+    @classmethod
+    def build(
+        cls,
+        submitted: bytes,
+        stored: bytes,
+        fetched_by: Mapping[str, bytes],
+        *,
+        message: DeliveredMessage | None = None,
+        allowed_added: Sequence[str] = TRACE_FIELDS,
+    ) -> RoundtripOutcome:
+        """Compute the added headers and wrap the results.
+
+        Args:
+            submitted: what was sent.
+            stored: what the store holds.
+            fetched_by: at least one download, by method name.
+            message: the parsed stored message, if at hand.
+            allowed_added: patterns of fields that may be prepended.
+        """
+        if not fetched_by:
+            raise ValueError("fetched_by needs at least one download")
+        added, _ = split_added_headers(stored, submitted)
+        return cls(
+            submitted=submitted,
+            stored=stored,
+            fetched=next(iter(fetched_by.values())),
+            fetched_by=dict(fetched_by),
+            added_headers=added,
+            message=message,
+            allowed_added=tuple(allowed_added),
+        )
+
+    @property
+    def delivered(self) -> bytes:
+        """The stored message without the prepended fields."""
+        return self.stored[len(self.added_headers) :]
+
+    @property
+    def added_fields(self) -> list[str]:
+        """Names of the prepended fields, in order (``["X-Spam-Flag", ..., "Received"]``)."""
+        return [
+            _field_name(self.added_headers[s:e])
+            for s, e in _pairs(_field_starts(self.added_headers), len(self.added_headers))
+        ]
+
+    @property
+    def unexpected_added(self) -> list[str]:
+        """Prepended fields that are not trace or filter fields (should be empty)."""
+        patterns = [p.lower() for p in self.allowed_added]
+        return [
+            name
+            for name in self.added_fields
+            if not any(fnmatch.fnmatchcase(name.lower(), p) for p in patterns)
+        ]
+
+    @property
+    def downloads_match(self) -> bool:
+        """Every download equals the stored copy, byte for byte."""
+        return all(data == self.stored for data in self.fetched_by.values())
+
+    @property
+    def identical(self) -> bool:
+        """Byte identity: downloads equal the store, which is the submission plus trace fields."""
+        return (
+            self.downloads_match
+            and not self.unexpected_added
+            and (self.delivered == self.submitted)
+        )
+
+    @property
+    def equivalent(self) -> bool:
+        """Identity up to SMTP's line-ending normalisation (final CRLF, stray CR/LF to CRLF)."""
+        return (
+            self.downloads_match
+            and not self.unexpected_added
+            and normalize_line_endings(self.delivered) == normalize_line_endings(self.submitted)
+        )
+
+    def diff(self) -> str:
+        """A readable account of every difference (``"identical"`` when there is none)."""
+        if self.identical:
+            return "identical"
+        lines: list[str] = []
+        for method, data in self.fetched_by.items():
+            if data != self.stored:
+                lines += _byte_diff(self.stored, data, f"{method.upper()} download vs stored")
+        if self.unexpected_added:
+            lines.append(
+                f"prepended fields that are not trace fields: {self.unexpected_added} "
+                f"(allowed: {', '.join(self.allowed_added)})"
+            )
+        if self.delivered != self.submitted:
+            note = (
+                " (equal after line-ending normalisation)"
+                if normalize_line_endings(self.delivered) == normalize_line_endings(self.submitted)
+                else ""
+            )
+            lines += _byte_diff(
+                self.submitted,
+                self.delivered,
+                f"stored message after {len(self.added_fields)} prepended field(s) "
+                f"vs submitted{note}",
+            )
+        return "\n".join(lines)
+
+
+def _pairs(starts: list[int], end: int) -> list[tuple[int, int]]:
+    return list(zip(starts, [*starts[1:], end], strict=True))
+
+
+# -- clients ---------------------------------------------------------------------------------
+
+
+def send_eml(
+    target: MailStack | Endpoint,
+    raw: bytes,
+    *,
+    sender: str | None = None,
+    recipient: str | Sequence[str] | None = None,
+    mail_options: Sequence[str] | None = None,
+    context: ssl.SSLContext | None = None,
+    timeout: float = 30.0,
+) -> dict[str, tuple[int, bytes]]:
+    """Submit ``raw`` unchanged over SMTP with AUTH, as bytes (no line-ending rewriting).
+
+    Args:
+        target: a stack (its sender's domain's implicit-TLS submission port and the sender's
+            password are used) or an SMTP :class:`~roundtrip.config.Endpoint` with credentials
+            (``implicit`` or ``starttls``).
+        raw: the message.
+        sender: envelope sender; the stack's first user, or the endpoint's user, by default.
+        recipient: envelope recipient(s); the stack's first user of its last domain by
+            default (required with an endpoint).
+        mail_options: MAIL FROM parameters; :func:`smtp_options` by default.
+        context: the TLS context; the stack's (or the system's) verifying one by default.
+        timeout: seconds for each socket operation.
+
+    Returns:
+        smtplib's refused-recipients dict (empty when all were accepted).
+
+    Raises:
+        smtplib.SMTPException, ssl.SSLError, OSError: as smtplib raises them.
+    """
+    if isinstance(target, MailStack):
+        user = _find_user(target, sender) if sender else target.user()
+        ep = target.endpoints(user.domain)
+        endpoint = Endpoint(
+            "smtp",
+            "implicit",
+            ep.host,
+            ep.ports["submissions"],
+            user.address,
+            user.password,
+            ep.hostname,
+        )
+        context = context or target.client_context()
+        if recipient is None:
+            recipient = target.user(target.config.domains[-1]).address
+    else:
+        endpoint = target
+        context = context or ssl.create_default_context()
+        if recipient is None:
+            raise ValueError("send_eml to an endpoint needs a recipient")
+    mail_from = sender or endpoint.user
+    rcpts = [recipient] if isinstance(recipient, str) else list(recipient)
+    options = (
+        list(mail_options) if mail_options is not None else smtp_options(raw, mail_from, *rcpts)
+    )
+    client: smtplib.SMTP
+    if endpoint.tls == "implicit":
+        client = smtplib.SMTP_SSL(
+            endpoint.host,
+            endpoint.port,
+            local_hostname="roundtrip.test",
+            timeout=timeout,
+            context=context,
+        )
+    else:
+        client = smtplib.SMTP(
+            endpoint.host, endpoint.port, local_hostname="roundtrip.test", timeout=timeout
+        )
+    with client:
+        if endpoint.tls == "starttls":
+            client.starttls(context=context)
+        if endpoint.user:
+            client.login(endpoint.user, endpoint.password)
+        return client.sendmail(mail_from, rcpts, raw, mail_options=options)
+
+
+def _find_user(stack: MailStack, address: str) -> User:
+    for user in stack.users:
+        if user.address.lower() == address.lower():
+            return user
+    known = ", ".join(u.address for u in stack.users)
+    raise ValueError(f"{address!r} is not a user of this stack ({known})")
+
+
+def _user_password(stack: MailStack, address: str) -> str:
+    return _find_user(stack, address).password
+
+
+def fetch_imap(
+    stack: MailStack,
+    user: str,
+    uid: int,
+    *,
+    mailbox: str = "INBOX",
+    timeout: float = 30.0,
+) -> bytes:
+    """Download one message's exact octets with IMAP ``UID FETCH uid (BODY.PEEK[])`` (IMAPS).
+
+    Raises:
+        LookupError: the server returned no such message.
+        imaplib.IMAP4.error, ssl.SSLError, OSError: as imaplib raises them.
+    """
+    ep = stack.endpoints(user.rpartition("@")[2])
+    client = imaplib.IMAP4_SSL(
+        ep.host, ep.ports["imaps"], ssl_context=stack.client_context(), timeout=timeout
+    )
+    try:
+        client.login(user, _user_password(stack, user))
+        typ, _ = client.select(_imap_quote(mailbox), readonly=True)
+        if typ != "OK":
+            raise LookupError(f"cannot select {mailbox!r} of {user}")
+        typ, data = client.uid("FETCH", str(uid), "(BODY.PEEK[])")
+        for item in data:
+            if isinstance(item, tuple) and b"BODY[]" in item[0]:
+                return bytes(item[1])
+        raise LookupError(f"no message with UID {uid} in {mailbox!r} of {user}: {typ} {data!r}")
+    finally:
+        try:
+            client.logout()
+        except (imaplib.IMAP4.error, OSError):
+            client.shutdown()
+
+
+def _imap_quote(name: str) -> str:
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def fetch_pop3(stack: MailStack, user: str, uid: int, *, timeout: float = 30.0) -> bytes:
+    """Download one INBOX message's exact octets with POP3 ``RETR`` (POP3S), un-dot-stuffed.
+
+    The message number is the position of ``uid`` in the INBOX (POP3 numbers the maildrop
+    in UID order). poplib's ``retr()`` would rewrite line endings, so the multi-line reply is
+    read from the connection directly.
+
+    Raises:
+        LookupError: the message is not in the INBOX.
+        poplib.error_proto, ssl.SSLError, OSError: as poplib raises them.
+    """
+    uids = stack.store.mailbox(user, "INBOX").uids()
+    if uid not in uids:
+        raise LookupError(f"no message with UID {uid} in the INBOX of {user}")
+    number = uids.index(uid) + 1
+    ep = stack.endpoints(user.rpartition("@")[2])
+    client = poplib.POP3_SSL(
+        ep.host, ep.ports["pop3s"], context=stack.client_context(), timeout=timeout
+    )
+    try:
+        client.user(user)
+        client.pass_(_user_password(stack, user))
+        client.sock.sendall(f"RETR {number}\r\n".encode("ascii"))
+        status = client.file.readline()
+        if not status.startswith(b"+OK"):
+            raise poplib.error_proto(status)
+        lines = []
+        while True:
+            line = client.file.readline()
+            if not line:
+                raise poplib.error_proto(b"connection closed inside RETR")
+            if line == b".\r\n":
+                break
+            lines.append(line[1:] if line.startswith(b".") else line)
+        return b"".join(lines)
+    finally:
+        try:
+            client.quit()
+        except (poplib.error_proto, OSError):
+            client.close()
+
+
+def roundtrip_eml(
+    stack: MailStack,
+    raw: bytes,
+    *,
+    sender: str | None = None,
+    recipient: str | None = None,
+    retrieve: Retrieve = "imap",
+    mailbox: str = "INBOX",
+    mail_options: Sequence[str] | None = None,
+    allowed_added: Sequence[str] = TRACE_FIELDS,
+    timeout: float | None = None,
+) -> RoundtripOutcome:
+    """Submit ``raw``, wait until it is stored, download it, and compare.
+
+    Args:
+        stack: a running stack (the ``mailstack`` fixture).
+        raw: the message bytes, sent unchanged (see :func:`send_eml`).
+        sender: a user of the stack; its first user by default.
+        recipient: a user of the stack; the first user of its last domain by default (so the
+            message crosses the relay and the recipient domain's MX).
+        retrieve: ``"imap"`` (``BODY[]``), ``"pop3"`` (``RETR``) or ``"both"``.
+        mailbox: where to expect it (POP3 sees only ``INBOX``).
+        mail_options: MAIL FROM parameters; detected from the bytes by default.
+        allowed_added: field-name patterns the receiving side may prepend.
+        timeout: seconds to wait for delivery and for each socket operation
+            (``stack.config.timeouts.wait_timeout`` by default).
+
+    Returns:
+        A :class:`RoundtripOutcome`; ``assert outcome.identical, outcome.diff()``.
+
+    Raises:
+        roundtrip.NotDeliveredError: the message was not stored in time.
+        ValueError: ``retrieve`` is unknown, POP3 was asked for another mailbox than INBOX,
+            or the sender or recipient is not a user of the stack.
+    """
+    methods = {"imap": ("imap",), "pop3": ("pop3",), "both": ("imap", "pop3")}.get(retrieve)
+    if methods is None:
+        raise ValueError(f"retrieve must be 'imap', 'pop3' or 'both', not {retrieve!r}")
+    if "pop3" in methods and mailbox.upper() != "INBOX":
+        raise ValueError(f"POP3 reads only the INBOX, not {mailbox!r}")
+    wait = stack.config.timeouts.wait_timeout if timeout is None else timeout
+    to = (
+        _find_user(stack, recipient).address
+        if recipient
+        else stack.user(stack.config.domains[-1]).address
+    )
+    before = stack.store.mailbox(to, mailbox).uidnext
+    send_eml(
+        stack,
+        raw,
+        sender=sender,
+        recipient=to,
+        mail_options=mail_options,
+        timeout=max(wait, 1.0),
+    )
+    message = stack.wait_for(
+        to, mailbox=mailbox, match=lambda m: m.stored.uid >= before, timeout=wait
+    )
+    uid = message.stored.uid
+    fetched: dict[str, bytes] = {}
+    for method in methods:
+        if method == "imap":
+            fetched[method] = fetch_imap(stack, to, uid, mailbox=mailbox, timeout=max(wait, 1.0))
+        else:
+            fetched[method] = fetch_pop3(stack, to, uid, timeout=max(wait, 1.0))
+    return RoundtripOutcome.build(
+        raw, message.raw, fetched, message=message, allowed_added=allowed_added
+    )
