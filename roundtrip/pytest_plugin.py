@@ -30,7 +30,14 @@ if TYPE_CHECKING:
     from .probes.roundtrip import ProbeResult
     from .stack import MailStack
 
-_RUNNING: list[MailStack] = []
+# Stacks started by one pytest session (kept per config, so that a pytester run inside a
+# test never stops the outer session's stacks).
+_RUNNING = pytest.StashKey[list["MailStack"]]()
+
+
+def _running(config: pytest.Config) -> list[MailStack]:
+    return config.stash.setdefault(_RUNNING, [])
+
 
 _OPTIONS = {
     # name: (help, ini type, default)
@@ -134,8 +141,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    while _RUNNING:
-        _RUNNING.pop().stop()
+    running = _running(session.config)
+    while running:
+        running.pop().stop()
 
 
 @pytest.fixture(scope="session")
@@ -154,34 +162,37 @@ def mailstack_ca() -> Iterator[CertificateAuthority]:
     ca.cleanup()
 
 
-def _start(config: StackConfig, ca: CertificateAuthority) -> MailStack:
+def _start(
+    pytest_config: pytest.Config, config: StackConfig, ca: CertificateAuthority
+) -> MailStack:
     from .stack import MailStack
 
     stack = MailStack(config, ca=ca)
     stack.start()
-    _RUNNING.append(stack)
+    _running(pytest_config).append(stack)
     return stack
 
 
-def _stop(stack: MailStack) -> None:
-    if stack in _RUNNING:
-        _RUNNING.remove(stack)
+def _stop(pytest_config: pytest.Config, stack: MailStack) -> None:
+    running = _running(pytest_config)
+    if stack in running:
+        running.remove(stack)
     stack.stop()
 
 
 @pytest.fixture(scope="session")
 def mailstack_session(
-    mailstack_config: StackConfig, mailstack_ca: CertificateAuthority
+    pytestconfig: pytest.Config, mailstack_config: StackConfig, mailstack_ca: CertificateAuthority
 ) -> Iterator[MailStack]:
     """The stack shared by the session, started on first use."""
-    stack = _start(mailstack_config, mailstack_ca)
+    stack = _start(pytestconfig, mailstack_config, mailstack_ca)
     yield stack
-    _stop(stack)
+    _stop(pytestconfig, stack)
 
 
 @pytest.fixture
 def mailstack_factory(
-    mailstack_config: StackConfig, mailstack_ca: CertificateAuthority
+    pytestconfig: pytest.Config, mailstack_config: StackConfig, mailstack_ca: CertificateAuthority
 ) -> Iterator[Callable[..., MailStack]]:
     """Build extra, isolated stacks: ``mailstack_factory(domains=["a.test"])``."""
     made: list[MailStack] = []
@@ -191,13 +202,13 @@ def mailstack_factory(
             config = mailstack_config.replace(**overrides)
         except ConfigError as exc:
             raise pytest.UsageError(f"roundtrip: {exc}") from None
-        stack = _start(config, mailstack_ca)
+        stack = _start(pytestconfig, config, mailstack_ca)
         made.append(stack)
         return stack
 
     yield factory
     for stack in made:
-        _stop(stack)
+        _stop(pytestconfig, stack)
     for stack in made:
         stack.check()
 

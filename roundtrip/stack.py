@@ -15,10 +15,13 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .assertions import Criteria, TextPattern
+from .assertions import assert_delivered as _assert_delivered
+from .assertions import assert_not_delivered as _assert_not_delivered
 from .certs import CertificateAuthority
 from .config import StackConfig, User
 from .errors import ConfigError, MailboxError, NotDeliveredError, ServerStartError
@@ -29,8 +32,14 @@ from .protocols.smtp import Role, domain_of
 from .servers._runner import LoopThread
 from .servers.dns import DNSServer, start_dns
 from .servers.pop3 import start_pop3
-from .servers.relay import Relay, RelayEvent
-from .servers.smtp import Accepted, ContentRejectedError, SMTPHandler, start_smtp
+from .servers.relay import QueuedMessage, Relay, RelayEvent
+from .servers.smtp import (
+    Accepted,
+    AuthPenalties,
+    ContentRejectedError,
+    SMTPHandler,
+    start_smtp,
+)
 from .store import Store, StoredMessage
 
 __all__ = [
@@ -159,10 +168,15 @@ class MailStack:
         self._listeners = _Listeners()
         self.dns: DNSServer | None = None
         self.relay: Relay | None = None
+        #: SMTP port of each MX host name, for the relay: with ephemeral ports every MX lives
+        #: on one address, so DNS alone cannot say which port; names absent here use 25.
+        self.mx_ports: dict[str, int] = {}
         # Journey of each accepted message, keyed by the accepting hop's queue id.
         self._hops: collections.OrderedDict[str, list[HopTiming]] = collections.OrderedDict()
         self._relay_origin: dict[str, str] = {}
         self._by_message_id: dict[str, list[str]] = {}
+        self._relay_changed = threading.Condition()
+        self._relay_queue: list[QueuedMessage] = []
         #: Test-only misbehaviour switches (see Faults); reset() turns them off.
         self.faults = Faults()
         #: The receiving MX's content filter (see roundtrip.protocols.filter); a test may
@@ -228,6 +242,14 @@ class MailStack:
         assert self._thread is not None
         timeouts = self.config.timeouts
         on_error = self._thread.record_error
+        limits = self.config.smtp_limits
+        # One penalty table for every listener: a client guessing passwords on one port is
+        # slowed on all of them (SECURITY.md A4.3).
+        penalties = AuthPenalties(
+            initial=limits.auth_penalty_initial,
+            maximum=limits.auth_penalty_max,
+            timeout=limits.auth_penalty_timeout,
+        )
         for index, domain in enumerate(self.config.domains):
             host = self._host_for(index)
             hostname = f"mail.{domain}"
@@ -246,6 +268,7 @@ class MailStack:
                     max_recipients=self.config.max_recipients,
                     enforce_sender=True,
                     on_error=on_error,
+                    limits=limits,
                 )
                 server = await self._bind(
                     service,
@@ -258,6 +281,7 @@ class MailStack:
                         max_message_size=self.config.max_message_size,
                         idle_timeout=timeouts.idle_timeout,
                         tls_handshake_timeout=timeouts.tls_handshake_timeout,
+                        auth_penalties=penalties,
                     ),
                 )
                 ports[service] = _bound_port(server)
@@ -293,9 +317,7 @@ class MailStack:
     async def _start_routing(self) -> None:
         """The DNS zone of every domain, and the relay that routes by it."""
         assert self._thread is not None
-        records: list[Record] = []
-        for ep in self.domains.values():
-            records += default_records(ep.domain, ep.host, mx_host=ep.hostname)
+        records = self.default_dns_records()
         dns_host = "127.0.0.1" if self.config.ports == "standard" else self.config.host
         try:
             self.dns = await start_dns(
@@ -306,12 +328,12 @@ class MailStack:
             )
         except OSError as exc:
             raise ServerStartError(f"cannot bind dns on {dns_host}: {exc}") from exc
-        mx_ports = {ep.hostname: ep.ports["smtp"] for ep in self.domains.values()}
+        self.mx_ports.update({ep.hostname: ep.ports["smtp"] for ep in self.domains.values()})
         self.relay = Relay(
             dns_address=self.dns.address,
             tls_context=self.ca.client_context(),
             local_domains=lambda: set(self.config.domains),
-            mx_port=lambda host: mx_ports.get(host.rstrip(".").lower(), 25),
+            mx_port=lambda host: self.mx_ports.get(host.rstrip(".").lower(), 25),
             deliver_local=lambda address, raw, mailbox: self._deliver(address, raw, mailbox),
             capture_outbound=self._capture,
             on_error=self._thread.record_error,
@@ -373,6 +395,9 @@ class MailStack:
                 pass
         thread.stop()
         self.ca.cleanup()
+        close = getattr(self.store, "close", None)
+        if close is not None:  # a durable store releases its directory
+            close()
 
     async def _close_all(self) -> None:
         if self.relay is not None:
@@ -408,8 +433,12 @@ class MailStack:
         if self._thread is not None and self.relay is not None:
             relay, dns = self.relay, self.dns
             self._thread.run(relay.clear(), timeout=5)
+            with self._relay_changed:
+                self._relay_queue = []
             if dns is not None:
                 dns.query_log.clear()
+                dns.set_zone(build_zone(self.default_dns_records()))
+            self.mx_ports = {ep.hostname: ep.ports["smtp"] for ep in self.domains.values()}
         self.store.clear()
         self.faults = Faults()
         self.content_filter = default_filter
@@ -493,6 +522,46 @@ class MailStack:
         origin = self._relay_origin.get(event.queue_id)
         if origin is not None:
             self._record(origin, f"relay {event.step}", event.detail, time.monotonic())
+        if self.relay is not None:
+            # Snapshot on the loop thread, where the queue is consistent.
+            snapshot = self.relay.queue()
+            with self._relay_changed:
+                self._relay_queue = snapshot
+                self._relay_changed.notify_all()
+
+    def relay_queue(self) -> list[QueuedMessage]:
+        """The relay queue as of its last event: messages waiting for some recipient."""
+        with self._relay_changed:
+            return list(self._relay_queue)
+
+    def wait_relay(
+        self, predicate: Callable[[list[QueuedMessage]], bool], timeout: float
+    ) -> list[QueuedMessage]:
+        """Block until ``predicate(queue)`` holds after a relay event, or the timeout passes.
+
+        Returns:
+            The queue snapshot that satisfied the predicate.
+
+        Raises:
+            TimeoutError: it never held.
+        """
+        deadline = time.monotonic() + timeout
+        with self._relay_changed:
+            while not predicate(self._relay_queue):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"relay queue did not reach the expected state in {timeout:g} s: "
+                        f"{self._relay_queue!r}"
+                    )
+                self._relay_changed.wait(remaining)
+            return list(self._relay_queue)
+
+    def relay_idle(self, timeout: float = 10.0) -> None:
+        """Wait until no relay attempt is running (retries may still be scheduled)."""
+        self._require_started()
+        assert self._thread is not None and self.relay is not None
+        self._thread.run(self.relay.wait_idle(timeout), timeout=timeout + 1)
 
     def _index_journey(self, raw: bytes) -> None:
         head = raw.split(b"\r\n\r\n", 1)[0]
@@ -519,6 +588,24 @@ class MailStack:
         hops.sort(key=lambda h: h.at)
         start = hops[0].at
         return [HopTiming(h.step, h.host, h.at - start) for h in hops]
+
+    def default_dns_records(self) -> list[Record]:
+        """The records the stack serves by default: SOA, NS, MX, A/AAAA and SPF per domain."""
+        records: list[Record] = []
+        for ep in self.domains.values():
+            records += default_records(ep.domain, ep.host, mx_host=ep.hostname)
+        return records
+
+    def set_dns_records(self, records: list[Record], *, refuse_outside: bool = True) -> None:
+        """Serve other DNS records (a null MX, a second MX, a missing domain ...).
+
+        ``refuse_outside=False`` answers NXDOMAIN, not REFUSED, for names in no zone.
+        ``reset()`` restores the default records.
+        """
+        self._require_started()
+        assert self._thread is not None and self.dns is not None
+        zone = build_zone(records, refuse_outside=refuse_outside)
+        self._thread.call(self.dns.set_zone, zone)
 
     def _deliver(self, address: str, raw: bytes, mailbox: str) -> None:
         self.store.deliver(address, raw, mailbox=mailbox, envelope_to=(address,))
@@ -666,6 +753,82 @@ class MailStack:
             )
         self.check()
         return found
+
+    def assert_delivered(
+        self,
+        to: str | None = None,
+        *,
+        subject: TextPattern | None = None,
+        sender: str | None = None,
+        count: int | None = 1,
+        match: Callable[[ReceivedMessage], bool] | None = None,
+        headers: Mapping[str, TextPattern] | None = None,
+        body_contains: str | None = None,
+        mailbox: str | None = None,
+        timeout: float | None = None,
+    ) -> list[DeliveredMessage]:
+        """Wait until ``count`` matching messages are stored, then assert exactly that many.
+
+        Args:
+            to, subject, sender, match, headers, body_contains: as for
+                :func:`roundtrip.assertions.assert_delivered`.
+            count: how many must match (``None``: at least one). ``0`` does not wait.
+            mailbox: only this folder (every folder by default, so quarantined mail shows).
+            timeout: seconds to wait (``config.timeouts.wait_timeout`` by default).
+
+        Raises:
+            AssertionError: a different number matched; lists what arrived, with a diff of
+                a near miss.
+        """
+        criteria = Criteria(to, subject, sender, match, headers, body_contains)
+        wanted = 1 if count is None else count
+        if wanted:
+            limit = self.config.timeouts.wait_timeout if timeout is None else timeout
+            self.store.wait_until(
+                lambda: len(criteria.select(self.messages(mailbox=mailbox))) >= wanted, limit
+            )
+        self.check()
+        return _assert_delivered(
+            self.messages(mailbox=mailbox),
+            to=to,
+            subject=subject,
+            sender=sender,
+            count=count,
+            match=match,
+            headers=headers,
+            body_contains=body_contains,
+        )
+
+    def assert_not_delivered(
+        self,
+        to: str | None = None,
+        *,
+        subject: TextPattern | None = None,
+        sender: str | None = None,
+        match: Callable[[ReceivedMessage], bool] | None = None,
+        headers: Mapping[str, TextPattern] | None = None,
+        body_contains: str | None = None,
+        mailbox: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Wait until the relay is idle, then assert that no stored message matches.
+
+        Raises:
+            AssertionError: something matched; the message lists what.
+        """
+        limit = self.config.timeouts.wait_timeout if timeout is None else timeout
+        if self._thread is not None and self.relay is not None:
+            self._thread.run(self.relay.wait_idle(limit), timeout=limit + 1)
+        self.check()
+        _assert_not_delivered(
+            self.messages(mailbox=mailbox),
+            to=to,
+            subject=subject,
+            sender=sender,
+            match=match,
+            headers=headers,
+            body_contains=body_contains,
+        )
 
 
 class DeliveredMessage(ReceivedMessage):

@@ -10,7 +10,7 @@ import ssl
 from collections.abc import Iterator
 
 import pytest
-from conftest import make_message
+from _support import make_message
 
 from roundtrip import CertificateAuthority, MailStack, NotDeliveredError, StackConfig
 from roundtrip.errors import ConfigError, ServerStartError

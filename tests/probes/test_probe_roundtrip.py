@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 
 import pytest
-from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from _support import AiosmtpdServer
 
 from roundtrip import CertificateAuthority, MailStack
 from roundtrip.config import Endpoint
 from roundtrip.probes.roundtrip import ProbeResult, run_probe
-from roundtrip.servers._runner import LoopThread
 
 TIMEOUT = 5.0
 
@@ -155,7 +153,6 @@ def test_probe_altered_body_fails_the_body_check(stack: MailStack) -> None:
 @pytest.fixture
 def plain_smtp_server() -> Iterator[int]:
     """An SMTP server without STARTTLS, to prove the probe sends no credentials to it."""
-    thread = LoopThread()
     seen: list[str] = []
 
     class Handler:
@@ -163,25 +160,11 @@ def plain_smtp_server() -> Iterator[int]:
             seen.append("AUTH")
             return "235 ok"
 
-    async def start() -> asyncio.AbstractServer:
-        loop = asyncio.get_running_loop()
-        return await loop.create_server(
-            lambda: AiosmtpdSMTP(Handler(), hostname="plain.test", loop=loop),
-            host="127.0.0.1",
-            port=0,
-        )
-
-    server = thread.run(start(), timeout=TIMEOUT)
+    server = AiosmtpdServer(Handler(), hostname="plain.test")
     try:
-        yield server.sockets[0].getsockname()[1]
+        yield server.port
     finally:
-
-        async def close() -> None:
-            server.close()
-            await server.wait_closed()
-
-        thread.run(close(), timeout=TIMEOUT)
-        thread.stop()
+        server.close()
     assert seen == []
 
 

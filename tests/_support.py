@@ -1,0 +1,70 @@
+"""Helpers shared by tests (imported as _support; tests/ is on sys.path via conftest)."""
+
+from __future__ import annotations
+
+import email.utils
+
+
+def make_message(
+    *, sender: str, recipient: str, subject: str, body: str = "hello\r\n", extra: str = ""
+) -> bytes:
+    """A small CRLF message, with a dot-led line to exercise dot transparency."""
+    head = (
+        f"From: <{sender}>\r\nTo: <{recipient}>\r\nSubject: {subject}\r\n"
+        f"Message-ID: {email.utils.make_msgid(domain=sender.rpartition('@')[2])}\r\n"
+        f"Date: {email.utils.formatdate()}\r\n{extra}"
+    )
+    return (head + "\r\n" + body).encode("utf-8")
+
+
+class AiosmtpdServer:
+    """A bare aiosmtpd server on its own loop thread, closed cleanly (connections included).
+
+    Tests use it as a "remote" peer that is not part of the stack (an MX with a foreign
+    certificate, a server without STARTTLS).
+    """
+
+    def __init__(self, handler: object, **smtp_kwargs: object) -> None:
+        import asyncio
+
+        from aiosmtpd.smtp import SMTP
+
+        from roundtrip.servers._runner import LoopThread
+
+        self.thread = LoopThread()
+        self._sessions: list[SMTP] = []
+
+        async def start() -> asyncio.AbstractServer:
+            loop = asyncio.get_running_loop()
+
+            def factory() -> SMTP:
+                session = SMTP(handler, loop=loop, **smtp_kwargs)
+                self._sessions.append(session)
+                return session
+
+            return await loop.create_server(factory, host="127.0.0.1", port=0)
+
+        self.server = self.thread.run(start(), timeout=5)
+        self.port: int = self.server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        import asyncio
+
+        async def close() -> None:
+            self.server.close()
+            # Let accepts already under way finish creating their sessions, so that the
+            # loop below closes them too.
+            for _ in range(3):
+                await asyncio.sleep(0)  # sleep-ok: yields to the loop, waits for nothing
+            for session in self._sessions:
+                if session.transport is not None:
+                    session.transport.close()
+            current = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not current]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.server.wait_closed()
+
+        self.thread.run(close(), timeout=5)
+        self.thread.stop()
