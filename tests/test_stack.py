@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import imaplib
+import os
 import poplib
+import shutil
 import smtplib
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -236,3 +240,62 @@ def test_stack_server_error_is_reraised_by_check(stack: MailStack) -> None:
     with pytest.raises(RuntimeError, match="listener exploded"):
         stack.check()
     stack.check()  # reported once
+
+
+def _standard_ports_usable() -> str | None:
+    if os.geteuid() != 0:
+        return "ports='standard' binds ports below 1024: needs root"
+    return None
+
+
+def test_stack_standard_ports_full_roundtrip_across_domains() -> None:
+    reason = _standard_ports_usable()
+    if reason:
+        pytest.skip(reason)
+    try:
+        stack = MailStack(StackConfig(ports="standard")).start()
+    except ServerStartError as exc:
+        if "in use" in str(exc):
+            pytest.skip(f"a well-known mail port is taken on this machine: {exc}")
+        raise
+    try:
+        doc = stack.describe()
+        assert doc["dns"] == "127.0.0.1:53"
+        assert doc["domains"]["example.com"]["submissions"] == "127.0.0.1:465"
+        assert doc["domains"]["example.org"]["imaps"] == "127.0.0.2:993"
+        sender, rcpt = stack.user("example.com"), stack.user("example.org")
+        raw = make_message(sender=sender.address, recipient=rcpt.address, subject="standard")
+        with smtplib.SMTP_SSL(
+            "127.0.0.1", 465, context=stack.client_context(), timeout=TIMEOUT
+        ) as smtp:
+            smtp.login(sender.address, sender.password)
+            smtp.sendmail(sender.address, [rcpt.address], raw)
+        msg = stack.wait_for(rcpt.address, subject="standard", timeout=TIMEOUT)
+        assert [h.with_ for h in msg.received_chain][:2] == ["ESMTPS", "ESMTPSA"]
+    finally:
+        stack.stop()
+
+
+def test_stack_standard_ports_without_privilege_is_a_clear_error() -> None:
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root and setpriv (util-linux) is missing to drop the privilege")
+        prefix = [setpriv, "--bounding-set=-net_bind_service"]
+    script = (
+        "from roundtrip import MailStack, StackConfig\n"
+        "from roundtrip.errors import ServerStartError\n"
+        "try:\n"
+        "    MailStack(StackConfig(ports='standard')).start()\n"
+        "except ServerStartError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [*prefix, sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert "needs root or CAP_NET_BIND_SERVICE" in result.stdout, result.stderr
