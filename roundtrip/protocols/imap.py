@@ -54,7 +54,7 @@ import enum
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..errors import MailboxError, RemoteProtocolError, StorageError
 from . import _mime
@@ -72,7 +72,7 @@ from ._imapparse import (
     parse_sequence_set,
     tokenize,
 )
-from ._imapsearch import BadCharsetError, compile_search, mime_tree
+from ._imapsearch import BadCharsetError, SearchMessage, compile_search, mime_tree
 from ._lines import CRLF, ConnectionClosed, Event, LineTooLong, StartTLSRequested
 
 __all__ = [
@@ -85,26 +85,8 @@ __all__ = [
 ]
 
 
-class IMAPMessage(Protocol):
-    """One stored message, as the IMAP machine reads it."""
-
-    @property
-    def uid(self) -> int: ...
-
-    @property
-    def raw(self) -> bytes: ...
-
-    @property
-    def flags(self) -> frozenset[str]: ...
-
-    @property
-    def internal_date(self) -> float: ...
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def cache(self) -> dict[str, Any]: ...
+#: One stored message, as the IMAP machine reads it: exactly what SEARCH reads.
+IMAPMessage = SearchMessage
 
 
 class IMAPMailbox(Protocol):
