@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import ssl
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
-from .config import Endpoint, StackConfig, parse_endpoint
+from .config import PASSWORD_ENV, Endpoint, StackConfig, parse_endpoint
 from .errors import ConfigError, RoundtripError
 from .probes.roundtrip import ProbeResult, run_probe
 
@@ -85,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
         help="submit a tagged message and find it again (embedded stack, or a real server)",
         description="Without --smtp, runs on an embedded stack: submit on 465 with AUTH from "
         "user@example.com to user@example.org, retrieve over IMAPS and POP3S. Passwords come "
-        "only from ROUNDTRIP_SMTP_PASSWORD, ROUNDTRIP_IMAP_PASSWORD, ROUNDTRIP_POP3_PASSWORD.",
+        "only from ROUNDTRIP_SMTP_PASSWORD, ROUNDTRIP_IMAP_PASSWORD, ROUNDTRIP_POP3_PASSWORD. "
+        "Certificates are always verified. Exit codes: 0 every check passed, 1 a check failed, "
+        "2 usage or configuration error.",
     )
     probe.add_argument(
         "--smtp",
@@ -115,6 +119,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("--keep", action="store_true", help="do not delete the probe message")
     probe.add_argument("--json", action="store_true", help="print one JSON document")
+    probe.add_argument(
+        "--count",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the round trip N times and report p50/p95/max (default 1)",
+    )
+    probe.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="pause between two runs of --count (default 0)",
+    )
+    probe.add_argument(
+        "--junit-xml", metavar="FILE", help="also write the results as JUnit XML to FILE"
+    )
+    probe.add_argument(
+        "--prometheus",
+        metavar="FILE",
+        help="also write Prometheus text-format metrics to FILE (node_exporter textfile)",
+    )
     return parser
 
 
@@ -197,6 +223,13 @@ def _print_endpoints(stack: object, out: TextIO) -> None:
 def _probe(args: argparse.Namespace, out: TextIO) -> int:
     if args.timeout <= 0:
         raise ConfigError("--timeout must be greater than 0")
+    if args.count < 1:
+        raise ConfigError("--count must be at least 1")
+    if args.interval < 0:
+        raise ConfigError("--interval must not be negative")
+    for option, path in (("--junit-xml", args.junit_xml), ("--prometheus", args.prometheus)):
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ConfigError(f"{option} {path}: the directory does not exist")
     if args.smtp is None:
         if args.imap or args.pop3 or args.cafile:
             raise ConfigError("--imap, --pop3 and --cafile need --smtp (a real server)")
@@ -209,26 +242,111 @@ def _probe(args: argparse.Namespace, out: TextIO) -> int:
         if args.imap
         else parse_endpoint(args.pop3, expect="pop3")
     )
-    context = (
-        ssl.create_default_context(cafile=args.cafile)
-        if args.cafile
-        else ssl.create_default_context()
-    )
+    for endpoint in (smtp, reader):
+        if endpoint.user and not endpoint.password:
+            raise ConfigError(
+                f"{endpoint.url}: set {PASSWORD_ENV[endpoint.protocol]} to the password of "
+                f"{endpoint.user!r}"
+            )
+    try:
+        context = (
+            ssl.create_default_context(cafile=args.cafile)
+            if args.cafile
+            else ssl.create_default_context()
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--cafile {args.cafile}: cannot load CA certificates: {exc}") from None
     mail_from = args.mail_from or smtp.user
     rcpt_to = args.rcpt_to or reader.user
     if not mail_from or not rcpt_to:
         raise ConfigError("give --from and --to, or users in the URLs")
-    result = run_probe(
-        smtp,
-        reader,
+    results = _repeat(
+        args,
+        [(smtp, reader)],
         context=context,
         mail_from=mail_from,
         rcpt_to=rcpt_to,
-        timeout=args.timeout,
-        keep=args.keep,
     )
-    _report([result], out, json_output=args.json, title=f"{smtp.url} -> {reader.url}")
-    return EXIT_OK if result.ok else EXIT_FAILED
+    return _finish(args, results, out, title=f"{smtp.url} -> {reader.url}")
+
+
+def _repeat(
+    args: argparse.Namespace,
+    pairs: list[tuple[Endpoint, Endpoint]],
+    *,
+    context: ssl.SSLContext,
+    mail_from: str,
+    rcpt_to: str,
+    check: Callable[[], None] | None = None,
+    settle: float | None = None,
+) -> list[ProbeResult]:
+    """``--count`` runs of every (SMTP, reader) pair, with a progress line per run on stderr."""
+    results: list[ProbeResult] = []
+    for run in range(args.count):
+        if run and args.interval:
+            time.sleep(args.interval)  # pacing between runs, not synchronisation
+        batch = [
+            run_probe(
+                smtp,
+                reader,
+                context=context,
+                mail_from=mail_from,
+                rcpt_to=rcpt_to,
+                timeout=args.timeout,
+                keep=args.keep,
+                # One extra TLS 1.0/1.1 handshake per server and invocation is enough.
+                check_legacy_tls=run == 0,
+                **({} if settle is None else {"settle": settle}),
+            )
+            for smtp, reader in pairs
+        ]
+        if check is not None:
+            check()
+        results += batch
+        if args.count > 1 and not args.json:
+            parts = []
+            for result in batch:
+                visible = (
+                    f", visible {result.time_to_visible * 1000:.1f} ms"
+                    if result.time_to_visible is not None
+                    else ""
+                )
+                verdict = "PASS" if result.ok else f"FAIL at {result.error_step}"
+                parts.append(
+                    f"{result.retrieve.partition(':')[0]} {verdict} "
+                    f"{result.total_seconds * 1000:.1f} ms{visible}"
+                )
+            print(
+                f"roundtrip: run {run + 1}/{args.count}: {'; '.join(parts)}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return results
+
+
+def _finish(
+    args: argparse.Namespace, results: list[ProbeResult], out: TextIO, *, title: str
+) -> int:
+    from . import report
+
+    doc: dict[str, Any] = {
+        "ok": all(r.ok for r in results),
+        "target": title,
+        "results": [r.as_dict() for r in results],
+        "summary": report.summarize([r.as_dict() for r in results]),
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2), file=out)
+    else:
+        _report_human(results, doc, out, title=title)
+    try:
+        if args.junit_xml:
+            report.write_atomically(args.junit_xml, report.junit_xml(doc))
+        if args.prometheus:
+            report.write_atomically(args.prometheus, report.prometheus_text(doc))
+    except OSError as exc:
+        raise ConfigError(f"cannot write the report: {exc}") from None
+    return EXIT_OK if doc["ok"] else EXIT_FAILED
 
 
 def _probe_embedded(args: argparse.Namespace, out: TextIO) -> int:
@@ -237,97 +355,96 @@ def _probe_embedded(args: argparse.Namespace, out: TextIO) -> int:
     with MailStack(StackConfig()) as stack:
         sender = stack.user(stack.config.domains[0])
         recipient = stack.user(stack.config.domains[-1])
-        src = stack.endpoints(sender.domain)
-        dst = stack.endpoints(recipient.domain)
-        smtp = Endpoint(
-            "smtp",
-            "implicit",
-            src.host,
-            src.ports["submissions"],
-            sender.address,
-            sender.password,
-            src.hostname,
+        smtp = stack.endpoint("submissions", sender)
+        readers = [stack.endpoint("imaps", recipient), stack.endpoint("pop3s", recipient)]
+        results = _repeat(
+            args,
+            [(smtp, reader) for reader in readers],
+            context=stack.client_context(),
+            mail_from=args.mail_from or sender.address,
+            rcpt_to=args.rcpt_to or recipient.address,
+            check=stack.check,
+            # Every copy is stored at once by the embedded stack: a short settle suffices.
+            settle=0.05,
         )
-        readers = [
-            Endpoint(
-                "imap",
-                "implicit",
-                dst.host,
-                dst.ports["imaps"],
-                recipient.address,
-                recipient.password,
-                dst.hostname,
-            ),
-            Endpoint(
-                "pop3",
-                "implicit",
-                dst.host,
-                dst.ports["pop3s"],
-                recipient.address,
-                recipient.password,
-                dst.hostname,
-            ),
-        ]
-        results = [
-            run_probe(
-                smtp,
-                reader,
-                context=stack.client_context(),
-                mail_from=args.mail_from or sender.address,
-                rcpt_to=args.rcpt_to or recipient.address,
-                timeout=args.timeout,
-                keep=args.keep,
-            )
-            for reader in readers
-        ]
-        stack.check()
-    _report(
-        results,
-        out,
-        json_output=args.json,
-        title=f"embedded stack ({', '.join(stack.config.domains)}) on {src.host}",
-    )
-    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+        stack.relay_idle()
+        for result in results:
+            result.journey = [
+                {"step": hop.step, "host": hop.host, "at": hop.at}
+                for hop in stack.journey(result.message_id)
+            ]
+    title = f"embedded stack ({', '.join(stack.config.domains)}) on {smtp.host}"
+    return _finish(args, results, out, title=title)
 
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:8.1f} ms"
 
 
-def _report(results: list[ProbeResult], out: TextIO, *, json_output: bool, title: str) -> None:
-    if json_output:
-        doc = {
-            "ok": all(r.ok for r in results),
-            "target": title,
-            "results": [r.as_dict() for r in results],
-        }
-        print(json.dumps(doc, indent=2), file=out)
-        return
+def _print_result(result: ProbeResult, out: TextIO) -> None:
+    print(f"\n  {result.smtp} -> {result.retrieve}  (token {result.token})", file=out)
+    for step in result.steps:
+        mark = "ok  " if step.ok else "FAIL"
+        detail = f"  {step.detail}" if step.detail else ""
+        print(f"    {mark} {step.name:<16} {_ms(step.seconds)}  {step.server}{detail}", file=out)
+    if result.time_to_visible is not None:
+        print(f"    time to visible       {_ms(result.time_to_visible)}", file=out)
+    for facts in result.tls:
+        match = "yes" if facts.hostname_match else "NO"
+        print(
+            f"    tls  {facts.server:<21} {facts.version} {facts.cipher}; "
+            f"subject {facts.subject}; issuer {facts.issuer}; "
+            f"{facts.days_left} days to expiry; matches {facts.server_name}: {match}"
+            f"{'' if facts.hostname_verified else ' (NOT VERIFIED: diagnostic handshake)'}",
+            file=out,
+        )
+    for server, outcome in result.legacy_tls.items():
+        print(f"    tls  {server:<21} TLS 1.0/1.1 offered: {outcome}", file=out)
+    for timing in result.journey:
+        print(
+            f"    time {timing['at'] * 1000:8.2f} ms  {timing['step']:<22} {timing['host']}",
+            file=out,
+        )
+    for hop in result.hops:
+        print(
+            f"    hop  {hop.from_ or '?'} -> {hop.by or '?'} with {hop.with_ or '?'}"
+            f"{'' if hop.tls else '  (NO TLS)'}",
+            file=out,
+        )
+    for name, ok in result.checks.items():
+        print(f"    {'ok  ' if ok else 'FAIL'} check {name}", file=out)
+    for finding in result.findings:
+        print(f"    finding [{finding.severity}] {finding.message}", file=out)
+    verdict = "PASS" if result.ok else f"FAIL at {result.error_step}: {result.error}"
+    print(f"  {verdict}  (total {result.total_seconds * 1000:.1f} ms)", file=out)
+
+
+def _stat_line(name: str, stats: dict[str, Any]) -> str:
+    if not stats["count"]:
+        return f"  {name:<16} no data"
+    return (
+        f"  {name:<16} p50 {stats['p50'] * 1000:.1f} ms  p95 {stats['p95'] * 1000:.1f} ms  "
+        f"max {stats['max'] * 1000:.1f} ms  ({stats['count']} runs)"
+    )
+
+
+def _report_human(
+    results: list[ProbeResult], doc: dict[str, Any], out: TextIO, *, title: str
+) -> None:
     print(f"roundtrip probe: {title}", file=out)
-    for result in results:
-        print(f"\n  {result.smtp} -> {result.retrieve}  (token {result.token})", file=out)
-        for step in result.steps:
-            mark = "ok  " if step.ok else "FAIL"
-            detail = f"  {step.detail}" if step.detail else ""
-            print(
-                f"    {mark} {step.name:<16} {_ms(step.seconds)}  {step.server}{detail}", file=out
-            )
-        for facts in result.tls:
-            print(
-                f"    tls  {facts.server:<21} {facts.version} {facts.cipher}; "
-                f"subject {facts.subject}; issuer {facts.issuer}; "
-                f"{facts.days_left} days left",
-                file=out,
-            )
-        for hop in result.hops:
-            print(
-                f"    hop  {hop.from_ or '?'} -> {hop.by or '?'} with {hop.with_ or '?'}"
-                f"{'' if hop.tls else '  (NO TLS)'}",
-                file=out,
-            )
-        for name, ok in result.checks.items():
-            print(f"    {'ok  ' if ok else 'FAIL'} check {name}", file=out)
-        for finding in result.findings:
-            print(f"    finding: {finding}", file=out)
-        verdict = "PASS" if result.ok else f"FAIL at {result.error_step}: {result.error}"
-        print(f"  {verdict}  (total {result.total_seconds * 1000:.1f} ms)", file=out)
+    # Every failed run, and the last run of each pair.
+    last = {(r.smtp, r.retrieve): r for r in results}
+    shown = [r for r in results if not r.ok or last[(r.smtp, r.retrieve)] is r]
+    for result in shown:
+        _print_result(result, out)
+    summary = doc["summary"]
+    if _runs_per_pair(results) > 1:
+        print(f"\nsummary: {summary['runs']} runs, {summary['failed']} failed", file=out)
+        print(_stat_line("total", summary["total_seconds"]), file=out)
+        print(_stat_line("time to visible", summary["time_to_visible"]), file=out)
+
+
+def _runs_per_pair(results: list[ProbeResult]) -> int:
+    """How many runs each pair had (the ``--count``)."""
+    pairs = {(r.smtp, r.retrieve) for r in results}
+    return len(results) // max(len(pairs), 1)

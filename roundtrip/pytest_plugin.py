@@ -119,6 +119,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "roundtrip_live: talks to a real mail server; runs only with --roundtrip-live"
     )
     _stack_config(config)  # fail fast on bad ini/CLI values
+    _live_target(config)  # and on a live target that cannot work
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -252,6 +253,7 @@ class MailstackProbe:
         rcpt_to: str,
         timeout: float,
         live: bool,
+        settle: float | None = None,
     ) -> None:
         self.smtp = smtp
         self.imap = imap
@@ -261,6 +263,9 @@ class MailstackProbe:
         self.rcpt_to = rcpt_to
         self.timeout = timeout
         self.live = live
+        #: Seconds to look again for a duplicate after the message shows: a real server may
+        #: deliver a second copy a little later; the embedded stack delivers copies together.
+        self.settle = settle if settle is not None else (0.25 if live else 0.05)
 
     def roundtrip(self, retrieve: str = "imap", *, keep: bool = False) -> ProbeResult:
         """Submit a tagged message, find it over ``retrieve`` (imap or pop3), verify it."""
@@ -277,6 +282,7 @@ class MailstackProbe:
             rcpt_to=self.rcpt_to,
             timeout=self.timeout,
             keep=keep,
+            settle=self.settle,
         )
 
     def assert_roundtrip(self, retrieve: str = "imap") -> ProbeResult:
@@ -290,29 +296,55 @@ class MailstackProbe:
         return result
 
 
+def _live_target(
+    config: pytest.Config,
+) -> tuple[Endpoint, Endpoint | None, Endpoint | None, ssl.SSLContext] | None:
+    """The live endpoints and TLS context from ``--roundtrip-live*``, or None (embedded).
+
+    Raises:
+        pytest.UsageError: a bad URL, no reader, a password missing from the environment, or
+            an unreadable CA file.
+    """
+    from .config import PASSWORD_ENV, parse_endpoint
+
+    live = config.getoption("roundtrip_live")
+    if not live:
+        return None
+    try:
+        smtp = parse_endpoint(live, expect="smtp")
+        imap_url = config.getoption("roundtrip_live_imap")
+        pop3_url = config.getoption("roundtrip_live_pop3")
+        imap = parse_endpoint(imap_url, expect="imap") if imap_url else None
+        pop3 = parse_endpoint(pop3_url, expect="pop3") if pop3_url else None
+    except ConfigError as exc:
+        raise pytest.UsageError(f"roundtrip: {exc}") from None
+    if imap is None and pop3 is None:
+        raise pytest.UsageError(
+            "roundtrip: --roundtrip-live needs --roundtrip-live-imap or --roundtrip-live-pop3"
+        )
+    for endpoint in (smtp, imap, pop3):
+        if endpoint is not None and endpoint.user and not endpoint.password:
+            raise pytest.UsageError(
+                f"roundtrip: {endpoint.url}: set {PASSWORD_ENV[endpoint.protocol]} "
+                f"to the password of {endpoint.user!r}"
+            )
+    cafile = config.getoption("roundtrip_live_cafile")
+    try:
+        context = ssl.create_default_context(cafile=cafile or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise pytest.UsageError(
+            f"roundtrip: --roundtrip-live-cafile {cafile}: cannot load CA certificates: {exc}"
+        ) from None
+    return smtp, imap, pop3, context
+
+
 @pytest.fixture
 def mailstack_probe(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -> MailstackProbe:
     """A probe wired to the stack (or to the live server given by ``--roundtrip-live``)."""
-    from .config import Endpoint, parse_endpoint
 
-    live = pytestconfig.getoption("roundtrip_live")
-    if live:
-        try:
-            smtp = parse_endpoint(live, expect="smtp")
-            imap_url = pytestconfig.getoption("roundtrip_live_imap")
-            pop3_url = pytestconfig.getoption("roundtrip_live_pop3")
-            imap = parse_endpoint(imap_url, expect="imap") if imap_url else None
-            pop3 = parse_endpoint(pop3_url, expect="pop3") if pop3_url else None
-        except ConfigError as exc:
-            raise pytest.UsageError(f"roundtrip: {exc}") from None
-        if imap is None and pop3 is None:
-            raise pytest.UsageError(
-                "roundtrip: --roundtrip-live needs --roundtrip-live-imap or --roundtrip-live-pop3"
-            )
-        context = ssl.create_default_context()
-        cafile = pytestconfig.getoption("roundtrip_live_cafile")
-        if cafile:
-            context = ssl.create_default_context(cafile=cafile)
+    target = _live_target(pytestconfig)
+    if target is not None:
+        smtp, imap, pop3, context = target
         user = smtp.user
         reader = imap or pop3
         assert reader is not None
@@ -329,37 +361,11 @@ def mailstack_probe(request: pytest.FixtureRequest, pytestconfig: pytest.Config)
     stack: MailStack = request.getfixturevalue("mailstack")
     sender = stack.user(stack.config.domains[0])
     recipient = stack.user(stack.config.domains[-1])
-    src = stack.endpoints(sender.domain)
-    dst = stack.endpoints(recipient.domain)
     smtp_service = "submission" if stack.config.tls == "starttls" else "submissions"
     return MailstackProbe(
-        smtp=Endpoint(
-            "smtp",
-            "starttls" if smtp_service == "submission" else "implicit",
-            src.host,
-            src.ports[smtp_service],
-            sender.address,
-            sender.password,
-            src.hostname,
-        ),
-        imap=Endpoint(
-            "imap",
-            "implicit",
-            dst.host,
-            dst.ports["imaps"],
-            recipient.address,
-            recipient.password,
-            dst.hostname,
-        ),
-        pop3=Endpoint(
-            "pop3",
-            "implicit",
-            dst.host,
-            dst.ports["pop3s"],
-            recipient.address,
-            recipient.password,
-            dst.hostname,
-        ),
+        smtp=stack.endpoint(smtp_service, sender),
+        imap=stack.endpoint("imaps", recipient),
+        pop3=stack.endpoint("pop3s", recipient),
         context=stack.client_context(),
         mail_from=sender.address,
         rcpt_to=recipient.address,

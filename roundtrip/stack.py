@@ -23,10 +23,10 @@ from .assertions import Criteria, TextPattern
 from .assertions import assert_delivered as _assert_delivered
 from .assertions import assert_not_delivered as _assert_not_delivered
 from .certs import CertificateAuthority
-from .config import StackConfig, User
+from .config import Endpoint, StackConfig, User
 from .errors import ConfigError, MailboxError, NotDeliveredError, ServerStartError
 from .message import ReceivedMessage
-from .protocols.dns import Record, build_zone, default_records
+from .protocols.dns import Record, Zone, build_zone, default_records
 from .protocols.filter import ContentFilter, FilterInput, default_filter, prepend_headers
 from .protocols.smtp import Role, domain_of
 from .servers._runner import LoopThread
@@ -171,6 +171,8 @@ class MailStack:
         #: SMTP port of each MX host name, for the relay: with ephemeral ports every MX lives
         #: on one address, so DNS alone cannot say which port; names absent here use 25.
         self.mx_ports: dict[str, int] = {}
+        self._default_zone: Zone | None = None
+        self._dns_changed = False
         # Journey of each accepted message, keyed by the accepting hop's queue id.
         self._hops: collections.OrderedDict[str, list[HopTiming]] = collections.OrderedDict()
         self._relay_origin: dict[str, str] = {}
@@ -317,11 +319,11 @@ class MailStack:
     async def _start_routing(self) -> None:
         """The DNS zone of every domain, and the relay that routes by it."""
         assert self._thread is not None
-        records = self.default_dns_records()
+        self._default_zone = build_zone(self.default_dns_records())
         dns_host = "127.0.0.1" if self.config.ports == "standard" else self.config.host
         try:
             self.dns = await start_dns(
-                build_zone(records),
+                self._default_zone,
                 host=dns_host,
                 port=self._port_for("dns"),
                 on_error=self._thread.record_error,
@@ -432,12 +434,17 @@ class MailStack:
         """
         if self._thread is not None and self.relay is not None:
             relay, dns = self.relay, self.dns
-            self._thread.run(relay.clear(), timeout=5)
-            with self._relay_changed:
-                self._relay_queue = []
+            # Every relay activity leaves an event: with none, there is nothing to cancel and
+            # the hop to the loop thread (the costliest part of a reset) is skipped.
+            if relay.events:
+                self._thread.run(relay.clear(), timeout=5)
+                with self._relay_changed:
+                    self._relay_queue = []
             if dns is not None:
                 dns.query_log.clear()
-                dns.set_zone(build_zone(self.default_dns_records()))
+                if self._dns_changed:
+                    self._thread.call(dns.set_zone, self._default_zone)
+                    self._dns_changed = False
             self.mx_ports = {ep.hostname: ep.ports["smtp"] for ep in self.domains.values()}
         self.store.clear()
         self.faults = Faults()
@@ -605,6 +612,7 @@ class MailStack:
         self._require_started()
         assert self._thread is not None and self.dns is not None
         zone = build_zone(records, refuse_outside=refuse_outside)
+        self._dns_changed = True
         self._thread.call(self.dns.set_zone, zone)
 
     def _deliver(self, address: str, raw: bytes, mailbox: str) -> None:
@@ -633,6 +641,32 @@ class MailStack:
             raise ConfigError(
                 f"{domain!r} is not a domain of this stack ({', '.join(self.domains)})"
             ) from None
+
+    def endpoint(self, service: str, user: User | None = None) -> Endpoint:
+        """A probe ``Endpoint`` for ``service`` of ``user``'s domain, with its credentials.
+
+        Args:
+            service: ``submissions``, ``submission``, ``imaps``, ``imap``, ``pop3s``, ``pop3``.
+            user: whose credentials and domain (the first domain's user by default).
+        """
+        protocols = {
+            "submissions": ("smtp", "implicit"),
+            "submission": ("smtp", "starttls"),
+            "imaps": ("imap", "implicit"),
+            "imap": ("imap", "starttls"),
+            "pop3s": ("pop3", "implicit"),
+            "pop3": ("pop3", "starttls"),
+        }
+        if service not in protocols:
+            raise ConfigError(
+                f"no probe endpoint for {service!r}; use one of {', '.join(protocols)}"
+            )
+        owner = user if user is not None else self.user()
+        ep = self.endpoints(owner.domain)
+        protocol, tls = protocols[service]
+        return Endpoint(
+            protocol, tls, ep.host, ep.ports[service], owner.address, owner.password, ep.hostname
+        )
 
     def client_context(self) -> ssl.SSLContext:
         """A client SSLContext that trusts this stack's CA (and verifies host names)."""

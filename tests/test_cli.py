@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import selectors
 import signal
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from roundtrip import CertificateAuthority, MailStack
 from roundtrip.cli import main
@@ -55,6 +59,15 @@ def test_cli_probe_embedded_default_passes(capsys: pytest.CaptureFixture[str]) -
         "pop3 fetch",
     ):
         assert f"ok   {step}" in out
+    # Per-hop timings inside the stack: 465 -> relay -> DNS MX -> the recipient's MX -> store.
+    for hop in (
+        "submissions accepted",
+        "relay mx-lookup",
+        "relay connected",
+        "smtp accepted",
+        "stored",
+    ):
+        assert re.search(rf"time +[0-9.]+ ms  {hop}", out), hop
     assert out.count("PASS") == 2
 
 
@@ -114,6 +127,11 @@ def test_cli_probe_wrong_password_exits_1(
         (["probe", "--imap", "imaps://u@h"], "need --smtp"),
         (["probe", "--smtp", "smtps://u:pw@h", "--imap", "imaps://u@h"], "no password in the URL"),
         (["probe", "--timeout", "0"], "must be greater than 0"),
+        (["probe", "--count", "0"], "--count must be at least 1"),
+        (["probe", "--count", "two"], "invalid int value"),
+        (["probe", "--interval", "-1"], "--interval must not be negative"),
+        (["probe", "--junit-xml", "/nonexistent-dir/x.xml"], "the directory does not exist"),
+        (["probe", "--prometheus", "/nonexistent-dir/x.prom"], "the directory does not exist"),
         (["serve", "--ports", "lots"], "invalid choice"),
         (["serve", "--domain", "bad domain"], "not a valid mail domain"),
         (["nonsense"], "invalid choice"),
@@ -124,6 +142,85 @@ def test_cli_usage_errors_exit_2(
 ) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_probe_missing_password_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("ROUNDTRIP_SMTP_PASSWORD", raising=False)
+    assert main(["probe", "--smtp", "smtps://u%40a.test@h", "--imap", "imaps://u@h"]) == 2
+    assert "set ROUNDTRIP_SMTP_PASSWORD to the password of 'u@a.test'" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("passwords")
+def test_cli_probe_unreadable_cafile_is_a_usage_error(
+    stack: MailStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    smtp, imap, _ = _urls(stack)
+    bad = tmp_path / "not-a-ca.pem"
+    bad.write_text("not a certificate")
+    assert main(["probe", "--smtp", smtp, "--imap", imap, "--cafile", str(bad)]) == 2
+    assert "cannot load CA certificates" in capsys.readouterr().err
+
+
+def test_cli_probe_count_shows_progress_and_percentiles(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["probe", "--count", "2", "--interval", "0.01"]) == 0
+    captured = capsys.readouterr()
+    progress = [line for line in captured.err.splitlines() if line.startswith("roundtrip: run")]
+    assert len(progress) == 2 and progress[1].startswith("roundtrip: run 2/2: imaps PASS")
+    assert "pop3s PASS" in progress[0]
+    assert "summary: 4 runs, 0 failed" in captured.out
+    assert "p50" in captured.out and "p95" in captured.out and "max" in captured.out
+
+
+def test_cli_probe_count_json_is_still_one_document(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["probe", "--count", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["summary"]["runs"] == 4 and doc["summary"]["failed"] == 0
+    assert doc["summary"]["total_seconds"]["p95"] <= doc["summary"]["total_seconds"]["max"]
+    assert "roundtrip: run" not in captured.err
+
+
+def test_cli_probe_writes_junit_and_prometheus(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    junit, prom = tmp_path / "r.xml", tmp_path / "r.prom"
+    assert main(["probe", "--junit-xml", str(junit), "--prometheus", str(prom)]) == 0
+    capsys.readouterr()
+    suite = ET.parse(junit).getroot()
+    assert suite.get("failures") == "0" and int(suite.get("tests", "0")) > 10
+    families = {f.name: f for f in text_string_to_metric_families(prom.read_text())}
+    success = families["roundtrip_probe_success"].samples
+    assert [s.labels["retrieve"].split(":")[0] for s in success] == ["imaps", "pop3s"]
+    assert all(s.value == 1 for s in success)
+
+
+@pytest.mark.usefixtures("passwords")
+def test_cli_probe_failing_runs_show_in_every_report(
+    stack: MailStack,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("ROUNDTRIP_SMTP_PASSWORD", "not-the-password")
+    smtp, imap, _ = _urls(stack)
+    junit, prom = tmp_path / "r.xml", tmp_path / "r.prom"
+    argv = ["probe", "--smtp", smtp, "--imap", imap, "--cafile", stack.ca_file, "--count", "2"]
+    assert main([*argv, "--junit-xml", str(junit), "--prometheus", str(prom)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("FAIL at AUTH") == 2
+    assert "summary: 2 runs, 2 failed" in captured.out
+    suite = ET.parse(junit).getroot()
+    messages = [f.get("message", "") for f in suite.iter("failure")]
+    assert len(messages) == 2 and all("refused the credentials" in m for m in messages)
+    families = {f.name: f for f in text_string_to_metric_families(prom.read_text())}
+    assert families["roundtrip_probe_success"].samples[0].value == 0
+    assert families["roundtrip_probe_failed_runs"].samples[0].value == 2
+    for text in (captured.out, captured.err, junit.read_text(), prom.read_text()):
+        assert "not-the-password" not in text
 
 
 def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:

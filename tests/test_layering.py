@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "roundtrip"
 LAYER = {
     "errors": 0,
     "config": 1,
+    "report": 1,
     "protocols": 2,
     "store": 2,
     "certs": 2,

@@ -10,14 +10,18 @@ from __future__ import annotations
 import contextlib
 import datetime
 import imaplib
+import ipaddress
 import poplib
 import smtplib
 import socket
 import ssl
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from cryptography import x509
 
 from ..errors import (
     AuthError,
@@ -27,7 +31,26 @@ from ..errors import (
     TLSError,
 )
 
-__all__ = ["Step", "TLSFacts", "Timeline", "map_errors", "open_socket", "wrap_tls"]
+__all__ = [
+    "Finding",
+    "Step",
+    "TLSFacts",
+    "Timeline",
+    "check_legacy_tls",
+    "diagnose_certificate",
+    "map_errors",
+    "open_socket",
+    "tls_facts",
+    "wrap_tls",
+]
+
+#: Findings that make the probe fail (exit 1) rather than merely warn.
+FAIL = "fail"
+#: Findings reported but not failing the probe.
+WARN = "warn"
+#: A certificate expiring sooner than this many days is reported.
+EXPIRY_WARNING_DAYS = 30
+_LEGACY_VERSIONS = frozenset({"SSLv3", "TLSv1", "TLSv1.1"})
 
 
 @dataclass
@@ -41,9 +64,32 @@ class Step:
     server: str = ""
 
 
+@dataclass(frozen=True)
+class Finding:
+    """Something the probe noticed about a server.
+
+    ``code`` is stable (``auth-before-tls``, ``legacy-tls``, ``cert-expiring``,
+    ``plaintext-hop``, ``duplicate``, ``legacy-tls-untested``); ``severity`` is ``"fail"``
+    (the probe fails) or ``"warn"``. ``str(finding)`` is the message.
+    """
+
+    code: str
+    severity: str
+    message: str
+    server: str = ""
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass
 class TLSFacts:
-    """What one TLS connection showed."""
+    """What one TLS connection showed.
+
+    ``hostname_verified``: the TLS library verified chain and name (always, except for the
+    facts of a diagnostic handshake made after a verification failure).
+    ``hostname_match``: the certificate names ``server_name`` (our own check of its SANs).
+    """
 
     server: str
     server_name: str
@@ -54,6 +100,8 @@ class TLSFacts:
     not_after: str
     days_left: int
     hostname_verified: bool
+    hostname_match: bool = False
+    san: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,11 +109,13 @@ class TLSFacts:
 
 @dataclass
 class Timeline:
-    """Collects the steps and TLS facts of one probe run."""
+    """Collects the steps, TLS facts and findings of one probe run."""
 
     steps: list[Step] = field(default_factory=list)
     tls: list[TLSFacts] = field(default_factory=list)
-    findings: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    #: ``time.perf_counter()`` when the fetcher first saw the message.
+    visible_at: float | None = None
 
     def add(self, name: str, started: float, *, server: str = "", detail: str = "") -> Step:
         step = Step(name, time.perf_counter() - started, True, detail, server)
@@ -76,6 +126,28 @@ class Timeline:
         step = Step(name, time.perf_counter() - started, False, detail, server)
         self.steps.append(step)
         return step
+
+    def finding(self, code: str, severity: str, message: str, server: str = "") -> None:
+        self.findings.append(Finding(code, severity, message, server))
+
+    def note_tls(self, facts: TLSFacts, label: str) -> None:
+        """Record ``facts`` and the findings they imply."""
+        self.tls.append(facts)
+        if facts.version in _LEGACY_VERSIONS:
+            self.finding(
+                "legacy-tls",
+                FAIL,
+                f"{label} {facts.server}: negotiated {facts.version}, below TLS 1.2 (RFC 8996)",
+                facts.server,
+            )
+        if 0 <= facts.days_left < EXPIRY_WARNING_DAYS:
+            self.finding(
+                "cert-expiring",
+                WARN,
+                f"{label} {facts.server}: certificate {facts.subject} expires in "
+                f"{facts.days_left} days ({facts.not_after})",
+                facts.server,
+            )
 
 
 def _tune(sock: socket.socket) -> None:
@@ -114,38 +186,56 @@ def wrap_tls(
     facts = tls_facts(
         tls_sock, server=server, server_name=server_name, verified=context.check_hostname
     )
-    timeline.tls.append(facts)
+    timeline.note_tls(facts, label)
     step.detail = f"{facts.version} {facts.cipher}"
-    if facts.version in ("TLSv1", "TLSv1.1", "SSLv3"):
-        timeline.findings.append(f"{label}: negotiated {facts.version}, below TLS 1.2 (RFC 8996)")
-    if facts.days_left < 30:
-        timeline.findings.append(
-            f"{label}: certificate for {facts.subject} expires in {facts.days_left} days"
-        )
     return tls_sock
 
 
-def _name(rdns: Any) -> str:
-    parts = []
-    for rdn in rdns or ():
-        for key, value in rdn:
-            if key in ("commonName", "organizationName"):
-                parts.append(f"{'CN' if key == 'commonName' else 'O'}={value}")
-    return ", ".join(parts)
+def _hostname_matches(san: list[str], name: str) -> bool:
+    """RFC 6125 matching of ``name`` against ``DNS:``/``IP:`` SAN entries (wildcard: one
+    left-most label)."""
+    try:
+        ip = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        ip = None
+    for entry in san:
+        kind, _, value = entry.partition(":")
+        if ip is not None:
+            if kind == "IP":
+                with contextlib.suppress(ValueError):
+                    if ipaddress.ip_address(value) == ip:
+                        return True
+            continue
+        if kind != "DNS":
+            continue
+        pattern, host = value.lower().rstrip("."), name.lower().rstrip(".")
+        if pattern == host:
+            return True
+        label, _, parent = host.partition(".")
+        if pattern.startswith("*.") and label and parent == pattern[2:]:
+            return True
+    return False
+
+
+def _certificate_facts(der: bytes | None) -> tuple[str, str, str, int, list[str]]:
+    """(subject, issuer, not_after, days_left, san) of a DER certificate."""
+    if not der:
+        return "", "", "", -1, []
+    cert = x509.load_der_x509_certificate(der)
+    expires = cert.not_valid_after_utc
+    days = (expires - datetime.datetime.now(datetime.UTC)).days
+    san: list[str] = []
+    with contextlib.suppress(x509.ExtensionNotFound):
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        san += [f"DNS:{v}" for v in ext.value.get_values_for_type(x509.DNSName)]
+        san += [f"IP:{v}" for v in ext.value.get_values_for_type(x509.IPAddress)]
+    subject = cert.subject.rfc4514_string() or ("SAN " + ",".join(san[:4]))
+    return subject, cert.issuer.rfc4514_string(), expires.isoformat(), days, san
 
 
 def tls_facts(sock: ssl.SSLSocket, *, server: str, server_name: str, verified: bool) -> TLSFacts:
-    cert = sock.getpeercert() or {}
-    not_after = str(cert.get("notAfter", ""))
-    days = -1
-    if not_after:
-        expires = datetime.datetime.fromtimestamp(ssl.cert_time_to_seconds(not_after), datetime.UTC)
-        days = (expires - datetime.datetime.now(datetime.UTC)).days
-    subject = _name(cert.get("subject"))
-    if not subject:
-        alt_names: Any = cert.get("subjectAltName", ())
-        sans = [str(v) for k, v in alt_names if k in ("DNS", "IP Address")]
-        subject = "SAN=" + ",".join(sans[:4])
+    """The protocol version, cipher and certificate of an established TLS connection."""
+    subject, issuer, not_after, days, san = _certificate_facts(sock.getpeercert(binary_form=True))
     cipher = sock.cipher()
     return TLSFacts(
         server=server,
@@ -153,11 +243,154 @@ def tls_facts(sock: ssl.SSLSocket, *, server: str, server_name: str, verified: b
         version=sock.version() or "",
         cipher=cipher[0] if cipher else "",
         subject=subject,
-        issuer=_name(cert.get("issuer")),
+        issuer=issuer,
         not_after=not_after,
         days_left=days,
         hostname_verified=verified,
+        hostname_match=_hostname_matches(san, server_name),
+        san=san,
     )
+
+
+# -- handshakes outside the probe's own sessions ----------------------------------------------
+#
+# Both helpers below send no credentials: they go as far as the TLS handshake (after the
+# protocol's STARTTLS command where needed) and hang up.
+
+_STARTTLS_DANCE: dict[str, tuple[bytes, bytes]] = {
+    # protocol: (command, the reply prefix that means "go ahead")
+    "smtp": (b"STARTTLS\r\n", b"220"),
+    "imap": (b"RT1 STARTTLS\r\n", b"RT1 OK"),
+    "pop3": (b"STLS\r\n", b"+OK"),
+}
+
+
+def _read_reply(sock: socket.socket, protocol: str, buf: bytearray) -> bytes:
+    """One complete reply (SMTP: multi-line up to ``NNN `` ; IMAP: the tagged line)."""
+    while True:
+        while b"\n" in buf:
+            idx = buf.index(b"\n") + 1
+            line, buf[:] = bytes(buf[:idx]), buf[idx:]
+            if protocol == "smtp" and line[3:4] == b"-":
+                continue
+            if protocol == "imap" and line.startswith(b"* ") and not line.startswith(b"* OK"):
+                continue
+            return line
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("connection closed before the reply")
+        if len(buf) > 65536:
+            raise ConnectionError("reply too long")
+        buf += chunk
+
+
+def _starttls_dance(sock: socket.socket, protocol: str) -> None:
+    buf = bytearray()
+    _read_reply(sock, protocol, buf)  # greeting
+    if protocol == "smtp":
+        sock.sendall(b"EHLO roundtrip.probe\r\n")
+        _read_reply(sock, protocol, buf)
+    command, ok = _STARTTLS_DANCE[protocol]
+    sock.sendall(command)
+    reply = _read_reply(sock, protocol, buf)
+    if not reply.startswith(ok):
+        raise ssl.SSLError(f"STARTTLS refused: {reply!r}")
+
+
+def _handshake(
+    *,
+    host: str,
+    port: int,
+    protocol: str,
+    tls: str,
+    server_name: str,
+    context: ssl.SSLContext,
+    timeout: float,
+) -> ssl.SSLSocket:
+    sock = socket.create_connection((host, port), timeout)
+    try:
+        if tls == "starttls":
+            _starttls_dance(sock, protocol)
+        return context.wrap_socket(sock, server_hostname=server_name)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _unverified_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def diagnose_certificate(
+    *, host: str, port: int, protocol: str, tls: str, server_name: str, timeout: float
+) -> TLSFacts | None:
+    """After a failed verification: handshake without verifying, only to describe the
+    certificate the server presents (subject, issuer, expiry, names). Returns None when even
+    that fails. The connection is closed right after the handshake."""
+    try:
+        sock = _handshake(
+            host=host,
+            port=port,
+            protocol=protocol,
+            tls=tls,
+            server_name=server_name,
+            context=_unverified_context(),
+            timeout=timeout,
+        )
+    except (OSError, ValueError):
+        return None
+    with sock:
+        server = f"{host}:{port}"
+        return tls_facts(sock, server=server, server_name=server_name, verified=False)
+
+
+def check_legacy_tls(
+    *, host: str, port: int, protocol: str, tls: str, server_name: str, timeout: float
+) -> str:
+    """Offer only TLS 1.0 and 1.1 to the server.
+
+    Returns:
+        ``"refused"`` (good), ``"accepted TLSv1.1"`` (or 1.0: RFC 8996 forbids it), or
+        ``"not tested: ..."`` when this machine's OpenSSL cannot offer those versions or the
+        server could not be reached.
+    """
+    ctx = _unverified_context()
+    try:
+        with warnings.catch_warnings():
+            # The ssl module deprecates the very versions this check is about.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    except (ValueError, ssl.SSLError) as exc:
+        return f"not tested: local OpenSSL cannot offer TLS 1.0/1.1 ({exc})"
+    try:
+        sock = _handshake(
+            host=host,
+            port=port,
+            protocol=protocol,
+            tls=tls,
+            server_name=server_name,
+            context=ctx,
+            timeout=timeout,
+        )
+    except ssl.SSLError as exc:
+        text = str(exc)
+        if "NO_PROTOCOLS_AVAILABLE" in text.upper() or "no protocols available" in text:
+            return f"not tested: local OpenSSL cannot offer TLS 1.0/1.1 ({exc.reason})"
+        if "STARTTLS refused" in text:
+            return f"not tested: {text}"
+        return "refused"
+    except (OSError, ValueError) as exc:
+        # A server that drops the connection on an old ClientHello refuses it too.
+        if isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
+            return "refused"
+        return f"not tested: {exc}"
+    with sock:
+        return f"accepted {sock.version()}"
 
 
 def _reply_text(exc: BaseException) -> str:

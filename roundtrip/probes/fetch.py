@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import Endpoint
 from ..errors import NotDeliveredError, TLSError
-from ._net import Timeline, map_errors, open_socket, tls_facts, wrap_tls
+from ._net import FAIL, Timeline, map_errors, open_socket, tls_facts, wrap_tls
 
 __all__ = ["fetch_imap", "fetch_pop3"]
 
@@ -68,11 +68,12 @@ def _imap_idle_once(imap: _IMAP, remaining: float) -> None:
     """IDLE until the server announces something or ``remaining`` seconds pass."""
     imap.send(_IDLE_TAG + b" IDLE\r\n")
     sock = imap.sock
-    sock.settimeout(max(remaining, 0.01))
     try:
         line = imap.readline()
         if not line.startswith(b"+"):
             raise imaplib.IMAP4.error(f"IDLE refused: {line!r}")
+        # Only the wait for news is bounded by ``remaining``, not the server's "+".
+        sock.settimeout(max(remaining, 0.001))
         try:
             while True:
                 line = imap.readline()
@@ -107,9 +108,13 @@ def fetch_imap(
     timeline: Timeline,
     delete: bool,
     mailbox: str = "INBOX",
+    settle: float = 0.0,
 ) -> list[bytes]:
     """Log in, wait until ``message_id`` is in ``mailbox`` (until ``deadline``, a
     ``time.monotonic()`` value), fetch every copy, and delete them if ``delete``.
+
+    Once the message shows, it looks again after ``settle`` seconds so that a duplicate
+    delivered just after the first copy is counted too.
 
     Returns:
         The raw bytes of each copy found (normally one).
@@ -125,8 +130,12 @@ def fetch_imap(
     try:
         if endpoint.tls == "starttls":
             if "LOGINDISABLED" not in imap.capabilities:
-                timeline.findings.append(
-                    f"{server}: IMAP offers LOGIN before STARTTLS (no LOGINDISABLED)"
+                timeline.finding(
+                    "auth-before-tls",
+                    FAIL,
+                    f"imap {server}: LOGIN is allowed before STARTTLS (no LOGINDISABLED) on a "
+                    "STARTTLS port (RFC 3501 section 6.2.3)",
+                    server,
                 )
             if "STARTTLS" not in imap.capabilities:
                 raise TLSError(
@@ -139,13 +148,14 @@ def fetch_imap(
                 imap.starttls(ssl_context=context)
                 timeline.add("imap tls", started, server=server)
                 assert isinstance(imap.sock, ssl.SSLSocket)
-                timeline.tls.append(
+                timeline.note_tls(
                     tls_facts(
                         imap.sock,
                         server=server,
                         server_name=endpoint.server_name,
                         verified=context.check_hostname,
-                    )
+                    ),
+                    "imap",
                 )
         with map_errors("IMAP LOGIN", server):
             started = time.perf_counter()
@@ -160,18 +170,36 @@ def fetch_imap(
         idle = "IDLE" in imap.capabilities
         started = time.perf_counter()
         delay = _POLL_FIRST
+        settle_until: float | None = None
         with map_errors("IMAP WAIT", server):
             while True:
                 uids = _imap_search(imap, message_id)
                 remaining = deadline - time.monotonic()
-                if uids or remaining <= 0:
+                if uids and settle_until is None:
+                    timeline.visible_at = time.perf_counter()
+                    timeline.add(
+                        "imap visible", started, server=server, detail="IDLE" if idle else "poll"
+                    )
+                    settle_until = time.monotonic() + min(settle, max(remaining, 0.0))
+                if settle_until is not None:
+                    # A second copy (a duplicate) may land just after the first one.
+                    wait = settle_until - time.monotonic()
+                    if wait <= 0:
+                        break
+                    time.sleep(wait)
+                    imap.noop()
+                    settle_until = time.monotonic()
+                    continue
+                if remaining <= 0:
                     break
                 if idle:
-                    _imap_idle_once(imap, remaining)
+                    # IDLE, but never longer than the poll schedule: Dovecot delays its
+                    # notifications by 0.5 s, which would be reported as delivery time.
+                    _imap_idle_once(imap, min(delay, remaining))
                 else:
                     time.sleep(min(delay, remaining))
-                    delay = _backoff(delay)
                     imap.noop()
+                delay = _backoff(delay)
         if not uids:
             timeline.fail("imap visible", started, server=server, detail="not found")
             raise NotDeliveredError(
@@ -179,7 +207,6 @@ def fetch_imap(
                 step="FETCH",
                 host=server,
             )
-        timeline.add("imap visible", started, server=server, detail="IDLE" if idle else "poll")
         copies: list[bytes] = []
         with map_errors("IMAP FETCH", server):
             started = time.perf_counter()
@@ -270,19 +297,26 @@ def _pop3_session(
                     host=server,
                 )
             if "USER" in caps:
-                timeline.findings.append(f"{server}: POP3 offers USER before STLS")
+                timeline.finding(
+                    "auth-before-tls",
+                    FAIL,
+                    f"pop3 {server}: USER is offered before STLS on a STARTTLS port "
+                    "(RFC 2595 section 4)",
+                    server,
+                )
             with map_errors("POP3 STLS", server):
                 started = time.perf_counter()
                 pop.stls(context=context)
                 timeline.add("pop3 tls", started, server=server)
                 assert isinstance(pop.sock, ssl.SSLSocket)
-                timeline.tls.append(
+                timeline.note_tls(
                     tls_facts(
                         pop.sock,
                         server=server,
                         server_name=endpoint.server_name,
                         verified=context.check_hostname,
-                    )
+                    ),
+                    "pop3",
                 )
         with map_errors("POP3 LOGIN", server):
             started = time.perf_counter()
@@ -307,12 +341,14 @@ def fetch_pop3(
     deadline: float,
     timeline: Timeline,
     delete: bool,
+    settle: float = 0.0,
 ) -> list[bytes]:
     """Like ``fetch_imap`` over POP3: reconnect until the message shows, RETR every copy."""
     server = endpoint.address
     started_wait = time.perf_counter()
     delay = _POLL_FIRST
     checked: dict[bytes, bool] = {}
+    settled = settle <= 0
     while True:
         pop = _pop3_session(endpoint, context, timeline, timeout)
         try:
@@ -330,8 +366,10 @@ def fetch_pop3(
                     if checked[uidl]:
                         matches.append(num)
             remaining = deadline - time.monotonic()
-            if matches:
+            if matches and timeline.visible_at is None:
+                timeline.visible_at = time.perf_counter()
                 timeline.add("pop3 visible", started_wait, server=server, detail="poll")
+            if matches and (settled or remaining <= 0):
                 copies: list[bytes] = []
                 with map_errors("POP3 RETR", server):
                     started = time.perf_counter()
@@ -349,6 +387,12 @@ def fetch_pop3(
                 pop.quit()
         finally:
             _close_quietly(pop)
+        if matches:
+            # A POP3 session sees the maildrop as at login: look once more after ``settle``
+            # for a duplicate delivered just after the first copy.
+            time.sleep(min(settle, remaining))
+            settled = True
+            continue
         if remaining <= 0:
             timeline.fail("pop3 visible", started_wait, server=server, detail="not found")
             raise NotDeliveredError(

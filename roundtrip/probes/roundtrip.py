@@ -2,7 +2,9 @@
 
 Verification: exactly one copy arrived; the body is byte-identical (sha256); From, To,
 Subject and Message-ID are unchanged; the Received chain is parsed and any hop without TLS is
-reported as a finding.
+reported as a (warning) finding. Findings of severity ``fail`` (AUTH offered before STARTTLS,
+TLS below 1.2 negotiated or accepted, a duplicate) also fail the probe, each through a named
+check; a certificate expiring within 30 days is a warning.
 """
 
 from __future__ import annotations
@@ -13,16 +15,32 @@ import hashlib
 import re
 import ssl
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..config import Endpoint
-from ..errors import ProbeError
-from ._net import Step, Timeline, TLSFacts
+from ..errors import ProbeError, TLSError
+from ._net import (
+    FAIL,
+    WARN,
+    Finding,
+    Step,
+    Timeline,
+    TLSFacts,
+    check_legacy_tls,
+    diagnose_certificate,
+)
 from .fetch import fetch_imap, fetch_pop3
 from .send import ProbeMessage, build_probe_message, submit
 
-__all__ = ["Hop", "ProbeResult", "parse_hops", "run_probe", "verify"]
+__all__ = ["Finding", "Hop", "ProbeResult", "parse_hops", "run_probe", "verify"]
+
+#: The check each failing finding code turns into.
+FINDING_CHECKS = {
+    "auth-before-tls": "no AUTH before TLS",
+    "legacy-tls": "TLS below 1.2 refused",
+}
 
 
 @dataclass
@@ -47,13 +65,20 @@ class ProbeResult:
     message_id: str = ""
     steps: list[Step] = field(default_factory=list)
     tls: list[TLSFacts] = field(default_factory=list)
-    findings: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
     hops: list[Hop] = field(default_factory=list)
     checks: dict[str, bool] = field(default_factory=dict)
     error: str = ""
     error_step: str = ""
     total_seconds: float = 0.0
     submit_reply: str = ""
+    #: Seconds from the server's 250 for DATA to the message showing in the mailbox.
+    time_to_visible: float | None = None
+    #: Server address -> "refused", "accepted TLSv1.1" or "not tested: ..." (when checked).
+    legacy_tls: dict[str, str] = field(default_factory=dict)
+    #: Per-hop timings inside the server, when it can tell them (the embedded stack):
+    #: dicts of ``step``, ``host`` and ``at`` (seconds since the submission was accepted).
+    journey: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -106,6 +131,22 @@ def parse_hops(raw: bytes) -> list[Hop]:
     return hops
 
 
+def _body_difference(sent: bytes, got: bytes) -> str:
+    """Where the received body first differs from the one sent."""
+    want_lines = _normalise(sent).split(b"\r\n")
+    got_lines = _normalise(got).split(b"\r\n")
+    for number, (want, have) in enumerate(zip(want_lines, got_lines, strict=False), 1):
+        if want != have:
+            return (
+                f"the body changed in transit: line {number} sent {want[:60]!r}, got {have[:60]!r}"
+            )
+    return (
+        f"the body changed in transit: sent {len(want_lines)} lines, got {len(got_lines)} "
+        f"(sha256 {hashlib.sha256(_normalise(sent)).hexdigest()[:16]} vs "
+        f"{hashlib.sha256(_normalise(got)).hexdigest()[:16]})"
+    )
+
+
 def verify(sent: ProbeMessage, copies: list[bytes], result: ProbeResult) -> None:
     """Fill ``result.checks`` and ``result.findings`` from the copies that arrived."""
     result.checks["exactly one copy"] = len(copies) == 1
@@ -117,21 +158,55 @@ def verify(sent: ProbeMessage, copies: list[bytes], result: ProbeResult) -> None
         hashlib.sha256(_normalise(body)).hexdigest()
         == hashlib.sha256(_normalise(sent.body)).hexdigest()
     )
+    if not result.checks["body unchanged"]:
+        result.findings.append(Finding("altered", FAIL, _body_difference(sent.body, body)))
     received = _HEADER_PARSER.parsebytes(head + b"\r\n\r\n")
     original = _HEADER_PARSER.parsebytes(_split(sent.raw)[0] + b"\r\n\r\n")
     for name in ("From", "To", "Subject", "Message-ID"):
-        result.checks[f"{name} unchanged"] = " ".join(
-            str(received.get(name, "")).split()
-        ) == " ".join(str(original.get(name, "")).split())
+        want = " ".join(str(original.get(name, "")).split())
+        got_value = " ".join(str(received.get(name, "")).split())
+        result.checks[f"{name} unchanged"] = got_value == want
+        if got_value != want:
+            result.findings.append(
+                Finding(
+                    "altered",
+                    FAIL,
+                    f"the {name} header changed in transit: sent {want!r}, got {got_value!r}",
+                )
+            )
     result.hops = parse_hops(got)
     for hop in result.hops:
         if not hop.tls:
             result.findings.append(
-                f"hop to {hop.by or '?'} from {hop.from_ or '?'} used {hop.with_ or '?'}"
-                " without TLS"
+                Finding(
+                    "plaintext-hop",
+                    WARN,
+                    f"hop to {hop.by or '?'} from {hop.from_ or '?'} used {hop.with_ or '?'}"
+                    " without TLS",
+                )
             )
     if len(copies) > 1:
-        result.findings.append(f"the message arrived {len(copies)} times")
+        result.findings.append(
+            Finding("duplicate", FAIL, f"the message arrived {len(copies)} times")
+        )
+
+
+def _unique(items: Iterable[Any]) -> list[Any]:
+    """Items in order without repeats (POP3 reconnects while polling, each time TLS)."""
+    seen: list[Any] = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+def _describe(facts: TLSFacts) -> str:
+    names = ", ".join(facts.san) or "none"
+    return (
+        f"server presented: subject {facts.subject or '?'}; issuer {facts.issuer or '?'}; "
+        f"names {names}; {facts.days_left} days to expiry; "
+        f"matches {facts.server_name}: {'yes' if facts.hostname_match else 'no'}"
+    )
 
 
 def run_probe(
@@ -143,8 +218,16 @@ def run_probe(
     rcpt_to: str,
     timeout: float = 30.0,
     keep: bool = False,
+    check_legacy_tls: bool = False,
+    settle: float = 0.25,
 ) -> ProbeResult:
     """Submit through ``smtp``, find the message through ``retrieve`` (IMAP or POP3), verify.
+
+    Args:
+        settle: once the message shows, look again this many seconds later, so that a
+            duplicate delivered just after the first copy fails the one-copy check.
+        check_legacy_tls: also offer each server only TLS 1.0/1.1 in an extra handshake
+            (no credentials sent); acceptance is a failing finding.
 
     Never raises ``ProbeError``: a failed step is recorded in the result (``ok`` False,
     ``error`` and ``error_step`` set). Passwords are never put in the result.
@@ -156,10 +239,13 @@ def run_probe(
     result.token = message.token
     result.message_id = message.message_id
     deadline = time.monotonic() + timeout
+    current = smtp
     try:
         result.submit_reply = submit(
             smtp, message, context=context, timeout=timeout, timeline=timeline
         )
+        submitted_at = time.perf_counter()
+        current = retrieve
         fetcher = fetch_imap if retrieve.protocol == "imap" else fetch_pop3
         copies = fetcher(
             retrieve,
@@ -169,19 +255,86 @@ def run_probe(
             deadline=deadline,
             timeline=timeline,
             delete=not keep,
+            settle=settle,
         )
+        if timeline.visible_at is not None:
+            result.time_to_visible = max(timeline.visible_at - submitted_at, 0.0)
         verify(message, copies, result)
     except ProbeError as exc:
         result.error = str(exc)
         result.error_step = exc.step
+        if isinstance(exc, TLSError) and isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+            facts = diagnose_certificate(
+                host=current.host,
+                port=current.port,
+                protocol=current.protocol,
+                tls=current.tls,
+                server_name=current.server_name,
+                timeout=min(timeout, 10.0),
+            )
+            if facts is not None:
+                timeline.tls.append(facts)
+                result.error += f" ({_describe(facts)})"
     finally:
         result.steps = timeline.steps
-        result.tls = timeline.tls
-        result.findings = timeline.findings + result.findings
-        result.total_seconds = time.perf_counter() - started
+        result.tls = _unique(timeline.tls)
+        result.findings = _unique(timeline.findings + result.findings)
+    if check_legacy_tls:
+        _check_legacy(result, (smtp, retrieve), timeout)
+    result.total_seconds = time.perf_counter() - started
+    for finding in result.findings:
+        if finding.severity == FAIL and finding.code in FINDING_CHECKS:
+            result.checks[FINDING_CHECKS[finding.code]] = False
+    if check_legacy_tls and result.legacy_tls:
+        result.checks.setdefault(FINDING_CHECKS["legacy-tls"], True)
+    if any(e.tls == "starttls" for e in (smtp, retrieve)) and result.checks:
+        result.checks.setdefault(FINDING_CHECKS["auth-before-tls"], True)
     result.ok = not result.error and bool(result.checks) and all(result.checks.values())
     if not result.error and not result.ok:
         failed = [name for name, ok in result.checks.items() if not ok]
+        failing = [f.message for f in result.findings if f.severity == FAIL]
         result.error = "verification failed: " + ", ".join(failed)
+        if failing:
+            result.error += " (" + "; ".join(failing) + ")"
         result.error_step = "VERIFY"
     return result
+
+
+def _check_legacy(result: ProbeResult, endpoints: tuple[Endpoint, ...], timeout: float) -> None:
+    """Try a TLS 1.0/1.1-only handshake with every server whose TLS handshake succeeded."""
+    # Implicit-TLS facts name the peer IP, STARTTLS facts the host as given: compare ports.
+    handshaken = {
+        facts.server.rpartition(":")[2] for facts in result.tls if facts.hostname_verified
+    }
+    for endpoint in endpoints:
+        if str(endpoint.port) not in handshaken or endpoint.address in result.legacy_tls:
+            continue
+        outcome = check_legacy_tls(
+            host=endpoint.host,
+            port=endpoint.port,
+            protocol=endpoint.protocol,
+            tls=endpoint.tls,
+            server_name=endpoint.server_name,
+            timeout=min(timeout, 10.0),
+        )
+        result.legacy_tls[endpoint.address] = outcome
+        label = f"{endpoint.protocol} {endpoint.address}"
+        if outcome.startswith("accepted"):
+            result.findings.append(
+                Finding(
+                    "legacy-tls",
+                    FAIL,
+                    f"{label}: {outcome.partition(' ')[2]} was accepted; TLS below 1.2 must be "
+                    "refused (RFC 8996)",
+                    endpoint.address,
+                )
+            )
+        elif outcome.startswith("not tested"):
+            result.findings.append(
+                Finding(
+                    "legacy-tls-untested",
+                    WARN,
+                    f"{label}: TLS below 1.2 {outcome}",
+                    endpoint.address,
+                )
+            )

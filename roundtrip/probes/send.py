@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..config import Endpoint
 from ..errors import AuthError, TLSError
-from ._net import Timeline, map_errors, open_socket, tls_facts, wrap_tls
+from ._net import FAIL, Timeline, map_errors, open_socket, tls_facts, wrap_tls
 
 __all__ = ["ProbeMessage", "build_probe_message", "submit"]
 
@@ -113,9 +113,12 @@ def submit(
             timeline.add("smtp ehlo", started, server=server)
         if endpoint.tls == "starttls":
             if client.has_extn("auth"):
-                timeline.findings.append(
-                    f"{server}: AUTH is offered before STARTTLS (RFC 8314 section 3.3: "
-                    "credentials could be sent in plaintext)"
+                timeline.finding(
+                    "auth-before-tls",
+                    FAIL,
+                    f"smtp {server}: AUTH is offered before STARTTLS on a STARTTLS port "
+                    "(RFC 8314 section 3.3: credentials could be sent in plaintext)",
+                    server,
                 )
             if not client.has_extn("starttls"):
                 raise TLSError(
@@ -134,7 +137,7 @@ def submit(
                     server_name=endpoint.server_name,
                     verified=context.check_hostname,
                 )
-                timeline.tls.append(facts)
+                timeline.note_tls(facts, "smtp")
                 step.detail = f"{facts.version} {facts.cipher}"
                 client.ehlo(local_hostname)
         if endpoint.user:
