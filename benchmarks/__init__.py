@@ -1,0 +1,1 @@
+"""Benchmarks for roundtrip: ``python -m benchmarks.run`` (see docs/benchmarks.md)."""
