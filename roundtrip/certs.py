@@ -67,8 +67,13 @@ class CertificateAuthority:
         return ctx
 
     def client_context(self) -> ssl.SSLContext:
-        """A client context that verifies certificates and host names against this CA only."""
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        """A client context that verifies certificates and host names against this CA only.
+
+        Built without the system trust store: ``ssl.create_default_context()`` loads it and
+        spends about 70 ms doing so, on every call.
+        """
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         self.ca.configure_trust(ctx)
         return ctx
 

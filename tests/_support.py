@@ -57,14 +57,21 @@ class AiosmtpdServer:
             for _ in range(3):
                 await asyncio.sleep(0)  # sleep-ok: yields to the loop, waits for nothing
             for session in self._sessions:
-                if session.transport is not None:
-                    session.transport.close()
+                # After STARTTLS the session's transport is the TLS layer, whose close()
+                # finishes later; abort the socket transport underneath as well.
+                for transport in (session.transport, session._original_transport):
+                    if transport is not None:
+                        transport.abort()
             current = asyncio.current_task()
             tasks = [t for t in asyncio.all_tasks() if t is not current]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.server.wait_closed()
+            # Transports closed above (or by cancelled accepts) release their sockets in
+            # callbacks scheduled with call_soon: let those run before the loop stops.
+            for _ in range(3):
+                await asyncio.sleep(0)  # sleep-ok: yields to the loop, waits for nothing
 
         self.thread.run(close(), timeout=5)
         self.thread.stop()

@@ -29,6 +29,7 @@ def test_store_is_empty_for_each_test(mailstack):
 
 def test_read_back_over_imap(mailstack):
     send(mailstack, "over imap")
+    mailstack.wait_for("user@example.org", subject="over imap")  # the relay is asynchronous
     rcpt = mailstack.user("example.org")
     host, port = mailstack.endpoints("example.org").address("imaps")
     with imaplib.IMAP4_SSL(host, port, ssl_context=mailstack.client_context(), timeout=5) as imap:

@@ -228,6 +228,7 @@ def test_routing_mx_with_untrusted_certificate_defers(
     _send(stack, subject="must not leak")
     queue = stack.wait_relay(lambda q: any(e.attempts >= 2 for e in q), timeout=TIMEOUT)
     assert queue and "certificate" in (queue[0].last_error or "").lower()
+    stack.relay_idle()  # between attempts: no connection to the peer is in flight
     assert received == []
     assert stack.messages("user@example.org") == []
     assert stack.messages("user@example.com") == []  # deferred, not bounced
