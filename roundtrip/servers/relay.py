@@ -166,7 +166,11 @@ class _HostFailedError(Exception):
 
 def normalize_line_endings(raw: bytes) -> bytes:
     """Every CR, LF or CRLF becomes CRLF, and the content ends with CRLF (SECURITY.md A2.2)."""
-    data = _STRAY_EOL.sub(b"\r\n", raw)
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") == crlf and raw.count(b"\n") == crlf:
+        data = raw  # no stray CR or LF: a big message is not copied
+    else:
+        data = _STRAY_EOL.sub(b"\r\n", raw)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data
@@ -210,6 +214,9 @@ class Relay:
         clock: wall clock for timestamps and the queue lifetime.
         dns_timeout: seconds a whole DNS resolution may take.
         on_event: called with each :class:`RelayEvent` as it is appended to :attr:`events`.
+        reporting_mta: the host name that DSNs name as the reporting MTA.
+        max_concurrent: delivery attempts running at once; the rest wait their turn (Postfix
+            default_destination_concurrency_limit is 20).
     """
 
     def __init__(
@@ -230,9 +237,13 @@ class Relay:
         dns_timeout: float = 5.0,
         on_event: Callable[[RelayEvent], None] | None = None,
         reporting_mta: str = "localhost",
+        max_concurrent: int = 20,
     ) -> None:
         if not retry_delays:
             raise ValueError("retry_delays must hold at least one delay")
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        self._slots = asyncio.Semaphore(max_concurrent)
         self._tls_context = tls_context
         self._local_domains = local_domains
         self._mx_port = mx_port
@@ -248,6 +259,10 @@ class Relay:
         self.reporting_mta = reporting_mta
         self.events: list[RelayEvent] = []
         self._entries: dict[str, _Entry] = {}
+        # Up-to-date snapshot of each queued entry, refreshed when that entry changes, so that
+        # queue() costs one list copy: the stack calls it on every event, and rebuilding every
+        # snapshot each time made a backlog of n messages cost O(n^2) (tests/test_load.py).
+        self._snapshots: dict[str, QueuedMessage] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._closed = False
@@ -320,7 +335,7 @@ class Relay:
 
         Meant for the loop thread; from another thread it is a best-effort view.
         """
-        return [entry.snapshot() for entry in list(self._entries.values())]
+        return list(self._snapshots.values())
 
     async def wait_idle(self, timeout: float) -> None:
         """Wait until no attempt is running (the queue is empty or only waits on retries).
@@ -356,6 +371,7 @@ class Relay:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._entries.clear()
+        self._snapshots.clear()
         self.events.clear()
 
     async def close(self) -> None:
@@ -366,6 +382,7 @@ class Relay:
                 entry.timer.cancel()
                 entry.timer = None
                 entry.next_attempt = None
+                self._touch(entry)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -374,7 +391,15 @@ class Relay:
 
     # -- scheduling ---------------------------------------------------------------------------
 
+    def _touch(self, entry: _Entry) -> None:
+        """Refresh the snapshot of ``entry`` after it changed (or drop it once dequeued)."""
+        if self._entries.get(entry.id) is entry:
+            self._snapshots[entry.id] = entry.snapshot()
+        else:
+            self._snapshots.pop(entry.id, None)
+
     def _event(self, entry: _Entry, rcpt: str, step: str, detail: str = "") -> None:
+        self._touch(entry)  # listeners read queue() from inside on_event
         event = RelayEvent(entry.id, rcpt, step, self._clock(), detail)
         self.events.append(event)
         if self._on_event is not None:
@@ -392,8 +417,9 @@ class Relay:
     def _start(self, entry: _Entry) -> None:
         entry.timer = None
         entry.next_attempt = None
-        if self._closed:
-            return
+        if self._closed or self._entries.get(entry.id) is not entry:
+            return  # closed, or forgotten by clear() while a timer or attempt was in flight
+        self._touch(entry)
         task = asyncio.get_running_loop().create_task(
             self._attempt(entry), name=f"relay-{entry.id}"
         )
@@ -401,7 +427,15 @@ class Relay:
         task.add_done_callback(self._tasks.discard)
 
     async def _attempt(self, entry: _Entry) -> None:
+        # At most max_concurrent attempts at once: a burst of thousands of messages must not
+        # open thousands of DNS queries and SMTP connections together (the stack's DNS server
+        # dropped UDP queries and the MX hit its connection cap; tests/test_load.py).
+        async with self._slots:
+            await self._attempt_now(entry)
+
+    async def _attempt_now(self, entry: _Entry) -> None:
         entry.attempts += 1
+        self._touch(entry)
         try:
             by_domain: dict[str, list[str]] = {}
             for rcpt in entry.pending:
@@ -416,12 +450,14 @@ class Relay:
             # A bug in the relay: record it and keep the message for a retry.
             self._on_error(exc)
             entry.last_error = f"internal error: {exc!r}"
+            self._touch(entry)
         self._reschedule(entry)
 
     def _settle(self, entry: _Entry, rcpt: str, outcome: _Outcome) -> None:
         if outcome is None:
             entry.pending.remove(rcpt)
             entry.delivered.append(rcpt)
+            self._touch(entry)
         elif isinstance(outcome, _Permanent):
             entry.pending.remove(rcpt)
             entry.bounced.append(rcpt)
@@ -432,8 +468,11 @@ class Relay:
             self._event(entry, rcpt, "deferred", outcome.reason)
 
     def _reschedule(self, entry: _Entry) -> None:
+        if self._entries.get(entry.id) is not entry:
+            return  # clear() forgot it during the attempt
         if not entry.pending:
             self._entries.pop(entry.id, None)
+            self._snapshots.pop(entry.id, None)
             return
         waited = self._clock() - entry.received_at
         if waited >= self._queue_lifetime:
@@ -445,6 +484,7 @@ class Relay:
                 outcome = _Permanent("4.4.7", f"X-Roundtrip; queue lifetime expired: {reason}")
                 self._bounce(entry, rcpt, outcome, action="failed")
             self._entries.pop(entry.id, None)
+            self._snapshots.pop(entry.id, None)
             return
         if self._closed:
             return
@@ -453,6 +493,7 @@ class Relay:
         delay = max(0.0, min(self._retry_delays[index], self._queue_lifetime - waited))
         entry.next_attempt = self._clock() + delay
         entry.timer = asyncio.get_running_loop().call_later(delay, self._start, entry)
+        self._touch(entry)
 
     def _bounce(self, entry: _Entry, rcpt: str, outcome: _Permanent, *, action: str) -> None:
         if not entry.mail_from:
@@ -598,10 +639,13 @@ class Relay:
                 self._event(entry, rcpt, "connected", f"{host}[{ip}]:{port}")
             return await self._transaction(entry, client, host, rcpts)
         finally:
-            with contextlib.suppress(Exception):
-                if client.is_connected:
-                    await client.quit()
-            client.close()
+            try:
+                with contextlib.suppress(Exception):
+                    if client.is_connected:
+                        await client.quit()
+            finally:
+                # Also when the task is cancelled (reset, stop) while QUIT is under way.
+                client.close()
 
     async def _transaction(
         self, entry: _Entry, client: aiosmtplib.SMTP, host: str, rcpts: list[str]
