@@ -74,13 +74,22 @@ class CertificateAuthority:
         """
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        self.ca.configure_trust(ctx)
+        ctx.load_verify_locations(cadata=self.pem.decode("ascii"))
         return ctx
 
     @property
     def pem(self) -> bytes:
-        """The CA certificate, PEM-encoded."""
-        return bytes(self.ca.cert_pem.bytes())
+        """The CA certificate and every CA above it (for an intermediate), PEM-encoded.
+
+        Trusting the whole chain lets clients verify a leaf issued by an intermediate
+        (``trustme.CA().create_child_ca()``), as they would a real server's.
+        """
+        chain = b""
+        ca: trustme.CA | None = self.ca
+        while ca is not None:
+            chain += bytes(ca.cert_pem.bytes())
+            ca = ca.parent_cert
+        return chain
 
     def ca_file(self, directory: str | None = None) -> str:
         """Write the CA certificate to a PEM file (once) and return its path.

@@ -28,7 +28,7 @@ from .errors import ConfigError, MailboxError, NotDeliveredError, ServerStartErr
 from .message import ReceivedMessage
 from .protocols.dns import Record, Zone, build_zone, default_records
 from .protocols.filter import ContentFilter, FilterInput, default_filter, prepend_headers
-from .protocols.smtp import Role, domain_of
+from .protocols.smtp import Role, domain_of, drop_forged_auth_results
 from .servers._runner import LoopThread
 from .servers.dns import DNSServer, start_dns
 from .servers.pop3 import start_pop3
@@ -468,6 +468,9 @@ class MailStack:
             accepted.received_monotonic,
         )
         raw, mailbox = accepted.raw, "INBOX"
+        if accepted.role is Role.SMTP:
+            # RFC 8601 section 5: nobody outside may speak for our authserv-ids.
+            raw = drop_forged_auth_results(raw, [ep.hostname for ep in self.domains.values()])
         content_filter = self.content_filter
         if accepted.role is Role.SMTP and content_filter is not None:
             verdict = content_filter(

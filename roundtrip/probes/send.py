@@ -35,6 +35,9 @@ class ProbeMessage:
 
 def build_probe_message(*, mail_from: str, rcpt_to: str, now: float | None = None) -> ProbeMessage:
     """A small text message carrying a random token in Subject, Message-ID and body."""
+    for address in (mail_from, rcpt_to):
+        if any(c in address for c in "\r\n\0<>"):
+            raise ValueError(f"address {address!r} contains CR, LF, NUL or angle brackets")
     token = secrets.token_hex(8)
     stamp = time.time() if now is None else now
     domain = mail_from.rpartition("@")[2] or "roundtrip.invalid"

@@ -28,6 +28,7 @@ Not handled here: parsing, dot-stuffing, and the SIZE and line-length checks the
 from __future__ import annotations
 
 import email.utils
+import itertools
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -471,3 +472,38 @@ class ConnectionCounts:
 
     def open_from(self, ip: str) -> int:
         return self._per_ip.get(ip, 0)
+
+
+_FIELD_START = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
+
+
+def drop_forged_auth_results(raw: bytes, authserv_ids: Collection[str]) -> bytes:
+    """Remove ``Authentication-Results`` fields that claim one of our own authserv-ids.
+
+    RFC 8601 section 5: a receiving MTA must delete A-R fields carrying its own authserv-id
+    that arrive from outside, else a sender can forge "dkim=pass" in our name. Fields naming
+    another host are trace data and stay. Only the top-level header block is examined, and
+    nothing else in ``raw`` changes.
+    """
+    if b"authentication-results" not in raw[:65536].lower():
+        return raw
+    ours = {i.lower().rstrip(".") for i in authserv_ids}
+    end = len(raw)
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        idx = raw.find(sep)
+        if 0 <= idx < end:
+            end = idx + len(sep) // 2
+    head = raw[:end]
+    starts = [m.start() for m in _FIELD_START.finditer(head)] + [len(head)]
+    kept = bytearray(head[: starts[0]])
+    changed = False
+    for begin, stop in itertools.pairwise(starts):
+        field_bytes = head[begin:stop]
+        name, _, value = field_bytes.partition(b":")
+        if name.strip().lower() == b"authentication-results":
+            authserv = value.split(b";", 1)[0].strip().split()
+            if authserv and authserv[0].decode("ascii", "replace").lower().rstrip(".") in ours:
+                changed = True
+                continue
+        kept += field_bytes
+    return bytes(kept) + raw[end:] if changed else raw
