@@ -524,8 +524,9 @@ class MailStack:
         if hops is None:
             hops = self._hops[queue_id] = []
             while len(self._hops) > _TIMELINE_LIMIT:
-                old, _ = self._hops.popitem(last=False)
-                self._relay_origin = {k: v for k, v in self._relay_origin.items() if v != old}
+                self._hops.popitem(last=False)
+            while len(self._relay_origin) > _TIMELINE_LIMIT:  # insertion-ordered: oldest first
+                self._relay_origin.pop(next(iter(self._relay_origin)))
         hops.append(HopTiming(step, host, when))
 
     def _relay_event(self, event: RelayEvent) -> None:
