@@ -3,7 +3,9 @@
 Every machine has the same shape (STYLE.md section 3):
 
 - ``receive_data(data: bytes) -> list[Event]``; ``b""`` means the peer closed (EOF);
-- ``data_to_send() -> bytes`` drains what the machine wants written;
+- ``data_to_send() -> bytes`` drains what the machine wants written (``data_to_send_chunks()``,
+  where a machine has it, drains the same bytes as a list of pieces without joining them, so
+  a big message goes out without a copy; ``OutputBuffer`` implements both);
 - ``tls_started()`` is called by the adapter after a STARTTLS/STLS upgrade.
 
 Events exist only for what the adapter must act on.
@@ -11,6 +13,7 @@ Events exist only for what the adapter must act on.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..errors import RemoteProtocolError
@@ -21,6 +24,7 @@ __all__ = [
     "Event",
     "LineBuffer",
     "LineTooLong",
+    "OutputBuffer",
     "StartTLSRequested",
     "dot_stuff",
 ]
@@ -108,21 +112,97 @@ class LineBuffer:
         return line
 
 
+#: Below this many bytes a write is copied into the buffer's tail; at or above it the object
+#: is kept as its own chunk, so a big message body is referenced, never copied.
+_BIG_CHUNK = 16 * 1024
+
+
+class OutputBuffer:
+    """What a machine has written and the adapter has not yet taken.
+
+    ``out += data`` appends. Small writes are gathered in one ``bytearray``; a big ``bytes``
+    object (a message body) is kept by reference. ``take()`` joins everything once (the
+    ``data_to_send() -> bytes`` contract); ``take_chunks()`` hands the pieces over without
+    joining, so the adapter can write a 40 MB literal straight from the store's bytes.
+    """
+
+    __slots__ = ("_chunks", "_size", "_tail")
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._tail = bytearray()
+        self._size = 0
+
+    def __iadd__(self, data: bytes | bytearray) -> OutputBuffer:
+        self.append(data)
+        return self
+
+    def append(self, data: bytes | bytearray) -> None:
+        """Append ``data`` (a ``bytes`` object of ``_BIG_CHUNK`` or more is not copied)."""
+        if len(data) >= _BIG_CHUNK and type(data) is bytes:
+            self._seal()
+            self._chunks.append(data)
+        else:
+            self._tail += data
+        self._size += len(data)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def _seal(self) -> None:
+        if self._tail:
+            self._chunks.append(bytes(self._tail))
+            self._tail.clear()
+
+    def take(self) -> bytes:
+        """Everything written so far as one ``bytes`` object, and empty the buffer."""
+        if not self._chunks:
+            out = bytes(self._tail)
+            self._tail.clear()
+        elif not self._tail and len(self._chunks) == 1:
+            out = self._chunks.pop()
+        else:
+            self._seal()
+            out = b"".join(self._chunks)
+            self._chunks.clear()
+        self._size = 0
+        return out
+
+    def take_chunks(self) -> list[bytes]:
+        """Everything written so far, in order, as a list of pieces; empty the buffer."""
+        self._seal()
+        chunks, self._chunks = self._chunks, []
+        self._size = 0
+        return chunks
+
+
+# A LF with no CR before it (the only line ending dot_stuff has to rewrite).
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
 def dot_stuff(raw: bytes) -> bytes:
     """Dot-stuff a message for a multi-line reply (RFC 1939 section 3, RFC 5321 4.5.2).
 
-    Line endings are normalised to CRLF, a leading ``.`` is doubled, and the result always
-    ends with CRLF (the terminating ``.CRLF`` is not included).
+    Lines end at LF; a CR just before it (or at the very end) belongs to the ending, which
+    becomes CRLF; any other CR is left as it is. A leading ``.`` is doubled, and the result
+    always ends with CRLF (the terminating ``.CRLF`` is not included). A message that needs
+    none of this (CRLF throughout, no line starting with ``.``) is returned as the same
+    object, so a big message is not copied.
     """
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    out = bytearray()
-    for line in lines:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if line.startswith(b"."):
-            out += b"."
-        out += line
-        out += CRLF
-    return bytes(out)
+    if not raw:
+        return b""
+    data = bytes(raw)
+    if data.count(b"\n") != data.count(b"\r\n"):
+        data = _BARE_LF.sub(b"\r\n", data)
+    # bytes.replace returns the object itself when there is nothing to replace.
+    data = data.replace(b"\n.", b"\n..")
+    head = b"." if data.startswith(b".") else b""
+    if data.endswith(b"\n"):
+        tail = b""
+    elif data.endswith(b"\r"):
+        tail = b"\n"
+    else:
+        tail = CRLF
+    if head or tail:
+        data = b"".join((head, data, tail))
+    return data

@@ -73,7 +73,14 @@ from ._imapparse import (
     tokenize,
 )
 from ._imapsearch import BadCharsetError, SearchMessage, compile_search, mime_tree
-from ._lines import CRLF, ConnectionClosed, Event, LineTooLong, StartTLSRequested
+from ._lines import (
+    CRLF,
+    ConnectionClosed,
+    Event,
+    LineTooLong,
+    OutputBuffer,
+    StartTLSRequested,
+)
 
 __all__ = [
     "IMAPConnection",
@@ -342,7 +349,7 @@ class IMAPConnection:
         self.max_bad_commands = max_bad_commands
         self.state = IMAPState.NOT_AUTHENTICATED
         self.user: str | None = None
-        self._out = bytearray()
+        self._out = OutputBuffer()
         self._events: list[Event] = []
         self._reader = CommandReader(max_line)
         self._bad = 0
@@ -427,9 +434,11 @@ class IMAPConnection:
         return self._events
 
     def data_to_send(self) -> bytes:
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+        return self._out.take()
+
+    def data_to_send_chunks(self) -> list[bytes]:
+        """``data_to_send()`` as pieces, not joined: a FETCH literal is the stored bytes."""
+        return self._out.take_chunks()
 
     def tls_started(self) -> None:
         """The adapter finished the STARTTLS handshake: the session continues over TLS."""
@@ -1059,10 +1068,21 @@ class IMAPConnection:
                 parts.append(b"FLAGS " + _flag_list(msg.flags))
             if wants_flags or add_flags:
                 self._known_flags[msg_uid] = msg.flags
-            self._send(b"* %d FETCH (" % (index + 1) + b" ".join(parts) + b")")
+            # The pieces go out one after the other: a message literal is never copied.
+            self._out += b"* %d FETCH (" % (index + 1)
+            for n, part in enumerate(parts):
+                if n:
+                    self._out += b" "
+                if isinstance(part, tuple):
+                    self._out += part[0]
+                    self._out += part[1]
+                else:
+                    self._out += part
+            self._out += b")" + CRLF
         self._tagged(tag, "OK", "FETCH completed")
 
-    def _fetch_item(self, msg: IMAPMessage, item: _FetchItem) -> bytes:
+    def _fetch_item(self, msg: IMAPMessage, item: _FetchItem) -> bytes | tuple[bytes, bytes]:
+        """The response item; a literal as (``NAME {n}\\r\\n``, data), so data is not copied."""
         name = item.name
         if name == "UID":
             return b"UID %d" % msg.uid
@@ -1085,7 +1105,7 @@ class IMAPConnection:
         if item.start is not None:
             end = None if item.length is None else item.start + item.length
             data = data[item.start : end]
-        return name.encode("ascii") + b" " + _literal(data)
+        return name.encode("ascii") + b" {%d}\r\n" % len(data), data
 
     def _cmd_STORE(self, tag: str, args: list[Token]) -> None:
         self._store(tag, args, uid=False)

@@ -52,6 +52,7 @@ from ._lines import (
     Event,
     LineBuffer,
     LineTooLong,
+    OutputBuffer,
     StartTLSRequested,
     dot_stuff,
 )
@@ -209,7 +210,7 @@ class POP3Connection:
         self._max_line = max_line
         self.max_bad_commands = max_bad_commands
         self.auth_failure_delay = auth_failure_delay
-        self._out = bytearray()
+        self._out = OutputBuffer()
         self._commands: dict[str, tuple[Callable[[str], None], frozenset[POP3State]]] = {
             "CAPA": (self._cmd_CAPA, frozenset({_A, _T})),
             "STLS": (self._cmd_STLS, frozenset({_A})),
@@ -287,9 +288,11 @@ class POP3Connection:
 
     def data_to_send(self) -> bytes:
         """Drain the replies written so far."""
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+        return self._out.take()
+
+    def data_to_send_chunks(self) -> list[bytes]:
+        """``data_to_send()`` as pieces, not joined: a RETR body is the stored bytes."""
+        return self._out.take_chunks()
 
     def tls_started(self) -> None:
         """The adapter finished the STLS handshake: start over in AUTHORIZATION, now secure.

@@ -8,6 +8,7 @@ updates), and records unexpected exceptions on the stack's loop thread.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import ssl
 from collections.abc import Callable
@@ -20,6 +21,11 @@ from ..protocols._lines import ConnectionClosed, Event, StartTLSRequested
 __all__ = ["ConnectionInfo", "LineServerProtocol", "Machine", "MachineFactory", "serve"]
 
 log = logging.getLogger("roundtrip.servers")
+
+#: Most bytes handed to the transport in one write. Output is written while the transport
+#: has not asked us to pause (``pause_writing``), so a 40 MB literal passes through the TLS
+#: layer a slice at a time instead of being buffered whole (plus its ciphertext) in asyncio.
+_WRITE_SLICE = 256 * 1024
 
 
 class Machine(Protocol):
@@ -83,6 +89,9 @@ class LineServerProtocol(asyncio.Protocol):
         self._upgrading = False
         # Decrypted bytes that arrive between the end of the handshake and tls_started().
         self._held = b""
+        # Output not yet given to the transport (it asked us to pause); written in order.
+        self._pending: collections.deque[memoryview] = collections.deque()
+        self._write_paused = False
         self._closed = False
         self._loop = asyncio.get_running_loop()
 
@@ -128,7 +137,15 @@ class LineServerProtocol(asyncio.Protocol):
         if self._upgrading:
             # start_tls swaps protocols under us; the real loss is reported later.
             return
+        self._pending.clear()
         self._finish()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._pump()
 
     # internals
 
@@ -160,12 +177,57 @@ class LineServerProtocol(asyncio.Protocol):
     def _flush(self) -> None:
         if self._machine is None or self._transport is None:
             return
-        out = self._machine.data_to_send()
-        if out and not self._transport.is_closing():
-            self._transport.write(out)
+        take_chunks = getattr(self._machine, "data_to_send_chunks", None)
+        chunks: list[bytes] = (
+            take_chunks() if take_chunks is not None else [self._machine.data_to_send()]
+        )
+        if self._transport.is_closing():
+            self._pending.clear()
+            return
+        self._pending.extend(memoryview(c) for c in chunks if c)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Write pending output until the transport asks us to pause (or nothing is left).
+
+        Small pieces are joined into one write (one TLS record where there used to be one);
+        a big piece (a message) goes out in slices of itself, never copied here.
+        """
+        transport, pending = self._transport, self._pending
+        while pending and not self._write_paused:
+            if transport is None or transport.is_closing():
+                pending.clear()
+                return
+            first = pending[0]
+            if len(first) >= _WRITE_SLICE:
+                transport.write(first[:_WRITE_SLICE])
+                if len(first) > _WRITE_SLICE:
+                    pending[0] = first[_WRITE_SLICE:]
+                else:
+                    pending.popleft()
+                continue
+            batch: list[memoryview] = []
+            size = 0
+            while pending and size + len(pending[0]) <= _WRITE_SLICE:
+                piece = pending.popleft()
+                batch.append(piece)
+                size += len(piece)
+            transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
+
+    def _drain_now(self) -> None:
+        """Hand every pending byte to the transport at once, ignoring flow control.
+
+        Before a close or a TLS upgrade: the transport then owns the bytes, as it did before
+        output was paced (it flushes them before closing, and before the TLS handshake).
+        """
+        transport, pending = self._transport, self._pending
+        if transport is not None and pending and not transport.is_closing():
+            transport.write(b"".join(pending) if len(pending) > 1 else pending[0])
+        pending.clear()
 
     def _start_tls(self) -> None:
         assert self._transport is not None and self._starttls_context is not None
+        self._drain_now()
         transport = self._transport
         transport.pause_reading()
         self._upgrading = True
@@ -193,6 +255,7 @@ class LineServerProtocol(asyncio.Protocol):
             self._finish()
             return
         self._transport = new
+        self._write_paused = False  # a pause of the plain transport does not carry over
         try:
             self._machine.tls_started()
         except Exception as exc:
@@ -243,7 +306,9 @@ class LineServerProtocol(asyncio.Protocol):
 
     def _close(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
+            self._drain_now()
             self._transport.close()
+        self._pending.clear()
         self._finish()
 
     def _finish(self) -> None:
@@ -267,6 +332,7 @@ class LineServerProtocol(asyncio.Protocol):
                 self._on_error(exc)
 
     def abort(self) -> None:
+        self._pending.clear()
         if self._transport is not None:
             self._transport.abort()
         self._finish()

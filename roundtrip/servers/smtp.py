@@ -48,7 +48,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from ..config import SMTPLimits
 from ..errors import MailboxError, StorageError
@@ -329,6 +329,101 @@ class _SMTP(SMTP):
             return Reply.TIMEOUT
         return await super()._call_handler_hook(command, *args)
 
+    # DATA (RFC 5321 4.1.1.4, 4.5.2)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, gathering the message in one ``bytearray``.
+
+        aiosmtpd keeps each line as its own ``bytearray`` and joins them at the end: two to
+        three times the message plus an object per line. The replies, limits and hooks are
+        aiosmtpd's: only ``<CRLF>.<CRLF>`` ends the data; a message over the size limit gets
+        552 and a line over the line limit 500, each after the final dot, with the data
+        dropped as soon as the limit is passed; a connection lost mid-DATA leaves nothing.
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        assert envelope is not None
+        if not envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content = await self._read_data()
+        if isinstance(content, str):  # over a limit: the reply, once the final dot came
+            await self.push(content)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        if self._decode_data:
+            try:
+                text = content.decode(
+                    *(("utf-8", "surrogateescape") if self.enable_SMTPUTF8 else ("ascii",))
+                )
+            except UnicodeDecodeError:
+                await self.push("500 Error: strict ASCII mode")
+                return
+            envelope.content, envelope.original_content = text, content
+        else:
+            envelope.content = envelope.original_content = content
+        # The envelope holds the only reference now (the handler drops it once the message
+        # is built), so the DATA bytes are not kept alive by this frame while routing.
+        del content
+        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self) -> bytes | str:
+        """The message up to the final dot, dot-unstuffed; or the reply for a passed limit.
+
+        Lines are read with ``readuntil(b"\\r\\n")`` as aiosmtpd does, so a bare LF or CR is
+        content, and a line longer than the reader's limit arrives in pieces (read as they
+        come and discarded; a ``.`` piece of it does not end the data).
+        """
+        reader = self._reader
+        limit = self.data_size_limit
+        buf = bytearray()
+        size = 0
+        refusal: str | None = None
+        in_long_line = False
+        while self.transport is not None:
+            try:
+                line = await reader.readuntil(b"\r\n")
+            except asyncio.CancelledError:
+                log.info("%s: connection lost during DATA", self._peer_ip)
+                self._writer.close()
+                raise
+            except asyncio.LimitOverrunError as exc:
+                if refusal is None:
+                    refusal = "500 Line too long (see RFC5321 4.5.3.1.6)"
+                buf = bytearray()
+                line = await reader.read(exc.consumed)
+            if not in_long_line and line == b".\r\n":
+                break
+            size += len(line)
+            if refusal is None and limit and size > limit:
+                refusal = "552 Error: Too much mail data"
+                buf = bytearray()
+            if not line.endswith(b"\r\n"):
+                in_long_line = True
+                continue
+            if refusal is None and not in_long_line:
+                if len(line) > self.line_length_limit:
+                    refusal = "500 Line too long (see RFC5321 4.5.3.1.6)"
+                    buf = bytearray()
+                elif line[:1] == b".":
+                    buf += memoryview(line)[1:]  # transparency (RFC 5321 4.5.2)
+                else:
+                    buf += line
+            in_long_line = False
+        if refusal is not None:
+            return refusal
+        return bytes(buf)
+
     async def _unknown_command(self, command: str, arg: str | None) -> None:
         log.info("%s: unrecognised command", self._peer_ip)
         await self.push(Reply.UNKNOWN_COMMAND)
@@ -553,6 +648,9 @@ class SMTPHandler:
         now = time.time()
         queue_id = _new_queue_id()
         content = _content(envelope)
+        # From here on only ``raw`` is needed: drop the envelope's references to the DATA
+        # bytes so a big message is held once, not twice, while it is routed and stored.
+        envelope.content = envelope.original_content = None
         user = _auth_user(session)
         tls = session.ssl is not None
         tls_info = _tls_info(session)
@@ -562,7 +660,7 @@ class SMTPHandler:
             )
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
         rcpts = tuple(envelope.rcpt_tos)
-        trace = received_header(
+        trace: bytes = received_header(
             helo=session.host_name or "",
             peer_ip=peer,
             by_host=self.hostname,
@@ -574,6 +672,8 @@ class SMTPHandler:
             timestamp=now,
             tls=tls_info,
         )
+        raw = trace + content
+        del content  # the only other copy: freed before the router stores ``raw``
         return Accepted(
             role=self.role,
             server_domain=self.domain,
@@ -581,7 +681,7 @@ class SMTPHandler:
             queue_id=queue_id,
             mail_from=envelope.mail_from or "",
             rcpt_tos=rcpts,
-            raw=trace + content,
+            raw=raw,
             authenticated_user=user,
             tls=tls,
             received_at=now,
