@@ -77,6 +77,12 @@ class Timeouts:
     tls_handshake_timeout: float = 30.0
     #: Default wait of mailstack.wait_for() and of probes.
     wait_timeout: float = 10.0
+    #: IMAP: deadline per command once logged in (RFC 9051 5.4: at least 30 minutes).
+    imap_idle_timeout: float = 1800.0
+    #: POP3: the same (RFC 1939 section 3: at least 10 minutes).
+    pop3_idle_timeout: float = 600.0
+    #: IMAP and POP3: deadline per command before login (SECURITY.md A4.8).
+    login_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

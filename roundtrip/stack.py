@@ -29,6 +29,7 @@ from .message import ReceivedMessage
 from .protocols.dns import Record, Zone, build_zone, default_records
 from .protocols.filter import ContentFilter, FilterInput, default_filter, prepend_headers
 from .protocols.smtp import Role, domain_of, drop_forged_auth_results
+from .servers._conn import ListenerLimits
 from .servers._runner import LoopThread
 from .servers.dns import DNSServer, start_dns
 from .servers.pop3 import start_pop3
@@ -296,6 +297,11 @@ class MailStack:
                 ("imap", start_imap),
             ):
                 implicit = service in IMPLICIT_TLS_SERVICES
+                idle = (
+                    timeouts.imap_idle_timeout
+                    if service.startswith("imap")
+                    else timeouts.pop3_idle_timeout
+                )
                 server, conns = await self._bind(
                     service,
                     host,
@@ -306,9 +312,15 @@ class MailStack:
                         hostname=hostname,
                         implicit_tls_context=tls if implicit else None,
                         starttls_context=None if implicit else tls,
-                        idle_timeout=timeouts.idle_timeout,
+                        idle_timeout=idle,
                         on_error=on_error,
                         tls_handshake_timeout=timeouts.tls_handshake_timeout,
+                        limits=ListenerLimits(
+                            login_timeout=min(timeouts.login_timeout, idle),
+                            penalties=penalties,
+                            max_connections=limits.max_connections,
+                            max_connections_per_ip=limits.max_connections_per_ip,
+                        ),
                     ),
                 )
                 self._listeners.connections.append(conns)

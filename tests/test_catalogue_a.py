@@ -805,7 +805,8 @@ def test_a6_9_concurrent_sessions_agree(stack: MailStack) -> None:
 
 @pytest.fixture(scope="module")
 def impatient() -> Iterator[MailStack]:
-    with MailStack(StackConfig(timeouts=Timeouts(idle_timeout=0.5))) as running:
+    short = Timeouts(idle_timeout=0.5, imap_idle_timeout=0.5, pop3_idle_timeout=0.5)
+    with MailStack(StackConfig(timeouts=short)) as running:
         yield running
 
 

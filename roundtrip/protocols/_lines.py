@@ -20,6 +20,8 @@ from ..errors import RemoteProtocolError
 
 __all__ = [
     "CRLF",
+    "AuthenticationFailed",
+    "AuthenticationSucceeded",
     "ConnectionClosed",
     "Event",
     "LineBuffer",
@@ -42,7 +44,17 @@ class ConnectionClosed:
     """The machine is done: flush ``data_to_send()`` and close the transport."""
 
 
-Event = StartTLSRequested | ConnectionClosed
+@dataclass(frozen=True, slots=True)
+class AuthenticationFailed:
+    """A login failed: the adapter delays the reply by the client's penalty (brute force)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticationSucceeded:
+    """A login succeeded: the adapter clears the client's penalty and its login deadline."""
+
+
+Event = StartTLSRequested | ConnectionClosed | AuthenticationFailed | AuthenticationSucceeded
 
 
 class LineTooLong(RemoteProtocolError):

@@ -75,6 +75,8 @@ from ._imapparse import (
 from ._imapsearch import BadCharsetError, SearchMessage, compile_search, mime_tree
 from ._lines import (
     CRLF,
+    AuthenticationFailed,
+    AuthenticationSucceeded,
     ConnectionClosed,
     Event,
     LineTooLong,
@@ -667,9 +669,15 @@ class IMAPConnection:
         self._require_privacy()
         self._login(tag, user.decode("utf-8", "replace"), password.decode("utf-8", "replace"))
 
+    def _auth_failure(self) -> _NoError:
+        """The one reply for every failed login, and the event that makes the adapter wait."""
+        self._events.append(AuthenticationFailed())
+        return _NoError("Authentication failed.", "AUTHENTICATIONFAILED")
+
     def _login(self, tag: str, user: str, password: str) -> None:
         if not user or not self.store.check_password(user, password):
-            raise _NoError("Authentication failed.", "AUTHENTICATIONFAILED")
+            raise self._auth_failure()
+        self._events.append(AuthenticationSucceeded())
         self.user = user
         self.state = IMAPState.AUTHENTICATED
         self._bad = 0
@@ -705,10 +713,10 @@ class IMAPConnection:
             raise ParseError("Invalid base64 data") from exc
         fields = decoded.split(b"\0")
         if len(fields) != 3:
-            raise _NoError("Authentication failed.", "AUTHENTICATIONFAILED")
+            raise self._auth_failure()
         authzid, authcid, password = (f.decode("utf-8", "replace") for f in fields)
         if authzid and authzid.lower() != authcid.lower():
-            raise _NoError("Authentication failed.", "AUTHENTICATIONFAILED")
+            raise self._auth_failure()
         self._login(tag, authcid, password)
 
     # Authenticated

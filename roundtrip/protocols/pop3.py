@@ -48,6 +48,8 @@ from typing import Protocol
 from ..errors import LocalProtocolError, RemoteProtocolError, RoundtripError
 from ._lines import (
     CRLF,
+    AuthenticationFailed,
+    AuthenticationSucceeded,
     ConnectionClosed,
     Event,
     LineBuffer,
@@ -235,6 +237,7 @@ class POP3Connection:
         """A fresh AUTHORIZATION state (at start, and again after STLS)."""
         self.state = POP3State.AUTHORIZATION
         self._buffer = LineBuffer(self._max_line - 1)  # LineBuffer's limit excludes the LF
+        self._auth_events: list[Event] = []
         self._bad_commands = 0
         self._user: str | None = None
         self._sasl_pending = False
@@ -280,11 +283,12 @@ class POP3Connection:
             if line is None:
                 break
             self._handle_line(line)
+        events, self._auth_events = self._auth_events, []
         if self._closed:
-            return [ConnectionClosed()]
+            return [*events, ConnectionClosed()]
         if self._tls_pending:
-            return [StartTLSRequested()]
-        return []
+            return [*events, StartTLSRequested()]
+        return events
 
     def data_to_send(self) -> bytes:
         """Drain the replies written so far."""
@@ -455,19 +459,25 @@ class POP3Connection:
             raise _CommandError("invalid base64 in SASL response", bad=True) from None
         parts = decoded.split(b"\x00")
         if len(parts) != 3:
-            raise _CommandError(_AUTH_FAILED, code="AUTH", bad=True)
+            raise self._auth_failure()
         authzid, authcid, password = (p.decode("utf-8", "surrogateescape") for p in parts)
         if authzid and authzid.lower() != authcid.lower():
             # RFC 4616 section 2: we never let one user act as another.
-            raise _CommandError(_AUTH_FAILED, code="AUTH", bad=True)
+            raise self._auth_failure()
         self._login(authcid, password)
+
+    def _auth_failure(self) -> _CommandError:
+        """The one reply for every failed login, and the event that makes the adapter wait."""
+        self._auth_events.append(AuthenticationFailed())
+        return _CommandError(_AUTH_FAILED, code="AUTH", bad=True)
 
     def _login(self, address: str, password: str) -> None:
         if not address or not self._store.check_password(address, password):
             # One reply for unknown users and wrong passwords: nothing tells them apart.
-            raise _CommandError(_AUTH_FAILED, code="AUTH", bad=True)
+            raise self._auth_failure()
         if not self._store.lock_maildrop(address):
             raise _CommandError("mailbox is locked by another POP3 session", code="IN-USE")
+        self._auth_events.append(AuthenticationSucceeded())
         self._address = address
         self._locked = True
         snapshot_taken = False

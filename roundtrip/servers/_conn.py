@@ -16,9 +16,23 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..errors import RemoteProtocolError
-from ..protocols._lines import ConnectionClosed, Event, StartTLSRequested
+from ..protocols._limits import AuthPenalties, ConnectionCounts
+from ..protocols._lines import (
+    AuthenticationFailed,
+    AuthenticationSucceeded,
+    ConnectionClosed,
+    Event,
+    StartTLSRequested,
+)
 
-__all__ = ["ConnectionInfo", "LineServerProtocol", "Machine", "MachineFactory", "serve"]
+__all__ = [
+    "ConnectionInfo",
+    "LineServerProtocol",
+    "ListenerLimits",
+    "Machine",
+    "MachineFactory",
+    "serve",
+]
 
 log = logging.getLogger("roundtrip.servers")
 
@@ -26,6 +40,10 @@ log = logging.getLogger("roundtrip.servers")
 #: has not asked us to pause (``pause_writing``), so a 40 MB literal passes through the TLS
 #: layer a slice at a time instead of being buffered whole (plus its ciphertext) in asyncio.
 _WRITE_SLICE = 256 * 1024
+
+#: Input that re-arms the command deadline without a line end: a literal (an IMAP APPEND) of
+#: this many bytes counts as progress, so the deadline is a minimum rate, not a cap on size.
+_PROGRESS_BYTES = 64 * 1024
 
 
 class Machine(Protocol):
@@ -36,6 +54,23 @@ class Machine(Protocol):
     def data_to_send(self) -> bytes: ...
 
     def tls_started(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """Abuse limits of one POP3 or IMAP listener (SECURITY.md A4.3, A4.8, A8.1, A8.2).
+
+    Attributes:
+        login_timeout: deadline per command before login (the idle timeout when None).
+        penalties: failed logins per client IP, shared with other listeners; a failure's
+            reply waits the client's penalty.
+        max_connections, max_connections_per_ip: caps of the listener (0: none).
+    """
+
+    login_timeout: float | None = None
+    penalties: AuthPenalties | None = None
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +108,21 @@ class LineServerProtocol(asyncio.Protocol):
         subscribe: Callable[[Callable[[Any], None]], Callable[[], None]] | None = None,
         tls_handshake_timeout: float = 30.0,
         connections: set[LineServerProtocol] | None = None,
+        login_timeout: float | None = None,
+        penalties: AuthPenalties | None = None,
+        counts: ConnectionCounts | None = None,
+        busy_reply: Callable[[str], bytes] | None = None,
     ) -> None:
         self._factory = factory
+        self._login_timeout = idle_timeout if login_timeout is None else login_timeout
+        self._authenticated = False
+        self._penalties = penalties
+        self._counts = counts
+        self._counted_ip: str | None = None
+        self._busy_reply = busy_reply
+        self._hold_handle: asyncio.TimerHandle | None = None
+        self._progress = 0
+        self._ip = ""
         self._starttls_context = starttls_context
         self._implicit_tls = implicit_tls
         self._idle_timeout = idle_timeout
@@ -104,6 +152,17 @@ class LineServerProtocol(asyncio.Protocol):
             self._connections.add(self)
         peer = transport.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        if self._counts is not None:
+            refusal = self._counts.admit(self._ip)
+            if refusal is not None:  # over a connection cap (SECURITY.md A8.2)
+                log.info("refusing %s: %s", self._ip, refusal)
+                if self._busy_reply is not None:
+                    transport.write(self._busy_reply(refusal.partition(" ")[2]))
+                transport.close()
+                self._finish()
+                return
+            self._counted_ip = self._ip
         secure = self._implicit_tls or transport.get_extra_info("ssl_object") is not None
         try:
             self._machine = self._factory(ConnectionInfo(peer=peer_text, secure=secure))
@@ -120,7 +179,12 @@ class LineServerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._machine is None or self._closed:
             return
-        self._reset_idle()
+        # The deadline is per command (SECURITY.md A8.1): only a line end, or a good run of
+        # literal bytes, re-arms it; a client trickling bytes cannot keep a session alive.
+        self._progress += len(data)
+        if b"\n" in data or self._progress >= _PROGRESS_BYTES:
+            self._progress = 0
+            self._reset_idle()
         if self._upgrading:
             # The TLS layer may hand us the client's first encrypted command before the
             # start_tls() await resumes: hold it until the machine knows TLS is up.
@@ -162,8 +226,42 @@ class LineServerProtocol(asyncio.Protocol):
             self._on_error(exc)
             self._close()
             return
+        delay = self._account(events)
+        if delay > 0:
+            # Brute force (SECURITY.md A4.3): the failure's reply, and everything after it,
+            # waits; no input is read meanwhile. Other clients are not slowed.
+            assert self._transport is not None
+            self._transport.pause_reading()
+            self._hold_handle = self._loop.call_later(delay, self._release, events)
+            return
         self._flush()
         self._handle(events)
+
+    def _account(self, events: list[Event]) -> float:
+        """Record login outcomes; return how long to hold the replies back."""
+        failed = False
+        for event in events:
+            if isinstance(event, AuthenticationSucceeded):
+                self._authenticated = True
+                if self._penalties is not None:
+                    self._penalties.succeeded(self._ip)
+                self._reset_idle()
+            elif isinstance(event, AuthenticationFailed):
+                failed = True
+                if self._penalties is not None:
+                    self._penalties.failed(self._ip, self._loop.time())
+        if failed and self._penalties is not None:
+            return self._penalties.delay(self._ip, self._loop.time())
+        return 0.0
+
+    def _release(self, events: list[Event]) -> None:
+        self._hold_handle = None
+        if self._closed or self._transport is None:
+            return
+        self._flush()
+        self._handle(events)
+        if not self._closed and not self._upgrading and not self._transport.is_closing():
+            self._transport.resume_reading()
 
     def _handle(self, events: list[Event]) -> None:
         for event in events:
@@ -291,7 +389,8 @@ class LineServerProtocol(asyncio.Protocol):
     def _reset_idle(self) -> None:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
-        self._idle_handle = self._loop.call_later(self._idle_timeout, self._idle)
+        timeout = self._idle_timeout if self._authenticated else self._login_timeout
+        self._idle_handle = self._loop.call_later(timeout, self._idle)
 
     def _idle(self) -> None:
         machine = self._machine
@@ -317,6 +416,12 @@ class LineServerProtocol(asyncio.Protocol):
         self._closed = True
         if self._idle_handle is not None:
             self._idle_handle.cancel()
+        if self._hold_handle is not None:
+            self._hold_handle.cancel()
+            self._hold_handle = None
+        if self._counts is not None and self._counted_ip is not None:
+            self._counts.release(self._counted_ip)
+            self._counted_ip = None
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -354,8 +459,16 @@ async def serve(
     on_error: Callable[[BaseException], None],
     subscribe: Callable[[Callable[[Any], None]], Callable[[], None]] | None = None,
     tls_handshake_timeout: float = 30.0,
+    limits: ListenerLimits | None = None,
+    busy_reply: Callable[[str], bytes] | None = None,
 ) -> tuple[asyncio.Server, set[LineServerProtocol]]:
     """Listen on ``host:port`` (0 picks a free port) and drive a machine per connection.
+
+    Args:
+        idle_timeout: deadline per command once logged in (input without a line end does
+            not extend it).
+        limits: connection caps, login deadline and penalties (none by default).
+        busy_reply: the protocol's refusal for a client over a cap, given the reason.
 
     Returns:
         The asyncio server (read the bound port from ``server.sockets``) and the live set of
@@ -363,6 +476,12 @@ async def serve(
     """
     loop = asyncio.get_running_loop()
     connections: set[LineServerProtocol] = set()
+    limits = limits or ListenerLimits()
+    counts = (
+        ConnectionCounts(max_total=limits.max_connections, max_per_ip=limits.max_connections_per_ip)
+        if limits.max_connections or limits.max_connections_per_ip
+        else None
+    )
 
     def protocol() -> LineServerProtocol:
         return LineServerProtocol(
@@ -374,6 +493,10 @@ async def serve(
             subscribe=subscribe,
             tls_handshake_timeout=tls_handshake_timeout,
             connections=connections,
+            login_timeout=limits.login_timeout,
+            penalties=limits.penalties,
+            counts=counts,
+            busy_reply=busy_reply,
         )
 
     server = await loop.create_server(

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..protocols.imap import IMAPConnection, IMAPStore
-from ._conn import ConnectionInfo, LineServerProtocol, Machine, serve
+from ._conn import ConnectionInfo, LineServerProtocol, ListenerLimits, Machine, serve
 
 __all__ = ["IMAPListenerStore", "start_imap"]
 
@@ -40,6 +40,7 @@ async def start_imap(
     on_error: Callable[[BaseException], None],
     tls_handshake_timeout: float = 30.0,
     allow_plaintext_auth: bool = False,
+    limits: ListenerLimits | None = None,
     max_literal: int = 50 * 1024 * 1024,
 ) -> tuple[asyncio.Server, set[LineServerProtocol]]:
     """Listen for IMAP on ``host:port`` (0 picks a free port).
@@ -87,4 +88,8 @@ async def start_imap(
         on_error=on_error,
         subscribe=subscribe,
         tls_handshake_timeout=tls_handshake_timeout,
+        limits=limits,
+        busy_reply=lambda reason: (
+            b"* BYE [UNAVAILABLE] " + reason.encode("ascii", "replace") + b"\r\n"
+        ),
     )

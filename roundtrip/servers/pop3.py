@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Callable
 
 from ..protocols.pop3 import POP3Connection, POP3Store
-from ._conn import ConnectionInfo, LineServerProtocol, serve
+from ._conn import ConnectionInfo, LineServerProtocol, ListenerLimits, serve
 
 __all__ = ["start_pop3"]
 
@@ -29,6 +29,7 @@ async def start_pop3(
     on_error: Callable[[BaseException], None],
     tls_handshake_timeout: float = 30.0,
     allow_plaintext_auth: bool = False,
+    limits: ListenerLimits | None = None,
 ) -> tuple[asyncio.Server, set[LineServerProtocol]]:
     """Listen for POP3 on ``host:port`` (0 picks a free port).
 
@@ -42,6 +43,7 @@ async def start_pop3(
         idle_timeout: seconds without input before ``-ERR autologout`` and close.
         on_error: records unexpected exceptions from the loop thread.
         tls_handshake_timeout: seconds a TLS handshake may take.
+        limits: connection caps, the login deadline and login penalties.
         allow_plaintext_auth: accept logins before TLS (tests of legacy setups only).
 
     Returns:
@@ -66,4 +68,6 @@ async def start_pop3(
         idle_timeout=idle_timeout,
         on_error=on_error,
         tls_handshake_timeout=tls_handshake_timeout,
+        limits=limits,
+        busy_reply=lambda reason: b"-ERR [SYS/TEMP] " + reason.encode("ascii", "replace") + b"\r\n",
     )
