@@ -26,10 +26,14 @@ from roundtrip.servers.relay import normalize_line_endings
 SIZE = 20_000_000
 #: The target is 3x; same-domain round trips measure about 2.1x here.
 LIMIT = 3.0
-#: Cross-domain goes through the relay, whose aiosmtplib DATA makes copies of its own
-#: (line endings, dot-stuffing, the final dot) and buffers the whole message in its transport:
-#: about 5.7x today. This bound guards against it getting worse.
-CROSS_GUARD = 6.5
+#: Cross-domain goes through the relay, which holds its copy until the MX's final 250 and
+#: streams the content in slices (about 1 MB in flight, tests/servers/test_relay.py). The MX
+#: then makes transient copies while that copy is alive: ``bytes(buf)`` at the end of
+#: ``_read_data`` (servers/smtp.py), ``trace + content``, the filter's ``prepend_headers``,
+#: and ``raw.split`` in ``MailStack._index_journey`` (a full copy of the body): about 4.05x
+#: (it was 5.7x while the relay used aiosmtplib's ``data()``). This bound guards against it
+#: getting worse.
+CROSS_GUARD = 4.5
 
 # Lines made of the characters that matter to framing, so the edge cases come up often.
 framing = st.lists(
@@ -262,4 +266,4 @@ def test_memory_big_message_round_trip_peak(stack: MailStack, route: str, retrie
         return
     assert ratio < CROSS_GUARD, f"peak {ratio:.2f}x the message, expected < {CROSS_GUARD}x"
     if ratio >= LIMIT:
-        pytest.xfail(f"relay's aiosmtplib DATA copies the message: peak {ratio:.2f}x")
+        pytest.xfail(f"the MX copies the message while the relay holds its own: {ratio:.2f}x")

@@ -27,6 +27,13 @@ How a message moves (RFC 5321 §5.1 and §4.5.4, RFC 7505, RFC 3464):
    when the sender's domain is local, or to ``capture_outbound("", sender, dsn)`` otherwise. A
    message with a null sender is never bounced.
 
+The message content is written by :meth:`Relay._send_content`, not by aiosmtplib's ``data()``:
+that one dot-stuffs into a copy and hands the whole message to the transport at once, so a
+40 MB message cost several copies plus its ciphertext. Ours sends ``DATA`` with aiosmtplib,
+then writes the stored bytes dot-stuffed (RFC 5321 §4.5.2) in slices produced lazily by
+:func:`dot_stuffed_slices`, each written only when the transport has not asked us to pause,
+and reads the final reply with aiosmtplib's response reader.
+
 Exactly once: a recipient is marked delivered as soon as the final ``250`` to DATA arrives and
 is never attempted again. A reply lost between the remote's 250 and our reading it can still
 cause one duplicate on retry (RFC 1047: a duplicate is better than a loss).
@@ -41,8 +48,9 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import aiosmtplib
 import dns.asyncresolver
@@ -58,6 +66,9 @@ __all__ = ["QueuedMessage", "Relay", "RelayEvent"]
 log = logging.getLogger("roundtrip.servers.relay")
 
 _STRAY_EOL = re.compile(rb"\r\n|\r|\n")
+#: Most bytes of message content handed to the transport in one write (as servers/_conn.py):
+#: the transport (and the TLS layer under it) then holds about one slice, not the message.
+_DATA_SLICE = 256 * 1024
 _FORBIDDEN_IN_ADDRESS = re.compile(r"[\r\n\x00<>]")
 
 #: Steps reported in :attr:`Relay.events`, in the order they happen for one recipient.
@@ -174,6 +185,49 @@ def normalize_line_endings(raw: bytes) -> bytes:
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data
+
+
+def dot_stuffed_slices(data: bytes, size: int = _DATA_SLICE) -> Iterator[bytes | memoryview]:
+    """The DATA content for ``data``, dot-stuffed and terminated, in slices of about ``size``.
+
+    RFC 5321 §4.5.2: a line that starts with "." gets one more "."; the content ends with
+    CRLF (added if missing) and then ``.\\r\\n``. ``data`` is expected to be CRLF-normalised
+    (:func:`normalize_line_endings`). Nothing is copied whole: a slice without a dot-led line
+    is a view of ``data``; a slice with some is joined from views (at most ``size`` plus one
+    byte per dot). The joined slices put the stuffing dots in the write that needs them, so
+    a message full of dot-led lines is not sent as thousands of tiny TLS records.
+    """
+    if size < 1:
+        raise ValueError("slice size must be at least 1")
+    view = memoryview(data)
+    length = len(data)
+    pos = 0
+    # Index of the next "." that starts a line, or -1.
+    if data.startswith(b"."):
+        dot = 0
+    else:
+        dot = data.find(b"\r\n.")
+        if dot != -1:
+            dot += 2
+    while pos < length:
+        end = min(pos + size, length)
+        if dot == -1 or dot >= end:
+            yield view[pos:end]
+            pos = end
+            continue
+        parts: list[bytes | memoryview] = []
+        while dot != -1 and dot < end:
+            parts += (view[pos:dot], b".")
+            pos = dot  # the line's own dot starts the next part
+            dot = data.find(b"\r\n.", dot + 1)
+            if dot != -1:
+                dot += 2
+        parts.append(view[pos:end])
+        pos = end
+        yield b"".join(parts)
+    if not data.endswith(b"\r\n") and length:
+        yield b"\r\n"
+    yield b".\r\n"
 
 
 def check_address(address: str, *, what: str) -> str:
@@ -673,16 +727,62 @@ class Relay:
         if not accepted:
             return outcomes
         try:
-            await client.data(entry.raw)
-        except aiosmtplib.SMTPResponseException as exc:
+            reply = await client.execute_command(b"DATA")
+            if reply.code == 354:
+                reply = await self._send_content(client, entry.raw)
+        except aiosmtplib.SMTPResponseException as exc:  # a malformed or over-long reply
             outcomes.update(dict.fromkeys(accepted, _reply_outcome(exc.code, exc.message, host)))
             return outcomes
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             raise _HostFailedError(_describe(exc)) from exc
+        if reply.code != 250:  # to DATA (not 354) or to the final dot
+            outcomes.update(
+                dict.fromkeys(accepted, _reply_outcome(reply.code, reply.message, host))
+            )
+            return outcomes
         for rcpt in accepted:
             outcomes[rcpt] = None
             self._event(entry, rcpt, "delivered", host)
         return outcomes
+
+    async def _send_content(self, client: aiosmtplib.SMTP, raw: bytes) -> aiosmtplib.SMTPResponse:
+        """After ``354``: write the content under flow control and read the final reply.
+
+        Uses aiosmtplib's protocol: its transport, the flow-control wait that its
+        ``FlowControlMixin`` offers for ``StreamWriter.drain()`` (``_drain_helper``), and
+        ``read_response``. Each wait for the transport to drain, and the final reply, may take
+        ``connect_timeout`` seconds (the timeout of every other step).
+
+        Raises:
+            aiosmtplib.SMTPException, OSError: the connection broke or timed out; the client
+                is closed, because the session is mid-message and cannot be reused.
+        """
+        protocol = client.protocol
+        timeout = self._connect_timeout
+        try:
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            for piece in dot_stuffed_slices(raw):
+                try:
+                    # Returns at once unless the transport asked us to pause.
+                    await asyncio.wait_for(protocol._drain_helper(), timeout)
+                except TimeoutError as exc:
+                    raise aiosmtplib.SMTPTimeoutError(
+                        f"Timed out writing the message (no progress for {timeout:g} s)"
+                    ) from exc
+                transport = protocol.transport
+                if transport is None or transport.is_closing():
+                    raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+                cast(asyncio.WriteTransport, transport).write(piece)
+            # No await between the last write and this call: read_response arms the reader
+            # before any reply can be received. Replies sent before the final dot (RFC 5321
+            # forbids them) are discarded by aiosmtplib as unsolicited, never mis-paired.
+            return await protocol.read_response(timeout=timeout)
+        except aiosmtplib.SMTPResponseException:
+            raise  # a malformed reply: the session is still framed
+        except BaseException:
+            client.close()  # QUIT now would be read as message content
+            raise
 
 
 def _describe(exc: BaseException) -> str:

@@ -6,22 +6,34 @@ import asyncio
 import email
 import email.message
 import email.policy
+import hashlib
 import re
 import socket
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from roundtrip.certs import CertificateAuthority
 from roundtrip.protocols.dns import Record, build_zone, default_records
 from roundtrip.servers._runner import LoopThread
 from roundtrip.servers.dns import DNSServer, start_dns
-from roundtrip.servers.relay import QueuedMessage, Relay, RelayEvent
+from roundtrip.servers.relay import (
+    _DATA_SLICE,
+    QueuedMessage,
+    Relay,
+    RelayEvent,
+    dot_stuffed_slices,
+    normalize_line_endings,
+)
 
 TIMEOUT = 10.0
 SENDER = "alice@example.net"
@@ -42,6 +54,8 @@ class Recorder:
 
     messages: list[Received] = field(default_factory=list)
     rcpt_replies: dict[str, list[str]] = field(default_factory=dict)
+    #: Replies to the final dot, used in turn before "250" (the message is then not kept).
+    data_replies: list[str] = field(default_factory=list)
     connections: int = 0
 
     async def handle_RCPT(
@@ -54,6 +68,8 @@ class Recorder:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_replies:
+            return self.data_replies.pop(0)
         self.messages.append(
             Received(
                 envelope.mail_from,
@@ -599,3 +615,305 @@ def test_relay_deduplicates_recipients(world: World) -> None:
     world.wait_step("bob@example.org", "delivered")
     world.idle()
     assert [m.rcpt_tos for m in mx.messages] == [["bob@example.org"]]
+
+
+# -- the DATA phase: dot-stuffing in slices, flow control, the reply to the final dot --------
+
+PERIOD_AT_LINE_START = re.compile(rb"(?m)^\.")
+framing = st.lists(
+    st.sampled_from([b"\r\n", b".", b"..", b"\r\n.", b"a", b"xyz"]), max_size=40
+).map(b"".join)
+
+
+def _reference_stuffed(data: bytes) -> bytes:
+    """What aiosmtplib's data() sends for CRLF-normalised content (its regex, then the dot)."""
+    return PERIOD_AT_LINE_START.sub(b"..", data) + b".\r\n"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(framing, st.integers(1, 12))
+def test_relay_dot_stuffed_slices_match_the_whole_message_reference(raw: bytes, size: int) -> None:
+    data = normalize_line_endings(raw)
+    pieces = list(dot_stuffed_slices(data, size))
+    assert b"".join(pieces) == _reference_stuffed(data)
+    # A slice holds at most `size` bytes of the message plus the dots stuffed into it.
+    assert pieces[-1] == b".\r\n"
+    assert all(len(p) <= 2 * size for p in pieces[:-1])
+
+
+def test_relay_dot_stuffed_slices_are_views_of_a_clean_message() -> None:
+    data = b"Subject: big\r\n\r\n" + b"x" * 78 + b"\r\n" * 20_000
+    pieces = list(dot_stuffed_slices(data, 4096))
+    assert pieces[-1] == b".\r\n"
+    body = pieces[:-1]
+    assert all(isinstance(p, memoryview) and p.obj is data for p in body)
+    assert max(map(len, body)) == 4096
+
+
+def test_relay_dot_stuffed_slices_stuff_and_terminate() -> None:
+    """Twin of the above: dot-led lines are stuffed, and a missing final CRLF is added."""
+    pieces = list(dot_stuffed_slices(b".a\r\n.\r\n..\r\nend", 3))
+    assert b"".join(pieces) == b"..a\r\n..\r\n...\r\nend\r\n.\r\n"
+    assert pieces[-2:] == [b"\r\n", b".\r\n"]
+    with pytest.raises(ValueError, match="slice size"):
+        list(dot_stuffed_slices(b"x\r\n", 0))
+
+
+def _message_with_dot_lines(placed: dict[int, bytes], tail: bytes) -> bytes:
+    """Header, filler lines, and each ``placed`` line starting exactly at its byte offset."""
+    out = bytearray(b"Subject: dots\r\nMessage-ID: <dots@example.net>\r\n\r\n")
+    for offset, line in sorted(placed.items()):
+        gap = offset - len(out)
+        assert gap >= 2, "placed lines must leave room for a filler line"
+        while gap > 900:  # lines stay under the 1000-octet limit (RFC 5321 §4.5.3.1.6)
+            out += b"f" * 798 + b"\r\n"
+            gap -= 800
+        out += b"f" * (gap - 2) + b"\r\n"
+        out += line + b"\r\n"
+    return bytes(out + tail)
+
+
+def test_relay_dot_stuffing_survives_slice_boundaries(world: World) -> None:
+    mx = world.start_mx("mail.example.org")
+    size = _DATA_SLICE
+    raw = _message_with_dot_lines(
+        {
+            size: b".at-the-boundary",
+            2 * size - 1: b".",  # a lone dot, one byte before a boundary
+            3 * size + 1: b"..",  # one byte after: its CR LF straddle the boundary
+            4 * size - 2: b"...x",
+            5 * size: b".",
+        },
+        tail=b"\r\n.\r\n..\r\n.end-without-crlf",
+    )
+    assert raw[size : size + 1] == b"." and raw[5 * size - 2 : 5 * size + 3] == b"\r\n.\r\n"
+    world.enqueue(["bob@example.org"], raw)
+    world.wait_step("bob@example.org", "delivered")
+    world.idle()
+    (msg,) = mx.messages
+    # aiosmtpd removes one leading dot per line (RFC 5321 §4.5.2): the original comes back.
+    assert msg.raw == raw + b"\r\n"
+    assert msg.raw == normalize_line_endings(raw)
+
+
+def _read_line(stream: Any) -> bytes:
+    line: bytes = stream.readline(65536)
+    if not line.endswith(b"\n"):
+        raise ConnectionError(f"slow MX: connection closed mid-line: {line[-80:]!r}")
+    return line
+
+
+class SlowMX:
+    """A threaded MX with blocking sockets that reads the content slowly, one line at a time.
+
+    It stalls once after ``stall_after`` content bytes (a slow network), hashes the unstuffed
+    content instead of keeping it (so the MX itself adds little to traced memory), answers the
+    final dot with ``final_reply``, and can close the connection mid-message instead.
+    """
+
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        name: str,
+        *,
+        stall_after: int = 1 << 20,
+        stall_timeout: float = 0.2,
+        final_reply: bytes = b"250 2.0.0 queued",
+        close_after: int | None = None,
+    ) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(TIMEOUT)
+        # A small receive window makes the relay's writes back up early.
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        self.port: int = self.listener.getsockname()[1]
+        self.context = ca.server_context([name])
+        self.stall_after = stall_after
+        self.stall_timeout = stall_timeout
+        self.final_reply = final_reply
+        self.close_after = close_after
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.commands: list[bytes] = []
+        self.error: BaseException | None = None
+        #: Ends the stall early (a test that wants the MX to stop reading until it says so).
+        self.unstall = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="slow-mx", daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join(TIMEOUT)
+        self.listener.close()
+        assert not self.thread.is_alive()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                self._session(conn)
+        except BaseException as exc:  # reported by join() in the test's thread
+            self.error = exc
+
+    def _session(self, conn: socket.socket) -> None:
+        with conn.makefile("rb") as plain:
+            conn.sendall(b"220 slow ESMTP\r\n")
+            assert _read_line(plain).startswith(b"EHLO")
+            conn.sendall(b"250-slow\r\n250 STARTTLS\r\n")
+            assert _read_line(plain) == b"STARTTLS\r\n"
+            conn.sendall(b"220 go ahead\r\n")
+        with self.context.wrap_socket(conn, server_side=True) as tls, tls.makefile("rb") as f:
+            for reply in (b"250-slow\r\n250 8BITMIME", b"250 ok", b"250 ok", b"354 go"):
+                self.commands.append(_read_line(f))
+                tls.sendall(reply + b"\r\n")
+            stalled = False
+            while (line := _read_line(f)) != b".\r\n":
+                if line.startswith(b"."):
+                    line = line[1:]
+                self.digest.update(line)
+                self.size += len(line)
+                if self.close_after is not None and self.size >= self.close_after:
+                    return
+                if not stalled and self.size >= self.stall_after:
+                    stalled = True
+                    self.unstall.wait(self.stall_timeout)
+            tls.sendall(self.final_reply + b"\r\n")
+            self.commands.append(_read_line(f))  # QUIT, or EOF when the relay just closes
+            tls.sendall(b"221 bye\r\n")
+
+
+def _big_message(size: int) -> bytes:
+    head = b"Subject: big\r\nMessage-ID: <big@example.net>\r\n\r\n.dot-led first line\r\n"
+    line = b"x" * 76 + b"\r\n"
+    return head + line * ((size - len(head)) // len(line)) + b".last\r\n"
+
+
+def _traced_peak(action: Callable[[], object]) -> int:
+    """Peak bytes allocated (all threads) while ``action`` runs, above what was traced before."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        action()
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+BIG = 20_000_000
+
+
+def test_relay_streams_a_big_message_to_a_slow_mx(world: World) -> None:
+    raw = _big_message(BIG)
+    mx = SlowMX(world.ca, "mail.example.org")
+    world.ports["mail.example.org"] = mx.port
+    world.down_mx("backup.example.org")
+    world.make_relay()
+
+    def deliver() -> None:
+        world.enqueue(["bob@example.org"], raw)
+        world.wait_step("bob@example.org", "delivered")
+        world.idle()
+
+    peak = _traced_peak(deliver)
+    mx.join()
+    assert (mx.size, mx.digest.hexdigest()) == (len(raw), hashlib.sha256(raw).hexdigest())
+    assert mx.commands[-1] == b"QUIT\r\n"
+    assert world.steps("bob@example.org").count("delivered") == 1
+    # A few slices in flight, not the message (its stuffed copy and ciphertext were 2x).
+    assert peak < BIG / 8, f"relay peak {peak / BIG:.2f}x the message"
+
+
+def test_relay_memory_measure_sees_a_writer_without_flow_control(world: World) -> None:
+    """Twin of the above: aiosmtplib's data() against the same MX buffers the whole message."""
+    raw = _big_message(BIG)
+    mx = SlowMX(world.ca, "mail.example.org")
+
+    async def send() -> None:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1",
+            port=mx.port,
+            start_tls=False,
+            tls_context=world.ca.client_context(),
+            timeout=TIMEOUT,
+        )
+        await client.connect()
+        try:
+            await client.starttls(server_hostname="mail.example.org")
+            await client.sendmail(SENDER, ["bob@example.org"], raw)
+            await client.quit()
+        finally:
+            client.close()
+
+    peak = _traced_peak(lambda: world.lt.run(send(), 2 * TIMEOUT))
+    mx.join()
+    assert mx.digest.hexdigest() == hashlib.sha256(raw).hexdigest()
+    assert peak > BIG, f"peak {peak / BIG:.2f}x the message"
+
+
+@pytest.mark.parametrize(
+    ("reply", "step"), [("451 4.3.0 queue full", "deferred"), ("554 5.6.0 rejected", "bounced")]
+)
+def test_relay_maps_the_reply_to_the_final_dot(world: World, reply: str, step: str) -> None:
+    mx = world.start_mx("mail.example.org")
+    world.down_mx("backup.example.org")
+    mx.data_replies.append(reply)
+    world.enqueue(["bob@example.org"])
+    (event,) = world.wait_step("bob@example.org", step)
+    assert reply in event.detail or reply.split(" ", 1)[1] in event.detail
+    if step == "deferred":  # the retry delivers, exactly once
+        world.wait_step("bob@example.org", "delivered")
+        world.idle()
+        assert len(mx.messages) == 1
+        assert world.steps("bob@example.org").count("delivered") == 1
+        assert world.local == []
+        return
+    world.idle()
+    assert mx.messages == []
+    ((owner, dsn, _),) = world.local
+    fields = status_fields(dsn)
+    assert owner == SENDER
+    assert (fields["Status"], fields["Diagnostic-Code"]) == ("5.6.0", f"smtp; {reply}")
+    assert world.relay is not None and world.relay.queue() == []
+
+
+def test_relay_final_250_marks_delivered(world: World) -> None:
+    """Twin of the above: without a programmed reply the final dot gets 250 and delivers."""
+    mx = world.start_mx("mail.example.org")
+    world.enqueue(["bob@example.org"])
+    world.wait_step("bob@example.org", "delivered")
+    world.idle()
+    assert len(mx.messages) == 1
+    assert "deferred" not in world.steps("bob@example.org")
+
+
+def test_relay_defers_when_the_mx_drops_mid_message(world: World) -> None:
+    mx = SlowMX(world.ca, "mail.example.org", close_after=1 << 20)
+    world.ports["mail.example.org"] = mx.port
+    world.down_mx("backup.example.org")
+    world.make_relay(retry_delays=(60,))
+    world.enqueue(["bob@example.org"], _big_message(4_000_000))
+    (deferred,) = world.wait_step("bob@example.org", "deferred")
+    world.idle()
+    mx.join()
+    assert "mail.example.org" in deferred.detail
+    assert "delivered" not in world.steps("bob@example.org")
+    assert world.relay is not None and world.relay.queue()[0].rcpt == ("bob@example.org",)
+
+
+def test_relay_defers_when_the_mx_stops_reading(world: World) -> None:
+    mx = SlowMX(world.ca, "mail.example.org", stall_after=64 * 1024, stall_timeout=TIMEOUT)
+    world.ports["mail.example.org"] = mx.port
+    world.down_mx("backup.example.org")
+    world.make_relay(connect_timeout=0.5, retry_delays=(60,))
+    try:
+        # Bigger than the kernel's socket buffers, so the transport has to pause.
+        world.enqueue(["bob@example.org"], _big_message(BIG))
+        (deferred,) = world.wait_step("bob@example.org", "deferred")
+    finally:
+        mx.unstall.set()
+    world.idle()
+    with pytest.raises((ConnectionError, OSError)):
+        mx.join()  # the relay closed the connection mid-message
+    assert "Timed out writing the message" in deferred.detail
+    assert "delivered" not in world.steps("bob@example.org")
