@@ -587,7 +587,8 @@ class MailStack:
         self._thread.run(self.relay.wait_idle(timeout), timeout=timeout + 1)
 
     def _index_journey(self, raw: bytes) -> None:
-        head = raw.split(b"\r\n\r\n", 1)[0]
+        end = raw.find(b"\r\n\r\n")
+        head = raw[: end if end >= 0 else len(raw)]  # not split(): that copies the body too
         found = _MESSAGE_ID.search(head)
         if found is None:
             return
