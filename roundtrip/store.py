@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import hmac
 import itertools
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +30,7 @@ __all__ = [
     "Store",
     "StoreChange",
     "StoredMessage",
+    "message_id_of",
     "validate_mailbox_name",
 ]
 
@@ -77,6 +79,23 @@ def validate_mailbox_name(name: str) -> str:
     return HIERARCHY_DELIMITER.join(parts)
 
 
+_MESSAGE_ID = re.compile(
+    rb"^message-id[ \t]*:[ \t]*((?:[^\r\n]|\r?\n[ \t])*)", re.IGNORECASE | re.MULTILINE
+)
+
+
+def message_id_of(raw: bytes) -> str:
+    """The first Message-ID field of ``raw``'s header block, unfolded and lower-cased."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        end = raw.find(b"\n\n")
+    head = raw[: end if end >= 0 else min(len(raw), 1 << 20)]
+    found = _MESSAGE_ID.search(head)
+    if found is None:
+        return ""
+    return b" ".join(found.group(1).split()).decode("utf-8", "replace").lower()
+
+
 @dataclass(eq=False, slots=True)
 class StoredMessage:
     """One message in one mailbox.
@@ -112,6 +131,7 @@ class Mailbox:
 
     __slots__ = (
         "_by_uid",
+        "_message_ids",
         "_uids",
         "modseq",
         "name",
@@ -133,6 +153,8 @@ class Mailbox:
         self.modseq = 1
         self._uids: list[int] = []
         self._by_uid: dict[int, StoredMessage] = {}
+        # Message-ID -> UIDs, built on the first lookup and kept up to date after it.
+        self._message_ids: dict[str, list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self._uids)
@@ -164,10 +186,30 @@ class Mailbox:
 
     # Mutators, called by Store with its lock held.
 
+    def uids_with_message_id(self, message_id: str) -> list[int]:
+        """UIDs of the messages whose Message-ID is ``message_id`` (case-insensitive).
+
+        The first call reads every message's header block once; later deliveries and expunges
+        keep the index current, so a probe finds its message in O(1) however full the mailbox.
+        """
+        index = self._message_ids
+        if index is None:
+            index = {}
+            for uid in self._uids:
+                key = message_id_of(self._by_uid[uid].raw)
+                if key:
+                    index.setdefault(key, []).append(uid)
+            self._message_ids = index
+        return list(index.get(message_id.strip().lower(), ()))
+
     def _add(self, msg: StoredMessage) -> None:
         self._uids.append(msg.uid)
         self._by_uid[msg.uid] = msg
         self.modseq += 1
+        if self._message_ids is not None:
+            key = message_id_of(msg.raw)
+            if key:
+                self._message_ids.setdefault(key, []).append(msg.uid)
 
     def _remove(self, uids: Iterable[int]) -> list[int]:
         gone = sorted(u for u in set(uids) if u in self._by_uid)
@@ -177,6 +219,7 @@ class Mailbox:
             for u in gone:
                 del self._by_uid[u]
             self.modseq += 1
+            self._message_ids = None  # rebuilt on the next lookup
         return gone
 
 

@@ -883,7 +883,8 @@ def test_a8_4_reset_mid_imap_append_stores_nothing(stack: MailStack, sent: int) 
     imap.send(b"x" * sent)
     imap.file.close()  # else the makefile() reference keeps the descriptor (and no RST) alive
     abort(imap.sock)
-    assert _wait(lambda: _connections(stack) == baseline)
+    # <=: a connection of an earlier test may still be closing when the baseline is taken.
+    assert _wait(lambda: _connections(stack) <= baseline)
     assert stack.store.messages(f"user@{RCPT_DOMAIN}") == []
     again = imap_login(stack)
     try:
@@ -1060,7 +1061,8 @@ def test_a6_3_huge_literal_lengths_then_eof(stack: MailStack) -> None:
                 got += chunk
             if exponent > 25:  # beyond the APPENDLIMIT: refused before any "+"
                 assert b"\r\n+ " not in got, (exponent, got)
-    assert _wait(lambda: _connections(stack) == baseline)
+    # <=: a connection of an earlier test may still be closing when the baseline is taken.
+    assert _wait(lambda: _connections(stack) <= baseline)
     assert stack.store.messages(user.address) == []
     imap = imap_login(stack)
     try:

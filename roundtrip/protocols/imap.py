@@ -235,6 +235,29 @@ _SIMPLE_ITEMS = frozenset(
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
+_MSGID_SHAPE = re.compile(r"^<[^<>\s@]+@[^<>\s@]+>$")
+
+
+def _message_id_needle(args: list[Token]) -> str | None:
+    """The id of a search that is exactly ``HEADER Message-ID <complete msg-id>``, else None."""
+    if len(args) != 3:
+        return None
+    words = []
+    for arg in args:
+        if isinstance(arg, bytes):
+            words.append(arg.decode("utf-8", "replace"))
+        elif isinstance(arg, str):
+            words.append(arg)
+        else:
+            return None
+    key, name, text = words
+    if key.upper() != "HEADER" or name.lower() != "message-id":
+        return None
+    if not _MSGID_SHAPE.match(text.strip()):
+        return None
+    return text.strip()
+
+
 @dataclass(frozen=True, slots=True)
 class _FetchItem:
     """One FETCH data item: its response name and how to compute it."""
@@ -1038,6 +1061,20 @@ class IMAPConnection:
 
     def _search(self, tag: str, args: list[Token], *, uid: bool) -> None:
         box = self._selected()
+        needle = _message_id_needle(args)
+        lookup = getattr(box, "uids_with_message_id", None)
+        if needle is not None and lookup is not None:
+            # SEARCH HEADER Message-ID "<id>", the validator's way to find its message: an
+            # index lookup instead of a scan. For a complete msg-id, "the field contains the
+            # string" (RFC 3501 6.4.4) and "the field is the string" select the same messages.
+            found: list[int] = []
+            for wanted in sorted(lookup(needle)):
+                i = bisect.bisect_left(self._uids, wanted)  # the session's UIDs ascend
+                if i < len(self._uids) and self._uids[i] == wanted:
+                    found.append(wanted if uid else i + 1)
+            self._send("* SEARCH" + "".join(f" {n}" for n in found))
+            self._tagged(tag, "OK", "SEARCH completed")
+            return
         matcher = compile_search(
             args, count=len(self._uids), max_uid=self._uids[-1] if self._uids else 0
         )
