@@ -71,18 +71,21 @@ class _SMTPClient(smtplib.SMTP):
         self._endpoint = endpoint
         self._context = context
         self._timeline = timeline
+        self.socket_ready = time.perf_counter()
         super().__init__(timeout=timeout)
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         sock = open_socket(self._endpoint.host, port, timeout, self._timeline, "smtp")
         if self._endpoint.tls == "implicit":
             try:
-                return wrap_tls(
+                sock = wrap_tls(
                     sock, self._context, self._endpoint.server_name, self._timeline, "smtp"
                 )
             except BaseException:
                 sock.close()
                 raise
+        #: When the socket was ready: the greeting's wait starts here.
+        self.socket_ready = time.perf_counter()
         return sock
 
 
@@ -106,10 +109,10 @@ def submit(
     client = _SMTPClient(endpoint, context, timeline, timeout)
     try:
         with map_errors("CONNECT", server):
-            started = time.perf_counter()
             code, _ = client.connect(endpoint.server_name, endpoint.port)
             client._host = endpoint.server_name  # type: ignore[attr-defined]  # for starttls()
-            timeline.add("smtp greeting", started, server=server, detail=f"{code}")
+            # From the end of the connect (and TLS) steps: they are timed on their own.
+            timeline.add("smtp greeting", client.socket_ready, server=server, detail=f"{code}")
         with map_errors("EHLO", server):
             started = time.perf_counter()
             client.ehlo(local_hostname)
