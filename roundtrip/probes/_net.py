@@ -182,13 +182,25 @@ def wrap_tls(
     server = f"{peer[0]}:{peer[1]}"
     tls_sock = context.wrap_socket(sock, server_hostname=server_name)
     _tune(tls_sock)
+    record_tls(timeline, label, started, tls_sock, server, server_name, context)
+    return tls_sock
+
+
+def record_tls(
+    timeline: Timeline,
+    label: str,
+    started: float,
+    sock: socket.socket,
+    server: str,
+    server_name: str,
+    context: ssl.SSLContext,
+) -> None:
+    """Record a finished TLS handshake (implicit or STARTTLS): its step, facts and findings."""
+    assert isinstance(sock, ssl.SSLSocket)
     step = timeline.add(f"{label} tls", started, server=server)
-    facts = tls_facts(
-        tls_sock, server=server, server_name=server_name, verified=context.check_hostname
-    )
+    facts = tls_facts(sock, server=server, server_name=server_name, verified=context.check_hostname)
     timeline.note_tls(facts, label)
     step.detail = f"{facts.version} {facts.cipher}"
-    return tls_sock
 
 
 def _hostname_matches(san: list[str], name: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import Endpoint
 from ..errors import NotDeliveredError, TLSError
-from ._net import FAIL, Timeline, map_errors, open_socket, tls_facts, wrap_tls
+from ._net import FAIL, Timeline, map_errors, open_socket, record_tls, wrap_tls
 
 __all__ = ["fetch_imap", "fetch_pop3"]
 
@@ -146,16 +146,8 @@ def fetch_imap(
             with map_errors("IMAP STARTTLS", server):
                 started = time.perf_counter()
                 imap.starttls(ssl_context=context)
-                timeline.add("imap tls", started, server=server)
-                assert isinstance(imap.sock, ssl.SSLSocket)
-                timeline.note_tls(
-                    tls_facts(
-                        imap.sock,
-                        server=server,
-                        server_name=endpoint.server_name,
-                        verified=context.check_hostname,
-                    ),
-                    "imap",
+                record_tls(
+                    timeline, "imap", started, imap.sock, server, endpoint.server_name, context
                 )
         with map_errors("IMAP LOGIN", server):
             started = time.perf_counter()
@@ -307,16 +299,8 @@ def _pop3_session(
             with map_errors("POP3 STLS", server):
                 started = time.perf_counter()
                 pop.stls(context=context)
-                timeline.add("pop3 tls", started, server=server)
-                assert isinstance(pop.sock, ssl.SSLSocket)
-                timeline.note_tls(
-                    tls_facts(
-                        pop.sock,
-                        server=server,
-                        server_name=endpoint.server_name,
-                        verified=context.check_hostname,
-                    ),
-                    "pop3",
+                record_tls(
+                    timeline, "pop3", started, pop.sock, server, endpoint.server_name, context
                 )
         with map_errors("POP3 LOGIN", server):
             started = time.perf_counter()

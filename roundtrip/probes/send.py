@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..config import Endpoint
 from ..errors import AuthError, TLSError
-from ._net import FAIL, Timeline, map_errors, open_socket, tls_facts, wrap_tls
+from ._net import FAIL, Timeline, map_errors, open_socket, record_tls, wrap_tls
 
 __all__ = ["ProbeMessage", "build_probe_message", "submit"]
 
@@ -135,16 +135,10 @@ def submit(
             with map_errors("STARTTLS", server):
                 started = time.perf_counter()
                 client.starttls(context=context)
-                step = timeline.add("smtp tls", started, server=server)
-                assert isinstance(client.sock, ssl.SSLSocket)
-                facts = tls_facts(
-                    client.sock,
-                    server=server,
-                    server_name=endpoint.server_name,
-                    verified=context.check_hostname,
+                assert client.sock is not None
+                record_tls(
+                    timeline, "smtp", started, client.sock, server, endpoint.server_name, context
                 )
-                timeline.note_tls(facts, "smtp")
-                step.detail = f"{facts.version} {facts.cipher}"
                 client.ehlo(local_hostname)
         if endpoint.user:
             if not client.has_extn("auth"):
