@@ -634,6 +634,26 @@ def test_starttls_discards_injected_plaintext(world: World, role: Role) -> None:
         assert again.ehlo("client.example")[0] == 250
 
 
+@pytest.mark.parametrize("role", [Role.SMTP, Role.SUBMISSION])
+def test_starttls_injection_in_a_second_segment(world: World, role: Role) -> None:
+    """SECURITY.md A3.1, the James bypass: the injected line follows in its own segment."""
+    with world.raw(role) as client:
+        client.reply()
+        client.cmd("EHLO client.example")
+        client.send(b"STARTTLS\r\n")
+        client.send(b"EHLO evil.example\r\n")
+        assert client.reply()[0].startswith("220")
+        try:
+            client.starttls(world.client_context())
+        except (ssl.SSLError, OSError):
+            pass  # the plaintext reached the TLS layer and broke the handshake: nothing ran
+        else:
+            leaked = client.silent_for(SILENCE)
+            assert leaked == b"", f"plaintext after STARTTLS was executed: {leaked!r}"
+    with world.smtp(role) as again:
+        assert again.ehlo("client.example")[0] == 250
+
+
 SMUGGLING_VECTORS = [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r.\n", b"\r\n.\r", b"\r\n\x00.\r\n"]
 
 
