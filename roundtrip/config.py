@@ -139,6 +139,9 @@ class SMTPLimits:
     #: Received fields a message may already carry (Postfix hopcount_limit 50); more is a
     #: mail loop: 554 5.4.6, not stored.
     max_hops: int = 50
+    #: Largest header field, folded lines together (Postfix header_size_limit 102400); a
+    #: larger one gets 552 5.3.4 and nothing is stored. 0 turns the check off.
+    max_header_size: int = 102400
     #: Seconds to wait before the banner; a client that talks first gets 554 5.5.0 and is
     #: dropped (Postfix postscreen_greet_wait, sendmail greet_pause). 0 (default) sends the
     #: banner at once; bytes that arrive before it still count as pregreet.

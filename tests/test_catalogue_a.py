@@ -691,14 +691,25 @@ def _fetch_subject_both_ways(stack: MailStack, subject: str) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a5_6_one_megabyte_folded_header(stack: MailStack) -> None:
+def test_a5_6_one_megabyte_folded_header_is_refused(stack: MailStack) -> None:
+    """A header field past header_size_limit (Postfix: 102400) gets 552 5.3.4, quickly."""
     folded = b"X-Huge: " + b"\r\n ".join([b"y" * 70] * (1024 * 1024 // 73)) + b"\r\n"
     assert len(folded) > 1024 * 1024 - 100
     started = time.monotonic()
-    submit(stack, message("huge header", extra=folded))
-    stack.wait_for(f"user@{RCPT_DOMAIN}", subject="huge header", timeout=30)
-    _fetch_subject_both_ways(stack, "huge header")
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        submit(stack, message("huge header", extra=folded))
+    assert info.value.smtp_code == 552 and b"5.3.4" in info.value.smtp_error
+    stack.assert_not_delivered(subject="huge header", timeout=TIMEOUT)
     assert time.monotonic() - started < 30
+
+
+def test_a5_6_header_field_just_under_the_limit_is_delivered(stack: MailStack) -> None:
+    """The twin: a folded field of about 100 KB passes every hop and both readers."""
+    folded = b"X-Big: " + b"\r\n ".join([b"y" * 70] * (100_000 // 73)) + b"\r\n"
+    assert 90_000 < len(folded) < 102_400
+    submit(stack, message("big header", extra=folded))
+    stack.wait_for(f"user@{RCPT_DOMAIN}", subject="big header", timeout=30)
+    _fetch_subject_both_ways(stack, "big header")
 
 
 @pytest.mark.timeout(60)

@@ -51,6 +51,7 @@ __all__ = [
     "add_missing_headers",
     "auth_penalty",
     "check_address_encoding",
+    "check_header_size",
     "check_hops",
     "check_recipient",
     "check_sender",
@@ -110,6 +111,7 @@ class Reply:
     MALFORMED_UTF8_RECIPIENT = "553 5.1.3 Error: malformed UTF-8 in recipient address"
     #: A mail loop (RFC 5321 section 6.3; Postfix hopcount_limit, bounce code 5.4.6).
     TOO_MANY_HOPS = "554 5.4.6 Error: too many hops"
+    HEADER_TOO_LARGE = "552 5.3.4 Error: message header field too large (limit {limit} octets)"
 
 
 # Enhanced status codes for aiosmtpd's own replies, which lack them (RFC 2034 section 3).
@@ -374,6 +376,34 @@ def check_hops(raw: bytes, *, max_hops: int) -> str | None:
     """
     if max_hops and count_received(raw) > max_hops:
         return Reply.TOO_MANY_HOPS
+    return None
+
+
+def largest_header_field(raw: bytes) -> int:
+    """Octets of the largest header field of ``raw`` (a field with its folded lines)."""
+    end, _ = _header_block_end(raw)
+    largest = 0
+    start = 0
+    pos = 0
+    while pos < end:
+        nl = raw.find(b"\n", pos, end)
+        stop = end if nl < 0 else nl + 1
+        if pos > start and raw[pos : pos + 1] not in (b" ", b"\t"):
+            largest = max(largest, pos - start)  # a new field begins: the last one ended
+            start = pos
+        pos = stop
+    return max(largest, end - start)
+
+
+def check_header_size(raw: bytes, *, limit: int) -> str | None:
+    """Refuse a header field larger than ``limit`` octets (Postfix ``header_size_limit``;
+    SECURITY.md A5.6). ``limit`` 0 turns the check off.
+
+    Returns:
+        None to accept, or the reply line to refuse with.
+    """
+    if limit and largest_header_field(raw) > limit:
+        return Reply.HEADER_TOO_LARGE.format(limit=limit)
     return None
 
 

@@ -60,6 +60,7 @@ from ..protocols.smtp import (
     TLSInfo,
     add_missing_headers,
     check_address_encoding,
+    check_header_size,
     check_hops,
     check_recipient,
     check_sender,
@@ -612,7 +613,11 @@ class SMTPHandler:
         return Reply.EXPN
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        refusal = check_hops(_content(envelope), max_hops=self.limits.max_hops)
+        content = _content(envelope)
+        refusal = check_hops(content, max_hops=self.limits.max_hops) or check_header_size(
+            content, limit=self.limits.max_header_size
+        )
+        del content
         if refusal is not None:
             return refusal
         accepted = self._accept(session, envelope)

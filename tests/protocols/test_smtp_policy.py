@@ -373,3 +373,32 @@ def test_add_missing_headers_ignores_look_alikes_in_body() -> None:
     headers = out.partition(b"\r\n\r\n")[0]
     assert MID in headers and DATE in headers
     assert out.endswith(b"\r\n\r\nMessage-ID: <fake@x>\r\nDate: never\r\n")
+
+
+# -- header size (SECURITY.md A5.6) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "largest"),
+    [
+        (b"A: 1\r\nBB: 22\r\n\r\nbody that is much longer than any header\r\n", 8),
+        (b"A: 1\r\nB: x\r\n y\r\n\tz\r\nC: 3\r\n\r\nbody\r\n", 14),
+        (b"A: 1\nB: 2 folded\n more\n\nbody\n", 18),
+        (b"Only: headers, no body\r\n", 24),
+    ],
+)
+def test_largest_header_field_counts_folded_lines(raw: bytes, largest: int) -> None:
+    from roundtrip.protocols.smtp import largest_header_field
+
+    assert largest_header_field(raw) == largest
+
+
+def test_check_header_size_refuses_only_past_the_limit() -> None:
+    from roundtrip.protocols.smtp import check_header_size
+
+    raw = b"X: " + b"y" * 97 + b"\r\n\r\nbody\r\n"  # a 102-octet field
+    assert check_header_size(raw, limit=102) is None
+    assert check_header_size(raw, limit=101) == (
+        "552 5.3.4 Error: message header field too large (limit 101 octets)"
+    )
+    assert check_header_size(raw, limit=0) is None
