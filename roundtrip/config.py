@@ -189,6 +189,10 @@ class StackConfig:
     retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0)
     #: Seconds a message may wait in the relay queue before it bounces (Postfix: 5 days).
     queue_lifetime: float = 600.0
+    #: What submission does with a From: header naming someone other than the AUTH user:
+    #: ``accept`` (default: applications often send as noreply@...) or ``reject`` (553 5.7.1,
+    #: SECURITY.md A4.6). MAIL FROM is always held to the AUTH user.
+    from_header_policy: str = "accept"
     #: Abuse limits of the SMTP listeners.
     smtp_limits: SMTPLimits = SMTPLimits()
 
@@ -212,6 +216,10 @@ class StackConfig:
         object.__setattr__(self, "users", users)
         if self.max_message_size <= 0:
             raise ConfigError("max_message_size must be positive")
+        if self.from_header_policy not in ("accept", "reject"):
+            raise ConfigError(
+                f"from_header_policy={self.from_header_policy!r}: choose one of accept, reject"
+            )
 
     def user(self, domain: str | None = None) -> User:
         """The first user (of ``domain`` when given)."""

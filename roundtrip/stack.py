@@ -270,6 +270,7 @@ class MailStack:
                     router=self._route,
                     max_recipients=self.config.max_recipients,
                     enforce_sender=True,
+                    reject_foreign_from=self.config.from_header_policy == "reject",
                     on_error=on_error,
                     limits=limits,
                 )

@@ -51,6 +51,7 @@ __all__ = [
     "add_missing_headers",
     "auth_penalty",
     "check_address_encoding",
+    "check_from_header",
     "check_header_size",
     "check_hops",
     "check_recipient",
@@ -111,6 +112,7 @@ class Reply:
     MALFORMED_UTF8_RECIPIENT = "553 5.1.3 Error: malformed UTF-8 in recipient address"
     #: A mail loop (RFC 5321 section 6.3; Postfix hopcount_limit, bounce code 5.4.6).
     TOO_MANY_HOPS = "554 5.4.6 Error: too many hops"
+    FROM_MISMATCH = "553 5.7.1 <{address}>: From: header not owned by user {user}"
     HEADER_TOO_LARGE = "552 5.3.4 Error: message header field too large (limit {limit} octets)"
 
 
@@ -224,6 +226,31 @@ def check_sender(mail_from: str, *, authenticated_user: str | None, enforce: boo
     if mail_from.lower() != authenticated_user.lower():
         return Reply.SENDER_MISMATCH.format(address=mail_from, user=authenticated_user)
     return None
+
+
+def check_from_header(raw: bytes, *, authenticated_user: str | None) -> str | None:
+    """Refuse a submitted message whose From: names an address other than the AUTH user.
+
+    SECURITY.md A4.6 (Postfix needs a milter for this). A message without From: passes: the
+    submission server may add one (RFC 6409 section 8).
+
+    Returns:
+        None to accept, or the reply line to refuse with.
+    """
+    if authenticated_user is None:
+        return None
+    end, _ = _header_block_end(raw)
+    values = [
+        b" ".join(m.group(1).split()).decode("utf-8", "replace")
+        for m in _FROM.finditer(raw, 0, end)
+    ]
+    for _, address in email.utils.getaddresses(values):
+        if address and address.lower() != authenticated_user.lower():
+            return Reply.FROM_MISMATCH.format(address=address, user=authenticated_user)
+    return None
+
+
+_FROM = re.compile(rb"^from[ \t]*:((?:[^\r\n]|\r?\n[ \t])*)", re.IGNORECASE | re.MULTILINE)
 
 
 def with_protocol(*, esmtp: bool, tls: bool, authenticated: bool) -> str:

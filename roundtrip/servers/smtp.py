@@ -60,6 +60,7 @@ from ..protocols.smtp import (
     TLSInfo,
     add_missing_headers,
     check_address_encoding,
+    check_from_header,
     check_header_size,
     check_hops,
     check_recipient,
@@ -536,6 +537,7 @@ class SMTPHandler:
         router: Router,
         max_recipients: int,
         enforce_sender: bool,
+        reject_foreign_from: bool = False,
         on_error: Callable[[BaseException], None] | None = None,
         limits: SMTPLimits | None = None,
     ) -> None:
@@ -548,6 +550,7 @@ class SMTPHandler:
         self._router = router
         self._max_recipients = max_recipients
         self._enforce_sender = enforce_sender
+        self._reject_foreign_from = reject_foreign_from
         self._on_error = on_error
         self.limits = limits if limits is not None else SMTPLimits()
 
@@ -617,6 +620,8 @@ class SMTPHandler:
         refusal = check_hops(content, max_hops=self.limits.max_hops) or check_header_size(
             content, limit=self.limits.max_header_size
         )
+        if refusal is None and self._reject_foreign_from and self.role is not Role.SMTP:
+            refusal = check_from_header(content, authenticated_user=_auth_user(session))
         del content
         if refusal is not None:
             return refusal
