@@ -640,7 +640,12 @@ ADDRESS_LISTS = [
 @pytest.mark.parametrize("value", ADDRESS_LISTS)
 def test_envelope_addresses_match_getaddresses(value: str) -> None:
     ours = read_imap(envelope(b"To: " + value.encode() + b"\r\n\r\n"))[5]
-    theirs = email.utils.getaddresses([value])
+    try:
+        # Python 3.13 parses strictly by default and turns a domain literal into ("", "");
+        # the comparison is with the classic, lenient parse (what IMAP servers report).
+        theirs = email.utils.getaddresses([value], strict=False)  # type: ignore[call-arg]
+    except TypeError:  # before the strict parameter existed
+        theirs = email.utils.getaddresses([value])
     assert [(m + b"@" + h).decode() for _, _, m, h in ours] == [addr for _, addr in theirs]
 
 
