@@ -73,7 +73,7 @@ def _imap_bodies(
             numbers = data[0].split()
             if len(numbers) >= want or time.monotonic() >= deadline:
                 break
-            time.sleep(_POLL_INTERVAL)
+            time.sleep(_POLL_INTERVAL)  # sleep-ok: Postfix gives no event; poll to a deadline
         bodies = []
         for number in numbers:
             typ, parts = imap.fetch(number.decode(), "(BODY.PEEK[TEXT])")
