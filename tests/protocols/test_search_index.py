@@ -39,12 +39,13 @@ def store() -> Store:
 
 @pytest.mark.parametrize("command", [b"UID SEARCH", b"SEARCH"])
 def test_search_message_id_index_matches_the_scan(store: Store, command: bytes) -> None:
+    store.expunge(USER, "INBOX", [1])  # sequence numbers now differ from UIDs
     conn = _session(store)
     fast = _search(conn, b"s " + command + b' HEADER Message-ID "<DUP@example.com>"\r\n')
     # The same question asked in a shape the index does not take: a full scan.
     slow = _search(conn, b"t " + command + b' HEADER Message-ID "DUP@example.com>"\r\n')
     assert fast == slow
-    assert fast == (b"* SEARCH 4 12" if command == b"UID SEARCH" else b"* SEARCH 4 12")
+    assert fast == (b"* SEARCH 4 12" if command == b"UID SEARCH" else b"* SEARCH 3 11")
 
 
 def test_search_index_follows_expunge_and_delivery(store: Store) -> None:
