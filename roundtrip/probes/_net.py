@@ -23,6 +23,7 @@ from typing import Any
 
 from cryptography import x509
 
+from ..config import Endpoint
 from ..errors import (
     AuthError,
     ConnectError,
@@ -184,6 +185,20 @@ def wrap_tls(
     _tune(tls_sock)
     record_tls(timeline, label, started, tls_sock, server, server_name, context)
     return tls_sock
+
+
+def dial(
+    endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline, timeout: float, label: str
+) -> socket.socket:
+    """Connect to ``endpoint`` (timed, tuned), with the TLS handshake when it is implicit."""
+    sock = open_socket(endpoint.host, endpoint.port, timeout, timeline, label)
+    if endpoint.tls != "implicit":
+        return sock
+    try:
+        return wrap_tls(sock, context, endpoint.server_name, timeline, label)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def record_tls(

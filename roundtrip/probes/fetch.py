@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import Endpoint
 from ..errors import NotDeliveredError, TLSError
-from ._net import FAIL, Timeline, map_errors, open_socket, record_tls, wrap_tls
+from ._net import FAIL, Timeline, dial, map_errors, record_tls
 
 __all__ = ["fetch_imap", "fetch_pop3"]
 
@@ -42,18 +42,7 @@ class _IMAP(imaplib.IMAP4):
         super().__init__(endpoint.server_name, endpoint.port, timeout=timeout)
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
-        sock = open_socket(
-            self._endpoint.host, self._endpoint.port, timeout or 10.0, self._timeline, "imap"
-        )
-        if self._endpoint.tls == "implicit":
-            try:
-                return wrap_tls(
-                    sock, self._context, self._endpoint.server_name, self._timeline, "imap"
-                )
-            except BaseException:
-                sock.close()
-                raise
-        return sock
+        return dial(self._endpoint, self._context, self._timeline, timeout or 10.0, "imap")
 
 
 def _imap_search(imap: _IMAP, message_id: str) -> list[bytes]:
@@ -258,18 +247,7 @@ class _POP3(poplib.POP3):
         super().__init__(endpoint.server_name, endpoint.port, timeout=timeout)
 
     def _create_socket(self, timeout: float) -> socket.socket:
-        sock = open_socket(
-            self._endpoint.host, self._endpoint.port, timeout, self._timeline, "pop3"
-        )
-        if self._endpoint.tls == "implicit":
-            try:
-                return wrap_tls(
-                    sock, self._context, self._endpoint.server_name, self._timeline, "pop3"
-                )
-            except BaseException:
-                sock.close()
-                raise
-        return sock
+        return dial(self._endpoint, self._context, self._timeline, timeout, "pop3")
 
 
 def _pop3_session(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..config import Endpoint
 from ..errors import AuthError, TLSError
-from ._net import FAIL, Timeline, map_errors, open_socket, record_tls, wrap_tls
+from ._net import FAIL, Timeline, dial, map_errors, record_tls
 
 __all__ = ["ProbeMessage", "build_probe_message", "submit"]
 
@@ -75,15 +75,7 @@ class _SMTPClient(smtplib.SMTP):
         super().__init__(timeout=timeout)
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        sock = open_socket(self._endpoint.host, port, timeout, self._timeline, "smtp")
-        if self._endpoint.tls == "implicit":
-            try:
-                sock = wrap_tls(
-                    sock, self._context, self._endpoint.server_name, self._timeline, "smtp"
-                )
-            except BaseException:
-                sock.close()
-                raise
+        sock = dial(self._endpoint, self._context, self._timeline, timeout, "smtp")
         #: When the socket was ready: the greeting's wait starts here.
         self.socket_ready = time.perf_counter()
         return sock
