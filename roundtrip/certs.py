@@ -63,6 +63,9 @@ class CertificateAuthority:
         """
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = minimum_version
+        # No TLS 1.3 session tickets: mail clients under test open fresh sessions, and each
+        # ticket costs the server an encryption and the client a parse after every handshake.
+        ctx.num_tickets = 0
         self.leaf(identities).configure_cert(ctx)
         return ctx
 

@@ -844,3 +844,58 @@ def test_starttls_forgets_the_transaction(world: World) -> None:
         assert reply[0].startswith("503 5.5.1 "), reply
         assert client.cmd(f"MAIL FROM:<{STRANGER}>")[0].startswith("250")
         assert client.cmd(f"RCPT TO:<{USER}>")[0].startswith("250")
+
+
+# reply batching (RFC 2920): fewer TLS records and sends, never a held-back answer
+
+
+def test_pipelined_mail_rcpt_data_answered_in_one_write(world: World) -> None:
+    with world.raw(Role.SMTP) as client:
+        client.reply()
+        client.cmd("EHLO client.example")
+        client.send(f"MAIL FROM:<{STRANGER}>\r\nRCPT TO:<{USER}>\r\nDATA\r\n".encode())
+        first = client.sock.recv(65536)  # one write from the server arrives as one segment
+        assert [line[:3] for line in first.split(b"\r\n")[:-1]] == [b"250", b"250", b"354"]
+        client.send(BARE + b".\r\n")
+        assert client.reply()[0].startswith("250 ")
+    assert len(inbox(world)) == 1
+
+
+def test_ehlo_reply_lines_arrive_in_one_write(world: World) -> None:
+    with world.raw(Role.SMTP) as client:
+        client.reply()
+        client.send(b"EHLO client.example\r\n")
+        data = client.sock.recv(65536)
+        lines = data.split(b"\r\n")
+        assert data.endswith(b"\r\n") and len(lines) > 3
+        assert all(line.startswith(b"250-") for line in lines[:-2])
+        assert lines[-2].startswith(b"250 ")
+
+
+def test_mail_reply_not_held_for_an_unfinished_next_line(world: World) -> None:
+    # The 250 waits only for a *complete* buffered command: a client that has sent part of
+    # the next line, or nothing, gets its answer at once.
+    with world.raw(Role.SMTP) as client:
+        client.reply()
+        client.cmd("EHLO client.example")
+        client.send(f"MAIL FROM:<{STRANGER}>\r\nRCPT TO:<{USER}".encode())
+        assert client.reply()[0].startswith("250 ")
+        client.send(b">\r\n")
+        assert client.reply()[0].startswith("250 ")
+        assert client.cmd("RSET")[0].startswith("250 ")
+
+
+def test_final_dot_reply_not_held_for_a_pipelined_command(world: World) -> None:
+    # RFC 1047: the 250 for the final dot goes out at once, even with the next command queued.
+    with world.raw(Role.SMTP) as client:
+        client.reply()
+        client.cmd("EHLO client.example")
+        client.cmd(f"MAIL FROM:<{STRANGER}>")
+        client.cmd(f"RCPT TO:<{USER}>")
+        assert client.cmd("DATA")[0].startswith("354")
+        client.send(BARE + b".\r\nNOOP\r\n")
+        first = client.sock.recv(65536)
+        assert first.startswith(b"250 ")
+        rest = first.split(b"\r\n", 1)[1]
+        client.buf = rest
+        assert client.reply()[0].startswith("250 ")  # the NOOP's own answer
