@@ -14,8 +14,11 @@ How each figure is taken (docs/benchmarks.md says more):
   use the machine's two cores and the server's RSS is its own. Exceptions: "stack start" and
   "in-process round trip" run in this process, because that is how a pytest session uses it.
 - Throughput clients are separate processes (``benchmarks._client``), each with threads.
+- Round-trip latency rows with targets use ``benchmarks._lean`` (exactly the issue's round
+  trip, raw sockets); the validator's probe (``run_probe``: verification, clean-up, reporting)
+  is measured beside it in rows of its own, and drives the throughput clients.
 - Postfix + Dovecot is ``roundtrip.realstack.RealMailServer``, the validator's integration
-  harness, with the same probe client.
+  harness, with the same lean client, the same probe and the same throughput clients.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # ``python benchmarks/run.py``
     sys.path.insert(0, REPO)
 
+from benchmarks._lean import lean_round_trip, pop3_pipelining  # noqa: E402
 from benchmarks._server import make_message  # noqa: E402
 from roundtrip.config import Endpoint  # noqa: E402
 from roundtrip.probes.roundtrip import ProbeResult, run_probe  # noqa: E402
@@ -299,23 +303,71 @@ def _probe(target: Target, retrieve: str, ctx: ssl.SSLContext) -> ProbeResult:
     return result
 
 
-def latency(target: Target, retrieve: str, n: int) -> dict[str, Any]:
-    ctx = target.context()
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid``, all its threads (``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _timed_loop(
+    once: Callable[[], tuple[float, dict[str, float]]], n: int, cpu_pid: int | None
+) -> dict[str, Any]:
+    """``min(5, n)`` warm-up round trips, then ``n`` timed: p50/p95, step p50s, server CPU."""
     for _ in range(min(5, n)):
-        _probe(target, retrieve, ctx)
+        once()
     times: list[float] = []
     steps: dict[str, list[float]] = {}
+    cpu_before = cpu_seconds(cpu_pid) if cpu_pid else 0.0
+    began = time.perf_counter()
     for _ in range(n):
-        result = _probe(target, retrieve, ctx)
-        times.append(result.total_seconds)
-        for step in result.steps:
-            steps.setdefault(step.name, []).append(step.seconds)
-    return {
+        total, got = once()
+        times.append(total)
+        for name, seconds in got.items():
+            steps.setdefault(name, []).append(seconds)
+    wall = time.perf_counter() - began
+    out: dict[str, Any] = {
         "n": n,
         "p50": pct(times, 50),
         "p95": pct(times, 95),
+        "mean_wall": wall / n,
         "steps_p50": {k: pct(v, 50) for k, v in steps.items()},
+        "steps_max": {k: max(v) for k, v in steps.items()},
     }
+    if cpu_pid:
+        out["server_cpu_per_round_trip"] = (cpu_seconds(cpu_pid) - cpu_before) / n
+    return out
+
+
+def latency(target: Target, retrieve: str, n: int, cpu_pid: int | None = None) -> dict[str, Any]:
+    """The validator's probe (verifies, deletes; its timings include its own reporting)."""
+    ctx = target.context()
+
+    def once() -> tuple[float, dict[str, float]]:
+        result = _probe(target, retrieve, ctx)
+        steps: dict[str, float] = {}
+        for step in result.steps:
+            steps[step.name] = steps.get(step.name, 0.0) + step.seconds
+        return result.total_seconds, steps
+
+    return _timed_loop(once, n, cpu_pid)
+
+
+def lean_latency(
+    target: Target, retrieve: str, n: int, cpu_pid: int | None = None
+) -> dict[str, Any]:
+    """``benchmarks._lean``: exactly the issue's round trip (clean-up not in the total)."""
+    ctx = target.context()
+    pipelining = retrieve == "pop3" and pop3_pipelining(target.pop3, ctx, _TIMEOUT)
+
+    def once() -> tuple[float, dict[str, float]]:
+        steps = lean_round_trip(target, ctx, retrieve, _TIMEOUT, pop3_pipelining=pipelining)
+        return steps["total"], steps
+
+    out = _timed_loop(once, n, cpu_pid)
+    out["client"] = "lean"
+    out["pop3_pipelining"] = pipelining
+    return out
 
 
 def throughput(target: Target, clients: int, seconds: float, warmup: float) -> dict[str, Any]:
@@ -464,6 +516,7 @@ def stack_start(plan: Plan, latency_n: int) -> dict[str, Any]:
 
     starts, stops = [], []
     in_process: dict[str, Any] = {}
+    in_process_probe: dict[str, Any] = {}
     for i in range(plan.start_n):
         started = time.perf_counter()
         stack = MailStack(StackConfig(domains=DOMAINS), ca=CertificateAuthority())
@@ -505,7 +558,8 @@ def stack_start(plan: Plan, latency_n: int) -> dict[str, Any]:
                 a.address,
                 b.address,
             )
-            in_process = latency(target, "imap", latency_n)
+            in_process = lean_latency(target, "imap", latency_n)
+            in_process_probe = latency(target, "imap", latency_n)
         started = time.perf_counter()
         stack.stop()
         stops.append(time.perf_counter() - started)
@@ -516,6 +570,7 @@ def stack_start(plan: Plan, latency_n: int) -> dict[str, Any]:
         "stop_p50": statistics.median(stops),
         "starts": starts,
         "in_process_imap": in_process,
+        "in_process_imap_probe": in_process_probe,
     }
 
 
@@ -549,6 +604,9 @@ def _pytest_session(workdir: str, n: int, fixture: bool) -> dict[str, Any]:
     env = _env()
     env["PYTHONPATH"] = workdir + os.pathsep + env["PYTHONPATH"]
     env["BENCH_TIMER_OUT"] = out
+    # As in a user's project: bytecode (and pytest's rewritten bytecode of plugin modules)
+    # is cached after the first session, so the best of the repeats is not compile time.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     proc = subprocess.run(
         [
             sys.executable,
@@ -589,6 +647,7 @@ def fixture_overhead(plan: Plan) -> dict[str, Any]:
         with open(os.path.join(workdir, "pytest.ini"), "w", encoding="ascii") as fh:
             fh.write("[pytest]\n")
         best: dict[tuple[int, bool], dict[str, Any]] = {}
+        _pytest_session(workdir, plan.pytest_sizes[0], True)  # warm the bytecode caches
         for _ in range(plan.pytest_repeat):
             for n in plan.pytest_sizes:
                 for fixture in (False, True):
@@ -840,8 +899,10 @@ def postfix_dovecot(plan: Plan, results: dict[str, Any]) -> dict[str, Any] | Non
     out: dict[str, Any] = {"start": time.perf_counter() - started}
     try:
         target = _real_target(server)
-        out["latency_imap"] = latency(target, "imap", plan.latency_n)
-        out["latency_pop3"] = latency(target, "pop3", plan.latency_n)
+        out["latency_imap"] = lean_latency(target, "imap", plan.latency_n)
+        out["latency_pop3"] = lean_latency(target, "pop3", plan.latency_n)
+        out["probe_latency_imap"] = latency(target, "imap", plan.latency_n)
+        out["probe_latency_pop3"] = latency(target, "pop3", plan.latency_n)
         out["throughput"] = {
             str(c): throughput(target, c, plan.throughput_seconds, plan.throughput_warmup)
             for c in plan.throughput_clients
@@ -934,11 +995,19 @@ def collect(plan: Plan, *, with_postfix: bool, log: Callable[[str], None]) -> di
         data["child_start"] = start["start_seconds"]
         same = _stack_target(start, DOMAINS[0], DOMAINS[0])
         cross = _stack_target(start, DOMAINS[0], DOMAINS[1])
+        pid = child.proc.pid
+        kinds = {
+            "same_imap": (same, "imap"),
+            "same_pop3": (same, "pop3"),
+            "cross_imap": (cross, "imap"),
+            "cross_pop3": (cross, "pop3"),
+        }
+        # The lean client carries the targets; the probe's figures are kept beside them.
         data["latency"] = {
-            "same_imap": latency(same, "imap", plan.latency_n),
-            "same_pop3": latency(same, "pop3", plan.latency_n),
-            "cross_imap": latency(cross, "imap", plan.latency_n),
-            "cross_pop3": latency(cross, "pop3", plan.latency_n),
+            k: lean_latency(t, r, plan.latency_n, pid) for k, (t, r) in kinds.items()
+        }
+        data["probe_latency"] = {
+            k: latency(t, r, plan.latency_n, pid) for k, (t, r) in kinds.items()
         }
         log("IMAP cost against mailbox size")
         users_pw = {u["address"]: u["password"] for u in start["describe"]["users"]}
@@ -1039,13 +1108,17 @@ def build_rows(data: dict[str, Any]) -> Results:
     )
 
     lat = data["latency"]
+    probe = data["probe_latency"]
     floors = {"same": 2 * tls_floor, "cross": 3 * tls_floor}
-    for key, label in (
+    labels = (
         ("same_imap", "same domain, IMAPS"),
         ("same_pop3", "same domain, POP3S"),
         ("cross_imap", "cross domain (DNS + relay), IMAPS"),
         ("cross_pop3", "cross domain (DNS + relay), POP3S"),
-    ):
+    )
+    # The rows with targets: benchmarks._lean, exactly the issue's round trip.
+    lean_section = "round trip: lean client (benchmarks/_lean.py)"
+    for key, label in labels:
         value = lat[key]
         kind = key.split("_")[0]
         ratio = value["p50"] / floors[kind]
@@ -1055,7 +1128,7 @@ def build_rows(data: dict[str, Any]) -> Results:
         elif key == "cross_imap":
             target, met = "<= 2x floor (3 TLS conns)", ratio <= 2.0
         res.add(
-            "round trip",
+            lean_section,
             f"{label} p50",
             value["p50"] * MS,
             "ms",
@@ -1063,24 +1136,27 @@ def build_rows(data: dict[str, Any]) -> Results:
             ratio_of="x its floor",
             target=target,
             met=met,
-            note=f"p95 {value['p95'] * MS:.2f} ms; floor {floors[kind] * MS:.2f} ms",
+            note=f"p95 {value['p95'] * MS:.2f} ms; floor {floors[kind] * MS:.2f} ms; "
+            + _steps_note(value),
         )
     inproc = st["in_process_imap"]
+    inproc_probe = st.get("in_process_imap_probe") or {}
     res.add(
-        "round trip",
+        lean_section,
         "same domain, IMAPS, client in the stack's process p50",
         inproc["p50"] * MS,
         "ms",
         ratio=inproc["p50"] / floors["same"],
         ratio_of="x its floor",
-        note=f"p95 {inproc['p95'] * MS:.2f} ms (as a pytest test runs)",
+        note=f"p95 {inproc['p95'] * MS:.2f} ms (as a pytest test runs); validator probe p50 "
+        f"{inproc_probe.get('p50', float('nan')) * MS:.2f} ms",
     )
     for key, label in (("imap", "IMAPS"), ("pop3", "POP3S")):
         ours = lat[f"same_{key}"]["p50"]
         theirs = pd[f"latency_{key}"]["p50"] if has_pd else None
         ratio = _ratio(theirs, ours)
         res.add(
-            "round trip",
+            lean_section,
             f"same domain {label} vs Postfix+Dovecot p50",
             ours * MS,
             "ms",
@@ -1090,8 +1166,71 @@ def build_rows(data: dict[str, Any]) -> Results:
             target=">= 3x faster" if key == "imap" else "",
             met=(ratio >= 3) if key == "imap" and ratio is not None else None,
             note=(
-                f"Postfix+Dovecot p95 {pd[f'latency_{key}']['p95'] * MS:.2f} ms"
+                f"Postfix+Dovecot p95 {pd[f'latency_{key}']['p95'] * MS:.2f} ms; "
+                + _steps_note(pd[f"latency_{key}"])
                 if has_pd
+                else pd.get("skipped", "")
+            ),
+        )
+    for key, label in labels:
+        value = lat[key]
+        if "server_cpu_per_round_trip" not in value:
+            continue
+        cpu = value["server_cpu_per_round_trip"]
+        res.add(
+            lean_section,
+            f"server CPU per round trip, {label.replace(' (DNS + relay)', '')} (stack child)",
+            cpu * MS,
+            "ms",
+            ratio=cpu / value["mean_wall"],
+            ratio_of="of the wall time",
+            note=f"utime+stime of the stack's process over {value['n']} round trips "
+            f"(clock tick {MS / os.sysconf('SC_CLK_TCK'):.0f} ms); mean wall "
+            f"{value['mean_wall'] * MS:.2f} ms",
+        )
+
+    # The validator's probe, for comparison with earlier runs: it also parses and verifies
+    # the message, deletes it (STORE, EXPUNGE / DELE), and times its own reporting.
+    probe_section = "round trip: validator probe, with verification and clean-up"
+    for key, label in labels:
+        value = probe[key]
+        kind = key.split("_")[0]
+        cpu = value.get("server_cpu_per_round_trip")
+        res.add(
+            probe_section,
+            f"probe: {label} p50",
+            value["p50"] * MS,
+            "ms",
+            ratio=value["p50"] / floors[kind],
+            ratio_of="x its floor",
+            note=f"p95 {value['p95'] * MS:.2f} ms"
+            + (f"; server CPU {cpu * MS:.2f} ms per round trip" if cpu is not None else ""),
+        )
+    if inproc_probe:
+        res.add(
+            probe_section,
+            "probe: same domain, IMAPS, client in the stack's process p50",
+            inproc_probe["p50"] * MS,
+            "ms",
+            ratio=inproc_probe["p50"] / floors["same"],
+            ratio_of="x its floor",
+            note=f"p95 {inproc_probe['p95'] * MS:.2f} ms",
+        )
+    for key, label in (("imap", "IMAPS"), ("pop3", "POP3S")):
+        ours = probe[f"same_{key}"]["p50"]
+        theirs_data = pd.get(f"probe_latency_{key}") if has_pd else None
+        theirs = theirs_data["p50"] if theirs_data else None
+        res.add(
+            probe_section,
+            f"probe: same domain {label} vs Postfix+Dovecot p50",
+            ours * MS,
+            "ms",
+            postfix_dovecot=theirs * MS if theirs else None,
+            ratio=_ratio(theirs, ours),
+            ratio_of="x faster",
+            note=(
+                f"Postfix+Dovecot p95 {theirs_data['p95'] * MS:.2f} ms"
+                if theirs_data
                 else pd.get("skipped", "")
             ),
         )
@@ -1197,6 +1336,24 @@ def build_rows(data: dict[str, Any]) -> Results:
     if has_pd:
         res.add("start", "Postfix+Dovecot start (realstack)", pd["start"] * MS, "ms")
     return res
+
+
+def _steps_note(value: dict[str, Any]) -> str:
+    """Per-step p50s of a lean round trip, in ms, for the notes."""
+    steps = value.get("steps_p50", {})
+    names = (
+        ("smtp_connect", "465 TCP+TLS"),
+        ("smtp_session", "SMTP"),
+        ("retrieve_connect", "retrieval TCP+TLS"),
+        ("retrieve_first_look", "login+first look"),
+        ("wait", "wait"),
+        ("fetch", "fetch"),
+        ("cleanup", "clean-up (not in total)"),
+    )
+    parts = [f"{label} {steps[k] * MS:.2f}" for k, label in names if k in steps]
+    if "looks" in value.get("steps_max", {}):
+        parts.append(f"looks p50 {steps['looks']:.0f} max {value['steps_max']['looks']:.0f}")
+    return "steps p50 (ms): " + ", ".join(parts)
 
 
 def _fmt(value: float | None, unit: str) -> str:

@@ -6,11 +6,14 @@ command completes, prints the table, and writes JSON with the same rows (issue "
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +99,88 @@ def test_benchmarks_rejects_an_unknown_option() -> None:
     proc = _run(["--no-such-option"], 30)
     assert proc.returncode == 2
     assert "usage: python -m benchmarks.run" in proc.stderr
+
+
+# --- benchmarks/_lean.py: the round trip behind the latency rows -----------------------------
+
+
+@pytest.fixture(scope="module")
+def lean_stack() -> Iterator[Any]:
+    from roundtrip.config import StackConfig
+    from roundtrip.stack import MailStack
+
+    with MailStack(StackConfig(domains=("example.com", "example.org"))) as stack:
+        yield stack
+
+
+def _lean_target(stack: Any, src: str, dst: str, password: str | None = None) -> Any:
+    from benchmarks.run import Target
+
+    sender, rcpt = stack.user(src), stack.user(dst)
+    imap, pop3 = stack.endpoint("imaps", rcpt), stack.endpoint("pop3s", rcpt)
+    if password is not None:
+        imap = dataclasses.replace(imap, password=password)
+        pop3 = dataclasses.replace(pop3, password=password)
+    return Target(
+        stack.endpoint("submissions", sender),
+        imap,
+        pop3,
+        stack.ca_file,
+        sender.address,
+        rcpt.address,
+    )
+
+
+@pytest.mark.parametrize("retrieve", ["imap", "pop3"])
+@pytest.mark.parametrize("dst", ["example.com", "example.org"])
+def test_lean_round_trip_fetches_verifies_and_cleans_up(
+    lean_stack: Any, retrieve: str, dst: str
+) -> None:
+    from benchmarks._lean import lean_round_trip, pop3_pipelining
+
+    target = _lean_target(lean_stack, "example.com", dst)
+    ctx = target.context()
+    pipelining = pop3_pipelining(target.pop3, ctx, 10.0)
+    assert pipelining is True  # our POP3 server lists PIPELINING in CAPA
+    steps = lean_round_trip(target, ctx, retrieve, 10.0, pop3_pipelining=pipelining)
+    assert steps["looks"] >= 1
+    parts = ("smtp_connect", "smtp_session", "retrieve_connect", "retrieve_first_look")
+    assert steps["total"] >= sum(steps[k] for k in (*parts, "wait", "fetch")) * 0.99
+    assert steps["cleanup"] > 0
+    # Clean-up ran: the message is gone from the recipient's INBOX.
+    assert lean_stack.store.messages(target.rcpt_to) == []
+
+
+@pytest.mark.parametrize("retrieve", ["imap", "pop3"])
+def test_lean_round_trip_fails_when_the_message_never_shows(lean_stack: Any, retrieve: str) -> None:
+    from benchmarks._lean import LeanError, lean_round_trip
+
+    # Submitted to example.org's user, looked for in example.com's mailbox: never there.
+    target = _lean_target(lean_stack, "example.com", "example.org")
+    looking = _lean_target(lean_stack, "example.com", "example.com")
+    target = dataclasses.replace(target, imap=looking.imap, pop3=looking.pop3)
+    with pytest.raises(LeanError, match="not visible by the deadline"):
+        lean_round_trip(target, target.context(), retrieve, 0.3)
+    lean_stack.store.clear()
+
+
+@pytest.mark.parametrize("retrieve", ["imap", "pop3"])
+def test_lean_round_trip_fails_on_a_refused_login(lean_stack: Any, retrieve: str) -> None:
+    from benchmarks._lean import LeanError, lean_round_trip
+
+    target = _lean_target(lean_stack, "example.com", "example.com", password="wrong")
+    with pytest.raises(LeanError, match=r"IMAP a|POP3 AUTH"):
+        lean_round_trip(target, target.context(), retrieve, 10.0)
+    lean_stack.store.clear()
+
+
+def test_lean_verify_checks_the_body_not_only_the_headers() -> None:
+    from benchmarks._lean import LeanError, _message, _verify
+
+    token, _, raw = _message("a@example.com", "b@example.com")
+    _verify(raw, token, "test")
+    head, _, _ = raw.partition(b"\r\n\r\n")
+    with pytest.raises(LeanError, match="body lacks token"):
+        _verify(head + b"\r\n\r\nsomething else\r\n", token, "test")
+    with pytest.raises(LeanError, match="headers do not carry"):
+        _verify(b"Subject: x\r\n\r\nRound-trip token: " + token.encode() + b"\r\n", token, "t")
