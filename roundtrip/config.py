@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_DOMAINS",
     "PASSWORD_ENV",
     "Endpoint",
+    "MailboxLimits",
     "PortMode",
     "SMTPLimits",
     "StackConfig",
@@ -29,6 +30,7 @@ __all__ = [
     "parse_domains",
     "parse_endpoint",
     "parse_port_mode",
+    "parse_relay_tls",
     "parse_seconds",
     "parse_tls_mode",
     "parse_user",
@@ -161,6 +163,64 @@ class SMTPLimits:
         )
 
 
+def _command_budget(name: str, value: Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """Normalise a ``(verb, count)`` budget: upper-case verbs, int counts, none negative."""
+    budget = tuple((str(verb).strip().upper(), int(count)) for verb, count in value)
+    for verb, count in budget:
+        if not verb or count < 0:
+            raise ConfigError(f"{name}: {verb!r} must be a verb (or '*') with a count of 0 or more")
+    return budget
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxLimits:
+    """Command budgets of the IMAP and POP3 listeners (SECURITY.md A8.3).
+
+    A session that sends more commands than its budget gets ``* BYE [LIMIT] ...`` (IMAP) or
+    ``-ERR too many ... commands`` (POP3) and is closed; other sessions go on. Unlike
+    ``SMTPLimits.command_limits`` (where ``"*"`` is the allowance of each unlisted verb, as in
+    aiosmtpd), ``"*"`` here is the session's total: every command counts against it, and a
+    listed verb also against its own count. A count of 0 turns that budget off. Commands that
+    fail count as well, but bad commands end a session much sooner (``max_bad_commands``).
+    """
+
+    #: Neither Dovecot nor Courier caps the commands of a session (Dovecot only counts bad
+    #: ones, CLIENT_MAX_BAD_COMMANDS 20); Postfix smtpd_junk_command_limit is 100 for SMTP.
+    #: Real IMAP sessions are long: mbsync and offlineimap send one UID FETCH per message, so
+    #: a first sync of a 100,000-message folder alone takes more than 100,000 commands, and a
+    #: client without IDLE NOOPs (or CHECKs) every minute or so for days. Hence a total of a
+    #: million, which only ends sessions that never end, and a budget for the cheap
+    #: keep-alive commands a flooder loops on: 100,000 is a day of one NOOP a second, or
+    #: two months of one a minute, and more than a test that loops NOOP for a few seconds
+    #: sends (about 7,000 a second over TLS). Clients send CAPABILITY a few times per
+    #: session (after connect, STARTTLS and login).
+    imap_command_limits: tuple[tuple[str, int], ...] = (
+        ("*", 1_000_000),
+        ("NOOP", 100_000),
+        ("CHECK", 100_000),
+        ("CAPABILITY", 1_000),
+    )
+    #: POP3 sessions are short (RFC 1939 autologout 10 minutes, download and quit): a
+    #: client needs one or two commands per message (RETR, DELE, LIST n, UIDL n), so the
+    #: total follows the IMAP one. The status commands are sent once or twice per session;
+    #: the argument-less LIST and UIDL (the whole scan listing, whose reply grows with the
+    #: maildrop) count against ``LIST``/``UIDL``, while ``LIST n`` and ``UIDL n`` count only
+    #: against ``"*"``.
+    pop3_command_limits: tuple[tuple[str, int], ...] = (
+        ("*", 1_000_000),
+        ("NOOP", 1_000),
+        ("STAT", 1_000),
+        ("LIST", 1_000),
+        ("UIDL", 1_000),
+        ("RSET", 1_000),
+        ("CAPA", 1_000),
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("imap_command_limits", "pop3_command_limits"):
+            object.__setattr__(self, name, _command_budget(name, getattr(self, name)))
+
+
 @dataclass(frozen=True, slots=True)
 class StackConfig:
     """What a MailStack serves.
@@ -189,12 +249,21 @@ class StackConfig:
     retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0)
     #: Seconds a message may wait in the relay queue before it bounces (Postfix: 5 days).
     queue_lifetime: float = 600.0
+    #: The relay's outbound TLS policy per recipient domain (SECURITY.md A3.7): a mode,
+    #: ``enforce``, ``testing`` or ``none`` (RFC 8461 §5), or a whole MTA-STS policy file
+    #: (``version: STSv1``, ``mode: ...``, ``mx: ...``, ``max_age: ...``). A bare mode allows
+    #: every MX the stack's DNS names. A stack domain not listed acts as if it published
+    #: ``enforce`` listing its MX hosts; other domains have no policy: opportunistic TLS. A
+    #: mapping is accepted and stored as sorted ``(domain, value)`` pairs (hashable config).
+    relay_tls: tuple[tuple[str, str], ...] = ()
     #: What submission does with a From: header naming someone other than the AUTH user:
     #: ``accept`` (default: applications often send as noreply@...) or ``reject`` (553 5.7.1,
     #: SECURITY.md A4.6). MAIL FROM is always held to the AUTH user.
     from_header_policy: str = "accept"
     #: Abuse limits of the SMTP listeners.
     smtp_limits: SMTPLimits = SMTPLimits()
+    #: Command budgets of the IMAP and POP3 listeners.
+    mailbox_limits: MailboxLimits = MailboxLimits()
 
     def __post_init__(self) -> None:
         domains = tuple(dict.fromkeys(parse_domains(self.domains)))
@@ -220,6 +289,7 @@ class StackConfig:
             raise ConfigError(
                 f"from_header_policy={self.from_header_policy!r}: choose one of accept, reject"
             )
+        object.__setattr__(self, "relay_tls", parse_relay_tls(self.relay_tls))
 
     def user(self, domain: str | None = None) -> User:
         """The first user (of ``domain`` when given)."""
@@ -277,6 +347,34 @@ class StackConfig:
 
 
 _TIMEOUT_KEYS = tuple(f.name for f in dataclasses.fields(Timeouts))
+_RELAY_TLS_MODES = ("enforce", "testing", "none")
+
+
+def parse_relay_tls(
+    value: Mapping[str, str] | Iterable[tuple[str, str]],
+) -> tuple[tuple[str, str], ...]:
+    """Normalise ``StackConfig.relay_tls``: lower-case domains, sorted, one value each.
+
+    A value is a mode (checked here) or an MTA-STS policy file (any text with a newline or a
+    colon; the stack parses it with ``roundtrip.protocols.tlspolicy.parse_policy``).
+
+    Raises:
+        ConfigError: a bad domain, or a value that is neither a mode nor a policy file.
+    """
+    pairs = value.items() if isinstance(value, Mapping) else value
+    out: dict[str, str] = {}
+    for domain, policy in pairs:
+        name = str(domain).strip().rstrip(".").lower()
+        if not _DOMAIN_RE.match(name):
+            raise ConfigError(f"relay_tls: {domain!r} is not a domain name")
+        text = str(policy).strip()
+        if "\n" not in text and ":" not in text and text not in _RELAY_TLS_MODES:
+            raise ConfigError(
+                f"relay_tls[{name!r}]={policy!r}: choose one of {', '.join(_RELAY_TLS_MODES)}"
+                " or give an MTA-STS policy file"
+            )
+        out[name] = text if text in _RELAY_TLS_MODES else str(policy)
+    return tuple(sorted(out.items()))
 
 
 def _as_list(value: Any) -> list[str]:

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MailboxError, StorageError
+from .spool import fsync_dir
 from .store import (
     DEFAULT_FOLDERS,
     HIERARCHY_DELIMITER,
@@ -106,14 +107,6 @@ _MAX_COMPONENT = 255
 # inject faults at exactly these calls.
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -148,7 +141,7 @@ def _replace_file(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _append_file(path: Path, data: bytes) -> None:
@@ -179,9 +172,9 @@ def _make_maildir(path: Path, *, folder: bool) -> None:
         created = True
     if created:
         for sub in ("cur", "new", "tmp"):
-            _fsync_dir(path / sub)
-        _fsync_dir(path)
-        _fsync_dir(path.parent)
+            fsync_dir(path / sub)
+        fsync_dir(path)
+        fsync_dir(path.parent)
 
 
 # Folder names <-> directory names
@@ -740,7 +733,7 @@ class MaildirStore(Store):
         os.makedirs(trash, mode=_DIR_MODE, exist_ok=True)
         target = trash / secrets.token_hex(8)
         os.rename(path, target)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         shutil.rmtree(target, ignore_errors=True)
 
     def delete_mailbox(self, address: str, name: str) -> None:
@@ -799,7 +792,7 @@ class MaildirStore(Store):
             for box, _, new_path in moves:
                 os.rename(box.path, new_path)
                 done.append((box, new_path))
-            _fsync_dir(self._user_dir(key))
+            fsync_dir(self._user_dir(key))
         except OSError:
             for box, new_path in reversed(done):
                 with contextlib.suppress(OSError):
@@ -829,8 +822,8 @@ class MaildirStore(Store):
         finally:
             for sub in ("cur", "new"):
                 with contextlib.suppress(OSError):
-                    _fsync_dir(target.path / sub)
-                    _fsync_dir(inbox.path / sub)
+                    fsync_dir(target.path / sub)
+                    fsync_dir(inbox.path / sub)
             for msg in moved:
                 copy = _MaildirMessage(
                     target,
@@ -915,7 +908,7 @@ class MaildirStore(Store):
                 raise OSError(errno.EEXIST, "maildir file name collision", str(dest))
             os.rename(tmp, dest)
             placed = True
-            _fsync_dir(box.path / sub)
+            fsync_dir(box.path / sub)
             self._append_log(box, [_record(msg)])
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -923,7 +916,7 @@ class MaildirStore(Store):
             if placed:
                 with contextlib.suppress(OSError):
                     os.unlink(dest)
-                    _fsync_dir(box.path / sub)
+                    fsync_dir(box.path / sub)
             what = f"cannot store a message in {box.user}:{box.name}"
             raise self._storage_error(what, exc) from exc
         box.uidnext += 1
@@ -961,7 +954,7 @@ class MaildirStore(Store):
                 changed.append(msg)
             try:
                 for path in dirs:
-                    _fsync_dir(path)
+                    fsync_dir(path)
             except OSError as exc:
                 failure = failure or exc
             if changed:
@@ -1020,7 +1013,7 @@ class MaildirStore(Store):
                 gone.append(uid)
             try:
                 for sub in ("cur", "new"):
-                    _fsync_dir(box.path / sub)
+                    fsync_dir(box.path / sub)
             except OSError as exc:
                 failure = failure or exc
             box._remove(gone)
@@ -1051,7 +1044,7 @@ class MaildirStore(Store):
                                 os.unlink(msg.path)
                         box._remove(box.uids())
                         for sub in ("cur", "new"):
-                            _fsync_dir(box.path / sub)
+                            fsync_dir(box.path / sub)
                         self._rewrite_log(box)
             except OSError as exc:
                 raise self._storage_error("cannot clear the maildir store", exc) from exc

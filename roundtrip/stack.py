@@ -24,11 +24,19 @@ from .assertions import assert_delivered as _assert_delivered
 from .assertions import assert_not_delivered as _assert_not_delivered
 from .certs import CertificateAuthority
 from .config import Endpoint, StackConfig, User
-from .errors import ConfigError, MailboxError, NotDeliveredError, ServerStartError
+from .errors import (
+    ConfigError,
+    MailboxError,
+    NotDeliveredError,
+    RoundtripError,
+    ServerStartError,
+)
+from .maildir import MaildirStore
 from .message import ReceivedMessage
 from .protocols.dns import Record, Zone, build_zone, default_records
 from .protocols.filter import ContentFilter, FilterInput, default_filter, prepend_headers
 from .protocols.smtp import Role, domain_of, drop_forged_auth_results
+from .protocols.tlspolicy import TLSPolicy, parse_policy, sts_record
 from .servers._conn import ListenerLimits
 from .servers._runner import LoopThread
 from .servers.dns import DNSServer, start_dns
@@ -41,6 +49,7 @@ from .servers.smtp import (
     SMTPHandler,
     start_smtp,
 )
+from .spool import MAILDIR_SPOOL_NAME, RelaySpool
 from .store import Store, StoredMessage
 
 __all__ = [
@@ -172,6 +181,9 @@ class MailStack:
         #: SMTP port of each MX host name, for the relay: with ephemeral ports every MX lives
         #: on one address, so DNS alone cannot say which port; names absent here use 25.
         self.mx_ports: dict[str, int] = {}
+        #: The relay's outbound TLS policy of each recipient domain (StackConfig.relay_tls);
+        #: a domain absent here has none (opportunistic TLS). reset() restores the default.
+        self.tls_policies: dict[str, TLSPolicy] = {}
         self._default_zone: Zone | None = None
         self._dns_changed = False
         # Journey of each accepted message, keyed by the accepting hop's queue id.
@@ -322,6 +334,11 @@ class MailStack:
                             max_connections=limits.max_connections,
                             max_connections_per_ip=limits.max_connections_per_ip,
                         ),
+                        command_limits=(
+                            self.config.mailbox_limits.imap_command_limits
+                            if service.startswith("imap")
+                            else self.config.mailbox_limits.pop3_command_limits
+                        ),
                     ),
                 )
                 self._listeners.connections.append(conns)
@@ -344,11 +361,17 @@ class MailStack:
         except OSError as exc:
             raise ServerStartError(f"cannot bind dns on {dns_host}: {exc}") from exc
         self.mx_ports.update({ep.hostname: ep.ports["smtp"] for ep in self.domains.values()})
+        self.tls_policies = self.default_tls_policies()
+        # A durable store gets a durable relay queue in its (locked) tree (SECURITY.md A9.4).
+        spool = None
+        if isinstance(self.store, MaildirStore):
+            spool = RelaySpool(self.store.root / MAILDIR_SPOOL_NAME)
         self.relay = Relay(
             dns_address=self.dns.address,
             tls_context=self.ca.client_context(),
             local_domains=lambda: set(self.config.domains),
             mx_port=lambda host: self.mx_ports.get(host.rstrip(".").lower(), 25),
+            tls_policy=lambda domain: self.tls_policies.get(domain),
             deliver_local=lambda address, raw, mailbox: self._deliver(address, raw, mailbox),
             capture_outbound=self._capture,
             on_error=self._thread.record_error,
@@ -357,7 +380,10 @@ class MailStack:
             connect_timeout=self.config.timeouts.start_timeout,
             reporting_mta=next(iter(self.domains.values())).hostname,
             on_event=self._relay_event,
+            spool=spool,
         )
+        # What a previous process left queued gets its attempt now, before start() returns.
+        self.relay.restore()
 
     async def _bind(self, service: str, host: str, starting: Any) -> Any:
         try:
@@ -459,6 +485,7 @@ class MailStack:
                     self._thread.call(dns.set_zone, self._default_zone)
                     self._dns_changed = False
             self.mx_ports = {ep.hostname: ep.ports["smtp"] for ep in self.domains.values()}
+            self.tls_policies = self.default_tls_policies()
         self.store.clear()
         self.faults = Faults()
         self.content_filter = default_filter
@@ -526,6 +553,7 @@ class MailStack:
                 rcpt_tos=remote,
                 raw=accepted.raw,
                 received_at=accepted.received_at,
+                origin_id=accepted.queue_id,
             )
             self._relay_origin[entry.id] = accepted.queue_id
             self._record(accepted.queue_id, "relay queued", entry.id, time.monotonic())
@@ -615,11 +643,41 @@ class MailStack:
         return [HopTiming(h.step, h.host, h.at - start) for h in hops]
 
     def default_dns_records(self) -> list[Record]:
-        """The records the stack serves by default: SOA, NS, MX, A/AAAA and SPF per domain."""
+        """The records the stack serves by default: SOA, NS, MX, A/AAAA and SPF per domain.
+
+        Plus ``_mta-sts.<domain>`` TXT (RFC 8461 §3.1) for a domain whose relay TLS policy is
+        not ``none`` (the policy itself is not served over HTTPS).
+        """
         records: list[Record] = []
+        policies = self.default_tls_policies()
         for ep in self.domains.values():
             records += default_records(ep.domain, ep.host, mx_host=ep.hostname)
+            policy = policies.get(ep.domain)
+            if policy is not None and policy.mode != "none":
+                records.append(Record(f"_mta-sts.{ep.domain}", "TXT", sts_record(policy)))
         return records
+
+    def default_tls_policies(self) -> dict[str, TLSPolicy]:
+        """The relay's outbound TLS policy per recipient domain (SECURITY.md A3.7).
+
+        Every stack domain acts as if it published an MTA-STS ``enforce`` policy listing its
+        MX hosts, whichever the stack's DNS serves (so an MX a test points elsewhere with
+        :meth:`set_dns_records` still needs STARTTLS and a certificate for its name from the
+        stack CA): ``mx=None``. ``StackConfig.relay_tls`` overrides that per domain.
+
+        Raises:
+            ConfigError: a ``relay_tls`` policy file is invalid.
+        """
+        policies = {ep.domain: TLSPolicy(mode="enforce") for ep in self.domains.values()}
+        for domain, value in self.config.relay_tls:
+            if value in ("enforce", "testing", "none"):
+                policies[domain] = TLSPolicy(mode=value)  # type: ignore[arg-type]
+                continue
+            try:
+                policies[domain] = parse_policy(value)
+            except RoundtripError as exc:
+                raise ConfigError(f"relay_tls[{domain!r}]: {exc}") from None
+        return policies
 
     def set_dns_records(self, records: list[Record], *, refuse_outside: bool = True) -> None:
         """Serve other DNS records (a null MX, a second MX, a missing domain ...).

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import email.utils
+import json
+import select
+import signal
+import ssl
+import subprocess
+import sys
+from pathlib import Path
 
 
 def make_message(
@@ -75,3 +82,49 @@ class AiosmtpdServer:
 
         self.thread.run(close(), timeout=5)
         self.thread.stop()
+
+
+class ServerProcess:
+    """A mail server in a subprocess (``python -c script *args``) for crash tests.
+
+    The script prints one JSON line first: ``host``, ``submissions`` and ``imaps`` ports and
+    ``ca`` (PEM); later lines answer whatever the test writes to its stdin. ``kill()`` is
+    SIGKILL, never a clean stop; stderr goes to ``log``.
+    """
+
+    def __init__(self, script: str, args: list[str], log: Path, timeout: float = 10.0) -> None:
+        self.timeout = timeout
+        self._log = open(log, "ab")  # noqa: SIM115 - closed in kill()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+        )
+        try:
+            info = json.loads(self.read_line())
+        except BaseException:
+            self.kill()
+            raise
+        self.host: str = info["host"]
+        self.ports: dict[str, int] = {k: info[k] for k in ("submissions", "imaps")}
+        self.context = ssl.create_default_context(cadata=info["ca"])
+
+    def read_line(self, timeout: float | None = None) -> bytes:
+        """The next line the server prints, within ``timeout`` (default: the start timeout)."""
+        assert self.proc.stdout is not None
+        wait = self.timeout if timeout is None else timeout
+        ready, _, _ = select.select([self.proc.stdout], [], [], wait)
+        line = self.proc.stdout.readline() if ready else b""
+        if not line:
+            raise AssertionError(f"the server did not answer; see {self._log.name}")
+        return line
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(self.timeout)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        self._log.close()

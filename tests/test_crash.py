@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import email.utils
 import imaplib
-import json
 import os
-import select
 import signal
 import smtplib
-import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _support import ServerProcess
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 
@@ -73,42 +69,11 @@ sys.stdin.read()
 """
 
 
-class Server:
+class Server(ServerProcess):
     """One server process; ``kill()`` is SIGKILL, never a clean stop."""
 
     def __init__(self, root: Path, log: Path, crash_at: str = "none") -> None:
-        self._log = open(log, "ab")  # noqa: SIM115 - closed in kill()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER, str(root), crash_at, ALICE, PASSWORD],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-        )
-        try:
-            info = json.loads(self._read_line(TIMEOUT))
-        except BaseException:
-            self.kill()
-            raise
-        self.host: str = info["host"]
-        self.ports: dict[str, int] = {k: info[k] for k in ("submissions", "imaps")}
-        self.context = ssl.create_default_context(cadata=info["ca"])
-
-    def _read_line(self, timeout: float) -> bytes:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else b""
-        if not line:
-            raise AssertionError(f"the server did not start; see {self._log.name}")
-        return line
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(TIMEOUT)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                pipe.close()
-        self._log.close()
+        super().__init__(SERVER, [str(root), crash_at, ALICE, PASSWORD], log, TIMEOUT)
 
     def smtp(self) -> smtplib.SMTP_SSL:
         smtp = smtplib.SMTP_SSL(

@@ -20,6 +20,7 @@ LAYER = {
     "certs": 2,
     "message": 2,
     "corpus": 2,
+    "spool": 2,
     "assertions": 3,
     "maildir": 3,
     "servers": 3,

@@ -37,7 +37,11 @@ STARTTLS: after accepting it the machine parses nothing until ``tls_started()``;
 pipelined behind it is command injection (CVE-2011-0411 class) and raises ``RemoteProtocolError``
 without a reply. Every error reply is made by one function, ``_reply_error``. Bad commands are
 counted: 3 before authentication (Dovecot imap-login), ``max_bad_commands`` after, then
-``* BYE Too many invalid IMAP commands.``.
+``* BYE Too many invalid IMAP commands.``. Every command with a known verb also counts against
+the session's command budget (``command_limits``, SECURITY.md A8.3): past the total (``"*"``)
+or a verb's own count the command is not run; the machine answers ``* BYE [LIMIT] Too many
+commands`` (or ``Too many NOOP commands``; RFC 5530 LIMIT) and ends the session. The ``UID``
+forms count as ``UID``.
 
 Deliberately unsupported: ``\\Recent`` (never set), CONDSTORE/QRESYNC, BINARY, MULTIAPPEND,
 CATENATE, SORT/THREAD, LIST-EXTENDED return options (selection ``(SPECIAL-USE)`` is honoured),
@@ -56,6 +60,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..config import MailboxLimits
 from ..errors import MailboxError, RemoteProtocolError, StorageError
 from . import _mime
 from ._imapparse import (
@@ -346,6 +351,8 @@ class IMAPConnection:
         max_literal: largest APPEND message, advertised as APPENDLIMIT (RFC 7889).
         max_nonsync_literal: largest ``{n+}`` literal (RFC 7888 section 4, LITERAL- is 4096).
         max_bad_commands: bad commands tolerated after authentication.
+        command_limits: ``(verb, count)`` budgets of the session; ``"*"`` is the total of all
+            commands, 0 turns one off (default: ``MailboxLimits().imap_command_limits``).
     """
 
     def __init__(
@@ -361,6 +368,7 @@ class IMAPConnection:
         max_literal: int = 50 * 1024 * 1024,
         max_nonsync_literal: int = 4096,
         max_bad_commands: int = 20,
+        command_limits: Iterable[tuple[str, int]] | None = None,
     ) -> None:
         self.store = store
         self.hostname = hostname
@@ -372,6 +380,10 @@ class IMAPConnection:
         self.max_literal = max_literal
         self.max_nonsync_literal = max_nonsync_literal
         self.max_bad_commands = max_bad_commands
+        if command_limits is None:
+            command_limits = MailboxLimits().imap_command_limits
+        self.command_limits = {v.upper(): n for v, n in command_limits if v and n > 0}
+        self._command_counts: dict[str, int] = {}
         self.state = IMAPState.NOT_AUTHENTICATED
         self.user: str | None = None
         self._out = OutputBuffer()
@@ -551,6 +563,8 @@ class IMAPConnection:
             entry = self._commands.get(verb)
             if entry is None:
                 raise ParseError(f"Unknown command {_safe(verb[:20])}")
+            if self._over_budget(verb):
+                return
             handler, states = entry
             if self.state not in states:
                 raise ParseError(f"{verb} not allowed in state {self.state.value}")
@@ -575,6 +589,23 @@ class IMAPConnection:
             self._tagged(tag, "NO", f"[UNAVAILABLE] {_safe(str(exc))}")
         else:  # pragma: no cover - the caller passes only the types above
             raise exc
+
+    def _over_budget(self, verb: str) -> bool:
+        """Count one command; past a budget say BYE and end the session (SECURITY.md A8.3)."""
+        counts = self._command_counts
+        for key in (verb, "*"):
+            if key in self.command_limits:
+                counts[key] = counts.get(key, 0) + 1
+        if counts.get(verb, 0) > self.command_limits.get(verb, 0):
+            text = f"Too many {verb} commands"
+        elif counts.get("*", 0) > self.command_limits.get("*", 0):
+            text = "Too many commands"
+        else:
+            return False
+        self._send(f"* BYE [LIMIT] {text}")
+        self._end_session()
+        self._events.append(ConnectionClosed())
+        return True
 
     def _count_bad(self) -> None:
         self._bad += 1

@@ -28,6 +28,11 @@ refuses all input until the adapter calls ``tls_started()``, after which it star
 Every failed command is answered by exactly one function, ``_reply_error``. Unknown commands,
 commands in the wrong state, syntax errors, over-long lines and failed logins count as bad
 commands; one more than ``max_bad_commands`` ends the session (Dovecot pop3-login allows 3).
+Every command with a known verb also counts against the session's command budget
+(``command_limits``, SECURITY.md A8.3), which STLS does not reset: past the total (``"*"``) or a
+verb's own count, the command is not run; the machine answers ``-ERR too many commands`` (or
+``-ERR too many NOOP commands``) and ends the session without UPDATE. ``LIST`` and ``UIDL``
+count against their own budget only without an argument (the whole scan listing).
 Replies never echo the client's line, and passwords are neither logged nor repeated.
 
 Deliberately unsupported: APOP (MD5 of a shared secret, RFC 1939 section 7), SASL mechanisms
@@ -45,6 +50,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..config import MailboxLimits
 from ..errors import LocalProtocolError, RemoteProtocolError, RoundtripError
 from ._lines import (
     CRLF,
@@ -183,6 +189,8 @@ class POP3Connection:
         allow_plaintext_auth: accept USER/PASS and AUTH before TLS (RFC 2595 says don't).
         max_line: longest command line in octets, CRLF included (RFC 2449 section 4).
         max_bad_commands: bad commands tolerated; one more closes the session.
+        command_limits: ``(verb, count)`` budgets of the session; ``"*"`` is the total of all
+            commands, 0 turns one off (default: ``MailboxLimits().pop3_command_limits``).
         auth_failure_delay: seconds an adapter should hold back a failed-login reply. The
             machine never waits itself; it only keeps the value for its adapter.
 
@@ -201,6 +209,7 @@ class POP3Connection:
         max_line: int = _MAX_COMMAND_LINE,
         max_bad_commands: int = 3,
         auth_failure_delay: float | None = None,
+        command_limits: Iterable[tuple[str, int]] | None = None,
     ) -> None:
         if "\r" in hostname or "\n" in hostname:
             raise LocalProtocolError(f"hostname {hostname!r} contains a line break")
@@ -212,6 +221,11 @@ class POP3Connection:
         self._max_line = max_line
         self.max_bad_commands = max_bad_commands
         self.auth_failure_delay = auth_failure_delay
+        if command_limits is None:
+            command_limits = MailboxLimits().pop3_command_limits
+        self.command_limits = {v.upper(): n for v, n in command_limits if v and n > 0}
+        # Per connection, not per _reset_session: STLS must not refill the budget.
+        self._command_counts: dict[str, int] = {}
         self._out = OutputBuffer()
         self._commands: dict[str, tuple[Callable[[str], None], frozenset[POP3State]]] = {
             "CAPA": (self._cmd_CAPA, frozenset({_A, _T})),
@@ -329,6 +343,9 @@ class POP3Connection:
             entry = self._commands.get(verb) if verb.isalpha() else None
             if entry is None:
                 raise _CommandError("unknown command", bad=True)
+            scan = verb not in ("LIST", "UIDL") or not arg_bytes.strip()
+            if self._over_budget(verb if scan else ""):
+                return
             handler, states = entry
             if self.state not in states:
                 raise _CommandError(f"{verb} not allowed in the {self.state.name} state", bad=True)
@@ -365,6 +382,22 @@ class POP3Connection:
                 self._close()
                 return
         self._write(f"-ERR [{code}] {text}" if code else f"-ERR {text}")
+
+    def _over_budget(self, verb: str) -> bool:
+        """Count one command (``verb`` empty: only towards the total); past a budget, say so
+        and end the session (SECURITY.md A8.3)."""
+        counts = self._command_counts
+        for key in (verb, "*"):
+            if key in self.command_limits:
+                counts[key] = counts.get(key, 0) + 1
+        if counts.get(verb, 0) > self.command_limits.get(verb, 0):
+            self._write(f"-ERR too many {verb} commands")
+        elif counts.get("*", 0) > self.command_limits.get("*", 0):
+            self._write("-ERR too many commands")
+        else:
+            return False
+        self._close()
+        return True
 
     def _write(self, line: str) -> None:
         self._out += line.encode("utf-8") + CRLF

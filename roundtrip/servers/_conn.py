@@ -371,6 +371,13 @@ class LineServerProtocol(asyncio.Protocol):
         if self._loop.is_closed():
             return
         try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:  # our own session changed it: no wake-up write needed
+            self._loop.call_soon(self._deliver_change, change)
+            return
+        try:
             self._loop.call_soon_threadsafe(self._deliver_change, change)
         except RuntimeError:  # loop closed between the check and the call
             pass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from ..protocols.imap import IMAPConnection, IMAPStore
@@ -42,6 +42,7 @@ async def start_imap(
     allow_plaintext_auth: bool = False,
     limits: ListenerLimits | None = None,
     max_literal: int = 50 * 1024 * 1024,
+    command_limits: Iterable[tuple[str, int]] | None = None,
 ) -> tuple[asyncio.Server, set[LineServerProtocol]]:
     """Listen for IMAP on ``host:port`` (0 picks a free port).
 
@@ -57,11 +58,14 @@ async def start_imap(
         tls_handshake_timeout: seconds a TLS handshake may take.
         allow_plaintext_auth: accept LOGIN before TLS (tests of legacy setups only).
         max_literal: the APPENDLIMIT.
+        command_limits: the session's command budget (``MailboxLimits.imap_command_limits``;
+            None: its default).
 
     Returns:
         The asyncio server and the live set of connections (abort them on stop).
     """
     starttls = starttls_context if implicit_tls_context is None else None
+    budget = None if command_limits is None else tuple(command_limits)
 
     def factory(info: ConnectionInfo) -> Machine:
         return IMAPConnection(
@@ -72,6 +76,7 @@ async def start_imap(
             allow_plaintext_auth=allow_plaintext_auth,
             clock=time.time,
             max_literal=max_literal,
+            command_limits=budget,
         )
 
     def subscribe(callback: Callable[[Any], None]) -> Callable[[], None]:

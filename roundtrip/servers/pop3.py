@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ..protocols.pop3 import POP3Connection, POP3Store
 from ._conn import ConnectionInfo, LineServerProtocol, ListenerLimits, serve
@@ -30,6 +30,7 @@ async def start_pop3(
     tls_handshake_timeout: float = 30.0,
     allow_plaintext_auth: bool = False,
     limits: ListenerLimits | None = None,
+    command_limits: Iterable[tuple[str, int]] | None = None,
 ) -> tuple[asyncio.Server, set[LineServerProtocol]]:
     """Listen for POP3 on ``host:port`` (0 picks a free port).
 
@@ -45,10 +46,14 @@ async def start_pop3(
         tls_handshake_timeout: seconds a TLS handshake may take.
         limits: connection caps, the login deadline and login penalties.
         allow_plaintext_auth: accept logins before TLS (tests of legacy setups only).
+        command_limits: the session's command budget (``MailboxLimits.pop3_command_limits``;
+            None: its default).
 
     Returns:
         The asyncio server and the live set of its connections (abort them on stop).
     """
+
+    budget = None if command_limits is None else tuple(command_limits)
 
     def factory(info: ConnectionInfo) -> POP3Connection:
         return POP3Connection(
@@ -57,6 +62,7 @@ async def start_pop3(
             secure=info.secure,
             starttls_available=starttls_context is not None and not info.secure,
             allow_plaintext_auth=allow_plaintext_auth,
+            command_limits=budget,
         )
 
     return await serve(

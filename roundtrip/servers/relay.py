@@ -18,8 +18,12 @@ How a message moves (RFC 5321 §5.1 and §4.5.4, RFC 7505, RFC 3464):
    ``starttls(server_hostname=<MX name>)``: we dial the IP our DNS gave us but verify the
    certificate against the MX *name* (asyncio's ``server_hostname`` drives both SNI and the
    hostname check). Dialling the name instead would go through ``getaddrinfo`` and the system
-   resolver, which knows nothing of our zones. With ``require_tls`` a missing STARTTLS or a
-   failed verification is a temporary failure for that host: never a plaintext fallback.
+   resolver, which knows nothing of our zones. How much TLS is required is the recipient
+   domain's policy (``tls_policy``, MTA-STS modes of RFC 8461): under ``enforce`` an MX that
+   matches no ``mx`` pattern, a missing STARTTLS or a failed verification is a temporary
+   failure for that host, never a plaintext fallback; ``testing`` records the failure and
+   delivers anyway; ``none`` or no policy is opportunistic TLS (RFC 7435). Failures carry
+   their TLS-RPT result type (RFC 8460 §4.3) in the ``tls-failure`` event and the reason.
 4. Connection failures and 4xx replies move on to the next address/MX, then leave the
    recipient queued for a retry after ``retry_delays[attempt]``; 5xx replies bounce it. When a
    recipient has waited ``queue_lifetime`` seconds it bounces with 4.4.7.
@@ -37,6 +41,12 @@ and reads the final reply with aiosmtplib's response reader.
 Exactly once: a recipient is marked delivered as soon as the final ``250`` to DATA arrives and
 is never attempted again. A reply lost between the remote's 250 and our reading it can still
 cause one duplicate on retry (RFC 1047: a duplicate is better than a loss).
+
+Durability (SECURITY.md A9.4): with a ``spool`` (:mod:`roundtrip.spool`; the stack gives one
+with the Maildir store) ``enqueue`` writes the message to disk and fsyncs it before returning,
+so before the submission server's 250; the recipients still pending are recorded after each
+domain's outcomes, and the file goes when none is left. :meth:`Relay.restore` queues again what
+a killed process left. A crash between a remote 250 and that record costs one duplicate.
 """
 
 from __future__ import annotations
@@ -59,7 +69,10 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
+from ..errors import StorageError
 from ..protocols.dsn import build_dsn
+from ..protocols.tlspolicy import ResultType, TLSPolicy, verify_failure_result
+from ..spool import RelaySpool
 
 __all__ = ["QueuedMessage", "Relay", "RelayEvent"]
 
@@ -76,6 +89,7 @@ STEPS = (
     "queued",
     "captured",
     "mx-lookup",
+    "tls-failure",
     "connected",
     "delivered",
     "deferred",
@@ -139,6 +153,8 @@ class _Entry:
     next_attempt: float | None = None
     last_error: str = ""
     timer: asyncio.TimerHandle | None = None
+    #: The entry's name in the relay's spool (None without a spool).
+    spool_name: str | None = None
 
     def snapshot(self) -> QueuedMessage:
         return QueuedMessage(
@@ -169,6 +185,12 @@ class _Temporary:
 
 
 _Outcome = _Permanent | _Temporary | None  # None: delivered
+
+
+#: No policy (or mode ``none``): opportunistic TLS, plaintext when STARTTLS is not offered.
+_NO_POLICY = TLSPolicy(mode="none")
+#: ``require_tls`` without a policy hook: enforce, whatever the MX name.
+_REQUIRED = TLSPolicy(mode="enforce")
 
 
 class _HostFailedError(Exception):
@@ -262,15 +284,21 @@ class Relay:
         retry_delays: seconds before the 2nd, 3rd ... attempt; the last one repeats.
         queue_lifetime: seconds after which an undelivered recipient bounces (4.4.7).
         connect_timeout: seconds per SMTP connection step (aiosmtplib ``timeout``).
-        require_tls: never deliver without verified STARTTLS (defer instead). With False,
-            plaintext is used only when the MX does not offer STARTTLS; an offered STARTTLS
-            whose certificate fails verification still defers.
+        require_tls: without ``tls_policy``: True acts as an ``enforce`` policy without MX
+            patterns for every domain (never deliver without verified STARTTLS; defer
+            instead); False as no policy (opportunistic TLS, plaintext if not offered).
+        tls_policy: the outbound TLS policy of a recipient domain (lowercase), or None for
+            none (opportunistic, RFC 7435); see :mod:`roundtrip.protocols.tlspolicy`. When
+            given, ``require_tls`` is ignored.
         clock: wall clock for timestamps and the queue lifetime.
         dns_timeout: seconds a whole DNS resolution may take.
         on_event: called with each :class:`RelayEvent` as it is appended to :attr:`events`.
         reporting_mta: the host name that DSNs name as the reporting MTA.
         max_concurrent: delivery attempts running at once; the rest wait their turn (Postfix
             default_destination_concurrency_limit is 20).
+        spool: keep the queue on disk too (RFC 5321 §6.1, SECURITY.md A9.4): ``enqueue``
+            returns only once the message is durable, settled recipients are recorded, and
+            :meth:`restore` queues again what a previous process left. None: memory only.
     """
 
     def __init__(
@@ -287,11 +315,13 @@ class Relay:
         queue_lifetime: float = 600.0,
         connect_timeout: float = 10.0,
         require_tls: bool = True,
+        tls_policy: Callable[[str], TLSPolicy | None] | None = None,
         clock: Callable[[], float] = time.time,
         dns_timeout: float = 5.0,
         on_event: Callable[[RelayEvent], None] | None = None,
         reporting_mta: str = "localhost",
         max_concurrent: int = 20,
+        spool: RelaySpool | None = None,
     ) -> None:
         if not retry_delays:
             raise ValueError("retry_delays must hold at least one delay")
@@ -308,6 +338,8 @@ class Relay:
         self._queue_lifetime = queue_lifetime
         self._connect_timeout = connect_timeout
         self._require_tls = require_tls
+        self._tls_policy = tls_policy
+        self._unverified_context: ssl.SSLContext | None = None
         self._clock = clock
         self._on_event = on_event
         self.reporting_mta = reporting_mta
@@ -320,6 +352,7 @@ class Relay:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._closed = False
+        self._spool = spool
         resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.nameservers = [dns_address[0]]
         resolver.port = dns_address[1]
@@ -338,6 +371,7 @@ class Relay:
         rcpt_tos: Sequence[str],
         raw: bytes,
         received_at: float,
+        origin_id: str = "",
     ) -> QueuedMessage:
         """Queue a message and start its first delivery attempt now. Loop thread only.
 
@@ -347,6 +381,7 @@ class Relay:
             rcpt_tos: envelope recipients.
             raw: the message; stray CR and LF are normalised to CRLF.
             received_at: when the message was accepted (relay clock).
+            origin_id: the accepting server's queue id, kept in the spool for diagnostics.
 
         Returns:
             A snapshot of the new queue entry.
@@ -354,6 +389,8 @@ class Relay:
         Raises:
             ValueError: CR, LF, NUL or angle brackets in an address, or no recipients.
             RuntimeError: the relay is closed.
+            StorageError: with a spool, the message could not be written durably (nothing
+                was queued or captured; the SMTP server answers 451).
         """
         if self._closed:
             raise RuntimeError("relay is closed")
@@ -371,6 +408,19 @@ class Relay:
             pending=[],
         )
         local = {d.lower().rstrip(".") for d in self._local_domains()}
+        if self._spool is not None:
+            # Durable before anything else happens, so a failure leaves no trace (451).
+            remote = [r for r in dict.fromkeys(recipients) if _domain_of(r) in local]
+            if remote:
+                entry.spool_name = self._spool.add(
+                    queue_id=entry.id,
+                    origin_id=origin_id,
+                    helo=helo,
+                    mail_from=sender,
+                    rcpt=remote,
+                    raw=entry.raw,
+                    received_at=received_at,
+                )
         for rcpt in dict.fromkeys(recipients):
             self._event(entry, rcpt, "queued")
             if _domain_of(rcpt) in local:
@@ -390,6 +440,65 @@ class Relay:
         Meant for the loop thread; from another thread it is a best-effort view.
         """
         return list(self._snapshots.values())
+
+    def restore(self) -> list[QueuedMessage]:
+        """Queue again what the spool holds (a previous process's queue); attempt each now.
+
+        Call it on the loop thread before new mail is enqueued (the stack does it at start).
+        An entry keeps its old queue id unless that is taken. Unreadable spool files are moved
+        aside by the spool and logged here; an entry whose addresses fail
+        :func:`check_address` is logged and left in the spool. Without a spool: nothing.
+
+        Returns:
+            Snapshots of the restored entries.
+
+        Raises:
+            RuntimeError: the relay is closed.
+            StorageError: the spool directory cannot be read.
+        """
+        if self._closed:
+            raise RuntimeError("relay is closed")
+        if self._spool is None:
+            return []
+        messages, corrupt = self._spool.load()
+        for path in corrupt:
+            log.warning("relay spool: unreadable file moved aside as %s", path)
+        known = {e.spool_name for e in self._entries.values()}
+        messages = [m for m in messages if m.name not in known]
+        numbers = [int(m.queue_id[1:]) for m in messages if re.fullmatch(r"Q\d{1,9}", m.queue_id)]
+        if numbers:
+            self._ids = itertools.count(max(next(self._ids), max(numbers) + 1))
+        restored: list[_Entry] = []
+        for message in messages:
+            try:
+                if message.mail_from:
+                    check_address(message.mail_from, what="sender")
+                check_address(message.helo, what="HELO name")
+                for rcpt in message.rcpt:
+                    check_address(rcpt, what="recipient")
+            except ValueError as exc:
+                log.warning("relay spool: %s not restored: %s", message.name, exc)
+                continue
+            queue_id = message.queue_id
+            if not re.fullmatch(r"Q\d{1,9}", queue_id) or queue_id in self._entries:
+                queue_id = f"Q{next(self._ids):06d}"
+            entry = _Entry(
+                id=queue_id,
+                helo=message.helo,
+                mail_from=message.mail_from,
+                raw=message.raw,
+                received_at=message.received_at,
+                pending=list(dict.fromkeys(message.rcpt)),
+                attempts=message.attempts,
+                spool_name=message.name,
+            )
+            self._entries[entry.id] = entry
+            for rcpt in entry.pending:
+                self._event(entry, rcpt, "queued", f"restored from the spool ({message.name})")
+            restored.append(entry)
+        for entry in restored:
+            self._start(entry)
+        return [entry.snapshot() for entry in restored]
 
     async def wait_idle(self, timeout: float) -> None:
         """Wait until no attempt is running (the queue is empty or only waits on retries).
@@ -424,12 +533,14 @@ class Relay:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        for entry in self._entries.values():
+            self._unspool(entry)
         self._entries.clear()
         self._snapshots.clear()
         self.events.clear()
 
     async def close(self) -> None:
-        """Cancel retries and running attempts. Queued messages stay in memory."""
+        """Cancel retries and running attempts. Queued messages stay (and in the spool)."""
         self._closed = True
         for entry in self._entries.values():
             if entry.timer is not None:
@@ -498,6 +609,8 @@ class Relay:
                 outcomes = await self._deliver_domain(entry, domain, rcpts)
                 for rcpt in rcpts:
                     self._settle(entry, rcpt, outcomes[rcpt])
+                if any(not isinstance(o, _Temporary) for o in outcomes.values()):
+                    self._persist(entry)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -527,6 +640,7 @@ class Relay:
         if not entry.pending:
             self._entries.pop(entry.id, None)
             self._snapshots.pop(entry.id, None)
+            self._unspool(entry)
             return
         waited = self._clock() - entry.received_at
         if waited >= self._queue_lifetime:
@@ -539,6 +653,7 @@ class Relay:
                 self._bounce(entry, rcpt, outcome, action="failed")
             self._entries.pop(entry.id, None)
             self._snapshots.pop(entry.id, None)
+            self._unspool(entry)
             return
         if self._closed:
             return
@@ -548,6 +663,33 @@ class Relay:
         entry.next_attempt = self._clock() + delay
         entry.timer = asyncio.get_running_loop().call_later(delay, self._start, entry)
         self._touch(entry)
+
+    def _persist(self, entry: _Entry) -> None:
+        """Record in the spool the recipients of ``entry`` still pending (after some settled).
+
+        Runs after the remote's 250 (or the DSN), so a crash before it costs one duplicate.
+        A write error cannot be answered with a 4xx any more: the older record stays, which at
+        worst sends again after a restart, and the error is logged.
+        """
+        if self._spool is None or entry.spool_name is None:
+            return
+        if not entry.pending:
+            self._unspool(entry)
+            return
+        try:
+            self._spool.update(entry.spool_name, rcpt=entry.pending, attempts=entry.attempts)
+        except StorageError as exc:
+            log.warning("relay %s: %s", entry.id, exc)
+
+    def _unspool(self, entry: _Entry) -> None:
+        """Every recipient of ``entry`` settled (or clear() forgot it): drop its spool file."""
+        name, entry.spool_name = entry.spool_name, None
+        if self._spool is None or name is None:
+            return
+        try:
+            self._spool.remove(name)
+        except StorageError as exc:
+            log.warning("relay %s: %s", entry.id, exc)
 
     def _bounce(self, entry: _Entry, rcpt: str, outcome: _Permanent, *, action: str) -> None:
         if not entry.mail_from:
@@ -667,39 +809,198 @@ class Relay:
     ) -> dict[str, _Outcome]:
         """One SMTP transaction with one MX address; ``_HostFailedError`` means try the next."""
         port = self._mx_port(host)
-        client = aiosmtplib.SMTP(
-            hostname=ip,
-            port=port,
-            local_hostname=entry.helo,
-            start_tls=False,  # upgraded below, so the certificate is checked against `host`
-            validate_certs=True,
-            tls_context=self._tls_context,
-            timeout=self._connect_timeout,
-        )
+        domain = _domain_of(rcpts[0])
+        policy = self._policy_for(domain)
+        if not policy.mx_allowed(host):
+            # RFC 8461 §4.1: not a valid MX under this policy; enforce never dials it.
+            patterns = ", ".join(policy.mx or ())
+            self._tls_failure(
+                entry,
+                rcpts,
+                policy,
+                domain,
+                ResultType.CERTIFICATE_HOST_MISMATCH,
+                f"MX host {host} matches no mx pattern of the policy ({patterns})",
+                where=f"{host}[{ip}]",
+                fallback="delivering anyway",
+            )
+        client, security = await self._open(entry, host, ip, port, rcpts, policy, domain)
         try:
-            try:
-                await client.connect()
-                await client.ehlo()
-                if client.supports_extension("starttls"):
-                    await client.starttls(server_hostname=host, tls_context=self._tls_context)
-                    await client.ehlo()
-                elif self._require_tls:
-                    raise _HostFailedError("STARTTLS not offered (TLS is required, no plaintext)")
-            except aiosmtplib.SMTPResponseException as exc:
-                raise _HostFailedError(f"{exc.code} {exc.message}") from exc
-            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                raise _HostFailedError(_describe(exc)) from exc
             for rcpt in rcpts:
-                self._event(entry, rcpt, "connected", f"{host}[{ip}]:{port}")
-            return await self._transaction(entry, client, host, rcpts)
+                self._event(entry, rcpt, "connected", f"{host}[{ip}]:{port}{security}")
+            outcomes = await self._transaction(entry, client, host, rcpts)
+            if security and any(outcome is None for outcome in outcomes.values()):
+                log.warning("relay %s: delivered to %s[%s]%s", entry.id, host, ip, security)
+            return outcomes
         finally:
+            said_goodbye = False
             try:
                 with contextlib.suppress(Exception):
                     if client.is_connected:
                         await client.quit()
+                        said_goodbye = True
             finally:
                 # Also when the task is cancelled (reset, stop) while QUIT is under way.
-                client.close()
+                if said_goodbye and not self._closed:
+                    client.close()
+                else:
+                    _discard(client)
+
+    # -- outbound TLS policy (RFC 8461, RFC 7435; failures named as in RFC 8460) -------------
+
+    def _policy_for(self, domain: str) -> TLSPolicy:
+        if self._tls_policy is not None:
+            policy = self._tls_policy(domain)
+            return policy if policy is not None else _NO_POLICY
+        return _REQUIRED if self._require_tls else _NO_POLICY
+
+    def _unverified(self) -> ssl.SSLContext:
+        """Encryption without authentication, for opportunistic TLS (RFC 7435 §3)."""
+        if self._unverified_context is None:
+            # Not create_default_context(): loading the system trust store costs ~70 ms and
+            # nothing is verified here anyway.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            self._unverified_context = context
+        return self._unverified_context
+
+    def _client(self, entry: _Entry, ip: str, port: int) -> aiosmtplib.SMTP:
+        return aiosmtplib.SMTP(
+            hostname=ip,
+            port=port,
+            local_hostname=entry.helo,
+            start_tls=False,  # upgraded in _open, so the certificate is checked against the MX
+            validate_certs=True,
+            tls_context=self._tls_context,
+            timeout=self._connect_timeout,
+        )
+
+    def _tls_failure(
+        self,
+        entry: _Entry,
+        rcpts: list[str],
+        policy: TLSPolicy,
+        domain: str,
+        result: ResultType,
+        detail: str,
+        *,
+        where: str,
+        fallback: str,
+    ) -> None:
+        """Record a TLS failure by its TLS-RPT result type; under ``enforce``, fail the host.
+
+        The event and the log name the MX (``where``); the reason does not, as the caller of
+        ``_session`` prefixes it with the MX already.
+
+        Raises:
+            _HostFailedError: the policy is ``enforce``: defer, never fall back.
+        """
+        if policy.requires_tls:
+            outcome = f"TLS policy of {domain}: enforce; deferred, no plaintext"
+        else:
+            outcome = f"TLS policy of {domain}: {policy.mode}; {fallback}"
+        text = f"{result}: {where}: {detail} ({outcome})"
+        log.warning("relay %s: %s", entry.id, text)
+        for rcpt in rcpts:
+            self._event(entry, rcpt, "tls-failure", text)
+        if policy.requires_tls:
+            raise _HostFailedError(f"{result}: {detail} ({outcome})")
+
+    async def _open(
+        self,
+        entry: _Entry,
+        host: str,
+        ip: str,
+        port: int,
+        rcpts: list[str],
+        policy: TLSPolicy,
+        domain: str,
+    ) -> tuple[aiosmtplib.SMTP, str]:
+        """Connect, EHLO and STARTTLS as ``policy`` asks.
+
+        The connection starts in plaintext and is upgraded with ``starttls(server_hostname=
+        host)``: we dial the IP our DNS gave us but verify the certificate against the MX
+        *name*. Under ``enforce`` every TLS failure raises; under ``testing`` a failed
+        verification is recorded and the delivery goes on over a new connection with
+        unverified TLS; under ``none`` (or no policy) TLS is not verified at all (RFC 7435).
+        aiosmtplib drops bytes the server sent after its ``220`` to STARTTLS (SECURITY.md A3.8).
+
+        Returns:
+            The client, ready for MAIL FROM, and "" for verified TLS, else a note for events
+            (" without TLS", " over unverified TLS").
+
+        Raises:
+            _HostFailedError: this host cannot take the message now.
+        """
+        verify = policy.mode != "none"
+        where = f"{host}[{ip}]"
+        client = self._client(entry, ip, port)
+        try:
+            try:
+                await client.connect()
+                await client.ehlo()
+                if not client.supports_extension("starttls"):
+                    self._tls_failure(
+                        entry,
+                        rcpts,
+                        policy,
+                        domain,
+                        ResultType.STARTTLS_NOT_SUPPORTED,
+                        "STARTTLS not offered",
+                        where=where,
+                        fallback="delivering without TLS",
+                    )
+                    return client, " without TLS"
+                context = self._tls_context if verify else self._unverified()
+                try:
+                    await client.starttls(server_hostname=host, tls_context=context)
+                except aiosmtplib.SMTPResponseException as exc:
+                    # Still in plaintext and in step: a refusal is as good as no offer.
+                    self._tls_failure(
+                        entry,
+                        rcpts,
+                        policy,
+                        domain,
+                        ResultType.STARTTLS_NOT_SUPPORTED,
+                        f"STARTTLS refused: {exc.code} {exc.message}",
+                        where=where,
+                        fallback="delivering without TLS",
+                    )
+                    return client, " without TLS"
+                except ssl.SSLError as exc:
+                    if not verify:
+                        raise
+                    self._tls_failure(
+                        entry,
+                        rcpts,
+                        policy,
+                        domain,
+                        _tls_result(exc),
+                        _describe(exc),
+                        where=where,
+                        fallback="delivering over unverified TLS",
+                    )
+                    # testing: the failed handshake left nothing to talk over; start again.
+                    _discard(client)
+                    client = self._client(entry, ip, port)
+                    await client.connect()
+                    await client.ehlo()
+                    if not client.supports_extension("starttls"):
+                        return client, " without TLS"
+                    await client.starttls(server_hostname=host, tls_context=self._unverified())
+                    await client.ehlo()
+                    return client, " over unverified TLS"
+                await client.ehlo()
+                return client, "" if verify else " over unverified TLS"
+            except aiosmtplib.SMTPResponseException as exc:
+                raise _HostFailedError(f"{exc.code} {exc.message}") from exc
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                raise _HostFailedError(_describe(exc)) from exc
+        except BaseException:
+            _discard(client)
+            raise
 
     async def _transaction(
         self, entry: _Entry, client: aiosmtplib.SMTP, host: str, rcpts: list[str]
@@ -785,6 +1086,19 @@ class Relay:
             raise
 
 
+def _discard(client: aiosmtplib.SMTP) -> None:
+    """Drop a connection at once: no QUIT, no TLS close_notify, nothing left to flush.
+
+    A graceful close waits for buffered bytes (or a TLS shutdown) to go out; on a connection
+    that failed, or while the loop is being stopped, that wait can outlive the loop and leave
+    an unclosed transport behind.
+    """
+    transport = client.transport
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+    client.close()
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -792,6 +1106,13 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return f"TLS failed: {text}"
     return text
+
+
+def _tls_result(exc: ssl.SSLError) -> ResultType:
+    """The TLS-RPT result type of a failed TLS handshake (RFC 8460 §4.3)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return verify_failure_result(exc.verify_code, exc.verify_message or "")
+    return ResultType.VALIDATION_FAILURE
 
 
 def _reply_outcome(code: int, message: str, host: str) -> _Permanent | _Temporary:
