@@ -15,7 +15,10 @@ import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+import hypothesis
+import hypothesis.strategies
 import pytest
 
 from roundtrip.certs import CertificateAuthority
@@ -899,3 +902,74 @@ def test_final_dot_reply_not_held_for_a_pipelined_command(world: World) -> None:
         rest = first.split(b"\r\n", 1)[1]
         client.buf = rest
         assert client.reply()[0].startswith("250 ")  # the NOOP's own answer
+
+
+# MAIL/RCPT paths: the fast path parses exactly as aiosmtpd's RFC 5322 parser
+
+_PATH_CHARS = 'ab.-+_@<>"()[] \tZ9=\\:'
+
+
+def _both_parsers(arg: str) -> tuple[object, object]:
+    from aiosmtpd.smtp import SMTP
+
+    from roundtrip.servers.smtp import _SMTP
+
+    bare = object.__new__(_SMTP)  # _getaddr reads nothing but local_part_limit
+
+    def outcome(parse: Any) -> object:
+        try:
+            return parse(bare, arg)
+        except Exception as exc:  # the email parser fails on some inputs: fail alike
+            return type(exc)
+
+    ours, reference = outcome(_SMTP._getaddr), outcome(SMTP._getaddr)
+    if isinstance(reference, type):  # where aiosmtpd's parser crashes, ours says "unparsable"
+        reference = (None, None)
+    return ours, reference
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "<a@b.c>",
+        "<a@b.c> SIZE=10",
+        "<first.last+tag@sub.example.org>  BODY=8BITMIME",
+        "<A@B.C>x",
+        " <a@b>",
+        "<a@[127.0.0.1]>",
+        "<>",
+        "<a..b@c>",
+        '<"q q"@b>',
+        "<a@b.c> (comment) SIZE=1",
+        "<a@b.c> ",
+        "<@relay.example:a@b.c>",
+        "a@b.c",
+        "<a@b.c> SIZE=1 ",
+        "<a@b.c>\tBODY=7BIT",
+        "<",
+    ],
+)
+def test_fast_path_parses_paths_as_aiosmtpd_does(arg: str) -> None:
+    fast, reference = _both_parsers(arg)
+    assert fast == reference
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(hypothesis.strategies.text(alphabet=_PATH_CHARS, max_size=24))
+def test_fast_path_agrees_with_aiosmtpd_on_generated_paths(tail: str) -> None:
+    for arg in ("<" + tail, "<a@b" + tail, tail):
+        fast, reference = _both_parsers(arg)
+        assert fast == reference, arg
+
+
+@pytest.mark.parametrize("command", ["MAIL FROM:<", "MAIL FROM:<(", "RCPT TO:<"])
+def test_unparsable_path_is_malformed_and_the_session_goes_on(world: World, command: str) -> None:
+    # The email package's parser raises IndexError on these; that must not reach the client.
+    with world.raw(Role.SMTP) as client:
+        client.reply()
+        client.cmd("EHLO client.example")
+        if command.startswith("RCPT"):
+            client.cmd(f"MAIL FROM:<{STRANGER}>")
+        assert client.cmd(command) == ["553 5.1.3 Error: malformed address"]
+        client.cmd("RSET")
+        assert client.cmd(f"MAIL FROM:<{STRANGER}>")[0].startswith("250 ")
