@@ -527,10 +527,28 @@ class MailStack:
                 if verdict.action == "reject":
                     raise ContentRejectedError(verdict.reply)
                 raw, mailbox = prepend_headers(raw, verdict.headers), verdict.mailbox
-        remote = []
-        stored = False
-        for rcpt in accepted.rcpt_tos:
-            if accepted.role is Role.SMTP or domain_of(rcpt) == accepted.server_domain:
+        here = [
+            rcpt
+            for rcpt in accepted.rcpt_tos
+            if accepted.role is Role.SMTP or domain_of(rcpt) == accepted.server_domain
+        ]
+        remote = [rcpt for rcpt in accepted.rcpt_tos if rcpt not in here]
+        # The relay's part is checked and spooled first and started last: a failure to spool
+        # (451) leaves no local copy behind, and a local copy that fails to store withdraws
+        # the spooled one, so the client's retry duplicates nothing.
+        prepared = None
+        if remote:
+            assert self.relay is not None
+            prepared = self.relay.prepare(
+                helo=accepted.hostname,
+                mail_from=accepted.mail_from or "<>",
+                rcpt_tos=remote,
+                raw=accepted.raw,
+                received_at=accepted.received_at,
+                origin_id=accepted.queue_id,
+            )
+        try:
+            for rcpt in here:
                 for copy in self.faults.apply(raw):
                     self.store.deliver(
                         rcpt,
@@ -539,22 +557,17 @@ class MailStack:
                         envelope_from=accepted.mail_from,
                         envelope_to=(rcpt,),
                     )
-                stored = True
-            else:
-                remote.append(rcpt)
-        if stored:
+        except BaseException:
+            if prepared is not None:
+                assert self.relay is not None
+                self.relay.abandon(prepared)
+            raise
+        if here:
             self._record(accepted.queue_id, "stored", accepted.hostname, time.monotonic())
             self._index_journey(raw)
-        if remote:
+        if prepared is not None:
             assert self.relay is not None
-            entry = self.relay.enqueue(
-                helo=accepted.hostname,
-                mail_from=accepted.mail_from or "<>",
-                rcpt_tos=remote,
-                raw=accepted.raw,
-                received_at=accepted.received_at,
-                origin_id=accepted.queue_id,
-            )
+            entry = self.relay.commit(prepared)
             self._relay_origin[entry.id] = accepted.queue_id
             self._record(accepted.queue_id, "relay queued", entry.id, time.monotonic())
 

@@ -510,7 +510,12 @@ class InjectingMX:
         buf = bytearray()
         in_data = False
         while True:
-            line = self._line(tls, buf)
+            try:
+                line = self._line(tls, buf)
+            except ConnectionError:
+                if self.stored:  # after the message, the relay may drop a cached connection
+                    return
+                raise
             if in_data:
                 if line == b".":
                     in_data = False

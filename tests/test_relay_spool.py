@@ -275,23 +275,65 @@ def test_relay_spool_delivered_message_leaves_no_spool_file(tmp_path: Path) -> N
         stack.check()
 
 
+def _submit_to(stack: MailStack, rcpts: list[str], raw: bytes) -> None:
+    ep = stack.endpoints("example.com")
+    with smtplib.SMTP_SSL(
+        ep.host, ep.ports["submissions"], context=stack.client_context(), timeout=TIMEOUT
+    ) as smtp:
+        smtp.login(ALICE, PASSWORD)
+        smtp.sendmail(ALICE, rcpts, raw)
+
+
+@pytest.mark.parametrize("rcpts", [[BOB], [ALICE, BOB]], ids=["remote", "local-and-remote"])
 def test_relay_spool_disk_full_at_enqueue_is_451_not_250(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rcpts: list[str]
 ) -> None:
+    # The spool is written before any local copy (ALICE is local to the submission server):
+    # the first fsync is the spool's, and its failure is a 451 with nothing stored anywhere,
+    # so the client's retry duplicates nothing.
     root = tmp_path / "mail"
     raw = make_message(sender=ALICE, recipient=BOB, subject="disk full")
     with MailStack(_config(), store=MaildirStore(root)) as stack:
-        # Nothing is stored locally for BOB at example.com's submission server: the first
-        # fsync is the spool's.
         monkeypatch.setattr("roundtrip.spool.os.fsync", _fail_nth(os.fsync, 1, errno.ENOSPC))
         with pytest.raises(smtplib.SMTPDataError) as exc:
-            _submit(stack, raw)
+            _submit_to(stack, rcpts, raw)
+        monkeypatch.undo()
+        assert exc.value.smtp_code == 451
+        stack.relay_idle()
+        assert _spooled(root) == []
+        assert stack.relay_queue() == []
+        assert stack.messages(ALICE) == []
+        assert stack.messages(BOB) == []
+        stack.check()
+
+
+def test_relay_spool_local_store_failure_withdraws_the_spooled_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The twin: the spool works but ALICE's copy cannot be stored; the 451 must not leave
+    # BOB's copy queued (it would be delivered, and again after the client's retry).
+    root = tmp_path / "mail"
+    raw = make_message(sender=ALICE, recipient=BOB, subject="store fails")
+    with MailStack(_config(), store=MaildirStore(root)) as stack:
+
+        def full_disk(*args: Any, **kwargs: Any) -> Any:
+            raise StorageError("cannot store: no space left on device")
+
+        monkeypatch.setattr(stack.store, "deliver", full_disk)
+        with pytest.raises(smtplib.SMTPDataError) as exc:
+            _submit_to(stack, [ALICE, BOB], raw)
         monkeypatch.undo()
         assert exc.value.smtp_code == 451
         stack.relay_idle()
         assert _spooled(root) == []
         assert stack.relay_queue() == []
         assert stack.messages(BOB) == []
+        # and the retry goes through once, to both
+        _submit_to(stack, [ALICE, BOB], raw)
+        stack.wait_for(BOB, subject="store fails", timeout=TIMEOUT)
+        stack.relay_idle()
+        assert len(stack.messages(ALICE)) == 1
+        assert len(stack.messages(BOB)) == 1
         stack.check()
 
 

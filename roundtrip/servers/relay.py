@@ -24,6 +24,15 @@ How a message moves (RFC 5321 §5.1 and §4.5.4, RFC 7505, RFC 3464):
    failure for that host, never a plaintext fallback; ``testing`` records the failure and
    delivers anyway; ``none`` or no policy is opportunistic TLS (RFC 7435). Failures carry
    their TLS-RPT result type (RFC 8460 §4.3) in the ``tls-failure`` event and the reason.
+   After a transaction that ended in step, the connection is reset with RSET and kept idle for
+   ``connection_cache_time`` (2 s; Postfix's SMTP connection cache): the next message to the
+   same MX host, address, port and HELO name takes it instead of dialling, if its TLS meets
+   that message's policy (verified TLS meets every mode; plaintext or unverified TLS only the
+   mode that allowed it). The DNS lookups still run for every message. A cached connection
+   that turns out dead (EOF, 421 or any failure of MAIL FROM) is dropped and a fresh one
+   dialled at once. Bounds: ``connection_cache_size`` idle connections, 300 s and 100
+   messages per connection; idle ones get QUIT when their time is up, ``clear()`` closes
+   them with QUIT and ``close()`` drops them. The ``connected`` event says ``(reused)``.
 4. Connection failures and 4xx replies move on to the next address/MX, then leave the
    recipient queued for a retry after ``retry_delays[attempt]``; 5xx replies bounce it. When a
    recipient has waited ``queue_lifetime`` seconds it bounces with 4.4.7.
@@ -38,15 +47,17 @@ then writes the stored bytes dot-stuffed (RFC 5321 §4.5.2) in slices produced l
 :func:`dot_stuffed_slices`, each written only when the transport has not asked us to pause,
 and reads the final reply with aiosmtplib's response reader.
 
-Exactly once: a recipient is marked delivered as soon as the final ``250`` to DATA arrives and
-is never attempted again. A reply lost between the remote's 250 and our reading it can still
-cause one duplicate on retry (RFC 1047: a duplicate is better than a loss).
+Exactly once: a recipient is settled as soon as the final ``250`` to DATA arrives (or its 5xx)
+and is never attempted again. A reply lost between the remote's 250 and our reading it can
+still cause one duplicate on retry (RFC 1047: a duplicate is better than a loss).
 
 Durability (SECURITY.md A9.4): with a ``spool`` (:mod:`roundtrip.spool`; the stack gives one
 with the Maildir store) ``enqueue`` writes the message to disk and fsyncs it before returning,
-so before the submission server's 250; the recipients still pending are recorded after each
-domain's outcomes, and the file goes when none is left. :meth:`Relay.restore` queues again what
-a killed process left. A crash between a remote 250 and that record costs one duplicate.
+so before the submission server's 250. The recipients still pending are recorded right after
+the MX's reply to the final dot (recipients refused at RCPT with it), before RSET or QUIT is
+sent (``_conclude``); routing outcomes and deferrals after the domain's attempt. The file goes
+when no recipient is left. :meth:`Relay.restore` queues again what a killed process left. Only
+a crash between a remote 250 and that record costs one duplicate.
 """
 
 from __future__ import annotations
@@ -58,7 +69,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -74,7 +85,7 @@ from ..protocols.dsn import build_dsn
 from ..protocols.tlspolicy import ResultType, TLSPolicy, verify_failure_result
 from ..spool import RelaySpool
 
-__all__ = ["QueuedMessage", "Relay", "RelayEvent"]
+__all__ = ["Prepared", "QueuedMessage", "Relay", "RelayEvent"]
 
 log = logging.getLogger("roundtrip.servers.relay")
 
@@ -83,6 +94,15 @@ _STRAY_EOL = re.compile(rb"\r\n|\r|\n")
 #: the transport (and the TLS layer under it) then holds about one slice, not the message.
 _DATA_SLICE = 256 * 1024
 _FORBIDDEN_IN_ADDRESS = re.compile(r"[\r\n\x00<>]")
+#: Error replies (4xx/5xx) on one connection after which it is not cached again: an MX closes
+#: a session with 421 after its error limit (Postfix smtpd_hard_error_limit and our MX's
+#: ``SMTPLimits.max_errors`` are 20), which would hit a later message mid-transaction.
+_REUSE_ERROR_LIMIT = 10
+#: Seconds ``clear()`` waits for the QUITs of the cached connections (sent all at once) before
+#: dropping them: well inside the 5 s that ``MailStack.reset()`` gives ``clear()``, and
+#: enough for test MXs that take their time (test_catalogue_a's InjectingMX waits 0.5 s for
+#: pipelined bytes before each reply).
+_CLEAR_QUIT_TIMEOUT = 2.0
 
 #: Steps reported in :attr:`Relay.events`, in the order they happen for one recipient.
 STEPS = (
@@ -170,6 +190,14 @@ class _Entry:
         )
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A message :meth:`Relay.prepare` checked and spooled, waiting for commit or abandon."""
+
+    entry: _Entry
+    recipients: tuple[str, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class _Permanent:
     """Give up on the recipient: RFC 3463 status and a Diagnostic-Code."""
@@ -185,6 +213,30 @@ class _Temporary:
 
 
 _Outcome = _Permanent | _Temporary | None  # None: delivered
+
+#: What a cached connection is filed under: MX host, IP, port and the HELO name it announced.
+_Endpoint = tuple[str, str, int, str]
+#: A TLS failure recorded when a connection was opened: result type, detail, what we did.
+_Failure = tuple[ResultType, str, str]
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One SMTP connection to an MX, used by one delivery at a time, cached between them."""
+
+    client: aiosmtplib.SMTP
+    endpoint: _Endpoint
+    #: "" for verified TLS, else the note events carry (" without TLS", ...).
+    security: str
+    #: The policy mode it was opened under: a degraded connection is reused only under it.
+    mode: str
+    #: TLS failures recorded when it was opened, recorded again for each message it carries.
+    failures: tuple[_Failure, ...]
+    #: When it was opened (loop clock).
+    opened: float
+    messages: int = 0
+    errors: int = 0
+    timer: asyncio.TimerHandle | None = None
 
 
 #: No policy (or mode ``none``): opportunistic TLS, plaintext when STARTTLS is not offered.
@@ -299,6 +351,16 @@ class Relay:
         spool: keep the queue on disk too (RFC 5321 §6.1, SECURITY.md A9.4): ``enqueue``
             returns only once the message is durable, settled recipients are recorded, and
             :meth:`restore` queues again what a previous process left. None: memory only.
+        connection_cache_time: seconds an MX connection stays open after a transaction, for
+            the next message to the same MX host, address and port (Postfix
+            smtp_connection_cache_time_limit, 2 s); 0 sends QUIT after every message.
+        connection_cache_size: idle connections kept at most, in all (and per MX address, at
+            most ``max_concurrent``).
+        connection_reuse_time: seconds after its opening that a connection is no longer
+            cached (Postfix smtp_connection_reuse_time_limit, 300 s).
+        connection_reuse_limit: messages per connection (Postfix
+            smtp_connection_reuse_count_limit); a session also stays inside the MX's command
+            budget (our MX allows 100 RSET, one per message).
     """
 
     def __init__(
@@ -322,11 +384,31 @@ class Relay:
         reporting_mta: str = "localhost",
         max_concurrent: int = 20,
         spool: RelaySpool | None = None,
+        connection_cache_time: float = 2.0,
+        connection_cache_size: int = 20,
+        connection_reuse_time: float = 300.0,
+        connection_reuse_limit: int = 100,
     ) -> None:
         if not retry_delays:
             raise ValueError("retry_delays must hold at least one delay")
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
+        if connection_cache_time < 0 or connection_reuse_time < 0:
+            raise ValueError("connection cache and reuse times must not be negative")
+        if connection_cache_size < 0 or connection_reuse_limit < 1:
+            raise ValueError(
+                "connection_cache_size must not be negative, connection_reuse_limit at least 1"
+            )
+        self._cache_time = connection_cache_time
+        self._cache_size = connection_cache_size
+        self._cache_per_endpoint = min(connection_cache_size, max_concurrent)
+        self._reuse_time = connection_reuse_time
+        self._reuse_limit = connection_reuse_limit
+        #: Idle connections by endpoint, oldest first; taken newest first.
+        self._idle: dict[_Endpoint, list[_Connection]] = {}
+        self._idle_count = 0
+        #: QUIT of expired idle connections under way.
+        self._reaping: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(max_concurrent)
         self._tls_context = tls_context
         self._local_domains = local_domains
@@ -392,6 +474,36 @@ class Relay:
             StorageError: with a spool, the message could not be written durably (nothing
                 was queued or captured; the SMTP server answers 451).
         """
+        return self.commit(
+            self.prepare(
+                helo=helo,
+                mail_from=mail_from,
+                rcpt_tos=rcpt_tos,
+                raw=raw,
+                received_at=received_at,
+                origin_id=origin_id,
+            )
+        )
+
+    def prepare(
+        self,
+        *,
+        helo: str,
+        mail_from: str,
+        rcpt_tos: Sequence[str],
+        raw: bytes,
+        received_at: float,
+        origin_id: str = "",
+    ) -> Prepared:
+        """The first half of :meth:`enqueue`: check the envelope and spool the message.
+
+        Nothing is queued, captured or announced yet: follow with :meth:`commit`, or with
+        :meth:`abandon` when the caller cannot accept the message after all (a local copy
+        failed to store), so a 451 leaves no trace here either. Loop thread only.
+
+        Raises:
+            As :meth:`enqueue`.
+        """
         if self._closed:
             raise RuntimeError("relay is closed")
         sender = "" if mail_from == "<>" else check_address(mail_from, what="sender")
@@ -421,7 +533,24 @@ class Relay:
                     raw=entry.raw,
                     received_at=received_at,
                 )
-        for rcpt in dict.fromkeys(recipients):
+        return Prepared(entry, tuple(dict.fromkeys(recipients)))
+
+    def abandon(self, prepared: Prepared) -> None:
+        """Forget a prepared message: its spool file goes, nothing was sent or announced."""
+        entry = prepared.entry
+        if entry.spool_name and self._spool is not None:
+            try:
+                self._spool.remove(entry.spool_name)
+            except StorageError as exc:  # the caller is already answering 451
+                log.error("relay %s: cannot withdraw from the spool: %s", entry.id, exc)
+            entry.spool_name = None
+
+    def commit(self, prepared: Prepared) -> QueuedMessage:
+        """The second half of :meth:`enqueue`: queue, capture and start the first attempt."""
+        entry = prepared.entry
+        local = {d.lower().rstrip(".") for d in self._local_domains()}
+        sender = entry.mail_from
+        for rcpt in prepared.recipients:
             self._event(entry, rcpt, "queued")
             if _domain_of(rcpt) in local:
                 entry.pending.append(rcpt)
@@ -523,7 +652,14 @@ class Relay:
                 self._start(entry)
 
     async def clear(self) -> None:
-        """Forget every queued message and event (a test's clean slate); stays open."""
+        """Forget every queued message and event (a test's clean slate); stays open.
+
+        Cached MX connections are closed too (QUIT, at most 2 s, then dropped). They
+        hold no message, but they were opened under the previous test's TLS policies, MX
+        ports and faults, and a test that counts the connections its MX sees, or arms a fault
+        at connect time, must see a fresh dial; one connection setup per test is all that
+        closing them costs.
+        """
         for entry in self._entries.values():
             if entry.timer is not None:
                 entry.timer.cancel()
@@ -533,6 +669,7 @@ class Relay:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self._close_idle(graceful=True)
         for entry in self._entries.values():
             self._unspool(entry)
         self._entries.clear()
@@ -553,6 +690,7 @@ class Relay:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self._close_idle(graceful=False)
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -607,10 +745,9 @@ class Relay:
                 by_domain.setdefault(_domain_of(rcpt), []).append(rcpt)
             for domain, rcpts in by_domain.items():
                 outcomes = await self._deliver_domain(entry, domain, rcpts)
-                for rcpt in rcpts:
-                    self._settle(entry, rcpt, outcomes[rcpt])
-                if any(not isinstance(o, _Temporary) for o in outcomes.values()):
-                    self._persist(entry)
+                # The MX's answers were settled as they came (_session); what is left here is
+                # deferrals and routing outcomes (NXDOMAIN, null MX).
+                self._conclude(entry, {rcpt: outcomes[rcpt] for rcpt in rcpts})
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -619,6 +756,23 @@ class Relay:
             entry.last_error = f"internal error: {exc!r}"
             self._touch(entry)
         self._reschedule(entry)
+
+    def _conclude(self, entry: _Entry, outcomes: dict[str, _Outcome]) -> None:
+        """Settle ``outcomes``; if any recipient is done, record that in the spool at once.
+
+        The one place where outcomes meet the spool: ``_session`` calls it with the MX's final
+        answers right after the 250 to the final dot (or the 5xx), before anything else is
+        sent on that connection, and ``_attempt_now`` with the rest. Recipients settled
+        already are skipped, so each is settled (and bounced) once.
+        """
+        done = False
+        for rcpt, outcome in outcomes.items():
+            if rcpt not in entry.pending:
+                continue
+            self._settle(entry, rcpt, outcome)
+            done = done or not isinstance(outcome, _Temporary)
+        if done:
+            self._persist(entry)
 
     def _settle(self, entry: _Entry, rcpt: str, outcome: _Outcome) -> None:
         if outcome is None:
@@ -667,7 +821,8 @@ class Relay:
     def _persist(self, entry: _Entry) -> None:
         """Record in the spool the recipients of ``entry`` still pending (after some settled).
 
-        Runs after the remote's 250 (or the DSN), so a crash before it costs one duplicate.
+        Runs right after the remote's 250 (or the DSN), before the next command on that
+        connection, so only a crash in between costs one duplicate.
         A write error cannot be answered with a 4xx any more: the older record stays, which at
         worst sends again after a restart, and the error is logged.
         """
@@ -824,27 +979,207 @@ class Relay:
                 where=f"{host}[{ip}]",
                 fallback="delivering anyway",
             )
-        client, security = await self._open(entry, host, ip, port, rcpts, policy, domain)
+        endpoint = (host, ip, port, entry.helo)
+        conn = await self._reuse(entry, endpoint, policy.mode)
+        reused = conn is not None
+        if conn is None:
+            client, security, failures = await self._open(
+                entry, host, ip, port, rcpts, policy, domain
+            )
+            loop = asyncio.get_running_loop()
+            conn = _Connection(client, endpoint, security, policy.mode, failures, loop.time())
+        reusable = False
         try:
+            note = ""
+            if reused:
+                note = " (reused)"
+                # The message travels over what those failures left: say so for it too.
+                for result, detail, fallback in conn.failures:
+                    self._tls_failure(
+                        entry,
+                        rcpts,
+                        policy,
+                        domain,
+                        result,
+                        detail,
+                        where=f"{host}[{ip}]",
+                        fallback=fallback,
+                    )
             for rcpt in rcpts:
-                self._event(entry, rcpt, "connected", f"{host}[{ip}]:{port}{security}")
-            outcomes = await self._transaction(entry, client, host, rcpts)
-            if security and any(outcome is None for outcome in outcomes.values()):
-                log.warning("relay %s: delivered to %s[%s]%s", entry.id, host, ip, security)
+                self._event(entry, rcpt, "connected", f"{host}[{ip}]:{port}{conn.security}{note}")
+            outcomes, reusable = await self._transaction(entry, conn, host, rcpts, reused=reused)
+            # Recorded (spool included) before RSET or QUIT goes out (SECURITY.md A9.4).
+            self._conclude(
+                entry, {r: o for r, o in outcomes.items() if not isinstance(o, _Temporary)}
+            )
+            if conn.security and any(outcome is None for outcome in outcomes.values()):
+                log.warning("relay %s: delivered to %s[%s]%s", entry.id, host, ip, conn.security)
             return outcomes
         finally:
-            said_goodbye = False
+            await self._release(conn, reusable=reusable)
+
+    # -- connection cache (Postfix smtp_connection_cache_*, smtp_connection_reuse_*) ---------
+
+    async def _reuse(self, entry: _Entry, endpoint: _Endpoint, mode: str) -> _Connection | None:
+        """An idle connection to ``endpoint`` that has accepted MAIL FROM for ``entry``, or None.
+
+        Taken out of the cache (so no other delivery can use it) before anything is sent. A
+        connection that is not verified TLS serves only under the policy mode that allowed
+        it; verified TLS serves every mode. One that turns out dead (EOF, 421, any failure of
+        MAIL FROM) is closed and the next is tried: the caller then dials afresh, so a stale
+        connection never costs a deferral or a bounce.
+        """
+        while True:
+            conn = self._take(endpoint, mode)
+            if conn is None:
+                return None
+            if not conn.client.is_connected:  # the MX closed it while it was idle
+                _discard(conn.client)
+                continue
             try:
-                with contextlib.suppress(Exception):
-                    if client.is_connected:
-                        await client.quit()
-                        said_goodbye = True
-            finally:
-                # Also when the task is cancelled (reset, stop) while QUIT is under way.
+                await conn.client.mail(entry.mail_from)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                log.info(
+                    "relay %s: cached connection to %s[%s] failed MAIL FROM (%s); dialling",
+                    entry.id,
+                    endpoint[0],
+                    endpoint[1],
+                    _describe(exc),
+                )
+                _discard(conn.client)
+                continue
+            except BaseException:
+                _discard(conn.client)
+                raise
+            return conn
+
+    def _take(self, endpoint: _Endpoint, mode: str) -> _Connection | None:
+        idle = self._idle.get(endpoint)
+        if not idle:
+            return None
+        for index in range(len(idle) - 1, -1, -1):  # newest first: the likeliest alive
+            conn = idle[index]
+            if conn.security and conn.mode != mode:
+                continue
+            del idle[index]
+            if not idle:
+                del self._idle[endpoint]
+            self._idle_count -= 1
+            if conn.timer is not None:
+                conn.timer.cancel()
+                conn.timer = None
+            return conn
+        return None
+
+    def _cacheable(self, conn: _Connection) -> bool:
+        return (
+            self._cache_time > 0
+            and not self._closed
+            and conn.client.is_connected
+            and conn.messages < self._reuse_limit
+            and conn.errors < _REUSE_ERROR_LIMIT
+            and asyncio.get_running_loop().time() - conn.opened < self._reuse_time
+            and self._idle_count < self._cache_size
+            and len(self._idle.get(conn.endpoint, ())) < self._cache_per_endpoint
+        )
+
+    async def _release(self, conn: _Connection, *, reusable: bool) -> None:
+        """After a delivery: RSET and cache the connection if it may serve again, else QUIT.
+
+        ``reusable``: the transaction ended in step (the MX answered the final dot, or
+        refused MAIL FROM, every RCPT or DATA). An MX that fails the RSET is not cached.
+        """
+        client = conn.client
+        said_goodbye = cached = False
+        try:
+            if reusable and self._cacheable(conn):
+                try:
+                    await client.rset()
+                except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                    log.info("relay: RSET to %s[%s]: %s", *conn.endpoint[:2], _describe(exc))
+                else:
+                    cached = self._cache(conn)
+                    if cached:
+                        return
+            with contextlib.suppress(Exception):
+                if client.is_connected:
+                    await client.quit()
+                    said_goodbye = True
+        finally:
+            # Also when the task is cancelled (reset, stop) while RSET or QUIT is under way.
+            if not cached:
                 if said_goodbye and not self._closed:
                     client.close()
                 else:
                     _discard(client)
+
+    def _cache(self, conn: _Connection) -> bool:
+        if not self._cacheable(conn):  # the relay closed or the cache filled during RSET
+            return False
+        self._idle.setdefault(conn.endpoint, []).append(conn)
+        self._idle_count += 1
+        conn.timer = asyncio.get_running_loop().call_later(self._cache_time, self._expire, conn)
+        return True
+
+    def _expire(self, conn: _Connection) -> None:
+        """The idle time is over: take ``conn`` out of the cache and say QUIT."""
+        conn.timer = None
+        idle = self._idle.get(conn.endpoint, [])
+        if conn not in idle:
+            return
+        idle.remove(conn)
+        if not idle:
+            del self._idle[conn.endpoint]
+        self._idle_count -= 1
+        if not conn.client.is_connected:
+            _discard(conn.client)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._goodbye(conn.client), name=f"relay-quit-{conn.endpoint[0]}"
+        )
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
+    async def _goodbye(self, client: aiosmtplib.SMTP, timeout: float | None = None) -> None:
+        said_goodbye = False
+        try:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await client.quit(timeout=self._connect_timeout if timeout is None else timeout)
+                said_goodbye = True
+        finally:
+            if said_goodbye and not self._closed:
+                client.close()
+            else:
+                _discard(client)
+
+    async def _close_idle(self, *, graceful: bool) -> None:
+        """Close every cached connection before returning: QUIT first if ``graceful``.
+
+        Without ``graceful`` (the relay closes, the loop is about to stop) nothing is sent:
+        the connections are between transactions, so the MX loses nothing.
+        """
+        conns = [conn for idle in self._idle.values() for conn in idle]
+        self._idle.clear()
+        self._idle_count = 0
+        for conn in conns:
+            if conn.timer is not None:
+                conn.timer.cancel()
+                conn.timer = None
+        reaping = list(self._reaping)
+        if graceful:
+            waits: list[Awaitable[object]] = [
+                self._goodbye(conn.client, _CLEAR_QUIT_TIMEOUT) for conn in conns
+            ]
+            if reaping:  # expired ones saying QUIT already: the same bound, at the same time
+                waits.append(asyncio.wait(reaping, timeout=_CLEAR_QUIT_TIMEOUT))
+            await asyncio.gather(*waits)
+        else:
+            for conn in conns:
+                _discard(conn.client)
+        for task in reaping:
+            task.cancel()
+        if reaping:
+            await asyncio.gather(*reaping, return_exceptions=True)
 
     # -- outbound TLS policy (RFC 8461, RFC 7435; failures named as in RFC 8460) -------------
 
@@ -917,7 +1252,7 @@ class Relay:
         rcpts: list[str],
         policy: TLSPolicy,
         domain: str,
-    ) -> tuple[aiosmtplib.SMTP, str]:
+    ) -> tuple[aiosmtplib.SMTP, str, tuple[_Failure, ...]]:
         """Connect, EHLO and STARTTLS as ``policy`` asks.
 
         The connection starts in plaintext and is upgraded with ``starttls(server_hostname=
@@ -928,72 +1263,61 @@ class Relay:
         aiosmtplib drops bytes the server sent after its ``220`` to STARTTLS (SECURITY.md A3.8).
 
         Returns:
-            The client, ready for MAIL FROM, and "" for verified TLS, else a note for events
-            (" without TLS", " over unverified TLS").
+            The client, ready for MAIL FROM; "" for verified TLS, else a note for events
+            (" without TLS", " over unverified TLS"); and the TLS failures recorded.
 
         Raises:
             _HostFailedError: this host cannot take the message now.
         """
         verify = policy.mode != "none"
         where = f"{host}[{ip}]"
+        failures: list[_Failure] = []
+
+        def fail(result: ResultType, detail: str, fallback: str) -> None:
+            failures.append((result, detail, fallback))
+            self._tls_failure(
+                entry, rcpts, policy, domain, result, detail, where=where, fallback=fallback
+            )
+
         client = self._client(entry, ip, port)
         try:
             try:
                 await client.connect()
                 await client.ehlo()
                 if not client.supports_extension("starttls"):
-                    self._tls_failure(
-                        entry,
-                        rcpts,
-                        policy,
-                        domain,
+                    fail(
                         ResultType.STARTTLS_NOT_SUPPORTED,
                         "STARTTLS not offered",
-                        where=where,
-                        fallback="delivering without TLS",
+                        "delivering without TLS",
                     )
-                    return client, " without TLS"
+                    return client, " without TLS", tuple(failures)
                 context = self._tls_context if verify else self._unverified()
                 try:
                     await client.starttls(server_hostname=host, tls_context=context)
                 except aiosmtplib.SMTPResponseException as exc:
                     # Still in plaintext and in step: a refusal is as good as no offer.
-                    self._tls_failure(
-                        entry,
-                        rcpts,
-                        policy,
-                        domain,
+                    fail(
                         ResultType.STARTTLS_NOT_SUPPORTED,
                         f"STARTTLS refused: {exc.code} {exc.message}",
-                        where=where,
-                        fallback="delivering without TLS",
+                        "delivering without TLS",
                     )
-                    return client, " without TLS"
+                    return client, " without TLS", tuple(failures)
                 except ssl.SSLError as exc:
                     if not verify:
                         raise
-                    self._tls_failure(
-                        entry,
-                        rcpts,
-                        policy,
-                        domain,
-                        _tls_result(exc),
-                        _describe(exc),
-                        where=where,
-                        fallback="delivering over unverified TLS",
-                    )
+                    fail(_tls_result(exc), _describe(exc), "delivering over unverified TLS")
                     # testing: the failed handshake left nothing to talk over; start again.
                     _discard(client)
                     client = self._client(entry, ip, port)
                     await client.connect()
                     await client.ehlo()
                     if not client.supports_extension("starttls"):
-                        return client, " without TLS"
+                        return client, " without TLS", tuple(failures)
                     await client.starttls(server_hostname=host, tls_context=self._unverified())
                     await client.ehlo()
-                    return client, " over unverified TLS"
+                    return client, " over unverified TLS", tuple(failures)
                 await client.ehlo()
-                return client, "" if verify else " over unverified TLS"
+                return client, "" if verify else " over unverified TLS", tuple(failures)
             except aiosmtplib.SMTPResponseException as exc:
                 raise _HostFailedError(f"{exc.code} {exc.message}") from exc
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
@@ -1003,48 +1327,60 @@ class Relay:
             raise
 
     async def _transaction(
-        self, entry: _Entry, client: aiosmtplib.SMTP, host: str, rcpts: list[str]
-    ) -> dict[str, _Outcome]:
-        try:
-            await client.mail(entry.mail_from)
-        except aiosmtplib.SMTPResponseException as exc:
-            outcome = _reply_outcome(exc.code, exc.message, host)
-            if isinstance(outcome, _Temporary):
-                raise _HostFailedError(f"MAIL FROM: {exc.code} {exc.message}") from exc
-            return dict.fromkeys(rcpts, outcome)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            raise _HostFailedError(_describe(exc)) from exc
+        self, entry: _Entry, conn: _Connection, host: str, rcpts: list[str], *, reused: bool
+    ) -> tuple[dict[str, _Outcome], bool]:
+        """MAIL (unless ``_reuse`` sent it already), RCPT, DATA over ``conn``.
+
+        Returns:
+            The outcome of each recipient, and whether the session ended in step, so that
+            the connection may carry another message after RSET.
+        """
+        client = conn.client
+        conn.messages += 1
+        if not reused:
+            try:
+                await client.mail(entry.mail_from)
+            except aiosmtplib.SMTPResponseException as exc:
+                conn.errors += 1
+                outcome = _reply_outcome(exc.code, exc.message, host)
+                if isinstance(outcome, _Temporary):
+                    raise _HostFailedError(f"MAIL FROM: {exc.code} {exc.message}") from exc
+                return dict.fromkeys(rcpts, outcome), True
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                raise _HostFailedError(_describe(exc)) from exc
         outcomes: dict[str, _Outcome] = {}
         accepted: list[str] = []
         for rcpt in rcpts:
             try:
                 await client.rcpt(rcpt)
             except aiosmtplib.SMTPResponseException as exc:
+                conn.errors += 1
                 outcomes[rcpt] = _reply_outcome(exc.code, exc.message, host)
                 continue
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 raise _HostFailedError(_describe(exc)) from exc
             accepted.append(rcpt)
         if not accepted:
-            return outcomes
+            return outcomes, True
         try:
             reply = await client.execute_command(b"DATA")
             if reply.code == 354:
                 reply = await self._send_content(client, entry.raw)
         except aiosmtplib.SMTPResponseException as exc:  # a malformed or over-long reply
             outcomes.update(dict.fromkeys(accepted, _reply_outcome(exc.code, exc.message, host)))
-            return outcomes
+            return outcomes, False
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             raise _HostFailedError(_describe(exc)) from exc
         if reply.code != 250:  # to DATA (not 354) or to the final dot
+            conn.errors += 1
             outcomes.update(
                 dict.fromkeys(accepted, _reply_outcome(reply.code, reply.message, host))
             )
-            return outcomes
+            return outcomes, True
         for rcpt in accepted:
             outcomes[rcpt] = None
             self._event(entry, rcpt, "delivered", host)
-        return outcomes
+        return outcomes, True
 
     async def _send_content(self, client: aiosmtplib.SMTP, raw: bytes) -> aiosmtplib.SMTPResponse:
         """After ``354``: write the content under flow control and read the final reply.

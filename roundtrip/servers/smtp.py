@@ -405,15 +405,15 @@ class _SMTP(SMTP):
         hyphens, followed by nothing or by whitespace and parameters, parses the same with one
         regular expression (tests/servers/test_smtp_server.py compares both on generated
         input); anything else (quotes, comments, address literals, ``<>``) takes aiosmtpd's way.
-        Where that parser breaks (``MAIL FROM:<`` raises IndexError inside ``email``, which
-        aiosmtpd would answer with a 500 naming the exception, and log a traceback), the path
-        is malformed: aiosmtpd's own 553 5.1.3 reply.
+        Where that parser breaks (``MAIL FROM:<`` raises IndexError inside ``email``, ``<9@[``
+        AttributeError; aiosmtpd would answer with a 500 naming the exception and log a
+        traceback), the path is malformed: aiosmtpd's own 553 5.1.3 reply.
         """
         match = _PLAIN_PATH.match(arg)
         if match is None:
             try:
                 return super()._getaddr(arg)
-            except (IndexError, ValueError):
+            except Exception:  # IndexError, AttributeError ...: untrusted input, a parser bug
                 return None, None
         address, rest = match.group(1), match.group(2)
         limit = self.local_part_limit

@@ -818,7 +818,8 @@ def test_relay_streams_a_big_message_to_a_slow_mx(world: World) -> None:
     peak = _traced_peak(deliver)
     mx.join()
     assert (mx.size, mx.digest.hexdigest()) == (len(raw), hashlib.sha256(raw).hexdigest())
-    assert mx.commands[-1] == b"QUIT\r\n"
+    # In step after the content: RSET (the relay keeps connections for reuse) or QUIT.
+    assert mx.commands[-1] in (b"RSET\r\n", b"QUIT\r\n")
     assert world.steps("bob@example.org").count("delivered") == 1
     # A few slices in flight, not the message (its stuffed copy and ciphertext were 2x).
     assert peak < BIG / 8, f"relay peak {peak / BIG:.2f}x the message"
