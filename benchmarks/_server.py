@@ -5,6 +5,7 @@ line on stdout, so client and server never share a GIL and the RSS figures are t
 server's alone (``/proc/self/status``). Commands:
 
     {"op": "start", "domains": [...], "users": [...]}   start a MailStack -> describe()
+        (optional "relay_connection_cache": seconds; 0 = a fresh relay connection each time)
     {"op": "echo"}                                       start TCP + TLS echo servers
     {"op": "rss"}                                        VmRSS / VmHWM in bytes
     {"op": "reset_peak"}                                 reset VmHWM (clear_refs 5)
@@ -86,7 +87,14 @@ def main() -> None:
         reply: dict[str, Any] = {"ok": True}
         if op == "start":
             started = time.perf_counter()
-            stack = MailStack(StackConfig(domains=tuple(cmd["domains"]), users=tuple(cmd["users"])))
+            if stack is not None:  # a restart with other settings
+                stack.stop()
+            config = StackConfig(
+                domains=tuple(cmd["domains"]),
+                users=tuple(cmd["users"]),
+                relay_connection_cache=float(cmd.get("relay_connection_cache", 2.0)),
+            )
+            stack = MailStack(config)
             stack.start()
             reply["start_seconds"] = time.perf_counter() - started
             reply["describe"] = stack.describe()

@@ -1009,6 +1009,17 @@ def collect(plan: Plan, *, with_postfix: bool, log: Callable[[str], None]) -> di
         data["probe_latency"] = {
             k: latency(t, r, plan.latency_n, pid) for k, (t, r) in kinds.items()
         }
+    # The relay keeps its MX connection for the next message (2 s, as Postfix's connection
+    # cache), so back-to-back cross-domain round trips ride a warm relay connection: the
+    # cold figure, one fresh relay connection (and TLS handshake) per message, beside it.
+    with server_child() as child:
+        start = child.call("start", domains=list(DOMAINS), users=users, relay_connection_cache=0)
+        cold = _stack_target(start, DOMAINS[0], DOMAINS[1])
+        data["latency"]["cross_imap_cold"] = lean_latency(
+            cold, "imap", plan.latency_n, child.proc.pid
+        )
+    with server_child() as child:
+        start = child.call("start", domains=list(DOMAINS), users=users)
         log("IMAP cost against mailbox size")
         users_pw = {u["address"]: u["password"] for u in start["describe"]["users"]}
         ep = start["endpoints"][DOMAINS[0]]
@@ -1138,6 +1149,18 @@ def build_rows(data: dict[str, Any]) -> Results:
             met=met,
             note=f"p95 {value['p95'] * MS:.2f} ms; floor {floors[kind] * MS:.2f} ms; "
             + _steps_note(value),
+        )
+    cold = lat.get("cross_imap_cold")
+    if cold is not None:
+        res.add(
+            lean_section,
+            "cross domain, IMAPS, a fresh relay connection per message p50",
+            cold["p50"] * MS,
+            "ms",
+            ratio=cold["p50"] / floors["cross"],
+            ratio_of="x its floor",
+            note=f"relay_connection_cache=0 (the row above reuses the relay's MX connection); "
+            f"p95 {cold['p95'] * MS:.2f} ms; " + _steps_note(cold),
         )
     inproc = st["in_process_imap"]
     inproc_probe = st.get("in_process_imap_probe") or {}

@@ -249,6 +249,9 @@ class StackConfig:
     retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0)
     #: Seconds a message may wait in the relay queue before it bounces (Postfix: 5 days).
     queue_lifetime: float = 600.0
+    #: Seconds the relay keeps an MX connection open after a message, for the next message to
+    #: the same MX (Postfix's connection cache); 0: a fresh connection for every message.
+    relay_connection_cache: float = 2.0
     #: The relay's outbound TLS policy per recipient domain (SECURITY.md A3.7): a mode,
     #: ``enforce``, ``testing`` or ``none`` (RFC 8461 §5), or a whole MTA-STS policy file
     #: (``version: STSv1``, ``mode: ...``, ``mx: ...``, ``max_age: ...``). A bare mode allows
@@ -290,6 +293,8 @@ class StackConfig:
                 f"from_header_policy={self.from_header_policy!r}: choose one of accept, reject"
             )
         object.__setattr__(self, "relay_tls", parse_relay_tls(self.relay_tls))
+        if self.relay_connection_cache < 0:
+            raise ConfigError("relay_connection_cache must not be negative")
 
     def user(self, domain: str | None = None) -> User:
         """The first user (of ``domain`` when given)."""

@@ -377,6 +377,7 @@ class MailStack:
             on_error=self._thread.record_error,
             retry_delays=self.config.retry_delays,
             queue_lifetime=self.config.queue_lifetime,
+            connection_cache_time=self.config.relay_connection_cache,
             connect_timeout=self.config.timeouts.start_timeout,
             reporting_mta=next(iter(self.domains.values())).hostname,
             on_event=self._relay_event,

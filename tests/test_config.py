@@ -130,3 +130,9 @@ def test_config_password_error_does_not_echo_secret() -> None:
 
 def test_config_endpoint_ipv6_address_in_brackets() -> None:
     assert Endpoint("imap", "implicit", "::1", 993).address == "[::1]:993"
+
+
+def test_config_relay_connection_cache_must_not_be_negative() -> None:
+    assert StackConfig(relay_connection_cache=0).relay_connection_cache == 0
+    with pytest.raises(ConfigError, match="relay_connection_cache must not be negative"):
+        StackConfig(relay_connection_cache=-1)

@@ -287,3 +287,19 @@ def test_routing_dig_queries_the_served_zone(stack: MailStack) -> None:
         check=True,
     ).stdout
     assert out.strip() == "10 mail.example.org."
+
+
+@pytest.mark.parametrize("cache", [2.0, 0.0], ids=["cached", "fresh-each-time"])
+def test_routing_relay_connection_cache_setting(cache: float) -> None:
+    # StackConfig.relay_connection_cache reaches the relay: with it, the second message to
+    # example.org rides the first one's MX connection; with 0, each message dials anew.
+    with MailStack(StackConfig(relay_connection_cache=cache)) as stack:
+        for subject in ("first", "second"):
+            _send(stack, subject=subject)
+            stack.wait_for("user@example.org", subject=subject, timeout=TIMEOUT)
+            stack.relay_idle()
+        assert stack.relay is not None
+        connected = [e.detail for e in stack.relay.events if e.step == "connected"]
+        assert len(connected) == 2
+        assert "(reused)" not in connected[0]
+        assert connected[1].endswith("(reused)") is (cache > 0)
