@@ -886,6 +886,82 @@ def _fill_maildir(server: Any, login: str, first: int, count: int, size: int) ->
         os.chown(name, nobody.pw_uid, nobody.pw_gid)
 
 
+def _tls_floor_once(addr: tuple[str, int], ctx: ssl.SSLContext, name: str) -> float:
+    """One floor sample: connect, TLS handshake, 64 bytes there and back, close."""
+    payload = b"x" * 64
+    started = time.perf_counter()
+    with socket.create_connection(addr, timeout=10) as raw:
+        _tune(raw)
+        with ctx.wrap_socket(raw, server_hostname=name) as tls:
+            tls.sendall(payload)
+            _recv_exact(tls, len(payload))
+            return time.perf_counter() - started
+
+
+def paired(plan: Plan, users: list[str], with_postfix: bool) -> dict[str, Any]:
+    """The target ratios from interleaved samples: floor, ours, (Postfix+Dovecot), repeated.
+
+    On a shared machine the speed drifts within seconds; figures taken one after the other
+    (floor first, Postfix+Dovecot a minute later) carry that drift into their ratios. Here
+    every round takes a short block of samples of each, in a rotating order, so all of them
+    see the same machine; the ratios are of the medians.
+    """
+    from roundtrip.realstack import RealMailServer
+
+    out: dict[str, Any] = {"n": plan.latency_n}
+    server = None
+    if with_postfix and RealMailServer.is_available()[0]:
+        server = RealMailServer(users={"alice": "alice-" + os.urandom(6).hex()})
+        server.start()
+    try:
+        # The floor's echo server in a child of its own, as in floor(): never sharing a
+        # process (or a GIL) with the stack.
+        with server_child() as child, server_child() as echo_child:
+            start = child.call("start", domains=list(DOMAINS), users=users)
+            echo = echo_child.call("echo")
+            floor_ctx = ssl.create_default_context(cafile=echo["ca_file"])
+            floor_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            floor_addr = ("127.0.0.1", echo["tls_port"])
+            same = _stack_target(start, DOMAINS[0], DOMAINS[0])
+            cross = _stack_target(start, DOMAINS[0], DOMAINS[1])
+            ours_ctx = same.context()
+            theirs = _real_target(server) if server is not None else None
+            theirs_ctx = theirs.context() if theirs is not None else None
+            jobs: dict[str, Callable[[], float]] = {
+                "floor": lambda: _tls_floor_once(floor_addr, floor_ctx, echo["name"]),
+                "same": lambda: lean_round_trip(same, ours_ctx, "imap", _TIMEOUT)["total"],
+                "cross": lambda: lean_round_trip(cross, ours_ctx, "imap", _TIMEOUT)["total"],
+            }
+            if theirs is not None and theirs_ctx is not None:
+                jobs["postfix_dovecot"] = lambda: lean_round_trip(
+                    theirs, theirs_ctx, "imap", _TIMEOUT
+                )["total"]
+            names = list(jobs)
+            for name in names:  # warm-up
+                for _ in range(3):
+                    jobs[name]()
+            samples: dict[str, list[float]] = {name: [] for name in names}
+            # Blocks, not single samples: whatever a server still does after its round trips
+            # (closing connections, the relay's cached connection; Postfix's queue manager,
+            # Dovecot's processes) slows the next ~10 ms of anything else: measured, the
+            # first 5-8 floor samples after a block of our round trips are 10-25 % slower.
+            # The first samples of each block absorb that and are dropped.
+            drop, keep = (10, 30) if plan.latency_n >= 100 else (3, 5)
+            rounds = max(1, -(-plan.latency_n // keep))
+            for i in range(rounds):
+                shift = i % len(names)
+                for name in names[shift:] + names[:shift]:
+                    got = [jobs[name]() for _ in range(drop + keep)]
+                    samples[name].extend(got[drop:])
+    finally:
+        if server is not None:
+            server.stop()
+    for name, values in samples.items():
+        out[name] = {"p50": pct(values, 50), "p95": pct(values, 95)}
+    out["n"] = len(samples["floor"])
+    return out
+
+
 def postfix_dovecot(plan: Plan, results: dict[str, Any]) -> dict[str, Any] | None:
     from roundtrip.realstack import RealMailServer
 
@@ -1052,12 +1128,60 @@ def collect(plan: Plan, *, with_postfix: bool, log: Callable[[str], None]) -> di
         }
     log("memory (fresh stack children)")
     data["memory"] = memory(plan)
+    log("paired samples: floor, same and cross domain, Postfix+Dovecot, interleaved")
+    data["paired"] = paired(plan, users, with_postfix)
     if with_postfix:
         log("Postfix + Dovecot (roundtrip.realstack)")
         data["postfix_dovecot"] = postfix_dovecot(plan, data)
     else:
         data["postfix_dovecot"] = {"skipped": "--no-postfix"}
     return data
+
+
+def paired_rows(res: Results, got: dict[str, Any] | None) -> None:
+    """The rows that carry the round-trip targets, from the interleaved samples."""
+    if not got:
+        return
+    section = "round trip targets: floor and servers sampled in turn (paired)"
+    floor = got["floor"]["p50"]
+    res.add(
+        section,
+        "TLS 1.3 handshake + 1 round trip p50 (floor, paired)",
+        floor * MS,
+        "ms",
+        note=f"p95 {got['floor']['p95'] * MS:.2f} ms; {got['n']} samples of each, in blocks",
+    )
+    for key, label, conns, limit in (
+        ("same", "same domain, IMAPS", 2, 1.5),
+        ("cross", "cross domain (DNS + relay), IMAPS", 3, 2.0),
+    ):
+        ratio = got[key]["p50"] / (conns * floor)
+        res.add(
+            section,
+            f"{label} p50 (paired)",
+            got[key]["p50"] * MS,
+            "ms",
+            ratio=ratio,
+            ratio_of="x its floor",
+            target=f"<= {limit:g}x floor ({conns} TLS conns)",
+            met=ratio <= limit,
+            note=f"p95 {got[key]['p95'] * MS:.2f} ms"
+            + ("; the relay's MX connection is reused (2 s cache)" if key == "cross" else ""),
+        )
+    theirs = got.get("postfix_dovecot")
+    ratio = _ratio(theirs["p50"], got["same"]["p50"]) if theirs else None
+    res.add(
+        section,
+        "same domain IMAPS vs Postfix+Dovecot p50 (paired)",
+        got["same"]["p50"] * MS,
+        "ms",
+        postfix_dovecot=theirs["p50"] * MS if theirs else None,
+        ratio=ratio,
+        ratio_of="x faster",
+        target=">= 3x faster",
+        met=(ratio >= 3) if ratio is not None else None,
+        note=f"Postfix+Dovecot p95 {theirs['p95'] * MS:.2f} ms" if theirs else "not installed",
+    )
 
 
 def build_rows(data: dict[str, Any]) -> Results:
@@ -1133,11 +1257,6 @@ def build_rows(data: dict[str, Any]) -> Results:
         value = lat[key]
         kind = key.split("_")[0]
         ratio = value["p50"] / floors[kind]
-        target, met = "", None
-        if key == "same_imap":
-            target, met = "<= 1.5x floor (2 TLS conns)", ratio <= 1.5
-        elif key == "cross_imap":
-            target, met = "<= 2x floor (3 TLS conns)", ratio <= 2.0
         res.add(
             lean_section,
             f"{label} p50",
@@ -1145,8 +1264,6 @@ def build_rows(data: dict[str, Any]) -> Results:
             "ms",
             ratio=ratio,
             ratio_of="x its floor",
-            target=target,
-            met=met,
             note=f"p95 {value['p95'] * MS:.2f} ms; floor {floors[kind] * MS:.2f} ms; "
             + _steps_note(value),
         )
@@ -1162,6 +1279,7 @@ def build_rows(data: dict[str, Any]) -> Results:
             note=f"relay_connection_cache=0 (the row above reuses the relay's MX connection); "
             f"p95 {cold['p95'] * MS:.2f} ms; " + _steps_note(cold),
         )
+    paired_rows(res, data.get("paired"))
     inproc = st["in_process_imap"]
     inproc_probe = st.get("in_process_imap_probe") or {}
     res.add(
@@ -1186,8 +1304,6 @@ def build_rows(data: dict[str, Any]) -> Results:
             postfix_dovecot=theirs * MS if theirs else None,
             ratio=ratio,
             ratio_of="x faster",
-            target=">= 3x faster" if key == "imap" else "",
-            met=(ratio >= 3) if key == "imap" and ratio is not None else None,
             note=(
                 f"Postfix+Dovecot p95 {pd[f'latency_{key}']['p95'] * MS:.2f} ms; "
                 + _steps_note(pd[f"latency_{key}"])
