@@ -1279,7 +1279,6 @@ def build_rows(data: dict[str, Any]) -> Results:
             note=f"relay_connection_cache=0 (the row above reuses the relay's MX connection); "
             f"p95 {cold['p95'] * MS:.2f} ms; " + _steps_note(cold),
         )
-    paired_rows(res, data.get("paired"))
     inproc = st["in_process_imap"]
     inproc_probe = st.get("in_process_imap_probe") or {}
     res.add(
@@ -1330,6 +1329,7 @@ def build_rows(data: dict[str, Any]) -> Results:
 
     # The validator's probe, for comparison with earlier runs: it also parses and verifies
     # the message, deletes it (STORE, EXPUNGE / DELE), and times its own reporting.
+    paired_rows(res, data.get("paired"))
     probe_section = "round trip: validator probe, with verification and clean-up"
     for key, label in labels:
         value = probe[key]
