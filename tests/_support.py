@@ -6,10 +6,33 @@ import email.utils
 import json
 import select
 import signal
+import socket
 import ssl
+import struct
 import subprocess
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from roundtrip.certs import CertificateAuthority
+    from roundtrip.config import SMTPLimits
+    from roundtrip.protocols.smtp import Role
+    from roundtrip.servers._conn import LineServerProtocol
+    from roundtrip.servers._runner import LoopThread
+    from roundtrip.servers.smtp import Accepted, Router
+    from roundtrip.store import Store
+
+#: Where the test listeners bind and clients connect.
+LOOPBACK = "127.0.0.1"
+#: The name in the SMTP test listeners' certificate, banner and EHLO reply.
+SMTP_HOSTNAME = "mail.example.com"
+#: The timeout of every blocking call in the SMTP helpers below.
+SMTP_TIMEOUT = 5.0
 
 
 def make_message(
@@ -31,7 +54,7 @@ class AiosmtpdServer:
     certificate, a server without STARTTLS).
     """
 
-    def __init__(self, handler: object, **smtp_kwargs: object) -> None:
+    def __init__(self, handler: object, **smtp_kwargs: Any) -> None:
         import asyncio
 
         from aiosmtpd.smtp import SMTP
@@ -41,7 +64,7 @@ class AiosmtpdServer:
         self.thread = LoopThread()
         self._sessions: list[SMTP] = []
 
-        async def start() -> asyncio.AbstractServer:
+        async def start() -> asyncio.Server:
             loop = asyncio.get_running_loop()
 
             def factory() -> SMTP:
@@ -68,7 +91,7 @@ class AiosmtpdServer:
                 # finishes later; abort the socket transport underneath as well.
                 for transport in (session.transport, session._original_transport):
                     if transport is not None:
-                        transport.abort()
+                        cast("asyncio.Transport", transport).abort()
             current = asyncio.current_task()
             tasks = [t for t in asyncio.all_tasks() if t is not current]
             for task in tasks:
@@ -128,3 +151,212 @@ class ServerProcess:
             if pipe is not None:
                 pipe.close()
         self._log.close()
+
+
+def listener_port(server: asyncio.Server) -> int:
+    """The port a listener bound (they all bind port 0)."""
+    return int(server.sockets[0].getsockname()[1])
+
+
+async def shutdown_line_listeners(
+    listeners: list[tuple[asyncio.Server, set[LineServerProtocol]]],
+) -> None:
+    """Close ``start_imap``/``start_pop3`` listeners and abort their sessions."""
+    for server, connections in listeners:
+        server.close()
+        for conn in list(connections):
+            conn.abort()
+    for server, _ in listeners:
+        await server.wait_closed()
+
+
+async def close_smtp_servers(servers: list[asyncio.Server]) -> None:
+    """Close ``start_smtp`` listeners, waiting at most a second for each."""
+    import asyncio
+    import contextlib
+
+    for server in servers:
+        server.close()
+    for server in servers:
+        with contextlib.suppress(TimeoutError):
+            # From 3.12 wait_closed() also waits for open connections.
+            await asyncio.wait_for(server.wait_closed(), 1.0)
+
+
+class SMTPListeners:
+    """SMTP listeners (``start_smtp``), one per role, on their own loop thread.
+
+    ``start`` may be called once or more; ``close`` closes every listener, stops the thread and
+    returns the errors the thread captured.
+    """
+
+    def __init__(self, ca: CertificateAuthority, *, thread_name: str) -> None:
+        from roundtrip.servers._runner import LoopThread
+
+        self.ca = ca
+        self.thread = LoopThread(name=thread_name)
+        self.servers: list[asyncio.Server] = []
+
+    def start(
+        self,
+        roles: Iterable[Role],
+        *,
+        store: Store,
+        router: Router,
+        local_domains: tuple[str, ...],
+        max_recipients: int,
+        max_message_size: int,
+        idle_timeout: float,
+        tls_handshake_timeout: float,
+        limits: SMTPLimits | None = None,
+        domain: str = "example.com",
+        hostname: str = SMTP_HOSTNAME,
+        host: str = LOOPBACK,
+        timeout: float = SMTP_TIMEOUT,
+    ) -> dict[Role, int]:
+        """Start one listener per role on port 0; returns each role's bound port."""
+        from roundtrip.servers.smtp import SMTPHandler, start_smtp
+
+        ports: dict[Role, int] = {}
+        tls_context = self.ca.server_context([hostname])
+        for role in roles:
+            handler = SMTPHandler(
+                role=role,
+                domain=domain,
+                hostname=hostname,
+                local_domains=lambda: local_domains,
+                has_user=store.has_user,
+                check_password=store.check_password,
+                router=router,
+                max_recipients=max_recipients,
+                enforce_sender=True,
+                limits=limits,
+            )
+            server = self.thread.run(
+                start_smtp(
+                    handler,
+                    host=host,
+                    port=0,
+                    tls_context=tls_context,
+                    max_message_size=max_message_size,
+                    idle_timeout=idle_timeout,
+                    tls_handshake_timeout=tls_handshake_timeout,
+                ),
+                timeout=timeout,
+            )
+            self.servers.append(server)
+            ports[role] = listener_port(server)
+        return ports
+
+    def close(self, timeout: float = SMTP_TIMEOUT) -> list[BaseException]:
+        self.thread.run(close_smtp_servers(self.servers), timeout=timeout)
+        self.thread.stop()
+        return self.thread.errors()
+
+
+@dataclass
+class SMTPWorld:
+    """A store and the ports of SMTP listeners on one loop thread; test files subclass it."""
+
+    ca: CertificateAuthority
+    store: Store
+    thread: LoopThread
+    ports: dict[Role, int] = field(default_factory=dict)
+    #: Every message the router was handed.
+    routed: list[Accepted] = field(default_factory=list)
+
+
+class RawSMTPClient:
+    """A blocking SMTP client on a plain (or implicitly TLS) socket: bytes go out as given.
+
+    ``decode_errors`` is how reply lines are decoded (``"strict"`` raises on bytes that are
+    not UTF-8); with ``reset_is_eof`` a connection reset ends ``read_to_eof`` like an EOF.
+    ``source`` binds the client to another local address (``127.0.0.2``: another client IP).
+    """
+
+    def __init__(
+        self,
+        port: int,
+        ctx: ssl.SSLContext | None = None,
+        *,
+        source: str | None = None,
+        decode_errors: str = "strict",
+        reset_is_eof: bool = False,
+        host: str = LOOPBACK,
+        server_name: str = SMTP_HOSTNAME,
+        timeout: float = SMTP_TIMEOUT,
+    ) -> None:
+        address = (source, 0) if source else None
+        sock = socket.create_connection((host, port), timeout=timeout, source_address=address)
+        self.server_name = server_name
+        self.timeout = timeout
+        self.decode_errors = decode_errors
+        self.reset_is_eof = reset_is_eof
+        self.sock: socket.socket = (
+            ctx.wrap_socket(sock, server_hostname=server_name) if ctx is not None else sock
+        )
+        self.buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawSMTPClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> str:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"server closed the connection; unread {self.buf!r}")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line.decode("utf-8", self.decode_errors)
+
+    def reply(self) -> list[str]:
+        """One (possibly multi-line) reply."""
+        lines = [self.line()]
+        while lines[-1][3:4] == "-":
+            lines.append(self.line())
+        return lines
+
+    def cmd(self, command: str | bytes) -> list[str]:
+        data = command if isinstance(command, bytes) else command.encode("utf-8")
+        self.send(data + b"\r\n")
+        return self.reply()
+
+    def starttls(self, ctx: ssl.SSLContext) -> None:
+        assert self.buf == b"", f"unread plaintext before TLS: {self.buf!r}"
+        self.sock = ctx.wrap_socket(self.sock, server_hostname=self.server_name)
+
+    def silent_for(self, seconds: float) -> bytes:
+        """What arrives within ``seconds`` (b"" when nothing did)."""
+        if self.buf:
+            return self.buf
+        self.sock.settimeout(seconds)
+        try:
+            return self.sock.recv(65536)
+        except TimeoutError:
+            return b""
+        finally:
+            self.sock.settimeout(self.timeout)
+
+    def read_to_eof(self) -> bytes:
+        data, self.buf = self.buf, b""
+        try:
+            while chunk := self.sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            if not self.reset_is_eof:
+                raise
+        return data
+
+    def reset(self) -> None:
+        """Close with a TCP RST (SO_LINGER 0): an abrupt disconnect."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()

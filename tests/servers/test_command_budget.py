@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from _support import listener_port, shutdown_line_listeners
 
 from roundtrip.certs import CertificateAuthority
 from roundtrip.config import MailboxLimits, StackConfig
@@ -120,19 +121,6 @@ def ca() -> CertificateAuthority:
     return CertificateAuthority()
 
 
-async def _shutdown(listeners: list[tuple[asyncio.Server, set[LineServerProtocol]]]) -> None:
-    for server, connections in listeners:
-        server.close()
-        for conn in list(connections):
-            conn.abort()
-    for server, _ in listeners:
-        await server.wait_closed()
-
-
-def _port(server: asyncio.Server) -> int:
-    return int(server.sockets[0].getsockname()[1])
-
-
 @pytest.fixture
 def servers(ca: CertificateAuthority) -> Iterator[Servers]:
     store = Store()
@@ -175,9 +163,9 @@ def servers(ca: CertificateAuthority) -> Iterator[Servers]:
                 timeout=TIMEOUT,
             )
         )
-        yield Servers(store, ca, _port(listeners[0][0]), _port(listeners[1][0]))
+        yield Servers(store, ca, listener_port(listeners[0][0]), listener_port(listeners[1][0]))
     finally:
-        thread.run(_shutdown(listeners), timeout=TIMEOUT)
+        thread.run(shutdown_line_listeners(listeners), timeout=TIMEOUT)
         thread.stop()
     assert thread.errors() == []
 

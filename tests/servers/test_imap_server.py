@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 
 import pytest
+from _support import listener_port, shutdown_line_listeners
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
@@ -141,19 +142,6 @@ def loop_thread() -> Iterator[LoopThread]:
     thread.stop()
 
 
-async def _shutdown(listeners: list[tuple[asyncio.Server, set[LineServerProtocol]]]) -> None:
-    for server, connections in listeners:
-        server.close()
-        for conn in list(connections):
-            conn.abort()
-    for server, _ in listeners:
-        await server.wait_closed()
-
-
-def _port(server: asyncio.Server) -> int:
-    return int(server.sockets[0].getsockname()[1])
-
-
 def _serve(
     ca: CertificateAuthority, thread: LoopThread, idle_timeout: float = 30.0
 ) -> Iterator[IMAPServers]:
@@ -181,9 +169,11 @@ def _serve(
                     timeout=5,
                 )
             )
-        yield IMAPServers(store, thread, ca, _port(listeners[0][0]), _port(listeners[1][0]))
+        yield IMAPServers(
+            store, thread, ca, listener_port(listeners[0][0]), listener_port(listeners[1][0])
+        )
     finally:
-        thread.run(_shutdown(listeners), timeout=5)
+        thread.run(shutdown_line_listeners(listeners), timeout=5)
     errors = thread.take_errors()
     assert not errors, errors
 

@@ -13,6 +13,7 @@ from contextlib import closing, suppress
 from dataclasses import dataclass
 
 import pytest
+from _support import listener_port, shutdown_line_listeners
 
 from roundtrip.certs import CertificateAuthority
 from roundtrip.servers._conn import LineServerProtocol
@@ -67,19 +68,6 @@ def store() -> WatchedStore:
     return store
 
 
-async def _shutdown(listeners: list[tuple[asyncio.Server, set[LineServerProtocol]]]) -> None:
-    for server, connections in listeners:
-        server.close()
-        for conn in list(connections):
-            conn.abort()
-    for server, _ in listeners:
-        await server.wait_closed()
-
-
-def _port(server: asyncio.Server) -> int:
-    return int(server.sockets[0].getsockname()[1])
-
-
 def _start(ca: CertificateAuthority, store: Store, idle_timeout: float) -> Iterator[POP3Servers]:
     assert isinstance(store, WatchedStore)
     thread = LoopThread(name="pop3-test-loop")
@@ -102,9 +90,11 @@ def _start(ca: CertificateAuthority, store: Store, idle_timeout: float) -> Itera
                     timeout=TIMEOUT,
                 )
             )
-        yield POP3Servers(store, thread, _port(listeners[0][0]), _port(listeners[1][0]))
+        yield POP3Servers(
+            store, thread, listener_port(listeners[0][0]), listener_port(listeners[1][0])
+        )
     finally:
-        thread.run(_shutdown(listeners), timeout=TIMEOUT)
+        thread.run(shutdown_line_listeners(listeners), timeout=TIMEOUT)
         thread.stop()
     assert thread.errors() == []
 

@@ -15,13 +15,13 @@ import logging
 import os
 import socket
 import ssl
-import struct
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import pytest
+from _support import RawSMTPClient, SMTPListeners, SMTPWorld
 
 from roundtrip.certs import CertificateAuthority
 from roundtrip.config import SMTPLimits
@@ -35,8 +35,7 @@ from roundtrip.protocols.smtp import (
     count_received,
     extend_data_deadline,
 )
-from roundtrip.servers._runner import LoopThread
-from roundtrip.servers.smtp import Accepted, SMTPHandler, start_smtp
+from roundtrip.servers.smtp import Accepted
 from roundtrip.store import Store
 
 pytestmark = pytest.mark.timeout(60)
@@ -54,17 +53,20 @@ STRANGER = "someone@ext.test"
 BANNER = f"220 {SERVER_NAME} roundtrip ESMTP"
 
 
-@dataclass
-class World:
-    ca: CertificateAuthority
-    store: Store
-    thread: LoopThread
-    ports: dict[Role, int] = field(default_factory=dict)
-    routed: list[Accepted] = field(default_factory=list)
+def raw_client(
+    port: int, ctx: ssl.SSLContext | None = None, *, source: str | None = None
+) -> RawSMTPClient:
+    """Non-UTF-8 reply bytes are shown escaped; a reset ends ``read_to_eof`` like an EOF."""
+    return RawSMTPClient(
+        port, ctx, source=source, decode_errors="backslashreplace", reset_is_eof=True
+    )
 
-    def raw(self, role: Role = Role.SMTP, *, source: str | None = None) -> RawClient:
+
+@dataclass
+class World(SMTPWorld):
+    def raw(self, role: Role = Role.SMTP, *, source: str | None = None) -> RawSMTPClient:
         ctx = self.ca.client_context() if role is Role.SUBMISSIONS else None
-        return RawClient(self.ports[role], ctx, source=source)
+        return raw_client(self.ports[role], ctx, source=source)
 
     def tasks(self) -> int:
         """Tasks alive on the server loop (the probe itself excluded)."""
@@ -87,84 +89,6 @@ async def _wait_tasks(baseline: int, timeout: float) -> int:
     return count
 
 
-class RawClient:
-    """A blocking client on a plain (or implicitly TLS) socket: bytes go out as given."""
-
-    def __init__(
-        self, port: int, ctx: ssl.SSLContext | None = None, *, source: str | None = None
-    ) -> None:
-        address = (source, 0) if source else None
-        sock = socket.create_connection((HOST, port), timeout=TIMEOUT, source_address=address)
-        self.sock: socket.socket = (
-            ctx.wrap_socket(sock, server_hostname=SERVER_NAME) if ctx is not None else sock
-        )
-        self.buf = b""
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> str:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"server closed the connection; unread {self.buf!r}")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line.decode("utf-8", "backslashreplace")
-
-    def reply(self) -> list[str]:
-        lines = [self.line()]
-        while lines[-1][3:4] == "-":
-            lines.append(self.line())
-        return lines
-
-    def cmd(self, command: str | bytes) -> list[str]:
-        data = command if isinstance(command, bytes) else command.encode("utf-8")
-        self.send(data + b"\r\n")
-        return self.reply()
-
-    def silent_for(self, seconds: float) -> bytes:
-        """What arrives within ``seconds`` (b"" when nothing did)."""
-        if self.buf:
-            return self.buf
-        self.sock.settimeout(seconds)
-        try:
-            return self.sock.recv(65536)
-        except TimeoutError:
-            return b""
-        finally:
-            self.sock.settimeout(TIMEOUT)
-
-    def read_to_eof(self) -> bytes:
-        data, self.buf = self.buf, b""
-        with contextlib.suppress(ConnectionResetError):
-            while chunk := self.sock.recv(65536):
-                data += chunk
-        return data
-
-    def reset(self) -> None:
-        """Close with a TCP RST (SO_LINGER 0): an abrupt disconnect."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-
-
-async def _close(servers: list[asyncio.Server]) -> None:
-    for server in servers:
-        server.close()
-    for server in servers:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), 1.0)
-
-
 @pytest.fixture(scope="module")
 def ca() -> CertificateAuthority:
     return CertificateAuthority()
@@ -176,7 +100,7 @@ MakeWorld = Callable[..., World]
 @pytest.fixture
 def make_world(ca: CertificateAuthority) -> Iterator[MakeWorld]:
     """Builds a private store and the three listeners with the given limits."""
-    started: list[tuple[LoopThread, list[asyncio.Server]]] = []
+    started: list[SMTPListeners] = []
 
     def build(
         limits: SMTPLimits | None = None,
@@ -188,52 +112,34 @@ def make_world(ca: CertificateAuthority) -> Iterator[MakeWorld]:
         store = Store()
         store.add_user(USER, PASSWORD)
         store.add_user(OTHER, "other password")
-        thread = LoopThread(name="smtp-hardening-loop")
-        servers: list[asyncio.Server] = []
-        started.append((thread, servers))
-        world = World(ca=ca, store=store, thread=thread)
+        listeners = SMTPListeners(ca, thread_name="smtp-hardening-loop")
+        started.append(listeners)
+        world = World(ca=ca, store=store, thread=listeners.thread)
 
         def router(accepted: Accepted) -> None:
             world.routed.append(accepted)
             for rcpt in accepted.rcpt_tos:
                 store.deliver(rcpt, accepted.raw, envelope_from=accepted.mail_from)
 
-        tls_context = ca.server_context([SERVER_NAME])
-        for role in Role:
-            handler = SMTPHandler(
-                role=role,
-                domain="example.com",
-                hostname=SERVER_NAME,
-                local_domains=lambda: LOCAL_DOMAINS,
-                has_user=store.has_user,
-                check_password=store.check_password,
+        world.ports.update(
+            listeners.start(
+                Role,
+                store=store,
                 router=router,
+                local_domains=LOCAL_DOMAINS,
                 max_recipients=max_recipients,
-                enforce_sender=True,
                 limits=limits,
+                max_message_size=1_000_000,
+                idle_timeout=idle_timeout,
+                tls_handshake_timeout=tls_handshake_timeout,
             )
-            server = thread.run(
-                start_smtp(
-                    handler,
-                    host=HOST,
-                    port=0,
-                    tls_context=tls_context,
-                    max_message_size=1_000_000,
-                    idle_timeout=idle_timeout,
-                    tls_handshake_timeout=tls_handshake_timeout,
-                ),
-                timeout=TIMEOUT,
-            )
-            servers.append(server)
-            world.ports[role] = int(server.sockets[0].getsockname()[1])
+        )
         return world
 
     yield build
     errors: list[BaseException] = []
-    for thread, servers in started:
-        thread.run(_close(servers), timeout=TIMEOUT)
-        thread.stop()
-        errors.extend(thread.errors())
+    for listeners in started:
+        errors.extend(listeners.close())
     assert errors == []
 
 
@@ -269,18 +175,18 @@ def assert_serves(world: World, role: Role = Role.SMTP) -> None:
     assert len(world.routed) == before + 1
 
 
-def open_session(client: RawClient) -> None:
+def open_session(client: RawSMTPClient) -> None:
     assert client.reply() == [BANNER]
     assert client.cmd("EHLO client.example")[0] == f"250-{SERVER_NAME}"
 
 
-def start_data(client: RawClient, rcpt: str = USER) -> None:
+def start_data(client: RawSMTPClient, rcpt: str = USER) -> None:
     assert client.cmd(f"MAIL FROM:<{STRANGER}>") == ["250 2.1.0 OK"]
     assert client.cmd(f"RCPT TO:<{rcpt}>") == ["250 2.1.5 OK"]
     assert client.cmd("DATA")[0].startswith("354 ")
 
 
-def trickle_until_closed(client: RawClient, payload: bytes, *, give_up: float) -> bytes:
+def trickle_until_closed(client: RawSMTPClient, payload: bytes, *, give_up: float) -> bytes:
     """Send ``payload`` one byte at a time, about 10 per second, until the server hangs up.
 
     Returns what the server sent meanwhile; fails if it is still open after ``give_up`` s.
@@ -519,7 +425,7 @@ def test_idle_socket_flood_from_one_ip_does_not_lock_out_others(make_world: Make
 FAST_PENALTY = SMTPLimits(auth_penalty_initial=0.3, auth_penalty_max=0.6, max_auth_failures=3)
 
 
-def _timed(client: RawClient, command: str) -> tuple[list[str], float]:
+def _timed(client: RawSMTPClient, command: str) -> tuple[list[str], float]:
     started = time.monotonic()
     reply = client.cmd(command)
     return reply, time.monotonic() - started
@@ -574,7 +480,7 @@ def test_auth_below_the_failure_cap_keeps_the_session(make_world: MakeWorld) -> 
 # A4.4 AUTH protocol abuse
 
 
-def _login_exchange(client: RawClient, *answers: str) -> list[str]:
+def _login_exchange(client: RawSMTPClient, *answers: str) -> list[str]:
     reply = client.cmd("AUTH LOGIN")
     for answer in answers:
         assert reply[0].startswith("334 "), reply
@@ -834,7 +740,7 @@ def test_reset_mid_handshake_leaves_nothing(world: World, where: str) -> None:
     assert_serves(world, Role.SUBMISSIONS)
     tasks, fds = world.tasks(), _fd_count()
     if where == "implicit-tls":
-        client = RawClient(world.ports[Role.SUBMISSIONS])  # plain socket: no handshake yet
+        client = raw_client(world.ports[Role.SUBMISSIONS])  # plain socket: no handshake yet
     else:
         client = world.raw(Role.SUBMISSION)
         open_session(client)

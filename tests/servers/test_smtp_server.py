@@ -7,7 +7,6 @@ store and three listeners on port 0.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import smtplib
@@ -20,12 +19,12 @@ from typing import Any
 import hypothesis
 import hypothesis.strategies
 import pytest
+from _support import RawSMTPClient, SMTPListeners, SMTPWorld
 
 from roundtrip.certs import CertificateAuthority
 from roundtrip.errors import StorageError
 from roundtrip.protocols.smtp import Role, domain_of
-from roundtrip.servers._runner import LoopThread
-from roundtrip.servers.smtp import Accepted, SMTPHandler, start_smtp
+from roundtrip.servers.smtp import Accepted
 from roundtrip.store import Store
 
 HOST = "127.0.0.1"
@@ -58,13 +57,7 @@ BARE = b"From: user@example.com\r\nTo: user@example.org\r\nSubject: bare\r\n\r\n
 
 
 @dataclass
-class World:
-    ca: CertificateAuthority
-    store: Store
-    thread: LoopThread
-    ports: dict[Role, int] = field(default_factory=dict)
-    #: Every message the router was handed.
-    routed: list[Accepted] = field(default_factory=list)
+class World(SMTPWorld):
     #: (recipient, message) pairs that would have gone to the relay.
     relayed: list[tuple[str, Accepted]] = field(default_factory=list)
     #: When set, the router fails as a full disk would.
@@ -81,74 +74,9 @@ class World:
             HOST, self.ports[Role.SUBMISSIONS], timeout=TIMEOUT, context=self.client_context()
         )
 
-    def raw(self, role: Role) -> RawClient:
+    def raw(self, role: Role) -> RawSMTPClient:
         ctx = self.client_context() if role is Role.SUBMISSIONS else None
-        return RawClient(self.ports[role], ctx)
-
-
-class RawClient:
-    """A blocking SMTP client on a plain socket: bytes go out exactly as given."""
-
-    def __init__(self, port: int, ctx: ssl.SSLContext | None = None) -> None:
-        sock = socket.create_connection((HOST, port), timeout=TIMEOUT)
-        self.sock: socket.socket = (
-            ctx.wrap_socket(sock, server_hostname=SERVER_NAME) if ctx is not None else sock
-        )
-        self.buf = b""
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> str:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"server closed the connection; unread {self.buf!r}")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line.decode("utf-8")
-
-    def reply(self) -> list[str]:
-        """One (possibly multi-line) reply."""
-        lines = [self.line()]
-        while lines[-1][3:4] == "-":
-            lines.append(self.line())
-        return lines
-
-    def cmd(self, command: str) -> list[str]:
-        self.send(command.encode("utf-8") + b"\r\n")
-        return self.reply()
-
-    def starttls(self, ctx: ssl.SSLContext) -> None:
-        assert self.buf == b"", f"unread plaintext before TLS: {self.buf!r}"
-        self.sock = ctx.wrap_socket(self.sock, server_hostname=SERVER_NAME)
-
-    def silent_for(self, seconds: float) -> bytes:
-        """What arrives within ``seconds`` (b"" when nothing did)."""
-        if self.buf:
-            return self.buf
-        self.sock.settimeout(seconds)
-        try:
-            return self.sock.recv(65536)
-        except TimeoutError:
-            return b""
-        finally:
-            self.sock.settimeout(TIMEOUT)
-
-    def read_to_eof(self) -> bytes:
-        data, self.buf = self.buf, b""
-        while chunk := self.sock.recv(65536):
-            data += chunk
-        return data
+        return RawSMTPClient(self.ports[role], ctx)
 
 
 @pytest.fixture(scope="module")
@@ -156,22 +84,13 @@ def ca() -> CertificateAuthority:
     return CertificateAuthority()
 
 
-async def _close(servers: list[asyncio.Server]) -> None:
-    for server in servers:
-        server.close()
-    for server in servers:
-        with contextlib.suppress(TimeoutError):
-            # From 3.12 wait_closed() also waits for open connections.
-            await asyncio.wait_for(server.wait_closed(), 1.0)
-
-
 @pytest.fixture
 def world(ca: CertificateAuthority) -> Iterator[World]:
     store = Store()
     store.add_user(USER, PASSWORD)
     store.add_user(OTHER, OTHER_PASSWORD)
-    thread = LoopThread(name="smtp-test-loop")
-    w = World(ca=ca, store=store, thread=thread)
+    listeners = SMTPListeners(ca, thread_name="smtp-test-loop")
+    w = World(ca=ca, store=store, thread=listeners.thread)
 
     def router(accepted: Accepted) -> None:
         if w.storage_broken:
@@ -188,40 +107,23 @@ def world(ca: CertificateAuthority) -> Iterator[World]:
             else:
                 w.relayed.append((rcpt, accepted))
 
-    servers: list[asyncio.Server] = []
     try:
-        tls_context = ca.server_context([SERVER_NAME])
-        for role in Role:
-            handler = SMTPHandler(
-                role=role,
-                domain="example.com",
-                hostname=SERVER_NAME,
-                local_domains=lambda: LOCAL_DOMAINS,
-                has_user=store.has_user,
-                check_password=store.check_password,
+        w.ports.update(
+            listeners.start(
+                Role,
+                store=store,
                 router=router,
+                local_domains=LOCAL_DOMAINS,
                 max_recipients=MAX_RECIPIENTS,
-                enforce_sender=True,
+                max_message_size=LIMIT,
+                idle_timeout=TIMEOUT,
+                tls_handshake_timeout=TIMEOUT,
             )
-            server = thread.run(
-                start_smtp(
-                    handler,
-                    host=HOST,
-                    port=0,
-                    tls_context=tls_context,
-                    max_message_size=LIMIT,
-                    idle_timeout=TIMEOUT,
-                    tls_handshake_timeout=TIMEOUT,
-                ),
-                timeout=TIMEOUT,
-            )
-            servers.append(server)
-            w.ports[role] = int(server.sockets[0].getsockname()[1])
+        )
         yield w
     finally:
-        thread.run(_close(servers), timeout=TIMEOUT)
-        thread.stop()
-    assert thread.errors() == []
+        errors = listeners.close()
+    assert errors == []
 
 
 def split_received(raw: bytes) -> tuple[bytes, bytes]:
@@ -588,7 +490,7 @@ def test_mail_size_parameter(world: World, size: int, code: str) -> None:
             assert reply[0].startswith("552 5.3.4 "), reply
 
 
-def _data_session(client: RawClient) -> None:
+def _data_session(client: RawSMTPClient) -> None:
     client.reply()
     client.cmd("EHLO client.example")
     assert client.cmd(f"MAIL FROM:<{STRANGER}>")[0].startswith("250")
@@ -774,38 +676,22 @@ def single_listener(
 ) -> Iterator[int]:
     """One listener with its own timeouts on its own loop; yields its port."""
     store = Store()
-    thread = LoopThread(name="smtp-single-listener")
-    servers: list[asyncio.Server] = []
+    listeners = SMTPListeners(ca, thread_name="smtp-single-listener")
     try:
-        handler = SMTPHandler(
-            role=role,
-            domain="example.com",
-            hostname=SERVER_NAME,
-            local_domains=lambda: LOCAL_DOMAINS,
-            has_user=store.has_user,
-            check_password=store.check_password,
+        ports = listeners.start(
+            [role],
+            store=store,
             router=lambda accepted: None,
+            local_domains=LOCAL_DOMAINS,
             max_recipients=MAX_RECIPIENTS,
-            enforce_sender=True,
+            max_message_size=LIMIT,
+            idle_timeout=idle_timeout,
+            tls_handshake_timeout=tls_handshake_timeout,
         )
-        server = thread.run(
-            start_smtp(
-                handler,
-                host=HOST,
-                port=0,
-                tls_context=ca.server_context([SERVER_NAME]),
-                max_message_size=LIMIT,
-                idle_timeout=idle_timeout,
-                tls_handshake_timeout=tls_handshake_timeout,
-            ),
-            timeout=TIMEOUT,
-        )
-        servers.append(server)
-        yield int(server.sockets[0].getsockname()[1])
+        yield ports[role]
     finally:
-        thread.run(_close(servers), timeout=TIMEOUT)
-        thread.stop()
-    assert thread.errors() == []
+        errors = listeners.close()
+    assert errors == []
 
 
 def test_submissions_drops_silent_client_at_handshake_timeout(ca: CertificateAuthority) -> None:
@@ -827,7 +713,7 @@ def test_submissions_drops_silent_client_at_handshake_timeout(ca: CertificateAut
 def test_idle_client_is_dropped(ca: CertificateAuthority) -> None:
     with (
         single_listener(ca, Role.SMTP, idle_timeout=0.5, tls_handshake_timeout=TIMEOUT) as port,
-        RawClient(port) as client,
+        RawSMTPClient(port) as client,
     ):
         assert client.reply()[0].startswith("220 ")
         assert client.cmd("NOOP") == ["250 OK"]  # the twin: an active client is served
