@@ -528,12 +528,11 @@ class MailStack:
                 if verdict.action == "reject":
                     raise ContentRejectedError(verdict.reply)
                 raw, mailbox = prepend_headers(raw, verdict.headers), verdict.mailbox
-        here = [
-            rcpt
-            for rcpt in accepted.rcpt_tos
-            if accepted.role is Role.SMTP or domain_of(rcpt) == accepted.server_domain
-        ]
-        remote = [rcpt for rcpt in accepted.rcpt_tos if rcpt not in here]
+        here: list[str] = []
+        remote: list[str] = []
+        for rcpt in accepted.rcpt_tos:
+            ours = accepted.role is Role.SMTP or domain_of(rcpt) == accepted.server_domain
+            (here if ours else remote).append(rcpt)
         # The relay's part is checked and spooled first and started last: a failure to spool
         # (451) leaves no local copy behind, and a local copy that fails to store withdraws
         # the spooled one, so the client's retry duplicates nothing.
