@@ -1,14 +1,28 @@
 """Machine-readable reports of probe runs: statistics, JUnit XML, Prometheus text format.
 
 Everything here works on the JSON document that ``roundtrip probe --json`` prints (a dict with
-``ok``, ``target``, ``results`` and ``summary``; each result is ``ProbeResult.as_dict()``), so
-the three outputs cannot disagree and this module depends on nothing else in the package.
+``schema_version``, ``ok``, ``target``, ``results`` and ``summary``; each result is
+``ProbeResult.as_dict()``), so the three outputs cannot disagree and this module depends on
+nothing else in the package.
+
+A *path* is one (SMTP server, IMAP or POP3 server) pair; ``--count N`` runs every path N times,
+and each run of a path is one round trip. Statistics are given per path, because an IMAP
+session waits with IDLE while POP3 has to reconnect to poll: their timings do not mix.
 
 - JUnit XML: one ``<testsuite>``; one ``<testcase>`` per step, check and failing finding of
   every run, a ``<failure message=...>`` for each that failed (CI systems render these).
+  Within one run (one ``classname``) every case name is unique: a step that repeats (POP3
+  reconnects while it polls) gets `` (attempt N)`` from its second occurrence on.
 - Prometheus: the text exposition format 0.0.4 with HELP and TYPE lines, meant for
   node_exporter's textfile collector; written atomically (temporary file, then rename) so a
-  scrape never sees half a file.
+  scrape never sees half a file. Every series appears once: a repeated step is summed into
+  one ``roundtrip_probe_step_seconds`` sample, and ``roundtrip_probe_step_count`` says how many
+  times it ran.
+
+Schema versions of the JSON document (``schema_version``): a document without the key is
+version 1; version 2 adds ``summary.runs_per_path`` and ``summary.paths`` (statistics per path)
+and, for errors before any probe ran, the ``{"ok": false, "error": ..., "exit_code": ...}``
+shape. A new version only adds keys: every key of version 1 keeps its place and meaning.
 """
 
 from __future__ import annotations
@@ -22,12 +36,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "SCHEMA_VERSION",
+    "expiry_text",
     "junit_xml",
     "percentile",
     "prometheus_text",
     "summarize",
     "write_atomically",
 ]
+
+#: The version of the ``roundtrip probe --json`` document (see the module docstring).
+SCHEMA_VERSION = 2
 
 #: Quantiles reported for ``--count`` runs (1.0 is the maximum).
 QUANTILES = (0.5, 0.95, 1.0)
@@ -61,8 +80,21 @@ def _stats(values: Sequence[float]) -> dict[str, float | int | None]:
     }
 
 
-def summarize(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Runs, failures, and p50/p95/max of total time and time to visible (seconds)."""
+def _path_key(result: Mapping[str, Any]) -> tuple[str, str]:
+    return str(result["smtp"]), str(result["retrieve"])
+
+
+def _by_path(
+    results: Sequence[Mapping[str, Any]],
+) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    """Results grouped by path (SMTP URL, retrieval URL), in first-seen order."""
+    paths: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for result in results:
+        paths.setdefault(_path_key(result), []).append(result)
+    return paths
+
+
+def _timings(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     totals = [float(r["total_seconds"]) for r in results]
     visible = [float(r["time_to_visible"]) for r in results if r.get("time_to_visible") is not None]
     return {
@@ -73,13 +105,70 @@ def summarize(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def summarize(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Runs, failures, and p50/p95/max of total time and time to visible (seconds).
+
+    Returns:
+        ``runs``, ``failed``, ``total_seconds`` and ``time_to_visible`` over every round trip
+        of every path (schema 1); ``runs_per_path``, the ``--count`` (None when the paths ran
+        unequal numbers of times); and ``paths``: per path, in first-run order, its ``smtp``
+        and ``retrieve`` URLs, ``protocol`` (``imap`` or ``pop3``) and the same four
+        statistics over its own runs only.
+    """
+    paths = _by_path(results)
+    counts = {len(runs) for runs in paths.values()}
+    return {
+        **_timings(results),
+        "runs_per_path": counts.pop() if len(counts) == 1 else None,
+        "paths": [
+            {
+                "smtp": smtp,
+                "retrieve": retrieve,
+                "protocol": retrieve.partition(":")[0].rstrip("s"),
+                **_timings(runs),
+            }
+            for (smtp, retrieve), runs in paths.items()
+        ],
+    }
+
+
+def expiry_text(not_after: str, days_left: int) -> str:
+    """A certificate's expiry for people: days when near, the date and years when far.
+
+    Args:
+        not_after: the ISO 8601 expiry time (empty when there was no certificate).
+        days_left: whole days until then (negative once expired).
+    """
+    if not not_after:
+        return "no certificate"
+    date = not_after[:10]
+    if days_left < 0:
+        return f"EXPIRED {-days_left} days ago ({date})"
+    if days_left <= 2 * 365:
+        return f"{days_left} days to expiry ({date})"
+    return f"expires {date} (in {days_left / 365.25:.0f} years)"
+
+
 # -- JUnit XML -------------------------------------------------------------------------------
 
 
-def _case(suite: ET.Element, classname: str, name: str, seconds: float = 0.0) -> ET.Element:
-    return ET.SubElement(
-        suite, "testcase", {"classname": classname, "name": name, "time": f"{seconds:.6f}"}
-    )
+class _Cases:
+    """Adds ``<testcase>`` elements, keeping (classname, name) unique: a name seen before in
+    the same class gets `` (attempt N)``, N counting its occurrences."""
+
+    def __init__(self, suite: ET.Element) -> None:
+        self._suite = suite
+        self._seen: dict[tuple[str, str], int] = {}
+
+    def __call__(self, classname: str, name: str, seconds: float = 0.0) -> ET.Element:
+        occurrence = self._seen.get((classname, name), 0) + 1
+        self._seen[(classname, name)] = occurrence
+        unique = name if occurrence == 1 else f"{name} (attempt {occurrence})"
+        return ET.SubElement(
+            self._suite,
+            "testcase",
+            {"classname": classname, "name": unique, "time": f"{seconds:.6f}"},
+        )
 
 
 def _fail(case: ET.Element, message: str, kind: str) -> None:
@@ -88,9 +177,14 @@ def _fail(case: ET.Element, message: str, kind: str) -> None:
 
 
 def junit_xml(doc: Mapping[str, Any]) -> str:
-    """The probe document as JUnit XML: one testsuite, a testcase per step/check/finding."""
+    """The probe document as JUnit XML: one testsuite, a testcase per step/check/finding.
+
+    The classname is the path (``SMTP URL -> retrieval URL``, plus `` [run N]`` when a path
+    ran more than once); case names are unique within a classname (see the module docstring).
+    """
     results: list[Mapping[str, Any]] = list(doc["results"])
     suite = ET.Element("testsuite", {"name": "roundtrip probe"})
+    add_case = _Cases(suite)
     props = ET.SubElement(suite, "properties")
     ET.SubElement(props, "property", {"name": "target", "value": str(doc.get("target", ""))})
     several = len({(r["smtp"], r["retrieve"]) for r in results}) < len(results)
@@ -103,20 +197,20 @@ def junit_xml(doc: Mapping[str, Any]) -> str:
             classname += f" [run {run_of[pair]}]"
         failed_step_recorded = False
         for step in result["steps"]:
-            case = _case(suite, classname, str(step["name"]), float(step["seconds"]))
+            case = add_case(classname, str(step["name"]), float(step["seconds"]))
             if not step["ok"]:
                 failed_step_recorded = True
                 _fail(case, str(result["error"] or step["detail"]), "step")
         if result["error"] and result["error_step"] != "VERIFY" and not failed_step_recorded:
-            _fail(_case(suite, classname, str(result["error_step"])), str(result["error"]), "step")
+            _fail(add_case(classname, str(result["error_step"])), str(result["error"]), "step")
         for check, ok in result["checks"].items():
-            case = _case(suite, classname, f"check {check}")
+            case = add_case(classname, f"check {check}")
             if not ok:
                 _fail(case, str(result["error"]), "check")
         for finding in result["findings"]:
             if finding["severity"] == "fail":
                 _fail(
-                    _case(suite, classname, f"finding {finding['code']}"),
+                    add_case(classname, f"finding {finding['code']}"),
                     str(finding["message"]),
                     "finding",
                 )
@@ -125,12 +219,12 @@ def junit_xml(doc: Mapping[str, Any]) -> str:
         ]
         notes += [
             f"tls {t['server']}: {t['version']} {t['cipher']}; subject {t['subject']}; "
-            f"issuer {t['issuer']}; {t['days_left']} days to expiry; "
+            f"issuer {t['issuer']}; {expiry_text(str(t['not_after']), int(t['days_left']))}; "
             f"hostname match {t['hostname_match']}"
             for t in result["tls"]
         ]
         if notes:
-            case = _case(suite, classname, "report")
+            case = add_case(classname, "report")
             ET.SubElement(case, "system-out").text = "\n".join(notes)
     cases = suite.findall("testcase")
     suite.set("tests", str(len(cases)))
@@ -208,14 +302,14 @@ def _summary(
 def prometheus_text(doc: Mapping[str, Any], *, now: float | None = None) -> str:
     """The probe document as Prometheus text exposition format (version 0.0.4).
 
-    Gauges describe the last run of each SMTP -> IMAP/POP3 pair; the summaries
-    (quantiles 0.5, 0.95 and 1 = max) cover every run of the invocation.
+    Every series is labelled with its path (``smtp`` and ``retrieve`` URLs) except the
+    TLS facts (``server``) and the timestamp. Gauges describe the last run of each path; the
+    summaries (quantiles 0.5, 0.95 and 1 = max) cover every run of that path, never mixing
+    IMAP and POP3. No (name, labels) pair appears twice.
     """
     results: list[Mapping[str, Any]] = list(doc["results"])
     families = _Families()
-    pairs: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for result in results:
-        pairs.setdefault((str(result["smtp"]), str(result["retrieve"])), []).append(result)
+    pairs = _by_path(results)
     certs: dict[str, Mapping[str, Any]] = {}
     for (smtp, retrieve), runs in pairs.items():
         labels = {"smtp": smtp, "retrieve": retrieve}
@@ -255,13 +349,28 @@ def prometheus_text(doc: Mapping[str, Any], *, now: float | None = None) -> str:
             labels,
             [float(r["time_to_visible"]) for r in runs if r.get("time_to_visible") is not None],
         )
+        # A step repeats when POP3 reconnects to poll: one series per step name, summed.
+        step_seconds: dict[str, float] = {}
+        step_count: dict[str, int] = {}
         for step in last["steps"]:
+            name = str(step["name"]).replace(" ", "_")
+            step_seconds[name] = step_seconds.get(name, 0.0) + float(step["seconds"])
+            step_count[name] = step_count.get(name, 0) + 1
+        for name, seconds in step_seconds.items():
             families.add(
                 "roundtrip_probe_step_seconds",
                 "gauge",
-                "Duration of each step of the last round trip.",
-                {**labels, "step": str(step["name"]).replace(" ", "_")},
-                float(step["seconds"]),
+                "Seconds spent in each step of the last round trip (summed when it repeats).",
+                {**labels, "step": name},
+                seconds,
+            )
+        for name, count in step_count.items():
+            families.add(
+                "roundtrip_probe_step_count",
+                "gauge",
+                "How many times each step ran in the last round trip (POP3 reconnects to poll).",
+                {**labels, "step": name},
+                count,
             )
         for check, ok in last["checks"].items():
             families.add(
