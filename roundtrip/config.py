@@ -64,6 +64,10 @@ class User:
         local, at, domain = self.address.rpartition("@")
         if not at or not local or not domain:
             raise ConfigError(f"user address {self.address!r} is not of the form local@domain")
+        if not self.password:
+            # An empty password must never open a mailbox (Dovecot refuses one unless
+            # ``nopassword`` is configured on purpose): refuse it where it is configured.
+            raise ConfigError(f"user {self.address!r}: the password is empty")
         object.__setattr__(self, "address", f"{local}@{domain.lower()}")
 
 

@@ -658,7 +658,7 @@ class MaildirStore(Store):
 
     # users
 
-    def add_user(self, address: str, password: str) -> None:
+    def add_user(self, address: str, password: str | None) -> None:
         """Create a user with the default folders on disk; an existing one gets the password.
 
         Raises:

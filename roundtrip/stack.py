@@ -202,7 +202,9 @@ class MailStack:
         self._start_lock = threading.Lock()
         for user in self.config.users:
             self.store.add_user(user.address, user.password)
-        self.store.add_user(OUTBOUND_ADDRESS, "")
+        # The capture of mail for outside domains: a mailbox, never a login (no password
+        # opens it on any service); tests read it through ``outbound``.
+        self.store.add_user(OUTBOUND_ADDRESS, None)
 
     # lifecycle
 

@@ -247,7 +247,8 @@ class Store:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._clock = clock
-        self._passwords: dict[str, str] = {}
+        # ``None``: a mailbox that is not a login (the stack's outbound capture).
+        self._passwords: dict[str, str | None] = {}
         self._mailboxes: dict[str, dict[str, Mailbox]] = {}
         self._listeners: list[Listener] = []
         self._maildrop_locks: set[str] = set()
@@ -265,8 +266,14 @@ class Store:
     def _key(address: str) -> str:
         return address.strip().lower()
 
-    def add_user(self, address: str, password: str) -> None:
-        """Create a user with the default folders; an existing user gets the new password."""
+    def add_user(self, address: str, password: str | None) -> None:
+        """Create a user with the default folders; an existing user gets the new password.
+
+        Args:
+            address: the mailbox owner's address.
+            password: what logs in; ``None`` (or ``""``) makes a mailbox that no login opens,
+                on any service.
+        """
         key = self._key(address)
         with self._lock:
             self._passwords[key] = password
@@ -284,12 +291,16 @@ class Store:
             return sorted(self._passwords)
 
     def check_password(self, address: str, password: str) -> bool:
-        """True when ``address`` exists and ``password`` is its password (constant time)."""
+        """True when ``address`` is a login and ``password`` is its password (constant time).
+
+        An empty password never authenticates anyone, and a mailbox added without a password
+        (the outbound capture) is not a login at all.
+        """
         stored = self._passwords.get(self._key(address))
         # Compare against something even for unknown users so timing does not reveal them.
-        expected = (stored if stored is not None else "\x00unknown\x00").encode("utf-8")
+        expected = (stored or "\x00unknown\x00").encode("utf-8")
         ok = hmac.compare_digest(expected, password.encode("utf-8", "surrogateescape"))
-        return ok and stored is not None
+        return ok and bool(stored) and bool(password)
 
     # Mailboxes
 
