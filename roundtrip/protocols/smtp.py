@@ -51,8 +51,10 @@ __all__ = [
     "add_missing_headers",
     "auth_penalty",
     "check_address_encoding",
+    "check_bare_cr_in_header",
     "check_from_header",
     "check_header_size",
+    "check_helo_name",
     "check_hops",
     "check_recipient",
     "check_sender",
@@ -61,6 +63,7 @@ __all__ = [
     "domain_of",
     "enhanced_status",
     "extend_data_deadline",
+    "plain_identity_permitted",
     "received_header",
     "with_protocol",
 ]
@@ -112,6 +115,14 @@ class Reply:
     MALFORMED_UTF8_RECIPIENT = "553 5.1.3 Error: malformed UTF-8 in recipient address"
     #: A mail loop (RFC 5321 section 6.3; Postfix hopcount_limit, bounce code 5.4.6).
     TOO_MANY_HOPS = "554 5.4.6 Error: too many hops"
+    BARE_CR_IN_HEADER = (
+        "554 5.6.0 Bare CR in the message header section: CR is allowed only before LF"
+        " (RFC 5322 section 2.3)"
+    )
+    BAD_HELO = (
+        "501 5.5.4 Invalid {verb} name: a domain or an address literal is required"
+        " (RFC 5321 section 4.1.1.1)"
+    )
     FROM_MISMATCH = "553 5.7.1 <{address}>: From: header not owned by user {user}"
     HEADER_TOO_LARGE = "552 5.3.4 Error: message header field too large (limit {limit} octets)"
 
@@ -247,6 +258,72 @@ def check_from_header(raw: bytes, *, authenticated_user: str | None) -> str | No
     for _, address in email.utils.getaddresses(values):
         if address and address.lower() != authenticated_user.lower():
             return Reply.FROM_MISMATCH.format(address=address, user=authenticated_user)
+    return None
+
+
+def check_bare_cr_in_header(raw: bytes) -> str | None:
+    """Refuse a submitted message with a CR that is not part of a CRLF in its header section.
+
+    RFC 5322 section 2.3 and RFC 5321 section 2.3.8 allow CR and LF only together. The
+    submission checks split lines on LF, while the next hop turns a bare CR into a line break
+    (see ``normalize_line_endings`` in roundtrip/servers/relay.py): ``Subject: x<CR>From: ...``
+    would hide a forged From: from ``check_from_header`` and deliver it, and ``<CR><CR>`` would
+    become a blank line that pushes the remaining fields into the body. Refusing it makes every
+    check see exactly the lines that will be delivered.
+
+    Returns:
+        None to accept, or the reply line to refuse with.
+    """
+    end, _ = _header_block_end(raw)
+    if _BARE_CR.search(raw, 0, end):
+        return Reply.BARE_CR_IN_HEADER
+    return None
+
+
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
+def plain_identity_permitted(authzid: bytes, authcid: bytes) -> bool:
+    """Whether SASL PLAIN's authorization identity may be used with this authentication one.
+
+    RFC 4616 section 2: the server fails the exchange unless the authenticated identity may
+    act as the one asked for. Nobody here acts for another user: the authorization identity
+    must be empty or the same address (compared without case, as logins are).
+    """
+    return not authzid or authzid.lower() == authcid.lower()
+
+
+#: What a domain name of EHLO/HELO may hold, besides letters and digits of any script
+#: (U-labels, RFC 6531 section 3.7.1): the dot, the hyphen, and the underscore that many
+#: hosts' names carry in practice (Postfix's ``reject_invalid_helo_hostname`` allows it too).
+_HELO_NAME_EXTRA = frozenset("-._")
+
+
+def check_helo_name(name: str, *, verb: str = "EHLO") -> str | None:
+    """Refuse an EHLO/HELO argument that is neither a domain nor an address literal.
+
+    RFC 5321 section 4.1.1.1. The name goes into ``Received:`` fields and DSNs; a Unicode
+    line separator (U+2028, U+2029, U+0085), a control character or a space in it would let a
+    consumer that splits on them see an injected field.
+
+    Returns:
+        None to accept, or the reply line to refuse with.
+    """
+    refusal = Reply.BAD_HELO.format(verb=verb)
+    if not name or len(name) > 255:
+        return refusal
+    if name.startswith("["):
+        # An address literal: printable ASCII without brackets, backslash or space inside.
+        inner = name[1:-1]
+        if not name.endswith("]") or not inner:
+            return refusal
+        if not all("!" <= ch <= "~" and ch not in "[]\\" for ch in inner):
+            return refusal
+        return None
+    if not all(ch.isalnum() or ch in _HELO_NAME_EXTRA for ch in name):
+        return refusal
+    if name.startswith(".") or ".." in name:
+        return refusal
     return None
 
 
