@@ -194,7 +194,9 @@ def _recipients(message: ReceivedMessage) -> set[str]:
     found.update(a.lower() for a in envelope_to if isinstance(a, str))
     stored = getattr(message, "stored", None)
     user = getattr(stored, "user", None)
-    if isinstance(user, str):
+    # A copy in the stack's outbound capture belongs to its envelope recipient, not to the
+    # capture mailbox that holds it.
+    if isinstance(user, str) and not getattr(message, "captured", False):
         found.add(user.lower())
     return found
 
@@ -324,7 +326,9 @@ def _arrival(message: ReceivedMessage) -> str:
     recipients = sorted(_recipients(message)) or ["<no recipients>"]
     stored = getattr(message, "stored", None)
     where = ""
-    if stored is not None and isinstance(getattr(stored, "mailbox", None), str):
+    if getattr(message, "captured", False):
+        where = " [outbound capture: an outside domain]"
+    elif stored is not None and isinstance(getattr(stored, "mailbox", None), str):
         where = f" [{stored.mailbox}]"
     return (
         f"from {message.from_ or '<no sender>'} to {', '.join(recipients)}{where} "

@@ -301,11 +301,24 @@ class StackConfig:
             raise ConfigError("relay_connection_cache must not be negative")
 
     def user(self, domain: str | None = None) -> User:
-        """The first user (of ``domain`` when given)."""
+        """The first user of ``domain``, or the user ``domain`` names when it is an address.
+
+        Raises:
+            ConfigError: no such user; the message lists the configured ones.
+        """
+        if domain is not None and "@" in domain:
+            wanted = domain.strip().lower()
+            for user in self.users:
+                if user.address.lower() == wanted:
+                    return user
+            known = ", ".join(u.address for u in self.users)
+            raise ConfigError(f"{domain!r} is not a user of this stack; its users: {known}")
         for user in self.users:
             if domain is None or user.domain == domain.lower():
                 return user
-        raise ConfigError(f"no user in domain {domain!r}")
+        raise ConfigError(
+            f"no user in domain {domain!r}; the stack's domains: {', '.join(self.domains)}"
+        )
 
     def replace(self, **overrides: Any) -> StackConfig:
         """A copy with some fields changed.

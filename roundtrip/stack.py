@@ -719,7 +719,12 @@ class MailStack:
         return self.config.users
 
     def user(self, domain: str | None = None) -> User:
-        """The first user (of ``domain`` when given)."""
+        """The first user of ``domain`` (the first domain by default), or the user whose
+        address is given (``user("noreply@example.com")``).
+
+        Raises:
+            ConfigError: no such domain or user.
+        """
         return self.config.user(domain)
 
     def endpoints(self, domain: str | None = None) -> DomainEndpoints:
@@ -795,7 +800,16 @@ class MailStack:
     def messages(
         self, to: str | None = None, *, mailbox: str | None = None
     ) -> list[DeliveredMessage]:
-        """Messages stored so far (for one recipient, or all users), oldest first."""
+        """Messages stored so far, oldest first.
+
+        Args:
+            to: one recipient: a user of the stack, or an address of an outside domain (its
+                copies in the outbound capture). All users' mailboxes when None (the
+                capture is listed apart, in :attr:`outbound`).
+            mailbox: only this folder (every folder by default).
+        """
+        if to is not None and self._is_outside(to):
+            return self._outbound_for(to)
         stored = (
             self.store.messages(to, mailbox)
             if to
@@ -811,8 +825,29 @@ class MailStack:
 
     @property
     def outbound(self) -> list[DeliveredMessage]:
-        """Messages addressed to domains outside the stack, captured instead of sent."""
+        """Messages addressed to domains outside the stack, captured instead of sent.
+
+        One copy per outside recipient (its ``envelope_to``). ``assert_delivered``,
+        ``assert_not_delivered`` and ``wait_for`` look here too: mail to ``carol@gmail.com``
+        counts as delivered to her, and fails ``assert_not_delivered()``.
+        """
         return [_received(m) for m in self.store.messages(OUTBOUND_ADDRESS)]
+
+    def _is_outside(self, address: str) -> bool:
+        """True for an address of a domain the stack does not serve (mail to it is captured)."""
+        if self.store.has_user(address):
+            return False
+        domain = address.rpartition("@")[2].rstrip(".").lower()
+        return bool(domain) and domain not in {d.lower() for d in self.config.domains}
+
+    def _outbound_for(self, address: str) -> list[DeliveredMessage]:
+        wanted = address.strip().lower()
+        return [m for m in self.outbound if wanted in (a.lower() for a in m.envelope_to)]
+
+    def _all_messages(self, mailbox: str | None) -> list[DeliveredMessage]:
+        """What the assertions search: every user's mailboxes, then the outbound capture."""
+        captured = self.outbound if mailbox is None or mailbox.upper() == "INBOX" else []
+        return self.messages(mailbox=mailbox) + captured
 
     def wait_for(
         self,
@@ -838,16 +873,30 @@ class MailStack:
             NotDeliveredError: nothing matched in time; the message lists what did arrive.
         """
         limit = self.config.timeouts.wait_timeout if timeout is None else timeout
-        addresses = (
-            [to] if to is not None else [u for u in self.store.users() if u != OUTBOUND_ADDRESS]
-        )
-        for address in addresses:
-            if not self.store.has_user(address):
-                raise ConfigError(f"{address!r} is not a user of this stack")
+        # Mail for an outside domain is looked for in the outbound capture (its INBOX), as
+        # assert_delivered does; ``to=None`` means any user or the capture.
+        outside = to is not None and self._is_outside(to)
+        if to is None:
+            addresses = [u for u in self.store.users() if u != OUTBOUND_ADDRESS]
+            addresses.append(OUTBOUND_ADDRESS)
+        elif outside:
+            addresses = [OUTBOUND_ADDRESS]
+        elif self.store.has_user(to):
+            addresses = [to]
+        else:
+            users = ", ".join(u for u in self.store.users() if u != OUTBOUND_ADDRESS)
+            raise ConfigError(
+                f"{to!r} is not a user of this stack, though its domain is served by it;"
+                f" the users: {users}"
+            )
+        wanted_rcpt = to.strip().lower() if outside and to is not None else None
         seen: dict[int, DeliveredMessage] = {}
 
         def find() -> DeliveredMessage | None:
             for address in addresses:
+                captured = address == OUTBOUND_ADDRESS
+                if captured and mailbox.upper() != "INBOX":
+                    continue
                 try:
                     box = self.store.mailbox(address, mailbox)
                 except MailboxError:
@@ -856,6 +905,10 @@ class MailStack:
                     parsed = seen.get(id(msg))
                     if parsed is None:
                         parsed = seen[id(msg)] = _received(msg)
+                    if wanted_rcpt is not None and wanted_rcpt not in (
+                        a.lower() for a in parsed.envelope_to
+                    ):
+                        continue
                     if _matches(parsed, subject=subject, sender=sender, match=match):
                         return parsed
             return None
@@ -910,11 +963,11 @@ class MailStack:
         if wanted:
             limit = self.config.timeouts.wait_timeout if timeout is None else timeout
             self.store.wait_until(
-                lambda: len(criteria.select(self.messages(mailbox=mailbox))) >= wanted, limit
+                lambda: len(criteria.select(self._all_messages(mailbox))) >= wanted, limit
             )
         self.check()
         return _assert_delivered(
-            self.messages(mailbox=mailbox),
+            self._all_messages(mailbox),
             to=to,
             subject=subject,
             sender=sender,
@@ -946,7 +999,7 @@ class MailStack:
             self._thread.run(self.relay.wait_idle(limit), timeout=limit + 1)
         self.check()
         _assert_not_delivered(
-            self.messages(mailbox=mailbox),
+            self._all_messages(mailbox),
             to=to,
             subject=subject,
             sender=sender,
@@ -976,6 +1029,11 @@ class DeliveredMessage(ReceivedMessage):
     @property
     def envelope_to(self) -> tuple[str, ...]:
         return self.stored.envelope_to
+
+    @property
+    def captured(self) -> bool:
+        """True for a copy in the outbound capture (mail for a domain outside the stack)."""
+        return self.stored.user == OUTBOUND_ADDRESS
 
 
 def _received(stored: StoredMessage) -> DeliveredMessage:
@@ -1012,6 +1070,8 @@ def _not_delivered_text(
     since: float,
 ) -> str:
     wanted = [f"to {to}" if to else "to any user", f"in {mailbox}"]
+    if to is not None and stack._is_outside(to):
+        wanted = [f"to {to}", "(an outside domain: looked in the outbound capture)"]
     if subject is not None:
         wanted.append(f"with subject {subject!r}")
     if sender is not None:

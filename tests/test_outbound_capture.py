@@ -1,0 +1,106 @@
+"""Mail for outside domains: the assertions and wait_for see the outbound capture.
+
+An application that mails ``carol@gmail.com`` from inside a test must not pass
+``assert_not_delivered()``: the stack accepted the message and would have sent it. And
+``wait_for`` and ``assert_delivered`` must agree on where such mail is.
+"""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Iterator
+
+import pytest
+
+from roundtrip import MailStack, StackConfig
+from roundtrip.errors import ConfigError, NotDeliveredError
+
+TIMEOUT = 5.0
+OUTSIDE = "carol@gmail.com"
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[MailStack]:
+    with MailStack(StackConfig(domains=("example.com", "example.org"))) as stack:
+        yield stack
+
+
+@pytest.fixture
+def stack(running: MailStack) -> MailStack:
+    running.reset()
+    return running
+
+
+def _send(stack: MailStack, to: list[str], subject: str) -> None:
+    user = stack.user("example.com")
+    raw = (
+        f"From: <{user.address}>\r\nTo: {', '.join(to)}\r\nSubject: {subject}\r\n\r\nhi\r\n"
+    ).encode()
+    host, port = stack.endpoints("example.com").address("submissions")
+    with smtplib.SMTP_SSL(host, port, context=stack.client_context(), timeout=TIMEOUT) as smtp:
+        smtp.login(user.address, user.password)
+        smtp.sendmail(user.address, to, raw)
+
+
+def test_outbound_assert_not_delivered_fails_for_captured_mail(stack: MailStack) -> None:
+    _send(stack, [OUTSIDE], "reset link")
+    assert len(stack.outbound) == 1
+    with pytest.raises(AssertionError, match="outbound capture") as info:
+        stack.assert_not_delivered(timeout=TIMEOUT)
+    assert OUTSIDE in str(info.value)
+    with pytest.raises(AssertionError):
+        stack.assert_not_delivered(OUTSIDE, timeout=TIMEOUT)
+    with pytest.raises(AssertionError):
+        stack.assert_not_delivered(subject="reset link", timeout=TIMEOUT)
+
+
+def test_outbound_assert_not_delivered_twin_passes(stack: MailStack) -> None:
+    stack.assert_not_delivered(timeout=TIMEOUT)  # nothing sent at all
+    _send(stack, [OUTSIDE], "reset link")
+    stack.assert_not_delivered("dave@gmail.com", timeout=TIMEOUT)  # another outside address
+    stack.assert_not_delivered(stack.user("example.org").address, timeout=TIMEOUT)
+    stack.assert_not_delivered(subject="something else", timeout=TIMEOUT)
+
+
+def test_outbound_wait_for_and_assert_delivered_agree(stack: MailStack) -> None:
+    _send(stack, [OUTSIDE], "welcome")
+    found = stack.wait_for(OUTSIDE, timeout=TIMEOUT)
+    assert found.subject == "welcome"
+    assert found.envelope_to == (OUTSIDE,)
+    assert found.captured
+    [delivered] = stack.assert_delivered(OUTSIDE.upper(), subject="welcome", timeout=TIMEOUT)
+    assert delivered.captured
+    assert [m.subject for m in stack.messages(OUTSIDE)] == ["welcome"]
+
+
+def test_outbound_wait_for_another_outside_address_times_out(stack: MailStack) -> None:
+    _send(stack, [OUTSIDE], "welcome")
+    stack.wait_for(OUTSIDE, timeout=TIMEOUT)
+    with pytest.raises(NotDeliveredError, match="outbound capture"):
+        stack.wait_for("dave@gmail.com", timeout=0.2)
+    with pytest.raises(AssertionError, match="expected exactly 1 message to dave@gmail.com"):
+        stack.assert_delivered("dave@gmail.com", timeout=0.2)
+
+
+def test_outbound_unknown_user_of_a_stack_domain_is_a_config_error(stack: MailStack) -> None:
+    with pytest.raises(ConfigError, match="its domain is served by it"):
+        stack.wait_for("nobody@example.com", timeout=0.2)
+
+
+def test_outbound_mixed_recipients_counted_per_copy(stack: MailStack) -> None:
+    local = stack.user("example.org").address
+    _send(stack, [local, OUTSIDE], "both")
+    stack.assert_delivered(local, subject="both", timeout=TIMEOUT)
+    stack.assert_delivered(OUTSIDE, subject="both", timeout=TIMEOUT)
+    stack.assert_delivered(subject="both", count=2, timeout=TIMEOUT)
+    assert [m.subject for m in stack.messages()] == ["both"]  # users' mailboxes only
+
+
+def test_user_lookup_by_address(stack: MailStack) -> None:
+    user = stack.user("example.org")
+    assert stack.user(user.address) == user
+    assert stack.user(user.address.upper()) == user
+    with pytest.raises(ConfigError, match="is not a user of this stack; its users"):
+        stack.user("noreply@example.com")
+    with pytest.raises(ConfigError, match="no user in domain 'example.net'"):
+        stack.user("example.net")
