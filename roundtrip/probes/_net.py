@@ -2,7 +2,7 @@
 
 Every blocking call has a timeout. The socket options matter for honest timings: without
 TCP_NODELAY and TCP_QUICKACK a client waits about 40 ms for a Postfix SMTPS greeting (delayed
-ACKs; NOTES.md), which would be reported as the server's slowness.
+ACKs), which would be reported as the server's slowness.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ __all__ = [
     "Timeline",
     "check_legacy_tls",
     "diagnose_certificate",
+    "display",
+    "expiry_text",
     "map_errors",
     "open_socket",
     "tls_facts",
@@ -151,6 +153,10 @@ class Timeline:
             )
 
 
+class PhaseTimeoutError(TimeoutError):
+    """A timeout that names what it waited for (``"the TCP connect"``, ...)."""
+
+
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     quickack = getattr(socket, "TCP_QUICKACK", None)
@@ -164,7 +170,10 @@ def open_socket(
 ) -> socket.socket:
     """TCP connect with the probe's socket options; records a ``<label> connect`` step."""
     started = time.perf_counter()
-    sock = socket.create_connection((host, port), timeout)
+    try:
+        sock = socket.create_connection((host, port), timeout)
+    except TimeoutError as exc:
+        raise PhaseTimeoutError("the TCP connect") from exc
     _tune(sock)
     timeline.add(f"{label} connect", started, server=f"{host}:{port}")
     return sock
@@ -181,7 +190,10 @@ def wrap_tls(
     started = time.perf_counter()
     peer = sock.getpeername()
     server = f"{peer[0]}:{peer[1]}"
-    tls_sock = context.wrap_socket(sock, server_hostname=server_name)
+    try:
+        tls_sock = context.wrap_socket(sock, server_hostname=server_name)
+    except TimeoutError as exc:
+        raise PhaseTimeoutError("the TLS handshake") from exc
     _tune(tls_sock)
     record_tls(timeline, label, started, tls_sock, server, server_name, context)
     return tls_sock
@@ -216,6 +228,19 @@ def record_tls(
     facts = tls_facts(sock, server=server, server_name=server_name, verified=context.check_hostname)
     timeline.note_tls(facts, label)
     step.detail = f"{facts.version} {facts.cipher}"
+
+
+def expiry_text(not_after: str, days_left: int) -> str:
+    """A certificate's expiry for people: days when near, the date and years when far
+    (the same wording as ``roundtrip.report.expiry_text``, which may not import probes)."""
+    if not not_after:
+        return "no certificate"
+    date = not_after[:10]
+    if days_left < 0:
+        return f"EXPIRED {-days_left} days ago ({date})"
+    if days_left <= 2 * 365:
+        return f"{days_left} days to expiry ({date})"
+    return f"expires {date} (in {days_left / 365.25:.0f} years)"
 
 
 def _hostname_matches(san: list[str], name: str) -> bool:
@@ -420,6 +445,24 @@ def check_legacy_tls(
         return f"accepted {sock.version()}"
 
 
+def display(value: object) -> str:
+    """A server reply as text for messages: bytes decoded (UTF-8, invalid bytes replaced),
+    lists of lines joined by spaces, so a message never shows a Python ``b'...'`` literal."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace").rstrip("\r\n")
+    if isinstance(value, list | tuple):
+        return " ".join(display(item) for item in value if item is not None)
+    return str(value)
+
+
+def _timeout_message(
+    step: str, server: str, timeout: float | None, exc: BaseException, waiting: str
+) -> str:
+    limit = f"within {timeout:g} s" if timeout is not None else "in time"
+    phase = str(exc) if isinstance(exc, PhaseTimeoutError) else waiting
+    return f"{step}: {server} did not answer {limit}" + (f" (waiting for {phase})" if phase else "")
+
+
 def _reply_text(exc: BaseException) -> str:
     code = getattr(exc, "smtp_code", None)
     error = getattr(exc, "smtp_error", None)
@@ -430,16 +473,27 @@ def _reply_text(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def map_errors(step: str, server: str) -> Iterator[None]:
+def map_errors(
+    step: str, server: str, *, timeout: float | None = None, waiting: str = ""
+) -> Iterator[None]:
     """Translate client-library and socket exceptions into ``ProbeError`` subclasses.
 
-    The one place where smtplib, imaplib, poplib, ssl and OSError exceptions become ours
-    (STYLE.md section 5); the original stays on ``__cause__``.
+    The one place where smtplib, imaplib, poplib, ssl and OSError exceptions become ours;
+    the original stays on ``__cause__``.
+
+    Args:
+        timeout: the socket timeout in force, named when the server does not answer.
+        waiting: what the step waits for when it times out, unless the timeout says it
+            (``PhaseTimeoutError``), e.g. ``"the greeting"``.
     """
     try:
         yield
     except ProbeError:
         raise
+    except PhaseTimeoutError as exc:
+        raise ConnectError(
+            _timeout_message(step, server, timeout, exc, waiting), step=step, host=server
+        ) from exc
     except ssl.SSLCertVerificationError as exc:
         raise TLSError(
             f"{step}: certificate verification failed for {server}: {exc.verify_message}",
@@ -480,13 +534,21 @@ def map_errors(step: str, server: str) -> Iterator[None]:
             reply=_reply_text(exc),
         ) from exc
     except smtplib.SMTPServerDisconnected as exc:
+        # smtplib turns a read timeout into "Connection unexpectedly closed: timed out".
+        if isinstance(exc.__context__, TimeoutError):
+            raise ConnectError(
+                _timeout_message(step, server, timeout, exc.__context__, waiting),
+                step=step,
+                host=server,
+            ) from exc
         raise ConnectError(
             f"{step}: {server} closed the connection: {exc}", step=step, host=server
         ) from exc
     except smtplib.SMTPException as exc:
         raise RejectedError(f"{step}: {server}: {exc}", step=step, host=server) from exc
     except imaplib.IMAP4.error as exc:
-        text = str(exc)
+        # imaplib raises with the server's reply as bytes (or a list of them).
+        text = display(exc.args[0]) if len(exc.args) == 1 else str(exc)
         cls = (
             AuthError if step.endswith("LOGIN") or "AUTHENTICATIONFAILED" in text else RejectedError
         )
@@ -503,7 +565,7 @@ def map_errors(step: str, server: str) -> Iterator[None]:
         ) from exc
     except TimeoutError as exc:
         raise ConnectError(
-            f"{step}: {server} did not answer in time", step=step, host=server
+            _timeout_message(step, server, timeout, exc, waiting), step=step, host=server
         ) from exc
     except OSError as exc:
         raise ConnectError(

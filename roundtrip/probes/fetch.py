@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import Endpoint
 from ..errors import NotDeliveredError, TLSError
-from ._net import FAIL, Timeline, dial, map_errors, record_tls
+from ._net import FAIL, Timeline, dial, display, map_errors, record_tls
 
 __all__ = ["fetch_imap", "fetch_pop3"]
 
@@ -48,7 +48,7 @@ class _IMAP(imaplib.IMAP4):
 def _imap_search(imap: _IMAP, message_id: str) -> list[bytes]:
     typ, data = imap.uid("SEARCH", "HEADER", "Message-ID", f'"{message_id}"')
     if typ != "OK":
-        raise imaplib.IMAP4.error(f"SEARCH failed: {data!r}")
+        raise imaplib.IMAP4.error(f"SEARCH failed: {display(data)!r}")
     found = b" ".join(d for d in data if isinstance(d, bytes)).split()
     return found
 
@@ -60,7 +60,7 @@ def _imap_idle_once(imap: _IMAP, remaining: float) -> None:
     try:
         line = imap.readline()
         if not line.startswith(b"+"):
-            raise imaplib.IMAP4.error(f"IDLE refused: {line!r}")
+            raise imaplib.IMAP4.error(f"IDLE refused: {display(line)!r}")
         # Only the wait for news is bounded by ``remaining``, not the server's "+".
         sock.settimeout(max(remaining, 0.001))
         try:
@@ -113,7 +113,7 @@ def fetch_imap(
         ConnectError, TLSError, AuthError, RejectedError: a step failed.
     """
     server = endpoint.address
-    with map_errors("IMAP CONNECT", server):
+    with map_errors("IMAP CONNECT", server, timeout=timeout, waiting="the greeting"):
         imap = _IMAP(endpoint, context, timeline, timeout)
         imap._timeout_value = timeout  # type: ignore[attr-defined]
     try:
@@ -132,27 +132,27 @@ def fetch_imap(
                     step="STARTTLS",
                     host=server,
                 )
-            with map_errors("IMAP STARTTLS", server):
+            with map_errors("IMAP STARTTLS", server, timeout=timeout):
                 started = time.perf_counter()
                 imap.starttls(ssl_context=context)
                 record_tls(
                     timeline, "imap", started, imap.sock, server, endpoint.server_name, context
                 )
-        with map_errors("IMAP LOGIN", server):
+        with map_errors("IMAP LOGIN", server, timeout=timeout):
             started = time.perf_counter()
             imap.login(endpoint.user, endpoint.password)
             timeline.add("imap login", started, server=server)
-        with map_errors("IMAP SELECT", server):
+        with map_errors("IMAP SELECT", server, timeout=timeout):
             started = time.perf_counter()
             typ, data = imap.select(_quote_mailbox(mailbox))
             if typ != "OK":
-                raise imaplib.IMAP4.error(f"SELECT {mailbox} failed: {data!r}")
+                raise imaplib.IMAP4.error(f"SELECT {mailbox} failed: {display(data)!r}")
             timeline.add("imap select", started, server=server)
         idle = "IDLE" in imap.capabilities
         started = time.perf_counter()
         delay = _POLL_FIRST
         settle_until: float | None = None
-        with map_errors("IMAP WAIT", server):
+        with map_errors("IMAP WAIT", server, timeout=timeout):
             while True:
                 uids = _imap_search(imap, message_id)
                 remaining = deadline - time.monotonic()
@@ -189,14 +189,14 @@ def fetch_imap(
                 host=server,
             )
         copies: list[bytes] = []
-        with map_errors("IMAP FETCH", server):
+        with map_errors("IMAP FETCH", server, timeout=timeout):
             started = time.perf_counter()
             for uid in uids:
                 typ, data = imap.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
                 copies.extend(_literals(data))
             timeline.add("imap fetch", started, server=server, detail=f"{len(copies)} copy")
         if delete:
-            with map_errors("IMAP DELETE", server):
+            with map_errors("IMAP DELETE", server, timeout=timeout):
                 started = time.perf_counter()
                 uid_set = ",".join(u.decode() for u in uids)
                 imap.uid("STORE", uid_set, "+FLAGS.SILENT", r"(\Deleted)")
@@ -205,7 +205,7 @@ def fetch_imap(
                 else:
                     imap.expunge()
                 timeline.add("imap delete", started, server=server)
-        with map_errors("IMAP LOGOUT", server):
+        with map_errors("IMAP LOGOUT", server, timeout=timeout):
             imap.logout()
         return copies
     finally:
@@ -244,7 +244,12 @@ class _POP3(poplib.POP3):
         self._endpoint = endpoint
         self._context = context
         self._timeline = timeline
-        super().__init__(endpoint.server_name, endpoint.port, timeout=timeout)
+        try:
+            super().__init__(endpoint.server_name, endpoint.port, timeout=timeout)
+        except BaseException:
+            # poplib leaves the socket open when the greeting fails (or never comes).
+            _close_quietly(self)
+            raise
 
     def _create_socket(self, timeout: float) -> socket.socket:
         return dial(self._endpoint, self._context, self._timeline, timeout, "pop3")
@@ -254,11 +259,11 @@ def _pop3_session(
     endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline, timeout: float
 ) -> _POP3:
     server = endpoint.address
-    with map_errors("POP3 CONNECT", server):
+    with map_errors("POP3 CONNECT", server, timeout=timeout, waiting="the greeting"):
         pop = _POP3(endpoint, context, timeline, timeout)
     try:
         if endpoint.tls == "starttls":
-            with map_errors("POP3 CAPA", server):
+            with map_errors("POP3 CAPA", server, timeout=timeout):
                 caps = pop.capa()
             if "STLS" not in caps:
                 raise TLSError(
@@ -274,13 +279,13 @@ def _pop3_session(
                     "(RFC 2595 section 4)",
                     server,
                 )
-            with map_errors("POP3 STLS", server):
+            with map_errors("POP3 STLS", server, timeout=timeout):
                 started = time.perf_counter()
                 pop.stls(context=context)
                 record_tls(
                     timeline, "pop3", started, pop.sock, server, endpoint.server_name, context
                 )
-        with map_errors("POP3 LOGIN", server):
+        with map_errors("POP3 LOGIN", server, timeout=timeout):
             started = time.perf_counter()
             pop.user(endpoint.user)
             pop.pass_(endpoint.password)
@@ -314,7 +319,7 @@ def fetch_pop3(
     while True:
         pop = _pop3_session(endpoint, context, timeline, timeout)
         try:
-            with map_errors("POP3 SEARCH", server):
+            with map_errors("POP3 SEARCH", server, timeout=timeout):
                 matches: list[int] = []
                 _, listing, _ = pop.uidl()
                 for entry in listing:
@@ -333,19 +338,28 @@ def fetch_pop3(
                 timeline.add("pop3 visible", started_wait, server=server, detail="poll")
             if matches and (settled or remaining <= 0):
                 copies: list[bytes] = []
-                with map_errors("POP3 RETR", server):
+                with map_errors("POP3 RETR", server, timeout=timeout):
                     started = time.perf_counter()
                     for num in matches:
                         _, lines, _ = pop.retr(num)
                         copies.append(b"\r\n".join(lines) + b"\r\n")
                     timeline.add("pop3 fetch", started, server=server, detail=f"{len(copies)} copy")
-                with map_errors("POP3 DELE", server):
-                    if delete:
+                if delete:
+                    # The server removes messages marked with DELE only when QUIT ends the
+                    # session (RFC 1939 section 6): the step times both.
+                    with map_errors("POP3 DELE", server, timeout=timeout):
+                        started = time.perf_counter()
                         for num in matches:
                             pop.dele(num)
-                    pop.quit()
+                        pop.quit()
+                        timeline.add(
+                            "pop3 delete", started, server=server, detail=f"{len(matches)} copy"
+                        )
+                else:
+                    with map_errors("POP3 QUIT", server, timeout=timeout):
+                        pop.quit()
                 return copies
-            with map_errors("POP3 QUIT", server):
+            with map_errors("POP3 QUIT", server, timeout=timeout):
                 pop.quit()
         finally:
             _close_quietly(pop)

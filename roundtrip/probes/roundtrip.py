@@ -30,6 +30,7 @@ from ._net import (
     TLSFacts,
     check_legacy_tls,
     diagnose_certificate,
+    expiry_text,
 )
 from .fetch import fetch_imap, fetch_pop3
 from .send import ProbeMessage, build_probe_message, submit
@@ -204,7 +205,7 @@ def _describe(facts: TLSFacts) -> str:
     names = ", ".join(facts.san) or "none"
     return (
         f"server presented: subject {facts.subject or '?'}; issuer {facts.issuer or '?'}; "
-        f"names {names}; {facts.days_left} days to expiry; "
+        f"names {names}; {expiry_text(facts.not_after, facts.days_left)}; "
         f"matches {facts.server_name}: {'yes' if facts.hostname_match else 'no'}"
     )
 

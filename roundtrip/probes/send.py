@@ -9,10 +9,11 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import Endpoint
-from ..errors import AuthError, TLSError
-from ._net import FAIL, Timeline, dial, map_errors, record_tls
+from ..errors import AuthError, ConnectError, RejectedError, TLSError
+from ._net import FAIL, Timeline, dial, display, map_errors, record_tls
 
 __all__ = ["ProbeMessage", "build_probe_message", "submit"]
 
@@ -62,6 +63,27 @@ def build_probe_message(*, mail_from: str, rcpt_to: str, now: float | None = Non
     return ProbeMessage(token, message_id, subject, mail_from, rcpt_to, raw)
 
 
+class _LastLine:
+    """The reply file of ``_SMTPClient``: remembers the last line read, so that a greeting
+    smtplib cannot parse (an IMAP or POP3 server's) can be quoted as it came."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.last = b""
+
+    def readline(self, size: int = -1) -> bytes:
+        line: bytes = self._file.readline(size)
+        self.last = line
+        return line
+
+    def close(self) -> None:
+        self._file.close()
+
+
+#: What a greeting that is not SMTP's probably is.
+_OTHER_PROTOCOLS = ((b"* ", "an IMAP server?"), (b"+OK", "a POP3 server?"), (b"HTTP/", "HTTP?"))
+
+
 class _SMTPClient(smtplib.SMTP):
     """smtplib with timed, tuned sockets; dials ``endpoint.host``, verifies ``server_name``."""
 
@@ -79,6 +101,38 @@ class _SMTPClient(smtplib.SMTP):
         #: When the socket was ready: the greeting's wait starts here.
         self.socket_ready = time.perf_counter()
         return sock
+
+    def getreply(self) -> tuple[int, bytes]:
+        if self.file is None and self.sock is not None:
+            self.file = _LastLine(self.sock.makefile("rb"))
+        return super().getreply()
+
+    @property
+    def last_line(self) -> bytes:
+        return self.file.last if isinstance(self.file, _LastLine) else b""
+
+
+def _check_greeting(client: _SMTPClient, code: int, reply: bytes, server: str) -> None:
+    """Fail unless the server greeted with 220 (RFC 5321 section 4.2), quoting what came."""
+    if code == 220:
+        return
+    if code < 0:  # not an SMTP reply at all
+        line = display(client.last_line)
+        guess = next((g for p, g in _OTHER_PROTOCOLS if client.last_line.startswith(p)), "")
+        raise ConnectError(
+            f"CONNECT: expected a 220 greeting from {server}, got {line!r}"
+            + (f" ({guess})" if guess else ""),
+            step="CONNECT",
+            host=server,
+            reply=line,
+        )
+    text = f"{code} {display(reply)}"
+    raise RejectedError(
+        f"CONNECT: expected a 220 greeting from {server}, got {text!r}",
+        step="CONNECT",
+        host=server,
+        reply=text,
+    )
 
 
 def submit(
@@ -100,12 +154,15 @@ def submit(
     server = endpoint.address
     client = _SMTPClient(endpoint, context, timeline, timeout)
     try:
-        with map_errors("CONNECT", server):
-            code, _ = client.connect(endpoint.server_name, endpoint.port)
+        with map_errors("CONNECT", server, timeout=timeout, waiting="the greeting"):
+            code, greeting = client.connect(endpoint.server_name, endpoint.port)
             client._host = endpoint.server_name  # type: ignore[attr-defined]  # for starttls()
-            # From the end of the connect (and TLS) steps: they are timed on their own.
-            timeline.add("smtp greeting", client.socket_ready, server=server, detail=f"{code}")
-        with map_errors("EHLO", server):
+        # From the end of the connect (and TLS) steps: they are timed on their own.
+        if code != 220:
+            timeline.fail("smtp greeting", client.socket_ready, server=server, detail=f"{code}")
+        _check_greeting(client, code, greeting, server)
+        timeline.add("smtp greeting", client.socket_ready, server=server, detail=f"{code}")
+        with map_errors("EHLO", server, timeout=timeout):
             started = time.perf_counter()
             client.ehlo(local_hostname)
             timeline.add("smtp ehlo", started, server=server)
@@ -124,7 +181,7 @@ def submit(
                     step="STARTTLS",
                     host=server,
                 )
-            with map_errors("STARTTLS", server):
+            with map_errors("STARTTLS", server, timeout=timeout):
                 started = time.perf_counter()
                 client.starttls(context=context)
                 assert client.sock is not None
@@ -137,11 +194,11 @@ def submit(
                 raise AuthError(
                     f"AUTH: {server} does not offer AUTH after TLS", step="AUTH", host=server
                 )
-            with map_errors("AUTH", server):
+            with map_errors("AUTH", server, timeout=timeout):
                 started = time.perf_counter()
                 client.login(endpoint.user, endpoint.password)
                 timeline.add("smtp auth", started, server=server)
-        with map_errors("SUBMIT", server):
+        with map_errors("SUBMIT", server, timeout=timeout):
             started = time.perf_counter()
             code, reply = client.mail(message.mail_from)
             if code != 250:
@@ -154,7 +211,7 @@ def submit(
                 raise smtplib.SMTPDataError(code, reply)
             text = reply.decode("utf-8", "replace")
             timeline.add("smtp submit", started, server=server, detail=f"{code} {text}")
-        with map_errors("QUIT", server):
+        with map_errors("QUIT", server, timeout=timeout):
             try:
                 client.quit()
             except smtplib.SMTPServerDisconnected:
