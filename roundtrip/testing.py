@@ -11,17 +11,31 @@ import pytest), then call :func:`roundtrip_eml`::
         outcome = roundtrip_eml(mailstack, eml.raw)
         assert outcome.identical, outcome.diff()
 
-``roundtrip_eml`` submits the bytes over implicit TLS with AUTH (port 465 semantics) as the
+``roundtrip_eml`` submits the message over implicit TLS with AUTH (port 465 semantics) as the
 first user of the first domain to the first user of the last domain, so the message crosses
 the relay, the DNS MX lookup and the recipient's MX; it waits until the message is stored and
 downloads it over IMAP ``BODY[]`` and/or POP3 ``RETR``, reading the exact octets.
 
-What "identical" means: the receiving side prepends trace and filter fields (``Received``,
-``X-Spam-*``; see :data:`TRACE_FIELDS`). Everything after them must equal the submitted bytes,
-and every download must equal the stored copy. SMTP itself cannot carry a message without a
-final CRLF, and the stack's relay turns every stray CR or LF into CRLF (SECURITY.md A2.2), so
-such messages are only :attr:`RoundtripOutcome.equivalent`; the corpus flags them
-(``no-final-newline``, ``bare-lf``, ``bare-cr``).
+What is submitted: the message in SMTP's canonical form (:func:`canonical_form`), as a mail
+client submits a file. Saved mail usually ends its lines with a bare LF; SMTP carries lines
+ending in CRLF (RFC 5321 section 2.3.8), so every LF or CR outside a CRLF pair becomes CRLF
+and a final CRLF is added when missing. ``outcome.submitted`` holds those bytes,
+``outcome.original`` the ones given, and ``outcome.diff()`` says when they differ.
+``canonicalize=False`` sends the bytes exactly as given (for tests of bare-LF smuggling and
+the like); the stack's relay then turns every stray CR or LF into CRLF (docs/security.md),
+so such a message is only :attr:`RoundtripOutcome.equivalent`.
+
+What "identical" means: the stored message is exactly the submitted bytes with two kinds of
+additions, and every download equals the stored copy.
+
+1. Fields prepended in front of the message by the servers on the way: trace and filter
+   fields (``Received``, ``X-Spam-*``; see :data:`TRACE_FIELDS`). Which bytes were prepended
+   is found by locating the submitted message's own first bytes, so a message that itself
+   starts with ``Received`` or ``Delivered-To`` keeps those fields.
+2. ``Date`` and ``Message-ID`` added at the end of the header block by the submission server
+   when the message lacks them (RFC 6409 sections 8.2 and 8.3; :data:`SUBMISSION_FIELDS`).
+   Only a field the submitted header does not have counts, each at most once, and only at
+   that place; ``outcome.submission_fields`` names them.
 
 Every client here verifies certificates (against the stack's CA, or the context given).
 """
@@ -43,8 +57,10 @@ from .config import Endpoint, User
 from .stack import DeliveredMessage, MailStack
 
 __all__ = [
+    "SUBMISSION_FIELDS",
     "TRACE_FIELDS",
     "RoundtripOutcome",
+    "canonical_form",
     "fetch_imap",
     "fetch_pop3",
     "normalize_line_endings",
@@ -66,23 +82,60 @@ TRACE_FIELDS = (
     "X-Spam-*",
 )
 
+#: Fields a submission server adds at the end of the header block when a message lacks them
+#: (RFC 6409 section 8.2 ``Date``, section 8.3 ``Message-ID``); the stack's submission
+#: servers do exactly that. They never count as a change when the submitted header has no
+#: field of that name.
+SUBMISSION_FIELDS = ("Date", "Message-ID")
+
 Retrieve = Literal["imap", "pop3", "both"]
 
 _STRAY_EOL = re.compile(rb"\r\n|\r|\n")
 _HAS_STRAY = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 _DIFF_WINDOW = 600  # bytes either side of the first difference shown by diff()
 _DIFF_LINES = 40
 
 
+def canonical_form(raw: bytes) -> bytes:
+    """``raw`` in SMTP's canonical form, as a submission client sends a saved message.
+
+    Lines end in CRLF (RFC 5321 section 2.3.8; RFC 5322 section 2.3 allows CR and LF only
+    together): every CRLF stays, every LF or CR outside a CRLF pair becomes CRLF, and CRLF
+    is appended when the message does not end with one. This is what ``smtplib`` does to a
+    ``str`` message (it does nothing to ``bytes``). A message already in that form is
+    returned as is.
+    """
+    data = _STRAY_EOL.sub(b"\r\n", raw) if _HAS_STRAY.search(raw) else raw
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
 def normalize_line_endings(raw: bytes) -> bytes:
-    """``raw`` as a normalising SMTP path delivers it.
+    """``raw`` as a normalising SMTP path delivers it when it was sent as bytes, unconverted.
 
     First the SMTP client ends the content with CRLF if it does not already end so (smtplib
     appends CRLF even after a bare LF), then every CR, LF or CRLF becomes CRLF: what the
-    stack's relay does to every message it forwards (SECURITY.md A2.2).
+    stack's relay does to every message it forwards (docs/security.md). Unlike
+    :func:`canonical_form`, a final bare LF therefore becomes an empty line.
     """
     data = raw if raw.endswith(b"\r\n") else raw + b"\r\n"
     return _STRAY_EOL.sub(b"\r\n", data) if _HAS_STRAY.search(data) else data
+
+
+def _conversion_note(original: bytes, submitted: bytes) -> str:
+    """What :func:`canonical_form` changed, in words ("" when nothing)."""
+    if original == submitted:
+        return ""
+    parts = []
+    lf, cr = len(_BARE_LF.findall(original)), len(_BARE_CR.findall(original))
+    if lf:
+        parts.append(f"{lf} bare LF")
+    if cr:
+        parts.append(f"{cr} bare CR")
+    if not _STRAY_EOL.sub(b"\r\n", original).endswith(b"\r\n"):
+        parts.append("final CRLF added")
+    return f"line endings converted to CRLF for submission ({', '.join(parts)})"
 
 
 def smtp_options(raw: bytes, *addresses: str) -> list[str]:
@@ -101,6 +154,20 @@ def smtp_options(raw: bytes, *addresses: str) -> list[str]:
 def _header_end(raw: bytes) -> int:
     ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i != -1]
     return min(ends) if ends else len(raw)
+
+
+def _header_block_end(raw: bytes) -> int:
+    """Where the header block's last line ends: just before the empty line that ends it.
+
+    0 when the message starts with the empty line, ``len(raw)`` when it has none. This is
+    where a submission server inserts the fields it adds.
+    """
+    if raw.startswith((b"\r\n", b"\n")):
+        return 0
+    end = _header_end(raw)
+    if end == len(raw):
+        return end
+    return end + (2 if raw.startswith(b"\r\n", end) else 1)
 
 
 def _field_starts(raw: bytes) -> list[int]:
@@ -123,26 +190,133 @@ def _field_name(field_bytes: bytes) -> str:
     return field_bytes.split(b":", 1)[0].strip().decode("ascii", "replace")
 
 
+def _field_names(block: bytes) -> list[str]:
+    return [_field_name(block[s:e]) for s, e in _pairs(_field_starts(block), len(block))]
+
+
+def _missing_submission_fields(head: bytes) -> set[str]:
+    present = {name.lower() for name in _field_names(head + b"\r\n")}
+    return {name.lower() for name in SUBMISSION_FIELDS} - present
+
+
+def _is_submission_block(block: bytes, missing: set[str]) -> bool:
+    """Whether ``block`` is whole header fields, each one of ``missing``, none twice."""
+    if not block.endswith(b"\n") or block[:1] in (b" ", b"\t"):
+        return False
+    if block.startswith((b"\r\n", b"\n")) or b"\n\n" in block or b"\n\r\n" in block:
+        return False  # an empty line: not header fields only
+    names = [name.lower() for name in _field_names(block)]
+    return len(set(names)) == len(names) and set(names) <= missing
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Where the stored copy differs in shape from what was submitted.
+
+    ``stored[:prepended]`` was put in front; ``stored[inserted_at:inserted_end]`` was added at
+    the end of the message's header block by the submission server.
+    """
+
+    prepended: int
+    inserted_at: int
+    inserted_end: int
+
+
+def _line_starts(data: bytes, limit: int) -> list[int]:
+    """0 and every offset after an LF, up to and including ``limit``."""
+    starts = [0]
+    pos = data.find(b"\n", 0, limit)
+    while pos != -1:
+        starts.append(pos + 1)
+        pos = data.find(b"\n", pos + 1, limit)
+    return starts
+
+
+def _locate(stored: bytes, submitted: bytes) -> _Layout | None:
+    """How ``stored`` is ``submitted`` plus prepended fields plus submission fields, if it is.
+
+    The header block ``head`` and the rest ``tail`` (empty line and body) of ``submitted``
+    must appear as ``prefix + head + added + tail``, with ``added`` only fields of
+    :data:`SUBMISSION_FIELDS` that ``head`` lacks. The candidate offsets for ``head`` are
+    line starts, tried from the front, so a message that starts with a ``Received`` field
+    of its own is matched at its own first byte, not after it.
+    """
+    split = _header_block_end(submitted)
+    head, tail = submitted[:split], submitted[split:]
+    if len(stored) < len(submitted) or not stored.endswith(tail):
+        return None
+    tail_at = len(stored) - len(tail)
+    last = tail_at - len(head)
+    missing = _missing_submission_fields(head)
+    for start in _line_starts(stored, last):
+        if start > last or not stored.startswith(head, start):
+            continue
+        at = start + len(head)
+        if at == tail_at or (missing and _is_submission_block(stored[at:tail_at], missing)):
+            return _Layout(start, at, tail_at)
+    return None
+
+
+def _best_guess(stored: bytes, submitted: bytes) -> _Layout:
+    """A layout for a message that changed in transit, so that a diff shows the change.
+
+    The prepended block ends at the field start where the longest run of ``submitted``'s
+    header begins (ties: the earliest), if that run covers at least its first line;
+    otherwise the field counts decide. Fields the submission server would add that follow
+    an intact header are set aside too.
+    """
+    split = _header_block_end(submitted)
+    head = submitted[:split]
+    starts = _field_starts(stored) or [0]
+    best, best_len = 0, -1
+    for start in starts:
+        same = _first_difference(stored[start : start + len(head)], head)
+        if same > best_len:
+            best, best_len = start, same
+    first_line = submitted.find(b"\n") + 1
+    if best_len < min(first_line or len(head), len(head)):
+        missing = _missing_submission_fields(head)
+        names = [name.lower() for name in _field_names(stored[: _header_block_end(stored)])]
+        added = len(starts) - len(_field_starts(submitted)) - len(missing & set(names))
+        best = starts[added] if 0 < added < len(starts) else 0
+        best_len = _first_difference(stored[best : best + len(head)], head)
+    at = best + len(head)
+    end = at
+    missing = _missing_submission_fields(head) if best_len == len(head) else set()
+    if missing and at <= (block_end := _header_block_end(stored)):
+        block = stored[at:block_end]
+        for s, e in _pairs(_field_starts(block), len(block)):
+            name = _field_name(block[s:e]).lower()
+            if s != end - at or name not in missing:
+                break
+            missing.discard(name)
+            end = at + e
+    return _Layout(best, at, end)
+
+
 def split_added_headers(stored: bytes, submitted: bytes) -> tuple[bytes, bytes]:
     """Split ``stored`` into ``(prepended fields, the rest)``.
 
-    The split is at the field boundary after which ``stored`` equals ``submitted`` (as is,
-    with a final CRLF added, or line-ending normalised). When no boundary gives that, the
-    number of fields added is the difference in field counts, so that the rest can be
-    diffed against ``submitted``.
+    The split is where ``submitted`` (as is, with a final CRLF added, or line-ending
+    normalised) begins in ``stored``, found by matching its own first bytes; the rest may
+    hold fields the submission server added at the end of the header block
+    (:data:`SUBMISSION_FIELDS`). When ``stored`` is not ``submitted`` plus such additions,
+    the split is the best guess for a readable diff.
     """
-    starts = _field_starts(stored)
-    wanted = {submitted}
+    layout = _layout(stored, submitted)
+    return stored[: layout.prepended], stored[layout.prepended :]
+
+
+def _layout(stored: bytes, submitted: bytes) -> _Layout:
+    variants = [submitted]
     if not submitted.endswith(b"\r\n"):
-        wanted.add(submitted + b"\r\n")
-    wanted.add(normalize_line_endings(submitted))
-    for offset in [0, *starts[1:]]:
-        rest_len = len(stored) - offset
-        if any(len(w) == rest_len and stored.endswith(w) for w in wanted):
-            return stored[:offset], stored[offset:]
-    added = len(starts) - len(_field_starts(submitted))
-    offset = starts[added] if 0 < added < len(starts) else 0
-    return stored[:offset], stored[offset:]
+        variants.append(submitted + b"\r\n")  # SMTP clients add the final CRLF
+    variants.append(normalize_line_endings(submitted))  # the relay's stray CR/LF rule
+    for wanted in dict.fromkeys(variants):
+        found = _locate(stored, wanted)
+        if found is not None:
+            return found
+    return _best_guess(stored, submitted)
 
 
 def _first_difference(a: bytes, b: bytes) -> int:
@@ -191,13 +365,20 @@ class RoundtripOutcome:
     """What happened to one message on its way through the stack.
 
     Attributes:
-        submitted: the bytes handed to the SMTP client.
+        submitted: the bytes handed to the SMTP client (after :func:`canonical_form` when
+            :func:`roundtrip_eml` converted them).
         stored: the bytes the recipient's mailbox holds.
         fetched: the bytes downloaded by the first retrieval method.
         fetched_by: every download, by method (``"imap"``, ``"pop3"``).
-        added_headers: the fields prepended to ``stored`` by the receiving side.
+        added_headers: the fields prepended to ``stored`` by the servers on the way.
         message: the stored message, parsed (``.stored`` has the mailbox and UID).
         allowed_added: the field-name patterns that count as trace or filter fields.
+        submission_added: the fields the submission server added at the end of the
+            message's header block because the message lacked them (``b""`` when none; see
+            :data:`SUBMISSION_FIELDS`).
+        submission_added_at: the offset of ``submission_added`` in ``stored``.
+        original: the bytes given to :func:`roundtrip_eml`, when ``submitted`` is their
+            canonical form rather than the same bytes (``None`` otherwise).
     """
 
     submitted: bytes = field(repr=False)
@@ -207,6 +388,9 @@ class RoundtripOutcome:
     added_headers: bytes
     message: DeliveredMessage | None = field(default=None, repr=False)
     allowed_added: tuple[str, ...] = TRACE_FIELDS
+    submission_added: bytes = b""
+    submission_added_at: int = field(default=0, repr=False)
+    original: bytes | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -217,41 +401,57 @@ class RoundtripOutcome:
         *,
         message: DeliveredMessage | None = None,
         allowed_added: Sequence[str] = TRACE_FIELDS,
+        original: bytes | None = None,
     ) -> RoundtripOutcome:
-        """Compute the added headers and wrap the results.
+        """Find what the servers added and wrap the results.
 
         Args:
-            submitted: what was sent.
+            submitted: what was sent, byte for byte.
             stored: what the store holds.
             fetched_by: at least one download, by method name.
             message: the parsed stored message, if at hand.
             allowed_added: patterns of fields that may be prepended.
+            original: the bytes ``submitted`` was converted from, if it was.
         """
         if not fetched_by:
             raise ValueError("fetched_by needs at least one download")
-        added, _ = split_added_headers(stored, submitted)
+        layout = _layout(stored, submitted)
         return cls(
             submitted=submitted,
             stored=stored,
             fetched=next(iter(fetched_by.values())),
             fetched_by=dict(fetched_by),
-            added_headers=added,
+            added_headers=stored[: layout.prepended],
             message=message,
             allowed_added=tuple(allowed_added),
+            submission_added=stored[layout.inserted_at : layout.inserted_end],
+            submission_added_at=layout.inserted_at,
+            original=None if original == submitted else original,
         )
 
     @property
     def delivered(self) -> bytes:
-        """The stored message without the prepended fields."""
-        return self.stored[len(self.added_headers) :]
+        """The stored message without what the servers added (prepended and submission fields).
+
+        Equal to :attr:`submitted` when the message arrived intact.
+        """
+        at = self.submission_added_at
+        if not self.submission_added:
+            return self.stored[len(self.added_headers) :]
+        return (
+            self.stored[len(self.added_headers) : at]
+            + self.stored[at + len(self.submission_added) :]
+        )
 
     @property
     def added_fields(self) -> list[str]:
         """Names of the prepended fields, in order (``["X-Spam-Flag", ..., "Received"]``)."""
-        return [
-            _field_name(self.added_headers[s:e])
-            for s, e in _pairs(_field_starts(self.added_headers), len(self.added_headers))
-        ]
+        return _field_names(self.added_headers)
+
+    @property
+    def submission_fields(self) -> list[str]:
+        """Names of the fields the submission server added (``["Message-ID", "Date"]``)."""
+        return _field_names(self.submission_added)
 
     @property
     def unexpected_added(self) -> list[str]:
@@ -264,13 +464,24 @@ class RoundtripOutcome:
         ]
 
     @property
+    def converted(self) -> str:
+        """How the line endings of :attr:`original` were converted for submission ("" if not)."""
+        return "" if self.original is None else _conversion_note(self.original, self.submitted)
+
+    @property
     def downloads_match(self) -> bool:
         """Every download equals the stored copy, byte for byte."""
         return all(data == self.stored for data in self.fetched_by.values())
 
     @property
     def identical(self) -> bool:
-        """Byte identity: downloads equal the store, which is the submission plus trace fields."""
+        """Byte identity: downloads equal the store, which is the submission plus additions.
+
+        The additions allowed are prepended trace and filter fields (:attr:`allowed_added`)
+        and, at the end of the header block, the :data:`SUBMISSION_FIELDS` the submitted
+        message lacked. Compared with :attr:`submitted`, the canonical form when
+        :attr:`original` was converted.
+        """
         return (
             self.downloads_match
             and not self.unexpected_added
@@ -287,10 +498,20 @@ class RoundtripOutcome:
         )
 
     def diff(self) -> str:
-        """A readable account of every difference (``"identical"`` when there is none)."""
+        """A readable account of every difference (``"identical"`` when there is none).
+
+        Notes that are not differences (the line-ending conversion before submission, the
+        fields the submission server added) come first, in parentheses after ``identical``.
+        """
+        notes = [self.converted] if self.converted else []
+        if self.submission_added:
+            notes.append(
+                "added by the submission server, as the message lacked them (RFC 6409 "
+                f"section 8): {', '.join(self.submission_fields)}"
+            )
         if self.identical:
-            return "identical"
-        lines: list[str] = []
+            return f"identical ({'; '.join(notes)})" if notes else "identical"
+        lines = [f"note: {note}" for note in notes]
         for method, data in self.fetched_by.items():
             if data != self.stored:
                 lines += _byte_diff(self.stored, data, f"{method.upper()} download vs stored")
@@ -305,17 +526,19 @@ class RoundtripOutcome:
                 if normalize_line_endings(self.delivered) == normalize_line_endings(self.submitted)
                 else ""
             )
+            what = "canonical form" if self.original is not None else "bytes"
             lines += _byte_diff(
                 self.submitted,
                 self.delivered,
                 f"stored message after {len(self.added_fields)} prepended field(s) "
-                f"vs submitted{note}",
+                f"vs submitted {what}{note}",
             )
         return "\n".join(lines)
 
 
 def _pairs(starts: list[int], end: int) -> list[tuple[int, int]]:
-    return list(zip(starts, [*starts[1:], end], strict=True))
+    """``(start, end)`` of each field, given the field starts and where the last one ends."""
+    return list(zip(starts, [*starts[1:], end][: len(starts)], strict=True))
 
 
 # -- clients ---------------------------------------------------------------------------------
@@ -330,8 +553,9 @@ def send_eml(
     mail_options: Sequence[str] | None = None,
     context: ssl.SSLContext | None = None,
     timeout: float = 30.0,
+    canonicalize: bool = True,
 ) -> dict[str, tuple[int, bytes]]:
-    """Submit ``raw`` unchanged over SMTP with AUTH, as bytes (no line-ending rewriting).
+    """Submit ``raw`` over SMTP with AUTH, in SMTP's canonical form unless told otherwise.
 
     Args:
         target: a stack (its sender's domain's implicit-TLS submission port and the sender's
@@ -344,6 +568,9 @@ def send_eml(
         mail_options: MAIL FROM parameters; :func:`smtp_options` by default.
         context: the TLS context; the stack's (or the system's) verifying one by default.
         timeout: seconds for each socket operation.
+        canonicalize: send :func:`canonical_form` of ``raw`` (bare LF and CR to CRLF, final
+            CRLF), as a mail client does; False sends ``raw`` byte for byte (smtplib still
+            appends a final CRLF when it is missing, and dot-stuffs).
 
     Returns:
         smtplib's refused-recipients dict (empty when all were accepted).
@@ -371,6 +598,8 @@ def send_eml(
         context = context or ssl.create_default_context()
         if recipient is None:
             raise ValueError("send_eml to an endpoint needs a recipient")
+    if canonicalize:
+        raw = canonical_form(raw)
     mail_from = sender or endpoint.user
     rcpts = [recipient] if isinstance(recipient, str) else list(recipient)
     options = (
@@ -501,12 +730,13 @@ def roundtrip_eml(
     mail_options: Sequence[str] | None = None,
     allowed_added: Sequence[str] = TRACE_FIELDS,
     timeout: float | None = None,
+    canonicalize: bool = True,
 ) -> RoundtripOutcome:
     """Submit ``raw``, wait until it is stored, download it, and compare.
 
     Args:
         stack: a running stack (the ``mailstack`` fixture).
-        raw: the message bytes, sent unchanged (see :func:`send_eml`).
+        raw: the message bytes, as read from a file.
         sender: a user of the stack; its first user by default.
         recipient: a user of the stack; the first user of its last domain by default (so the
             message crosses the relay and the recipient domain's MX).
@@ -516,6 +746,9 @@ def roundtrip_eml(
         allowed_added: field-name patterns the receiving side may prepend.
         timeout: seconds to wait for delivery and for each socket operation
             (``stack.config.timeouts.wait_timeout`` by default).
+        canonicalize: submit :func:`canonical_form` of ``raw`` and compare against it (the
+            default, as a mail client submits a saved file); False submits and compares
+            ``raw`` byte for byte, for tests of what servers do with stray CR or LF.
 
     Returns:
         A :class:`RoundtripOutcome`; ``assert outcome.identical, outcome.diff()``.
@@ -536,14 +769,16 @@ def roundtrip_eml(
         if recipient
         else stack.user(stack.config.domains[-1]).address
     )
+    submitted = canonical_form(raw) if canonicalize else raw
     before = stack.store.mailbox(to, mailbox).uidnext
     send_eml(
         stack,
-        raw,
+        submitted,
         sender=sender,
         recipient=to,
         mail_options=mail_options,
         timeout=max(wait, 1.0),
+        canonicalize=False,
     )
     message = stack.wait_for(
         to, mailbox=mailbox, match=lambda m: m.stored.uid >= before, timeout=wait
@@ -556,5 +791,10 @@ def roundtrip_eml(
         else:
             fetched[method] = fetch_pop3(stack, to, uid, timeout=max(wait, 1.0))
     return RoundtripOutcome.build(
-        raw, message.raw, fetched, message=message, allowed_added=allowed_added
+        submitted,
+        message.raw,
+        fetched,
+        message=message,
+        allowed_added=allowed_added,
+        original=raw if canonicalize else None,
     )
