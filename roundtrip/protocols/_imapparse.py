@@ -15,6 +15,10 @@ at as lines, so commands hidden inside a literal are never executed (SECURITY.md
 a bracketed section with spaces and parentheses in it (``BODY[HEADER.FIELDS (FROM TO)]<0.10>``),
 as the FETCH grammar needs.
 
+``ListPattern`` matches LIST/LSUB mailbox patterns (RFC 3501 section 6.3.8) in time linear in
+the pattern and the name: a backtracking regular expression took k**n steps for n wildcards,
+and one LIST of 100 stars held the event loop (and the GIL) for good (docs/security.md).
+
 Also here: sequence sets, evaluated lazily with bisection (``1:4294967295`` never becomes a
 list, SECURITY.md A6.7), IMAP dates, and modified UTF-7 mailbox names (RFC 3501 section 5.1.3).
 
@@ -37,6 +41,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_NUMBER",
     "CommandReader",
+    "ListPattern",
     "LiteralAnnounced",
     "ParseError",
     "RawCommand",
@@ -402,6 +407,72 @@ def format_uid_set(uids: list[int]) -> str:
         out.append(str(uids[i]) if i == j else f"{uids[i]}:{uids[j]}")
         i = j + 1
     return ",".join(out)
+
+
+# LIST patterns
+
+
+class ListPattern:
+    """A LIST/LSUB mailbox pattern: ``*`` matches anything, ``%`` anything but ``delimiter``.
+
+    RFC 3501 section 6.3.8; every other character matches itself (case-sensitively: the
+    caller folds ``INBOX``). The pattern is an automaton with one state per position, and
+    ``matches`` simulates all of its states at once, one character of the name at a time, as
+    the bits of an int: each character costs a few big-int operations on at most twice as
+    many bits as the name has characters read so far, whatever the pattern, so no pattern
+    makes a name cost more than quadratic time in its own length (which the store bounds)
+    and never anything exponential. A run of wildcards is one wildcard (``*`` if the run
+    holds one), so a wildcard's state never leads straight to another wildcard's.
+    """
+
+    __slots__ = ("_accept", "_delimiter", "_literals", "_masks", "_positions", "_star", "_wild")
+
+    def __init__(self, pattern: str, *, delimiter: str = "/") -> None:
+        tokens: list[str] = []
+        for ch in pattern:
+            if ch in "*%" and tokens and tokens[-1] in "*%":
+                if ch == "*":
+                    tokens[-1] = "*"
+                continue
+            tokens.append(ch)
+        self._delimiter = delimiter
+        self._positions: dict[str, list[int]] = {}
+        for i, ch in enumerate(tokens):
+            if ch not in "*%":
+                self._positions.setdefault(ch, []).append(i)
+        # Bit i is state i; built from a string of bits, in time linear in the pattern.
+        backwards = tokens[::-1]
+        self._star = int("0" + "".join("1" if ch == "*" else "0" for ch in backwards), 2)
+        self._wild = int("0" + "".join("1" if ch in "*%" else "0" for ch in backwards), 2)
+        self._literals = sum(len(p) for p in self._positions.values())
+        self._masks: dict[str, int] = {}
+        self._accept = 1 << len(tokens)
+
+    def _mask(self, ch: str) -> int:
+        """The states whose literal is ``ch``, built on first use (see ``matches``)."""
+        mask = self._masks.get(ch)
+        if mask is None:
+            mask = 0
+            for i in self._positions.get(ch, ()):
+                mask |= 1 << i
+            self._masks[ch] = mask
+        return mask
+
+    def matches(self, name: str) -> bool:
+        """True when the whole of ``name`` matches the pattern."""
+        # Each literal consumes one character. Past this check the pattern has at most
+        # 2 * len(name) + 1 states, so the masks built lazily stay as small as the name.
+        if self._literals > len(name):
+            return False
+        star, wild = self._star, self._wild
+        states = 1 | ((1 & wild) << 1)
+        for ch in name:
+            stay = states & (star if ch == self._delimiter else wild)
+            states = stay | ((states & self._mask(ch)) << 1)
+            if not states:
+                return False
+            states |= (states & wild) << 1
+        return bool(states & self._accept)
 
 
 # Dates

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from roundtrip.errors import RemoteProtocolError
 from roundtrip.protocols._imapparse import (
     CommandReader,
+    ListPattern,
     LiteralAnnounced,
     ParseError,
     RawCommand,
@@ -48,8 +50,8 @@ OTHER = (
 )
 
 
-def make_store() -> Store:
-    store = Store(clock=lambda: NOW)
+def make_store(store: Store | None = None) -> Store:
+    store = Store(clock=lambda: NOW) if store is None else store
     store.add_user(USER, PASSWORD)
     store.deliver(USER, PLAIN, internal_date=1_704_103_200.0)  # 2024-01-01 10:00 UTC
     store.deliver(USER, OTHER, flags={"\\Seen"}, internal_date=1_710_504_000.0)  # 2024-03-15
@@ -830,3 +832,67 @@ def test_imap_logout_and_timeout(store: Store) -> None:
     assert d.conn.data_to_send() == b"* BYE Autologout; idle for too long\r\n"
     assert d.conn.state is IMAPState.LOGOUT
     assert d.send(b"") == b""
+
+
+# Security: LIST wildcards in linear time
+# (docs/security.md)
+
+
+def _regex_list_match(pattern: str, name: str) -> bool:
+    """The LIST matcher this module had before ListPattern: the oracle for its semantics."""
+    regex = re.compile(
+        "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pattern)
+        + r"\Z",
+        re.DOTALL,
+    )
+    return regex.match(name) is not None
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    pattern=st.text(alphabet="ab/*%.\n\u00fc", max_size=9),
+    name=st.text(alphabet="ab/*%.\n\u00fc", max_size=9),
+)
+def test_imap_list_pattern_matches_as_the_regular_expression_did(pattern: str, name: str) -> None:
+    assert ListPattern(pattern).matches(name) is _regex_list_match(pattern, name)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "name", "matches"),
+    [
+        ("*", "a/b/c", True),
+        ("%", "a/b", False),
+        ("a/%", "a/b", True),
+        ("a/%", "a/b/c", False),
+        ("a/*", "a/b/c", True),
+        ("a%*%c", "a/b/c", True),
+        ("a%%%c", "a/b/c", False),
+        ("*" * 200 + "x", "y" * 1000, False),
+        ("%y" * 600, "y" * 1000, True),
+        ("%y" * 1001, "y" * 1000, False),  # more literals than the name has characters
+        ("", "", True),
+        ("", "a", False),
+    ],
+    ids=lambda v: repr(v)[:20] if isinstance(v, str) else None,
+)
+def test_imap_list_pattern_examples(pattern: str, name: str, matches: bool) -> None:
+    assert ListPattern(pattern).matches(name) is matches
+
+
+@pytest.mark.parametrize("wildcard", ["*", "%"])
+def test_imap_list_many_wildcards_answers_at_once(store: Store, wildcard: str) -> None:
+    # A backtracking regular expression needed k**n steps for n wildcards: 40 stars took
+    # 1.5 s, 100 never finished and blocked every session of the event loop.
+    c = Client(store)
+    c.login()
+    assert c.cmd("c CREATE Tax/2024").startswith(b"c OK")
+    start = time.perf_counter()
+    out = c.cmd(f'l LIST "" "{wildcard * 100}x"').decode()
+    elapsed = time.perf_counter() - start
+    assert out.endswith("l OK LIST completed\r\n")
+    assert elapsed < 0.5, f"LIST took {elapsed:.3f} s"
+    # Semantics kept: "Tax" ends with x; "Tax/2024" and INBOX do not.
+    assert out.count("* LIST") == 1 and '"Tax"' in out, out
+    out = c.cmd(f'l2 LSUB "" "{wildcard * 100}4"').decode()
+    assert out.endswith("l2 OK LSUB completed\r\n")
+    assert ('"Tax/2024"' in out) is (wildcard == "*"), out

@@ -596,3 +596,33 @@ def test_imap_server_invalid_modified_utf7_is_refused(servers: IMAPServers) -> N
             assert re.match(rb"c%d (NO|BAD) " % i, raw.read_until(rb"c\d .*\r\n")), name
         raw.send(b"d NOOP\r\n")
         assert raw.read_until(rb"d .*\r\n").startswith(b"d OK")
+
+
+# Security (docs/security.md)
+
+
+def _logged_in(servers: IMAPServers) -> RawClient:
+    raw = servers.raw(tls=True)
+    raw.send(b'a LOGIN alice@example.test "correct horse"\r\n')
+    assert b"a OK" in raw.read_until(rb"a (OK|NO|BAD).*\r\n")
+    return raw
+
+
+@pytest.mark.parametrize("wildcard", [b"*", b"%"])
+def test_imap_server_list_with_many_wildcards_blocks_no_other_session(
+    servers: IMAPServers, wildcard: bytes
+) -> None:
+    # One event loop serves every session: a LIST that backtracks for minutes stops them all
+    # (and a regular expression holds the GIL, so not even SIGTERM got through).
+    servers.store.create_mailbox(USER, "Tax")
+    with closing(_logged_in(servers)) as a, closing(_logged_in(servers)) as b:
+        start = time.perf_counter()
+        a.send(b'l LIST "" "' + wildcard * 100 + b'x"\r\n')
+        b.send(b"n NOOP\r\n")
+        noop = b.read_until(rb"n (OK|NO|BAD).*\r\n")
+        noop_time = time.perf_counter() - start
+        listing = a.read_until(rb"l (OK|NO|BAD).*\r\n")
+        list_time = time.perf_counter() - start
+    assert noop == b"n OK NOOP completed\r\n"
+    assert listing == b'* LIST (\\HasNoChildren) "/" "Tax"\r\nl OK LIST completed\r\n'
+    assert list_time < 0.5 and noop_time < 0.5, (list_time, noop_time)
