@@ -9,13 +9,14 @@ followed by ``<TAB>flags`` (comma-separated); lines starting with ``#`` are comm
     is ``raw + b"\\r\\n"``.
 ``bare-lf`` / ``bare-cr``
     the file holds an LF or CR outside a CRLF pair; a server may reject or normalise it
-    (SECURITY.md A2.2), so it is not expected to arrive byte for byte.
+    (docs/security.md, A2.2), so it is not expected to arrive byte for byte when sent as is
+    (``roundtrip.testing.roundtrip_eml`` converts it to CRLF first by default).
 ``8bitmime`` / ``smtputf8``
     the message needs that SMTP extension to travel unchanged.
 
-The project's own corpus lives in ``fixtures/corpus`` of a source checkout. :func:`corpus_dir`
-finds it relative to this package's parent directory; an installed wheel does not ship it, so
-pass an explicit directory in that case (every function here takes one).
+The project's own corpus lives in ``fixtures/corpus`` of a source checkout, and a copy ships
+in the package as ``roundtrip/_corpus``; :func:`corpus_dir` finds the first, else the second,
+so ``corpus_params()`` works from a checkout and from an installed wheel alike.
 
 Messages too big to commit (10 MB, 40 MB) are built on demand by :func:`large_message`, and
 hostile deep nesting by :func:`nested_message`. Everything here is deterministic.
@@ -51,6 +52,7 @@ __all__ = [
 BYTE_IDENTICAL_BLOCKERS = frozenset({"no-final-newline", "bare-lf", "bare-cr"})
 
 INDEX_NAME = "INDEX.tsv"
+_PACKAGED = Path(__file__).resolve().parent / "_corpus"  # package data, see pyproject.toml
 _LARGE_LINE = 76  # RFC 2045 section 6.8: base64 lines of at most 76 characters
 
 
@@ -113,12 +115,16 @@ class CorpusMessage:
 
 
 def corpus_dir() -> Path:
-    """Return the project's corpus directory, ``<checkout>/fixtures/corpus``.
+    """Return the project's corpus directory.
 
-    It is looked up relative to the directory that contains the ``roundtrip`` package, so it
-    exists in a source checkout (and an editable install) but not in an installed wheel.
+    In a source checkout (or an editable install) that is ``<checkout>/fixtures/corpus``,
+    the copy that is edited; elsewhere, such as an installed wheel, the copy shipped inside
+    the package (``roundtrip/_corpus``, kept equal to the checkout's by a test).
     """
-    return Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
+    checkout = Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
+    if (checkout / INDEX_NAME).is_file():
+        return checkout
+    return _PACKAGED
 
 
 def load(path: str | Path) -> bytes:
@@ -161,14 +167,13 @@ def iter_corpus(directory: str | Path | None = None, pattern: str = "*.eml") -> 
         when the directory has one.
 
     Raises:
-        FileNotFoundError: the directory does not exist (for example, roundtrip was installed
-            from a wheel and no directory was given).
+        FileNotFoundError: the directory does not exist.
     """
     path = Path(directory) if directory is not None else corpus_dir()
     if not path.is_dir():
         raise FileNotFoundError(
             f"corpus directory {str(path)!r} does not exist; pass the directory of your "
-            ".eml files explicitly (the built-in corpus ships only with a source checkout)"
+            ".eml files explicitly"
         )
     index = _read_index(path)
     messages = []
@@ -289,7 +294,7 @@ def nested_message(
 ) -> bytes:
     """Build a "MIME bomb": ``depth`` multipart/mixed levels, each holding the next.
 
-    CPython's ``email`` recurses per level (SECURITY.md A5.5): about 245 levels break
+    CPython's ``email`` recurses per level (docs/security.md, A5.5): about 245 levels break
     ``as_bytes()`` and about 1000 break parsing. The innermost part is one short text/plain.
 
     Args:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import os
 import re
+import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from email.message import Message
 from pathlib import Path
@@ -44,6 +48,109 @@ def by_name(prefix: str) -> CorpusMessage:
 def test_corpus_dir_is_the_checkout_fixtures() -> None:
     assert corpus_dir() == Path(__file__).resolve().parent.parent / "fixtures" / "corpus"
     assert corpus_dir().is_dir()
+
+
+def test_corpus_packaged_copy_equals_the_checkout() -> None:
+    """roundtrip/_corpus ships in the wheel; it must be fixtures/corpus, byte for byte."""
+    packaged = Path(corpus.__file__).resolve().parent / "_corpus"
+    source = corpus_dir()
+    names = {p.name for p in source.iterdir() if p.suffix in (".eml", ".tsv")}
+    copied = {p.name for p in packaged.iterdir() if p.suffix in (".eml", ".tsv")}
+    assert copied == names, (
+        "run: cp fixtures/corpus/*.eml fixtures/corpus/INDEX.tsv roundtrip/_corpus/"
+    )
+    differ = [n for n in sorted(names) if (source / n).read_bytes() != (packaged / n).read_bytes()]
+    assert differ == [], (
+        "run: cp fixtures/corpus/*.eml fixtures/corpus/INDEX.tsv roundtrip/_corpus/"
+    )
+
+
+def test_corpus_dir_falls_back_to_the_packaged_copy(tmp_path: Path) -> None:
+    """The twin of the checkout case: without fixtures/ beside the package, the copy is used."""
+    shutil.copytree(
+        Path(corpus.__file__).resolve().parent,
+        tmp_path / "roundtrip",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    script = (
+        "import roundtrip.corpus as c, sys; d = c.corpus_dir(); "
+        "print(d); print(len(c.corpus_params())); print(c.__file__)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    where, count, module = result.stdout.split("\n")[:3]
+    assert module.startswith(str(tmp_path))
+    assert where == str(tmp_path / "roundtrip" / "_corpus")
+    assert int(count) == len(CORPUS)
+
+
+_NO_INDEX = ("No matching distribution", "Could not find a version", "network", "resolve")
+
+
+@pytest.mark.timeout(180)
+def test_corpus_ships_in_the_wheel(tmp_path: Path) -> None:
+    """Build a wheel from the package's files, install it in a fresh venv, count the corpus.
+
+    Offline as far as the machine allows: the build backend comes from the configured pip
+    index (a local one works), the wheel is installed with --no-deps --no-index into a venv
+    that sees this interpreter's packages. Skipped when no build backend can be had.
+    """
+    root = Path(corpus.__file__).resolve().parent.parent
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(root / name, src / name)
+    shutil.copytree(
+        root / "roundtrip", src / "roundtrip", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    build = subprocess.run(
+        [*pip, "wheel", str(src), "--no-deps", "-w", str(tmp_path / "whl")],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    if build.returncode != 0 and any(word in build.stderr for word in _NO_INDEX):
+        pytest.skip(f"no build backend available: {build.stderr.strip().splitlines()[-1]}")
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "whl").glob("roundtrip-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+        check=True,
+        timeout=60,
+    )
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [*pip, "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        timeout=60,
+    )
+    script = (
+        "import roundtrip.corpus as c; d = c.corpus_dir(); "
+        "print(c.__file__); print(d); print(len(list(d.glob('*.eml')))); "
+        "print(len(c.corpus_params()))"
+    )
+    result = subprocess.run(
+        [str(python), "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    module, where, files, params = result.stdout.split("\n")[:4]
+    assert module.startswith(str(venv)), "the venv imported another roundtrip"
+    assert where.startswith(str(venv)) and where.endswith("_corpus")
+    assert int(files) == int(params) == len(CORPUS) == 35
 
 
 def test_corpus_has_at_least_25_messages() -> None:
