@@ -338,6 +338,12 @@ def _mailbox_name(name: str) -> str:
     return name
 
 
+def _canonical_name(name: str) -> str:
+    """``name`` with a leading ``INBOX`` part in capitals, as the store keeps it."""
+    head, sep, tail = name.partition("/")
+    return ("INBOX" if head.upper() == "INBOX" else head) + sep + tail
+
+
 class IMAPConnection:
     """One IMAP session over one connection.
 
@@ -849,6 +855,13 @@ class IMAPConnection:
         if len(args) != 2:
             raise ParseError("RENAME expects two mailbox names")
         old, new = _mailbox_arg(args[0]), _mailbox_arg(args[1])
+        # A mailbox cannot move under itself (Dovecot refuses too): the tree would be its
+        # own child, and a SPECIAL-USE folder would carry its attribute into the new name.
+        # INBOX is exempt: renaming it moves its messages and leaves it in place (RFC 3501
+        # 6.3.5), so "INBOX/old" is a new sibling of what stays.
+        src, dst = _canonical_name(old), _canonical_name(new)
+        if src != "INBOX" and dst.startswith(src + "/"):
+            raise _NoError("Cannot rename a mailbox to a child of itself", "CANNOT")
         self.store.rename_mailbox(self._address(), old, new)
         self._tagged(tag, "OK", "RENAME completed")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from roundtrip.errors import RemoteProtocolError
+from roundtrip.maildir import MaildirStore
 from roundtrip.protocols._imapparse import (
     CommandReader,
     ListPattern,
@@ -834,8 +837,21 @@ def test_imap_logout_and_timeout(store: Store) -> None:
     assert d.send(b"") == b""
 
 
-# Security: LIST wildcards in linear time
+# Security: LIST wildcards in linear time, RENAME under itself
 # (docs/security.md)
+
+
+@pytest.fixture(params=["memory", "maildir"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The test store in memory and in a Maildir tree: RENAME must behave the same."""
+    if request.param == "memory":
+        yield make_store()
+        return
+    maildir = MaildirStore(tmp_path / "mail", clock=lambda: NOW)
+    try:
+        yield make_store(maildir)
+    finally:
+        maildir.close()
 
 
 def _regex_list_match(pattern: str, name: str) -> bool:
@@ -896,3 +912,44 @@ def test_imap_list_many_wildcards_answers_at_once(store: Store, wildcard: str) -
     out = c.cmd(f'l2 LSUB "" "{wildcard * 100}4"').decode()
     assert out.endswith("l2 OK LSUB completed\r\n")
     assert ('"Tax/2024"' in out) is (wildcard == "*"), out
+
+
+def test_imap_rename_under_itself_is_refused(any_store: Store) -> None:
+    store = any_store
+    c = Client(store)
+    c.login()
+    assert c.cmd("a CREATE p").startswith(b"a OK")
+    assert c.cmd("b CREATE p/x").startswith(b"b OK")
+    assert c.cmd("b2 CREATE INBOX/a").startswith(b"b2 OK")
+    before = sorted(b.name for b in store.mailboxes(USER))
+    for i, (old, new) in enumerate(
+        [
+            ("p", "p/q/r"),
+            ("p", "p/x/y"),
+            ("p", "p/q"),
+            ("Trash", "Trash/x"),
+            ("p/x", "p/x/z"),
+            ("inbox/a", "INBOX/a/b"),
+        ]
+    ):
+        out = c.cmd(f'r{i} RENAME "{old}" "{new}"')
+        assert out.startswith(b"r%d NO [CANNOT]" % i), (old, new, out)
+    assert sorted(b.name for b in store.mailboxes(USER)) == before
+    assert store.mailbox(USER, "Trash").special_use == "\\Trash"
+    assert c.cmd("n NOOP").startswith(b"n OK")
+
+
+def test_imap_rename_to_a_sibling_or_out_of_inbox_still_works(any_store: Store) -> None:
+    store = any_store
+    c = Client(store)
+    c.login()
+    assert c.cmd("a CREATE p").startswith(b"a OK") and c.cmd("a2 CREATE p/x").startswith(b"a2 OK")
+    # "pq" starts with "p" but is no child of it.
+    assert c.cmd("b RENAME p pq").startswith(b"b OK")
+    assert c.cmd("c RENAME pq/x pq/y").startswith(b"c OK")
+    assert c.cmd("d RENAME pq p/q").startswith(b"d OK")
+    names = {b.name for b in store.mailboxes(USER)}
+    assert {"p/q", "p/q/y"} <= names and not names & {"p", "pq", "pq/y"}
+    # RFC 3501 6.3.5: renaming INBOX moves its messages, even into a child of INBOX.
+    assert c.cmd("e RENAME INBOX INBOX/old").startswith(b"e OK")
+    assert len(store.mailbox(USER, "INBOX/old")) == 3 and len(store.mailbox(USER, "INBOX")) == 0

@@ -626,3 +626,13 @@ def test_imap_server_list_with_many_wildcards_blocks_no_other_session(
     assert noop == b"n OK NOOP completed\r\n"
     assert listing == b'* LIST (\\HasNoChildren) "/" "Tax"\r\nl OK LIST completed\r\n'
     assert list_time < 0.5 and noop_time < 0.5, (list_time, noop_time)
+
+
+def test_imap_server_rename_under_itself_is_refused(servers: IMAPServers) -> None:
+    with servers.imapclient("implicit") as c:
+        c.login(USER, PASSWORD)
+        with pytest.raises(IMAPClientError, match="CANNOT"):
+            c.rename_folder("Trash", "Trash/x")
+        assert (b"\\HasNoChildren", b"\\Trash") in [f[0] for f in c.list_folders()]
+        c.rename_folder("Trash", "Bin")
+        assert (b"\\HasNoChildren", b"\\Trash") in [f[0] for f in c.list_folders("", "Bin")]
