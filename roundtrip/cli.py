@@ -1,11 +1,19 @@
 """The ``roundtrip`` command: ``serve`` a local mail world, ``probe`` a round trip.
 
 Exit codes: 0 the round trip (every check) passed, 1 it failed, 2 usage or configuration error.
+
+``probe --json`` prints one JSON document whose ``schema_version`` key tells its shape
+(``roundtrip.report.SCHEMA_VERSION``, now 2). When the probe cannot run at all (a usage error,
+exit 2, or a stack that cannot start, exit 1), ``--json`` still prints one document:
+``{"schema_version": 2, "ok": false, "error": "<message>", "exit_code": <code>}``, and the
+message also goes to stderr as without ``--json``. ``serve --json`` prints its ready line
+unchanged; only its usage errors get the error document.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import signal
@@ -20,6 +28,7 @@ from typing import Any, TextIO
 from .config import PASSWORD_ENV, Endpoint, StackConfig, parse_endpoint
 from .errors import ConfigError, RoundtripError
 from .probes.roundtrip import ProbeResult, run_probe
+from .report import SCHEMA_VERSION, expiry_text
 
 __all__ = ["main"]
 
@@ -38,14 +47,41 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{self.prog}: error: {message}")
 
 
+def _version() -> str:
+    """The installed distribution's version, else the package's ``__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("roundtrip")
+    except PackageNotFoundError:
+        # The package itself is always imported before this module (no import: layering).
+        return str(getattr(sys.modules.get(__package__ or "roundtrip"), "__version__", "unknown"))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="roundtrip",
         description="Prove e-mail works end to end: submit, route, deliver, retrieve, verify.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    serve = sub.add_parser("serve", help="run a local mail stack until Ctrl-C or SIGTERM")
+    serve = sub.add_parser(
+        "serve",
+        help="run a local mail stack until Ctrl-C or SIGTERM",
+        description="Run a local mail world until Ctrl-C (SIGINT) or SIGTERM, then exit 0. "
+        "Every --domain gets SMTP for incoming mail (MX, 25), submission with implicit TLS "
+        "(465) and with STARTTLS (587), POP3 with STLS (110) and POP3S (995), IMAP with "
+        "STARTTLS (143) and IMAPS (993); one DNS server (53) answers MX and A queries for "
+        "the domains. With --ports ephemeral (the default) each listener takes a free port "
+        "on --host instead; the ready message (or the --json line) lists every endpoint, the "
+        "users with their passwords, and the CA file to trust (the certificates are minted "
+        "at each start). Without --user, each domain has user@<domain> with a password "
+        "generated anew at each start; --user ADDRESS:PASSWORD (repeatable, replacing the "
+        "default users) gives stable passwords that scripts can keep. Mail lives in memory "
+        "and is lost at exit, unless --maildir DIR keeps it in Maildir++ folders that survive "
+        "restarts.",
+    )
     serve.add_argument(
         "--domain",
         action="append",
@@ -58,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="ADDRESS[:PASSWORD]",
-        help="a mailbox (repeatable; default user@<domain>, generated password)",
+        help="a mailbox (repeatable; replaces the default user@<domain>; with :PASSWORD the "
+        "password is stable across restarts, without one it is generated at each start)",
     )
     serve.add_argument(
         "--ports",
@@ -70,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host",
         default="127.0.0.1",
-        help="loopback address for ephemeral ports (default 127.0.0.1)",
+        help="address to bind the ephemeral ports on (default 127.0.0.1); a non-loopback "
+        "address such as 0.0.0.0 exposes the servers to the network and prints a warning",
     )
     serve.add_argument(
         "--json", action="store_true", help="print one JSON line once every listener is ready"
@@ -88,17 +126,19 @@ def _parser() -> argparse.ArgumentParser:
         description="Without --smtp, runs on an embedded stack: submit on 465 with AUTH from "
         "user@example.com to user@example.org, retrieve over IMAPS and POP3S. Passwords come "
         "only from ROUNDTRIP_SMTP_PASSWORD, ROUNDTRIP_IMAP_PASSWORD, ROUNDTRIP_POP3_PASSWORD. "
-        "Certificates are always verified. Exit codes: 0 every check passed, 1 a check failed, "
-        "2 usage or configuration error.",
+        "Certificates are always verified. --imap and --pop3 may be combined: each is probed "
+        "(one path each). Exit codes: 0 every check passed, 1 a check failed, 2 usage or "
+        "configuration error. --json prints one document with schema_version "
+        f'{SCHEMA_VERSION}; if the probe cannot run, {{"ok": false, "error": ..., '
+        '"exit_code": ...}.',
     )
     probe.add_argument(
         "--smtp",
         metavar="URL",
         help="smtps://USER@HOST[:PORT] (implicit TLS, 465) or smtp://... (STARTTLS required, 587)",
     )
-    retrieve = probe.add_mutually_exclusive_group()
-    retrieve.add_argument("--imap", metavar="URL", help="imaps://USER@HOST[:PORT] or imap://...")
-    retrieve.add_argument("--pop3", metavar="URL", help="pop3s://USER@HOST[:PORT] or pop3://...")
+    probe.add_argument("--imap", metavar="URL", help="imaps://USER@HOST[:PORT] or imap://...")
+    probe.add_argument("--pop3", metavar="URL", help="pop3s://USER@HOST[:PORT] or pop3://...")
     probe.add_argument(
         "--from", dest="mail_from", metavar="ADDR", help="envelope sender (default: the SMTP user)"
     )
@@ -118,13 +158,17 @@ def _parser() -> argparse.ArgumentParser:
         help="how long to wait for the message (default 30)",
     )
     probe.add_argument("--keep", action="store_true", help="do not delete the probe message")
-    probe.add_argument("--json", action="store_true", help="print one JSON document")
+    probe.add_argument(
+        "--json",
+        action="store_true",
+        help=f"print one JSON document (schema_version {SCHEMA_VERSION})",
+    )
     probe.add_argument(
         "--count",
         type=int,
         default=1,
         metavar="N",
-        help="run the round trip N times and report p50/p95/max (default 1)",
+        help="run the round trip N times per path and report p50/p95/max per path (default 1)",
     )
     probe.add_argument(
         "--interval",
@@ -144,28 +188,59 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _wants_json(argv: Sequence[str]) -> bool:
+    """Whether ``--json`` (or an abbreviation argparse accepts) is among the options."""
+    for token in argv:
+        if token == "--":
+            break
+        if len(token) >= len("--js") and "--json".startswith(token):
+            return True
+    return False
+
+
+def _fail(message: str, code: int, out: TextIO, *, as_json: bool) -> int:
+    """Report an error that kept the command from running: stderr, and stdout for --json."""
+    print(message, file=sys.stderr)
+    if as_json:
+        doc = {"schema_version": SCHEMA_VERSION, "ok": False, "error": message, "exit_code": code}
+        print(json.dumps(doc, indent=2), file=out, flush=True)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    out = sys.stdout
     try:
-        args = _parser().parse_args(argv)
+        args = _parser().parse_args(tokens)
     except _UsageError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit as exc:  # --help
+        return _fail(str(exc), EXIT_USAGE, out, as_json=_wants_json(tokens))
+    except SystemExit as exc:  # --help, --version
         return int(exc.code or 0)
+    #: Set once the command printed its own JSON document (then no error document follows).
+    args.printed = False
     try:
         if args.command == "serve":
-            return _serve(args, sys.stdout)
-        return _probe(args, sys.stdout)
+            return _serve(args, out)
+        return _probe(args, out)
     except ConfigError as exc:
-        print(f"roundtrip: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(f"roundtrip: {exc}", EXIT_USAGE, out, as_json=args.json and not args.printed)
     except RoundtripError as exc:
-        print(f"roundtrip: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        # serve's ready line is its one document: a later failure goes to stderr only.
+        as_json = args.json and not args.printed
+        return _fail(f"roundtrip: {exc}", EXIT_FAILED, out, as_json=as_json)
 
 
 # serve
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _serve(args: argparse.Namespace, out: TextIO) -> int:
@@ -174,6 +249,14 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
     config = StackConfig.from_strings(
         {"domains": args.domain, "users": args.user, "ports": args.ports, "host": args.host}
     )
+    if config.ports == "ephemeral" and not _is_loopback(config.host):
+        print(
+            f"roundtrip: warning: --host {config.host} is not a loopback address: other "
+            "machines can reach these servers, whose passwords are printed and whose "
+            "certificates come from a throwaway CA",
+            file=sys.stderr,
+            flush=True,
+        )
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -189,6 +272,7 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
         with MailStack(config, store=store) as stack:
             if args.json:
                 print(json.dumps(stack.describe(), separators=(",", ":")), file=out, flush=True)
+                args.printed = True
             else:
                 _print_endpoints(stack, out)
             while not stop.wait(0.5):
@@ -237,12 +321,12 @@ def _probe(args: argparse.Namespace, out: TextIO) -> int:
     smtp = parse_endpoint(args.smtp, expect="smtp")
     if not (args.imap or args.pop3):
         raise ConfigError("--smtp needs --imap URL or --pop3 URL to find the message")
-    reader = (
-        parse_endpoint(args.imap, expect="imap")
-        if args.imap
-        else parse_endpoint(args.pop3, expect="pop3")
-    )
-    for endpoint in (smtp, reader):
+    readers = [
+        parse_endpoint(url, expect=protocol)
+        for protocol, url in (("imap", args.imap), ("pop3", args.pop3))
+        if url
+    ]
+    for endpoint in (smtp, *readers):
         if endpoint.user and not endpoint.password:
             raise ConfigError(
                 f"{endpoint.url}: set {PASSWORD_ENV[endpoint.protocol]} to the password of "
@@ -257,30 +341,26 @@ def _probe(args: argparse.Namespace, out: TextIO) -> int:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"--cafile {args.cafile}: cannot load CA certificates: {exc}") from None
     mail_from = args.mail_from or smtp.user
-    rcpt_to = args.rcpt_to or reader.user
-    if not mail_from or not rcpt_to:
+    # Each path mails its own reader's user unless --to names one recipient for all.
+    paths = [(smtp, reader, args.rcpt_to or reader.user) for reader in readers]
+    if not mail_from or not all(rcpt for _, _, rcpt in paths):
         raise ConfigError("give --from and --to, or users in the URLs")
-    results = _repeat(
-        args,
-        [(smtp, reader)],
-        context=context,
-        mail_from=mail_from,
-        rcpt_to=rcpt_to,
-    )
-    return _finish(args, results, out, title=f"{smtp.url} -> {reader.url}")
+    results = _repeat(args, paths, context=context, mail_from=mail_from)
+    title = f"{smtp.url} -> {', '.join(reader.url for reader in readers)}"
+    return _finish(args, results, out, title=title)
 
 
 def _repeat(
     args: argparse.Namespace,
-    pairs: list[tuple[Endpoint, Endpoint]],
+    paths: list[tuple[Endpoint, Endpoint, str]],
     *,
     context: ssl.SSLContext,
     mail_from: str,
-    rcpt_to: str,
     check: Callable[[], None] | None = None,
     settle: float | None = None,
 ) -> list[ProbeResult]:
-    """``--count`` runs of every (SMTP, reader) pair, with a progress line per run on stderr."""
+    """``--count`` runs of every path (SMTP, reader, recipient), with a progress line per run
+    on stderr."""
     results: list[ProbeResult] = []
     for run in range(args.count):
         if run and args.interval:
@@ -298,7 +378,7 @@ def _repeat(
                 check_legacy_tls=run == 0,
                 **({} if settle is None else {"settle": settle}),
             )
-            for smtp, reader in pairs
+            for smtp, reader, rcpt_to in paths
         ]
         if check is not None:
             check()
@@ -330,6 +410,7 @@ def _finish(
     from . import report
 
     doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
         "ok": all(r.ok for r in results),
         "target": title,
         "results": [r.as_dict() for r in results],
@@ -337,6 +418,7 @@ def _finish(
     }
     if args.json:
         print(json.dumps(doc, indent=2), file=out)
+        args.printed = True
     else:
         _report_human(results, doc, out, title=title)
     try:
@@ -357,12 +439,12 @@ def _probe_embedded(args: argparse.Namespace, out: TextIO) -> int:
         recipient = stack.user(stack.config.domains[-1])
         smtp = stack.endpoint("submissions", sender)
         readers = [stack.endpoint("imaps", recipient), stack.endpoint("pop3s", recipient)]
+        rcpt_to = args.rcpt_to or recipient.address
         results = _repeat(
             args,
-            [(smtp, reader) for reader in readers],
+            [(smtp, reader, rcpt_to) for reader in readers],
             context=stack.client_context(),
             mail_from=args.mail_from or sender.address,
-            rcpt_to=args.rcpt_to or recipient.address,
             check=stack.check,
             # Every copy is stored at once by the embedded stack: a short settle suffices.
             settle=0.05,
@@ -394,7 +476,8 @@ def _print_result(result: ProbeResult, out: TextIO) -> None:
         print(
             f"    tls  {facts.server:<21} {facts.version} {facts.cipher}; "
             f"subject {facts.subject}; issuer {facts.issuer}; "
-            f"{facts.days_left} days to expiry; matches {facts.server_name}: {match}"
+            f"{expiry_text(facts.not_after, facts.days_left)}; "
+            f"matches {facts.server_name}: {match}"
             f"{'' if facts.hostname_verified else ' (NOT VERIFIED: diagnostic handshake)'}",
             file=out,
         )
@@ -415,16 +498,23 @@ def _print_result(result: ProbeResult, out: TextIO) -> None:
         print(f"    {'ok  ' if ok else 'FAIL'} check {name}", file=out)
     for finding in result.findings:
         print(f"    finding [{finding.severity}] {finding.message}", file=out)
-    verdict = "PASS" if result.ok else f"FAIL at {result.error_step}: {result.error}"
+    verdict = "PASS" if result.ok else f"FAIL at {result.error_step}: {_error_text(result)}"
     print(f"  {verdict}  (total {result.total_seconds * 1000:.1f} ms)", file=out)
 
 
-def _stat_line(name: str, stats: dict[str, Any]) -> str:
+def _error_text(result: ProbeResult) -> str:
+    """The error without its leading step name, which the verdict already shows."""
+    prefix = f"{result.error_step}: "
+    return result.error[len(prefix) :] if result.error.startswith(prefix) else result.error
+
+
+def _stat_line(name: str, stats: dict[str, Any], indent: str = "  ") -> str:
     if not stats["count"]:
-        return f"  {name:<16} no data"
+        return f"{indent}{name:<16} no data"
     return (
-        f"  {name:<16} p50 {stats['p50'] * 1000:.1f} ms  p95 {stats['p95'] * 1000:.1f} ms  "
-        f"max {stats['max'] * 1000:.1f} ms  ({stats['count']} runs)"
+        f"{indent}{name:<16} p50 {stats['p50'] * 1000:.1f} ms  "
+        f"p95 {stats['p95'] * 1000:.1f} ms  max {stats['max'] * 1000:.1f} ms  "
+        f"({stats['count']} runs)"
     )
 
 
@@ -438,13 +528,26 @@ def _report_human(
     for result in shown:
         _print_result(result, out)
     summary = doc["summary"]
-    if _runs_per_pair(results) > 1:
+    paths = summary["paths"]
+    if max((path["runs"] for path in paths), default=0) <= 1:
+        return
+    if len(paths) == 1:
         print(f"\nsummary: {summary['runs']} runs, {summary['failed']} failed", file=out)
         print(_stat_line("total", summary["total_seconds"]), file=out)
         print(_stat_line("time to visible", summary["time_to_visible"]), file=out)
-
-
-def _runs_per_pair(results: list[ProbeResult]) -> int:
-    """How many runs each pair had (the ``--count``)."""
-    pairs = {(r.smtp, r.retrieve) for r in results}
-    return len(results) // max(len(pairs), 1)
+        return
+    # IMAP waits with IDLE, POP3 reconnects to poll: one set of statistics per path.
+    each = summary["runs_per_path"]
+    runs = f"{each} runs of each of" if each is not None else "runs of"
+    print(
+        f"\nsummary: {runs} {len(paths)} paths ({summary['runs']} round trips), "
+        f"{summary['failed']} failed",
+        file=out,
+    )
+    for path in paths:
+        print(
+            f"  {path['smtp']} -> {path['retrieve']}: {path['runs']} runs, {path['failed']} failed",
+            file=out,
+        )
+        print(_stat_line("total", path["total_seconds"], "    "), file=out)
+        print(_stat_line("time to visible", path["time_to_visible"], "    "), file=out)

@@ -104,7 +104,8 @@ def test_cli_probe_untrusted_ca_exits_1_naming_tls(
     finally:
         other.cleanup()
     out = capsys.readouterr().out
-    assert "FAIL at CONNECT: CONNECT: certificate verification failed" in out
+    assert "FAIL at CONNECT: certificate verification failed" in out
+    assert "CONNECT: CONNECT" not in out
 
 
 @pytest.mark.usefixtures("passwords")
@@ -171,16 +172,31 @@ def test_cli_probe_count_shows_progress_and_percentiles(
     progress = [line for line in captured.err.splitlines() if line.startswith("roundtrip: run")]
     assert len(progress) == 2 and progress[1].startswith("roundtrip: run 2/2: imaps PASS")
     assert "pop3s PASS" in progress[0]
-    assert "summary: 4 runs, 0 failed" in captured.out
-    assert "p50" in captured.out and "p95" in captured.out and "max" in captured.out
+    # Two runs of each retrieval path, with statistics per path: IMAP and POP3 never mix.
+    assert "summary: 2 runs of each of 2 paths (4 round trips), 0 failed" in captured.out
+    summary = captured.out.split("\nsummary: ", 1)[1].splitlines()
+    headers = [line for line in summary if "->" in line]
+    assert [h.split("->")[1].split(":")[0].strip() for h in headers] == ["imaps", "pop3s"]
+    assert all(h.endswith(": 2 runs, 0 failed") for h in headers)
+    stats = [line for line in summary if "p50" in line]
+    assert len(stats) == 4 and all("p95" in line and "max" in line for line in stats)
+    assert all(line.endswith("(2 runs)") for line in stats)
 
 
 def test_cli_probe_count_json_is_still_one_document(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["probe", "--count", "2", "--json"]) == 0
     captured = capsys.readouterr()
     doc = json.loads(captured.out)
+    assert doc["schema_version"] == 2
     assert doc["summary"]["runs"] == 4 and doc["summary"]["failed"] == 0
     assert doc["summary"]["total_seconds"]["p95"] <= doc["summary"]["total_seconds"]["max"]
+    assert doc["summary"]["runs_per_path"] == 2
+    paths = doc["summary"]["paths"]
+    assert [p["protocol"] for p in paths] == ["imap", "pop3"]
+    for path in paths:
+        assert path["runs"] == 2 and path["failed"] == 0
+        assert path["total_seconds"]["count"] == 2
+        assert path["total_seconds"]["p50"] <= path["total_seconds"]["max"]
     assert "roundtrip: run" not in captured.err
 
 
@@ -196,6 +212,15 @@ def test_cli_probe_writes_junit_and_prometheus(
     success = families["roundtrip_probe_success"].samples
     assert [s.labels["retrieve"].split(":")[0] for s in success] == ["imaps", "pop3s"]
     assert all(s.value == 1 for s in success)
+    # POP3 reconnects while polling: still no series twice, no JUnit case name twice.
+    series = [
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in families.values()
+        for sample in family.samples
+    ]
+    assert len(series) == len(set(series))
+    cases = [(c.get("classname"), c.get("name")) for c in suite.iter("testcase")]
+    assert len(cases) == len(set(cases))
 
 
 @pytest.mark.usefixtures("passwords")
@@ -281,6 +306,7 @@ def test_cli_serve_json_prints_one_line_then_serves_until_sigterm() -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0, err
+    assert "warning" not in err
 
 
 def test_cli_python_m_help() -> None:
@@ -337,3 +363,167 @@ def test_cli_serve_maildir_keeps_mail_across_restarts(tmp_path: object) -> None:
     assert len(files) == 1
     stored = files[0].read_bytes()
     assert b"Subject: kept\r\n" in stored and stored.endswith(b"\r\n\r\ndurable\r\n")
+
+
+# -- messages, options and help ----------------------------------------------------------------
+
+
+def test_cli_probe_far_future_certificate_shows_a_date(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["probe"]) == 0
+    out = capsys.readouterr().out
+    tls = [
+        line for line in out.splitlines() if line.strip().startswith("tls ") and "subject" in line
+    ]
+    assert tls and all(re.search(r"expires \d{4}-\d\d-\d\d \(in \d+ years\)", t) for t in tls)
+    assert not re.search(r"\d{4,} days to expiry", out)
+
+
+def test_cli_probe_pop3_delete_step_is_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["probe"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"ok   pop3 delete +[0-9.]+ ms", out)
+    assert re.search(r"ok   imap delete +[0-9.]+ ms", out)
+
+
+def test_cli_probe_keep_shows_no_delete_step(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["probe", "--keep"]) == 0
+    out = capsys.readouterr().out
+    assert "pop3 delete" not in out and "imap delete" not in out
+
+
+@pytest.mark.usefixtures("passwords")
+def test_cli_probe_imap_and_pop3_together(
+    stack: MailStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    smtp, imap, pop3 = _urls(stack)
+    argv = ["probe", "--smtp", smtp, "--imap", imap, "--pop3", pop3, "--cafile", stack.ca_file]
+    assert main([*argv, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["retrieve"] for r in doc["results"]] == [imap, pop3]
+    assert all(r["ok"] for r in doc["results"])
+    assert doc["target"] == f"{smtp} -> {imap}, {pop3}"
+
+
+@pytest.mark.usefixtures("passwords")
+def test_cli_probe_imap_and_pop3_each_report_their_failure(
+    stack: MailStack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ROUNDTRIP_POP3_PASSWORD", "not-the-password")
+    smtp, imap, pop3 = _urls(stack)
+    argv = ["probe", "--smtp", smtp, "--imap", imap, "--pop3", pop3, "--cafile", stack.ca_file]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert out.count("  PASS") == 1 and "FAIL at POP3 LOGIN" in out
+    assert "not-the-password" not in out
+
+
+@pytest.mark.usefixtures("passwords")
+def test_cli_probe_imap_refusal_is_decoded(
+    stack: MailStack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ROUNDTRIP_IMAP_PASSWORD", "not-the-password")
+    smtp, imap, _ = _urls(stack)
+    assert main(["probe", "--smtp", smtp, "--imap", imap, "--cafile", stack.ca_file]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL at IMAP LOGIN: 127.0.0.1:" in out
+    assert "answered '[AUTHENTICATIONFAILED] Authentication failed.'" in out
+    assert "b'" not in out
+
+
+@pytest.mark.usefixtures("passwords")
+def test_cli_probe_smtp_at_imaps_port_names_the_greeting(
+    stack: MailStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, imap, _ = _urls(stack)
+    port = stack.endpoints("example.org").ports["imaps"]
+    smtp = f"smtps://user%40example.com@127.0.0.1:{port}"
+    assert main(["probe", "--smtp", smtp, "--imap", imap, "--cafile", stack.ca_file]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL at CONNECT: expected a 220 greeting from 127.0.0.1:{port}, got '* OK" in out
+    assert "does not offer AUTH" not in out
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that completes the TCP handshake (the kernel's backlog) and never says a word."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+@pytest.mark.usefixtures("passwords")
+def test_cli_probe_silent_server_names_step_and_timeout(
+    stack: MailStack, silent_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, imap, _ = _urls(stack)
+    smtp = f"smtps://user%40example.com@127.0.0.1:{silent_port}"
+    argv = ["probe", "--smtp", smtp, "--imap", imap, "--cafile", stack.ca_file]
+    assert main([*argv, "--timeout", "0.3"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        f"FAIL at CONNECT: 127.0.0.1:{silent_port} did not answer within 0.3 s "
+        "(waiting for the TLS handshake)"
+    ) in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["probe", "--json", "--count", "0"], "--count must be at least 1"),
+        (["probe", "--json", "--count", "two"], "invalid int value"),
+        (["probe", "--js", "--smtp", "http://x"], "unknown scheme"),
+        (["serve", "--json", "--ports", "lots"], "invalid choice"),
+    ],
+)
+def test_cli_json_usage_error_is_a_json_document(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc == {
+        "schema_version": 2,
+        "ok": False,
+        "error": doc["error"],
+        "exit_code": 2,
+    }
+    assert message in doc["error"] and message in captured.err
+
+
+def test_cli_usage_error_without_json_prints_nothing_on_stdout(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["probe", "--count", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--count must be at least 1" in captured.err
+
+
+def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"roundtrip {version('roundtrip')}"
+
+
+def test_cli_serve_help_describes_ports_users_maildir_and_stopping(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    description = text.split("options:")[0]
+    for words in ("465", "587", "993", "995", "--user", "stable", "--maildir", "Ctrl-C", "SIGTERM"):
+        assert words in description, words
+    assert "0.0.0.0" in text.split("--host")[-1]
+
+
+def test_cli_serve_non_loopback_host_warns(capsys: pytest.CaptureFixture[str]) -> None:
+    # 192.0.2.1 (TEST-NET-1, RFC 5737) is not on this machine: the bind fails after the
+    # warning, so the test never listens beyond loopback.
+    code = main(["serve", "--host", "192.0.2.1"])
+    err = capsys.readouterr().err
+    assert "warning: --host 192.0.2.1 is not a loopback address" in err
+    assert code == 1
