@@ -37,10 +37,13 @@ __all__ = [
 ]
 
 DEFAULT_DOMAINS = ("example.com", "example.org")
-PortMode = Literal["ephemeral", "standard"]
+#: ``ephemeral``, ``standard``, or a base port (an int): see ``StackConfig.ports``.
+PortMode = Literal["ephemeral", "standard"] | int
 TLSMode = Literal["starttls", "implicit", "both"]
 _PORT_MODES = ("ephemeral", "standard")
 _TLS_MODES = ("starttls", "implicit", "both")
+#: With a base port, domain N (from 0) listens on base + N * PORT_STRIDE + the well-known port.
+PORT_STRIDE = 1000
 # RFC 1035 section 2.3.1 labels, lower-cased; at least two labels.
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 
@@ -233,8 +236,12 @@ class StackConfig:
         domains: mail domains; each gets SMTP (MX), submission (465 and 587), POP3 and IMAP.
         users: mailbox owners; by default one ``user@<domain>`` per domain.
         host: loopback address to bind in ``ephemeral`` mode.
-        ports: ``ephemeral`` (port 0, safe in parallel) or ``standard`` (25, 465, 587, 110, 995,
-            143, 993, 53 on 127.0.0.N per domain; needs root or CAP_NET_BIND_SERVICE).
+        ports: ``ephemeral`` (port 0, safe in parallel), ``standard`` (25, 465, 587, 110, 995,
+            143, 993, 53 on 127.0.0.N per domain; needs root or CAP_NET_BIND_SERVICE), or a
+            base port (an int from 1024): fixed, unprivileged ports on ``host``, the first
+            domain on base + the well-known port (10000: 10025, 10465, 10587, 10110, 10995,
+            10143, 10993, DNS on 10053), the next domain 1000 higher, and so on. An
+            application can then be configured once, as with Mailpit's fixed 1025.
         tls: which submission flavour probes and helpers prefer: ``implicit`` (465),
             ``starttls`` (587) or ``both``. Every listener runs regardless.
         timeouts: time limits.
@@ -271,14 +278,24 @@ class StackConfig:
     smtp_limits: SMTPLimits = SMTPLimits()
     #: Command budgets of the IMAP and POP3 listeners.
     mailbox_limits: MailboxLimits = MailboxLimits()
+    #: Domains whose MX and submission accept every local part, as MailHog and Mailpit do:
+    #: mail for an address that is not a user goes to the domain's first user (a catch-all
+    #: alias, Postfix's ``@domain user`` virtual alias). ``("*",)``: every domain.
+    catch_all: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         domains = tuple(dict.fromkeys(parse_domains(self.domains)))
         if not domains:
             raise ConfigError("a stack needs at least one domain")
         object.__setattr__(self, "domains", domains)
-        if self.ports not in _PORT_MODES:
-            raise ConfigError(f"ports={self.ports!r}: choose one of {', '.join(_PORT_MODES)}")
+        if isinstance(self.ports, bool) or (
+            not isinstance(self.ports, int) and self.ports not in _PORT_MODES
+        ):
+            raise ConfigError(
+                f"ports={self.ports!r}: choose one of {', '.join(_PORT_MODES)}, or a base port"
+            )
+        if isinstance(self.ports, int):
+            _check_base_port(self.ports, len(domains))
         if self.tls not in _TLS_MODES:
             raise ConfigError(f"tls={self.tls!r}: choose one of {', '.join(_TLS_MODES)}")
         users = tuple(u if isinstance(u, User) else parse_user(u) for u in self.users)
@@ -290,6 +307,16 @@ class StackConfig:
                     f"user {user.address!r} is not in a domain of the stack ({', '.join(domains)})"
                 )
         object.__setattr__(self, "users", users)
+        catch_all = tuple(dict.fromkeys(d.strip().lower() for d in _as_list(self.catch_all)))
+        for domain in catch_all:
+            if domain != "*" and domain not in domains:
+                raise ConfigError(
+                    f"catch_all domain {domain!r} is not a domain of the stack"
+                    f" ({', '.join(domains)})"
+                )
+            if domain != "*" and not any(u.domain == domain for u in users):
+                raise ConfigError(f"catch_all domain {domain!r} has no user to receive its mail")
+        object.__setattr__(self, "catch_all", catch_all)
         if self.max_message_size <= 0:
             raise ConfigError("max_message_size must be positive")
         if self.from_header_policy not in ("accept", "reject"):
@@ -355,6 +382,8 @@ class StackConfig:
                 kwargs["host"] = str(value).strip()
             elif key == "ports":
                 kwargs["ports"] = parse_port_mode(value)
+            elif key == "catch_all":
+                kwargs["catch_all"] = tuple(_as_list(value))
             elif key == "tls":
                 kwargs["tls"] = parse_tls_mode(value)
             elif key == "timeout":
@@ -365,6 +394,11 @@ class StackConfig:
                 raise ConfigError(f"unknown option {key!r}")
         if timeouts:
             kwargs["timeouts"] = Timeouts(**timeouts)
+        # A user of a domain not listed adds the domain (``serve --user dev@myapp.test``);
+        # without any domain given, the users' domains are the stack's.
+        if kwargs.get("users"):
+            user_domains = tuple(u.domain for u in kwargs["users"])
+            kwargs["domains"] = tuple(dict.fromkeys((*kwargs.get("domains", ()), *user_domains)))
         return cls(**kwargs)
 
 
@@ -428,12 +462,26 @@ def parse_user(value: str | User) -> User:
 
 
 def parse_port_mode(value: str) -> PortMode:
+    """``ephemeral``, ``standard``, or a base port given as digits."""
     text = str(value).strip().lower()
     if text == "ephemeral":
         return "ephemeral"
     if text == "standard":
         return "standard"
-    raise ConfigError(f"ports={value!r}: choose one of {', '.join(_PORT_MODES)}")
+    if text.isdigit():
+        return int(text)
+    raise ConfigError(
+        f"ports={value!r}: choose one of {', '.join(_PORT_MODES)}, or a base port such as 10000"
+    )
+
+
+def _check_base_port(base: int, domains: int) -> None:
+    highest = base + (domains - 1) * PORT_STRIDE + 995
+    if base < 1024 or highest > 65535:
+        raise ConfigError(
+            f"ports={base}: a base port must be from 1024 up, and base + 995 + 1000 per extra"
+            f" domain at most 65535 (here {highest}); 10000 gives 10025, 10465, 10587, ..."
+        )
 
 
 def parse_tls_mode(value: str) -> TLSMode:

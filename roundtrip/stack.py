@@ -23,7 +23,7 @@ from .assertions import Criteria, TextPattern
 from .assertions import assert_delivered as _assert_delivered
 from .assertions import assert_not_delivered as _assert_not_delivered
 from .certs import CertificateAuthority
-from .config import Endpoint, StackConfig, User
+from .config import PORT_STRIDE, Endpoint, StackConfig, User
 from .errors import (
     ConfigError,
     MailboxError,
@@ -200,6 +200,7 @@ class MailStack:
         self._started = False
         self._stopped = False
         self._start_lock = threading.Lock()
+        self._delivery_callbacks: list[Callable[[DeliveredMessage], None]] = []
         for user in self.config.users:
             self.store.add_user(user.address, user.password)
         # The capture of mail for outside domains: a mailbox, never a login (no password
@@ -252,8 +253,13 @@ class MailStack:
             return f"127.0.0.{index + 1}"
         return self.config.host
 
-    def _port_for(self, service: str) -> int:
-        return STANDARD_PORTS[service] if self.config.ports == "standard" else 0
+    def _port_for(self, service: str, index: int = 0) -> int:
+        ports = self.config.ports
+        if ports == "standard":
+            return STANDARD_PORTS[service]
+        if isinstance(ports, int):  # a base port: see StackConfig.ports
+            return ports + index * PORT_STRIDE + STANDARD_PORTS[service]
+        return 0
 
     async def _start_all(self) -> None:
         assert self._thread is not None
@@ -279,7 +285,7 @@ class MailStack:
                     domain=domain,
                     hostname=hostname,
                     local_domains=lambda: self.config.domains,
-                    has_user=self.store.has_user,
+                    has_user=self._accepts_recipient,
                     check_password=self.store.check_password,
                     router=self._route,
                     max_recipients=self.config.max_recipients,
@@ -294,7 +300,7 @@ class MailStack:
                     start_smtp(
                         handler,
                         host=host,
-                        port=self._port_for(service),
+                        port=self._port_for(service, index),
                         tls_context=tls,
                         max_message_size=self.config.max_message_size,
                         idle_timeout=timeouts.idle_timeout,
@@ -323,7 +329,7 @@ class MailStack:
                     starter(
                         self.store,
                         host=host,
-                        port=self._port_for(service),
+                        port=self._port_for(service, index),
                         hostname=hostname,
                         implicit_tls_context=tls if implicit else None,
                         starttls_context=None if implicit else tls,
@@ -551,14 +557,16 @@ class MailStack:
             )
         try:
             for rcpt in here:
+                owner = self._mailbox_owner(rcpt)
                 for copy in self.faults.apply(raw):
-                    self.store.deliver(
-                        rcpt,
+                    stored = self.store.deliver(
+                        owner,
                         copy,
                         mailbox=mailbox,
                         envelope_from=accepted.mail_from,
                         envelope_to=(rcpt,),
                     )
+                    self._announce(stored)
         except BaseException:
             if prepared is not None:
                 assert self.relay is not None
@@ -710,7 +718,57 @@ class MailStack:
         self.store.deliver(address, raw, mailbox=mailbox, envelope_to=(address,))
 
     def _capture(self, mail_from: str, rcpt: str, raw: bytes) -> None:
-        self.store.deliver(OUTBOUND_ADDRESS, raw, envelope_from=mail_from, envelope_to=(rcpt,))
+        stored = self.store.deliver(
+            OUTBOUND_ADDRESS, raw, envelope_from=mail_from, envelope_to=(rcpt,)
+        )
+        self._announce(stored)
+
+    # catch-all domains (StackConfig.catch_all)
+
+    def _catch_all_owner(self, address: str) -> str | None:
+        """The user who receives mail for ``address`` in a catch-all domain, if any."""
+        catch_all = self.config.catch_all
+        if not catch_all:
+            return None
+        domain = domain_of(address)
+        if "*" not in catch_all and domain not in catch_all:
+            return None
+        for user in self.config.users:
+            if user.domain == domain:
+                return user.address
+        return None
+
+    def _accepts_recipient(self, address: str) -> bool:
+        return self.store.has_user(address) or self._catch_all_owner(address) is not None
+
+    def _mailbox_owner(self, address: str) -> str:
+        if self.store.has_user(address):
+            return address
+        return self._catch_all_owner(address) or address
+
+    # delivery announcements (``roundtrip serve`` prints one line per message)
+
+    def on_delivery(self, callback: Callable[[DeliveredMessage], None]) -> None:
+        """Call ``callback`` with each message the stack stores for a recipient.
+
+        That is every copy in a user's mailbox (from the MX, or from submission for the
+        same domain) and every copy captured for an outside domain; not APPENDs. The callback
+        runs on the stack's event-loop thread: keep it short and never block there. An
+        exception it raises is recorded and re-raised by :meth:`check`.
+        """
+        self._delivery_callbacks.append(callback)
+
+    def _announce(self, stored: StoredMessage) -> None:
+        if not self._delivery_callbacks:
+            return
+        message = _received(stored)
+        for callback in self._delivery_callbacks:
+            try:
+                callback(message)
+            except Exception as exc:  # reported to the test through check()
+                if self._thread is None:
+                    raise
+                self._thread.record_error(exc)
 
     # facts for clients
 
@@ -810,6 +868,15 @@ class MailStack:
         """
         if to is not None and self._is_outside(to):
             return self._outbound_for(to)
+        if to is not None and not self.store.has_user(to):
+            owner = self._catch_all_owner(to)
+            if owner is not None:
+                wanted = to.strip().lower()
+                return [
+                    m
+                    for m in self.messages(owner, mailbox=mailbox)
+                    if wanted in (a.lower() for a in m.envelope_to)
+                ]
         stored = (
             self.store.messages(to, mailbox)
             if to
@@ -876,6 +943,7 @@ class MailStack:
         # Mail for an outside domain is looked for in the outbound capture (its INBOX), as
         # assert_delivered does; ``to=None`` means any user or the capture.
         outside = to is not None and self._is_outside(to)
+        owner = None if to is None or outside else self._catch_all_owner(to)
         if to is None:
             addresses = [u for u in self.store.users() if u != OUTBOUND_ADDRESS]
             addresses.append(OUTBOUND_ADDRESS)
@@ -883,13 +951,17 @@ class MailStack:
             addresses = [OUTBOUND_ADDRESS]
         elif self.store.has_user(to):
             addresses = [to]
+            owner = None
+        elif owner is not None:
+            addresses = [owner]  # a catch-all domain: its first user's mailbox
         else:
             users = ", ".join(u for u in self.store.users() if u != OUTBOUND_ADDRESS)
             raise ConfigError(
                 f"{to!r} is not a user of this stack, though its domain is served by it;"
                 f" the users: {users}"
             )
-        wanted_rcpt = to.strip().lower() if outside and to is not None else None
+        filtered = outside or owner is not None
+        wanted_rcpt = to.strip().lower() if filtered and to is not None else None
         seen: dict[int, DeliveredMessage] = {}
 
         def find() -> DeliveredMessage | None:
