@@ -16,8 +16,8 @@ session waits with IDLE while POP3 has to reconnect to poll: their timings do no
 - Prometheus: the text exposition format 0.0.4 with HELP and TYPE lines, meant for
   node_exporter's textfile collector; written atomically (temporary file, then rename) so a
   scrape never sees half a file. Every series appears once: a repeated step is summed into
-  one ``roundtrip_probe_step_seconds`` sample, and ``roundtrip_probe_step_count`` says how many
-  times it ran.
+  one ``roundtrip_probe_step_seconds`` sample, and ``roundtrip_probe_step_attempts`` says how
+  many times it ran. Checked with ``promtool check metrics`` (Prometheus 2.42).
 
 Schema versions of the JSON document (``schema_version``): a document without the key is
 version 1; version 2 adds ``summary.runs_per_path`` and ``summary.paths`` (statistics per path)
@@ -366,7 +366,7 @@ def prometheus_text(doc: Mapping[str, Any], *, now: float | None = None) -> str:
             )
         for name, count in step_count.items():
             families.add(
-                "roundtrip_probe_step_count",
+                "roundtrip_probe_step_attempts",
                 "gauge",
                 "How many times each step ran in the last round trip (POP3 reconnects to poll).",
                 {**labels, "step": name},

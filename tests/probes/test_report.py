@@ -226,8 +226,14 @@ def _assert_valid_exposition(text: str) -> None:
             timeout=30,
             check=False,
         )
-        # promtool also lints naming; only a parse failure is an error.
-        assert "error while linting" not in checked.stderr, checked.stderr
+        # promtool parses and lints names; the one known complaint is the days unit of the
+        # certificate expiry gauge, kept for compatibility with existing dashboards.
+        problems = [
+            line
+            for line in (checked.stdout + checked.stderr).splitlines()
+            if line.strip() and not line.startswith("roundtrip_tls_cert_expiry_days ")
+        ]
+        assert not problems, problems
 
 
 def test_report_prometheus_pop3_reconnects_make_no_duplicate_series() -> None:
@@ -244,7 +250,7 @@ def test_report_prometheus_pop3_reconnects_make_no_duplicate_series() -> None:
     assert steps[("imaps", "imap_connect")] == pytest.approx(0.001)
     counts = {
         (s.labels["retrieve"].split(":")[0], s.labels["step"]): s.value
-        for s in families["roundtrip_probe_step_count"].samples
+        for s in families["roundtrip_probe_step_attempts"].samples
     }
     assert counts[("pop3s", "pop3_login")] == 3 and counts[("imaps", "imap_login")] == 1
 
