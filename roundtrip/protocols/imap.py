@@ -60,7 +60,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..config import MailboxLimits
+from ..config import MailboxLimits, SMTPLimits
 from ..errors import MailboxError, RemoteProtocolError, StorageError
 from . import _mime
 from ._imapparse import (
@@ -89,6 +89,7 @@ from ._lines import (
     OutputBuffer,
     StartTLSRequested,
 )
+from .smtp import check_header_size, check_hops
 
 __all__ = [
     "IMAPConnection",
@@ -360,6 +361,10 @@ class IMAPConnection:
         max_bad_commands: bad commands tolerated after authentication.
         command_limits: ``(verb, count)`` budgets of the session; ``"*"`` is the total of all
             commands, 0 turns one off (default: ``MailboxLimits().imap_command_limits``).
+        max_header_size: largest header field of an APPENDed message, folded lines together;
+            0 turns the check off (default: ``SMTPLimits().max_header_size``).
+        max_hops: most ``Received`` fields an APPENDed message may carry; 0 turns the check
+            off (default: ``SMTPLimits().max_hops``).
     """
 
     def __init__(
@@ -376,6 +381,8 @@ class IMAPConnection:
         max_nonsync_literal: int = 4096,
         max_bad_commands: int = 20,
         command_limits: Iterable[tuple[str, int]] | None = None,
+        max_header_size: int | None = None,
+        max_hops: int | None = None,
     ) -> None:
         self.store = store
         self.hostname = hostname
@@ -390,6 +397,13 @@ class IMAPConnection:
         if command_limits is None:
             command_limits = MailboxLimits().imap_command_limits
         self.command_limits = {v.upper(): n for v, n in command_limits if v and n > 0}
+        # APPEND refuses what SMTP DATA refuses for its header (docs/security.md): the same
+        # message must not get in through the other door.
+        smtp_defaults = SMTPLimits()
+        self.max_header_size = (
+            smtp_defaults.max_header_size if max_header_size is None else max_header_size
+        )
+        self.max_hops = smtp_defaults.max_hops if max_hops is None else max_hops
         self._command_counts: dict[str, int] = {}
         self.state = IMAPState.NOT_AUTHENTICATED
         self.user: str | None = None
@@ -990,6 +1004,14 @@ class IMAPConnection:
             if exc.code == "NONEXISTENT":
                 raise _NoError(str(exc), "TRYCREATE") from exc
             raise
+        if check_header_size(message, limit=self.max_header_size) is not None:
+            raise _NoError(
+                f"Message header field too large (limit {self.max_header_size} octets)", "LIMIT"
+            )
+        if check_hops(message, max_hops=self.max_hops) is not None:
+            raise _NoError(
+                f"Too many Received header fields, a mail loop? (limit {self.max_hops})", "LIMIT"
+            )
         msg = self.store.append(
             user,
             message,

@@ -43,6 +43,8 @@ async def start_imap(
     limits: ListenerLimits | None = None,
     max_literal: int = 50 * 1024 * 1024,
     command_limits: Iterable[tuple[str, int]] | None = None,
+    max_header_size: int | None = None,
+    max_hops: int | None = None,
 ) -> tuple[asyncio.Server, set[LineServerProtocol]]:
     """Listen for IMAP on ``host:port`` (0 picks a free port).
 
@@ -60,6 +62,10 @@ async def start_imap(
         max_literal: the APPENDLIMIT.
         command_limits: the session's command budget (``MailboxLimits.imap_command_limits``;
             None: its default).
+        max_header_size: largest header field an APPENDed message may have (0: no limit;
+            None: the default of ``SMTPLimits.max_header_size``).
+        max_hops: most ``Received`` fields an APPENDed message may carry (0: no limit; None:
+            the default of ``SMTPLimits.max_hops``).
 
     Returns:
         The asyncio server and the live set of connections (abort them on stop).
@@ -77,6 +83,8 @@ async def start_imap(
             clock=time.time,
             max_literal=max_literal,
             command_limits=budget,
+            max_header_size=max_header_size,
+            max_hops=max_hops,
         )
 
     def subscribe(callback: Callable[[Any], None]) -> Callable[[], None]:

@@ -837,7 +837,7 @@ def test_imap_logout_and_timeout(store: Store) -> None:
     assert d.send(b"") == b""
 
 
-# Security: LIST wildcards in linear time, RENAME under itself
+# Security: LIST wildcards in linear time, RENAME under itself, APPEND header limits
 # (docs/security.md)
 
 
@@ -953,3 +953,58 @@ def test_imap_rename_to_a_sibling_or_out_of_inbox_still_works(any_store: Store) 
     # RFC 3501 6.3.5: renaming INBOX moves its messages, even into a child of INBOX.
     assert c.cmd("e RENAME INBOX INBOX/old").startswith(b"e OK")
     assert len(store.mailbox(USER, "INBOX/old")) == 3 and len(store.mailbox(USER, "INBOX")) == 0
+
+
+def _big_field_message(field_size: int) -> bytes:
+    """A message whose X-Big field (folded lines together) is exactly ``field_size`` octets."""
+    head = b"X-Big: "
+    lines = [head + b"y" * 70]
+    size = len(lines[0]) + 2
+    while size + 72 <= field_size:
+        lines.append(b" " + b"y" * 69)
+        size += 72
+    lines[-1] += b"y" * (field_size - size)
+    return b"From: a@example.test\r\n" + b"\r\n".join(lines) + b"\r\n\r\nbody\r\n"
+
+
+def _append(c: Client, tag: str, message: bytes) -> bytes:
+    out = c.cmd(f"{tag} APPEND INBOX {{{len(message)}}}")
+    assert out == b"+ Ready for literal data\r\n", out
+    return c.send(message + b"\r\n")
+
+
+def test_imap_append_refuses_a_header_field_smtp_refuses(store: Store) -> None:
+    c = Client(store)
+    c.login()
+    out = _append(c, "a", _big_field_message(102_401))
+    assert out.startswith(b"a NO [LIMIT] ") and b"102400" in out, out
+    assert len(store.mailbox(USER)) == 3
+    assert c.cmd("n NOOP").startswith(b"n OK")
+    assert _append(c, "b", _big_field_message(102_400)).startswith(b"b OK [APPENDUID")
+    assert len(store.mailbox(USER)) == 4
+
+
+def test_imap_append_refuses_more_received_fields_than_smtp(store: Store) -> None:
+    c = Client(store)
+    c.login()
+    hop = b"Received: from a.example.test by b.example.test; Mon, 1 Jan 2024 10:00:00 +0000\r\n"
+    out = _append(c, "a", hop * 51 + b"Subject: loop\r\n\r\nbody\r\n")
+    assert out.startswith(b"a NO [LIMIT] ") and b"Received" in out, out
+    # The finding: a 1 MB header block of 100,000 fields.
+    out = _append(c, "b", b"Received: x\r\n" * 100_000 + b"\r\nbody\r\n")
+    assert out.startswith(b"b NO [LIMIT] "), out[:200]
+    assert len(store.mailbox(USER)) == 3
+    out = _append(c, "c", hop * 50 + b"Subject: fifty hops\r\n\r\nbody\r\n")
+    assert out.startswith(b"c OK [APPENDUID"), out
+
+
+def test_imap_append_header_limits_follow_the_arguments(store: Store) -> None:
+    c = Client(store, max_header_size=1000, max_hops=1)
+    c.login()
+    assert _append(c, "a", _big_field_message(1001)).startswith(b"a NO [LIMIT]")
+    assert _append(c, "b", _big_field_message(1000)).startswith(b"b OK")
+    hop = b"Received: from a by b; Mon, 1 Jan 2024 10:00:00 +0000\r\n"
+    assert _append(c, "c", hop * 2 + b"\r\nx\r\n").startswith(b"c NO [LIMIT]")
+    off = Client(store, max_header_size=0, max_hops=0)
+    off.login()
+    assert _append(off, "d", hop * 60 + _big_field_message(200_000)).startswith(b"d OK")

@@ -636,3 +636,14 @@ def test_imap_server_rename_under_itself_is_refused(servers: IMAPServers) -> Non
         assert (b"\\HasNoChildren", b"\\Trash") in [f[0] for f in c.list_folders()]
         c.rename_folder("Trash", "Bin")
         assert (b"\\HasNoChildren", b"\\Trash") in [f[0] for f in c.list_folders("", "Bin")]
+
+
+def test_imap_server_append_over_header_limit_is_refused(servers: IMAPServers) -> None:
+    big = b"X-Big: " + b"\r\n ".join([b"y" * 70] * 1500) + b"\r\n"
+    with servers.imapclient("implicit") as c:
+        c.login(USER, PASSWORD)
+        with pytest.raises(IMAPClientError, match=r"\[LIMIT\]"):
+            c.append("INBOX", SIMPLE.replace(b"\r\n\r\n", b"\r\n" + big + b"\r\n", 1))
+        assert c.select_folder("INBOX")[b"EXISTS"] == 3
+        c.append("INBOX", SIMPLE)
+        assert c.select_folder("INBOX")[b"EXISTS"] == 4
