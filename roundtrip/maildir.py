@@ -21,7 +21,7 @@ subscription change). Records are appended and fsynced; a torn last line from a 
 ignored. When dead records pile up the log is rewritten atomically (temporary file, fsync,
 rename, directory fsync).
 
-Durability (SECURITY.md, "Durability" item 8): a delivery writes ``tmp/``, fsyncs the file,
+Durability (docs/security.md, A9.1 and A9.2): a delivery writes ``tmp/``, fsyncs the file,
 renames it into ``new/`` (or ``cur/`` when it has flags), fsyncs that directory, appends and
 fsyncs the UID record, and only then returns, so the SMTP layer's 250 follows stable storage.
 Any ``OSError`` on the way removes what was written and raises ``StorageError`` (451).
@@ -31,6 +31,20 @@ flags, keywords, UIDVALIDITY and UIDs. Files without a UID record (dropped in by
 or renamed into place just before a crash) get new UIDs from UIDNEXT up, in mtime order, so
 UIDs never go backwards. ``tmp/`` files of ours are removed at start (others' after 36 hours,
 as the maildir spec says).
+
+Confinement: a symbolic link inside the tree would lead out of it just as a ``../`` mailbox
+name would (docs/security.md A6.5), so the store follows none. The root is resolved once, at
+construction (it may itself be reached through a link); below it no user directory, folder,
+``cur/``, ``new/``, ``tmp/``, ``roundtrip-uidlist``, message file, trash directory or lock
+file may be a link. At start such a user or folder is skipped, logged and listed in
+``MaildirStore.refused``, never followed, and a refused default folder is not re-created.
+While running, every access checks the folder's path first (``mailbox()``, hence SELECT,
+STATUS, APPEND, delivery, COPY, STORE, EXPUNGE, POP3 login; RENAME, DELETE, CREATE; reading a
+message), so a directory swapped for a link while the store runs is refused too: with
+``MailboxError`` code ``CANNOT`` (reading a message: ``StorageError``), which IMAP answers
+with NO and POP3 with -ERR. Last components are opened with ``O_NOFOLLOW``. Not closed: a swap
+in the microseconds between a check and the system call after it (that needs
+``openat``-relative paths throughout).
 
 Passwords are never written to disk. A recovered user exists (its mail is kept and new mail
 for it accepted) but cannot log in until ``add_user`` gives it a password again; the stack does
@@ -48,11 +62,13 @@ import contextlib
 import errno
 import itertools
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -76,6 +92,8 @@ except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["FLAG_LETTERS", "LOG_NAME", "MaildirStore", "folder_dirname", "folder_name"]
+
+log = logging.getLogger("roundtrip.maildir")
 
 #: IMAP system flags and their maildir info letters (cr.yp.to/proto/maildir.html).
 FLAG_LETTERS: dict[str, str] = {
@@ -101,6 +119,9 @@ _STALE_TMP_SECONDS = 36 * 3600
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _MAX_COMPONENT = 255
+_SUBDIRS = ("cur", "new", "tmp")
+# Never follow a symbolic link in the last component of a path we open (see "Confinement").
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 # Filesystem primitives. Every write goes through os.open/os.write/os.fsync so that tests can
@@ -116,7 +137,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _create_file(path: Path, data: bytes, *, mtime: float | None = None) -> None:
     """Write a new file and fsync it; on failure nothing is left at ``path``."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _NOFOLLOW, _FILE_MODE)
     try:
         try:
             _write_all(fd, data)
@@ -146,7 +167,9 @@ def _replace_file(path: Path, data: bytes) -> None:
 
 def _append_file(path: Path, data: bytes) -> None:
     """Append and fsync; on failure the file is cut back to its old length."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+    fd = os.open(
+        path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | _NOFOLLOW, _FILE_MODE
+    )
     try:
         size = os.fstat(fd).st_size
         try:
@@ -160,18 +183,75 @@ def _append_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def _read_file(path: Path) -> bytes:
+    """The bytes of a file, refusing (``OSError`` ELOOP) a symbolic link in the last component."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW)
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
+
+
+def _is_dir(path: Path) -> bool:
+    """True for a directory that is not a symbolic link; False when nothing is there.
+
+    Raises:
+        OSError: ``ENOTDIR`` when something else (a link, a file) is in the way.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(mode):
+        raise OSError(errno.ENOTDIR, "not a directory inside the maildir root", str(path))
+    return True
+
+
+def _resolves_to_itself(path: Path) -> bool:
+    """True when no component of the absolute ``path`` is a symbolic link (or ``..``)."""
+    return os.path.realpath(path) == str(path)
+
+
+def _no_links_below(root: str, path: str) -> bool:
+    """True when neither ``root`` nor a component of ``path`` below it is a symbolic link.
+
+    ``root`` was resolved when the store opened, so this answers ``realpath(path) == path``
+    for the part of the tree the store owns, at one ``lstat`` per component (``realpath``
+    walks the root's ancestors too and costs about twice as much; this runs on every message
+    read). Components that do not exist yet are nothing to follow.
+    """
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    if not path.startswith(prefix):
+        return False
+    current = root
+    try:
+        if stat.S_ISLNK(os.lstat(current).st_mode):
+            return False
+        for part in path[len(prefix) :].split(os.sep):
+            if part in ("", ".", ".."):
+                return False
+            current = os.path.join(current, part)
+            if stat.S_ISLNK(os.lstat(current).st_mode):
+                return False
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def _make_maildir(path: Path, *, folder: bool) -> None:
+    if not _resolves_to_itself(path):
+        raise OSError(errno.ENOTDIR, "not a directory inside the maildir root", str(path))
     created = False
-    for sub in ("", "cur", "new", "tmp"):
+    for sub in ("", *_SUBDIRS):
         target = path / sub if sub else path
-        if not target.is_dir():
+        if not _is_dir(target):
             os.mkdir(target, _DIR_MODE)
             created = True
-    if folder and not (path / "maildirfolder").exists():
+    if folder and not os.path.lexists(path / "maildirfolder"):
         _create_file(path / "maildirfolder", b"")
         created = True
     if created:
-        for sub in ("cur", "new", "tmp"):
+        for sub in _SUBDIRS:
             fsync_dir(path / sub)
         fsync_dir(path)
         fsync_dir(path.parent)
@@ -238,7 +318,7 @@ def folder_name(dirname: str) -> str | None:
 
 
 def _check_address(key: str) -> None:
-    """Refuse addresses that are not a plain directory name under ROOT (SECURITY.md A6.5)."""
+    """Refuse addresses that are not a plain directory name under ROOT (docs/security.md A6.5)."""
     bad = (
         not key
         or key.startswith((".", "~"))
@@ -276,15 +356,41 @@ def _hostname() -> str:
 class _MaildirBox(Mailbox):
     """A Mailbox with its directory and the state of its log."""
 
-    __slots__ = ("log_records", "path")
+    __slots__ = ("log_records", "path", "root")
 
     def __init__(
-        self, user: str, name: str, path: Path, *, uidvalidity: int, special_use: str | None
+        self,
+        user: str,
+        name: str,
+        path: Path,
+        *,
+        root: Path,
+        uidvalidity: int,
+        special_use: str | None,
     ) -> None:
         super().__init__(user, name, uidvalidity=uidvalidity, special_use=special_use)
         self.path = path
+        #: The store's resolved root: nothing below it on ``path`` may be a symbolic link.
+        self.root = str(root)
         #: Records in the log file, live or dead: compaction is due when most are dead.
         self.log_records = 0
+
+    def confined(self) -> bool:
+        """True when the folder's directories and log are inside the root, links nowhere.
+
+        One ``lstat`` for each of the root, the user directory, the folder, ``cur/ new/ tmp/``
+        and the log.
+        """
+        if not _no_links_below(self.root, str(self.path)):
+            return False
+        try:
+            if not all(_is_dir(self.path / sub) for sub in _SUBDIRS):
+                return False
+            return not stat.S_ISLNK(os.lstat(self.path / LOG_NAME).st_mode)
+        except FileNotFoundError:
+            return True  # no log yet: the next write creates it (with O_NOFOLLOW)
+        except OSError:
+            return False
 
 
 class _MaildirMessage(StoredMessage):
@@ -327,9 +433,14 @@ class _MaildirMessage(StoredMessage):
             return self._pinned
         for _ in range(5):
             path = self._box.path / self._file
+            if not _no_links_below(self._box.root, str(path.parent)):
+                log.warning("refused to read %s: it leaves the maildir root", path)
+                raise StorageError(
+                    f"message {self.uid} of {self.user}:{self.mailbox} is not readable: "
+                    "its folder is not a directory inside the maildir root"
+                )
             try:
-                with open(path, "rb") as fh:
-                    return fh.read()
+                return _read_file(path)
             except FileNotFoundError:
                 if self._pinned is not None:
                     return self._pinned
@@ -391,13 +502,22 @@ class MaildirStore(Store):
             or another process) holds it.
 
     Call ``close()`` (or use it as a context manager) to release the tree for another store.
+
+    ``root`` is resolved once, here (it may be reached through a symbolic link); below it the
+    store follows no link. A user directory or folder that is a link, or whose ``cur/``,
+    ``new/``, ``tmp/`` or log is one, is skipped at start (see ``refused``) and refused by
+    every operation while running (see the module docstring, "Confinement").
     """
 
     def __init__(
         self, root: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
     ) -> None:
         super().__init__(clock=clock)
-        self.root = Path(root).absolute()
+        #: The resolved root: every path the store touches is built from it.
+        self.root = Path(os.path.realpath(root))
+        #: Paths under the root that were not loaded at start because they are (or contain)
+        #: symbolic links, so they might lead out of the tree; each one is also logged.
+        self.refused: list[Path] = []
         self._host = _hostname()
         self._deliveries = itertools.count(1)
         self._lock_fd: int | None = None
@@ -418,7 +538,9 @@ class MaildirStore(Store):
     def _take_lock(self) -> None:
         if fcntl is None:  # pragma: no cover
             return
-        fd = os.open(self.root / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        fd = os.open(
+            self.root / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | _NOFOLLOW, _FILE_MODE
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -442,14 +564,45 @@ class MaildirStore(Store):
 
     def _empty_trash(self) -> None:
         trash = self.root / _TRASH_NAME
-        if trash.is_dir():
-            shutil.rmtree(trash, ignore_errors=True)
+        with contextlib.suppress(OSError):  # a link in its place: rmtree would refuse it too
+            if _is_dir(trash):
+                shutil.rmtree(trash, ignore_errors=True)
 
     # paths
 
     def _user_dir(self, key: str) -> Path:
         _check_address(key)
         return self.root / key
+
+    def _refuse(self, path: Path) -> None:
+        """Record and log a user directory or folder skipped at start (see "Confinement")."""
+        self.refused.append(path)
+        log.warning("maildir: skipped %s: a symbolic link, or one inside it", path)
+
+    def _check_box(self, box: _MaildirBox) -> None:
+        if not box.confined():
+            log.warning("maildir: refused %s: it is not a maildir inside the root", box.path)
+            raise MailboxError(
+                f"mailbox {box.name!r} is refused: its directory is not a maildir inside "
+                "the store's root (a symbolic link?)",
+                code="CANNOT",
+            )
+
+    def _check_user_dir(self, key: str) -> Path:
+        """The user directory, refused (``MailboxError``) when a link is on its path."""
+        path = self._user_dir(key)
+        try:
+            ok = _resolves_to_itself(path) and _is_dir(path)
+        except OSError:
+            ok = False
+        if not ok:
+            log.warning("maildir: refused %s: it is not a directory inside the root", path)
+            raise MailboxError(
+                f"the maildir of {key!r} is refused: it is not a directory inside the "
+                "store's root (a symbolic link?)",
+                code="CANNOT",
+            )
+        return path
 
     def _box_dir(self, key: str, name: str) -> Path:
         base = self._user_dir(key)
@@ -469,22 +622,34 @@ class MaildirStore(Store):
     def _load(self) -> None:
         unassigned: list[_MaildirBox] = []
         highest = 0
+        refused_defaults: dict[str, set[str]] = {}
         for entry in sorted(os.listdir(self.root)):
-            if entry.startswith(".") or not (self.root / entry).is_dir():
-                continue
-            if self._key(entry) != entry:
+            if entry.startswith(".") or self._key(entry) != entry:
                 continue
             try:
                 _check_address(entry)
             except MailboxError:
                 continue
-            boxes: dict[str, Mailbox] = {}
             user_dir = self.root / entry
+            if not os.path.islink(user_dir) and not os.path.isdir(user_dir):
+                continue  # a file: not a user
+            if not self._loadable(user_dir):
+                self._refuse(user_dir)
+                continue
+            boxes: dict[str, Mailbox] = {}
             found: list[tuple[str, Path]] = [("INBOX", user_dir)]
             for sub in sorted(os.listdir(user_dir)):
                 name = folder_name(sub)
-                if name is not None and name != "INBOX" and (user_dir / sub / "cur").is_dir():
-                    found.append((name, user_dir / sub))
+                path = user_dir / sub
+                if name is None or name == "INBOX":
+                    continue
+                if not self._loadable(path):
+                    if os.path.islink(path) or os.path.isdir(path / "cur"):
+                        self._refuse(path)
+                        refused_defaults.setdefault(entry, set()).add(name)
+                    continue
+                if _is_dir(path / "cur"):  # without cur/ it is not a folder (Maildir++)
+                    found.append((name, path))
             for name, path in found:
                 box = self._load_box(entry, name, path)
                 if box.uidvalidity:
@@ -494,19 +659,35 @@ class MaildirStore(Store):
                 boxes[name] = box
             self._mailboxes[entry] = boxes
         with contextlib.suppress(FileNotFoundError, ValueError):
-            highest = max(highest, int((self.root / _UIDVALIDITY_NAME).read_text()))
+            highest = max(highest, int(_read_file(self.root / _UIDVALIDITY_NAME)))
         seed = max(int(self._clock()) & 0x7FFFFFFF or 1, highest + 1)
         self._uidvalidity = itertools.count(seed)
         for box in unassigned:
             box.uidvalidity = next(self._uidvalidity)
         for user, boxes in self._mailboxes.items():
             for name in DEFAULT_FOLDERS:
-                if name not in boxes:
+                if name not in boxes and name not in refused_defaults.get(user, ()):
                     boxes[name] = self._new_box(user, name)
             for each in boxes.values():
                 assert isinstance(each, _MaildirBox)
                 if each in unassigned or each.log_records > 2 * len(each) + 64:
                     self._rewrite_log(each)
+
+    @staticmethod
+    def _loadable(path: Path) -> bool:
+        """False when the directory, its ``cur/ new/ tmp/`` or its log is a symbolic link.
+
+        Missing subdirectories are fine here: an INBOX is completed, and the caller skips
+        a folder without ``cur/`` (Maildir++).
+        """
+        try:
+            if not _is_dir(path):
+                return False
+            for sub in _SUBDIRS:
+                _is_dir(path / sub)  # missing is fine (created), anything else is not
+            return not os.path.islink(path / LOG_NAME)
+        except OSError:
+            return False
 
     def _load_box(self, user: str, name: str, path: Path) -> _MaildirBox:
         _make_maildir(path, folder=name != "INBOX")
@@ -515,9 +696,9 @@ class MaildirStore(Store):
         records: dict[str, dict[str, Any]] = {}
         keywords: dict[int, list[str]] = {}
         count = 0
-        log = path / LOG_NAME
+        log_path = path / LOG_NAME
         try:
-            lines = log.read_bytes().split(b"\n")
+            lines = _read_file(log_path).split(b"\n")
         except FileNotFoundError:
             lines = []
         uidnext = 1
@@ -548,6 +729,7 @@ class MaildirStore(Store):
             user,
             name,
             path,
+            root=self.root,
             uidvalidity=int(header.get("uidvalidity", 0)),
             special_use=special if isinstance(special, str) else None,
         )
@@ -605,7 +787,7 @@ class MaildirStore(Store):
             box._add(msg)
             fresh.append(msg)
         if fresh and header:
-            _append_file(log, b"".join(_dumps(_record(m)) for m in fresh))
+            _append_file(log_path, b"".join(_dumps(_record(m)) for m in fresh))
             box.log_records += len(fresh)
         return box
 
@@ -651,7 +833,9 @@ class MaildirStore(Store):
         """Create a folder on disk (directories, then the log) and return it."""
         path = self._box_dir(key, name)
         use = DEFAULT_FOLDERS.get(name) if special_use is None else special_use
-        box = _MaildirBox(key, name, path, uidvalidity=next(self._uidvalidity), special_use=use)
+        box = _MaildirBox(
+            key, name, path, root=self.root, uidvalidity=next(self._uidvalidity), special_use=use
+        )
         _make_maildir(path, folder=name != "INBOX")
         self._rewrite_log(box)
         return box
@@ -663,13 +847,21 @@ class MaildirStore(Store):
 
         Raises:
             MailboxError: the address cannot be a directory name.
-            StorageError: the directories could not be written.
+            StorageError: the directories could not be written, or the user's directory is
+                there but is not a directory inside the root (a symbolic link: nothing is
+                written through it).
         """
         key = self._key(address)
         with self._lock:
             if key not in self._mailboxes:
+                path = self._user_dir(key)
                 try:
-                    os.makedirs(self._user_dir(key), mode=_DIR_MODE, exist_ok=True)
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(path, _DIR_MODE)
+                    self._check_user_dir(key)
+                except (OSError, MailboxError) as exc:
+                    raise StorageError(f"cannot create the maildir of {key!r}: {exc}") from exc
+                try:
                     self._mailboxes[key] = {
                         name: self._new_box(key, name) for name in DEFAULT_FOLDERS
                     }
@@ -686,6 +878,19 @@ class MaildirStore(Store):
 
     # mailboxes
 
+    def mailbox(self, address: str, name: str = "INBOX") -> Mailbox:
+        """The mailbox ``name`` of ``address``, after checking its directories.
+
+        Raises:
+            MailboxError: ``NONEXISTENT`` when there is no such user or mailbox; ``CANNOT``
+                when its directory, ``cur/ new/ tmp/`` or log is no longer a plain entry
+                inside the root (say, swapped for a symbolic link while the store runs).
+        """
+        box = super().mailbox(address, name)
+        assert isinstance(box, _MaildirBox)
+        self._check_box(box)
+        return box
+
     def _box(self, address: str, name: str) -> _MaildirBox:
         box = self.mailbox(address, name)
         assert isinstance(box, _MaildirBox)
@@ -699,11 +904,17 @@ class MaildirStore(Store):
             if canonical in boxes:
                 raise MailboxError(f"mailbox {name!r} already exists", code="ALREADYEXISTS")
             path = self._box_dir(key, canonical)
-            if path.exists():
+            self._check_user_dir(key)
+            if os.path.lexists(path):
                 raise MailboxError(f"mailbox {name!r} exists on disk", code="ALREADYEXISTS")
             try:
                 box = _MaildirBox(
-                    key, canonical, path, uidvalidity=next(self._uidvalidity), special_use=None
+                    key,
+                    canonical,
+                    path,
+                    root=self.root,
+                    uidvalidity=next(self._uidvalidity),
+                    special_use=None,
                 )
                 _make_maildir(path, folder=True)
                 self._rewrite_log(box)
@@ -719,7 +930,7 @@ class MaildirStore(Store):
         """Remember the UIDVALIDITY of a folder about to be deleted (see _UIDVALIDITY_NAME)."""
         path = self.root / _UIDVALIDITY_NAME
         try:
-            known = int(path.read_text())
+            known = int(_read_file(path))
         except (FileNotFoundError, ValueError):
             known = 0
         if box.uidvalidity > known:
@@ -730,7 +941,8 @@ class MaildirStore(Store):
         self._forget_uidvalidity(box)
         path = box.path
         trash = self.root / _TRASH_NAME
-        os.makedirs(trash, mode=_DIR_MODE, exist_ok=True)
+        if not _is_dir(trash):  # ENOTDIR when a link is in its place
+            os.mkdir(trash, _DIR_MODE)
         target = trash / secrets.token_hex(8)
         os.rename(path, target)
         fsync_dir(path.parent)
@@ -747,6 +959,7 @@ class MaildirStore(Store):
             if box is None:
                 raise MailboxError(f"no mailbox {name!r}", code="NONEXISTENT")
             assert isinstance(box, _MaildirBox)
+            self._check_box(box)
             try:
                 self._trash(box)
             except OSError as exc:
@@ -766,6 +979,7 @@ class MaildirStore(Store):
                 raise MailboxError(f"no mailbox {old!r}", code="NONEXISTENT")
             if dst in boxes:
                 raise MailboxError(f"mailbox {new!r} already exists", code="ALREADYEXISTS")
+            self._check_user_dir(key)
             try:
                 if src == "INBOX":
                     self._rename_inbox(key, boxes, dst)
@@ -782,9 +996,10 @@ class MaildirStore(Store):
         for name in [n for n in boxes if n == src or n.startswith(prefix)]:
             box = boxes[name]
             assert isinstance(box, _MaildirBox)
+            self._check_box(box)
             new_name = dst + name[len(src) :]
             new_path = self._box_dir(key, new_name)
-            if new_name in boxes or new_path.exists():
+            if new_name in boxes or os.path.lexists(new_path):
                 raise MailboxError(f"mailbox {new_name!r} already exists", code="ALREADYEXISTS")
             moves.append((box, new_name, new_path))
         done: list[tuple[_MaildirBox, Path]] = []
@@ -809,7 +1024,8 @@ class MaildirStore(Store):
     def _rename_inbox(self, key: str, boxes: dict[str, Mailbox], dst: str) -> None:
         inbox = boxes["INBOX"]
         assert isinstance(inbox, _MaildirBox)
-        if self._box_dir(key, dst).exists():
+        self._check_box(inbox)
+        if os.path.lexists(self._box_dir(key, dst)):
             raise MailboxError(f"mailbox {dst!r} exists on disk", code="ALREADYEXISTS")
         target = self._new_box(key, dst)
         target.special_use = None
@@ -1027,17 +1243,25 @@ class MaildirStore(Store):
         return gone
 
     def clear(self) -> None:
-        """Empty every mailbox (users and default folders stay; UIDs keep increasing)."""
+        """Empty every mailbox (users and default folders stay; UIDs keep increasing).
+
+        A folder that is no longer a maildir inside the root (see ``mailbox``) is left alone,
+        on disk and in memory: nothing is deleted through a symbolic link.
+        """
         with self._lock:
             try:
                 for boxes in self._mailboxes.values():
                     for name in [n for n in boxes if n not in DEFAULT_FOLDERS]:
                         box = boxes[name]
                         assert isinstance(box, _MaildirBox)
+                        if not box.confined():
+                            continue
                         self._trash(box)
                         del boxes[name]
                     for box in boxes.values():
                         assert isinstance(box, _MaildirBox)
+                        if not box.confined():
+                            continue
                         for msg in box:
                             assert isinstance(msg, _MaildirMessage)
                             with contextlib.suppress(FileNotFoundError):

@@ -498,7 +498,7 @@ def test_maildir_spy_sees_that_python_mailbox_skips_the_directory_fsync(
     tmp_path: Path, syscalls: list[tuple[str, str]]
 ) -> None:
     # The twin: the same spy on CPython's mailbox.Maildir finds no directory fsync, which is
-    # why MaildirStore does not use it (SECURITY.md, Durability item 8).
+    # why MaildirStore does not use it (docs/security.md A9.2).
     box = mailbox.Maildir(tmp_path / "py", create=True)
     box.add(RAW)
     box.close()
