@@ -194,7 +194,7 @@ def test_validator_bad_certificate_fails_naming_it(
 ) -> None:
     code, out, err = _run(_argv(variant), capsys)
     assert code == 1
-    assert "FAIL at CONNECT: CONNECT: certificate verification failed" in out
+    assert "FAIL at CONNECT: certificate verification failed" in out
     assert expected in out
     # The certificate is still described (from a diagnostic handshake, nothing sent).
     assert "server presented: subject" in out
