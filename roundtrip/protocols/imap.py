@@ -397,8 +397,8 @@ class IMAPConnection:
         if command_limits is None:
             command_limits = MailboxLimits().imap_command_limits
         self.command_limits = {v.upper(): n for v, n in command_limits if v and n > 0}
-        # APPEND refuses what SMTP DATA refuses for its header (docs/security.md): the same
-        # message must not get in through the other door.
+        # APPEND refuses what SMTP DATA refuses for its header (Postfix header_size_limit and
+        # hopcount_limit): the same message must not get in through the other door.
         smtp_defaults = SMTPLimits()
         self.max_header_size = (
             smtp_defaults.max_header_size if max_header_size is None else max_header_size

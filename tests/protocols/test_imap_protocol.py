@@ -914,6 +914,32 @@ def test_imap_list_many_wildcards_answers_at_once(store: Store, wildcard: str) -
     assert ('"Tax/2024"' in out) is (wildcard == "*"), out
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"a" * 60_000 + b"( NOOP",  # tag
+        b"f FETCH " + b"1," * 30_000 + b"x FLAGS",  # sequence set
+        b"f FETCH " + b"1:2," * 15_000 + b": FLAGS",
+        b"f FETCH 1 BODY.PEEK[" + b"x" * 60_000,  # section
+        b"s STORE 1 +FLAGS (" + b"k" * 60_000 + b"[)",  # keyword
+        b'h SEARCH HEADER Message-ID "<' + b"a" * 30_000 + b"@" + b"b" * 30_000 + b'"',
+        b"a APPEND INBOX " + b"{1" * 30_000,  # literal announcement
+        b'l LIST "" "' + b"%a" * 30_000 + b'"',
+    ],
+    ids=["tag", "sequence", "ranges", "section", "keyword", "msgid", "literal", "list"],
+)
+def test_imap_hostile_command_lines_answer_at_once(store: Store, line: bytes) -> None:
+    # The regular expressions of the IMAP machine (docs/security.md) on lines near the limit.
+    c = Client(store)
+    c.select()
+    start = time.perf_counter()
+    out = c.cmd(line)
+    elapsed = time.perf_counter() - start
+    assert re.search(rb"^(\S+ )?(OK|NO|BAD)", out, re.MULTILINE), out[-200:]
+    assert elapsed < 0.5, f"{elapsed:.3f} s"
+    assert c.cmd("n NOOP").startswith(b"n OK")
+
+
 def test_imap_rename_under_itself_is_refused(any_store: Store) -> None:
     store = any_store
     c = Client(store)
