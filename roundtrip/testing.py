@@ -22,7 +22,7 @@ ending in CRLF (RFC 5321 section 2.3.8), so every LF or CR outside a CRLF pair b
 and a final CRLF is added when missing. ``outcome.submitted`` holds those bytes,
 ``outcome.original`` the ones given, and ``outcome.diff()`` says when they differ.
 ``canonicalize=False`` sends the bytes exactly as given (for tests of bare-LF smuggling and
-the like); the stack's relay then turns every stray CR or LF into CRLF (docs/security.md),
+the like); the stack's relay then turns every stray CR or LF into CRLF (docs/security.md, A2.2),
 so such a message is only :attr:`RoundtripOutcome.equivalent`.
 
 What "identical" means: the stored message is exactly the submitted bytes with two kinds of
@@ -116,7 +116,7 @@ def normalize_line_endings(raw: bytes) -> bytes:
 
     First the SMTP client ends the content with CRLF if it does not already end so (smtplib
     appends CRLF even after a bare LF), then every CR, LF or CRLF becomes CRLF: what the
-    stack's relay does to every message it forwards (docs/security.md). Unlike
+    stack's relay does to every message it forwards (docs/security.md, A2.2). Unlike
     :func:`canonical_form`, a final bare LF therefore becomes an empty line.
     """
     data = raw if raw.endswith(b"\r\n") else raw + b"\r\n"
