@@ -14,7 +14,9 @@ RFC 3501 section 3 defines the states that ``IMAPState`` names:
     ``SUBSCRIBE``/``UNSUBSCRIBE``, ``LIST``/``LSUB`` (with ``\\HasChildren``/``\\HasNoChildren``
     and RFC 6154 SPECIAL-USE attributes), ``STATUS``, ``APPEND`` (RFC 7889 APPENDLIMIT, RFC 4315
     APPENDUID), ``NAMESPACE`` (RFC 2342), ``ENABLE`` (RFC 5161, enables nothing), ``IDLE``
-    (RFC 2177).
+    (RFC 2177). LIST patterns are matched by ``_imapparse.ListPattern`` (linear time, no
+    regex). RENAME refuses to move a mailbox under itself (``NO [CANNOT]``); APPEND refuses a
+    header that SMTP DATA would refuse (``max_header_size``, ``max_hops``: ``NO [LIMIT]``).
 ``SELECTED``
     Also ``CHECK``, ``CLOSE``, ``UNSELECT`` (RFC 3691), ``EXPUNGE``, ``SEARCH``, ``FETCH``,
     ``STORE``, ``COPY``, ``MOVE`` (RFC 6851) and their ``UID`` forms, ``UID EXPUNGE`` (RFC 4315).
