@@ -44,6 +44,7 @@ __all__ = [
     "assert_not_delivered",
     "body_contains",
     "header_matches",
+    "wait_for_matches",
 ]
 
 #: At most this many arrivals are listed in a failure message (the newest ones).
@@ -220,6 +221,40 @@ def _header_ok(message: ReceivedMessage, name: str, wanted: TextPattern) -> bool
     if isinstance(wanted, re.Pattern):
         return any(wanted.search(v) for v in values)
     return any(_norm_space(v) == _norm_space(wanted) for v in values)
+
+
+# -- waiting -----------------------------------------------------------------------------------
+
+
+def wait_for_matches(
+    snapshot: Callable[[], Sequence[M]],
+    criteria: Criteria,
+    *,
+    count: int,
+    wait_until: Callable[[Callable[[], bool], float], object],
+    timeout: float,
+) -> list[M]:
+    """Wait until ``count`` messages of ``snapshot()`` meet ``criteria``; return the matches.
+
+    The one waiting loop behind ``MailStack.wait_for``, ``assert_delivered`` and
+    ``assert_not_delivered``: ``wait_until(predicate, timeout)`` re-evaluates ``predicate``
+    whenever the store changes (``Store.wait_until``), so nothing polls.
+
+    Returns:
+        The matching messages of the last snapshot taken: fewer than ``count`` when the
+        timeout passed first (the caller decides what that means).
+    """
+    if count <= 0:
+        return criteria.select(snapshot())
+    found: list[M] = []
+
+    def enough() -> bool:
+        nonlocal found
+        found = criteria.select(snapshot())
+        return len(found) >= count
+
+    wait_until(enough, timeout)  # evaluates enough() first: no wait when it already holds
+    return found
 
 
 # -- the assertions ----------------------------------------------------------------------------

@@ -3,57 +3,56 @@
 A stack serves several mail domains on loopback. Each domain has an MX (``smtp``), submission
 over implicit TLS (``submissions``) and with STARTTLS (``submission``), POP3 (``pop3s``,
 ``pop3``) and IMAP (``imaps``, ``imap``); one DNS server answers for every domain. All servers
-run on one event loop in one background thread (NOTES.md "One event loop").
+run on one event loop in one background thread (``roundtrip/servers/_runner.py``; docs/design.md
+says why). ``MailStack`` is a facade over the parts in this package:
+
+- ``_services.py``: the listeners, built from one table of services;
+- ``_delivery.py``: what happens to an accepted message (store here, relay, capture);
+- ``_journeys.py``: per-hop timings;
+- ``roundtrip/assertions.py``: waiting for and matching what arrived.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import errno
-import re
 import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from .assertions import Criteria, TextPattern
-from .assertions import assert_delivered as _assert_delivered
-from .assertions import assert_not_delivered as _assert_not_delivered
-from .certs import CertificateAuthority
-from .config import PORT_STRIDE, Endpoint, StackConfig, User
-from .errors import (
-    ConfigError,
-    MailboxError,
-    NotDeliveredError,
-    RoundtripError,
-    ServerStartError,
+from ..assertions import Criteria, TextPattern, wait_for_matches
+from ..assertions import assert_delivered as _assert_delivered
+from ..assertions import assert_not_delivered as _assert_not_delivered
+from ..certs import CertificateAuthority
+from ..config import Endpoint, StackConfig, User
+from ..errors import ConfigError, NotDeliveredError, RoundtripError, ServerStartError
+from ..maildir import MaildirStore
+from ..message import ReceivedMessage
+from ..protocols.dns import Record, Zone, build_zone, default_records
+from ..protocols.filter import ContentFilter, default_filter
+from ..protocols.tlspolicy import TLSPolicy, parse_policy, sts_record
+from ..servers._runner import LoopThread
+from ..servers.dns import DNSServer, start_dns
+from ..servers.relay import QueuedMessage, Relay, RelayEvent
+from ..servers.smtp import AuthPenalties
+from ..spool import MAILDIR_SPOOL_NAME, RelaySpool
+from ..store import Store, StoredMessage
+from ._delivery import Faults, Router, catch_all_owner
+from ._journeys import HopTiming, Journeys
+from ._services import (
+    IMPLICIT_TLS_SERVICES,
+    SERVICES,
+    STANDARD_PORTS,
+    DomainEndpoints,
+    Listeners,
+    port_for,
 )
-from .maildir import MaildirStore
-from .message import ReceivedMessage
-from .protocols.dns import Record, Zone, build_zone, default_records
-from .protocols.filter import ContentFilter, FilterInput, default_filter, prepend_headers
-from .protocols.smtp import Role, domain_of, drop_forged_auth_results
-from .protocols.tlspolicy import TLSPolicy, parse_policy, sts_record
-from .servers._conn import ListenerLimits
-from .servers._runner import LoopThread
-from .servers.dns import DNSServer, start_dns
-from .servers.pop3 import start_pop3
-from .servers.relay import QueuedMessage, Relay, RelayEvent
-from .servers.smtp import (
-    Accepted,
-    AuthPenalties,
-    ContentRejectedError,
-    SMTPHandler,
-    start_smtp,
-)
-from .spool import MAILDIR_SPOOL_NAME, RelaySpool
-from .store import Store, StoredMessage
 
 __all__ = [
+    "IMPLICIT_TLS_SERVICES",
     "OUTBOUND_ADDRESS",
+    "SERVICES",
     "STANDARD_PORTS",
     "DeliveredMessage",
     "DomainEndpoints",
@@ -64,91 +63,6 @@ __all__ = [
 
 #: Mail to domains outside the stack is captured in this mailbox, never sent anywhere.
 OUTBOUND_ADDRESS = "outbound@roundtrip.invalid"
-
-#: Well-known ports used with ``ports="standard"``.
-STANDARD_PORTS = {
-    "smtp": 25,
-    "submissions": 465,
-    "submission": 587,
-    "pop3": 110,
-    "pop3s": 995,
-    "imap": 143,
-    "imaps": 993,
-    "dns": 53,
-}
-SERVICES = ("smtp", "submissions", "submission", "pop3", "pop3s", "imap", "imaps")
-IMPLICIT_TLS_SERVICES = ("submissions", "pop3s", "imaps")
-
-
-@dataclass(frozen=True, slots=True)
-class DomainEndpoints:
-    """Where one domain's services listen."""
-
-    domain: str
-    hostname: str
-    host: str
-    ports: dict[str, int]
-
-    def address(self, service: str) -> tuple[str, int]:
-        """``(host, port)`` of a service (``smtp``, ``submissions``, ``imaps`` ...)."""
-        return self.host, self.ports[service]
-
-    def url_host(self) -> str:
-        return f"[{self.host}]" if ":" in self.host else self.host
-
-    def endpoint(self, service: str) -> str:
-        """``HOST:PORT`` of a service, IPv6 hosts in brackets."""
-        return f"{self.url_host()}:{self.ports[service]}"
-
-
-@dataclass(frozen=True, slots=True)
-class HopTiming:
-    """One step of a message's journey through the stack.
-
-    ``at`` is in seconds since the first hop accepted the message.
-    """
-
-    step: str
-    host: str
-    at: float
-
-
-# How many messages' journeys the stack remembers (oldest forgotten first).
-_TIMELINE_LIMIT = 10_000
-_RECEIVED_ID = re.compile(
-    rb"^Received:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*?\bid ([0-9A-Za-z]+)", re.MULTILINE
-)
-_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]*>)", re.MULTILINE | re.IGNORECASE)
-
-
-@dataclass
-class Faults:
-    """Test-only misbehaviour, to prove that a validator notices it. All off by default.
-
-    Attributes:
-        drop: accept mail with 250 but never store it (a lost message).
-        duplicate: store every local delivery twice.
-        alter_body: change one byte of the body while storing (a message altered in transit).
-    """
-
-    drop: bool = False
-    duplicate: bool = False
-    alter_body: bool = False
-
-    def apply(self, raw: bytes) -> list[bytes]:
-        """The copies to store for one delivery of ``raw``."""
-        if self.drop:
-            return []
-        if self.alter_body:
-            head, sep, body = raw.partition(b"\r\n\r\n")
-            raw = head + sep + (body[:-3] + b"#" + body[-2:] if len(body) > 2 else body + b"#")
-        return [raw, raw] if self.duplicate else [raw]
-
-
-@dataclass
-class _Listeners:
-    servers: list[asyncio.AbstractServer] = field(default_factory=list)
-    connections: list[set[Any]] = field(default_factory=list)
 
 
 class MailStack:
@@ -175,7 +89,7 @@ class MailStack:
         self.store = store if store is not None else Store()
         self.domains: dict[str, DomainEndpoints] = {}
         self._thread: LoopThread | None = None
-        self._listeners = _Listeners()
+        self._listeners: Listeners | None = None
         self.dns: DNSServer | None = None
         self.relay: Relay | None = None
         #: SMTP port of each MX host name, for the relay: with ephemeral ports every MX lives
@@ -186,26 +100,45 @@ class MailStack:
         self.tls_policies: dict[str, TLSPolicy] = {}
         self._default_zone: Zone | None = None
         self._dns_changed = False
-        # Journey of each accepted message, keyed by the accepting hop's queue id.
-        self._hops: collections.OrderedDict[str, list[HopTiming]] = collections.OrderedDict()
-        self._relay_origin: dict[str, str] = {}
-        self._by_message_id: dict[str, list[str]] = {}
+        self._journeys = Journeys()
         self._relay_changed = threading.Condition()
         self._relay_queue: list[QueuedMessage] = []
-        #: Test-only misbehaviour switches (see Faults); reset() turns them off.
-        self.faults = Faults()
-        #: The receiving MX's content filter (see roundtrip.protocols.filter); a test may
-        #: replace it, and reset() restores the default, which only adds X-Spam headers.
-        self.content_filter: ContentFilter | None = default_filter
+        self._delivery_callbacks: list[Callable[[DeliveredMessage], None]] = []
+        self._router = Router(
+            config=self.config,
+            store=self.store,
+            journeys=self._journeys,
+            relay=lambda: self.relay,
+            authserv_ids=lambda: [ep.hostname for ep in self.domains.values()],
+            announce=self._announce,
+        )
         self._started = False
         self._stopped = False
         self._start_lock = threading.Lock()
-        self._delivery_callbacks: list[Callable[[DeliveredMessage], None]] = []
         for user in self.config.users:
             self.store.add_user(user.address, user.password)
         # The capture of mail for outside domains: a mailbox, never a login (no password
         # opens it on any service); tests read it through ``outbound``.
         self.store.add_user(OUTBOUND_ADDRESS, None)
+
+    @property
+    def faults(self) -> Faults:
+        """Test-only misbehaviour switches (see :class:`Faults`); reset() turns them off."""
+        return self._router.faults
+
+    @faults.setter
+    def faults(self, value: Faults) -> None:
+        self._router.faults = value
+
+    @property
+    def content_filter(self) -> ContentFilter | None:
+        """The receiving MX's content filter (see roundtrip.protocols.filter); a test may
+        replace it, and reset() restores the default, which only adds X-Spam headers."""
+        return self._router.content_filter
+
+    @content_filter.setter
+    def content_filter(self, value: ContentFilter | None) -> None:
+        self._router.content_filter = value
 
     # lifecycle
 
@@ -248,110 +181,27 @@ class MailStack:
             raise
         return self
 
-    def _host_for(self, index: int) -> str:
-        if self.config.ports == "standard":
-            return f"127.0.0.{index + 1}"
-        return self.config.host
-
-    def _port_for(self, service: str, index: int = 0) -> int:
-        ports = self.config.ports
-        if ports == "standard":
-            return STANDARD_PORTS[service]
-        if isinstance(ports, int):  # a base port: see StackConfig.ports
-            return ports + index * PORT_STRIDE + STANDARD_PORTS[service]
-        return 0
-
     async def _start_all(self) -> None:
         assert self._thread is not None
-        timeouts = self.config.timeouts
-        on_error = self._thread.record_error
         limits = self.config.smtp_limits
         # One penalty table for every listener: a client guessing passwords on one port is
-        # slowed on all of them (SECURITY.md A4.3).
+        # slowed on all of them (docs/security.md, A4.3).
         penalties = AuthPenalties(
             initial=limits.auth_penalty_initial,
             maximum=limits.auth_penalty_max,
             timeout=limits.auth_penalty_timeout,
         )
+        self._listeners = Listeners(
+            config=self.config,
+            store=self.store,
+            accepts_recipient=self._router.accepts,
+            router=self._router.route,
+            on_error=self._thread.record_error,
+        )
         for index, domain in enumerate(self.config.domains):
-            host = self._host_for(index)
-            hostname = f"mail.{domain}"
-            tls = self.ca.server_context([hostname, domain])
-            ports: dict[str, int] = {}
-            for service in ("smtp", "submissions", "submission"):
-                role = Role(service)
-                handler = SMTPHandler(
-                    role=role,
-                    domain=domain,
-                    hostname=hostname,
-                    local_domains=lambda: self.config.domains,
-                    has_user=self._accepts_recipient,
-                    check_password=self.store.check_password,
-                    router=self._route,
-                    max_recipients=self.config.max_recipients,
-                    enforce_sender=True,
-                    reject_foreign_from=self.config.from_header_policy == "reject",
-                    on_error=on_error,
-                    limits=limits,
-                )
-                server = await self._bind(
-                    service,
-                    host,
-                    start_smtp(
-                        handler,
-                        host=host,
-                        port=self._port_for(service, index),
-                        tls_context=tls,
-                        max_message_size=self.config.max_message_size,
-                        idle_timeout=timeouts.idle_timeout,
-                        tls_handshake_timeout=timeouts.tls_handshake_timeout,
-                        auth_penalties=penalties,
-                    ),
-                )
-                ports[service] = _bound_port(server)
-            from .servers.imap import start_imap
-
-            for service, starter in (
-                ("pop3s", start_pop3),
-                ("pop3", start_pop3),
-                ("imaps", start_imap),
-                ("imap", start_imap),
-            ):
-                implicit = service in IMPLICIT_TLS_SERVICES
-                idle = (
-                    timeouts.imap_idle_timeout
-                    if service.startswith("imap")
-                    else timeouts.pop3_idle_timeout
-                )
-                server, conns = await self._bind(
-                    service,
-                    host,
-                    starter(
-                        self.store,
-                        host=host,
-                        port=self._port_for(service, index),
-                        hostname=hostname,
-                        implicit_tls_context=tls if implicit else None,
-                        starttls_context=None if implicit else tls,
-                        idle_timeout=idle,
-                        on_error=on_error,
-                        tls_handshake_timeout=timeouts.tls_handshake_timeout,
-                        limits=ListenerLimits(
-                            login_timeout=min(timeouts.login_timeout, idle),
-                            penalties=penalties,
-                            max_connections=limits.max_connections,
-                            max_connections_per_ip=limits.max_connections_per_ip,
-                        ),
-                        command_limits=(
-                            self.config.mailbox_limits.imap_command_limits
-                            if service.startswith("imap")
-                            else self.config.mailbox_limits.pop3_command_limits
-                        ),
-                    ),
-                )
-                self._listeners.connections.append(conns)
-                ports[service] = _bound_port(server)
-            self.domains[domain] = DomainEndpoints(domain, hostname, host, ports)
+            tls = self.ca.server_context([f"mail.{domain}", domain])
+            endpoints = await self._listeners.start_domain(index, domain, tls, penalties)
+            self.domains[domain] = endpoints
         await self._start_routing()
 
     async def _start_routing(self) -> None:
@@ -363,7 +213,7 @@ class MailStack:
             self.dns = await start_dns(
                 self._default_zone,
                 host=dns_host,
-                port=self._port_for("dns"),
+                port=port_for(self.config, "dns"),
                 on_error=self._thread.record_error,
             )
         except OSError as exc:
@@ -394,41 +244,9 @@ class MailStack:
         # What a previous process left queued gets its attempt now, before start() returns.
         self.relay.restore()
 
-    async def _bind(self, service: str, host: str, starting: Any) -> Any:
-        try:
-            result = await starting
-        except OSError as exc:
-            port = STANDARD_PORTS[service] if self.config.ports == "standard" else 0
-            if exc.errno in (errno.EACCES, errno.EPERM):
-                raise ServerStartError(
-                    f"cannot bind {service} on {host}:{port}: permission denied; ports="
-                    "'standard' needs root or CAP_NET_BIND_SERVICE (use ports='ephemeral')"
-                ) from exc
-            if exc.errno == errno.EADDRINUSE:
-                raise ServerStartError(
-                    f"cannot bind {service} on {host}:{port}: the address is in use"
-                ) from exc
-            raise ServerStartError(f"cannot bind {service} on {host}:{port}: {exc}") from exc
-        server = result[0] if isinstance(result, tuple) else result
-        self._listeners.servers.append(server)
-        return result
-
     async def _self_check(self) -> None:
-        """Connect to every listener; complete a TLS handshake on the implicit-TLS ones."""
-        client = self.ca.client_context()
-
-        async def probe(ep: DomainEndpoints, service: str) -> None:
-            tls = client if service in IMPLICIT_TLS_SERVICES else None
-            _, writer = await asyncio.open_connection(
-                ep.host, ep.ports[service], ssl=tls, server_hostname=ep.hostname if tls else None
-            )
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (ConnectionError, ssl.SSLError):
-                pass
-
-        await asyncio.gather(*(probe(ep, s) for ep in self.domains.values() for s in SERVICES))
+        assert self._listeners is not None
+        await self._listeners.self_check(list(self.domains.values()), self.ca.client_context())
 
     def stop(self) -> None:
         """Close every listener and connection and stop the loop. A second call does nothing."""
@@ -454,11 +272,8 @@ class MailStack:
             await self.relay.close()
         if self.dns is not None:
             await self.dns.close()
-        for conns in self._listeners.connections:
-            for conn in list(conns):
-                conn.abort()
-        for server in self._listeners.servers:
-            server.close()
+        if self._listeners is not None:
+            self._listeners.close()
         # Cancel sessions still running (aiosmtpd handlers) so nothing outlives the loop.
         current = asyncio.current_task()
         tasks = [t for t in asyncio.all_tasks() if t is not current]
@@ -501,102 +316,10 @@ class MailStack:
         if self._thread is not None:
             self._thread.take_errors()
 
-    # routing
-
-    def _route(self, accepted: Accepted) -> None:
-        """Deliver or queue an accepted message (runs on the loop thread).
-
-        The MX stores for its own users. A submission server stores mail for its own domain,
-        and hands everything else to the relay, which looks up the MX in the stack's DNS and
-        delivers over SMTP with STARTTLS (or captures mail for domains outside the stack).
-        """
-        self._record(
-            accepted.queue_id,
-            f"{accepted.role.value} accepted",
-            accepted.hostname,
-            accepted.received_monotonic,
-        )
-        raw, mailbox = accepted.raw, "INBOX"
-        if accepted.role is Role.SMTP:
-            # RFC 8601 section 5: nobody outside may speak for our authserv-ids.
-            raw = drop_forged_auth_results(raw, [ep.hostname for ep in self.domains.values()])
-        content_filter = self.content_filter
-        if accepted.role is Role.SMTP and content_filter is not None:
-            verdict = content_filter(
-                FilterInput(
-                    mail_from=accepted.mail_from,
-                    rcpt_tos=accepted.rcpt_tos,
-                    raw=raw,
-                    tls=accepted.tls,
-                    helo=accepted.helo,
-                    hostname=accepted.hostname,
-                )
-            )
-            if verdict is not None:
-                if verdict.action == "reject":
-                    raise ContentRejectedError(verdict.reply)
-                raw, mailbox = prepend_headers(raw, verdict.headers), verdict.mailbox
-        here: list[str] = []
-        remote: list[str] = []
-        for rcpt in accepted.rcpt_tos:
-            ours = accepted.role is Role.SMTP or domain_of(rcpt) == accepted.server_domain
-            (here if ours else remote).append(rcpt)
-        # The relay's part is checked and spooled first and started last: a failure to spool
-        # (451) leaves no local copy behind, and a local copy that fails to store withdraws
-        # the spooled one, so the client's retry duplicates nothing.
-        prepared = None
-        if remote:
-            assert self.relay is not None
-            prepared = self.relay.prepare(
-                helo=accepted.hostname,
-                mail_from=accepted.mail_from or "<>",
-                rcpt_tos=remote,
-                raw=accepted.raw,
-                received_at=accepted.received_at,
-                origin_id=accepted.queue_id,
-            )
-        try:
-            for rcpt in here:
-                owner = self._mailbox_owner(rcpt)
-                for copy in self.faults.apply(raw):
-                    stored = self.store.deliver(
-                        owner,
-                        copy,
-                        mailbox=mailbox,
-                        envelope_from=accepted.mail_from,
-                        envelope_to=(rcpt,),
-                    )
-                    self._announce(stored)
-        except BaseException:
-            if prepared is not None:
-                assert self.relay is not None
-                self.relay.abandon(prepared)
-            raise
-        if here:
-            self._record(accepted.queue_id, "stored", accepted.hostname, time.monotonic())
-            self._index_journey(raw)
-        if prepared is not None:
-            assert self.relay is not None
-            entry = self.relay.commit(prepared)
-            self._relay_origin[entry.id] = accepted.queue_id
-            self._record(accepted.queue_id, "relay queued", entry.id, time.monotonic())
-
-    # journeys (per-hop timings)
-
-    def _record(self, queue_id: str, step: str, host: str, when: float) -> None:
-        hops = self._hops.get(queue_id)
-        if hops is None:
-            hops = self._hops[queue_id] = []
-            while len(self._hops) > _TIMELINE_LIMIT:
-                self._hops.popitem(last=False)
-            while len(self._relay_origin) > _TIMELINE_LIMIT:  # insertion-ordered: oldest first
-                self._relay_origin.pop(next(iter(self._relay_origin)))
-        hops.append(HopTiming(step, host, when))
+    # the relay queue
 
     def _relay_event(self, event: RelayEvent) -> None:
-        origin = self._relay_origin.get(event.queue_id)
-        if origin is not None:
-            self._record(origin, f"relay {event.step}", event.detail, time.monotonic())
+        self._journeys.record_relay(event.queue_id, event.step, event.detail, time.monotonic())
         if self.relay is not None:
             # Snapshot on the loop thread, where the queue is consistent.
             snapshot = self.relay.queue()
@@ -638,18 +361,6 @@ class MailStack:
         assert self._thread is not None and self.relay is not None
         self._thread.run(self.relay.wait_idle(timeout), timeout=timeout + 1)
 
-    def _index_journey(self, raw: bytes) -> None:
-        end = raw.find(b"\r\n\r\n")
-        head = raw[: end if end >= 0 else len(raw)]  # not split(): that copies the body too
-        found = _MESSAGE_ID.search(head)
-        if found is None:
-            return
-        ids = [m.decode() for m in _RECEIVED_ID.findall(head)]
-        key = found.group(1).decode("utf-8", "replace")
-        self._by_message_id[key] = ids
-        while len(self._by_message_id) > _TIMELINE_LIMIT:
-            self._by_message_id.pop(next(iter(self._by_message_id)))
-
     def journey(self, message_id: str) -> list[HopTiming]:
         """Per-hop timings of a message stored by this stack, found by its Message-ID.
 
@@ -657,13 +368,7 @@ class MailStack:
         ``relay mx-lookup``, ``relay connected``, ``smtp accepted`` (the recipient's MX),
         ``relay delivered``, ``stored``; ``at`` counts seconds from the first step.
         """
-        ids = self._by_message_id.get(message_id.strip(), [])
-        hops = [h for qid in reversed(ids) for h in self._hops.get(qid, [])]
-        if not hops:
-            return []
-        hops.sort(key=lambda h: h.at)
-        start = hops[0].at
-        return [HopTiming(h.step, h.host, h.at - start) for h in hops]
+        return self._journeys.journey(message_id)
 
     def default_dns_records(self) -> list[Record]:
         """The records the stack serves by default: SOA, NS, MX, A/AAAA and SPF per domain.
@@ -724,27 +429,6 @@ class MailStack:
         self._announce(stored)
 
     # catch-all domains (StackConfig.catch_all)
-
-    def _catch_all_owner(self, address: str) -> str | None:
-        """The user who receives mail for ``address`` in a catch-all domain, if any."""
-        catch_all = self.config.catch_all
-        if not catch_all:
-            return None
-        domain = domain_of(address)
-        if "*" not in catch_all and domain not in catch_all:
-            return None
-        for user in self.config.users:
-            if user.domain == domain:
-                return user.address
-        return None
-
-    def _accepts_recipient(self, address: str) -> bool:
-        return self.store.has_user(address) or self._catch_all_owner(address) is not None
-
-    def _mailbox_owner(self, address: str) -> str:
-        if self.store.has_user(address):
-            return address
-        return self._catch_all_owner(address) or address
 
     # delivery announcements (``roundtrip serve`` prints one line per message)
 
@@ -869,7 +553,7 @@ class MailStack:
         if to is not None and self._is_outside(to):
             return self._outbound_for(to)
         if to is not None and not self.store.has_user(to):
-            owner = self._catch_all_owner(to)
+            owner = catch_all_owner(self.config, to)
             if owner is not None:
                 wanted = to.strip().lower()
                 return [
@@ -929,65 +613,27 @@ class MailStack:
         """Wait until a matching message is stored, and return it.
 
         Args:
-            to: recipient mailbox owner (any user when None).
+            to: recipient: a user (its mailbox), an address of a catch-all domain (its
+                owner's mailbox), or an address of an outside domain (the outbound capture);
+                any of them when None.
             subject: the exact decoded Subject.
-            sender: the From address (case-insensitive).
+            sender: the From address (case-insensitive; the Sender field and the envelope
+                sender count too, as in :func:`roundtrip.assertions.assert_delivered`).
             match: any other predicate on the parsed message.
             mailbox: the folder to look in.
             timeout: seconds to wait (``config.timeouts.wait_timeout`` by default).
 
         Raises:
             NotDeliveredError: nothing matched in time; the message lists what did arrive.
+            ConfigError: ``to`` is in a domain of the stack but is not a user of it.
         """
         limit = self.config.timeouts.wait_timeout if timeout is None else timeout
-        # Mail for an outside domain is looked for in the outbound capture (its INBOX), as
-        # assert_delivered does; ``to=None`` means any user or the capture.
-        outside = to is not None and self._is_outside(to)
-        owner = None if to is None or outside else self._catch_all_owner(to)
-        if to is None:
-            addresses = [u for u in self.store.users() if u != OUTBOUND_ADDRESS]
-            addresses.append(OUTBOUND_ADDRESS)
-        elif outside:
-            addresses = [OUTBOUND_ADDRESS]
-        elif self.store.has_user(to):
-            addresses = [to]
-            owner = None
-        elif owner is not None:
-            addresses = [owner]  # a catch-all domain: its first user's mailbox
-        else:
-            users = ", ".join(u for u in self.store.users() if u != OUTBOUND_ADDRESS)
-            raise ConfigError(
-                f"{to!r} is not a user of this stack, though its domain is served by it;"
-                f" the users: {users}"
-            )
-        filtered = outside or owner is not None
-        wanted_rcpt = to.strip().lower() if filtered and to is not None else None
-        seen: dict[int, DeliveredMessage] = {}
-
-        def find() -> DeliveredMessage | None:
-            for address in addresses:
-                captured = address == OUTBOUND_ADDRESS
-                if captured and mailbox.upper() != "INBOX":
-                    continue
-                try:
-                    box = self.store.mailbox(address, mailbox)
-                except MailboxError:
-                    continue
-                for msg in box:
-                    parsed = seen.get(id(msg))
-                    if parsed is None:
-                        parsed = seen[id(msg)] = _received(msg)
-                    if wanted_rcpt is not None and wanted_rcpt not in (
-                        a.lower() for a in parsed.envelope_to
-                    ):
-                        continue
-                    if _matches(parsed, subject=subject, sender=sender, match=match):
-                        return parsed
-            return None
-
-        started = time.monotonic()
-        found: DeliveredMessage | None = self.store.wait_until(find, limit)
-        if found is None:
+        snapshot = self._mailboxes_of(to, mailbox)
+        criteria = Criteria(subject=subject, sender=sender, match=match)  # type: ignore[arg-type]
+        found = wait_for_matches(
+            snapshot, criteria, count=1, wait_until=self.store.wait_until, timeout=limit
+        )
+        if not found:
             raise NotDeliveredError(
                 _not_delivered_text(
                     self,
@@ -997,12 +643,52 @@ class MailStack:
                     mailbox=mailbox,
                     waited=limit,
                     custom=match is not None,
-                    since=started,
                 ),
                 step="WAIT",
             )
         self.check()
-        return found
+        return found[0]
+
+    def _mailboxes_of(self, to: str | None, mailbox: str) -> Callable[[], list[DeliveredMessage]]:
+        """What ``wait_for(to, mailbox=...)`` searches, as a function that reads it anew.
+
+        Mail for an outside domain is in the outbound capture (its INBOX), mail for a
+        catch-all address in its owner's mailbox: both are told apart by envelope recipient.
+        """
+        outside = to is not None and self._is_outside(to)
+        owner = None if to is None or outside else catch_all_owner(self.config, to)
+        if to is None:
+            addresses = [u for u in self.store.users() if u != OUTBOUND_ADDRESS]
+            addresses.append(OUTBOUND_ADDRESS)
+        elif outside:
+            addresses = [OUTBOUND_ADDRESS]
+        elif self.store.has_user(to):
+            addresses, owner = [to], None
+        elif owner is not None:
+            addresses = [owner]
+        else:
+            users = ", ".join(u for u in self.store.users() if u != OUTBOUND_ADDRESS)
+            raise ConfigError(
+                f"{to!r} is not a user of this stack, though its domain is served by it;"
+                f" the users: {users}"
+            )
+        rcpt = to.strip().lower() if to is not None and (outside or owner) else None
+
+        def snapshot() -> list[DeliveredMessage]:
+            found = []
+            for address in addresses:
+                if address == OUTBOUND_ADDRESS and mailbox.upper() != "INBOX":
+                    continue
+                try:
+                    stored = self.store.messages(address, mailbox)
+                except RoundtripError:  # the folder does not exist (yet)
+                    continue
+                for message in map(_received, stored):
+                    if rcpt is None or rcpt in (a.lower() for a in message.envelope_to):
+                        found.append(message)
+            return found
+
+        return snapshot
 
     def assert_delivered(
         self,
@@ -1031,12 +717,14 @@ class MailStack:
                 a near miss.
         """
         criteria = Criteria(to, subject, sender, match, headers, body_contains)
-        wanted = 1 if count is None else count
-        if wanted:
-            limit = self.config.timeouts.wait_timeout if timeout is None else timeout
-            self.store.wait_until(
-                lambda: len(criteria.select(self._all_messages(mailbox))) >= wanted, limit
-            )
+        limit = self.config.timeouts.wait_timeout if timeout is None else timeout
+        wait_for_matches(
+            lambda: self._all_messages(mailbox),
+            criteria,
+            count=1 if count is None else count,
+            wait_until=self.store.wait_until,
+            timeout=limit,
+        )
         self.check()
         return _assert_delivered(
             self._all_messages(mailbox),
@@ -1116,20 +804,6 @@ def _received(stored: StoredMessage) -> DeliveredMessage:
     return parsed
 
 
-def _matches(
-    msg: DeliveredMessage,
-    *,
-    subject: str | None,
-    sender: str | None,
-    match: Callable[[DeliveredMessage], bool] | None,
-) -> bool:
-    if subject is not None and msg.subject != subject:
-        return False
-    if sender is not None and (msg.from_ or "").lower() != sender.lower():
-        return False
-    return match is None or bool(match(msg))
-
-
 def _not_delivered_text(
     stack: MailStack,
     *,
@@ -1139,7 +813,6 @@ def _not_delivered_text(
     mailbox: str,
     waited: float,
     custom: bool,
-    since: float,
 ) -> str:
     wanted = [f"to {to}" if to else "to any user", f"in {mailbox}"]
     if to is not None and stack._is_outside(to):
@@ -1171,10 +844,3 @@ def _arrival_line(msg: DeliveredMessage) -> str:
     where = f"{stored.user} {stored.mailbox}: "
     stamp = time.strftime("%H:%M:%S", time.localtime(stored.internal_date))
     return f"{where}from {msg.from_ or '?'} subject {msg.subject!r} at {stamp}"
-
-
-def _bound_port(server: Any) -> int:
-    sockets = getattr(server, "sockets", None) or []
-    for sock in sockets:
-        return int(sock.getsockname()[1])
-    raise ServerStartError("listener has no bound socket")

@@ -1,0 +1,195 @@
+"""What happens to a message once an SMTP listener of the stack has accepted it.
+
+The plan is pure (:func:`split_recipients`, :func:`catch_all_owner`): the MX stores for
+its own users; a submission server stores mail for its own domain and hands every other
+recipient to the relay (``roundtrip/servers/relay.py``), which looks the MX up in the stack's
+DNS and delivers over SMTP with STARTTLS, or captures mail for domains outside the stack.
+:class:`Router` carries the plan out on the loop thread: the MX drops forged
+Authentication-Results (RFC 8601 section 5) and runs the content filter; the relay's part is
+spooled before any local copy is stored (``Relay.prepare/commit/abandon``), so a failure on
+either side leaves nothing that a client's retry would duplicate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..config import StackConfig
+from ..protocols.filter import ContentFilter, FilterInput, default_filter, prepend_headers
+from ..protocols.smtp import Role, domain_of, drop_forged_auth_results
+from ..servers.relay import Relay
+from ..servers.smtp import Accepted, ContentRejectedError
+from ..store import Store, StoredMessage
+from ._journeys import Journeys
+
+__all__ = ["Faults", "Router", "catch_all_owner", "split_recipients"]
+
+
+@dataclass
+class Faults:
+    """Test-only misbehaviour, to prove that a validator notices it. All off by default.
+
+    Attributes:
+        drop: accept mail with 250 but never store it (a lost message).
+        duplicate: store every local delivery twice.
+        alter_body: change one byte of the body while storing (a message altered in transit).
+    """
+
+    drop: bool = False
+    duplicate: bool = False
+    alter_body: bool = False
+
+    def apply(self, raw: bytes) -> list[bytes]:
+        """The copies to store for one delivery of ``raw``."""
+        if self.drop:
+            return []
+        if self.alter_body:
+            head, sep, body = raw.partition(b"\r\n\r\n")
+            raw = head + sep + (body[:-3] + b"#" + body[-2:] if len(body) > 2 else body + b"#")
+        return [raw, raw] if self.duplicate else [raw]
+
+
+def split_recipients(
+    role: Role, server_domain: str, rcpt_tos: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """``(stored here, relayed)``: the MX keeps every recipient it accepted (RCPT already
+    refused the others); submission keeps its own domain's and relays the rest."""
+    here: list[str] = []
+    remote: list[str] = []
+    for rcpt in rcpt_tos:
+        ours = role is Role.SMTP or domain_of(rcpt) == server_domain
+        (here if ours else remote).append(rcpt)
+    return here, remote
+
+
+def catch_all_owner(config: StackConfig, address: str) -> str | None:
+    """The user who receives mail for ``address`` in a catch-all domain, if any."""
+    if not config.catch_all:
+        return None
+    domain = domain_of(address)
+    if "*" not in config.catch_all and domain not in config.catch_all:
+        return None
+    for user in config.users:
+        if user.domain == domain:
+            return user.address
+    return None
+
+
+class Router:
+    """Carries out the plan for each accepted message (the SMTP listeners' ``router``).
+
+    Args:
+        config: for catch-all domains.
+        store: where local copies go.
+        journeys: where the steps are recorded.
+        relay: returns the stack's relay (None before it started).
+        authserv_ids: the stack's own host names, whose Authentication-Results only the
+            stack may write.
+        announce: called with every stored copy.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: StackConfig,
+        store: Store,
+        journeys: Journeys,
+        relay: Callable[[], Relay | None],
+        authserv_ids: Callable[[], list[str]],
+        announce: Callable[[StoredMessage], None],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._journeys = journeys
+        self._relay = relay
+        self._authserv_ids = authserv_ids
+        self._announce = announce
+        #: Test-only misbehaviour switches; MailStack.reset() turns them off.
+        self.faults = Faults()
+        #: The receiving MX's content filter; MailStack.reset() restores the default.
+        self.content_filter: ContentFilter | None = default_filter
+
+    def accepts(self, address: str) -> bool:
+        """Whether ``address`` may be a recipient: a user, or any address of a catch-all."""
+        return self._store.has_user(address) or catch_all_owner(self._config, address) is not None
+
+    def owner(self, address: str) -> str:
+        """Whose mailbox gets mail for ``address``."""
+        if self._store.has_user(address):
+            return address
+        return catch_all_owner(self._config, address) or address
+
+    def _filtered(self, accepted: Accepted) -> tuple[bytes, str]:
+        """The bytes to store and the folder, after the MX's checks and content filter."""
+        raw, mailbox = accepted.raw, "INBOX"
+        if accepted.role is not Role.SMTP:
+            return raw, mailbox
+        raw = drop_forged_auth_results(raw, self._authserv_ids())
+        content_filter = self.content_filter
+        if content_filter is None:
+            return raw, mailbox
+        verdict = content_filter(
+            FilterInput(
+                mail_from=accepted.mail_from,
+                rcpt_tos=accepted.rcpt_tos,
+                raw=raw,
+                tls=accepted.tls,
+                helo=accepted.helo,
+                hostname=accepted.hostname,
+            )
+        )
+        if verdict is None:
+            return raw, mailbox
+        if verdict.action == "reject":
+            raise ContentRejectedError(verdict.reply)
+        return prepend_headers(raw, verdict.headers), verdict.mailbox
+
+    def route(self, accepted: Accepted) -> None:
+        """Store or relay an accepted message (runs on the loop thread)."""
+        journeys = self._journeys
+        journeys.record(
+            accepted.queue_id,
+            f"{accepted.role.value} accepted",
+            accepted.hostname,
+            accepted.received_monotonic,
+        )
+        raw, mailbox = self._filtered(accepted)
+        here, remote = split_recipients(accepted.role, accepted.server_domain, accepted.rcpt_tos)
+        relay = self._relay() if remote else None
+        prepared = None
+        if remote:
+            assert relay is not None
+            prepared = relay.prepare(
+                helo=accepted.hostname,
+                mail_from=accepted.mail_from or "<>",
+                rcpt_tos=remote,
+                raw=accepted.raw,
+                received_at=accepted.received_at,
+                origin_id=accepted.queue_id,
+            )
+        try:
+            self._store_here(here, raw, mailbox, accepted.mail_from)
+        except BaseException:
+            if prepared is not None:
+                assert relay is not None
+                relay.abandon(prepared)
+            raise
+        if here:
+            journeys.record(accepted.queue_id, "stored", accepted.hostname, time.monotonic())
+            journeys.index(raw)
+        if prepared is not None:
+            assert relay is not None
+            entry = relay.commit(prepared)
+            journeys.relayed(entry.id, accepted.queue_id)
+            journeys.record(accepted.queue_id, "relay queued", entry.id, time.monotonic())
+
+    def _store_here(self, here: list[str], raw: bytes, mailbox: str, mail_from: str) -> None:
+        for rcpt in here:
+            owner = self.owner(rcpt)
+            for copy in self.faults.apply(raw):
+                stored = self._store.deliver(
+                    owner, copy, mailbox=mailbox, envelope_from=mail_from, envelope_to=(rcpt,)
+                )
+                self._announce(stored)

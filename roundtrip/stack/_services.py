@@ -1,0 +1,259 @@
+"""The listeners of a stack, built from one table of services.
+
+Each domain of a stack gets every service of :data:`SERVICES` on its host: the MX
+(``smtp``), submission over implicit TLS (``submissions``, RFC 8314) and with STARTTLS
+(``submission``, RFC 6409), POP3 and IMAP each in both TLS flavours. Where each listens
+follows ``StackConfig.ports`` (see :func:`port_for`). Everything here runs on the stack's
+event loop; ``roundtrip/stack/__init__.py`` wires the listeners to the store and the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import PORT_STRIDE, StackConfig
+from ..errors import ServerStartError
+from ..protocols.smtp import Role
+from ..servers._conn import ListenerLimits
+from ..servers.imap import start_imap
+from ..servers.pop3 import start_pop3
+from ..servers.smtp import AuthPenalties, SMTPHandler, start_smtp
+from ..store import Store
+
+__all__ = [
+    "IMPLICIT_TLS_SERVICES",
+    "SERVICES",
+    "STANDARD_PORTS",
+    "DomainEndpoints",
+    "Listeners",
+    "host_for",
+    "port_for",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class _Service:
+    """One row of the service table."""
+
+    #: ``smtp``, ``pop3`` or ``imap``: which server speaks it.
+    kind: str
+    #: The IANA port (RFC 8314 section 7 for the implicit-TLS ones).
+    standard_port: int
+    #: TLS from the first byte (else STARTTLS / STLS, or plain for the MX).
+    implicit_tls: bool
+
+
+#: Every service of a domain, in start order.
+_TABLE: Mapping[str, _Service] = {
+    "smtp": _Service("smtp", 25, implicit_tls=False),
+    "submissions": _Service("smtp", 465, implicit_tls=True),
+    "submission": _Service("smtp", 587, implicit_tls=False),
+    "pop3s": _Service("pop3", 995, implicit_tls=True),
+    "pop3": _Service("pop3", 110, implicit_tls=False),
+    "imaps": _Service("imap", 993, implicit_tls=True),
+    "imap": _Service("imap", 143, implicit_tls=False),
+}
+
+#: Well-known ports used with ``ports="standard"`` (and offset from a base port).
+STANDARD_PORTS = {name: row.standard_port for name, row in _TABLE.items()} | {"dns": 53}
+SERVICES = ("smtp", "submissions", "submission", "pop3", "pop3s", "imap", "imaps")
+IMPLICIT_TLS_SERVICES = tuple(name for name, row in _TABLE.items() if row.implicit_tls)
+
+
+@dataclass(frozen=True, slots=True)
+class DomainEndpoints:
+    """Where one domain's services listen."""
+
+    domain: str
+    hostname: str
+    host: str
+    ports: dict[str, int]
+
+    def address(self, service: str) -> tuple[str, int]:
+        """``(host, port)`` of a service (``smtp``, ``submissions``, ``imaps`` ...)."""
+        return self.host, self.ports[service]
+
+    def url_host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    def endpoint(self, service: str) -> str:
+        """``HOST:PORT`` of a service, IPv6 hosts in brackets."""
+        return f"{self.url_host()}:{self.ports[service]}"
+
+
+def host_for(config: StackConfig, index: int) -> str:
+    """The address domain number ``index`` listens on: 127.0.0.N with standard ports."""
+    return f"127.0.0.{index + 1}" if config.ports == "standard" else config.host
+
+
+def port_for(config: StackConfig, service: str, index: int = 0) -> int:
+    """The port to bind: 0 (ephemeral), the standard one, or base + stride + standard."""
+    if config.ports == "standard":
+        return STANDARD_PORTS[service]
+    if isinstance(config.ports, int):  # a base port: see StackConfig.ports
+        return config.ports + index * PORT_STRIDE + STANDARD_PORTS[service]
+    return 0
+
+
+@dataclass
+class Listeners:
+    """Every listener of a stack and the live connections of the line-based ones.
+
+    Args:
+        config: what to serve.
+        store: the mailboxes POP3 and IMAP serve, and whose users SMTP authenticates.
+        accepts_recipient: whether an address may be a recipient at its domain's MX.
+        router: what SMTP calls with each accepted message (see ``servers.smtp.Router``).
+        on_error: where the servers report exceptions of ours.
+    """
+
+    config: StackConfig
+    store: Store
+    accepts_recipient: Callable[[str], bool]
+    router: Callable[[Any], None]
+    on_error: Callable[[BaseException], None]
+    servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    connections: list[set[Any]] = field(default_factory=list)
+
+    async def start_domain(
+        self, index: int, domain: str, tls: ssl.SSLContext, penalties: AuthPenalties
+    ) -> DomainEndpoints:
+        """Bind every service of one domain and return where each listens."""
+        host = host_for(self.config, index)
+        hostname = f"mail.{domain}"
+        ports: dict[str, int] = {}
+        for service, row in _TABLE.items():
+            port = port_for(self.config, service, index)
+            if row.kind == "smtp":
+                starting = self._smtp(service, domain, hostname, host, port, tls, penalties)
+            else:
+                starting = self._mailbox(service, row, hostname, host, port, tls, penalties)
+            server = await self._bind(service, host, port, starting)
+            ports[service] = _bound_port(server)
+        return DomainEndpoints(domain, hostname, host, ports)
+
+    def _smtp(
+        self,
+        service: str,
+        domain: str,
+        hostname: str,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext,
+        penalties: AuthPenalties,
+    ) -> Awaitable[Any]:
+        config, timeouts = self.config, self.config.timeouts
+        handler = SMTPHandler(
+            role=Role(service),
+            domain=domain,
+            hostname=hostname,
+            local_domains=lambda: config.domains,
+            has_user=self.accepts_recipient,
+            check_password=self.store.check_password,
+            router=self.router,
+            max_recipients=config.max_recipients,
+            enforce_sender=True,
+            reject_foreign_from=config.from_header_policy == "reject",
+            on_error=self.on_error,
+            limits=config.smtp_limits,
+        )
+        return start_smtp(
+            handler,
+            host=host,
+            port=port,
+            tls_context=tls,
+            max_message_size=config.max_message_size,
+            idle_timeout=timeouts.idle_timeout,
+            tls_handshake_timeout=timeouts.tls_handshake_timeout,
+            auth_penalties=penalties,
+        )
+
+    def _mailbox(
+        self,
+        service: str,
+        row: _Service,
+        hostname: str,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext,
+        penalties: AuthPenalties,
+    ) -> Awaitable[Any]:
+        timeouts, limits = self.config.timeouts, self.config.smtp_limits
+        imap = row.kind == "imap"
+        idle = timeouts.imap_idle_timeout if imap else timeouts.pop3_idle_timeout
+        budgets = self.config.mailbox_limits
+        starter = start_imap if imap else start_pop3
+        return starter(
+            self.store,
+            host=host,
+            port=port,
+            hostname=hostname,
+            implicit_tls_context=tls if row.implicit_tls else None,
+            starttls_context=None if row.implicit_tls else tls,
+            idle_timeout=idle,
+            on_error=self.on_error,
+            tls_handshake_timeout=timeouts.tls_handshake_timeout,
+            limits=ListenerLimits(
+                login_timeout=min(timeouts.login_timeout, idle),
+                penalties=penalties,
+                max_connections=limits.max_connections,
+                max_connections_per_ip=limits.max_connections_per_ip,
+            ),
+            command_limits=budgets.imap_command_limits if imap else budgets.pop3_command_limits,
+        )
+
+    async def _bind(self, service: str, host: str, port: int, starting: Awaitable[Any]) -> Any:
+        """Await a listener's start; a bind failure becomes a ServerStartError saying why."""
+        try:
+            result = await starting
+        except OSError as exc:
+            where = f"cannot bind {service} on {host}:{port}"
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise ServerStartError(
+                    f"{where}: permission denied; ports='standard' needs root or"
+                    " CAP_NET_BIND_SERVICE (use ports='ephemeral' or a base port such as 10000)"
+                ) from exc
+            if exc.errno == errno.EADDRINUSE:
+                raise ServerStartError(f"{where}: the address is in use") from exc
+            raise ServerStartError(f"{where}: {exc}") from exc
+        server, conns = result if isinstance(result, tuple) else (result, None)
+        self.servers.append(server)
+        if conns is not None:
+            self.connections.append(conns)
+        return server
+
+    async def self_check(self, domains: list[DomainEndpoints], client: ssl.SSLContext) -> None:
+        """Connect to every listener; complete a TLS handshake on the implicit-TLS ones."""
+
+        async def probe(ep: DomainEndpoints, service: str) -> None:
+            tls = client if service in IMPLICIT_TLS_SERVICES else None
+            _, writer = await asyncio.open_connection(
+                ep.host, ep.ports[service], ssl=tls, server_hostname=ep.hostname if tls else None
+            )
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, ssl.SSLError):
+                pass
+
+        await asyncio.gather(*(probe(ep, s) for ep in domains for s in SERVICES))
+
+    def close(self) -> None:
+        """Abort every open connection and stop every listener (on the loop)."""
+        for conns in self.connections:
+            for conn in list(conns):
+                conn.abort()
+        for server in self.servers:
+            server.close()
+
+
+def _bound_port(server: Any) -> int:
+    sockets = getattr(server, "sockets", None) or []
+    for sock in sockets:
+        return int(sock.getsockname()[1])
+    raise ServerStartError("listener has no bound socket")
