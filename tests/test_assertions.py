@@ -391,7 +391,7 @@ USER_TEST = textwrap.dedent(
 
     @pytest.mark.parametrize("eml", corpus_params(HERE / "unix"), ids=str)
     def test_unix_email_survives(mailstack, eml):
-        outcome = roundtrip_eml(mailstack, eml.raw, retrieve="pop3")
+        outcome = roundtrip_eml(mailstack, eml.raw, retrieve="pop3", canonicalize=False)
         assert outcome.identical, outcome.diff()
     """
 )
