@@ -132,7 +132,7 @@ class Listeners:
             if row.kind == "smtp":
                 starting = self._smtp(service, domain, hostname, host, port, tls, penalties)
             else:
-                starting = self._mailbox(service, row, hostname, host, port, tls, penalties)
+                starting = self._mailbox(row, hostname, host, port, tls, penalties)
             server = await self._bind(service, host, port, starting)
             ports[service] = _bound_port(server)
         return DomainEndpoints(domain, hostname, host, ports)
@@ -175,7 +175,6 @@ class Listeners:
 
     def _mailbox(
         self,
-        service: str,
         row: _Service,
         hostname: str,
         host: str,
@@ -187,9 +186,36 @@ class Listeners:
         imap = row.kind == "imap"
         idle = timeouts.imap_idle_timeout if imap else timeouts.pop3_idle_timeout
         budgets = self.config.mailbox_limits
-        starter = start_imap if imap else start_pop3
-        return starter(
+        if imap:
+            # APPEND is held to what SMTP DATA accepts: the message size (APPENDLIMIT, RFC
+            # 7889), the largest header field and the number of Received fields.
+            return start_imap(
+                self.store,
+                **self._mailbox_common(row, hostname, host, port, tls, penalties, idle),
+                command_limits=budgets.imap_command_limits,
+                max_literal=self.config.max_message_size,
+                max_header_size=limits.max_header_size,
+                max_hops=limits.max_hops,
+            )
+        return start_pop3(
             self.store,
+            **self._mailbox_common(row, hostname, host, port, tls, penalties, idle),
+            command_limits=budgets.pop3_command_limits,
+        )
+
+    def _mailbox_common(
+        self,
+        row: _Service,
+        hostname: str,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext,
+        penalties: AuthPenalties,
+        idle: float,
+    ) -> dict[str, Any]:
+        """The arguments POP3 and IMAP listeners share."""
+        timeouts, limits = self.config.timeouts, self.config.smtp_limits
+        return dict(
             host=host,
             port=port,
             hostname=hostname,
@@ -204,7 +230,6 @@ class Listeners:
                 max_connections=limits.max_connections,
                 max_connections_per_ip=limits.max_connections_per_ip,
             ),
-            command_limits=budgets.imap_command_limits if imap else budgets.pop3_command_limits,
         )
 
     async def _bind(self, service: str, host: str, port: int, starting: Awaitable[Any]) -> Any:
