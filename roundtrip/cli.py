@@ -23,12 +23,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .config import PASSWORD_ENV, Endpoint, StackConfig, parse_endpoint
 from .errors import ConfigError, RoundtripError
 from .probes.roundtrip import ProbeResult, run_probe
 from .report import SCHEMA_VERSION, expiry_text
+
+if TYPE_CHECKING:
+    from .stack import DeliveredMessage
 
 __all__ = ["main"]
 
@@ -78,9 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         "users with their passwords, and the CA file to trust (the certificates are minted "
         "at each start). Without --user, each domain has user@<domain> with a password "
         "generated anew at each start; --user ADDRESS:PASSWORD (repeatable, replacing the "
-        "default users) gives stable passwords that scripts can keep. Mail lives in memory "
-        "and is lost at exit, unless --maildir DIR keeps it in Maildir++ folders that survive "
-        "restarts.",
+        "default users) gives stable passwords that scripts can keep; a user of a domain not "
+        "listed adds that domain. --ports 10000 gives fixed, unprivileged ports. Each stored "
+        "message prints one line on stderr (--quiet: none). Mail to domains outside the "
+        "stack never leaves the machine: it is captured (with --maildir, in the folder "
+        "DIR/outbound@roundtrip.invalid/) and shown as such. Unknown local parts get 550 "
+        "5.1.1 unless --catch-all. Mail lives in memory and is lost at exit, unless --maildir "
+        "DIR keeps it in Maildir++ folders that survive restarts.",
     )
     serve.add_argument(
         "--domain",
@@ -99,10 +106,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--ports",
-        choices=("ephemeral", "standard"),
         default="ephemeral",
-        help="ephemeral: free ports on 127.0.0.1 (default); standard: 25, 465, "
-        "587, 110, 995, 143, 993, 53 on 127.0.0.N (needs root)",
+        metavar="{ephemeral,standard,BASE}",
+        help="ephemeral: free ports on --host (default); standard: 25, 465, 587, 110, 995, "
+        "143, 993, 53 on 127.0.0.N (needs root); a number such as 10000: fixed unprivileged "
+        "ports on --host, BASE + the standard port (10025, 10465, 10587, 10110, 10995, "
+        "10143, 10993, DNS 10053) for the first domain, 1000 higher for each next one, so "
+        "an application is configured once",
+    )
+    serve.add_argument(
+        "--catch-all",
+        action="append",
+        nargs="?",
+        const="*",
+        default=[],
+        metavar="DOMAIN",
+        help="accept mail for any address of DOMAIN (every domain without a value) and "
+        "deliver it to that domain's first user, as MailHog and Mailpit accept every "
+        "recipient (repeatable)",
+    )
+    serve.add_argument(
+        "--quiet",
+        action="store_true",
+        help="do not print a line on stderr for each message stored (from, to, subject, hops)",
     )
     serve.add_argument(
         "--host",
@@ -247,9 +273,15 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
     from .stack import MailStack
 
     config = StackConfig.from_strings(
-        {"domains": args.domain, "users": args.user, "ports": args.ports, "host": args.host}
+        {
+            "domains": args.domain,
+            "users": args.user,
+            "ports": args.ports,
+            "host": args.host,
+            "catch_all": args.catch_all,
+        }
     )
-    if config.ports == "ephemeral" and not _is_loopback(config.host):
+    if config.ports != "standard" and not _is_loopback(config.host):
         print(
             f"roundtrip: warning: --host {config.host} is not a loopback address: other "
             "machines can reach these servers, whose passwords are printed and whose "
@@ -270,6 +302,8 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with MailStack(config, store=store) as stack:
+            if not args.quiet:
+                stack.on_delivery(_delivery_printer(sys.stderr))
             if args.json:
                 print(json.dumps(stack.describe(), separators=(",", ":")), file=out, flush=True)
                 args.printed = True
@@ -281,6 +315,25 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return EXIT_OK
+
+
+def _delivery_printer(err: TextIO) -> Callable[[DeliveredMessage], None]:
+    """One line per stored message: ``delivered: FROM -> TO "SUBJECT" (N hops)``.
+
+    It runs on the stack's loop thread; a line is one short write.
+    """
+
+    def announce(message: DeliveredMessage) -> None:
+        rcpt = ", ".join(message.envelope_to) or message.stored.user
+        where = " [outbound capture: not sent]" if message.captured else ""
+        if not message.captured and message.stored.user.lower() not in rcpt.lower():
+            where = f" [catch-all: mailbox of {message.stored.user}]"
+        hops = len(message.headers.get_all("Received"))
+        sender = message.envelope_from or message.from_ or "<>"
+        line = f"roundtrip: delivered: {sender} -> {rcpt}{where} {message.subject!r} ({hops} hops)"
+        print(line, file=err, flush=True)
+
+    return announce
 
 
 def _print_endpoints(stack: object, out: TextIO) -> None:
