@@ -133,7 +133,7 @@ def test_cli_probe_wrong_password_exits_1(
         (["probe", "--interval", "-1"], "--interval must not be negative"),
         (["probe", "--junit-xml", "/nonexistent-dir/x.xml"], "the directory does not exist"),
         (["probe", "--prometheus", "/nonexistent-dir/x.prom"], "the directory does not exist"),
-        (["serve", "--ports", "lots"], "invalid choice"),
+        (["serve", "--ports", "lots"], "choose one of ephemeral, standard, or a base port"),
         (["serve", "--domain", "bad domain"], "not a valid mail domain"),
         (["nonsense"], "invalid choice"),
     ],
@@ -476,7 +476,7 @@ def test_cli_probe_silent_server_names_step_and_timeout(
         (["probe", "--json", "--count", "0"], "--count must be at least 1"),
         (["probe", "--json", "--count", "two"], "invalid int value"),
         (["probe", "--js", "--smtp", "http://x"], "unknown scheme"),
-        (["serve", "--json", "--ports", "lots"], "invalid choice"),
+        (["serve", "--json", "--ports", "lots"], "or a base port"),
     ],
 )
 def test_cli_json_usage_error_is_a_json_document(
