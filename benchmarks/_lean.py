@@ -83,7 +83,7 @@ class EndpointLike(Protocol):
 
 
 class RoundTripTarget(Protocol):
-    """What a round trip needs (``benchmarks.run.Target`` satisfies it)."""
+    """What a round trip needs (``benchmarks._common.Target`` satisfies it)."""
 
     @property
     def smtp(self) -> EndpointLike: ...
@@ -294,6 +294,50 @@ def _uids(lines: list[bytes]) -> list[bytes]:
     return found
 
 
+def _imap_wait(
+    conn: _Conn,
+    caps: set[bytes],
+    search: bytes,
+    uids: list[bytes],
+    message_id: str,
+    deadline: float,
+) -> tuple[list[bytes], int, int]:
+    """Look again until the message shows: IDLE slices (or NOOP polls), then UID SEARCH.
+
+    Returns the UIDs found, how many searches it took (the first look included), and how many
+    IDLE slices ended on an untagged EXISTS.
+    """
+    looks, woken, pause = 1, 0, WAIT_FIRST
+    while not uids:
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            raise LeanError(f"IMAP: {message_id} not visible by the deadline")
+        wait = min(pause, remaining)
+        if b"IDLE" in caps:
+            conn.send(b"i IDLE\r\n")
+            while not (line := conn.line()).startswith(b"+"):
+                if line.startswith(b"i "):
+                    raise LeanError(f"IMAP IDLE refused: {line[:200]!r}")
+            until = time.perf_counter() + wait
+            while (left := until - time.perf_counter()) > 0:
+                news = conn.wait_line(left)
+                if news is None:
+                    break
+                if news.upper().endswith(b" EXISTS"):
+                    woken += 1
+                    break
+            conn.send(b"DONE\r\nw " + search)
+            _imap_response(conn, b"i")
+        else:
+            time.sleep(wait)
+            conn.send(b"n NOOP\r\nw " + search)
+            _imap_response(conn, b"n")
+        uids = _uids(_imap_response(conn, b"w"))
+        looks += 1
+        pause = min(pause * WAIT_GROWTH, WAIT_MAX)
+    return uids, looks, woken
+
+
 def _imap(
     target: RoundTripTarget,
     ctx: ssl.SSLContext,
@@ -322,34 +366,7 @@ def _imap(
         uids = _uids(_imap_response(conn, b"c"))
         looked = time.perf_counter()
         steps["retrieve_first_look"] = looked - tls_done
-        looks, woken, pause = 1, 0, WAIT_FIRST
-        while not uids:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                raise LeanError(f"IMAP: {message_id} not visible by the deadline")
-            wait = min(pause, remaining)
-            if b"IDLE" in caps:
-                conn.send(b"i IDLE\r\n")
-                while not (line := conn.line()).startswith(b"+"):
-                    if line.startswith(b"i "):
-                        raise LeanError(f"IMAP IDLE refused: {line[:200]!r}")
-                until = time.perf_counter() + wait
-                while (left := until - time.perf_counter()) > 0:
-                    news = conn.wait_line(left)
-                    if news is None:
-                        break
-                    if news.upper().endswith(b" EXISTS"):
-                        woken += 1
-                        break
-                conn.send(b"DONE\r\nw " + search)
-                _imap_response(conn, b"i")
-            else:
-                time.sleep(wait)
-                conn.send(b"n NOOP\r\nw " + search)
-                _imap_response(conn, b"n")
-            uids = _uids(_imap_response(conn, b"w"))
-            looks += 1
-            pause = min(pause * WAIT_GROWTH, WAIT_MAX)
+        uids, looks, woken = _imap_wait(conn, caps, search, uids, message_id, deadline)
         visible = time.perf_counter()
         steps["wait"] = visible - looked
         steps["looks"] = looks

@@ -39,6 +39,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 
@@ -70,91 +71,133 @@ class _Echo(asyncio.Protocol):
         self.transport.write(data)
 
 
-def main() -> None:
-    from roundtrip.certs import CertificateAuthority
+class _State:
+    """What the child holds between commands: the stack, or the echo servers."""
+
+    def __init__(self) -> None:
+        from roundtrip.certs import CertificateAuthority
+        from roundtrip.servers._runner import LoopThread
+        from roundtrip.stack import MailStack
+
+        self.stack: MailStack | None = None
+        self.loop_thread: LoopThread | None = None
+        self.ca: CertificateAuthority | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+
+    def close(self) -> None:
+        if self.stack is not None:
+            self.stack.stop()
+        if self.loop_thread is not None:
+            for server in self.servers:
+                self.loop_thread.call(server.close)
+            self.loop_thread.stop()
+        if self.ca is not None:
+            self.ca.cleanup()
+
+
+def _op_start(state: _State, cmd: dict[str, Any], reply: dict[str, Any]) -> None:
     from roundtrip.config import StackConfig
-    from roundtrip.servers._runner import LoopThread
     from roundtrip.stack import MailStack
 
-    stack: MailStack | None = None
-    loop_thread: LoopThread | None = None
-    ca: CertificateAuthority | None = None
-    servers: list[asyncio.AbstractServer] = []
+    started = time.perf_counter()
+    if state.stack is not None:  # a restart with other settings
+        state.stack.stop()
+    config = StackConfig(
+        domains=tuple(cmd["domains"]),
+        users=tuple(cmd["users"]),
+        relay_connection_cache=float(cmd.get("relay_connection_cache", 2.0)),
+    )
+    stack = state.stack = MailStack(config)
+    stack.start()
+    reply["start_seconds"] = time.perf_counter() - started
+    reply["describe"] = stack.describe()
+    reply["endpoints"] = {
+        d: {"host": ep.host, "hostname": ep.hostname, "ports": ep.ports}
+        for d, ep in stack.domains.items()
+    }
+
+
+def _op_echo(state: _State, cmd: dict[str, Any], reply: dict[str, Any]) -> None:
+    from roundtrip.certs import CertificateAuthority
+    from roundtrip.servers._runner import LoopThread
+
+    ca = state.ca = CertificateAuthority()
+    tls = ca.server_context(["echo.bench"])
+    loop_thread = state.loop_thread = LoopThread(name="bench-echo")
+
+    async def listen() -> list[int]:
+        loop = asyncio.get_running_loop()
+        plain = await loop.create_server(_Echo, "127.0.0.1", 0)
+        secure = await loop.create_server(_Echo, "127.0.0.1", 0, ssl=tls)
+        state.servers.extend([plain, secure])
+        return [s.sockets[0].getsockname()[1] for s in (plain, secure)]
+
+    tcp, tls_port = loop_thread.run(listen(), timeout=10)
+    reply.update(tcp_port=tcp, tls_port=tls_port, ca_file=ca.ca_file(), name="echo.bench")
+
+
+def _op_rss(state: _State, cmd: dict[str, Any], reply: dict[str, Any]) -> None:
+    gc.collect()
+    reply.update(_status())
+    reply["bare"] = _BARE
+
+
+def _op_reset_peak(state: _State, cmd: dict[str, Any], reply: dict[str, Any]) -> None:
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        reply["reset"] = True
+    except OSError as exc:
+        reply["reset"] = False
+        reply["error"] = str(exc)
+    reply.update(_status())
+
+
+def _op_fill(state: _State, cmd: dict[str, Any], reply: dict[str, Any]) -> None:
+    assert state.stack is not None
+    started = time.perf_counter()
+    first = int(cmd.get("first", 0))
+    for i in range(first, first + int(cmd["count"])):
+        state.stack.store.deliver(cmd["user"], make_message(i, int(cmd["size"])))
+    reply["seconds"] = time.perf_counter() - started
+
+
+def _op_clear(state: _State, cmd: dict[str, Any], reply: dict[str, Any]) -> None:
+    assert state.stack is not None
+    state.stack.store.clear()
+    gc.collect()
+
+
+_OPS: dict[str, Callable[[_State, dict[str, Any], dict[str, Any]], None]] = {
+    "start": _op_start,
+    "echo": _op_echo,
+    "rss": _op_rss,
+    "reset_peak": _op_reset_peak,
+    "fill": _op_fill,
+    "clear": _op_clear,
+}
+
+
+def main() -> None:
+    state = _State()
     out = sys.stdout
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        op = cmd["op"]
-        reply: dict[str, Any] = {"ok": True}
-        if op == "start":
-            started = time.perf_counter()
-            if stack is not None:  # a restart with other settings
-                stack.stop()
-            config = StackConfig(
-                domains=tuple(cmd["domains"]),
-                users=tuple(cmd["users"]),
-                relay_connection_cache=float(cmd.get("relay_connection_cache", 2.0)),
-            )
-            stack = MailStack(config)
-            stack.start()
-            reply["start_seconds"] = time.perf_counter() - started
-            reply["describe"] = stack.describe()
-            reply["endpoints"] = {
-                d: {"host": ep.host, "hostname": ep.hostname, "ports": ep.ports}
-                for d, ep in stack.domains.items()
-            }
-        elif op == "echo":
-            ca = CertificateAuthority()
-            tls = ca.server_context(["echo.bench"])
-            loop_thread = LoopThread(name="bench-echo")
-
-            async def listen(tls: Any = tls) -> list[int]:
-                loop = asyncio.get_running_loop()
-                plain = await loop.create_server(_Echo, "127.0.0.1", 0)
-                secure = await loop.create_server(_Echo, "127.0.0.1", 0, ssl=tls)
-                servers.extend([plain, secure])
-                return [s.sockets[0].getsockname()[1] for s in (plain, secure)]
-
-            tcp, tls_port = loop_thread.run(listen(), timeout=10)
-            reply.update(tcp_port=tcp, tls_port=tls_port, ca_file=ca.ca_file(), name="echo.bench")
-        elif op == "rss":
-            gc.collect()
-            reply.update(_status())
-            reply["bare"] = _BARE
-        elif op == "reset_peak":
-            gc.collect()
-            try:
-                with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-                    fh.write("5")
-                reply["reset"] = True
-            except OSError as exc:
-                reply["reset"] = False
-                reply["error"] = str(exc)
-            reply.update(_status())
-        elif op == "fill":
-            assert stack is not None
-            started = time.perf_counter()
-            first = int(cmd.get("first", 0))
-            for i in range(first, first + int(cmd["count"])):
-                stack.store.deliver(cmd["user"], make_message(i, int(cmd["size"])))
-            reply["seconds"] = time.perf_counter() - started
-        elif op == "clear":
-            assert stack is not None
-            stack.store.clear()
-            gc.collect()
-        elif op == "quit":
-            break
-        else:
-            reply = {"ok": False, "error": f"unknown op {op!r}"}
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
-    if stack is not None:
-        stack.stop()
-    if loop_thread is not None:
-        for server in servers:
-            loop_thread.call(server.close)
-        loop_thread.stop()
-    if ca is not None:
-        ca.cleanup()
+    try:
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            op = cmd["op"]
+            if op == "quit":
+                break
+            reply: dict[str, Any] = {"ok": True}
+            handler = _OPS.get(op)
+            if handler is None:
+                reply = {"ok": False, "error": f"unknown op {op!r}"}
+            else:
+                handler(state, cmd, reply)
+            out.write(json.dumps(reply) + "\n")
+            out.flush()
+    finally:
+        state.close()
 
 
 if __name__ == "__main__":
