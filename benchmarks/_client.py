@@ -33,7 +33,7 @@ def main() -> None:
     threads = int(job["threads"])
     duration = float(job["duration"])
     warmup = float(job.get("warmup", 0.0))
-    # No "settle" wait after the message shows: it is not delivery time (see run.py).
+    # No "settle" wait after the message shows: it is not delivery time (see _common.py).
     options: dict[str, Any] = (
         {"settle": 0.0} if "settle" in inspect.signature(run_probe).parameters else {}
     )

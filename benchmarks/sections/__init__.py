@@ -1,0 +1,34 @@
+"""The sections of the benchmark, one module each, in the order their rows are printed.
+
+Each module measures (``measure``), turns its figures into rows (``rows``; the latency module
+has two sets, ``lean_rows`` and ``probe_rows``), and declares in ``METRICS`` the metrics its
+rows can carry, for ``benchmarks.targets`` to judge.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from benchmarks.sections import (
+    floor,
+    imap_cost,
+    latency,
+    memory,
+    paired,
+    postfix,
+    start,
+    throughput,
+)
+
+SECTIONS: tuple[ModuleType, ...] = (
+    floor,
+    start,
+    latency,
+    paired,
+    throughput,
+    imap_cost,
+    memory,
+    postfix,
+)
+
+__all__ = ["SECTIONS"]
