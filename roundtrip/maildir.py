@@ -70,7 +70,7 @@ import shutil
 import socket
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -1283,9 +1283,3 @@ class MaildirStore(Store):
         if exc.errno == errno.ENAMETOOLONG:
             return MailboxError(f"{what}: the name is too long", code="LIMIT")
         return StorageError(f"{what}: {exc.strerror or exc}")
-
-    def iter_files(self) -> Iterator[Path]:
-        """Every message file under the root (for tests and diagnostics)."""
-        for dirpath, _dirnames, filenames in os.walk(self.root):
-            if os.path.basename(dirpath) in ("cur", "new"):
-                yield from (Path(dirpath, name) for name in filenames)

@@ -103,6 +103,3 @@ class ConnectionCounts:
             self._per_ip[ip] = left
         else:
             self._per_ip.pop(ip, None)
-
-    def open_from(self, ip: str) -> int:
-        return self._per_ip.get(ip, 0)

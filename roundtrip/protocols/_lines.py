@@ -89,11 +89,6 @@ class LineBuffer:
         del self._buf[:n]
         return chunk
 
-    def take_all(self) -> bytes:
-        chunk = bytes(self._buf)
-        self._buf.clear()
-        return chunk
-
     def next_line(self) -> bytes | None:
         """The next complete line, or None when more data is needed.
 
