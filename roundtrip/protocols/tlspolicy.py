@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 A sending MTA decides per recipient domain how much TLS it insists on. This module holds the
-pure part of that decision; ``servers/relay.py`` does the I/O and maps ``ssl`` exceptions to the
-plain values passed in here.
+pure part of that decision; ``servers/relay.py`` does the I/O, ``servers/_relayerrors.py`` maps
+``ssl`` exceptions to the plain values passed in here, and ``protocols/delivery.py`` words the
+failures and says which ones defer.
 
 * :class:`TLSPolicy` is one domain's policy: a ``mode`` (RFC 8461 §5) and the ``mx`` patterns
   its MX hosts must match (§4.1), plus the optional ``max_age``.

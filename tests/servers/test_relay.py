@@ -23,11 +23,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from roundtrip.certs import CertificateAuthority
+from roundtrip.protocols.delivery import DATA_SLICE as _DATA_SLICE
 from roundtrip.protocols.dns import Record, build_zone, default_records
 from roundtrip.servers._runner import LoopThread
 from roundtrip.servers.dns import DNSServer, start_dns
 from roundtrip.servers.relay import (
-    _DATA_SLICE,
     QueuedMessage,
     Relay,
     RelayEvent,

@@ -1,0 +1,278 @@
+"""One SMTP session of the relay with one MX address: connect, STARTTLS, the transaction.
+
+The connection starts in plaintext and is upgraded with ``starttls(server_hostname=<MX
+name>)``: we dial the IP our DNS gave us but verify the certificate against the MX *name*
+(asyncio's ``server_hostname`` drives both SNI and the hostname check). Dialling the name
+instead would go through ``getaddrinfo`` and the system resolver, which knows nothing of the
+stack's zones. How much TLS the policy requires, and what a failure means, is
+``protocols/delivery.py`` (:func:`~roundtrip.protocols.delivery.tls_failure`); the relay
+passes that decision in as ``on_tls_failure``.
+
+The message content is written by :meth:`Dialer.send_content`, not by aiosmtplib's
+``data()``: that one dot-stuffs into a copy and hands the whole message to the transport at
+once, so a 40 MB message cost several copies plus its ciphertext. Ours sends ``DATA`` with
+aiosmtplib, then writes the stored bytes dot-stuffed (RFC 5321 §4.5.2) in slices produced
+lazily by :func:`~roundtrip.protocols.delivery.dot_stuffed_slices`, each written only when the
+transport has not asked us to pause, and reads the final reply with aiosmtplib's response
+reader.
+
+Every exception from aiosmtplib, ``ssl`` and the socket leaves as ``StepError``
+(``servers/_relayerrors.py``): one that carries no reply code means the host failed as a whole
+and the relay tries the next address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from typing import cast
+
+import aiosmtplib
+
+from ..protocols.delivery import Outcome, Temporary, dot_stuffed_slices, reply_outcome
+from ..protocols.tlspolicy import ResultType
+from ._mxcache import Connection, Failure, discard
+from ._relayerrors import StepError, translated
+
+__all__ = ["Dialer"]
+
+#: ``(result, detail, fallback)``: record a TLS failure; raises ``StepError`` under enforce.
+OnTLSFailure = Callable[[ResultType, str, str], None]
+
+_WITHOUT_TLS = "delivering without TLS"
+
+
+class Dialer:
+    """Opens MX connections and runs transactions over them (on the relay's loop).
+
+    Args:
+        tls_context: client context trusting the stack CA (verifies certificates and names).
+        timeout: seconds per SMTP step (aiosmtplib ``timeout``), and per wait for the
+            transport to drain while the content is written.
+    """
+
+    def __init__(self, *, tls_context: ssl.SSLContext, timeout: float) -> None:
+        self._tls_context = tls_context
+        self._timeout = timeout
+        self._unverified_context: ssl.SSLContext | None = None
+
+    def _unverified(self) -> ssl.SSLContext:
+        """Encryption without authentication, for opportunistic TLS (RFC 7435 §3)."""
+        if self._unverified_context is None:
+            # Not create_default_context(): loading the system trust store costs ~70 ms and
+            # nothing is verified here anyway.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            self._unverified_context = context
+        return self._unverified_context
+
+    def _client(self, helo: str, ip: str, port: int) -> aiosmtplib.SMTP:
+        return aiosmtplib.SMTP(
+            hostname=ip,
+            port=port,
+            local_hostname=helo,
+            start_tls=False,  # upgraded in open(), so the certificate is checked against the MX
+            validate_certs=True,
+            tls_context=self._tls_context,
+            timeout=self._timeout,
+        )
+
+    async def open(
+        self,
+        *,
+        helo: str,
+        host: str,
+        ip: str,
+        port: int,
+        verify: bool,
+        on_tls_failure: OnTLSFailure,
+    ) -> tuple[aiosmtplib.SMTP, str, tuple[Failure, ...]]:
+        """Connect, EHLO and STARTTLS; ``verify`` is False under policy mode ``none``.
+
+        A TLS failure goes to ``on_tls_failure``, which raises under ``enforce``; otherwise
+        the delivery goes on without TLS (not offered, or refused), or (a failed
+        verification) over a new connection with unverified TLS. Without ``verify`` TLS is
+        not verified at all (RFC 7435). aiosmtplib drops bytes the server sent after its
+        ``220`` to STARTTLS (SECURITY.md A3.8).
+
+        Returns:
+            The client, ready for MAIL FROM; "" for verified TLS, else a note for events
+            (" without TLS", " over unverified TLS"); and the TLS failures recorded.
+
+        Raises:
+            StepError: this host cannot take the message now.
+        """
+        failures: list[Failure] = []
+
+        def fail(result: ResultType, detail: str, fallback: str) -> None:
+            failures.append((result, detail, fallback))
+            on_tls_failure(result, detail, fallback)
+
+        client = self._client(helo, ip, port)
+        ready = False
+        try:
+            with translated():
+                await client.connect()
+                await client.ehlo()
+            if not client.supports_extension("starttls"):
+                fail(ResultType.STARTTLS_NOT_SUPPORTED, "STARTTLS not offered", _WITHOUT_TLS)
+                ready = True
+                return client, " without TLS", tuple(failures)
+            context = self._tls_context if verify else self._unverified()
+            try:
+                with translated():
+                    await client.starttls(server_hostname=host, tls_context=context)
+            except StepError as exc:
+                if exc.code is not None:
+                    # Still in plaintext and in step: a refusal is as good as no offer.
+                    detail = f"STARTTLS refused: {exc.code} {exc.reply}"
+                    fail(ResultType.STARTTLS_NOT_SUPPORTED, detail, _WITHOUT_TLS)
+                    ready = True
+                    return client, " without TLS", tuple(failures)
+                if exc.tls is None or not verify:
+                    raise
+                fail(exc.tls, str(exc), "delivering over unverified TLS")
+                # testing: the failed handshake left nothing to talk over; start again.
+                discard(client)
+                client = self._client(helo, ip, port)
+                security = await self._open_unverified(client, host)
+                ready = True
+                return client, security, tuple(failures)
+            with translated():
+                await client.ehlo()
+            ready = True
+            return client, "" if verify else " over unverified TLS", tuple(failures)
+        finally:
+            if not ready:  # failed or cancelled: nothing to say QUIT over
+                discard(client)
+
+    async def _open_unverified(self, client: aiosmtplib.SMTP, host: str) -> str:
+        """Connect ``client`` again with unverified TLS (or none if no longer offered)."""
+        with translated():
+            await client.connect()
+            await client.ehlo()
+            if not client.supports_extension("starttls"):
+                return " without TLS"
+            await client.starttls(server_hostname=host, tls_context=self._unverified())
+            await client.ehlo()
+        return " over unverified TLS"
+
+    async def transaction(
+        self,
+        conn: Connection,
+        *,
+        mail_from: str,
+        raw: bytes,
+        host: str,
+        rcpts: list[str],
+        reused: bool,
+    ) -> tuple[dict[str, Outcome], bool]:
+        """MAIL (unless the cache sent it already on reuse), RCPT, DATA over ``conn``.
+
+        Returns:
+            The outcome of each recipient, and whether the session ended in step, so that
+            the connection may carry another message after RSET.
+
+        Raises:
+            StepError: the host failed as a whole (no reply, or a 4xx to MAIL FROM).
+        """
+        client = conn.client
+        conn.messages += 1
+        if not reused:
+            try:
+                with translated():
+                    await client.mail(mail_from)
+            except StepError as exc:
+                if exc.code is None:
+                    raise
+                conn.errors += 1
+                outcome = reply_outcome(exc.code, exc.reply, host)
+                if isinstance(outcome, Temporary):
+                    raise StepError(f"MAIL FROM: {exc}") from exc
+                return dict.fromkeys(rcpts, outcome), True
+        outcomes: dict[str, Outcome] = {}
+        accepted: list[str] = []
+        for rcpt in rcpts:
+            try:
+                with translated():
+                    await client.rcpt(rcpt)
+            except StepError as exc:
+                if exc.code is None:
+                    raise
+                conn.errors += 1
+                outcomes[rcpt] = reply_outcome(exc.code, exc.reply, host)
+            else:
+                accepted.append(rcpt)
+        if not accepted:
+            return outcomes, True
+        try:
+            with translated():
+                reply = await client.execute_command(b"DATA")
+                if reply.code == 354:
+                    reply = await self.send_content(client, raw)
+        except StepError as exc:
+            if exc.code is None:
+                raise
+            # A malformed or over-long reply: out of step.
+            outcomes.update(dict.fromkeys(accepted, reply_outcome(exc.code, exc.reply, host)))
+            return outcomes, False
+        if reply.code != 250:  # to DATA (not 354) or to the final dot
+            conn.errors += 1
+            outcome = reply_outcome(reply.code, reply.message, host)
+            outcomes.update(dict.fromkeys(accepted, outcome))
+            return outcomes, True
+        outcomes.update(dict.fromkeys(accepted))
+        return outcomes, True
+
+    async def send_content(self, client: aiosmtplib.SMTP, raw: bytes) -> aiosmtplib.SMTPResponse:
+        """After ``354``: write the content under flow control and read the final reply.
+
+        Uses aiosmtplib's protocol: its transport, the flow-control wait that its
+        ``FlowControlMixin`` offers for ``StreamWriter.drain()`` (``_drain_helper``), and
+        ``read_response``. Each wait for the transport to drain, and the final reply, may take
+        ``timeout`` seconds (the timeout of every other step).
+
+        Raises:
+            StepError: the connection broke or timed out (the client is then closed, because
+                the session is mid-message and cannot be reused), or the reply was malformed
+                (``code`` set; the session is still framed).
+        """
+        protocol = client.protocol
+        timeout = self._timeout
+        in_step = False
+        try:
+            with translated():
+                if protocol is None:
+                    raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+                for piece in dot_stuffed_slices(raw):
+                    await self._drained(protocol, timeout)
+                    transport = protocol.transport
+                    if transport is None or transport.is_closing():
+                        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+                    cast(asyncio.WriteTransport, transport).write(piece)
+                # No await between the last write and this call: read_response arms the
+                # reader before any reply can be received. Replies sent before the final dot
+                # (RFC 5321 forbids them) are discarded by aiosmtplib as unsolicited, never
+                # mis-paired.
+                reply = await protocol.read_response(timeout=timeout)
+            in_step = True
+            return reply
+        except StepError as exc:
+            in_step = exc.code is not None
+            raise
+        finally:
+            if not in_step:
+                client.close()  # QUIT now would be read as message content
+
+    @staticmethod
+    async def _drained(protocol: aiosmtplib.protocol.SMTPProtocol, timeout: float) -> None:
+        """Return once the transport has not asked us to pause (at once, usually)."""
+        try:
+            await asyncio.wait_for(protocol._drain_helper(), timeout)
+        except TimeoutError as exc:
+            raise aiosmtplib.SMTPTimeoutError(
+                f"Timed out writing the message (no progress for {timeout:g} s)"
+            ) from exc
