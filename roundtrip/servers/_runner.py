@@ -2,31 +2,97 @@
 
 Synchronous code (tests, the CLI) submits coroutines with ``run()``; errors raised by server
 code on the loop are recorded with ``record_error()`` and re-raised by ``check()`` in the thread
-that asks, so a crash in an adapter fails the test that caused it (STYLE.md 11.5).
+that asks, so a crash in an adapter fails the test that caused it.
+
+The loop implementation
+-----------------------
+``ROUNDTRIP_LOOP`` chooses the event loop every ``LoopThread`` (so every stack) runs on:
+
+- ``asyncio`` (the default, also when the variable is unset or empty): the standard library's
+  loop, ``asyncio.new_event_loop()``;
+- ``uvloop``: ``uvloop.new_event_loop()`` (install it with ``pip install uvloop``; without it
+  ``LoopThread()`` raises ``ServerStartError`` saying so).
+
+Any other value is a ``ConfigError`` listing the valid ones. The servers use only the public
+transport API (``get_extra_info("ssl_object")``, ``"peercert"``, ``"cipher"``), so they behave
+the same on both; ``tox -e py311-uvloop`` runs the whole suite on uvloop. The variable is read
+here and nowhere else (``loop_choice()`` parses it; ``LoopThread(loop=...)`` overrides it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib
 import logging
+import os
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from ..errors import ServerStartError
+from ..errors import ConfigError, ServerStartError
 
-__all__ = ["LoopThread"]
+__all__ = ["LOOP_CHOICES", "LoopThread", "loop_choice", "new_event_loop"]
 
 T = TypeVar("T")
 log = logging.getLogger("roundtrip.servers")
 
+#: The values ``ROUNDTRIP_LOOP`` accepts; the first is the default.
+LOOP_CHOICES = ("asyncio", "uvloop")
+
+
+def loop_choice(environ: Mapping[str, str] | None = None) -> str:
+    """The event loop named by ``ROUNDTRIP_LOOP`` (``asyncio`` when unset or empty).
+
+    Raises:
+        ConfigError: the value is not one of ``LOOP_CHOICES``.
+    """
+    raw = (os.environ if environ is None else environ).get("ROUNDTRIP_LOOP", "")
+    value = raw.strip().lower() or LOOP_CHOICES[0]
+    if value not in LOOP_CHOICES:
+        raise ConfigError(
+            f"ROUNDTRIP_LOOP={raw!r} is not a known event loop; expected one of "
+            + ", ".join(LOOP_CHOICES)
+        )
+    return value
+
+
+def new_event_loop(choice: str | None = None) -> asyncio.AbstractEventLoop:
+    """A new event loop of the kind ``choice`` names (default: ``loop_choice()``).
+
+    Raises:
+        ConfigError: ``choice`` is not one of ``LOOP_CHOICES``.
+        ServerStartError: uvloop was asked for and is not installed.
+    """
+    choice = loop_choice() if choice is None else loop_choice({"ROUNDTRIP_LOOP": choice})
+    if choice == "asyncio":
+        return asyncio.new_event_loop()
+    try:
+        # Imported by name: uvloop is optional, and the type check must pass without it.
+        uvloop = importlib.import_module("uvloop")
+    except ImportError as exc:
+        raise ServerStartError(
+            "ROUNDTRIP_LOOP=uvloop, but uvloop is not installed: pip install uvloop "
+            "(or unset ROUNDTRIP_LOOP to use asyncio's own loop)"
+        ) from exc
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
 
 class LoopThread:
-    """An event loop running in a daemon thread until ``stop()``."""
+    """An event loop running in a daemon thread until ``stop()``.
 
-    def __init__(self, name: str = "roundtrip-loop") -> None:
-        self.loop = asyncio.new_event_loop()
+    Args:
+        name: the thread's name.
+        loop: ``"asyncio"`` or ``"uvloop"``; None: as ``ROUNDTRIP_LOOP`` says.
+
+    Raises:
+        ConfigError: an unknown loop name.
+        ServerStartError: uvloop was asked for and is not installed.
+    """
+
+    def __init__(self, name: str = "roundtrip-loop", *, loop: str | None = None) -> None:
+        self.loop = new_event_loop(loop)
         self.loop.set_exception_handler(self._loop_exception)
         self._errors: list[BaseException] = []
         self._errors_lock = threading.Lock()
