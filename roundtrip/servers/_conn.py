@@ -13,7 +13,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from ..errors import RemoteProtocolError
 from ..protocols._limits import AuthPenalties, ConnectionCounts
@@ -58,7 +58,7 @@ class Machine(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ListenerLimits:
-    """Abuse limits of one POP3 or IMAP listener (SECURITY.md A4.3, A4.8, A8.1, A8.2).
+    """Abuse limits of one POP3 or IMAP listener (docs/security.md A4.3, A4.8, A8.1, A8.2).
 
     Attributes:
         login_timeout: deadline per command before login (the idle timeout when None).
@@ -146,7 +146,9 @@ class LineServerProtocol(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # Not an isinstance check: uvloop's transports implement asyncio.Transport's methods
+        # without subclassing it (an assert here failed every connection on uvloop).
+        transport = cast("asyncio.Transport", transport)
         self._transport = transport
         if self._connections is not None:
             self._connections.add(self)
@@ -155,7 +157,7 @@ class LineServerProtocol(asyncio.Protocol):
         self._ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         if self._counts is not None:
             refusal = self._counts.admit(self._ip)
-            if refusal is not None:  # over a connection cap (SECURITY.md A8.2)
+            if refusal is not None:  # over a connection cap (docs/security.md A8.2)
                 log.info("refusing %s: %s", self._ip, refusal)
                 if self._busy_reply is not None:
                     transport.write(self._busy_reply(refusal.partition(" ")[2]))
@@ -179,7 +181,7 @@ class LineServerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._machine is None or self._closed:
             return
-        # The deadline is per command (SECURITY.md A8.1): only a line end, or a good run of
+        # The deadline is per command (docs/security.md A8.1): only a line end, or a good run of
         # literal bytes, re-arms it; a client trickling bytes cannot keep a session alive.
         self._progress += len(data)
         if b"\n" in data or self._progress >= _PROGRESS_BYTES:
@@ -228,7 +230,7 @@ class LineServerProtocol(asyncio.Protocol):
             return
         delay = self._account(events)
         if delay > 0:
-            # Brute force (SECURITY.md A4.3): the failure's reply, and everything after it,
+            # Brute force (docs/security.md A4.3): the failure's reply, and everything after it,
             # waits; no input is read meanwhile. Other clients are not slowed.
             assert self._transport is not None
             self._transport.pause_reading()

@@ -801,9 +801,9 @@ _PATH_CHARS = 'ab.-+_@<>"()[] \tZ9=\\:'
 def _both_parsers(arg: str) -> tuple[object, object]:
     from aiosmtpd.smtp import SMTP
 
-    from roundtrip.servers.smtp import _SMTP
+    from roundtrip.servers._smtpsession import SMTPSession
 
-    bare = object.__new__(_SMTP)  # _getaddr reads nothing but local_part_limit
+    bare = object.__new__(SMTPSession)  # _getaddr reads nothing but local_part_limit
 
     def outcome(parse: Any) -> object:
         try:
@@ -811,7 +811,7 @@ def _both_parsers(arg: str) -> tuple[object, object]:
         except Exception as exc:  # the email parser fails on some inputs: fail alike
             return type(exc)
 
-    ours, reference = outcome(_SMTP._getaddr), outcome(SMTP._getaddr)
+    ours, reference = outcome(SMTPSession._getaddr), outcome(SMTP._getaddr)
     if isinstance(reference, type):  # where aiosmtpd's parser crashes, ours says "unparsable"
         reference = (None, None)
     return ours, reference
