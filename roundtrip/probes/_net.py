@@ -17,7 +17,7 @@ import socket
 import ssl
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -455,12 +455,22 @@ def display(value: object) -> str:
     return str(value)
 
 
-def _timeout_message(
-    step: str, server: str, timeout: float | None, exc: BaseException, waiting: str
-) -> str:
-    limit = f"within {timeout:g} s" if timeout is not None else "in time"
-    phase = str(exc) if isinstance(exc, PhaseTimeoutError) else waiting
-    return f"{step}: {server} did not answer {limit}" + (f" (waiting for {phase})" if phase else "")
+@dataclass(frozen=True)
+class _Where:
+    """The step a translated exception happened in, and what names it in the message."""
+
+    step: str
+    server: str
+    timeout: float | None
+    waiting: str
+
+    def timed_out(self, exc: BaseException) -> ConnectError:
+        limit = f"within {self.timeout:g} s" if self.timeout is not None else "in time"
+        phase = str(exc) if isinstance(exc, PhaseTimeoutError) else self.waiting
+        message = f"{self.step}: {self.server} did not answer {limit}" + (
+            f" (waiting for {phase})" if phase else ""
+        )
+        return ConnectError(message, step=self.step, host=self.server)
 
 
 def _reply_text(exc: BaseException) -> str:
@@ -472,14 +482,144 @@ def _reply_text(exc: BaseException) -> str:
     return str(exc)
 
 
+def _timed_out(exc: TimeoutError, where: _Where) -> ProbeError:
+    return where.timed_out(exc)
+
+
+def _certificate_rejected(exc: ssl.SSLCertVerificationError, where: _Where) -> ProbeError:
+    return TLSError(
+        f"{where.step}: certificate verification failed for {where.server}: {exc.verify_message}",
+        step=where.step,
+        host=where.server,
+    )
+
+
+def _tls_failed(exc: ssl.SSLError, where: _Where) -> ProbeError:
+    return TLSError(
+        f"{where.step}: TLS failed with {where.server}: {exc}", step=where.step, host=where.server
+    )
+
+
+def _smtp_auth_refused(exc: smtplib.SMTPAuthenticationError, where: _Where) -> ProbeError:
+    return AuthError(
+        f"{where.step}: {where.server} refused the credentials: {_reply_text(exc)!r}",
+        step=where.step,
+        host=where.server,
+        reply=_reply_text(exc),
+    )
+
+
+def _smtp_recipients_refused(exc: smtplib.SMTPRecipientsRefused, where: _Where) -> ProbeError:
+    replies = {r: f"{c} {m.decode('utf-8', 'replace')}" for r, (c, m) in exc.recipients.items()}
+    return RejectedError(
+        f"{where.step}: {where.server} refused the recipient(s): {replies!r}",
+        step="RCPT",
+        host=where.server,
+        reply=str(replies),
+    )
+
+
+def _smtp_sender_refused(exc: smtplib.SMTPSenderRefused, where: _Where) -> ProbeError:
+    return RejectedError(
+        f"{where.step}: {where.server} refused the sender: {_reply_text(exc)!r}",
+        step="MAIL",
+        host=where.server,
+        reply=_reply_text(exc),
+    )
+
+
+def _smtp_refused(exc: smtplib.SMTPException, where: _Where) -> ProbeError:
+    """An SMTP failure without a reply code (such as an extension the server lacks)."""
+    return RejectedError(f"{where.step}: {where.server}: {exc}", step=where.step, host=where.server)
+
+
+def _smtp_answered(exc: smtplib.SMTPResponseException, where: _Where) -> ProbeError:
+    return RejectedError(
+        f"{where.step}: {where.server} answered {_reply_text(exc)!r}",
+        step=where.step,
+        host=where.server,
+        reply=_reply_text(exc),
+    )
+
+
+def _smtp_disconnected(exc: smtplib.SMTPServerDisconnected, where: _Where) -> ProbeError:
+    # smtplib turns a read timeout into "Connection unexpectedly closed: timed out".
+    if isinstance(exc.__context__, TimeoutError):
+        return where.timed_out(exc.__context__)
+    return ConnectError(
+        f"{where.step}: {where.server} closed the connection: {exc}",
+        step=where.step,
+        host=where.server,
+    )
+
+
+def _imap_answered(exc: imaplib.IMAP4.error, where: _Where) -> ProbeError:
+    # imaplib raises with the server's reply as bytes (or a list of them).
+    text = display(exc.args[0]) if len(exc.args) == 1 else str(exc)
+    login = where.step.endswith("LOGIN") or "AUTHENTICATIONFAILED" in text
+    cls = AuthError if login else RejectedError
+    return cls(
+        f"{where.step}: {where.server} answered {text!r}",
+        step=where.step,
+        host=where.server,
+        reply=text,
+    )
+
+
+def _pop3_answered(exc: poplib.error_proto, where: _Where) -> ProbeError:
+    text = str(exc.args[0] if exc.args else exc)
+    if isinstance(exc.args[0] if exc.args else None, bytes):
+        text = exc.args[0].decode("utf-8", "replace")
+    cls = AuthError if where.step.endswith(("USER", "PASS", "LOGIN")) else RejectedError
+    return cls(
+        f"{where.step}: {where.server} answered {text!r}",
+        step=where.step,
+        host=where.server,
+        reply=text,
+    )
+
+
+def _unreachable(exc: OSError, where: _Where) -> ProbeError:
+    return ConnectError(
+        f"{where.step}: cannot talk to {where.server}: {exc}", step=where.step, host=where.server
+    )
+
+
+#: What ``map_errors`` translates, and how. The first row whose type matches wins, so a
+#: subclass comes before its base (every smtplib and ssl exception is an ``OSError``).
+_TRANSLATIONS: tuple[tuple[type[BaseException], Callable[[Any, _Where], ProbeError]], ...] = (
+    (PhaseTimeoutError, _timed_out),
+    (ssl.SSLCertVerificationError, _certificate_rejected),
+    (ssl.SSLError, _tls_failed),
+    (smtplib.SMTPAuthenticationError, _smtp_auth_refused),
+    (smtplib.SMTPRecipientsRefused, _smtp_recipients_refused),
+    (smtplib.SMTPSenderRefused, _smtp_sender_refused),
+    (smtplib.SMTPResponseException, _smtp_answered),
+    (smtplib.SMTPServerDisconnected, _smtp_disconnected),
+    (smtplib.SMTPException, _smtp_refused),
+    (imaplib.IMAP4.error, _imap_answered),
+    (poplib.error_proto, _pop3_answered),
+    (TimeoutError, _timed_out),
+    (OSError, _unreachable),
+)
+_TRANSLATED = tuple(kind for kind, _ in _TRANSLATIONS)
+
+
+def _translate(exc: BaseException, where: _Where) -> ProbeError:
+    for kind, build in _TRANSLATIONS:
+        if isinstance(exc, kind):
+            return build(exc, where)
+    raise AssertionError(f"map_errors caught {exc!r}, which it has no translation for")
+
+
 @contextlib.contextmanager
 def map_errors(
     step: str, server: str, *, timeout: float | None = None, waiting: str = ""
 ) -> Iterator[None]:
     """Translate client-library and socket exceptions into ``ProbeError`` subclasses.
 
-    The one place where smtplib, imaplib, poplib, ssl and OSError exceptions become ours;
-    the original stays on ``__cause__``.
+    The one place where smtplib, imaplib, poplib, ssl and OSError exceptions become ours
+    (each through its row of ``_TRANSLATIONS``); the original stays on ``__cause__``.
 
     Args:
         timeout: the socket timeout in force, named when the server does not answer.
@@ -490,84 +630,5 @@ def map_errors(
         yield
     except ProbeError:
         raise
-    except PhaseTimeoutError as exc:
-        raise ConnectError(
-            _timeout_message(step, server, timeout, exc, waiting), step=step, host=server
-        ) from exc
-    except ssl.SSLCertVerificationError as exc:
-        raise TLSError(
-            f"{step}: certificate verification failed for {server}: {exc.verify_message}",
-            step=step,
-            host=server,
-        ) from exc
-    except ssl.SSLError as exc:
-        raise TLSError(f"{step}: TLS failed with {server}: {exc}", step=step, host=server) from exc
-    except smtplib.SMTPAuthenticationError as exc:
-        raise AuthError(
-            f"{step}: {server} refused the credentials: {_reply_text(exc)!r}",
-            step=step,
-            host=server,
-            reply=_reply_text(exc),
-        ) from exc
-    except smtplib.SMTPRecipientsRefused as exc:
-        replies = {r: f"{c} {m.decode('utf-8', 'replace')}" for r, (c, m) in exc.recipients.items()}
-        raise RejectedError(
-            f"{step}: {server} refused the recipient(s): {replies!r}",
-            step="RCPT",
-            host=server,
-            reply=str(replies),
-        ) from exc
-    except smtplib.SMTPSenderRefused as exc:
-        raise RejectedError(
-            f"{step}: {server} refused the sender: {_reply_text(exc)!r}",
-            step="MAIL",
-            host=server,
-            reply=_reply_text(exc),
-        ) from exc
-    except smtplib.SMTPNotSupportedError as exc:
-        raise RejectedError(f"{step}: {server}: {exc}", step=step, host=server) from exc
-    except smtplib.SMTPResponseException as exc:
-        raise RejectedError(
-            f"{step}: {server} answered {_reply_text(exc)!r}",
-            step=step,
-            host=server,
-            reply=_reply_text(exc),
-        ) from exc
-    except smtplib.SMTPServerDisconnected as exc:
-        # smtplib turns a read timeout into "Connection unexpectedly closed: timed out".
-        if isinstance(exc.__context__, TimeoutError):
-            raise ConnectError(
-                _timeout_message(step, server, timeout, exc.__context__, waiting),
-                step=step,
-                host=server,
-            ) from exc
-        raise ConnectError(
-            f"{step}: {server} closed the connection: {exc}", step=step, host=server
-        ) from exc
-    except smtplib.SMTPException as exc:
-        raise RejectedError(f"{step}: {server}: {exc}", step=step, host=server) from exc
-    except imaplib.IMAP4.error as exc:
-        # imaplib raises with the server's reply as bytes (or a list of them).
-        text = display(exc.args[0]) if len(exc.args) == 1 else str(exc)
-        cls = (
-            AuthError if step.endswith("LOGIN") or "AUTHENTICATIONFAILED" in text else RejectedError
-        )
-        raise cls(
-            f"{step}: {server} answered {text!r}", step=step, host=server, reply=text
-        ) from exc
-    except poplib.error_proto as exc:
-        text = str(exc.args[0] if exc.args else exc)
-        if isinstance(exc.args[0] if exc.args else None, bytes):
-            text = exc.args[0].decode("utf-8", "replace")
-        cls = AuthError if step.endswith(("USER", "PASS", "LOGIN")) else RejectedError
-        raise cls(
-            f"{step}: {server} answered {text!r}", step=step, host=server, reply=text
-        ) from exc
-    except TimeoutError as exc:
-        raise ConnectError(
-            _timeout_message(step, server, timeout, exc, waiting), step=step, host=server
-        ) from exc
-    except OSError as exc:
-        raise ConnectError(
-            f"{step}: cannot talk to {server}: {exc}", step=step, host=server
-        ) from exc
+    except _TRANSLATED as exc:
+        raise _translate(exc, _Where(step, server, timeout, waiting)) from exc
