@@ -299,97 +299,98 @@ def _summary(
     families.sample(name, "summary", help_text, f"{name}_count", labels, len(values))
 
 
-def prometheus_text(doc: Mapping[str, Any], *, now: float | None = None) -> str:
-    """The probe document as Prometheus text exposition format (version 0.0.4).
+def _run_metrics(
+    families: _Families, labels: dict[str, str], runs: Sequence[Mapping[str, Any]]
+) -> None:
+    """Outcome and timing statistics over every run of one path."""
+    families.add(
+        "roundtrip_probe_success",
+        "gauge",
+        "1 if every run of the round trip passed every check, else 0.",
+        labels,
+        1 if all(r["ok"] for r in runs) else 0,
+    )
+    families.add(
+        "roundtrip_probe_runs",
+        "gauge",
+        "Round trips run by this invocation.",
+        labels,
+        len(runs),
+    )
+    families.add(
+        "roundtrip_probe_failed_runs",
+        "gauge",
+        "Round trips of this invocation that failed.",
+        labels,
+        sum(1 for r in runs if not r["ok"]),
+    )
+    _summary(
+        families,
+        "roundtrip_probe_duration_seconds",
+        "Duration of a whole round trip (submit, wait, fetch, verify).",
+        labels,
+        [float(r["total_seconds"]) for r in runs],
+    )
+    _summary(
+        families,
+        "roundtrip_probe_time_to_visible_seconds",
+        "Seconds from the SMTP server accepting the message to it showing in the mailbox.",
+        labels,
+        [float(r["time_to_visible"]) for r in runs if r.get("time_to_visible") is not None],
+    )
 
-    Every series is labelled with its path (``smtp`` and ``retrieve`` URLs) except the
-    TLS facts (``server``) and the timestamp. Gauges describe the last run of each path; the
-    summaries (quantiles 0.5, 0.95 and 1 = max) cover every run of that path, never mixing
-    IMAP and POP3. No (name, labels) pair appears twice.
-    """
-    results: list[Mapping[str, Any]] = list(doc["results"])
-    families = _Families()
-    pairs = _by_path(results)
-    certs: dict[str, Mapping[str, Any]] = {}
-    for (smtp, retrieve), runs in pairs.items():
-        labels = {"smtp": smtp, "retrieve": retrieve}
-        last = runs[-1]
+
+def _step_metrics(
+    families: _Families, labels: dict[str, str], steps: Sequence[Mapping[str, Any]]
+) -> None:
+    """Seconds and attempts of each step of a path's last run."""
+    # A step repeats when POP3 reconnects to poll: one series per step name, summed.
+    step_seconds: dict[str, float] = {}
+    step_count: dict[str, int] = {}
+    for step in steps:
+        name = str(step["name"]).replace(" ", "_")
+        step_seconds[name] = step_seconds.get(name, 0.0) + float(step["seconds"])
+        step_count[name] = step_count.get(name, 0) + 1
+    for name, seconds in step_seconds.items():
         families.add(
-            "roundtrip_probe_success",
+            "roundtrip_probe_step_seconds",
             "gauge",
-            "1 if every run of the round trip passed every check, else 0.",
-            labels,
-            1 if all(r["ok"] for r in runs) else 0,
+            "Seconds spent in each step of the last round trip (summed when it repeats).",
+            {**labels, "step": name},
+            seconds,
         )
+    for name, count in step_count.items():
         families.add(
-            "roundtrip_probe_runs",
+            "roundtrip_probe_step_attempts",
             "gauge",
-            "Round trips run by this invocation.",
-            labels,
-            len(runs),
+            "How many times each step ran in the last round trip (POP3 reconnects to poll).",
+            {**labels, "step": name},
+            count,
         )
+
+
+def _verdict_metrics(families: _Families, labels: dict[str, str], last: Mapping[str, Any]) -> None:
+    """The checks and the findings by severity of a path's last run."""
+    for check, ok in last["checks"].items():
         families.add(
-            "roundtrip_probe_failed_runs",
+            "roundtrip_probe_check",
             "gauge",
-            "Round trips of this invocation that failed.",
-            labels,
-            sum(1 for r in runs if not r["ok"]),
+            "1 if the check passed in the last round trip, else 0.",
+            {**labels, "check": check},
+            1 if ok else 0,
         )
-        _summary(
-            families,
-            "roundtrip_probe_duration_seconds",
-            "Duration of a whole round trip (submit, wait, fetch, verify).",
-            labels,
-            [float(r["total_seconds"]) for r in runs],
+    for severity in ("fail", "warn"):
+        families.add(
+            "roundtrip_probe_findings",
+            "gauge",
+            "Findings of the last round trip by severity.",
+            {**labels, "severity": severity},
+            sum(1 for f in last["findings"] if f["severity"] == severity),
         )
-        _summary(
-            families,
-            "roundtrip_probe_time_to_visible_seconds",
-            "Seconds from the SMTP server accepting the message to it showing in the mailbox.",
-            labels,
-            [float(r["time_to_visible"]) for r in runs if r.get("time_to_visible") is not None],
-        )
-        # A step repeats when POP3 reconnects to poll: one series per step name, summed.
-        step_seconds: dict[str, float] = {}
-        step_count: dict[str, int] = {}
-        for step in last["steps"]:
-            name = str(step["name"]).replace(" ", "_")
-            step_seconds[name] = step_seconds.get(name, 0.0) + float(step["seconds"])
-            step_count[name] = step_count.get(name, 0) + 1
-        for name, seconds in step_seconds.items():
-            families.add(
-                "roundtrip_probe_step_seconds",
-                "gauge",
-                "Seconds spent in each step of the last round trip (summed when it repeats).",
-                {**labels, "step": name},
-                seconds,
-            )
-        for name, count in step_count.items():
-            families.add(
-                "roundtrip_probe_step_attempts",
-                "gauge",
-                "How many times each step ran in the last round trip (POP3 reconnects to poll).",
-                {**labels, "step": name},
-                count,
-            )
-        for check, ok in last["checks"].items():
-            families.add(
-                "roundtrip_probe_check",
-                "gauge",
-                "1 if the check passed in the last round trip, else 0.",
-                {**labels, "check": check},
-                1 if ok else 0,
-            )
-        for severity in ("fail", "warn"):
-            families.add(
-                "roundtrip_probe_findings",
-                "gauge",
-                "Findings of the last round trip by severity.",
-                {**labels, "severity": severity},
-                sum(1 for f in last["findings"] if f["severity"] == severity),
-            )
-        for facts in last["tls"]:
-            certs[str(facts["server"])] = facts
+
+
+def _tls_metrics(families: _Families, certs: Mapping[str, Mapping[str, Any]]) -> None:
+    """Certificate expiry and TLS facts, one series per server."""
     for server, facts in certs.items():
         families.add(
             "roundtrip_tls_cert_expiry_days",
@@ -412,6 +413,28 @@ def prometheus_text(doc: Mapping[str, Any], *, now: float | None = None) -> str:
             },
             1,
         )
+
+
+def prometheus_text(doc: Mapping[str, Any], *, now: float | None = None) -> str:
+    """The probe document as Prometheus text exposition format (version 0.0.4).
+
+    Every series is labelled with its path (``smtp`` and ``retrieve`` URLs) except the
+    TLS facts (``server``) and the timestamp. Gauges describe the last run of each path; the
+    summaries (quantiles 0.5, 0.95 and 1 = max) cover every run of that path, never mixing
+    IMAP and POP3. No (name, labels) pair appears twice.
+    """
+    results: list[Mapping[str, Any]] = list(doc["results"])
+    families = _Families()
+    certs: dict[str, Mapping[str, Any]] = {}
+    for (smtp, retrieve), runs in _by_path(results).items():
+        labels = {"smtp": smtp, "retrieve": retrieve}
+        last = runs[-1]
+        _run_metrics(families, labels, runs)
+        _step_metrics(families, labels, last["steps"])
+        _verdict_metrics(families, labels, last)
+        for facts in last["tls"]:
+            certs[str(facts["server"])] = facts
+    _tls_metrics(families, certs)
     families.add(
         "roundtrip_probe_last_run_timestamp_seconds",
         "gauge",
