@@ -86,12 +86,6 @@ class ProbeResult:
         data["steps"] = [asdict(s) for s in self.steps]
         return data
 
-    def step_seconds(self, name: str) -> float | None:
-        for step in self.steps:
-            if step.name == name:
-                return step.seconds
-        return None
-
 
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
@@ -277,17 +271,7 @@ def run_probe(
         result.error = str(exc)
         result.error_step = exc.step
         if isinstance(exc, TLSError) and isinstance(exc.__cause__, ssl.SSLCertVerificationError):
-            facts = diagnose_certificate(
-                host=current.host,
-                port=current.port,
-                protocol=current.protocol,
-                tls=current.tls,
-                server_name=current.server_name,
-                timeout=min(timeout, 10.0),
-            )
-            if facts is not None:
-                timeline.tls.append(facts)
-                result.error += f" ({_describe(facts)})"
+            _describe_rejected_certificate(result, timeline, current, timeout)
     finally:
         result.steps = timeline.steps
         result.tls = _unique(timeline.tls)
@@ -295,12 +279,38 @@ def run_probe(
     if check_legacy_tls:
         _check_legacy(result, (smtp, retrieve), timeout)
     result.total_seconds = time.perf_counter() - started
+    _conclude(result, (smtp, retrieve), legacy_checked=check_legacy_tls)
+    return result
+
+
+def _describe_rejected_certificate(
+    result: ProbeResult, timeline: Timeline, endpoint: Endpoint, timeout: float
+) -> None:
+    """Add what the certificate that failed verification says to the error, if it can be had."""
+    facts = diagnose_certificate(
+        host=endpoint.host,
+        port=endpoint.port,
+        protocol=endpoint.protocol,
+        tls=endpoint.tls,
+        server_name=endpoint.server_name,
+        timeout=min(timeout, 10.0),
+    )
+    if facts is not None:
+        timeline.tls.append(facts)
+        result.error += f" ({_describe(facts)})"
+
+
+def _conclude(
+    result: ProbeResult, endpoints: tuple[Endpoint, ...], *, legacy_checked: bool
+) -> None:
+    """Turn failing findings into failed checks, then set ``ok`` and, when only a check
+    failed, the ``VERIFY`` error naming the failed checks and findings."""
     for finding in result.findings:
         if finding.severity == FAIL and finding.code in FINDING_CHECKS:
             result.checks[FINDING_CHECKS[finding.code]] = False
-    if check_legacy_tls and result.legacy_tls:
+    if legacy_checked and result.legacy_tls:
         result.checks.setdefault(FINDING_CHECKS["legacy-tls"], True)
-    if any(e.tls == "starttls" for e in (smtp, retrieve)) and result.checks:
+    if any(e.tls == "starttls" for e in endpoints) and result.checks:
         result.checks.setdefault(FINDING_CHECKS["auth-before-tls"], True)
     result.ok = not result.error and bool(result.checks) and all(result.checks.values())
     if not result.error and not result.ok:
@@ -310,7 +320,6 @@ def run_probe(
         if failing:
             result.error += " (" + "; ".join(failing) + ")"
         result.error_step = "VERIFY"
-    return result
 
 
 def _check_legacy(result: ProbeResult, endpoints: tuple[Endpoint, ...], timeout: float) -> None:
