@@ -167,28 +167,7 @@ def submit(
             client.ehlo(local_hostname)
             timeline.add("smtp ehlo", started, server=server)
         if endpoint.tls == "starttls":
-            if client.has_extn("auth"):
-                timeline.finding(
-                    "auth-before-tls",
-                    FAIL,
-                    f"smtp {server}: AUTH is offered before STARTTLS on a STARTTLS port "
-                    "(RFC 8314 section 3.3: credentials could be sent in plaintext)",
-                    server,
-                )
-            if not client.has_extn("starttls"):
-                raise TLSError(
-                    f"STARTTLS: {server} does not offer STARTTLS; no credentials were sent",
-                    step="STARTTLS",
-                    host=server,
-                )
-            with map_errors("STARTTLS", server, timeout=timeout):
-                started = time.perf_counter()
-                client.starttls(context=context)
-                assert client.sock is not None
-                record_tls(
-                    timeline, "smtp", started, client.sock, server, endpoint.server_name, context
-                )
-                client.ehlo(local_hostname)
+            _starttls(client, endpoint, context, timeline, timeout, local_hostname)
         if endpoint.user:
             if not client.has_extn("auth"):
                 raise AuthError(
@@ -200,22 +179,60 @@ def submit(
                 timeline.add("smtp auth", started, server=server)
         with map_errors("SUBMIT", server, timeout=timeout):
             started = time.perf_counter()
-            code, reply = client.mail(message.mail_from)
-            if code != 250:
-                raise smtplib.SMTPSenderRefused(code, reply, message.mail_from)
-            code, reply = client.rcpt(message.rcpt_to)
-            if code not in (250, 251):
-                raise smtplib.SMTPRecipientsRefused({message.rcpt_to: (code, reply)})
-            code, reply = client.data(message.raw)
-            if code != 250:
-                raise smtplib.SMTPDataError(code, reply)
-            text = reply.decode("utf-8", "replace")
-            timeline.add("smtp submit", started, server=server, detail=f"{code} {text}")
+            data_reply = _transaction(client, message)
+            timeline.add("smtp submit", started, server=server, detail=data_reply)
         with map_errors("QUIT", server, timeout=timeout):
             try:
                 client.quit()
             except smtplib.SMTPServerDisconnected:
                 pass
-        return f"{code} {text}"
+        return data_reply
     finally:
         client.close()
+
+
+def _starttls(
+    client: _SMTPClient,
+    endpoint: Endpoint,
+    context: ssl.SSLContext,
+    timeline: Timeline,
+    timeout: float,
+    local_hostname: str,
+) -> None:
+    """Upgrade to TLS (RFC 3207) and say EHLO again; refuse to go on without STARTTLS."""
+    server = endpoint.address
+    if client.has_extn("auth"):
+        timeline.finding(
+            "auth-before-tls",
+            FAIL,
+            f"smtp {server}: AUTH is offered before STARTTLS on a STARTTLS port "
+            "(RFC 8314 section 3.3: credentials could be sent in plaintext)",
+            server,
+        )
+    if not client.has_extn("starttls"):
+        raise TLSError(
+            f"STARTTLS: {server} does not offer STARTTLS; no credentials were sent",
+            step="STARTTLS",
+            host=server,
+        )
+    with map_errors("STARTTLS", server, timeout=timeout):
+        started = time.perf_counter()
+        client.starttls(context=context)
+        assert client.sock is not None
+        record_tls(timeline, "smtp", started, client.sock, server, endpoint.server_name, context)
+        client.ehlo(local_hostname)
+
+
+def _transaction(client: _SMTPClient, message: ProbeMessage) -> str:
+    """MAIL, RCPT and DATA; returns the DATA reply as ``"250 text"``. A refusal raises the
+    smtplib exception ``map_errors`` turns into the step that failed."""
+    code, reply = client.mail(message.mail_from)
+    if code != 250:
+        raise smtplib.SMTPSenderRefused(code, reply, message.mail_from)
+    code, reply = client.rcpt(message.rcpt_to)
+    if code not in (250, 251):
+        raise smtplib.SMTPRecipientsRefused({message.rcpt_to: (code, reply)})
+    code, reply = client.data(message.raw)
+    if code != 250:
+        raise smtplib.SMTPDataError(code, reply)
+    return f"{code} {reply.decode('utf-8', 'replace')}"
