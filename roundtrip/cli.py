@@ -89,6 +89,25 @@ def _parser() -> argparse.ArgumentParser:
         "5.1.1 unless --catch-all. Mail lives in memory and is lost at exit, unless --maildir "
         "DIR keeps it in Maildir++ folders that survive restarts.",
     )
+    _add_serve_options(serve)
+
+    probe = sub.add_parser(
+        "probe",
+        help="submit a tagged message and find it again (embedded stack, or a real server)",
+        description="Without --smtp, runs on an embedded stack: submit on 465 with AUTH from "
+        "user@example.com to user@example.org, retrieve over IMAPS and POP3S. Passwords come "
+        "only from ROUNDTRIP_SMTP_PASSWORD, ROUNDTRIP_IMAP_PASSWORD, ROUNDTRIP_POP3_PASSWORD. "
+        "Certificates are always verified. --imap and --pop3 may be combined: each is probed "
+        "(one path each). Exit codes: 0 every check passed, 1 a check failed, 2 usage or "
+        "configuration error. --json prints one document with schema_version "
+        f'{SCHEMA_VERSION}; if the probe cannot run, {{"ok": false, "error": ..., '
+        '"exit_code": ...}.',
+    )
+    _add_probe_options(probe)
+    return parser
+
+
+def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--domain",
         action="append",
@@ -146,18 +165,8 @@ def _parser() -> argparse.ArgumentParser:
         "survives restarts; readable by mutt and Dovecot)",
     )
 
-    probe = sub.add_parser(
-        "probe",
-        help="submit a tagged message and find it again (embedded stack, or a real server)",
-        description="Without --smtp, runs on an embedded stack: submit on 465 with AUTH from "
-        "user@example.com to user@example.org, retrieve over IMAPS and POP3S. Passwords come "
-        "only from ROUNDTRIP_SMTP_PASSWORD, ROUNDTRIP_IMAP_PASSWORD, ROUNDTRIP_POP3_PASSWORD. "
-        "Certificates are always verified. --imap and --pop3 may be combined: each is probed "
-        "(one path each). Exit codes: 0 every check passed, 1 a check failed, 2 usage or "
-        "configuration error. --json prints one document with schema_version "
-        f'{SCHEMA_VERSION}; if the probe cannot run, {{"ok": false, "error": ..., '
-        '"exit_code": ...}.',
-    )
+
+def _add_probe_options(probe: argparse.ArgumentParser) -> None:
     probe.add_argument(
         "--smtp",
         metavar="URL",
@@ -211,7 +220,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="also write Prometheus text-format metrics to FILE (node_exporter textfile)",
     )
-    return parser
 
 
 def _wants_json(argv: Sequence[str]) -> bool:
