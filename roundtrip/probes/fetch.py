@@ -113,6 +113,40 @@ def fetch_imap(
         ConnectError, TLSError, AuthError, RejectedError: a step failed.
     """
     server = endpoint.address
+    imap = _imap_session(endpoint, context, timeline, timeout, mailbox)
+    try:
+        uids = _imap_wait(
+            imap,
+            message_id=message_id,
+            mailbox=mailbox,
+            server=server,
+            timeline=timeline,
+            timeout=timeout,
+            deadline=deadline,
+            settle=settle,
+        )
+        copies: list[bytes] = []
+        with map_errors("IMAP FETCH", server, timeout=timeout):
+            started = time.perf_counter()
+            for uid in uids:
+                _, data = imap.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
+                copies.extend(_literals(data))
+            timeline.add("imap fetch", started, server=server, detail=f"{len(copies)} copy")
+        if delete:
+            _imap_delete(imap, uids, server=server, timeline=timeline, timeout=timeout)
+        with map_errors("IMAP LOGOUT", server, timeout=timeout):
+            imap.logout()
+        return copies
+    finally:
+        _close_quietly(imap)
+
+
+def _imap_session(
+    endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline, timeout: float, mailbox: str
+) -> _IMAP:
+    """Connect, upgrade with STARTTLS when the endpoint asks for it, LOGIN and SELECT
+    ``mailbox``, each step timed; the connection is closed if a step fails."""
+    server = endpoint.address
     with map_errors("IMAP CONNECT", server, timeout=timeout, waiting="the greeting"):
         imap = _IMAP(endpoint, context, timeline, timeout)
         imap._timeout_value = timeout  # type: ignore[attr-defined]
@@ -148,68 +182,81 @@ def fetch_imap(
             if typ != "OK":
                 raise imaplib.IMAP4.error(f"SELECT {mailbox} failed: {display(data)!r}")
             timeline.add("imap select", started, server=server)
-        idle = "IDLE" in imap.capabilities
-        started = time.perf_counter()
-        delay = _POLL_FIRST
-        settle_until: float | None = None
-        with map_errors("IMAP WAIT", server, timeout=timeout):
-            while True:
-                uids = _imap_search(imap, message_id)
-                remaining = deadline - time.monotonic()
-                if uids and settle_until is None:
-                    timeline.visible_at = time.perf_counter()
-                    timeline.add(
-                        "imap visible", started, server=server, detail="IDLE" if idle else "poll"
-                    )
-                    settle_until = time.monotonic() + min(settle, max(remaining, 0.0))
-                if settle_until is not None:
-                    # A second copy (a duplicate) may land just after the first one.
-                    wait = settle_until - time.monotonic()
-                    if wait <= 0:
-                        break
-                    time.sleep(wait)
-                    imap.noop()
-                    settle_until = time.monotonic()
-                    continue
-                if remaining <= 0:
-                    break
-                if idle:
-                    # IDLE, but never longer than the poll schedule: Dovecot delays its
-                    # notifications by 0.5 s, which would be reported as delivery time.
-                    _imap_idle_once(imap, min(delay, remaining))
-                else:
-                    time.sleep(min(delay, remaining))
-                    imap.noop()
-                delay = _backoff(delay)
-        if not uids:
-            timeline.fail("imap visible", started, server=server, detail="not found")
-            raise NotDeliveredError(
-                f"FETCH: message {message_id} not found in {mailbox} at {server} by the deadline",
-                step="FETCH",
-                host=server,
-            )
-        copies: list[bytes] = []
-        with map_errors("IMAP FETCH", server, timeout=timeout):
-            started = time.perf_counter()
-            for uid in uids:
-                typ, data = imap.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
-                copies.extend(_literals(data))
-            timeline.add("imap fetch", started, server=server, detail=f"{len(copies)} copy")
-        if delete:
-            with map_errors("IMAP DELETE", server, timeout=timeout):
-                started = time.perf_counter()
-                uid_set = ",".join(u.decode() for u in uids)
-                imap.uid("STORE", uid_set, "+FLAGS.SILENT", r"(\Deleted)")
-                if "UIDPLUS" in imap.capabilities:
-                    imap.uid("EXPUNGE", uid_set)
-                else:
-                    imap.expunge()
-                timeline.add("imap delete", started, server=server)
-        with map_errors("IMAP LOGOUT", server, timeout=timeout):
-            imap.logout()
-        return copies
-    finally:
+        return imap
+    except BaseException:
         _close_quietly(imap)
+        raise
+
+
+def _imap_wait(
+    imap: _IMAP,
+    *,
+    message_id: str,
+    mailbox: str,
+    server: str,
+    timeline: Timeline,
+    timeout: float,
+    deadline: float,
+    settle: float,
+) -> list[bytes]:
+    """The UIDs of ``message_id`` once it shows (and ``settle`` seconds more have passed);
+    raises ``NotDeliveredError`` if it has not shown by ``deadline``."""
+    idle = "IDLE" in imap.capabilities
+    started = time.perf_counter()
+    delay = _POLL_FIRST
+    settle_until: float | None = None
+    with map_errors("IMAP WAIT", server, timeout=timeout):
+        while True:
+            uids = _imap_search(imap, message_id)
+            remaining = deadline - time.monotonic()
+            if uids and settle_until is None:
+                timeline.visible_at = time.perf_counter()
+                timeline.add(
+                    "imap visible", started, server=server, detail="IDLE" if idle else "poll"
+                )
+                settle_until = time.monotonic() + min(settle, max(remaining, 0.0))
+            if settle_until is not None:
+                # A second copy (a duplicate) may land just after the first one.
+                wait = settle_until - time.monotonic()
+                if wait <= 0:
+                    break
+                time.sleep(wait)
+                imap.noop()
+                settle_until = time.monotonic()
+                continue
+            if remaining <= 0:
+                break
+            if idle:
+                # IDLE, but never longer than the poll schedule: Dovecot delays its
+                # notifications by 0.5 s, which would be reported as delivery time.
+                _imap_idle_once(imap, min(delay, remaining))
+            else:
+                time.sleep(min(delay, remaining))
+                imap.noop()
+            delay = _backoff(delay)
+    if not uids:
+        timeline.fail("imap visible", started, server=server, detail="not found")
+        raise NotDeliveredError(
+            f"FETCH: message {message_id} not found in {mailbox} at {server} by the deadline",
+            step="FETCH",
+            host=server,
+        )
+    return uids
+
+
+def _imap_delete(
+    imap: _IMAP, uids: list[bytes], *, server: str, timeline: Timeline, timeout: float
+) -> None:
+    """Mark ``uids`` deleted and expunge them (only them, with UIDPLUS: RFC 4315)."""
+    with map_errors("IMAP DELETE", server, timeout=timeout):
+        started = time.perf_counter()
+        uid_set = ",".join(u.decode() for u in uids)
+        imap.uid("STORE", uid_set, "+FLAGS.SILENT", r"(\Deleted)")
+        if "UIDPLUS" in imap.capabilities:
+            imap.uid("EXPUNGE", uid_set)
+        else:
+            imap.expunge()
+        timeline.add("imap delete", started, server=server)
 
 
 def _literals(data: list[Any]) -> list[bytes]:
@@ -320,45 +367,15 @@ def fetch_pop3(
         pop = _pop3_session(endpoint, context, timeline, timeout)
         try:
             with map_errors("POP3 SEARCH", server, timeout=timeout):
-                matches: list[int] = []
-                _, listing, _ = pop.uidl()
-                for entry in listing:
-                    number, _, uidl = entry.partition(b" ")
-                    num = int(number)
-                    if uidl not in checked:
-                        _, lines, _ = pop.top(num, 0)
-                        header = b"\r\n".join(lines)
-                        found = _MESSAGE_ID_RE.search(header)
-                        checked[uidl] = bool(found and found.group(1).decode() == message_id)
-                    if checked[uidl]:
-                        matches.append(num)
+                matches = _pop3_matches(pop, message_id, checked)
             remaining = deadline - time.monotonic()
             if matches and timeline.visible_at is None:
                 timeline.visible_at = time.perf_counter()
                 timeline.add("pop3 visible", started_wait, server=server, detail="poll")
             if matches and (settled or remaining <= 0):
-                copies: list[bytes] = []
-                with map_errors("POP3 RETR", server, timeout=timeout):
-                    started = time.perf_counter()
-                    for num in matches:
-                        _, lines, _ = pop.retr(num)
-                        copies.append(b"\r\n".join(lines) + b"\r\n")
-                    timeline.add("pop3 fetch", started, server=server, detail=f"{len(copies)} copy")
-                if delete:
-                    # The server removes messages marked with DELE only when QUIT ends the
-                    # session (RFC 1939 section 6): the step times both.
-                    with map_errors("POP3 DELE", server, timeout=timeout):
-                        started = time.perf_counter()
-                        for num in matches:
-                            pop.dele(num)
-                        pop.quit()
-                        timeline.add(
-                            "pop3 delete", started, server=server, detail=f"{len(matches)} copy"
-                        )
-                else:
-                    with map_errors("POP3 QUIT", server, timeout=timeout):
-                        pop.quit()
-                return copies
+                return _pop3_take(
+                    pop, matches, server=server, timeline=timeline, timeout=timeout, delete=delete
+                )
             with map_errors("POP3 QUIT", server, timeout=timeout):
                 pop.quit()
         finally:
@@ -378,3 +395,53 @@ def fetch_pop3(
             )
         time.sleep(min(delay, remaining))
         delay = _backoff(delay)
+
+
+def _pop3_matches(pop: _POP3, message_id: str, checked: dict[bytes, bool]) -> list[int]:
+    """The message numbers of this session whose Message-ID is ``message_id``. ``checked``
+    remembers the verdict per UIDL across sessions, so each message's header is read once."""
+    matches: list[int] = []
+    _, listing, _ = pop.uidl()
+    for entry in listing:
+        number, _, uidl = entry.partition(b" ")
+        num = int(number)
+        if uidl not in checked:
+            _, lines, _ = pop.top(num, 0)
+            header = b"\r\n".join(lines)
+            found = _MESSAGE_ID_RE.search(header)
+            checked[uidl] = bool(found and found.group(1).decode() == message_id)
+        if checked[uidl]:
+            matches.append(num)
+    return matches
+
+
+def _pop3_take(
+    pop: _POP3,
+    matches: list[int],
+    *,
+    server: str,
+    timeline: Timeline,
+    timeout: float,
+    delete: bool,
+) -> list[bytes]:
+    """RETR every match, then DELE them (if ``delete``) and QUIT; returns the copies."""
+    copies: list[bytes] = []
+    with map_errors("POP3 RETR", server, timeout=timeout):
+        started = time.perf_counter()
+        for num in matches:
+            _, lines, _ = pop.retr(num)
+            copies.append(b"\r\n".join(lines) + b"\r\n")
+        timeline.add("pop3 fetch", started, server=server, detail=f"{len(copies)} copy")
+    if delete:
+        # The server removes messages marked with DELE only when QUIT ends the
+        # session (RFC 1939 section 6): the step times both.
+        with map_errors("POP3 DELE", server, timeout=timeout):
+            started = time.perf_counter()
+            for num in matches:
+                pop.dele(num)
+            pop.quit()
+            timeline.add("pop3 delete", started, server=server, detail=f"{len(matches)} copy")
+    else:
+        with map_errors("POP3 QUIT", server, timeout=timeout):
+            pop.quit()
+    return copies
