@@ -3,7 +3,7 @@
 The server child is ``benchmarks._server`` in a subprocess (one JSON line per command), so
 the client and the stack use the machine's two cores and the stack's RSS is its own. A
 ``Target`` says where a round trip goes; ``stack_target`` builds one from the child's
-``start`` reply, ``real_target`` from a ``roundtrip.realstack.RealMailServer``.
+``start`` reply, ``real_target`` from a ``benchmarks._realstack.RealMailServer``.
 """
 
 from __future__ import annotations

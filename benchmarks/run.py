@@ -17,7 +17,7 @@ How each figure is taken (docs/benchmarks.md says more):
 - Round-trip latency rows with targets use ``benchmarks._lean`` (exactly the issue's round
   trip, raw sockets); the validator's probe (``run_probe``: verification, clean-up, reporting)
   is measured beside it in rows of its own, and drives the throughput clients.
-- Postfix + Dovecot is ``roundtrip.realstack.RealMailServer``, the validator's integration
+- Postfix + Dovecot is ``benchmarks._realstack.RealMailServer``, the validator's integration
   harness, with the same lean client, the same probe and the same throughput clients.
 
 Where the code is: each section measures and builds its rows in ``benchmarks/sections/``;
@@ -76,7 +76,7 @@ def collect(plan: Plan, *, with_postfix: bool, log: Callable[[str], None]) -> di
     log("paired samples: floor, same and cross domain, Postfix+Dovecot, interleaved")
     data["paired"] = paired.measure(plan, users, with_postfix)
     if with_postfix:
-        log("Postfix + Dovecot (roundtrip.realstack)")
+        log("Postfix + Dovecot (benchmarks._realstack)")
         data["postfix_dovecot"] = postfix.measure(plan)
     else:
         data["postfix_dovecot"] = {"skipped": "--no-postfix"}
@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=textwrap.dedent("""\
             Results and how each figure is taken: docs/benchmarks.md.
-            Postfix + Dovecot run only where roundtrip.realstack can start them (root and the
+            Postfix + Dovecot run only where benchmarks._realstack can start them (root and the
             Debian packages postfix dovecot-imapd dovecot-pop3d dovecot-lmtpd)."""),
     )
     parser.add_argument("--quick", action="store_true", help="smoke version: small counts")

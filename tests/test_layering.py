@@ -26,7 +26,6 @@ LAYER = {
     "servers": 3,
     "probes": 3,
     "stack": 4,
-    "realstack": 4,
     "pytest_plugin": 5,
     "cli": 5,
     "testing": 5,

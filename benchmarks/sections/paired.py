@@ -38,7 +38,7 @@ SECTION = "round trip targets: floor and servers sampled in turn (paired)"
 @contextmanager
 def _real_server(with_postfix: bool) -> Iterator[Any]:
     """A started ``RealMailServer``, or None where it cannot run (or is not wanted)."""
-    from roundtrip.realstack import RealMailServer
+    from benchmarks._realstack import RealMailServer
 
     if not (with_postfix and RealMailServer.is_available()[0]):
         yield None

@@ -1,4 +1,4 @@
-"""Postfix + Dovecot: the same figures against ``roundtrip.realstack.RealMailServer``.
+"""Postfix + Dovecot: the same figures against ``benchmarks._realstack.RealMailServer``.
 
 The validator's integration harness (implicit-TLS submission with AUTH PLAIN, LMTP into
 Maildir, IMAPS/POP3S) with the same lean client, the same probe, the same throughput
@@ -92,7 +92,7 @@ def _measure_running(plan: Plan, server: Any, big_pw: str, out: dict[str, Any]) 
 
 def measure(plan: Plan) -> dict[str, Any]:
     """Every comparison figure, or ``{"skipped": reason}``."""
-    from roundtrip.realstack import RealMailServer
+    from benchmarks._realstack import RealMailServer
 
     ok, reason = RealMailServer.is_available()
     if not ok:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from roundtrip.realstack import RealMailServer
+from benchmarks._realstack import RealMailServer
 
 pytest_plugins = ["pytester"]
 

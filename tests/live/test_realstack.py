@@ -21,9 +21,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from benchmarks._realstack import ALTERED_SUFFIX, RealMailServer
 from roundtrip.certs import CertificateAuthority
 from roundtrip.errors import ConfigError
-from roundtrip.realstack import ALTERED_SUFFIX, RealMailServer
 
 _AVAILABLE, _REASON = RealMailServer.is_available()
 needs_stack = pytest.mark.skipif(not _AVAILABLE, reason=f"Postfix + Dovecot: {_REASON}")

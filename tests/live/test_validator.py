@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks._realstack import RealMailServer
 from roundtrip.cli import main
-from roundtrip.realstack import RealMailServer
 
 _AVAILABLE, _REASON = RealMailServer.is_available()
 pytestmark = pytest.mark.skipif(not _AVAILABLE, reason=f"Postfix + Dovecot: {_REASON}")

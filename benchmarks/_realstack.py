@@ -27,6 +27,12 @@ mail whose body the relay rewrites.
 
 It needs root (Postfix's master insists on it) and the packages above; ``is_available()``
 says why not when they are missing.
+
+The text of every configuration file comes from ``benchmarks/_realstack_config.py``; this
+module creates the directories, writes the files and runs the daemons.
+
+It lives under ``benchmarks/``, not in the ``roundtrip`` package: only this repository's
+benchmarks and ``tests/live`` use it, so the wheel does not ship it.
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Literal
 
+from benchmarks._realstack_config import (
+    ALTERED_SUFFIX,
+    dovecot_conf,
+    postfix_main_cf,
+    postfix_maps,
+    postfix_master_cf,
+)
 from roundtrip.certs import CertificateAuthority
 from roundtrip.errors import ConfigError, ServerStartError
 
@@ -68,10 +81,6 @@ _DOVECOT = "/usr/sbin/dovecot"
 _DOVECOT_LMTP = "/usr/lib/dovecot/lmtp"
 _REQUIRED_ACCOUNTS = ("postfix", "dovecot", "dovenull", "nobody")
 
-#: The marker that ``alter_body=True`` appends to every non-empty body line.
-ALTERED_SUFFIX = " [altered by relay]"
-#: The address detail (``user+DETAIL@domain``) used by ``duplicate_delivery=True``.
-_DUPLICATE_DETAIL = "roundtrip-duplicate"
 #: sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _STOP_TIMEOUT = 10.0
@@ -434,214 +443,44 @@ class RealMailServer:
             "".join(f"{user}:{{PLAIN}}{pw}::::::\n" for user, pw in self.users.items()),
             mode=0o644,
         )
-        p = self.ports
-        w = self.workdir
-        conf = f"""\
-# Written by roundtrip.realstack; nothing here is read from /etc/dovecot.
-instance_name = roundtrip-{os.path.basename(w)}
-base_dir = {w}/run
-state_dir = {w}/dovecot/state
-listen = {self.host}
-protocols = imap pop3 lmtp
-log_path = {w}/log/dovecot.log
-default_login_user = dovenull
-default_internal_user = dovecot
-# TLS before any authentication, even from loopback (Dovecot treats loopback as secure).
-ssl = required
-ssl_cert = <{w}/tls/cert.pem
-ssl_key = <{w}/tls/key.pem
-ssl_min_protocol = TLSv1.2
-auth_mechanisms = plain login
-# Tests try wrong passwords on purpose; the default 2 s penalty only slows them down.
-auth_failure_delay = 0
-mail_location = maildir:~/Maildir
-recipient_delimiter = +
-lmtp_save_to_detail_mailbox = no
-pop3_uidl_format = %08Xu%08Xv
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%u {w}/dovecot/users
-}}
-userdb {{
-  driver = static
-  args = uid={nobody.pw_uid} gid={nobody.pw_gid} home={w}/mail/%d/%n
-}}
-protocol lmtp {{
-  postmaster_address = postmaster@{self.domain}
-}}
-service lmtp {{
-  unix_listener {w}/sock/lmtp {{
-    mode = 0666
-  }}
-}}
-# Without this socket Dovecot skips its per-IP penalty (2 s, doubling after each failure),
-# which would otherwise slow every wrong-password test that follows another.
-service anvil {{
-  unix_listener anvil-auth-penalty {{
-    mode = 0
-  }}
-}}
-service auth {{
-  unix_listener {w}/sock/auth-client {{
-    mode = 0666
-  }}
-}}
-service imap-login {{
-  service_count = 0
-  process_min_avail = 1
-  inet_listener imap {{
-    address = {self.host}
-    port = {p["imap"]}
-  }}
-  inet_listener imaps {{
-    address = {self.host}
-    port = {p["imaps"]}
-    ssl = yes
-  }}
-}}
-service pop3-login {{
-  service_count = 0
-  process_min_avail = 1
-  inet_listener pop3 {{
-    address = {self.host}
-    port = {p["pop3"]}
-  }}
-  inet_listener pop3s {{
-    address = {self.host}
-    port = {p["pop3s"]}
-    ssl = yes
-  }}
-}}
-"""
+        conf = dovecot_conf(
+            workdir=self.workdir,
+            host=self.host,
+            domain=self.domain,
+            ports=self.ports,
+            uid=nobody.pw_uid,
+            gid=nobody.pw_gid,
+        )
         self._write("dovecot/dovecot.conf", conf)
 
     def _write_postfix(self) -> None:
-        w = self.workdir
         etc = self._mkdir("postfix", "etc")
         self._make_queue()
-        maps = {
-            "vmailbox": "".join(f"{user} OK\n" for user in self.users),
-        }
-        extra: list[str] = []
-        if self.discard_mail:
-            maps["transport"] = f"{self.domain} discard:silently dropped by roundtrip harness\n"
-            extra.append(f"transport_maps = texthash:{etc}/transport")
-        if self.duplicate_delivery:
-            # The alias maps each user to itself plus user+detail; Dovecot strips the detail,
-            # so both copies land in the same INBOX, in separate LMTP transactions.
-            maps["virtual"] = "".join(
-                f"{user} {user}, {user.replace('@', '+' + _DUPLICATE_DETAIL + '@', 1)}\n"
-                for user in self.users
-            )
-            extra.append(f"virtual_alias_maps = texthash:{etc}/virtual")
-            extra.append("lmtp_destination_recipient_limit = 1")
-        if self.alter_body:
-            maps["body_checks"] = f"/^(.*[^[:space:]].*)$/ REPLACE ${{1}}{ALTERED_SUFFIX}\n"
-            extra.append(f"body_checks = regexp:{etc}/body_checks")
+        maps, extra = postfix_maps(
+            etc=etc,
+            domain=self.domain,
+            users=self.users,
+            discard_mail=self.discard_mail,
+            duplicate_delivery=self.duplicate_delivery,
+            alter_body=self.alter_body,
+        )
         for name, text in maps.items():
             self._write(f"postfix/etc/{name}", text)
-        main = f"""\
-# Written by roundtrip.realstack; nothing here is read from /etc/postfix.
-compatibility_level = 3.6
-queue_directory = {w}/postfix/spool
-data_directory = {w}/postfix/data
-mail_owner = postfix
-setgid_group = postdrop
-default_privs = nobody
-myhostname = {self.hostname}
-mydomain = {self.domain}
-myorigin = $mydomain
-mydestination =
-mynetworks = 127.0.0.0/8
-# Every listener names its address in master.cf; these only tell Postfix which addresses
-# are its own ("127.0.0.2" is no interface address, but the kernel routes it to lo).
-inet_interfaces = loopback-only
-proxy_interfaces = {self.host}
-inet_protocols = ipv4
-maillog_file = {w}/log/postfix.log
-maillog_file_prefixes = {w}/log
-alias_maps =
-alias_database =
-biff = no
-append_dot_mydomain = no
-smtputf8_enable = yes
-# Nothing leaves this machine.
-default_transport = error:outbound mail is disabled in the roundtrip harness
-relay_transport = error:outbound mail is disabled in the roundtrip harness
-local_transport = error:local delivery is disabled in the roundtrip harness
-virtual_mailbox_domains = {self.domain}
-virtual_mailbox_maps = texthash:{etc}/vmailbox
-virtual_transport = lmtp:unix:{w}/sock/lmtp
-smtpd_banner = $myhostname ESMTP
-smtpd_tls_chain_files = {w}/tls/key.pem, {w}/tls/cert.pem
-smtpd_tls_security_level = may
-smtpd_tls_auth_only = yes
-smtpd_tls_protocols = >=TLSv1.2
-smtpd_tls_mandatory_protocols = >=TLSv1.2
-smtpd_sasl_type = dovecot
-smtpd_sasl_path = {w}/sock/auth-client
-smtpd_sasl_auth_enable = no
-smtpd_relay_restrictions = permit_sasl_authenticated, reject_unauth_destination
-smtpd_recipient_restrictions =
-smtp_tls_security_level = none
-tls_random_source = dev:/dev/urandom
-delay_warning_time = 0
-notify_classes =
-in_flow_delay = 0
-smtpd_error_sleep_time = 0
-{chr(10).join(extra)}
-"""
-        submission_tls = "may" if self.allow_plaintext_auth_on_starttls_port else "encrypt"
-        submission_auth_only = "no" if self.allow_plaintext_auth_on_starttls_port else "yes"
-        submit_opts = (
-            "  -o smtpd_sasl_auth_enable=yes\n"
-            "  -o smtpd_client_restrictions=permit_sasl_authenticated,reject\n"
-            "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject\n"
+        main = postfix_main_cf(
+            workdir=self.workdir,
+            etc=etc,
+            hostname=self.hostname,
+            domain=self.domain,
+            host=self.host,
+            extra=extra,
         )
-        p = self.ports
-        master = f"""\
-# Written by roundtrip.realstack. Nothing is chrooted: the sockets live in {w}/sock.
-{self.host}:{p["submissions"]} inet n - n - - smtpd
-  -o syslog_name=postfix/submissions
-  -o smtpd_tls_wrappermode=yes
-  -o smtpd_tls_security_level=encrypt
-{submit_opts}\
-{self.host}:{p["submission"]} inet n - n - - smtpd
-  -o syslog_name=postfix/submission
-  -o smtpd_tls_security_level={submission_tls}
-  -o smtpd_tls_auth_only={submission_auth_only}
-{submit_opts}\
-"""
-        if self.mx:
-            master += (
-                f"{self.host}:{p['smtp']} inet n - n - - smtpd\n"
-                "  -o syslog_name=postfix/mx\n"
-                "  -o smtpd_relay_restrictions=reject_unauth_destination\n"
-            )
-        master += """\
-pickup     unix  n - n 60   1 pickup
-cleanup    unix  n - n -    0 cleanup
-qmgr       unix  n - n 300  1 qmgr
-tlsmgr     unix  - - n 1000? 1 tlsmgr
-rewrite    unix  - - n -    - trivial-rewrite
-bounce     unix  - - n -    0 bounce
-defer      unix  - - n -    0 bounce
-trace      unix  - - n -    0 bounce
-verify     unix  - - n -    1 verify
-flush      unix  n - n 1000? 0 flush
-proxymap   unix  - - n -    - proxymap
-proxywrite unix  - - n -    1 proxymap
-smtp       unix  - - n -    - smtp
-relay      unix  - - n -    - smtp
-showq      unix  n - n -    - showq
-error      unix  - - n -    - error
-retry      unix  - - n -    - error
-discard    unix  - - n -    - discard
-lmtp       unix  - - n -    - lmtp
-anvil      unix  - - n -    1 anvil
-scache     unix  - - n -    1 scache
-postlog    unix-dgram n - n - 1 postlogd
-"""
+        master = postfix_master_cf(
+            workdir=self.workdir,
+            host=self.host,
+            ports=self.ports,
+            mx=self.mx,
+            allow_plaintext_auth_on_starttls_port=self.allow_plaintext_auth_on_starttls_port,
+        )
         self._write("postfix/etc/main.cf", main)
         self._write("postfix/etc/master.cf", master)
 
