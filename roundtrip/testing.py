@@ -14,7 +14,9 @@ import pytest), then call :func:`roundtrip_eml`::
 ``roundtrip_eml`` submits the message over implicit TLS with AUTH (port 465 semantics) as the
 first user of the first domain to the first user of the last domain, so the message crosses
 the relay, the DNS MX lookup and the recipient's MX; it waits until the message is stored and
-downloads it over IMAP ``BODY[]`` and/or POP3 ``RETR``, reading the exact octets.
+downloads it over IMAP ``BODY[]`` and/or POP3 ``RETR``, reading the exact octets
+(:func:`download_imap` with imapclient, :func:`download_pop3` with poplib; both usable on
+their own for a message whose UID is known).
 
 What is submitted: the message in SMTP's canonical form (:func:`canonical_form`), as a mail
 client submits a file. Saved mail usually ends its lines with a bare LF; SMTP carries lines
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import imaplib
 import poplib
 import re
 import smtplib
@@ -52,6 +53,9 @@ import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
 from .config import Endpoint, User
 from .stack import DeliveredMessage, MailStack
@@ -61,8 +65,8 @@ __all__ = [
     "TRACE_FIELDS",
     "RoundtripOutcome",
     "canonical_form",
-    "fetch_imap",
-    "fetch_pop3",
+    "download_imap",
+    "download_pop3",
     "normalize_line_endings",
     "roundtrip_eml",
     "send_eml",
@@ -638,7 +642,7 @@ def _user_password(stack: MailStack, address: str) -> str:
     return _find_user(stack, address).password
 
 
-def fetch_imap(
+def download_imap(
     stack: MailStack,
     user: str,
     uid: int,
@@ -646,48 +650,82 @@ def fetch_imap(
     mailbox: str = "INBOX",
     timeout: float = 30.0,
 ) -> bytes:
-    """Download one message's exact octets with IMAP ``UID FETCH uid (BODY.PEEK[])`` (IMAPS).
+    """Download one stored message's exact octets over IMAPS, with imapclient.
+
+    Logs in as ``user`` (the stack knows the password), selects ``mailbox`` read-only
+    (``EXAMINE``) and sends ``UID FETCH uid (BODY.PEEK[])``, so the ``\\Seen`` flag stays as
+    it was. The literal comes back byte for byte (imapclient checks its announced length).
+
+    Unlike :func:`roundtrip.probes.fetch.fetch_imap`, which searches for a tagged message
+    until a deadline and times each step, this reads one message whose UID is known.
+
+    Args:
+        stack: the running stack that stored the message.
+        user: the mailbox owner's address (a user of the stack).
+        uid: the message's UID (``DeliveredMessage.stored.uid``).
+        mailbox: the folder holding it (encoded as modified UTF-7 on the wire).
+        timeout: seconds for the connection and each read.
+
+    Returns:
+        The message as the server sends it for ``BODY[]``.
 
     Raises:
-        LookupError: the server returned no such message.
-        imaplib.IMAP4.error, ssl.SSLError, OSError: as imaplib raises them.
+        ValueError: ``user`` is not a user of the stack.
+        LookupError: ``mailbox`` cannot be selected, or it holds no message with that UID.
+        imapclient.exceptions.LoginError: the server refused the login.
+        imapclient.exceptions.IMAPClientError, ssl.SSLError, OSError: other IMAP, TLS or
+            socket failures, as imapclient raises them (``IMAPClientError`` is
+            ``imaplib.IMAP4.error``).
     """
+    password = _user_password(stack, user)
     ep = stack.endpoints(user.rpartition("@")[2])
-    client = imaplib.IMAP4_SSL(
-        ep.host, ep.ports["imaps"], ssl_context=stack.client_context(), timeout=timeout
-    )
-    try:
-        client.login(user, _user_password(stack, user))
-        typ, _ = client.select(_imap_quote(mailbox), readonly=True)
-        if typ != "OK":
-            raise LookupError(f"cannot select {mailbox!r} of {user}")
-        typ, data = client.uid("FETCH", str(uid), "(BODY.PEEK[])")
-        for item in data:
-            if isinstance(item, tuple) and b"BODY[]" in item[0]:
-                return bytes(item[1])
-        raise LookupError(f"no message with UID {uid} in {mailbox!r} of {user}: {typ} {data!r}")
-    finally:
+    with IMAPClient(
+        ep.host,
+        port=ep.ports["imaps"],
+        use_uid=True,
+        ssl=True,
+        ssl_context=stack.client_context(),
+        timeout=timeout,
+    ) as client:
+        client.login(user, password)
         try:
-            client.logout()
-        except (imaplib.IMAP4.error, OSError):
-            client.shutdown()
+            client.select_folder(mailbox, readonly=True)
+        except IMAPClientAbortError:
+            raise
+        except IMAPClientError as exc:
+            raise LookupError(f"cannot select {mailbox!r} of {user}: {exc}") from exc
+        fetched = client.fetch([uid], [b"BODY.PEEK[]"])
+    body = fetched.get(uid, {}).get(b"BODY[]")
+    if not isinstance(body, bytes):
+        raise LookupError(f"no message with UID {uid} in {mailbox!r} of {user}: {fetched!r}")
+    return body
 
 
-def _imap_quote(name: str) -> str:
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def fetch_pop3(stack: MailStack, user: str, uid: int, *, timeout: float = 30.0) -> bytes:
+def download_pop3(stack: MailStack, user: str, uid: int, *, timeout: float = 30.0) -> bytes:
     """Download one INBOX message's exact octets with POP3 ``RETR`` (POP3S), un-dot-stuffed.
 
     The message number is the position of ``uid`` in the INBOX (POP3 numbers the maildrop
     in UID order). poplib's ``retr()`` would rewrite line endings, so the multi-line reply is
     read from the connection directly.
 
+    Unlike :func:`roundtrip.probes.fetch.fetch_pop3`, which reconnects until a tagged
+    message shows up and times each step, this reads one message whose UID is known.
+
+    Args:
+        stack: the running stack that stored the message.
+        user: the mailbox owner's address (a user of the stack).
+        uid: the message's UID in the INBOX.
+        timeout: seconds for the connection and each read.
+
+    Returns:
+        The message with the dot-stuffing of the multi-line reply removed.
+
     Raises:
+        ValueError: ``user`` is not a user of the stack.
         LookupError: the message is not in the INBOX.
         poplib.error_proto, ssl.SSLError, OSError: as poplib raises them.
     """
+    password = _user_password(stack, user)
     uids = stack.store.mailbox(user, "INBOX").uids()
     if uid not in uids:
         raise LookupError(f"no message with UID {uid} in the INBOX of {user}")
@@ -698,7 +736,7 @@ def fetch_pop3(stack: MailStack, user: str, uid: int, *, timeout: float = 30.0) 
     )
     try:
         client.user(user)
-        client.pass_(_user_password(stack, user))
+        client.pass_(password)
         client.sock.sendall(f"RETR {number}\r\n".encode("ascii"))
         status = client.file.readline()
         if not status.startswith(b"+OK"):
@@ -787,9 +825,9 @@ def roundtrip_eml(
     fetched: dict[str, bytes] = {}
     for method in methods:
         if method == "imap":
-            fetched[method] = fetch_imap(stack, to, uid, mailbox=mailbox, timeout=max(wait, 1.0))
+            fetched[method] = download_imap(stack, to, uid, mailbox=mailbox, timeout=max(wait, 1.0))
         else:
-            fetched[method] = fetch_pop3(stack, to, uid, timeout=max(wait, 1.0))
+            fetched[method] = download_pop3(stack, to, uid, timeout=max(wait, 1.0))
     return RoundtripOutcome.build(
         submitted,
         message.raw,

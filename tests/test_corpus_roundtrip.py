@@ -34,7 +34,7 @@ from roundtrip.corpus import CorpusMessage, corpus_params, large_message, large_
 from roundtrip.stack import DeliveredMessage, MailStack
 from roundtrip.testing import (
     RoundtripOutcome,
-    fetch_pop3,
+    download_pop3,
     normalize_line_endings,
     roundtrip_eml,
     smtp_options,
@@ -282,7 +282,7 @@ def test_corpus_roundtrip_message(
     delivered = _deliver(stack, submitter, message.raw, _options(message))
     stored = delivered.raw
     imap = _imap_fetch(stack, delivered.stored.uid)
-    pop3 = fetch_pop3(stack, RECIPIENT, delivered.stored.uid, timeout=TIMEOUT)
+    pop3 = download_pop3(stack, RECIPIENT, delivered.stored.uid, timeout=TIMEOUT)
     outcome = RoundtripOutcome.build(
         message.raw, stored, {"imap": imap[b"BODY[]"], "pop3": pop3}, message=delivered
     )
@@ -314,7 +314,7 @@ def test_corpus_roundtrip_detects_an_altered_body(stack: MailStack, submitter: S
     message = corpus_params()[0]
     stack.faults.alter_body = True
     delivered = _deliver(stack, submitter, message.raw, [])
-    pop3 = fetch_pop3(stack, RECIPIENT, delivered.stored.uid, timeout=TIMEOUT)
+    pop3 = download_pop3(stack, RECIPIENT, delivered.stored.uid, timeout=TIMEOUT)
     outcome = RoundtripOutcome.build(message.raw, delivered.raw, {"pop3": pop3})
     assert outcome.downloads_match
     assert not outcome.identical

@@ -3,6 +3,14 @@
 IMAP waits with IDLE (RFC 2177) where the server offers it, else polls with a growing
 interval; POP3 has no push, and a POP3 session sees the maildrop as it was at login, so it
 reconnects to look again.
+
+The IMAP client is imaplib driven one command at a time, not imapclient: the probe reports
+each step's time (connect, TLS handshake, LOGIN, SELECT, the wait for the message, FETCH)
+and the TLS facts of its connection, so it opens the socket itself with ``_net.dial`` and
+reads IDLE's lines under a per-wait timeout. imapclient opens its own socket and hides those
+steps inside single calls. Tests that only need a stored message's octets use
+``roundtrip.testing.download_imap`` (imapclient) and ``download_pop3`` instead; the two
+``fetch_*`` functions here search for a tagged message until a deadline.
 """
 
 from __future__ import annotations
