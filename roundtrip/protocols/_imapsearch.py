@@ -61,28 +61,34 @@ class BadCharsetError(ParseError):
 CHARSETS = ("UTF-8", "US-ASCII")
 
 
-def mime_tree(msg: SearchMessage) -> Any:
-    """The parsed MIME tree of ``msg``, memoised in its cache."""
+def mime_tree(msg: SearchMessage, on_error: _mime.OnError = None) -> Any:
+    """The parsed MIME tree of ``msg``, memoised in its cache.
+
+    ``on_error`` hears of a parser bug (``_mime.parse``); the fallback tree is memoised too, so
+    one message reports it once.
+    """
     tree = msg.cache.get("mime")
     if tree is None:
-        tree = msg.cache["mime"] = _mime.parse(msg.raw)
+        tree = msg.cache["mime"] = _mime.parse(msg.raw, on_error=on_error)
     return tree
 
 
-def _header_text(msg: SearchMessage, name: str) -> list[str]:
+def _header_text(msg: SearchMessage, name: str, on_error: _mime.OnError) -> list[str]:
     key = "hdr:" + name.lower()
     values = msg.cache.get(key)
     if values is None:
-        values = msg.cache[key] = [
-            v.casefold() for v in _mime.header_values(msg.raw, name, tree=mime_tree(msg))
-        ]
+        tree = mime_tree(msg, on_error)
+        found = _mime.header_values(msg.raw, name, tree=tree, on_error=on_error)
+        values = msg.cache[key] = [v.casefold() for v in found]
     return list(values)
 
 
-def _body_text(msg: SearchMessage) -> str:
+def _body_text(msg: SearchMessage, on_error: _mime.OnError) -> str:
     text = msg.cache.get("search_text")
     if text is None:
-        text = msg.cache["search_text"] = _mime.search_text(msg.raw, tree=mime_tree(msg)).casefold()
+        tree = mime_tree(msg, on_error)
+        found = _mime.search_text(msg.raw, tree=tree, on_error=on_error)
+        text = msg.cache["search_text"] = found.casefold()
     return str(text)
 
 
@@ -94,9 +100,10 @@ def _all_headers_text(msg: SearchMessage) -> str:
     return str(text)
 
 
-def _sent_day(msg: SearchMessage) -> datetime.date | None:
+def _sent_day(msg: SearchMessage, on_error: _mime.OnError) -> datetime.date | None:
     if "sent_date" not in msg.cache:
-        msg.cache["sent_date"] = _mime.header_date(msg.raw, tree=mime_tree(msg))
+        tree = mime_tree(msg, on_error)
+        msg.cache["sent_date"] = _mime.header_date(msg.raw, tree=tree, on_error=on_error)
     when = msg.cache["sent_date"]
     if when is None:
         return None
@@ -125,7 +132,13 @@ _ADDRESS_KEYS = {"FROM": "From", "TO": "To", "CC": "Cc", "BCC": "Bcc", "SUBJECT"
 
 class _Compiler:
     def __init__(
-        self, tokens: list[Token], charset: str, count: int, max_uid: int, depth: int = 0
+        self,
+        tokens: list[Token],
+        charset: str,
+        count: int,
+        max_uid: int,
+        depth: int = 0,
+        on_error: _mime.OnError = None,
     ) -> None:
         if depth > MAX_DEPTH:
             raise ParseError("search keys nested too deeply")
@@ -135,6 +148,7 @@ class _Compiler:
         self._charset = charset
         self._count = count
         self._max_uid = max_uid
+        self._on_error = on_error
 
     def _next(self) -> Token:
         if self._pos >= len(self._tokens):
@@ -184,7 +198,9 @@ class _Compiler:
     def key(self) -> Matcher:
         tok = self._next()
         if isinstance(tok, list):
-            sub = _Compiler(tok, self._charset, self._count, self._max_uid, self._depth + 1)
+            sub = _Compiler(
+                tok, self._charset, self._count, self._max_uid, self._depth + 1, self._on_error
+            )
             return sub.compile_all()
         if isinstance(tok, bytes):
             raise ParseError("expected a search key")
@@ -207,16 +223,17 @@ class _Compiler:
         if name == "HEADER":
             field = self._atom()
             return self._header_matcher(field, self._string())
+        report = self._on_error
         if name == "BODY":
             needle = self._string()
-            return lambda m, s: needle in _body_text(m)
+            return lambda m, s: needle in _body_text(m, report)
         if name == "TEXT":
             needle = self._string()
-            return lambda m, s: needle in _all_headers_text(m) or needle in _body_text(m)
+            return lambda m, s: needle in _all_headers_text(m) or needle in _body_text(m, report)
         if name in ("SINCE", "BEFORE", "ON"):
             return _date_matcher(name, self._date(), lambda m: _day(m.internal_date))
         if name in ("SENTSINCE", "SENTBEFORE", "SENTON"):
-            return _date_matcher(name[4:], self._date(), _sent_day)
+            return _date_matcher(name[4:], self._date(), lambda m: _sent_day(m, report))
         if name == "LARGER":
             n = self._number()
             return lambda m, s: m.size > n
@@ -245,10 +262,11 @@ class _Compiler:
             return lambda m, s: seqs.contains(s, count)
         raise ParseError(f"unknown search key {name[:40]!r}")
 
-    @staticmethod
-    def _header_matcher(field: str, needle: str) -> Matcher:
+    def _header_matcher(self, field: str, needle: str) -> Matcher:
+        report = self._on_error
+
         def match(m: SearchMessage, s: int) -> bool:
-            values = _header_text(m, field)
+            values = _header_text(m, field, report)
             if not needle:
                 return bool(values)
             return any(needle in v for v in values)
@@ -278,13 +296,17 @@ def _date_matcher(
     return match
 
 
-def compile_search(tokens: list[Token], *, count: int, max_uid: int) -> Matcher:
+def compile_search(
+    tokens: list[Token], *, count: int, max_uid: int, on_error: _mime.OnError = None
+) -> Matcher:
     """Compile SEARCH arguments (everything after the verb) into a predicate.
 
     Args:
         tokens: the arguments, ``CHARSET x`` included when the client sent it.
         count: messages in the session's view (what ``*`` means for sequence numbers).
         max_uid: the highest UID in the view (what ``*`` means in ``UID`` keys).
+        on_error: hears of an exception of ours in the MIME functions the predicate calls
+            (they still answer, see ``_mime``).
 
     Raises:
         BadCharsetError: an unsupported ``CHARSET``.
@@ -300,4 +322,4 @@ def compile_search(tokens: list[Token], *, count: int, max_uid: int) -> Matcher:
             raise BadCharsetError(f"unsupported charset {name[:40]!r}")
         charset = name
         tokens = tokens[2:]
-    return _Compiler(tokens, charset, count, max_uid).compile_all()
+    return _Compiler(tokens, charset, count, max_uid, on_error=on_error).compile_all()

@@ -56,7 +56,8 @@ async def start_imap(
         implicit_tls_context: TLS from the first byte (993); None for plaintext + STARTTLS.
         starttls_context: offered through STARTTLS on a plaintext listener; None: no STARTTLS.
         idle_timeout: seconds of silence before ``* BYE Autologout`` and close.
-        on_error: records unexpected exceptions from the loop thread.
+        on_error: records unexpected exceptions from the loop thread, including those the IMAP
+            machine's MIME code caught and answered around.
         tls_handshake_timeout: seconds a TLS handshake may take.
         allow_plaintext_auth: accept LOGIN before TLS (tests of legacy setups only).
         max_literal: the APPENDLIMIT.
@@ -85,6 +86,7 @@ async def start_imap(
             command_limits=budget,
             max_header_size=max_header_size,
             max_hops=max_hops,
+            on_error=on_error,
         )
 
     def subscribe(callback: Callable[[Any], None]) -> Callable[[], None]:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from roundtrip.errors import RemoteProtocolError
 from roundtrip.maildir import MaildirStore
+from roundtrip.protocols import _mime
 from roundtrip.protocols._imapparse import (
     CommandReader,
     ListPattern,
@@ -1034,3 +1035,73 @@ def test_imap_append_header_limits_follow_the_arguments(store: Store) -> None:
     off = Client(store, max_header_size=0, max_hops=0)
     off.login()
     assert _append(off, "d", hop * 60 + _big_field_message(200_000)).startswith(b"d OK")
+
+
+# The error channel: a MIME bug of ours is reported, the client still gets an answer
+
+
+def _boom(*args: object, **kwargs: object) -> Any:
+    raise ValueError("a bug of ours")
+
+
+def test_imap_fetch_reports_a_mime_bug_and_answers(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bugs: list[BaseException] = []
+    c = Client(store, on_error=bugs.append)
+    c.select()
+    monkeypatch.setattr(_mime, "render_body", _boom)
+    out = c.cmd("f FETCH 1 (BODYSTRUCTURE ENVELOPE)")
+    assert out.startswith(b'* 1 FETCH (BODYSTRUCTURE ("TEXT" "PLAIN" ("CHARSET" "US-ASCII")')
+    assert b' ENVELOPE ("Mon, 01 Jan 2024 10:00:00 +0000" "Quarterly report" ' in out
+    assert out.endswith(b"f OK FETCH completed\r\n"), out
+    assert [str(b) for b in bugs] == ["a bug of ours"]
+    # The parser itself: one report for the message, then its memoised fallback tree.
+    monkeypatch.setattr(_mime, "_parse_entity", _boom)
+    out = c.cmd("g FETCH 2 (BODY[1] BODY[HEADER.FIELDS (SUBJECT)])")
+    assert b"g OK FETCH completed" in out and len(bugs) == 2
+    assert c.cmd("h FETCH 2 BODY[1.MIME]").endswith(b"h OK FETCH completed\r\n")
+    assert len(bugs) == 2
+
+
+def test_imap_search_reports_a_mime_bug_and_answers(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bugs: list[BaseException] = []
+    c = Client(store, on_error=bugs.append)
+    c.select()
+    monkeypatch.setattr(_mime, "body_text", _boom)
+    monkeypatch.setattr(_mime, "decode_words", _boom)
+    out = c.cmd("s SEARCH OR BODY numbers SUBJECT lunch")
+    assert out == b"* SEARCH\r\ns OK SEARCH completed\r\n"
+    assert len(bugs) == 6 and all(isinstance(b, ValueError) for b in bugs)
+
+
+def test_imap_mime_bug_without_a_channel_still_answers(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = Client(store)
+    c.select()
+    monkeypatch.setattr(_mime, "render_body", _boom)
+    assert c.cmd("f FETCH 1 BODY").endswith(b"f OK FETCH completed\r\n")
+
+
+def test_imap_hostile_mime_is_answered_without_a_bug_report(store: Store) -> None:
+    bugs: list[BaseException] = []
+    c = Client(store, on_error=bugs.append)
+    c.login()
+    deep = b"Subject: deep\r\n" + b"Content-Type: message/rfc822\r\n\r\n" * 3000 + b"leaf\r\n"
+    odd = (
+        b"Date: Mon, 99 Foo 99999 25:61:61 +9999\r\nSubject: =?x-nope?B?!!!?=\r\n"
+        b"Content-Type: text/plain; charset=zlib\r\nContent-Transfer-Encoding: base64\r\n"
+        b"\r\n%%%not base64%%%\r\n"
+    )
+    for n, raw in enumerate((deep, odd)):
+        assert _append(c, f"a{n}", raw).startswith(b"a%d OK" % n)
+    c.cmd("s SELECT INBOX")
+    out = c.cmd("f FETCH 4:5 (BODYSTRUCTURE ENVELOPE BODY[1.1.1] BODY[TEXT])")
+    assert b'"APPLICATION" "OCTET-STREAM"' in out and b"f OK FETCH completed" in out
+    # Every key reads messages 4 and 5 (no OR branch matches them).
+    out = c.cmd("s SEARCH OR SENTON 1-Jan-2024 OR BODY numbers SUBJECT Quarterly")
+    assert out == b"* SEARCH 1 3\r\ns OK SEARCH completed\r\n"
+    assert bugs == []

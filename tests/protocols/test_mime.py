@@ -797,24 +797,28 @@ def test_tree_reuse_gives_same_answers() -> None:
 
 
 def _check_total(raw: bytes) -> None:
-    tree = parse(raw)
+    # Any bytes get an answer, and none of them is a bug of ours: on_error hears nothing.
+    bugs: list[BaseException] = []
+    tree = parse(raw, on_error=bugs.append)
     for extended in (True, False):
-        structure = bodystructure(raw, extended=extended, tree=tree)
+        structure = bodystructure(raw, extended=extended, tree=tree, on_error=bugs.append)
         assert balanced(structure), structure
         read_imap(structure)
-    env = envelope(raw, tree=tree)
+    env = envelope(raw, tree=tree, on_error=bugs.append)
     assert balanced(env)
     assert len(read_imap(env)) == 10
     for part in [(), (1,), (2,), (1, 1), (1, 2, 1)]:
         for text in (None, "HEADER", "TEXT", "MIME", "HEADER.FIELDS", "HEADER.FIELDS.NOT"):
-            got = section(raw, part, text, ("subject", "content-type"), tree=tree)
+            fields = ("subject", "content-type")
+            got = section(raw, part, text, fields, tree=tree, on_error=bugs.append)
             assert isinstance(got, bytes)
             if text is None and part == ():
                 assert got == raw
-    assert isinstance(search_text(raw, tree=tree), str)
-    assert isinstance(header_values(raw, "subject", tree=tree), list)
-    date = header_date(raw, tree=tree)
+    assert isinstance(search_text(raw, tree=tree, on_error=bugs.append), str)
+    assert isinstance(header_values(raw, "subject", tree=tree, on_error=bugs.append), list)
+    date = header_date(raw, tree=tree, on_error=bugs.append)
     assert date is None or isinstance(date, float)
+    assert not bugs, bugs
 
 
 FUZZ = settings(
@@ -895,3 +899,69 @@ def test_parse_never_raises_even_on_internal_error(monkeypatch: pytest.MonkeyPat
     tree = parse(NESTED)
     assert (tree.start, tree.end) == (0, len(NESTED))
     assert bodystructure(NESTED, tree=tree).startswith(b'("TEXT" "PLAIN"')
+
+
+# --------------------------------------------------------------------------- error channel
+
+
+def _boom(*args: object, **kwargs: object) -> Any:
+    raise ValueError("a bug of ours")
+
+
+def test_parse_reports_internal_error_through_on_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_mime, "_parse_entity", _boom)
+    bugs: list[BaseException] = []
+    tree = parse(NESTED, on_error=bugs.append)
+    assert (tree.start, tree.end, tree.content_type) == (0, len(NESTED), "text/plain")
+    assert [str(b) for b in bugs] == ["a bug of ours"]
+    assert isinstance(bugs[0], ValueError)
+
+
+# (the helper the public function calls, the call, its fallback answer)
+FALLBACKS = [
+    ("render_envelope", lambda raw, cb: envelope(raw, on_error=cb), b"(NIL" + b" NIL" * 9 + b")"),
+    (
+        "render_body",
+        lambda raw, cb: bodystructure(raw, extended=False, on_error=cb),
+        b'("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" %d %d)'
+        % (len(NESTED), NESTED.count(b"\n") + (not NESTED.endswith(b"\n"))),
+    ),
+    ("extract", lambda raw, cb: section(raw, (1, 1), on_error=cb), b""),
+    ("decode_words", lambda raw, cb: header_values(raw, "subject", on_error=cb), []),
+    ("body_text", lambda raw, cb: search_text(raw, on_error=cb), ""),
+    ("as_text", lambda raw, cb: header_date(raw, on_error=cb), None),
+]
+
+
+@pytest.mark.parametrize(("helper", "call", "fallback"), FALLBACKS, ids=[f[0] for f in FALLBACKS])
+def test_public_function_reports_internal_error_and_still_answers(
+    monkeypatch: pytest.MonkeyPatch, helper: str, call: Any, fallback: object
+) -> None:
+    assert call(NESTED, None) != fallback  # the real answer differs from the fallback
+    monkeypatch.setattr(_mime, helper, _boom)
+    bugs: list[BaseException] = []
+    assert call(NESTED, bugs.append) == fallback
+    assert [type(b) for b in bugs] == [ValueError]
+    assert call(NESTED, None) == fallback  # without a channel: the same answer, silently
+
+
+HOSTILE = [
+    pytest.param(deep_multipart(3000), id="deep-multipart"),
+    pytest.param(deep_message(3000), id="deep-message"),
+    pytest.param(
+        b"Date: Mon, 99 Foo 99999 25:61:61 +9999\r\nSubject: =?x-nope?B?!!!?=\r\n"
+        b"Content-Type: text/plain; charset=zlib\r\nContent-Transfer-Encoding: base64\r\n"
+        b"\r\n%%%not base64%%%\r\n",
+        id="bad-date-charset-base64",
+    ),
+    pytest.param(
+        b"Content-Type: multipart/mixed; boundary*0*=utf-7''+2D0-\r\n\r\n--x\r\n",
+        id="boundary-with-lone-surrogate",
+    ),
+]
+
+
+@pytest.mark.parametrize("raw", HOSTILE)
+def test_hostile_input_is_answered_without_a_bug_report(raw: bytes) -> None:
+    _check_total(raw)
+    assert header_date(raw) is None  # none of them has a readable Date

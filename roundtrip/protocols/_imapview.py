@@ -1,0 +1,163 @@
+"""One IMAP session's view of its selected mailbox: sequence numbers, pending updates, SEARCH.
+
+Theory of operation
+-------------------
+RFC 3501 2.3.1.2: message sequence numbers are positions in the session's view, which changes
+only when the session is told. :class:`MailboxView` keeps the ascending list of UIDs whose
+positions are those numbers, and what other sessions changed since: expunged UIDs and UIDs whose
+flags changed. ``IMAPConnection`` decides when updates may be sent (never an ``EXPUNGE`` while
+answering FETCH, STORE or SEARCH, RFC 3501 7.4.1); :meth:`MailboxView.updates` builds them. New
+messages are found by bisection above the highest UID already announced, so no update costs
+time proportional to the mailbox. Sequence sets are evaluated against the view with bisection
+and never expanded (docs/security.md A6.7).
+
+SEARCH runs here because it reads the view: a search that is exactly ``HEADER Message-ID <id>``
+(the validator's way to find its message) is an index lookup when the mailbox offers one;
+everything else is a scan with the predicate of ``_imapsearch.compile_search``.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from . import _imapfetch
+from ._imapparse import MAX_NUMBER, ParseError, Token, parse_sequence_set
+from ._imapsearch import compile_search
+from ._imapstore import IMAPMailbox, IMAPStoreChange
+from ._imapwire import flag_list, has_flag
+from ._mime import OnError
+
+__all__ = ["MailboxView"]
+
+
+class MailboxView:
+    """The selected mailbox as one session sees it.
+
+    Args:
+        box: the mailbox the session selected.
+        readonly: selected with EXAMINE.
+    """
+
+    def __init__(self, box: IMAPMailbox, *, readonly: bool) -> None:
+        self.box = box
+        self.readonly = readonly
+        #: Ascending UIDs; the position of a UID plus one is its sequence number.
+        self.uids = box.uids()
+        #: Flags last told to the client, so an unchanged flag set is not announced again.
+        self.known_flags: dict[int, frozenset[str]] = {}
+        self._high_uid = self.uids[-1] if self.uids else 0
+        self._pending_expunge: set[int] = set()
+        self._pending_flags: set[int] = set()
+
+    def note(self, change: IMAPStoreChange) -> None:
+        """Remember a change of this mailbox made by anyone, to announce it later."""
+        if change.kind == "expunged":
+            self._pending_expunge.update(change.uids)
+        elif change.kind == "flags":
+            self._pending_flags.update(change.uids)
+
+    def updates(self, *, allow_expunge: bool) -> list[bytes]:
+        """Untagged EXPUNGE/EXISTS/FETCH for changes made by others; the view catches up."""
+        lines: list[bytes] = []
+        if allow_expunge and self._pending_expunge:
+            gone = sorted(self._pending_expunge)
+            self._pending_expunge.clear()
+            for uid in gone:
+                i = bisect.bisect_left(self.uids, uid)
+                if i < len(self.uids) and self.uids[i] == uid:
+                    del self.uids[i]
+                    self.known_flags.pop(uid, None)
+                    lines.append(b"* %d EXPUNGE" % (i + 1))
+        new = self.box.uids_between(self._high_uid + 1, MAX_NUMBER)
+        if new:
+            self.uids.extend(new)
+            self._high_uid = new[-1]
+            lines.append(b"* %d EXISTS" % len(self.uids))
+        if self._pending_flags:
+            changed = sorted(self._pending_flags)
+            self._pending_flags.clear()
+            for uid in changed:
+                i = bisect.bisect_left(self.uids, uid)
+                msg = self.box.get(uid)
+                if i >= len(self.uids) or self.uids[i] != uid or msg is None:
+                    continue
+                flags = msg.flags
+                if self.known_flags.get(uid) != flags:
+                    self.known_flags[uid] = flags
+                    lines.append(b"* %d FETCH (UID %d FLAGS %s)" % (i + 1, uid, flag_list(flags)))
+        return lines
+
+    def expunged(self, gone: list[int]) -> list[bytes]:
+        """This session expunged ``gone``: the EXPUNGE responses, and the view without them."""
+        lines: list[bytes] = []
+        for uid in gone:
+            i = bisect.bisect_left(self.uids, uid)
+            if i < len(self.uids) and self.uids[i] == uid:
+                del self.uids[i]
+                self.known_flags.pop(uid, None)
+                lines.append(b"* %d EXPUNGE" % (i + 1))
+            self._pending_expunge.discard(uid)
+        return lines
+
+    def flag_updates(
+        self, indices: list[int], item: str, flags: frozenset[str]
+    ) -> dict[int, frozenset[str]]:
+        """UID -> new flags for STORE ``item`` (``FLAGS``, ``+FLAGS``, ``-FLAGS``) of ``flags``."""
+        updates: dict[int, frozenset[str]] = {}
+        for index in indices:
+            msg = self.box.get(self.uids[index])
+            if msg is not None:
+                updates[msg.uid] = _imapfetch.stored_flags(item, msg.flags, flags)
+        return updates
+
+    def flag_responses(self, indices: list[int], *, silent: bool, uid: bool) -> list[bytes]:
+        """The untagged FETCH FLAGS after a STORE (none when ``silent``); notes what was told."""
+        lines: list[bytes] = []
+        for index in indices:
+            msg_uid = self.uids[index]
+            msg = self.box.get(msg_uid)
+            if msg is None:
+                continue
+            self.known_flags[msg_uid] = msg.flags
+            if not silent:
+                uid_part = b" UID %d" % msg_uid if uid else b""
+                lines.append(
+                    b"* %d FETCH (FLAGS %s%s)" % (index + 1, flag_list(msg.flags), uid_part)
+                )
+        return lines
+
+    def deleted(self, candidates: list[int] | None = None) -> list[int]:
+        """The UIDs among ``candidates`` (default: the whole view) flagged ``\\Deleted``."""
+        uids = self.uids if candidates is None else candidates
+        return [u for u in uids if has_flag(self.box.get(u), "\\Deleted")]
+
+    def indices(self, tok: Token, *, uid: bool) -> list[int]:
+        """Positions in the view named by a sequence set (``uid``: a UID set)."""
+        if not isinstance(tok, str):
+            raise ParseError("expected a sequence set")
+        seqset = parse_sequence_set(tok)
+        if uid:
+            return seqset.uid_indices(self.uids)
+        return seqset.seq_indices(len(self.uids))
+
+    def search(self, args: list[Token], *, uid: bool, on_error: OnError) -> list[int]:
+        """The sequence numbers (``uid``: the UIDs) of the messages SEARCH ``args`` selects."""
+        needle = _imapfetch.message_id_needle(args)
+        lookup = getattr(self.box, "uids_with_message_id", None)
+        if needle is not None and lookup is not None:
+            # For a complete msg-id, "the field contains the string" (RFC 3501 6.4.4) and "the
+            # field is the string" select the same messages.
+            found: list[int] = []
+            for wanted in sorted(lookup(needle)):
+                i = bisect.bisect_left(self.uids, wanted)
+                if i < len(self.uids) and self.uids[i] == wanted:
+                    found.append(wanted if uid else i + 1)
+            return found
+        top = self.uids[-1] if self.uids else 0
+        matcher = compile_search(args, count=len(self.uids), max_uid=top, on_error=on_error)
+        hits: list[int] = []
+        for i, u in enumerate(self.uids):
+            msg = self.box.get(u)
+            if msg is not None and matcher(msg, i + 1):
+                hits.append(u if uid else i + 1)
+        return hits
