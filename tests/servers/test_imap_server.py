@@ -20,6 +20,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
 from roundtrip.certs import CertificateAuthority
+from roundtrip.protocols import _mime
 from roundtrip.servers._conn import LineServerProtocol
 from roundtrip.servers._runner import LoopThread
 from roundtrip.servers.imap import start_imap
@@ -647,3 +648,36 @@ def test_imap_server_append_over_header_limit_is_refused(servers: IMAPServers) -
         assert c.select_folder("INBOX")[b"EXISTS"] == 3
         c.append("INBOX", SIMPLE)
         assert c.select_folder("INBOX")[b"EXISTS"] == 4
+
+
+# The error channel: a MIME bug of ours reaches on_error, the client still gets its answer
+
+
+def _boom(*args: object, **kwargs: object) -> object:
+    raise ValueError("a bug of ours")
+
+
+def test_imap_server_mime_bug_reaches_on_error(
+    servers: IMAPServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_mime, "render_body", _boom)
+    with servers.imapclient("implicit") as c:
+        c.login(USER, PASSWORD)
+        c.select_folder("INBOX", readonly=True)
+        got = c.fetch([3], ["BODYSTRUCTURE"])[3][b"BODYSTRUCTURE"]
+        assert got[0] == b"TEXT" and got[1] == b"PLAIN"  # well-formed, parsed by imapclient
+        assert c.noop()[0].startswith(b"NOOP completed")
+    errors = servers.thread.take_errors()  # recorded before the reply was sent
+    assert [str(e) for e in errors] == ["a bug of ours"]
+
+
+def test_imap_server_deep_mime_is_no_bug(servers: IMAPServers) -> None:
+    deep = b"Subject: deep\r\n" + b"Content-Type: message/rfc822\r\n\r\n" * 3000 + b"x\r\n"
+    servers.store.deliver(USER, deep)
+    with servers.imapclient("implicit") as c:
+        c.login(USER, PASSWORD)
+        c.select_folder("INBOX", readonly=True)
+        got = c.fetch([4], ["BODYSTRUCTURE", "ENVELOPE"])[4]
+        assert b"OCTET-STREAM" in repr(got[b"BODYSTRUCTURE"]).encode()
+        assert got[b"ENVELOPE"].subject == b"deep"
+    assert servers.thread.take_errors() == []
