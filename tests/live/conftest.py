@@ -1,23 +1,16 @@
 """Fixtures for tests that run against real mail server software.
 
 The Postfix + Dovecot driver lives in ``benchmarks/_realstack.py`` (it is not part of the
-installed package). ``python -m pytest`` from the repository root finds ``benchmarks`` on its
-own; the bare ``pytest`` command does not put the root on ``sys.path``, so it is added here.
+installed package); ``pythonpath`` in pyproject.toml puts the checkout's root on ``sys.path``.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-_REPO = str(Path(__file__).resolve().parents[2])
-if _REPO not in sys.path:
-    sys.path.append(_REPO)
-
-from benchmarks._realstack import RealMailServer  # noqa: E402
+from benchmarks._realstack import RealMailServer
 
 
 @pytest.fixture(scope="session")
