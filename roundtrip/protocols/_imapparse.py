@@ -6,9 +6,9 @@ Theory of operation
 command is one or more CRLF lines; a line that ends in ``{n}`` (synchronising) or ``{n+}``
 (non-synchronising, RFC 7888) announces a literal of ``n`` octets that follows. The reader stops
 at every announcement and returns ``LiteralAnnounced``; the machine checks the size *before*
-anything is sent (no ``+`` for a literal that is too big, SECURITY.md A6.1) and then calls
+anything is sent (no ``+`` for a literal that is too big, docs/security.md A6.1) and then calls
 ``accept_literal()`` or ``reject_literal()``. Literal octets are taken as data and never looked
-at as lines, so commands hidden inside a literal are never executed (SECURITY.md A6.2).
+at as lines, so commands hidden inside a literal are never executed (docs/security.md A6.2).
 
 ``tokenize`` turns a framed command into tokens: ``str`` for an atom (``NIL`` included),
 ``bytes`` for a string (quoted or literal), ``list`` for a parenthesised list. An atom may carry
@@ -20,7 +20,7 @@ the pattern and the name: a backtracking regular expression took k**n steps for 
 and one LIST of 100 stars held the event loop (and the GIL) for good (docs/security.md).
 
 Also here: sequence sets, evaluated lazily with bisection (``1:4294967295`` never becomes a
-list, SECURITY.md A6.7), IMAP dates, and modified UTF-7 mailbox names (RFC 3501 section 5.1.3).
+list, docs/security.md A6.7), IMAP dates, and modified UTF-7 mailbox names (RFC 3501 section 5.1.3).
 
 Unsupported: ``literal8`` (``~{n}``, RFC 3516 BINARY) and literals inside a bracketed section.
 """
@@ -61,7 +61,7 @@ MAX_NUMBER = 4294967295
 
 Token = str | bytes | list["Token"]
 
-#: Nesting limit for parenthesised lists and SEARCH keys: bounded recursion (SECURITY.md A6.8).
+#: Nesting limit for parenthesised lists and SEARCH keys: bounded recursion (docs/security.md A6.8).
 MAX_DEPTH = 64
 
 
