@@ -8,6 +8,11 @@ Layout (readable by Dovecot, mutt and Python's ``mailbox.Maildir``)::
     ROOT/<address>/.Sent/             a folder (Maildir++): cur/ new/ tmp/ maildirfolder + log
     ROOT/<address>/.A.B/              the folder ``A/B``
 
+The formats themselves (file names, flag letters, folder names, the log) are pure functions in
+``roundtrip/_maildirfmt.py``; this module does the file operations. Every rule of the ``Store``
+interface (names, existence, INBOX, locking, notification) is ``Store``'s, checked once for
+both backends; ``MaildirStore`` only implements its storage hooks.
+
 Folder names on disk are modified UTF-7 (Dovecot's default) with ``.`` inside a name written
 ``\\2e`` (Dovecot's listescape style); ``validate_mailbox_name`` forbids ``\\``, so the mapping
 is reversible, and a name can never leave ``ROOT/<address>/``.
@@ -56,32 +61,29 @@ Message bytes are not kept in memory: ``StoredMessage.raw`` reads the file on ea
 
 from __future__ import annotations
 
-import base64
 import binascii
 import contextlib
 import errno
 import itertools
-import json
 import logging
 import os
-import re
 import secrets
 import shutil
-import socket
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import MailboxError, StorageError
+from . import _maildirfmt as fmt
+from ._maildirfmt import FLAG_LETTERS, LOG_NAME
+from .errors import MailboxError, RoundtripError, StorageError
 from .spool import fsync_dir
 from .store import (
     DEFAULT_FOLDERS,
     HIERARCHY_DELIMITER,
     Mailbox,
     Store,
-    StoreChange,
     StoredMessage,
     validate_mailbox_name,
 )
@@ -95,30 +97,15 @@ __all__ = ["FLAG_LETTERS", "LOG_NAME", "MaildirStore", "folder_dirname", "folder
 
 log = logging.getLogger("roundtrip.maildir")
 
-#: IMAP system flags and their maildir info letters (cr.yp.to/proto/maildir.html).
-FLAG_LETTERS: dict[str, str] = {
-    "\\Draft": "D",
-    "\\Flagged": "F",
-    "\\Answered": "R",
-    "\\Seen": "S",
-    "\\Deleted": "T",
-}
-_LETTER_FLAGS = {letter: flag for flag, letter in FLAG_LETTERS.items()}
-
-#: The per-folder metadata log (UIDVALIDITY, UIDNEXT, filename -> UID, keywords, envelope).
-LOG_NAME = "roundtrip-uidlist"
 _LOCK_NAME = ".roundtrip.lock"
 _TRASH_NAME = ".roundtrip-trash"
 # The highest UIDVALIDITY of a deleted folder, so a re-created one gets a larger value even
 # after a restart (RFC 3501 2.3.1.1; Dovecot keeps dovecot-uidvalidity for the same reason).
 _UIDVALIDITY_NAME = ".roundtrip-uidvalidity"
-_INFO = ":2,"
-_OUR_FILE = re.compile(r"^\d+\.M\d+P\d+Q\d+R[0-9a-f]+\.")
 # The maildir spec: tmp/ files untouched for 36 hours are garbage, whoever wrote them.
 _STALE_TMP_SECONDS = 36 * 3600
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
-_MAX_COMPONENT = 255
 _SUBDIRS = ("cur", "new", "tmp")
 # Never follow a symbolic link in the last component of a path we open (see "Confinement").
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -260,50 +247,9 @@ def _make_maildir(path: Path, *, folder: bool) -> None:
 # Folder names <-> directory names
 
 
-def _encode_mutf7(name: str) -> str:
-    out: list[str] = []
-    pending: list[str] = []
-
-    def flush() -> None:
-        if pending:
-            data = "".join(pending).encode("utf-16-be", "surrogatepass")
-            out.append("&" + base64.b64encode(data).decode().rstrip("=").replace("/", ",") + "-")
-            pending.clear()
-
-    for ch in name:
-        if 0x20 <= ord(ch) <= 0x7E:
-            flush()
-            out.append("&-" if ch == "&" else ch)
-        else:
-            pending.append(ch)
-    flush()
-    return "".join(out)
-
-
-def _decode_mutf7(text: str) -> str:
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        if text[i] != "&":
-            out.append(text[i])
-            i += 1
-            continue
-        end = text.index("-", i + 1)  # ValueError: not ours
-        chunk = text[i + 1 : end]
-        if not chunk:
-            out.append("&")
-        else:
-            raw = chunk.replace(",", "/")
-            data = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
-            out.append(data.decode("utf-16-be"))
-        i = end + 1
-    return "".join(out)
-
-
 def folder_dirname(name: str) -> str:
     """The Maildir++ directory of a canonical non-INBOX mailbox name (``A/B`` -> ``.A.B``)."""
-    parts = [_encode_mutf7(p).replace(".", "\\2e") for p in name.split(HIERARCHY_DELIMITER)]
-    return "." + ".".join(parts)
+    return "." + ".".join(fmt.encode_part(p) for p in name.split(HIERARCHY_DELIMITER))
 
 
 def folder_name(dirname: str) -> str | None:
@@ -311,43 +257,10 @@ def folder_name(dirname: str) -> str | None:
     if not dirname.startswith(".") or dirname in (".", ".."):
         return None
     try:
-        parts = [_decode_mutf7(p.replace("\\2e", ".")) for p in dirname[1:].split(".")]
+        parts = [fmt.decode_part(p) for p in dirname[1:].split(".")]
         return validate_mailbox_name(HIERARCHY_DELIMITER.join(parts))
     except (ValueError, binascii.Error, UnicodeDecodeError, MailboxError):
         return None
-
-
-def _check_address(key: str) -> None:
-    """Refuse addresses that are not a plain directory name under ROOT (docs/security.md A6.5)."""
-    bad = (
-        not key
-        or key.startswith((".", "~"))
-        or any(c in key for c in "/\\")
-        or any(ord(c) < 0x20 or c == "\x7f" for c in key)
-        or len(key.encode("utf-8", "surrogatepass")) > _MAX_COMPONENT
-    )
-    if bad:
-        raise MailboxError(f"address {key!r} cannot be stored as a maildir", code="CANNOT")
-
-
-def _flags_from_info(info: str) -> frozenset[str]:
-    return frozenset(_LETTER_FLAGS[c] for c in info if c in _LETTER_FLAGS)
-
-
-def _info_for(flags: Iterable[str], old_info: str = "") -> str:
-    letters = {FLAG_LETTERS[f] for f in flags if f in FLAG_LETTERS}
-    # Letters we do not model (P, keyword letters of other tools) are kept, as the spec asks.
-    letters |= {c for c in old_info if c not in _LETTER_FLAGS}
-    return "".join(sorted(letters))
-
-
-def _keywords(flags: Iterable[str]) -> list[str]:
-    return sorted(f for f in flags if f not in FLAG_LETTERS)
-
-
-def _hostname() -> str:
-    host = socket.gethostname() or "localhost"
-    return host.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
 
 
 # In-memory objects that know their files
@@ -462,7 +375,7 @@ class _MaildirMessage(StoredMessage):
     @property
     def base(self) -> str:
         """The unique part of the file name (what stays when flags change)."""
-        return self._file.split("/", 1)[1].split(_INFO, 1)[0]
+        return self._file.split("/", 1)[1].split(fmt.INFO, 1)[0]
 
     @property
     def path(self) -> Path:
@@ -480,14 +393,10 @@ def _record(msg: _MaildirMessage) -> dict[str, Any]:
         rec["from"] = msg.envelope_from
     if msg.envelope_to:
         rec["to"] = list(msg.envelope_to)
-    keywords = _keywords(msg.flags)
+    keywords = fmt.keywords(msg.flags)
     if keywords:
         rec["kw"] = keywords
     return rec
-
-
-def _dumps(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
 
 
 class MaildirStore(Store):
@@ -507,6 +416,10 @@ class MaildirStore(Store):
     store follows no link. A user directory or folder that is a link, or whose ``cur/``,
     ``new/``, ``tmp/`` or log is one, is skipped at start (see ``refused``) and refused by
     every operation while running (see the module docstring, "Confinement").
+
+    Every public method is ``Store``'s: the rules (names, existence, INBOX, locking,
+    notification) are checked there, once; this class implements the storage hooks with file
+    operations (``OSError`` becomes ``StorageError``, see ``_storage_error``).
     """
 
     def __init__(
@@ -518,7 +431,7 @@ class MaildirStore(Store):
         #: Paths under the root that were not loaded at start because they are (or contain)
         #: symbolic links, so they might lead out of the tree; each one is also logged.
         self.refused: list[Path] = []
-        self._host = _hostname()
+        self._host = fmt.hostname()
         self._deliveries = itertools.count(1)
         self._lock_fd: int | None = None
         try:
@@ -571,22 +484,13 @@ class MaildirStore(Store):
     # paths
 
     def _user_dir(self, key: str) -> Path:
-        _check_address(key)
+        fmt.check_address(key)
         return self.root / key
 
     def _refuse(self, path: Path) -> None:
         """Record and log a user directory or folder skipped at start (see "Confinement")."""
         self.refused.append(path)
         log.warning("maildir: skipped %s: a symbolic link, or one inside it", path)
-
-    def _check_box(self, box: _MaildirBox) -> None:
-        if not box.confined():
-            log.warning("maildir: refused %s: it is not a maildir inside the root", box.path)
-            raise MailboxError(
-                f"mailbox {box.name!r} is refused: its directory is not a maildir inside "
-                "the store's root (a symbolic link?)",
-                code="CANNOT",
-            )
 
     def _check_user_dir(self, key: str) -> Path:
         """The user directory, refused (``MailboxError``) when a link is on its path."""
@@ -609,7 +513,7 @@ class MaildirStore(Store):
         if name == "INBOX":
             return base
         dirname = folder_dirname(name)
-        if len(dirname.encode()) > _MAX_COMPONENT:
+        if len(dirname.encode()) > fmt.MAX_COMPONENT:
             raise MailboxError(f"mailbox name {name!r} is too long for a maildir", code="LIMIT")
         path = base / dirname
         # Defence in depth: the encoding above cannot produce a separator, but check anyway.
@@ -624,32 +528,14 @@ class MaildirStore(Store):
         highest = 0
         refused_defaults: dict[str, set[str]] = {}
         for entry in sorted(os.listdir(self.root)):
-            if entry.startswith(".") or self._key(entry) != entry:
-                continue
-            try:
-                _check_address(entry)
-            except MailboxError:
-                continue
             user_dir = self.root / entry
-            if not os.path.islink(user_dir) and not os.path.isdir(user_dir):
-                continue  # a file: not a user
+            if not self._is_user_entry(entry, user_dir):
+                continue
             if not self._loadable(user_dir):
                 self._refuse(user_dir)
                 continue
             boxes: dict[str, Mailbox] = {}
-            found: list[tuple[str, Path]] = [("INBOX", user_dir)]
-            for sub in sorted(os.listdir(user_dir)):
-                name = folder_name(sub)
-                path = user_dir / sub
-                if name is None or name == "INBOX":
-                    continue
-                if not self._loadable(path):
-                    if os.path.islink(path) or os.path.isdir(path / "cur"):
-                        self._refuse(path)
-                        refused_defaults.setdefault(entry, set()).add(name)
-                    continue
-                if _is_dir(path / "cur"):  # without cur/ it is not a folder (Maildir++)
-                    found.append((name, path))
+            found = self._folders_of(user_dir, refused_defaults.setdefault(entry, set()))
             for name, path in found:
                 box = self._load_box(entry, name, path)
                 if box.uidvalidity:
@@ -669,9 +555,36 @@ class MaildirStore(Store):
                 if name not in boxes and name not in refused_defaults.get(user, ()):
                     boxes[name] = self._new_box(user, name)
             for each in boxes.values():
-                assert isinstance(each, _MaildirBox)
-                if each in unassigned or each.log_records > 2 * len(each) + 64:
-                    self._rewrite_log(each)
+                box = _as_box(each)
+                if box in unassigned or box.log_records > 2 * len(box) + 64:
+                    self._rewrite_log(box)
+
+    def _is_user_entry(self, entry: str, path: Path) -> bool:
+        """True when a root entry names a user: a lower-case address, a directory or a link."""
+        if entry.startswith(".") or self._key(entry) != entry:
+            return False
+        try:
+            fmt.check_address(entry)
+        except MailboxError:
+            return False
+        return os.path.islink(path) or os.path.isdir(path)  # a file is not a user
+
+    def _folders_of(self, user_dir: Path, refused: set[str]) -> list[tuple[str, Path]]:
+        """INBOX and the loadable folders of a user directory; refused ones go to ``refused``."""
+        found: list[tuple[str, Path]] = [("INBOX", user_dir)]
+        for sub in sorted(os.listdir(user_dir)):
+            name = folder_name(sub)
+            path = user_dir / sub
+            if name is None or name == "INBOX":
+                continue
+            if not self._loadable(path):
+                if os.path.islink(path) or os.path.isdir(path / "cur"):
+                    self._refuse(path)
+                    refused.add(name)
+                continue
+            if _is_dir(path / "cur"):  # without cur/ it is not a folder (Maildir++)
+                found.append((name, path))
+        return found
 
     @staticmethod
     def _loadable(path: Path) -> bool:
@@ -690,69 +603,75 @@ class MaildirStore(Store):
             return False
 
     def _load_box(self, user: str, name: str, path: Path) -> _MaildirBox:
+        """A folder as on disk: its log's UIDs, then new UIDs for files the log lacks."""
         _make_maildir(path, folder=name != "INBOX")
         self._clean_tmp(path / "tmp")
-        header: dict[str, Any] = {}
-        records: dict[str, dict[str, Any]] = {}
-        keywords: dict[int, list[str]] = {}
-        count = 0
         log_path = path / LOG_NAME
         try:
-            lines = _read_file(log_path).split(b"\n")
+            uidlist = fmt.parse_uidlist(_read_file(log_path))
         except FileNotFoundError:
-            lines = []
-        uidnext = 1
-        subscribed = True
-        for index, line in enumerate(lines):
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue  # a torn last line (crash mid-append), or damage: the files decide
-            if not isinstance(item, dict):
-                continue
-            if index == 0 and "roundtrip-uidlist" in item:
-                header = item
-                uidnext = max(uidnext, int(item.get("uidnext", 1)))
-                subscribed = bool(item.get("subscribed", True))
-            elif "file" in item and "uid" in item:
-                records[str(item["file"])] = item
-                uidnext = max(uidnext, int(item["uid"]) + 1)
-                count += 1
-            elif "uid" in item and "kw" in item:
-                keywords[int(item["uid"])] = [str(k) for k in item["kw"]]
-                count += 1
-            elif "subscribed" in item:
-                subscribed = bool(item["subscribed"])
-                count += 1
-        special = header.get("special_use", DEFAULT_FOLDERS.get(name))
+            uidlist = fmt.Uidlist()
+        special = uidlist.header.get("special_use", DEFAULT_FOLDERS.get(name))
         box = _MaildirBox(
             user,
             name,
             path,
             root=self.root,
-            uidvalidity=int(header.get("uidvalidity", 0)),
+            uidvalidity=int(uidlist.header.get("uidvalidity", 0)),
             special_use=special if isinstance(special, str) else None,
         )
-        box.subscribed = subscribed
-        box.log_records = count
+        box.subscribed = uidlist.subscribed
+        box.log_records = uidlist.count
+        known, strays = self._scan_files(box, uidlist)
+        for msg in sorted(known, key=lambda m: m.uid):
+            if box._uids and msg.uid <= box._uids[-1]:
+                strays.append((msg.internal_date, msg._file.split("/")[1], msg._file[:3], msg.size))
+                continue  # a duplicated UID in a damaged log: renumber it
+            box._add(msg)
+        box.uidnext = uidlist.uidnext
+        fresh: list[_MaildirMessage] = []
+        for mtime, filename, sub, size in sorted(strays):
+            info = filename.partition(fmt.INFO)[2]
+            msg = _MaildirMessage(
+                box,
+                f"{sub}/{filename}",
+                uid=box.uidnext,
+                size=size,
+                internal_date=mtime,
+                flags=fmt.flags_from_info(info),
+            )
+            box.uidnext += 1
+            box._add(msg)
+            fresh.append(msg)
+        if fresh and uidlist.header:
+            _append_file(log_path, b"".join(fmt.dumps(_record(m)) for m in fresh))
+            box.log_records += len(fresh)
+        return box
+
+    @staticmethod
+    def _scan_files(
+        box: _MaildirBox, uidlist: fmt.Uidlist
+    ) -> tuple[list[_MaildirMessage], list[tuple[float, str, str, int]]]:
+        """The message files of a folder: those with a UID record, and (mtime, name, sub,
+        size) of the others."""
         known: list[_MaildirMessage] = []
         strays: list[tuple[float, str, str, int]] = []
         seen_bases: set[str] = set()
         for sub in ("cur", "new"):
-            for entry in os.scandir(path / sub):
+            for entry in os.scandir(box.path / sub):
                 if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
                     continue
-                base, _, info = entry.name.partition(_INFO)
+                base, _, info = entry.name.partition(fmt.INFO)
                 if base in seen_bases:
                     continue
                 seen_bases.add(base)
                 st = entry.stat(follow_symlinks=False)
-                rec = records.get(base)
+                rec = uidlist.records.get(base)
                 if rec is None:
                     strays.append((st.st_mtime, entry.name, sub, st.st_size))
                     continue
                 uid = int(rec["uid"])
-                flags = _flags_from_info(info) | frozenset(keywords.get(uid, rec.get("kw", [])))
+                kw = uidlist.keywords.get(uid, rec.get("kw", []))
                 known.append(
                     _MaildirMessage(
                         box,
@@ -760,42 +679,18 @@ class MaildirStore(Store):
                         uid=uid,
                         size=st.st_size,
                         internal_date=float(rec.get("date", st.st_mtime)),
-                        flags=flags,
+                        flags=fmt.flags_from_info(info) | frozenset(kw),
                         envelope_from=str(rec.get("from", "")),
                         envelope_to=tuple(str(t) for t in rec.get("to", [])),
                     )
                 )
-        known.sort(key=lambda m: m.uid)
-        for msg in known:
-            if box._uids and msg.uid <= box._uids[-1]:
-                strays.append((msg.internal_date, msg._file.split("/")[1], msg._file[:3], msg.size))
-                continue  # a duplicated UID in a damaged log: renumber it
-            box._add(msg)
-        box.uidnext = uidnext
-        fresh: list[_MaildirMessage] = []
-        for mtime, filename, sub, size in sorted(strays):
-            info = filename.partition(_INFO)[2]
-            msg = _MaildirMessage(
-                box,
-                f"{sub}/{filename}",
-                uid=box.uidnext,
-                size=size,
-                internal_date=mtime,
-                flags=_flags_from_info(info),
-            )
-            box.uidnext += 1
-            box._add(msg)
-            fresh.append(msg)
-        if fresh and header:
-            _append_file(log_path, b"".join(_dumps(_record(m)) for m in fresh))
-            box.log_records += len(fresh)
-        return box
+        return known, strays
 
     def _clean_tmp(self, tmp: Path) -> None:
         now = time.time()
         for entry in os.scandir(tmp):
             try:
-                ours = _OUR_FILE.match(entry.name) is not None
+                ours = fmt.OUR_FILE.match(entry.name) is not None
                 if ours or now - entry.stat().st_mtime > _STALE_TMP_SECONDS:
                     os.unlink(entry.path)
             except OSError:
@@ -813,15 +708,13 @@ class MaildirStore(Store):
         }
 
     def _rewrite_log(self, box: _MaildirBox) -> None:
-        lines = [_dumps(self._header(box))]
-        for msg in box:
-            assert isinstance(msg, _MaildirMessage)
-            lines.append(_dumps(_record(msg)))
+        lines = [fmt.dumps(self._header(box))]
+        lines += [fmt.dumps(_record(_as_message(msg))) for msg in box]
         _replace_file(box.path / LOG_NAME, b"".join(lines))
         box.log_records = len(box)
 
     def _append_log(self, box: _MaildirBox, records: list[dict[str, Any]]) -> None:
-        _append_file(box.path / LOG_NAME, b"".join(_dumps(r) for r in records))
+        _append_file(box.path / LOG_NAME, b"".join(fmt.dumps(r) for r in records))
         box.log_records += len(records)
 
     def _maybe_compact(self, box: _MaildirBox) -> None:
@@ -829,101 +722,19 @@ class MaildirStore(Store):
             with contextlib.suppress(OSError):  # the old log stays valid; retry next time
                 self._rewrite_log(box)
 
-    def _new_box(self, key: str, name: str, *, special_use: str | None = None) -> _MaildirBox:
-        """Create a folder on disk (directories, then the log) and return it."""
+    def _new_box(self, key: str, name: str) -> _MaildirBox:
+        """A default folder on disk (directories completed if some exist, then the log)."""
         path = self._box_dir(key, name)
-        use = DEFAULT_FOLDERS.get(name) if special_use is None else special_use
         box = _MaildirBox(
-            key, name, path, root=self.root, uidvalidity=next(self._uidvalidity), special_use=use
+            key,
+            name,
+            path,
+            root=self.root,
+            uidvalidity=next(self._uidvalidity),
+            special_use=DEFAULT_FOLDERS.get(name),
         )
         _make_maildir(path, folder=name != "INBOX")
         self._rewrite_log(box)
-        return box
-
-    # users
-
-    def add_user(self, address: str, password: str | None) -> None:
-        """Create a user with the default folders on disk; an existing one gets the password.
-
-        Raises:
-            MailboxError: the address cannot be a directory name.
-            StorageError: the directories could not be written, or the user's directory is
-                there but is not a directory inside the root (a symbolic link: nothing is
-                written through it).
-        """
-        key = self._key(address)
-        with self._lock:
-            if key not in self._mailboxes:
-                path = self._user_dir(key)
-                try:
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(path, _DIR_MODE)
-                    self._check_user_dir(key)
-                except (OSError, MailboxError) as exc:
-                    raise StorageError(f"cannot create the maildir of {key!r}: {exc}") from exc
-                try:
-                    self._mailboxes[key] = {
-                        name: self._new_box(key, name) for name in DEFAULT_FOLDERS
-                    }
-                except OSError as exc:
-                    raise StorageError(f"cannot create the maildir of {key!r}: {exc}") from exc
-            self._passwords[key] = password
-
-    def has_user(self, address: str) -> bool:
-        return self._key(address) in self._mailboxes
-
-    def users(self) -> list[str]:
-        with self._lock:
-            return sorted(self._mailboxes)
-
-    # mailboxes
-
-    def mailbox(self, address: str, name: str = "INBOX") -> Mailbox:
-        """The mailbox ``name`` of ``address``, after checking its directories.
-
-        Raises:
-            MailboxError: ``NONEXISTENT`` when there is no such user or mailbox; ``CANNOT``
-                when its directory, ``cur/ new/ tmp/`` or log is no longer a plain entry
-                inside the root (say, swapped for a symbolic link while the store runs).
-        """
-        box = super().mailbox(address, name)
-        assert isinstance(box, _MaildirBox)
-        self._check_box(box)
-        return box
-
-    def _box(self, address: str, name: str) -> _MaildirBox:
-        box = self.mailbox(address, name)
-        assert isinstance(box, _MaildirBox)
-        return box
-
-    def create_mailbox(self, address: str, name: str) -> Mailbox:
-        canonical = validate_mailbox_name(name.rstrip(HIERARCHY_DELIMITER))
-        key = self._key(address)
-        with self._lock:
-            boxes = self._user_boxes(address)
-            if canonical in boxes:
-                raise MailboxError(f"mailbox {name!r} already exists", code="ALREADYEXISTS")
-            path = self._box_dir(key, canonical)
-            self._check_user_dir(key)
-            if os.path.lexists(path):
-                raise MailboxError(f"mailbox {name!r} exists on disk", code="ALREADYEXISTS")
-            try:
-                box = _MaildirBox(
-                    key,
-                    canonical,
-                    path,
-                    root=self.root,
-                    uidvalidity=next(self._uidvalidity),
-                    special_use=None,
-                )
-                _make_maildir(path, folder=True)
-                self._rewrite_log(box)
-            except OSError as exc:
-                shutil.rmtree(path, ignore_errors=True)
-                raise self._storage_error(f"cannot create mailbox {name!r}", exc) from exc
-            boxes[canonical] = box
-            self._bump()
-        self._notify(StoreChange(key, canonical, "mailboxes"))
         return box
 
     def _forget_uidvalidity(self, box: _MaildirBox) -> None:
@@ -948,258 +759,255 @@ class MaildirStore(Store):
         fsync_dir(path.parent)
         shutil.rmtree(target, ignore_errors=True)
 
-    def delete_mailbox(self, address: str, name: str) -> None:
-        canonical = validate_mailbox_name(name)
-        if canonical == "INBOX":
-            raise MailboxError("INBOX cannot be deleted", code="CANNOT")
-        key = self._key(address)
-        with self._lock:
-            boxes = self._user_boxes(address)
-            box = boxes.get(canonical)
-            if box is None:
-                raise MailboxError(f"no mailbox {name!r}", code="NONEXISTENT")
-            assert isinstance(box, _MaildirBox)
-            self._check_box(box)
-            try:
-                self._trash(box)
-            except OSError as exc:
-                raise self._storage_error(f"cannot delete mailbox {name!r}", exc) from exc
-            del boxes[canonical]
-            self._bump()
-        self._notify(StoreChange(key, canonical, "mailboxes"))
+    @staticmethod
+    def _storage_error(what: str, exc: OSError) -> StorageError | MailboxError:
+        if exc.errno == errno.ENAMETOOLONG:
+            return MailboxError(f"{what}: the name is too long", code="LIMIT")
+        return StorageError(f"{what}: {exc.strerror or exc}")
 
-    def rename_mailbox(self, address: str, old: str, new: str) -> None:
-        """Rename a mailbox and its children. Renaming INBOX moves its messages (RFC 3501 6.3.5)."""
-        src = validate_mailbox_name(old)
-        dst = validate_mailbox_name(new)
-        key = self._key(address)
-        with self._lock:
-            boxes = self._user_boxes(address)
-            if src not in boxes:
-                raise MailboxError(f"no mailbox {old!r}", code="NONEXISTENT")
-            if dst in boxes:
-                raise MailboxError(f"mailbox {new!r} already exists", code="ALREADYEXISTS")
-            self._check_user_dir(key)
-            try:
-                if src == "INBOX":
-                    self._rename_inbox(key, boxes, dst)
-                else:
-                    self._rename_tree(key, boxes, src, dst)
-            except OSError as exc:
-                raise self._storage_error(f"cannot rename {old!r} to {new!r}", exc) from exc
-            self._bump()
-        self._notify(StoreChange(key, dst, "mailboxes"))
+    # Storage hooks of Store: users and mailboxes
 
-    def _rename_tree(self, key: str, boxes: dict[str, Mailbox], src: str, dst: str) -> None:
-        prefix = src + HIERARCHY_DELIMITER
-        moves: list[tuple[_MaildirBox, str, Path]] = []
-        for name in [n for n in boxes if n == src or n.startswith(prefix)]:
-            box = boxes[name]
-            assert isinstance(box, _MaildirBox)
-            self._check_box(box)
-            new_name = dst + name[len(src) :]
-            new_path = self._box_dir(key, new_name)
-            if new_name in boxes or os.path.lexists(new_path):
+    def _new_user(self, user: str) -> dict[str, Mailbox]:
+        """The user directory and the default folders, on disk.
+
+        Raises:
+            MailboxError: the address cannot be a directory name.
+            StorageError: the directories could not be written, or the user's directory is
+                there but is not a directory inside the root (a symbolic link: nothing is
+                written through it).
+        """
+        path = self._user_dir(user)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, _DIR_MODE)
+            self._check_user_dir(user)
+        except (OSError, MailboxError) as exc:
+            raise StorageError(f"cannot create the maildir of {user!r}: {exc}") from exc
+        try:
+            return {name: self._new_box(user, name) for name in DEFAULT_FOLDERS}
+        except OSError as exc:
+            raise StorageError(f"cannot create the maildir of {user!r}: {exc}") from exc
+
+    def _new_mailbox(self, user: str, name: str, *, special_use: str | None = None) -> Mailbox:
+        """A new folder on disk (CREATE, or the target of renaming INBOX).
+
+        Raises:
+            MailboxError: ``LIMIT`` (name too long for a file name), ``CANNOT`` (the user
+                directory is refused), ``ALREADYEXISTS`` (something is in its place on disk).
+        """
+        path = self._box_dir(user, name)
+        self._check_user_dir(user)
+        if os.path.lexists(path):
+            raise MailboxError(f"mailbox {name!r} exists on disk", code="ALREADYEXISTS")
+        try:
+            box = _MaildirBox(
+                user,
+                name,
+                path,
+                root=self.root,
+                uidvalidity=next(self._uidvalidity),
+                special_use=special_use,
+            )
+            _make_maildir(path, folder=True)
+            self._rewrite_log(box)
+        except OSError as exc:
+            shutil.rmtree(path, ignore_errors=True)
+            raise self._storage_error(f"cannot create mailbox {name!r}", exc) from exc
+        return box
+
+    def _usable(self, box: Mailbox) -> bool:
+        return _as_box(box).confined()
+
+    def _check_mailbox(self, box: Mailbox) -> None:
+        """Refuse a folder whose directories or log are no longer plain entries in the root."""
+        if not self._usable(box):
+            log.warning(
+                "maildir: refused %s: it is not a maildir inside the root", _as_box(box).path
+            )
+            raise MailboxError(
+                f"mailbox {box.name!r} is refused: its directory is not a maildir inside "
+                "the store's root (a symbolic link?)",
+                code="CANNOT",
+            )
+
+    def _drop_mailbox(self, box: Mailbox) -> None:
+        try:
+            self._trash(_as_box(box))
+        except OSError as exc:
+            raise self._storage_error(f"cannot delete mailbox {box.name!r}", exc) from exc
+
+    def _empty_mailbox(self, box: Mailbox) -> None:
+        folder = _as_box(box)
+        try:
+            for msg in folder:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_as_message(msg).path)
+            folder._remove(folder.uids())
+            for sub in ("cur", "new"):
+                fsync_dir(folder.path / sub)
+            self._rewrite_log(folder)
+        except OSError as exc:
+            what = f"cannot clear {folder.user}:{folder.name}"
+            raise self._storage_error(what, exc) from exc
+
+    def _move_mailboxes(self, user: str, moves: list[tuple[Mailbox, str]]) -> None:
+        """Rename folder directories; on failure the ones already renamed are put back."""
+        self._check_user_dir(user)
+        targets: list[tuple[_MaildirBox, Path]] = []
+        for box, new_name in moves:
+            new_path = self._box_dir(user, new_name)
+            if os.path.lexists(new_path):
                 raise MailboxError(f"mailbox {new_name!r} already exists", code="ALREADYEXISTS")
-            moves.append((box, new_name, new_path))
+            targets.append((_as_box(box), new_path))
         done: list[tuple[_MaildirBox, Path]] = []
         try:
-            for box, _, new_path in moves:
-                os.rename(box.path, new_path)
-                done.append((box, new_path))
-            fsync_dir(self._user_dir(key))
-        except OSError:
-            for box, new_path in reversed(done):
+            for folder, new_path in targets:
+                os.rename(folder.path, new_path)
+                done.append((folder, new_path))
+            fsync_dir(self._user_dir(user))
+        except OSError as exc:
+            for folder, new_path in reversed(done):
                 with contextlib.suppress(OSError):
-                    os.rename(new_path, box.path)
-            raise
-        for box, new_name, new_path in moves:
-            del boxes[box.name]
-            box.name = new_name
-            box.path = new_path
-            for msg in box:
-                msg.mailbox = new_name
-            boxes[new_name] = box
+                    os.rename(new_path, folder.path)
+            what = f"cannot rename {moves[0][0].name!r} to {moves[0][1]!r}"
+            raise self._storage_error(what, exc) from exc
+        for folder, new_path in targets:
+            folder.path = new_path
 
-    def _rename_inbox(self, key: str, boxes: dict[str, Mailbox], dst: str) -> None:
-        inbox = boxes["INBOX"]
-        assert isinstance(inbox, _MaildirBox)
-        self._check_box(inbox)
-        if os.path.lexists(self._box_dir(key, dst)):
-            raise MailboxError(f"mailbox {dst!r} exists on disk", code="ALREADYEXISTS")
-        target = self._new_box(key, dst)
-        target.special_use = None
-        moved: list[_MaildirMessage] = []
+    def _move_message(self, msg: StoredMessage, target: Mailbox) -> StoredMessage:
+        """Rename the file into the target folder; ``msg`` follows it (for sessions holding it)."""
+        old, folder = _as_message(msg), _as_box(target)
         try:
-            for msg in list(inbox):
-                assert isinstance(msg, _MaildirMessage)
-                os.rename(msg.path, target.path / msg._file)
-                moved.append(msg)
-        finally:
-            for sub in ("cur", "new"):
-                with contextlib.suppress(OSError):
-                    fsync_dir(target.path / sub)
-                    fsync_dir(inbox.path / sub)
-            for msg in moved:
-                copy = _MaildirMessage(
-                    target,
-                    msg._file,
-                    uid=target.uidnext,
-                    size=msg.size,
-                    internal_date=msg.internal_date,
-                    flags=msg.flags,
-                    envelope_from=msg.envelope_from,
-                    envelope_to=msg.envelope_to,
-                )
-                target.uidnext += 1
-                target._add(copy)
-                msg._box = target
-                msg._file = copy._file
-            inbox._remove([m.uid for m in moved])
-            boxes[dst] = target
-            with contextlib.suppress(OSError):
-                self._rewrite_log(target)
-                self._rewrite_log(inbox)
-
-    def subscribe(self, address: str, name: str, subscribed: bool = True) -> None:
-        box = self._box(address, name)
-        with self._lock:
-            if box.subscribed == subscribed:
-                return
-            try:
-                self._append_log(box, [{"subscribed": subscribed}])
-            except OSError as exc:
-                raise self._storage_error(f"cannot record subscription of {name!r}", exc) from exc
-            box.subscribed = subscribed
-
-    # messages
-
-    def _unique_name(self, size: int) -> str:
-        now = time.time()
-        sec = int(now)
-        usec = int((now - sec) * 1_000_000)
-        return (
-            f"{sec}.M{usec}P{os.getpid()}Q{next(self._deliveries)}R{secrets.token_hex(6)}"
-            f".{self._host},S={size}"
+            os.rename(old.path, folder.path / old._file)
+        except OSError as exc:
+            what = f"cannot rename {old.mailbox!r} to {folder.name!r}"
+            raise self._storage_error(what, exc) from exc
+        old._box = folder
+        return _MaildirMessage(
+            folder,
+            old._file,
+            uid=folder.uidnext,
+            size=old.size,
+            internal_date=old.internal_date,
+            flags=old.flags,
+            envelope_from=old.envelope_from,
+            envelope_to=old.envelope_to,
         )
 
-    def _put(
+    def _messages_moved(self, source: Mailbox, target: Mailbox) -> None:
+        """Make the renames durable, then record the new UIDs (and the old folder's loss)."""
+        src, dst = _as_box(source), _as_box(target)
+        for sub in ("cur", "new"):
+            with contextlib.suppress(OSError):
+                fsync_dir(dst.path / sub)
+                fsync_dir(src.path / sub)
+        with contextlib.suppress(OSError):
+            self._rewrite_log(dst)
+            self._rewrite_log(src)
+
+    def _write_subscription(self, box: Mailbox, subscribed: bool) -> None:
+        try:
+            self._append_log(_as_box(box), [{"subscribed": subscribed}])
+        except OSError as exc:
+            what = f"cannot record subscription of {box.name!r}"
+            raise self._storage_error(what, exc) from exc
+
+    # Storage hooks of Store: messages
+
+    def _store_message(
         self,
         box: Mailbox,
         raw: bytes,
-        flags: Iterable[str],
-        internal_date: float | None,
-        envelope_from: str = "",
-        envelope_to: tuple[str, ...] = (),
+        flags: frozenset[str],
+        internal_date: float,
+        envelope_from: str,
+        envelope_to: tuple[str, ...],
     ) -> StoredMessage:
-        """Write one message durably; called with the store lock held.
+        """Write one message durably.
 
         Order: tmp/ file, fsync, rename into new/ or cur/, directory fsync, UID record
         appended and fsynced. On ``OSError`` everything written is removed again.
         """
-        assert isinstance(box, _MaildirBox)
-        flagset = frozenset(flags)
-        data = bytes(raw)
-        when = self._clock() if internal_date is None else internal_date
-        base = self._unique_name(len(data))
-        info = _info_for(flagset)
-        sub = "cur" if flagset else "new"
-        filename = f"{base}{_INFO}{info}" if sub == "cur" else base
-        tmp = box.path / "tmp" / base
-        dest = box.path / sub / filename
+        folder = _as_box(box)
+        base = fmt.unique_name(len(raw), self._host, next(self._deliveries))
+        sub = "cur" if flags else "new"
+        filename = f"{base}{fmt.INFO}{fmt.info_for(flags)}" if sub == "cur" else base
+        tmp = folder.path / "tmp" / base
+        dest = folder.path / sub / filename
         msg = _MaildirMessage(
-            box,
+            folder,
             f"{sub}/{filename}",
-            uid=box.uidnext,
-            size=len(data),
-            internal_date=when,
-            flags=flagset,
+            uid=folder.uidnext,
+            size=len(raw),
+            internal_date=internal_date,
+            flags=flags,
             envelope_from=envelope_from,
-            envelope_to=tuple(envelope_to),
+            envelope_to=envelope_to,
         )
         placed = False
         try:
-            _create_file(tmp, data, mtime=when)
+            _create_file(tmp, raw, mtime=internal_date)
             if os.path.lexists(dest):  # pragma: no cover - the name is unique by construction
                 raise OSError(errno.EEXIST, "maildir file name collision", str(dest))
             os.rename(tmp, dest)
             placed = True
-            fsync_dir(box.path / sub)
-            self._append_log(box, [_record(msg)])
+            fsync_dir(folder.path / sub)
+            self._append_log(folder, [_record(msg)])
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             if placed:
                 with contextlib.suppress(OSError):
                     os.unlink(dest)
-                    fsync_dir(box.path / sub)
-            what = f"cannot store a message in {box.user}:{box.name}"
+                    fsync_dir(folder.path / sub)
+            what = f"cannot store a message in {folder.user}:{folder.name}"
             raise self._storage_error(what, exc) from exc
-        box.uidnext += 1
-        box._add(msg)
         return msg
 
-    def set_flags(
-        self, address: str, mailbox: str, updates: dict[int, frozenset[str]]
-    ) -> list[StoredMessage]:
-        """Replace the flags of the messages with the given UIDs; returns the changed ones.
+    def _write_flags(
+        self, box: Mailbox, wanted: list[tuple[StoredMessage, frozenset[str]]]
+    ) -> tuple[int, RoundtripError | None]:
+        """System flags are renamed into the file name; keywords are appended to the log.
 
-        System flags are renamed into the file name; keywords are appended to the log.
-
-        Raises:
-            StorageError: a rename or the log failed (messages changed before that stay
-                changed and are announced).
+        The directories of the renames are fsynced once, at the end.
         """
-        box = self._box(address, mailbox)
-        changed: list[StoredMessage] = []
+        folder = _as_box(box)
         dirs: set[Path] = set()
+        done = 0
         failure: OSError | None = None
-        with self._lock:
-            for uid, flags in updates.items():
-                msg = box.get(uid)
-                if msg is None or msg.flags == flags:
-                    continue
-                assert isinstance(msg, _MaildirMessage)
-                flags = frozenset(flags)
-                try:
-                    self._apply_flags(box, msg, flags, dirs)
-                except OSError as exc:
-                    failure = exc
-                    break
-                msg.flags = flags
-                changed.append(msg)
+        for msg, flags in wanted:
             try:
-                for path in dirs:
-                    fsync_dir(path)
+                self._apply_flags(folder, _as_message(msg), flags, dirs)
             except OSError as exc:
-                failure = failure or exc
-            if changed:
-                box.modseq += 1
-                self._bump()
-            self._maybe_compact(box)
-        if changed:
-            uids = tuple(m.uid for m in changed)
-            self._notify(StoreChange(box.user, box.name, "flags", uids))
-        if failure is not None:
-            raise self._storage_error(f"cannot store flags in {box.user}:{box.name}", failure)
-        return changed
+                failure = exc
+                break
+            done += 1
+        try:
+            for path in dirs:
+                fsync_dir(path)
+        except OSError as exc:
+            failure = failure or exc
+        if failure is None:
+            return done, None
+        what = f"cannot store flags in {folder.user}:{folder.name}"
+        return done, self._storage_error(what, failure)
 
     def _apply_flags(
         self, box: _MaildirBox, msg: _MaildirMessage, flags: frozenset[str], dirs: set[Path]
     ) -> None:
         sub, _, name = msg._file.partition("/")
-        base, _, old_info = name.partition(_INFO)
-        info = _info_for(flags, old_info)
+        base, _, old_info = name.partition(fmt.INFO)
+        info = fmt.info_for(flags, old_info)
         new_sub = "cur" if (sub == "cur" or info or flags) else "new"
-        new_file = f"{new_sub}/{base}{_INFO}{info}" if new_sub == "cur" else f"new/{base}"
+        new_file = f"{new_sub}/{base}{fmt.INFO}{info}" if new_sub == "cur" else f"new/{base}"
         old_file = msg._file
         if new_file != old_file:
             os.rename(box.path / old_file, box.path / new_file)
             dirs.update({box.path / sub, box.path / new_sub})
             msg._file = new_file
-        if _keywords(flags) != _keywords(msg.flags):
+        if fmt.keywords(flags) != fmt.keywords(msg.flags):
             try:
-                self._append_log(box, [{"uid": msg.uid, "kw": _keywords(flags)}])
+                self._append_log(box, [{"uid": msg.uid, "kw": fmt.keywords(flags)}])
             except OSError:
                 if new_file != old_file:  # put the file back: the flags did not change
                     with contextlib.suppress(OSError):
@@ -1207,79 +1015,42 @@ class MaildirStore(Store):
                         msg._file = old_file
                 raise
 
-    def expunge(self, address: str, mailbox: str, uids: Iterable[int]) -> list[int]:
-        """Remove messages by UID (their files are unlinked); returns the UIDs removed."""
-        box = self._box(address, mailbox)
+    def _remove_messages(
+        self, box: Mailbox, found: list[StoredMessage]
+    ) -> tuple[list[int], RoundtripError | None]:
+        """Unlink the files (a file already gone counts as removed), then fsync the folder."""
+        folder = _as_box(box)
         gone: list[int] = []
         failure: OSError | None = None
-        with self._lock:
-            for uid in sorted(set(uids)):
-                msg = box.get(uid)
-                if msg is None:
-                    continue
-                assert isinstance(msg, _MaildirMessage)
-                msg._pin()  # sessions that still hold it may read it (RFC 3501 7.4.1)
-                try:
-                    os.unlink(msg.path)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    failure = exc
-                    break
-                gone.append(uid)
+        for each in found:
+            msg = _as_message(each)
+            msg._pin()  # sessions that still hold it may read it (RFC 3501 7.4.1)
             try:
-                for sub in ("cur", "new"):
-                    fsync_dir(box.path / sub)
+                os.unlink(msg.path)
+            except FileNotFoundError:
+                pass
             except OSError as exc:
-                failure = failure or exc
-            box._remove(gone)
-            if gone:
-                self._bump()
-                self._maybe_compact(box)
-        if gone:
-            self._notify(StoreChange(box.user, box.name, "expunged", tuple(gone)))
-        if failure is not None:
-            raise self._storage_error(f"cannot expunge in {box.user}:{box.name}", failure)
-        return gone
+                failure = exc
+                break
+            gone.append(msg.uid)
+        try:
+            for sub in ("cur", "new"):
+                fsync_dir(folder.path / sub)
+        except OSError as exc:
+            failure = failure or exc
+        if failure is None:
+            return gone, None
+        return gone, self._storage_error(f"cannot expunge in {folder.user}:{folder.name}", failure)
 
-    def clear(self) -> None:
-        """Empty every mailbox (users and default folders stay; UIDs keep increasing).
+    def _messages_changed(self, box: Mailbox) -> None:
+        self._maybe_compact(_as_box(box))
 
-        A folder that is no longer a maildir inside the root (see ``mailbox``) is left alone,
-        on disk and in memory: nothing is deleted through a symbolic link.
-        """
-        with self._lock:
-            try:
-                for boxes in self._mailboxes.values():
-                    for name in [n for n in boxes if n not in DEFAULT_FOLDERS]:
-                        box = boxes[name]
-                        assert isinstance(box, _MaildirBox)
-                        if not box.confined():
-                            continue
-                        self._trash(box)
-                        del boxes[name]
-                    for box in boxes.values():
-                        assert isinstance(box, _MaildirBox)
-                        if not box.confined():
-                            continue
-                        for msg in box:
-                            assert isinstance(msg, _MaildirMessage)
-                            with contextlib.suppress(FileNotFoundError):
-                                os.unlink(msg.path)
-                        box._remove(box.uids())
-                        for sub in ("cur", "new"):
-                            fsync_dir(box.path / sub)
-                        self._rewrite_log(box)
-            except OSError as exc:
-                raise self._storage_error("cannot clear the maildir store", exc) from exc
-            finally:
-                self._bump()
-        self._notify(StoreChange("", "", "mailboxes"))
 
-    # helpers
+def _as_box(box: Mailbox) -> _MaildirBox:
+    assert isinstance(box, _MaildirBox), box
+    return box
 
-    @staticmethod
-    def _storage_error(what: str, exc: OSError) -> StorageError | MailboxError:
-        if exc.errno == errno.ENAMETOOLONG:
-            return MailboxError(f"{what}: the name is too long", code="LIMIT")
-        return StorageError(f"{what}: {exc.strerror or exc}")
+
+def _as_message(msg: StoredMessage) -> _MaildirMessage:
+    assert isinstance(msg, _MaildirMessage), msg
+    return msg

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import MailboxError
+from .errors import MailboxError, RoundtripError
 
 __all__ = [
     "DEFAULT_FOLDERS",
@@ -55,7 +55,7 @@ def validate_mailbox_name(name: str) -> str:
     """Check a (decoded) mailbox name and return its canonical form.
 
     ``INBOX`` is case-insensitive (RFC 3501 section 5.1). Names that could escape a directory
-    tree when stored as files are refused, whatever the backend (SECURITY.md A6.5).
+    tree when stored as files are refused, whatever the backend (docs/security.md A6.5).
 
     Raises:
         MailboxError: with code ``CANNOT`` when the name is not acceptable.
@@ -241,6 +241,11 @@ class Store:
 
     Args:
         clock: returns the wall-clock time in seconds (for internal dates); injectable for tests.
+
+    The public methods hold every rule once: argument validation, the existence checks and
+    their ``MailboxError`` codes, the INBOX rules, the lock, ``generation`` and the change
+    notification. What a backend keeps where is left to the protected hooks under "Storage
+    hooks" below; this class implements them in memory, ``MaildirStore`` on disk.
     """
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
@@ -273,22 +278,25 @@ class Store:
             address: the mailbox owner's address.
             password: what logs in; ``None`` (or ``""``) makes a mailbox that no login opens,
                 on any service.
+
+        Raises:
+            MailboxError: the backend cannot hold this address (``MaildirStore``: it cannot
+                be a directory name).
+            StorageError: the backend could not create the user's folders.
         """
         key = self._key(address)
         with self._lock:
-            self._passwords[key] = password
             if key not in self._mailboxes:
-                self._mailboxes[key] = {
-                    name: Mailbox(key, name, uidvalidity=next(self._uidvalidity), special_use=use)
-                    for name, use in DEFAULT_FOLDERS.items()
-                }
+                self._mailboxes[key] = self._new_user(key)
+            self._passwords[key] = password
 
     def has_user(self, address: str) -> bool:
-        return self._key(address) in self._passwords
+        """True when ``address`` has mailboxes (a user recovered from disk may not log in yet)."""
+        return self._key(address) in self._mailboxes
 
     def users(self) -> list[str]:
         with self._lock:
-            return sorted(self._passwords)
+            return sorted(self._mailboxes)
 
     def check_password(self, address: str, password: str) -> bool:
         """True when ``address`` is a login and ``password`` is its password (constant time).
@@ -311,16 +319,19 @@ class Store:
         return boxes
 
     def mailbox(self, address: str, name: str = "INBOX") -> Mailbox:
-        """The mailbox ``name`` of ``address``.
+        """The mailbox ``name`` of ``address``, after the backend's safety check.
 
         Raises:
-            MailboxError: ``NONEXISTENT`` when there is no such user or mailbox.
+            MailboxError: ``NONEXISTENT`` when there is no such user or mailbox; ``CANNOT``
+                when the name is not acceptable, or the backend refuses the mailbox now
+                (``MaildirStore``: its directory was swapped for a symbolic link).
         """
         canonical = validate_mailbox_name(name)
         with self._lock:
             box = self._user_boxes(address).get(canonical)
         if box is None:
             raise MailboxError(f"no mailbox {name!r}", code="NONEXISTENT")
+        self._check_mailbox(box)
         return box
 
     def mailboxes(self, address: str) -> list[Mailbox]:
@@ -330,33 +341,51 @@ class Store:
         return sorted(boxes, key=lambda b: (b.name != "INBOX", b.name))
 
     def create_mailbox(self, address: str, name: str) -> Mailbox:
+        """Create the folder ``name`` (a trailing delimiter is ignored, RFC 3501 6.3.3).
+
+        Raises:
+            MailboxError: ``CANNOT`` for a bad name, ``ALREADYEXISTS``, ``NONEXISTENT`` user.
+        """
         canonical = validate_mailbox_name(name.rstrip(HIERARCHY_DELIMITER))
+        user = self._key(address)
         with self._lock:
             boxes = self._user_boxes(address)
             if canonical in boxes:
                 raise MailboxError(f"mailbox {name!r} already exists", code="ALREADYEXISTS")
-            box = Mailbox(
-                self._key(address), canonical, uidvalidity=next(self._uidvalidity), special_use=None
-            )
+            box = self._new_mailbox(user, canonical)
             boxes[canonical] = box
             self._bump()
-        self._notify(StoreChange(box.user, canonical, "mailboxes"))
+        self._notify(StoreChange(user, canonical, "mailboxes"))
         return box
 
     def delete_mailbox(self, address: str, name: str) -> None:
+        """Delete the folder ``name`` and its messages (its children stay, RFC 3501 6.3.4).
+
+        Raises:
+            MailboxError: ``CANNOT`` for INBOX or a bad name, ``NONEXISTENT``.
+        """
         canonical = validate_mailbox_name(name)
         if canonical == "INBOX":
             raise MailboxError("INBOX cannot be deleted", code="CANNOT")
+        user = self._key(address)
         with self._lock:
             boxes = self._user_boxes(address)
-            if canonical not in boxes:
+            box = boxes.get(canonical)
+            if box is None:
                 raise MailboxError(f"no mailbox {name!r}", code="NONEXISTENT")
+            self._check_mailbox(box)
+            self._drop_mailbox(box)
             del boxes[canonical]
             self._bump()
-        self._notify(StoreChange(self._key(address), canonical, "mailboxes"))
+        self._notify(StoreChange(user, canonical, "mailboxes"))
 
     def rename_mailbox(self, address: str, old: str, new: str) -> None:
-        """Rename a mailbox and its children. Renaming INBOX moves its messages (RFC 3501 6.3.5)."""
+        """Rename a mailbox and its children. Renaming INBOX moves its messages (RFC 3501 6.3.5).
+
+        Raises:
+            MailboxError: ``NONEXISTENT`` source; ``ALREADYEXISTS`` when the new name, or the
+                new name of one of its children, is taken; ``CANNOT`` for a bad name.
+        """
         src = validate_mailbox_name(old)
         dst = validate_mailbox_name(new)
         user = self._key(address)
@@ -367,25 +396,52 @@ class Store:
             if dst in boxes:
                 raise MailboxError(f"mailbox {new!r} already exists", code="ALREADYEXISTS")
             if src == "INBOX":
-                inbox = boxes["INBOX"]
-                target = Mailbox(user, dst, uidvalidity=next(self._uidvalidity), special_use=None)
-                for msg in list(inbox):
-                    self._put(target, msg.raw, msg.flags, msg.internal_date)
-                inbox._remove(inbox.uids())
-                boxes[dst] = target
+                self._rename_inbox(user, boxes, dst)
             else:
-                prefix = src + HIERARCHY_DELIMITER
-                for name in [n for n in boxes if n == src or n.startswith(prefix)]:
-                    box = boxes.pop(name)
-                    box.name = dst + name[len(src) :]
-                    boxes[box.name] = box
+                self._rename_tree(user, boxes, src, dst)
             self._bump()
         self._notify(StoreChange(user, dst, "mailboxes"))
+
+    def _rename_inbox(self, user: str, boxes: dict[str, Mailbox], dst: str) -> None:
+        inbox = boxes["INBOX"]
+        self._check_mailbox(inbox)
+        target = self._new_mailbox(user, dst)
+        boxes[dst] = target
+        moved: list[int] = []
+        try:
+            for msg in list(inbox):
+                copy = self._move_message(msg, target)
+                target.uidnext += 1
+                target._add(copy)
+                moved.append(msg.uid)
+        finally:
+            inbox._remove(moved)
+            self._messages_moved(inbox, target)
+
+    def _rename_tree(self, user: str, boxes: dict[str, Mailbox], src: str, dst: str) -> None:
+        prefix = src + HIERARCHY_DELIMITER
+        moves: list[tuple[Mailbox, str]] = []
+        for name in [n for n in boxes if n == src or n.startswith(prefix)]:
+            self._check_mailbox(boxes[name])
+            new_name = dst + name[len(src) :]
+            if new_name in boxes:
+                raise MailboxError(f"mailbox {new_name!r} already exists", code="ALREADYEXISTS")
+            moves.append((boxes[name], new_name))
+        self._move_mailboxes(user, moves)
+        for box, _ in moves:
+            del boxes[box.name]
+        for box, new_name in moves:
+            box.name = new_name
+            for msg in box:
+                msg.mailbox = new_name
+            boxes[new_name] = box
 
     def subscribe(self, address: str, name: str, subscribed: bool = True) -> None:
         box = self.mailbox(address, name)
         with self._lock:
-            box.subscribed = subscribed
+            if box.subscribed != subscribed:
+                self._write_subscription(box, subscribed)
+                box.subscribed = subscribed
 
     # Messages
 
@@ -398,16 +454,10 @@ class Store:
         envelope_from: str = "",
         envelope_to: tuple[str, ...] = (),
     ) -> StoredMessage:
-        msg = StoredMessage(
-            uid=box.uidnext,
-            raw=bytes(raw),
-            internal_date=self._clock() if internal_date is None else internal_date,
-            flags=frozenset(flags),
-            user=box.user,
-            mailbox=box.name,
-            stored_monotonic=time.monotonic(),
-            envelope_from=envelope_from,
-            envelope_to=envelope_to,
+        """Store one message under the next UID of ``box``; called with the lock held."""
+        when = self._clock() if internal_date is None else internal_date
+        msg = self._store_message(
+            box, bytes(raw), frozenset(flags), when, envelope_from, tuple(envelope_to)
         )
         box.uidnext += 1
         box._add(msg)
@@ -428,6 +478,7 @@ class Store:
 
         Raises:
             MailboxError: no such user or mailbox.
+            StorageError: the backend could not store it (nothing of it is kept).
         """
         box = self.mailbox(address, mailbox)
         with self._lock:
@@ -442,32 +493,53 @@ class Store:
     def set_flags(
         self, address: str, mailbox: str, updates: dict[int, frozenset[str]]
     ) -> list[StoredMessage]:
-        """Replace the flags of the messages with the given UIDs; returns the changed ones."""
+        """Replace the flags of the messages with the given UIDs; returns the changed ones.
+
+        Raises:
+            StorageError: the backend failed part way (messages changed before that stay
+                changed and are announced).
+        """
         box = self.mailbox(address, mailbox)
-        changed: list[StoredMessage] = []
+        wanted: list[tuple[StoredMessage, frozenset[str]]] = []
         with self._lock:
             for uid, flags in updates.items():
                 msg = box.get(uid)
                 if msg is not None and msg.flags != flags:
-                    msg.flags = frozenset(flags)
-                    changed.append(msg)
+                    wanted.append((msg, frozenset(flags)))
+            done, failure = self._write_flags(box, wanted)
+            changed = [msg for msg, _ in wanted[:done]]
+            for msg, flags in wanted[:done]:
+                msg.flags = flags
             if changed:
                 box.modseq += 1
                 self._bump()
+                self._messages_changed(box)
         if changed:
             uids = tuple(m.uid for m in changed)
             self._notify(StoreChange(box.user, box.name, "flags", uids))
+        if failure is not None:
+            raise failure
         return changed
 
     def expunge(self, address: str, mailbox: str, uids: Iterable[int]) -> list[int]:
-        """Remove messages by UID; returns the UIDs actually removed, ascending."""
+        """Remove messages by UID; returns the UIDs actually removed, ascending.
+
+        Raises:
+            StorageError: the backend failed part way (messages removed before that stay
+                removed and are announced).
+        """
         box = self.mailbox(address, mailbox)
         with self._lock:
-            gone = box._remove(uids)
+            found = [m for m in (box.get(u) for u in sorted(set(uids))) if m is not None]
+            gone, failure = self._remove_messages(box, found)
+            box._remove(gone)
             if gone:
                 self._bump()
+                self._messages_changed(box)
         if gone:
             self._notify(StoreChange(box.user, box.name, "expunged", tuple(gone)))
+        if failure is not None:
+            raise failure
         return gone
 
     def copy(
@@ -510,15 +582,119 @@ class Store:
         return out
 
     def clear(self) -> None:
-        """Empty every mailbox (users and folders stay; UIDs keep increasing)."""
+        """Empty every mailbox (users and default folders stay; UIDs keep increasing).
+
+        A mailbox the backend refuses (see ``mailbox``) is left alone: nothing is deleted
+        through it.
+        """
         with self._lock:
-            for boxes in self._mailboxes.values():
-                for name in [n for n in boxes if n not in DEFAULT_FOLDERS]:
-                    del boxes[name]
-                for box in boxes.values():
-                    box._remove(box.uids())
-            self._bump()
+            try:
+                for boxes in self._mailboxes.values():
+                    for name in [n for n in boxes if n not in DEFAULT_FOLDERS]:
+                        if self._usable(boxes[name]):
+                            self._drop_mailbox(boxes[name])
+                            del boxes[name]
+                    for box in boxes.values():
+                        if self._usable(box):
+                            self._empty_mailbox(box)
+            finally:
+                self._bump()
         self._notify(StoreChange("", "", "mailboxes"))
+
+    # Storage hooks: what a backend does to keep its state. The public methods above call
+    # them with the lock held, after every check, and do the bookkeeping around them. A hook
+    # that fails raises (``StorageError``, or ``MailboxError`` for a refusal) before it changed
+    # anything, unless it says otherwise.
+
+    def _new_user(self, user: str) -> dict[str, Mailbox]:
+        """The default folders of a new user."""
+        return {
+            name: self._new_mailbox(user, name, special_use=use)
+            for name, use in DEFAULT_FOLDERS.items()
+        }
+
+    def _new_mailbox(self, user: str, name: str, *, special_use: str | None = None) -> Mailbox:
+        """A new, empty mailbox with a fresh UIDVALIDITY (not yet in the user's folders)."""
+        return Mailbox(user, name, uidvalidity=next(self._uidvalidity), special_use=special_use)
+
+    def _usable(self, box: Mailbox) -> bool:
+        """False when the backend must not touch ``box`` now (``clear`` skips it)."""
+        return True
+
+    def _check_mailbox(self, box: Mailbox) -> None:
+        """Raise ``MailboxError`` (``CANNOT``) when ``box`` is not ``_usable``."""
+
+    def _drop_mailbox(self, box: Mailbox) -> None:
+        """Delete a mailbox and its messages (the caller forgets it)."""
+
+    def _empty_mailbox(self, box: Mailbox) -> None:
+        """Delete every message of ``box`` (``clear``), keeping the mailbox and its UIDNEXT."""
+        box._remove(box.uids())
+
+    def _move_mailboxes(self, user: str, moves: list[tuple[Mailbox, str]]) -> None:
+        """Give each mailbox its new name's storage: all of them, or none of them."""
+
+    def _move_message(self, msg: StoredMessage, target: Mailbox) -> StoredMessage:
+        """Take ``msg`` out of its mailbox's storage into ``target``'s, as UID ``target.uidnext``.
+
+        The caller adds the result to ``target`` and removes ``msg`` from its mailbox.
+        """
+        return self._store_message(
+            target, msg.raw, msg.flags, msg.internal_date, msg.envelope_from, msg.envelope_to
+        )
+
+    def _messages_moved(self, source: Mailbox, target: Mailbox) -> None:
+        """Called once after ``_move_message`` calls, even when one failed."""
+
+    def _write_subscription(self, box: Mailbox, subscribed: bool) -> None:
+        """Keep the subscription state of ``box``."""
+
+    def _store_message(
+        self,
+        box: Mailbox,
+        raw: bytes,
+        flags: frozenset[str],
+        internal_date: float,
+        envelope_from: str,
+        envelope_to: tuple[str, ...],
+    ) -> StoredMessage:
+        """Keep one message as UID ``box.uidnext`` (the caller adds it to ``box``)."""
+        return StoredMessage(
+            uid=box.uidnext,
+            raw=raw,
+            internal_date=internal_date,
+            flags=flags,
+            user=box.user,
+            mailbox=box.name,
+            stored_monotonic=time.monotonic(),
+            envelope_from=envelope_from,
+            envelope_to=envelope_to,
+        )
+
+    def _write_flags(
+        self, box: Mailbox, wanted: list[tuple[StoredMessage, frozenset[str]]]
+    ) -> tuple[int, RoundtripError | None]:
+        """Keep new flags for messages, in order, while their ``flags`` are still the old ones.
+
+        Returns:
+            How many of ``wanted`` were written (the caller updates those), and the error
+            that stopped the rest, if any.
+        """
+        return len(wanted), None
+
+    def _remove_messages(
+        self, box: Mailbox, found: list[StoredMessage]
+    ) -> tuple[list[int], RoundtripError | None]:
+        """Delete messages of ``box``.
+
+        Returns:
+            The UIDs deleted (the caller removes them from ``box``), and the error that
+            stopped the rest, if any.
+        """
+        return [m.uid for m in found], None
+
+    def _messages_changed(self, box: Mailbox) -> None:
+        """Called after flags changed or messages were removed, with ``box`` up to date."""
 
     # POP3 maildrop lock (RFC 1939 section 8, RFC 2449 IN-USE)
 

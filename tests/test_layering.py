@@ -21,6 +21,7 @@ LAYER = {
     "message": 2,
     "corpus": 2,
     "spool": 2,
+    "_maildirfmt": 2,
     "assertions": 3,
     "maildir": 3,
     "servers": 3,

@@ -214,6 +214,100 @@ def test_store_contract_wait_until_wakes_on_delivery(store: Store) -> None:
     assert [m.raw for m in found] == [RAW]
 
 
+# One rule, one behaviour: the same hostile or invalid call gets the same answer from both
+# backends (exception type, code and message; or the same resulting tree and notifications).
+
+_CONTRACT_CALLS: dict[str, Callable[[Store], object]] = {
+    "create ../x": lambda s: s.create_mailbox(ALICE, "../x"),
+    "create empty": lambda s: s.create_mailbox(ALICE, ""),
+    "create /": lambda s: s.create_mailbox(ALICE, "/"),
+    "create cur": lambda s: s.create_mailbox(ALICE, "cur"),
+    "create a//b": lambda s: s.create_mailbox(ALICE, "a//b"),
+    "create ~x": lambda s: s.create_mailbox(ALICE, "~x"),
+    "create control": lambda s: s.create_mailbox(ALICE, "a\x01b"),
+    "create backslash": lambda s: s.create_mailbox(ALICE, "a\\b"),
+    "create too long": lambda s: s.create_mailbox(ALICE, "x" * 1025),
+    "create inbox": lambda s: s.create_mailbox(ALICE, "inbox"),
+    "create existing": lambda s: s.create_mailbox(ALICE, "Work/"),
+    "create for nobody": lambda s: s.create_mailbox("nobody@example.com", "X"),
+    "create child": lambda s: s.create_mailbox(ALICE, "Work/New"),
+    "delete INBOX": lambda s: s.delete_mailbox(ALICE, "INBOX"),
+    "delete inbox": lambda s: s.delete_mailbox(ALICE, "inbox"),
+    "delete missing": lambda s: s.delete_mailbox(ALICE, "Nope"),
+    "delete ../x": lambda s: s.delete_mailbox(ALICE, "../x"),
+    "delete for nobody": lambda s: s.delete_mailbox("nobody@example.com", "Work"),
+    "delete parent": lambda s: s.delete_mailbox(ALICE, "Work"),
+    "rename missing": lambda s: s.rename_mailbox(ALICE, "Nope", "X"),
+    "rename onto existing": lambda s: s.rename_mailbox(ALICE, "Work", "Sent"),
+    "rename to ../x": lambda s: s.rename_mailbox(ALICE, "Work", "../x"),
+    "rename from ../x": lambda s: s.rename_mailbox(ALICE, "../x", "X"),
+    "rename INBOX onto existing": lambda s: s.rename_mailbox(ALICE, "inbox", "Sent"),
+    "rename onto INBOX": lambda s: s.rename_mailbox(ALICE, "Work", "INBOX"),
+    "rename INBOX": lambda s: s.rename_mailbox(ALICE, "INBOX", "Old"),
+    "rename into own child": lambda s: s.rename_mailbox(ALICE, "Work", "Work/Deeper"),
+    "rename child collides": lambda s: s.rename_mailbox(ALICE, "A", "B"),
+    "rename with children": lambda s: s.rename_mailbox(ALICE, "Work", "Archive"),
+    "rename for nobody": lambda s: s.rename_mailbox("nobody@example.com", "Work", "X"),
+    "mailbox missing": lambda s: s.mailbox(ALICE, "Nope"),
+    "mailbox bad name": lambda s: s.mailbox(ALICE, "a/../b"),
+    "mailbox for nobody": lambda s: s.mailbox("nobody@example.com"),
+    "deliver missing": lambda s: s.deliver(ALICE, RAW, mailbox="Nope"),
+    "deliver for nobody": lambda s: s.deliver("nobody@example.com", RAW),
+    "append bad name": lambda s: s.append(ALICE, RAW, mailbox=".hidden"),
+    "set_flags missing": lambda s: s.set_flags(ALICE, "Nope", {1: frozenset({"\\Seen"})}),
+    "set_flags unknown uid": lambda s: s.set_flags(ALICE, "INBOX", {9: frozenset({"\\Seen"})}),
+    "expunge missing": lambda s: s.expunge(ALICE, "Nope", [1]),
+    "expunge unknown uid": lambda s: s.expunge(ALICE, "INBOX", [9]),
+    "copy to missing": lambda s: s.copy(ALICE, "INBOX", [1], "Nope"),
+    "subscribe missing": lambda s: s.subscribe(ALICE, "Nope", False),
+    "subscribe bad name": lambda s: s.subscribe(ALICE, "..", False),
+}
+
+
+def _contract_outcome(s: Store, call: Callable[[Store], object]) -> tuple[object, ...]:
+    """What ``call`` did to ``s``: the error it raised, the tree it left, what it announced."""
+    for name in ["Work", "Work/Sub", "A", "A/x", "B/x"]:
+        s.create_mailbox(ALICE, name)
+    s.deliver(ALICE, RAW, envelope_from="bob@example.org", envelope_to=[ALICE])
+    s.deliver(ALICE, b"two\r\n", mailbox="Work/Sub", flags={"\\Seen", "$Label"})
+    changes: list[StoreChange] = []
+    s.add_listener(changes.append)
+    try:
+        call(s)
+    except MailboxError as exc:
+        error: tuple[object, ...] = (type(exc), exc.code, str(exc))
+    else:
+        error = ()
+    boxes = [(b.name, b.special_use, b.subscribed, b.uids()) for b in s.mailboxes(ALICE)]
+    messages = [
+        (m.mailbox, m.uid, m.raw, sorted(m.flags), m.envelope_from, m.envelope_to)
+        for b in s.mailboxes(ALICE)
+        for m in s.messages(ALICE, b.name)
+    ]
+    return error, boxes, messages, changes
+
+
+@pytest.mark.parametrize("call", list(_CONTRACT_CALLS), ids=list(_CONTRACT_CALLS))
+def test_store_contract_both_backends_answer_alike(tmp_path: Path, call: str) -> None:
+    memory = Store()
+    memory.add_user(ALICE, "secret")
+    with MaildirStore(tmp_path / "mail") as durable:
+        durable.add_user(ALICE, "secret")
+        expected = _contract_outcome(memory, _CONTRACT_CALLS[call])
+        assert _contract_outcome(durable, _CONTRACT_CALLS[call]) == expected
+
+
+def test_store_contract_twin_a_different_answer_is_noticed(tmp_path: Path) -> None:
+    # The twin: the comparison above does see a difference when there is one.
+    memory = Store()
+    memory.add_user(ALICE, "secret")
+    other = Store()
+    other.add_user(ALICE, "secret")
+    other.create_mailbox(ALICE, "Nope")
+    deliver = _CONTRACT_CALLS["deliver missing"]
+    assert _contract_outcome(memory, deliver) != _contract_outcome(other, deliver)
+
+
 # Durability: a new MaildirStore over the same tree sees everything
 
 
