@@ -297,6 +297,19 @@ def test_store_contract_both_backends_answer_alike(tmp_path: Path, call: str) ->
         assert _contract_outcome(durable, _CONTRACT_CALLS[call]) == expected
 
 
+def test_store_contract_maildir_overrides_no_public_method_of_store() -> None:
+    # The rules live in Store's public methods; MaildirStore only fills in storage hooks, so
+    # there is no second copy of a rule to drift.
+    public = {n for n in vars(Store) if not n.startswith("_")}
+    overridden = public & set(vars(MaildirStore))
+    assert overridden == set()
+    hooks = {n for n in vars(MaildirStore) if n.startswith("_") and not n.startswith("__")}
+    assert {"_new_mailbox", "_store_message", "_write_flags", "_remove_messages"} <= hooks
+    assert {"_new_mailbox", "_store_message", "_write_flags", "_remove_messages"} <= set(
+        vars(Store)
+    )
+
+
 def test_store_contract_twin_a_different_answer_is_noticed(tmp_path: Path) -> None:
     # The twin: the comparison above does see a difference when there is one.
     memory = Store()
