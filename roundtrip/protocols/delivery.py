@@ -42,9 +42,10 @@ anything but MX and address records (no SRV, no DANE, no source routes).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ._lines import DATA_SLICE, dot_stuffed_slices
 from .dsn import build_dsn
 from .tlspolicy import ResultType, TLSPolicy
 
@@ -105,9 +106,6 @@ Route = list[tuple[str, list[str]]]
 
 _STRAY_EOL = re.compile(rb"\r\n|\r|\n")
 _FORBIDDEN_IN_ADDRESS = re.compile(r"[\r\n\x00<>]")
-#: Most bytes of message content handed to the transport in one write (as servers/_conn.py):
-#: the transport (and the TLS layer under it) then holds about one slice, not the message.
-DATA_SLICE = 256 * 1024
 
 
 def check_address(address: str, *, what: str) -> str:
@@ -143,51 +141,6 @@ def normalize_line_endings(raw: bytes) -> bytes:
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data
-
-
-def dot_stuffed_slices(data: bytes, size: int = DATA_SLICE) -> Iterator[bytes | memoryview]:
-    """The DATA content for ``data``, dot-stuffed and terminated, in slices of about ``size``.
-
-    RFC 5321 §4.5.2: a line that starts with "." gets one more "."; the content ends with
-    CRLF (added if missing) and then ``.\\r\\n``. ``data`` is expected to be CRLF-normalised
-    (:func:`normalize_line_endings`). Nothing is copied whole: a slice without a dot-led line
-    is a view of ``data``; a slice with some is joined from views (at most ``size`` plus one
-    byte per dot). The joined slices put the stuffing dots in the write that needs them, so
-    a message full of dot-led lines is not sent as thousands of tiny TLS records.
-
-    This is the streaming form of ``dot_stuff`` in ``protocols/_lines.py`` (which copies the
-    message once, for POP3 and IMAP replies); tests/protocols/test_delivery.py pins that the
-    two agree on CRLF-normalised content.
-    """
-    if size < 1:
-        raise ValueError("slice size must be at least 1")
-    view = memoryview(data)
-    length = len(data)
-    pos = 0
-    dot = 0 if data.startswith(b".") else _next_dot_line(data, 0)
-    while pos < length:
-        end = min(pos + size, length)
-        if dot == -1 or dot >= end:
-            yield view[pos:end]
-            pos = end
-            continue
-        parts: list[bytes | memoryview] = []
-        while dot != -1 and dot < end:
-            parts += (view[pos:dot], b".")
-            pos = dot  # the line's own dot starts the next part
-            dot = _next_dot_line(data, dot + 1)
-        parts.append(view[pos:end])
-        pos = end
-        yield b"".join(parts)
-    if not data.endswith(b"\r\n") and length:
-        yield b"\r\n"
-    yield b".\r\n"
-
-
-def _next_dot_line(data: bytes, start: int) -> int:
-    """Index of the next "." that starts a line at or after ``start`` (after a CRLF), or -1."""
-    dot = data.find(b"\r\n.", start)
-    return dot + 2 if dot != -1 else -1
 
 
 # -- routing (RFC 5321 §5.1, RFC 7505) -----------------------------------------------------------
