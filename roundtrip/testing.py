@@ -67,7 +67,7 @@ __all__ = [
     "canonical_form",
     "download_imap",
     "download_pop3",
-    "normalize_line_endings",
+    "relayed_form",
     "roundtrip_eml",
     "send_eml",
     "smtp_options",
@@ -115,8 +115,11 @@ def canonical_form(raw: bytes) -> bytes:
     return data if data.endswith(b"\r\n") else data + b"\r\n"
 
 
-def normalize_line_endings(raw: bytes) -> bytes:
+def relayed_form(raw: bytes) -> bytes:
     """``raw`` as a normalising SMTP path delivers it when it was sent as bytes, unconverted.
+
+    (Not the relay's own ``normalize_line_endings`` in protocols/delivery.py, which models one
+    hop; this models the client's final CRLF too.)
 
     First the SMTP client ends the content with CRLF if it does not already end so (smtplib
     appends CRLF even after a bare LF), then every CR, LF or CRLF becomes CRLF: what the
@@ -315,7 +318,7 @@ def _layout(stored: bytes, submitted: bytes) -> _Layout:
     variants = [submitted]
     if not submitted.endswith(b"\r\n"):
         variants.append(submitted + b"\r\n")  # SMTP clients add the final CRLF
-    variants.append(normalize_line_endings(submitted))  # the relay's stray CR/LF rule
+    variants.append(relayed_form(submitted))  # the relay's stray CR/LF rule
     for wanted in dict.fromkeys(variants):
         found = _locate(stored, wanted)
         if found is not None:
@@ -498,7 +501,7 @@ class RoundtripOutcome:
         return (
             self.downloads_match
             and not self.unexpected_added
-            and normalize_line_endings(self.delivered) == normalize_line_endings(self.submitted)
+            and relayed_form(self.delivered) == relayed_form(self.submitted)
         )
 
     def diff(self) -> str:
@@ -527,7 +530,7 @@ class RoundtripOutcome:
         if self.delivered != self.submitted:
             note = (
                 " (equal after line-ending normalisation)"
-                if normalize_line_endings(self.delivered) == normalize_line_endings(self.submitted)
+                if relayed_form(self.delivered) == relayed_form(self.submitted)
                 else ""
             )
             what = "canonical form" if self.original is not None else "bytes"

@@ -35,7 +35,7 @@ from roundtrip.stack import DeliveredMessage, MailStack
 from roundtrip.testing import (
     RoundtripOutcome,
     download_pop3,
-    normalize_line_endings,
+    relayed_form,
     roundtrip_eml,
     smtp_options,
 )
@@ -303,7 +303,7 @@ def test_corpus_roundtrip_message(
         # every stray CR or LF into CRLF (fixtures/README.md, SECURITY.md A2.2).
         assert not outcome.identical
         assert outcome.equivalent, outcome.diff()
-        assert outcome.delivered == normalize_line_endings(message.raw)
+        assert outcome.delivered == relayed_form(message.raw)
         if message.flags == {"no-final-newline"}:
             assert outcome.delivered == message.expected_delivery
     _check_imap_agrees_with_email(stored, imap)
