@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 from ._lines import DATA_SLICE, dot_stuffed_slices
 from .dsn import build_dsn
+from .smtp import domain_of
 from .tlspolicy import ResultType, TLSPolicy
 
 __all__ = [
@@ -119,11 +120,6 @@ def check_address(address: str, *, what: str) -> str:
     if _FORBIDDEN_IN_ADDRESS.search(address):
         raise ValueError(f"{what} {address!r} contains CR, LF, NUL or angle brackets")
     return address
-
-
-def domain_of(address: str) -> str:
-    """The domain of an address, lowercase, without a trailing dot ("" without one)."""
-    return address.rpartition("@")[2].rstrip(".").lower()
 
 
 def normalize_domains(domains: Iterable[str]) -> set[str]:
