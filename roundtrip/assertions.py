@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
+from .errors import ConfigError
 from .message import ReceivedMessage
 
 __all__ = [
@@ -287,7 +288,7 @@ def assert_delivered(
         ValueError: ``count`` is negative.
     """
     if count is not None and count < 0:
-        raise ValueError(f"count must be >= 0 or None, got {count}")
+        raise ConfigError(f"count must be >= 0 or None, got {count}")
     criteria = Criteria(to, subject, sender, match, headers, body_contains)
     arrived = list(messages)
     matched = criteria.select(arrived)

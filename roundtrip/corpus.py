@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from email.utils import getaddresses
 from pathlib import Path
 
+from .errors import ConfigError
+
 __all__ = [
     "BYTE_IDENTICAL_BLOCKERS",
     "CorpusMessage",
@@ -216,7 +218,7 @@ def corpus_params(
     if byte_identical_only:
         messages = [m for m in messages if m.byte_identical]
     if not messages:
-        raise ValueError(f"no messages matching {pattern!r} in {str(directory)!r}")
+        raise ConfigError(f"no messages matching {pattern!r} in {str(directory)!r}")
     return messages
 
 
@@ -231,7 +233,7 @@ def _header_block(raw: bytes) -> bytes:
 def large_payload(size: int) -> bytes:
     """Return ``size`` deterministic pseudo-random bytes (SHAKE-256 of a fixed seed and size)."""
     if size < 0:
-        raise ValueError(f"size must be >= 0, got {size}")
+        raise ConfigError(f"size must be >= 0, got {size}")
     return hashlib.shake_256(f"roundtrip-large-{size}".encode()).digest(size)
 
 
@@ -303,7 +305,7 @@ def nested_message(
         recipient: the To address.
     """
     if depth < 0:
-        raise ValueError(f"depth must be >= 0, got {depth}")
+        raise ConfigError(f"depth must be >= 0, got {depth}")
     head = (
         f"From: <{sender}>\r\nTo: <{recipient}>\r\nSubject: Nested {depth} levels deep\r\n"
         "Date: Mon, 03 Jun 2024 12:00:00 +0000\r\n"

@@ -6,9 +6,11 @@ __all__ = [
     "AuthError",
     "ConfigError",
     "ConnectError",
+    "ContentRejectedError",
     "LocalProtocolError",
     "MailboxError",
     "NotDeliveredError",
+    "ParseError",
     "ProbeError",
     "ProtocolError",
     "RejectedError",
@@ -43,6 +45,22 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer broke the protocol (for example, plaintext pipelined after STARTTLS)."""
+
+
+class ParseError(RemoteProtocolError, ValueError):
+    """A command does not follow the protocol's grammar (an IMAP machine answers ``BAD``)."""
+
+
+class ContentRejectedError(RoundtripError):
+    """A router's content filter refuses a message; the SMTP listener sends ``reply``.
+
+    Attributes:
+        reply: the SMTP reply line, for example ``550 5.7.1 Message refused``.
+    """
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
 
 
 class ServerStartError(RoundtripError):

@@ -58,6 +58,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
 from .config import Endpoint, User
+from .errors import ConfigError
 from .stack import DeliveredMessage, MailStack
 
 __all__ = [
@@ -421,7 +422,7 @@ class RoundtripOutcome:
             original: the bytes ``submitted`` was converted from, if it was.
         """
         if not fetched_by:
-            raise ValueError("fetched_by needs at least one download")
+            raise ConfigError("fetched_by needs at least one download")
         layout = _layout(stored, submitted)
         return cls(
             submitted=submitted,
@@ -604,7 +605,7 @@ def send_eml(
         endpoint = target
         context = context or ssl.create_default_context()
         if recipient is None:
-            raise ValueError("send_eml to an endpoint needs a recipient")
+            raise ConfigError("send_eml to an endpoint needs a recipient")
     if canonicalize:
         raw = canonical_form(raw)
     mail_from = sender or endpoint.user
@@ -638,7 +639,7 @@ def _find_user(stack: MailStack, address: str) -> User:
         if user.address.lower() == address.lower():
             return user
     known = ", ".join(u.address for u in stack.users)
-    raise ValueError(f"{address!r} is not a user of this stack ({known})")
+    raise ConfigError(f"{address!r} is not a user of this stack ({known})")
 
 
 def _user_password(stack: MailStack, address: str) -> str:
@@ -801,9 +802,9 @@ def roundtrip_eml(
     """
     methods = {"imap": ("imap",), "pop3": ("pop3",), "both": ("imap", "pop3")}.get(retrieve)
     if methods is None:
-        raise ValueError(f"retrieve must be 'imap', 'pop3' or 'both', not {retrieve!r}")
+        raise ConfigError(f"retrieve must be 'imap', 'pop3' or 'both', not {retrieve!r}")
     if "pop3" in methods and mailbox.upper() != "INBOX":
-        raise ValueError(f"POP3 reads only the INBOX, not {mailbox!r}")
+        raise ConfigError(f"POP3 reads only the INBOX, not {mailbox!r}")
     wait = stack.config.timeouts.wait_timeout if timeout is None else timeout
     to = (
         _find_user(stack, recipient).address

@@ -23,7 +23,7 @@ from roundtrip.message import ReceivedMessage
 from roundtrip.stack import MailStack
 from roundtrip.testing import (
     RoundtripOutcome,
-    normalize_line_endings,
+    relayed_form,
     roundtrip_eml,
     send_eml,
     smtp_options,
@@ -262,11 +262,11 @@ def test_assert_delivered_on_stack_messages_fails_with_mailbox_and_time(
 # -- roundtrip.testing -----------------------------------------------------------------------
 
 
-def test_testing_normalize_line_endings() -> None:
-    assert normalize_line_endings(b"a\r\nb\r\n") == b"a\r\nb\r\n"
-    assert normalize_line_endings(b"a\nb\rc") == b"a\r\nb\r\nc\r\n"
+def test_testing_relayed_form() -> None:
+    assert relayed_form(b"a\r\nb\r\n") == b"a\r\nb\r\n"
+    assert relayed_form(b"a\nb\rc") == b"a\r\nb\r\nc\r\n"
     # smtplib appends CRLF after a final bare LF; the relay then makes that LF a CRLF too.
-    assert normalize_line_endings(b"a\n") == b"a\r\n\r\n"
+    assert relayed_form(b"a\n") == b"a\r\n\r\n"
 
 
 def test_testing_smtp_options() -> None:

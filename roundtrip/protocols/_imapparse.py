@@ -35,6 +35,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..errors import ParseError
 from ._lines import LineBuffer, LineTooLong
 
 __all__ = [
@@ -63,10 +64,6 @@ Token = str | bytes | list["Token"]
 
 #: Nesting limit for parenthesised lists and SEARCH keys: bounded recursion (docs/security.md A6.8).
 MAX_DEPTH = 64
-
-
-class ParseError(ValueError):
-    """The command does not follow the grammar: the machine answers ``BAD``."""
 
 
 @dataclass(slots=True)

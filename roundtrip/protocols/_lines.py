@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..errors import RemoteProtocolError
+from ..errors import ConfigError, RemoteProtocolError
 
 __all__ = [
     "CRLF",
@@ -239,7 +239,7 @@ def dot_stuffed_slices(data: bytes, size: int = DATA_SLICE) -> Iterator[bytes | 
     CRLF-normalised content.
     """
     if size < 1:
-        raise ValueError("slice size must be at least 1")
+        raise ConfigError("slice size must be at least 1")
     view = memoryview(data)
     length = len(data)
     pos = 0

@@ -45,6 +45,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
 from ._lines import DATA_SLICE, dot_stuffed_slices
 from .dsn import build_dsn
 from .smtp import domain_of
@@ -118,7 +119,7 @@ def check_address(address: str, *, what: str) -> str:
         ValueError: the address could inject SMTP commands.
     """
     if _FORBIDDEN_IN_ADDRESS.search(address):
-        raise ValueError(f"{what} {address!r} contains CR, LF, NUL or angle brackets")
+        raise ConfigError(f"{what} {address!r} contains CR, LF, NUL or angle brackets")
     return address
 
 
@@ -306,7 +307,7 @@ class RetrySchedule:
 
     def __post_init__(self) -> None:
         if not self.delays:
-            raise ValueError("retry_delays must hold at least one delay")
+            raise ConfigError("retry_delays must hold at least one delay")
 
     def expired(self, waited: float) -> bool:
         """The message has waited its lifetime: bounce what is left (:func:`expiry`)."""

@@ -34,6 +34,8 @@ import email.utils
 import hashlib
 import re
 
+from ..errors import ConfigError
+
 __all__ = ["build_dsn", "original_headers"]
 
 CRLF = b"\r\n"
@@ -108,11 +110,13 @@ def build_dsn(
         ValueError: empty ``envelope_from``, a malformed ``status`` or an unknown ``action``.
     """
     if not envelope_from or envelope_from == "<>":
-        raise ValueError("no DSN for a message with a null envelope sender (never bounce a bounce)")
+        raise ConfigError(
+            "no DSN for a message with a null envelope sender (never bounce a bounce)"
+        )
     if not _STATUS.match(status):
-        raise ValueError(f"DSN status must look like '5.1.1' (RFC 3463); got {status!r}")
+        raise ConfigError(f"DSN status must look like '5.1.1' (RFC 3463); got {status!r}")
     if action not in _ACTIONS:
-        raise ValueError(f"DSN action must be one of {sorted(_ACTIONS)}; got {action!r}")
+        raise ConfigError(f"DSN action must be one of {sorted(_ACTIONS)}; got {action!r}")
     sender = _clean(envelope_from)
     rcpt = _clean(recipient)
     domain = _clean(message_id_domain).strip(".") or "localhost"

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from ..errors import ConfigError
+
 __all__ = [
     "GTUBE",
     "SPAM_THRESHOLD",
@@ -75,12 +77,12 @@ class Verdict:
 
     def __post_init__(self) -> None:
         if self.action not in ("accept", "quarantine", "reject"):
-            raise ValueError(f"unknown filter action {self.action!r}")
+            raise ConfigError(f"unknown filter action {self.action!r}")
         if not re.match(r"^[45]\d\d [45]\.\d{1,3}\.\d{1,3} \S", self.reply):
-            raise ValueError(f"filter reply {self.reply!r} is not a 4xx/5xx line with a status")
+            raise ConfigError(f"filter reply {self.reply!r} is not a 4xx/5xx line with a status")
         for name, value in self.headers:
             if not re.fullmatch(r"[!-9;-~]+", name) or any(c in value for c in "\r\n\0"):
-                raise ValueError(f"filter header {name!r} is not a safe header field")
+                raise ConfigError(f"filter header {name!r} is not a safe header field")
 
     @property
     def mailbox(self) -> str:

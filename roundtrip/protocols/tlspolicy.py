@@ -48,7 +48,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from ..errors import RemoteProtocolError
+from ..errors import ConfigError, RemoteProtocolError
 
 __all__ = [
     "MODES",
@@ -175,15 +175,15 @@ class TLSPolicy:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"MTA-STS mode {self.mode!r}: choose one of {', '.join(MODES)}")
+            raise ConfigError(f"MTA-STS mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.mx is not None:
             patterns = tuple(_normalize_host(p) for p in self.mx)
             for pattern in patterns:
                 if not _valid_pattern(pattern):
-                    raise ValueError(f"MTA-STS mx pattern {pattern!r} is not a host name")
+                    raise ConfigError(f"MTA-STS mx pattern {pattern!r} is not a host name")
             object.__setattr__(self, "mx", patterns)
         if self.max_age is not None and not 0 <= self.max_age <= MAX_AGE_LIMIT:
-            raise ValueError(f"MTA-STS max_age {self.max_age} is not in 0..{MAX_AGE_LIMIT}")
+            raise ConfigError(f"MTA-STS max_age {self.max_age} is not in 0..{MAX_AGE_LIMIT}")
 
     def mx_allowed(self, host: str) -> bool:
         """Whether mail may go to ``host`` under this policy (always, in mode ``none``)."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
+from ..errors import ConfigError
 from ..protocols.tlspolicy import ResultType
 from ._relayerrors import StepError, translated
 
@@ -105,9 +106,9 @@ class ConnectionCache:
         quit_timeout: float,
     ) -> None:
         if cache_time < 0 or reuse_time < 0:
-            raise ValueError("connection cache and reuse times must not be negative")
+            raise ConfigError("connection cache and reuse times must not be negative")
         if cache_size < 0 or reuse_limit < 1:
-            raise ValueError(
+            raise ConfigError(
                 "connection_cache_size must not be negative, connection_reuse_limit at least 1"
             )
         self._cache_time = cache_time

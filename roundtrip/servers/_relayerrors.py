@@ -18,12 +18,13 @@ import aiosmtplib
 import dns.exception
 import dns.resolver
 
+from ..errors import RoundtripError
 from ..protocols.tlspolicy import ResultType, verify_failure_result
 
 __all__ = ["StepError", "describe", "translated"]
 
 
-class StepError(Exception):
+class StepError(RoundtripError):
     """A step of a delivery failed (DNS lookup, connect, TLS, an SMTP command or reply).
 
     ``str()`` is the description for the queue and the events: ``"<code> <text>"`` for an

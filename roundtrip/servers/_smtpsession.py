@@ -40,9 +40,8 @@ naming the hook, when one of them changes upstream:
 
 - overridden: ``_handle_client`` (pregreet, connection caps before the banner),
   ``_call_handler_hook`` (no handler runs once the session is closing), ``_getaddr`` (fast path,
-  no crash on malformed paths), ``_reset_timeout`` (deadlines instead of an idle timer);
-- read or written: ``_smtp_methods`` (unknown verbs under our error budget),
-  ``_timeout_handle`` (the timer aiosmtpd cancels on connection loss), ``_reader`` and
+  no crash on malformed paths);
+- read or written: ``_smtp_methods`` (unknown verbs under our error budget), ``_reader`` and
   ``_writer`` (the session's streams), ``_tls_protocol`` (set on implicit TLS, see above);
 - asyncio's ``StreamReader._buffer``: whether the client's next command is already buffered
   (pipelining, deadlines); there is no public way to peek at a StreamReader.
@@ -83,6 +82,9 @@ log = logging.getLogger("roundtrip.servers.smtp")
 # After closing for a limit, how long the peer gets to read our last reply before the
 # connection is aborted (a client that never reads must not pin the socket).
 _CLOSE_GRACE = 2.0
+
+#: aiosmtpd's own idle timeout: a year, so that only our deadlines ever close a session.
+_AIOSMTPD_TIMER = 365 * 24 * 3600.0
 
 
 #: What ``SMTPSession._tls_protocol`` holds on an implicit-TLS link (aiosmtpd only tests it
@@ -177,7 +179,9 @@ class SMTPSession(SMTP):
         super().__init__(
             handler,
             command_call_limit=call_limits(limits),
-            timeout=idle_timeout,
+            # aiosmtpd's idle timer restarts on every valid command; the deadlines below
+            # (_arm) take its place, so it is set never to fire first.
+            timeout=_AIOSMTPD_TIMER,
             # smtp_DATA below keeps the bytes; the handler decodes what it needs.
             decode_data=False,
             **kwargs,
@@ -198,6 +202,7 @@ class SMTPSession(SMTP):
         self._rejection: str | None = None
         self._closing = False
         self._close_handle: asyncio.TimerHandle | None = None
+        self._deadline_handle: asyncio.TimerHandle | None = None
         self._greeted = False
         self._pregreet = False
         self._errors = 0
@@ -216,6 +221,7 @@ class SMTPSession(SMTP):
         if first and self._implicit_tls:
             self._mark_implicit_tls(transport)
         if first:
+            self._arm(self._idle_timeout)  # the banner's push re-arms it
             peer = transport.get_extra_info("peername")
             self._peer_ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
             self._rejection = self._connections.admit(self._peer_ip)
@@ -250,6 +256,9 @@ class SMTPSession(SMTP):
         if self._close_handle is not None:
             self._close_handle.cancel()
             self._close_handle = None
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+            self._deadline_handle = None
         super().connection_lost(error)
 
     def _release_slot(self) -> None:
@@ -309,23 +318,15 @@ class SMTPSession(SMTP):
 
     # deadlines (docs/security.md A8.1)
 
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        # aiosmtpd private: it calls this from connection_made and after every valid
-        # command, and cancels _timeout_handle (also private) in connection_lost.
-        # aiosmtpd restarts its timer on every valid command; ours are deadlines, armed when a
-        # reply goes out (_arm). Only the first call, from connection_made, arms one.
-        if self._timeout_handle is None:
-            self._arm(self._idle_timeout)
-
     def _arm(self, seconds: float) -> None:
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
         self._deadline = self.loop.time() + seconds
-        self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_passed)
+        self._deadline_handle = self.loop.call_at(self._deadline, self._deadline_passed)
 
     def _deadline_passed(self) -> None:
         if self.loop.time() < self._deadline:  # DATA bought more time meanwhile
-            self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_passed)
+            self._deadline_handle = self.loop.call_at(self._deadline, self._deadline_passed)
             return
         if self._in_data or self._bytes_since_reply or self._buffered():
             log.info("%s: deadline passed mid-command", self._peer_ip)

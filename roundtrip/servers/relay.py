@@ -71,7 +71,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 
-from ..errors import StorageError
+from ..errors import ConfigError, StorageError
 from ..protocols import delivery
 from ..protocols.delivery import (
     DomainAttempt,
@@ -170,7 +170,7 @@ class Relay:
     ) -> None:
         self._retry = RetrySchedule(tuple(retry_delays), queue_lifetime)
         if max_concurrent < 1:
-            raise ValueError("max_concurrent must be at least 1")
+            raise ConfigError("max_concurrent must be at least 1")
         self._cache = ConnectionCache(
             cache_time=connection_cache_time,
             cache_size=connection_cache_size,
@@ -270,7 +270,7 @@ class Relay:
         recipients = [check_address(r, what="recipient") for r in rcpt_tos]
         check_address(helo, what="HELO name")
         if not recipients:
-            raise ValueError("a message needs at least one recipient")
+            raise ConfigError("a message needs at least one recipient")
         entry = Entry(
             id=f"Q{next(self._ids):06d}",
             helo=helo,

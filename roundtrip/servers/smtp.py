@@ -24,7 +24,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from ..config import SMTPLimits
-from ..errors import MailboxError, StorageError
+from ..errors import ContentRejectedError, MailboxError, StorageError
 from ..protocols.smtp import (
     AuthPenalties,
     ConnectionCounts,
@@ -89,14 +89,6 @@ class Accepted:
 
 #: Delivers or queues an accepted message; raising StorageError makes the reply a 451.
 Router = Callable[[Accepted], None]
-
-
-class ContentRejectedError(Exception):
-    """Raised by a router whose content filter refuses the message; ``reply`` is sent."""
-
-    def __init__(self, reply: str) -> None:
-        super().__init__(reply)
-        self.reply = reply
 
 
 class SMTPHandler:
