@@ -38,7 +38,7 @@ for both servers alike: IMAP ``UID STORE +FLAGS.SILENT (\\Deleted)``, ``UID EXPU
 
 Sockets get TCP_NODELAY at connect and TCP_QUICKACK re-armed before every read (Linux leaves
 quick-ACK mode on its own; without it a client can hold an ACK for 40 ms while Postfix waits for
-it, NOTES.md), like the floor measurement. Every blocking call has a timeout (the round trip's
+it), like the floor measurement. Every blocking call has a timeout (the round trip's
 ``timeout`` for the whole exchange; the IDLE slice while idling), and every socket is closed.
 No TLS session resumption: each connection pays a full handshake, as the floor does.
 """

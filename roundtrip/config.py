@@ -1,7 +1,7 @@
 """Frozen option objects, and the only place that parses option strings and environment variables.
 
-Precedence, lowest to highest (STYLE.md section 6): dataclass defaults < ini < command line <
-``mailstack`` marker keyword arguments < explicit code arguments.
+Precedence, lowest to highest (docs/design.md, config flow): dataclass defaults < ini <
+command line < ``mailstack`` marker keyword arguments < explicit code arguments.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class Timeouts:
     start_timeout: float = 10.0
     #: Idle time before a server closes a connection (RFC 5321 4.5.3.2: 5 minutes).
     idle_timeout: float = 300.0
-    #: TLS handshake limit for implicit TLS and STARTTLS (SECURITY.md A3.4).
+    #: TLS handshake limit for implicit TLS and STARTTLS (docs/security.md A3.4).
     tls_handshake_timeout: float = 30.0
     #: Default wait of mailstack.wait_for() and of probes.
     wait_timeout: float = 10.0
@@ -90,13 +90,13 @@ class Timeouts:
     imap_idle_timeout: float = 1800.0
     #: POP3: the same (RFC 1939 section 3: at least 10 minutes).
     pop3_idle_timeout: float = 600.0
-    #: IMAP and POP3: deadline per command before login (SECURITY.md A4.8).
+    #: IMAP and POP3: deadline per command before login (docs/security.md A4.8).
     login_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
 class SMTPLimits:
-    """Abuse limits of the SMTP listeners (SECURITY.md A1, A4.3, A5.4, A8).
+    """Abuse limits of the SMTP listeners (docs/security.md A1, A4.3, A5.4, A8).
 
     Defaults follow the RFCs, Postfix and Dovecot; a test stack lowers them to run fast. A
     count of 0 turns that limit off.
@@ -181,7 +181,7 @@ def _command_budget(name: str, value: Iterable[tuple[str, int]]) -> tuple[tuple[
 
 @dataclass(frozen=True, slots=True)
 class MailboxLimits:
-    """Command budgets of the IMAP and POP3 listeners (SECURITY.md A8.3).
+    """Command budgets of the IMAP and POP3 listeners (docs/security.md A8.3).
 
     A session that sends more commands than its budget gets ``* BYE [LIMIT] ...`` (IMAP) or
     ``-ERR too many ... commands`` (POP3) and is closed; other sessions go on. Unlike
@@ -263,7 +263,7 @@ class StackConfig:
     #: Seconds the relay keeps an MX connection open after a message, for the next message to
     #: the same MX (Postfix's connection cache); 0: a fresh connection for every message.
     relay_connection_cache: float = 2.0
-    #: The relay's outbound TLS policy per recipient domain (SECURITY.md A3.7): a mode,
+    #: The relay's outbound TLS policy per recipient domain (docs/security.md A3.7): a mode,
     #: ``enforce``, ``testing`` or ``none`` (RFC 8461 §5), or a whole MTA-STS policy file
     #: (``version: STSv1``, ``mode: ...``, ``mx: ...``, ``max_age: ...``). A bare mode allows
     #: every MX the stack's DNS names. A stack domain not listed acts as if it published
@@ -272,7 +272,7 @@ class StackConfig:
     relay_tls: tuple[tuple[str, str], ...] = ()
     #: What submission does with a From: header naming someone other than the AUTH user:
     #: ``accept`` (default: applications often send as noreply@...) or ``reject`` (553 5.7.1,
-    #: SECURITY.md A4.6). MAIL FROM is always held to the AUTH user.
+    #: docs/security.md A4.6). MAIL FROM is always held to the AUTH user.
     from_header_policy: str = "accept"
     #: Abuse limits of the SMTP listeners.
     smtp_limits: SMTPLimits = SMTPLimits()

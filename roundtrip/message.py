@@ -5,7 +5,7 @@ addresses, the primary text and HTML bodies, attachments, inline parts, links, o
 and the parsed ``Received`` chain. It uses only the standard library's ``email`` package with
 ``email.policy.default``.
 
-Hostile input does not crash it (SECURITY.md A5.5): CPython's parser recurses once per MIME
+Hostile input does not crash it (docs/security.md A5.5): CPython's parser recurses once per MIME
 level and raises ``RecursionError`` at about 1000 levels. Then the message falls back to its
 headers and raw bytes, with no bodies or parts, and :attr:`ReceivedMessage.parse_error` says why.
 The MIME tree itself is walked iteratively, never recursively. Malformed headers keep their raw

@@ -1,4 +1,4 @@
-"""SECURITY.md catalogue A rows not covered elsewhere, end to end through a running MailStack.
+"""docs/security.md catalogue A rows not covered elsewhere, end to end through a running MailStack.
 
 Each test is named after its row (``test_a<row>_...``); docs/security.md maps every row of the
 catalogue to the tests that cover it, here and in the other test modules.
@@ -65,7 +65,7 @@ class RawSMTP:
     """SMTP over a raw (optionally TLS) socket: the bytes we write are the bytes sent.
 
     smtplib rewrites line endings and dot-stuffs, which would hide what a smuggling vector does
-    (SECURITY.md B7.3).
+    (the validator's smuggling probes need the same).
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -241,7 +241,7 @@ def recorder_mx(stack: MailStack) -> Iterator[Recorder]:
 
 # -- A2.4 smuggling across our own hop (465 -> relay -> MX) --------------------------------
 
-# SECURITY.md A2.1: none of these may end DATA, at any hop.
+# docs/security.md A2.1: none of these may end DATA, at any hop.
 SMUGGLING_VECTORS = [
     b"\n.\n",
     b"\n.\r\n",

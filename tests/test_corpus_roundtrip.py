@@ -300,7 +300,7 @@ def test_corpus_roundtrip_message(
         assert outcome.identical, outcome.diff()
     else:
         # The documented normalisation: SMTP appends the final CRLF and the relay turns
-        # every stray CR or LF into CRLF (fixtures/README.md, SECURITY.md A2.2).
+        # every stray CR or LF into CRLF (fixtures/README.md, docs/security.md A2.2).
         assert not outcome.identical
         assert outcome.equivalent, outcome.diff()
         assert outcome.delivered == relayed_form(message.raw)

@@ -1,4 +1,4 @@
-"""SECURITY.md A4.6: the From: header on submission, under each policy."""
+"""docs/security.md A4.6: the From: header on submission, under each policy."""
 
 from __future__ import annotations
 

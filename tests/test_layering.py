@@ -1,4 +1,4 @@
-"""Imports point down only (STYLE.md section 2), checked on the source with ast."""
+"""Imports point down only (docs/design.md, layers), checked on the source with ast."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Messages go example.com -> example.org and example.org -> example.com, each submitted on 465
 and relayed to the other domain's MX over STARTTLS. Then every mailbox is read over IMAP and
 over POP3, and each message's token must appear exactly once in the right mailbox
-(SECURITY.md A8.5 at scale).
+(docs/security.md A8.5 at scale).
 
 The default size keeps the suite fast; ``ROUNDTRIP_LOAD_MESSAGES=10000`` runs the full test.
 Figures measured on the reference machine are in docs/security.md.

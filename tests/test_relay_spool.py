@@ -1,4 +1,4 @@
-"""The durable relay queue (SECURITY.md A9.4, RFC 5321 section 6.1).
+"""The durable relay queue (docs/security.md A9.4, RFC 5321 section 6.1).
 
 Three levels: ``RelaySpool`` on a temporary directory (files, atomic updates, corrupt files,
 injected disk errors); a ``MailStack`` on a ``MaildirStore`` stopped and started again in

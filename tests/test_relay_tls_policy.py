@@ -1,4 +1,4 @@
-"""The relay's outbound STARTTLS policy (SECURITY.md A3.7): MTA-STS modes, TLS-RPT result types.
+"""The relay's outbound STARTTLS policy (docs/security.md A3.7): MTA-STS modes, TLS-RPT results.
 
 Pure tests of ``roundtrip.protocols.tlspolicy`` first, then a stack whose relay delivers to
 loopback "remote MX" servers (aiosmtpd) that lack STARTTLS, present a certificate from another

@@ -1,6 +1,6 @@
 """Per-client abuse limits shared by every protocol: connection caps and login penalties.
 
-Pure bookkeeping with the caller's clock (STYLE.md section 3); the SMTP listener and the
+Pure bookkeeping with the caller's clock (docs/design.md, layers); the SMTP listener and the
 POP3/IMAP adapter both use it, and one ``AuthPenalties`` may be shared by all of a stack's
 listeners, so a client guessing passwords is slowed on every port at once.
 """

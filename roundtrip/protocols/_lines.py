@@ -1,6 +1,6 @@
 """Shared pieces of the line-based sans-IO machines (POP3, IMAP).
 
-Every machine has the same shape (STYLE.md section 3):
+Every machine has the same shape (docs/design.md, layers):
 
 - ``receive_data(data: bytes) -> list[Event]``; ``b""`` means the peer closed (EOF);
 - ``data_to_send() -> bytes`` drains what the machine wants written (``data_to_send_chunks()``,
@@ -70,7 +70,7 @@ class LineBuffer:
     A bare LF also ends a line (clients in the wild send it); the returned line never contains
     its terminator. When the buffered part of a line passes ``max_line`` bytes, the buffer
     discards it and ``next_line`` raises ``LineTooLong`` once, so memory stays bounded
-    whatever the peer sends (SECURITY.md A1.1, A7.1).
+    whatever the peer sends (docs/security.md A1.1, A7.1).
     """
 
     __slots__ = ("_buf", "_discarding", "max_line")

@@ -8,7 +8,7 @@ delivered (``None``), :class:`Temporary` (keep it queued, try again later) or
 of that decision; ``servers/relay.py`` does the I/O (DNS queries, SMTP over aiosmtplib,
 timers, the spool) and hands the results in as plain values. Clocks are passed in.
 
-* Envelope and content (SECURITY.md A2.2, A2.4, A2.5 in docs/security.md's numbering):
+* Envelope and content (docs/security.md, A2.2, A2.4, A2.5):
   :func:`check_address` refuses CR, LF, NUL and angle brackets in an address (aiosmtplib
   writes addresses into commands verbatim); :func:`normalize_line_endings` makes every stray
   CR or LF a CRLF, so the relay never forwards smuggling material; :func:`dot_stuffed_slices`
@@ -111,7 +111,7 @@ _FORBIDDEN_IN_ADDRESS = re.compile(r"[\r\n\x00<>]")
 
 
 def check_address(address: str, *, what: str) -> str:
-    """Reject CR, LF, NUL and angle brackets in an envelope address (SECURITY.md A2.5).
+    """Reject CR, LF, NUL and angle brackets in an envelope address (docs/security.md A2.5).
 
     aiosmtplib writes addresses into commands verbatim (GHSA-v3q9-hj7j-63hq).
 
@@ -129,7 +129,7 @@ def normalize_domains(domains: Iterable[str]) -> set[str]:
 
 
 def normalize_line_endings(raw: bytes) -> bytes:
-    """Every CR, LF or CRLF becomes CRLF, and the content ends with CRLF (SECURITY.md A2.2)."""
+    """Every CR, LF or CRLF becomes CRLF, and the content ends with CRLF (docs/security.md A2.2)."""
     crlf = raw.count(b"\r\n")
     if raw.count(b"\r") == crlf and raw.count(b"\n") == crlf:
         data = raw  # no stray CR or LF: a big message is not copied

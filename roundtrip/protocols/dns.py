@@ -30,9 +30,9 @@ Answers (RFC 1034 §4.3.2, RFC 2308):
 
 A query dnspython cannot parse gets a FORMERR header built by hand (there is no message to
 echo). Every exception raised while answering a parsed query becomes an rcode in exactly one
-place, :func:`_rcode_for` (STYLE.md §5): protocol violations by the client are FORMERR, anything
-else SERVFAIL, and the unexpected exception is handed back in :attr:`Reply.error` so the adapter
-can record it.
+place, :func:`_rcode_for` (docs/design.md: one error tree, translated at one edge): protocol
+violations by the client are FORMERR, anything else SERVFAIL, and the unexpected exception is
+handed back in :attr:`Reply.error` so the adapter can record it.
 
 Deliberately unsupported: wildcards (RFC 4592), delegation below our zones (NS records are
 answered as data, never as referrals), DNSSEC, zone transfers (AXFR/IXFR get NOTIMP), dynamic
@@ -339,7 +339,7 @@ class _MalformedQuery(dns.exception.FormError):
 
 
 def _rcode_for(exc: BaseException) -> dns.rcode.Rcode:
-    """The one place where an exception raised while answering becomes an rcode (STYLE.md §5).
+    """The one place where an exception raised while answering becomes an rcode.
 
     A query that breaks the protocol is the client's fault (FORMERR); anything else is ours
     (SERVFAIL), and :func:`respond` hands the exception to the adapter to record.

@@ -17,7 +17,7 @@ RFC 1939 defines three states, which ``POP3State`` names with the RFC's words:
     Entered by ``QUIT`` from ``TRANSACTION`` only: the marked messages are removed from the store,
     the lock is released and the connection closes. Any other end of the session (EOF, an
     aborted socket, the autologout timer, too many bad commands) removes nothing (RFC 1939
-    section 6; SECURITY.md A7.2).
+    section 6; docs/security.md A7.2).
 
 Bytes go in through ``receive_data`` (``b""`` means EOF) and replies come out of
 ``data_to_send``. The machine returns ``StartTLSRequested`` after it has accepted ``STLS``; it then
@@ -29,10 +29,11 @@ Every failed command is answered by exactly one function, ``_reply_error``. Unkn
 commands in the wrong state, syntax errors, over-long lines and failed logins count as bad
 commands; one more than ``max_bad_commands`` ends the session (Dovecot pop3-login allows 3).
 Every command with a known verb also counts against the session's command budget
-(``command_limits``, SECURITY.md A8.3), which STLS does not reset: past the total (``"*"``) or a
-verb's own count, the command is not run; the machine answers ``-ERR too many commands`` (or
-``-ERR too many NOOP commands``) and ends the session without UPDATE. ``LIST`` and ``UIDL``
-count against their own budget only without an argument (the whole scan listing).
+(``command_limits``, docs/security.md A8.3), which STLS does not reset: past the total
+(``"*"``) or a verb's own count, the command is not run; the machine answers ``-ERR too many
+commands`` (or ``-ERR too many NOOP commands``) and ends the session without UPDATE. ``LIST``
+and ``UIDL`` count against their own budget only without an argument (the whole scan
+listing).
 Replies never echo the client's line, and passwords are neither logged nor repeated.
 
 Deliberately unsupported: APOP (MD5 of a shared secret, RFC 1939 section 7), SASL mechanisms
@@ -261,7 +262,7 @@ class POP3Connection:
         self._messages: list[_Entry] = []
         self._deleted: set[int] = set()
 
-    # Public interface (STYLE.md section 3)
+    # Public interface (docs/design.md, layers)
 
     @property
     def user(self) -> str | None:
@@ -385,7 +386,7 @@ class POP3Connection:
 
     def _over_budget(self, verb: str) -> bool:
         """Count one command (``verb`` empty: only towards the total); past a budget, say so
-        and end the session (SECURITY.md A8.3)."""
+        and end the session (docs/security.md A8.3)."""
         counts = self._command_counts
         for key in (verb, "*"):
             if key in self.command_limits:

@@ -13,7 +13,7 @@ Both submission roles require AUTH before MAIL and accept any syntactically vali
 routing decides what happens to it. An authenticated user may only use their own address as
 envelope sender (Postfix ``reject_sender_login_mismatch``), unless the stack turns that off.
 
-Abuse limits (SECURITY.md A1, A4.3, A5, A8) are decided here and enforced by the adapter:
+Abuse limits (docs/security.md A1, A4.3, A5, A8) are decided here and enforced by the adapter:
 ``check_address_encoding`` (RFC 6531: 8-bit addresses need SMTPUTF8, and must be valid UTF-8),
 ``check_hops`` (mail loops, Postfix ``hopcount_limit``), ``extend_data_deadline`` (a DATA
 deadline that only a minimum data rate can push back, Postfix ``smtpd_min_data_rate``),
@@ -95,7 +95,7 @@ class Reply:
     STORE_FAILED = "451 4.3.0 Error: queue file write error"
     VRFY = "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery"
     EXPN = "502 5.5.1 EXPN not available"
-    # Abuse limits (SECURITY.md A1.6, A4.3, A8.1-A8.3). Texts follow Postfix smtpd.
+    # Abuse limits (docs/security.md A1.6, A4.3, A8.1-A8.3). Texts follow Postfix smtpd.
     UNKNOWN_COMMAND = "500 Error: command not recognized"
     TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors"
     TOO_MANY_CONNECTIONS = TOO_MANY_CONNECTIONS
@@ -242,7 +242,7 @@ def check_sender(mail_from: str, *, authenticated_user: str | None, enforce: boo
 def check_from_header(raw: bytes, *, authenticated_user: str | None) -> str | None:
     """Refuse a submitted message whose From: names an address other than the AUTH user.
 
-    SECURITY.md A4.6 (Postfix needs a milter for this). A message without From: passes: the
+    docs/security.md A4.6 (Postfix needs a milter for this). A message without From: passes: the
     submission server may add one (RFC 6409 section 8).
 
     Returns:
@@ -501,7 +501,7 @@ def largest_header_field(raw: bytes) -> int:
 
 def check_header_size(raw: bytes, *, limit: int) -> str | None:
     """Refuse a header field larger than ``limit`` octets (Postfix ``header_size_limit``;
-    SECURITY.md A5.6). ``limit`` 0 turns the check off.
+    docs/security.md A5.6). ``limit`` 0 turns the check off.
 
     Returns:
         None to accept, or the reply line to refuse with.

@@ -96,7 +96,7 @@ class Dialer:
         the delivery goes on without TLS (not offered, or refused), or (a failed
         verification) over a new connection with unverified TLS. Without ``verify`` TLS is
         not verified at all (RFC 7435). aiosmtplib drops bytes the server sent after its
-        ``220`` to STARTTLS (SECURITY.md A3.8).
+        ``220`` to STARTTLS (docs/security.md A3.8).
 
         Returns:
             The client, ready for MAIL FROM; "" for verified TLS, else a note for events

@@ -3,7 +3,7 @@
 How a message moves (RFC 5321 §5.1 and §4.5.4, RFC 7505, RFC 3464):
 
 1. ``enqueue()`` (on the loop thread) checks the envelope, re-frames the content (every stray CR
-   or LF becomes CRLF, so this hop never forwards smuggling material; SECURITY.md A2.2/A2.4),
+   or LF becomes CRLF, so this hop never forwards smuggling material; docs/security.md A2.2/A2.4),
    and splits the recipients. A recipient whose domain is not one of ``local_domains()`` never
    leaves the machine: it goes to ``capture_outbound`` (a safety net for applications under
    test). The others get a delivery attempt at once: one task per attempt, retries scheduled
@@ -52,7 +52,7 @@ Exactly once: a recipient is settled as soon as the final ``250`` to DATA arrive
 and is never attempted again. A reply lost between the remote's 250 and our reading it can
 still cause one duplicate on retry (RFC 1047: a duplicate is better than a loss).
 
-Durability (SECURITY.md A9.4): with a ``spool`` (:mod:`roundtrip.spool`; the stack gives one
+Durability (docs/security.md A9.4): with a ``spool`` (:mod:`roundtrip.spool`; the stack gives one
 with the Maildir store) ``enqueue`` writes the message to disk and fsyncs it before returning,
 so before the submission server's 250. The recipients still pending are recorded right after
 the MX's reply to the final dot (recipients refused at RCPT with it), before RSET or QUIT is
@@ -127,7 +127,7 @@ class Relay:
         reporting_mta: the host name that DSNs name as the reporting MTA.
         max_concurrent: delivery attempts running at once; the rest wait their turn (Postfix
             default_destination_concurrency_limit is 20).
-        spool: keep the queue on disk too (RFC 5321 §6.1, SECURITY.md A9.4): ``enqueue``
+        spool: keep the queue on disk too (RFC 5321 §6.1, docs/security.md A9.4): ``enqueue``
             returns only once the message is durable, settled recipients are recorded, and
             :meth:`restore` queues again what a previous process left. None: memory only.
         connection_cache_time: seconds an MX connection stays open after a transaction, for
@@ -741,7 +741,7 @@ class Relay:
             for rcpt, outcome in outcomes.items():
                 if outcome is None:
                     self._event(entry, rcpt, "delivered", host)
-            # Recorded (spool included) before RSET or QUIT goes out (SECURITY.md A9.4).
+            # Recorded (spool included) before RSET or QUIT goes out (docs/security.md A9.4).
             self._conclude(
                 entry, {r: o for r, o in outcomes.items() if not isinstance(o, Temporary)}
             )

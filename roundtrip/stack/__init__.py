@@ -220,7 +220,7 @@ class MailStack:
             raise ServerStartError(f"cannot bind dns on {dns_host}: {exc}") from exc
         self.mx_ports.update({ep.hostname: ep.ports["smtp"] for ep in self.domains.values()})
         self.tls_policies = self.default_tls_policies()
-        # A durable store gets a durable relay queue in its (locked) tree (SECURITY.md A9.4).
+        # A durable store gets a durable relay queue in its (locked) tree (docs/security.md A9.4).
         spool = None
         if isinstance(self.store, MaildirStore):
             spool = RelaySpool(self.store.root / MAILDIR_SPOOL_NAME)
@@ -386,7 +386,7 @@ class MailStack:
         return records
 
     def default_tls_policies(self) -> dict[str, TLSPolicy]:
-        """The relay's outbound TLS policy per recipient domain (SECURITY.md A3.7).
+        """The relay's outbound TLS policy per recipient domain (docs/security.md A3.7).
 
         Every stack domain acts as if it published an MTA-STS ``enforce`` policy listing its
         MX hosts, whichever the stack's DNS serves (so an MX a test points elsewhere with

@@ -1,4 +1,4 @@
-"""Property tests over the sans-IO machines' inputs (SECURITY.md A6.8, A7.1, A7.4, DNS).
+"""Property tests over the sans-IO machines' inputs (docs/security.md A6.8, A7.1, A7.4, DNS).
 
 Every input must end in a well-formed reply or a clean close, never an exception other than
 ``RemoteProtocolError`` (the adapter's signal to drop the connection). Bounded: about 200

@@ -346,7 +346,7 @@ def test_pop3_byte_at_a_time(store: Store) -> None:
     assert out.count(b"+OK") == 3
 
 
-# Message numbers and arguments (SECURITY.md A7.4)
+# Message numbers and arguments (docs/security.md A7.4)
 
 
 @pytest.mark.parametrize("command", ["RETR", "LIST", "UIDL", "DELE", "TOP"])
@@ -389,7 +389,7 @@ def test_pop3_authorization_commands_after_login_refused(store: Store, line: str
     assert conn.state is POP3State.TRANSACTION
 
 
-# Deletion semantics (RFC 1939 section 6, SECURITY.md A7.2)
+# Deletion semantics (RFC 1939 section 6, docs/security.md A7.2)
 
 
 def test_pop3_dele_quit_removes(store: Store) -> None:
@@ -466,7 +466,7 @@ def test_pop3_store_failure_is_temporary_error() -> None:
     assert store.lock_maildrop(USER)  # the lock taken for the login was given back
 
 
-# Limits (RFC 2449 section 4, SECURITY.md A7.1)
+# Limits (RFC 2449 section 4, docs/security.md A7.1)
 
 
 def test_pop3_line_of_255_octets_accepted(store: Store) -> None:
@@ -526,7 +526,7 @@ def test_pop3_failed_logins_count_as_bad(store: Store) -> None:
     assert conn.receive_data(b"CAPA\r\n") == []
 
 
-# STLS (RFC 2595) and command injection (SECURITY.md A3.1)
+# STLS (RFC 2595) and command injection (docs/security.md A3.1)
 
 
 def test_pop3_stls_then_fresh_authorization(store: Store) -> None:

@@ -375,7 +375,7 @@ def test_add_missing_headers_ignores_look_alikes_in_body() -> None:
     assert out.endswith(b"\r\n\r\nMessage-ID: <fake@x>\r\nDate: never\r\n")
 
 
-# -- header size (SECURITY.md A5.6) ---------------------------------------------------------
+# -- header size (docs/security.md A5.6) ---------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Per-session command budgets of IMAP and POP3 (SECURITY.md A8.3: endless sessions, floods).
+"""Per-session command budgets of IMAP and POP3 (docs/security.md A8.3: endless sessions, floods).
 
 A session past its budget gets ``* BYE [LIMIT] ...`` or ``-ERR too many ... commands`` and is
 closed; the listener keeps serving everyone else. The machines count; these tests drive them

@@ -1,6 +1,6 @@
 """Abuse limits of the IMAP and POP3 listeners: login penalties, connection caps, deadlines.
 
-SECURITY.md A4.3 (brute force), A4.8 (pre-login abuse), A8.1 (slowloris), A8.2 (caps).
+docs/security.md A4.3 (brute force), A4.8 (pre-login abuse), A8.1 (slowloris), A8.2 (caps).
 """
 
 from __future__ import annotations

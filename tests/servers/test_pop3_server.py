@@ -314,7 +314,7 @@ def test_pop3_dele_rset_quit_keeps(servers: POP3Servers, ca: CertificateAuthorit
     assert len(servers.store.mailbox(USER)) == 2
 
 
-# STLS command injection (SECURITY.md A3.1)
+# STLS command injection (docs/security.md A3.1)
 
 
 def test_pop3_stls_injection_same_segment(servers: POP3Servers, ca: CertificateAuthority) -> None:
@@ -355,7 +355,7 @@ def test_pop3_stls_alone_is_answered(servers: POP3Servers, ca: CertificateAuthor
             assert caps.startswith(b"+OK") and b"\r\nUSER\r\n" in caps
 
 
-# Limits (RFC 2449 section 4, SECURITY.md A7.1, A7.6)
+# Limits (RFC 2449 section 4, docs/security.md A7.1, A7.6)
 
 
 @pytest.mark.parametrize(("length", "ok"), [(255, True), (300, False)])
