@@ -33,6 +33,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import re
+from dataclasses import dataclass
 
 from ..errors import ConfigError
 
@@ -117,108 +118,151 @@ def build_dsn(
         raise ConfigError(f"DSN status must look like '5.1.1' (RFC 3463); got {status!r}")
     if action not in _ACTIONS:
         raise ConfigError(f"DSN action must be one of {sorted(_ACTIONS)}; got {action!r}")
-    sender = _clean(envelope_from)
-    rcpt = _clean(recipient)
     domain = _clean(message_id_domain).strip(".") or "localhost"
-    reporting = _clean(reporting_mta) or domain
-    remote = _clean(remote_mta)
     diag = _clean(diagnostic)
     if diag and ";" not in diag.split(" ", 1)[0]:
         diag = f"smtp; {diag}"
-    headers = original_headers(original)
-    token = hashlib.sha256(
-        b"\0".join([headers, sender.encode(), rcpt.encode(), status.encode(), repr(now).encode()])
-    ).hexdigest()
-    boundary = f"=_roundtrip-dsn-{token[:24]}"
-    message_id = f"<dsn.{token[:32]}@{domain}>"
-    date = email.utils.formatdate(now, usegmt=True)
+    report = _Report(
+        sender=_clean(envelope_from),
+        rcpt=_clean(recipient),
+        domain=domain,
+        reporting=_clean(reporting_mta) or domain,
+        remote=_clean(remote_mta),
+        diag=diag,
+        status=status,
+        action=action,
+        headers=original_headers(original),
+        arrival=email.utils.formatdate(arrival_date, usegmt=True),
+        date=email.utils.formatdate(now, usegmt=True),
+        now=now,
+    )
+    return _assemble(report)
+
+
+@dataclass(frozen=True, slots=True)
+class _Report:
+    """The cleaned values of one DSN."""
+
+    sender: str
+    rcpt: str
+    domain: str
+    reporting: str
+    remote: str
+    diag: str
+    status: str
+    action: str
+    headers: bytes
+    arrival: str
+    date: str
+    now: float
+
+    @property
+    def token(self) -> str:
+        """A stable digest of the report: its boundary and Message-ID derive from it."""
+        parts = [self.headers, self.sender.encode(), self.rcpt.encode(), self.status.encode()]
+        return hashlib.sha256(b"\0".join([*parts, repr(self.now).encode()])).hexdigest()
+
+
+def _top_fields(report: _Report, boundary: str) -> list[str]:
+    """The DSN's own header fields (RFC 3464 section 2, RFC 3834 Auto-Submitted)."""
     subject = (
         "Undelivered Mail Returned to Sender"
-        if action == "failed"
-        else f"Delivery Status Notification ({action})"
+        if report.action == "failed"
+        else f"Delivery Status Notification ({report.action})"
     )
-
     top = [
-        f"From: Mail Delivery System <MAILER-DAEMON@{domain}>",
-        f"To: <{sender}>",
+        f"From: Mail Delivery System <MAILER-DAEMON@{report.domain}>",
+        f"To: <{report.sender}>",
         f"Subject: {subject}",
-        f"Date: {date}",
-        f"Message-ID: {message_id}",
+        f"Date: {report.date}",
+        f"Message-ID: <dsn.{report.token[:32]}@{report.domain}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
     ]
-    original_id = _original_message_id(headers)
+    original_id = _original_message_id(report.headers)
     if original_id:
         top += [f"In-Reply-To: {original_id}", f"References: {original_id}"]
+    return top
 
+
+def _explanation(report: _Report) -> list[str]:
+    """The human-readable first part."""
     explanation = [
-        "This is the mail system at host " + reporting + ".",
+        "This is the mail system at host " + report.reporting + ".",
         "",
         (
             "Your message could not be delivered to one or more recipients."
-            if action == "failed"
-            else f"Delivery status of your message: {action}."
+            if report.action == "failed"
+            else f"Delivery status of your message: {report.action}."
         ),
         "",
-        f"<{rcpt}>: {diag or status}",
+        f"<{report.rcpt}>: {report.diag or report.status}",
     ]
-    if remote:
-        explanation.append(f"    (remote host: {remote})")
+    if report.remote:
+        explanation.append(f"    (remote host: {report.remote})")
+    return explanation
 
-    per_message = [
-        f"Reporting-MTA: dns; {reporting}",
-        f"Arrival-Date: {email.utils.formatdate(arrival_date, usegmt=True)}",
-    ]
+
+def _status_fields(report: _Report) -> tuple[list[str], list[str]]:
+    """The per-message and per-recipient fields of the delivery-status part (RFC 3464 2.2,
+    2.3)."""
+    per_message = [f"Reporting-MTA: dns; {report.reporting}", f"Arrival-Date: {report.arrival}"]
     per_recipient = [
-        f"Final-Recipient: rfc822; {rcpt}",
-        f"Action: {action}",
-        f"Status: {status}",
+        f"Final-Recipient: rfc822; {report.rcpt}",
+        f"Action: {report.action}",
+        f"Status: {report.status}",
     ]
-    if remote:
-        per_recipient.append(f"Remote-MTA: dns; {remote}")
-    if diag:
-        per_recipient.append(f"Diagnostic-Code: {diag}")
-    per_recipient.append(f"Last-Attempt-Date: {date}")
+    if report.remote:
+        per_recipient.append(f"Remote-MTA: dns; {report.remote}")
+    if report.diag:
+        per_recipient.append(f"Diagnostic-Code: {report.diag}")
+    per_recipient.append(f"Last-Attempt-Date: {report.date}")
+    return per_message, per_recipient
 
-    def lines(items: list[str]) -> bytes:
-        return b"".join(item.encode("utf-8") + CRLF for item in items)
 
+def _lines(items: list[str]) -> bytes:
+    return b"".join(item.encode("utf-8") + CRLF for item in items)
+
+
+def _assemble(report: _Report) -> bytes:
+    """The multipart/report: notification, delivery status, the original's header section."""
+    boundary = f"=_roundtrip-dsn-{report.token[:24]}"
     delimiter = f"--{boundary}".encode("ascii")
-    header_cte = "8bit" if any(b > 0x7F for b in headers) else "7bit"
+    per_message, per_recipient = _status_fields(report)
+    header_cte = "8bit" if any(b > 0x7F for b in report.headers) else "7bit"
+    notification = [
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Description: Notification",
+        "Content-Transfer-Encoding: 8bit",
+    ]
+    status_part = ["Content-Type: message/delivery-status", "Content-Description: Delivery report"]
+    headers_part = [
+        "Content-Type: text/rfc822-headers",
+        "Content-Description: Undelivered Message Headers",
+        f"Content-Transfer-Encoding: {header_cte}",
+    ]
     parts = [
-        lines(top),
+        _lines(_top_fields(report, boundary)),
         CRLF,
         b"This is a MIME-encapsulated delivery status notification." + CRLF,
         CRLF,
         delimiter + CRLF,
-        lines(
-            [
-                "Content-Type: text/plain; charset=utf-8",
-                "Content-Description: Notification",
-                "Content-Transfer-Encoding: 8bit",
-            ]
-        ),
+        _lines(notification),
         CRLF,
-        lines(explanation),
+        _lines(_explanation(report)),
         CRLF,
         delimiter + CRLF,
-        lines(["Content-Type: message/delivery-status", "Content-Description: Delivery report"]),
+        _lines(status_part),
         CRLF,
-        lines(per_message),
+        _lines(per_message),
         CRLF,
-        lines(per_recipient),
+        _lines(per_recipient),
         CRLF,
         delimiter + CRLF,
-        lines(
-            [
-                "Content-Type: text/rfc822-headers",
-                "Content-Description: Undelivered Message Headers",
-                f"Content-Transfer-Encoding: {header_cte}",
-            ]
-        ),
+        _lines(headers_part),
         CRLF,
-        headers,
+        report.headers,
         CRLF,
         delimiter + b"--" + CRLF,
     ]
