@@ -7,6 +7,7 @@ command line < ``mailstack`` marker keyword arguments < explicit code arguments.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -17,6 +18,7 @@ from .errors import ConfigError
 
 __all__ = [
     "DEFAULT_DOMAINS",
+    "LOOP_CHOICES",
     "PASSWORD_ENV",
     "Endpoint",
     "MailboxLimits",
@@ -26,6 +28,7 @@ __all__ = [
     "TLSMode",
     "Timeouts",
     "User",
+    "loop_choice",
     "parse_bool",
     "parse_domains",
     "parse_endpoint",
@@ -35,6 +38,26 @@ __all__ = [
     "parse_tls_mode",
     "parse_user",
 ]
+
+#: The values ``ROUNDTRIP_LOOP`` accepts; the first is the default.
+LOOP_CHOICES = ("asyncio", "uvloop")
+
+
+def loop_choice(environ: Mapping[str, str] | None = None) -> str:
+    """The event loop named by ``ROUNDTRIP_LOOP`` (``asyncio`` when unset or empty).
+
+    Raises:
+        ConfigError: the value is not one of ``LOOP_CHOICES``.
+    """
+    raw = (os.environ if environ is None else environ).get("ROUNDTRIP_LOOP", "")
+    value = raw.strip().lower() or LOOP_CHOICES[0]
+    if value not in LOOP_CHOICES:
+        raise ConfigError(
+            f"ROUNDTRIP_LOOP={raw!r} is not a known event loop; expected one of "
+            + ", ".join(LOOP_CHOICES)
+        )
+    return value
+
 
 DEFAULT_DOMAINS = ("example.com", "example.org")
 #: ``ephemeral``, ``standard``, or a base port (an int): see ``StackConfig.ports``.

@@ -74,9 +74,10 @@ def discard(client: aiosmtplib.SMTP) -> None:
     that failed, or while the loop is being stopped, that wait can outlive the loop and leave
     an unclosed transport behind.
     """
-    transport = client.transport
-    if isinstance(transport, asyncio.Transport):
-        transport.abort()
+    # Any transport with abort(): uvloop's TCP transport is not an asyncio.Transport subclass.
+    abort = getattr(client.transport, "abort", None)
+    if callable(abort):
+        abort()
     client.close()
 
 

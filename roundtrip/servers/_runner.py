@@ -15,8 +15,9 @@ The loop implementation
 
 Any other value is a ``ConfigError`` listing the valid ones. The servers use only the public
 transport API (``get_extra_info("ssl_object")``, ``"peercert"``, ``"cipher"``), so they behave
-the same on both; ``tox -e py311-uvloop`` runs the whole suite on uvloop. The variable is read
-here and nowhere else (``loop_choice()`` parses it; ``LoopThread(loop=...)`` overrides it).
+the same on both; ``tox -e uvloop`` runs the whole suite on uvloop. ``config.loop_choice()``
+reads the variable (only config.py reads the environment); ``LoopThread(loop=...)`` overrides
+it.
 """
 
 from __future__ import annotations
@@ -25,36 +26,17 @@ import asyncio
 import concurrent.futures
 import importlib
 import logging
-import os
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, ServerStartError
+from ..config import LOOP_CHOICES, loop_choice
+from ..errors import ServerStartError
 
 __all__ = ["LOOP_CHOICES", "LoopThread", "loop_choice", "new_event_loop"]
 
 T = TypeVar("T")
 log = logging.getLogger("roundtrip.servers")
-
-#: The values ``ROUNDTRIP_LOOP`` accepts; the first is the default.
-LOOP_CHOICES = ("asyncio", "uvloop")
-
-
-def loop_choice(environ: Mapping[str, str] | None = None) -> str:
-    """The event loop named by ``ROUNDTRIP_LOOP`` (``asyncio`` when unset or empty).
-
-    Raises:
-        ConfigError: the value is not one of ``LOOP_CHOICES``.
-    """
-    raw = (os.environ if environ is None else environ).get("ROUNDTRIP_LOOP", "")
-    value = raw.strip().lower() or LOOP_CHOICES[0]
-    if value not in LOOP_CHOICES:
-        raise ConfigError(
-            f"ROUNDTRIP_LOOP={raw!r} is not a known event loop; expected one of "
-            + ", ".join(LOOP_CHOICES)
-        )
-    return value
 
 
 def new_event_loop(choice: str | None = None) -> asyncio.AbstractEventLoop:
