@@ -403,14 +403,6 @@ class Relay:
                 raise TimeoutError(f"relay still busy after {timeout:g} s: {self.queue()!r}")
             await asyncio.wait(set(self._tasks), timeout=remaining)
 
-    def retry_now(self) -> None:
-        """Run every scheduled retry at once (tests use it to skip the backoff)."""
-        for entry in list(self._entries.values()):
-            if entry.timer is not None:
-                entry.timer.cancel()
-                entry.timer = None
-                self._start(entry)
-
     async def clear(self) -> None:
         """Forget every queued message and event (a test's clean slate); stays open.
 

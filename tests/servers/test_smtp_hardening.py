@@ -1,4 +1,4 @@
-"""SMTP abuse limits over loopback (SECURITY.md catalogue A: A1, A2.3, A3.4, A4.3, A4.4, A5.1,
+"""SMTP abuse limits over loopback (docs/security.md catalogue A: A1, A2.3, A3.4, A4.3, A4.4, A5.1,
 A5.4, A8).
 
 Raw sockets, because exact bytes and the timing of replies matter; smtplib only where a real

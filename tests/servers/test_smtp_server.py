@@ -1,7 +1,7 @@
 """The SMTP listeners (MX, submission with STARTTLS, implicit-TLS submission) over loopback.
 
 Real ``smtplib`` clients with verifying ``ssl`` contexts; raw sockets where exact bytes matter
-(smtplib rewrites line endings and dot-stuffs, NOTES.md). Each test gets its own loop thread,
+(smtplib rewrites line endings and dot-stuffs). Each test gets its own loop thread,
 store and three listeners on port 0.
 """
 
@@ -541,7 +541,7 @@ def test_starttls_discards_injected_plaintext(world: World, role: Role) -> None:
 
 @pytest.mark.parametrize("role", [Role.SMTP, Role.SUBMISSION])
 def test_starttls_injection_in_a_second_segment(world: World, role: Role) -> None:
-    """SECURITY.md A3.1, the James bypass: the injected line follows in its own segment."""
+    """docs/security.md A3.1, the James bypass: the injected line follows in its own segment."""
     with world.raw(role) as client:
         client.reply()
         client.cmd("EHLO client.example")
