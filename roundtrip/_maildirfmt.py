@@ -134,7 +134,7 @@ def _decode_mutf7(text: str) -> str:
     return "".join(out)
 
 
-def check_address(key: str) -> None:
+def check_user_dirname(key: str) -> None:
     """Refuse addresses that are not a plain directory name under ROOT (docs/security.md A6.5).
 
     Raises:

@@ -28,6 +28,7 @@ __all__ = [
     "TLSMode",
     "Timeouts",
     "User",
+    "check_envelope_address",
     "loop_choice",
     "parse_bool",
     "parse_domains",
@@ -57,6 +58,25 @@ def loop_choice(environ: Mapping[str, str] | None = None) -> str:
             + ", ".join(LOOP_CHOICES)
         )
     return value
+
+
+#: What may never appear in an envelope address we write into an SMTP command: CR and LF end
+#: the command (command injection), NUL and angle brackets break the path (RFC 5321 4.1.2).
+_FORBIDDEN_IN_ADDRESS = frozenset("\r\n\x00<>")
+
+
+def check_envelope_address(address: str, *, what: str = "address") -> str:
+    """Return ``address``, or refuse it when it could inject SMTP commands.
+
+    One rule for every client side of ours: the relay (aiosmtplib writes addresses into
+    commands verbatim, GHSA-v3q9-hj7j-63hq) and the probe (docs/security.md A2.5, A5.3).
+
+    Raises:
+        ConfigError: the address holds CR, LF, NUL or an angle bracket.
+    """
+    if any(c in _FORBIDDEN_IN_ADDRESS for c in address):
+        raise ConfigError(f"{what} {address!r} contains CR, LF, NUL or angle brackets")
+    return address
 
 
 DEFAULT_DOMAINS = ("example.com", "example.org")

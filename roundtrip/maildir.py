@@ -484,7 +484,7 @@ class MaildirStore(Store):
     # paths
 
     def _user_dir(self, key: str) -> Path:
-        fmt.check_address(key)
+        fmt.check_user_dirname(key)
         return self.root / key
 
     def _refuse(self, path: Path) -> None:
@@ -564,7 +564,7 @@ class MaildirStore(Store):
         if entry.startswith(".") or self._key(entry) != entry:
             return False
         try:
-            fmt.check_address(entry)
+            fmt.check_user_dirname(entry)
         except MailboxError:
             return False
         return os.path.islink(path) or os.path.isdir(path)  # a file is not a user

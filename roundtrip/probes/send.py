@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import Endpoint
-from ..errors import AuthError, ConfigError, ConnectError, RejectedError, TLSError
+from ..config import Endpoint, check_envelope_address
+from ..errors import AuthError, ConnectError, RejectedError, TLSError
 from ._net import FAIL, Timeline, dial, display, map_errors, record_tls
 
 __all__ = ["ProbeMessage", "build_probe_message", "submit"]
@@ -37,8 +37,7 @@ class ProbeMessage:
 def build_probe_message(*, mail_from: str, rcpt_to: str, now: float | None = None) -> ProbeMessage:
     """A small text message carrying a random token in Subject, Message-ID and body."""
     for address in (mail_from, rcpt_to):
-        if any(c in address for c in "\r\n\0<>"):
-            raise ConfigError(f"address {address!r} contains CR, LF, NUL or angle brackets")
+        check_envelope_address(address)
     token = secrets.token_hex(8)
     stamp = time.time() if now is None else now
     domain = mail_from.rpartition("@")[2] or "roundtrip.invalid"

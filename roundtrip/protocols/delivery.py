@@ -45,6 +45,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..config import check_envelope_address
 from ..errors import ConfigError
 from ._lines import DATA_SLICE, dot_stuffed_slices
 from .dsn import build_dsn
@@ -107,20 +108,17 @@ Route = list[tuple[str, list[str]]]
 # -- envelope and content -----------------------------------------------------------------------
 
 _STRAY_EOL = re.compile(rb"\r\n|\r|\n")
-_FORBIDDEN_IN_ADDRESS = re.compile(r"[\r\n\x00<>]")
 
 
 def check_address(address: str, *, what: str) -> str:
     """Reject CR, LF, NUL and angle brackets in an envelope address (docs/security.md A2.5).
 
-    aiosmtplib writes addresses into commands verbatim (GHSA-v3q9-hj7j-63hq).
+    The rule is ``config.check_envelope_address``, which the probe uses too.
 
     Raises:
-        ValueError: the address could inject SMTP commands.
+        ConfigError: the address could inject SMTP commands.
     """
-    if _FORBIDDEN_IN_ADDRESS.search(address):
-        raise ConfigError(f"{what} {address!r} contains CR, LF, NUL or angle brackets")
-    return address
+    return check_envelope_address(address, what=what)
 
 
 def normalize_domains(domains: Iterable[str]) -> set[str]:
