@@ -245,6 +245,7 @@ def wait_for_matches(
         The matching messages of the last snapshot taken: fewer than ``count`` when the
         timeout passed first (the caller decides what that means).
     """
+    __tracebackhide__ = True  # the report shows the test's line, not ours
     if count <= 0:
         return criteria.select(snapshot())
     found: list[M] = []
@@ -287,6 +288,7 @@ def assert_delivered(
             for a near miss, a diff of the closest candidate.
         ValueError: ``count`` is negative.
     """
+    __tracebackhide__ = True  # the report shows the test's line, not ours
     if count is not None and count < 0:
         raise ConfigError(f"count must be >= 0 or None, got {count}")
     criteria = Criteria(to, subject, sender, match, headers, body_contains)
@@ -329,6 +331,7 @@ def assert_not_delivered(
     Raises:
         AssertionError: something matched; the message lists what.
     """
+    __tracebackhide__ = True  # the report shows the test's line, not ours
     criteria = Criteria(to, subject, sender, match, headers, body_contains)
     matched = criteria.select(messages)
     if not matched:

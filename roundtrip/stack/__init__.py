@@ -284,6 +284,7 @@ class MailStack:
 
     def check(self) -> None:
         """Re-raise the first exception any server raised since the last check."""
+        __tracebackhide__ = True  # the report shows the test's line, not ours
         if self._thread is None:
             return
         errors = self._thread.take_errors()
@@ -627,6 +628,7 @@ class MailStack:
             NotDeliveredError: nothing matched in time; the message lists what did arrive.
             ConfigError: ``to`` is in a domain of the stack but is not a user of it.
         """
+        __tracebackhide__ = True  # the report shows the test's line, not ours
         limit = self.config.timeouts.wait_timeout if timeout is None else timeout
         snapshot = self._mailboxes_of(to, mailbox)
         criteria = Criteria(subject=subject, sender=sender, match=match)  # type: ignore[arg-type]
@@ -716,6 +718,7 @@ class MailStack:
             AssertionError: a different number matched; lists what arrived, with a diff of
                 a near miss.
         """
+        __tracebackhide__ = True  # the report shows the test's line, not ours
         criteria = Criteria(to, subject, sender, match, headers, body_contains)
         limit = self.config.timeouts.wait_timeout if timeout is None else timeout
         wait_for_matches(
@@ -754,6 +757,7 @@ class MailStack:
         Raises:
             AssertionError: something matched; the message lists what.
         """
+        __tracebackhide__ = True  # the report shows the test's line, not ours
         limit = self.config.timeouts.wait_timeout if timeout is None else timeout
         if self._thread is not None and self.relay is not None:
             self._thread.run(self.relay.wait_idle(limit), timeout=limit + 1)
