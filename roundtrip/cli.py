@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from .config import PASSWORD_ENV, Endpoint, StackConfig, parse_endpoint
 from .errors import ConfigError, RoundtripError
 from .probes.roundtrip import ProbeResult, run_probe
-from .report import SCHEMA_VERSION, expiry_text
+from .report import SCHEMA_VERSION, expiry_text, percentile
 
 if TYPE_CHECKING:
     from .stack import DeliveredMessage
@@ -445,24 +445,41 @@ def _repeat(
             check()
         results += batch
         if args.count > 1 and not args.json:
-            parts = []
-            for result in batch:
-                visible = (
-                    f", visible {result.time_to_visible * 1000:.1f} ms"
-                    if result.time_to_visible is not None
-                    else ""
-                )
-                verdict = "PASS" if result.ok else f"FAIL at {result.error_step}"
-                parts.append(
-                    f"{result.retrieve.partition(':')[0]} {verdict} "
-                    f"{result.total_seconds * 1000:.1f} ms{visible}"
-                )
-            print(
-                f"roundtrip: run {run + 1}/{args.count}: {'; '.join(parts)}",
-                file=sys.stderr,
-                flush=True,
-            )
+            _progress(run + 1, args.count, batch, results, sys.stderr)
     return results
+
+
+def _progress(
+    done: int, count: int, batch: list[ProbeResult], results: list[ProbeResult], err: TextIO
+) -> None:
+    """After each run of ``--count``: on a terminal, one bar redrawn in place with the running
+    p50 of each path; piped, one plain line per run (what scripts and CI logs read)."""
+    if not err.isatty():
+        parts = []
+        for result in batch:
+            visible = (
+                f", visible {result.time_to_visible * 1000:.1f} ms"
+                if result.time_to_visible is not None
+                else ""
+            )
+            verdict = "PASS" if result.ok else f"FAIL at {result.error_step}"
+            parts.append(
+                f"{result.retrieve.partition(':')[0]} {verdict} "
+                f"{result.total_seconds * 1000:.1f} ms{visible}"
+            )
+        print(f"roundtrip: run {done}/{count}: {'; '.join(parts)}", file=err, flush=True)
+        return
+    width = 20
+    filled = width * done // count
+    medians = []
+    for protocol in dict.fromkeys(r.retrieve.partition(":")[0] for r in results):
+        totals = [r.total_seconds for r in results if r.retrieve.startswith(protocol + ":")]
+        medians.append(f"{protocol} p50 {percentile(totals, 0.5) * 1000:.1f} ms")
+    failed = sum(1 for r in results if not r.ok)
+    bar = "#" * filled + "-" * (width - filled)
+    line = f"roundtrip: [{bar}] {done}/{count}  {', '.join(medians)}  failed {failed}"
+    end = "\n" if done == count else ""
+    print(f"\r\x1b[K{line}", end=end, file=err, flush=True)
 
 
 def _finish(
