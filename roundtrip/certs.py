@@ -1,17 +1,28 @@
 """Certificates for a stack: one trustme CA, leaf certificates, SSLContext builders.
 
 Keys and certificates are minted at run time and never written into the project. A stack's
-servers present one leaf covering every host name they serve plus the loopback addresses, so a
-client may dial either the IP or the name and still verify.
+servers present one leaf covering every host name they serve, the address they listen on and
+the loopback addresses, so a client may dial either the IP or the name and still verify.
+
+Two identities per listener: clients that match the subject Common Name and ignore IP
+subjectAltNames (mbsync 1.4: "certificate owner does not match hostname 127.0.0.1";
+offlineimap3: "no matching domain name found in certificate") refuse a leaf whose CN is
+``mail.<domain>`` when they dial ``127.0.0.1``. A name is all SNI can carry (RFC 6066 §3 forbids
+literal addresses), so a client that sends no SNI, or sends an address anyway, dialled an
+address: :meth:`CertificateAuthority.server_context` answers it with a twin leaf whose CN is
+that address (the listener's own when none was sent). Both leaves carry the same
+subjectAltNames, so a client that verifies by SAN (RFC 6125; Python, OpenSSL's
+``X509_check_host``) sees no difference.
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import ssl
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import trustme
 
@@ -29,7 +40,7 @@ class CertificateAuthority:
 
     def __init__(self, ca: trustme.CA | None = None) -> None:
         self.ca = ca if ca is not None else trustme.CA(organization_name="roundtrip test CA")
-        self._leaves: dict[tuple[str, ...], trustme.LeafCert] = {}
+        self._leaves: dict[tuple[tuple[str, ...], str], trustme.LeafCert] = {}
         self._ca_file: str | None = None
 
     def leaf(
@@ -37,18 +48,27 @@ class CertificateAuthority:
         identities: Iterable[str],
         *,
         not_after: datetime.datetime | None = None,
+        common_name: str | None = None,
     ) -> trustme.LeafCert:
         """A leaf certificate for ``identities`` plus localhost, 127.0.0.1 and ::1.
 
-        Leaves are cached per set of names (minting costs about a millisecond with ECDSA).
+        Args:
+            identities: DNS names and IP addresses for the subjectAltName; unspecified
+                addresses (``0.0.0.0``, ``::``) are left out, no client can dial them.
+            not_after: expiry, for tests of expired certificates (such leaves are not cached).
+            common_name: the subject CN; the first identity by default.
+
+        Leaves are cached per set of names and CN (minting costs about a millisecond with
+        ECDSA).
         """
-        names = tuple(dict.fromkeys([*identities, *_LOOPBACK_IDENTITIES]))
+        names = _identities(identities)
         # A Common Name as well as the SANs: fetchmail (6.4) refuses certificates without one.
+        cn = names[0] if common_name is None else common_name
         if not_after is not None:
-            return self.ca.issue_cert(*names, common_name=names[0], not_after=not_after)
-        cert = self._leaves.get(names)
+            return self.ca.issue_cert(*names, common_name=cn, not_after=not_after)
+        cert = self._leaves.get((names, cn))
         if cert is None:
-            cert = self._leaves[names] = self.ca.issue_cert(*names, common_name=names[0])
+            cert = self._leaves[names, cn] = self.ca.issue_cert(*names, common_name=cn)
         return cert
 
     def server_context(
@@ -59,14 +79,28 @@ class CertificateAuthority:
     ) -> ssl.SSLContext:
         """A server-side context presenting a leaf for ``identities``.
 
+        A client that sends a host name in SNI gets the leaf whose CN is the first identity.
+        One that sends no SNI, or an IP address in it, gets a twin leaf whose CN is that address
+        (the first address among ``identities`` when none was sent, so list the listener's
+        address first), for clients that match the CN and ignore IP subjectAltNames.
+
         TLS 1.2 is the floor (RFC 8996, RFC 8997).
         """
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = minimum_version
-        # No TLS 1.3 session tickets: mail clients under test open fresh sessions, and each
-        # ticket costs the server an encryption and the client a parse after every handshake.
-        ctx.num_tickets = 0
-        self.leaf(identities).configure_cert(ctx)
+        names = _identities(identities)
+        addresses = [name for name in names if _is_address(name)]
+        ctx = _server_context(self.leaf(names), minimum_version)
+        by_address: dict[str, ssl.SSLContext] = {}
+
+        def for_address(address: str) -> ssl.SSLContext:
+            twin = by_address.get(address)
+            if twin is None:
+                leaf = self.leaf(names, common_name=address)
+                twin = by_address[address] = _server_context(leaf, minimum_version)
+            return twin
+
+        # Minted now, not in the first handshake: the callback runs on the server's loop.
+        for_address(addresses[0])
+        ctx.sni_callback = _choose_leaf(for_address, addresses)
         return ctx
 
     def client_context(self) -> ssl.SSLContext:
@@ -114,3 +148,53 @@ class CertificateAuthority:
             except FileNotFoundError:
                 pass
             self._ca_file = None
+
+
+def _identities(identities: Iterable[str]) -> tuple[str, ...]:
+    """``identities`` plus the loopback ones, without duplicates or unspecified addresses."""
+    names = []
+    for name in [*identities, *_LOOPBACK_IDENTITIES]:
+        if _is_address(name):
+            address = ipaddress.ip_address(name)
+            if address.is_unspecified:
+                continue
+            name = str(address)
+        names.append(name)
+    return tuple(dict.fromkeys(names))
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _server_context(leaf: trustme.LeafCert, minimum_version: ssl.TLSVersion) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = minimum_version
+    # No TLS 1.3 session tickets: mail clients under test open fresh sessions, and each
+    # ticket costs the server an encryption and the client a parse after every handshake.
+    ctx.num_tickets = 0
+    leaf.configure_cert(ctx)
+    return ctx
+
+
+_SNICallback = Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None]
+
+
+def _choose_leaf(
+    for_address: Callable[[str], ssl.SSLContext], addresses: list[str]
+) -> _SNICallback:
+    """The ``sni_callback`` that swaps in the address-CN twin when no host name was sent."""
+
+    def choose(conn: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        if server_name is None:
+            conn.context = for_address(addresses[0])
+        elif _is_address(server_name):
+            address = str(ipaddress.ip_address(server_name))
+            if address in addresses:
+                conn.context = for_address(address)
+
+    return choose

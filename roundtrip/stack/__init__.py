@@ -199,7 +199,8 @@ class MailStack:
             on_error=self._thread.record_error,
         )
         for index, domain in enumerate(self.config.domains):
-            tls = self.ca.server_context([f"mail.{domain}", domain])
+            # The leaf names the address too: clients dial what `serve` prints (127.0.0.N).
+            tls = self.ca.server_context([f"mail.{domain}", domain, self._listeners.host(index)])
             endpoints = await self._listeners.start_domain(index, domain, tls, penalties)
             self.domains[domain] = endpoints
         await self._start_routing()

@@ -120,11 +120,15 @@ class Listeners:
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
     connections: list[set[Any]] = field(default_factory=list)
 
+    def host(self, index: int) -> str:
+        """The address domain number ``index`` listens on (see :func:`host_for`)."""
+        return host_for(self.config, index)
+
     async def start_domain(
         self, index: int, domain: str, tls: ssl.SSLContext, penalties: AuthPenalties
     ) -> DomainEndpoints:
         """Bind every service of one domain and return where each listens."""
-        host = host_for(self.config, index)
+        host = self.host(index)
         hostname = f"mail.{domain}"
         ports: dict[str, int] = {}
         for service, row in _TABLE.items():

@@ -6,20 +6,16 @@ actually run (mbsync from isync, fetchmail, getmail6, offlineimap3) fetch a mess
 through the whole stack (465 -> relay -> MX -> store), each with certificate verification
 against the stack's CA only. Every program that is absent is skipped with the package name.
 
-Why the programs dial ``localhost`` and not ``127.0.0.1``: mbsync and fetchmail match the
-server name against the certificate's DNS names (and its Common Name) only, never against IP
-address entries, so ``127.0.0.1`` fails verification even though the leaf lists it.
-
-Why the stack here uses :func:`_program_ca`: fetchmail with ``sslcertck`` rejects a leaf
-without a subject Common Name ("Server name not specified in certificate!") even when a
-subjectAltName matches, and trustme issues leaves without one unless asked. Real CAs still
-put a CN in every leaf, so the stack should too (certs.py ``issue_cert(..., common_name=...)``);
-until it does, these tests issue such leaves themselves.
+Which name the programs dial: most tests dial ``localhost``; the ``_by_ip`` ones dial
+``127.0.0.1``, what ``roundtrip serve`` prints. mbsync 1.4 and offlineimap3 match the
+certificate's Common Name and DNS names only, never its IP address entries, so by IP they need
+a leaf whose CN is the address they dialled: the stack presents one to clients that send no
+host name in SNI (certs.py ``server_context``). fetchmail with ``sslcertck`` rejects a leaf
+without any Common Name ("Server name not specified in certificate!"), so every leaf has one.
 """
 
 from __future__ import annotations
 
-import datetime
 import getpass
 import imaplib
 import os
@@ -29,51 +25,23 @@ import smtplib
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import trustme
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from roundtrip.certs import CertificateAuthority
 from roundtrip.stack import DeliveredMessage, MailStack
 
 PROGRAM_TIMEOUT = 60.0
 NET_TIMEOUT = 10.0
-# The name the programs dial; see the module docstring.
+# The names the programs dial; see the module docstring.
 SERVER_NAME = "localhost"
+SERVER_IP = "127.0.0.1"
 
 
 # the stack
-
-
-class _CommonNameCA(CertificateAuthority):
-    """Issues leaves whose subject CN is the first identity (what fetchmail insists on)."""
-
-    def leaf(
-        self, identities: Iterable[str], *, not_after: datetime.datetime | None = None
-    ) -> trustme.LeafCert:
-        names = tuple(dict.fromkeys([*identities, "localhost", "127.0.0.1", "::1"]))
-        cert = self._leaves.get(names)
-        if cert is None or not_after is not None:
-            cert = self.ca.issue_cert(*names, common_name=names[0], not_after=not_after)
-            if not_after is None:
-                self._leaves[names] = cert
-        return cert
-
-
-def _has_common_name(leaf: trustme.LeafCert) -> bool:
-    cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
-    return bool(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME))
-
-
-def _program_ca() -> CertificateAuthority:
-    """The project's CA if its leaves carry a CN already, else one that adds it."""
-    ca = CertificateAuthority()
-    return ca if _has_common_name(ca.leaf(["mail.example.org"])) else _CommonNameCA()
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +52,7 @@ def stack() -> Iterator[MailStack]:
         pytest.skip(f"{SERVER_NAME!r} does not resolve here: {exc}")
     if "127.0.0.1" not in resolved:
         pytest.skip(f"{SERVER_NAME!r} does not resolve to 127.0.0.1 here ({sorted(resolved)})")
-    ca = _program_ca()
+    ca = CertificateAuthority()
     with MailStack(ca=ca) as running:
         yield running
     ca.cleanup()
@@ -219,13 +187,13 @@ CERT_ERROR = re.compile(r"certificate verify failed|certificate|verification err
 # mbsync (isync)
 
 
-def mbsync_config(home: Path, acct: Account, ssl_type: str) -> Path:
+def mbsync_config(home: Path, acct: Account, ssl_type: str, *, host: str = SERVER_NAME) -> Path:
     maildir = home / "Mail"
     maildir.mkdir(exist_ok=True)
     rc = home / "mbsyncrc"
     rc.write_text(
         f"IMAPAccount remote\n"
-        f"Host {SERVER_NAME}\n"
+        f"Host {host}\n"
         f"Port {acct.port}\n"
         f"User {quoted(acct.user)}\n"
         f"Pass {quoted(acct.password)}\n"
@@ -318,6 +286,39 @@ def test_mbsync_starttls_rejects_certificate_from_another_ca(
     require("mbsync", "isync")
     send(world)
     rc = mbsync_config(tmp_path, account(world, "imap", ca_file=wrong_ca_file), "STARTTLS")
+
+    proc = mbsync(tmp_path, rc)
+
+    assert proc.returncode != 0, output(proc)
+    assert CERT_ERROR.search(proc.stdout + proc.stderr), output(proc)
+    assert maildir_files(tmp_path) == []
+
+
+@pytest.mark.parametrize(("service", "ssl_type"), [("imaps", "IMAPS"), ("imap", "STARTTLS")])
+def test_mbsync_by_ip_verifies_stack_certificate(
+    world: MailStack, tmp_path: Path, service: str, ssl_type: str
+) -> None:
+    # mbsync 1.4 ignores IP subjectAltNames: with a leaf whose CN is mail.example.org it failed
+    # with "certificate owner does not match hostname 127.0.0.1".
+    require("mbsync", "isync")
+    sent = send(world)
+    rc = mbsync_config(tmp_path, account(world, service), ssl_type, host=SERVER_IP)
+
+    proc = mbsync(tmp_path, rc)
+
+    assert proc.returncode == 0, output(proc)
+    assert "Connection is now encrypted" in proc.stdout + proc.stderr, output(proc)
+    [stored] = maildir_files(tmp_path)
+    assert body_of(stored.read_bytes()) == as_lf(body_of(sent.raw))
+
+
+def test_mbsync_by_ip_rejects_certificate_from_another_ca(
+    world: MailStack, tmp_path: Path, wrong_ca_file: str
+) -> None:
+    require("mbsync", "isync")
+    send(world)
+    acct = account(world, "imaps", ca_file=wrong_ca_file)
+    rc = mbsync_config(tmp_path, acct, "IMAPS", host=SERVER_IP)
 
     proc = mbsync(tmp_path, rc)
 
@@ -546,7 +547,7 @@ def test_getmail_wrong_password_fails(world: MailStack, tmp_path: Path) -> None:
 
 
 def offlineimap(
-    home: Path, acct: Account, *, starttls: bool
+    home: Path, acct: Account, *, starttls: bool, host: str = SERVER_NAME
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
     """One offlineimap run (``-o``: once) syncing INBOX into a Maildir, read-only remote."""
     maildir = home / "Mail"
@@ -557,7 +558,7 @@ def offlineimap(
         "[Account test]\nlocalrepository = local\nremoterepository = remote\n\n"
         f"[Repository local]\ntype = Maildir\nlocalfolders = {maildir}\n\n"
         "[Repository remote]\ntype = IMAP\n"
-        f"remotehost = {SERVER_NAME}\nremoteport = {acct.port}\n"
+        f"remotehost = {host}\nremoteport = {acct.port}\n"
         f"remoteuser = {acct.user}\nremotepass = {acct.password}\n"
         # ssl = no with starttls = yes forces the upgrade on the plain port.
         f"ssl = {'no' if starttls else 'yes'}\nstarttls = {'yes' if starttls else 'no'}\n"
@@ -600,6 +601,33 @@ def test_offlineimap_rejects_certificate_from_another_ca(
     proc, inbox = offlineimap(
         tmp_path, account(world, "imaps", ca_file=wrong_ca_file), starttls=False
     )
+
+    assert proc.returncode != 0, output(proc)
+    assert CERT_ERROR.search(proc.stdout + proc.stderr), output(proc)
+    assert not inbox.exists() or maildir_messages(inbox) == []
+
+
+def test_offlineimap_by_ip_verifies_stack_certificate(world: MailStack, tmp_path: Path) -> None:
+    # offlineimap3 matches the CN and DNS names only: with a leaf whose CN is mail.example.org
+    # it failed with "no matching domain name found in certificate".
+    require("offlineimap", "offlineimap3")
+    sent = send(world)
+
+    proc, inbox = offlineimap(tmp_path, account(world, "imaps"), starttls=False, host=SERVER_IP)
+
+    assert proc.returncode == 0, output(proc)
+    [got] = maildir_messages(inbox)
+    assert body_of(got.read_bytes()) == as_lf(body_of(sent.raw)), output(proc)
+
+
+def test_offlineimap_by_ip_rejects_certificate_from_another_ca(
+    world: MailStack, tmp_path: Path, wrong_ca_file: str
+) -> None:
+    require("offlineimap", "offlineimap3")
+    send(world)
+    acct = account(world, "imaps", ca_file=wrong_ca_file)
+
+    proc, inbox = offlineimap(tmp_path, acct, starttls=False, host=SERVER_IP)
 
     assert proc.returncode != 0, output(proc)
     assert CERT_ERROR.search(proc.stdout + proc.stderr), output(proc)
