@@ -19,7 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 
@@ -31,18 +31,21 @@ from ..errors import (
     RejectedError,
     TLSError,
 )
+from ._transcript import Recorder, RecordingContext, RecordingSocket, Transcript
 
 __all__ = [
     "Finding",
     "Step",
     "TLSFacts",
     "Timeline",
+    "Transcript",
     "check_legacy_tls",
     "diagnose_certificate",
     "display",
     "expiry_text",
     "map_errors",
     "open_socket",
+    "starttls_context",
     "tls_facts",
     "wrap_tls",
 ]
@@ -51,6 +54,9 @@ __all__ = [
 FAIL = "fail"
 #: Findings reported but not failing the probe.
 WARN = "warn"
+#: Connections whose transcripts one probe run keeps (the first and the latest ones: POP3
+#: reconnects to poll).
+MAX_TRANSCRIPTS = 12
 #: A certificate expiring sooner than this many days is reported.
 EXPIRY_WARNING_DAYS = 30
 _LEGACY_VERSIONS = frozenset({"SSLv3", "TLSv1", "TLSv1.1"})
@@ -119,16 +125,44 @@ class Timeline:
     findings: list[Finding] = field(default_factory=list)
     #: ``time.perf_counter()`` when the fetcher first saw the message.
     visible_at: float | None = None
+    #: The session transcript of each connection (at most ``MAX_TRANSCRIPTS``).
+    transcripts: list[Transcript] = field(default_factory=list)
+    #: Transcripts dropped to keep within ``MAX_TRANSCRIPTS``.
+    transcripts_omitted: int = 0
+    #: The latest connection of each protocol: the one its steps are recorded on.
+    _current: dict[str, Transcript] = field(default_factory=dict, repr=False)
 
     def add(self, name: str, started: float, *, server: str = "", detail: str = "") -> Step:
         step = Step(name, time.perf_counter() - started, True, detail, server)
-        self.steps.append(step)
+        self._record(step)
         return step
 
     def fail(self, name: str, started: float, *, server: str = "", detail: str = "") -> Step:
         step = Step(name, time.perf_counter() - started, False, detail, server)
-        self.steps.append(step)
+        self._record(step)
         return step
+
+    def _record(self, step: Step) -> None:
+        self.steps.append(step)
+        transcript = self._current.get(step.name.partition(" ")[0])
+        if transcript is not None and step.name not in transcript.steps:
+            transcript.steps.append(step.name)
+
+    def connection(self, protocol: str, peer: str) -> Recorder:
+        """A recorder for a new connection, its transcript kept on this timeline."""
+        recorder = Recorder(protocol, peer)
+        self._current[protocol] = recorder.transcript
+        if len(self.transcripts) >= MAX_TRANSCRIPTS:
+            # Keep the first connection (the submission) and the latest ones.
+            del self.transcripts[1]
+            self.transcripts_omitted += 1
+        self.transcripts.append(recorder.transcript)
+        return recorder
+
+    def mark_failed(self) -> None:
+        """Mark the latest connection as the one the probe failed on."""
+        if self.transcripts:
+            self.transcripts[-1].failed = True
 
     def finding(self, code: str, severity: str, message: str, server: str = "") -> None:
         self.findings.append(Finding(code, severity, message, server))
@@ -166,15 +200,28 @@ def _tune(sock: socket.socket) -> None:
 
 
 def open_socket(
-    host: str, port: int, timeout: float, timeline: Timeline, label: str
+    host: str,
+    port: int,
+    timeout: float,
+    timeline: Timeline,
+    label: str,
+    recorder: Recorder | None = None,
 ) -> socket.socket:
-    """TCP connect with the probe's socket options; records a ``<label> connect`` step."""
+    """TCP connect with the probe's socket options; records a ``<label> connect`` step
+    (and, with ``recorder``, the peer or the failure in the connection's transcript)."""
     started = time.perf_counter()
     try:
         sock = socket.create_connection((host, port), timeout)
-    except TimeoutError as exc:
-        raise PhaseTimeoutError("the TCP connect") from exc
+    except OSError as exc:
+        if recorder is not None:
+            recorder.note(f"connect to {host}:{port} failed: {exc}")
+        if isinstance(exc, TimeoutError):
+            raise PhaseTimeoutError("the TCP connect") from exc
+        raise
     _tune(sock)
+    if recorder is not None:
+        peer = sock.getpeername()
+        recorder.note(f"connected to {peer[0]}:{peer[1]}")
     timeline.add(f"{label} connect", started, server=f"{host}:{port}")
     return sock
 
@@ -185,49 +232,80 @@ def wrap_tls(
     server_name: str,
     timeline: Timeline,
     label: str,
+    recorder: Recorder | None = None,
 ) -> ssl.SSLSocket:
-    """TLS handshake verifying ``server_name``; records a step and the connection's facts."""
+    """TLS handshake verifying ``server_name``; records a step and the connection's facts
+    (with ``recorder``, in the connection's transcript too)."""
     started = time.perf_counter()
     peer = sock.getpeername()
     server = f"{peer[0]}:{peer[1]}"
     try:
         tls_sock = context.wrap_socket(sock, server_hostname=server_name)
-    except TimeoutError as exc:
-        raise PhaseTimeoutError("the TLS handshake") from exc
+    except (OSError, ValueError) as exc:
+        if recorder is not None:
+            recorder.note(f"TLS handshake failed: {exc}")
+        if isinstance(exc, TimeoutError):
+            raise PhaseTimeoutError("the TLS handshake") from exc
+        raise
     _tune(tls_sock)
-    record_tls(timeline, label, started, tls_sock, server, server_name, context)
+    record_tls(timeline, label, started, tls_sock, server, server_name, context, recorder)
     return tls_sock
 
 
 def dial(
     endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline, timeout: float, label: str
 ) -> socket.socket:
-    """Connect to ``endpoint`` (timed, tuned), with the TLS handshake when it is implicit."""
-    sock = open_socket(endpoint.host, endpoint.port, timeout, timeline, label)
-    if endpoint.tls != "implicit":
-        return sock
-    try:
-        return wrap_tls(sock, context, endpoint.server_name, timeline, label)
-    except BaseException:
-        sock.close()
-        raise
+    """Connect to ``endpoint`` (timed, tuned), with the TLS handshake when it is implicit.
+
+    The socket returned records its session in a transcript on ``timeline``: it is a
+    ``RecordingSocket``, which offers the calls smtplib, imaplib and poplib make; give
+    ``starttls_context(sock, context)`` to their STARTTLS so that recording goes on.
+    """
+    recorder = timeline.connection(label, f"{endpoint.host}:{endpoint.port}")
+    sock = open_socket(endpoint.host, endpoint.port, timeout, timeline, label, recorder)
+    if endpoint.tls == "implicit":
+        try:
+            sock = wrap_tls(sock, context, endpoint.server_name, timeline, label, recorder)
+        except BaseException:
+            sock.close()
+            raise
+    # Duck-typed: the client libraries see a socket (see RecordingSocket).
+    return cast(socket.socket, RecordingSocket(sock, recorder))
+
+
+def starttls_context(sock: object, context: ssl.SSLContext) -> ssl.SSLContext:
+    """The context to give a client's STARTTLS on ``sock``: one that keeps the transcript
+    going through the handshake when ``sock`` came from ``dial``."""
+    if isinstance(sock, RecordingSocket):
+        return cast(ssl.SSLContext, RecordingContext(context, sock.recorder))
+    return context
 
 
 def record_tls(
     timeline: Timeline,
     label: str,
     started: float,
-    sock: socket.socket,
+    sock: socket.socket | RecordingSocket,
     server: str,
     server_name: str,
     context: ssl.SSLContext,
+    recorder: Recorder | None = None,
 ) -> None:
-    """Record a finished TLS handshake (implicit or STARTTLS): its step, facts and findings."""
+    """Record a finished TLS handshake (implicit or STARTTLS): its step, facts and findings,
+    and a line in the transcript (``recorder``, or that of a ``RecordingSocket``)."""
+    if isinstance(sock, RecordingSocket):
+        recorder = recorder or sock.recorder
+        sock = sock.wrapped
     assert isinstance(sock, ssl.SSLSocket)
     step = timeline.add(f"{label} tls", started, server=server)
     facts = tls_facts(sock, server=server, server_name=server_name, verified=context.check_hostname)
     timeline.note_tls(facts, label)
     step.detail = f"{facts.version} {facts.cipher}"
+    if recorder is not None:
+        recorder.note(
+            f"TLS {facts.version} {facts.cipher}; peer certificate subject "
+            f"{facts.subject or '?'}; issuer {facts.issuer or '?'}"
+        )
 
 
 def expiry_text(not_after: str, days_left: int) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..config import Endpoint
 from ..errors import NotDeliveredError, TLSError
-from ._net import FAIL, Timeline, dial, display, map_errors, record_tls
+from ._net import FAIL, Timeline, dial, display, map_errors, record_tls, starttls_context
 
 __all__ = ["fetch_imap", "fetch_pop3"]
 
@@ -176,7 +176,7 @@ def _imap_session(
                 )
             with map_errors("IMAP STARTTLS", server, timeout=timeout):
                 started = time.perf_counter()
-                imap.starttls(ssl_context=context)
+                imap.starttls(ssl_context=starttls_context(imap.sock, context))
                 record_tls(
                     timeline, "imap", started, imap.sock, server, endpoint.server_name, context
                 )
@@ -336,7 +336,7 @@ def _pop3_session(
                 )
             with map_errors("POP3 STLS", server, timeout=timeout):
                 started = time.perf_counter()
-                pop.stls(context=context)
+                pop.stls(context=starttls_context(pop.sock, context))
                 record_tls(
                     timeline, "pop3", started, pop.sock, server, endpoint.server_name, context
                 )

@@ -28,6 +28,7 @@ from ._net import (
     Step,
     Timeline,
     TLSFacts,
+    Transcript,
     check_legacy_tls,
     diagnose_certificate,
     expiry_text,
@@ -80,10 +81,20 @@ class ProbeResult:
     #: Per-hop timings inside the server, when it can tell them (the embedded stack):
     #: dicts of ``step``, ``host`` and ``at`` (seconds since the submission was accepted).
     journey: list[dict[str, Any]] = field(default_factory=list)
+    #: The session transcript of each connection (credentials redacted, message content
+    #: abbreviated); the one the probe failed on has ``failed`` set.
+    transcripts: list[Transcript] = field(default_factory=list)
+    #: Connections whose transcripts were dropped (the first and latest ones are kept).
+    transcripts_omitted: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        transcripts, self.transcripts = self.transcripts, []
+        try:
+            data = asdict(self)
+        finally:
+            self.transcripts = transcripts
         data["steps"] = [asdict(s) for s in self.steps]
+        data["transcripts"] = [t.as_dict() for t in transcripts]
         return data
 
 
@@ -270,12 +281,15 @@ def run_probe(
     except ProbeError as exc:
         result.error = str(exc)
         result.error_step = exc.step
+        timeline.mark_failed()
         if isinstance(exc, TLSError) and isinstance(exc.__cause__, ssl.SSLCertVerificationError):
             _describe_rejected_certificate(result, timeline, current, timeout)
     finally:
         result.steps = timeline.steps
         result.tls = _unique(timeline.tls)
         result.findings = _unique(timeline.findings + result.findings)
+        result.transcripts = timeline.transcripts
+        result.transcripts_omitted = timeline.transcripts_omitted
     if check_legacy_tls:
         _check_legacy(result, (smtp, retrieve), timeout)
     result.total_seconds = time.perf_counter() - started

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import Endpoint, check_envelope_address
 from ..errors import AuthError, ConnectError, RejectedError, TLSError
-from ._net import FAIL, Timeline, dial, display, map_errors, record_tls
+from ._net import FAIL, Timeline, dial, display, map_errors, record_tls, starttls_context
 
 __all__ = ["ProbeMessage", "build_probe_message", "submit"]
 
@@ -216,7 +216,7 @@ def _starttls(
         )
     with map_errors("STARTTLS", server, timeout=timeout):
         started = time.perf_counter()
-        client.starttls(context=context)
+        client.starttls(context=starttls_context(client.sock, context))
         assert client.sock is not None
         record_tls(timeline, "smtp", started, client.sock, server, endpoint.server_name, context)
         client.ehlo(local_hostname)
