@@ -325,6 +325,11 @@ class StackConfig:
     #: mail for an address that is not a user goes to the domain's first user (a catch-all
     #: alias, Postfix's ``@domain user`` virtual alias). ``("*",)``: every domain.
     catch_all: tuple[str, ...] = ()
+    #: Domains outside the stack that the relay delivers to over SMTP, routed by the stack's
+    #: DNS like its own domains, instead of capturing their mail: a real MTA under test (give
+    #: its MX with ``MailStack.set_dns_records`` and, if not on 25, ``MailStack.mx_ports``; its
+    #: TLS policy with ``relay_tls`` or ``MailStack.tls_policies``, opportunistic by default).
+    routed_domains: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         domains = tuple(dict.fromkeys(parse_domains(self.domains)))
@@ -360,6 +365,13 @@ class StackConfig:
             if domain != "*" and not any(u.domain == domain for u in users):
                 raise ConfigError(f"catch_all domain {domain!r} has no user to receive its mail")
         object.__setattr__(self, "catch_all", catch_all)
+        routed = tuple(dict.fromkeys(parse_domains(self.routed_domains)))
+        clash = sorted(set(routed) & set(domains))
+        if clash:
+            raise ConfigError(
+                f"routed_domains {', '.join(clash)}: a stack domain is served, not routed"
+            )
+        object.__setattr__(self, "routed_domains", routed)
         if self.max_message_size <= 0:
             raise ConfigError("max_message_size must be positive")
         if self.from_header_policy not in ("accept", "reject"):
@@ -427,6 +439,8 @@ class StackConfig:
                 kwargs["ports"] = parse_port_mode(value)
             elif key == "catch_all":
                 kwargs["catch_all"] = tuple(_as_list(value))
+            elif key == "routed_domains":
+                kwargs["routed_domains"] = parse_domains(value)
             elif key == "tls":
                 kwargs["tls"] = parse_tls_mode(value)
             elif key == "timeout":

@@ -228,7 +228,8 @@ class MailStack:
         self.relay = Relay(
             dns_address=self.dns.address,
             tls_context=self.ca.client_context(),
-            local_domains=lambda: set(self.config.domains),
+            # Routed domains are delivered over SMTP like the stack's own, never captured.
+            local_domains=lambda: {*self.config.domains, *self.config.routed_domains},
             mx_port=lambda host: self.mx_ports.get(host.rstrip(".").lower(), 25),
             tls_policy=lambda domain: self.tls_policies.get(domain),
             deliver_local=lambda address, raw, mailbox: self._deliver(address, raw, mailbox),
