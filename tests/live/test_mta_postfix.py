@@ -5,13 +5,13 @@ Postfix (``tests/live/_postfix_peer.py``) runs in its own mount namespace whose
 real MX lookup, not a transport map. The stack runs with ``ports="standard"`` (DNS on 53, MX on
 127.0.0.N:25); Postfix listens on 127.0.0.10:25 as ``mx.peer.test``.
 
-The stack only sends over SMTP to its own domains: mail for any other domain is captured
-(``OUTBOUND_ADDRESS``). So ``peer.test`` is a stack domain whose MX the test points at Postfix
-with ``set_dns_records``: the relay then looks it up, dials Postfix and, under the ``enforce``
-TLS policy every stack domain has, requires STARTTLS with a certificate for ``mx.peer.test``
-from the stack CA. ``peer.test`` is also the stack's first domain, the one on 127.0.0.1, which
-Postfix counts as its own address (see the helper's docstring); ``example.com`` (127.0.0.2) is
-the domain Postfix sends to.
+Mail for a domain outside the stack is captured (``OUTBOUND_ADDRESS``) unless the domain is
+routed: ``peer.test`` is in ``StackConfig.routed_domains``, its zone (MX ``mx.peer.test`` at
+Postfix's address) is served with ``set_dns_records``, and its TLS policy is ``enforce``: the
+relay looks the MX up, dials Postfix and requires STARTTLS with a certificate for
+``mx.peer.test`` from the stack CA. The stack's first domain, ``first.test``, sits on
+127.0.0.1, which Postfix counts as its own address (see the helper's docstring);
+``example.com`` (127.0.0.2) is the domain Postfix sends to.
 
 Needs root, Postfix (Debian's 3.7) and unshare(1); skipped otherwise, and when the standard
 ports are taken.
@@ -30,7 +30,7 @@ from _postfix_peer import PostfixPeer, peer_unavailable_reason
 
 from roundtrip.config import StackConfig, User
 from roundtrip.errors import ServerStartError
-from roundtrip.protocols.dns import Record
+from roundtrip.protocols.dns import Record, default_records
 from roundtrip.stack import MailStack
 
 _REASON = peer_unavailable_reason()
@@ -38,6 +38,7 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"Postfix peer: {_RE
 
 #: Postfix's side: its domain, host name and address (port 25).
 PEER_DOMAIN = "peer.test"
+FIRST_DOMAIN = "first.test"
 PEER_MX = "mx.peer.test"
 PEER_HOST = "127.0.0.10"
 #: The stack domain Postfix sends to (on 127.0.0.2 with standard ports).
@@ -77,6 +78,8 @@ def _point_mx(stack: MailStack, domain: str, mx_name: str, address: str) -> None
         for r in stack.default_dns_records()
         if not (r.name.rstrip(".") == domain and r.rtype == "MX")
     ]
+    if domain not in stack.domains:  # a routed domain: its whole zone
+        records += [r for r in default_records(domain, address) if r.rtype in ("SOA", "NS")]
     records += [Record(domain, "MX", f"10 {mx_name}."), Record(mx_name, "A", address)]
     stack.set_dns_records(records)
 
@@ -85,12 +88,12 @@ def _point_mx(stack: MailStack, domain: str, mx_name: str, address: str) -> None
 def world() -> Iterator[tuple[MailStack, PostfixPeer]]:
     """A stack on the standard ports and a Postfix next to it, for the whole module."""
     config = StackConfig(
-        domains=(PEER_DOMAIN, STACK_DOMAIN),
-        users=(User(SENDER), User(RECIPIENT), User(f"shadow@{PEER_DOMAIN}")),
+        domains=(FIRST_DOMAIN, STACK_DOMAIN),
+        users=(User(SENDER), User(RECIPIENT), User(f"user@{FIRST_DOMAIN}")),
         ports="standard",
-        # The stack's submission servers refuse recipients of a stack domain that are not
-        # users, unless the domain is catch-all: then any address of peer.test is relayed.
-        catch_all=(PEER_DOMAIN,),
+        # peer.test is delivered over SMTP, not captured, under an enforced TLS policy.
+        routed_domains=(PEER_DOMAIN,),
+        relay_tls={PEER_DOMAIN: "enforce"},
     )
     try:
         stack = MailStack(config).start()
