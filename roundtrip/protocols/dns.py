@@ -20,9 +20,22 @@ Answers (RFC 1034 §4.3.2, RFC 2308):
   RFC 2308 §2.2).
 - The name lies in our zone but does not exist: NXDOMAIN with the SOA in the authority section
   (RFC 2308 §2.1).
-- The name lies outside every zone: REFUSED (we are not a recursive resolver), or NXDOMAIN
-  without SOA when the zone was built with ``refuse_outside=False`` (a hermetic world in which
-  nothing else exists).
+- The name lies outside every zone. By default the stack's DNS stands in for the whole DNS of a
+  hermetic world in which nothing else exists, and answers as the world's would: NXDOMAIN with
+  an SOA of the root zone in the authority section (what a root server says for
+  ``no-such-domain.invalid``), so a resolver or MTA treats the name as gone for good and may
+  cache that (RFC 2308 §5), where REFUSED would make it retry forever. The root and the names
+  above our zones (``org.`` above ``example.org``) exist: NOERROR with no data and the same SOA
+  (RFC 8020: an NXDOMAIN there would deny our zones too). A zone built with
+  ``refuse_outside=True`` answers REFUSED instead, what an authoritative-only server on the
+  real Internet says for names it does not serve.
+- Negative answers carry the SOA with the TTL its MINIMUM field allows (RFC 2308 §3: the
+  smaller of the SOA's TTL and MINIMUM), which is how long a resolver caches the denial.
+- Recursion desired (RD, set by stub resolvers and ``dig``) is copied and otherwise ignored:
+  we answer from our zones and never recurse, so RA stays clear.
+- A UDP reply larger than the client accepts (512 octets without EDNS, RFC 1035 §4.2.1; the
+  EDNS payload size otherwise, RFC 6891 §6.2.5) is cut to its header and question with TC
+  set, and the client asks again over TCP (RFC 7766).
 - Garbage: FORMERR when at least a header ID can be read, otherwise nothing (``b""``: the
   adapter drops the datagram). Messages with the QR bit set (responses) are never answered,
   so two servers cannot be made to bounce errors at each other. Unknown opcodes get NOTIMP,
@@ -84,6 +97,10 @@ UDP_PAYLOAD_DEFAULT = 512
 # RFC 1035 §4.2.2: TCP messages carry a two-octet length, so 65535 octets at most.
 TCP_PAYLOAD_MAX = 65535
 
+# How long names outside every zone stay denied in a resolver's cache (RFC 2308 §5): the
+# stack's zones use the same figure, and a test that adds a domain later should not wait long.
+OUTSIDE_NEGATIVE_TTL = 60
+
 # RFC 1035 §3.3.14: one <character-string> in a TXT record is at most 255 octets.
 _TXT_CHUNK = 255
 
@@ -133,10 +150,11 @@ class Reply:
 class Zone:
     """An immutable, indexed set of records under one or more zone apexes.
 
-    Build it with :func:`build_zone`. ``apexes`` are the names carrying SOA records.
+    Build it with :func:`build_zone`. ``apexes`` are the names carrying SOA records;
+    ``outside_soa`` is the root-zone SOA sent with answers for names outside them.
     """
 
-    __slots__ = ("_names", "_rrsets", "apexes", "records", "refuse_outside")
+    __slots__ = ("_names", "_rrsets", "apexes", "outside_soa", "records", "refuse_outside")
 
     def __init__(
         self,
@@ -150,6 +168,7 @@ class Zone:
         self.apexes = apexes
         self.records = records
         self.refuse_outside = refuse_outside
+        self.outside_soa = _root_soa(rrsets, apexes)
         names: set[dns.name.Name] = set()
         for name in rrsets:
             apex = self.apex_of(name)
@@ -171,6 +190,10 @@ class Zone:
 
     def exists(self, name: dns.name.Name) -> bool:
         return name in self._names
+
+    def above_apex(self, name: dns.name.Name) -> bool:
+        """Whether ``name`` is the root or an ancestor of one of our apexes (``org.``)."""
+        return any(apex.is_subdomain(name) for apex in self.apexes) or name == dns.name.root
 
     def rrset(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> dns.rrset.RRset | None:
         return self._rrsets.get(name, {}).get(rdtype)
@@ -199,14 +222,15 @@ def _txt_value(value: str) -> str:
     return " ".join(quoted)
 
 
-def build_zone(records: Iterable[Record], *, refuse_outside: bool = True) -> Zone:
+def build_zone(records: Iterable[Record], *, refuse_outside: bool = False) -> Zone:
     """Index ``records`` for :func:`answer`.
 
     Args:
         records: the records; at least one SOA defines a zone apex, and every record must lie at
             or below an apex.
-        refuse_outside: answer names outside every zone with REFUSED (True, what an
-            authoritative-only server does) or with NXDOMAIN (False: nothing else exists).
+        refuse_outside: answer names outside every zone with NXDOMAIN and a root SOA (False,
+            the default: nothing else exists, as the world's DNS would say) or with REFUSED
+            (True: what an authoritative-only server says for names it does not serve).
 
     Returns:
         An immutable :class:`Zone`.
@@ -393,7 +417,10 @@ def _build(zone: Zone, query: dns.message.Message) -> dns.message.Message:
         return response
     apex = zone.apex_of(question.name)
     if apex is None:
-        response.set_rcode(dns.rcode.REFUSED if zone.refuse_outside else dns.rcode.NXDOMAIN)
+        if zone.refuse_outside:
+            response.set_rcode(dns.rcode.REFUSED)
+            return response
+        _outside(zone, response, question.name, question.rdtype)
         return response
     response.flags |= dns.flags.AA
     _resolve(zone, response, question.name, question.rdtype, apex)
@@ -435,10 +462,51 @@ def _resolve(
         name, apex = target, next_apex
 
 
+def _outside(
+    zone: Zone, response: dns.message.Message, name: dns.name.Name, rdtype: dns.rdatatype.RdataType
+) -> None:
+    """A name in none of our zones, answered as the root zone of a world holding only ours."""
+    response.flags |= dns.flags.AA
+    soa = zone.outside_soa
+    if name == dns.name.root and rdtype in (dns.rdatatype.SOA, dns.rdatatype.ANY):
+        response.answer.append(soa)
+        return
+    if not zone.above_apex(name):
+        response.set_rcode(dns.rcode.NXDOMAIN)
+    response.authority.append(_negative(soa))
+
+
+def _root_soa(
+    rrsets: dict[dns.name.Name, dict[dns.rdatatype.RdataType, dns.rrset.RRset]],
+    apexes: tuple[dns.name.Name, ...],
+) -> dns.rrset.RRset:
+    """The root SOA of our world: its server and mailbox are those of the first zone."""
+    mname, rname = dns.name.root, dns.name.root
+    if apexes:
+        first = rrsets[apexes[0]][dns.rdatatype.SOA][0]
+        mname, rname = first.mname, first.rname
+    ttl = OUTSIDE_NEGATIVE_TTL
+    text = f"{mname.to_text()} {rname.to_text()} 1 3600 600 86400 {ttl}"
+    rdata = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.SOA, text)
+    rrset = dns.rrset.RRset(dns.name.root, dns.rdataclass.IN, dns.rdatatype.SOA)
+    rrset.add(rdata, ttl)
+    return rrset
+
+
+def _negative(soa: dns.rrset.RRset) -> dns.rrset.RRset:
+    """``soa`` for a negative answer: TTL the smaller of its own and MINIMUM (RFC 2308 §3)."""
+    ttl = min(soa.ttl, soa[0].minimum)
+    if ttl == soa.ttl:
+        return soa
+    copy = dns.rrset.RRset(soa.name, soa.rdclass, soa.rdtype)
+    copy.add(soa[0], ttl)
+    return copy
+
+
 def _add_soa(zone: Zone, response: dns.message.Message, apex: dns.name.Name) -> None:
     soa = zone.rrset(apex, dns.rdatatype.SOA)
     if soa is not None:
-        response.authority.append(soa)
+        response.authority.append(_negative(soa))
 
 
 def _add_additionals(zone: Zone, response: dns.message.Message, rrset: dns.rrset.RRset) -> None:

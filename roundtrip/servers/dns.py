@@ -70,8 +70,11 @@ class DNSServer:
         """``(host, port)``, what a resolver needs."""
         return (self.host, self.port)
 
-    def set_records(self, records: Iterable[Record], *, refuse_outside: bool = True) -> None:
+    def set_records(self, records: Iterable[Record], *, refuse_outside: bool = False) -> None:
         """Serve ``records`` from now on, replacing the zone provider.
+
+        Names outside every zone get NXDOMAIN and a root SOA, or REFUSED with
+        ``refuse_outside=True`` (see :func:`build_zone`).
 
         Safe to call from the loop thread; from another thread, go through ``LoopThread.call``.
 

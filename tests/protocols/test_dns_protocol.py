@@ -112,15 +112,71 @@ def test_dns_cname_is_followed_inside_our_zones(zone: Zone) -> None:
     assert types == ["CNAME", "A"]
 
 
-def test_dns_outside_every_zone_is_refused(zone: Zone) -> None:
-    reply = ask(zone, "example.com", "MX")
+def test_dns_outside_every_zone_is_nxdomain_with_a_root_soa(zone: Zone) -> None:
+    # Before: REFUSED, which resolvers and MTAs treat as temporary and retry forever.
+    reply = ask(zone, "no-such-domain.invalid", "MX")
+    assert reply.rcode() == dns.rcode.NXDOMAIN
+    assert reply.flags & dns.flags.AA
+    assert not reply.answer
+    [soa] = reply.authority
+    assert (soa.name.to_text(), dns.rdatatype.to_text(soa.rdtype)) == (".", "SOA")
+    # The negative-caching TTL (RFC 2308 section 5), and the first zone's server named.
+    assert soa.ttl == soa[0].minimum == 60
+    assert soa[0].mname.to_text() == "ns.example.org."
+
+
+def test_dns_outside_every_zone_is_refused_when_asked() -> None:
+    zone = build_zone(default_records("example.org", "127.0.0.1"), refuse_outside=True)
+    reply = ask(zone, "no-such-domain.invalid", "MX")
     assert reply.rcode() == dns.rcode.REFUSED
     assert not reply.flags & dns.flags.AA
+    assert not reply.authority
 
 
-def test_dns_outside_every_zone_nxdomain_when_asked() -> None:
-    zone = build_zone(default_records("example.org", "127.0.0.1"), refuse_outside=False)
-    assert ask(zone, "example.com", "MX").rcode() == dns.rcode.NXDOMAIN
+@pytest.mark.parametrize("name", ["org", "."])
+def test_dns_names_above_our_zones_exist_without_data(zone: Zone, name: str) -> None:
+    # An NXDOMAIN for org. would deny example.org too (RFC 8020).
+    reply = ask(zone, name, "A")
+    assert reply.rcode() == dns.rcode.NOERROR
+    assert not reply.answer
+    [soa] = reply.authority
+    assert soa.name.to_text() == "."
+
+
+def test_dns_root_soa_is_answered(zone: Zone) -> None:
+    reply = ask(zone, ".", "SOA")
+    assert reply.rcode() == dns.rcode.NOERROR
+    [soa] = reply.answer
+    assert soa.name.to_text() == "."
+
+
+def test_dns_negative_answers_carry_the_soa_with_its_minimum_ttl() -> None:
+    # RFC 2308 section 3: the SOA's TTL in a negative answer is min(TTL, MINIMUM).
+    zone = build_zone(
+        [
+            Record("example.org", "SOA", "ns.example.org. h.example.org. 1 3600 600 86400 30", 900),
+            Record("example.org", "MX", "10 mail.example.org.", 300),
+            Record("mail.example.org", "A", "127.0.0.1", 120),
+        ]
+    )
+    assert ask(zone, "nobody.example.org", "A").authority[0].ttl == 30
+    assert ask(zone, "mail.example.org", "MX").authority[0].ttl == 30
+    # A positive SOA answer keeps the record's own TTL; data keeps theirs.
+    assert ask(zone, "example.org", "SOA").answer[0].ttl == 900
+    reply = ask(zone, "example.org", "MX")
+    assert (reply.answer[0].ttl, reply.additional[0].ttl) == (300, 120)
+
+
+@pytest.mark.parametrize("rd", [True, False], ids=["rd", "no-rd"])
+def test_dns_recursion_desired_is_answered_not_refused(zone: Zone, rd: bool) -> None:
+    query = dns.message.make_query("example.org", "MX")
+    if not rd:
+        query.flags &= ~dns.flags.RD
+    reply = dns.message.from_wire(answer(zone, query.to_wire()))
+    assert reply.rcode() == dns.rcode.NOERROR
+    assert reply.answer
+    assert bool(reply.flags & dns.flags.RD) == rd  # copied from the query (RFC 1035 4.1.1)
+    assert not reply.flags & dns.flags.RA  # we never recurse
 
 
 def test_dns_null_mx_is_served() -> None:

@@ -90,15 +90,29 @@ def test_dns_server_a_aaaa_txt(server: DNSServer, tcp: bool) -> None:
 
 
 @pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
-def test_dns_server_nxdomain_noanswer_refused(server: DNSServer, tcp: bool) -> None:
+def test_dns_server_nxdomain_and_noanswer(server: DNSServer, tcp: bool) -> None:
     res = resolver(server)
     with pytest.raises(dns.resolver.NXDOMAIN):
         res.resolve("nobody.example.org", "A", tcp=tcp)
     with pytest.raises(dns.resolver.NoAnswer):
         res.resolve("mail.example.org", "MX", tcp=tcp)
+    # A name in no zone is gone for good, as the world's DNS says (was REFUSED: retried forever).
+    with pytest.raises(dns.resolver.NXDOMAIN):
+        res.resolve("no-such-domain.invalid", "MX", tcp=tcp)
+    reply = query(server, "no-such-domain.invalid", "MX", tcp=tcp)
+    assert reply.rcode() == dns.rcode.NXDOMAIN
+    assert [rr.name.to_text() for rr in reply.authority] == ["."]
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+def test_dns_server_refuses_outside_when_asked(
+    loop_thread: LoopThread, server: DNSServer, tcp: bool
+) -> None:
+    loop_thread.run(_call(lambda: server.set_records(records(), refuse_outside=True)), TIMEOUT)
     assert query(server, "example.com", "MX", tcp=tcp).rcode() == dns.rcode.REFUSED
     with pytest.raises(dns.resolver.NoNameservers, match="REFUSED"):
-        res.resolve("example.com", "MX", tcp=tcp)
+        resolver(server).resolve("example.com", "MX", tcp=tcp)
+    assert resolver(server).resolve("example.org", "MX", tcp=tcp)
 
 
 def test_dns_server_udp_garbage_gets_formerr_and_server_keeps_serving(server: DNSServer) -> None:
