@@ -410,11 +410,12 @@ class MailStack:
                 raise ConfigError(f"relay_tls[{domain!r}]: {exc}") from None
         return policies
 
-    def set_dns_records(self, records: list[Record], *, refuse_outside: bool = True) -> None:
+    def set_dns_records(self, records: list[Record], *, refuse_outside: bool = False) -> None:
         """Serve other DNS records (a null MX, a second MX, a missing domain ...).
 
-        ``refuse_outside=False`` answers NXDOMAIN, not REFUSED, for names in no zone.
-        ``reset()`` restores the default records.
+        A name in no zone gets NXDOMAIN with an SOA, as the default zone answers and the
+        world's DNS does; ``refuse_outside=True`` answers REFUSED instead (which resolvers and
+        MTAs treat as a temporary failure). ``reset()`` restores the default records.
         """
         self._require_started()
         assert self._thread is not None and self.dns is not None
