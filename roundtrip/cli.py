@@ -213,6 +213,14 @@ def _add_probe_options(probe: argparse.ArgumentParser) -> None:
         help="pause between two runs of --count (default 0)",
     )
     probe.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print the session transcript of every connection after the steps (credentials "
+        "redacted, message content as its size and SHA-256); without it, only a failed "
+        "probe prints one: that of the connection it failed on",
+    )
+    probe.add_argument(
         "--junit-xml", metavar="FILE", help="also write the results as JUnit XML to FILE"
     )
     probe.add_argument(
@@ -498,7 +506,7 @@ def _finish(
         print(json.dumps(doc, indent=2), file=out)
         args.printed = True
     else:
-        _report_human(results, doc, out, title=title)
+        _report_human(results, doc, out, title=title, verbose=args.verbose)
     try:
         if args.junit_xml:
             report.write_atomically(args.junit_xml, report.junit_xml(doc))
@@ -541,12 +549,13 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:8.1f} ms"
 
 
-def _print_result(result: ProbeResult, out: TextIO) -> None:
+def _print_result(result: ProbeResult, out: TextIO, *, verbose: bool = False) -> None:
     print(f"\n  {result.smtp} -> {result.retrieve}  (token {result.token})", file=out)
     for step in result.steps:
         mark = "ok  " if step.ok else "FAIL"
         detail = f"  {step.detail}" if step.detail else ""
         print(f"    {mark} {step.name:<16} {_ms(step.seconds)}  {step.server}{detail}", file=out)
+    _print_transcripts(result, out, verbose=verbose)
     if result.time_to_visible is not None:
         print(f"    time to visible       {_ms(result.time_to_visible)}", file=out)
     for facts in result.tls:
@@ -580,6 +589,27 @@ def _print_result(result: ProbeResult, out: TextIO) -> None:
     print(f"  {verdict}  (total {result.total_seconds * 1000:.1f} ms)", file=out)
 
 
+def _print_transcripts(result: ProbeResult, out: TextIO, *, verbose: bool) -> None:
+    """Every connection's transcript with ``--verbose``; else that of the connection a
+    failed probe failed on, so that what the server said is in front of the user."""
+    if verbose:
+        shown = result.transcripts
+        if result.transcripts_omitted:
+            print(
+                f"    ({result.transcripts_omitted} connections between the first and the "
+                "latest ones not recorded)",
+                file=out,
+            )
+    else:
+        shown = [t for t in result.transcripts if t.failed and not result.ok]
+    for transcript in shown:
+        label = "transcript of the failing connection" if transcript.failed else "transcript"
+        head, *lines = str(transcript).splitlines()
+        print(f"    {label}: {head}", file=out)
+        for line in lines:
+            print(f"    {line}", file=out)
+
+
 def _error_text(result: ProbeResult) -> str:
     """The error without its leading step name, which the verdict already shows."""
     prefix = f"{result.error_step}: "
@@ -597,14 +627,19 @@ def _stat_line(name: str, stats: dict[str, Any], indent: str = "  ") -> str:
 
 
 def _report_human(
-    results: list[ProbeResult], doc: dict[str, Any], out: TextIO, *, title: str
+    results: list[ProbeResult],
+    doc: dict[str, Any],
+    out: TextIO,
+    *,
+    title: str,
+    verbose: bool = False,
 ) -> None:
     print(f"roundtrip probe: {title}", file=out)
     # Every failed run, and the last run of each pair.
     last = {(r.smtp, r.retrieve): r for r in results}
     shown = [r for r in results if not r.ok or last[(r.smtp, r.retrieve)] is r]
     for result in shown:
-        _print_result(result, out)
+        _print_result(result, out, verbose=verbose)
     summary = doc["summary"]
     paths = summary["paths"]
     if max((path["runs"] for path in paths), default=0) <= 1:

@@ -527,3 +527,137 @@ def test_cli_serve_non_loopback_host_warns(capsys: pytest.CaptureFixture[str]) -
     err = capsys.readouterr().err
     assert "warning: --host 192.0.2.1 is not a loopback address" in err
     assert code == 1
+
+
+# Session transcripts (-v/--verbose, and the failing connection's without it)
+
+
+def _secret_forms(stack: MailStack) -> list[str]:
+    """Each password and the base64 forms AUTH PLAIN and AUTH LOGIN send it in."""
+    import base64
+
+    forms = []
+    for domain in ("example.com", "example.org"):
+        account = stack.user(domain)
+        for raw in (
+            account.password,
+            f"\0{account.address}\0{account.password}",
+            f"{account.address}\0{account.address}\0{account.password}",
+        ):
+            forms.append(base64.b64encode(raw.encode()).decode())
+        forms.append(account.password)
+    return forms
+
+
+def _mask(text: str) -> str:
+    """Numbers (with the padding before them), tokens and queue ids masked: they differ
+    between runs."""
+    return re.sub(r" *\b[0-9A-Fa-f]*\d[0-9A-Fa-f.]*\b", " N", text)
+
+
+@pytest.mark.usefixtures("passwords")
+def test_cli_probe_verbose_prints_redacted_transcripts(
+    stack: MailStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    smtp, imap, pop3 = _urls(stack)
+    argv = ["probe", "--smtp", smtp, "--imap", imap, "--pop3", pop3, "--cafile", stack.ca_file]
+    assert main([*argv, "-v"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "transcript: smtp 127.0.0.1:" in out
+    assert re.search(r"\d+\.\d ms <- 220 mail\.example\.com", out)
+    assert re.search(r"\d+\.\d ms == TLS TLSv1\.\d \S+; peer certificate subject CN=", out)
+    for line in (
+        "-> ehlo roundtrip.probe",
+        "-> AUTH PLAIN ****",
+        "-> mail FROM:<user@example.com>",
+        "-> rcpt TO:<user@example.org>",
+        "-> data",
+        " LOGIN user@example.org ****",
+        " UID FETCH ",
+        "-> USER user@example.org",
+        "-> PASS ****",
+    ):
+        assert line in out, line
+    assert re.search(r"-> \[\d+ bytes, sha256 [0-9a-f]{16}\]", out)
+    assert re.search(r"<- \[\d+ bytes, sha256 [0-9a-f]{16}\]", out)
+    assert "transcript of the failing connection" not in out
+    for secret in _secret_forms(stack):
+        assert secret not in captured.out and secret not in captured.err
+
+
+@pytest.mark.usefixtures("passwords")
+def test_cli_probe_passing_without_verbose_prints_no_transcript(
+    stack: MailStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The twin: without -v a passing probe's report is the step report alone, the same
+    lines as with -v minus the transcripts (numbers masked)."""
+    smtp, imap, _ = _urls(stack)
+    argv = ["probe", "--smtp", smtp, "--imap", imap, "--cafile", stack.ca_file]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert "transcript" not in plain and " <- " not in plain and " -> A" not in plain
+    assert main([*argv, "--verbose"]) == 0
+    verbose = capsys.readouterr().out.splitlines()
+    transcript = re.compile(r"    transcript: |    +\d+\.\d ms (<-|->|==) ")
+    kept = [line for line in verbose if not transcript.match(line)]
+    assert len(kept) < len(verbose)
+    assert _mask("\n".join(kept)) == _mask(plain.rstrip("\n"))
+
+
+@pytest.mark.usefixtures("passwords")
+@pytest.mark.parametrize(
+    ("variable", "protocol", "refusal"),
+    [
+        ("ROUNDTRIP_SMTP_PASSWORD", "smtp", r"<- 535 5\.7\.8 Authentication credentials invalid"),
+        ("ROUNDTRIP_IMAP_PASSWORD", "imap", r"<- \S+ NO \[AUTHENTICATIONFAILED\]"),
+    ],
+)
+def test_cli_probe_failure_prints_the_failing_connections_transcript(
+    stack: MailStack,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    protocol: str,
+    refusal: str,
+) -> None:
+    monkeypatch.setenv(variable, "not-the-password")
+    smtp, imap, _ = _urls(stack)
+    assert main(["probe", "--smtp", smtp, "--imap", imap, "--cafile", stack.ca_file]) == 1
+    captured = capsys.readouterr()
+    out = captured.out
+    assert out.count("transcript of the failing connection: ") == 1
+    assert f"transcript of the failing connection: {protocol} 127.0.0.1:" in out
+    assert "    transcript: " not in out  # only the failing connection, without -v
+    assert re.search(refusal, out), out
+    for secret in ["not-the-password", *_secret_forms(stack)]:
+        assert secret not in out and secret not in captured.err
+    import base64
+
+    for raw in ("not-the-password", "\0user@example.com\0not-the-password"):
+        assert base64.b64encode(raw.encode()).decode() not in out
+
+
+@pytest.mark.usefixtures("passwords")
+def test_cli_probe_json_carries_redacted_transcripts(
+    stack: MailStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    smtp, _, pop3 = _urls(stack)
+    argv = ["probe", "--smtp", smtp, "--pop3", pop3, "--cafile", stack.ca_file, "--json"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    doc = json.loads(text)
+    (result,) = doc["results"]
+    protocols = [t["protocol"] for t in result["transcripts"]]
+    assert protocols[0] == "smtp" and set(protocols) == {"smtp", "pop3"}
+    smtp_lines = result["transcripts"][0]["lines"]
+    assert {"t", "dir", "text"} == set(smtp_lines[0])
+    assert result["transcripts"][0]["peer"].startswith("127.0.0.1:")
+    assert {"dir": "->", "text": "AUTH PLAIN ****"} in [
+        {"dir": line["dir"], "text": line["text"]} for line in smtp_lines
+    ]
+    texts = [line["text"] for t in result["transcripts"] for line in t["lines"]]
+    assert "PASS ****" in texts
+    assert all(line["t"] >= 0 for t in result["transcripts"] for line in t["lines"])
+    for secret in _secret_forms(stack):
+        assert secret not in text
