@@ -133,6 +133,7 @@ class Mailbox:
         "_by_uid",
         "_message_ids",
         "_uids",
+        "first_recent_uid",
         "modseq",
         "name",
         "special_use",
@@ -151,6 +152,9 @@ class Mailbox:
         self.subscribed = True
         #: Bumped on every change to this mailbox: a cheap "anything new?" test.
         self.modseq = 1
+        #: UIDs from here up have not yet been claimed as \\Recent by a session (RFC 3501
+        #: 2.3.2): see ``Store.claim_recent``.
+        self.first_recent_uid = 1
         self._uids: list[int] = []
         self._by_uid: dict[int, StoredMessage] = {}
         # Message-ID -> UIDs, built on the first lookup and kept up to date after it.
@@ -353,6 +357,9 @@ class Store:
             if canonical in boxes:
                 raise MailboxError(f"mailbox {name!r} already exists", code="ALREADYEXISTS")
             box = self._new_mailbox(user, canonical)
+            # RFC 3501 6.3.3: CREATE does not subscribe; that is SUBSCRIBE's job.
+            self._write_subscription(box, False)
+            box.subscribed = False
             boxes[canonical] = box
             self._bump()
         self._notify(StoreChange(user, canonical, "mailboxes"))
@@ -442,6 +449,21 @@ class Store:
             if box.subscribed != subscribed:
                 self._write_subscription(box, subscribed)
                 box.subscribed = subscribed
+
+    def claim_recent(self, address: str, name: str) -> tuple[int, int]:
+        """Claim \\Recent for one session: UIDs ``first <= uid < end`` of ``(first, end)``.
+
+        RFC 3501 2.3.2: a message is recent in the first session told of it; later claims get
+        none of these UIDs. A read-only session looks at ``first_recent_uid`` without claiming.
+
+        Raises:
+            MailboxError: as ``mailbox``.
+        """
+        box = self.mailbox(address, name)
+        with self._lock:
+            first, end = box.first_recent_uid, box.uidnext
+            box.first_recent_uid = max(first, end)
+        return first, end
 
     # Messages
 

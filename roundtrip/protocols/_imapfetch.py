@@ -147,14 +147,21 @@ def _parse_item(atom: str) -> FetchItem:
 
 
 def render_item(
-    msg: SearchMessage, item: FetchItem, on_error: _mime.OnError = None
+    msg: SearchMessage,
+    item: FetchItem,
+    on_error: _mime.OnError = None,
+    *,
+    flags: frozenset[str] | None = None,
 ) -> bytes | tuple[bytes, bytes]:
-    """The response item; a literal as (``NAME {n}\\r\\n``, data), so data is not copied."""
+    """The response item; a literal as (``NAME {n}\\r\\n``, data), so data is not copied.
+
+    ``flags``: the flags to show (the session adds ``\\Recent``); None shows the stored ones.
+    """
     name = item.name
     if name == "UID":
         return b"UID %d" % msg.uid
     if name == "FLAGS":
-        return b"FLAGS " + flag_list(msg.flags)
+        return b"FLAGS " + flag_list(msg.flags if flags is None else flags)
     if name == "INTERNALDATE":
         return b"INTERNALDATE " + internal_date(msg.internal_date)
     if name == "RFC822.SIZE":
@@ -186,17 +193,18 @@ def fetch_response(
     items: list[FetchItem],
     *,
     add_flags: bool,
+    flags: frozenset[str] | None = None,
     on_error: _mime.OnError = None,
 ) -> list[bytes]:
     """One untagged FETCH response as chunks to send in order.
 
     A literal's data is a chunk of its own, the stored bytes themselves: a message is never
     copied. ``add_flags`` appends FLAGS the client did not ask for (RFC 3501 6.4.5: \\Seen was
-    just set).
+    just set). ``flags``: the flags to show, as for ``render_item``.
     """
-    parts = [render_item(msg, item, on_error) for item in items]
+    parts = [render_item(msg, item, on_error, flags=flags) for item in items]
     if add_flags:
-        parts.append(b"FLAGS " + flag_list(msg.flags))
+        parts.append(b"FLAGS " + flag_list(msg.flags if flags is None else flags))
     chunks = [b"* %d FETCH (" % (index + 1)]
     for n, part in enumerate(parts):
         if n:

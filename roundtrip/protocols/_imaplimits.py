@@ -3,11 +3,13 @@
 Theory of operation
 -------------------
 - Literals (RFC 3501 4.3, RFC 7888): their size is judged when announced, before ``+`` is sent.
-  A non-synchronising literal (``{n+}``) above ``max_nonsync_literal`` ends the session: its
-  octets are already on their way and cannot be told apart from commands (RFC 7888 section 4;
-  Dovecot does the same). APPEND may carry up to the APPENDLIMIT (RFC 7889); every other
-  command's literals count against the command line length (Dovecot
-  ``imap_max_line_length``, docs/security.md A6.4).
+  APPEND may carry up to the APPENDLIMIT (RFC 7889), synchronising or not: we advertise
+  LITERAL+, not LITERAL-, so its 4096-octet cap does not apply (RFC 7888 section 4). Every other
+  command's literals count against the command line length (Dovecot ``imap_max_line_length``,
+  docs/security.md A6.4), and its non-synchronising ones are also held to
+  ``max_nonsync_literal``. A non-synchronising literal that is refused ends the session: its
+  octets are already on their way and cannot be told apart from commands (Dovecot does the
+  same).
 - Bad commands: 3 before authentication (Dovecot imap-login, docs/security.md A4.8),
   ``max_bad_commands`` after, then the session ends.
 - Command budget (docs/security.md A8.3): every command with a known verb counts against the
@@ -50,10 +52,13 @@ def judge_literal(
     max_nonsync_literal: int,
 ) -> LiteralVerdict:
     """The verdict on ``lit``; ``append``: it belongs to an APPEND of a logged-in session."""
-    if not lit.sync and lit.size > max_nonsync_literal:
+    if not lit.sync and not append and lit.size > max_nonsync_literal:
         return LiteralVerdict.BYE
     limit = max_literal + max_line if append else max_line
     if (append and lit.size > max_literal) or lit.size + lit.total > limit:
+        if not lit.sync:
+            # Its octets are on their way and would be read as commands: end the session.
+            return LiteralVerdict.BYE
         return LiteralVerdict.TOO_BIG if append else LiteralVerdict.BAD
     return LiteralVerdict.ACCEPT
 

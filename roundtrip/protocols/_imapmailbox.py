@@ -5,16 +5,19 @@ Theory of operation
 ``IMAPConnection`` keeps the session state and calls the store; this module reads these
 commands' arguments and builds their untagged responses, so every rule below is a pure function.
 
-- SELECT/EXAMINE (RFC 3501 6.3.1): FLAGS, PERMANENTFLAGS, EXISTS, RECENT (always 0: ``\\Recent``
-  is never set), UNSEEN, UIDVALIDITY and UIDNEXT.
+- SELECT/EXAMINE (RFC 3501 6.3.1): FLAGS and PERMANENTFLAGS (the keywords in use among them),
+  EXISTS, RECENT, UNSEEN, UIDVALIDITY and UIDNEXT.
 - CREATE (6.3.3): a trailing delimiter only says the client intends children.
 - RENAME (6.3.5): a mailbox cannot move under itself (Dovecot refuses too, ``NO [CANNOT]``);
   INBOX is exempt, since renaming it moves its messages and leaves it in place.
-- LIST/LSUB (6.3.8, 6.3.9): ``\\HasChildren``/``\\HasNoChildren`` (RFC 3348), RFC 6154
-  SPECIAL-USE attributes and the ``(SPECIAL-USE)`` selection option of RFC 5258; other
-  LIST-EXTENDED options are ignored. Patterns are matched by ``_imapparse.ListPattern`` (linear
-  time, no regular expression: backtracking took k**n steps for n wildcards).
-- STATUS (6.3.10): MESSAGES, RECENT, UIDNEXT, UIDVALIDITY, UNSEEN.
+- LIST (6.3.8): ``\\HasChildren``/``\\HasNoChildren`` (RFC 3348), RFC 6154 SPECIAL-USE
+  attributes and the ``(SPECIAL-USE)`` selection option of RFC 5258; other LIST-EXTENDED
+  options are ignored. LSUB (6.3.9) gives subscribed names without those attributes, and an
+  unsubscribed parent of a subscribed name that ``%`` does not reach as ``\\Noselect``.
+  Patterns are matched by ``_imapparse.ListPattern`` (linear time, no regular expression:
+  backtracking took k**n steps for n wildcards).
+- STATUS (6.3.10): MESSAGES, RECENT (the messages no session has claimed as ``\\Recent``),
+  UIDNEXT, UIDVALIDITY, UNSEEN.
 - APPEND (6.3.11): optional flags and date-time, one literal; refused past APPENDLIMIT
   (RFC 7889, ``NO [TOOBIG]``), when empty, and when its header is one SMTP DATA would refuse
   (Postfix ``header_size_limit`` and ``hopcount_limit``, ``NO [LIMIT]``): the same message must
@@ -27,12 +30,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config import SMTPLimits
-from ._imapparse import ListPattern, ParseError, Token, decode_mutf7, encode_mutf7, parse_date_time
+from ._imapparse import (
+    MAX_NUMBER,
+    ListPattern,
+    ParseError,
+    Token,
+    decode_mutf7,
+    encode_mutf7,
+    parse_date_time,
+)
 from ._imapstore import IMAPMailbox
 from ._imapwire import (
-    FLAGS_TEXT,
     NoResponseError,
     canonical_name,
+    decode_name,
     mailbox_arg,
     mailbox_name,
     parse_flags,
@@ -58,25 +69,27 @@ __all__ = [
 ]
 
 
-def select_lines(box: IMAPMailbox, uids: list[int]) -> list[str]:
-    """The untagged responses of SELECT/EXAMINE over the session's view ``uids``."""
+def select_lines(box: IMAPMailbox, uids: list[int], *, flags: list[str], recent: int) -> list[str]:
+    """The untagged responses of SELECT/EXAMINE over the session's view ``uids``.
+
+    ``flags``: the FLAGS and PERMANENTFLAGS lines (``_imapwire.flags_lines``); ``recent``: how
+    many of ``uids`` are ``\\Recent`` in this session.
+    """
     first_unseen = 0
     for i, uid in enumerate(uids):
         msg = box.get(uid)
         if msg is not None and "\\Seen" not in msg.flags:
             first_unseen = i + 1
             break
-    lines = [
-        f"* FLAGS ({FLAGS_TEXT})",
-        f"* OK [PERMANENTFLAGS ({FLAGS_TEXT} \\*)] Flags permitted.",
-        f"* {len(uids)} EXISTS",
-        "* 0 RECENT",
-    ]
+    lines = [*flags, f"* {len(uids)} EXISTS", f"* {recent} RECENT"]
     if first_unseen:
         lines.append(f"* OK [UNSEEN {first_unseen}] First unseen.")
     lines.append(f"* OK [UIDVALIDITY {box.uidvalidity}] UIDs valid")
     lines.append(f"* OK [UIDNEXT {box.uidnext}] Predicted next UID")
     return lines
+
+
+_MATCHES_NOTHING = "\x00"
 
 
 def one_mailbox(args: list[Token]) -> str:
@@ -90,7 +103,7 @@ def create_name(args: list[Token]) -> str:
     """The mailbox name CREATE asks for."""
     if len(args) != 1:
         raise ParseError("expected one mailbox name")
-    raw = decode_mutf7(text_arg(args[0], "mailbox name"))
+    raw = decode_name(text_arg(args[0], "mailbox name"))
     return mailbox_name(raw[:-1] if raw.endswith("/") else raw)
 
 
@@ -113,8 +126,13 @@ def parse_list(args: list[Token], *, lsub: bool) -> tuple[str, str, bool]:
         args = args[:2]
     if len(args) != 2:
         raise ParseError(f"{'LSUB' if lsub else 'LIST'} expects a reference and a mailbox pattern")
-    ref = decode_mutf7(text_arg(args[0], "reference"))
-    pattern = decode_mutf7(text_arg(args[1], "pattern"))
+    raw_ref, raw_pattern = text_arg(args[0], "reference"), text_arg(args[1], "pattern")
+    try:
+        ref, pattern = decode_mutf7(raw_ref), decode_mutf7(raw_pattern)
+    except ParseError:
+        # Not modified UTF-7: no mailbox has such a name, so nothing matches (Dovecot answers
+        # OK with no names too). No stored name holds a NUL, so this pattern matches none.
+        return "", _MATCHES_NOTHING, special_only
     return ref, pattern, special_only
 
 
@@ -130,6 +148,8 @@ def list_lines(
         full = "INBOX" + full[5:]
     wanted = ListPattern(full, delimiter="/")
     boxes = {b.name: b for b in mailboxes}
+    if lsub:
+        return _lsub_lines(boxes, wanted)
     names: set[str] = set(boxes)
     for name in boxes:
         parts = name.split("/")
@@ -141,8 +161,6 @@ def list_lines(
         if not wanted.matches(name):
             continue
         box = boxes.get(name)
-        if lsub and (box is None or not box.subscribed):
-            continue
         attrs = ["\\HasChildren" if name in parents else "\\HasNoChildren"]
         if box is None:
             attrs.insert(0, "\\Noselect")
@@ -152,6 +170,29 @@ def list_lines(
             continue
         lines.append(f'* {verb} ({" ".join(attrs)}) "/" '.encode() + quote(encode_mutf7(name)))
     return lines
+
+
+def _lsub_lines(boxes: dict[str, IMAPMailbox], wanted: ListPattern) -> list[bytes]:
+    """LSUB (RFC 3501 6.3.9): the subscribed names that match, without LIST's attributes.
+
+    A subscribed name the pattern does not reach (``%`` stops at a delimiter) shows its
+    unsubscribed ancestors that the pattern does match as ``\\Noselect``: ``LSUB "" %`` with
+    only ``foo/bar`` subscribed returns ``foo`` that way.
+    """
+    subscribed = {name for name, box in boxes.items() if box.subscribed}
+    found: dict[str, str] = {name: "" for name in subscribed if wanted.matches(name)}
+    for name in subscribed:
+        if name in found:
+            continue
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent not in subscribed and wanted.matches(parent):
+                found[parent] = "\\Noselect"
+    return [
+        f'* LSUB ({found[name]}) "/" '.encode() + quote(encode_mutf7(name))
+        for name in sorted(found, key=lambda n: (n != "INBOX", n))
+    ]
 
 
 def status_line(box: IMAPMailbox, items: list[Token]) -> bytes:
@@ -164,7 +205,9 @@ def status_line(box: IMAPMailbox, items: list[Token]) -> bytes:
         if key == "MESSAGES":
             out.append(f"MESSAGES {len(box)}")
         elif key == "RECENT":
-            out.append("RECENT 0")
+            # What a session selecting it now would see (RFC 3501 6.3.10).
+            recent = box.uids_between(box.first_recent_uid, MAX_NUMBER)
+            out.append(f"RECENT {len(recent)}")
         elif key == "UIDNEXT":
             out.append(f"UIDNEXT {box.uidnext}")
         elif key == "UIDVALIDITY":

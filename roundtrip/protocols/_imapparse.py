@@ -270,9 +270,9 @@ class _Tokenizer:
             c = line[i]
             if c == 0x5B:  # [ ... ] may hold spaces and parentheses
                 end = line.find(b"]", i)
-                if end < 0:
-                    raise ParseError("unterminated '['")
-                i = end + 1
+                # Without a "]" the "[" is an ordinary ATOM-CHAR (RFC 3501 section 9: only
+                # "]", a resp-special, is excluded from atoms), as in a mailbox name "a[b".
+                i = i + 1 if end < 0 else end + 1
                 continue
             if c in _ATOM_END:
                 break

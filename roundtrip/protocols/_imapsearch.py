@@ -5,22 +5,24 @@ Theory of operation
 ``compile_search`` turns the tokens after ``SEARCH [CHARSET x]`` into one predicate over
 ``(message, sequence number)``; top-level keys are ANDed, ``OR``/``NOT``/parentheses nest.
 Matching is case-insensitive substring matching on decoded text (RFC 3501: "case-insensitive
-substring"). Dates compare calendar days in UTC, disregarding time and time zone.
+substring"); an address field also matches in its parsed form (``name <local@domain>``, without
+comments). SINCE/BEFORE/ON compare the internal date's calendar day in UTC; SENTSINCE/SENTBEFORE/
+SENTON compare the Date: field's day in its own zone, "disregarding time and timezone".
 
 SEARCH scans the selected mailbox, which is allowed; what a message parses into (the MIME tree,
 decoded header values, body text, Date header) is memoised in ``StoredMessage.cache`` so a
 second SEARCH does not parse again.
 
 Supported charsets: UTF-8 and US-ASCII (anything else is ``NO [BADCHARSET]``).
+``RECENT``/``NEW``/``OLD`` read the session's ``\\Recent`` UIDs (the caller passes them).
 Unsupported: ``MODSEQ`` (CONDSTORE), ``YOUNGER``/``OLDER`` (WITHIN), ``FUZZY``.
-``RECENT``/``NEW`` match nothing and ``OLD`` matches everything: this server never sets
-``\\Recent``.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Container
+from email.utils import getaddresses, parsedate_tz
 from typing import Any, Protocol
 
 from . import _mime
@@ -101,13 +103,39 @@ def _all_headers_text(msg: SearchMessage) -> str:
 
 
 def _sent_day(msg: SearchMessage, on_error: _mime.OnError) -> datetime.date | None:
-    if "sent_date" not in msg.cache:
+    """The calendar day of the Date: field in the field's own zone (RFC 3501 6.4.4)."""
+    if "sent_day" not in msg.cache:
         tree = mime_tree(msg, on_error)
-        msg.cache["sent_date"] = _mime.header_date(msg.raw, tree=tree, on_error=on_error)
-    when = msg.cache["sent_date"]
-    if when is None:
+        values = _mime.header_values(msg.raw, "Date", tree=tree, on_error=on_error)
+        msg.cache["sent_day"] = _date_field_day(values[0]) if values else None
+    day = msg.cache["sent_day"]
+    return day if isinstance(day, datetime.date) else None
+
+
+def _date_field_day(text: str) -> datetime.date | None:
+    """The day a Date: value names, disregarding its time and zone; None when unreadable."""
+    try:
+        parts = parsedate_tz(text)
+        if parts is None:
+            return None
+        return datetime.date(parts[0], parts[1], parts[2])
+    except (ValueError, TypeError, IndexError, OverflowError):
         return None
-    return _day(float(when))
+
+
+def _address_text(msg: SearchMessage, name: str, on_error: _mime.OnError) -> list[str]:
+    """An address field's decoded values, plus each address as ``name <local@domain>``.
+
+    The parsed form drops comments and folding that sit inside an address (``<a (c)@ b.org>``
+    is ``a@b.org``), so a search for the address itself finds it, as it does in Dovecot.
+    """
+    key = "addr:" + name.lower()
+    values = msg.cache.get(key)
+    if values is None:
+        raw_values = _header_text(msg, name, on_error)
+        parsed = [f"{n} <{a}>".casefold() for n, a in getaddresses(raw_values) if n or a]
+        values = msg.cache[key] = raw_values + parsed
+    return list(values)
 
 
 def _day(when: float) -> datetime.date:
@@ -128,6 +156,8 @@ _FLAG_KEYS = {
 }
 
 _ADDRESS_KEYS = {"FROM": "From", "TO": "To", "CC": "Cc", "BCC": "Bcc", "SUBJECT": "Subject"}
+#: Header fields whose addresses SEARCH also matches in parsed form.
+_ADDRESS_FIELDS = frozenset({"from", "to", "cc", "bcc", "sender", "reply-to"})
 
 
 class _Compiler:
@@ -137,6 +167,7 @@ class _Compiler:
         charset: str,
         count: int,
         max_uid: int,
+        recent: Container[int],
         depth: int = 0,
         on_error: _mime.OnError = None,
     ) -> None:
@@ -148,6 +179,7 @@ class _Compiler:
         self._charset = charset
         self._count = count
         self._max_uid = max_uid
+        self._recent = recent
         self._on_error = on_error
 
     def _next(self) -> Token:
@@ -199,7 +231,13 @@ class _Compiler:
         tok = self._next()
         if isinstance(tok, list):
             sub = _Compiler(
-                tok, self._charset, self._count, self._max_uid, self._depth + 1, self._on_error
+                tok,
+                self._charset,
+                self._count,
+                self._max_uid,
+                self._recent,
+                self._depth + 1,
+                self._on_error,
             )
             return sub.compile_all()
         if isinstance(tok, bytes):
@@ -210,10 +248,13 @@ class _Compiler:
         if name in _FLAG_KEYS:
             flag, wanted = _FLAG_KEYS[name]
             return lambda m, s: (flag in m.flags) is wanted
-        if name in ("NEW", "RECENT"):
-            return lambda m, s: False
-        if name == "OLD":
-            return lambda m, s: True
+        recent = self._recent
+        if name == "RECENT":
+            return lambda m, s: m.uid in recent
+        if name == "NEW":  # RECENT UNSEEN
+            return lambda m, s: m.uid in recent and "\\Seen" not in m.flags
+        if name == "OLD":  # NOT RECENT
+            return lambda m, s: m.uid not in recent
         if name in ("KEYWORD", "UNKEYWORD"):
             kw = self._atom().casefold()
             wanted = name == "KEYWORD"
@@ -264,9 +305,10 @@ class _Compiler:
 
     def _header_matcher(self, field: str, needle: str) -> Matcher:
         report = self._on_error
+        text = _address_text if field.lower() in _ADDRESS_FIELDS else _header_text
 
         def match(m: SearchMessage, s: int) -> bool:
-            values = _header_text(m, field, report)
+            values = text(m, field, report)
             if not needle:
                 return bool(values)
             return any(needle in v for v in values)
@@ -297,7 +339,12 @@ def _date_matcher(
 
 
 def compile_search(
-    tokens: list[Token], *, count: int, max_uid: int, on_error: _mime.OnError = None
+    tokens: list[Token],
+    *,
+    count: int,
+    max_uid: int,
+    recent: Container[int] = frozenset(),
+    on_error: _mime.OnError = None,
 ) -> Matcher:
     """Compile SEARCH arguments (everything after the verb) into a predicate.
 
@@ -305,6 +352,7 @@ def compile_search(
         tokens: the arguments, ``CHARSET x`` included when the client sent it.
         count: messages in the session's view (what ``*`` means for sequence numbers).
         max_uid: the highest UID in the view (what ``*`` means in ``UID`` keys).
+        recent: the UIDs that are ``\\Recent`` in the session (RECENT, NEW, OLD).
         on_error: hears of an exception of ours in the MIME functions the predicate calls
             (they still answer, see ``_mime``).
 
@@ -322,4 +370,4 @@ def compile_search(
             raise BadCharsetError(f"unsupported charset {name[:40]!r}")
         charset = name
         tokens = tokens[2:]
-    return _Compiler(tokens, charset, count, max_uid, on_error=on_error).compile_all()
+    return _Compiler(tokens, charset, count, max_uid, recent, on_error=on_error).compile_all()

@@ -11,6 +11,17 @@ messages are found by bisection above the highest UID already announced, so no u
 time proportional to the mailbox. Sequence sets are evaluated against the view with bisection
 and never expanded (docs/security.md A6.7).
 
+``\\Recent`` (RFC 3501 2.3.2) is the view's too: a read-write session claims the messages it is
+the first to be told of (``IMAPStore.claim_recent``) at SELECT and whenever new ones arrive, so
+no other session sees them as recent; a read-only one (EXAMINE) sees the unclaimed ones without
+claiming them. The flag is never stored: it is added where flags are shown and where SEARCH
+reads them, and ``* n RECENT`` follows every ``* n EXISTS``.
+
+Keywords: RFC 3501 7.2.6 says a flag is in the untagged FLAGS response before any FETCH shows
+it. The view remembers the keywords it has announced (those in use at SELECT) and
+:meth:`MailboxView.announce` gives a new ``FLAGS`` and ``PERMANENTFLAGS`` before a response that
+would show another one.
+
 SEARCH runs here because it reads the view: a search that is exactly ``HEADER Message-ID <id>``
 (the validator's way to find its message) is an index lookup when the mailbox offers one;
 everything else is a scan with the predicate of ``_imapsearch.compile_search``.
@@ -19,12 +30,13 @@ everything else is a scan with the predicate of ``_imapsearch.compile_search``.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable, Iterable
 
 from . import _imapfetch
 from ._imapparse import MAX_NUMBER, ParseError, Token, parse_sequence_set
 from ._imapsearch import compile_search
-from ._imapstore import IMAPMailbox, IMAPStoreChange
-from ._imapwire import flag_list, has_flag
+from ._imapstore import IMAPMailbox, IMAPMessage, IMAPStoreChange
+from ._imapwire import flag_list, flags_lines, has_flag
 from ._mime import OnError
 
 __all__ = ["MailboxView"]
@@ -36,18 +48,73 @@ class MailboxView:
     Args:
         box: the mailbox the session selected.
         readonly: selected with EXAMINE.
+        claim: claims ``\\Recent`` for this session in the store, returning the claimed UID
+            range ``(first, end)`` (``IMAPStore.claim_recent``); None, or ``readonly``, only
+            looks at the unclaimed messages.
     """
 
-    def __init__(self, box: IMAPMailbox, *, readonly: bool) -> None:
+    def __init__(
+        self,
+        box: IMAPMailbox,
+        *,
+        readonly: bool,
+        claim: Callable[[], tuple[int, int]] | None = None,
+    ) -> None:
         self.box = box
         self.readonly = readonly
         #: Ascending UIDs; the position of a UID plus one is its sequence number.
         self.uids = box.uids()
         #: Flags last told to the client, so an unchanged flag set is not announced again.
         self.known_flags: dict[int, frozenset[str]] = {}
+        #: The UIDs that are ``\\Recent`` in this session.
+        self.recent: set[int] = set()
+        #: Keywords told to the client in a FLAGS response.
+        self.keywords: set[str] = set()
+        self._claim = None if readonly else claim
+        self._claimed: list[tuple[int, int]] = []
         self._high_uid = self.uids[-1] if self.uids else 0
         self._pending_expunge: set[int] = set()
         self._pending_flags: set[int] = set()
+        self._take_recent(self.uids)
+        for uid in self.uids:
+            msg = box.get(uid)
+            if msg is not None:
+                self.keywords.update(f for f in msg.flags if not f.startswith("\\"))
+
+    def _take_recent(self, new: list[int]) -> None:
+        """Mark which of the ``new`` UIDs (ascending) are recent in this session."""
+        if not new:
+            return
+        if self._claim is None:
+            floor = self.box.first_recent_uid
+            self.recent.update(u for u in new if u >= floor)
+            return
+        first, end = self._claim()
+        # Older ranges lie below every new UID: drop them, so the list stays short.
+        self._claimed = [r for r in self._claimed if r[1] > new[0]]
+        if first < end:
+            self._claimed.append((first, end))
+        for uid in new:
+            if any(lo <= uid < hi for lo, hi in self._claimed):
+                self.recent.add(uid)
+
+    def flags_of(self, msg: IMAPMessage) -> frozenset[str]:
+        """The flags to show for ``msg``: its stored ones, plus ``\\Recent`` in this session."""
+        if msg.uid in self.recent:
+            return msg.flags | {"\\Recent"}
+        return msg.flags
+
+    def select_flags(self) -> list[str]:
+        """The FLAGS and PERMANENTFLAGS responses of SELECT: system flags and known keywords."""
+        return flags_lines(self.keywords)
+
+    def announce(self, flags: Iterable[str]) -> list[str]:
+        """A new FLAGS/PERMANENTFLAGS pair when ``flags`` holds a keyword not yet announced."""
+        new = {f for f in flags if not f.startswith("\\") and f not in self.keywords}
+        if not new:
+            return []
+        self.keywords |= new
+        return flags_lines(self.keywords)
 
     def note(self, change: IMAPStoreChange) -> None:
         """Remember a change of this mailbox made by anyone, to announce it later."""
@@ -67,12 +134,15 @@ class MailboxView:
                 if i < len(self.uids) and self.uids[i] == uid:
                     del self.uids[i]
                     self.known_flags.pop(uid, None)
+                    self.recent.discard(uid)
                     lines.append(b"* %d EXPUNGE" % (i + 1))
         new = self.box.uids_between(self._high_uid + 1, MAX_NUMBER)
         if new:
             self.uids.extend(new)
             self._high_uid = new[-1]
+            self._take_recent(new)
             lines.append(b"* %d EXISTS" % len(self.uids))
+            lines.append(b"* %d RECENT" % len(self.recent))
         if self._pending_flags:
             changed = sorted(self._pending_flags)
             self._pending_flags.clear()
@@ -84,7 +154,9 @@ class MailboxView:
                 flags = msg.flags
                 if self.known_flags.get(uid) != flags:
                     self.known_flags[uid] = flags
-                    lines.append(b"* %d FETCH (UID %d FLAGS %s)" % (i + 1, uid, flag_list(flags)))
+                    lines.extend(line.encode() for line in self.announce(flags))
+                    shown = flag_list(self.flags_of(msg))
+                    lines.append(b"* %d FETCH (UID %d FLAGS %s)" % (i + 1, uid, shown))
         return lines
 
     def expunged(self, gone: list[int]) -> list[bytes]:
@@ -95,6 +167,7 @@ class MailboxView:
             if i < len(self.uids) and self.uids[i] == uid:
                 del self.uids[i]
                 self.known_flags.pop(uid, None)
+                self.recent.discard(uid)
                 lines.append(b"* %d EXPUNGE" % (i + 1))
             self._pending_expunge.discard(uid)
         return lines
@@ -120,10 +193,10 @@ class MailboxView:
                 continue
             self.known_flags[msg_uid] = msg.flags
             if not silent:
+                lines.extend(line.encode() for line in self.announce(msg.flags))
                 uid_part = b" UID %d" % msg_uid if uid else b""
-                lines.append(
-                    b"* %d FETCH (FLAGS %s%s)" % (index + 1, flag_list(msg.flags), uid_part)
-                )
+                shown = flag_list(self.flags_of(msg))
+                lines.append(b"* %d FETCH (FLAGS %s%s)" % (index + 1, shown, uid_part))
         return lines
 
     def deleted(self, candidates: list[int] | None = None) -> list[int]:
@@ -154,7 +227,9 @@ class MailboxView:
                     found.append(wanted if uid else i + 1)
             return found
         top = self.uids[-1] if self.uids else 0
-        matcher = compile_search(args, count=len(self.uids), max_uid=top, on_error=on_error)
+        matcher = compile_search(
+            args, count=len(self.uids), max_uid=top, recent=self.recent, on_error=on_error
+        )
         hits: list[int] = []
         for i, u in enumerate(self.uids):
             msg = self.box.get(u)

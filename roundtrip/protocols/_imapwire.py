@@ -23,7 +23,9 @@ __all__ = [
     "FLAGS_TEXT",
     "NoResponseError",
     "canonical_name",
+    "decode_name",
     "flag_list",
+    "flags_lines",
     "has_flag",
     "internal_date",
     "mailbox_arg",
@@ -79,6 +81,16 @@ def flag_list(flags: Iterable[str]) -> bytes:
     return b"(" + " ".join(sorted(flags)).encode("utf-8", "replace") + b")"
 
 
+def flags_lines(keywords: Iterable[str]) -> list[str]:
+    """Untagged FLAGS and PERMANENTFLAGS (RFC 3501 7.2.6, 7.1): system flags and ``keywords``.
+
+    ``\\*`` says a client may create keywords; each one in use is listed once, so a FETCH
+    never shows a flag the client was not told of.
+    """
+    text = " ".join([FLAGS_TEXT, *sorted(keywords)])
+    return [f"* FLAGS ({text})", f"* OK [PERMANENTFLAGS ({text} \\*)] Flags permitted."]
+
+
 def has_flag(msg: SearchMessage | None, flag: str) -> bool:
     """``flag`` is set on ``msg`` (None: an expunged message, no flags)."""
     return msg is not None and flag in msg.flags
@@ -93,7 +105,19 @@ def text_arg(tok: Token, what: str) -> bytes:
 
 def mailbox_arg(tok: Token) -> str:
     """A mailbox name from the wire: modified UTF-7 decoded and checked for traversal."""
-    return mailbox_name(decode_mutf7(text_arg(tok, "mailbox name")))
+    return mailbox_name(decode_name(text_arg(tok, "mailbox name")))
+
+
+def decode_name(raw: bytes) -> str:
+    """A mailbox name from modified UTF-7; one that is not valid names no mailbox.
+
+    The command itself is well formed (the name is a valid astring), so the answer is
+    ``NO [CANNOT]``, not ``BAD``, as in Dovecot.
+    """
+    try:
+        return decode_mutf7(raw)
+    except ParseError as exc:
+        raise NoResponseError(f"invalid mailbox name: {exc}", "CANNOT") from exc
 
 
 def mailbox_name(name: str) -> str:

@@ -44,7 +44,7 @@ answer, the test a failure.
 Where each part lives: this module holds the states, framing, dispatch, error replies, output and
 the handlers; the rules they apply are pure functions elsewhere. ``_imapparse``: framing and the
 grammar (literal sizes are checked before ``+`` is sent; non-synchronising literals, RFC 7888,
-above ``max_nonsync_literal`` end the session with ``* BYE [TOOBIG]``), sequence sets, LIST
+that are refused end the session with ``* BYE [TOOBIG]``), sequence sets, LIST
 patterns (``ListPattern``, linear time, no regex). ``_imapwire``: arguments, flags, mailbox
 names, quoting, the ``NO`` exception. ``_imapauth``: CAPABILITY, LOGIN, SASL PLAIN.
 ``_imapmailbox``: SELECT, CREATE, RENAME, LIST/LSUB, STATUS, APPEND. ``_imapview``: the
@@ -52,7 +52,9 @@ selected mailbox, its updates and SEARCH. ``_imapfetch``: FETCH items and respon
 flags. ``_imapsearch``: SEARCH keys. ``_imapstore``: the store ``Protocol`` classes (re-exported
 here). ``_mime``: ENVELOPE, BODYSTRUCTURE, sections.
 
-Deliberately unsupported: ``\\Recent`` (never set), CONDSTORE/QRESYNC, BINARY, MULTIAPPEND,
+``\\Recent`` (RFC 3501 2.3.2) and keyword announcements (7.2.6) live in ``_imapview``.
+
+Deliberately unsupported: CONDSTORE/QRESYNC, BINARY, MULTIAPPEND,
 CATENATE, SORT/THREAD, LIST-EXTENDED return options (selection ``(SPECIAL-USE)`` is honoured),
 UTF8=ACCEPT, SASL mechanisms other than PLAIN, and ACLs.
 """
@@ -60,6 +62,7 @@ UTF8=ACCEPT, SASL mechanisms other than PLAIN, and ACLs.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Callable, Iterable
 
@@ -132,7 +135,8 @@ class IMAPConnection:
         clock: wall-clock seconds, the internal date of APPENDed messages.
         max_line: longest command line (Dovecot ``imap_max_line_length``, docs/security.md A6.4).
         max_literal: largest APPEND message, advertised as APPENDLIMIT (RFC 7889).
-        max_nonsync_literal: largest ``{n+}`` literal (RFC 7888 section 4, LITERAL- is 4096).
+        max_nonsync_literal: largest ``{n+}`` literal of a command other than APPEND (whose
+            literal may reach ``max_literal``: LITERAL+, RFC 7888 section 4).
         max_bad_commands: bad commands tolerated after authentication.
         command_limits: ``(verb, count)`` budgets of the session; ``"*"`` is the total of all
             commands, 0 turns one off (default: ``MailboxLimits().imap_command_limits``).
@@ -546,10 +550,15 @@ class IMAPConnection:
         self._view = None
         if self.state is IMAPState.SELECTED:
             self.state = IMAPState.AUTHENTICATED
-        box = self.store.mailbox(self._address(), name)
-        self._view = view = MailboxView(box, readonly=readonly)
+        user = self._address()
+        box = self.store.mailbox(user, name)
+        claim = functools.partial(self.store.claim_recent, user, box.name)
+        self._view = view = MailboxView(box, readonly=readonly, claim=claim)
         self.state = IMAPState.SELECTED
-        self._send_all(_imapmailbox.select_lines(box, view.uids))
+        flags = view.select_flags()
+        self._send_all(
+            _imapmailbox.select_lines(box, view.uids, flags=flags, recent=len(view.recent))
+        )
         mode = "READ-ONLY" if readonly else "READ-WRITE"
         self._tagged(tag, "OK", f"[{mode}] {'EXAMINE' if readonly else 'SELECT'} completed")
 
@@ -734,11 +743,17 @@ class IMAPConnection:
             if sets_seen and "\\Seen" not in msg.flags:
                 self.store.set_flags(self._address(), box.name, {msg_uid: msg.flags | {"\\Seen"}})
                 add_flags = not wants_flags
-            chunks = _imapfetch.fetch_response(
-                index, msg, items, add_flags=add_flags, on_error=self._on_error
-            )
             if wants_flags or add_flags:
                 view.known_flags[msg_uid] = msg.flags
+                self._send_all(view.announce(msg.flags))
+            chunks = _imapfetch.fetch_response(
+                index,
+                msg,
+                items,
+                add_flags=add_flags,
+                flags=view.flags_of(msg),
+                on_error=self._on_error,
+            )
             for chunk in chunks:  # one by one: a message literal is never copied
                 self._out += chunk
         self._tagged(tag, "OK", "FETCH completed")

@@ -44,6 +44,12 @@ _WRITE_SLICE = 256 * 1024
 #: Input that re-arms the command deadline without a line end: a literal (an IMAP APPEND) of
 #: this many bytes counts as progress, so the deadline is a minimum rate, not a cap on size.
 _PROGRESS_BYTES = 64 * 1024
+# After our last words (BYE, +OK bye) the transport flushes them and, over TLS, sends
+# close_notify and then waits up to asyncio's ssl_shutdown_timeout (30 s) for the peer's; the
+# session is over, so drop the socket once the output is gone, after this grace.
+_CLOSE_GRACE = 1.0
+# ... and however slow the peer reads, never hold a closed session longer than this.
+_CLOSE_LIMIT = 30.0
 
 
 class Machine(Protocol):
@@ -141,6 +147,8 @@ class LineServerProtocol(asyncio.Protocol):
         self._pending: collections.deque[memoryview] = collections.deque()
         self._write_paused = False
         self._closed = False
+        self._lost = False
+        self._close_deadline = 0.0
         self._loop = asyncio.get_running_loop()
 
     # asyncio.Protocol
@@ -203,6 +211,7 @@ class LineServerProtocol(asyncio.Protocol):
         if self._upgrading:
             # start_tls swaps protocols under us; the real loss is reported later.
             return
+        self._lost = True
         self._pending.clear()
         self._finish()
 
@@ -416,8 +425,21 @@ class LineServerProtocol(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._drain_now()
             self._transport.close()
+            self._close_deadline = self._loop.time() + _CLOSE_LIMIT
+            self._loop.call_later(_CLOSE_GRACE, self._abort_lingering)
         self._pending.clear()
         self._finish()
+
+    def _abort_lingering(self) -> None:
+        """Drop a closed session's socket once its last output is written (or at the limit)."""
+        transport = self._transport
+        if self._lost or transport is None:
+            return
+        unsent = transport.get_write_buffer_size()
+        if unsent and self._loop.time() < self._close_deadline:
+            self._loop.call_later(_CLOSE_GRACE, self._abort_lingering)
+            return
+        transport.abort()
 
     def _finish(self) -> None:
         if self._closed:

@@ -243,7 +243,8 @@ def test_imap_server_imapclient_session(servers: IMAPServers, mode: str) -> None
         assert env.subject == b"first note" and env.from_[0].mailbox == b"bob"
         assert env.message_id == b"<first@example.test>"
         assert data[b"BODY[HEADER]"] == SIMPLE.split(b"\r\n\r\n")[0] + b"\r\n\r\n"
-        assert data[b"FLAGS"] == ()
+        # EXAMINE left them recent; this SELECT is the first read-write session (RFC 3501 2.3.2).
+        assert data[b"FLAGS"] == (b"\\Recent",)
         data = c.fetch([1], ["BODY.PEEK[HEADER.FIELDS (SUBJECT)]", "BODY.PEEK[TEXT]<0.5>"])[1]
         assert data[b"BODY[HEADER.FIELDS (SUBJECT)]"] == b"Subject: first note\r\n\r\n"
         assert data[b"BODY[TEXT]<0>"] == b"hello"
@@ -287,16 +288,17 @@ def test_imap_server_imapclient_session(servers: IMAPServers, mode: str) -> None
         assert b"plain body" in data[b"BODY[1]"] and b"html body" in data[b"BODY[1]"]
 
         # STORE
-        assert c.add_flags([2], [b"\\Flagged", b"$Work"])[2] == (b"$Work", b"\\Flagged", b"\\Seen")
-        assert c.remove_flags([2], [b"$Work"])[2] == (b"\\Flagged", b"\\Seen")
+        added = c.add_flags([2], [b"\\Flagged", b"$Work"])[2]
+        assert added == (b"$Work", b"\\Flagged", b"\\Recent", b"\\Seen")
+        assert c.remove_flags([2], [b"$Work"])[2] == (b"\\Flagged", b"\\Recent", b"\\Seen")
         c.set_flags([2], [b"\\Answered"])
-        assert c.get_flags([2])[2] == (b"\\Answered",)
+        assert c.get_flags([2])[2] == (b"\\Answered", b"\\Recent")
 
         # APPEND, COPY, MOVE, EXPUNGE (UIDPLUS)
         appended = c.append("INBOX", b"Subject: appended\r\n\r\nfrom the test\r\n", [b"\\Draft"])
         assert appended.startswith(b"[APPENDUID ") and appended.split()[2] == b"4]"
         assert c.search(["SUBJECT", "appended"]) == [4]
-        assert c.fetch([4], ["FLAGS"])[4][b"FLAGS"] == (b"\\Draft",)
+        assert c.fetch([4], ["FLAGS"])[4][b"FLAGS"] == (b"\\Draft", b"\\Recent")
         c.create_folder("Archive/2024")
         listed = {n: f for f, _, n in c.list_folders()}
         assert listed["Archive"] == (b"\\Noselect", b"\\HasChildren")
@@ -506,7 +508,7 @@ def test_imap_server_nonsync_literal_hides_no_commands(servers: IMAPServers) -> 
         raw.send(b"b APPEND INBOX {%d+}\r\n%s\r\nc NOOP\r\n" % (len(body), body))
         reply = raw.read_until(rb"c .*\r\n")
         assert b"b OK [APPENDUID" in reply and b"x OK" not in reply
-        raw.send(b"d APPEND INBOX {5000+}\r\n" + b"e DELETE Sent\r\n" * 10)
+        raw.send(b"d APPEND INBOX {99999999999+}\r\n" + b"e DELETE Sent\r\n" * 10)
         assert raw.read_until(rb"BYE.*\r\n").startswith(b"* BYE [TOOBIG]")
         assert raw.read_until(rb"$^") == b""  # closed, nothing else answered
     assert servers.store.mailbox(USER, "Sent") is not None
@@ -681,3 +683,60 @@ def test_imap_server_deep_mime_is_no_bug(servers: IMAPServers) -> None:
         assert b"OCTET-STREAM" in repr(got[b"BODYSTRUCTURE"]).encode()
         assert got[b"ENVELOPE"].subject == b"deep"
     assert servers.thread.take_errors() == []
+
+
+def test_imap_server_drops_the_socket_soon_after_bye(servers: IMAPServers) -> None:
+    # After BYE the session is over (RFC 3501 7.1.5): the server closes the connection. Over
+    # TLS, asyncio otherwise waits up to 30 s (ssl_shutdown_timeout) for the client's
+    # close_notify, which a client that just reads never sends. The client here speaks TLS
+    # through memory buffers, so it can see the TCP FIN apart from the TLS close.
+    sock = socket.create_connection((HOST, servers.imaps_port), TIMEOUT)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = servers.context().wrap_bio(incoming, outgoing, server_hostname=HOST)
+
+    def flush() -> None:
+        data = outgoing.read()
+        if data:
+            sock.sendall(data)
+
+    def feed(timeout: float) -> bool:
+        sock.settimeout(timeout)
+        data = sock.recv(65536)
+        if not data:
+            return False
+        incoming.write(data)
+        return True
+
+    with closing(sock):
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                flush()
+                assert feed(TIMEOUT)
+        flush()
+        tls.write(f'a LOGIN {USER} "{PASSWORD}"\r\nb LOGOUT\r\n'.encode())
+        flush()
+        text = b""
+        while b"b OK" not in text:
+            try:
+                text += tls.read(65536)
+            except ssl.SSLWantReadError:
+                assert feed(TIMEOUT), text
+        assert b"* BYE" in text
+        start = time.monotonic()
+        with suppress(ConnectionError):
+            while feed(10.0):  # TimeoutError here: the server held the socket open
+                pass
+        assert time.monotonic() - start < 5.0
+
+
+def test_imap_server_keeps_a_live_session_open(servers: IMAPServers) -> None:
+    # Twin: without BYE nothing is closed; the session still answers after the grace.
+    with closing(servers.raw(tls=True)) as raw:
+        raw.send(f'a LOGIN {USER} "{PASSWORD}"\r\n'.encode())
+        raw.read_until(rb"a OK.*\r\n")
+        assert raw.read_until(rb"never", timeout=1.5) == b""
+        raw.send(b"b NOOP\r\n")
+        assert raw.read_until(rb"b .*\r\n").startswith(b"b OK")
