@@ -218,7 +218,8 @@ def _add_probe_options(probe: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the session transcript of every connection after the steps (credentials "
         "redacted, message content as its size and SHA-256); without it, only a failed "
-        "probe prints one: that of the connection it failed on",
+        "probe prints one: that of the connection it failed on. With --count, the runs that "
+        "passed keep their transcripts only in the latest run of each path (--json too)",
     )
     probe.add_argument(
         "--junit-xml", metavar="FILE", help="also write the results as JUnit XML to FILE"
@@ -451,6 +452,12 @@ def _repeat(
         ]
         if check is not None:
             check()
+        if results:
+            # A passing run's transcripts are shown only for the latest run of its path: the
+            # earlier ones are dropped, so that memory stays bounded however large --count.
+            for earlier in results[-len(batch) :]:
+                if earlier.ok:
+                    earlier.transcripts = []
         results += batch
         if args.count > 1 and not args.json:
             _progress(run + 1, args.count, batch, results, sys.stderr)

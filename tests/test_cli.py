@@ -661,3 +661,23 @@ def test_cli_probe_json_carries_redacted_transcripts(
     assert all(line["t"] >= 0 for t in result["transcripts"] for line in t["lines"])
     for secret in _secret_forms(stack):
         assert secret not in text
+
+
+def test_cli_probe_count_keeps_transcripts_of_the_latest_passing_run_only(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["probe", "--json", "--count", "3"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [bool(r["transcripts"]) for r in results] == [False] * 4 + [True] * 2
+
+
+@pytest.mark.usefixtures("passwords")
+def test_cli_probe_count_keeps_transcripts_of_every_failed_run(
+    stack: MailStack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ROUNDTRIP_IMAP_PASSWORD", "not-the-password")
+    smtp, imap, _ = _urls(stack)
+    argv = ["probe", "--smtp", smtp, "--imap", imap, "--cafile", stack.ca_file, "--json"]
+    assert main([*argv, "--count", "3"]) == 1
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [[t["failed"] for t in r["transcripts"]] for r in results] == [[False, True]] * 3

@@ -16,7 +16,7 @@ import re
 import ssl
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..config import Endpoint
@@ -88,13 +88,10 @@ class ProbeResult:
     transcripts_omitted: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        transcripts, self.transcripts = self.transcripts, []
-        try:
-            data = asdict(self)
-        finally:
-            self.transcripts = transcripts
+        # A transcript has its own JSON form (its kept lines, with the omission marker).
+        data = asdict(replace(self, transcripts=[]))
         data["steps"] = [asdict(s) for s in self.steps]
-        data["transcripts"] = [t.as_dict() for t in transcripts]
+        data["transcripts"] = [t.as_dict() for t in self.transcripts]
         return data
 
 
