@@ -344,7 +344,7 @@ class POP3Connection:
             entry = self._commands.get(verb) if verb.isalpha() else None
             if entry is None:
                 raise _CommandError("unknown command", bad=True)
-            scan = verb not in ("LIST", "UIDL") or not arg_bytes.strip()
+            scan = verb not in ("LIST", "UIDL") or not arg_bytes.strip(_SP)
             if self._over_budget(verb if scan else ""):
                 return
             handler, states = entry
@@ -355,7 +355,7 @@ class POP3Connection:
                 arg = arg_bytes.decode("utf-8", "surrogateescape")
             else:
                 try:
-                    arg = arg_bytes.decode("ascii").strip()
+                    arg = arg_bytes.decode("ascii").strip(" ")
                 except UnicodeDecodeError:
                     raise _CommandError("arguments must be ASCII", bad=True) from None
                 if "\x00" in arg:
@@ -475,8 +475,8 @@ class POP3Connection:
             return
         if mechanism.upper() != "PLAIN":
             raise _CommandError("unsupported authentication mechanism", bad=True)
-        if initial.strip():
-            self._auth_plain_response(initial.strip().encode("ascii"))
+        if initial.strip(" "):
+            self._auth_plain_response(initial.strip(" ").encode("ascii"))
         else:
             # RFC 5034 section 4: an empty challenge is "+ " and the response comes on its own line.
             self._out += b"+ " + CRLF
@@ -550,7 +550,7 @@ class POP3Connection:
         return number
 
     def _entry(self, arg: str) -> tuple[int, _Entry]:
-        args = arg.split()
+        args = _split_args(arg)
         if len(args) != 1:
             raise _CommandError("expected one message number", bad=True)
         number = self._number(args[0])
@@ -582,7 +582,7 @@ class POP3Connection:
         self._write_multiline("unique-id listing follows", body)
 
     def _cmd_TOP(self, arg: str) -> None:
-        args = arg.split()
+        args = _split_args(arg)
         if len(args) != 2:
             raise _CommandError("TOP needs a message number and a line count", bad=True)
         number = self._number(args[0])
@@ -625,3 +625,14 @@ class POP3Connection:
         left = len(self._messages) - len(self._deleted)
         self._close()
         self._write(f"+OK {self.hostname} roundtrip POP3 server signing off ({left} messages left)")
+
+
+#: RFC 1939 section 3: arguments are separated by a single SPACE. ``str.split()`` would also
+#: split on the ASCII separators 0x1c-0x1f (and ``strip()`` remove them), making ``LIST \x1c``
+#: a scan listing; they are ordinary (invalid) argument characters here.
+_SP = b" "
+
+
+def _split_args(arg: str) -> list[str]:
+    """The arguments of a command line, split on SPACE only."""
+    return [part for part in arg.split(" ") if part]

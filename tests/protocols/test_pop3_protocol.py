@@ -580,3 +580,17 @@ def test_pop3_tls_started_without_stls(store: Store) -> None:
     conn = connect(store, secure=False, starttls=True)
     with pytest.raises(LocalProtocolError):
         conn.tls_started()
+
+
+@pytest.mark.parametrize("sep", ["\x1c", "\x1d", "\x1e", "\x1f", "\x0b", "\x0c"])
+def test_pop3_arguments_split_on_space_only(store: Store, sep: str) -> None:
+    """RFC 1939 section 3: a SPACE separates arguments. A control character is no separator
+    (str.split() took 0x1c-0x1f for whitespace: ``LIST \\x1c`` became the scan listing)."""
+    conn = login(store, max_bad_commands=10)
+    for verb in ("LIST", "UIDL"):
+        reply = talk(conn, f"{verb} {sep}\r\n".encode("latin-1"))
+        assert reply.startswith(b"-ERR") and reply.count(b"\r\n") == 1, reply
+    assert talk(conn, f"TOP 1{sep}0\r\n".encode("latin-1")).startswith(b"-ERR")
+    # Twin: the same commands with a plain SPACE work.
+    assert talk(conn, b"LIST 1\r\n").startswith(b"+OK 1 ")
+    assert talk(conn, b"TOP 1 0\r\n").startswith(b"+OK")
