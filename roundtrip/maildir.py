@@ -629,6 +629,9 @@ class MaildirStore(Store):
                 continue  # a duplicated UID in a damaged log: renumber it
             box._add(msg)
         box.uidnext = uidlist.uidnext
+        # \Recent (RFC 3501 2.3.2) is not kept on disk: what the log knew before this start
+        # was seen by some earlier session; files dropped in since (below) are new arrivals.
+        box.first_recent_uid = box.uidnext
         fresh: list[_MaildirMessage] = []
         for mtime, filename, sub, size in sorted(strays):
             info = filename.partition(fmt.INFO)[2]

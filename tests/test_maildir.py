@@ -819,3 +819,21 @@ def test_maildir_stack_storage_failure_is_451_not_250(
     assert _tree(root) == tree
     assert maildir_stack.store.messages(ALICE) == []
     maildir_stack.check()
+
+
+def test_maildir_recent_after_restart_only_for_files_dropped_in(tmp_path: Path) -> None:
+    """\\Recent is not kept on disk: after a restart, messages the store already knew are not
+    recent (some earlier session saw them); a file another tool dropped into new/ is."""
+    root = tmp_path / "mail"
+    with MaildirStore(root) as first:
+        first.add_user("u@example.com", "pw")
+        first.deliver("u@example.com", b"Subject: a\r\n\r\na\r\n")
+        first.deliver("u@example.com", b"Subject: b\r\n\r\nb\r\n")
+    with MaildirStore(root) as second:
+        assert second.claim_recent("u@example.com", "INBOX") == (3, 3)  # nothing recent
+    new_dir = next(root.rglob("new"))
+    (new_dir / "1700000000.dropped.host").write_bytes(b"Subject: c\r\n\r\nc\r\n")
+    with MaildirStore(root) as third:
+        first_uid, end = third.claim_recent("u@example.com", "INBOX")
+        assert (first_uid, end) == (3, 4)  # the dropped-in file, and only it
+        assert third.claim_recent("u@example.com", "INBOX") == (4, 4)  # claimed once
