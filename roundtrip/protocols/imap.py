@@ -14,9 +14,8 @@ RFC 3501 section 3 defines the states that ``IMAPState`` names:
     ``SUBSCRIBE``/``UNSUBSCRIBE``, ``LIST``/``LSUB`` (with ``\\HasChildren``/``\\HasNoChildren``
     and RFC 6154 SPECIAL-USE attributes), ``STATUS``, ``APPEND`` (RFC 7889 APPENDLIMIT, RFC 4315
     APPENDUID), ``NAMESPACE`` (RFC 2342), ``ENABLE`` (RFC 5161, enables nothing), ``IDLE``
-    (RFC 2177). LIST patterns are matched by ``_imapparse.ListPattern`` (linear time, no
-    regex). RENAME refuses to move a mailbox under itself (``NO [CANNOT]``); APPEND refuses a
-    header that SMTP DATA would refuse (``max_header_size``, ``max_hops``: ``NO [LIMIT]``).
+    (RFC 2177). RENAME refuses to move a mailbox under itself (``NO [CANNOT]``); APPEND refuses
+    a header that SMTP DATA would refuse (``max_header_size``, ``max_hops``: ``NO [LIMIT]``).
 ``SELECTED``
     Also ``CHECK``, ``CLOSE``, ``UNSELECT`` (RFC 3691), ``EXPUNGE``, ``SEARCH``, ``FETCH``,
     ``STORE``, ``COPY``, ``MOVE`` (RFC 6851) and their ``UID`` forms, ``UID EXPUNGE`` (RFC 4315).
@@ -41,22 +40,19 @@ many commands`` (or ``Too many NOOP commands``; RFC 5530 LIMIT) and ends the ses
 around goes to ``on_error`` (the stack's thread-error recorder): the client gets a well-formed
 answer, the test a failure.
 
-Where each part lives: this module holds the states, framing, dispatch, error replies, output and
-the handlers; the rules they apply are pure functions elsewhere. ``_imapparse``: framing and the
-grammar (literal sizes are checked before ``+`` is sent; non-synchronising literals, RFC 7888,
-that are refused end the session with ``* BYE [TOOBIG]``), sequence sets, LIST
-patterns (``ListPattern``, linear time, no regex). ``_imapwire``: arguments, flags, mailbox
-names, quoting, the ``NO`` exception. ``_imapauth``: CAPABILITY, LOGIN, SASL PLAIN.
-``_imapmailbox``: SELECT, CREATE, RENAME, LIST/LSUB, STATUS, APPEND. ``_imapview``: the
-selected mailbox, its updates and SEARCH. ``_imapfetch``: FETCH items and responses, STORE
-flags. ``_imapsearch``: SEARCH keys. ``_imapstore``: the store ``Protocol`` classes (re-exported
-here). ``_mime``: ENVELOPE, BODYSTRUCTURE, sections.
+Where each part lives: here the states, framing, dispatch, error replies, output and handlers;
+the rules are pure functions elsewhere. ``_imapparse``: framing and grammar (literal sizes are
+checked before ``+``; a refused RFC 7888 non-synchronising literal ends the session with ``*
+BYE [TOOBIG]``), sequence sets, LIST patterns (``ListPattern``: linear time, no regex).
+``_imapwire``: arguments, flags, names, quoting, the ``NO`` exception. ``_imapauth``: CAPABILITY,
+LOGIN, SASL PLAIN. ``_imapmailbox``: SELECT, CREATE, RENAME, LIST/LSUB, STATUS, APPEND.
+``_imapview``: the selected mailbox, its updates, SEARCH, ``\\Recent`` (RFC 3501 2.3.2) and
+keyword announcements (7.2.6). ``_imapfetch``: FETCH and STORE. ``_imapsearch``: SEARCH keys.
+``_imapstore``: the store protocols (re-exported). ``_mime``: ENVELOPE, BODYSTRUCTURE, sections.
 
-``\\Recent`` (RFC 3501 2.3.2) and keyword announcements (7.2.6) live in ``_imapview``.
-
-Deliberately unsupported: CONDSTORE/QRESYNC, BINARY, MULTIAPPEND,
-CATENATE, SORT/THREAD, LIST-EXTENDED return options (selection ``(SPECIAL-USE)`` is honoured),
-UTF8=ACCEPT, SASL mechanisms other than PLAIN, and ACLs.
+Deliberately unsupported: CONDSTORE/QRESYNC, BINARY, MULTIAPPEND, CATENATE, SORT/THREAD,
+LIST-EXTENDED return options (selection ``(SPECIAL-USE)`` is honoured), UTF8=ACCEPT, SASL
+mechanisms other than PLAIN, and ACLs.
 """
 
 from __future__ import annotations
@@ -230,11 +226,11 @@ class IMAPConnection:
             "CLOSE": (self._cmd_CLOSE, sel),
             "UNSELECT": (self._cmd_UNSELECT, sel),
             "EXPUNGE": (self._cmd_EXPUNGE, sel),
-            "SEARCH": (self._cmd_SEARCH, sel),
-            "FETCH": (self._cmd_FETCH, sel),
-            "STORE": (self._cmd_STORE, sel),
-            "COPY": (self._cmd_COPY, sel),
-            "MOVE": (self._cmd_MOVE, sel),
+            "SEARCH": (functools.partial(self._search, uid=False), sel),
+            "FETCH": (functools.partial(self._fetch, uid=False), sel),
+            "STORE": (functools.partial(self._store, uid=False), sel),
+            "COPY": (functools.partial(self._copy, uid=False, move=False), sel),
+            "MOVE": (functools.partial(self._copy, uid=False, move=True), sel),
             "UID": (self._cmd_UID, sel),
         }
 
@@ -712,16 +708,10 @@ class IMAPConnection:
         else:
             raise ParseError(f"Unknown UID command {safe(sub[:20])}")
 
-    def _cmd_SEARCH(self, tag: str, args: list[Token]) -> None:
-        self._search(tag, args, uid=False)
-
     def _search(self, tag: str, args: list[Token], *, uid: bool) -> None:
         hits = self._selected().search(args, uid=uid, on_error=self._on_error)
         self._send("* SEARCH" + "".join(f" {n}" for n in hits))
         self._tagged(tag, "OK", "SEARCH completed")
-
-    def _cmd_FETCH(self, tag: str, args: list[Token]) -> None:
-        self._fetch(tag, args, uid=False)
 
     def _fetch(self, tag: str, args: list[Token], *, uid: bool) -> None:
         view = self._selected()
@@ -758,9 +748,6 @@ class IMAPConnection:
                 self._out += chunk
         self._tagged(tag, "OK", "FETCH completed")
 
-    def _cmd_STORE(self, tag: str, args: list[Token]) -> None:
-        self._store(tag, args, uid=False)
-
     def _store(self, tag: str, args: list[Token], *, uid: bool) -> None:
         view = self._selected()
         item, silent, flags = _imapfetch.parse_store(args)
@@ -772,12 +759,6 @@ class IMAPConnection:
             self.store.set_flags(self._address(), view.box.name, updates)
         self._send_all(view.flag_responses(indices, silent=silent, uid=uid))
         self._tagged(tag, "OK", "STORE completed")
-
-    def _cmd_COPY(self, tag: str, args: list[Token]) -> None:
-        self._copy(tag, args, uid=False, move=False)
-
-    def _cmd_MOVE(self, tag: str, args: list[Token]) -> None:
-        self._copy(tag, args, uid=False, move=True)
 
     def _copy(self, tag: str, args: list[Token], *, uid: bool, move: bool) -> None:
         view = self._selected()
