@@ -4,22 +4,30 @@ Theory of operation
 -------------------
 Before authentication CAPABILITY offers ``STARTTLS`` when the adapter can upgrade, and
 ``AUTH=PLAIN`` only over TLS (or with ``allow_plaintext_auth``); otherwise it shows
-``LOGINDISABLED`` and logins get ``NO [PRIVACYREQUIRED]`` (RFC 3501 6.2.3, RFC 8314). The only
-SASL mechanism is PLAIN (RFC 4616), with an initial response (SASL-IR, RFC 4959) or after a
-``+`` continuation. An authorization identity other than the authentication identity is
-refused: no user may act as another. ``IMAPConnection`` keeps the state and the store check;
-passwords never leave these functions except to the store.
+``LOGINDISABLED`` and logins get ``NO [PRIVACYREQUIRED]`` (RFC 3501 6.2.3, RFC 8314). The SASL
+mechanisms are PLAIN (RFC 4616) and the bearer-token ones, XOAUTH2 and OAUTHBEARER (RFC 7628,
+see ``_oauth``), with an initial response (SASL-IR, RFC 4959) or after a ``+`` continuation.
+An authorization identity other than the authentication identity is refused: no user may act
+as another. ``SASLServer`` judges one AUTHENTICATE exchange; ``IMAPConnection`` keeps the
+state. Passwords and tokens never leave these functions except to the store's checks
+(``check_password``, and ``check_token`` where the store has one: tokens are the stack's).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
+from typing import Protocol
 
+from . import _oauth
 from ._imapparse import ParseError, Token
 from ._imapwire import text_arg
 
-__all__ = ["capabilities", "login_args", "sasl_plain"]
+__all__ = ["MECHANISMS", "SASLServer", "capabilities", "login_args", "sasl_plain"]
+
+#: What AUTHENTICATE takes, as advertised (``AUTH=...``).
+MECHANISMS = ("PLAIN", *_oauth.MECHANISMS)
 
 
 def capabilities(
@@ -37,7 +45,7 @@ def capabilities(
         if starttls_available and not secure:
             caps.append("STARTTLS")
         if secure or allow_plaintext_auth:
-            caps.append("AUTH=PLAIN")
+            caps += [f"AUTH={mechanism}" for mechanism in MECHANISMS]
         else:
             caps.append("LOGINDISABLED")
     return " ".join(caps)
@@ -69,3 +77,53 @@ def sasl_plain(data: bytes) -> tuple[str, str] | None:
     if authzid and authzid.lower() != authcid.lower():
         return None
     return authcid, password
+
+
+class PasswordChecker(Protocol):
+    def check_password(self, address: str, password: str) -> bool: ...
+
+
+class SASLServer:
+    """One AUTHENTICATE exchange (``mechanism`` is one of ``MECHANISMS``).
+
+    ``step`` takes each client response and returns the authenticated user (``str``), a
+    challenge for a ``+`` continuation (``bytes``), or None: the exchange failed.
+
+    Args:
+        mechanism: the mechanism named in AUTHENTICATE.
+        store: has ``check_password(user, password)`` and, for tokens, ``check_token(user,
+            token)``; a store without the latter refuses every token.
+    """
+
+    def __init__(self, mechanism: str, store: PasswordChecker) -> None:
+        self.mechanism = mechanism.upper()
+        self._store = store
+        check_token: Callable[[str, str], bool] | None = getattr(store, "check_token", None)
+        self._bearer = (
+            _oauth.BearerExchange(self.mechanism, check_token)
+            if self.mechanism in _oauth.MECHANISMS
+            else None
+        )
+
+    @property
+    def rejected(self) -> bool:
+        """The error status was sent: the next response, ``*`` included, ends in failure."""
+        return self._bearer is not None and self._bearer.rejected
+
+    def step(self, data: bytes) -> str | bytes | None:
+        """Judge one client response.
+
+        Raises:
+            ParseError: the response is not base64.
+        """
+        if self._bearer is not None:
+            try:
+                return self._bearer.step(data)
+            except _oauth.SASLSyntaxError as exc:
+                raise ParseError(str(exc)) from None
+        credentials = sasl_plain(data)
+        if credentials is None or not credentials[0]:
+            return None
+        if not self._store.check_password(*credentials):
+            return None
+        return credentials[0]

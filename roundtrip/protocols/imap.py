@@ -6,8 +6,8 @@ RFC 3501 section 3 defines the states that ``IMAPState`` names:
 
 ``NOT_AUTHENTICATED``
     After the greeting: ``CAPABILITY``, ``NOOP``, ``LOGOUT``, ``ID``, ``STARTTLS`` (RFC 3501
-    6.2.1), ``LOGIN`` and ``AUTHENTICATE PLAIN`` with SASL-IR (RFC 4959). On a connection that is
-    not (yet) TLS, logins are refused with ``NO [PRIVACYREQUIRED]`` and CAPABILITY shows
+    6.2.1), ``LOGIN``, ``AUTHENTICATE`` (PLAIN, XOAUTH2, OAUTHBEARER; SASL-IR). On a connection
+    that is not (yet) TLS, logins are refused with ``NO [PRIVACYREQUIRED]`` and CAPABILITY shows
     ``LOGINDISABLED`` (RFC 3501 6.2.3, RFC 8314), unless ``allow_plaintext_auth``.
 ``AUTHENTICATED``
     Mailbox commands: ``SELECT``/``EXAMINE``, ``CREATE``, ``DELETE``, ``RENAME``,
@@ -186,6 +186,7 @@ class IMAPConnection:
         # What the next raw line means when it is not a command.
         self._idle_tag: str | None = None
         self._sasl_tag: str | None = None
+        self._sasl: _imapauth.SASLServer | None = None
         self._verb = ""
         self._view: MailboxView | None = None
         self._on_error = on_error
@@ -473,15 +474,15 @@ class IMAPConnection:
     def _cmd_LOGIN(self, tag: str, args: list[Token]) -> None:
         user, password = _imapauth.login_args(args)
         self._require_privacy()
-        self._login(tag, user, password)
+        self._login(tag, user if user and self.store.check_password(user, password) else None)
 
     def _auth_failure(self) -> NoResponseError:
         """The one reply for every failed login, and the event that makes the adapter wait."""
         self._events.append(AuthenticationFailed())
         return NoResponseError("Authentication failed.", "AUTHENTICATIONFAILED")
 
-    def _login(self, tag: str, user: str, password: str) -> None:
-        if not user or not self.store.check_password(user, password):
+    def _login(self, tag: str, user: str | None) -> None:
+        if not user:
             raise self._auth_failure()
         self._events.append(AuthenticationSucceeded())
         self.user = user
@@ -492,9 +493,10 @@ class IMAPConnection:
     def _cmd_AUTHENTICATE(self, tag: str, args: list[Token]) -> None:
         if not args or not isinstance(args[0], str) or len(args) > 2:
             raise ParseError("AUTHENTICATE expects a mechanism")
-        if args[0].upper() != "PLAIN":
+        if args[0].upper() not in _imapauth.MECHANISMS:
             raise NoResponseError("Unsupported authentication mechanism", "CANNOT")
         self._require_privacy()
+        self._sasl = _imapauth.SASLServer(args[0], self.store)
         if len(args) == 2:
             self._sasl_response(tag, text_arg(args[1], "initial response"))
         else:
@@ -504,7 +506,7 @@ class IMAPConnection:
     def _sasl_line(self, line: bytes) -> None:
         tag = self._sasl_tag or "*"
         self._sasl_tag = None
-        if line.strip() == b"*":
+        if line.strip() == b"*" and not (self._sasl and self._sasl.rejected):
             self._tagged(tag, "BAD", "Authentication cancelled")
             return
         try:
@@ -513,10 +515,12 @@ class IMAPConnection:
             self._reply_error(tag, exc)
 
     def _sasl_response(self, tag: str, data: bytes) -> None:
-        credentials = _imapauth.sasl_plain(data)
-        if credentials is None:
-            raise self._auth_failure()
-        self._login(tag, *credentials)
+        assert self._sasl is not None
+        result = self._sasl.step(data)
+        if isinstance(result, bytes):  # RFC 7628 3.2.2: the error status, then the failure
+            self._sasl_tag = tag
+            return self._send(b"+ " + result)
+        self._login(tag, result)
 
     # Authenticated
 

@@ -6,10 +6,12 @@ RFC 1939 defines three states, which ``POP3State`` names with the RFC's words:
 
 ``AUTHORIZATION``
     After the greeting. The client may ask for ``CAPA`` (RFC 2449), upgrade with ``STLS``
-    (RFC 2595) and log in with ``USER``/``PASS`` or ``AUTH PLAIN`` (RFC 5034, with or without
-    a SASL initial response). On success the machine takes the exclusive maildrop lock
-    (RFC 1939 section 8) and a snapshot of the INBOX: message numbers, sizes and unique-ids are
-    fixed for the rest of the session, whatever else happens to the store.
+    (RFC 2595) and log in with ``USER``/``PASS`` or ``AUTH`` (RFC 5034, with or without a SASL
+    initial response): PLAIN, or a bearer token with XOAUTH2 or OAUTHBEARER (RFC 7628, see
+    ``_oauth``; a refused token gets the error status as a ``+`` challenge, then
+    ``-ERR [AUTH]``). On success the machine takes the exclusive maildrop lock (RFC 1939
+    section 8) and a snapshot of the INBOX: message numbers, sizes and unique-ids are fixed
+    for the rest of the session, whatever else happens to the store.
 ``TRANSACTION``
     ``STAT``, ``LIST``, ``UIDL``, ``TOP``, ``RETR``, ``DELE``, ``RSET``, ``NOOP``, ``QUIT``.
     ``DELE`` only marks a message.
@@ -37,8 +39,9 @@ listing).
 Replies never echo the client's line, and passwords are neither logged nor repeated.
 
 Deliberately unsupported: APOP (MD5 of a shared secret, RFC 1939 section 7), SASL mechanisms
-other than PLAIN, the ``LOGIN-DELAY`` and ``EXPIRE`` capabilities, and ``UTF8``/``LANG``
-(RFC 6856). ``auth_failure_delay`` is kept for the adapter; the machine itself never waits.
+other than PLAIN, XOAUTH2 and OAUTHBEARER, the ``LOGIN-DELAY`` and ``EXPIRE`` capabilities,
+and ``UTF8``/``LANG`` (RFC 6856). ``auth_failure_delay`` is kept for the adapter; the machine
+itself never waits.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from typing import Protocol
 
 from ..config import MailboxLimits
 from ..errors import LocalProtocolError, RemoteProtocolError, RoundtripError
+from . import _oauth
 from ._lines import (
     CRLF,
     AuthenticationFailed,
@@ -101,6 +105,8 @@ class POP3Store(Protocol):
 
     def check_password(self, address: str, password: str) -> bool: ...
 
+    # Optional: ``check_token(address, token) -> bool``; a store without it refuses every token.
+
     def mailbox(self, address: str, name: str = "INBOX") -> POP3Mailbox: ...
 
     def expunge(self, address: str, mailbox: str, uids: Iterable[int]) -> object: ...
@@ -130,6 +136,8 @@ _NUMBER = re.compile(r"[0-9]{1,10}")
 
 _PLAINTEXT_REFUSED = "Plaintext authentication disallowed on non-secure (SSL/TLS) connections"
 _AUTH_FAILED = "Authentication failed"
+#: RFC 5034 AUTH mechanisms, as listed in CAPA's SASL line.
+_MECHANISMS = ("PLAIN", *_oauth.MECHANISMS)
 
 _A = POP3State.AUTHORIZATION
 _T = POP3State.TRANSACTION
@@ -256,6 +264,7 @@ class POP3Connection:
         self._bad_commands = 0
         self._user: str | None = None
         self._sasl_pending = False
+        self._bearer: _oauth.BearerExchange | None = None
         self._tls_pending = False
         self._address: str | None = None
         self._locked = False
@@ -337,7 +346,7 @@ class POP3Connection:
         try:
             if self._sasl_pending:
                 self._sasl_pending = False
-                self._auth_plain_response(line)
+                self._auth_response(line)
                 return
             verb_bytes, _, arg_bytes = line.partition(b" ")
             verb = verb_bytes.decode("ascii", "replace").upper()
@@ -434,7 +443,7 @@ class POP3Connection:
         caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
         if self.state is POP3State.AUTHORIZATION:
             if self._auth_allowed:
-                caps += ["USER", "SASL PLAIN"]
+                caps += ["USER", "SASL " + " ".join(_MECHANISMS)]
             if self._starttls_available and not self.secure:
                 caps.append("STLS")
         caps.append("IMPLEMENTATION roundtrip")
@@ -473,14 +482,37 @@ class POP3Connection:
             # The draft-era "AUTH" listing some clients still send before CAPA.
             self._write_multiline("SASL mechanisms follow", b"PLAIN\r\n")
             return
-        if mechanism.upper() != "PLAIN":
+        if mechanism.upper() not in _MECHANISMS:
             raise _CommandError("unsupported authentication mechanism", bad=True)
+        self._bearer = None
+        if mechanism.upper() in _oauth.MECHANISMS:
+            check_token = getattr(self._store, "check_token", None)
+            self._bearer = _oauth.BearerExchange(mechanism, check_token)
         if initial.strip(" "):
-            self._auth_plain_response(initial.strip(" ").encode("ascii"))
+            self._auth_response(initial.strip(" ").encode("ascii"))
         else:
             # RFC 5034 section 4: an empty challenge is "+ " and the response comes on its own line.
             self._out += b"+ " + CRLF
             self._sasl_pending = True
+
+    def _auth_response(self, line: bytes) -> None:
+        bearer = self._bearer
+        if bearer is None:
+            self._auth_plain_response(line)
+            return
+        if line == b"*" and not bearer.rejected:
+            raise _CommandError("authentication cancelled", code="AUTH")
+        try:
+            result = bearer.step(line)
+        except _oauth.SASLSyntaxError:
+            raise _CommandError("invalid base64 in SASL response", bad=True) from None
+        if isinstance(result, bytes):  # RFC 7628 3.2.2: the error status, then the failure
+            self._out += b"+ " + result + CRLF
+            self._sasl_pending = True
+        elif result is None:
+            raise self._auth_failure()
+        else:
+            self._login(result, None)
 
     def _auth_plain_response(self, line: bytes) -> None:
         if line == b"*":
@@ -505,8 +537,10 @@ class POP3Connection:
         self._auth_events.append(AuthenticationFailed())
         return _CommandError(_AUTH_FAILED, code="AUTH", bad=True)
 
-    def _login(self, address: str, password: str) -> None:
-        if not address or not self._store.check_password(address, password):
+    def _login(self, address: str, password: str | None) -> None:
+        """Log ``address`` in; a password of None means a token already proved who it is."""
+        verified = password is None or self._store.check_password(address, password)
+        if not address or not verified:
             # One reply for unknown users and wrong passwords: nothing tells them apart.
             raise self._auth_failure()
         if not self._store.lock_maildrop(address):

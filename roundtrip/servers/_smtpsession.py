@@ -21,7 +21,9 @@ are enforced here:
 - deadlines instead of aiosmtpd's timer (restarted by every valid command, so a trickling
   client could hold a session forever): each command line must arrive within ``idle_timeout``
   of our last reply, and DATA must keep up a minimum rate; trickling extends neither;
-- AUTH: a growing delay per client IP before AUTH is answered (Dovecot's auth penalty, applied
+- AUTH: the bearer-token mechanisms XOAUTH2 and OAUTHBEARER (RFC 7628, ``protocols._oauth``:
+  a refused token gets the JSON error status in a 334, and 535 after the client's reply);
+  a growing delay per client IP before AUTH is answered (Dovecot's auth penalty, applied
   before the credentials are checked, so timing tells nothing), a cap per connection, 503 for
   AUTH during a transaction, and 500 5.5.6 for an over-long SASL line;
 - a client that talks before the banner (pregreet) gets 554 5.5.0 and is dropped. Postfix's
@@ -61,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, syntax
 
 from ..config import SMTPLimits
+from ..protocols import _oauth
 from ..protocols.smtp import (
     AuthPenalties,
     ConnectionCounts,
@@ -601,6 +604,36 @@ class SMTPSession(SMTP):
         if not plain_identity_permitted(authzid, login):
             return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8
         return self._authenticate("PLAIN", LoginPassword(login, password))
+
+    async def auth_XOAUTH2(self, _: Any, args: list[str]) -> AuthResult:
+        """XOAUTH2: a bearer token the stack issued (``protocols._oauth``)."""
+        return await self._auth_bearer("XOAUTH2", args)
+
+    async def auth_OAUTHBEARER(self, _: Any, args: list[str]) -> AuthResult:
+        """OAUTHBEARER (RFC 7628): a bearer token the stack issued (``protocols._oauth``)."""
+        return await self._auth_bearer("OAUTHBEARER", args)
+
+    async def _auth_bearer(self, mechanism: str, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            response = await self.challenge_auth("")
+            if response is MISSING:
+                return AuthResult(success=False)
+        else:
+            try:
+                response = b64decode(args[1].encode("ascii"), validate=True)
+            except (binascii.Error, UnicodeEncodeError):
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        credentials = _oauth.parse_response(mechanism, response)
+        if credentials is None:
+            return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8
+        result = self._authenticate(mechanism, credentials)
+        if not result.success:
+            # RFC 7628 section 3.2.2: the error status, then whatever the client answers
+            # (a dummy "AQ==", an empty line or "*"), then the failure, 535 5.7.8.
+            await self.push(b"334 " + b64encode(_oauth.error_status()))
+            await self._read_line()
+        return result
 
     async def challenge_auth(
         self,

@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from ..config import SMTPLimits
 from ..errors import ContentRejectedError, MailboxError, StorageError
+from ..protocols._oauth import BearerCredentials
 from ..protocols.smtp import (
     AuthPenalties,
     ConnectionCounts,
@@ -113,8 +114,10 @@ class SMTPHandler:
         reject_foreign_from: bool = False,
         on_error: Callable[[BaseException], None] | None = None,
         limits: SMTPLimits | None = None,
+        check_token: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.role = role
+        self._check_token = check_token
         self.domain = domain
         self.hostname = hostname
         self._local_domains = local_domains
@@ -220,7 +223,17 @@ class SMTPHandler:
     def authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
     ) -> AuthResult:
-        """aiosmtpd authenticator: the same 535 for an unknown user and a wrong password."""
+        """aiosmtpd authenticator: the same 535 for an unknown user and a wrong password.
+
+        ``auth_data`` is a ``LoginPassword`` (PLAIN, LOGIN) or a ``BearerCredentials``
+        (XOAUTH2, OAUTHBEARER), checked with ``check_token``; no token passes without one.
+        """
+        if isinstance(auth_data, BearerCredentials):
+            check = self._check_token
+            user, token = auth_data.user, auth_data.token
+            if self.role is Role.SMTP or check is None or not check(user, token):
+                return AuthResult(success=False, handled=False)
+            return AuthResult(success=True, auth_data=user)
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         user = auth_data.login.decode("utf-8", "replace")

@@ -110,6 +110,8 @@ class Listeners:
         accepts_recipient: whether an address may be a recipient at its domain's MX.
         router: what SMTP calls with each accepted message (see ``servers.smtp.Router``).
         on_error: where the servers report exceptions of ours.
+        check_token: ``(user, token) -> bool`` for the XOAUTH2 and OAUTHBEARER logins of
+            submission, IMAP and POP3 (the stack's issued tokens); None refuses every token.
     """
 
     config: StackConfig
@@ -117,6 +119,7 @@ class Listeners:
     accepts_recipient: Callable[[str], bool]
     router: Callable[[Any], None]
     on_error: Callable[[BaseException], None]
+    check_token: Callable[[str, str], bool] | None = None
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
     connections: list[set[Any]] = field(default_factory=list)
 
@@ -165,6 +168,7 @@ class Listeners:
             reject_foreign_from=config.from_header_policy == "reject",
             on_error=self.on_error,
             limits=config.smtp_limits,
+            check_token=self.check_token,
         )
         return start_smtp(
             handler,
@@ -190,11 +194,12 @@ class Listeners:
         imap = row.kind == "imap"
         idle = timeouts.imap_idle_timeout if imap else timeouts.pop3_idle_timeout
         budgets = self.config.mailbox_limits
+        store = _WithTokens(self.store, self.check_token)
         if imap:
             # APPEND is held to what SMTP DATA accepts: the message size (APPENDLIMIT, RFC
             # 7889), the largest header field and the number of Received fields.
             return start_imap(
-                self.store,
+                store,
                 **self._mailbox_common(row, hostname, host, port, tls, penalties, idle),
                 command_limits=budgets.imap_command_limits,
                 max_literal=self.config.max_message_size,
@@ -202,7 +207,7 @@ class Listeners:
                 max_hops=limits.max_hops,
             )
         return start_pop3(
-            self.store,
+            store,
             **self._mailbox_common(row, hostname, host, port, tls, penalties, idle),
             command_limits=budgets.pop3_command_limits,
         )
@@ -279,6 +284,25 @@ class Listeners:
                 conn.abort()
         for server in self.servers:
             server.close()
+
+
+class _WithTokens:
+    """The store as the IMAP and POP3 machines see it, plus ``check_token``.
+
+    The machines look for ``check_token`` on their store (``protocols._imapauth``,
+    ``protocols.pop3``); the tokens themselves are the stack's, not the store's.
+    """
+
+    def __init__(self, store: Store, check_token: Callable[[str, str], bool] | None) -> None:
+        self._store = store
+        self._check_token = check_token
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def check_token(self, address: str, token: str) -> bool:
+        check = self._check_token
+        return check is not None and check(address, token)
 
 
 def _bound_port(server: Any) -> int:
