@@ -15,6 +15,7 @@ says why). ``MailStack`` is a facade over the parts in this package:
 from __future__ import annotations
 
 import asyncio
+import secrets
 import ssl
 import threading
 import time
@@ -29,6 +30,7 @@ from ..config import Endpoint, StackConfig, User
 from ..errors import ConfigError, NotDeliveredError, RoundtripError, ServerStartError
 from ..maildir import MaildirStore
 from ..message import ReceivedMessage
+from ..protocols._oauth import TokenTable
 from ..protocols.dns import Record, Zone, build_zone, default_records
 from ..protocols.filter import ContentFilter, default_filter
 from ..protocols.tlspolicy import TLSPolicy, parse_policy, sts_record
@@ -101,6 +103,7 @@ class MailStack:
         self._default_zone: Zone | None = None
         self._dns_changed = False
         self._journeys = Journeys()
+        self._tokens = TokenTable(time.time)  # oauth_token(): XOAUTH2 / OAUTHBEARER logins
         self._relay_changed = threading.Condition()
         self._relay_queue: list[QueuedMessage] = []
         self._delivery_callbacks: list[Callable[[DeliveredMessage], None]] = []
@@ -197,6 +200,7 @@ class MailStack:
             accepts_recipient=self._router.accepts,
             router=self._router.route,
             on_error=self._thread.record_error,
+            check_token=self._tokens.check,
         )
         for index, domain in enumerate(self.config.domains):
             # The leaf names the address too: clients dial what `serve` prints (127.0.0.N).
@@ -314,6 +318,7 @@ class MailStack:
             self.mx_ports = {ep.hostname: ep.ports["smtp"] for ep in self.domains.values()}
             self.tls_policies = self.default_tls_policies()
         self.store.clear()
+        self._tokens.clear()
         self.faults = Faults()
         self.content_filter = default_filter
         if self._thread is not None:
@@ -472,6 +477,20 @@ class MailStack:
             ConfigError: no such domain or user.
         """
         return self.config.user(domain)
+
+    def oauth_token(self, user: User | str, *, lifetime: float = 3600.0) -> str:
+        """A new OAuth 2.0 bearer token for ``user``'s XOAUTH2 and OAUTHBEARER logins (RFC
+        7628) on submission, IMAP and POP3. It is random, opens only ``user``'s mailbox,
+        expires after ``lifetime`` seconds (0 or less: already expired) and is forgotten by
+        :meth:`reset`.
+
+        Raises:
+            ConfigError: ``user`` is not a user of this stack.
+        """
+        address = self.config.user(user if isinstance(user, str) else user.address).address
+        token = secrets.token_urlsafe(32)
+        self._tokens.issue(address, token, lifetime=lifetime)
+        return token
 
     def endpoints(self, domain: str | None = None) -> DomainEndpoints:
         """The endpoints of ``domain`` (the first domain by default)."""
