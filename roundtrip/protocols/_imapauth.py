@@ -1,4 +1,4 @@
-"""Authentication rules of the IMAP machine: capabilities, LOGIN arguments, SASL PLAIN.
+"""Authentication rules of the IMAP machine: capabilities, LOGIN arguments, SASL exchanges.
 
 Theory of operation
 -------------------

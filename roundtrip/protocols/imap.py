@@ -45,7 +45,7 @@ the rules are pure functions elsewhere. ``_imapparse``: framing and grammar (lit
 checked before ``+``; a refused RFC 7888 non-synchronising literal ends the session with ``*
 BYE [TOOBIG]``), sequence sets, LIST patterns (``ListPattern``: linear time, no regex).
 ``_imapwire``: arguments, flags, names, quoting, the ``NO`` exception. ``_imapauth``: CAPABILITY,
-LOGIN, SASL PLAIN. ``_imapmailbox``: SELECT, CREATE, RENAME, LIST/LSUB, STATUS, APPEND.
+LOGIN, SASL (PLAIN, OAuth). ``_imapmailbox``: SELECT, CREATE, RENAME, LIST/LSUB, STATUS, APPEND.
 ``_imapview``: the selected mailbox, its updates, SEARCH, ``\\Recent`` (RFC 3501 2.3.2) and
 keyword announcements (7.2.6). ``_imapfetch``: FETCH and STORE. ``_imapsearch``: SEARCH keys.
 ``_imapstore``: the store protocols (re-exported). ``_mime``: ENVELOPE, BODYSTRUCTURE, sections.
