@@ -16,6 +16,9 @@ Criteria combine with AND:
 - ``headers``: ``{name: value}``; each value exact (surrounding space ignored) or a compiled
   regular expression; any occurrence of a repeated header may match.
 - ``body_contains``: a substring of the text body or of the HTML body.
+- ``auth``: ``{method: result}`` read from the topmost Authentication-Results field (what the
+  receiving MX found): ``{"dkim": "pass"}`` holds when that field has at least one ``dkim``
+  result and every one of them is ``pass`` (so one failing signature of two does not hide).
 - ``match``: any predicate, for example :func:`header_matches` or :func:`body_contains`
   (these two describe themselves in failure messages).
 
@@ -133,11 +136,12 @@ class Criteria:
     match: Callable[[ReceivedMessage], bool] | None = None
     headers: Mapping[str, TextPattern] | None = None
     body_contains: str | None = None
+    auth: Mapping[str, str] | None = None
 
     def count(self) -> int:
-        """How many criteria are given (each header counts as one)."""
+        """How many criteria are given (each header or auth method counts as one)."""
         given = [self.to, self.subject, self.sender, self.match, self.body_contains]
-        return sum(v is not None for v in given) + len(self.headers or {})
+        return sum(v is not None for v in given) + len(self.headers or {}) + len(self.auth or {})
 
     def failures(self, message: ReceivedMessage) -> list[str]:
         """Names of the criteria ``message`` does not meet (empty: it matches)."""
@@ -153,6 +157,10 @@ class Criteria:
                 failed.append(f"header {name}")
         if self.body_contains is not None and not _body_has(message, self.body_contains):
             failed.append("body")
+        for method, wanted in (self.auth or {}).items():
+            found = [r.result for r in message.auth.of(method)]
+            if not found or any(r != wanted.lower() for r in found):
+                failed.append(f"auth {method}")
         if self.match is not None and not self.match(message):
             failed.append("match")
         return failed
@@ -177,6 +185,8 @@ class Criteria:
             parts.append(f"with header {name} {op} {shown!r}")
         if self.body_contains is not None:
             parts.append(f"with body containing {self.body_contains!r}")
+        for method, wanted in (self.auth or {}).items():
+            parts.append(f"with {method}={wanted}")
         if self.match is not None:
             described = getattr(self.match, "description", None)
             fname = getattr(self.match, "__name__", None)
@@ -272,12 +282,14 @@ def assert_delivered(
     match: Callable[[ReceivedMessage], bool] | None = None,
     headers: Mapping[str, TextPattern] | None = None,
     body_contains: str | None = None,
+    auth: Mapping[str, str] | None = None,
 ) -> list[M]:
     """Assert that ``count`` of ``messages`` meet every given criterion, and return them.
 
     Args:
         messages: what arrived (``mailstack.messages()``, parsed IMAP/POP3 downloads ...).
-        to, subject, sender, match, headers, body_contains: the criteria (module docstring).
+        to, subject, sender, match, headers, body_contains, auth: the criteria (module
+            docstring).
         count: how many must match exactly; ``None`` means at least one.
 
     Returns:
@@ -291,7 +303,7 @@ def assert_delivered(
     __tracebackhide__ = True  # the report shows the test's line, not ours
     if count is not None and count < 0:
         raise ConfigError(f"count must be >= 0 or None, got {count}")
-    criteria = Criteria(to, subject, sender, match, headers, body_contains)
+    criteria = Criteria(to, subject, sender, match, headers, body_contains, auth)
     arrived = list(messages)
     matched = criteria.select(arrived)
     if (count is None and matched) or len(matched) == count:
@@ -323,6 +335,7 @@ def assert_not_delivered(
     match: Callable[[ReceivedMessage], bool] | None = None,
     headers: Mapping[str, TextPattern] | None = None,
     body_contains: str | None = None,
+    auth: Mapping[str, str] | None = None,
 ) -> None:
     """Assert that none of ``messages`` meets every given criterion.
 
@@ -332,7 +345,7 @@ def assert_not_delivered(
         AssertionError: something matched; the message lists what.
     """
     __tracebackhide__ = True  # the report shows the test's line, not ours
-    criteria = Criteria(to, subject, sender, match, headers, body_contains)
+    criteria = Criteria(to, subject, sender, match, headers, body_contains, auth)
     matched = criteria.select(messages)
     if not matched:
         return
@@ -446,6 +459,13 @@ def _near_miss(criteria: Criteria, arrived: Sequence[ReceivedMessage]) -> list[s
             lines += _diff([wanted], values, name)
     elif what == "body":
         lines += _body_near_miss(criteria.body_contains or "", message)
+    elif what.startswith("auth "):
+        method = what[len("auth ") :]
+        found = [
+            f"{r.result}" + (f" ({r.reason})" if r.reason else "") for r in message.auth.of(method)
+        ]
+        where = message.auth.authserv_id or "no Authentication-Results field"
+        lines.append(f"  {method} results at {where}: {', '.join(found) or 'none reported'}")
     return lines
 
 

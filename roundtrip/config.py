@@ -330,6 +330,11 @@ class StackConfig:
     #: its MX with ``MailStack.set_dns_records`` and, if not on 25, ``MailStack.mx_ports``; its
     #: TLS policy with ``relay_tls`` or ``MailStack.tls_policies``, opportunistic by default).
     routed_domains: tuple[str, ...] = ()
+    #: Stack domains whose submission does not DKIM-sign (and which get no keys in DNS):
+    #: their mail arrives with ``dkim=none``, as from a domain that never set DKIM up, or
+    #: one whose application signs with its own key (``MailStack.publish_dkim_key``).
+    #: Every other domain signs with an Ed25519 and an RSA-2048 key (RFC 8463 dual signing).
+    dkim_unsigned_domains: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         domains = tuple(dict.fromkeys(parse_domains(self.domains)))
@@ -372,6 +377,14 @@ class StackConfig:
                 f"routed_domains {', '.join(clash)}: a stack domain is served, not routed"
             )
         object.__setattr__(self, "routed_domains", routed)
+        unsigned = tuple(dict.fromkeys(parse_domains(self.dkim_unsigned_domains)))
+        strangers = [d for d in unsigned if d not in domains]
+        if strangers:
+            raise ConfigError(
+                f"dkim_unsigned_domains {', '.join(strangers)}: not a domain of the stack"
+                f" ({', '.join(domains)})"
+            )
+        object.__setattr__(self, "dkim_unsigned_domains", unsigned)
         if self.max_message_size <= 0:
             raise ConfigError("max_message_size must be positive")
         if self.from_header_policy not in ("accept", "reject"):
@@ -441,6 +454,8 @@ class StackConfig:
                 kwargs["catch_all"] = tuple(_as_list(value))
             elif key == "routed_domains":
                 kwargs["routed_domains"] = parse_domains(value)
+            elif key == "dkim_unsigned_domains":
+                kwargs["dkim_unsigned_domains"] = parse_domains(value)
             elif key == "tls":
                 kwargs["tls"] = parse_tls_mode(value)
             elif key == "timeout":

@@ -22,7 +22,7 @@ import contextlib
 import email.errors
 import hashlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from email import policy
@@ -31,12 +31,18 @@ from email.message import Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parsedate_to_datetime
 from html.parser import HTMLParser
+from types import MappingProxyType
+
+import authres  # type: ignore[import-untyped]
 
 __all__ = [
     "Attachment",
+    "AuthResult",
+    "AuthResults",
     "Headers",
     "ReceivedHop",
     "ReceivedMessage",
+    "parse_auth_results",
     "parse_received",
 ]
 
@@ -73,6 +79,75 @@ def _unsurrogate(text: str) -> str:
 
 def _unfold(text: str) -> str:
     return re.sub(r"\r?\n(?=[ \t])", "", text).replace("\r", "").replace("\n", "")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    """One ``method=result`` of an Authentication-Results field (RFC 8601 section 2.2).
+
+    Attributes:
+        method: ``dkim``, ``spf``, ``dmarc`` ... (lower case).
+        result: ``pass``, ``fail``, ``none``, ``permerror`` ... (lower case).
+        reason: the ``reason=`` text, or ``None``.
+        properties: ``{"header.d": "example.org", "header.s": "sel", ...}``.
+    """
+
+    method: str
+    result: str
+    reason: str | None = None
+    properties: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResults:
+    """The topmost Authentication-Results field: what the last receiving MX found.
+
+    Attributes:
+        authserv_id: who wrote it (``""`` when there is no such field).
+        results: every result, in order.
+        error: why the field could not be parsed, or ``None``.
+    """
+
+    authserv_id: str = ""
+    results: tuple[AuthResult, ...] = ()
+    error: str | None = None
+
+    def of(self, method: str) -> list[AuthResult]:
+        """The results of ``method`` (case-insensitive), in order."""
+        wanted = method.lower()
+        return [r for r in self.results if r.method == wanted]
+
+    @property
+    def dkim(self) -> list[AuthResult]:
+        """One result per DKIM signature, or a single ``none``."""
+        return self.of("dkim")
+
+
+def parse_auth_results(value: str) -> AuthResults:
+    """Parse one Authentication-Results value (after the colon) with ``authres``.
+
+    A value ``authres`` rejects gives an empty :class:`AuthResults` whose ``error`` says why.
+    """
+    try:
+        parsed = authres.AuthenticationResultsHeader.parse_value(value)
+    except Exception as exc:  # authres raises its own SyntaxError and others on junk
+        return AuthResults(error=f"{type(exc).__name__}: {exc}")
+    results = []
+    for item in parsed.results:
+        method = getattr(item, "method", None)
+        if not method:  # the bare "none" of a field with no results
+            continue
+        props = {f"{p.type}.{p.name}".lower(): str(p.value) for p in item.properties}
+        reason = item.reason
+        results.append(
+            AuthResult(
+                method=str(method).lower(),
+                result=str(item.result).lower(),
+                reason=None if reason is None else str(reason),
+                properties=MappingProxyType(props),
+            )
+        )
+    return AuthResults(str(parsed.authserv_id), tuple(results))
 
 
 @dataclass(frozen=True, slots=True)
@@ -583,6 +658,13 @@ class ReceivedMessage:
     def size(self) -> int:
         """Length of :attr:`raw` in bytes."""
         return len(self.raw)
+
+    @property
+    def auth(self) -> AuthResults:
+        """The topmost Authentication-Results field, parsed (``msg.auth.dkim[0].result``);
+        empty when the message has none."""
+        values = self.headers.get_all("Authentication-Results")
+        return parse_auth_results(values[0]) if values else AuthResults()
 
     @property
     def body(self) -> bytes:

@@ -31,6 +31,7 @@ from ..errors import ConfigError, NotDeliveredError, RoundtripError, ServerStart
 from ..maildir import MaildirStore
 from ..message import ReceivedMessage
 from ..protocols._oauth import TokenTable
+from ..protocols.dkim import SigningKey
 from ..protocols.dns import Record, Zone, build_zone, default_records
 from ..protocols.filter import ContentFilter, default_filter
 from ..protocols.tlspolicy import TLSPolicy, parse_policy, sts_record
@@ -41,6 +42,7 @@ from ..servers.smtp import AuthPenalties
 from ..spool import MAILDIR_SPOOL_NAME, RelaySpool
 from ..store import Store, StoredMessage
 from ._delivery import Faults, Router, catch_all_owner
+from ._dkim import domain_keys, public_record, zone_lookup
 from ._journeys import HopTiming, Journeys
 from ._services import (
     IMPLICIT_TLS_SERVICES,
@@ -101,6 +103,9 @@ class MailStack:
         #: a domain absent here has none (opportunistic TLS). reset() restores the default.
         self.tls_policies: dict[str, TLSPolicy] = {}
         self._default_zone: Zone | None = None
+        self._zone: Zone | None = None  # what the DNS serves now
+        #: DKIM signing keys per domain, minted at start (StackConfig.dkim_unsigned_domains).
+        self.dkim_keys: dict[str, tuple[SigningKey, ...]] = {}
         self._dns_changed = False
         self._journeys = Journeys()
         self._tokens = TokenTable(time.time)  # oauth_token(): XOAUTH2 / OAUTHBEARER logins
@@ -212,7 +217,10 @@ class MailStack:
     async def _start_routing(self) -> None:
         """The DNS zone of every domain, and the relay that routes by it."""
         assert self._thread is not None
-        self._default_zone = build_zone(self.default_dns_records())
+        unsigned = self.config.dkim_unsigned_domains
+        self.dkim_keys = {d: domain_keys(d) for d in self.domains if d not in unsigned}
+        self._router.dkim_keys = lambda domain: self.dkim_keys.get(domain, ())
+        self._zone = self._default_zone = build_zone(self.default_dns_records())
         dns_host = "127.0.0.1" if self.config.ports == "standard" else self.config.host
         try:
             self.dns = await start_dns(
@@ -247,6 +255,9 @@ class MailStack:
             on_event=self._relay_event,
             spool=spool,
         )
+        dns_server = self.dns
+        assert dns_server is not None
+        self._router.dkim_lookup = zone_lookup(lambda q: dns_server.answer(q, max_size=65535))
         # What a previous process left queued gets its attempt now, before start() returns.
         self.relay.restore()
 
@@ -314,6 +325,7 @@ class MailStack:
                 dns.query_log.clear()
                 if self._dns_changed:
                     self._thread.call(dns.set_zone, self._default_zone)
+                    self._zone = self._default_zone
                     self._dns_changed = False
             self.mx_ports = {ep.hostname: ep.ports["smtp"] for ep in self.domains.values()}
             self.tls_policies = self.default_tls_policies()
@@ -391,6 +403,8 @@ class MailStack:
             policy = policies.get(ep.domain)
             if policy is not None and policy.mode != "none":
                 records.append(Record(f"_mta-sts.{ep.domain}", "TXT", sts_record(policy)))
+            for key in self.dkim_keys.get(ep.domain, ()):  # RFC 6376 section 3.6.2.1
+                records.append(Record(f"{key.selector}._domainkey.{ep.domain}", "TXT", key.record))
         return records
 
     def default_tls_policies(self) -> dict[str, TLSPolicy]:
@@ -427,6 +441,35 @@ class MailStack:
         zone = build_zone(records, refuse_outside=refuse_outside)
         self._dns_changed = True
         self._thread.call(self.dns.set_zone, zone)
+        self._zone = zone
+
+    def publish_dkim_key(self, domain: str, selector: str, public_key: str | bytes | object) -> str:
+        """Serve ``public_key`` at ``<selector>._domainkey.<domain>`` until :meth:`reset`, so
+        mail an application signs with its own key verifies at the MX.
+
+        Args:
+            public_key: a PEM public key (RSA or Ed25519), a ``cryptography`` public key, or a
+                whole record (``v=DKIM1; k=rsa; p=...``) given as is (``p=`` empty: revoked).
+
+        Returns:
+            The TXT value now served.
+
+        Raises:
+            ConfigError: not a public key, or a name outside the stack's zones.
+        """
+        self._require_started()
+        assert self._zone is not None
+        try:
+            value = public_record(public_key)
+        except ValueError as exc:
+            raise ConfigError(f"publish_dkim_key: {exc}") from None
+        name = f"{selector}._domainkey.{domain}".lower().rstrip(".")
+        kept = [
+            r for r in self._zone.records if (r.name.lower().rstrip("."), r.rtype) != (name, "TXT")
+        ]
+        records = [*kept, Record(name, "TXT", value)]
+        self.set_dns_records(records, refuse_outside=self._zone.refuse_outside)
+        return value
 
     def _deliver(self, address: str, raw: bytes, mailbox: str) -> None:
         self.store.deliver(address, raw, mailbox=mailbox, envelope_to=(address,))
@@ -726,11 +769,12 @@ class MailStack:
         body_contains: str | None = None,
         mailbox: str | None = None,
         timeout: float | None = None,
+        auth: Mapping[str, str] | None = None,
     ) -> list[DeliveredMessage]:
         """Wait until ``count`` matching messages are stored, then assert exactly that many.
 
         Args:
-            to, subject, sender, match, headers, body_contains: as for
+            to, subject, sender, match, headers, body_contains, auth: as for
                 :func:`roundtrip.assertions.assert_delivered`.
             count: how many must match (``None``: at least one). ``0`` does not wait.
             mailbox: only this folder (every folder by default, so quarantined mail shows).
@@ -741,7 +785,7 @@ class MailStack:
                 a near miss.
         """
         __tracebackhide__ = True  # the report shows the test's line, not ours
-        criteria = Criteria(to, subject, sender, match, headers, body_contains)
+        criteria = Criteria(to, subject, sender, match, headers, body_contains, auth=auth)
         limit = self.config.timeouts.wait_timeout if timeout is None else timeout
         wait_for_matches(
             lambda: self._all_messages(mailbox),
@@ -760,6 +804,7 @@ class MailStack:
             match=match,
             headers=headers,
             body_contains=body_contains,
+            auth=auth,
         )
 
     def assert_not_delivered(
@@ -773,6 +818,7 @@ class MailStack:
         body_contains: str | None = None,
         mailbox: str | None = None,
         timeout: float | None = None,
+        auth: Mapping[str, str] | None = None,
     ) -> None:
         """Wait until the relay is idle, then assert that no stored message matches.
 
@@ -792,6 +838,7 @@ class MailStack:
             match=match,
             headers=headers,
             body_contains=body_contains,
+            auth=auth,
         )
 
 

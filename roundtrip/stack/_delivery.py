@@ -5,18 +5,30 @@ its own users; a submission server stores mail for its own domain and hands ever
 recipient to the relay (``roundtrip/servers/relay.py``), which looks the MX up in the stack's
 DNS and delivers over SMTP with STARTTLS, or captures mail for domains outside the stack.
 :class:`Router` carries the plan out on the loop thread: the MX drops forged
-Authentication-Results (RFC 8601 section 5) and runs the content filter; the relay's part is
+Authentication-Results (RFC 8601 section 5), verifies DKIM and prepends its own
+Authentication-Results (``roundtrip/protocols/dkim.py``), and runs the content filter;
+submission DKIM-signs what an authenticated user sends before storing or relaying it; the
+relay's part is
 spooled before any local copy is stored (``Relay.prepare/commit/abandon``), so a failure on
 either side leaves nothing that a client's retry would duplicate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..config import StackConfig
+from ..protocols.dkim import (
+    KeyLookup,
+    SigningKey,
+    authentication_results,
+    from_domain,
+    sign,
+    verify,
+)
 from ..protocols.filter import ContentFilter, FilterInput, default_filter, prepend_headers
 from ..protocols.smtp import Role, domain_of, drop_forged_auth_results
 from ..servers.relay import Relay
@@ -34,21 +46,30 @@ class Faults:
     Attributes:
         drop: accept mail with 250 but never store it (a lost message).
         duplicate: store every local delivery twice.
-        alter_body: change one byte of the body while storing (a message altered in transit).
+        alter_body: change one byte of the body (a message altered in transit): mail
+            arriving at an MX is altered before its checks, so DKIM fails as it would in
+            the world; mail stored by submission is altered while stored.
     """
 
     drop: bool = False
     duplicate: bool = False
     alter_body: bool = False
 
-    def apply(self, raw: bytes) -> list[bytes]:
-        """The copies to store for one delivery of ``raw``."""
+    def apply(self, raw: bytes, *, alter: bool = True) -> list[bytes]:
+        """The copies to store for one delivery of ``raw`` (``alter=False``: the body was
+        already altered on the way, see :meth:`altered`)."""
         if self.drop:
             return []
-        if self.alter_body:
-            head, sep, body = raw.partition(b"\r\n\r\n")
-            raw = head + sep + (body[:-3] + b"#" + body[-2:] if len(body) > 2 else body + b"#")
+        if alter:
+            raw = self.altered(raw)
         return [raw, raw] if self.duplicate else [raw]
+
+    def altered(self, raw: bytes) -> bytes:
+        """``raw`` with one body byte changed when ``alter_body`` is on."""
+        if not self.alter_body:
+            return raw
+        head, sep, body = raw.partition(b"\r\n\r\n")
+        return head + sep + (body[:-3] + b"#" + body[-2:] if len(body) > 2 else body + b"#")
 
 
 def split_recipients(
@@ -110,6 +131,10 @@ class Router:
         self.faults = Faults()
         #: The receiving MX's content filter; MailStack.reset() restores the default.
         self.content_filter: ContentFilter | None = default_filter
+        #: The DKIM keys submission signs with for a domain (none: it does not sign).
+        self.dkim_keys: Callable[[str], Sequence[SigningKey]] = lambda domain: ()
+        #: Where the MX looks DKIM keys up (None: no verification, no Authentication-Results).
+        self.dkim_lookup: KeyLookup | None = None
 
     def accepts(self, address: str) -> bool:
         """Whether ``address`` may be a recipient: a user, or any address of a catch-all."""
@@ -126,7 +151,12 @@ class Router:
         raw, mailbox = accepted.raw, "INBOX"
         if accepted.role is not Role.SMTP:
             return raw, mailbox
+        raw = self.faults.altered(raw)
         raw = drop_forged_auth_results(raw, self._authserv_ids())
+        if self.dkim_lookup is not None:
+            # RFC 8601 section 5: ours goes on top, above this hop's Received.
+            results = verify(raw, self.dkim_lookup)
+            raw = authentication_results(accepted.hostname, results) + raw
         content_filter = self.content_filter
         if content_filter is None:
             return raw, mailbox
@@ -155,6 +185,8 @@ class Router:
             accepted.hostname,
             accepted.received_monotonic,
         )
+        if accepted.role is not Role.SMTP and accepted.authenticated_user:
+            accepted = dataclasses.replace(accepted, raw=self._signed(accepted))
         raw, mailbox = self._filtered(accepted)
         here, remote = split_recipients(accepted.role, accepted.server_domain, accepted.rcpt_tos)
         relay = self._relay() if remote else None
@@ -170,7 +202,7 @@ class Router:
                 origin_id=accepted.queue_id,
             )
         try:
-            self._store_here(here, raw, mailbox, accepted.mail_from)
+            self._store_here(here, raw, mailbox, accepted.mail_from, accepted.role)
         except BaseException:
             if prepared is not None:
                 assert relay is not None
@@ -185,10 +217,27 @@ class Router:
             journeys.relayed(entry.id, accepted.queue_id)
             journeys.record(accepted.queue_id, "relay queued", entry.id, time.monotonic())
 
-    def _store_here(self, here: list[str], raw: bytes, mailbox: str, mail_from: str) -> None:
+    def _signed(self, accepted: Accepted) -> bytes:
+        """The message with the sending domain's DKIM signatures: the From domain's when the
+        stack holds keys for it, else the authenticated user's domain's."""
+        raw = accepted.raw
+        keys = self.dkim_keys(from_domain(raw) or "")
+        if not keys:
+            keys = self.dkim_keys(domain_of(accepted.authenticated_user or ""))
+        if not keys:
+            return raw
+        try:
+            return sign(raw, keys)
+        except Exception:  # dkimpy cannot read this header block: the mail goes unsigned
+            return raw
+
+    def _store_here(
+        self, here: list[str], raw: bytes, mailbox: str, mail_from: str, role: Role
+    ) -> None:
         for rcpt in here:
             owner = self.owner(rcpt)
-            for copy in self.faults.apply(raw):
+            # The MX altered the body on arrival already (_filtered).
+            for copy in self.faults.apply(raw, alter=role is not Role.SMTP):
                 stored = self._store.deliver(
                     owner, copy, mailbox=mailbox, envelope_from=mail_from, envelope_to=(rcpt,)
                 )
