@@ -99,7 +99,14 @@ def capa(conn: POP3Connection) -> list[bytes]:
 
 def test_pop3_capa_secure_offers_login_not_stls(store: Store) -> None:
     caps = capa(connect(store, secure=True, starttls=False))
-    for cap in (b"TOP", b"UIDL", b"USER", b"SASL PLAIN", b"RESP-CODES", b"AUTH-RESP-CODE"):
+    for cap in (
+        b"TOP",
+        b"UIDL",
+        b"USER",
+        b"SASL PLAIN XOAUTH2 OAUTHBEARER",
+        b"RESP-CODES",
+        b"AUTH-RESP-CODE",
+    ):
         assert cap in caps
     assert b"PIPELINING" in caps and b"IMPLEMENTATION roundtrip" in caps
     assert b"STLS" not in caps
@@ -113,7 +120,7 @@ def test_pop3_capa_plaintext_offers_stls_not_login(store: Store) -> None:
 
 def test_pop3_capa_plaintext_allowed_offers_login(store: Store) -> None:
     caps = capa(connect(store, secure=False, starttls=False, allow_plaintext_auth=True))
-    assert b"USER" in caps and b"SASL PLAIN" in caps and b"STLS" not in caps
+    assert b"USER" in caps and b"SASL PLAIN XOAUTH2 OAUTHBEARER" in caps and b"STLS" not in caps
 
 
 def test_pop3_capa_in_transaction(store: Store) -> None:

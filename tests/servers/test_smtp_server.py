@@ -157,7 +157,7 @@ def test_submissions_ehlo_advertises_extensions(world: World) -> None:
         code, _ = client.ehlo("client.example")
         features = client.esmtp_features
     assert code == 250
-    assert set(features["auth"].split()) == {"PLAIN", "LOGIN"}
+    assert set(features["auth"].split()) == {"PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER"}
     assert features["size"] == str(LIMIT)
     for name in ("8bitmime", "smtputf8", "pipelining", "enhancedstatuscodes"):
         assert name in features, features
@@ -303,7 +303,12 @@ def test_submission_after_starttls_auth_and_send(world: World) -> None:
         client.starttls(context=world.client_context())
         client.ehlo("client.example")
         assert "starttls" not in client.esmtp_features
-        assert set(client.esmtp_features["auth"].split()) == {"PLAIN", "LOGIN"}
+        assert set(client.esmtp_features["auth"].split()) == {
+            "PLAIN",
+            "LOGIN",
+            "XOAUTH2",
+            "OAUTHBEARER",
+        }
         client.login(USER, PASSWORD)
         client.sendmail(USER, [OTHER], MESSAGE)
     (stored,) = inbox(world, OTHER)
