@@ -320,11 +320,14 @@ _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+\-./^_`{|}~@]+")
 
 
 def _value(text: str) -> str:
-    """A ``value`` (RFC 2045 token) or a quoted-string; control characters dropped."""
+    """A ``value`` (RFC 2045 token) or a quoted-string. Control and non-ASCII characters
+    become ``?``; quotes and backslashes become ``'`` and ``/``, since some parsers (authres
+    among them) keep quoted-pair backslashes in what they return."""
     clean = "".join(c if " " <= c < "\x7f" else "?" for c in text)
+    clean = clean.replace('"', "'").replace("\\", "/")
     if clean and _TOKEN.fullmatch(clean) and "@" not in clean[:1]:
         return clean
-    return '"' + clean.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f'"{clean}"'
 
 
 def _resinfo(result: DKIMResult) -> str:
