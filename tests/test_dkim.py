@@ -252,3 +252,22 @@ def test_dkim_mx_serves_after_garbage_in_headers(stack: MailStack) -> None:
     # The email package ends the header block at the junk line: match on the raw bytes.
     (msg,) = stack.assert_delivered(RCPT, match=lambda m: b"Subject: garbage" in m.raw)
     assert [r.result for r in msg.auth.dkim] == ["permerror"], msg.auth
+
+
+def test_dkim_unsigned_domains_config() -> None:
+    config = StackConfig(
+        domains=("example.com", "example.org"), dkim_unsigned_domains=("Example.ORG.",)
+    )
+    assert config.dkim_unsigned_domains == ("example.org",)
+    assert StackConfig(dkim_unsigned_domains="*").dkim_unsigned_domains == ("*",)
+    assert StackConfig.from_strings({"dkim_unsigned_domains": "*"}).dkim_unsigned_domains == ("*",)
+    with pytest.raises(ConfigError, match="not a domain of the stack"):
+        StackConfig(domains=("example.com",), dkim_unsigned_domains=("other.test",))
+
+
+def test_dkim_star_turns_signing_off_everywhere() -> None:
+    with MailStack(StackConfig(dkim_unsigned_domains=("*",))) as quiet:
+        assert quiet.dkim_keys == {}
+        assert not [r for r in quiet.default_dns_records() if "_domainkey" in r.name]
+        _send(quiet, "nobody signs")
+        quiet.assert_delivered(RCPT, subject="nobody signs", auth={"dkim": "none"})

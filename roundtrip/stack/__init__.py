@@ -218,7 +218,8 @@ class MailStack:
         """The DNS zone of every domain, and the relay that routes by it."""
         assert self._thread is not None
         unsigned = self.config.dkim_unsigned_domains
-        self.dkim_keys = {d: domain_keys(d) for d in self.domains if d not in unsigned}
+        signing = [d for d in self.domains if d not in unsigned and "*" not in unsigned]
+        self.dkim_keys = {d: domain_keys(d) for d in signing}
         self._router.dkim_keys = lambda domain: self.dkim_keys.get(domain, ())
         self._zone = self._default_zone = build_zone(self.default_dns_records())
         dns_host = "127.0.0.1" if self.config.ports == "standard" else self.config.host
