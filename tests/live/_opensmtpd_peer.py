@@ -28,8 +28,8 @@ launches is the daemon's parent, and it is stopped by that PID (SIGTERM, then SI
 
 The configuration (``smtpd.conf``):
 
-- one listener on ``host:port`` (127.0.0.10:25) with STARTTLS and a certificate for
-  ``mx_name`` from the stack's CA (an RSA key: see ``_leaf``), and one on ``plain_host``
+- one listener on ``host:port`` (127.0.0.10:25) offering STARTTLS with a certificate for
+  ``mx_name`` from the stack's CA, and one on ``plain_host``
   (127.0.0.11:25) without STARTTLS; mail from 127.0.0.0/8 (and local bounces) is relayed;
 - relaying is ``relay tls``: mandatory STARTTLS and a verified certificate; the CA is the stack
   CA (``ca`` directive for the server's own name);
@@ -44,7 +44,6 @@ import pwd
 import shutil
 import subprocess
 
-import trustme
 from _exim_peer import MaildirPeer, common_unavailable_reason, peers_dir
 
 __all__ = ["OpenSMTPDPeer", "opensmtpd_unavailable_reason"]
@@ -110,12 +109,6 @@ match from any for domain "{self.domain}" reject
 match from src 127.0.0.0/8 for any action "relay"
 match from local for any action "relay"
 """
-
-    def _leaf(self) -> trustme.LeafCert:
-        # OpenSMTPD 6.8 signs handshakes in its separate "ca" process through an RSA-only
-        # key engine: with an ECDSA key (trustme's default) every STARTTLS ends in
-        # "SSL routines::EVP lib".
-        return self.ca.ca.issue_cert(self.mx_name, key_type=trustme.KeyType.RSA)
 
     def _write_config(self) -> None:
         self._write_common()
