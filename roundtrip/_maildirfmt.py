@@ -3,14 +3,19 @@
 - Message file names: ``<secs>.M<usecs>P<pid>Q<n>R<random>.<host>,S=<size>[:2,<info>]``
   (cr.yp.to/proto/maildir.html), where ``<info>`` holds the letters of the IMAP system flags.
   Letters we do not model (P, keyword letters of other tools) are kept as found.
-- Folder name parts: modified UTF-7 (RFC 3501 5.1.3) with ``.`` written ``\\2e`` (Dovecot's
-  listescape style); joining the parts (``A/B`` -> ``.A.B``) is ``maildir.folder_dirname``,
-  which also knows the store's naming rules.
-- ``roundtrip-uidlist``: JSON lines. The first holds UIDVALIDITY, UIDNEXT, SPECIAL-USE and the
-  subscription; each later line is one record: a UID for a file (``uid``, ``file``, ``date``,
-  optional ``from``, ``to``, ``kw``), new keywords of a UID (``uid``, ``kw``), or a
-  subscription change (``subscribed``). A line that does not parse (a torn last line after a
-  crash) is skipped: the message files decide.
+- Folder name parts: modified UTF-7 (RFC 3501 5.1.3) with ``\\`` written ``\\5c`` and ``.``
+  written ``\\2e`` (Dovecot's listescape style), so no two names share a directory; joining
+  the parts (``A/B`` -> ``.A.B``) is ``maildir.folder_dirname``, which also knows the store's
+  naming rules. A name without ``\\`` is written as before ``\\`` was allowed in names.
+- ``roundtrip-uidlist``: JSON lines. The first holds UIDVALIDITY, UIDNEXT and SPECIAL-USE;
+  each later line is one record: a UID for a file (``uid``, ``file``, ``date``, optional
+  ``from``, ``to``, ``kw``) or new keywords of a UID (``uid``, ``kw``). A line that does not
+  parse (a torn last line after a crash) is skipped: the message files decide. Logs written
+  before ``roundtrip-subscriptions`` existed also hold the folder's subscription
+  (``subscribed``, in the first line or as a record); it is read once, to build that file.
+- ``roundtrip-subscriptions``: one JSON object, ``{"roundtrip-subscriptions": 1, "names":
+  [...]}``, the user's subscribed names (RFC 3501 6.3.6), whether those mailboxes exist or
+  not. It is replaced whole (temporary file, fsync, rename) on every change.
 - User directories: the lower-cased address itself, refused when it could name anything but
   one plain entry under the root (docs/security.md A6.5).
 """
@@ -42,6 +47,8 @@ LETTER_FLAGS = {letter: flag for flag, letter in FLAG_LETTERS.items()}
 
 #: The per-folder metadata log (UIDVALIDITY, UIDNEXT, filename -> UID, keywords, envelope).
 LOG_NAME = "roundtrip-uidlist"
+#: The per-user subscription list, in the user's directory (next to INBOX's log).
+SUBSCRIPTIONS_NAME = "roundtrip-subscriptions"
 #: What separates a message file's unique part from its flag letters.
 INFO = ":2,"
 #: File names that ``unique_name`` makes (so ``tmp/`` leftovers of ours are recognised).
@@ -80,18 +87,33 @@ def keywords(flags: Iterable[str]) -> list[str]:
     return sorted(f for f in flags if f not in FLAG_LETTERS)
 
 
+# ``\`` is the escape character and is escaped itself: every ``\`` in a result starts one of
+# these two escapes, so decoding is unambiguous ("a\2eb" and "a.b" get different directories).
+_ESCAPES = {"\\": "\\5c", ".": "\\2e"}
+_UNESCAPES = {code: char for char, code in _ESCAPES.items()}
+_ESCAPE_RE = re.compile(r"\\(?:5c|2e)|\\")
+
+
 def encode_part(part: str) -> str:
     """One folder name part as a directory name part (no ``.`` and no ``/`` in the result)."""
-    return _encode_mutf7(part).replace(".", "\\2e")
+    return "".join(_ESCAPES.get(c, c) for c in _encode_mutf7(part))
 
 
 def decode_part(text: str) -> str:
     """The inverse of ``encode_part``.
 
     Raises:
-        ValueError: (or ``binascii.Error``, ``UnicodeDecodeError``) not something we wrote.
+        ValueError: (or ``binascii.Error``, ``UnicodeDecodeError``) not something we wrote,
+            such as a ``\\`` that starts neither escape.
     """
-    return _decode_mutf7(text.replace("\\2e", "."))
+
+    def unescape(found: re.Match[str]) -> str:
+        char = _UNESCAPES.get(found.group())
+        if char is None:
+            raise ValueError(f"stray backslash in folder name {text!r}")
+        return char
+
+    return _decode_mutf7(_ESCAPE_RE.sub(unescape, text))
 
 
 def _encode_mutf7(name: str) -> str:
@@ -169,6 +191,7 @@ class Uidlist:
     #: Record lines after the header, live or dead (compaction is due when most are dead).
     count: int = 0
     uidnext: int = 1
+    #: The subscription of a log written before ``roundtrip-subscriptions`` existed.
     subscribed: bool = True
 
 
@@ -197,3 +220,22 @@ def parse_uidlist(data: bytes) -> Uidlist:
             out.subscribed = bool(item["subscribed"])
             out.count += 1
     return out
+
+
+def dump_subscriptions(names: Iterable[str]) -> bytes:
+    """The ``roundtrip-subscriptions`` file holding ``names``."""
+    return dumps({"roundtrip-subscriptions": 1, "names": sorted(names)})
+
+
+def parse_subscriptions(data: bytes) -> list[str] | None:
+    """The names of a ``roundtrip-subscriptions`` file; None when it is not one of ours."""
+    try:
+        item = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(item, dict) or "roundtrip-subscriptions" not in item:
+        return None
+    names = item.get("names")
+    if not isinstance(names, list):
+        return None
+    return [n for n in names if isinstance(n, str)]

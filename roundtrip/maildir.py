@@ -5,6 +5,7 @@ Layout (readable by Dovecot, mutt and Python's ``mailbox.Maildir``)::
     ROOT/.roundtrip.lock              flock: one MaildirStore per tree at a time
     ROOT/.roundtrip-trash/            deleted folders on their way out (emptied at start)
     ROOT/<address>/                   INBOX: cur/ new/ tmp/ + roundtrip-uidlist
+    ROOT/<address>/roundtrip-subscriptions   the user's subscribed names (RFC 3501 6.3.6)
     ROOT/<address>/.Sent/             a folder (Maildir++): cur/ new/ tmp/ maildirfolder + log
     ROOT/<address>/.A.B/              the folder ``A/B``
 
@@ -13,18 +14,25 @@ The formats themselves (file names, flag letters, folder names, the log) are pur
 interface (names, existence, INBOX, locking, notification) is ``Store``'s, checked once for
 both backends; ``MaildirStore`` only implements its storage hooks.
 
-Folder names on disk are modified UTF-7 (Dovecot's default) with ``.`` inside a name written
-``\\2e`` (Dovecot's listescape style); ``validate_mailbox_name`` forbids ``\\``, so the mapping
-is reversible, and a name can never leave ``ROOT/<address>/``.
+Folder names on disk are modified UTF-7 (Dovecot's default) with ``\\`` inside a name written
+``\\5c`` and ``.`` written ``\\2e`` (Dovecot's listescape style), so the mapping is one to one
+(``a\\2eb`` and ``a.b`` get different directories, and come back under their own names after a
+restart), and a name can never leave ``ROOT/<address>/``. A directory whose name is not what
+some mailbox name encodes to (a stray ``\\``, say) is not a folder of ours and is skipped.
 
 Message files are named ``<secs>.M<usecs>P<pid>Q<n>R<random>.<host>,S=<size>[:2,<flags>]``,
 with the maildir flag letters D F R S T. The file's mtime is the internal date. Keywords (and
 any flag without a letter), the envelope and the UID live in ``roundtrip-uidlist``: a
-JSON-lines log per folder. Its first line holds UIDVALIDITY, UIDNEXT, SPECIAL-USE and the
-subscription; each later line is one record (a new UID for a file, new keywords, a
-subscription change). Records are appended and fsynced; a torn last line from a crash is
-ignored. When dead records pile up the log is rewritten atomically (temporary file, fsync,
-rename, directory fsync).
+JSON-lines log per folder. Its first line holds UIDVALIDITY, UIDNEXT and SPECIAL-USE; each
+later line is one record (a new UID for a file, new keywords). Records are appended and
+fsynced; a torn last line from a crash is ignored. When dead records pile up the log is
+rewritten atomically (temporary file, fsync, rename, directory fsync).
+
+Subscriptions are the user's, not a folder's (RFC 3501 6.3.6: a deleted mailbox stays
+subscribed, a missing one may be subscribed): ``roundtrip-subscriptions`` in the user
+directory holds the list, replaced atomically the same way on every change. A tree written
+before that file existed kept each folder's subscription in its log; at start the file is
+built from those.
 
 Durability (docs/security.md, A9.1 and A9.2): a delivery writes ``tmp/``, fsyncs the file,
 renames it into ``new/`` (or ``cur/`` when it has flags), fsyncs that directory, appends and
@@ -40,15 +48,15 @@ as the maildir spec says).
 Confinement: a symbolic link inside the tree would lead out of it just as a ``../`` mailbox
 name would (docs/security.md A6.5), so the store follows none. The root is resolved once, at
 construction (it may itself be reached through a link); below it no user directory, folder,
-``cur/``, ``new/``, ``tmp/``, ``roundtrip-uidlist``, message file, trash directory or lock
-file may be a link. At start such a user or folder is skipped, logged and listed in
-``MaildirStore.refused``, never followed, and a refused default folder is not re-created.
-While running, every access checks the folder's path first (``mailbox()``, hence SELECT,
-STATUS, APPEND, delivery, COPY, STORE, EXPUNGE, POP3 login; RENAME, DELETE, CREATE; reading a
-message), so a directory swapped for a link while the store runs is refused too: with
-``MailboxError`` code ``CANNOT`` (reading a message: ``StorageError``), which IMAP answers
-with NO and POP3 with -ERR. Last components are opened with ``O_NOFOLLOW``. Not closed: a swap
-in the microseconds between a check and the system call after it (that needs
+``cur/``, ``new/``, ``tmp/``, ``roundtrip-uidlist``, ``roundtrip-subscriptions``, message file,
+trash directory or lock file may be a link. At start such a user or folder is skipped, logged
+and listed in ``MaildirStore.refused``, never followed, and a refused default folder is not
+re-created. While running, every access checks the folder's path first (``mailbox()``, hence
+SELECT, STATUS, APPEND, delivery, COPY, STORE, EXPUNGE, POP3 login; RENAME, DELETE, CREATE,
+SUBSCRIBE; reading a message), so a directory swapped for a link while the store runs is
+refused too: with ``MailboxError`` code ``CANNOT`` (reading a message: ``StorageError``), which
+IMAP answers with NO and POP3 with -ERR. Last components are opened with ``O_NOFOLLOW``. Not
+closed: a swap in the microseconds between a check and the system call after it (that needs
 ``openat``-relative paths throughout).
 
 Passwords are never written to disk. A recovered user exists (its mail is kept and new mail
@@ -258,9 +266,13 @@ def folder_name(dirname: str) -> str | None:
         return None
     try:
         parts = [fmt.decode_part(p) for p in dirname[1:].split(".")]
-        return validate_mailbox_name(HIERARCHY_DELIMITER.join(parts))
+        name = validate_mailbox_name(HIERARCHY_DELIMITER.join(parts))
     except (ValueError, binascii.Error, UnicodeDecodeError, MailboxError):
         return None
+    # Only the directory that name is written to is that folder: another spelling (modified
+    # UTF-7 that is not the shortest, a case we do not write) would be a second directory
+    # for the same name.
+    return name if name == "INBOX" or folder_dirname(name) == dirname else None
 
 
 # In-memory objects that know their files
@@ -429,7 +441,8 @@ class MaildirStore(Store):
         #: The resolved root: every path the store touches is built from it.
         self.root = Path(os.path.realpath(root))
         #: Paths under the root that were not loaded at start because they are (or contain)
-        #: symbolic links, so they might lead out of the tree; each one is also logged.
+        #: symbolic links, so they might lead out of the tree (a user directory, a folder, a
+        #: ``roundtrip-subscriptions`` file); each one is also logged.
         self.refused: list[Path] = []
         self._host = fmt.hostname()
         self._deliveries = itertools.count(1)
@@ -558,6 +571,28 @@ class MaildirStore(Store):
                 box = _as_box(each)
                 if box in unassigned or box.log_records > 2 * len(box) + 64:
                     self._rewrite_log(box)
+            self._load_subscriptions(user, boxes)
+
+    def _load_subscriptions(self, user: str, boxes: dict[str, Mailbox]) -> None:
+        """The user's subscription list; built from the folders' logs when there is none."""
+        path = self.root / user / fmt.SUBSCRIPTIONS_NAME
+        names: list[str] | None = None
+        try:
+            names = fmt.parse_subscriptions(_read_file(path))
+        except FileNotFoundError:
+            pass
+        except OSError:  # ELOOP: a link, never read (it is replaced by a file below)
+            self._refuse(path)
+        subscribed: set[str] = set()
+        if names is None:
+            # Written before the list had its own file: each folder's log kept its own flag.
+            subscribed = {name for name, box in boxes.items() if box.subscribed}
+        for name in names or ():
+            with contextlib.suppress(MailboxError):  # a name no client could have sent
+                subscribed.add(validate_mailbox_name(name))
+        if names is None:
+            _replace_file(path, fmt.dump_subscriptions(subscribed))
+        self._set_subscriptions(user, frozenset(subscribed))
 
     def _is_user_entry(self, entry: str, path: Path) -> bool:
         """True when a root entry names a user: a lower-case address, a directory or a link."""
@@ -707,7 +742,6 @@ class MaildirStore(Store):
             "uidvalidity": box.uidvalidity,
             "uidnext": box.uidnext,
             "special_use": box.special_use,
-            "subscribed": box.subscribed,
         }
 
     def _rewrite_log(self, box: _MaildirBox) -> None:
@@ -908,11 +942,19 @@ class MaildirStore(Store):
             self._rewrite_log(dst)
             self._rewrite_log(src)
 
-    def _write_subscription(self, box: Mailbox, subscribed: bool) -> None:
+    def _write_subscriptions(self, user: str, names: frozenset[str]) -> None:
+        """Replace the user's ``roundtrip-subscriptions`` (a link in its place is replaced,
+        never followed: ``rename`` acts on the link itself).
+
+        Raises:
+            MailboxError: ``CANNOT`` when the user directory is refused.
+            StorageError: the file could not be written; the old one stands.
+        """
+        path = self._check_user_dir(user) / fmt.SUBSCRIPTIONS_NAME
         try:
-            self._append_log(_as_box(box), [{"subscribed": subscribed}])
+            _replace_file(path, fmt.dump_subscriptions(names))
         except OSError as exc:
-            what = f"cannot record subscription of {box.name!r}"
+            what = f"cannot record the subscriptions of {user!r}"
             raise self._storage_error(what, exc) from exc
 
     # Storage hooks of Store: messages

@@ -12,6 +12,7 @@ mailbox and are never reused while its UIDVALIDITY stands (RFC 3501 section 2.3.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hmac
 import itertools
 import re
@@ -27,6 +28,7 @@ __all__ = [
     "DEFAULT_FOLDERS",
     "HIERARCHY_DELIMITER",
     "Mailbox",
+    "Mailboxes",
     "Store",
     "StoreChange",
     "StoredMessage",
@@ -48,6 +50,8 @@ DEFAULT_FOLDERS: dict[str, str | None] = {
 
 # RFC 3501 leaves the limit to the server; Dovecot refuses names past 4096 bytes of path.
 _MAX_NAME = 1024
+# A new user is subscribed to its default folders (and ``clear`` goes back to that).
+_DEFAULT_SUBSCRIPTIONS = frozenset(DEFAULT_FOLDERS)
 _RESERVED_PARTS = {"", ".", "..", "cur", "new", "tmp"}
 
 
@@ -56,6 +60,10 @@ def validate_mailbox_name(name: str) -> str:
 
     ``INBOX`` is case-insensitive (RFC 3501 section 5.1). Names that could escape a directory
     tree when stored as files are refused, whatever the backend (docs/security.md A6.5).
+    A ``\\`` inside a name is an ordinary character (Dovecot and Gmail take ``foo\\bar``;
+    ``MaildirStore`` escapes it on disk), but not as the first one: like a leading ``/`` or
+    ``~``, a leading ``\\`` makes the name an absolute path for tools that read backslash
+    paths (``\\dir``, ``\\\\host\\share``), so it stays refused as the start of a path.
 
     Raises:
         MailboxError: with code ``CANNOT`` when the name is not acceptable.
@@ -66,7 +74,7 @@ def validate_mailbox_name(name: str) -> str:
         return "INBOX"
     if any(ord(c) < 0x20 or c == "\x7f" for c in name):
         raise MailboxError(f"mailbox name {name!r} contains control characters", code="CANNOT")
-    if name.startswith(("~", "\\")) or "\\" in name:
+    if name.startswith(("~", "\\")):
         raise MailboxError(f"mailbox name {name!r} is not allowed", code="CANNOT")
     parts = name.split(HIERARCHY_DELIMITER)
     for part in parts:
@@ -77,6 +85,15 @@ def validate_mailbox_name(name: str) -> str:
     if parts[0].upper() == "INBOX":
         parts[0] = "INBOX"
     return HIERARCHY_DELIMITER.join(parts)
+
+
+def _name_order(name: str) -> tuple[bool, str]:
+    """INBOX first, then by name: the order of every list of mailbox names."""
+    return (name != "INBOX", name)
+
+
+def _by_name(box: Mailbox) -> tuple[bool, str]:
+    return _name_order(box.name)
 
 
 _MESSAGE_ID = re.compile(
@@ -149,6 +166,8 @@ class Mailbox:
         self.uidvalidity = uidvalidity
         self.uidnext = 1
         self.special_use = special_use
+        #: Whether the name is on the user's subscription list (``Store`` keeps it current;
+        #: the list itself, names of missing mailboxes included, is ``Store.subscriptions``).
         self.subscribed = True
         #: Bumped on every change to this mailbox: a cheap "anything new?" test.
         self.modseq = 1
@@ -227,6 +246,20 @@ class Mailbox:
         return gone
 
 
+class Mailboxes(list[Mailbox]):
+    """The mailboxes of one user (``Store.mailboxes``), with the user's subscription list.
+
+    ``subscriptions`` is read at the same moment as the mailboxes: the subscribed names,
+    INBOX first, including names no mailbox has (RFC 3501 6.3.6). LSUB answers from it.
+    """
+
+    __slots__ = ("subscriptions",)
+
+    def __init__(self, boxes: Iterable[Mailbox], subscriptions: Iterable[str]) -> None:
+        super().__init__(boxes)
+        self.subscriptions: tuple[str, ...] = tuple(subscriptions)
+
+
 @dataclass(frozen=True, slots=True)
 class StoreChange:
     """What changed: ``kind`` is ``added``, ``expunged``, ``flags`` or ``mailboxes``."""
@@ -259,6 +292,9 @@ class Store:
         # ``None``: a mailbox that is not a login (the stack's outbound capture).
         self._passwords: dict[str, str | None] = {}
         self._mailboxes: dict[str, dict[str, Mailbox]] = {}
+        # Per user, the subscribed names (RFC 3501 6.3.6): independent of which mailboxes
+        # exist, so DELETE leaves a name subscribed and SUBSCRIBE may name a missing mailbox.
+        self._subscriptions: dict[str, frozenset[str]] = {}
         self._listeners: list[Listener] = []
         self._maildrop_locks: set[str] = set()
         # UIDVALIDITY must differ for a re-created mailbox (RFC 3501 2.3.1.1): seed from the clock.
@@ -291,7 +327,10 @@ class Store:
         key = self._key(address)
         with self._lock:
             if key not in self._mailboxes:
-                self._mailboxes[key] = self._new_user(key)
+                boxes = self._new_user(key)
+                self._write_subscriptions(key, _DEFAULT_SUBSCRIPTIONS)
+                self._mailboxes[key] = boxes
+                self._set_subscriptions(key, _DEFAULT_SUBSCRIPTIONS)
             self._passwords[key] = password
 
     def has_user(self, address: str) -> bool:
@@ -338,11 +377,20 @@ class Store:
         self._check_mailbox(box)
         return box
 
-    def mailboxes(self, address: str) -> list[Mailbox]:
-        """Every mailbox of ``address``, INBOX first, then by name."""
+    def mailboxes(self, address: str) -> Mailboxes:
+        """Every mailbox of ``address``, INBOX first, then by name (with its subscriptions)."""
         with self._lock:
             boxes = list(self._user_boxes(address).values())
-        return sorted(boxes, key=lambda b: (b.name != "INBOX", b.name))
+            subscribed = self._subscriptions.get(self._key(address), frozenset())
+        return Mailboxes(sorted(boxes, key=_by_name), sorted(subscribed, key=_name_order))
+
+    def subscriptions(self, address: str) -> list[str]:
+        """The names ``address`` is subscribed to, INBOX first (mailboxes or not).
+
+        Raises:
+            MailboxError: ``NONEXISTENT`` when there is no such user.
+        """
+        return list(self.mailboxes(address).subscriptions)
 
     def create_mailbox(self, address: str, name: str) -> Mailbox:
         """Create the folder ``name`` (a trailing delimiter is ignored, RFC 3501 6.3.3).
@@ -357,9 +405,9 @@ class Store:
             if canonical in boxes:
                 raise MailboxError(f"mailbox {name!r} already exists", code="ALREADYEXISTS")
             box = self._new_mailbox(user, canonical)
-            # RFC 3501 6.3.3: CREATE does not subscribe; that is SUBSCRIBE's job.
-            self._write_subscription(box, False)
-            box.subscribed = False
+            # RFC 3501 6.3.3: CREATE does not subscribe (that is SUBSCRIBE's job), but a name
+            # subscribed before (and kept by DELETE, 6.3.6) is subscribed again.
+            box.subscribed = canonical in self._subscriptions[user]
             boxes[canonical] = box
             self._bump()
         self._notify(StoreChange(user, canonical, "mailboxes"))
@@ -367,6 +415,8 @@ class Store:
 
     def delete_mailbox(self, address: str, name: str) -> None:
         """Delete the folder ``name`` and its messages (its children stay, RFC 3501 6.3.4).
+
+        A subscription to ``name`` stays: RFC 3501 6.3.6 forbids removing it unilaterally.
 
         Raises:
             MailboxError: ``CANNOT`` for INBOX or a bad name, ``NONEXISTENT``.
@@ -388,6 +438,10 @@ class Store:
 
     def rename_mailbox(self, address: str, old: str, new: str) -> None:
         """Rename a mailbox and its children. Renaming INBOX moves its messages (RFC 3501 6.3.5).
+
+        Subscriptions follow the rename, as in Dovecot: every subscribed name that is the old
+        name or below it (whether that mailbox exists or not) gets the new name. Renaming
+        INBOX leaves the subscriptions as they are, since INBOX itself stays.
 
         Raises:
             MailboxError: ``NONEXISTENT`` source; ``ALREADYEXISTS`` when the new name, or the
@@ -413,6 +467,7 @@ class Store:
         inbox = boxes["INBOX"]
         self._check_mailbox(inbox)
         target = self._new_mailbox(user, dst)
+        target.subscribed = dst in self._subscriptions[user]
         boxes[dst] = target
         moved: list[int] = []
         try:
@@ -434,7 +489,21 @@ class Store:
             if new_name in boxes:
                 raise MailboxError(f"mailbox {new_name!r} already exists", code="ALREADYEXISTS")
             moves.append((boxes[name], new_name))
-        self._move_mailboxes(user, moves)
+        old_subs = self._subscriptions[user]
+        new_subs = frozenset(
+            dst + n[len(src) :] if n == src or n.startswith(prefix) else n for n in old_subs
+        )
+        # The subscriptions are written first, and put back when the move fails: a RENAME
+        # that answers NO must have changed nothing.
+        if new_subs != old_subs:
+            self._write_subscriptions(user, new_subs)
+        try:
+            self._move_mailboxes(user, moves)
+        except BaseException:
+            if new_subs != old_subs:
+                with contextlib.suppress(RoundtripError):
+                    self._write_subscriptions(user, old_subs)
+            raise
         for box, _ in moves:
             del boxes[box.name]
         for box, new_name in moves:
@@ -442,13 +511,40 @@ class Store:
             for msg in box:
                 msg.mailbox = new_name
             boxes[new_name] = box
+        self._set_subscriptions(user, new_subs)
 
     def subscribe(self, address: str, name: str, subscribed: bool = True) -> None:
-        box = self.mailbox(address, name)
+        """Add ``name`` to the subscription list of ``address``, or remove it.
+
+        RFC 3501 6.3.6: the name need not be a mailbox (a client may subscribe to a parent
+        before it exists, or keep a deleted one); the list is kept apart from the mailboxes.
+        Removing a name that is neither subscribed nor a mailbox fails (6.3.7: "can't
+        unsubscribe that name"); removing an unsubscribed mailbox's name does nothing.
+
+        Raises:
+            MailboxError: ``CANNOT`` for a bad name or a mailbox the backend refuses (see
+                ``mailbox``); ``NONEXISTENT`` user, or name to unsubscribe.
+        """
+        canonical = validate_mailbox_name(name)
+        user = self._key(address)
         with self._lock:
-            if box.subscribed != subscribed:
-                self._write_subscription(box, subscribed)
-                box.subscribed = subscribed
+            box = self._user_boxes(address).get(canonical)
+            if box is not None:
+                self._check_mailbox(box)
+            current = self._subscriptions[user]
+            if not subscribed and box is None and canonical not in current:
+                raise MailboxError(f"no mailbox or subscription {name!r}", code="NONEXISTENT")
+            if (canonical in current) == subscribed:
+                return
+            updated = current | {canonical} if subscribed else current - {canonical}
+            self._write_subscriptions(user, updated)
+            self._set_subscriptions(user, updated)
+
+    def _set_subscriptions(self, user: str, names: frozenset[str]) -> None:
+        """Make ``names`` the subscription list of ``user`` (already written by the backend)."""
+        self._subscriptions[user] = names
+        for box in self._mailboxes.get(user, {}).values():
+            box.subscribed = box.name in names
 
     def claim_recent(self, address: str, name: str) -> tuple[int, int]:
         """Claim \\Recent for one session: UIDs ``first <= uid < end`` of ``(first, end)``.
@@ -606,6 +702,8 @@ class Store:
     def clear(self) -> None:
         """Empty every mailbox (users and default folders stay; UIDs keep increasing).
 
+        Each user's subscriptions are the default folders again, as for a new user.
+
         A mailbox the backend refuses (see ``mailbox``) is left alone: nothing is deleted
         through it.
         """
@@ -619,6 +717,12 @@ class Store:
                     for box in boxes.values():
                         if self._usable(box):
                             self._empty_mailbox(box)
+                for user in self._mailboxes:
+                    if self._subscriptions.get(user) != _DEFAULT_SUBSCRIPTIONS:
+                        # A user directory the backend refuses is left alone, as above.
+                        with contextlib.suppress(MailboxError):
+                            self._write_subscriptions(user, _DEFAULT_SUBSCRIPTIONS)
+                            self._set_subscriptions(user, _DEFAULT_SUBSCRIPTIONS)
             finally:
                 self._bump()
         self._notify(StoreChange("", "", "mailboxes"))
@@ -668,8 +772,8 @@ class Store:
     def _messages_moved(self, source: Mailbox, target: Mailbox) -> None:
         """Called once after ``_move_message`` calls, even when one failed."""
 
-    def _write_subscription(self, box: Mailbox, subscribed: bool) -> None:
-        """Keep the subscription state of ``box``."""
+    def _write_subscriptions(self, user: str, names: frozenset[str]) -> None:
+        """Keep ``names`` as the whole subscription list of ``user``."""
 
     def _store_message(
         self,

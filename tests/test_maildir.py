@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from _support import make_message
+from imapclient import IMAPClient
 
 from roundtrip import MailStack, StackConfig, User
 from roundtrip.errors import MailboxError, StorageError
@@ -179,11 +180,22 @@ def test_store_contract_rename_inbox_moves_messages(store: Store) -> None:
     assert store.deliver(ALICE, RAW).uid == 3  # INBOX keeps counting
 
 
-@pytest.mark.parametrize("name", ["../x", "/etc", "~root", "a/../../b", "", "cur", "a\\b", ".x"])
+@pytest.mark.parametrize("name", ["../x", "/etc", "~root", "a/../../b", "", "cur", "\\a", ".x"])
 def test_store_contract_bad_mailbox_names_are_refused(store: Store, name: str) -> None:
     with pytest.raises(MailboxError) as exc:
         store.create_mailbox(ALICE, name)
     assert exc.value.code == "CANNOT"
+
+
+# A backslash inside a name is an ordinary character (Dovecot and Gmail take it; imapclient's
+# live suite creates "__imapclient/foo\\bar"). The twin above: a leading one stays refused.
+@pytest.mark.parametrize("name", ["a\\b", "__imapclient/foo\\bar", "x\\", "a\\2eb", "a/b\\"])
+def test_store_contract_backslash_inside_a_name_is_accepted(store: Store, name: str) -> None:
+    store.create_mailbox(ALICE, name)
+    assert store.mailbox(ALICE, name).name == name
+    assert name in [b.name for b in store.mailboxes(ALICE)]
+    store.deliver(ALICE, RAW, mailbox=name)
+    assert [m.raw for m in store.messages(ALICE, name)] == [RAW]
 
 
 def test_store_contract_subscribe_clear_and_locks(store: Store) -> None:
@@ -201,6 +213,55 @@ def test_store_contract_subscribe_clear_and_locks(store: Store) -> None:
     assert not store.lock_maildrop(ALICE)
     store.unlock_maildrop(ALICE)
     assert store.lock_maildrop(ALICE)
+
+
+# Subscriptions are the user's list, apart from the mailboxes (RFC 3501 6.3.6).
+
+
+def test_store_contract_subscribe_to_a_missing_name_and_delete_keeps_it(store: Store) -> None:
+    store.subscribe(ALICE, "Later/Child")  # no such mailbox (yet)
+    store.create_mailbox(ALICE, "Gone")
+    store.subscribe(ALICE, "Gone")
+    store.delete_mailbox(ALICE, "Gone")  # 6.3.6: MUST NOT remove it from the list
+    assert {"Later/Child", "Gone"} <= set(store.subscriptions(ALICE))
+    assert store.subscriptions(ALICE)[0] == "INBOX"
+    assert store.mailboxes(ALICE).subscriptions == tuple(store.subscriptions(ALICE))
+    store.create_mailbox(ALICE, "Gone")  # still on the list: subscribed again
+    assert store.mailbox(ALICE, "Gone").subscribed
+    store.subscribe(ALICE, "Later/Child", False)
+    assert "Later/Child" not in store.subscriptions(ALICE)
+
+
+def test_store_contract_twin_unsubscribing_an_unknown_name_is_refused(store: Store) -> None:
+    with pytest.raises(MailboxError) as exc:
+        store.subscribe(ALICE, "Never", False)
+    assert exc.value.code == "NONEXISTENT"
+    store.create_mailbox(ALICE, "Quiet")
+    store.subscribe(ALICE, "Quiet", False)  # a mailbox, not subscribed: nothing to do
+    assert "Quiet" not in store.subscriptions(ALICE)
+
+
+def test_store_contract_rename_moves_the_subscriptions_below_it(store: Store) -> None:
+    for name in ["Work", "Work/Sub", "Workshop"]:
+        store.create_mailbox(ALICE, name)
+        store.subscribe(ALICE, name)
+    store.subscribe(ALICE, "Work/Missing")  # a subscribed name that is no mailbox moves too
+    store.rename_mailbox(ALICE, "Work", "Archive")
+    subs = set(store.subscriptions(ALICE))
+    assert {"Archive", "Archive/Sub", "Archive/Missing", "Workshop"} <= subs
+    assert not {"Work", "Work/Sub", "Work/Missing"} & subs  # "Workshop" is no child of it
+    assert store.mailbox(ALICE, "Archive/Sub").subscribed
+    # Renaming INBOX leaves the list alone: INBOX stays, the new mailbox is not subscribed.
+    store.rename_mailbox(ALICE, "INBOX", "Old")
+    assert "INBOX" in store.subscriptions(ALICE)
+    assert not store.mailbox(ALICE, "Old").subscribed
+
+
+def test_store_contract_clear_restores_the_default_subscriptions(store: Store) -> None:
+    store.subscribe(ALICE, "Elsewhere")
+    store.subscribe(ALICE, "Junk", False)
+    store.clear()
+    assert store.subscriptions(ALICE) == sorted(DEFAULT_FOLDERS, key=lambda n: (n != "INBOX", n))
 
 
 def test_store_contract_wait_until_wakes_on_delivery(store: Store) -> None:
@@ -374,6 +435,130 @@ def test_maildir_reopen_recovers_users_folders_messages_flags_and_uids(
     finally:
         again.close()
     assert not any("secret" in p.read_text("latin-1") for p in md.root.rglob("*") if p.is_file())
+
+
+# Names with "\\" and ".": each its own directory, the same name after a restart.
+
+_ESCAPED_NAMES = ["a\\b", "a.b", "a\\2eb", "a\\5cb", "a\\.b", "a\\\\2eb", "Käse\\x.v2", "P/q\\r.s"]
+
+
+def test_maildir_names_with_backslash_and_dot_survive_a_restart(md: MaildirStore) -> None:
+    for i, name in enumerate(_ESCAPED_NAMES):
+        md.create_mailbox(ALICE, name)
+        md.deliver(ALICE, b"Subject: %d\r\n\r\nx\r\n" % i, mailbox=name)
+    dirs = [folder_dirname(n) for n in _ESCAPED_NAMES]
+    assert len(set(dirs)) == len(dirs)  # one directory per name: "a\\2eb" is not "a.b"
+    assert all((md.root / ALICE / d / "cur").is_dir() for d in dirs)
+    again = _reopen(md)
+    try:
+        names = {b.name for b in again.mailboxes(ALICE)}
+        assert set(_ESCAPED_NAMES) <= names
+        for i, name in enumerate(_ESCAPED_NAMES):
+            assert [m.raw for m in again.messages(ALICE, name)] == [b"Subject: %d\r\n\r\nx\r\n" % i]
+    finally:
+        again.close()
+
+
+def test_maildir_folder_names_without_backslash_are_written_as_before() -> None:
+    # The twin: trees written before "\\" was allowed keep their directory names.
+    assert folder_dirname("a.b") == ".a\\2eb"
+    assert folder_dirname("Käse.v2/x") == ".K&AOQ-se\\2ev2.x"
+    assert folder_name(".a\\2eb") == "a.b"
+    assert folder_name(".K&AOQ-se\\2ev2.x") == "Käse.v2/x"
+    assert folder_dirname("a\\2eb") == ".a\\5c2eb"
+    assert folder_name(".a\\5c2eb") == "a\\2eb"
+    # A directory that no name is written to is not a folder: a stray "\\", a spelling in
+    # modified UTF-7 that is not ours ("&AGE-" is "a").
+    assert folder_name(".a\\b") is None
+    assert folder_name(".&AGE-") is None
+
+
+def test_maildir_stray_backslash_directory_is_not_a_second_folder(md: MaildirStore) -> None:
+    # ".a\\b" is not what "a\\b" is written as (".a\\5cb"): loading it as "a\\b" would give
+    # one name two directories.
+    stray = md.root / ALICE / ".a\\b"
+    for sub in ("cur", "new", "tmp"):
+        (stray / sub).mkdir(parents=True)
+    again = _reopen(md)
+    try:
+        assert "a\\b" not in [b.name for b in again.mailboxes(ALICE)]
+        again.create_mailbox(ALICE, "a\\b")
+        assert (again.root / ALICE / ".a\\5cb" / "cur").is_dir()
+    finally:
+        again.close()
+
+
+# Subscriptions: a file of the user's, apart from the folders.
+
+
+def test_maildir_subscriptions_survive_delete_and_restart(md: MaildirStore) -> None:
+    md.subscribe(ALICE, "Parent")  # no such mailbox
+    md.create_mailbox(ALICE, "Gone")
+    md.subscribe(ALICE, "Gone")
+    md.delete_mailbox(ALICE, "Gone")
+    md.subscribe(ALICE, "Junk", False)
+    expected = md.subscriptions(ALICE)
+    assert "Gone" in expected and "Parent" in expected and "Junk" not in expected
+    again = _reopen(md)
+    try:
+        assert again.subscriptions(ALICE) == expected
+        assert not again.mailbox(ALICE, "Junk").subscribed
+        again.create_mailbox(ALICE, "Gone")
+        assert again.mailbox(ALICE, "Gone").subscribed
+    finally:
+        again.close()
+
+
+def test_maildir_subscriptions_of_an_older_tree_come_from_the_folder_logs(
+    md: MaildirStore,
+) -> None:
+    # A tree written before roundtrip-subscriptions existed: each log held its folder's flag.
+    user_dir = md.root / ALICE
+    md.close()
+    (user_dir / "roundtrip-subscriptions").unlink()
+    with open(user_dir / ".Junk" / LOG_NAME, "ab") as log:
+        log.write(b'{"subscribed":false}\n')
+    again = MaildirStore(md.root)
+    try:
+        assert "Junk" not in again.subscriptions(ALICE)
+        assert "Trash" in again.subscriptions(ALICE)  # the twin: the others stay subscribed
+        assert (user_dir / "roundtrip-subscriptions").is_file()  # written once, at start
+    finally:
+        again.close()
+
+
+def test_maildir_subscription_write_fault_changes_nothing(
+    md: MaildirStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = md.subscriptions(ALICE)
+    snapshot = _snapshot(md.root)
+    monkeypatch.setattr("roundtrip.maildir.os.fsync", _fail_nth(os.fsync, 1, errno.EIO))
+    with pytest.raises(StorageError):
+        md.subscribe(ALICE, "Elsewhere")
+    monkeypatch.undo()
+    assert md.subscriptions(ALICE) == before and _snapshot(md.root) == snapshot
+    md.subscribe(ALICE, "Elsewhere")  # and it works once the disk does
+    assert "Elsewhere" in md.subscriptions(ALICE)
+
+
+def test_maildir_failed_rename_puts_the_subscriptions_back(
+    md: MaildirStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    md.create_mailbox(ALICE, "Work")
+    md.subscribe(ALICE, "Work")
+    before = md.subscriptions(ALICE)
+    # The first rename replaces the subscriptions file; the second, the folder's, fails.
+    monkeypatch.setattr("roundtrip.maildir.os.rename", _fail_nth(os.rename, 2, errno.EIO))
+    with pytest.raises(StorageError):
+        md.rename_mailbox(ALICE, "Work", "Archive")
+    monkeypatch.undo()
+    assert md.subscriptions(ALICE) == before
+    again = _reopen(md)
+    try:
+        assert again.subscriptions(ALICE) == before
+        assert "Work" in [b.name for b in again.mailboxes(ALICE)]
+    finally:
+        again.close()
 
 
 def test_maildir_reopen_after_expunge_never_reuses_uids(md: MaildirStore) -> None:
@@ -804,6 +989,42 @@ def test_maildir_stack_delivers_and_imap_reads_it(maildir_stack: MailStack, root
     finally:
         imap.logout()
     maildir_stack.check()
+
+
+def _imapclient(stack: MailStack) -> IMAPClient:
+    host, port = stack.endpoints().address("imaps")
+    client = IMAPClient(host, port=port, ssl_context=stack.client_context(), timeout=TIMEOUT)
+    client.login(ALICE, "alice-pw")
+    return client
+
+
+def test_maildir_stack_imapclient_names_and_subscriptions_survive_a_restart(root: Path) -> None:
+    # What imapclient's live suite does: a folder with "\\" in its name, and a parent that is
+    # no mailbox subscribed with its children; then the same tree under a new stack.
+    config = StackConfig(domains=("example.com",), users=(User(ALICE, "alice-pw"),))
+    odd, parent = "__imapclient/foo\\bar", "__imapclient/sub"
+    for run in (1, 2):
+        with MaildirStore(root) as store, MailStack(config, store=store) as stack:
+            client = _imapclient(stack)
+            try:
+                if run == 1:
+                    client.create_folder(odd)
+                    for name in (f"{parent}/a", f"{parent}/b"):
+                        client.create_folder(name)
+                    for name in (parent, f"{parent}/a", f"{parent}/b"):
+                        client.subscribe_folder(name)
+                    client.subscribe_folder(odd)
+                    client.delete_folder(f"{parent}/b")
+                assert odd in [f[2] for f in client.list_folders("__imapclient/", "*")]
+                subscribed = {f[2]: f[0] for f in client.list_sub_folders("__imapclient/", "*")}
+                assert set(subscribed) == {odd, parent, f"{parent}/a", f"{parent}/b"}
+                assert b"\\Noselect" in subscribed[parent]  # no such mailbox
+                assert b"\\Noselect" in subscribed[f"{parent}/b"]  # deleted, still subscribed
+                assert b"\\Noselect" not in subscribed[odd]
+                assert client.select_folder(odd)[b"EXISTS"] == 0
+            finally:
+                client.logout()
+            stack.check()
 
 
 def test_maildir_stack_storage_failure_is_451_not_250(

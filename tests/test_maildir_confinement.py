@@ -219,6 +219,49 @@ def test_maildir_subdirectory_or_log_swapped_for_symlink_is_refused(
     assert [m.uid for m in md.messages(ALICE)] == [1]
 
 
+# The subscription list: a file in the user directory, never read or written through a link.
+
+_SUBS = "roundtrip-subscriptions"
+
+
+def test_maildir_symlinked_subscriptions_file_is_not_read_at_start(
+    root: Path, tmp_path: Path
+) -> None:
+    with MaildirStore(root) as s:
+        s.add_user(ALICE, "pw")
+    outside = tmp_path / "outside-subs"
+    outside.write_bytes(b'{"roundtrip-subscriptions":1,"names":["Secret"]}\n')
+    (root / ALICE / _SUBS).unlink()
+    os.symlink(outside, root / ALICE / _SUBS)
+    with MaildirStore(root) as s:
+        assert s.refused == [s.root / ALICE / _SUBS]
+        assert "Secret" not in s.subscriptions(ALICE)
+        assert "INBOX" in s.subscriptions(ALICE)  # rebuilt from the folders
+        assert not os.path.islink(root / ALICE / _SUBS)  # the link is replaced, not followed
+    assert outside.read_bytes() == b'{"roundtrip-subscriptions":1,"names":["Secret"]}\n'
+
+
+def test_maildir_subscriptions_file_dropped_in_is_read(root: Path) -> None:
+    # The twin: the same content as a plain file in the tree is the user's list.
+    with MaildirStore(root) as s:
+        s.add_user(ALICE, "pw")
+    (root / ALICE / _SUBS).write_bytes(b'{"roundtrip-subscriptions":1,"names":["Secret"]}\n')
+    with MaildirStore(root) as s:
+        assert s.refused == [] and s.subscriptions(ALICE) == ["Secret"]
+
+
+def test_maildir_subscriptions_file_swapped_for_symlink_is_not_written_through(
+    md: MaildirStore, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside-subs"
+    outside.write_bytes(b"not ours\n")
+    _swap_for_link(md.root / ALICE / _SUBS, outside, tmp_path / "aside")
+    md.subscribe(ALICE, "New")
+    assert outside.read_bytes() == b"not ours\n"
+    assert not os.path.islink(md.root / ALICE / _SUBS)
+    assert b"New" in (md.root / ALICE / _SUBS).read_bytes()
+
+
 def test_maildir_user_directory_swapped_for_symlink_is_refused(
     md: MaildirStore, tmp_path: Path
 ) -> None:
@@ -234,6 +277,7 @@ def test_maildir_user_directory_swapped_for_symlink_is_refused(
         lambda: md.create_mailbox(ALICE, "New"),
         lambda: md.rename_mailbox(ALICE, "Junk", "Spam"),
         lambda: md.rename_mailbox(ALICE, "INBOX", "Old"),
+        lambda: md.subscribe(ALICE, "Anything"),  # the subscriptions file is in there too
     ]:
         with pytest.raises(MailboxError) as exc:
             call()

@@ -13,7 +13,11 @@ commands' arguments and builds their untagged responses, so every rule below is 
 - LIST (6.3.8): ``\\HasChildren``/``\\HasNoChildren`` (RFC 3348), RFC 6154 SPECIAL-USE
   attributes and the ``(SPECIAL-USE)`` selection option of RFC 5258; other LIST-EXTENDED
   options are ignored. LSUB (6.3.9) gives subscribed names without those attributes, and an
-  unsubscribed parent of a subscribed name that ``%`` does not reach as ``\\Noselect``.
+  unsubscribed parent of a subscribed name that ``%`` does not reach as ``\\Noselect``. The
+  subscription list is the user's, not the mailboxes' (6.3.6: SUBSCRIBE may name a missing
+  mailbox, DELETE keeps the name subscribed); a subscribed name that is no mailbox is listed
+  ``\\Noselect`` too: RFC 5258 3.4 marks it ``\\NonExistent``, which implies ``\\Noselect``,
+  and Dovecot answers ``\\Noselect`` for it to clients that do not use LIST-EXTENDED.
   Patterns are matched by ``_imapparse.ListPattern`` (linear time, no regular expression:
   backtracking took k**n steps for n wildcards).
 - STATUS (6.3.10): MESSAGES, RECENT (the messages no session has claimed as ``\\Recent``),
@@ -26,7 +30,7 @@ commands' arguments and builds their untagged responses, so every rule below is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..config import SMTPLimits
@@ -137,9 +141,20 @@ def parse_list(args: list[Token], *, lsub: bool) -> tuple[str, str, bool]:
 
 
 def list_lines(
-    mailboxes: Sequence[IMAPMailbox], ref: str, pattern: str, *, lsub: bool, special_only: bool
+    mailboxes: Sequence[IMAPMailbox],
+    ref: str,
+    pattern: str,
+    *,
+    lsub: bool,
+    special_only: bool,
+    subscriptions: Iterable[str] | None = None,
 ) -> list[bytes]:
-    """The untagged LIST/LSUB responses for ``ref`` + ``pattern``."""
+    """The untagged LIST/LSUB responses for ``ref`` + ``pattern``.
+
+    ``subscriptions``: the subscribed names, mailboxes or not. When None, the ones that
+    ``mailboxes`` carries (``roundtrip.store.Mailboxes.subscriptions``) are used, and without
+    those the mailboxes' own ``subscribed``.
+    """
     verb = "LSUB" if lsub else "LIST"
     if not pattern and not lsub:
         return [b'* LIST (\\Noselect) "/" ""']
@@ -149,7 +164,7 @@ def list_lines(
     wanted = ListPattern(full, delimiter="/")
     boxes = {b.name: b for b in mailboxes}
     if lsub:
-        return _lsub_lines(boxes, wanted)
+        return _lsub_lines(set(boxes), _subscribed(mailboxes, subscriptions), wanted)
     names: set[str] = set(boxes)
     for name in boxes:
         parts = name.split("/")
@@ -172,15 +187,29 @@ def list_lines(
     return lines
 
 
-def _lsub_lines(boxes: dict[str, IMAPMailbox], wanted: ListPattern) -> list[bytes]:
+def _subscribed(mailboxes: Sequence[IMAPMailbox], subscriptions: Iterable[str] | None) -> set[str]:
+    if subscriptions is None:
+        # The store's list of mailboxes may carry the user's subscriptions (read under the
+        # same lock); a plain sequence of mailboxes says only which of them are subscribed.
+        subscriptions = getattr(mailboxes, "subscriptions", None)
+    if subscriptions is None:
+        return {box.name for box in mailboxes if box.subscribed}
+    return set(subscriptions)
+
+
+def _lsub_lines(existing: set[str], subscribed: set[str], wanted: ListPattern) -> list[bytes]:
     """LSUB (RFC 3501 6.3.9): the subscribed names that match, without LIST's attributes.
 
     A subscribed name the pattern does not reach (``%`` stops at a delimiter) shows its
     unsubscribed ancestors that the pattern does match as ``\\Noselect``: ``LSUB "" %`` with
-    only ``foo/bar`` subscribed returns ``foo`` that way.
+    only ``foo/bar`` subscribed returns ``foo`` that way. A subscribed name that is not a
+    mailbox (never created, or deleted since) is ``\\Noselect`` as well.
     """
-    subscribed = {name for name, box in boxes.items() if box.subscribed}
-    found: dict[str, str] = {name: "" for name in subscribed if wanted.matches(name)}
+    found: dict[str, str] = {
+        name: "" if name in existing else "\\Noselect"
+        for name in subscribed
+        if wanted.matches(name)
+    }
     for name in subscribed:
         if name in found:
             continue

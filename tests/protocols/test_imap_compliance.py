@@ -248,6 +248,69 @@ def test_imap_lsub_lists_a_subscribed_parent_and_children_without_list_attribute
     assert b"HasChildren" not in s.cmd('m LSUB "" *')
 
 
+# SUBSCRIBE (RFC 3501 6.3.6): the subscription list is the user's, whether the mailboxes exist.
+
+
+def test_imap_subscribe_to_a_missing_parent_and_lsub_lists_it(store: Store) -> None:
+    # imapclient's live suite subscribes a parent and its children, then expects LSUB to list
+    # the parent; here the parent is no mailbox, so LSUB marks it \Noselect.
+    s = Session(store)
+    for name in ("p/a", "p/b"):
+        assert s.cmd(f"c CREATE {name}").startswith(b"c OK")
+    for name in ("p", "p/a", "p/b"):
+        assert s.cmd(f"s SUBSCRIBE {name}").startswith(b"s OK"), name
+    assert s.cmd('l LSUB "" p*') == (
+        b'* LSUB (\\Noselect) "/" "p"\r\n'
+        b'* LSUB () "/" "p/a"\r\n'
+        b'* LSUB () "/" "p/b"\r\n'
+        b"l OK LSUB completed\r\n"
+    )
+    assert s.cmd('l LSUB "" %').count(b'"p"') == 1  # listed once, subscribed or not
+
+
+def test_imap_unsubscribe_twin_refuses_a_name_never_subscribed(store: Store) -> None:
+    s = Session(store)
+    assert s.cmd("u UNSUBSCRIBE Never").startswith(b"u NO [NONEXISTENT]")
+    assert s.cmd("s SUBSCRIBE Never").startswith(b"s OK")
+    assert s.cmd("u UNSUBSCRIBE Never").startswith(b"u OK")
+    assert b"Never" not in s.cmd('l LSUB "" *')
+
+
+def test_imap_delete_keeps_the_subscription(store: Store) -> None:
+    s = Session(store)
+    s.cmd("c CREATE Old")
+    s.cmd("s SUBSCRIBE Old")
+    assert b'* LSUB () "/" "Old"' in s.cmd('l LSUB "" *')  # the twin: a mailbox
+    assert s.cmd("d DELETE Old").startswith(b"d OK")
+    assert b'* LSUB (\\Noselect) "/" "Old"' in s.cmd('l LSUB "" *')  # 6.3.6: MUST NOT drop it
+    assert b"Old" not in s.cmd('l LIST "" *')
+    assert s.cmd("c CREATE Old").startswith(b"c OK")
+    assert b'* LSUB () "/" "Old"' in s.cmd('l LSUB "" *')
+
+
+def test_imap_rename_moves_the_subscriptions(store: Store) -> None:
+    s = Session(store)
+    for name in ("Work", "Work/Sub"):
+        s.cmd(f"c CREATE {name}")
+        s.cmd(f"s SUBSCRIBE {name}")
+    assert s.cmd("r RENAME Work Archive").startswith(b"r OK")
+    out = s.cmd('l LSUB "" *')
+    assert b'* LSUB () "/" "Archive"' in out and b'* LSUB () "/" "Archive/Sub"' in out
+    assert b'"Work' not in out
+
+
+# A backslash inside a mailbox name is an ordinary character (Dovecot and Gmail take it).
+
+
+def test_imap_create_takes_a_backslash_inside_a_name(store: Store) -> None:
+    s = Session(store)
+    assert s.cmd('c CREATE "__imapclient/foo\\\\bar"').startswith(b"c OK")
+    assert b'"__imapclient/foo\\\\bar"' in s.cmd('l LIST "" "__imapclient/*"')
+    assert s.cmd('s SELECT "__imapclient/foo\\\\bar"').splitlines()[-1].startswith(b"s OK")
+    # The twin: a leading backslash is still refused.
+    assert s.cmd('c CREATE "\\\\foo"').startswith(b"c NO [CANNOT]")
+
+
 # Mailbox names that could escape a directory tree stay refused.
 
 
