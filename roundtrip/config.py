@@ -330,8 +330,13 @@ class StackConfig:
     #: its MX with ``MailStack.set_dns_records`` and, if not on 25, ``MailStack.mx_ports``; its
     #: TLS policy with ``relay_tls`` or ``MailStack.tls_policies``, opportunistic by default).
     routed_domains: tuple[str, ...] = ()
-    #: Stack domains whose submission does not DKIM-sign (and which get no keys in DNS):
-    #: their mail arrives with ``dkim=none``, as from a domain that never set DKIM up, or
+    #: DKIM (RFC 6376, RFC 8463): every stack domain gets keys in the stack's DNS, submission
+    #: signs authenticated mail, and every MX verifies and prepends Authentication-Results.
+    #: Off by default for now: signing runs on the event loop in pure Python (measured 27.9 ms
+    #: against 11.5 ms per cross-domain message, and a copy of the message while signing).
+    dkim: bool = False
+    #: With ``dkim``: stack domains whose submission does not DKIM-sign (and which get no keys
+    #: in DNS): their mail arrives with ``dkim=none``, as from a domain that never set DKIM up, or
     #: one whose application signs with its own key (``MailStack.publish_dkim_key``).
     #: Every other domain signs with an Ed25519 and an RSA-2048 key (RFC 8463 dual signing).
     #: ``("*",)``: no domain signs (RSA signing costs about 8 ms of CPU per message).

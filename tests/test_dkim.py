@@ -26,6 +26,7 @@ RCPT = "user@example.org"
 def stack() -> Iterator[MailStack]:
     config = StackConfig(
         domains=("example.com", "example.org", "quiet.test"),
+        dkim=True,
         dkim_unsigned_domains=("quiet.test",),
         retry_delays=(0.05, 0.1),
     )
@@ -266,8 +267,20 @@ def test_dkim_unsigned_domains_config() -> None:
 
 
 def test_dkim_star_turns_signing_off_everywhere() -> None:
-    with MailStack(StackConfig(dkim_unsigned_domains=("*",))) as quiet:
+    with MailStack(StackConfig(dkim=True, dkim_unsigned_domains=("*",))) as quiet:
         assert quiet.dkim_keys == {}
         assert not [r for r in quiet.default_dns_records() if "_domainkey" in r.name]
         _send(quiet, "nobody signs")
         quiet.assert_delivered(RCPT, subject="nobody signs", auth={"dkim": "none"})
+
+
+def test_dkim_off_by_default_adds_nothing() -> None:
+    """Without ``dkim=True`` the stack neither signs nor verifies: no keys, no DKIM-Signature,
+    no Authentication-Results (the twin of every test above)."""
+    with MailStack(StackConfig()) as plain:
+        assert plain.dkim_keys == {}
+        assert not [r for r in plain.default_dns_records() if "_domainkey" in r.name]
+        _send(plain, "plain")
+        [message] = plain.assert_delivered(RCPT, subject="plain")
+        assert b"DKIM-Signature:" not in message.raw
+        assert b"Authentication-Results:" not in message.raw

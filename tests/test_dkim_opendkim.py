@@ -46,7 +46,7 @@ def _forward(sock: socket.socket, upstream: tuple[str, int], stop: threading.Eve
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[MailStack]:
-    with MailStack(StackConfig(domains=("example.com", "example.org"))) as running:
+    with MailStack(StackConfig(domains=("example.com", "example.org"), dkim=True)) as running:
         yield running
 
 

@@ -219,6 +219,8 @@ class MailStack:
         assert self._thread is not None
         unsigned = self.config.dkim_unsigned_domains
         signing = [d for d in self.domains if d not in unsigned and "*" not in unsigned]
+        if not self.config.dkim:
+            signing = []
         self.dkim_keys = {d: domain_keys(d) for d in signing}
         self._router.dkim_keys = lambda domain: self.dkim_keys.get(domain, ())
         self._zone = self._default_zone = build_zone(self.default_dns_records())
@@ -258,7 +260,8 @@ class MailStack:
         )
         dns_server = self.dns
         assert dns_server is not None
-        self._router.dkim_lookup = zone_lookup(lambda q: dns_server.answer(q, max_size=65535))
+        if self.config.dkim:
+            self._router.dkim_lookup = zone_lookup(lambda q: dns_server.answer(q, max_size=65535))
         # What a previous process left queued gets its attempt now, before start() returns.
         self.relay.restore()
 
