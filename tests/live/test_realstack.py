@@ -390,10 +390,10 @@ def test_realstack_stop_is_idempotent_and_cleans_up() -> None:
     server.stop()
     assert not os.path.exists(workdir)
     assert "daemon started" in server.log_text()  # kept in memory for failure reports
+    # Every process of the server is gone, so are its sockets. (Dialling its old port proves
+    # nothing under pytest-xdist: another worker's server may have taken the port since.)
     for pid in pids:
         assert not _running(pid)
-    with pytest.raises(OSError):
-        socket.create_connection((server.host, server.ports["submissions"]), timeout=2).close()
 
 
 @pytest.fixture
