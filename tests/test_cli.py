@@ -569,16 +569,16 @@ def test_cli_probe_verbose_prints_redacted_transcripts(
     assert re.search(r"\d+\.\d ms == TLS TLSv1\.\d \S+; peer certificate subject CN=", out)
     for line in (
         "-> ehlo roundtrip.probe",
-        "-> AUTH PLAIN ****",
-        "-> mail FROM:<user@example.com>",
-        "-> rcpt TO:<user@example.org>",
+        "-> auth plain ****",
+        "-> mail from:<user@example.com>",  # smtplib: "FROM:" up to 3.12, "from:" in 3.13
+        "-> rcpt to:<user@example.org>",
         "-> data",
-        " LOGIN user@example.org ****",
-        " UID FETCH ",
-        "-> USER user@example.org",
-        "-> PASS ****",
+        " login user@example.org ****",
+        " uid fetch ",
+        "-> user user@example.org",
+        "-> pass ****",
     ):
-        assert line in out, line
+        assert line in out.lower(), line
     assert re.search(r"-> \[\d+ bytes, sha256 [0-9a-f]{16}\]", out)
     assert re.search(r"<- \[\d+ bytes, sha256 [0-9a-f]{16}\]", out)
     assert "transcript of the failing connection" not in out
