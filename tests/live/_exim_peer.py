@@ -261,8 +261,7 @@ class MaildirPeer:
                 return
             except (OSError, smtplib.SMTPException) as exc:
                 last = exc
-                # sleep-ok: the daemon binds its listener after it forks; no event to wait on
-                time.sleep(_POLL_INTERVAL)
+                time.sleep(_POLL_INTERVAL)  # sleep-ok: nothing signals here; poll to a deadline
         log = self.log()[-2000:]
         self.stop()
         raise ServerStartError(
@@ -372,8 +371,7 @@ class MaildirPeer:
                     f"no matching message in {user}'s Maildir after {timeout:g} s;"
                     f" subjects seen: {subjects!r}\n{self.name} log:\n{self.log()[-3000:]}"
                 )
-            # sleep-ok: the delivery agent writes a file, signals nothing; poll to a deadline
-            time.sleep(_POLL_INTERVAL)
+            time.sleep(_POLL_INTERVAL)  # sleep-ok: nothing signals here; poll to a deadline
 
     def wait_for_log(self, *needles: str, timeout: float, since: int = 0) -> str:
         """The first log line containing every one of ``needles``, within ``timeout``, in the
@@ -392,8 +390,7 @@ class MaildirPeer:
                     f"no {self.name} log line with {needles!r} after {timeout:g} s:\n"
                     f"{self.log()[-3000:]}"
                 )
-            # sleep-ok: the log is a file that signals nothing; poll to a deadline
-            time.sleep(_POLL_INTERVAL)
+            time.sleep(_POLL_INTERVAL)  # sleep-ok: nothing signals here; poll to a deadline
 
 
 class EximPeer(MaildirPeer):

@@ -255,8 +255,7 @@ smtpd_forbid_bare_newline = yes
                 return
             except (OSError, smtplib.SMTPException) as exc:
                 last = exc
-                # sleep-ok: master binds the listener after 'postfix start' returns; no event
-                time.sleep(_POLL_INTERVAL)
+                time.sleep(_POLL_INTERVAL)  # sleep-ok: nothing signals here; poll to a deadline
         self.stop()
         raise ServerStartError(f"Postfix on {self.host}:{self.port} never greeted: {last!r}")
 
@@ -343,8 +342,7 @@ smtpd_forbid_bare_newline = yes
                     f"no matching message in {user}'s Maildir after {timeout:g} s;"
                     f" subjects seen: {subjects!r}\nPostfix log:\n{self.log()[-3000:]}"
                 )
-            # sleep-ok: the virtual agent writes a file, signals nothing; poll to a deadline
-            time.sleep(_POLL_INTERVAL)
+            time.sleep(_POLL_INTERVAL)  # sleep-ok: nothing signals here; poll to a deadline
 
     def wait_for_log(self, *needles: str, timeout: float) -> str:
         """The first log line containing every one of ``needles``, within ``timeout``.
@@ -361,8 +359,7 @@ smtpd_forbid_bare_newline = yes
                 raise AssertionError(
                     f"no log line with {needles!r} after {timeout:g} s:\n{self.log()[-3000:]}"
                 )
-            # sleep-ok: Postfix's log is a file that signals nothing; poll to a deadline
-            time.sleep(_POLL_INTERVAL)
+            time.sleep(_POLL_INTERVAL)  # sleep-ok: nothing signals here; poll to a deadline
 
     def delete_queue(self) -> None:
         """Drop every queued message (``postsuper -d ALL``), so no retry outlives a test."""

@@ -16,85 +16,37 @@ and when the standard ports are taken.
 
 from __future__ import annotations
 
-import email.utils
 import secrets
-import smtplib
 import time
 from collections.abc import Iterator
 
 import pytest
 from _exim_peer import EximPeer, exim_unavailable_reason
+from _mta_world import (
+    DELIVERY_TIMEOUT,
+    PEER_DOMAIN,
+    PEER_HOST,
+    PEER_MX,
+    PEER_USER,
+    RECIPIENT,
+    SENDER,
+    STACK_DOMAIN,
+    message,
+    point_mx,
+    start_stack,
+    submit,
+)
 
-from roundtrip.config import StackConfig, User
-from roundtrip.errors import ServerStartError
-from roundtrip.protocols.dns import Record, default_records
 from roundtrip.stack import MailStack
 
 _REASON = exim_unavailable_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"Exim peer: {_REASON}")
 
-#: Exim's side: its domain, host name and address (port 25).
-PEER_DOMAIN = "peer.test"
-FIRST_DOMAIN = "first.test"
-PEER_MX = "mx.peer.test"
-PEER_HOST = "127.0.0.10"
-#: The stack domain Exim sends to (on 127.0.0.2 with standard ports).
-STACK_DOMAIN = "example.com"
-PEER_USER = f"alice@{PEER_DOMAIN}"
-SENDER = f"sender@{STACK_DOMAIN}"
-RECIPIENT = f"user@{STACK_DOMAIN}"
-#: Generous: a delivery takes well under a second each way on an idle machine.
-_DELIVERY_TIMEOUT = 20.0
-
-
-def _message(sender: str, rcpt: str, tag: str) -> bytes:
-    return (
-        f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: interop {tag}\r\n"
-        f"Message-ID: <{tag}@roundtrip.test>\r\nDate: {email.utils.formatdate()}\r\n"
-        f"\r\nbody {tag}\r\n"
-    ).encode()
-
-
-def _sender(stack: MailStack) -> User:
-    return next(u for u in stack.users if u.address == SENDER)
-
-
-def _submit(stack: MailStack, rcpt: str, message: bytes) -> None:
-    """Submit as ``SENDER`` over implicit TLS to the stack."""
-    user = _sender(stack)
-    ep = stack.endpoint("submissions", user)
-    with smtplib.SMTP_SSL(ep.host, ep.port, context=stack.client_context(), timeout=10) as client:
-        client.login(user.address, user.password)
-        client.sendmail(user.address, [rcpt], message)
-
-
-def _point_mx(stack: MailStack, domain: str, mx_name: str, address: str) -> None:
-    """Serve the stack's default records, except ``domain``'s MX: ``mx_name`` at ``address``."""
-    records = [
-        r
-        for r in stack.default_dns_records()
-        if not (r.name.rstrip(".") == domain and r.rtype == "MX")
-    ]
-    if domain not in stack.domains:  # a routed domain: its whole zone
-        records += [r for r in default_records(domain, address) if r.rtype in ("SOA", "NS")]
-    records += [Record(domain, "MX", f"10 {mx_name}."), Record(mx_name, "A", address)]
-    stack.set_dns_records(records)
-
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[tuple[MailStack, EximPeer]]:
     """A stack on the standard ports and an Exim next to it, for the whole module."""
-    config = StackConfig(
-        domains=(FIRST_DOMAIN, STACK_DOMAIN),
-        users=(User(SENDER), User(RECIPIENT), User(f"user@{FIRST_DOMAIN}")),
-        ports="standard",
-        routed_domains=(PEER_DOMAIN,),
-        relay_tls=((PEER_DOMAIN, "enforce"),),
-    )
-    try:
-        stack = MailStack(config).start()
-    except ServerStartError as exc:
-        pytest.skip(f"a stack on the standard ports (25, 53, ...) cannot start here: {exc}")
+    stack = start_stack()
     try:
         with EximPeer(
             ca=stack.ca, domain=PEER_DOMAIN, users=("alice",), mx_name=PEER_MX, host=PEER_HOST
@@ -110,7 +62,7 @@ def pair(world: tuple[MailStack, EximPeer]) -> Iterator[tuple[MailStack, EximPee
     queue emptied afterwards (a deferred message must not reach a later test)."""
     stack, peer = world
     stack.reset()
-    _point_mx(stack, PEER_DOMAIN, PEER_MX, PEER_HOST)
+    point_mx(stack, PEER_DOMAIN, PEER_MX, PEER_HOST)
     stack.mx_ports[PEER_MX] = peer.port
     try:
         yield stack, peer
@@ -126,8 +78,8 @@ def test_exim_delivers_to_stack_over_verified_starttls(pair: tuple[MailStack, Ex
     stack, peer = pair
     tag = secrets.token_hex(6)
     began = time.monotonic()
-    peer.send(PEER_USER, RECIPIENT, _message(PEER_USER, RECIPIENT, tag))
-    got = stack.wait_for(RECIPIENT, subject=f"interop {tag}", timeout=_DELIVERY_TIMEOUT)
+    peer.send(PEER_USER, RECIPIENT, message(PEER_USER, RECIPIENT, tag))
+    got = stack.wait_for(RECIPIENT, subject=f"interop {tag}", timeout=DELIVERY_TIMEOUT)
     elapsed = time.monotonic() - began
     # The newest trace line is the stack MX's: from Exim's name, over TLS.
     hop = got.received_chain[0]
@@ -135,8 +87,8 @@ def test_exim_delivers_to_stack_over_verified_starttls(pair: tuple[MailStack, Ex
     assert hop.by == f"mail.{STACK_DOMAIN}", hop.raw
     assert hop.tls and hop.with_ == "ESMTPS", hop.raw
     # Exim looked the MX up in the stack's DNS and verified the certificate (CV=yes).
-    peer.wait_for_log(f"=> {RECIPIENT}", "T=remote_smtp", timeout=_DELIVERY_TIMEOUT)
-    lines = peer.lines_for(f"{tag}@roundtrip.test", timeout=_DELIVERY_TIMEOUT)
+    peer.wait_for_log(f"=> {RECIPIENT}", "T=remote_smtp", timeout=DELIVERY_TIMEOUT)
+    lines = peer.lines_for(f"{tag}@roundtrip.test", timeout=DELIVERY_TIMEOUT)
     (line,) = [line for line in lines if f"=> {RECIPIENT}" in line]
     assert f"H=mail.{STACK_DOMAIN} [" in line and "X=TLS1." in line, line
     assert "CV=yes" in line, line
@@ -151,11 +103,11 @@ def test_exim_defers_when_stack_mx_certificate_names_another_host(
     """The twin: ``example.com``'s MX renamed to a name the stack's certificate lacks; Exim
     (``tls_verify_cert_hostnames``) defers the message instead of sending it."""
     stack, peer = pair
-    _point_mx(stack, STACK_DOMAIN, f"other.{STACK_DOMAIN}", stack.endpoints(STACK_DOMAIN).host)
+    point_mx(stack, STACK_DOMAIN, f"other.{STACK_DOMAIN}", stack.endpoints(STACK_DOMAIN).host)
     tag = secrets.token_hex(6)
-    peer.send(PEER_USER, RECIPIENT, _message(PEER_USER, RECIPIENT, tag))
-    peer.wait_for_log(f"== {RECIPIENT}", "defer", timeout=_DELIVERY_TIMEOUT)
-    lines = peer.lines_for(f"{tag}@roundtrip.test", timeout=_DELIVERY_TIMEOUT)
+    peer.send(PEER_USER, RECIPIENT, message(PEER_USER, RECIPIENT, tag))
+    peer.wait_for_log(f"== {RECIPIENT}", "defer", timeout=DELIVERY_TIMEOUT)
+    lines = peer.lines_for(f"{tag}@roundtrip.test", timeout=DELIVERY_TIMEOUT)
     (deferred,) = [line for line in lines if f"== {RECIPIENT}" in line]
     assert f"other.{STACK_DOMAIN}" in deferred and "certificate" in deferred.lower(), deferred
     assert not [line for line in lines if f"=> {RECIPIENT}" in line], lines
@@ -168,11 +120,11 @@ def test_exim_bounces_unknown_stack_user_to_its_sender(pair: tuple[MailStack, Ex
     tag = secrets.token_hex(6)
     nobody = f"nobody@{STACK_DOMAIN}"
     began = time.monotonic()
-    peer.send(PEER_USER, nobody, _message(PEER_USER, nobody, tag))
+    peer.send(PEER_USER, nobody, message(PEER_USER, nobody, tag))
     dsn = peer.wait_for_message(
         "alice",
         lambda m: f"interop {tag}" in m.as_string() and m.get_content_type() == "multipart/report",
-        timeout=_DELIVERY_TIMEOUT,
+        timeout=DELIVERY_TIMEOUT,
     )
     elapsed = time.monotonic() - began
     text = dsn.as_string()
@@ -190,9 +142,9 @@ def test_stack_relays_to_exim_over_verified_starttls(pair: tuple[MailStack, Exim
     stack, peer = pair
     tag = secrets.token_hex(6)
     began = time.monotonic()
-    _submit(stack, PEER_USER, _message(SENDER, PEER_USER, tag))
+    submit(stack, PEER_USER, message(SENDER, PEER_USER, tag))
     got = peer.wait_for_message(
-        "alice", lambda m: m["Subject"] == f"interop {tag}", timeout=_DELIVERY_TIMEOUT
+        "alice", lambda m: m["Subject"] == f"interop {tag}", timeout=DELIVERY_TIMEOUT
     )
     elapsed = time.monotonic() - began
     # Exim's trace line: received by mx.peer.test with esmtps (STARTTLS), naming the cipher.
@@ -201,7 +153,7 @@ def test_stack_relays_to_exim_over_verified_starttls(pair: tuple[MailStack, Exim
     assert got["Return-Path"] == f"<{SENDER}>"
     (line,) = [
         line
-        for line in peer.lines_for(f"{tag}@roundtrip.test", timeout=_DELIVERY_TIMEOUT)
+        for line in peer.lines_for(f"{tag}@roundtrip.test", timeout=DELIVERY_TIMEOUT)
         if f"<= {SENDER}" in line
     ]
     assert "X=TLS1." in line and f"H=(mail.{STACK_DOMAIN})" in line, line
@@ -217,12 +169,12 @@ def test_stack_keeps_mail_queued_when_exim_certificate_names_another_host(
     """The twin: ``peer.test``'s MX renamed to a name Exim's certificate lacks; under the
     enforce policy the relay defers (never plaintext, never unverified)."""
     stack, peer = pair
-    _point_mx(stack, PEER_DOMAIN, f"other.{PEER_DOMAIN}", PEER_HOST)
+    point_mx(stack, PEER_DOMAIN, f"other.{PEER_DOMAIN}", PEER_HOST)
     stack.mx_ports[f"other.{PEER_DOMAIN}"] = peer.port
     tag = secrets.token_hex(6)
-    _submit(stack, PEER_USER, _message(SENDER, PEER_USER, tag))
+    submit(stack, PEER_USER, message(SENDER, PEER_USER, tag))
     queue = stack.wait_relay(
-        lambda q: any(m.attempts >= 1 and m.last_error for m in q), timeout=_DELIVERY_TIMEOUT
+        lambda q: any(m.attempts >= 1 and m.last_error for m in q), timeout=DELIVERY_TIMEOUT
     )
     (entry,) = queue
     assert entry.rcpt == (PEER_USER,)
@@ -237,16 +189,16 @@ def test_stack_bounces_when_exim_refuses_unknown_user(pair: tuple[MailStack, Exi
     tag = secrets.token_hex(6)
     nobody = f"nobody@{PEER_DOMAIN}"
     began = time.monotonic()
-    _submit(stack, nobody, _message(SENDER, nobody, tag))
+    submit(stack, nobody, message(SENDER, nobody, tag))
     dsn = stack.wait_for(
         SENDER,
         match=lambda m: f"interop {tag}" in m.raw.decode("utf-8", "replace"),
-        timeout=_DELIVERY_TIMEOUT,
+        timeout=DELIVERY_TIMEOUT,
     )
     elapsed = time.monotonic() - began
     text = dsn.raw.decode("utf-8", "replace")
     assert f"Final-Recipient: rfc822; {nobody}" in text, text
     assert "Action: failed" in text
     assert "550" in text and PEER_MX in text, text
-    peer.wait_for_log(f"rejected RCPT <{nobody}>", "user unknown", timeout=_DELIVERY_TIMEOUT)
+    peer.wait_for_log(f"rejected RCPT <{nobody}>", "user unknown", timeout=DELIVERY_TIMEOUT)
     print(f"stack -> Exim, bounced back to the stack: {elapsed * 1000:.0f} ms")

@@ -21,86 +21,39 @@ unshare(1) and nsenter(1); skipped otherwise, and when the standard ports are ta
 
 from __future__ import annotations
 
-import email.utils
 import secrets
-import smtplib
 import time
 from collections.abc import Iterator
 
 import pytest
+from _mta_world import (
+    DELIVERY_TIMEOUT,
+    FIRST_DOMAIN,
+    PEER_DOMAIN,
+    PEER_HOST,
+    PEER_MX,
+    PEER_USER,
+    RECIPIENT,
+    SENDER,
+    STACK_DOMAIN,
+    message,
+    point_mx,
+    start_stack,
+    submit,
+)
 from _opensmtpd_peer import OpenSMTPDPeer, opensmtpd_unavailable_reason
 
-from roundtrip.config import StackConfig, User
-from roundtrip.errors import ServerStartError
-from roundtrip.protocols.dns import Record, default_records
 from roundtrip.protocols.tlspolicy import PolicyMode, TLSPolicy
 from roundtrip.stack import MailStack
 
 _REASON = opensmtpd_unavailable_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"OpenSMTPD peer: {_REASON}")
 
-#: OpenSMTPD's side: its domain, host name and address (port 25).
-PEER_DOMAIN = "peer.test"
-FIRST_DOMAIN = "first.test"
-PEER_MX = "mx.peer.test"
-PEER_HOST = "127.0.0.10"
-#: The stack domain OpenSMTPD sends to (on 127.0.0.2 with standard ports).
-STACK_DOMAIN = "example.com"
-PEER_USER = f"alice@{PEER_DOMAIN}"
-SENDER = f"sender@{STACK_DOMAIN}"
-RECIPIENT = f"user@{STACK_DOMAIN}"
-#: Generous: OpenSMTPD's scheduler takes about a second to hand a new envelope to its MTA.
-_DELIVERY_TIMEOUT = 20.0
-
-
-def _message(sender: str, rcpt: str, tag: str) -> bytes:
-    return (
-        f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: interop {tag}\r\n"
-        f"Message-ID: <{tag}@roundtrip.test>\r\nDate: {email.utils.formatdate()}\r\n"
-        f"\r\nbody {tag}\r\n"
-    ).encode()
-
-
-def _sender(stack: MailStack) -> User:
-    return next(u for u in stack.users if u.address == SENDER)
-
-
-def _submit(stack: MailStack, rcpt: str, message: bytes) -> None:
-    """Submit as ``SENDER`` over implicit TLS to the stack."""
-    user = _sender(stack)
-    ep = stack.endpoint("submissions", user)
-    with smtplib.SMTP_SSL(ep.host, ep.port, context=stack.client_context(), timeout=10) as client:
-        client.login(user.address, user.password)
-        client.sendmail(user.address, [rcpt], message)
-
-
-def _point_mx(stack: MailStack, domain: str, mx_name: str, address: str) -> None:
-    """Serve the stack's default records, except ``domain``'s MX: ``mx_name`` at ``address``."""
-    records = [
-        r
-        for r in stack.default_dns_records()
-        if not (r.name.rstrip(".") == domain and r.rtype == "MX")
-    ]
-    if domain not in stack.domains:  # a routed domain: its whole zone
-        records += [r for r in default_records(domain, address) if r.rtype in ("SOA", "NS")]
-    records += [Record(domain, "MX", f"10 {mx_name}."), Record(mx_name, "A", address)]
-    stack.set_dns_records(records)
-
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[tuple[MailStack, OpenSMTPDPeer]]:
     """A stack on the standard ports and an OpenSMTPD next to it, for the whole module."""
-    config = StackConfig(
-        domains=(FIRST_DOMAIN, STACK_DOMAIN),
-        users=(User(SENDER), User(RECIPIENT), User(f"user@{FIRST_DOMAIN}")),
-        ports="standard",
-        routed_domains=(PEER_DOMAIN,),
-        relay_tls=((PEER_DOMAIN, "enforce"),),
-    )
-    try:
-        stack = MailStack(config).start()
-    except ServerStartError as exc:
-        pytest.skip(f"a stack on the standard ports (25, 53, ...) cannot start here: {exc}")
+    stack = start_stack()
     try:
         with OpenSMTPDPeer(
             ca=stack.ca, domain=PEER_DOMAIN, users=("alice",), mx_name=PEER_MX, host=PEER_HOST
@@ -118,7 +71,7 @@ def pair(
     in OpenSMTPD's log, and its queue emptied afterwards (no retry reaches a later test)."""
     stack, peer = world
     stack.reset()
-    _point_mx(stack, PEER_DOMAIN, PEER_MX, PEER_HOST)
+    point_mx(stack, PEER_DOMAIN, PEER_MX, PEER_HOST)
     stack.mx_ports[PEER_MX] = peer.port
     try:
         yield stack, peer, peer.mark()
@@ -136,8 +89,8 @@ def test_opensmtpd_delivers_to_stack_over_verified_starttls(
     stack, peer, mark = pair
     tag = secrets.token_hex(6)
     began = time.monotonic()
-    peer.send(PEER_USER, RECIPIENT, _message(PEER_USER, RECIPIENT, tag))
-    got = stack.wait_for(RECIPIENT, subject=f"interop {tag}", timeout=_DELIVERY_TIMEOUT)
+    peer.send(PEER_USER, RECIPIENT, message(PEER_USER, RECIPIENT, tag))
+    got = stack.wait_for(RECIPIENT, subject=f"interop {tag}", timeout=DELIVERY_TIMEOUT)
     elapsed = time.monotonic() - began
     # The newest trace line is the stack MX's: from OpenSMTPD's HELO name, over TLS.
     hop = got.received_chain[0]
@@ -146,7 +99,7 @@ def test_opensmtpd_delivers_to_stack_over_verified_starttls(
     assert hop.tls and hop.with_ == "ESMTPS", hop.raw
     # OpenSMTPD found the MX in the stack's DNS, required STARTTLS and checked the certificate.
     done = peer.wait_for_log(
-        "mta delivery", f"to=<{RECIPIENT}>", 'result="Ok"', timeout=_DELIVERY_TIMEOUT, since=mark
+        "mta delivery", f"to=<{RECIPIENT}>", 'result="Ok"', timeout=DELIVERY_TIMEOUT, since=mark
     )
     session = done.split()[0]
     peer.wait_for_log(session, "mta tls ciphers=TLSv1.", timeout=1, since=mark)
@@ -167,16 +120,16 @@ def test_opensmtpd_defers_when_stack_mx_certificate_names_another_host(
     could carry the message."""
     stack, peer, mark = pair
     other = f"other.{FIRST_DOMAIN}"
-    _point_mx(stack, FIRST_DOMAIN, other, stack.endpoints(FIRST_DOMAIN).host)
+    point_mx(stack, FIRST_DOMAIN, other, stack.endpoints(FIRST_DOMAIN).host)
     rcpt = f"user@{FIRST_DOMAIN}"
     tag = secrets.token_hex(6)
-    peer.send(PEER_USER, rcpt, _message(PEER_USER, rcpt, tag))
+    peer.send(PEER_USER, rcpt, message(PEER_USER, rcpt, tag))
     peer.wait_for_log(
-        f"ssl_check_name: no match for '{other}' in cert", timeout=_DELIVERY_TIMEOUT, since=mark
+        f"ssl_check_name: no match for '{other}' in cert", timeout=DELIVERY_TIMEOUT, since=mark
     )
-    peer.wait_for_log("SSL certificate check failed", timeout=_DELIVERY_TIMEOUT, since=mark)
+    peer.wait_for_log("SSL certificate check failed", timeout=DELIVERY_TIMEOUT, since=mark)
     peer.wait_for_log(
-        "mta delivery", f"to=<{rcpt}>", 'result="TempFail"', timeout=_DELIVERY_TIMEOUT, since=mark
+        "mta delivery", f"to=<{rcpt}>", 'result="TempFail"', timeout=DELIVERY_TIMEOUT, since=mark
     )
     stack.assert_not_delivered(rcpt, subject=f"interop {tag}", timeout=1)
 
@@ -189,13 +142,13 @@ def test_opensmtpd_bounces_unknown_stack_user_to_its_sender(
     tag = secrets.token_hex(6)
     nobody = f"nobody@{STACK_DOMAIN}"
     began = time.monotonic()
-    peer.send(PEER_USER, nobody, _message(PEER_USER, nobody, tag))
+    peer.send(PEER_USER, nobody, message(PEER_USER, nobody, tag))
     # OpenSMTPD 6.8's DSN is multipart/mixed (RFC 3464 asks for multipart/report) with a
     # message/delivery-status part and the original headers.
     dsn = peer.wait_for_message(
         "alice",
         lambda m: f"interop {tag}" in m.as_string() and m["From"].startswith("Mailer Daemon"),
-        timeout=_DELIVERY_TIMEOUT,
+        timeout=DELIVERY_TIMEOUT,
     )
     elapsed = time.monotonic() - began
     text = dsn.as_string()
@@ -219,7 +172,7 @@ PLAIN_MX = f"plain.{PEER_DOMAIN}"
 
 def _route_plain(stack: MailStack, peer: OpenSMTPDPeer, mode: PolicyMode) -> None:
     """``peer.test``'s MX: OpenSMTPD's listener without STARTTLS, under TLS policy ``mode``."""
-    _point_mx(stack, PEER_DOMAIN, PLAIN_MX, peer.plain_host)
+    point_mx(stack, PEER_DOMAIN, PLAIN_MX, peer.plain_host)
     stack.mx_ports[PLAIN_MX] = peer.port
     stack.tls_policies[PEER_DOMAIN] = TLSPolicy(mode=mode)
 
@@ -231,14 +184,14 @@ def test_stack_keeps_mail_queued_when_opensmtpd_starttls_fails(
     under the enforce policy the relay defers: never plaintext."""
     stack, peer, mark = pair
     tag = secrets.token_hex(6)
-    _submit(stack, PEER_USER, _message(SENDER, PEER_USER, tag))
+    submit(stack, PEER_USER, message(SENDER, PEER_USER, tag))
     queue = stack.wait_relay(
-        lambda q: any(m.attempts >= 1 and m.last_error for m in q), timeout=_DELIVERY_TIMEOUT
+        lambda q: any(m.attempts >= 1 and m.last_error for m in q), timeout=DELIVERY_TIMEOUT
     )
     (entry,) = queue
     assert entry.rcpt == (PEER_USER,)
     assert "tls" in entry.last_error.lower(), entry.last_error
-    peer.wait_for_log("smtp disconnected", "EVP lib", timeout=_DELIVERY_TIMEOUT, since=mark)
+    peer.wait_for_log("smtp disconnected", "EVP lib", timeout=DELIVERY_TIMEOUT, since=mark)
     assert not [m for m in peer.messages("alice") if m["Subject"] == f"interop {tag}"]
     assert "smtp message" not in peer.log()[mark:]
 
@@ -252,9 +205,9 @@ def test_stack_relays_to_opensmtpd_without_starttls_under_policy_none(
     _route_plain(stack, peer, "none")
     tag = secrets.token_hex(6)
     began = time.monotonic()
-    _submit(stack, PEER_USER, _message(SENDER, PEER_USER, tag))
+    submit(stack, PEER_USER, message(SENDER, PEER_USER, tag))
     got = peer.wait_for_message(
-        "alice", lambda m: m["Subject"] == f"interop {tag}", timeout=_DELIVERY_TIMEOUT
+        "alice", lambda m: m["Subject"] == f"interop {tag}", timeout=DELIVERY_TIMEOUT
     )
     elapsed = time.monotonic() - began
     newest = " ".join(str((got.get_all("Received") or [""])[0]).split())
@@ -273,9 +226,9 @@ def test_stack_keeps_mail_queued_when_opensmtpd_offers_no_starttls_under_enforce
     stack, peer, mark = pair
     _route_plain(stack, peer, "enforce")
     tag = secrets.token_hex(6)
-    _submit(stack, PEER_USER, _message(SENDER, PEER_USER, tag))
+    submit(stack, PEER_USER, message(SENDER, PEER_USER, tag))
     queue = stack.wait_relay(
-        lambda q: any(m.attempts >= 1 and m.last_error for m in q), timeout=_DELIVERY_TIMEOUT
+        lambda q: any(m.attempts >= 1 and m.last_error for m in q), timeout=DELIVERY_TIMEOUT
     )
     (entry,) = queue
     assert "starttls" in entry.last_error.lower(), entry.last_error
@@ -292,16 +245,16 @@ def test_stack_bounces_when_opensmtpd_refuses_unknown_user(
     tag = secrets.token_hex(6)
     nobody = f"nobody@{PEER_DOMAIN}"
     began = time.monotonic()
-    _submit(stack, nobody, _message(SENDER, nobody, tag))
+    submit(stack, nobody, message(SENDER, nobody, tag))
     dsn = stack.wait_for(
         SENDER,
         match=lambda m: f"interop {tag}" in m.raw.decode("utf-8", "replace"),
-        timeout=_DELIVERY_TIMEOUT,
+        timeout=DELIVERY_TIMEOUT,
     )
     elapsed = time.monotonic() - began
     text = dsn.raw.decode("utf-8", "replace")
     assert f"Final-Recipient: rfc822; {nobody}" in text, text
     assert "Action: failed" in text
     assert "550" in text and PLAIN_MX in text, text
-    peer.wait_for_log(f"<{nobody}>", "550 Invalid recipient", timeout=_DELIVERY_TIMEOUT, since=mark)
+    peer.wait_for_log(f"<{nobody}>", "550 Invalid recipient", timeout=DELIVERY_TIMEOUT, since=mark)
     print(f"stack -> OpenSMTPD, bounced back to the stack: {elapsed * 1000:.0f} ms")

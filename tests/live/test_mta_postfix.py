@@ -19,86 +19,37 @@ ports are taken.
 
 from __future__ import annotations
 
-import email.utils
 import secrets
-import smtplib
 import time
 from collections.abc import Iterator
 
 import pytest
+from _mta_world import (
+    DELIVERY_TIMEOUT,
+    PEER_DOMAIN,
+    PEER_HOST,
+    PEER_MX,
+    PEER_USER,
+    RECIPIENT,
+    SENDER,
+    STACK_DOMAIN,
+    message,
+    point_mx,
+    start_stack,
+    submit,
+)
 from _postfix_peer import PostfixPeer, peer_unavailable_reason
 
-from roundtrip.config import StackConfig, User
-from roundtrip.errors import ServerStartError
-from roundtrip.protocols.dns import Record, default_records
 from roundtrip.stack import MailStack
 
 _REASON = peer_unavailable_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"Postfix peer: {_REASON}")
 
-#: Postfix's side: its domain, host name and address (port 25).
-PEER_DOMAIN = "peer.test"
-FIRST_DOMAIN = "first.test"
-PEER_MX = "mx.peer.test"
-PEER_HOST = "127.0.0.10"
-#: The stack domain Postfix sends to (on 127.0.0.2 with standard ports).
-STACK_DOMAIN = "example.com"
-PEER_USER = f"alice@{PEER_DOMAIN}"
-SENDER = f"sender@{STACK_DOMAIN}"
-RECIPIENT = f"user@{STACK_DOMAIN}"
-#: Measured: about 0.1 s each way; Postfix's queue manager may add a second under load.
-_DELIVERY_TIMEOUT = 20.0
-
-
-def _message(sender: str, rcpt: str, tag: str) -> bytes:
-    return (
-        f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: interop {tag}\r\n"
-        f"Message-ID: <{tag}@roundtrip.test>\r\nDate: {email.utils.formatdate()}\r\n"
-        f"\r\nbody {tag}\r\n"
-    ).encode()
-
-
-def _sender(stack: MailStack) -> User:
-    return next(u for u in stack.users if u.address == SENDER)
-
-
-def _submit(stack: MailStack, rcpt: str, message: bytes) -> None:
-    """Submit as ``SENDER`` over implicit TLS to the stack."""
-    user = _sender(stack)
-    ep = stack.endpoint("submissions", user)
-    with smtplib.SMTP_SSL(ep.host, ep.port, context=stack.client_context(), timeout=10) as client:
-        client.login(user.address, user.password)
-        client.sendmail(user.address, [rcpt], message)
-
-
-def _point_mx(stack: MailStack, domain: str, mx_name: str, address: str) -> None:
-    """Serve the stack's default records, except ``domain``'s MX: ``mx_name`` at ``address``."""
-    records = [
-        r
-        for r in stack.default_dns_records()
-        if not (r.name.rstrip(".") == domain and r.rtype == "MX")
-    ]
-    if domain not in stack.domains:  # a routed domain: its whole zone
-        records += [r for r in default_records(domain, address) if r.rtype in ("SOA", "NS")]
-    records += [Record(domain, "MX", f"10 {mx_name}."), Record(mx_name, "A", address)]
-    stack.set_dns_records(records)
-
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[tuple[MailStack, PostfixPeer]]:
     """A stack on the standard ports and a Postfix next to it, for the whole module."""
-    config = StackConfig(
-        domains=(FIRST_DOMAIN, STACK_DOMAIN),
-        users=(User(SENDER), User(RECIPIENT), User(f"user@{FIRST_DOMAIN}")),
-        ports="standard",
-        # peer.test is delivered over SMTP, not captured, under an enforced TLS policy.
-        routed_domains=(PEER_DOMAIN,),
-        relay_tls={PEER_DOMAIN: "enforce"},
-    )
-    try:
-        stack = MailStack(config).start()
-    except ServerStartError as exc:
-        pytest.skip(f"a stack on the standard ports (25, 53, ...) cannot start here: {exc}")
+    stack = start_stack()
     try:
         with PostfixPeer(
             ca=stack.ca, domain=PEER_DOMAIN, users=("alice",), mx_name=PEER_MX, host=PEER_HOST
@@ -114,7 +65,7 @@ def pair(world: tuple[MailStack, PostfixPeer]) -> Iterator[tuple[MailStack, Post
     Postfix's queue emptied afterwards (a deferred message must not reach a later test)."""
     stack, peer = world
     stack.reset()
-    _point_mx(stack, PEER_DOMAIN, PEER_MX, PEER_HOST)
+    point_mx(stack, PEER_DOMAIN, PEER_MX, PEER_HOST)
     stack.mx_ports[PEER_MX] = peer.port
     try:
         yield stack, peer
@@ -132,8 +83,8 @@ def test_postfix_delivers_to_stack_over_verified_starttls(
     stack, peer = pair
     tag = secrets.token_hex(6)
     began = time.monotonic()
-    peer.send(PEER_USER, RECIPIENT, _message(PEER_USER, RECIPIENT, tag))
-    got = stack.wait_for(RECIPIENT, subject=f"interop {tag}", timeout=_DELIVERY_TIMEOUT)
+    peer.send(PEER_USER, RECIPIENT, message(PEER_USER, RECIPIENT, tag))
+    got = stack.wait_for(RECIPIENT, subject=f"interop {tag}", timeout=DELIVERY_TIMEOUT)
     elapsed = time.monotonic() - began
     # The newest trace line is the stack MX's: from Postfix's name, over TLS.
     hop = got.received_chain[0]
@@ -142,7 +93,7 @@ def test_postfix_delivers_to_stack_over_verified_starttls(
     assert hop.tls and hop.with_ == "ESMTPS", hop.raw
     # Postfix looked the MX up in the stack's DNS and verified the certificate for its name.
     peer.wait_for_log(
-        f"Verified TLS connection established to mail.{STACK_DOMAIN}[", timeout=_DELIVERY_TIMEOUT
+        f"Verified TLS connection established to mail.{STACK_DOMAIN}[", timeout=DELIVERY_TIMEOUT
     )
     assert stack.dns is not None
     assert (f"{STACK_DOMAIN}.", "MX", "NOERROR") in stack.dns.query_log
@@ -155,10 +106,10 @@ def test_postfix_defers_when_stack_mx_certificate_names_another_host(
     """The twin: ``example.com``'s MX renamed to a name the stack's certificate lacks;
     Postfix (``verify``) defers the message instead of sending it."""
     stack, peer = pair
-    _point_mx(stack, STACK_DOMAIN, f"other.{STACK_DOMAIN}", stack.endpoints(STACK_DOMAIN).host)
+    point_mx(stack, STACK_DOMAIN, f"other.{STACK_DOMAIN}", stack.endpoints(STACK_DOMAIN).host)
     tag = secrets.token_hex(6)
-    peer.send(PEER_USER, RECIPIENT, _message(PEER_USER, RECIPIENT, tag))
-    line = peer.wait_for_log(f"to=<{RECIPIENT}>", "status=deferred", timeout=_DELIVERY_TIMEOUT)
+    peer.send(PEER_USER, RECIPIENT, message(PEER_USER, RECIPIENT, tag))
+    line = peer.wait_for_log(f"to=<{RECIPIENT}>", "status=deferred", timeout=DELIVERY_TIMEOUT)
     assert "Server certificate not verified" in line, line
     stack.assert_not_delivered(RECIPIENT, subject=f"interop {tag}", timeout=1)
 
@@ -171,11 +122,11 @@ def test_postfix_bounces_unknown_stack_user_to_its_sender(
     tag = secrets.token_hex(6)
     nobody = f"nobody@{STACK_DOMAIN}"
     began = time.monotonic()
-    peer.send(PEER_USER, nobody, _message(PEER_USER, nobody, tag))
+    peer.send(PEER_USER, nobody, message(PEER_USER, nobody, tag))
     dsn = peer.wait_for_message(
         "alice",
         lambda m: f"interop {tag}" in m.as_string() and m.get_content_type() == "multipart/report",
-        timeout=_DELIVERY_TIMEOUT,
+        timeout=DELIVERY_TIMEOUT,
     )
     elapsed = time.monotonic() - began
     text = dsn.as_string()
@@ -195,9 +146,9 @@ def test_stack_relays_to_postfix_over_verified_starttls(
     stack, peer = pair
     tag = secrets.token_hex(6)
     began = time.monotonic()
-    _submit(stack, PEER_USER, _message(SENDER, PEER_USER, tag))
+    submit(stack, PEER_USER, message(SENDER, PEER_USER, tag))
     got = peer.wait_for_message(
-        "alice", lambda m: m["Subject"] == f"interop {tag}", timeout=_DELIVERY_TIMEOUT
+        "alice", lambda m: m["Subject"] == f"interop {tag}", timeout=DELIVERY_TIMEOUT
     )
     elapsed = time.monotonic() - began
     # Postfix's trace line: from the stack's relay, over TLS (smtpd_tls_received_header).
@@ -218,12 +169,12 @@ def test_stack_keeps_mail_queued_when_postfix_certificate_names_another_host(
     """The twin: ``peer.test``'s MX renamed to a name Postfix's certificate lacks; under the
     enforce policy the relay defers (never plaintext, never unverified)."""
     stack, peer = pair
-    _point_mx(stack, PEER_DOMAIN, f"other.{PEER_DOMAIN}", PEER_HOST)
+    point_mx(stack, PEER_DOMAIN, f"other.{PEER_DOMAIN}", PEER_HOST)
     stack.mx_ports[f"other.{PEER_DOMAIN}"] = peer.port
     tag = secrets.token_hex(6)
-    _submit(stack, PEER_USER, _message(SENDER, PEER_USER, tag))
+    submit(stack, PEER_USER, message(SENDER, PEER_USER, tag))
     queue = stack.wait_relay(
-        lambda q: any(m.attempts >= 1 and m.last_error for m in q), timeout=_DELIVERY_TIMEOUT
+        lambda q: any(m.attempts >= 1 and m.last_error for m in q), timeout=DELIVERY_TIMEOUT
     )
     (entry,) = queue
     assert entry.rcpt == (PEER_USER,)
@@ -239,16 +190,16 @@ def test_stack_bounces_when_postfix_refuses_unknown_user(
     tag = secrets.token_hex(6)
     nobody = f"nobody@{PEER_DOMAIN}"
     began = time.monotonic()
-    _submit(stack, nobody, _message(SENDER, nobody, tag))
+    submit(stack, nobody, message(SENDER, nobody, tag))
     dsn = stack.wait_for(
         SENDER,
         match=lambda m: f"interop {tag}" in m.raw.decode("utf-8", "replace"),
-        timeout=_DELIVERY_TIMEOUT,
+        timeout=DELIVERY_TIMEOUT,
     )
     elapsed = time.monotonic() - began
     text = dsn.raw.decode("utf-8", "replace")
     assert f"Final-Recipient: rfc822; {nobody}" in text, text
     assert "Action: failed" in text
     assert "550" in text and PEER_MX in text, text
-    peer.wait_for_log(f"<{nobody}>", "User unknown", timeout=_DELIVERY_TIMEOUT)
+    peer.wait_for_log(f"<{nobody}>", "User unknown", timeout=DELIVERY_TIMEOUT)
     print(f"stack -> Postfix, bounced back to the stack: {elapsed * 1000:.0f} ms")
