@@ -10,7 +10,7 @@ see ``_oauth``), with an initial response (SASL-IR, RFC 4959) or after a ``+`` c
 An authorization identity other than the authentication identity is refused: no user may act
 as another. ``SASLServer`` judges one AUTHENTICATE exchange; ``IMAPConnection`` keeps the
 state. Passwords and tokens never leave these functions except to the store's checks
-(``check_password``, and ``check_token`` where the store has one: tokens are the stack's).
+(``check_password``; ``check_token`` is passed in: tokens are the stack's).
 """
 
 from __future__ import annotations
@@ -91,14 +91,19 @@ class SASLServer:
 
     Args:
         mechanism: the mechanism named in AUTHENTICATE.
-        store: has ``check_password(user, password)`` and, for tokens, ``check_token(user,
-            token)``; a store without the latter refuses every token.
+        store: has ``check_password(user, password)``.
+        check_token: ``(user, token) -> bool`` for the bearer mechanisms; None refuses every
+            token.
     """
 
-    def __init__(self, mechanism: str, store: PasswordChecker) -> None:
+    def __init__(
+        self,
+        mechanism: str,
+        store: PasswordChecker,
+        check_token: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self.mechanism = mechanism.upper()
         self._store = store
-        check_token: Callable[[str, str], bool] | None = getattr(store, "check_token", None)
         self._bearer = (
             _oauth.BearerExchange(self.mechanism, check_token)
             if self.mechanism in _oauth.MECHANISMS

@@ -162,8 +162,10 @@ class IMAPConnection:
         max_header_size: int | None = None,
         max_hops: int | None = None,
         on_error: OnError = None,
+        check_token: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.store = store
+        self._check_token = check_token  # XOAUTH2/OAUTHBEARER; None refuses every token
         self.hostname = hostname
         self.secure = secure
         self.starttls_available = starttls_available
@@ -496,7 +498,7 @@ class IMAPConnection:
         if args[0].upper() not in _imapauth.MECHANISMS:
             raise NoResponseError("Unsupported authentication mechanism", "CANNOT")
         self._require_privacy()
-        self._sasl = _imapauth.SASLServer(args[0], self.store)
+        self._sasl = _imapauth.SASLServer(args[0], self.store, self._check_token)
         if len(args) == 2:
             self._sasl_response(tag, text_arg(args[1], "initial response"))
         else:

@@ -105,8 +105,6 @@ class POP3Store(Protocol):
 
     def check_password(self, address: str, password: str) -> bool: ...
 
-    # Optional: ``check_token(address, token) -> bool``; a store without it refuses every token.
-
     def mailbox(self, address: str, name: str = "INBOX") -> POP3Mailbox: ...
 
     def expunge(self, address: str, mailbox: str, uids: Iterable[int]) -> object: ...
@@ -219,10 +217,12 @@ class POP3Connection:
         max_bad_commands: int = 3,
         auth_failure_delay: float | None = None,
         command_limits: Iterable[tuple[str, int]] | None = None,
+        check_token: Callable[[str, str], bool] | None = None,
     ) -> None:
         if "\r" in hostname or "\n" in hostname:
             raise LocalProtocolError(f"hostname {hostname!r} contains a line break")
         self._store = store
+        self._check_token = check_token  # XOAUTH2/OAUTHBEARER; None refuses every token
         self.hostname = hostname
         self.secure = secure
         self._starttls_available = starttls_available
@@ -486,8 +486,7 @@ class POP3Connection:
             raise _CommandError("unsupported authentication mechanism", bad=True)
         self._bearer = None
         if mechanism.upper() in _oauth.MECHANISMS:
-            check_token = getattr(self._store, "check_token", None)
-            self._bearer = _oauth.BearerExchange(mechanism, check_token)
+            self._bearer = _oauth.BearerExchange(mechanism, self._check_token)
         if initial.strip(" "):
             self._auth_response(initial.strip(" ").encode("ascii"))
         else:

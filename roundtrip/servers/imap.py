@@ -45,6 +45,7 @@ async def start_imap(
     command_limits: Iterable[tuple[str, int]] | None = None,
     max_header_size: int | None = None,
     max_hops: int | None = None,
+    check_token: Callable[[str, str], bool] | None = None,
 ) -> tuple[asyncio.Server, set[LineServerProtocol]]:
     """Listen for IMAP on ``host:port`` (0 picks a free port).
 
@@ -67,6 +68,8 @@ async def start_imap(
             None: the default of ``SMTPLimits.max_header_size``).
         max_hops: most ``Received`` fields an APPENDed message may carry (0: no limit; None:
             the default of ``SMTPLimits.max_hops``).
+        check_token: ``(user, token) -> bool`` for XOAUTH2 and OAUTHBEARER (RFC 7628); None
+            refuses every token.
 
     Returns:
         The asyncio server and the live set of connections (abort them on stop).
@@ -87,6 +90,7 @@ async def start_imap(
             max_header_size=max_header_size,
             max_hops=max_hops,
             on_error=on_error,
+            check_token=check_token,
         )
 
     def subscribe(callback: Callable[[Any], None]) -> Callable[[], None]:

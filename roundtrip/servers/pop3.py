@@ -31,6 +31,7 @@ async def start_pop3(
     allow_plaintext_auth: bool = False,
     limits: ListenerLimits | None = None,
     command_limits: Iterable[tuple[str, int]] | None = None,
+    check_token: Callable[[str, str], bool] | None = None,
 ) -> tuple[asyncio.Server, set[LineServerProtocol]]:
     """Listen for POP3 on ``host:port`` (0 picks a free port).
 
@@ -48,6 +49,8 @@ async def start_pop3(
         allow_plaintext_auth: accept logins before TLS (tests of legacy setups only).
         command_limits: the session's command budget (``MailboxLimits.pop3_command_limits``;
             None: its default).
+        check_token: ``(user, token) -> bool`` for XOAUTH2 and OAUTHBEARER (RFC 7628); None
+            refuses every token.
 
     Returns:
         The asyncio server and the live set of its connections (abort them on stop).
@@ -63,6 +66,7 @@ async def start_pop3(
             starttls_available=starttls_context is not None and not info.secure,
             allow_plaintext_auth=allow_plaintext_auth,
             command_limits=budget,
+            check_token=check_token,
         )
 
     return await serve(

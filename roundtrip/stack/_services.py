@@ -194,12 +194,11 @@ class Listeners:
         imap = row.kind == "imap"
         idle = timeouts.imap_idle_timeout if imap else timeouts.pop3_idle_timeout
         budgets = self.config.mailbox_limits
-        store = _WithTokens(self.store, self.check_token)
         if imap:
             # APPEND is held to what SMTP DATA accepts: the message size (APPENDLIMIT, RFC
             # 7889), the largest header field and the number of Received fields.
             return start_imap(
-                store,
+                self.store,
                 **self._mailbox_common(row, hostname, host, port, tls, penalties, idle),
                 command_limits=budgets.imap_command_limits,
                 max_literal=self.config.max_message_size,
@@ -207,7 +206,7 @@ class Listeners:
                 max_hops=limits.max_hops,
             )
         return start_pop3(
-            store,
+            self.store,
             **self._mailbox_common(row, hostname, host, port, tls, penalties, idle),
             command_limits=budgets.pop3_command_limits,
         )
@@ -232,6 +231,7 @@ class Listeners:
             starttls_context=None if row.implicit_tls else tls,
             idle_timeout=idle,
             on_error=self.on_error,
+            check_token=self.check_token,
             tls_handshake_timeout=timeouts.tls_handshake_timeout,
             limits=ListenerLimits(
                 login_timeout=min(timeouts.login_timeout, idle),
@@ -284,25 +284,6 @@ class Listeners:
                 conn.abort()
         for server in self.servers:
             server.close()
-
-
-class _WithTokens:
-    """The store as the IMAP and POP3 machines see it, plus ``check_token``.
-
-    The machines look for ``check_token`` on their store (``protocols._imapauth``,
-    ``protocols.pop3``); the tokens themselves are the stack's, not the store's.
-    """
-
-    def __init__(self, store: Store, check_token: Callable[[str, str], bool] | None) -> None:
-        self._store = store
-        self._check_token = check_token
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    def check_token(self, address: str, token: str) -> bool:
-        check = self._check_token
-        return check is not None and check(address, token)
 
 
 def _bound_port(server: Any) -> int:

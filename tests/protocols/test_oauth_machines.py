@@ -14,7 +14,8 @@ USER, PASSWORD, TOKEN = "u@example.com", "secret", "good-token"
 
 
 class TokenStore(Store):
-    """A store that also checks tokens, as the stack's listeners see it."""
+    """A store that also checks tokens; the machines get ``check_token`` as the stack's
+    listeners pass it."""
 
     def check_token(self, address: str, token: str) -> bool:
         return address.lower() == USER and token == TOKEN
@@ -32,7 +33,12 @@ def xoauth2(user: str, token: str) -> bytes:
 
 def imap(store: Store) -> IMAPConnection:
     conn = IMAPConnection(
-        store, hostname="h", secure=True, starttls_available=False, clock=time.time
+        store,
+        hostname="h",
+        secure=True,
+        starttls_available=False,
+        clock=time.time,
+        check_token=getattr(store, "check_token", None),
     )
     conn.data_to_send()
     return conn
@@ -78,7 +84,13 @@ def test_imap_store_without_token_check_refuses_tokens() -> None:
 
 
 def pop3(store: Store) -> POP3Connection:
-    conn = POP3Connection(store, hostname="h", secure=True, starttls_available=False)
+    conn = POP3Connection(
+        store,
+        hostname="h",
+        secure=True,
+        starttls_available=False,
+        check_token=getattr(store, "check_token", None),
+    )
     conn.data_to_send()
     return conn
 
