@@ -124,6 +124,8 @@ class Relay:
         clock: wall clock for timestamps and the queue lifetime.
         dns_timeout: seconds a whole DNS resolution may take.
         on_event: called with each :class:`RelayEvent` as it is appended to :attr:`events`.
+        on_queue_change: called (on the loop thread) after :meth:`queue` changed in a way no
+            event announces: a message entered the queue, left it, or got a retry time.
         reporting_mta: the host name that DSNs name as the reporting MTA.
         max_concurrent: delivery attempts running at once; the rest wait their turn (Postfix
             default_destination_concurrency_limit is 20).
@@ -160,6 +162,7 @@ class Relay:
         clock: Callable[[], float] = time.time,
         dns_timeout: float = 5.0,
         on_event: Callable[[RelayEvent], None] | None = None,
+        on_queue_change: Callable[[], None] | None = None,
         reporting_mta: str = "localhost",
         max_concurrent: int = 20,
         spool: RelaySpool | None = None,
@@ -190,6 +193,7 @@ class Relay:
         self._tls_policy = tls_policy
         self._clock = clock
         self._on_event = on_event
+        self._on_queue_change = on_queue_change
         self.reporting_mta = reporting_mta
         self.events: list[RelayEvent] = []
         self._entries: dict[str, Entry] = {}
@@ -310,16 +314,20 @@ class Relay:
         entry = prepared.entry
         local = delivery.normalize_domains(self._local_domains())
         sender = entry.mail_from
+        remote = [r for r in prepared.recipients if domain_of(r) in local]
+        if remote:
+            # In the queue before its first event: a listener that sees "queued" must see
+            # the message in queue() too, or "wait until the queue is empty" holds at once.
+            self._entries[entry.id] = entry
         for rcpt in prepared.recipients:
-            self._event(entry, rcpt, "queued")
-            if domain_of(rcpt) in local:
+            if rcpt in remote:
                 entry.pending.append(rcpt)
-            else:
+            self._event(entry, rcpt, "queued")
+            if rcpt not in remote:
                 self._capture(sender, rcpt, entry.raw)
                 entry.delivered.append(rcpt)
                 self._event(entry, rcpt, "captured")
         if entry.pending:
-            self._entries[entry.id] = entry
             self._start(entry)
         return entry.snapshot()
 
@@ -562,11 +570,17 @@ class Relay:
         entry.next_attempt = self._clock() + delay
         entry.timer = asyncio.get_running_loop().call_later(delay, self._start, entry)
         self._touch(entry)
+        self._queue_changed()
 
     def _dequeue(self, entry: Entry) -> None:
         self._entries.pop(entry.id, None)
         self._snapshots.pop(entry.id, None)
         self._unspool(entry)
+        self._queue_changed()
+
+    def _queue_changed(self) -> None:
+        if self._on_queue_change is not None:
+            self._guarded(self._on_queue_change)
 
     def _persist(self, entry: Entry) -> None:
         """Record in the spool the recipients of ``entry`` still pending (after some settled).

@@ -256,6 +256,7 @@ class MailStack:
             connect_timeout=self.config.timeouts.start_timeout,
             reporting_mta=next(iter(self.domains.values())).hostname,
             on_event=self._relay_event,
+            on_queue_change=self._relay_queue_changed,
             spool=spool,
         )
         dns_server = self.dns
@@ -344,6 +345,9 @@ class MailStack:
 
     def _relay_event(self, event: RelayEvent) -> None:
         self._journeys.record_relay(event.queue_id, event.step, event.detail, time.monotonic())
+        self._relay_queue_changed()
+
+    def _relay_queue_changed(self) -> None:
         if self.relay is not None:
             # Snapshot on the loop thread, where the queue is consistent.
             snapshot = self.relay.queue()
@@ -352,7 +356,7 @@ class MailStack:
                 self._relay_changed.notify_all()
 
     def relay_queue(self) -> list[QueuedMessage]:
-        """The relay queue as of its last event: messages waiting for some recipient."""
+        """The relay queue as of its last change: messages waiting for some recipient."""
         with self._relay_changed:
             return list(self._relay_queue)
 
