@@ -124,6 +124,8 @@ class Relay:
         clock: wall clock for timestamps and the queue lifetime.
         dns_timeout: seconds a whole DNS resolution may take.
         on_event: called with each :class:`RelayEvent` as it is appended to :attr:`events`.
+        zone_version: returns a token that changes whenever the DNS server's records change;
+            given, MX routes are cached for their TTL until it changes (see ``_mxroute``).
         on_queue_change: called (on the loop thread) after :meth:`queue` changed in a way no
             event announces: a message entered the queue, left it, or got a retry time.
         reporting_mta: the host name that DSNs name as the reporting MTA.
@@ -161,6 +163,7 @@ class Relay:
         tls_policy: Callable[[str], TLSPolicy | None] | None = None,
         clock: Callable[[], float] = time.time,
         dns_timeout: float = 5.0,
+        zone_version: Callable[[], object] | None = None,
         on_event: Callable[[RelayEvent], None] | None = None,
         on_queue_change: Callable[[], None] | None = None,
         reporting_mta: str = "localhost",
@@ -205,7 +208,9 @@ class Relay:
         self._ids = itertools.count(1)
         self._closed = False
         self._spool = spool
-        self._router = Router(dns_address=dns_address, timeout=dns_timeout)
+        self._router = Router(
+            dns_address=dns_address, timeout=dns_timeout, zone_version=zone_version
+        )
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -418,8 +423,10 @@ class Relay:
         hold no message, but they were opened under the previous test's TLS policies, MX
         ports and faults, and a test that counts the connections its MX sees, or arms a fault
         at connect time, must see a fresh dial; one connection setup per test is all that
-        closing them costs.
+        closing them costs. Cached MX routes go for the same reason: a test that looks for
+        its MX lookups in the DNS server's query log must find them.
         """
+        self._router.forget()
         for entry in self._entries.values():
             if entry.timer is not None:
                 entry.timer.cancel()

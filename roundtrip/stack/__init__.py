@@ -257,6 +257,9 @@ class MailStack:
             reporting_mta=next(iter(self.domains.values())).hostname,
             on_event=self._relay_event,
             on_queue_change=self._relay_queue_changed,
+            # Every change of the served records builds a new zone: routes cached by the relay
+            # for their TTL are dropped at once (set_dns_records, reset).
+            zone_version=lambda: self._zone,
             spool=spool,
         )
         dns_server = self.dns
