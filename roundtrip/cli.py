@@ -104,7 +104,28 @@ def _parser() -> argparse.ArgumentParser:
         '"exit_code": ...}.',
     )
     _add_probe_options(probe)
+    _add_exporter_parser(sub)
     return parser
+
+
+def _add_exporter_parser(sub: Any) -> None:
+    exporter = sub.add_parser(
+        "exporter",
+        help="serve round-trip probes to Prometheus (/probe?target=NAME, /metrics)",
+        description="Serve /probe?target=NAME in blackbox_exporter's style: each scrape runs "
+        "one round trip of the named target of the TOML configuration and answers its "
+        "metrics (probe_success, durations per step, TLS facts, findings); /metrics has the "
+        "exporter's own. Passwords come from password_env or password_file, never from a "
+        "URL. Runs until Ctrl-C or SIGTERM. Exit 2 on a bad configuration (the message "
+        "names the line). See docs/exporter.md.",
+    )
+    exporter.add_argument("--config", required=True, metavar="FILE", help="the TOML targets file")
+    exporter.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address to serve on (default 127.0.0.1:9465; port 0 picks a free one)",
+    )
+    exporter.set_defaults(json=False)
 
 
 def _add_serve_options(serve: argparse.ArgumentParser) -> None:
@@ -265,6 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args, out)
+        if args.command == "exporter":
+            from .exporter import run as run_exporter
+
+            return run_exporter(args.config, args.listen, out)
         return _probe(args, out)
     except ConfigError as exc:
         return _fail(f"roundtrip: {exc}", EXIT_USAGE, out, as_json=args.json and not args.printed)
