@@ -1,0 +1,355 @@
+"""The aiohttp application: routes, the token and Host checks, security headers, and the
+server-sent events stream.
+
+Every handler that reads or changes the store runs its ``_data`` function in the view's
+worker thread, so parsing a large message never stalls the SMTP, IMAP and POP3 servers that
+share the event loop. The events stream is fed by a store listener (``Store.add_listener``):
+the listener runs on whichever thread changed the store and hands the change to the loop with
+``call_soon_threadsafe``, so a stored message reaches the page within one loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import quote, urlencode
+
+from aiohttp import web
+
+from ..stack import MailStack
+from ..store import StoreChange
+from . import _data
+
+__all__ = ["PAGE_CSP", "TOKEN_HEADER", "Events", "build_app", "html_csp"]
+
+T = TypeVar("T")
+log = logging.getLogger("roundtrip.web")
+
+#: The header every state-changing request carries the view's token in.
+TOKEN_HEADER = "X-Roundtrip-Token"
+
+#: The page's own policy: its scripts and styles only, nothing inline, nothing remote; the
+#: message HTML is framed from this origin (and sandboxed, see html_csp).
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+
+# The static files the page is made of, and their types.
+_STATIC = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "app.css": "text/css; charset=utf-8",
+}
+# How long the events stream stays quiet before a comment line keeps proxies and the
+# browser from timing it out.
+_KEEPALIVE_SECONDS = 15.0
+_SSE_BACKLOG = 1000  # changes queued for one slow client before it is dropped
+
+
+def html_csp(*, remote_images: bool) -> str:
+    """The policy of a message's HTML body (hostile input, RFC 2557 aside).
+
+    ``sandbox`` without ``allow-scripts`` or ``allow-same-origin`` gives the document an
+    opaque origin and no script even when it is opened outside the page's iframe;
+    ``script-src 'none'`` says the same twice. Images load only from the view (``cid:``
+    parts) or ``data:`` URLs unless ``remote_images``, so opening a message does not tell a
+    tracking pixel anything.
+    """
+    images = "* data:" if remote_images else "'self' data:"
+    return (
+        f"sandbox; default-src 'none'; script-src 'none'; img-src {images}; "
+        "style-src 'unsafe-inline'; font-src 'none'; form-action 'none'; base-uri 'none'; "
+        "frame-ancestors 'self'"
+    )
+
+
+def _security_headers(response: web.StreamResponse, csp: str) -> None:
+    response.headers["Content-Security-Policy"] = csp
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+
+
+def _error(status: int, message: str) -> web.Response:
+    response = web.json_response({"error": message}, status=status)
+    _security_headers(response, PAGE_CSP)
+    return response
+
+
+class Events:
+    """Fan-out of store changes to every open events stream."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._clients: set[asyncio.Queue[dict[str, Any] | None]] = set()
+
+    def listener(self, change: StoreChange) -> None:
+        """A store listener: runs on the thread that changed the store; never blocks."""
+        event = {
+            "kind": change.kind,
+            "user": change.user,
+            "folder": change.mailbox,
+            "uids": list(change.uids),
+        }
+        self._loop.call_soon_threadsafe(self._publish, event)
+
+    def _publish(self, event: dict[str, Any] | None) -> None:
+        for client in list(self._clients):
+            try:
+                client.put_nowait(event)
+            except asyncio.QueueFull:  # a client this far behind reloads when it reconnects
+                self._clients.discard(client)
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
+        client: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(_SSE_BACKLOG)
+        self._clients.add(client)
+        return client
+
+    def unsubscribe(self, client: asyncio.Queue[dict[str, Any] | None]) -> None:
+        self._clients.discard(client)
+
+    def close(self) -> None:
+        """End every stream (on the loop thread)."""
+        for client in list(self._clients):
+            try:
+                client.put_nowait(None)
+            except asyncio.QueueFull:
+                pass
+        self._clients.clear()
+
+
+class _Handlers:
+    def __init__(
+        self,
+        stack: MailStack,
+        token: str,
+        pool: ThreadPoolExecutor,
+        events: Events,
+        allowed_hosts: Callable[[], frozenset[str] | None],
+    ) -> None:
+        self.stack = stack
+        self.token = token
+        self.pool = pool
+        self.events = events
+        self.allowed_hosts = allowed_hosts
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+
+    # the middleware: Host check (DNS rebinding), token on every state change, error mapping
+
+    @web.middleware
+    async def guard(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        allowed = self.allowed_hosts()
+        if allowed is not None and (request.host or "").lower() not in allowed:
+            # A page on another name resolving to 127.0.0.1 (DNS rebinding) would otherwise
+            # read the mailboxes as a same-origin page.
+            return _error(403, f"Host {request.host!r} is not this web view's address")
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            given = request.headers.get(TOKEN_HEADER, "")
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                what = "a wrong" if given else "no"
+                return _error(
+                    403, f"{request.method} needs the view's token: {what} {TOKEN_HEADER}"
+                )
+        try:
+            return await handler(request)
+        except _data.NotFoundError as exc:
+            return _error(404, str(exc))
+        except _BadRequestError as exc:
+            return _error(400, str(exc))
+
+    # query parameters
+
+    @staticmethod
+    def _where(request: web.Request) -> tuple[str, str]:
+        user = request.query.get("user", "")
+        if not user:
+            raise _BadRequestError("the user parameter is required (a mailbox address)")
+        return user, request.query.get("folder", "INBOX") or "INBOX"
+
+    @staticmethod
+    def _int(request: web.Request, name: str, default: int | None = None) -> int:
+        value = request.query.get(name)
+        if value is None:
+            if default is None:
+                raise _BadRequestError(f"the {name} parameter is required")
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise _BadRequestError(f"{name} must be an integer, not {value!r}") from None
+
+    def _message(self, request: web.Request) -> tuple[str, str, int]:
+        user, folder = self._where(request)
+        return user, folder, self._int(request, "uid")
+
+    # the page
+
+    async def static(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info.get("name") or "index.html"
+        if name not in _STATIC:
+            return _error(404, f"no file {name!r}")
+        body = resources.files(__package__).joinpath("static", name).read_bytes()
+        response = web.Response(body=body, headers={"Content-Type": _STATIC[name]})
+        _security_headers(response, PAGE_CSP)
+        response.headers["X-Frame-Options"] = "DENY"
+        return response
+
+    # the API
+
+    async def mailboxes(self, request: web.Request) -> web.StreamResponse:
+        return self._json(await self._run(_data.mailboxes, self.stack))
+
+    async def queue(self, request: web.Request) -> web.StreamResponse:
+        return self._json(await self._run(_data.queue, self.stack))
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        user, folder = self._where(request)
+        page = await self._run(
+            _data.message_list,
+            self.stack,
+            user,
+            folder,
+            offset=self._int(request, "offset", 0),
+            limit=self._int(request, "limit", _data.DEFAULT_PAGE),
+            query=request.query.get("q", ""),
+        )
+        return self._json(page)
+
+    async def empty(self, request: web.Request) -> web.StreamResponse:
+        user, folder = self._where(request)
+        removed = await self._run(_data.empty_mailbox, self.stack, user, folder)
+        return self._json({"removed": removed})
+
+    async def message(self, request: web.Request) -> web.StreamResponse:
+        return self._json(
+            await self._run(_data.message_detail, self.stack, *self._message(request))
+        )
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        await self._run(_data.delete_message, self.stack, *self._message(request))
+        return self._json({"removed": 1})
+
+    async def raw(self, request: web.Request) -> web.StreamResponse:
+        stored = await self._run(_data.stored_message, self.stack, *self._message(request))
+        # text/plain and nosniff: the browser shows the source, it never renders it.
+        response = web.Response(body=stored.raw, content_type="text/plain", charset="utf-8")
+        _security_headers(response, html_csp(remote_images=False))
+        return response
+
+    async def html(self, request: web.Request) -> web.StreamResponse:
+        user, folder, uid = self._message(request)
+
+        def part_url(index: int) -> str:
+            query = urlencode({"user": user, "folder": folder, "uid": uid, "index": index})
+            return f"/api/message/attachment?{query}&inline=1"
+
+        body = await self._run(_data.html_body, self.stack, user, folder, uid, part_url)
+        response = web.Response(text=body, content_type="text/html", charset="utf-8")
+        remote = request.query.get("remote") == "1"
+        _security_headers(response, html_csp(remote_images=remote))
+        return response
+
+    async def attachment(self, request: web.Request) -> web.StreamResponse:
+        user, folder, uid = self._message(request)
+        index = self._int(request, "index")
+        part = await self._run(_data.attachment, self.stack, user, folder, uid, index)
+        inline = request.query.get("inline") == "1" and part.content_type.startswith("image/")
+        # Anything but an inline image is a download: never rendered in the view's origin.
+        response = web.Response(
+            body=part.data,
+            content_type=part.content_type if inline else "application/octet-stream",
+        )
+        filename = part.filename or f"part-{index}"
+        quoted = filename.replace("\\", "_").replace('"', "_")
+        ascii_name = quoted.encode("ascii", "replace").decode().replace("?", "_")
+        disposition = "inline" if inline else "attachment"
+        # RFC 6266: a plain ASCII name for old clients, the exact one in filename*.
+        response.headers["Content-Disposition"] = (
+            f"{disposition}; filename=\"{ascii_name}\"; filename*=UTF-8''{_rfc5987(filename)}"
+        )
+        _security_headers(response, html_csp(remote_images=False))
+        return response
+
+    async def journey(self, request: web.Request) -> web.StreamResponse:
+        stored = await self._run(_data.stored_message, self.stack, *self._message(request))
+        return self._json(await self._run(_data.journey, self.stack, stored))
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        _security_headers(response, PAGE_CSP)
+        client = self.events.subscribe()
+        try:
+            await response.prepare(request)
+            await response.write(b": roundtrip events\nretry: 1000\n\n")
+            while True:
+                try:
+                    event = await asyncio.wait_for(client.get(), _KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                if event is None:
+                    break
+                data = json.dumps(event, separators=(",", ":"))
+                await response.write(f"event: store\ndata: {data}\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.events.unsubscribe(client)
+        return response
+
+    @staticmethod
+    def _json(doc: Any) -> web.Response:
+        response = web.json_response(doc, dumps=functools.partial(json.dumps, default=str))
+        _security_headers(response, PAGE_CSP)
+        return response
+
+
+class _BadRequestError(Exception):
+    pass
+
+
+def _rfc5987(value: str) -> str:
+    return quote(value, safe="")
+
+
+def build_app(
+    stack: MailStack,
+    *,
+    token: str,
+    pool: ThreadPoolExecutor,
+    events: Events,
+    allowed_hosts: Callable[[], frozenset[str] | None],
+) -> web.Application:
+    """The application: ``/`` and its static files, the JSON API under ``/api/``."""
+    handlers = _Handlers(stack, token, pool, events, allowed_hosts)
+    app = web.Application(middlewares=[handlers.guard])
+    app.router.add_get("/", handlers.static)
+    app.router.add_get("/static/{name}", handlers.static)
+    app.router.add_get("/api/mailboxes", handlers.mailboxes)
+    app.router.add_get("/api/queue", handlers.queue)
+    app.router.add_get("/api/messages", handlers.messages)
+    app.router.add_delete("/api/messages", handlers.empty)
+    app.router.add_get("/api/message", handlers.message)
+    app.router.add_delete("/api/message", handlers.delete)
+    app.router.add_get("/api/message/raw", handlers.raw)
+    app.router.add_get("/api/message/html", handlers.html)
+    app.router.add_get("/api/message/attachment", handlers.attachment)
+    app.router.add_get("/api/message/journey", handlers.journey)
+    app.router.add_get("/api/events", handlers.stream)
+    return app

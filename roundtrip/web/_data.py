@@ -1,0 +1,405 @@
+"""What the web view's JSON API answers, as plain dicts built from the stack and its store.
+
+Nothing here knows HTTP: ``_app.py`` calls these functions (in a worker thread, since parsing
+a message is CPU work that must not stall the stack's servers) and serialises the result. The
+data is the Python API's: mailboxes and messages come from ``Store``, parsed with
+``DeliveredMessage`` (``roundtrip/message.py``), the journey from ``MailStack.journey`` and
+the relay queue from ``MailStack.relay_queue``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+from collections.abc import Callable
+from email import policy
+from email.message import Message
+from email.parser import BytesParser
+from typing import Any
+
+from ..errors import MailboxError
+from ..message import Attachment
+from ..stack import OUTBOUND_ADDRESS, DeliveredMessage, MailStack
+from ..store import StoredMessage
+
+__all__ = [
+    "DEFAULT_PAGE",
+    "MAX_PAGE",
+    "NotFoundError",
+    "attachment",
+    "delete_message",
+    "empty_mailbox",
+    "html_body",
+    "journey",
+    "mailboxes",
+    "message_detail",
+    "message_list",
+    "queue",
+    "stored_message",
+]
+
+#: Messages per page of a list unless ``limit`` says otherwise, and the most one page holds.
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+# A MIME tree deeper than this is cut (message.py walks leaves without recursion for the
+# same reason: hostile nesting, docs/security.md A5.5).
+_MAX_TREE_DEPTH = 50
+_MAX_TREE_NODES = 2000
+# What our Received lines say about TLS (roundtrip/protocols/smtp.py trace field), and
+# Postfix's equivalent: "(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256 bits))".
+_TLS_FACTS = re.compile(r"using (TLSv?[\d.]+) with cipher ([A-Za-z0-9_-]+)")
+
+
+class NotFoundError(Exception):
+    """No such user, mailbox, message or part; the text says which."""
+
+
+def _parsed(stored: StoredMessage) -> DeliveredMessage:
+    """The stored message parsed once, shared with ``MailStack.messages()`` (the same
+    per-message cache entry), so the web view does not double the memory of parsing."""
+    parsed = stored.cache.get("received")
+    if not isinstance(parsed, DeliveredMessage):
+        parsed = stored.cache["received"] = DeliveredMessage(stored.raw, stored)
+    return parsed
+
+
+def _mailbox(stack: MailStack, user: str, folder: str) -> Any:
+    try:
+        return stack.store.mailbox(user, folder)
+    except MailboxError as exc:
+        raise NotFoundError(f"no mailbox {folder!r} of {user!r}: {exc}") from None
+
+
+def stored_message(stack: MailStack, user: str, folder: str, uid: int) -> StoredMessage:
+    """The message ``uid`` of ``user``'s ``folder``.
+
+    Raises:
+        NotFoundError: no such user, mailbox or UID.
+    """
+    found = _mailbox(stack, user, folder).get(uid)
+    if found is None:
+        raise NotFoundError(f"no message with UID {uid} in {user} {folder}")
+    assert isinstance(found, StoredMessage)
+    return found
+
+
+def mailboxes(stack: MailStack) -> dict[str, Any]:
+    """Every domain, and every mailbox of every user with its total and unread counts."""
+    domains: dict[str, list[dict[str, Any]]] = {d.lower(): [] for d in stack.config.domains}
+    outbound: list[dict[str, Any]] = []
+    for user in stack.store.users():
+        boxes = [
+            {
+                "user": user,
+                "folder": box.name,
+                "total": len(box),
+                "unread": box.unseen,
+                "outbound": user == OUTBOUND_ADDRESS,
+            }
+            for box in stack.store.mailboxes(user)
+        ]
+        if user == OUTBOUND_ADDRESS:
+            outbound.extend(boxes)
+            continue
+        domain = user.rpartition("@")[2]
+        domains.setdefault(domain, []).extend(boxes)
+    return {
+        "domains": [{"name": name, "mailboxes": boxes} for name, boxes in domains.items()],
+        "outbound": outbound,
+        "queue": queue(stack)["queue"],
+    }
+
+
+def queue(stack: MailStack) -> dict[str, Any]:
+    """The relay queue: each entry with its next attempt (seconds since the epoch and from
+    now) and the last temporary failure, verbatim."""
+    now = time.time()
+    entries = []
+    for entry in stack.relay_queue():
+        entries.append(
+            {
+                "id": entry.id,
+                "mail_from": entry.mail_from,
+                "rcpt": list(entry.rcpt),
+                "attempts": entry.attempts,
+                "next_attempt": entry.next_attempt,
+                "next_attempt_in": (
+                    None if entry.next_attempt is None else round(entry.next_attempt - now, 3)
+                ),
+                "last_error": entry.last_error,
+                "received_at": entry.received_at,
+                "delivered": list(entry.delivered),
+                "bounced": list(entry.bounced),
+            }
+        )
+    return {"queue": entries}
+
+
+def _summary(stored: StoredMessage) -> dict[str, Any]:
+    msg = _parsed(stored)
+    text = " ".join((msg.text or "").split())
+    return {
+        "uid": stored.uid,
+        "user": stored.user,
+        "folder": stored.mailbox,
+        "subject": msg.subject,
+        "from": msg.from_,
+        "to": msg.to,
+        "cc": msg.cc,
+        "envelope_from": stored.envelope_from,
+        "envelope_to": list(stored.envelope_to),
+        "date": msg.date.isoformat() if msg.date else None,
+        "internal_date": stored.internal_date,
+        "size": stored.size,
+        "seen": "\\Seen" in stored.flags,
+        "attachments": len(msg.attachments),
+        "preview": text[:120],
+    }
+
+
+def _matches(stored: StoredMessage, needle: str) -> bool:
+    msg = _parsed(stored)
+    haystacks = (
+        msg.subject,
+        msg.from_ or "",
+        stored.envelope_from,
+        " ".join(msg.to),
+        " ".join(msg.cc),
+        " ".join(stored.envelope_to),
+        msg.text or "",
+        msg.html or "",
+    )
+    return any(needle in h.lower() for h in haystacks)
+
+
+def message_list(
+    stack: MailStack,
+    user: str,
+    folder: str,
+    *,
+    offset: int = 0,
+    limit: int = DEFAULT_PAGE,
+    query: str = "",
+) -> dict[str, Any]:
+    """One page of a mailbox, newest (highest UID) first.
+
+    Only the page's messages are parsed, unless ``query`` asks to search: then every message
+    is (once; the parse is cached with the message). The search is a case-insensitive
+    substring of the subject, From, To, Cc, the envelope, the text or the HTML body.
+
+    Raises:
+        NotFoundError: no such user or mailbox.
+    """
+    box = _mailbox(stack, user, folder)
+    uids = box.uids()
+    uids.reverse()
+    limit = max(1, min(limit, MAX_PAGE))
+    offset = max(0, offset)
+    needle = query.strip().lower()
+    if needle:
+        found = [m for m in (box.get(u) for u in uids) if m is not None and _matches(m, needle)]
+        total = len(found)
+        page = found[offset : offset + limit]
+    else:
+        total = len(uids)
+        page = [m for m in (box.get(u) for u in uids[offset : offset + limit]) if m is not None]
+    return {
+        "user": box.user,
+        "folder": box.name,
+        "total": total,
+        "offset": offset,
+        "limit": limit,
+        "query": query,
+        "messages": [_summary(m) for m in page],
+    }
+
+
+def _mime_tree(raw: bytes) -> dict[str, Any] | None:
+    """The MIME structure, walked without recursion; ``None`` when it cannot be parsed."""
+    try:
+        root = BytesParser(policy=policy.default).parsebytes(raw)
+    except RecursionError:
+        return None
+    nodes = 0
+
+    def node(part: Message, path: str) -> dict[str, Any]:
+        try:
+            disposition = part.get_content_disposition()
+            filename = part.get_filename()
+        except (ValueError, LookupError, TypeError, AttributeError):
+            disposition, filename = None, None
+        payload = part.get_payload()
+        size = len(payload) if isinstance(payload, (str, bytes)) else None
+        return {
+            "path": path,
+            "content_type": part.get_content_type(),
+            "charset": part.get_content_charset(),
+            "disposition": disposition,
+            "filename": None if filename is None else str(filename),
+            "encoding": part.get("Content-Transfer-Encoding"),
+            "size": size,
+            "children": [],
+        }
+
+    top = node(root, "1")
+    stack: list[tuple[Message, dict[str, Any], int]] = [(root, top, 0)]
+    while stack:
+        part, out, depth = stack.pop()
+        children = part.get_payload()
+        if not part.is_multipart() or not isinstance(children, list):
+            continue
+        if depth >= _MAX_TREE_DEPTH or nodes >= _MAX_TREE_NODES:
+            out["truncated"] = True
+            continue
+        for index, child in enumerate(children, 1):
+            if not isinstance(child, Message):
+                continue
+            nodes += 1
+            made = node(child, f"{out['path']}.{index}")
+            out["children"].append(made)
+            stack.append((child, made, depth + 1))
+    return top
+
+
+def _parts(msg: DeliveredMessage) -> list[Attachment]:
+    """Attachments, then inline parts: the index of a part in the API."""
+    return [*msg.attachments, *msg.inline_parts]
+
+
+def journey(stack: MailStack, stored: StoredMessage) -> dict[str, Any]:
+    """Each hop of the message: the stack's step timings (``MailStack.journey``) and the
+    message's own ``Received`` fields, oldest first, with the TLS each one records."""
+    msg = _parsed(stored)
+    steps = [
+        {"step": h.step, "host": h.host, "at": round(h.at, 6)}
+        for h in (stack.journey(msg.message_id) if msg.message_id else [])
+    ]
+    hops = []
+    for hop in reversed(msg.received_chain):
+        facts = _TLS_FACTS.search(hop.raw)
+        hops.append(
+            {
+                "from": hop.from_,
+                "by": hop.by,
+                "with": hop.with_,
+                "id": hop.id,
+                "for": hop.for_,
+                "time": hop.timestamp.isoformat() if hop.timestamp else None,
+                "tls": hop.tls,
+                "tls_version": facts.group(1) if facts else None,
+                "cipher": facts.group(2) if facts else None,
+                "raw": hop.raw,
+            }
+        )
+    auth = msg.auth
+    return {
+        "message_id": msg.message_id,
+        "steps": steps,
+        "received": hops,
+        "spam": {
+            name: value
+            for name in ("X-Spam-Flag", "X-Spam-Status", "X-Spam-Score")
+            if (value := msg.headers.get(name)) is not None
+        },
+        "auth": {
+            "authserv_id": auth.authserv_id,
+            "results": [
+                {"method": r.method, "result": r.result, "reason": r.reason} for r in auth.results
+            ],
+            "error": auth.error,
+        },
+    }
+
+
+def message_detail(stack: MailStack, user: str, folder: str, uid: int) -> dict[str, Any]:
+    """Everything about one message: summary, headers, text, whether it has HTML, its
+    attachments and inline parts (with the index to download them), the MIME tree and the
+    journey.
+
+    Raises:
+        NotFoundError: no such user, mailbox or message.
+    """
+    stored = stored_message(stack, user, folder, uid)
+    msg = _parsed(stored)
+    parts = [
+        {
+            "index": index,
+            "filename": part.filename,
+            "content_type": part.content_type,
+            "size": part.size,
+            "content_id": part.content_id,
+            "inline": part.inline,
+        }
+        for index, part in enumerate(_parts(msg))
+    ]
+    return {
+        **_summary(stored),
+        "message_id": msg.message_id,
+        "flags": sorted(stored.flags),
+        "headers": [[name, value] for name, value in msg.headers.items()],
+        "text": msg.text,
+        "has_html": msg.html is not None,
+        "parts": parts,
+        "mime": _mime_tree(stored.raw),
+        "parse_error": msg.parse_error,
+        "journey": journey(stack, stored),
+    }
+
+
+def html_body(
+    stack: MailStack, user: str, folder: str, uid: int, part_url: Callable[[int], str]
+) -> str:
+    """The HTML body, with each ``cid:`` reference replaced by ``part_url(index)`` of the
+    part it names (RFC 2392), so inline images show without any remote request.
+
+    Raises:
+        NotFoundError: no such message, or it has no HTML body.
+    """
+    stored = stored_message(stack, user, folder, uid)
+    msg = _parsed(stored)
+    if msg.html is None:
+        raise NotFoundError(f"message {uid} of {user} {folder} has no HTML body")
+    by_cid = {p.content_id: i for i, p in enumerate(_parts(msg)) if p.content_id}
+    if not by_cid:
+        return msg.html
+
+    def link(match: re.Match[str]) -> str:
+        index = by_cid.get(match.group(2))
+        if index is None:
+            return match.group(0)
+        return match.group(1) + html.escape(part_url(index), quote=True)
+
+    return re.sub(r"""(["'])cid:([^"'\s>]+)""", link, msg.html)
+
+
+def attachment(stack: MailStack, user: str, folder: str, uid: int, index: int) -> Attachment:
+    """Part ``index`` of :func:`message_detail`'s ``parts``.
+
+    Raises:
+        NotFoundError: no such message or part.
+    """
+    parts = _parts(_parsed(stored_message(stack, user, folder, uid)))
+    if not 0 <= index < len(parts):
+        raise NotFoundError(f"message {uid} has {len(parts)} part(s); there is no part {index}")
+    return parts[index]
+
+
+def delete_message(stack: MailStack, user: str, folder: str, uid: int) -> None:
+    """Remove one message, as an IMAP EXPUNGE does.
+
+    Raises:
+        NotFoundError: no such message.
+    """
+    stored_message(stack, user, folder, uid)
+    stack.store.expunge(user, folder, [uid])
+
+
+def empty_mailbox(stack: MailStack, user: str, folder: str) -> int:
+    """Remove every message of one mailbox; returns how many.
+
+    Raises:
+        NotFoundError: no such mailbox.
+    """
+    box = _mailbox(stack, user, folder)
+    return len(stack.store.expunge(user, box.name, box.uids()))
