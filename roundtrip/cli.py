@@ -250,6 +250,12 @@ def _add_probe_options(probe: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="also write Prometheus text-format metrics to FILE (node_exporter textfile)",
     )
+    probe.add_argument(
+        "--html",
+        metavar="FILE",
+        help="also write a self-contained HTML report to FILE (waterfall per round trip, "
+        "latency histogram with --count, TLS facts, findings, transcripts)",
+    )
 
 
 def _wants_json(argv: Sequence[str]) -> bool:
@@ -409,6 +415,8 @@ def _probe(args: argparse.Namespace, out: TextIO) -> int:
     for option, path in (("--junit-xml", args.junit_xml), ("--prometheus", args.prometheus)):
         if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise ConfigError(f"{option} {path}: the directory does not exist")
+    if args.html is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.html))):
+        raise ConfigError(f"--html {args.html}: the directory does not exist")
     if args.smtp is None:
         if args.imap or args.pop3 or args.cafile:
             raise ConfigError("--imap, --pop3 and --cafile need --smtp (a real server)")
@@ -544,6 +552,10 @@ def _finish(
             report.write_atomically(args.junit_xml, report.junit_xml(doc))
         if args.prometheus:
             report.write_atomically(args.prometheus, report.prometheus_text(doc))
+        if args.html:
+            from .htmlreport import render
+
+            report.write_atomically(args.html, render(doc))
     except OSError as exc:
         raise ConfigError(f"cannot write the report: {exc}") from None
     return EXIT_OK if doc["ok"] else EXIT_FAILED
