@@ -172,9 +172,11 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--host",
-        default="127.0.0.1",
+        action="append",
         help="address to bind the ephemeral ports on (default 127.0.0.1); a non-loopback "
-        "address such as 0.0.0.0 exposes the servers to the network and prints a warning",
+        "address such as 0.0.0.0 exposes the servers to the network and prints a warning; "
+        "repeat the option to listen on several addresses, each service on one port "
+        "(127.0.0.1 then ::1: dual stack; the endpoints printed name the first)",
     )
     serve.add_argument(
         "--json", action="store_true", help="print one JSON line once every listener is ready"
@@ -325,13 +327,15 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
             "domains": args.domain,
             "users": args.user,
             "ports": args.ports,
-            "host": args.host,
+            "host": (args.host or ["127.0.0.1"])[0],
+            "extra_hosts": (args.host or [])[1:],
             "catch_all": args.catch_all,
         }
     )
-    if config.ports != "standard" and not _is_loopback(config.host):
+    exposed = [h for h in (config.host, *config.extra_hosts) if not _is_loopback(h)]
+    if config.ports != "standard" and exposed:
         print(
-            f"roundtrip: warning: --host {config.host} is not a loopback address: other "
+            f"roundtrip: warning: --host {exposed[0]} is not a loopback address: other "
             "machines can reach these servers, whose passwords are printed and whose "
             "certificates come from a throwaway CA",
             file=sys.stderr,
@@ -392,6 +396,8 @@ def _print_endpoints(stack: object, out: TextIO) -> None:
     print("roundtrip: mail stack ready (Ctrl-C to stop)", file=out)
     if "dns" in doc:
         print(f"  dns          {doc['dns']}", file=out)
+    if "extra_hosts" in doc:
+        print(f"  also on      {', '.join(doc['extra_hosts'])} (same ports)", file=out)
     for domain, services in doc["domains"].items():
         print(f"  {domain}", file=out)
         for service, endpoint in services.items():

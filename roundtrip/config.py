@@ -7,6 +7,7 @@ command line < ``mailstack`` marker keyword arguments < explicit code arguments.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import secrets
@@ -271,6 +272,24 @@ class MailboxLimits:
             object.__setattr__(self, name, _command_budget(name, getattr(self, name)))
 
 
+def _extra_hosts(config: StackConfig) -> tuple[str, ...]:
+    """``config.extra_hosts`` as canonical IP addresses, checked against ``host`` and ports."""
+    hosts: list[str] = []
+    for value in _as_list(config.extra_hosts):
+        try:
+            address = str(ipaddress.ip_address(value.strip().strip("[]")))
+        except ValueError:
+            raise ConfigError(f"extra_hosts: {value!r} is not an IP address") from None
+        if address not in hosts and address != config.host:
+            hosts.append(address)
+    if hosts and config.ports == "standard":
+        raise ConfigError(
+            "extra_hosts needs ports='ephemeral' or a base port: with ports='standard' every"
+            " domain listens on its own 127.0.0.N"
+        )
+    return tuple(hosts)
+
+
 @dataclass(frozen=True, slots=True)
 class StackConfig:
     """What a MailStack serves.
@@ -341,6 +360,11 @@ class StackConfig:
     #: Every other domain signs with an Ed25519 and an RSA-2048 key (RFC 8463 dual signing).
     #: ``("*",)``: no domain signs (RSA signing costs about 8 ms of CPU per message).
     dkim_unsigned_domains: tuple[str, ...] = ()
+    #: More addresses every listener binds besides ``host``, each on the same port as on
+    #: ``host`` (``("::1",)``: dual stack, IPv4 and IPv6 loopback). ``describe()`` and the
+    #: printed endpoints keep naming ``host``; the DNS zone gives each MX host an A or AAAA
+    #: record per address. Not with ``ports="standard"`` (one ::1 cannot hold every domain).
+    extra_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         domains = tuple(dict.fromkeys(parse_domains(self.domains)))
@@ -402,6 +426,7 @@ class StackConfig:
         object.__setattr__(self, "relay_tls", parse_relay_tls(self.relay_tls))
         if self.relay_connection_cache < 0:
             raise ConfigError("relay_connection_cache must not be negative")
+        object.__setattr__(self, "extra_hosts", _extra_hosts(self))
 
     def user(self, domain: str | None = None) -> User:
         """The first user of ``domain``, or the user ``domain`` names when it is an address.
@@ -456,6 +481,8 @@ class StackConfig:
                 kwargs["users"] = tuple(parse_user(v) for v in _as_list(value))
             elif key == "host":
                 kwargs["host"] = str(value).strip()
+            elif key == "extra_hosts":
+                kwargs["extra_hosts"] = tuple(_as_list(value))
             elif key == "ports":
                 kwargs["ports"] = parse_port_mode(value)
             elif key == "catch_all":

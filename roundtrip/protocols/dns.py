@@ -273,7 +273,9 @@ def build_zone(records: Iterable[Record], *, refuse_outside: bool = False) -> Zo
     return Zone(rrsets, tuple(apexes), records, refuse_outside=refuse_outside)
 
 
-def default_records(domain: str, ip: str, *, mx_host: str | None = None) -> list[Record]:
+def default_records(
+    domain: str, ip: str, *, mx_host: str | None = None, extra_ips: Iterable[str] = ()
+) -> list[Record]:
     """The records a mail domain needs: SOA, NS, MX, the MX host's address, and SPF.
 
     Args:
@@ -281,26 +283,27 @@ def default_records(domain: str, ip: str, *, mx_host: str | None = None) -> list
         ip: the address the domain's MX (and name server) answers on; IPv4 or IPv6.
         mx_host: the MX host name; ``mail.<domain>`` by default. Its address record is added
             only when it lies inside ``domain``.
+        extra_ips: more addresses the MX and name server answer on (dual stack: ``::1``
+            beside ``127.0.0.1``): one more A or AAAA record each, and one more SPF mechanism.
 
     Returns:
         Records for :func:`build_zone`: ``SOA``, ``NS ns.<domain>``, its address,
         ``MX 10 <mx_host>``, the MX host's A or AAAA, and ``TXT "v=spf1 ip4:<ip> -all"``.
     """
     apex = domain.rstrip(".").lower()
-    address = ipaddress.ip_address(ip)
-    atype = "AAAA" if address.version == 6 else "A"
-    mechanism = "ip6" if address.version == 6 else "ip4"
+    addresses = list(dict.fromkeys(ipaddress.ip_address(a) for a in (ip, *extra_ips)))
     mx = (mx_host or f"mail.{apex}").rstrip(".").lower()
     ns = f"ns.{apex}"
+    hosts = [ns, mx] if mx == apex or mx.endswith("." + apex) else [ns]
+    spf = " ".join(f"ip{a.version}:{a}" for a in addresses)
     records = [
         Record(apex, "SOA", f"{ns}. hostmaster.{apex}. 1 3600 600 86400 60"),
         Record(apex, "NS", f"{ns}."),
-        Record(ns, atype, str(address)),
         Record(apex, "MX", f"10 {mx}."),
-        Record(apex, "TXT", f"v=spf1 {mechanism}:{address} -all"),
+        Record(apex, "TXT", f"v=spf1 {spf} -all"),
     ]
-    if mx == apex or mx.endswith("." + apex):
-        records.append(Record(mx, atype, str(address)))
+    for host in hosts:
+        records += [Record(host, "AAAA" if a.version == 6 else "A", str(a)) for a in addresses]
     return records
 
 

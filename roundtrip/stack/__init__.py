@@ -50,6 +50,7 @@ from ._services import (
     STANDARD_PORTS,
     DomainEndpoints,
     Listeners,
+    hosts_for,
     port_for,
 )
 
@@ -209,7 +210,8 @@ class MailStack:
         )
         for index, domain in enumerate(self.config.domains):
             # The leaf names the address too: clients dial what `serve` prints (127.0.0.N).
-            tls = self.ca.server_context([f"mail.{domain}", domain, self._listeners.host(index)])
+            hosts = hosts_for(self.config, index)
+            tls = self.ca.server_context([f"mail.{domain}", domain, *hosts])
             endpoints = await self._listeners.start_domain(index, domain, tls, penalties)
             self.domains[domain] = endpoints
         await self._start_routing()
@@ -410,7 +412,9 @@ class MailStack:
         records: list[Record] = []
         policies = self.default_tls_policies()
         for ep in self.domains.values():
-            records += default_records(ep.domain, ep.host, mx_host=ep.hostname)
+            records += default_records(
+                ep.domain, ep.host, mx_host=ep.hostname, extra_ips=ep.extra_hosts
+            )
             policy = policies.get(ep.domain)
             if policy is not None and policy.mode != "none":
                 records.append(Record(f"_mta-sts.{ep.domain}", "TXT", sts_record(policy)))
@@ -593,11 +597,15 @@ class MailStack:
         return self.ca.ca_file()
 
     def describe(self, *, include_passwords: bool = True) -> dict[str, Any]:
-        """The ``roundtrip serve --json`` document."""
+        """The ``roundtrip serve --json`` document.
+
+        With ``StackConfig.extra_hosts`` it has one more key, ``extra_hosts``: the other
+        addresses every listed endpoint answers on, on the same port.
+        """
         self._require_started()
         assert self.dns is not None
         dns_host = f"[{self.dns.host}]" if ":" in self.dns.host else self.dns.host
-        return {
+        doc: dict[str, Any] = {
             "ca_file": self.ca_file,
             "dns": f"{dns_host}:{self.dns.port}",
             "domains": {
@@ -609,6 +617,10 @@ class MailStack:
                 for u in self.config.users
             ],
         }
+        if self.config.extra_hosts:
+            # Dual stack: every endpoint above answers on these addresses too, same port.
+            doc["extra_hosts"] = list(self.config.extra_hosts)
+        return doc
 
     def _require_started(self) -> None:
         if not self.started:

@@ -32,6 +32,7 @@ __all__ = [
     "DomainEndpoints",
     "Listeners",
     "host_for",
+    "hosts_for",
     "port_for",
 ]
 
@@ -47,6 +48,9 @@ class _Service:
     #: TLS from the first byte (else STARTTLS / STLS, or plain for the MX).
     implicit_tls: bool
 
+
+#: Ephemeral ports tried per service when it must be free on several addresses.
+_BIND_ATTEMPTS = 5
 
 #: Every service of a domain, in start order.
 _TABLE: Mapping[str, _Service] = {
@@ -73,6 +77,13 @@ class DomainEndpoints:
     hostname: str
     host: str
     ports: dict[str, int]
+    #: More addresses every service listens on, same ports (``StackConfig.extra_hosts``).
+    extra_hosts: tuple[str, ...] = ()
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Every address the services listen on, ``host`` first."""
+        return (self.host, *self.extra_hosts)
 
     def address(self, service: str) -> tuple[str, int]:
         """``(host, port)`` of a service (``smtp``, ``submissions``, ``imaps`` ...)."""
@@ -89,6 +100,11 @@ class DomainEndpoints:
 def host_for(config: StackConfig, index: int) -> str:
     """The address domain number ``index`` listens on: 127.0.0.N with standard ports."""
     return f"127.0.0.{index + 1}" if config.ports == "standard" else config.host
+
+
+def hosts_for(config: StackConfig, index: int) -> tuple[str, ...]:
+    """Every address domain number ``index`` listens on: :func:`host_for` first."""
+    return (host_for(config, index), *config.extra_hosts)
 
 
 def port_for(config: StackConfig, service: str, index: int = 0) -> int:
@@ -131,18 +147,51 @@ class Listeners:
         self, index: int, domain: str, tls: ssl.SSLContext, penalties: AuthPenalties
     ) -> DomainEndpoints:
         """Bind every service of one domain and return where each listens."""
-        host = self.host(index)
+        hosts = hosts_for(self.config, index)
         hostname = f"mail.{domain}"
         ports: dict[str, int] = {}
         for service, row in _TABLE.items():
             port = port_for(self.config, service, index)
-            if row.kind == "smtp":
-                starting = self._smtp(service, domain, hostname, host, port, tls, penalties)
-            else:
-                starting = self._mailbox(row, hostname, host, port, tls, penalties)
-            server = await self._bind(service, host, port, starting)
-            ports[service] = _bound_port(server)
-        return DomainEndpoints(domain, hostname, host, ports)
+
+            def starting(host: str, port: int, service: str = service) -> Awaitable[Any]:
+                row = _TABLE[service]
+                if row.kind == "smtp":
+                    return self._smtp(service, domain, hostname, host, port, tls, penalties)
+                return self._mailbox(row, hostname, host, port, tls, penalties)
+
+            ports[service] = await self._bind_hosts(service, hosts, port, starting)
+        return DomainEndpoints(domain, hostname, hosts[0], ports, hosts[1:])
+
+    async def _bind_hosts(
+        self,
+        service: str,
+        hosts: tuple[str, ...],
+        port: int,
+        starting: Callable[[str, int], Awaitable[Any]],
+    ) -> int:
+        """Bind one service on every address, on one port; return that port.
+
+        An ephemeral port free on the first address may be taken on another (say ::1): the
+        listeners of that attempt are closed and a fresh port is tried.
+        """
+        attempts = _BIND_ATTEMPTS if port == 0 and len(hosts) > 1 else 1
+        for attempt in range(attempts):
+            mark = len(self.servers), len(self.connections)
+            bound = _bound_port(await self._bind(service, hosts[0], port, starting(hosts[0], port)))
+            try:
+                for host in hosts[1:]:
+                    await self._bind(service, host, bound, starting(host, bound))
+            except ServerStartError as exc:
+                cause = exc.__cause__
+                in_use = isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE
+                if not in_use or attempt == attempts - 1:
+                    raise
+                for server in self.servers[mark[0] :]:
+                    server.close()
+                del self.servers[mark[0] :], self.connections[mark[1] :]
+                continue
+            return bound
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _smtp(
         self,
@@ -264,10 +313,10 @@ class Listeners:
     async def self_check(self, domains: list[DomainEndpoints], client: ssl.SSLContext) -> None:
         """Connect to every listener; complete a TLS handshake on the implicit-TLS ones."""
 
-        async def probe(ep: DomainEndpoints, service: str) -> None:
+        async def probe(ep: DomainEndpoints, host: str, service: str) -> None:
             tls = client if service in IMPLICIT_TLS_SERVICES else None
             _, writer = await asyncio.open_connection(
-                ep.host, ep.ports[service], ssl=tls, server_hostname=ep.hostname if tls else None
+                host, ep.ports[service], ssl=tls, server_hostname=ep.hostname if tls else None
             )
             writer.close()
             try:
@@ -275,7 +324,9 @@ class Listeners:
             except (ConnectionError, ssl.SSLError):
                 pass
 
-        await asyncio.gather(*(probe(ep, s) for ep in domains for s in SERVICES))
+        await asyncio.gather(
+            *(probe(ep, host, s) for ep in domains for host in ep.hosts for s in SERVICES)
+        )
 
     def close(self) -> None:
         """Abort every open connection and stop every listener (on the loop)."""
