@@ -21,12 +21,6 @@ The recorder knows just enough of each protocol to keep a transcript safe and sm
 * Memory is bounded: the first and last ``MAX_LINES // 2`` lines of a connection are kept
   with a ``... K lines omitted`` marker between them, each line is cut at ``MAX_LINE_CHARS``
   characters, and a line without an end is cut at ``MAX_PENDING`` bytes.
-
-The stack's servers keep their connections as raw bytes and read them back through this same
-``Recorder`` (``roundtrip/stack/_transcripts.py``), so the probe and the stack redact alike.
-What a server did not keep as bytes reaches the recorder summarised: SMTP message content as its
-size and digest (``content``), a chunk past the server's budget as its size (``skipped``), and
-events dropped between the head and the tail of a long session as a count (``gap``).
 """
 
 from __future__ import annotations
@@ -93,14 +87,6 @@ class Transcript:
     peer: str
     steps: list[str] = field(default_factory=list)
     failed: bool = False
-    #: The stack's transcripts only: the listener (``submissions``, ``imap``, ``relay``,
-    #: ``dns``), both ends, the wall-clock start, and the addresses (MAIL FROM, RCPT TO, the
-    #: login) and Message-IDs seen, to filter by.
-    service: str = ""
-    local: str = ""
-    started_at: float = 0.0
-    addresses: list[str] = field(default_factory=list)
-    message_ids: list[str] = field(default_factory=list)
     #: Lines dropped between ``head`` and ``tail`` (``MAX_LINES``).
     omitted: int = 0
     head: list[Line] = field(default_factory=list)
@@ -127,40 +113,11 @@ class Transcript:
 
     def __str__(self) -> str:
         title = f"{self.protocol} {self.peer}"
-        if self.service:
-            title = self._stack_title()
         if self.steps:
             title += f" ({', '.join(self.steps)})"
         return "\n".join([title, *(str(line) for line in self.lines)])
 
-    def _stack_title(self) -> str:
-        clock = time.strftime("%H:%M:%S", time.localtime(self.started_at))
-        millis = int(self.started_at * 1000) % 1000
-        if self.service == "relay":  # we are the client: our end, then the MX
-            ends = f"{self.local} -> {self.peer}"
-        elif self.local:
-            ends = f"{self.peer} -> {self.local}"
-        else:
-            ends = self.peer
-        seen = ", ".join([*self.addresses, *self.message_ids])
-        return f"{self.service} {ends} at {clock}.{millis:03d}" + (f" ({seen})" if seen else "")
-
     def as_dict(self) -> dict[str, Any]:
-        if self.service:
-            return {
-                "service": self.service,
-                "protocol": self.protocol,
-                "peer": self.peer,
-                "local": self.local,
-                "started_at": self.started_at,
-                "addresses": list(self.addresses),
-                "message_ids": list(self.message_ids),
-                "omitted": self.omitted,
-                "lines": [
-                    {"t": round(line.t, 6), "dir": line.dir, "text": line.text}
-                    for line in self.lines
-                ],
-            }
         return {
             "protocol": self.protocol,
             "peer": self.peer,
@@ -174,8 +131,6 @@ class Transcript:
 
 
 def _digest_text(size: int, digest: Any) -> str:
-    if digest is None:  # some of the bytes were not recorded
-        return f"[{size} bytes, sha256 not kept]"
     return f"[{size} bytes, sha256 {digest.hexdigest()[:16]}]"
 
 
@@ -196,33 +151,14 @@ class _Direction:
         #: Bytes of the current literal still to come, its size and its running digest.
         self._literal_left = 0
         self._literal_size = 0
-        self._digest: Any = hashlib.sha256()
-
-    def skip(self, size: int) -> int:
-        """``size`` bytes went by unrecorded: count them into the current literal; return how
-        many were outside it (then the line being read is lost too)."""
-        inside = min(size, self._literal_left)
-        if inside:
-            self._digest = None
-            self._literal_left -= inside
-            if not self._literal_left:
-                self._literal(_digest_text(self._literal_size, self._digest))
-        if size > inside:
-            self._pending = bytearray()
-        return size - inside
-
-    def reset(self) -> None:
-        """Forget the line and the literal being read (events in between were lost)."""
-        self._pending = bytearray()
-        self._literal_left = 0
+        self._digest = hashlib.sha256()
 
     def feed(self, data: bytes, *, literals: bool) -> None:
         pos = 0
         while pos < len(data):
             if self._literal_left:
                 chunk = data[pos : pos + self._literal_left]
-                if self._digest is not None:
-                    self._digest.update(chunk)
+                self._digest.update(chunk)
                 self._literal_left -= len(chunk)
                 pos += len(chunk)
                 if not self._literal_left:
@@ -283,35 +219,6 @@ class Recorder:
     def note(self, text: str) -> None:
         self._add(NOTE, text)
 
-    def content(self, size: int, digest: str | None, why: str = "") -> None:
-        """Message content the client sent, already summarised (the stack's SMTP servers keep
-        its size and sha256, never the bytes): its line and the final dot."""
-        self._content_asked = False
-        self._content = None
-        summary = f"sha256 {digest[:16]}" if digest else (why or "sha256 not kept")
-        self._add(SENT, f"[{size} bytes, {summary}]")
-        self._add(SENT, ".")
-
-    def skipped(self, size: int, *, sent: bool) -> None:
-        """``size`` bytes went one way unrecorded (past a server's recording budget)."""
-        side = self._sent if sent else self._received
-        outside = side.skip(size)
-        ours = self._protocol == "smtp" if sent else self._protocol == "pop3"
-        if outside and ours and self._content is not None:
-            total, _ = self._content
-            self._content = (total + outside, None)  # the digest can no longer be right
-        elif outside:
-            self._add(SENT if sent else RECEIVED, f"[{outside} bytes not kept]")
-
-    def gap(self, events: int) -> None:
-        """``events`` went by unrecorded: what was being read is lost; credentials stay
-        redacted (an AUTH exchange still open is assumed to go on)."""
-        self._sent.reset()
-        self._received.reset()
-        self._content = None
-        self._content_asked = False
-        self._add(NOTE, f"... {events} events not kept")
-
     # -- lines ----------------------------------------------------------------------------
 
     def _add(self, direction: str, text: str) -> None:
@@ -328,8 +235,7 @@ class Recorder:
             self._add(direction, ".")
             return True
         size, digest = self._content
-        if digest is not None:
-            digest.update(line)
+        digest.update(line)
         self._content = (size + len(line), digest)
         return True
 

@@ -32,7 +32,9 @@ timers, the spool) and hands the results in as plain values. Clocks are passed i
   bounced).
 * Outbound TLS (RFC 8461, RFC 7435, result types of RFC 8460): :func:`policy_for` picks the
   policy of a domain, :func:`tls_failure` words a TLS failure and says whether it fails the
-  host (``enforce``) or lets the delivery go on (``testing``, ``none``). The policy itself is
+  host (``enforce``) or lets the delivery go on (``testing``, ``none``), and
+  :func:`handshake_fallback` says how it goes on after a failed STARTTLS handshake: a new
+  connection with unverified TLS or in plaintext. The policy itself is
   ``protocols/tlspolicy.py``.
 
 Left out: DSNs for delays (``action=delayed``), per-recipient retry schedules, and routing by
@@ -44,20 +46,23 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..config import check_envelope_address
 from ..errors import ConfigError
 from ._lines import DATA_SLICE, dot_stuffed_slices
 from .dsn import build_dsn
 from .smtp import domain_of
-from .tlspolicy import ResultType, TLSPolicy
+from .tlspolicy import PolicyMode, ResultType, TLSPolicy
 
 __all__ = [
     "DATA_SLICE",
+    "FALLBACK_WORDS",
     "NO_POLICY",
     "NULL_MX",
     "REQUIRED",
     "DomainAttempt",
+    "HandshakeFallback",
     "Outcome",
     "Permanent",
     "RetrySchedule",
@@ -70,6 +75,7 @@ __all__ = [
     "domain_of",
     "dot_stuffed_slices",
     "expiry",
+    "handshake_fallback",
     "lookup_failed",
     "mx_mismatch",
     "no_such_domain",
@@ -422,3 +428,42 @@ def mx_mismatch(policy: TLSPolicy, host: str) -> str:
     """The detail of an MX host that matches none of the policy's patterns (RFC 8461 §4.1)."""
     patterns = ", ".join(policy.mx or ())
     return f"MX host {host} matches no mx pattern of the policy ({patterns})"
+
+
+#: What a delivery does after its STARTTLS handshake with an MX failed: nothing now (the
+#: host failed, the message stays queued), or a new connection with TLS whose certificate is
+#: not verified, or a new connection in plaintext.
+HandshakeFallback = Literal["defer", "unverified-tls", "plaintext"]
+
+#: How the ``tls-failure`` event words each fallback (the ``fallback`` of :func:`tls_failure`).
+FALLBACK_WORDS: Mapping[HandshakeFallback, str] = {
+    "defer": "deferred, no plaintext",
+    "unverified-tls": "delivering over unverified TLS on a new connection",
+    "plaintext": "delivering without TLS on a new connection",
+}
+
+
+def handshake_fallback(mode: PolicyMode, *, certificate_failed: bool) -> HandshakeFallback:
+    """What a sender does once the MX said 220 to STARTTLS but no usable TLS came of it.
+
+    A failed handshake leaves no SMTP session to go on with (the peer's state is unknown),
+    so every fallback opens a new connection.
+
+    * ``enforce`` defers: RFC 8461 §5 delivers only over validated TLS, never in plaintext.
+    * ``testing`` delivers as a domain without a policy would (RFC 8461 §5) and reports the
+      failure: a certificate that failed verification still gets encryption, unverified; a
+      handshake that failed outright (garbage, a reset, a protocol mismatch) gets plaintext.
+    * ``none``, or no policy, is opportunistic security (RFC 7435 §1: encryption when it can
+      be negotiated, cleartext otherwise): plaintext, as Postfix's
+      ``smtp_tls_security_level = may`` retries after a failed handshake. Nothing is verified
+      in this mode, so no certificate can fail.
+
+    Args:
+        mode: the recipient domain's policy mode (RFC 8461 §5).
+        certificate_failed: the handshake failed only because the certificate did not verify.
+    """
+    if mode == "enforce":
+        return "defer"
+    if mode == "testing" and certificate_failed:
+        return "unverified-tls"
+    return "plaintext"

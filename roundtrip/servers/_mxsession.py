@@ -24,16 +24,21 @@ and the relay tries the next address.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ssl
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 import aiosmtplib
 
-from ..protocols.delivery import Outcome, Temporary, dot_stuffed_slices, reply_outcome
+from ..protocols.delivery import (
+    FALLBACK_WORDS,
+    Outcome,
+    Temporary,
+    dot_stuffed_slices,
+    handshake_fallback,
+    reply_outcome,
+)
 from ..protocols.tlspolicy import ResultType
-from . import _recording
 from ._mxcache import Connection, Failure, discard
 from ._relayerrors import StepError, translated
 
@@ -72,8 +77,7 @@ class Dialer:
         return self._unverified_context
 
     def _client(self, helo: str, ip: str, port: int) -> aiosmtplib.SMTP:
-        kind = aiosmtplib.SMTP if _recording.current() is None else _RecordingSMTP
-        return kind(
+        return aiosmtplib.SMTP(
             hostname=ip,
             port=port,
             local_hostname=helo,
@@ -96,10 +100,11 @@ class Dialer:
         """Connect, EHLO and STARTTLS; ``verify`` is False under policy mode ``none``.
 
         A TLS failure goes to ``on_tls_failure``, which raises under ``enforce``; otherwise
-        the delivery goes on without TLS (not offered, or refused), or (a failed
-        verification) over a new connection with unverified TLS. Without ``verify`` TLS is
-        not verified at all (RFC 7435). aiosmtplib drops bytes the server sent after its
-        ``220`` to STARTTLS (docs/security.md A3.8).
+        the delivery goes on without TLS (not offered, or refused), or, after a failed
+        handshake, over a new connection as :func:`handshake_fallback` says: with unverified
+        TLS (a failed verification under ``testing``) or in plaintext (any other handshake
+        failure). Without ``verify`` TLS is not verified at all (RFC 7435). aiosmtplib drops
+        bytes the server sent after its ``220`` to STARTTLS (docs/security.md A3.8).
 
         Returns:
             The client, ready for MAIL FROM; "" for verified TLS, else a note for events
@@ -135,13 +140,22 @@ class Dialer:
                     fail(ResultType.STARTTLS_NOT_SUPPORTED, detail, _WITHOUT_TLS)
                     ready = True
                     return client, " without TLS", tuple(failures)
-                if exc.tls is None or not verify:
-                    raise
-                fail(exc.tls, str(exc), "delivering over unverified TLS")
-                # testing: the failed handshake left nothing to talk over; start again.
+                # The handshake failed (or the MX hung up on STARTTLS): whether and how the
+                # delivery goes on is handshake_fallback's rule. Under enforce, fail() raises.
+                # Which mode it is otherwise follows from verify (only none skips it).
+                certificate = isinstance(exc.__cause__, ssl.SSLCertVerificationError)
+                step = handshake_fallback(
+                    "testing" if verify else "none", certificate_failed=certificate
+                )
+                result = exc.tls or ResultType.VALIDATION_FAILURE
+                fail(result, str(exc), FALLBACK_WORDS[step])
+                # Nothing is left to talk over after a failed handshake: a new connection.
                 discard(client)
                 client = self._client(helo, ip, port)
-                security = await self._open_unverified(client, host)
+                if step == "unverified-tls":
+                    security = await self._open_unverified(client, host, fail)
+                else:
+                    security = await self._open_plaintext(client)
                 ready = True
                 return client, security, tuple(failures)
             with translated():
@@ -152,16 +166,37 @@ class Dialer:
             if not ready:  # failed or cancelled: nothing to say QUIT over
                 discard(client)
 
-    async def _open_unverified(self, client: aiosmtplib.SMTP, host: str) -> str:
-        """Connect ``client`` again with unverified TLS (or none if no longer offered)."""
+    async def _open_unverified(self, client: aiosmtplib.SMTP, host: str, fail: OnTLSFailure) -> str:
+        """Connect ``client`` again with unverified TLS (or none if no longer offered).
+
+        Should that handshake fail too, ``fail`` records it and the delivery goes on over a
+        third connection, in plaintext (:func:`handshake_fallback` for a handshake failure).
+        """
         with translated():
             await client.connect()
             await client.ehlo()
             if not client.supports_extension("starttls"):
                 return " without TLS"
-            await client.starttls(server_hostname=host, tls_context=self._unverified())
+        try:
+            with translated():
+                await client.starttls(server_hostname=host, tls_context=self._unverified())
+        except StepError as exc:
+            if exc.code is not None:
+                raise
+            result = exc.tls or ResultType.VALIDATION_FAILURE
+            fail(result, str(exc), FALLBACK_WORDS["plaintext"])
+            discard(client)
+            return await self._open_plaintext(client)
+        with translated():
             await client.ehlo()
         return " over unverified TLS"
+
+    async def _open_plaintext(self, client: aiosmtplib.SMTP) -> str:
+        """Connect ``client`` again and stay in plaintext: its last handshake failed."""
+        with translated():
+            await client.connect()
+            await client.ehlo()
+        return " without TLS"
 
     async def transaction(
         self,
@@ -246,12 +281,6 @@ class Dialer:
         protocol = client.protocol
         timeout = self._timeout
         in_step = False
-        rec = client.recording if isinstance(client, _RecordingSMTP) else None
-        if rec is not None:
-            # The content goes to the transport below, past the recorded write: its size and
-            # sha256 (before dot-stuffing, as the MX's transcript shows it) stand for it.
-            rec.content(len(raw), hashlib.sha256(raw).hexdigest())
-            _recording.note_message(rec, raw, "content sent")
         try:
             with translated():
                 if protocol is None:
@@ -285,78 +314,3 @@ class Dialer:
             raise aiosmtplib.SMTPTimeoutError(
                 f"Timed out writing the message (no progress for {timeout:g} s)"
             ) from exc
-
-
-class _RecordingSMTP(aiosmtplib.SMTP):
-    """aiosmtplib's client with a transcript per connection (the stack records).
-
-    Each ``connect()`` opens a session in the stack's recordings. The protocol's ``write``
-    and ``data_received`` are then wrapped on the instance, so every command and reply that
-    follows is recorded as bytes, STARTTLS and all; the greeting, read inside ``connect()``,
-    is recorded from the reply it returns. The message content bypasses ``write``
-    (:meth:`Dialer.send_content`), which records its size and digest instead.
-    """
-
-    recording: _recording.Session | None = None
-
-    async def connect(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
-        recordings = _recording.current()
-        self.recording = None
-        response = await super().connect(*args, **kwargs)
-        protocol = self.protocol
-        if recordings is None or protocol is None or protocol.transport is None:
-            return response
-        transport = protocol.transport
-        rec = self.recording = recordings.open(
-            "relay",
-            "smtp",
-            _recording.address(transport.get_extra_info("peername")),
-            _recording.address(transport.get_extra_info("sockname")),
-        )
-        rec.server(_reply_bytes(response))
-        write, received = protocol.write, protocol.data_received
-
-        def recorded_write(data: bytes) -> None:
-            rec.client(data)
-            write(data)
-
-        def recorded_received(data: bytes) -> None:
-            rec.server(data)
-            received(data)
-
-        # Instance attributes: the transports call protocol.data_received by name.
-        setattr(protocol, "write", recorded_write)  # noqa: B010
-        setattr(protocol, "data_received", recorded_received)  # noqa: B010
-        return response
-
-    async def starttls(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
-        rec = self.recording
-        name = kwargs.get("server_hostname")
-        if rec is not None and name:
-            rec.note(f"STARTTLS to {name}")
-        try:
-            response = await super().starttls(*args, **kwargs)
-        except BaseException as exc:
-            if rec is not None:
-                rec.note(f"TLS handshake failed: {exc!r}")
-            raise
-        protocol = self.protocol
-        if rec is not None and protocol is not None:
-            rec.note(_recording.tls_note(protocol.transport) or "TLS")
-        return response
-
-    def close(self) -> None:
-        if self.recording is not None and self.protocol is not None:
-            self.recording.note("connection closed")
-            self.recording = None
-        super().close()
-
-
-def _reply_bytes(response: aiosmtplib.SMTPResponse) -> bytes:
-    """A reply as the server wrote it (``220-...`` lines, then ``220 ...``)."""
-    lines = response.message.split("\n") or [""]
-    text = "".join(
-        f"{response.code}{'-' if i < len(lines) - 1 else ' '}{line}\r\n"
-        for i, line in enumerate(lines)
-    )
-    return text.encode("utf-8", "replace")
