@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import ipaddress
 import logging
 import os
 import re
@@ -152,7 +153,7 @@ def _line_of(text: str, table: list[str], key: str | None = None) -> int:
     header_line = 0
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
-        if stripped.startswith("[") and not stripped.startswith("[["):
+        if stripped.startswith("["):
             current = _split_dotted(stripped.strip("[]").split("#")[0])
             if current == wanted:
                 header_line = number
@@ -364,7 +365,9 @@ def load_config(path: str, *, env: Mapping[str, str] | None = None) -> dict[str,
         if key != "targets":
             raise source.error([], key, f"unknown key {key!r}; the file holds [targets.NAME]")
     targets = data.get("targets")
-    if not isinstance(targets, dict) or not targets:
+    if targets is not None and not isinstance(targets, dict):
+        raise source.error([], "targets", "targets must be tables: [targets.NAME]")
+    if not targets:
         raise ConfigError(f"{path}: no targets; add a [targets.NAME] table")
     default_timeout = 30.0
     return {
@@ -760,6 +763,13 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), self.exporter.scrub(format % args))
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
 def run(config: str, listen: str | None, out: TextIO) -> int:
     """``roundtrip exporter``: serve until SIGINT or SIGTERM, then return 0.
 
@@ -784,6 +794,12 @@ def run(config: str, listen: str | None, out: TextIO) -> int:
         with exporter:
             host, port = exporter.address
             shown = f"[{host}]" if ":" in host else host
+            if not _is_loopback(host):
+                log.warning(
+                    "listening on %s, not a loopback address: whoever reaches /probe can make "
+                    "the exporter send mail and log in to the configured servers",
+                    host,
+                )
             print(
                 f"roundtrip exporter: listening on http://{shown}:{port}/ "
                 f"({len(targets)} targets: {', '.join(targets)})",

@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from roundtrip import MailStack
 from roundtrip.cli import main
 from roundtrip.errors import ConfigError
-from roundtrip.exporter import Exporter, load_config
+from roundtrip.exporter import Exporter, load_config, probe_metrics
+from roundtrip.probes.roundtrip import Finding, ProbeResult
 
 TIMEOUT = 20
 LISTEN_ANY = ("--listen", "127.0.0.1:0")
@@ -416,3 +417,33 @@ def test_exporter_busy_address_exits_1(
         port = taken.getsockname()[1]
         assert main(["exporter", "--config", str(config), "--listen", f"127.0.0.1:{port}"]) == 1
     assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+
+
+def test_exporter_findings_by_code_and_severity() -> None:
+    result = ProbeResult(
+        ok=False,
+        smtp="smtps://a@h:465",
+        retrieve="imaps://a@h:993",
+        findings=[
+            Finding("plaintext-hop", "warn", "hop 1 without TLS"),
+            Finding("plaintext-hop", "warn", "hop 2 without TLS"),
+            Finding("legacy-tls", "fail", "TLSv1 accepted"),
+        ],
+        error="verification failed",
+        error_step="VERIFY",
+    )
+    text = probe_metrics(result, duration=0.5).decode()
+    assert value(text, "probe_findings", code="plaintext-hop", severity="warn") == 2
+    assert value(text, "probe_findings", code="legacy-tls", severity="fail") == 1
+    assert value(text, "probe_failed_step_info", step="VERIFY") == 1
+    # The twin: a passing result has no findings series and no failed step.
+    clean = probe_metrics(ProbeResult(ok=True, smtp="s", retrieve="r"), duration=0.1).decode()
+    assert "probe_findings{" not in clean and "probe_failed_step_info" not in clean
+    assert value(clean, "probe_success") == 1
+
+
+def test_exporter_targets_as_an_array_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "exporter.toml"
+    config.write_text('[[targets]]\nsmtp = "smtps://a@b"\n')
+    with pytest.raises(ConfigError, match=r"exporter.toml:1: targets must be tables"):
+        load_config(str(config))
