@@ -31,6 +31,7 @@ from ..errors import (
     RejectedError,
     TLSError,
 )
+from ._limits import MAX_REPLY_BYTES, ReplyTooLargeError, StepDeadlineError, step_limit
 from ._transcript import Recorder, RecordingContext, RecordingSocket, Transcript
 
 __all__ = [
@@ -52,8 +53,12 @@ __all__ = [
 
 #: Findings that make the probe fail (exit 1) rather than merely warn.
 FAIL = "fail"
-#: Findings reported but not failing the probe.
+#: Findings reported but not failing the probe (unless ``--fail-on warn``).
 WARN = "warn"
+#: Facts worth a line in the report (the Received chain's hops), never failing.
+INFO = "info"
+#: Severities from the mildest up.
+SEVERITIES = (INFO, WARN, FAIL)
 #: Connections whose transcripts one probe run keeps (the first and the latest ones: POP3
 #: reconnects to poll).
 MAX_TRANSCRIPTS = 12
@@ -78,14 +83,18 @@ class Finding:
     """Something the probe noticed about a server.
 
     ``code`` is stable (``auth-before-tls``, ``legacy-tls``, ``cert-expiring``,
-    ``plaintext-hop``, ``duplicate``, ``legacy-tls-untested``); ``severity`` is ``"fail"``
-    (the probe fails) or ``"warn"``. ``str(finding)`` is the message.
+    ``plaintext-hop``, ``duplicate``, ``legacy-tls-untested``, ``port-mode-mismatch``, ...;
+    docs/checks.md lists them); ``severity`` is ``"fail"`` (the probe fails), ``"warn"`` or
+    ``"info"``; ``server`` the ``host:port`` it concerns (empty when it concerns the message);
+    ``evidence`` the reply lines (or header fields) that prove it. ``str(finding)`` is the
+    message.
     """
 
     code: str
     severity: str
     message: str
     server: str = ""
+    evidence: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return self.message
@@ -131,6 +140,7 @@ class Timeline:
     transcripts_omitted: int = 0
     #: The latest connection of each protocol: the one its steps are recorded on.
     _current: dict[str, Transcript] = field(default_factory=dict, repr=False)
+    _recorders: dict[str, Recorder] = field(default_factory=dict, repr=False)
 
     def add(self, name: str, started: float, *, server: str = "", detail: str = "") -> Step:
         step = Step(name, time.perf_counter() - started, True, detail, server)
@@ -152,6 +162,7 @@ class Timeline:
         """A recorder for a new connection, its transcript kept on this timeline."""
         recorder = Recorder(protocol, peer)
         self._current[protocol] = recorder.transcript
+        self._recorders[protocol] = recorder
         if len(self.transcripts) >= MAX_TRANSCRIPTS:
             # Keep the first connection (the submission) and the latest ones.
             del self.transcripts[1]
@@ -159,13 +170,25 @@ class Timeline:
         self.transcripts.append(recorder.transcript)
         return recorder
 
+    def last_received(self, protocol: str) -> str:
+        """The latest line the server of ``protocol``'s current connection sent."""
+        recorder = self._recorders.get(protocol)
+        return recorder.last_received if recorder is not None else ""
+
     def mark_failed(self) -> None:
         """Mark the latest connection as the one the probe failed on."""
         if self.transcripts:
             self.transcripts[-1].failed = True
 
-    def finding(self, code: str, severity: str, message: str, server: str = "") -> None:
-        self.findings.append(Finding(code, severity, message, server))
+    def finding(
+        self,
+        code: str,
+        severity: str,
+        message: str,
+        server: str = "",
+        evidence: tuple[str, ...] = (),
+    ) -> None:
+        self.findings.append(Finding(code, severity, message, server, evidence))
 
     def note_tls(self, facts: TLSFacts, label: str) -> None:
         """Record ``facts`` and the findings they imply."""
@@ -189,6 +212,55 @@ class Timeline:
 
 class PhaseTimeoutError(TimeoutError):
     """A timeout that names what it waited for (``"the TCP connect"``, ...)."""
+
+
+class PlaintextAnswerError(ConnectionError):
+    """The server answered a TLS ClientHello in plaintext: it speaks the protocol without
+    TLS on a port dialled for implicit TLS. ``banner`` is its first line."""
+
+    def __init__(self, banner: str) -> None:
+        super().__init__(f"answered in plaintext on an implicit-TLS port: {banner!r}")
+        self.banner = banner
+
+
+#: OpenSSL's reasons for a handshake that met bytes which are not TLS records (a server
+#: greeting in plaintext, "220 ..." or "* OK ...", parses as a bad record header).
+_NOT_TLS_REASONS = frozenset(
+    {
+        "WRONG_VERSION_NUMBER",
+        "RECORD_LAYER_FAILURE",
+        "PACKET_LENGTH_TOO_LONG",
+        "UNKNOWN_PROTOCOL",
+        "HTTP_REQUEST",
+        "RECORD_LENGTH_MISMATCH",
+    }
+)
+#: Bytes of a plaintext banner read as evidence.
+_BANNER_BYTES = 512
+
+
+def plaintext_banner(host: str, port: int, timeout: float) -> str:
+    """The first line a server sends unprompted on a new connection, or ``""`` if it sends
+    none within ``timeout`` (a TLS server waits for the client's hello)."""
+    try:
+        with socket.create_connection((host, port), timeout) as sock:
+            data = b""
+            deadline = time.monotonic() + timeout
+            while b"\n" not in data and len(data) < _BANNER_BYTES:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                sock.settimeout(remaining)
+                chunk = sock.recv(_BANNER_BYTES - len(data))
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return ""
+    line = data.split(b"\n", 1)[0].rstrip(b"\r")
+    if not line or any((byte < 0x20 and byte != 0x09) or byte > 0x7E for byte in line):
+        return ""  # no text: not a plaintext protocol greeting
+    return line.decode("ascii")
 
 
 def _tune(sock: socket.socket) -> None:
@@ -246,10 +318,40 @@ def wrap_tls(
             recorder.note(f"TLS handshake failed: {exc}")
         if isinstance(exc, TimeoutError):
             raise PhaseTimeoutError("the TLS handshake") from exc
+        if isinstance(exc, ssl.SSLError) and exc.reason in _NOT_TLS_REASONS:
+            _plaintext_answer(peer, sock.gettimeout(), timeline, label, server, exc, recorder)
         raise
     _tune(tls_sock)
     record_tls(timeline, label, started, tls_sock, server, server_name, context, recorder)
     return tls_sock
+
+
+def _plaintext_answer(
+    peer: tuple[Any, ...],
+    timeout: float | None,
+    timeline: Timeline,
+    label: str,
+    server: str,
+    exc: ssl.SSLError,
+    recorder: Recorder | None,
+) -> None:
+    """After a handshake that met no TLS: if a new connection shows a plaintext greeting,
+    record the port/mode mismatch (RFC 8314 section 3: 465, 993 and 995 start with TLS) and
+    raise ``PlaintextAnswerError``; else return (the TLS error stands)."""
+    banner = plaintext_banner(peer[0], peer[1], min(timeout or 5.0, 5.0))
+    if not banner:
+        return
+    if recorder is not None:
+        recorder.note(f"a new connection shows a plaintext greeting: {banner!r}")
+    timeline.finding(
+        "port-mode-mismatch",
+        FAIL,
+        f"{label} {server}: the server answered in plaintext on an implicit-TLS port "
+        f"(RFC 8314 section 3); its greeting: {banner!r}",
+        server,
+        (banner,),
+    )
+    raise PlaintextAnswerError(banner) from exc
 
 
 def dial(
@@ -564,6 +666,38 @@ def _timed_out(exc: TimeoutError, where: _Where) -> ProbeError:
     return where.timed_out(exc)
 
 
+def _evidence(last_line: str) -> str:
+    return f"; the last line it sent: {last_line!r}" if last_line else ""
+
+
+def _deadline_passed(exc: StepDeadlineError, where: _Where) -> ProbeError:
+    return ConnectError(
+        f"{where.step}: {where.server} did not finish within {exc.limit.timeout:g} s "
+        f"(the step's own deadline{_evidence(exc.last_line)})",
+        step=where.step,
+        host=where.server,
+        reply=exc.last_line,
+    )
+
+
+def _reply_too_large(exc: ReplyTooLargeError, where: _Where) -> ProbeError:
+    return ConnectError(
+        f"{where.step}: {where.server} {exc}{_evidence(exc.last_line)}",
+        step=where.step,
+        host=where.server,
+        reply=exc.last_line,
+    )
+
+
+def _plaintext(exc: PlaintextAnswerError, where: _Where) -> ProbeError:
+    return TLSError(
+        f"{where.step}: {where.server} {exc} (RFC 8314 section 3: this port starts with TLS)",
+        step=where.step,
+        host=where.server,
+        reply=exc.banner,
+    )
+
+
 def _certificate_rejected(exc: ssl.SSLCertVerificationError, where: _Where) -> ProbeError:
     return TLSError(
         f"{where.step}: certificate verification failed for {where.server}: {exc.verify_message}",
@@ -621,9 +755,8 @@ def _smtp_answered(exc: smtplib.SMTPResponseException, where: _Where) -> ProbeEr
 
 
 def _smtp_disconnected(exc: smtplib.SMTPServerDisconnected, where: _Where) -> ProbeError:
-    # smtplib turns a read timeout into "Connection unexpectedly closed: timed out".
-    if isinstance(exc.__context__, TimeoutError):
-        return where.timed_out(exc.__context__)
+    # A read timeout, which smtplib words "Connection unexpectedly closed: timed out", is
+    # looked through by ``_translate``.
     return ConnectError(
         f"{where.step}: {where.server} closed the connection: {exc}",
         step=where.step,
@@ -666,6 +799,9 @@ def _unreachable(exc: OSError, where: _Where) -> ProbeError:
 #: What ``map_errors`` translates, and how. The first row whose type matches wins, so a
 #: subclass comes before its base (every smtplib and ssl exception is an ``OSError``).
 _TRANSLATIONS: tuple[tuple[type[BaseException], Callable[[Any, _Where], ProbeError]], ...] = (
+    (StepDeadlineError, _deadline_passed),
+    (ReplyTooLargeError, _reply_too_large),
+    (PlaintextAnswerError, _plaintext),
     (PhaseTimeoutError, _timed_out),
     (ssl.SSLCertVerificationError, _certificate_rejected),
     (ssl.SSLError, _tls_failed),
@@ -683,7 +819,21 @@ _TRANSLATIONS: tuple[tuple[type[BaseException], Callable[[Any, _Where], ProbeErr
 _TRANSLATED = tuple(kind for kind, _ in _TRANSLATIONS)
 
 
+#: Errors of ours that a client library may wrap in its own (smtplib turns any OSError of a
+#: read into ``SMTPServerDisconnected``, imaplib one of a send into ``abort``): the wrapper
+#: is looked through, so the message says what happened.
+_OURS = (StepDeadlineError, ReplyTooLargeError, PlaintextAnswerError)
+#: Wrappers looked through when they hide a plain timeout ("Connection unexpectedly
+#: closed: The read operation timed out" is a timeout, not a close).
+_WRAPPERS = (smtplib.SMTPServerDisconnected, imaplib.IMAP4.abort)
+
+
 def _translate(exc: BaseException, where: _Where) -> ProbeError:
+    inner = exc.__context__
+    if not isinstance(exc, _OURS) and (
+        isinstance(inner, _OURS) or (isinstance(exc, _WRAPPERS) and isinstance(inner, TimeoutError))
+    ):
+        exc = inner
     for kind, build in _TRANSLATIONS:
         if isinstance(exc, kind):
             return build(exc, where)
@@ -692,20 +842,38 @@ def _translate(exc: BaseException, where: _Where) -> ProbeError:
 
 @contextlib.contextmanager
 def map_errors(
-    step: str, server: str, *, timeout: float | None = None, waiting: str = ""
+    step: str,
+    server: str,
+    *,
+    timeout: float | None = None,
+    waiting: str = "",
+    deadline: float | None = None,
+    max_reply_bytes: int = MAX_REPLY_BYTES,
 ) -> Iterator[None]:
     """Translate client-library and socket exceptions into ``ProbeError`` subclasses.
 
     The one place where smtplib, imaplib, poplib, ssl and OSError exceptions become ours
     (each through its row of ``_TRANSLATIONS``); the original stays on ``__cause__``.
 
+    With ``timeout``, the step also runs under a ``_limits.StepLimit``: a deadline of its
+    own (``deadline``, a ``time.monotonic()`` value, else ``timeout`` from now) and a bound
+    on the bytes of one reply, both enforced on the probe's connections.
+
     Args:
         timeout: the socket timeout in force, named when the server does not answer.
         waiting: what the step waits for when it times out, unless the timeout says it
             (``PhaseTimeoutError``), e.g. ``"the greeting"``.
+        deadline: when the step must be over, if not ``timeout`` from now.
+        max_reply_bytes: the most one reply may take (``_limits.MAX_REPLY_BYTES``).
     """
     try:
-        yield
+        if timeout is None:
+            yield
+        else:
+            with step_limit(
+                step, timeout=timeout, deadline=deadline, max_reply_bytes=max_reply_bytes
+            ):
+                yield
     except ProbeError:
         raise
     except _TRANSLATED as exc:

@@ -21,6 +21,12 @@ The recorder knows just enough of each protocol to keep a transcript safe and sm
 * Memory is bounded: the first and last ``MAX_LINES // 2`` lines of a connection are kept
   with a ``... K lines omitted`` marker between them, each line is cut at ``MAX_LINE_CHARS``
   characters, and a line without an end is cut at ``MAX_PENDING`` bytes.
+
+The stack's servers keep their connections as raw bytes and read them back through this same
+``Recorder`` (``roundtrip/stack/_transcripts.py``), so the probe and the stack redact alike.
+What a server did not keep as bytes reaches the recorder summarised: SMTP message content as its
+size and digest (``content``), a chunk past the server's budget as its size (``skipped``), and
+events dropped between the head and the tail of a long session as a count (``gap``).
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
+
+from . import _limits
 
 __all__ = [
     "MAX_LINES",
@@ -87,6 +95,14 @@ class Transcript:
     peer: str
     steps: list[str] = field(default_factory=list)
     failed: bool = False
+    #: The stack's transcripts only: the listener (``submissions``, ``imap``, ``relay``,
+    #: ``dns``), both ends, the wall-clock start, and the addresses (MAIL FROM, RCPT TO, the
+    #: login) and Message-IDs seen, to filter by.
+    service: str = ""
+    local: str = ""
+    started_at: float = 0.0
+    addresses: list[str] = field(default_factory=list)
+    message_ids: list[str] = field(default_factory=list)
     #: Lines dropped between ``head`` and ``tail`` (``MAX_LINES``).
     omitted: int = 0
     head: list[Line] = field(default_factory=list)
@@ -113,11 +129,40 @@ class Transcript:
 
     def __str__(self) -> str:
         title = f"{self.protocol} {self.peer}"
+        if self.service:
+            title = self._stack_title()
         if self.steps:
             title += f" ({', '.join(self.steps)})"
         return "\n".join([title, *(str(line) for line in self.lines)])
 
+    def _stack_title(self) -> str:
+        clock = time.strftime("%H:%M:%S", time.localtime(self.started_at))
+        millis = int(self.started_at * 1000) % 1000
+        if self.service == "relay":  # we are the client: our end, then the MX
+            ends = f"{self.local} -> {self.peer}"
+        elif self.local:
+            ends = f"{self.peer} -> {self.local}"
+        else:
+            ends = self.peer
+        seen = ", ".join([*self.addresses, *self.message_ids])
+        return f"{self.service} {ends} at {clock}.{millis:03d}" + (f" ({seen})" if seen else "")
+
     def as_dict(self) -> dict[str, Any]:
+        if self.service:
+            return {
+                "service": self.service,
+                "protocol": self.protocol,
+                "peer": self.peer,
+                "local": self.local,
+                "started_at": self.started_at,
+                "addresses": list(self.addresses),
+                "message_ids": list(self.message_ids),
+                "omitted": self.omitted,
+                "lines": [
+                    {"t": round(line.t, 6), "dir": line.dir, "text": line.text}
+                    for line in self.lines
+                ],
+            }
         return {
             "protocol": self.protocol,
             "peer": self.peer,
@@ -131,6 +176,8 @@ class Transcript:
 
 
 def _digest_text(size: int, digest: Any) -> str:
+    if digest is None:  # some of the bytes were not recorded
+        return f"[{size} bytes, sha256 not kept]"
     return f"[{size} bytes, sha256 {digest.hexdigest()[:16]}]"
 
 
@@ -151,14 +198,33 @@ class _Direction:
         #: Bytes of the current literal still to come, its size and its running digest.
         self._literal_left = 0
         self._literal_size = 0
-        self._digest = hashlib.sha256()
+        self._digest: Any = hashlib.sha256()
+
+    def skip(self, size: int) -> int:
+        """``size`` bytes went by unrecorded: count them into the current literal; return how
+        many were outside it (then the line being read is lost too)."""
+        inside = min(size, self._literal_left)
+        if inside:
+            self._digest = None
+            self._literal_left -= inside
+            if not self._literal_left:
+                self._literal(_digest_text(self._literal_size, self._digest))
+        if size > inside:
+            self._pending = bytearray()
+        return size - inside
+
+    def reset(self) -> None:
+        """Forget the line and the literal being read (events in between were lost)."""
+        self._pending = bytearray()
+        self._literal_left = 0
 
     def feed(self, data: bytes, *, literals: bool) -> None:
         pos = 0
         while pos < len(data):
             if self._literal_left:
                 chunk = data[pos : pos + self._literal_left]
-                self._digest.update(chunk)
+                if self._digest is not None:
+                    self._digest.update(chunk)
                 self._literal_left -= len(chunk)
                 pos += len(chunk)
                 if not self._literal_left:
@@ -196,6 +262,9 @@ class Recorder:
         self, protocol: str, peer: str, *, clock: Callable[[], float] = time.perf_counter
     ) -> None:
         self.transcript = Transcript(protocol, peer)
+        #: The latest line the server sent (as text, cut like a transcript line): the
+        #: evidence when a step ends because the server would not stop.
+        self.last_received = ""
         self._protocol = protocol
         self._clock = clock
         self._started = clock()
@@ -219,6 +288,35 @@ class Recorder:
     def note(self, text: str) -> None:
         self._add(NOTE, text)
 
+    def content(self, size: int, digest: str | None, why: str = "") -> None:
+        """Message content the client sent, already summarised (the stack's SMTP servers keep
+        its size and sha256, never the bytes): its line and the final dot."""
+        self._content_asked = False
+        self._content = None
+        summary = f"sha256 {digest[:16]}" if digest else (why or "sha256 not kept")
+        self._add(SENT, f"[{size} bytes, {summary}]")
+        self._add(SENT, ".")
+
+    def skipped(self, size: int, *, sent: bool) -> None:
+        """``size`` bytes went one way unrecorded (past a server's recording budget)."""
+        side = self._sent if sent else self._received
+        outside = side.skip(size)
+        ours = self._protocol == "smtp" if sent else self._protocol == "pop3"
+        if outside and ours and self._content is not None:
+            total, _ = self._content
+            self._content = (total + outside, None)  # the digest can no longer be right
+        elif outside:
+            self._add(SENT if sent else RECEIVED, f"[{outside} bytes not kept]")
+
+    def gap(self, events: int) -> None:
+        """``events`` went by unrecorded: what was being read is lost; credentials stay
+        redacted (an AUTH exchange still open is assumed to go on)."""
+        self._sent.reset()
+        self._received.reset()
+        self._content = None
+        self._content_asked = False
+        self._add(NOTE, f"... {events} events not kept")
+
     # -- lines ----------------------------------------------------------------------------
 
     def _add(self, direction: str, text: str) -> None:
@@ -235,7 +333,8 @@ class Recorder:
             self._add(direction, ".")
             return True
         size, digest = self._content
-        digest.update(line)
+        if digest is not None:
+            digest.update(line)
         self._content = (size + len(line), digest)
         return True
 
@@ -247,7 +346,8 @@ class Recorder:
     def _on_received(self, line: bytes) -> None:
         if self._protocol == "pop3" and self._in_content(line, RECEIVED):
             return
-        self._add(RECEIVED, _text(line))
+        self.last_received = _text(line)
+        self._add(RECEIVED, self.last_received)
         stripped = line.rstrip(b"\r\n")
         if self._in_auth:
             # A continuation keeps the exchange going; the final reply ends it.
@@ -313,54 +413,128 @@ class Recorder:
 
 
 class _Reader(io.RawIOBase):
-    """The raw stream under ``RecordingSocket.makefile``: ``recv_into``, recorded."""
+    """The raw stream under ``RecordingSocket.makefile``: its ``recv_into``, recorded and
+    held to the step's limits."""
 
-    def __init__(self, sock: socket.socket, recorder: Recorder) -> None:
+    def __init__(self, owner: RecordingSocket) -> None:
         super().__init__()
-        self._sock = sock
-        self._recorder = recorder
+        self._owner = owner
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        count = self._sock.recv_into(buffer)
-        if count:
-            self._recorder.received(bytes(memoryview(buffer)[:count]))
-        return count
+        return self._owner.recv_into(buffer)
 
 
 class RecordingSocket:
     """A connected socket (plain or TLS) whose traffic goes to a ``Recorder``.
 
     It offers what smtplib, imaplib and poplib call (``sendall``, ``send``, ``recv``,
-    ``makefile("rb")``) and passes everything else (``settimeout``, ``close``, ...) to the
+    ``makefile("rb")``, ``settimeout``) and passes everything else (``close``, ...) to the
     socket it wraps, ``wrapped``.
+
+    Every read and write is held to the limit of the step in progress (``_limits``): the
+    socket timeout a client sets is cut to what is left of the step's deadline, and the bytes
+    received since our last send may not exceed the step's reply budget.
+
     """
 
     def __init__(self, sock: socket.socket, recorder: Recorder) -> None:
         self.wrapped = sock
         self.recorder = recorder
+        #: The timeout the client set; the wrapped socket's may be cut shorter by a deadline.
+        self._timeout: float | None = sock.gettimeout()
+        #: Bytes received since we last sent something: the reply in progress.
+        self._reply_bytes = 0
+
+    # -- limits -------------------------------------------------------------------------
+
+    def settimeout(self, value: float | None) -> None:
+        self._timeout = value
+        self.wrapped.settimeout(value)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def _arm(self) -> tuple[_limits.StepLimit | None, bool]:
+        """Apply the step's deadline to the socket timeout; returns the limit and whether the
+        deadline (rather than the client's timeout) bounds the next call."""
+        limit = _limits.current()
+        if limit is None:
+            self.wrapped.settimeout(self._timeout)
+            return None, False
+        remaining = limit.remaining()
+        if remaining <= 0:
+            self._deadline_passed(limit)
+        binding = self._timeout is None or remaining < self._timeout
+        self.wrapped.settimeout(remaining if binding else self._timeout)
+        return limit, binding
+
+    def _received(self, data: bytes | memoryview, limit: _limits.StepLimit | None) -> None:
+        if not data:
+            return
+        self.recorder.received(bytes(data))
+        self._reply_bytes += len(data)
+        if limit is not None and self._reply_bytes > limit.max_reply_bytes:
+            raise _limits.ReplyTooLargeError(
+                f"sent more than {limit.max_reply_bytes} bytes without ending its reply",
+                self.recorder.last_received,
+            )
+
+    def _timed(self, exc: TimeoutError, limit: _limits.StepLimit | None, binding: bool) -> None:
+        if limit is not None and binding:
+            self._deadline_passed(limit, exc)
+
+    def _deadline_passed(
+        self, limit: _limits.StepLimit, exc: TimeoutError | None = None
+    ) -> NoReturn:
+        """A server silent since our last command did not answer (a plain timeout); one
+        that kept sending without finishing its reply held the step past its deadline."""
+        if self._reply_bytes == 0:
+            raise TimeoutError("timed out") from exc
+        raise _limits.StepDeadlineError(limit, self.recorder.last_received) from exc
+
+    # -- I/O ----------------------------------------------------------------------------
 
     def sendall(self, data: bytes, flags: int = 0) -> None:
+        self._arm()
+        self._reply_bytes = 0
         self.recorder.sent(data)
         self.wrapped.sendall(data, flags)
 
     def send(self, data: bytes, flags: int = 0) -> int:
+        self._arm()
+        self._reply_bytes = 0
         count = self.wrapped.send(data, flags)
         self.recorder.sent(bytes(data[:count]))
         return count
 
     def recv(self, size: int, flags: int = 0) -> bytes:
-        data = self.wrapped.recv(size, flags)
-        self.recorder.received(data)
+        limit, binding = self._arm()
+        try:
+            data = self.wrapped.recv(size, flags)
+        except TimeoutError as exc:
+            self._timed(exc, limit, binding)
+            raise
+        self._received(data, limit)
         return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        limit, binding = self._arm()
+        try:
+            count = self.wrapped.recv_into(buffer, nbytes, flags)
+        except TimeoutError as exc:
+            self._timed(exc, limit, binding)
+            raise
+        self._received(memoryview(buffer)[:count], limit)
+        return count
 
     def makefile(self, mode: str = "rb", buffering: int | None = None, **_: Any) -> io.IOBase:
         if mode not in ("r", "rb"):
             raise ValueError(f"RecordingSocket.makefile: mode {mode!r} is not supported")
         size = buffering if buffering and buffering > 0 else io.DEFAULT_BUFFER_SIZE
-        return io.BufferedReader(_Reader(self.wrapped, self.recorder), size)
+        return io.BufferedReader(_Reader(self), size)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.wrapped, name)
@@ -381,7 +555,11 @@ class RecordingContext:
         except (OSError, ValueError) as exc:
             self.recorder.note(f"TLS handshake failed: {exc}")
             raise
-        return RecordingSocket(tls, self.recorder)
+        upgraded = RecordingSocket(tls, self.recorder)
+        if isinstance(sock, RecordingSocket):
+            # The client's own timeout, not the one a step's deadline cut short.
+            upgraded.settimeout(sock.gettimeout())
+        return upgraded
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.wrapped, name)

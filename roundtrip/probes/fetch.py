@@ -25,6 +25,7 @@ from typing import Any
 
 from ..config import Endpoint
 from ..errors import NotDeliveredError, TLSError
+from ._limits import MAX_REPLY_BYTES, ReplyTooLargeError
 from ._net import FAIL, Timeline, dial, display, map_errors, record_tls, starttls_context
 
 __all__ = ["fetch_imap", "fetch_pop3"]
@@ -32,6 +33,8 @@ __all__ = ["fetch_imap", "fetch_pop3"]
 _POLL_FIRST = 0.005
 _POLL_MAX = 0.5
 _IDLE_TAG = b"RTIDLE"
+#: Seconds the wait for the message may run past the probe's deadline: its last SEARCH.
+LAST_LOOK = 2.0
 
 
 def _backoff(delay: float) -> float:
@@ -39,18 +42,38 @@ def _backoff(delay: float) -> float:
 
 
 class _IMAP(imaplib.IMAP4):
-    """imaplib over a timed, tuned socket; dials ``endpoint.host``, verifies ``server_name``."""
+    """imaplib over a timed, tuned socket; dials ``endpoint.host``, verifies ``server_name``.
+
+    ``max_literal``: the largest literal (RFC 3501 section 4.3) it reads. imaplib reads a
+    literal whole, into one buffer of the size the server announced; a server announcing
+    10 GB would have it allocated and filled (issue #18). A larger one is refused unread.
+    """
 
     def __init__(
-        self, endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline, timeout: float
+        self,
+        endpoint: Endpoint,
+        context: ssl.SSLContext,
+        timeline: Timeline,
+        timeout: float,
+        max_literal: int = MAX_REPLY_BYTES,
     ) -> None:
         self._endpoint = endpoint
         self._context = context
         self._timeline = timeline
+        self._max_literal = max_literal
         super().__init__(endpoint.server_name, endpoint.port, timeout=timeout)
 
     def _create_socket(self, timeout: float | None) -> socket.socket:
         return dial(self._endpoint, self._context, self._timeline, timeout or 10.0, "imap")
+
+    def read(self, size: int) -> bytes:
+        if size > self._max_literal:
+            raise ReplyTooLargeError(
+                f"announced a literal of {size} bytes; the probe reads at most "
+                f"{self._max_literal} (it sent a message far smaller), so none of it was read",
+                self._timeline.last_received("imap"),
+            )
+        return super().read(size)
 
 
 def _imap_search(imap: _IMAP, message_id: str) -> list[bytes]:
@@ -106,12 +129,14 @@ def fetch_imap(
     delete: bool,
     mailbox: str = "INBOX",
     settle: float = 0.0,
+    max_size: int = MAX_REPLY_BYTES,
 ) -> list[bytes]:
     """Log in, wait until ``message_id`` is in ``mailbox`` (until ``deadline``, a
     ``time.monotonic()`` value), fetch every copy, and delete them if ``delete``.
 
     Once the message shows, it looks again after ``settle`` seconds so that a duplicate
-    delivered just after the first copy is counted too.
+    delivered just after the first copy is counted too. A copy (any literal) larger than
+    ``max_size`` bytes is refused without being read.
 
     Returns:
         The raw bytes of each copy found (normally one).
@@ -121,7 +146,7 @@ def fetch_imap(
         ConnectError, TLSError, AuthError, RejectedError: a step failed.
     """
     server = endpoint.address
-    imap = _imap_session(endpoint, context, timeline, timeout, mailbox)
+    imap = _imap_session(endpoint, context, timeline, timeout, mailbox, max_size)
     try:
         uids = _imap_wait(
             imap,
@@ -150,13 +175,18 @@ def fetch_imap(
 
 
 def _imap_session(
-    endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline, timeout: float, mailbox: str
+    endpoint: Endpoint,
+    context: ssl.SSLContext,
+    timeline: Timeline,
+    timeout: float,
+    mailbox: str,
+    max_literal: int = MAX_REPLY_BYTES,
 ) -> _IMAP:
     """Connect, upgrade with STARTTLS when the endpoint asks for it, LOGIN and SELECT
     ``mailbox``, each step timed; the connection is closed if a step fails."""
     server = endpoint.address
     with map_errors("IMAP CONNECT", server, timeout=timeout, waiting="the greeting"):
-        imap = _IMAP(endpoint, context, timeline, timeout)
+        imap = _IMAP(endpoint, context, timeline, timeout, max_literal)
         imap._timeout_value = timeout  # type: ignore[attr-defined]
     try:
         if endpoint.tls == "starttls":
@@ -213,7 +243,10 @@ def _imap_wait(
     started = time.perf_counter()
     delay = _POLL_FIRST
     settle_until: float | None = None
-    with map_errors("IMAP WAIT", server, timeout=timeout):
+    # The wait ends at the probe's deadline; its last look (SEARCH, IDLE's DONE) gets a
+    # little more, and a server that keeps it busy no more than that.
+    last_look = max(deadline, time.monotonic()) + min(timeout, LAST_LOOK)
+    with map_errors("IMAP WAIT", server, timeout=timeout, deadline=last_look):
         while True:
             uids = _imap_search(imap, message_id)
             remaining = deadline - time.monotonic()
@@ -364,8 +397,10 @@ def fetch_pop3(
     timeline: Timeline,
     delete: bool,
     settle: float = 0.0,
+    max_size: int = MAX_REPLY_BYTES,
 ) -> list[bytes]:
-    """Like ``fetch_imap`` over POP3: reconnect until the message shows, RETR every copy."""
+    """Like ``fetch_imap`` over POP3: reconnect until the message shows, RETR every copy
+    (an answer to RETR growing past ``max_size`` bytes is cut off, and the step fails)."""
     server = endpoint.address
     started_wait = time.perf_counter()
     delay = _POLL_FIRST
@@ -382,7 +417,13 @@ def fetch_pop3(
                 timeline.add("pop3 visible", started_wait, server=server, detail="poll")
             if matches and (settled or remaining <= 0):
                 return _pop3_take(
-                    pop, matches, server=server, timeline=timeline, timeout=timeout, delete=delete
+                    pop,
+                    matches,
+                    server=server,
+                    timeline=timeline,
+                    timeout=timeout,
+                    delete=delete,
+                    max_size=max_size,
                 )
             with map_errors("POP3 QUIT", server, timeout=timeout):
                 pop.quit()
@@ -431,10 +472,11 @@ def _pop3_take(
     timeline: Timeline,
     timeout: float,
     delete: bool,
+    max_size: int = MAX_REPLY_BYTES,
 ) -> list[bytes]:
     """RETR every match, then DELE them (if ``delete``) and QUIT; returns the copies."""
     copies: list[bytes] = []
-    with map_errors("POP3 RETR", server, timeout=timeout):
+    with map_errors("POP3 RETR", server, timeout=timeout, max_reply_bytes=max_size):
         started = time.perf_counter()
         for num in matches:
             _, lines, _ = pop.retr(num)

@@ -38,6 +38,10 @@ from .send import ProbeMessage, build_probe_message, submit
 
 __all__ = ["Finding", "Hop", "ProbeResult", "parse_hops", "run_probe", "verify"]
 
+#: Bytes a copy of the probe message may have grown by in transit (trace, DKIM, ARC and
+#: spam-report header fields); a server announcing more is refused unread.
+MAX_GROWTH = 1024 * 1024
+
 #: The check each failing finding code turns into.
 FINDING_CHECKS = {
     "auth-before-tls": "no AUTH before TLS",
@@ -271,6 +275,7 @@ def run_probe(
             timeline=timeline,
             delete=not keep,
             settle=settle,
+            max_size=len(message.raw) + MAX_GROWTH,
         )
         if timeline.visible_at is not None:
             result.time_to_visible = max(timeline.visible_at - submitted_at, 0.0)

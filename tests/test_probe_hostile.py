@@ -1,0 +1,494 @@
+"""``roundtrip probe`` against small hostile servers: each ends within ``--timeout`` with a
+finding or a failed step that names what went wrong, and each has a twin, the same server
+behaving, that passes.
+
+The servers are scripted threads on 127.0.0.1 (port 0) with trustme certificates: an SMTP
+server that stores what it accepts, and IMAP and POP3 servers that serve it back, so a
+well-behaved world makes the whole round trip pass. Knobs make one step hostile: a greeting
+that never ends, a 10 GB literal, endless untagged responses, an endless POP3 answer, a
+stall, or plaintext on an implicit-TLS port. The probe runs as a subprocess
+(``python -m roundtrip probe``) under a hard wall-clock bound, so a regression fails the test
+instead of hanging it, and reports its own peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+#: ``--timeout`` of the probe runs here.
+TIMEOUT = 2.0
+#: The wall-clock bound of a whole probe run: the timeout, the steps' own slack, and the
+#: interpreter's start (about 0.5 s).
+WALL = TIMEOUT * 2 + 3.0
+#: Server-side socket timeout: a server thread never outlives its test.
+SERVER_TIMEOUT = 10.0
+
+_RUNNER = (
+    "import resource, sys\n"
+    "from roundtrip.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+# -- the scripted world ------------------------------------------------------------------------
+
+
+@dataclass
+class Knobs:
+    """What each server does wrong (nothing by default)."""
+
+    #: Seconds between the lines of a multi-line SMTP greeting; None for one line.
+    greeting_interval: float | None = None
+    #: Continuation lines of the greeting before the final one; -1: never-ending.
+    greeting_lines: int = 0
+    #: SMTP: answer EHLO with silence.
+    stall_after_ehlo: bool = False
+    #: SMTP: serve plaintext even on the implicit-TLS listener.
+    smtp_plaintext: bool = False
+    #: IMAP: the size a FETCH literal announces (None: the real size).
+    literal_size: int | None = None
+    #: IMAP: untagged ``* n EXISTS`` lines before the SEARCH answer; -1: never-ending.
+    exists_lines: int = 0
+    #: Seconds between those lines (0: as fast as the socket takes them).
+    exists_interval: float = 0.0
+    #: POP3: lines of a RETR answer before the message; -1: never-ending.
+    retr_junk_lines: int = 0
+
+
+@dataclass
+class World:
+    knobs: Knobs
+    stop: threading.Event = field(default_factory=threading.Event)
+    messages: list[bytes] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, raw: bytes) -> None:
+        with self.lock:
+            self.messages.append(raw)
+
+    def matching(self, needle: bytes) -> list[int]:
+        with self.lock:
+            return [i + 1 for i, raw in enumerate(self.messages) if needle in raw]
+
+    def message(self, number: int) -> bytes:
+        with self.lock:
+            return self.messages[number - 1]
+
+    def pace(self, seconds: float) -> bool:
+        """Wait ``seconds`` between two lines of a paced reply (pacing, not a
+        synchronisation); False once the test is over."""
+        return not self.stop.wait(seconds) if seconds else not self.stop.is_set()
+
+
+class Conn:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.file = sock.makefile("rb")
+
+    def line(self) -> bytes:
+        data = self.file.readline(65536)
+        if not data:
+            raise EOFError
+        return data
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+Handler = Callable[[Conn, World], None]
+
+#: The trace field the fake SMTP server adds (RFC 5321 section 4.4).
+RECEIVED = b"Received: from probe by fake.test with ESMTPSA; Thu, 3 Dec 2026 22:00:00 +0000\r\n"
+
+
+class Listener:
+    """Accepts connections on 127.0.0.1 port 0 and runs ``handler`` for each in a thread."""
+
+    def __init__(self, handler: Handler, world: World, tls: ssl.SSLContext | None) -> None:
+        self._handler = handler
+        self._world = world
+        self._tls = tls
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._accepting = threading.Thread(target=self._accept, name=f"hostile-{self.port}")
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        while not self._world.stop.is_set():
+            try:
+                sock, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(sock,))
+            thread.start()
+            self._threads.append(thread)
+
+    def _serve(self, sock: socket.socket) -> None:
+        sock.settimeout(SERVER_TIMEOUT)
+        try:
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_side=True)
+            conn = Conn(sock)
+        except OSError:
+            sock.close()
+            return
+        try:
+            self._handler(conn, self._world)
+        except (OSError, EOFError, ValueError):
+            pass  # the probe hung up (as it should, for the hostile cases)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._accepting.join(SERVER_TIMEOUT)
+        for thread in self._threads:
+            thread.join(SERVER_TIMEOUT)
+        self._sock.close()
+
+
+def _undot(lines: list[bytes]) -> bytes:
+    return b"".join(line[1:] if line.startswith(b".") else line for line in lines)
+
+
+def smtp_handler(conn: Conn, world: World) -> None:
+    knobs = world.knobs
+    count = knobs.greeting_lines
+    while count != 0 and world.pace(knobs.greeting_interval or 0.0):
+        conn.send(b"220-still here\r\n")
+        count -= 1
+    if world.stop.is_set():
+        return
+    conn.send(b"220 fake.test ESMTP\r\n")
+    while True:
+        line = conn.line()
+        verb = line.split(b" ", 1)[0].strip().upper()
+        if verb == b"EHLO":
+            if knobs.stall_after_ehlo:
+                world.stop.wait(SERVER_TIMEOUT)
+                return
+            conn.send(b"250-fake.test\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n")
+        elif verb == b"AUTH":
+            conn.send(b"235 2.7.0 accepted\r\n")
+        elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+            conn.send(b"250 2.0.0 ok\r\n")
+        elif verb == b"DATA":
+            conn.send(b"354 go ahead\r\n")
+            lines = []
+            while (data := conn.line()) != b".\r\n":
+                lines.append(data)
+            world.add(RECEIVED + _undot(lines))
+            conn.send(b"250 2.0.0 queued\r\n")
+        elif verb == b"QUIT":
+            conn.send(b"221 2.0.0 bye\r\n")
+            return
+        else:
+            conn.send(b"502 5.5.2 not here\r\n")
+
+
+def _endless(conn: Conn, world: World, line: bytes, interval: float) -> None:
+    """Send ``line`` until the client hangs up or the test ends."""
+    block = line * (1 if interval else 512)
+    while world.pace(interval):
+        conn.send(block)
+
+
+def imap_handler(conn: Conn, world: World) -> None:
+    knobs = world.knobs
+    conn.send(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN UIDPLUS] fake ready\r\n")
+    while True:
+        line = conn.line()
+        tag, _, rest = line.rstrip(b"\r\n").partition(b" ")
+        words = rest.split(b" ")
+        verb = b" ".join(words[:2]).upper() if words[0].upper() == b"UID" else words[0].upper()
+        if verb == b"CAPABILITY":
+            conn.send(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN UIDPLUS\r\n")
+        elif verb == b"SELECT":
+            conn.send(b"* 0 EXISTS\r\n* FLAGS (\\Deleted)\r\n")
+        elif verb == b"UID SEARCH":
+            if knobs.exists_lines < 0:
+                _endless(conn, world, b"* 1 EXISTS\r\n", knobs.exists_interval)
+                return
+            for _ in range(knobs.exists_lines):
+                conn.send(b"* 1 EXISTS\r\n")
+            needle = rest.rpartition(b'"<')[2].rstrip(b'>"')
+            found = world.matching(needle) if needle else []
+            conn.send(b"* SEARCH" + b"".join(b" %d" % n for n in found) + b"\r\n")
+        elif verb == b"UID FETCH":
+            uid = int(words[2])
+            raw = world.message(uid)
+            size = len(raw) if knobs.literal_size is None else knobs.literal_size
+            conn.send(b"* %d FETCH (UID %d BODY[] {%d}\r\n" % (uid, uid, size))
+            if knobs.literal_size is not None:
+                _endless(conn, world, b"\0" * 8192, 0.0)
+                return
+            conn.send(raw + b")\r\n")
+        elif verb == b"LOGOUT":
+            conn.send(b"* BYE bye\r\n" + tag + b" OK done\r\n")
+            return
+        conn.send(tag + b" OK done\r\n")
+
+
+def pop3_handler(conn: Conn, world: World) -> None:
+    knobs = world.knobs
+    conn.send(b"+OK fake ready\r\n")
+    while True:
+        words = conn.line().rstrip(b"\r\n").split(b" ")
+        verb = words[0].upper()
+        if verb == b"CAPA":
+            conn.send(b"+OK\r\nUSER\r\nUIDL\r\nTOP\r\n.\r\n")
+        elif verb == b"UIDL":
+            with world.lock:
+                count = len(world.messages)
+            conn.send(b"+OK\r\n" + b"".join(b"%d m%d\r\n" % (n, n) for n in range(1, count + 1)))
+            conn.send(b".\r\n")
+        elif verb in (b"TOP", b"RETR"):
+            raw = world.message(int(words[1]))
+            if verb == b"TOP":
+                raw = raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+            conn.send(b"+OK\r\n")
+            if verb == b"RETR" and knobs.retr_junk_lines < 0:
+                _endless(conn, world, b"junk line\r\n", 0.0)
+                return
+            if verb == b"RETR":
+                conn.send(b"junk line\r\n" * knobs.retr_junk_lines)
+            stuffed = b"".join(
+                b"." + ln if ln.startswith(b".") else ln for ln in raw.splitlines(keepends=True)
+            )
+            conn.send(stuffed + b".\r\n")
+        elif verb == b"QUIT":
+            conn.send(b"+OK bye\r\n")
+            return
+        else:
+            conn.send(b"+OK\r\n")
+
+
+@dataclass
+class Fake:
+    world: World
+    smtp: Listener
+    imap: Listener
+    pop3: Listener
+    cafile: Path
+
+    def run(self, reader: str, *extra: str, timeout: float = TIMEOUT) -> Run:
+        smtp_scheme = "smtp" if self.world.knobs.smtp_plaintext else "smtps"
+        port = {"imap": self.imap.port, "pop3": self.pop3.port}[reader]
+        args = [
+            "probe",
+            "--smtp",
+            f"{smtp_scheme}://probe%40fake.test@127.0.0.1:{self.smtp.port}",
+            f"--{reader}",
+            f"{reader}s://probe%40fake.test@127.0.0.1:{port}",
+            "--cafile",
+            str(self.cafile),
+            "--timeout",
+            f"{timeout:g}",
+            *extra,
+        ]
+        return run_cli(args)
+
+
+@dataclass
+class Run:
+    code: int
+    seconds: float
+    out: str
+    err: str
+    maxrss_kib: int
+
+
+def run_cli(args: list[str]) -> Run:
+    env = {
+        "ROUNDTRIP_SMTP_PASSWORD": "pw",
+        "ROUNDTRIP_IMAP_PASSWORD": "pw",
+        "ROUNDTRIP_POP3_PASSWORD": "pw",
+        "PATH": "/usr/bin:/bin",
+    }
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, *args],
+        capture_output=True,
+        text=True,
+        timeout=WALL + 30,
+        env=env,
+        check=False,
+    )
+    seconds = time.monotonic() - started
+    rss = 0
+    for line in proc.stderr.splitlines():
+        if line.startswith("maxrss_kib "):
+            rss = int(line.split()[1])
+    return Run(proc.returncode, seconds, proc.stdout, proc.stderr, rss)
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def cafile(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("hostile") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture
+def make_fake(ca: trustme.CA, cafile: Path) -> Iterator[Callable[..., Fake]]:
+    made: list[Fake] = []
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+
+    def make(**knobs: Any) -> Fake:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        leaf.configure_cert(ctx)
+        world = World(Knobs(**knobs))
+        smtp_tls = None if world.knobs.smtp_plaintext else ctx
+        fake = Fake(
+            world,
+            Listener(smtp_handler, world, smtp_tls),
+            Listener(imap_handler, world, ctx),
+            Listener(pop3_handler, world, ctx),
+            cafile,
+        )
+        made.append(fake)
+        return fake
+
+    yield make
+    for fake in made:
+        fake.world.stop.set()
+    for fake in made:
+        for listener in (fake.smtp, fake.imap, fake.pop3):
+            listener.close()
+
+
+def _failed_within_timeout(run: Run) -> None:
+    __tracebackhide__ = True
+    assert run.code == 1, run.out + run.err
+    assert "Traceback" not in run.err, run.err
+    assert run.seconds < WALL, f"the probe took {run.seconds:.1f} s"
+
+
+# -- the tests ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reader", ["imap", "pop3"])
+def test_probe_hostile_well_behaved_world_passes(
+    make_fake: Callable[..., Fake], reader: str
+) -> None:
+    run = make_fake().run(reader)
+    assert run.code == 0, run.out + run.err
+    assert "PASS" in run.out
+
+
+def test_probe_hostile_endless_greeting_ends_at_the_step_deadline(
+    make_fake: Callable[..., Fake],
+) -> None:
+    run = make_fake(greeting_interval=0.2, greeting_lines=-1).run("imap")
+    _failed_within_timeout(run)
+    assert "FAIL at CONNECT" in run.out
+    assert f"did not finish within {TIMEOUT:g} s" in run.out
+
+
+def test_probe_hostile_slow_finite_greeting_passes(make_fake: Callable[..., Fake]) -> None:
+    run = make_fake(greeting_interval=0.2, greeting_lines=3).run("imap")
+    assert run.code == 0, run.out + run.err
+
+
+def test_probe_hostile_stall_after_ehlo_says_timed_out(make_fake: Callable[..., Fake]) -> None:
+    run = make_fake(stall_after_ehlo=True).run("imap")
+    _failed_within_timeout(run)
+    assert "FAIL at EHLO" in run.out
+    assert f"did not answer within {TIMEOUT:g} s" in run.out
+    assert "closed the connection" not in run.out
+
+
+def test_probe_hostile_plaintext_on_implicit_tls_port_is_named(
+    make_fake: Callable[..., Fake],
+) -> None:
+    fake = make_fake(smtp_plaintext=True)
+    args = [
+        "probe",
+        "--smtp",
+        f"smtps://probe%40fake.test@127.0.0.1:{fake.smtp.port}",
+        "--imap",
+        f"imaps://probe%40fake.test@127.0.0.1:{fake.imap.port}",
+        "--cafile",
+        str(fake.cafile),
+        "--timeout",
+        f"{TIMEOUT:g}",
+        "--json",
+    ]
+    run = run_cli(args)
+    _failed_within_timeout(run)
+    result = json.loads(run.out)["results"][0]
+    assert "answered in plaintext on an implicit-TLS port" in result["error"]
+    assert "WRONG_VERSION_NUMBER" not in result["error"]
+    finding = next(f for f in result["findings"] if f["code"] == "port-mode-mismatch")
+    assert finding["severity"] == "fail"
+    assert finding["evidence"] == ["220 fake.test ESMTP"]
+
+
+def test_probe_hostile_starttls_port_in_plaintext_is_no_mismatch(
+    make_fake: Callable[..., Fake],
+) -> None:
+    # The twin: the same plaintext server dialled as a STARTTLS port is another failure
+    # (STARTTLS not offered), not a port/mode mismatch.
+    run = make_fake(smtp_plaintext=True).run("imap", "--json")
+    result = json.loads(run.out)["results"][0]
+    assert result["error_step"] == "STARTTLS"
+    assert all(f["code"] != "port-mode-mismatch" for f in result["findings"])
+
+
+def test_probe_hostile_ten_gigabyte_literal_is_refused_unread(
+    make_fake: Callable[..., Fake],
+) -> None:
+    run = make_fake(literal_size=10 * 1024**3).run("imap")
+    _failed_within_timeout(run)
+    assert "FAIL at IMAP FETCH" in run.out
+    assert "announced a literal of 10737418240 bytes" in run.out
+    assert run.maxrss_kib < 200 * 1024, f"peak RSS {run.maxrss_kib} KiB"
+
+
+@pytest.mark.parametrize("interval", [0.0, 0.05])
+def test_probe_hostile_endless_exists_lines_end(
+    make_fake: Callable[..., Fake], interval: float
+) -> None:
+    run = make_fake(exists_lines=-1, exists_interval=interval).run("imap")
+    _failed_within_timeout(run)
+    assert "FAIL at IMAP WAIT" in run.out
+    assert run.maxrss_kib < 200 * 1024, f"peak RSS {run.maxrss_kib} KiB"
+
+
+def test_probe_hostile_some_exists_lines_pass(make_fake: Callable[..., Fake]) -> None:
+    run = make_fake(exists_lines=50).run("imap")
+    assert run.code == 0, run.out + run.err
+
+
+def test_probe_hostile_endless_pop3_answer_ends(make_fake: Callable[..., Fake]) -> None:
+    run = make_fake(retr_junk_lines=-1).run("pop3")
+    _failed_within_timeout(run)
+    assert "FAIL at POP3 RETR" in run.out
+    assert run.maxrss_kib < 200 * 1024, f"peak RSS {run.maxrss_kib} KiB"
