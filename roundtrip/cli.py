@@ -13,6 +13,7 @@ unchanged; only its usage errors get the error document.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
@@ -21,7 +22,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -187,6 +188,16 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
         help="keep mail durably in Maildir++ folders under DIR (fsync before every 250; "
         "survives restarts; readable by mutt and Dovecot)",
     )
+    serve.add_argument(
+        "--web",
+        nargs="?",
+        const="",
+        metavar="HOST:PORT",
+        help="serve a web page of the mailboxes, messages, journeys and relay queue (needs "
+        "pip install roundtrip[web]); default 127.0.0.1 and a free port; a non-loopback "
+        "address prints a warning; the URL and the token for deleting are printed "
+        '(--json: the "web" and "web_token" keys)',
+    )
 
 
 def _add_probe_options(probe: argparse.ArgumentParser) -> None:
@@ -351,22 +362,60 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
         from .maildir import MaildirStore
 
         store = MaildirStore(args.maildir)
+    web_address = None if args.web is None else _web_address(args.web)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with MailStack(config, store=store) as stack:
+        with MailStack(config, store=store) as stack, _web_view(stack, web_address) as web:
             if not args.quiet:
                 stack.on_delivery(_delivery_printer(sys.stderr))
             if args.json:
-                print(json.dumps(stack.describe(), separators=(",", ":")), file=out, flush=True)
+                doc = stack.describe()
+                if web is not None:
+                    doc.update(web=web.url, web_token=web.token)
+                print(json.dumps(doc, separators=(",", ":")), file=out, flush=True)
                 args.printed = True
             else:
                 _print_endpoints(stack, out)
+                if web is not None:
+                    print(f"  web          {web.url_with_token}", file=out, flush=True)
             while not stop.wait(0.5):
                 stack.check()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return EXIT_OK
+
+
+def _web_address(text: str) -> tuple[str, int]:
+    """``--web``'s address, checked before anything starts."""
+    try:
+        from .web import parse_address
+    except ImportError as exc:
+        raise ConfigError(f"--web needs aiohttp: pip install roundtrip[web] ({exc})") from None
+    host, port = parse_address(text)
+    if not _is_loopback(host):
+        print(
+            f"roundtrip: warning: --web {host} is not a loopback address: other machines can "
+            "read every mailbox on the web page",
+            file=sys.stderr,
+            flush=True,
+        )
+    return host, port
+
+
+@contextlib.contextmanager
+def _web_view(stack: object, address: tuple[str, int] | None) -> Iterator[Any]:
+    """The web view of ``stack`` on ``address`` while the block runs (None: no view, and
+    nothing of it imported)."""
+    if address is None:
+        yield None
+        return
+    from .stack import MailStack
+    from .web import WebView
+
+    assert isinstance(stack, MailStack)
+    with WebView(stack, host=address[0], port=address[1]) as view:
+        yield view
 
 
 def _delivery_printer(err: TextIO) -> Callable[[DeliveredMessage], None]:

@@ -365,6 +365,9 @@ class StackConfig:
     #: printed endpoints keep naming ``host``; the DNS zone gives each MX host an A or AAAA
     #: record per address. Not with ``ports="standard"`` (one ::1 cannot hold every domain).
     extra_hosts: tuple[str, ...] = ()
+    #: Transcripts (``MailStack.transcripts()``): how many of the latest connections, and
+    #: of the latest DNS queries, the stack keeps (0: none are recorded).
+    transcript_connections: int = 200
 
     def __post_init__(self) -> None:
         domains = tuple(dict.fromkeys(parse_domains(self.domains)))
@@ -426,6 +429,8 @@ class StackConfig:
         object.__setattr__(self, "relay_tls", parse_relay_tls(self.relay_tls))
         if self.relay_connection_cache < 0:
             raise ConfigError("relay_connection_cache must not be negative")
+        if isinstance(self.transcript_connections, bool) or self.transcript_connections < 0:
+            raise ConfigError("transcript_connections must be a count, 0 or more")
         object.__setattr__(self, "extra_hosts", _extra_hosts(self))
 
     def user(self, domain: str | None = None) -> User:

@@ -17,6 +17,7 @@ Options (command line ``--roundtrip-*``, ini ``roundtrip_*``): host, tls, timeou
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -83,12 +84,71 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(password from ROUNDTRIP_POP3_PASSWORD)",
     )
     group.addoption(
+        "--roundtrip-transcripts",
+        dest="roundtrip_transcripts",
+        default=None,
+        choices=_TRANSCRIPT_MODES,
+        help="report section 'roundtrip transcripts' with the test's SMTP, IMAP, POP3 and DNS "
+        "exchanges: for failed tests (default), all tests, or off",
+    )
+    parser.addini(
+        "roundtrip_transcripts",
+        "transcripts in the report: failed (default), all or off",
+        default="failed",
+    )
+    group.addoption(
         "--roundtrip-live-cafile",
         dest="roundtrip_live_cafile",
         default=None,
         metavar="PEM",
         help="CA bundle to verify the live server (default: system)",
     )
+
+
+# Transcripts in the report (issue #15): when a test that used the stack fails, its section
+# "roundtrip transcripts" shows the connections that began while it ran.
+_TRANSCRIPT_MODES = ("failed", "all", "off")
+_TEST_STARTED = pytest.StashKey[float]()
+_TEST_STACKS = pytest.StashKey[list["MailStack"]]()
+
+
+def _transcripts_mode(config: pytest.Config) -> str:
+    mode = config.getoption("roundtrip_transcripts") or config.getini("roundtrip_transcripts")
+    mode = str(mode or "failed").strip().lower()
+    if mode not in _TRANSCRIPT_MODES:
+        raise pytest.UsageError(
+            f"roundtrip: roundtrip_transcripts={mode!r}: choose one of "
+            f"{', '.join(_TRANSCRIPT_MODES)}"
+        )
+    return mode
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_TEST_STARTED] = time.time()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if not any(name.startswith("mailstack") for name in getattr(item, "fixturenames", ())):
+        return
+    if call.when != "teardown":  # by teardown, the test's own stacks are stopped and gone
+        item.stash[_TEST_STACKS] = list(_running(item.config))
+    mode = _transcripts_mode(item.config)
+    if mode == "off" or (not report.failed and (mode == "failed" or call.when != "call")):
+        return
+    from .stack._transcripts import report as transcript_report
+
+    started = item.stash.get(_TEST_STARTED, 0.0)
+    transcripts = [
+        t for stack in item.stash.get(_TEST_STACKS, []) for t in stack.transcripts(since=started)
+    ]
+    failure = str(call.excinfo.value) if call.excinfo is not None else ""
+    text = transcript_report(transcripts, failure)
+    if text:
+        report.sections.append(("roundtrip transcripts", text))
 
 
 def _values(config: pytest.Config) -> dict[str, Any]:
@@ -119,6 +179,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "roundtrip_live: talks to a real mail server; runs only with --roundtrip-live"
     )
     _stack_config(config)  # fail fast on bad ini/CLI values
+    _transcripts_mode(config)
     _live_target(config)  # and on a live target that cannot work
 
 

@@ -4,14 +4,17 @@ real HTML parser; what a hostile server says shows escaped."""
 from __future__ import annotations
 
 import collections
+import json
 import socket
 import threading
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from roundtrip.cli import main
+from roundtrip.htmlreport import render
 
 TIMEOUT = 10
 #: Elements without an end tag in HTML.
@@ -165,3 +168,40 @@ def test_html_report_escapes_what_a_hostile_server_said(
     assert "&lt;script&gt;" in out.read_text(encoding="utf-8")
     assert "FAIL at" in checker.text
     assert "pw-smtp-html" not in out.read_text(encoding="utf-8")
+
+
+def _document(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """A real probe document of the embedded stack (``--json``)."""
+    assert main(["probe", "--json"]) == 0
+    doc: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return doc
+
+
+def test_html_report_shows_findings_with_severities_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = _document(capsys)
+    last = doc["results"][-1]
+    last["findings"] = [
+        {"code": "legacy-tls", "severity": "fail", "message": f"accepted TLSv1 {HOSTILE}"},
+        {"code": "plaintext-hop", "severity": "warn", "message": "hop without TLS"},
+    ]
+    last["tls"][0]["subject"] = f"CN={HOSTILE}"
+    out = tmp_path / "report.html"
+    out.write_text(render(doc), encoding="utf-8")
+    checker = check_page(out)
+    assert "FAILlegacy-tls accepted TLSv1 " + HOSTILE in checker.text
+    assert "WARNplaintext-hop hop without TLS" in checker.text
+    assert f"CN={HOSTILE}" in checker.text
+
+
+def test_html_report_without_findings_lists_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = _document(capsys)
+    for result in doc["results"]:
+        result["findings"] = []
+    out = tmp_path / "report.html"
+    out.write_text(render(doc), encoding="utf-8")
+    checker = check_page(out)
+    assert "Findings" not in checker.text and "Checks" in checker.text

@@ -24,6 +24,7 @@ from ..protocols._lines import (
     Event,
     StartTLSRequested,
 )
+from . import _recording
 
 __all__ = [
     "ConnectionInfo",
@@ -118,8 +119,14 @@ class LineServerProtocol(asyncio.Protocol):
         penalties: AuthPenalties | None = None,
         counts: ConnectionCounts | None = None,
         busy_reply: Callable[[str], bytes] | None = None,
+        service: str = "",
+        protocol_name: str = "",
     ) -> None:
         self._factory = factory
+        self._service = service
+        self._protocol_name = protocol_name
+        #: This connection's transcript when the stack records (``_recording``).
+        self._rec: _recording.Session | None = None
         self._login_timeout = idle_timeout if login_timeout is None else login_timeout
         self._authenticated = False
         self._penalties = penalties
@@ -163,12 +170,26 @@ class LineServerProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        recordings = _recording.current()
+        if recordings is not None:
+            rec = self._rec = recordings.open(
+                self._service,
+                self._protocol_name,
+                _recording.address(peer),
+                _recording.address(transport.get_extra_info("sockname")),
+            )
+            tls = _recording.tls_note(transport)
+            if tls is not None:
+                rec.note(tls)
         if self._counts is not None:
             refusal = self._counts.admit(self._ip)
             if refusal is not None:  # over a connection cap (docs/security.md A8.2)
                 log.info("refusing %s: %s", self._ip, refusal)
                 if self._busy_reply is not None:
-                    transport.write(self._busy_reply(refusal.partition(" ")[2]))
+                    busy = self._busy_reply(refusal.partition(" ")[2])
+                    if self._rec is not None:
+                        self._rec.server(busy)
+                    transport.write(busy)
                 transport.close()
                 self._finish()
                 return
@@ -187,6 +208,8 @@ class LineServerProtocol(asyncio.Protocol):
         self._reset_idle()
 
     def data_received(self, data: bytes) -> None:
+        if self._rec is not None:
+            self._rec.client(data)
         if self._machine is None or self._closed:
             return
         # The deadline is per command (docs/security.md A8.1): only a line end, or a good run of
@@ -293,6 +316,11 @@ class LineServerProtocol(asyncio.Protocol):
         if self._transport.is_closing():
             self._pending.clear()
             return
+        rec = self._rec
+        if rec is not None:
+            for chunk in chunks:
+                if chunk:
+                    rec.server(chunk)
         self._pending.extend(memoryview(c) for c in chunks if c)
         self._pump()
 
@@ -355,6 +383,8 @@ class LineServerProtocol(asyncio.Protocol):
             )
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
             log.info("STARTTLS handshake failed: %r", exc)
+            if self._rec is not None:
+                self._rec.note(f"TLS handshake failed: {exc!r}")
             self._upgrading = False
             transport.abort()
             self._finish()
@@ -365,6 +395,8 @@ class LineServerProtocol(asyncio.Protocol):
             return
         self._transport = new
         self._write_paused = False  # a pause of the plain transport does not carry over
+        if self._rec is not None:
+            self._rec.note(_recording.tls_note(new) or "TLS")
         try:
             self._machine.tls_started()
         except Exception as exc:
@@ -445,6 +477,8 @@ class LineServerProtocol(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
+        if self._rec is not None:
+            self._rec.note("connection closed")
         if self._idle_handle is not None:
             self._idle_handle.cancel()
         if self._hold_handle is not None:
@@ -492,6 +526,8 @@ async def serve(
     tls_handshake_timeout: float = 30.0,
     limits: ListenerLimits | None = None,
     busy_reply: Callable[[str], bytes] | None = None,
+    service: str = "",
+    protocol_name: str = "",
 ) -> tuple[asyncio.Server, set[LineServerProtocol]]:
     """Listen on ``host:port`` (0 picks a free port) and drive a machine per connection.
 
@@ -500,6 +536,8 @@ async def serve(
             not extend it).
         limits: connection caps, login deadline and penalties (none by default).
         busy_reply: the protocol's refusal for a client over a cap, given the reason.
+        service, protocol_name: the names a transcript of a connection carries (``imaps``,
+            ``imap``), when the stack records (``_recording``).
 
     Returns:
         The asyncio server (read the bound port from ``server.sockets``) and the live set of
@@ -528,6 +566,8 @@ async def serve(
             penalties=limits.penalties,
             counts=counts,
             busy_reply=busy_reply,
+            service=service,
+            protocol_name=protocol_name,
         )
 
     server = await loop.create_server(

@@ -24,9 +24,10 @@ and the relay tries the next address.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ssl
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import aiosmtplib
 
@@ -39,6 +40,7 @@ from ..protocols.delivery import (
     reply_outcome,
 )
 from ..protocols.tlspolicy import ResultType
+from . import _recording
 from ._mxcache import Connection, Failure, discard
 from ._relayerrors import StepError, translated
 
@@ -77,7 +79,8 @@ class Dialer:
         return self._unverified_context
 
     def _client(self, helo: str, ip: str, port: int) -> aiosmtplib.SMTP:
-        return aiosmtplib.SMTP(
+        kind = aiosmtplib.SMTP if _recording.current() is None else _RecordingSMTP
+        return kind(
             hostname=ip,
             port=port,
             local_hostname=helo,
@@ -281,6 +284,12 @@ class Dialer:
         protocol = client.protocol
         timeout = self._timeout
         in_step = False
+        rec = client.recording if isinstance(client, _RecordingSMTP) else None
+        if rec is not None:
+            # The content goes to the transport below, past the recorded write: its size and
+            # sha256 (before dot-stuffing, as the MX's transcript shows it) stand for it.
+            rec.content(len(raw), hashlib.sha256(raw).hexdigest())
+            _recording.note_message(rec, raw, "content sent")
         try:
             with translated():
                 if protocol is None:
@@ -314,3 +323,78 @@ class Dialer:
             raise aiosmtplib.SMTPTimeoutError(
                 f"Timed out writing the message (no progress for {timeout:g} s)"
             ) from exc
+
+
+class _RecordingSMTP(aiosmtplib.SMTP):
+    """aiosmtplib's client with a transcript per connection (the stack records).
+
+    Each ``connect()`` opens a session in the stack's recordings. The protocol's ``write``
+    and ``data_received`` are then wrapped on the instance, so every command and reply that
+    follows is recorded as bytes, STARTTLS and all; the greeting, read inside ``connect()``,
+    is recorded from the reply it returns. The message content bypasses ``write``
+    (:meth:`Dialer.send_content`), which records its size and digest instead.
+    """
+
+    recording: _recording.Session | None = None
+
+    async def connect(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        recordings = _recording.current()
+        self.recording = None
+        response = await super().connect(*args, **kwargs)
+        protocol = self.protocol
+        if recordings is None or protocol is None or protocol.transport is None:
+            return response
+        transport = protocol.transport
+        rec = self.recording = recordings.open(
+            "relay",
+            "smtp",
+            _recording.address(transport.get_extra_info("peername")),
+            _recording.address(transport.get_extra_info("sockname")),
+        )
+        rec.server(_reply_bytes(response))
+        write, received = protocol.write, protocol.data_received
+
+        def recorded_write(data: bytes) -> None:
+            rec.client(data)
+            write(data)
+
+        def recorded_received(data: bytes) -> None:
+            rec.server(data)
+            received(data)
+
+        # Instance attributes: the transports call protocol.data_received by name.
+        setattr(protocol, "write", recorded_write)  # noqa: B010
+        setattr(protocol, "data_received", recorded_received)  # noqa: B010
+        return response
+
+    async def starttls(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        rec = self.recording
+        name = kwargs.get("server_hostname")
+        if rec is not None and name:
+            rec.note(f"STARTTLS to {name}")
+        try:
+            response = await super().starttls(*args, **kwargs)
+        except BaseException as exc:
+            if rec is not None:
+                rec.note(f"TLS handshake failed: {exc!r}")
+            raise
+        protocol = self.protocol
+        if rec is not None and protocol is not None:
+            rec.note(_recording.tls_note(protocol.transport) or "TLS")
+        return response
+
+    def close(self) -> None:
+        if self.recording is not None and self.protocol is not None:
+            self.recording.note("connection closed")
+            self.recording = None
+        super().close()
+
+
+def _reply_bytes(response: aiosmtplib.SMTPResponse) -> bytes:
+    """A reply as the server wrote it (``220-...`` lines, then ``220 ...``)."""
+    lines = response.message.split("\n") or [""]
+    text = "".join(
+        f"{response.code}{'-' if i < len(lines) - 1 else ' '}{line}\r\n"
+        for i, line in enumerate(lines)
+    )
+    return text.encode("utf-8", "replace")

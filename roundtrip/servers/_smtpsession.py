@@ -55,6 +55,7 @@ import asyncio
 import binascii
 import collections
 import functools
+import hashlib
 import logging
 import re
 from base64 import b64decode, b64encode
@@ -74,6 +75,7 @@ from ..protocols.smtp import (
     extend_data_deadline,
     plain_identity_permitted,
 )
+from . import _recording
 
 if TYPE_CHECKING:
     from .smtp import SMTPHandler
@@ -159,6 +161,13 @@ class SMTPSession(SMTP):
     _auth_offered = True
     _in_ehlo = False
     _command = ""
+    #: The listener's service name, for transcripts (``submissions``, ``smtp``, ...).
+    _service = ""
+    #: This connection's transcript when the stack records (``_recording``); message content
+    #: is recorded as its size and digest, not as the bytes (``_rec_content``).
+    _rec: _recording.Session | None = None
+    _rec_content = False
+    _data_size = 0
 
     def __dir__(self) -> list[str]:
         # aiosmtpd's __init__ looks up the auth_* and smtp_* methods with dir() and
@@ -223,6 +232,19 @@ class SMTPSession(SMTP):
         super().connection_made(transport)
         if first and self._implicit_tls:
             self._mark_implicit_tls(transport)
+        recordings = _recording.current() if first else None
+        if recordings is not None:
+            self._rec = recordings.open(
+                self._service,
+                "smtp",
+                _recording.address(transport.get_extra_info("peername")),
+                _recording.address(transport.get_extra_info("sockname")),
+            )
+        rec = self._rec
+        if rec is not None:
+            tls = _recording.tls_note(transport)
+            if tls is not None:  # implicit TLS, or the STARTTLS handshake just completed
+                rec.note(tls)
         if first:
             self._arm(self._idle_timeout)  # the banner's push re-arms it
             peer = transport.get_extra_info("peername")
@@ -255,6 +277,8 @@ class SMTPSession(SMTP):
         return result
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._rec is not None:
+            self._rec.note("connection closed")
         self._release_slot()
         if self._close_handle is not None:
             self._close_handle.cancel()
@@ -270,6 +294,8 @@ class SMTPSession(SMTP):
             self._connections.release(self._peer_ip)
 
     def data_received(self, data: bytes) -> None:
+        if self._rec is not None and not self._rec_content:
+            self._rec.client(data)
         if not self._greeted:
             self._pregreet = True
         if self._closing:
@@ -314,6 +340,8 @@ class SMTPSession(SMTP):
         if reply is not None:
             self._held += reply.encode("ascii") + b"\r\n"
         if self._held:
+            if self._rec is not None:
+                self._rec.server(bytes(self._held))
             transport.write(bytes(self._held))  # type: ignore[attr-defined]
             self._held.clear()
         transport.close()
@@ -351,6 +379,7 @@ class SMTPSession(SMTP):
         code = text[:3]
         final = len(text) == 3 or text[3:4] == " "
         if code == "354":
+            self._rec_content = self._rec is not None
             self._in_data = True
             self._bytes_since_reply = 0
             self._arm(self._limits.data_timeout)
@@ -392,6 +421,8 @@ class SMTPSession(SMTP):
             return
         data = bytes(held)
         held.clear()
+        if self._rec is not None:
+            self._rec.server(data)
         # aiosmtpd private: _writer and _reader are the session's streams (aiosmtpd's push
         # writes with them too); StreamReaderProtocol offers no public accessor.
         self._writer.write(data)
@@ -463,6 +494,8 @@ class SMTPSession(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         content = await self._read_data()
+        if self._rec is not None:
+            self._record_content(self._rec, content)
         if isinstance(content, str):  # over a limit: the reply, once the final dot came
             await self.push(content)
             self.envelope = Envelope()  # what aiosmtpd's _set_post_data_state does
@@ -519,9 +552,22 @@ class SMTPSession(SMTP):
                 else:
                     buf += line
             in_long_line = False
+        self._data_size = size
         if refusal is not None:
             return refusal
         return bytes(buf)
+
+    def _record_content(self, rec: _recording.Session, content: bytes | str) -> None:
+        """The message as its size and sha256 (dot-stuffing removed), then whatever the client
+        sent after the final dot (pipelined; still in the reader's buffer)."""
+        self._rec_content = False
+        if isinstance(content, str):
+            rec.content(self._data_size, None, f"not kept: {content}")
+        else:
+            rec.content(len(content), hashlib.sha256(content).hexdigest())
+        after = self._buffered()
+        if after:
+            rec.client(bytes(after))
 
     async def _unknown_command(self, command: str, arg: str | None) -> None:
         log.info("%s: unrecognised command", self._peer_ip)
@@ -571,6 +617,8 @@ class SMTPSession(SMTP):
                 await asyncio.sleep(delay)
         self._last_code = ""
         await super().smtp_AUTH(arg)
+        if self._rec is not None and attempt and session.authenticated:
+            self._rec.note(f"authenticated as {_auth_user(session)}")
         if not attempt:
             return
         if session.authenticated:
@@ -672,6 +720,11 @@ class SMTPSession(SMTP):
                 return None
             except asyncio.LimitOverrunError as exc:
                 await self._reader.read(exc.consumed)
+
+
+def _auth_user(session: Any) -> str:
+    data = session.auth_data
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
 
 
 def call_limits(limits: SMTPLimits) -> dict[str, int] | None:

@@ -26,6 +26,7 @@ from ..protocols.dns import (
     respond,
     udp_max_size,
 )
+from . import _recording
 
 __all__ = ["DNSServer", "start_dns"]
 
@@ -90,16 +91,37 @@ class DNSServer:
 
     def answer(self, query: bytes, *, max_size: int) -> bytes:
         """Answer one query, log it, and record unexpected errors."""
+        reply = self._reply(query, max_size=max_size)
+        return b"" if reply is None else reply.wire
+
+    def _reply(self, query: bytes, *, max_size: int) -> Reply | None:
         try:
             zone = self._zone_provider()
         except Exception as exc:
             self._on_error(exc)
-            return b""
+            return None
         reply: Reply = respond(zone, query, max_size=max_size)
         self.query_log.append((reply.qname, reply.qtype, reply.rcode))
         if reply.error is not None:
             self._on_error(reply.error)
-        return reply.wire
+        return reply
+
+    def _served(self, transport: str, peer: object, query: bytes, max_size: int) -> bytes:
+        """Answer a query that came over the network, and record it if the stack records."""
+        reply = self._reply(query, max_size=max_size)
+        wire = b"" if reply is None else reply.wire
+        recordings = _recording.current()
+        if recordings is not None:
+            recordings.dns(
+                transport=transport,
+                peer=_recording.address(peer),
+                query=query,
+                reply=wire,
+                qname=reply.qname if reply is not None else "",
+                qtype=reply.qtype if reply is not None else "",
+                rcode=reply.rcode if reply is not None else "",
+            )
+        return wire
 
     async def close(self) -> None:
         """Close both listeners and every TCP connection. A second call does nothing."""
@@ -127,7 +149,8 @@ class DNSServer:
                 header = await asyncio.wait_for(reader.readexactly(2), self._tcp_idle_timeout)
                 (length,) = _LENGTH.unpack(header)
                 query = await asyncio.wait_for(reader.readexactly(length), self._tcp_idle_timeout)
-                wire = self.answer(query, max_size=TCP_PAYLOAD_MAX)
+                peer = writer.get_extra_info("peername")
+                wire = self._served("tcp", peer, query, TCP_PAYLOAD_MAX)
                 if not wire:
                     break
                 writer.write(_LENGTH.pack(len(wire)) + wire)
@@ -157,7 +180,7 @@ class _UDPProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         try:
-            wire = self._server.answer(data, max_size=udp_max_size(data))
+            wire = self._server._served("udp", addr, data, udp_max_size(data))
             if wire and self._transport is not None:
                 self._transport.sendto(wire, addr)
         except Exception as exc:

@@ -108,6 +108,8 @@ async def start_imap(
         subscribe=subscribe,
         tls_handshake_timeout=tls_handshake_timeout,
         limits=limits,
+        service="imaps" if implicit_tls_context is not None else "imap",
+        protocol_name="imap",
         busy_reply=lambda reason: (
             b"* BYE [UNAVAILABLE] " + reason.encode("ascii", "replace") + b"\r\n"
         ),

@@ -79,5 +79,7 @@ async def start_pop3(
         on_error=on_error,
         tls_handshake_timeout=tls_handshake_timeout,
         limits=limits,
+        service="pop3s" if implicit_tls_context is not None else "pop3",
+        protocol_name="pop3",
         busy_reply=lambda reason: b"-ERR [SYS/TEMP] " + reason.encode("ascii", "replace") + b"\r\n",
     )

@@ -43,6 +43,7 @@ from ..protocols.smtp import (
     received_header,
     with_protocol,
 )
+from . import _recording
 from ._smtpsession import SMTPSession, methods_named
 
 __all__ = [
@@ -216,6 +217,9 @@ class SMTPHandler:
                 raise
             self._on_error(exc)
             return Reply.STORE_FAILED
+        rec: _recording.Session | None = getattr(server, "_rec", None)
+        if rec is not None:
+            _recording.note_message(rec, accepted.raw, f"queued as {accepted.queue_id}")
         return Reply.QUEUED.format(queue_id=accepted.queue_id)
 
     # helpers
@@ -377,6 +381,7 @@ async def start_smtp(
         )
         server._implicit_tls = implicit
         server._auth_offered = handler.role is not Role.SMTP
+        server._service = handler.role.value
         return server
 
     return await loop.create_server(

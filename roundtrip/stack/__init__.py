@@ -35,6 +35,8 @@ from ..protocols.dkim import SigningKey
 from ..protocols.dns import Record, Zone, build_zone, default_records
 from ..protocols.filter import ContentFilter, default_filter
 from ..protocols.tlspolicy import TLSPolicy, parse_policy, sts_record
+from ..servers._recording import Recordings
+from ..servers._recording import install as _record_on_loop
 from ..servers._runner import LoopThread
 from ..servers.dns import DNSServer, start_dns
 from ..servers.relay import QueuedMessage, Relay, RelayEvent
@@ -53,6 +55,7 @@ from ._services import (
     hosts_for,
     port_for,
 )
+from ._transcripts import Transcript, collect
 
 __all__ = [
     "IMPLICIT_TLS_SERVICES",
@@ -64,6 +67,7 @@ __all__ = [
     "Faults",
     "HopTiming",
     "MailStack",
+    "Transcript",
 ]
 
 #: Mail to domains outside the stack is captured in this mailbox, never sent anywhere.
@@ -109,6 +113,8 @@ class MailStack:
         self.dkim_keys: dict[str, tuple[SigningKey, ...]] = {}
         self._dns_changed = False
         self._journeys = Journeys()
+        #: The latest connections of every server, for transcripts() (issue #15).
+        self._recordings = Recordings(self.config.transcript_connections)
         self._tokens = TokenTable(time.time)  # oauth_token(): XOAUTH2 / OAUTHBEARER logins
         self._relay_changed = threading.Condition()
         self._relay_queue: list[QueuedMessage] = []
@@ -179,6 +185,7 @@ class MailStack:
         try:
             self._thread.run(self._start_all(), timeout=timeout)
             self._thread.run(self._self_check(), timeout=timeout)
+            self._recordings.clear()  # the self-check's connections are nobody's business
         except TimeoutError:
             self.stop()
             raise ServerStartError(
@@ -192,6 +199,7 @@ class MailStack:
 
     async def _start_all(self) -> None:
         assert self._thread is not None
+        _record_on_loop(self._recordings)
         limits = self.config.smtp_limits
         # One penalty table for every listener: a client guessing passwords on one port is
         # slowed on all of them (docs/security.md, A4.3).
@@ -340,6 +348,7 @@ class MailStack:
             self.mx_ports = {ep.hostname: ep.ports["smtp"] for ep in self.domains.values()}
             self.tls_policies = self.default_tls_policies()
         self.store.clear()
+        self._recordings.clear()
         self._tokens.clear()
         self.faults = Faults()
         self.content_filter = default_filter
@@ -402,6 +411,39 @@ class MailStack:
         ``relay delivered``, ``stored``; ``at`` counts seconds from the first step.
         """
         return self._journeys.journey(message_id)
+
+    def transcripts(
+        self,
+        address: str | None = None,
+        message_id: str | None = None,
+        service: str | None = None,
+        *,
+        since: float | None = None,
+    ) -> list[Transcript]:
+        """What went over each connection of the stack's servers, oldest first.
+
+        Every connection of every listener, of the relay to an MX, and every DNS query is
+        recorded (the latest ``config.transcript_connections`` of each; ``reset()`` forgets
+        them). Credentials are redacted and message content is shown as its size and sha256;
+        ``str(transcript)`` reads like swaks (``->`` the client, ``<-`` the server).
+
+        Args:
+            address: only connections that named it (MAIL FROM, RCPT TO, a login).
+            message_id: only connections that carried the message with this Message-ID.
+            service: only this listener's: ``smtp``, ``submission``, ``submissions``, ``imap``,
+                ``imaps``, ``pop3``, ``pop3s``, ``relay`` or ``dns``.
+            since: only connections that began at or after this ``time.time()``.
+
+        Returns:
+            One ``Transcript`` per connection (per query for DNS).
+        """
+        return collect(
+            self._recordings,
+            address=address,
+            message_id=message_id,
+            service=service,
+            since=since,
+        )
 
     def default_dns_records(self) -> list[Record]:
         """The records the stack serves by default: SOA, NS, MX, A/AAAA and SPF per domain.

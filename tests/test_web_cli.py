@@ -1,0 +1,115 @@
+"""``roundtrip serve --web`` and the plugin's ``--roundtrip-web``: real subprocesses, real
+sockets, real smtplib."""
+
+from __future__ import annotations
+
+import http.client as http_client
+import json
+import os
+import select
+import signal
+import smtplib
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+pytest.importorskip("aiohttp", reason="the web view needs aiohttp (pip install roundtrip[web])")
+
+from roundtrip import cli
+from roundtrip.cli import main
+
+TIMEOUT = 10.0
+
+
+@contextmanager
+def serve(*args: str) -> Iterator[dict[str, Any]]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "roundtrip", "serve", "--json", "--quiet", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], TIMEOUT)
+        assert ready, "serve printed no ready line"
+        yield json.loads(proc.stdout.readline())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(TIMEOUT)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert proc.returncode == 0
+
+
+def http(method: str, url: str, token: str | None = None) -> tuple[int, Any]:
+    headers = {} if token is None else {"X-Roundtrip-Token": token}
+    request = urllib.request.Request(url, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def send(doc: dict[str, Any], sender: str, password: str, to: str) -> None:
+    host, _, port = doc["domains"]["a.test"]["submissions"].rpartition(":")
+    context = ssl.create_default_context(cafile=doc["ca_file"])
+    with smtplib.SMTP_SSL(host, int(port), context=context, timeout=TIMEOUT) as smtp:
+        smtp.login(sender, password)
+        smtp.sendmail(sender, [to], f"From: {sender}\r\nSubject: via web\r\n\r\nhi\r\n".encode())
+
+
+def test_web_cli_serve_json_gains_web_and_token_keys() -> None:
+    with serve("--user", "alice@a.test:pw") as plain:
+        keys = set(plain)
+    assert "web" not in plain and "web_token" not in plain
+    with serve("--user", "alice@a.test:pw", "--web") as doc:
+        assert set(doc) == keys | {"web", "web_token"}
+        assert doc["web"].startswith("http://127.0.0.1:") and doc["web"].endswith("/")
+        port = int(doc["web"].rstrip("/").rpartition(":")[2])
+        events = http_client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        try:
+            events.request("GET", "/api/events")
+            stream = events.getresponse()
+            send(doc, "alice@a.test", "pw", "alice@a.test")
+            while b'"kind":"added"' not in (line := stream.readline()):
+                assert line, "the events stream ended before the message was stored"
+        finally:
+            events.close()
+        query = urllib.parse.urlencode({"user": "alice@a.test"})
+        status, page = http("GET", f"{doc['web']}api/messages?{query}")
+        assert (status, [m["subject"] for m in page["messages"]]) == (200, ["via web"])
+        assert http("DELETE", f"{doc['web']}api/messages?{query}")[0] == 403
+        assert http("DELETE", f"{doc['web']}api/messages?{query}", doc["web_token"]) == (
+            200,
+            {"removed": 1},
+        )
+
+
+def test_web_cli_bad_web_address_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--web", "host:port"]) == 2
+    assert "--web 'host:port': the port must be a number" in capsys.readouterr().err
+
+
+def test_web_cli_non_loopback_address_warns(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli._web_address("0.0.0.0:8025") == ("0.0.0.0", 8025)
+    assert "warning: --web 0.0.0.0 is not a loopback address" in capsys.readouterr().err
+
+
+def test_web_cli_loopback_address_does_not_warn(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli._web_address("") == ("127.0.0.1", 0)
+    assert cli._web_address("[::1]:0") == ("::1", 0)
+    assert capsys.readouterr().err == ""
