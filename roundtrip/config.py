@@ -32,6 +32,7 @@ __all__ = [
     "check_envelope_address",
     "loop_choice",
     "parse_bool",
+    "parse_dmarc_policy",
     "parse_domains",
     "parse_endpoint",
     "parse_port_mode",
@@ -336,6 +337,19 @@ class StackConfig:
     #: ``accept`` (default: applications often send as noreply@...) or ``reject`` (553 5.7.1,
     #: docs/security.md A4.6). MAIL FROM is always held to the AUTH user.
     from_header_policy: str = "accept"
+    #: SPF (RFC 7208) and DMARC (RFC 7489) at every MX: every stack domain publishes a
+    #: DMARC record, the verdicts go into the MX's Authentication-Results, a From domain
+    #: whose policy is ``reject`` and that fails DMARC gets ``550 5.7.1``, one whose policy is
+    #: ``quarantine`` goes to the Junk folder. Opt-in for now: with it, mail whose From names
+    #: a stack domain it was not sent from is refused, as the world's MXs refuse it, and
+    #: tests written before it send such mail (docs/design.md, "Sender authentication").
+    sender_auth: bool = False
+    #: With ``sender_auth``: the DMARC policy each stack domain publishes at
+    #: ``_dmarc.<domain>``: ``reject``
+    #: (default), ``quarantine``, ``none``, or a whole record (``v=DMARC1; p=...``); ``"*"``
+    #: sets the default for every domain not listed. Stored as sorted ``(domain, value)``
+    #: pairs (hashable config); a mapping is accepted.
+    dmarc_policy: tuple[tuple[str, str], ...] = ()
     #: Abuse limits of the SMTP listeners.
     smtp_limits: SMTPLimits = SMTPLimits()
     #: Command budgets of the IMAP and POP3 listeners.
@@ -427,6 +441,14 @@ class StackConfig:
                 f"from_header_policy={self.from_header_policy!r}: choose one of accept, reject"
             )
         object.__setattr__(self, "relay_tls", parse_relay_tls(self.relay_tls))
+        dmarc = parse_dmarc_policy(self.dmarc_policy)
+        strangers = [d for d, _ in dmarc if d != "*" and d not in domains]
+        if strangers:
+            raise ConfigError(
+                f"dmarc_policy {', '.join(strangers)}: not a domain of the stack"
+                f" ({', '.join(domains)})"
+            )
+        object.__setattr__(self, "dmarc_policy", dmarc)
         if self.relay_connection_cache < 0:
             raise ConfigError("relay_connection_cache must not be negative")
         if isinstance(self.transcript_connections, bool) or self.transcript_connections < 0:
@@ -496,6 +518,13 @@ class StackConfig:
                 kwargs["routed_domains"] = parse_domains(value)
             elif key == "dkim_unsigned_domains":
                 kwargs["dkim_unsigned_domains"] = tuple(_as_list(value))
+            elif key == "sender_auth":
+                kwargs["sender_auth"] = parse_bool(value)
+            elif key == "dmarc_policy":  # "example.org=quarantine, *=none"
+                kwargs["dmarc_policy"] = tuple(
+                    tuple(item.split("=", 1)) if "=" in item else ("*", item)
+                    for item in _as_list(value)
+                )
             elif key == "tls":
                 kwargs["tls"] = parse_tls_mode(value)
             elif key == "timeout":
@@ -542,6 +571,36 @@ def parse_relay_tls(
                 " or give an MTA-STS policy file"
             )
         out[name] = text if text in _RELAY_TLS_MODES else str(policy)
+    return tuple(sorted(out.items()))
+
+
+_DMARC_POLICIES = ("none", "quarantine", "reject")
+
+
+def parse_dmarc_policy(
+    value: Mapping[str, str] | Iterable[tuple[str, str]],
+) -> tuple[tuple[str, str], ...]:
+    """Normalise ``StackConfig.dmarc_policy``: lower-case domains (or ``*``), sorted, a
+    policy word in lower case or a whole record (starting ``v=DMARC1``) as given.
+
+    Raises:
+        ConfigError: a bad domain, or a value that is neither a policy nor a record.
+    """
+    pairs = value.items() if isinstance(value, Mapping) else value
+    out: dict[str, str] = {}
+    for domain, policy in pairs:
+        name = str(domain).strip().rstrip(".").lower()
+        if name != "*" and not _DOMAIN_RE.match(name):
+            raise ConfigError(f"dmarc_policy: {domain!r} is not a domain name")
+        text = str(policy).strip()
+        if text.lower() in _DMARC_POLICIES:
+            text = text.lower()
+        elif not text.startswith("v=DMARC1"):
+            raise ConfigError(
+                f"dmarc_policy[{name!r}]={policy!r}: choose one of "
+                f"{', '.join(_DMARC_POLICIES)} or give a record starting 'v=DMARC1'"
+            )
+        out[name] = text
     return tuple(sorted(out.items()))
 
 

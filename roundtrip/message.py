@@ -122,6 +122,16 @@ class AuthResults:
         """One result per DKIM signature, or a single ``none``."""
         return self.of("dkim")
 
+    @property
+    def spf(self) -> list[AuthResult]:
+        """The SPF result (one; ``smtp.mailfrom`` or ``smtp.helo`` names the domain checked)."""
+        return self.of("spf")
+
+    @property
+    def dmarc(self) -> list[AuthResult]:
+        """The DMARC result (one; ``header.from`` and ``policy.dmarc`` in its properties)."""
+        return self.of("dmarc")
+
 
 def parse_auth_results(value: str) -> AuthResults:
     """Parse one Authentication-Results value (after the colon) with ``authres``.

@@ -43,6 +43,8 @@ from ..servers.relay import QueuedMessage, Relay, RelayEvent
 from ..servers.smtp import AuthPenalties
 from ..spool import MAILDIR_SPOOL_NAME, RelaySpool
 from ..store import Store, StoredMessage
+from ._auth import sender_auth_records
+from ._auth import zone_lookup as sender_zone_lookup
 from ._delivery import Faults, Router, catch_all_owner
 from ._dkim import domain_keys, public_record, zone_lookup
 from ._journeys import HopTiming, Journeys
@@ -276,6 +278,10 @@ class MailStack:
         assert dns_server is not None
         if self.config.dkim:
             self._router.dkim_lookup = zone_lookup(lambda q: dns_server.answer(q, max_size=65535))
+        if self.config.sender_auth:  # SPF and DMARC (roundtrip/stack/_auth.py)
+            self._router.sender_lookup = sender_zone_lookup(
+                lambda q: dns_server.answer(q, max_size=65535)
+            )
         # What a previous process left queued gets its attempt now, before start() returns.
         self.relay.restore()
 
@@ -446,7 +452,8 @@ class MailStack:
         )
 
     def default_dns_records(self) -> list[Record]:
-        """The records the stack serves by default: SOA, NS, MX, A/AAAA and SPF per domain.
+        """The records the stack serves by default: SOA, NS, MX, A/AAAA, SPF and DMARC
+        (``_dmarc.<domain>``, ``StackConfig.dmarc_policy``) per domain.
 
         Plus ``_mta-sts.<domain>`` TXT (RFC 8461 §3.1) for a domain whose relay TLS policy is
         not ``none`` (the policy itself is not served over HTTPS).
@@ -462,7 +469,7 @@ class MailStack:
                 records.append(Record(f"_mta-sts.{ep.domain}", "TXT", sts_record(policy)))
             for key in self.dkim_keys.get(ep.domain, ()):  # RFC 6376 section 3.6.2.1
                 records.append(Record(f"{key.selector}._domainkey.{ep.domain}", "TXT", key.record))
-        return records
+        return sender_auth_records(self.config, records)  # DMARC records, SPF for the relay
 
     def default_tls_policies(self) -> dict[str, TLSPolicy]:
         """The relay's outbound TLS policy per recipient domain (docs/security.md A3.7).

@@ -5,8 +5,10 @@ its own users; a submission server stores mail for its own domain and hands ever
 recipient to the relay (``roundtrip/servers/relay.py``), which looks the MX up in the stack's
 DNS and delivers over SMTP with STARTTLS, or captures mail for domains outside the stack.
 :class:`Router` carries the plan out on the loop thread: the MX drops forged
-Authentication-Results (RFC 8601 section 5), verifies DKIM and prepends its own
-Authentication-Results (``roundtrip/protocols/dkim.py``), and runs the content filter;
+Authentication-Results (RFC 8601 section 5), verifies DKIM, checks SPF and DMARC, prepends
+one Authentication-Results field of its own (``_auth.py``), refuses mail DMARC says to reject
+and files what it says to quarantine into the recipient's Junk folder, and runs the content
+filter;
 submission DKIM-signs what an authenticated user sends before storing or relaying it; the
 relay's part is
 spooled before any local copy is stored (``Relay.prepare/commit/abandon``), so a failure on
@@ -21,19 +23,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..config import StackConfig
-from ..protocols.dkim import (
-    KeyLookup,
-    SigningKey,
-    authentication_results,
-    from_domain,
-    sign,
-    verify,
-)
+from ..protocols.dkim import KeyLookup, SigningKey, from_domain, sign, verify
 from ..protocols.filter import ContentFilter, FilterInput, default_filter, prepend_headers
 from ..protocols.smtp import Role, domain_of, drop_forged_auth_results
+from ..protocols.spf import Lookup
 from ..servers.relay import Relay
 from ..servers.smtp import Accepted, ContentRejectedError
 from ..store import Store, StoredMessage
+from ._auth import JUNK, check_sender, junk_folder
 from ._journeys import Journeys
 
 __all__ = ["Faults", "Router", "catch_all_owner", "split_recipients"]
@@ -133,8 +130,11 @@ class Router:
         self.content_filter: ContentFilter | None = default_filter
         #: The DKIM keys submission signs with for a domain (none: it does not sign).
         self.dkim_keys: Callable[[str], Sequence[SigningKey]] = lambda domain: ()
-        #: Where the MX looks DKIM keys up (None: no verification, no Authentication-Results).
+        #: Where the MX looks DKIM keys up (None: no DKIM verification).
         self.dkim_lookup: KeyLookup | None = None
+        #: Where the MX looks SPF and DMARC records up (None: no SPF or DMARC checks).
+        #: With neither look-up the MX writes no Authentication-Results.
+        self.sender_lookup: Lookup | None = None
 
     def accepts(self, address: str) -> bool:
         """Whether ``address`` may be a recipient: a user, or any address of a catch-all."""
@@ -153,10 +153,24 @@ class Router:
             return raw, mailbox
         raw = self.faults.altered(raw)
         raw = drop_forged_auth_results(raw, self._authserv_ids())
-        if self.dkim_lookup is not None:
+        if self.dkim_lookup is not None or self.sender_lookup is not None:
+            dkim = None if self.dkim_lookup is None else verify(raw, self.dkim_lookup)
+            sender = check_sender(
+                raw,
+                authserv_id=accepted.hostname,
+                mail_from=accepted.mail_from,
+                helo=accepted.helo,
+                dkim=dkim,
+                lookup=self.sender_lookup,
+            )
+            # RFC 7489 section 6.6.4: the policy of a From domain that failed DMARC.
+            reject = sender.reject_reply
+            if reject is not None:
+                raise ContentRejectedError(reject)
+            if sender.quarantine:
+                mailbox = JUNK  # each recipient's \\Junk folder (_store_here)
             # RFC 8601 section 5: ours goes on top, above this hop's Received.
-            results = verify(raw, self.dkim_lookup)
-            raw = authentication_results(accepted.hostname, results) + raw
+            raw = sender.field + raw
         content_filter = self.content_filter
         if content_filter is None:
             return raw, mailbox
@@ -174,7 +188,9 @@ class Router:
             return raw, mailbox
         if verdict.action == "reject":
             raise ContentRejectedError(verdict.reply)
-        return prepend_headers(raw, verdict.headers), verdict.mailbox
+        # The filter's folder, unless it says INBOX for mail DMARC quarantined.
+        folder = mailbox if verdict.mailbox == "INBOX" else verdict.mailbox
+        return prepend_headers(raw, verdict.headers), folder
 
     def route(self, accepted: Accepted) -> None:
         """Store or relay an accepted message (runs on the loop thread)."""
@@ -236,9 +252,10 @@ class Router:
     ) -> None:
         for rcpt in here:
             owner = self.owner(rcpt)
+            folder = junk_folder(self._store, owner) if mailbox == JUNK else mailbox
             # The MX altered the body on arrival already (_filtered).
             for copy in self.faults.apply(raw, alter=role is not Role.SMTP):
                 stored = self._store.deliver(
-                    owner, copy, mailbox=mailbox, envelope_from=mail_from, envelope_to=(rcpt,)
+                    owner, copy, mailbox=folder, envelope_from=mail_from, envelope_to=(rcpt,)
                 )
                 self._announce(stored)
