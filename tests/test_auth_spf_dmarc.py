@@ -4,6 +4,7 @@ smtplib: the verdicts in Authentication-Results, 550 for p=reject, Junk for p=qu
 from __future__ import annotations
 
 import smtplib
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +13,7 @@ from _support import make_message
 from roundtrip import MailStack, StackConfig
 from roundtrip.errors import ConfigError
 from roundtrip.protocols.dns import Record, default_records
+from roundtrip.stack._auth import sender_auth_records
 
 TIMEOUT = 5.0
 RCPT = "user@example.org"
@@ -333,3 +335,51 @@ def test_auth_config_dmarc_policy() -> None:
         StackConfig(dmarc_policy={"elsewhere.test": "reject"})
     with pytest.raises(ConfigError, match="expected true or false"):
         StackConfig.from_strings({"sender_auth": "maybe"})
+
+
+def test_auth_dns_failure_is_a_temperror_and_delivered(stack: MailStack) -> None:
+    """A name server that refuses (RFC 7208 section 2.6.6, RFC 7489 section 6.6.3): the
+    verdict says temperror and the message is delivered, as no policy could be read."""
+    stack.set_dns_records(stack.default_dns_records(), refuse_outside=True)
+    _mx_send(stack, "someone@elsewhere.test", _msg("x@elsewhere.test", "dns refused"))
+    (msg,) = stack.assert_delivered(
+        RCPT, subject="dns refused", auth={"spf": "temperror", "dmarc": "temperror"}
+    )
+    assert "DNS failure" in (msg.auth.spf[0].reason or "")
+    # The twin: the same names answered with NXDOMAIN are none, not temperror.
+    stack.set_dns_records(stack.default_dns_records())
+    _mx_send(stack, "someone@elsewhere.test", _msg("x@elsewhere.test", "dns answered"))
+    stack.assert_delivered(RCPT, subject="dns answered", auth={"spf": "none", "dmarc": "none"})
+
+
+def test_auth_domains_on_other_loopback_addresses_list_the_relay_source() -> None:
+    """With ports="standard" every domain listens on its own 127.0.0.N and the relay's
+    connections leave from 127.0.0.1: each SPF record names both."""
+    config = StackConfig(domains=("example.com", "example.org"), sender_auth=True)
+    records = [
+        *default_records("example.com", "127.0.0.1"),
+        *default_records("example.org", "127.0.0.2"),
+    ]
+    served = {r.name: r.value for r in sender_auth_records(config, records) if r.rtype == "TXT"}
+    assert served["example.com"] == "v=spf1 ip4:127.0.0.1 -all"
+    assert served["example.org"] == "v=spf1 ip4:127.0.0.1 ip4:127.0.0.2 -all"
+    assert served["_dmarc.example.org"] == "v=DMARC1; p=reject"
+    # The twin: without sender_auth the records are served as they are.
+    plain = StackConfig(domains=("example.com", "example.org"))
+    assert sender_auth_records(plain, records) == records
+
+
+def test_auth_ipv6_stack_mail_passes_spf() -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 cannot be bound on this machine")
+    config = StackConfig(host="::1", sender_auth=True, retry_delays=(0.05,))
+    with MailStack(config) as v6:
+        _submit(v6, _msg("user@example.com", "over ipv6"))
+        (msg,) = v6.assert_delivered(
+            RCPT, subject="over ipv6", auth={"spf": "pass", "dmarc": "pass"}
+        )
+        assert "::1" in msg.received_chain[0].raw
+        v6.check()
