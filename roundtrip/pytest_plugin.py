@@ -17,6 +17,7 @@ Options (command line ``--roundtrip-*``, ini ``roundtrip_*``): host, tls, timeou
 from __future__ import annotations
 
 import ssl
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "roundtrip_transcripts",
         "transcripts in the report: failed (default), all or off",
         default="failed",
+    )
+    group.addoption(
+        "--roundtrip-web",
+        dest="roundtrip_web",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve the web view of the session's stack (pip install roundtrip[web]) and "
+        "print its URL, to watch the session's mail live (default 127.0.0.1, a free port)",
     )
     group.addoption(
         "--roundtrip-live-cafile",
@@ -181,6 +192,7 @@ def pytest_configure(config: pytest.Config) -> None:
     _stack_config(config)  # fail fast on bad ini/CLI values
     _transcripts_mode(config)
     _live_target(config)  # and on a live target that cannot work
+    _web_address(config)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -248,8 +260,56 @@ def mailstack_session(
 ) -> Iterator[MailStack]:
     """The stack shared by the session, started on first use."""
     stack = _start(pytestconfig, mailstack_config, mailstack_ca)
+    view = _start_web(pytestconfig, stack)
     yield stack
+    if view is not None:
+        view.stop()
     _stop(pytestconfig, stack)
+
+
+# The web view of the session stack (--roundtrip-web): imported only when asked for.
+_WEB_VIEW = pytest.StashKey[Any]()
+
+
+def _web_address(config: pytest.Config) -> tuple[str, int] | None:
+    text = config.getoption("roundtrip_web")
+    if text is None:
+        return None
+    try:
+        from .web import parse_address
+    except ImportError as exc:
+        raise pytest.UsageError(
+            f"roundtrip: --roundtrip-web needs aiohttp: pip install roundtrip[web] ({exc})"
+        ) from None
+    try:
+        return parse_address(text)
+    except ConfigError as exc:
+        raise pytest.UsageError(f"roundtrip: {exc}") from None
+
+
+def _start_web(config: pytest.Config, stack: MailStack) -> Any:
+    address = _web_address(config)
+    if address is None:
+        return None
+    from .web import WebView, is_loopback
+
+    view = WebView(stack, host=address[0], port=address[1]).start()
+    config.stash[_WEB_VIEW] = view
+    line = f"roundtrip web view: {view.url_with_token}"
+    if not is_loopback(view.host):
+        line += f" (warning: {view.host} is not a loopback address)"
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        print(line, file=sys.stderr, flush=True)
+    elif capture is None:
+        reporter.write_line(line)
+    else:
+        # The session fixture starts inside a test, whose output is captured: this line is
+        # for the person watching the run, so it bypasses the capture (as --setup-show does).
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+    return view
 
 
 @pytest.fixture

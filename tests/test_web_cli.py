@@ -113,3 +113,53 @@ def test_web_cli_loopback_address_does_not_warn(capsys: pytest.CaptureFixture[st
     assert cli._web_address("") == ("127.0.0.1", 0)
     assert cli._web_address("[::1]:0") == ("::1", 0)
     assert capsys.readouterr().err == ""
+
+
+INNER_TEST = """
+import json
+import urllib.request
+
+from roundtrip.pytest_plugin import _WEB_VIEW
+
+
+def test_inner(mailstack, pytestconfig):
+    view = pytestconfig.stash[_WEB_VIEW]
+    assert view.stack is mailstack
+    user = mailstack.user().address
+    mailstack.store.deliver(user, b"Subject: watched\\r\\n\\r\\nx\\r\\n")
+    url = view.url + "api/messages?user=" + user
+    with urllib.request.urlopen(url, timeout=10) as response:
+        page = json.load(response)
+    assert [m["subject"] for m in page["messages"]] == ["watched"]
+"""
+
+
+def test_web_plugin_option_serves_the_session_stack(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_inner=INNER_TEST)
+    result = pytester.runpytest_subprocess("--roundtrip-web", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["roundtrip web view: http://127.0.0.1:*/#token=*"])
+    port = int(result.stdout.str().split("roundtrip web view: http://127.0.0.1:")[1].split("/")[0])
+    with pytest.raises(OSError):  # stopped with the session
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=TIMEOUT)
+
+
+def test_web_plugin_without_the_option_starts_no_view(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_inner="""
+import sys
+
+def test_inner(mailstack):
+    assert "roundtrip.web" not in sys.modules and "aiohttp" not in sys.modules
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert "roundtrip web view" not in result.stdout.str()
+
+
+def test_web_plugin_bad_address_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_inner="def test_inner():\n    pass\n")
+    result = pytester.runpytest_subprocess("--roundtrip-web", "nohost:port")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--web 'nohost:port': the port must be a number*"])
