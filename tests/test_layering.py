@@ -26,12 +26,15 @@ LAYER = {
     "maildir": 3,
     "servers": 3,
     "probes": 3,
+    "htmlreport": 2,
     "stack": 4,
-    "pytest_plugin": 5,
-    "cli": 5,
+    "exporter": 4,
     "testing": 5,
-    "__init__": 6,
-    "__main__": 6,
+    "web": 5,
+    "pytest_plugin": 6,
+    "cli": 6,
+    "__init__": 7,
+    "__main__": 7,
 }
 FORBIDDEN_IN_PROTOCOLS = {"asyncio", "socket", "ssl", "threading", "time", "logging"}
 
