@@ -390,7 +390,10 @@ class Store:
         Raises:
             MailboxError: ``NONEXISTENT`` when there is no such user.
         """
-        return list(self.mailboxes(address).subscriptions)
+        with self._lock:
+            self._user_boxes(address)  # NONEXISTENT for a user the store does not have
+            subscribed = self._subscriptions.get(self._key(address), frozenset())
+        return sorted(subscribed, key=_name_order)
 
     def create_mailbox(self, address: str, name: str) -> Mailbox:
         """Create the folder ``name`` (a trailing delimiter is ignored, RFC 3501 6.3.3).

@@ -68,6 +68,10 @@ class IMAPStore(Protocol):
 
     def subscribe(self, address: str, name: str, subscribed: bool = ...) -> None: ...
 
+    def subscriptions(self, address: str) -> Sequence[str]:
+        """The names the user subscribed to, mailboxes or not (RFC 3501 6.3.6); LSUB reads it."""
+        ...
+
     def claim_recent(self, address: str, name: str) -> tuple[int, int]: ...
 
     def append(

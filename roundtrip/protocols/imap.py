@@ -597,7 +597,10 @@ class IMAPConnection:
     def _list(self, tag: str, args: list[Token], *, lsub: bool) -> None:
         ref, pattern, special_only = _imapmailbox.parse_list(args, lsub=lsub)
         boxes = self.store.mailboxes(self._address()) if pattern or lsub else []
-        lines = _imapmailbox.list_lines(boxes, ref, pattern, lsub=lsub, special_only=special_only)
+        subscribed = self.store.subscriptions(self._address()) if lsub else None
+        lines = _imapmailbox.list_lines(
+            boxes, ref, pattern, lsub=lsub, special_only=special_only, subscriptions=subscribed
+        )
         self._send_all(lines)
         self._tagged(tag, "OK", f"{'LSUB' if lsub else 'LIST'} completed")
 
