@@ -12,8 +12,9 @@ from _support import make_message
 
 from roundtrip import MailStack, StackConfig
 from roundtrip.errors import ConfigError
+from roundtrip.protocols.dmarc import DMARCResult
 from roundtrip.protocols.dns import Record, default_records
-from roundtrip.stack._auth import sender_auth_records
+from roundtrip.stack._auth import SenderVerdict, sender_auth_records
 
 TIMEOUT = 5.0
 RCPT = "user@example.org"
@@ -383,3 +384,16 @@ def test_auth_ipv6_stack_mail_passes_spf() -> None:
         )
         assert "::1" in msg.received_chain[0].raw
         v6.check()
+
+
+def test_auth_reject_reply_carries_no_message_bytes_but_name_characters() -> None:
+    nasty = DMARCResult("fail", "", "exa\r\n250 mple.org\x00", "reject", "reject")
+    reply = SenderVerdict(b"", None, nasty).reject_reply
+    assert reply == "550 5.7.1 Rejected by DMARC policy of exa??250?mple.org?"
+    # The twin: a plain domain is named as it is; no reply without a reject disposition.
+    plain = DMARCResult("fail", "", "example.org", "reject", "reject")
+    assert SenderVerdict(b"", None, plain).reject_reply == (
+        "550 5.7.1 Rejected by DMARC policy of example.org"
+    )
+    quarantined = DMARCResult("fail", "", "example.org", "quarantine", "quarantine")
+    assert SenderVerdict(b"", None, quarantined).reject_reply is None

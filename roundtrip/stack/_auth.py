@@ -93,7 +93,9 @@ class SenderVerdict:
         """The SMTP reply refusing the message, when DMARC says reject."""
         if self.dmarc is None or self.dmarc.disposition != "reject":
             return None
-        return REJECT_REPLY.format(domain=self.dmarc.from_domain)
+        # The domain comes from the message: nothing but name characters reach the reply line.
+        domain = re.sub(r"[^A-Za-z0-9.\-_]", "?", self.dmarc.from_domain)[:253]
+        return REJECT_REPLY.format(domain=domain)
 
     @property
     def quarantine(self) -> bool:
