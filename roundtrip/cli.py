@@ -1,6 +1,8 @@
 """The ``roundtrip`` command: ``serve`` a local mail world, ``probe`` a round trip.
 
 Exit codes: 0 the round trip (every check) passed, 1 it failed, 2 usage or configuration error.
+``probe --fail-on warn`` also exits 1 on a warning finding. ``probe --nagios`` follows the
+Nagios plugin API instead: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (the probe could not run).
 
 ``probe --json`` prints one JSON document whose ``schema_version`` key tells its shape
 (``roundtrip.report.SCHEMA_VERSION``, now 2). When the probe cannot run at all (a usage error,
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from .config import PASSWORD_ENV, Endpoint, StackConfig, parse_endpoint
 from .errors import ConfigError, RoundtripError
-from .probes.roundtrip import ProbeResult, run_probe
+from .probes.roundtrip import TIMINGS, ProbeResult, Thresholds, run_probe
 from .report import SCHEMA_VERSION, expiry_text, percentile
 
 if TYPE_CHECKING:
@@ -39,6 +41,9 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: ``probe --nagios`` only: the probe could not run (exit 0, 1 and 2 are OK, WARNING and
+#: CRITICAL there).
+EXIT_NAGIOS_UNKNOWN = 3
 
 
 class _UsageError(Exception):
@@ -264,6 +269,37 @@ def _add_probe_options(probe: argparse.ArgumentParser) -> None:
         help="also write Prometheus text-format metrics to FILE (node_exporter textfile)",
     )
     probe.add_argument(
+        "--fail-on",
+        choices=("warn", "fail"),
+        default="fail",
+        help="the mildest finding severity that makes the exit code 1 (default fail: a "
+        'warning alone exits 0); --json gives the verdict under "verdict"',
+    )
+    probe.add_argument(
+        "--warn",
+        action="append",
+        default=[],
+        metavar="[STEP=]SECONDS",
+        help="a warning finding when the submit, deliver or fetch time is above SECONDS "
+        "(repeatable; STEP= limits it to one of them: --warn deliver=5; a list works too: "
+        "--warn submit=2,deliver=5); submit: SMTP connect to the reply to DATA; deliver: "
+        "that reply to the message showing in the mailbox; fetch: retrieving it",
+    )
+    probe.add_argument(
+        "--crit",
+        action="append",
+        default=[],
+        metavar="[STEP=]SECONDS",
+        help="like --warn, but a failing finding and a failed check (exit 1; Nagios CRITICAL)",
+    )
+    probe.add_argument(
+        "--nagios",
+        action="store_true",
+        help="print a Nagios/Icinga plugin's output (one status line with perfdata, then the "
+        "findings) and exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (the probe could not "
+        "run); not with --json",
+    )
+    probe.add_argument(
         "--html",
         metavar="FILE",
         help="also write a self-contained HTML report to FILE (waterfall per round trip, "
@@ -279,6 +315,24 @@ def _wants_json(argv: Sequence[str]) -> bool:
         if len(token) >= len("--js") and "--json".startswith(token):
             return True
     return False
+
+
+def _wants_nagios(argv: Sequence[str]) -> bool:
+    """Whether ``probe --nagios`` (or an abbreviation argparse accepts) was asked for."""
+    for token in argv:
+        if token == "--":
+            break
+        if len(token) >= len("--na") and "--nagios".startswith(token):
+            return True
+    return False
+
+
+def _unknown(message: str, out: TextIO) -> int:
+    """``--nagios``: the probe could not run (Nagios UNKNOWN, exit 3)."""
+    print(message, file=sys.stderr)
+    text = " ".join(message.replace("|", "/").split())
+    print(f"ROUNDTRIP UNKNOWN - {text}", file=out, flush=True)
+    return EXIT_NAGIOS_UNKNOWN
 
 
 def _fail(message: str, code: int, out: TextIO, *, as_json: bool) -> int:
@@ -297,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(tokens)
     except _UsageError as exc:
+        if _wants_nagios(tokens):
+            return _unknown(str(exc), out)
         return _fail(str(exc), EXIT_USAGE, out, as_json=_wants_json(tokens))
     except SystemExit as exc:  # --help, --version
         return int(exc.code or 0)
@@ -311,8 +367,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_exporter(args.config, args.listen, out)
         return _probe(args, out)
     except ConfigError as exc:
+        if getattr(args, "nagios", False):
+            return _unknown(f"roundtrip: {exc}", out)
         return _fail(f"roundtrip: {exc}", EXIT_USAGE, out, as_json=args.json and not args.printed)
     except RoundtripError as exc:
+        if getattr(args, "nagios", False):
+            return _unknown(f"roundtrip: {exc}", out)
         # serve's ready line is its one document: a later failure goes to stderr only.
         as_json = args.json and not args.printed
         return _fail(f"roundtrip: {exc}", EXIT_FAILED, out, as_json=as_json)
@@ -472,6 +532,15 @@ def _probe(args: argparse.Namespace, out: TextIO) -> int:
             raise ConfigError(f"{option} {path}: the directory does not exist")
     if args.html is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.html))):
         raise ConfigError(f"--html {args.html}: the directory does not exist")
+    if args.nagios and args.json:
+        raise ConfigError("--nagios and --json are two output modes: choose one")
+    args.thresholds = Thresholds(
+        warn=_thresholds(args.warn, "--warn"), crit=_thresholds(args.crit, "--crit")
+    )
+    for name, warn in args.thresholds.warn.items():
+        crit = args.thresholds.crit.get(name)
+        if crit is not None and warn > crit:
+            raise ConfigError(f"--warn {name}={warn:g} is above --crit {name}={crit:g}")
     if args.smtp is None:
         if args.imap or args.pop3 or args.cafile:
             raise ConfigError("--imap, --pop3 and --cafile need --smtp (a real server)")
@@ -508,6 +577,28 @@ def _probe(args: argparse.Namespace, out: TextIO) -> int:
     return _finish(args, results, out, title=title)
 
 
+def _thresholds(values: list[str], option: str) -> dict[str, float]:
+    """``--warn``/``--crit`` values (``SECONDS``, ``STEP=SECONDS``, comma lists) as seconds
+    per name of ``TIMINGS``; a bare number applies to every one of them."""
+    limits: dict[str, float] = {}
+    for value in values:
+        for item in value.split(","):
+            name, _, number = item.strip().rpartition("=")
+            names = [name.strip().lower()] if name else list(TIMINGS)
+            if names[0] not in TIMINGS:
+                raise ConfigError(
+                    f"{option} {value}: unknown step {name!r}; choose from {', '.join(TIMINGS)}"
+                )
+            try:
+                seconds = float(number)
+            except ValueError:
+                seconds = -1.0
+            if not seconds > 0 or seconds == float("inf"):
+                raise ConfigError(f"{option} {value}: expected a number of seconds above 0")
+            limits.update(dict.fromkeys(names, seconds))
+    return limits
+
+
 def _repeat(
     args: argparse.Namespace,
     paths: list[tuple[Endpoint, Endpoint, str]],
@@ -520,6 +611,7 @@ def _repeat(
     """``--count`` runs of every path (SMTP, reader, recipient), with a progress line per run
     on stderr."""
     results: list[ProbeResult] = []
+    options: dict[str, Any] = {} if settle is None else {"settle": settle}
     for run in range(args.count):
         if run and args.interval:
             time.sleep(args.interval)  # pacing between runs, not synchronisation
@@ -534,7 +626,8 @@ def _repeat(
                 keep=args.keep,
                 # One extra TLS 1.0/1.1 handshake per server and invocation is enough.
                 check_legacy_tls=run == 0,
-                **({} if settle is None else {"settle": settle}),
+                thresholds=args.thresholds,
+                **options,
             )
             for smtp, reader, rcpt_to in paths
         ]
@@ -597,7 +690,13 @@ def _finish(
         "results": [r.as_dict() for r in results],
         "summary": report.summarize([r.as_dict() for r in results]),
     }
-    if args.json:
+    if args.thresholds:
+        doc["thresholds"] = {"warn": args.thresholds.warn, "crit": args.thresholds.crit}
+    doc["verdict"] = report.verdict(doc, fail_on=args.fail_on)
+    if args.nagios:
+        text, nagios_code = report.nagios(doc, fail_on=args.fail_on)
+        print(text, end="", file=out)
+    elif args.json:
         print(json.dumps(doc, indent=2), file=out)
         args.printed = True
     else:
@@ -613,7 +712,10 @@ def _finish(
             report.write_atomically(args.html, render(doc))
     except OSError as exc:
         raise ConfigError(f"cannot write the report: {exc}") from None
-    return EXIT_OK if doc["ok"] else EXIT_FAILED
+    if args.nagios:
+        return nagios_code
+    # Without --fail-on warn, exactly today's rule: 1 when a round trip failed.
+    return EXIT_OK if doc["verdict"]["exit_code"] == 0 else EXIT_FAILED
 
 
 def _probe_embedded(args: argparse.Namespace, out: TextIO) -> int:
@@ -684,6 +786,8 @@ def _print_result(result: ProbeResult, out: TextIO, *, verbose: bool = False) ->
         print(f"    {'ok  ' if ok else 'FAIL'} check {name}", file=out)
     for finding in result.findings:
         print(f"    finding [{finding.severity}] {finding.message}", file=out)
+        for line in finding.evidence:
+            print(f"      evidence: {line!r}", file=out)
     verdict = "PASS" if result.ok else f"FAIL at {result.error_step}: {_error_text(result)}"
     print(f"  {verdict}  (total {result.total_seconds * 1000:.1f} ms)", file=out)
 
@@ -739,6 +843,10 @@ def _report_human(
     shown = [r for r in results if not r.ok or last[(r.smtp, r.retrieve)] is r]
     for result in shown:
         _print_result(result, out, verbose=verbose)
+    verdict = doc["verdict"]
+    if verdict["exit_code"] and doc["ok"]:
+        warnings = sum(1 for r in results for f in r.findings if f.severity == "warn")
+        print(f"\nFAIL: --fail-on {verdict['fail_on']} and {warnings} warning(s)", file=out)
     summary = doc["summary"]
     paths = summary["paths"]
     if max((path["runs"] for path in paths), default=0) <= 1:

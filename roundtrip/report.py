@@ -23,6 +23,13 @@ Schema versions of the JSON document (``schema_version``): a document without th
 version 1; version 2 adds ``summary.runs_per_path`` and ``summary.paths`` (statistics per path)
 and, for errors before any probe ran, the ``{"ok": false, "error": ..., "exit_code": ...}``
 shape. A new version only adds keys: every key of version 1 keeps its place and meaning.
+Keys added within version 2, optional for readers: ``verdict`` (``verdict()``),
+``thresholds`` (``--warn``/``--crit``), each result's ``timings``, each finding's
+``evidence`` (a list of reply lines), and the finding severity ``info``.
+
+- Nagios/Icinga: ``nagios()`` gives the plugin output (one status line with perfdata, then
+  the findings) and its exit code, 0 OK, 1 WARNING, 2 CRITICAL (3 UNKNOWN is the command
+  line's, when the probe cannot run).
 """
 
 from __future__ import annotations
@@ -36,12 +43,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "NAGIOS_CRITICAL",
+    "NAGIOS_OK",
+    "NAGIOS_UNKNOWN",
+    "NAGIOS_WARNING",
     "SCHEMA_VERSION",
+    "SEVERITIES",
     "expiry_text",
     "junit_xml",
+    "nagios",
     "percentile",
     "prometheus_text",
     "summarize",
+    "verdict",
+    "worst_severity",
     "write_atomically",
 ]
 
@@ -50,6 +65,15 @@ SCHEMA_VERSION = 2
 
 #: Quantiles reported for ``--count`` runs (1.0 is the maximum).
 QUANTILES = (0.5, 0.95, 1.0)
+
+#: Finding severities, mildest first (``roundtrip.probes`` uses the same words).
+SEVERITIES = ("info", "warn", "fail")
+
+#: Exit codes of a Nagios/Icinga plugin (Monitoring Plugins development guidelines).
+NAGIOS_OK = 0
+NAGIOS_WARNING = 1
+NAGIOS_CRITICAL = 2
+NAGIOS_UNKNOWN = 3
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -149,6 +173,100 @@ def expiry_text(not_after: str, days_left: int) -> str:
     return f"expires {date} (in {days_left / 365.25:.0f} years)"
 
 
+# -- verdicts ---------------------------------------------------------------------------------
+
+
+def worst_severity(doc: Mapping[str, Any]) -> str:
+    """``"fail"`` when a round trip failed or found a ``fail`` finding, else the worst
+    severity among the findings (``"warn"``, ``"info"``), else ``"ok"``."""
+    results: list[Mapping[str, Any]] = list(doc["results"])
+    if any(not r["ok"] for r in results):
+        return "fail"
+    found = {str(f["severity"]) for r in results for f in r["findings"]}
+    for severity in reversed(SEVERITIES):
+        if severity in found:
+            return severity
+    return "ok"
+
+
+def verdict(doc: Mapping[str, Any], *, fail_on: str = "fail") -> dict[str, Any]:
+    """The exit verdict of a probe document: ``fail_on`` (``"fail"`` or ``"warn"``, the
+    mildest severity that fails), ``worst`` (``worst_severity``) and ``exit_code`` (0 or 1).
+
+    Raises:
+        ValueError: ``fail_on`` is not ``"warn"`` or ``"fail"``.
+    """
+    if fail_on not in ("warn", "fail"):
+        raise ValueError(f"fail_on {fail_on!r}: expected 'warn' or 'fail'")
+    worst = worst_severity(doc)
+    failing = ("warn", "fail") if fail_on == "warn" else ("fail",)
+    return {"fail_on": fail_on, "worst": worst, "exit_code": 1 if worst in failing else 0}
+
+
+def _plugin_text(text: str) -> str:
+    """One line of plugin output: no newline, and no ``|`` (it starts the perfdata)."""
+    return " ".join(text.replace("|", "/").split())
+
+
+def _perf_label(result: Mapping[str, Any]) -> str:
+    return str(result["retrieve"]).partition(":")[0].rstrip("s") or "path"
+
+
+def _perfdata(doc: Mapping[str, Any]) -> str:
+    """``label=value;warn;crit;min;`` per timing of each path's last run (seconds)."""
+    thresholds: Mapping[str, Mapping[str, float]] = doc.get("thresholds") or {}
+    warn, crit = thresholds.get("warn", {}), thresholds.get("crit", {})
+    last = {_path_key(r): r for r in doc["results"]}
+    items = []
+    for result in last.values():
+        label = _perf_label(result)
+        timings: Mapping[str, float] = result.get("timings") or {}
+        for name, seconds in timings.items():
+            w = f"{warn[name]:g}" if name in warn else ""
+            c = f"{crit[name]:g}" if name in crit else ""
+            items.append(f"{label}_{name}={seconds:.6f}s;{w};{c};0;")
+        items.append(f"{label}_total={float(result['total_seconds']):.6f}s;;;0;")
+    return " ".join(items)
+
+
+def nagios(doc: Mapping[str, Any], *, fail_on: str = "fail") -> tuple[str, int]:
+    """The probe document as a Nagios/Icinga plugin's output and exit code.
+
+    The first line is ``ROUNDTRIP <STATE> - <summary> | <perfdata>``; each warning and
+    failing finding follows on a line of its own (the plugin's long output). The state is
+    CRITICAL when a round trip failed (a step, a check, a ``fail`` finding), WARNING when a
+    finding is a warning (CRITICAL with ``fail_on="warn"``), else OK. Perfdata: the
+    ``submit``, ``deliver``, ``fetch`` and ``total`` seconds of each path's last run, with
+    the thresholds of ``doc["thresholds"]`` (``--warn``/``--crit``) as warn and crit.
+    """
+    results: list[Mapping[str, Any]] = list(doc["results"])
+    worst = worst_severity(doc)
+    code = {"fail": NAGIOS_CRITICAL, "warn": NAGIOS_WARNING}.get(worst, NAGIOS_OK)
+    if code == NAGIOS_WARNING and fail_on == "warn":
+        code = NAGIOS_CRITICAL
+    state = {NAGIOS_OK: "OK", NAGIOS_WARNING: "WARNING", NAGIOS_CRITICAL: "CRITICAL"}[code]
+    failed = [r for r in results if not r["ok"]]
+    noted = [(r, f) for r in results for f in r["findings"] if f["severity"] in ("warn", "fail")]
+    if failed:
+        first = failed[0]
+        summary = (
+            f"{len(failed)} of {len(results)} round trips failed; {_perf_label(first)}: "
+            f"FAIL at {first['error_step']}: {first['error']}"
+        )
+    elif noted:
+        summary = f"{len(results)} round trips passed with {len(noted)} findings: " + str(
+            noted[0][1]["message"]
+        )
+    else:
+        summary = f"{len(results)} round trips passed"
+    lines = [f"ROUNDTRIP {state} - {_plugin_text(summary)} | {_perfdata(doc)}"]
+    lines += [
+        _plugin_text(f"[{f['severity']}] {_perf_label(r)}: {f['code']}: {f['message']}")
+        for r, f in noted
+    ]
+    return "\n".join(lines) + "\n", code
+
+
 # -- JUnit XML -------------------------------------------------------------------------------
 
 
@@ -215,7 +333,9 @@ def junit_xml(doc: Mapping[str, Any]) -> str:
                     "finding",
                 )
         notes = [
-            f"finding [warn] {f['message']}" for f in result["findings"] if f["severity"] != "fail"
+            f"finding [{f['severity']}] {f['message']}"
+            for f in result["findings"]
+            if f["severity"] != "fail"
         ]
         notes += [
             f"tls {t['server']}: {t['version']} {t['cipher']}; subject {t['subject']}; "

@@ -36,7 +36,35 @@ from ._net import (
 from .fetch import fetch_imap, fetch_pop3
 from .send import ProbeMessage, build_probe_message, submit
 
-__all__ = ["Finding", "Hop", "ProbeResult", "parse_hops", "run_probe", "verify"]
+__all__ = [
+    "TIMINGS",
+    "Finding",
+    "Hop",
+    "ProbeResult",
+    "Thresholds",
+    "parse_hops",
+    "run_probe",
+    "timings",
+    "verify",
+]
+
+#: The timings thresholds apply to: ``submit`` (from the SMTP connect to the server's reply
+#: to DATA), ``deliver`` (from that reply to the message showing in the mailbox), ``fetch``
+#: (retrieving the copies: IMAP UID FETCH, POP3 RETR).
+TIMINGS = ("submit", "deliver", "fetch")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Seconds above which a timing is a warning (``warn``) or a failure (``crit``), per
+    name of ``TIMINGS``; a name absent is not judged."""
+
+    warn: dict[str, float] = field(default_factory=dict)
+    crit: dict[str, float] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.warn or self.crit)
+
 
 #: Bytes a copy of the probe message may have grown by in transit (trace, DKIM, ARC and
 #: spam-report header fields); a server announcing more is refused unread.
@@ -90,6 +118,8 @@ class ProbeResult:
     transcripts: list[Transcript] = field(default_factory=list)
     #: Connections whose transcripts were dropped (the first and latest ones are kept).
     transcripts_omitted: int = 0
+    #: Seconds of each of ``TIMINGS`` this run measured (a step not reached is absent).
+    timings: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         # A transcript has its own JSON form (its kept lines, with the omission marker).
@@ -239,6 +269,7 @@ def run_probe(
     keep: bool = False,
     check_legacy_tls: bool = False,
     settle: float = 0.25,
+    thresholds: Thresholds | None = None,
 ) -> ProbeResult:
     """Submit through ``smtp``, find the message through ``retrieve`` (IMAP or POP3), verify.
 
@@ -247,6 +278,8 @@ def run_probe(
             duplicate delivered just after the first copy fails the one-copy check.
         check_legacy_tls: also offer each server only TLS 1.0/1.1 in an extra handshake
             (no credentials sent); acceptance is a failing finding.
+        thresholds: a timing above its ``warn`` threshold is a warning finding, above its
+            ``crit`` one a failing finding and a failed check (``<name> within N s``).
 
     Never raises ``ProbeError``: a failed step is recorded in the result (``ok`` False,
     ``error`` and ``error_step`` set). Passwords are never put in the result.
@@ -295,8 +328,52 @@ def run_probe(
     if check_legacy_tls:
         _check_legacy(result, (smtp, retrieve), timeout)
     result.total_seconds = time.perf_counter() - started
+    result.timings = timings(result)
+    if thresholds:
+        _judge_timings(result, thresholds, smtp.address, retrieve.address)
     _conclude(result, (smtp, retrieve), legacy_checked=check_legacy_tls)
     return result
+
+
+def timings(result: ProbeResult) -> dict[str, float]:
+    """The ``TIMINGS`` of ``result`` that it measured (see ``TIMINGS``)."""
+    measured: dict[str, float] = {}
+    submit = [s for s in result.steps if s.name.startswith("smtp ")]
+    if any(s.name == "smtp submit" and s.ok for s in submit):
+        measured["submit"] = sum(s.seconds for s in submit)
+    if result.time_to_visible is not None:
+        measured["deliver"] = result.time_to_visible
+    fetch = [s for s in result.steps if s.name in ("imap fetch", "pop3 fetch") and s.ok]
+    if fetch:
+        measured["fetch"] = sum(s.seconds for s in fetch)
+    return measured
+
+
+def _judge_timings(result: ProbeResult, thresholds: Thresholds, smtp: str, reader: str) -> None:
+    """Findings (and, for ``crit``, checks) for the timings above their thresholds;
+    ``smtp`` and ``reader`` are the servers (``host:port``) the timings concern."""
+    for name in TIMINGS:
+        crit, warn = thresholds.crit.get(name), thresholds.warn.get(name)
+        seconds = result.timings.get(name)
+        if crit is not None and seconds is not None:
+            result.checks[f"{name} within {crit:g} s"] = seconds <= crit
+        if seconds is None:
+            continue
+        if crit is not None and seconds > crit:
+            limit, severity, kind = crit, FAIL, "critical"
+        elif warn is not None and seconds > warn:
+            limit, severity, kind = warn, WARN, "warning"
+        else:
+            continue
+        result.findings.append(
+            Finding(
+                f"slow-{name}",
+                severity,
+                f"{name} took {seconds:.3f} s, above the {kind} threshold of {limit:g} s",
+                smtp if name == "submit" else reader,
+                (f"{name} {seconds:.6f} s",),
+            )
+        )
 
 
 def _describe_rejected_certificate(
