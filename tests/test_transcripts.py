@@ -15,6 +15,7 @@ import poplib
 import smtplib
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -69,13 +70,14 @@ def _b64(text: str) -> str:
 def _settled(stack: MailStack, service: str, closed: int = 1) -> list[Transcript]:
     """The service's transcripts once ``closed`` of its connections have ended (the server
     notes the close on its loop, a moment after the client's side is done)."""
+    deadline = time.monotonic() + TIMEOUT
     transcripts: list[Transcript] = []
-    for _ in range(200):
+    while time.monotonic() < deadline:
         transcripts = stack.transcripts(service=service)
         done = sum(1 for t in transcripts if any("connection closed" in x.text for x in t.lines))
         if done >= closed:
             return transcripts
-        stack.relay_idle(timeout=0.05)  # one hop to the loop thread: its callbacks have run
+        stack.relay_idle(timeout=TIMEOUT)  # a round trip to the loop thread: it ran meanwhile
     raise AssertionError(f"{service}: {closed} closed connection(s) expected, got {transcripts}")
 
 

@@ -329,9 +329,12 @@ class _RecordingSMTP(aiosmtplib.SMTP):
     """aiosmtplib's client with a transcript per connection (the stack records).
 
     Each ``connect()`` opens a session in the stack's recordings. The protocol's ``write``
-    and ``data_received`` are then wrapped on the instance, so every command and reply that
-    follows is recorded as bytes, STARTTLS and all; the greeting, read inside ``connect()``,
-    is recorded from the reply it returns. The message content bypasses ``write``
+    and ``read_response`` are then wrapped on the instance (aiosmtplib calls both by
+    attribute, on every loop), so every command is recorded as the bytes written and every
+    reply as the lines the server sent, STARTTLS and all; the greeting, read inside
+    ``connect()``, is recorded from the reply it returns. Replies are recorded as parsed,
+    not as received: uvloop hands data to the protocol through a method it looked up once,
+    so wrapping ``data_received`` would miss them. The message content bypasses ``write``
     (:meth:`Dialer.send_content`), which records its size and digest instead.
     """
 
@@ -352,19 +355,19 @@ class _RecordingSMTP(aiosmtplib.SMTP):
             _recording.address(transport.get_extra_info("sockname")),
         )
         rec.server(_reply_bytes(response))
-        write, received = protocol.write, protocol.data_received
+        write, read_response = protocol.write, protocol.read_response
 
         def recorded_write(data: bytes) -> None:
             rec.client(data)
             write(data)
 
-        def recorded_received(data: bytes) -> None:
-            rec.server(data)
-            received(data)
+        async def recorded_read_response(timeout: float | None = None) -> aiosmtplib.SMTPResponse:
+            reply = await read_response(timeout=timeout)
+            rec.server(_reply_bytes(reply))
+            return reply
 
-        # Instance attributes: the transports call protocol.data_received by name.
         setattr(protocol, "write", recorded_write)  # noqa: B010
-        setattr(protocol, "data_received", recorded_received)  # noqa: B010
+        setattr(protocol, "read_response", recorded_read_response)  # noqa: B010
         return response
 
     async def starttls(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
