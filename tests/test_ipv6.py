@@ -8,6 +8,7 @@ bound (a container without IPv6).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import poplib
@@ -18,7 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 
 import dns.message
 import dns.query
@@ -29,9 +30,11 @@ from _support import make_message
 from imapclient import IMAPClient
 
 from roundtrip import MailStack, StackConfig
-from roundtrip.errors import ConfigError
+from roundtrip.errors import ConfigError, ServerStartError
 from roundtrip.protocols.dns import Record
 from roundtrip.stack import SERVICES
+from roundtrip.stack._services import Listeners
+from roundtrip.store import Store
 
 TIMEOUT = 10.0
 
@@ -296,3 +299,74 @@ def test_ipv6_cli_serve_with_two_hosts_listens_on_both() -> None:
         _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0, err
     assert "warning" not in err
+
+
+# -- one port on every address ------------------------------------------------------------------
+
+
+def _listeners() -> Listeners:
+    return Listeners(
+        config=StackConfig(extra_hosts=("::1",)),
+        store=Store(),
+        accepts_recipient=lambda address: True,
+        router=lambda message: None,
+        on_error=lambda exc: None,
+    )
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.close()
+
+
+def test_ipv6_dual_stack_port_taken_on_v6_moves_to_another_port() -> None:
+    """An ephemeral port free on 127.0.0.1 may be held on ::1 by another program: the
+    listeners of that attempt are closed and the service gets a port free on both."""
+    blockers: list[socket.socket] = []
+
+    def starting(host: str, port: int) -> Awaitable[asyncio.Server]:
+        if host == "::1" and not blockers:
+            blocker = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            blocker.bind(("::1", port))  # someone else holds this port on IPv6 only
+            blocker.listen()
+            blockers.append(blocker)
+        return asyncio.start_server(_echo, host, port)
+
+    async def run() -> tuple[int, int, list[int]]:
+        listeners = _listeners()
+        try:
+            port = await listeners._bind_hosts("imaps", ("127.0.0.1", "::1"), 0, starting)
+            bound = [s.sockets[0].getsockname()[1] for s in listeners.servers]
+            return port, blockers[0].getsockname()[1], bound
+        finally:
+            listeners.close()
+
+    try:
+        port, blocked, bound = asyncio.run(run())
+    finally:
+        for blocker in blockers:
+            blocker.close()
+    assert port != blocked
+    assert bound == [port, port]  # the first attempt's IPv4 listener is gone
+
+
+def test_ipv6_dual_stack_fixed_port_taken_on_v6_is_a_start_error() -> None:
+    """The twin: a fixed port (ports=BASE) is not moved; the error names service and host."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as blocker:
+        blocker.bind(("::1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+
+        async def run() -> None:
+            listeners = _listeners()
+            try:
+                await listeners._bind_hosts(
+                    "imaps",
+                    ("127.0.0.1", "::1"),
+                    taken,
+                    lambda host, port: asyncio.start_server(_echo, host, port),
+                )
+            finally:
+                listeners.close()
+
+        with pytest.raises(ServerStartError, match=rf"cannot bind imaps on ::1:{taken}: .*in use"):
+            asyncio.run(run())
