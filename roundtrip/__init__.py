@@ -43,6 +43,7 @@ _EXPORTS = {
     "Store": "store",
     "TLSError": "errors",
     "Timeouts": "config",
+    "Transcript": "stack",
     "User": "config",
     "parse_endpoint": "config",
     "run_probe": "probes.roundtrip",
@@ -91,6 +92,6 @@ if TYPE_CHECKING:
     from .maildir import MaildirStore
     from .message import ReceivedMessage
     from .probes.roundtrip import ProbeResult, run_probe
-    from .stack import DeliveredMessage, MailStack
+    from .stack import DeliveredMessage, MailStack, Transcript
     from .store import Store
     from .testing import RoundtripOutcome, roundtrip_eml
