@@ -2,21 +2,25 @@
 under ``enforce`` (RFC 7435, RFC 8461 §5; ``protocols/delivery.handshake_fallback``).
 
 The MX here is a raw socket that offers STARTTLS, answers it with 220, and then breaks the
-handshake: it sends bytes that are not TLS, or closes the connection. Each later connection
-is served in plaintext, and anything that reaches DATA is recorded with whether that
+handshake: it sends bytes that are not TLS, or closes the connection (or, first, completes a
+handshake with a certificate from a foreign CA). Later connections are answered the same way
+until one goes on in plaintext; anything that reaches DATA is recorded with whether that
 connection had tried STARTTLS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import smtplib
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+import trustme
 
 from roundtrip import MailStack, StackConfig
 from roundtrip.protocols.delivery import FALLBACK_WORDS, handshake_fallback
@@ -105,6 +109,12 @@ class BrokenTLSMX:
                 self.errors.append(exc)
 
     @staticmethod
+    def _foreign_tls() -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        trustme.CA().issue_cert(MX).configure_cert(context)
+        return context
+
+    @staticmethod
     def _line(sock: socket.socket, buf: bytearray) -> bytes:
         while b"\r\n" not in buf:
             chunk = sock.recv(65536)
@@ -127,7 +137,12 @@ class BrokenTLSMX:
             elif verb == b"STARTTLS":
                 session.starttls = True
                 conn.sendall(b"220 2.0.0 ready\r\n")
-                if self.breakage == "garbage":
+                if self.breakage == "untrusted-then-garbage" and len(self.sessions) == 1:
+                    # A real handshake, with a certificate from a CA the relay does not trust.
+                    with contextlib.suppress(ssl.SSLError, OSError):
+                        self._foreign_tls().wrap_socket(conn, server_side=True).close()
+                    return
+                if self.breakage != "close":
                     # Not a TLS record: the client's handshake reads this as its ServerHello.
                     conn.sendall(b"this is not a TLS server hello\r\n" * 4)
                 return  # closing the socket ends the handshake either way
@@ -233,3 +248,30 @@ def test_relay_tls_fallback_enforce_defers_and_never_sends_plaintext(
     failures = _events(stack, "tls-failure")
     assert failures and all("enforce; deferred, no plaintext" in f for f in failures), failures
     assert stack.messages("user@example.com") == []  # deferred, not bounced
+
+
+def test_relay_tls_fallback_testing_goes_from_unverified_tls_to_plaintext(
+    stack: MailStack,
+) -> None:
+    """testing: an untrusted certificate gets a second connection with unverified TLS; when
+    that handshake fails too, a third connection carries the message in plaintext."""
+    stack.reset()
+    mx = BrokenTLSMX("untrusted-then-garbage")
+    try:
+        _route_to(stack, mx, "testing")
+        _submit(stack, "fallback twice")
+        assert mx.delivered.wait(TIMEOUT), (mx.sessions, _events(stack, "tls-failure"))
+        stack.wait_relay(lambda q: not q, TIMEOUT)
+        stack.relay_idle()
+        failures = _events(stack, "tls-failure")
+    finally:
+        stack.reset()
+        mx.close()
+    assert mx.errors == []
+    assert [s.starttls for s in mx.sessions[:3]] == [True, True, False], mx.sessions
+    assert b"Subject: fallback twice" in mx.sessions[2].data
+    assert len(failures) == 2, failures
+    assert failures[0].startswith("certificate-not-trusted: ")
+    assert failures[0].endswith(f"testing; {FALLBACK_WORDS['unverified-tls']})")
+    assert failures[1].startswith("validation-failure: ")
+    assert failures[1].endswith(f"testing; {FALLBACK_WORDS['plaintext']})")
