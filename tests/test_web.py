@@ -160,6 +160,31 @@ def test_web_messages_search_without_match_and_bad_paging(stack: MailStack, view
     assert "limit" in reply.json()["error"]
 
 
+def test_web_list_and_search_read_encoded_words_and_bodies(stack: MailStack, view: WebView) -> None:
+    rcpt = stack.user("example.org").address
+    stack.store.deliver(
+        rcpt,
+        b"Subject: =?utf-8?q?caf=C3=A9?=\r\nFrom: =?utf-8?q?Zo=C3=A9?= <zoe@x.test>\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\nna=C3=AFve words\r\n",
+    )
+    [row] = call(view, "/api/messages", {"user": rcpt}).json()["messages"]
+    assert (row["subject"], row["from"], row["preview"]) == ("café", "zoe@x.test", "naïve words")
+    assert call(view, "/api/messages", {"user": rcpt, "q": "NAÏVE"}).json()["total"] == 1
+    assert call(view, "/api/messages", {"user": rcpt, "q": "Café"}).json()["total"] == 1
+
+
+def test_web_search_does_not_match_the_encoded_form(stack: MailStack, view: WebView) -> None:
+    rcpt = stack.user("example.org").address
+    stack.store.deliver(
+        rcpt,
+        b"Subject: =?utf-8?q?caf=C3=A9?=\r\nContent-Transfer-Encoding: quoted-printable\r\n"
+        b"\r\nna=C3=AFve\r\n",
+    )
+    for encoded in ("=C3=AF", "utf-8?q"):
+        assert call(view, "/api/messages", {"user": rcpt, "q": encoded}).json()["total"] == 0
+
+
 # -- one message ------------------------------------------------------------------------------
 
 
@@ -505,3 +530,12 @@ def test_web_static_files_ship_in_the_wheel() -> None:
 
 def test_web_static_check_sees_a_file_not_shipped() -> None:
     assert not _shipped("web/templates/index.html")
+
+
+def test_web_benchmark_runs_on_a_small_mailbox() -> None:
+    from benchmarks.web import measure
+
+    rows = measure(60, 3)
+    names = [what for what, _, _ in rows]
+    assert names[1:3] == ["list first page, first request", "list first page, median"]
+    assert all(seconds >= 0 for _, seconds, _ in rows)

@@ -9,11 +9,15 @@ the relay queue from ``MailStack.relay_queue``.
 
 from __future__ import annotations
 
+import contextlib
+import email.errors
+import email.utils
 import html
 import re
 import time
 from collections.abc import Callable
 from email import policy
+from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesParser
 from typing import Any
@@ -136,41 +140,102 @@ def queue(stack: MailStack) -> dict[str, Any]:
     return {"queue": entries}
 
 
+def _text(value: str | None) -> str:
+    """A header value as text: RFC 2047 words decoded, RFC 6532 UTF-8 kept, unfolded."""
+    if not value:
+        return ""
+    text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if "=?" in text:
+        try:
+            text = str(make_header(decode_header(text)))
+        except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+            pass
+    return " ".join(text.split())
+
+
+def _light(stored: StoredMessage) -> dict[str, Any]:
+    """What a list row and the search need, from a quick parse (cached with the message).
+
+    The list must answer in a few milliseconds however full the mailbox, and the full
+    ``DeliveredMessage`` parse (``email.policy.default`` header objects) costs some 50 times
+    more than the ``compat32`` parse used here; the message view uses the full one.
+    """
+    cached = stored.cache.get("web")
+    if isinstance(cached, dict):
+        return cached
+    try:
+        msg = BytesParser(policy=policy.compat32).parsebytes(stored.raw)
+    except RecursionError:  # hostile nesting (docs/security.md A5.5): headers only
+        msg = BytesParser(policy=policy.compat32).parsebytes(stored.raw, headersonly=True)
+
+    def addresses(name: str) -> list[str]:
+        values = [_text(v) for v in msg.get_all(name, [])]
+        return [a for _, a in email.utils.getaddresses(values) if a]
+
+    date = None
+    with contextlib.suppress(TypeError, ValueError, IndexError):
+        date = email.utils.parsedate_to_datetime(_text(msg.get("Date")))
+    texts: list[str] = []
+    files = 0
+    for index, part in enumerate(msg.walk()):
+        if index > _MAX_TREE_NODES or part.is_multipart():
+            continue
+        try:
+            disposition = part.get_content_disposition()
+            filename = part.get_filename()
+        except (ValueError, LookupError, TypeError, AttributeError):
+            disposition, filename = None, None
+        if disposition == "attachment" or (disposition is None and filename is not None):
+            files += 1
+        elif part.get_content_maintype() == "text":
+            data = part.get_payload(decode=True)
+            if isinstance(data, bytes):
+                charset = part.get_content_charset() or "utf-8"
+                try:
+                    texts.append(data.decode(charset, "replace"))
+                except LookupError:
+                    texts.append(data.decode("utf-8", "replace"))
+    subject = _text(msg.get("Subject"))
+    sender, to, cc = addresses("From"), addresses("To"), addresses("Cc")
+    light = {
+        "subject": subject,
+        "from": sender[0] if sender else None,
+        "to": to,
+        "cc": cc,
+        "date": date.isoformat() if date else None,
+        "attachments": files,
+        "preview": " ".join((texts[0] if texts else "").split())[:120],
+        "haystack": "\n".join(
+            [subject, *sender, *to, *cc, stored.envelope_from, *stored.envelope_to, *texts]
+        ).lower(),
+    }
+    stored.cache["web"] = light
+    return light
+
+
 def _summary(stored: StoredMessage) -> dict[str, Any]:
-    msg = _parsed(stored)
-    text = " ".join((msg.text or "").split())
+    light = _light(stored)
     return {
         "uid": stored.uid,
         "user": stored.user,
         "folder": stored.mailbox,
-        "subject": msg.subject,
-        "from": msg.from_,
-        "to": msg.to,
-        "cc": msg.cc,
+        "subject": light["subject"],
+        "from": light["from"],
+        "to": light["to"],
+        "cc": light["cc"],
         "envelope_from": stored.envelope_from,
         "envelope_to": list(stored.envelope_to),
-        "date": msg.date.isoformat() if msg.date else None,
+        "date": light["date"],
         "internal_date": stored.internal_date,
         "size": stored.size,
         "seen": "\\Seen" in stored.flags,
-        "attachments": len(msg.attachments),
-        "preview": text[:120],
+        "attachments": light["attachments"],
+        "preview": light["preview"],
     }
 
 
 def _matches(stored: StoredMessage, needle: str) -> bool:
-    msg = _parsed(stored)
-    haystacks = (
-        msg.subject,
-        msg.from_ or "",
-        stored.envelope_from,
-        " ".join(msg.to),
-        " ".join(msg.cc),
-        " ".join(stored.envelope_to),
-        msg.text or "",
-        msg.html or "",
-    )
-    return any(needle in h.lower() for h in haystacks)
+    return needle in _light(stored)["haystack"]
 
 
 def message_list(
@@ -184,8 +249,8 @@ def message_list(
 ) -> dict[str, Any]:
     """One page of a mailbox, newest (highest UID) first.
 
-    Only the page's messages are parsed, unless ``query`` asks to search: then every message
-    is (once; the parse is cached with the message). The search is a case-insensitive
+    Only the page's messages are read, unless ``query`` asks to search: then every message
+    is (once; what the search needs is cached with the message). The search is a case-insensitive
     substring of the subject, From, To, Cc, the envelope, the text or the HTML body.
 
     Raises:
@@ -335,6 +400,13 @@ def message_detail(stack: MailStack, user: str, folder: str, uid: int) -> dict[s
     ]
     return {
         **_summary(stored),
+        # The full parse's reading, as the Python API gives it (the list uses a quick one).
+        "subject": msg.subject,
+        "from": msg.from_,
+        "to": msg.to,
+        "cc": msg.cc,
+        "date": msg.date.isoformat() if msg.date else None,
+        "attachments": len(msg.attachments),
         "message_id": msg.message_id,
         "flags": sorted(stored.flags),
         "headers": [[name, value] for name, value in msg.headers.items()],
