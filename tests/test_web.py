@@ -275,6 +275,35 @@ def test_web_html_body_allows_remote_images_only_when_asked(
     assert call(view, "/api/message/html", {"user": plain[0], "uid": plain[1]}).status == 404
 
 
+def test_web_svg_part_is_never_served_inline(stack: MailStack, view: WebView) -> None:
+    msg = EmailMessage()
+    msg["Subject"] = "svg"
+    msg.set_content("see the picture")
+    svg = b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>"
+    msg.add_attachment(svg, maintype="image", subtype="svg+xml", filename="x.svg")
+    rcpt = stack.user("example.org").address
+    uid = stack.store.deliver(rcpt, msg.as_bytes()).uid
+    params = {"user": rcpt, "uid": uid, "index": 0, "inline": 1}
+    reply = call(view, "/api/message/attachment", params)
+    assert reply.body == svg
+    assert reply.headers["Content-Type"] == "application/octet-stream"
+    assert reply.headers["Content-Disposition"].startswith("attachment;")
+
+
+def test_web_token_with_undecodable_octets_is_403(stack: MailStack, view: WebView) -> None:
+    rcpt = stack.user("example.org").address
+    stack.store.deliver(rcpt, b"Subject: stays\r\n\r\nx\r\n")
+    conn = http.client.HTTPConnection("127.0.0.1", view.port, timeout=TIMEOUT)
+    try:
+        conn.putrequest("DELETE", "/api/messages?" + urllib.parse.urlencode({"user": rcpt}))
+        conn.putheader(TOKEN_HEADER, b"\xff\xfe" + view.token.encode())
+        conn.endheaders()
+        assert conn.getresponse().status == 403
+    finally:
+        conn.close()
+    assert len(stack.messages(rcpt)) == 1
+
+
 # -- changes need the token ---------------------------------------------------------------------
 
 

@@ -49,6 +49,9 @@ _STATIC = {
     "app.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
 }
+# Image types a message's HTML may show inline (cid: parts); anything else, SVG included
+# (it can carry script), is only ever a download.
+_INLINE_IMAGES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 # How long the events stream stays quiet before a comment line keeps proxies and the
 # browser from timing it out.
 _KEEPALIVE_SECONDS = 15.0
@@ -161,7 +164,9 @@ class _Handlers:
             return _error(403, f"Host {request.host!r} is not this web view's address")
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             given = request.headers.get(TOKEN_HEADER, "")
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
+            # Header text may carry undecodable octets (surrogate escapes): compare bytes.
+            sent = given.encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(sent, self.token.encode()):
                 what = "a wrong" if given else "no"
                 return _error(
                     403, f"{request.method} needs the view's token: {what} {TOKEN_HEADER}"
@@ -269,7 +274,7 @@ class _Handlers:
         user, folder, uid = self._message(request)
         index = self._int(request, "index")
         part = await self._run(_data.attachment, self.stack, user, folder, uid, index)
-        inline = request.query.get("inline") == "1" and part.content_type.startswith("image/")
+        inline = request.query.get("inline") == "1" and part.content_type in _INLINE_IMAGES
         # Anything but an inline image is a download: never rendered in the view's origin.
         response = web.Response(
             body=part.data,
