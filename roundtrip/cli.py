@@ -786,8 +786,9 @@ def _print_result(result: ProbeResult, out: TextIO, *, verbose: bool = False) ->
         print(f"    {'ok  ' if ok else 'FAIL'} check {name}", file=out)
     for finding in result.findings:
         print(f"    finding [{finding.severity}] {finding.message}", file=out)
-        for line in finding.evidence:
-            print(f"      evidence: {line!r}", file=out)
+        if finding.severity != "info":  # a hop's Received field is in --json
+            for line in finding.evidence:
+                print(f"      evidence: {line!r}", file=out)
     verdict = "PASS" if result.ok else f"FAIL at {result.error_step}: {_error_text(result)}"
     print(f"  {verdict}  (total {result.total_seconds * 1000:.1f} ms)", file=out)
 

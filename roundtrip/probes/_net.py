@@ -85,7 +85,8 @@ class Finding:
     ``code`` is stable (``auth-before-tls``, ``legacy-tls``, ``cert-expiring``,
     ``plaintext-hop``, ``duplicate``, ``legacy-tls-untested``, ``port-mode-mismatch``, ...;
     docs/checks.md lists them); ``severity`` is ``"fail"`` (the probe fails), ``"warn"`` or
-    ``"info"``; ``server`` the ``host:port`` it concerns (empty when it concerns the message);
+    ``"info"``; ``server`` the server it concerns: ``host:port`` of a server the probe
+    talked to, the host name of a Received field's ``by`` for a hop, empty for the message;
     ``evidence`` the reply lines (or header fields) that prove it. ``str(finding)`` is the
     message.
     """

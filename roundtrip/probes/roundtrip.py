@@ -9,8 +9,10 @@ check; a certificate expiring within 30 days is a warning.
 
 from __future__ import annotations
 
+import datetime
 import email.parser
 import email.policy
+import email.utils
 import hashlib
 import re
 import ssl
@@ -23,6 +25,7 @@ from ..config import Endpoint
 from ..errors import ProbeError, TLSError
 from ._net import (
     FAIL,
+    INFO,
     WARN,
     Finding,
     Step,
@@ -79,13 +82,25 @@ FINDING_CHECKS = {
 
 @dataclass
 class Hop:
-    """One Received line, oldest first."""
+    """One Received line, oldest first.
+
+    ``delay``: seconds from the previous hop's date stamp to this one's (RFC 5321 section
+    4.4; None for the first hop or a date that does not parse; negative when the two
+    servers' clocks disagree). ``field``: the Received field itself, unfolded, cut at
+    ``MAX_FIELD_CHARS`` (the evidence of the hop's finding).
+    """
 
     by: str
     from_: str
     with_: str
     tls: bool
     date: str
+    delay: float | None = None
+    field: str = ""
+
+
+#: Characters of a Received field kept as a hop's evidence.
+MAX_FIELD_CHARS = 300
 
 
 @dataclass
@@ -147,7 +162,8 @@ def _normalise(body: bytes) -> bytes:
 def parse_hops(raw: bytes) -> list[Hop]:
     """The Received chain of a message, oldest hop first."""
     headers = _HEADER_PARSER.parsebytes(_split(raw)[0] + b"\r\n\r\n")
-    hops = []
+    hops: list[Hop] = []
+    previous: datetime.datetime | None = None
     for value in reversed(headers.get_all("Received") or []):
         text = " ".join(str(value).split())
         by = re.search(r"\bby\s+(\S+)", text)
@@ -155,6 +171,11 @@ def parse_hops(raw: bytes) -> list[Hop]:
         proto = _with_after_by(text.split())
         tls = bool(re.match(r"(?i)(E?SMTPS|ESMTPSA|LMTPS|UTF8SMTPS)", proto)) or "TLS" in text
         date = text.rpartition(";")[2].strip() if ";" in text else ""
+        stamp = _parse_date(date)
+        delay = None
+        if stamp is not None and previous is not None:
+            delay = (stamp - previous).total_seconds()
+        previous = stamp
         hops.append(
             Hop(
                 by=by.group(1) if by else "",
@@ -162,9 +183,21 @@ def parse_hops(raw: bytes) -> list[Hop]:
                 with_=proto,
                 tls=tls,
                 date=date,
+                delay=delay,
+                field=text[:MAX_FIELD_CHARS],
             )
         )
     return hops
+
+
+def _parse_date(text: str) -> datetime.datetime | None:
+    """An RFC 5322 date-time, or None when it does not parse. A ``-0000`` zone (UTC, the
+    local zone unknown: RFC 5322 section 3.3) is taken as UTC."""
+    try:
+        stamp = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=datetime.UTC)
 
 
 def _with_after_by(tokens: list[str]) -> str:
@@ -224,7 +257,22 @@ def verify(sent: ProbeMessage, copies: list[bytes], result: ProbeResult) -> None
                 )
             )
     result.hops = parse_hops(got)
-    for hop in result.hops:
+    for number, hop in enumerate(result.hops, 1):
+        evidence = (hop.field,) if hop.field else ()
+        if hop.delay is None:
+            when = "the first hop" if number == 1 else "no delay known (date stamp unreadable)"
+        else:
+            when = f"{hop.delay:+.0f} s after the previous hop"
+        result.findings.append(
+            Finding(
+                "received-hop",
+                INFO,
+                f"hop {number}: {hop.from_ or '?'} -> {hop.by or '?'} with {hop.with_ or '?'}"
+                f" ({'TLS' if hop.tls else 'no TLS'}), {when}",
+                hop.by,
+                evidence,
+            )
+        )
         if not hop.tls:
             result.findings.append(
                 Finding(
@@ -232,6 +280,8 @@ def verify(sent: ProbeMessage, copies: list[bytes], result: ProbeResult) -> None
                     WARN,
                     f"hop to {hop.by or '?'} from {hop.from_ or '?'} used {hop.with_ or '?'}"
                     " without TLS",
+                    hop.by,
+                    evidence,
                 )
             )
     if len(copies) > 1:

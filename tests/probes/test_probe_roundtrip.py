@@ -94,7 +94,9 @@ def test_probe_roundtrip_passes_every_tls_flavour(
     assert len(result.tls) >= 2
     assert {f.version for f in result.tls} <= {"TLSv1.2", "TLSv1.3"}
     assert [h.with_ for h in result.hops] == ["ESMTPSA", "ESMTPS"]
-    assert result.findings == []
+    # Each hop is described by an info finding; nothing else is found.
+    assert [f.code for f in result.findings] == ["received-hop", "received-hop"]
+    assert {f.severity for f in result.findings} == {"info"}
 
 
 def test_probe_imap_waits_with_idle(stack: MailStack) -> None:

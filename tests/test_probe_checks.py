@@ -1,0 +1,53 @@
+"""Checks of the probe beyond the round trip itself: the Received chain of the delivered copy
+(per-hop TLS and delays, as info findings), and STARTTLS offered and effective, with the
+capabilities fetched again after TLS and compared."""
+
+from __future__ import annotations
+
+from roundtrip.probes.roundtrip import ProbeResult, verify
+from roundtrip.probes.send import build_probe_message
+
+TIMEOUT = 10.0
+
+
+def _hop(frm: str, by: str, with_: str, date: str) -> bytes:
+    return f"Received: from {frm} by {by} with {with_} id 1; {date}\r\n".encode()
+
+
+def _verified(*received: bytes) -> ProbeResult:
+    message = build_probe_message(mail_from="a@example.com", rcpt_to="b@example.org")
+    result = ProbeResult(ok=False, smtp="smtps://x", retrieve="imaps://y")
+    # Newest first, as servers prepend them.
+    verify(message, [b"".join(reversed(received)) + message.raw], result)
+    return result
+
+
+def test_probe_received_chain_gives_each_hop_its_tls_and_delay() -> None:
+    result = _verified(
+        _hop("client", "submit.example.com", "ESMTPSA", "Thu, 03 Dec 2026 22:00:00 +0000"),
+        _hop("submit.example.com", "mx.example.org", "ESMTPS", "Thu, 03 Dec 2026 22:00:02 +0000"),
+        _hop("mx.example.org", "store.example.org", "LMTPS", "Thu, 03 Dec 2026 23:00:07 +0100"),
+    )
+    hops = [f for f in result.findings if f.code == "received-hop"]
+    assert [f.severity for f in hops] == ["info"] * 3
+    assert [f.server for f in hops] == ["submit.example.com", "mx.example.org", "store.example.org"]
+    assert hops[0].message.endswith("with ESMTPSA (TLS), the first hop")
+    assert hops[1].message.endswith("(TLS), +2 s after the previous hop")
+    # 23:00:07 +0100 is 22:00:07 UTC: the zone counts.
+    assert hops[2].message.endswith("(TLS), +5 s after the previous hop")
+    assert hops[2].evidence[0].startswith("from mx.example.org by store.example.org with LMTPS")
+    assert [h.delay for h in result.hops] == [None, 2.0, 5.0]
+    assert not [f for f in result.findings if f.code == "plaintext-hop"]
+
+
+def test_probe_received_chain_plaintext_hop_and_bad_date() -> None:
+    result = _verified(
+        _hop("client", "submit.example.com", "ESMTPSA", "Thu, 03 Dec 2026 22:00:00 +0000"),
+        _hop("submit.example.com", "store.example.org", "LMTP", "not a date"),
+    )
+    hops = [f for f in result.findings if f.code == "received-hop"]
+    assert hops[1].message.endswith("(no TLS), no delay known (date stamp unreadable)")
+    plain = [f for f in result.findings if f.code == "plaintext-hop"]
+    assert len(plain) == 1 and plain[0].severity == "warn"
+    assert plain[0].server == "store.example.org"
+    assert "with LMTP" in plain[0].evidence[0]
