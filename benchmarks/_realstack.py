@@ -25,6 +25,13 @@ Broken variants (for proving that a validator notices) are constructor knobs: a 
 certificate, AUTH offered before STARTTLS, mail silently discarded, mail delivered twice, and
 mail whose body the relay rewrites.
 
+``profile`` chooses the security settings the issue #18 validator is proven against:
+``"harness"`` (the default: TLS 1.2 and up, Postfix's default bare-newline handling, LMTP
+over a unix socket), ``"stock"`` (what Debian 12's packages do out of the box: Postfix 3.7
+accepts TLS 1.0 and 1.1, and takes a bare LF as a line end in DATA, CVE-2023-51764) and
+``"hardened"`` (TLS 1.2 and up, ``smtpd_forbid_bare_newline = normalize`` with no exclusions,
+and LMTP to Dovecot over TCP with STARTTLS required, so that every hop is encrypted).
+
 It needs root (Postfix's master insists on it) and the packages above; ``is_available()``
 says why not when they are missing.
 
@@ -66,10 +73,27 @@ from benchmarks._realstack_config import (
 from roundtrip.certs import CertificateAuthority
 from roundtrip.errors import ConfigError, ServerStartError
 
-__all__ = ["ALTERED_SUFFIX", "TLS_CERT_CHOICES", "RealMailServer"]
+__all__ = ["ALTERED_SUFFIX", "PROFILE_CHOICES", "TLS_CERT_CHOICES", "RealMailServer"]
 
 TLSCertKind = Literal["good", "wrong_host", "expired", "untrusted"]
 TLS_CERT_CHOICES: tuple[str, ...] = ("good", "wrong_host", "expired", "untrusted")
+Profile = Literal["harness", "stock", "hardened"]
+PROFILE_CHOICES: tuple[str, ...] = ("harness", "stock", "hardened")
+#: main.cf settings each profile changes (``None``: the line is removed, Postfix's default
+#: applies; for Postfix 3.7.11 ``smtpd_tls_protocols = >=TLSv1`` and
+#: ``smtpd_forbid_bare_newline = no``).
+_PROFILE_MAIN_CF: dict[str, dict[str, str | None]] = {
+    "harness": {},
+    "stock": {"smtpd_tls_protocols": None, "smtpd_tls_mandatory_protocols": None},
+    "hardened": {
+        "smtpd_tls_protocols": ">=TLSv1.2",
+        "smtpd_tls_mandatory_protocols": ">=TLSv1.2",
+        "smtpd_forbid_bare_newline": "normalize",
+        # The default exclusion is $mynetworks, which holds every loopback client.
+        "smtpd_forbid_bare_newline_exclusions": "",
+        "lmtp_tls_security_level": "encrypt",
+    },
+}
 
 #: Port names, in the order they are allocated.
 _PORT_NAMES = ("submissions", "submission", "imaps", "imap", "pop3s", "pop3")
@@ -143,6 +167,19 @@ def _read_pid(path: str) -> int | None:
     return int(text[0]) if text and text[0].isdigit() else None
 
 
+def _override_main_cf(text: str, settings: Mapping[str, str | None]) -> str:
+    """``text`` (main.cf) with each ``name = value`` of ``settings`` replacing the line that
+    sets ``name`` (appended when none does); a value of None removes the line."""
+    lines = text.splitlines()
+    for name, value in settings.items():
+        at = [i for i, line in enumerate(lines) if line.split("=", 1)[0].strip() == name]
+        for index in reversed(at):
+            del lines[index]
+        if value is not None:
+            lines.insert(at[0] if at else len(lines), f"{name} = {value}")
+    return "\n".join(lines) + "\n"
+
+
 class RealMailServer:
     """A loopback Postfix + Dovecot mail server under a private temporary directory.
 
@@ -168,6 +205,8 @@ class RealMailServer:
         duplicate_delivery: deliver every message for the domain twice.
         alter_body: append ``ALTERED_SUFFIX`` to every non-empty body line in transit.
         mx: also listen as an unauthenticated MX (STARTTLS offered) under ``ports["smtp"]``.
+        profile: ``"harness"``, ``"stock"`` or ``"hardened"`` (see the module docstring);
+            ``"hardened"`` adds ``ports["lmtp"]``, Dovecot's LMTP listener on TCP.
         keep: leave the temporary directory in place after ``stop()`` (for debugging).
     """
 
@@ -187,7 +226,10 @@ class RealMailServer:
         alter_body: bool = False,
         mx: bool = False,
         keep: bool = False,
+        profile: Profile = "harness",
     ) -> None:
+        if profile not in PROFILE_CHOICES:
+            raise ConfigError(f"profile={profile!r} is not one of {', '.join(PROFILE_CHOICES)}")
         if tls_cert not in TLS_CERT_CHOICES:
             raise ConfigError(f"tls_cert={tls_cert!r} is not one of {', '.join(TLS_CERT_CHOICES)}")
         if not domain or any(c in domain for c in " \t\r\n/:@,") or domain != domain.lower():
@@ -221,6 +263,7 @@ class RealMailServer:
         self.alter_body = alter_body
         self.mx = mx
         self.keep = keep
+        self.profile: Profile = profile
         self.ports: dict[str, int] = {}
         self.start_duration = 0.0
         self._parent_dir = workdir
@@ -376,6 +419,8 @@ class RealMailServer:
         # their sockets, queue and mailboxes below this directory.
         os.chmod(self._workdir, 0o755)
         names = [*_PORT_NAMES, "smtp"] if self.mx else list(_PORT_NAMES)
+        if self.profile == "hardened":
+            names.append("lmtp")
         self.ports = dict(zip(names, _free_ports(self.host, len(names)), strict=True))
         self._write_tls()
         self._write_dovecot()
@@ -451,7 +496,21 @@ class RealMailServer:
             uid=nobody.pw_uid,
             gid=nobody.pw_gid,
         )
+        if self.profile == "hardened":
+            conf = self._lmtp_over_tcp(conf)
         self._write("dovecot/dovecot.conf", conf)
+
+    def _lmtp_over_tcp(self, conf: str) -> str:
+        """dovecot.conf with an LMTP listener on TCP beside the unix socket (Dovecot offers
+        STARTTLS on it, and ``ssl = required`` already holds for the whole server)."""
+        block = "service lmtp {\n"
+        if block not in conf:
+            raise ConfigError("dovecot.conf has no 'service lmtp' block to extend")
+        listener = (
+            f"  inet_listener lmtp {{\n    address = {self.host}\n"
+            f"    port = {self.ports['lmtp']}\n  }}\n"
+        )
+        return conf.replace(block, block + listener, 1)
 
     def _write_postfix(self) -> None:
         etc = self._mkdir("postfix", "etc")
@@ -481,6 +540,10 @@ class RealMailServer:
             mx=self.mx,
             allow_plaintext_auth_on_starttls_port=self.allow_plaintext_auth_on_starttls_port,
         )
+        settings = dict(_PROFILE_MAIN_CF[self.profile])
+        if self.profile == "hardened":
+            settings["virtual_transport"] = f"lmtp:inet:{self.host}:{self.ports['lmtp']}"
+        main = _override_main_cf(main, settings)
         self._write("postfix/etc/main.cf", main)
         self._write("postfix/etc/master.cf", master)
 
