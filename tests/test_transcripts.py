@@ -427,3 +427,56 @@ def test_transcripts_client_tls_failure_is_noted(stack: MailStack) -> None:
     assert any("TLS handshake failed" in x.text for x in failed.lines), str(failed)
     assert not any(x.text.startswith("TLS TLSv") for x in failed.lines)
     assert any(x.text.startswith("TLS TLSv1.3 ") for x in succeeded.lines), str(succeeded)
+
+
+def test_transcripts_dns_over_udp_and_tcp(stack: MailStack) -> None:
+    import dns.message
+    import dns.query
+
+    assert stack.dns is not None
+    host, port = stack.dns.address
+    query = dns.message.make_query("example.org", "MX")
+    dns.query.udp(query, host, port=port, timeout=TIMEOUT)
+    dns.query.tcp(
+        dns.message.make_query("nowhere.example.org", "A"), host, port=port, timeout=TIMEOUT
+    )
+    udp, tcp = stack.transcripts(service="dns")
+    assert (udp.local, [x.text for x in udp.lines]) == (
+        "udp",
+        ["MX example.org.", "NOERROR MX 10 mail.example.org."],
+    )
+    assert tcp.local == "tcp" and tcp.lines[1].text.startswith("NXDOMAIN")
+
+
+def test_transcripts_refused_data_is_noted_not_kept() -> None:
+    """A message over the size limit is refused after the final dot: its transcript gives the
+    size and the refusal, no digest (its bytes were dropped as they came)."""
+    too_big = b"z" * 998 + b"\r\n"
+    with MailStack(StackConfig(max_message_size=10_000, transcript_connections=5)) as small:
+        sender, rcpt = small.user("example.com"), small.user("example.org")
+        host, port = small.endpoints("example.com").address("submissions")
+        with smtplib.SMTP_SSL(host, port, context=small.client_context(), timeout=TIMEOUT) as c:
+            c.login(sender.address, sender.password)
+            c.mail(sender.address)  # no SIZE: the limit is found in DATA
+            c.rcpt(rcpt.address)
+            code, _ = c.data(too_big * 20)
+            assert code == 552
+        (transcript,) = small.transcripts(service="submissions")
+    texts = [x.text for x in transcript.lines]
+    refused = [t for t in texts if "not kept: 552" in t]
+    assert refused and refused[0].startswith("[20") and "sha256" not in refused[0], texts
+    assert any(t.startswith("552 ") for t in texts)
+
+
+def test_transcripts_imap_append_literal_is_a_digest(stack: MailStack) -> None:
+    user = stack.user("example.com")
+    message = b"Subject: appended\r\n\r\n" + b"secret body line\r\n" * 10
+    client = _imap(stack)
+    client.login(user.address, user.password)
+    client.append("INBOX", None, None, message)
+    client.logout()
+    (transcript,) = _settled(stack, "imaps")
+    text = str(transcript)
+    assert "secret body line" not in text
+    assert f"-> [{len(message)} bytes, sha256 " in text
+    assert "OK [APPENDUID" in text or "OK APPEND" in text
