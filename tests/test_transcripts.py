@@ -245,9 +245,10 @@ def test_transcripts_imap_authenticate_redacted(
             pass
     finally:
         client.close()
-    _settled(stack, "imaps")
+    (transcript,) = _settled(stack, "imaps")
     text = _assert_secret_free(stack, secret, payload)
     assert f"a1 AUTHENTICATE {mechanism}" in text and "<- a1 OK" in text
+    assert transcript.addresses == [user.address]  # from the server's note, not the payload
 
 
 # -- POP3 ---------------------------------------------------------------------------------

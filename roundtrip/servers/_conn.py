@@ -277,6 +277,9 @@ class LineServerProtocol(asyncio.Protocol):
         for event in events:
             if isinstance(event, AuthenticationSucceeded):
                 self._authenticated = True
+                user = getattr(self._machine, "user", None)  # IMAP's; POP3 keeps its own
+                if self._rec is not None and user:
+                    self._rec.note(f"authenticated as {user}")
                 if self._penalties is not None:
                     self._penalties.succeeded(self._ip)
                 self._reset_idle()
