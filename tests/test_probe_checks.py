@@ -4,7 +4,13 @@ capabilities fetched again after TLS and compared."""
 
 from __future__ import annotations
 
-from roundtrip.probes.roundtrip import ProbeResult, verify
+from collections.abc import Iterator
+
+import pytest
+
+from roundtrip import MailStack
+from roundtrip.config import Endpoint
+from roundtrip.probes.roundtrip import ProbeResult, run_probe, verify
 from roundtrip.probes.send import build_probe_message
 
 TIMEOUT = 10.0
@@ -51,3 +57,44 @@ def test_probe_received_chain_plaintext_hop_and_bad_date() -> None:
     assert len(plain) == 1 and plain[0].severity == "warn"
     assert plain[0].server == "store.example.org"
     assert "with LMTP" in plain[0].evidence[0]
+
+
+# -- STARTTLS offered and effective -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[MailStack]:
+    with MailStack() as running:
+        yield running
+
+
+def _starttls(stack: MailStack, domain: str, service: str, protocol: str) -> Endpoint:
+    ep, user = stack.endpoints(domain), stack.user(domain)
+    return Endpoint(
+        protocol, "starttls", ep.host, ep.ports[service], user.address, user.password, ep.hostname
+    )
+
+
+@pytest.mark.parametrize(("service", "command"), [("imap", "STARTTLS"), ("pop3", "STLS")])
+def test_probe_starttls_capabilities_are_fetched_again_and_compared(
+    stack: MailStack, service: str, command: str
+) -> None:
+    stack.reset()
+    result = run_probe(
+        _starttls(stack, "example.com", "submission", "smtp"),
+        _starttls(stack, "example.org", service, service),
+        context=stack.client_context(),
+        mail_from=stack.user("example.com").address,
+        rcpt_to=stack.user("example.org").address,
+        timeout=TIMEOUT,
+        settle=0.05,
+    )
+    assert result.ok, result.error
+    upgrades = {f.message.split(" ")[0]: f for f in result.findings if f.code == "starttls"}
+    assert set(upgrades) == {"smtp", service}
+    smtp = upgrades["smtp"]
+    assert smtp.severity == "info" and smtp.server == result.steps[0].server
+    assert "added after TLS: AUTH; withdrawn after TLS: STARTTLS" in smtp.message
+    before, after = upgrades[service].evidence
+    assert command in before.split() and command not in after.split()
+    assert not [f for f in result.findings if f.code == "starttls-offered-after-tls"]

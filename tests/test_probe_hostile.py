@@ -60,6 +60,10 @@ class Knobs:
     stall_after_ehlo: bool = False
     #: SMTP: serve plaintext even on the implicit-TLS listener.
     smtp_plaintext: bool = False
+    #: SMTP in plaintext: offer STARTTLS (RFC 3207).
+    starttls: bool = False
+    #: SMTP: offer STARTTLS again after TLS started (RFC 3207 section 4.2 forbids it).
+    starttls_again: bool = False
     #: IMAP: the size a FETCH literal announces (None: the real size).
     literal_size: int | None = None
     #: IMAP: untagged ``* n EXISTS`` lines before the SEARCH answer; -1: never-ending.
@@ -73,6 +77,8 @@ class Knobs:
 @dataclass
 class World:
     knobs: Knobs
+    #: The servers' TLS context (for STARTTLS).
+    tls: ssl.SSLContext | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     messages: list[bytes] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -108,6 +114,12 @@ class Conn:
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def upgrade(self, context: ssl.SSLContext) -> None:
+        """STARTTLS: the client waited for our go-ahead, so nothing is buffered."""
+        self.file.close()
+        self.sock = context.wrap_socket(self.sock, server_side=True)
+        self.file = self.sock.makefile("rb")
 
     def close(self) -> None:
         self.file.close()
@@ -182,6 +194,7 @@ def smtp_handler(conn: Conn, world: World) -> None:
     if world.stop.is_set():
         return
     conn.send(b"220 fake.test ESMTP\r\n")
+    secure = isinstance(conn.sock, ssl.SSLSocket)
     while True:
         line = conn.line()
         verb = line.split(b" ", 1)[0].strip().upper()
@@ -189,7 +202,17 @@ def smtp_handler(conn: Conn, world: World) -> None:
             if knobs.stall_after_ehlo:
                 world.stop.wait(SERVER_TIMEOUT)
                 return
-            conn.send(b"250-fake.test\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n")
+            offer = knobs.starttls and (not secure or knobs.starttls_again)
+            conn.send(
+                b"250-fake.test\r\n"
+                + (b"250-STARTTLS\r\n" if offer else b"")
+                + (b"250-AUTH PLAIN\r\n" if secure else b"")
+                + b"250 8BITMIME\r\n"
+            )
+        elif verb == b"STARTTLS" and knobs.starttls and not secure and world.tls:
+            conn.send(b"220 2.0.0 go ahead\r\n")
+            conn.upgrade(world.tls)
+            secure = True
         elif verb == b"AUTH":
             conn.send(b"235 2.7.0 accepted\r\n")
         elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
@@ -364,7 +387,7 @@ def make_fake(ca: trustme.CA, cafile: Path) -> Iterator[Callable[..., Fake]]:
     def make(**knobs: Any) -> Fake:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         leaf.configure_cert(ctx)
-        world = World(Knobs(**knobs))
+        world = World(Knobs(**knobs), tls=ctx)
         smtp_tls = None if world.knobs.smtp_plaintext else ctx
         fake = Fake(
             world,
@@ -492,3 +515,21 @@ def test_probe_hostile_endless_pop3_answer_ends(make_fake: Callable[..., Fake]) 
     _failed_within_timeout(run)
     assert "FAIL at POP3 RETR" in run.out
     assert run.maxrss_kib < 200 * 1024, f"peak RSS {run.maxrss_kib} KiB"
+
+
+@pytest.mark.parametrize("again", [False, True])
+def test_probe_hostile_starttls_offered_again_after_tls_is_a_warning(
+    make_fake: Callable[..., Fake], again: bool
+) -> None:
+    run = make_fake(smtp_plaintext=True, starttls=True, starttls_again=again).run("imap", "--json")
+    assert run.code == 0, run.out + run.err  # a warning: the round trip passes
+    findings = json.loads(run.out)["results"][0]["findings"]
+    codes = {f["code"]: f for f in findings}
+    assert codes["starttls"]["severity"] == "info"
+    assert codes["starttls"]["evidence"][0] == "before TLS: 8BITMIME STARTTLS"
+    if again:
+        warning = codes["starttls-offered-after-tls"]
+        assert warning["severity"] == "warn"
+        assert warning["evidence"][1] == "after TLS: 8BITMIME AUTH STARTTLS"
+    else:
+        assert "starttls-offered-after-tls" not in codes

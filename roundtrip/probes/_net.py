@@ -17,7 +17,7 @@ import socket
 import ssl
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -209,6 +209,57 @@ class Timeline:
                 f"{facts.days_left} days ({facts.not_after})",
                 facts.server,
             )
+
+
+def compare_capabilities(
+    timeline: Timeline,
+    *,
+    label: str,
+    server: str,
+    before: Iterable[str],
+    after: Iterable[str],
+    command: str,
+) -> None:
+    """After STARTTLS (or STLS): record what the capabilities fetched again over TLS show.
+
+    An info finding (``starttls``) says the upgrade took effect and lists the capabilities
+    before and after TLS (RFC 3207 section 4.2, RFC 2595 sections 3.1 and 4: a client
+    discards what it learnt before TLS and asks again). A server that still offers
+    ``command`` over TLS gets a warning (``starttls-offered-after-tls``): RFC 3207 section
+    4.2 forbids it for SMTP, and anywhere it says the server does not see the session as
+    protected (TLS terminated by a proxy in front of it, say).
+    """
+    old = sorted({c.upper() for c in before})
+    new = sorted({c.upper() for c in after})
+    added = [c for c in new if c not in old]
+    removed = [c for c in old if c not in new]
+    evidence = (f"before TLS: {' '.join(old)}", f"after TLS: {' '.join(new)}")
+    change = "; ".join(
+        part
+        for part in (
+            f"added after TLS: {' '.join(added)}" if added else "",
+            f"withdrawn after TLS: {' '.join(removed)}" if removed else "",
+        )
+        if part
+    )
+    timeline.finding(
+        "starttls",
+        INFO,
+        f"{label} {server}: {command} offered and effective; capabilities fetched again over "
+        f"TLS ({change or 'unchanged'})",
+        server,
+        evidence,
+    )
+    if command in new:
+        timeline.finding(
+            "starttls-offered-after-tls",
+            WARN,
+            f"{label} {server}: {command} is still offered after TLS started (RFC 3207 "
+            "section 4.2 forbids it for SMTP; the server does not see the session as "
+            "protected)",
+            server,
+            evidence,
+        )
 
 
 class PhaseTimeoutError(TimeoutError):

@@ -26,7 +26,16 @@ from typing import Any
 from ..config import Endpoint
 from ..errors import NotDeliveredError, TLSError
 from ._limits import MAX_REPLY_BYTES, ReplyTooLargeError
-from ._net import FAIL, Timeline, dial, display, map_errors, record_tls, starttls_context
+from ._net import (
+    FAIL,
+    Timeline,
+    compare_capabilities,
+    dial,
+    display,
+    map_errors,
+    record_tls,
+    starttls_context,
+)
 
 __all__ = ["fetch_imap", "fetch_pop3"]
 
@@ -204,12 +213,22 @@ def _imap_session(
                     step="STARTTLS",
                     host=server,
                 )
+            before = list(imap.capabilities)
             with map_errors("IMAP STARTTLS", server, timeout=timeout):
                 started = time.perf_counter()
+                # imaplib asks for CAPABILITY again once TLS is up (RFC 2595 section 3.1).
                 imap.starttls(ssl_context=starttls_context(imap.sock, context))
                 record_tls(
                     timeline, "imap", started, imap.sock, server, endpoint.server_name, context
                 )
+            compare_capabilities(
+                timeline,
+                label="imap",
+                server=server,
+                before=before,
+                after=imap.capabilities,
+                command="STARTTLS",
+            )
         with map_errors("IMAP LOGIN", server, timeout=timeout):
             started = time.perf_counter()
             imap.login(endpoint.user, endpoint.password)
@@ -373,6 +392,12 @@ def _pop3_session(
                 record_tls(
                     timeline, "pop3", started, pop.sock, server, endpoint.server_name, context
                 )
+            # RFC 2595 section 4: what CAPA said before TLS no longer holds; ask again.
+            with map_errors("POP3 CAPA", server, timeout=timeout):
+                after = pop.capa()
+            compare_capabilities(
+                timeline, label="pop3", server=server, before=caps, after=after, command="STLS"
+            )
         with map_errors("POP3 LOGIN", server, timeout=timeout):
             started = time.perf_counter()
             pop.user(endpoint.user)

@@ -13,7 +13,16 @@ from typing import Any
 
 from ..config import Endpoint, check_envelope_address
 from ..errors import AuthError, ConnectError, RejectedError, TLSError
-from ._net import FAIL, Timeline, dial, display, map_errors, record_tls, starttls_context
+from ._net import (
+    FAIL,
+    Timeline,
+    compare_capabilities,
+    dial,
+    display,
+    map_errors,
+    record_tls,
+    starttls_context,
+)
 
 __all__ = ["ProbeMessage", "build_probe_message", "submit"]
 
@@ -214,12 +223,21 @@ def _starttls(
             step="STARTTLS",
             host=server,
         )
+    before = list(client.esmtp_features)
     with map_errors("STARTTLS", server, timeout=timeout):
         started = time.perf_counter()
         client.starttls(context=starttls_context(client.sock, context))
         assert client.sock is not None
         record_tls(timeline, "smtp", started, client.sock, server, endpoint.server_name, context)
         client.ehlo(local_hostname)
+    compare_capabilities(
+        timeline,
+        label="smtp",
+        server=server,
+        before=before,
+        after=client.esmtp_features,
+        command="STARTTLS",
+    )
 
 
 def _transaction(client: _SMTPClient, message: ProbeMessage) -> str:
