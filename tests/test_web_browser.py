@@ -129,6 +129,9 @@ def message(stack: MailStack, subject: str, html: str) -> bytes:
 
 
 def open_inbox(browser: Any, view: WebView, stack: MailStack) -> None:
+    # From another page: a URL differing from the current one only in its fragment would
+    # not load the page again.
+    browser.get("about:blank")
     browser.get(view.url_with_token)
     user = stack.user("example.org").address
     selector = f'li.box[data-user="{user}"][data-folder="INBOX"]'
@@ -269,3 +272,34 @@ def test_web_browser_marker_check_sees_an_unsandboxed_frame(
         "script",
         "onerror",
     )
+
+
+def test_web_browser_search_filters_and_empty_clears_the_mailbox(
+    browser: Any, view: WebView, stack: MailStack
+) -> None:
+    open_inbox(browser, view, stack)
+    for subject in ("invoice march", "welcome aboard", "invoice april"):
+        submit(stack, message(stack, subject, f"<p>{subject}</p>"))
+    message_item(browser, "invoice april")
+    browser.find_element(By.ID, "search").send_keys("INVOICE")
+
+    def subjects(b: Any) -> list[str]:
+        return [e.text for e in b.find_elements(By.CSS_SELECTOR, "li.msg .subject")]
+
+    wait(browser, lambda b: subjects(b) == ["invoice april", "invoice march"], "not filtered")
+    browser.find_element(By.ID, "empty").click()
+    wait(browser, lambda b: b.switch_to.alert, "no confirmation asked").accept()
+    wait(browser, lambda b: subjects(b) == [], "the list was not emptied")
+    assert stack.messages(stack.user("example.org").address) == []
+
+
+def test_web_browser_empty_dismissed_keeps_the_mailbox(
+    browser: Any, view: WebView, stack: MailStack
+) -> None:
+    open_inbox(browser, view, stack)
+    submit(stack, message(stack, "stays", "<p>stays</p>"))
+    message_item(browser, "stays")
+    browser.find_element(By.ID, "empty").click()
+    wait(browser, lambda b: b.switch_to.alert, "no confirmation asked").dismiss()
+    message_item(browser, "stays")
+    assert [m.subject for m in stack.messages(stack.user("example.org").address)] == ["stays"]

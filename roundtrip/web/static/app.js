@@ -97,7 +97,9 @@ async function loadMailboxes() {
     }
     domains.append(list);
   }
-  $("outbound").replaceChildren(...doc.outbound.map(boxItem));
+  // The capture only ever fills its INBOX; other folders show once something is in them.
+  $("outbound").replaceChildren(
+    ...doc.outbound.filter((box) => box.folder === "INBOX" || box.total).map(boxItem));
   renderQueue(doc.queue);
 }
 
@@ -217,7 +219,7 @@ async function openMessage(uid) {
   if (!m.parts.length) parts.append(el("li", { class: "empty" }, "none"));
   $("mime").replaceChildren(m.mime ? mimeNode(m.mime) : el("li", { class: "empty" }, m.parse_error || "unparsable"));
   renderJourney(m.journey);
-  showTab(m.has_html ? (state.tab === "text" && m.text !== null ? "text" : state.tab) : (state.tab === "html" ? "text" : state.tab));
+  showTab(state.tab === "html" && !m.has_html ? "text" : state.tab);
 }
 
 function renderJourney(j) {
