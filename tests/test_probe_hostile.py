@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 import trustme
 
+from roundtrip.probes._net import check_legacy_tls
+
 #: ``--timeout`` of the probe runs here.
 TIMEOUT = 2.0
 #: The wall-clock bound of a whole probe run: the timeout, the steps' own slack, and the
@@ -533,3 +535,28 @@ def test_probe_hostile_starttls_offered_again_after_tls_is_a_warning(
         assert warning["evidence"][1] == "after TLS: 8BITMIME AUTH STARTTLS"
     else:
         assert "starttls-offered-after-tls" not in codes
+
+
+@pytest.mark.parametrize("lines", [-1, 2])
+def test_probe_hostile_legacy_tls_check_bounds_the_starttls_exchange(
+    make_fake: Callable[..., Fake], lines: int
+) -> None:
+    # The extra TLS 1.0/1.1 handshake speaks STARTTLS on its own connection: a greeting
+    # that never ends must not hold it past its timeout; a finite one is read through.
+    fake = make_fake(
+        smtp_plaintext=True, starttls=True, greeting_interval=0.1, greeting_lines=lines
+    )
+    started = time.monotonic()
+    outcome = check_legacy_tls(
+        host="127.0.0.1",
+        port=fake.smtp.port,
+        protocol="smtp",
+        tls="starttls",
+        server_name="127.0.0.1",
+        timeout=1.0,
+    )
+    assert time.monotonic() - started < 3.0
+    if lines < 0:
+        assert outcome == "not tested: the STARTTLS exchange did not finish in time"
+    else:
+        assert outcome == "refused" or outcome.startswith("not tested: local OpenSSL")

@@ -549,8 +549,13 @@ _STARTTLS_DANCE: dict[str, tuple[bytes, bytes]] = {
 }
 
 
-def _read_reply(sock: socket.socket, protocol: str, buf: bytearray) -> bytes:
-    """One complete reply (SMTP: multi-line up to ``NNN `` ; IMAP: the tagged line)."""
+_DANCE_TIMED_OUT = "the STARTTLS exchange did not finish in time"
+
+
+def _read_reply(sock: socket.socket, protocol: str, buf: bytearray, deadline: float) -> bytes:
+    """One complete reply (SMTP: multi-line up to ``NNN `` ; IMAP: the tagged line), read
+    before ``deadline`` (``time.monotonic()``): a server trickling continuation lines does
+    not keep the exchange going past it."""
     while True:
         while b"\n" in buf:
             idx = buf.index(b"\n") + 1
@@ -560,7 +565,14 @@ def _read_reply(sock: socket.socket, protocol: str, buf: bytearray) -> bytes:
             if protocol == "imap" and line.startswith(b"* ") and not line.startswith(b"* OK"):
                 continue
             return line
-        chunk = sock.recv(4096)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(_DANCE_TIMED_OUT)
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError as exc:
+            raise TimeoutError(_DANCE_TIMED_OUT) from exc
         if not chunk:
             raise ConnectionError("connection closed before the reply")
         if len(buf) > 65536:
@@ -568,15 +580,16 @@ def _read_reply(sock: socket.socket, protocol: str, buf: bytearray) -> bytes:
         buf += chunk
 
 
-def _starttls_dance(sock: socket.socket, protocol: str) -> None:
+def _starttls_dance(sock: socket.socket, protocol: str, timeout: float) -> None:
     buf = bytearray()
-    _read_reply(sock, protocol, buf)  # greeting
+    deadline = time.monotonic() + timeout
+    _read_reply(sock, protocol, buf, deadline)  # greeting
     if protocol == "smtp":
         sock.sendall(b"EHLO roundtrip.probe\r\n")
-        _read_reply(sock, protocol, buf)
+        _read_reply(sock, protocol, buf, deadline)
     command, ok = _STARTTLS_DANCE[protocol]
     sock.sendall(command)
-    reply = _read_reply(sock, protocol, buf)
+    reply = _read_reply(sock, protocol, buf, deadline)
     if not reply.startswith(ok):
         raise ssl.SSLError(f"STARTTLS refused: {reply!r}")
 
@@ -594,7 +607,7 @@ def _handshake(
     sock = socket.create_connection((host, port), timeout)
     try:
         if tls == "starttls":
-            _starttls_dance(sock, protocol)
+            _starttls_dance(sock, protocol, timeout)
         return context.wrap_socket(sock, server_hostname=server_name)
     except BaseException:
         sock.close()
