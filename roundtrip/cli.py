@@ -305,6 +305,25 @@ def _add_probe_options(probe: argparse.ArgumentParser) -> None:
         help="also write a self-contained HTML report to FILE (waterfall per round trip, "
         "latency histogram with --count, TLS facts, findings, transcripts)",
     )
+    _add_active_options(probe)
+
+
+def _add_active_options(probe: argparse.ArgumentParser) -> None:
+    """``--checks`` and ``--mx``: the opt-in active checks (docs/active-checks.md)."""
+    probe.add_argument(
+        "--checks",
+        metavar="GROUP[,GROUP...]|all",
+        help="after the round trip, run active checks of a server you own (with --smtp): "
+        "starttls-injection, plaintext-auth, open-relay, spoofing, pipelining, chunking, "
+        "smuggling, or all; they send extra connections and mail, only ever to the probe's "
+        "own mailbox; the run says which groups it skipped and why (docs/active-checks.md)",
+    )
+    probe.add_argument(
+        "--mx",
+        metavar="HOST[:PORT]",
+        help="the MX for --checks open-relay, starttls-injection and plaintext-auth "
+        "(default: port 25 of the --smtp host, when it answers)",
+    )
 
 
 def _wants_json(argv: Sequence[str]) -> bool:
@@ -541,6 +560,7 @@ def _probe(args: argparse.Namespace, out: TextIO) -> int:
         crit = args.thresholds.crit.get(name)
         if crit is not None and warn > crit:
             raise ConfigError(f"--warn {name}={warn:g} is above --crit {name}={crit:g}")
+    args.active_groups = _active_groups(args)
     if args.smtp is None:
         if args.imap or args.pop3 or args.cafile:
             raise ConfigError("--imap, --pop3 and --cafile need --smtp (a real server)")
@@ -573,8 +593,58 @@ def _probe(args: argparse.Namespace, out: TextIO) -> int:
     if not mail_from or not all(rcpt for _, _, rcpt in paths):
         raise ConfigError("give --from and --to, or users in the URLs")
     results = _repeat(args, paths, context=context, mail_from=mail_from)
+    _run_active(args, results, paths, context=context, mail_from=mail_from)
     title = f"{smtp.url} -> {', '.join(reader.url for reader in readers)}"
     return _finish(args, results, out, title=title)
+
+
+def _active_groups(args: argparse.Namespace) -> tuple[str, ...]:
+    """The ``--checks`` groups (none without the option); ``--mx`` checked too."""
+    from .probes.active import parse_checks, parse_mx
+
+    args.active = None
+    args.mx_address = parse_mx(args.mx) if args.mx is not None else None
+    if args.checks is None:
+        if args.mx is not None:
+            raise ConfigError("--mx is for --checks: give --checks open-relay (or all)")
+        return ()
+    if args.smtp is None:
+        raise ConfigError(
+            "--checks needs --smtp: active checks run only against a server you name and own"
+        )
+    return parse_checks(args.checks)
+
+
+def _run_active(
+    args: argparse.Namespace,
+    results: list[ProbeResult],
+    paths: list[tuple[Endpoint, Endpoint, str]],
+    *,
+    context: ssl.SSLContext,
+    mail_from: str,
+) -> None:
+    """``--checks``: run the groups once, after the round trips, and add their findings and
+    checks to the latest run of the first path (so text, JSON and exit code include them)."""
+    if not args.active_groups:
+        return
+    from .probes.active import run_active_checks
+
+    smtp, reader, rcpt_to = paths[0]
+    active = run_active_checks(
+        args.active_groups,
+        smtp=smtp,
+        reader=reader,
+        context=context,
+        mail_from=mail_from,
+        rcpt_to=rcpt_to,
+        timeout=args.timeout,
+        mx=args.mx_address,
+        keep=args.keep,
+    )
+    active.apply(results[-len(paths)])
+    args.active = active
+    if not args.json and not args.nagios:
+        print(f"roundtrip: {active.summary()}", file=sys.stderr, flush=True)
 
 
 def _thresholds(values: list[str], option: str) -> dict[str, float]:
@@ -692,6 +762,8 @@ def _finish(
     }
     if args.thresholds:
         doc["thresholds"] = {"warn": args.thresholds.warn, "crit": args.thresholds.crit}
+    if getattr(args, "active", None) is not None:
+        doc["active"] = args.active.as_dict()
     doc["verdict"] = report.verdict(doc, fail_on=args.fail_on)
     if args.nagios:
         text, nagios_code = report.nagios(doc, fail_on=args.fail_on)
