@@ -170,6 +170,15 @@ class MailStack:
     def started(self) -> bool:
         return self._started and not self._stopped
 
+    @property
+    def loop_thread(self) -> LoopThread | None:
+        """The event-loop thread all the stack's servers run on (None before ``start()``).
+
+        An add-on server runs its listener there too (the web view, roundtrip/web), on the
+        loop the stack's own servers use, for as long as the stack runs.
+        """
+        return self._thread
+
     def start(self) -> MailStack:
         """Bind every listener and return once each accepts connections (TLS included).
 

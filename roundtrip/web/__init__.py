@@ -145,7 +145,7 @@ class WebView:
         """
         if self._runner is not None:
             return self
-        thread = self.stack._thread  # the stack's LoopThread: its servers' event loop
+        thread = self.stack.loop_thread
         if not self.stack.started or thread is None:
             raise ServerStartError("the web view needs a running stack: call start() first")
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roundtrip-web")
@@ -196,7 +196,7 @@ class WebView:
             return
         if self._events is not None:
             self.stack.store.remove_listener(self._events.listener)
-        thread = self.stack._thread
+        thread = self.stack.loop_thread
         if thread is not None and thread.loop.is_running():
             try:
                 thread.run(self._stop(runner), timeout=_START_TIMEOUT)
