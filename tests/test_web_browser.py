@@ -303,3 +303,17 @@ def test_web_browser_empty_dismissed_keeps_the_mailbox(
     wait(browser, lambda b: b.switch_to.alert, "no confirmation asked").dismiss()
     message_item(browser, "stays")
     assert [m.subject for m in stack.messages(stack.user("example.org").address)] == ["stays"]
+
+
+def test_web_browser_remote_images_switch_reloads_the_frame_with_remote_allowed(
+    browser: Any, view: WebView, stack: MailStack
+) -> None:
+    open_inbox(browser, view, stack)
+    submit(stack, message(stack, "pixel", "<p>pixel</p><img src='https://tracker.invalid/p.gif'>"))
+    open_message(browser, "pixel")
+    frame = browser.find_element(By.ID, "html-frame")
+    assert "remote=0" in frame.get_attribute("src")
+    browser.find_element(By.ID, "remote").click()
+    wait(browser, lambda b: "remote=1" in frame.get_attribute("src"), "frame not reloaded")
+    open_message(browser, "pixel")  # the switch is per message: opening again blocks again
+    assert "remote=0" in browser.find_element(By.ID, "html-frame").get_attribute("src")

@@ -303,7 +303,7 @@ def _mime_tree(raw: bytes) -> dict[str, Any] | None:
             "disposition": disposition,
             "filename": None if filename is None else str(filename),
             "encoding": part.get("Content-Transfer-Encoding"),
-            "size": size,
+            "encoded_size": size,  # as transmitted (before base64 or QP decoding)
             "children": [],
         }
 

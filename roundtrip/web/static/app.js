@@ -174,7 +174,7 @@ function mimeNode(node) {
   const label = `${node.path} ${node.content_type}` +
     (node.filename ? ` "${node.filename}"` : "") +
     (node.disposition ? ` (${node.disposition})` : "") +
-    (node.size !== null ? ` ${node.size} bytes` : "") + (node.truncated ? " …" : "");
+    (node.encoded_size !== null ? ` ${node.encoded_size} bytes encoded` : "") + (node.truncated ? " …" : "");
   const item = el("li", {}, label);
   if (node.children.length) item.append(el("ul", {}, ...node.children.map(mimeNode)));
   return item;
