@@ -35,6 +35,9 @@ TIMEOUT = 2.0
 #: The wall-clock bound of a whole probe run: the timeout, the steps' own slack, and the
 #: interpreter's start (about 0.5 s).
 WALL = TIMEOUT * 2 + 3.0
+#: What a run that ends at the probe's deadline may take beyond ``TIMEOUT`` (the
+#: interpreter's start, the submission before the deadline's clock matters, a loaded machine).
+STARTUP = 2.0
 #: Server-side socket timeout: a server thread never outlives its test.
 SERVER_TIMEOUT = 10.0
 
@@ -435,6 +438,8 @@ def test_probe_hostile_endless_greeting_ends_at_the_step_deadline(
     _failed_within_timeout(run)
     assert "FAIL at CONNECT" in run.out
     assert f"did not finish within {TIMEOUT:g} s" in run.out
+    assert "the last line it sent: '220-still here'" in run.out
+    assert run.seconds < TIMEOUT + STARTUP
 
 
 def test_probe_hostile_slow_finite_greeting_passes(make_fake: Callable[..., Fake]) -> None:
@@ -504,6 +509,7 @@ def test_probe_hostile_endless_exists_lines_end(
     run = make_fake(exists_lines=-1, exists_interval=interval).run("imap")
     _failed_within_timeout(run)
     assert "FAIL at IMAP WAIT" in run.out
+    assert run.seconds < TIMEOUT + STARTUP  # the probe's deadline, not one step more
     assert run.maxrss_kib < 200 * 1024, f"peak RSS {run.maxrss_kib} KiB"
 
 

@@ -42,8 +42,9 @@ __all__ = ["fetch_imap", "fetch_pop3"]
 _POLL_FIRST = 0.005
 _POLL_MAX = 0.5
 _IDLE_TAG = b"RTIDLE"
-#: Seconds the wait for the message may run past the probe's deadline: its last SEARCH.
-LAST_LOOK = 2.0
+#: Seconds (at most; a tenth of the timeout when that is less) the wait for the message
+#: keeps before the probe's deadline for its last look: a SEARCH, IDLE's DONE.
+LAST_LOOK = 0.5
 
 
 def _backoff(delay: float) -> float:
@@ -262,13 +263,15 @@ def _imap_wait(
     started = time.perf_counter()
     delay = _POLL_FIRST
     settle_until: float | None = None
-    # The wait ends at the probe's deadline; its last look (SEARCH, IDLE's DONE) gets a
-    # little more, and a server that keeps it busy no more than that.
-    last_look = max(deadline, time.monotonic()) + min(timeout, LAST_LOOK)
-    with map_errors("IMAP WAIT", server, timeout=timeout, deadline=last_look):
+    # The wait ends at the probe's deadline, also when a server keeps it busy: the schedule
+    # stops ``reserve`` seconds early, so that the last look (SEARCH, IDLE's DONE) fits.
+    reserve = min(timeout / 10, LAST_LOOK)
+    wait_deadline = max(deadline, time.monotonic() + reserve)
+    look_by = wait_deadline - reserve
+    with map_errors("IMAP WAIT", server, timeout=timeout, deadline=wait_deadline):
         while True:
             uids = _imap_search(imap, message_id)
-            remaining = deadline - time.monotonic()
+            remaining = look_by - time.monotonic()
             if uids and settle_until is None:
                 timeline.visible_at = time.perf_counter()
                 timeline.add(
