@@ -9,6 +9,7 @@ import os
 import select
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -97,6 +98,56 @@ def test_web_cli_serve_json_gains_web_and_token_keys() -> None:
             200,
             {"removed": 1},
         )
+
+
+def _ready_text(*args: str, until: bytes) -> str:
+    """What ``serve`` without --json prints, up to the line that starts with ``until``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "roundtrip", "serve", "--quiet", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    text = b""
+    try:
+        lines = [b""]
+        while not any(x.startswith(until) and x.endswith(b"\n") for x in lines):
+            ready, _, _ = select.select([fd], [], [], TIMEOUT)
+            assert ready, f"serve printed no ready text: {text!r}"
+            chunk = os.read(fd, 65536)
+            assert chunk, f"serve ended: {text!r}"
+            text += chunk
+            lines = text.splitlines(keepends=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(TIMEOUT)
+        proc.stdout.close()
+    return text.decode()
+
+
+def test_web_cli_serve_prints_the_url_with_its_token() -> None:
+    text = _ready_text("--web", until=b"  web ")
+    line = next(x for x in text.splitlines() if x.startswith("  web "))
+    url = line.split()[1]
+    assert url.startswith("http://127.0.0.1:") and "/#token=" in url
+
+
+def test_web_cli_serve_fails_when_the_web_port_is_taken() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "roundtrip", "serve", "--quiet", "--web", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1
+    assert f"web view: cannot bind 127.0.0.1:{port}" in proc.stderr
+    assert "  web " not in proc.stdout
 
 
 def test_web_cli_bad_web_address_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
