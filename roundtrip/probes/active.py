@@ -568,8 +568,24 @@ def _inject(ctx: _Context, target: Endpoint) -> None:
         else:
             wire.line()  # the greeting
         payload, go_ahead = _INJECTION[target.protocol]
+        injected = payload.split(b"\r\n")[1].decode()
         wire.send(payload)
-        reply = wire.reply()[1] if target.protocol == "smtp" else [wire.line()]
+        try:
+            reply = wire.reply()[1] if target.protocol == "smtp" else [wire.line()]
+        except (_TroubleError, ConnectionError) as exc:
+            if "closed" not in str(exc) and not isinstance(exc, ConnectionError):
+                raise
+            # Refusing to go on with plaintext buffered behind STARTTLS is safe too.
+            ctx.check("no STARTTLS command injection", True)
+            ctx.finding(
+                "starttls-injection",
+                INFO,
+                f"{target.protocol} {server}: closed the connection on STARTTLS followed by "
+                f"{injected!r} in the same segment (the injection is refused)",
+                server,
+                wire.received[-2:],
+            )
+            return
         if not reply[-1].startswith(go_ahead):
             ctx.finding(
                 "starttls-injection",
@@ -588,7 +604,6 @@ def _inject(ctx: _Context, target: Endpoint) -> None:
     finally:
         if wire is not None:
             wire.close()
-    injected = payload.split(b"\r\n")[1].decode()
     ctx.check("no STARTTLS command injection", not answered)
     if answered:
         ctx.finding(
