@@ -568,3 +568,22 @@ def test_web_benchmark_runs_on_a_small_mailbox() -> None:
     names = [what for what, _, _ in rows]
     assert names[1:3] == ["list first page, first request", "list first page, median"]
     assert all(seconds >= 0 for _, seconds, _ in rows)
+
+
+def test_web_events_a_client_too_far_behind_is_cut_off(stack: MailStack) -> None:
+    from roundtrip.web import _app
+
+    loop = stack.loop_thread.loop  # type: ignore[union-attr]
+
+    async def overflow() -> tuple[list[Any], list[Any]]:
+        events = _app.Events(loop)
+        slow, fast = events.subscribe(), events.subscribe()
+        for n in range(_app._SSE_BACKLOG + 1):
+            events._publish({"n": n})
+            if not fast.empty():
+                fast.get_nowait()
+        return [slow.get_nowait() for _ in range(slow.qsize())], [events._clients]
+
+    drained, [clients] = stack.loop_thread.run(overflow(), timeout=TIMEOUT)  # type: ignore[union-attr]
+    assert drained == [None]  # its stream ends, the browser reconnects and reloads
+    assert len(clients) == 1  # the client that kept up still listens

@@ -103,14 +103,20 @@ class Events:
             "folder": change.mailbox,
             "uids": list(change.uids),
         }
-        self._loop.call_soon_threadsafe(self._publish, event)
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._publish, event)
 
     def _publish(self, event: dict[str, Any] | None) -> None:
         for client in list(self._clients):
             try:
                 client.put_nowait(event)
-            except asyncio.QueueFull:  # a client this far behind reloads when it reconnects
+            except asyncio.QueueFull:
+                # A client this far behind is cut off: its stream ends, the browser
+                # reconnects and the page reloads what it shows.
                 self._clients.discard(client)
+                while not client.empty():
+                    client.get_nowait()
+                client.put_nowait(None)
 
     def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
         client: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(_SSE_BACKLOG)
@@ -312,7 +318,7 @@ class _Handlers:
                     break
                 data = json.dumps(event, separators=(",", ":"))
                 await response.write(f"event: store\ndata: {data}\n\n".encode())
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:  # the browser went away
             pass
         finally:
             self.events.unsubscribe(client)

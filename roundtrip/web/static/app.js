@@ -264,7 +264,13 @@ function scheduleRefresh(event) {
 
 function listen() {
   const source = new EventSource("/api/events");
-  source.addEventListener("open", () => setStatus("live"));
+  let opened = false;
+  source.addEventListener("open", () => {
+    setStatus("live");
+    // Changes made while the stream was down were not announced: read everything again.
+    if (opened) scheduleRefresh({ kind: "mailboxes", user: state.user, folder: state.folder });
+    opened = true;
+  });
   source.addEventListener("error", () => setStatus("reconnecting…"));
   source.addEventListener("store", (e) => {
     const event = JSON.parse(e.data);
