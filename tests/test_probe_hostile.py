@@ -13,7 +13,9 @@ instead of hanging it, and reports its own peak RSS.
 
 from __future__ import annotations
 
+import imaplib
 import json
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -28,7 +30,8 @@ from typing import Any
 import pytest
 import trustme
 
-from roundtrip.probes._net import check_legacy_tls
+from roundtrip.errors import ProbeError
+from roundtrip.probes._net import check_legacy_tls, map_errors
 
 #: ``--timeout`` of the probe runs here.
 TIMEOUT = 2.0
@@ -63,6 +66,8 @@ class Knobs:
     greeting_lines: int = 0
     #: SMTP: answer EHLO with silence.
     stall_after_ehlo: bool = False
+    #: SMTP: answer the end of DATA with silence.
+    stall_after_data: bool = False
     #: SMTP: serve plaintext even on the implicit-TLS listener.
     smtp_plaintext: bool = False
     #: SMTP in plaintext: offer STARTTLS (RFC 3207).
@@ -227,6 +232,9 @@ def smtp_handler(conn: Conn, world: World) -> None:
             lines = []
             while (data := conn.line()) != b".\r\n":
                 lines.append(data)
+            if knobs.stall_after_data:
+                world.stop.wait(SERVER_TIMEOUT)
+                return
             world.add(RECEIVED + _undot(lines))
             conn.send(b"250 2.0.0 queued\r\n")
         elif verb == b"QUIT":
@@ -447,10 +455,15 @@ def test_probe_hostile_slow_finite_greeting_passes(make_fake: Callable[..., Fake
     assert run.code == 0, run.out + run.err
 
 
-def test_probe_hostile_stall_after_ehlo_says_timed_out(make_fake: Callable[..., Fake]) -> None:
-    run = make_fake(stall_after_ehlo=True).run("imap")
+@pytest.mark.parametrize(
+    ("knob", "step"), [("stall_after_ehlo", "EHLO"), ("stall_after_data", "SUBMIT")]
+)
+def test_probe_hostile_stall_says_timed_out(
+    make_fake: Callable[..., Fake], knob: str, step: str
+) -> None:
+    run = make_fake(**{knob: True}).run("imap")
     _failed_within_timeout(run)
-    assert "FAIL at EHLO" in run.out
+    assert f"FAIL at {step}" in run.out
     assert f"did not answer within {TIMEOUT:g} s" in run.out
     assert "closed the connection" not in run.out
 
@@ -566,3 +579,43 @@ def test_probe_hostile_legacy_tls_check_bounds_the_starttls_exchange(
         assert outcome == "not tested: the STARTTLS exchange did not finish in time"
     else:
         assert outcome == "refused" or outcome.startswith("not tested: local OpenSSL")
+
+
+# -- the wording of what went wrong (pure: map_errors over raised exceptions) ----------------
+
+
+def _translated(raise_it: Callable[[], None]) -> ProbeError:
+    with pytest.raises(ProbeError) as caught, map_errors("EHLO", "mx.test:25", timeout=5.0):
+        raise_it()
+    return caught.value
+
+
+def _wrapped(outer: Exception, inner: BaseException) -> Callable[[], None]:
+    def raise_it() -> None:
+        try:
+            raise inner
+        except BaseException:
+            raise outer from None
+
+    return raise_it
+
+
+@pytest.mark.parametrize(
+    "outer",
+    [
+        smtplib.SMTPServerDisconnected(
+            "Connection unexpectedly closed: The read operation timed out"
+        ),
+        imaplib.IMAP4.abort("socket error: The write operation timed out"),
+    ],
+)
+def test_probe_hostile_wrapped_timeout_says_timed_out(outer: Exception) -> None:
+    error = _translated(_wrapped(outer, TimeoutError("The read operation timed out")))
+    assert str(error) == "EHLO: mx.test:25 did not answer within 5 s"
+    assert "closed the connection" not in str(error)
+
+
+def test_probe_hostile_real_close_says_closed() -> None:
+    outer = smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+    error = _translated(_wrapped(outer, ConnectionResetError("reset by peer")))
+    assert str(error) == "EHLO: mx.test:25 closed the connection: Connection unexpectedly closed"
