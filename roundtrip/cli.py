@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
         "only from ROUNDTRIP_SMTP_PASSWORD, ROUNDTRIP_IMAP_PASSWORD, ROUNDTRIP_POP3_PASSWORD. "
         "Certificates are always verified. --imap and --pop3 may be combined: each is probed "
         "(one path each). Exit codes: 0 every check passed, 1 a check failed, 2 usage or "
-        "configuration error. --json prints one document with schema_version "
+        "configuration error (--nagios: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN). The checks "
+        "are listed in docs/checks.md. --json prints one document with schema_version "
         f'{SCHEMA_VERSION}; if the probe cannot run, {{"ok": false, "error": ..., '
         '"exit_code": ...}.',
     )

@@ -1,10 +1,12 @@
 """A full round trip: submit a tagged message, wait for it, fetch it, verify it, report.
 
 Verification: exactly one copy arrived; the body is byte-identical (sha256); From, To,
-Subject and Message-ID are unchanged; the Received chain is parsed and any hop without TLS is
-reported as a (warning) finding. Findings of severity ``fail`` (AUTH offered before STARTTLS,
-TLS below 1.2 negotiated or accepted, a duplicate) also fail the probe, each through a named
-check; a certificate expiring within 30 days is a warning.
+Subject and Message-ID are unchanged; the Received chain is parsed, each hop described by an
+info finding (TLS or not, seconds since the previous hop) and any hop without TLS reported as a
+warning. Findings of severity ``fail`` (AUTH offered before STARTTLS, TLS below 1.2 negotiated
+or accepted, a duplicate, a timing above its ``crit`` threshold) also fail the probe, each
+through a named check; a certificate expiring within 30 days is a warning. docs/checks.md
+lists every check.
 """
 
 from __future__ import annotations
