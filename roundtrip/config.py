@@ -340,10 +340,11 @@ class StackConfig:
     #: SPF (RFC 7208) and DMARC (RFC 7489) at every MX: every stack domain publishes a
     #: DMARC record, the verdicts go into the MX's Authentication-Results, a From domain
     #: whose policy is ``reject`` and that fails DMARC gets ``550 5.7.1``, one whose policy is
-    #: ``quarantine`` goes to the Junk folder. Opt-in for now: with it, mail whose From names
-    #: a stack domain it was not sent from is refused, as the world's MXs refuse it, and
-    #: tests written before it send such mail (docs/design.md, "Sender authentication").
-    sender_auth: bool = False
+    #: ``quarantine`` goes to the Junk folder. On by default, as at every large mailbox
+    #: provider: mail whose From names a stack domain it was not sent from is refused.
+    #: False turns the checks and the DMARC records off (docs/design.md, "Sender
+    #: authentication").
+    sender_auth: bool = True
     #: With ``sender_auth``: the DMARC policy each stack domain publishes at
     #: ``_dmarc.<domain>``: ``reject``
     #: (default), ``quarantine``, ``none``, or a whole record (``v=DMARC1; p=...``); ``"*"``

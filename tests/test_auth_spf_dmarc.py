@@ -308,9 +308,9 @@ def test_auth_dkim_alignment_rescues_a_failed_spf_and_its_twin() -> None:
         stack.check()
 
 
-def test_auth_off_by_default_writes_nothing_and_refuses_nothing() -> None:
-    assert StackConfig().sender_auth is False
-    with MailStack(StackConfig(retry_delays=(0.05,))) as plain:
+def test_auth_off_writes_nothing_and_refuses_nothing() -> None:
+    assert StackConfig().sender_auth is True
+    with MailStack(StackConfig(retry_delays=(0.05,), sender_auth=False)) as plain:
         assert not [r for r in plain.default_dns_records() if r.name.startswith("_dmarc.")]
         _mx_send(plain, "someone@elsewhere.test", _msg("user@example.com", "not checked"))
         (msg,) = plain.assert_delivered(RCPT, subject="not checked")
@@ -366,7 +366,7 @@ def test_auth_domains_on_other_loopback_addresses_list_the_relay_source() -> Non
     assert served["example.org"] == "v=spf1 ip4:127.0.0.1 ip4:127.0.0.2 -all"
     assert served["_dmarc.example.org"] == "v=DMARC1; p=reject"
     # The twin: without sender_auth the records are served as they are.
-    plain = StackConfig(domains=("example.com", "example.org"))
+    plain = StackConfig(domains=("example.com", "example.org"), sender_auth=False)
     assert sender_auth_records(plain, records) == records
 
 

@@ -579,7 +579,7 @@ def test_a5_4_forged_authentication_results_is_removed(stack: MailStack) -> None
     with smtplib.SMTP(*ep.address("smtp"), timeout=TIMEOUT) as smtp:
         smtp.starttls(context=stack.client_context())
         smtp.sendmail(
-            "someone@example.net",
+            f"user@{SENDER_DOMAIN}",  # the From's domain: SPF-aligned, so DMARC passes
             [f"user@{RCPT_DOMAIN}"],
             message("forged ar", extra=forged.encode()),
         )
@@ -594,7 +594,7 @@ def test_a5_4_foreign_authentication_results_is_kept(stack: MailStack) -> None:
     with smtplib.SMTP(*ep.address("smtp"), timeout=TIMEOUT) as smtp:
         smtp.starttls(context=stack.client_context())
         smtp.sendmail(
-            "someone@example.net",
+            f"user@{SENDER_DOMAIN}",  # the From's domain: SPF-aligned, so DMARC passes
             [f"user@{RCPT_DOMAIN}"],
             message("other ar", extra=other.encode()),
         )

@@ -1,10 +1,10 @@
 """Every corpus message survives the full cycle byte for byte (issue "Regression testing").
 
 465 with AUTH at example.com -> relay -> DNS MX -> example.org's MX over STARTTLS -> store,
-then IMAP ``BODY[]`` and POP3 ``RETR``. The receiving side prepends its ``Received`` line and
-the default filter's ``X-Spam-*`` fields; everything after them must equal the submitted
-bytes. IMAP BODYSTRUCTURE, ENVELOPE and partial fetches must agree with what the ``email``
-package parses from the same bytes.
+then IMAP ``BODY[]`` and POP3 ``RETR``. The receiving side prepends its ``Received`` line, its
+``Authentication-Results`` and the default filter's ``X-Spam-*`` fields; everything after them
+must equal the submitted bytes. IMAP BODYSTRUCTURE, ENVELOPE and partial fetches must agree
+with what the ``email`` package parses from the same bytes.
 
 One stack serves the whole module (reset between tests) and one authenticated SMTP session
 submits every message.
@@ -48,6 +48,7 @@ ADDED = [
     "X-Spam-Flag",
     "X-Spam-Score",
     "X-Spam-Status",
+    "Authentication-Results",  # the recipient's MX: SPF and DMARC verdicts
     "Received",  # the recipient's MX (mail.example.org), ESMTPS from the relay
     "Received",  # the submission server (mail.example.com), ESMTPSA from the client
 ]

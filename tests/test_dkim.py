@@ -276,11 +276,12 @@ def test_dkim_star_turns_signing_off_everywhere() -> None:
 
 def test_dkim_off_by_default_adds_nothing() -> None:
     """Without ``dkim=True`` the stack neither signs nor verifies: no keys, no DKIM-Signature,
-    no Authentication-Results (the twin of every test above)."""
+    no dkim= verdict (the twin of every test above). SPF and DMARC still give theirs."""
     with MailStack(StackConfig()) as plain:
         assert plain.dkim_keys == {}
         assert not [r for r in plain.default_dns_records() if "_domainkey" in r.name]
         _send(plain, "plain")
         [message] = plain.assert_delivered(RCPT, subject="plain")
         assert b"DKIM-Signature:" not in message.raw
-        assert b"Authentication-Results:" not in message.raw
+        assert [r.result for r in message.auth.dkim] in ([], ["none"])
+        assert [r.result for r in message.auth.spf] == ["pass"]

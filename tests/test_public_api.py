@@ -31,6 +31,7 @@ EXPECTED = [
     "Store",
     "TLSError",
     "Timeouts",
+    "Transcript",
     "User",
     "__version__",
     "assert_delivered",

@@ -55,9 +55,13 @@ def test_bare_cr_pair_in_header_is_refused(stack: MailStack) -> None:
 
 
 def test_bare_cr_twin_forged_from_on_its_own_line(stack: MailStack) -> None:
-    """The same forgery in plain CRLF lines: the From: policy decides, as before."""
+    """The same forgery in plain CRLF lines: the From: policy decides, as before.
+
+    The From names a domain outside the stack: a stack domain's DMARC policy (p=reject) would
+    have the recipient's MX refuse the forgery, which is another test's subject
+    (tests/test_auth_spf_dmarc.py)."""
     stack.reset()
-    raw = b"Subject: plain\r\nFrom: CEO <ceo@example.org>\r\n\r\nbody\r\n"
+    raw = b"Subject: plain\r\nFrom: CEO <ceo@partner.example>\r\n\r\nbody\r\n"
     if stack.config.from_header_policy == "reject":
         with pytest.raises(smtplib.SMTPDataError) as info:
             _submit(stack, raw)
