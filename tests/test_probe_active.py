@@ -15,6 +15,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -55,6 +56,13 @@ class Flaws:
     refuse_pipelined: bool = False
     #: Advertise CHUNKING but refuse BDAT.
     refuse_bdat: bool = False
+    #: End DATA at a bare-LF dot line too (``<LF>.<LF>``, ``<LF>.<CR><LF>``), as Postfix 3.7
+    #: does without ``smtpd_forbid_bare_newline`` (CVE-2023-51764).
+    lenient_data_end: bool = False
+    #: Accept connections and never say a word.
+    silent: bool = False
+    #: Close every connection at once.
+    hang_up: bool = False
 
 
 @dataclass
@@ -63,12 +71,16 @@ class WeakServer:
 
     protocol: str
     flaws: Flaws
-    tls: ssl.SSLContext
+    ca: CertificateAuthority
+    #: Messages stored by DATA, read by POP3 (shared between an SMTP and a POP3 server).
+    mailbox: list[bytes] = field(default_factory=list)
     sock: socket.socket = field(init=False)
     errors: list[BaseException] = field(default_factory=list)
     received: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.tls = self.ca.server_context(["weak.test", "127.0.0.1"])
+        self.lock = threading.Lock()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
         self._stop = threading.Event()
@@ -144,6 +156,11 @@ class _Session:
             self.buf = b""  # RFC 3207 section 4.2
 
     def run(self) -> None:
+        if self.flaws.silent:
+            self.conn.recv(1)  # until the client gives up and closes
+            return
+        if self.flaws.hang_up:
+            return
         {"smtp": self.smtp, "imap": self.imap, "pop3": self.pop3}[self.server.protocol]()
 
     def smtp(self) -> None:
@@ -182,6 +199,10 @@ class _Session:
                 foreign = "example.invalid" in line
                 ok = (self.authed or self.flaws.no_auth_needed) and not foreign
                 self.send("250 2.1.5 ok" if ok or self.flaws.open_relay else "554 5.7.1 denied")
+            elif verb == "DATA":
+                self.send("354 go ahead")
+                self.data()
+                self.send("250 2.0.0 queued")
             elif verb == "BDAT":
                 self.buf = self.buf[int(line.split()[1]) :]
                 self.send("502 5.5.1 no" if self.flaws.refuse_bdat else "250 2.0.0 chunk")
@@ -191,6 +212,25 @@ class _Session:
             else:
                 self.send("250 2.0.0 ok")
             in_group = self.flaws.refuse_pipelined and more
+
+    def data(self) -> None:
+        """Read the message up to its end of data and store it (without dot-unstuffing:
+        the checks send no line that starts with a dot)."""
+        ends = [b"\r\n.\r\n"]
+        if self.flaws.lenient_data_end:
+            ends += [b"\n.\n", b"\n.\r\n"]
+        while True:
+            found = [(self.buf.find(end), end) for end in ends if end in self.buf]
+            if found:
+                index, end = min(found)
+                message, self.buf = self.buf[:index], self.buf[index + len(end) :]
+                with self.server.lock:
+                    self.server.mailbox.append(message)
+                return
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed in DATA")
+            self.buf += chunk
 
     def imap(self) -> None:
         self.send("* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] weak")
@@ -210,8 +250,27 @@ class _Session:
                 self.starttls()
             elif line.upper() == "CAPA":
                 self.send("+OK capabilities\r\nSTLS\r\n.")
+            elif not self.secure:
+                self.send("-ERR STLS first")
             else:
-                self.send("-ERR no")
+                self.pop3_command(line)
+
+    def pop3_command(self, line: str) -> None:
+        verb, _, arg = line.partition(" ")
+        with self.server.lock:
+            box = self.server.mailbox
+            if verb.upper() in ("USER", "PASS", "QUIT"):
+                self.send("+OK")
+            elif verb.upper() == "STAT":
+                self.send(f"+OK {len(box)} {sum(len(m) for m in box)}")
+            elif verb.upper() == "TOP":
+                head = box[int(arg.split()[0]) - 1].split(b"\r\n\r\n", 1)[0]
+                self.conn.sendall(b"+OK\r\n" + head + b"\r\n.\r\n")
+            elif verb.upper() == "DELE":
+                box[int(arg) - 1] = b"Subject: deleted\r\n\r\n"
+                self.send("+OK")
+            else:
+                self.send("-ERR unknown")
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -232,10 +291,14 @@ def weak(stack: MailStack) -> Iterator[list[WeakServer]]:
         server.close()
 
 
-def _weak(weak: list[WeakServer], protocol: str, **flaws: bool) -> WeakServer:
-    ca = CertificateAuthority()
-    server = WeakServer(protocol, Flaws(**flaws), ca.server_context(["weak.test", "127.0.0.1"]))
-    server.ca = ca  # type: ignore[attr-defined]
+def _weak(
+    weak: list[WeakServer], protocol: str, *, of: WeakServer | None = None, **flaws: bool
+) -> WeakServer:
+    """A weak server; with ``of``, one sharing that server's CA and mailbox."""
+    if of is not None:
+        server = WeakServer(protocol, Flaws(**flaws), of.ca, of.mailbox)
+    else:
+        server = WeakServer(protocol, Flaws(**flaws), CertificateAuthority())
     weak.append(server)
     return server
 
@@ -245,7 +308,7 @@ def _weak_endpoint(server: WeakServer, protocol: str = "smtp") -> Endpoint:
 
 
 def _weak_context(server: WeakServer) -> ssl.SSLContext:
-    return server.ca.client_context()  # type: ignore[attr-defined,no-any-return]
+    return server.ca.client_context()
 
 
 def _run(
@@ -484,6 +547,33 @@ def test_active_chunking_not_advertised_by_the_stack(stack: MailStack) -> None:
 # -- B3.4 SMTP smuggling (the susceptible twin is the stock Postfix of tests/live) ---------------
 
 
+@pytest.mark.parametrize("lenient", [True, False], ids=["lenient", "strict"])
+def test_active_smuggling_found_by_the_second_message_in_the_mailbox(
+    weak: list[WeakServer], lenient: bool
+) -> None:
+    smtp_server = _weak(weak, "smtp", lenient_data_end=lenient)
+    pop3_server = _weak(weak, "pop3", of=smtp_server)
+    report = _run(
+        ("smuggling",),
+        smtp=_weak_endpoint(smtp_server),
+        reader=_weak_endpoint(pop3_server, "pop3"),
+        context=_weak_context(smtp_server),
+    )
+    (finding,) = report.findings
+    assert report.checks == {"no SMTP smuggling": not lenient}
+    if lenient:
+        assert finding.severity == "fail"
+        assert "LF.LF, LF.CRLF ended DATA early" in finding.message
+        assert "CVE-2023-51764" in finding.message
+        assert sum("a second message arrived" in line for line in finding.evidence) == 2
+    else:
+        assert finding.severity == "info" and "none of 7" in finding.message
+    # Every message went to the probe's own mailbox, and was deleted from it again.
+    rcpts = {line for line in smtp_server.received if line.upper().startswith("RCPT")}
+    assert rcpts == {"RCPT TO:<probe@weak.test>"}
+    assert all(m.startswith(b"Subject: deleted") for m in smtp_server.mailbox)
+
+
 def test_active_smuggling_stack_ends_data_only_at_crlf_dot_crlf(stack: MailStack) -> None:
     report = _stack_run(stack, ("smuggling",), "submissions")
     assert report.checks == {"no SMTP smuggling": True}
@@ -500,6 +590,33 @@ def test_active_smuggling_skipped_without_a_mailbox(stack: MailStack) -> None:
         ("smuggling",), smtp=stack.endpoint("submissions"), context=stack.client_context()
     )
     assert "own mailbox" in report.skipped["smuggling"]
+
+
+# -- hostile servers: every group ends within its deadline -------------------------------------
+
+
+@pytest.mark.parametrize("flaw", ["silent", "hang_up"])
+def test_active_hostile_server_ends_every_group_in_time(weak: list[WeakServer], flaw: str) -> None:
+    server = _weak(weak, "smtp", **{flaw: True})
+    started = time.monotonic()
+    report = run_active_checks(
+        GROUPS,
+        smtp=_weak_endpoint(server),
+        reader=_weak_endpoint(server, "pop3"),
+        context=_weak_context(server),
+        mail_from="probe@weak.test",
+        rcpt_to="probe@weak.test",
+        timeout=1.0,
+        mx=("127.0.0.1", server.port),
+    )
+    # Each group has its own deadline of --timeout; a silent server costs at most that.
+    assert time.monotonic() - started < len(GROUPS) * 1.0 + 3.0
+    assert report.ran == list(GROUPS)
+    assert report.checks == {}  # nothing could be concluded: no check passes or fails
+    for finding in report.findings:
+        assert finding.severity == "warn", finding
+        assert "not tested" in finding.message
+        assert finding.server == f"127.0.0.1:{server.port}"
 
 
 # -- the command line --------------------------------------------------------------------------
