@@ -619,3 +619,51 @@ def test_probe_hostile_real_close_says_closed() -> None:
     outer = smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
     error = _translated(_wrapped(outer, ConnectionResetError("reset by peer")))
     assert str(error) == "EHLO: mx.test:25 closed the connection: Connection unexpectedly closed"
+
+
+def _args(fake: Fake, smtp: str, reader: str, reader_port: int) -> list[str]:
+    return [
+        "probe",
+        "--smtp",
+        f"{smtp}://probe%40fake.test@127.0.0.1:{fake.smtp.port}",
+        f"--{reader.rstrip('s')}",
+        f"{reader}://probe%40fake.test@127.0.0.1:{reader_port}",
+        "--cafile",
+        str(fake.cafile),
+        "--timeout",
+        "1",
+        "--json",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("smtp", "reader", "step"), [("smtp", "imaps", "CONNECT"), ("smtps", "imap", "IMAP CONNECT")]
+)
+def test_probe_hostile_implicit_tls_port_dialled_for_starttls_is_named(
+    make_fake: Callable[..., Fake], smtp: str, reader: str, step: str
+) -> None:
+    fake = make_fake()
+    run = run_cli(_args(fake, smtp, reader, fake.imap.port))
+    _failed_within_timeout(run)
+    result = json.loads(run.out)["results"][0]
+    assert result["error_step"] == step
+    assert "sent no greeting: it speaks TLS at once (TLSv1.3)" in result["error"]
+    finding = next(f for f in result["findings"] if f["code"] == "port-mode-mismatch")
+    assert finding["severity"] == "fail"
+    assert finding["evidence"] == ["no greeting within 1 s", "TLS handshake at once: TLSv1.3"]
+
+
+def test_probe_hostile_silent_starttls_port_is_no_mismatch(
+    make_fake: Callable[..., Fake],
+) -> None:
+    # The twin: a port that accepts and never speaks, in plaintext or in TLS, stays a timeout.
+    fake = make_fake()
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        run = run_cli(_args(fake, "smtps", "imap", silent.getsockname()[1]))
+    finally:
+        silent.close()
+    _failed_within_timeout(run)
+    result = json.loads(run.out)["results"][0]
+    assert result["error"].endswith("did not answer within 1 s (waiting for the greeting)")
+    assert all(f["code"] != "port-mode-mismatch" for f in result["findings"])

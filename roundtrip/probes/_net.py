@@ -406,6 +406,65 @@ def _plaintext_answer(
     raise PlaintextAnswerError(banner) from exc
 
 
+def tls_at_once(host: str, port: int, server_name: str, timeout: float) -> str:
+    """The TLS version a new connection to ``host:port`` negotiates when it starts the
+    handshake at once (nothing verified, nothing sent after it), or ``""`` when it does not."""
+    try:
+        with socket.create_connection((host, port), timeout) as raw:
+            sni = None if _is_address(server_name) else server_name
+            with _unverified_context().wrap_socket(raw, server_hostname=sni) as tls:
+                return tls.version() or "TLS"
+    except (OSError, ValueError):
+        return ""
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _waited_in_vain(error: ProbeError) -> bool:
+    """Whether ``error`` is a read that timed out (possibly wrapped by the client library),
+    rather than a connect that did."""
+    cause = error.__cause__
+    for exc in (cause, getattr(cause, "__context__", None)):
+        if isinstance(exc, TimeoutError):
+            return not isinstance(exc, PhaseTimeoutError | StepDeadlineError)
+    return False
+
+
+def check_implicit_tls(
+    endpoint: Endpoint, timeline: Timeline, label: str, timeout: float, error: ProbeError
+) -> None:
+    """After a STARTTLS endpoint sent no greeting: if the port speaks TLS at once, record the
+    port/mode mismatch (RFC 8314 section 3) and raise a ``TLSError`` saying so; else
+    return, and ``error`` stands."""
+    if endpoint.tls != "starttls" or not _waited_in_vain(error):
+        return
+    server = endpoint.address
+    version = tls_at_once(endpoint.host, endpoint.port, endpoint.server_name, min(timeout, 5.0))
+    if not version:
+        return
+    timeline.finding(
+        "port-mode-mismatch",
+        FAIL,
+        f"{label} {server}: no greeting in plaintext, but a TLS handshake on a new connection "
+        f"succeeded ({version}): the port expects implicit TLS (RFC 8314 section 3), not "
+        "STARTTLS",
+        server,
+        (f"no greeting within {timeout:g} s", f"TLS handshake at once: {version}"),
+    )
+    raise TLSError(
+        f"{error.step}: {server} sent no greeting: it speaks TLS at once ({version}); dial it "
+        f"as implicit TLS ({label}s://)",
+        step=error.step,
+        host=server,
+    ) from error
+
+
 def dial(
     endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline, timeout: float, label: str
 ) -> socket.socket:

@@ -24,11 +24,12 @@ import time
 from typing import Any
 
 from ..config import Endpoint
-from ..errors import NotDeliveredError, TLSError
+from ..errors import ConnectError, NotDeliveredError, TLSError
 from ._limits import MAX_REPLY_BYTES, ReplyTooLargeError
 from ._net import (
     FAIL,
     Timeline,
+    check_implicit_tls,
     compare_capabilities,
     dial,
     display,
@@ -195,9 +196,13 @@ def _imap_session(
     """Connect, upgrade with STARTTLS when the endpoint asks for it, LOGIN and SELECT
     ``mailbox``, each step timed; the connection is closed if a step fails."""
     server = endpoint.address
-    with map_errors("IMAP CONNECT", server, timeout=timeout, waiting="the greeting"):
-        imap = _IMAP(endpoint, context, timeline, timeout, max_literal)
-        imap._timeout_value = timeout  # type: ignore[attr-defined]
+    try:
+        with map_errors("IMAP CONNECT", server, timeout=timeout, waiting="the greeting"):
+            imap = _IMAP(endpoint, context, timeline, timeout, max_literal)
+            imap._timeout_value = timeout  # type: ignore[attr-defined]
+    except ConnectError as exc:
+        check_implicit_tls(endpoint, timeline, "imap", timeout, exc)
+        raise
     try:
         if endpoint.tls == "starttls":
             if "LOGINDISABLED" not in imap.capabilities:
@@ -369,8 +374,12 @@ def _pop3_session(
     endpoint: Endpoint, context: ssl.SSLContext, timeline: Timeline, timeout: float
 ) -> _POP3:
     server = endpoint.address
-    with map_errors("POP3 CONNECT", server, timeout=timeout, waiting="the greeting"):
-        pop = _POP3(endpoint, context, timeline, timeout)
+    try:
+        with map_errors("POP3 CONNECT", server, timeout=timeout, waiting="the greeting"):
+            pop = _POP3(endpoint, context, timeline, timeout)
+    except ConnectError as exc:
+        check_implicit_tls(endpoint, timeline, "pop3", timeout, exc)
+        raise
     try:
         if endpoint.tls == "starttls":
             with map_errors("POP3 CAPA", server, timeout=timeout):

@@ -16,6 +16,7 @@ from ..errors import AuthError, ConnectError, RejectedError, TLSError
 from ._net import (
     FAIL,
     Timeline,
+    check_implicit_tls,
     compare_capabilities,
     dial,
     display,
@@ -162,9 +163,13 @@ def submit(
     server = endpoint.address
     client = _SMTPClient(endpoint, context, timeline, timeout)
     try:
-        with map_errors("CONNECT", server, timeout=timeout, waiting="the greeting"):
-            code, greeting = client.connect(endpoint.server_name, endpoint.port)
-            client._host = endpoint.server_name  # type: ignore[attr-defined]  # for starttls()
+        try:
+            with map_errors("CONNECT", server, timeout=timeout, waiting="the greeting"):
+                code, greeting = client.connect(endpoint.server_name, endpoint.port)
+                client._host = endpoint.server_name  # type: ignore[attr-defined]  # starttls()
+        except ConnectError as exc:
+            check_implicit_tls(endpoint, timeline, "smtp", timeout, exc)
+            raise
         # From the end of the connect (and TLS) steps: they are timed on their own.
         if code != 220:
             timeline.fail("smtp greeting", client.socket_ready, server=server, detail=f"{code}")
