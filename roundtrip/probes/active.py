@@ -1011,7 +1011,7 @@ def _look_for_smuggled(ctx: _Context, vectors: list[_Vector], deadline: float) -
         if time.monotonic() + delay >= deadline:
             break
         time.sleep(delay)  # polling a mailbox, as the round trip's POP3 wait does
-        delay = min(delay * 2, 0.5)
+        delay = min(delay * 2, 1.0)
     for vector in vectors:
         vector.outer_seen = vector.outer_id in found
         vector.inner_seen = vector.inner_id in found
