@@ -346,6 +346,15 @@ class TLSInfo:
     bits: int
 
 
+def _address_literal(ip: str) -> str:
+    """``ip`` as an SMTP address literal (RFC 5321 section 4.1.3): ``[192.0.2.1]`` for IPv4,
+    ``[IPv6:2001:db8::1]`` for IPv6 (the tag Postfix writes too). A zone index (``%lo``) is
+    dropped: no literal can carry it."""
+    if ":" in ip:
+        return f"[IPv6:{ip.partition('%')[0]}]"
+    return f"[{ip}]"
+
+
 def received_header(
     *,
     helo: str,
@@ -363,7 +372,7 @@ def received_header(
     undecodable bytes replaced by ``?``, so they cannot end or fold the field.
     """
     helo = _TRACE_UNSAFE.sub("?", helo)
-    lines = [f"Received: from {helo or 'unknown'} ([{peer_ip}])"]
+    lines = [f"Received: from {helo or 'unknown'} ({_address_literal(peer_ip)})"]
     if tls is not None:
         lines.append(f"\t(using {tls.version} with cipher {tls.cipher} ({tls.bits} bits))")
     lines.append(f"\tby {by_host} (roundtrip) with {protocol} id {queue_id}")

@@ -11,7 +11,8 @@ gives them the three things only the stack has:
   loop. The DKIM key look-ups (``_dkim.zone_lookup``) work the same way.
 - The connecting address. The router receives the message with this hop's ``Received``
   field on top, written by the listener from the peer address (``protocols/smtp.py``
-  ``received_header``: ``from <helo> ([<ip>])``); :func:`peer_address` reads it back.
+  ``received_header``: ``from <helo> ([<ip>])``, ``([IPv6:<ip>])`` for IPv6);
+  :func:`peer_address` reads it back.
 - Where quarantined mail goes: the recipient's ``\\Junk`` folder (RFC 6154), by
   :func:`junk_folder`.
 """
@@ -52,7 +53,10 @@ JUNK = "Junk"
 #: address): the relay's source when it delivers to a domain listening on 127.0.0.N.
 _LOOPBACK_SOURCE = "127.0.0.1"
 
-_RECEIVED_PEER = re.compile(rb"\AReceived: from \S+ \(\[([0-9A-Fa-f:.]+)\]\)")
+#: ``from <helo> ([192.0.2.1])`` or, for an IPv6 peer, ``([IPv6:2001:db8::1])`` (RFC 5321
+#: section 4.1.3; the tag is case-insensitive, and an untagged IPv6 literal as earlier
+#: versions wrote it is still read).
+_RECEIVED_PEER = re.compile(rb"\AReceived: from \S+ \(\[(?:(?i:IPv6):)?([0-9A-Fa-f:.]+)\]\)")
 
 
 def zone_lookup(answer: Callable[[bytes], bytes]) -> _spf.Lookup:

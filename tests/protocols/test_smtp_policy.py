@@ -267,7 +267,7 @@ def test_received_header_plain_several_recipients_no_helo() -> None:
         tls=None,
     )
     assert header == (
-        b"Received: from unknown ([::1])\r\n"
+        b"Received: from unknown ([IPv6:::1])\r\n"
         b"\tby mx.example.com (roundtrip) with SMTP id Q2; " + EPOCH_DATE.encode() + b"\r\n"
     )
 
