@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,10 @@ class Knobs:
     starttls: bool = False
     #: SMTP: offer STARTTLS again after TLS started (RFC 3207 section 4.2 forbids it).
     starttls_again: bool = False
+    #: SMTP: offer STARTTLS, then refuse it with 454 (RFC 3207 section 4).
+    starttls_refused: bool = False
+    #: SMTP: implicit TLS with TLS 1.0 and 1.1 only.
+    smtp_legacy_only: bool = False
     #: IMAP: the size a FETCH literal announces (None: the real size).
     literal_size: int | None = None
     #: IMAP: untagged ``* n EXISTS`` lines before the SEARCH answer; -1: never-ending.
@@ -92,6 +97,8 @@ class World:
     stop: threading.Event = field(default_factory=threading.Event)
     messages: list[bytes] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Set when a client sent AUTH (with its credentials).
+    auth_seen: threading.Event = field(default_factory=threading.Event)
 
     def add(self, raw: bytes) -> None:
         with self.lock:
@@ -216,14 +223,17 @@ def smtp_handler(conn: Conn, world: World) -> None:
             conn.send(
                 b"250-fake.test\r\n"
                 + (b"250-STARTTLS\r\n" if offer else b"")
-                + (b"250-AUTH PLAIN\r\n" if secure else b"")
+                + (b"250-AUTH PLAIN\r\n" if secure or knobs.starttls_refused else b"")
                 + b"250 8BITMIME\r\n"
             )
+        elif verb == b"STARTTLS" and knobs.starttls_refused:
+            conn.send(b"454 4.7.0 TLS not available due to temporary reason\r\n")
         elif verb == b"STARTTLS" and knobs.starttls and not secure and world.tls:
             conn.send(b"220 2.0.0 go ahead\r\n")
             conn.upgrade(world.tls)
             secure = True
         elif verb == b"AUTH":
+            world.auth_seen.set()
             conn.send(b"235 2.7.0 accepted\r\n")
         elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
             conn.send(b"250 2.0.0 ok\r\n")
@@ -402,6 +412,14 @@ def make_fake(ca: trustme.CA, cafile: Path) -> Iterator[Callable[..., Fake]]:
         leaf.configure_cert(ctx)
         world = World(Knobs(**knobs), tls=ctx)
         smtp_tls = None if world.knobs.smtp_plaintext else ctx
+        if world.knobs.smtp_legacy_only:
+            smtp_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            leaf.configure_cert(smtp_tls)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                smtp_tls.minimum_version = ssl.TLSVersion.TLSv1
+                smtp_tls.maximum_version = ssl.TLSVersion.TLSv1_1
+            smtp_tls.set_ciphers("DEFAULT:@SECLEVEL=0")
         fake = Fake(
             world,
             Listener(smtp_handler, world, smtp_tls),
@@ -667,3 +685,40 @@ def test_probe_hostile_silent_starttls_port_is_no_mismatch(
     result = json.loads(run.out)["results"][0]
     assert result["error"].endswith("did not answer within 1 s (waiting for the greeting)")
     assert all(f["code"] != "port-mode-mismatch" for f in result["findings"])
+
+
+# -- the probe never downgrades itself ----------------------------------------------------------
+
+
+def test_probe_hostile_refused_starttls_sends_no_credentials(
+    make_fake: Callable[..., Fake],
+) -> None:
+    # The server offers STARTTLS and AUTH, then refuses STARTTLS: the probe stops there and
+    # never goes on in plaintext.
+    fake = make_fake(smtp_plaintext=True, starttls=True, starttls_refused=True)
+    run = fake.run("imap")
+    _failed_within_timeout(run)
+    assert "FAIL at STARTTLS" in run.out and "454 4.7.0 TLS not available" in run.out
+    assert not fake.world.auth_seen.is_set()
+
+
+def test_probe_hostile_accepted_starttls_sends_credentials_over_tls(
+    make_fake: Callable[..., Fake],
+) -> None:
+    fake = make_fake(smtp_plaintext=True, starttls=True)
+    assert fake.run("imap").code == 0
+    assert fake.world.auth_seen.is_set()
+
+
+def test_probe_hostile_legacy_only_server_is_not_met_halfway(
+    make_fake: Callable[..., Fake],
+) -> None:
+    try:
+        fake = make_fake(smtp_legacy_only=True)
+    except (ValueError, ssl.SSLError) as exc:  # pragma: no cover - OpenSSL without TLS 1.1
+        pytest.skip(f"local OpenSSL cannot serve TLS 1.1: {exc}")
+    run = fake.run("imap")
+    _failed_within_timeout(run)
+    assert "FAIL at CONNECT: 127.0.0.1" in run.out
+    assert "accepts none of the TLS versions the probe offers (TLS 1.2 and above" in run.out
+    assert not fake.world.auth_seen.is_set()

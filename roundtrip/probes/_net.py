@@ -830,7 +830,20 @@ def _certificate_rejected(exc: ssl.SSLCertVerificationError, where: _Where) -> P
     )
 
 
+#: OpenSSL's reasons for a handshake that found no TLS version both sides accept.
+_NO_COMMON_VERSION = frozenset(
+    {"TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE"}
+)
+
+
 def _tls_failed(exc: ssl.SSLError, where: _Where) -> ProbeError:
+    if exc.reason in _NO_COMMON_VERSION:
+        return TLSError(
+            f"{where.step}: {where.server} accepts none of the TLS versions the probe offers "
+            f"(TLS 1.2 and above; it never offers less: RFC 8996): {exc}",
+            step=where.step,
+            host=where.server,
+        )
     return TLSError(
         f"{where.step}: TLS failed with {where.server}: {exc}", step=where.step, host=where.server
     )
