@@ -114,6 +114,8 @@ def test_web_mailboxes_lists_every_domain_user_and_unread_count(
     stack: MailStack, view: WebView
 ) -> None:
     deliver(stack, "counted")
+    # The relay leaves its queue just after the recipient's MX stored the message.
+    stack.wait_relay(lambda queue: not queue, timeout=TIMEOUT)
     doc = call(view, "/api/mailboxes").json()
     assert [d["name"] for d in doc["domains"]] == ["example.com", "example.org"]
     org = {(b["user"], b["folder"]): b for b in doc["domains"][1]["mailboxes"]}
@@ -453,6 +455,28 @@ def test_web_events_stream_ends_when_the_view_stops(stack: MailStack) -> None:
         http.client.HTTPConnection("127.0.0.1", own.port, timeout=TIMEOUT).request("GET", "/")
 
 
+def test_web_reads_need_the_token_when_asked(stack: MailStack) -> None:
+    rcpt, uid = deliver(stack, "guarded")
+    with WebView(stack, read_token=True) as guarded:
+        assert call(guarded, "/").status == 200  # the page itself holds no mail
+        reply = call(guarded, "/api/mailboxes")
+        assert reply.status == 403 and "token" in reply.json()["error"]
+        assert call(guarded, "/api/mailboxes", headers={TOKEN_HEADER: "wrong"}).status == 403
+        assert call(guarded, "/api/mailboxes", headers={TOKEN_HEADER: guarded.token}).status == 200
+        params = {"user": rcpt, "uid": uid, "token": guarded.token}
+        html = call(guarded, "/api/message/html", params)
+        assert html.status == 200
+        # The frame loads the inline image itself, so its URL carries the token.
+        assert f"token={guarded.token}".encode() in html.body
+        assert call(guarded, "/api/message/html", {"user": rcpt, "uid": uid}).status == 403
+
+
+def test_web_reads_are_open_on_loopback_and_guarded_beyond(stack: MailStack, view: WebView) -> None:
+    assert not view.read_token and call(view, "/api/mailboxes").status == 200
+    assert WebView(stack, host="0.0.0.0").read_token  # not started: nothing is bound
+    assert not WebView(stack, host="::1").read_token
+
+
 # -- the page, hosts, startup -------------------------------------------------------------------
 
 
@@ -566,7 +590,7 @@ def test_web_benchmark_runs_on_a_small_mailbox() -> None:
 
     rows = measure(60, 3)
     names = [what for what, _, _ in rows]
-    assert names[1:3] == ["list first page, first request", "list first page, median"]
+    assert names[2:4] == ["list first page, first request", "list first page, median"]
     assert all(seconds >= 0 for _, seconds, _ in rows)
 
 

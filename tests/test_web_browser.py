@@ -317,3 +317,30 @@ def test_web_browser_remote_images_switch_reloads_the_frame_with_remote_allowed(
     wait(browser, lambda b: "remote=1" in frame.get_attribute("src"), "frame not reloaded")
     open_message(browser, "pixel")  # the switch is per message: opening again blocks again
     assert "remote=0" in browser.find_element(By.ID, "html-frame").get_attribute("src")
+
+
+def test_web_browser_works_with_a_view_whose_reads_need_the_token(
+    browser: Any, stack: MailStack
+) -> None:
+    with WebView(stack, read_token=True) as guarded:
+        open_inbox(browser, guarded, stack)
+        submit(stack, message(stack, "guarded", "<h1 id='greeting'>guarded HTML</h1>"))
+        open_message(browser, "guarded")
+        browser.switch_to.frame(browser.find_element(By.ID, "html-frame"))
+        wait(browser, lambda b: b.find_elements(By.ID, "greeting"), "no HTML in the frame")
+        browser.switch_to.default_content()
+        browser.get("about:blank")  # the page's stream closes before the view stops
+
+
+def test_web_browser_without_the_token_a_guarded_view_shows_nothing(
+    browser: Any, stack: MailStack
+) -> None:
+    with WebView(stack, read_token=True) as guarded:
+        browser.get("about:blank")
+        browser.get(guarded.url)
+        browser.execute_script("sessionStorage.clear()")
+        browser.get("about:blank")
+        browser.get(guarded.url)
+        wait(browser, lambda b: "403" in b.find_element(By.ID, "error").text, "no refusal")
+        assert browser.find_elements(By.CSS_SELECTOR, "li.box") == []
+        browser.get("about:blank")

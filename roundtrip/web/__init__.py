@@ -18,6 +18,9 @@ Safety
   ``X-Roundtrip-Token`` header. A custom header cannot be sent cross-origin without a CORS
   preflight, which the view never grants, so another web page open in the same browser can
   neither send the request nor read the token.
+- On an address beyond loopback, reading the API needs the token too (in the header, or in
+  the ``token`` parameter for what the browser fetches by itself: the frame, downloads, the
+  event stream), since anyone who can reach the port could read every mailbox.
 - On a loopback address, the ``Host`` header must name the view's own address (127.0.0.1,
   ``localhost`` or ``[::1]`` with its port): a page whose name is rebound to 127.0.0.1 (DNS
   rebinding) is refused.
@@ -98,6 +101,8 @@ class WebView:
             mailbox to the network).
         port: the port (0: an ephemeral one, read back in :attr:`port`).
         token: the token state-changing requests need (a new random one by default).
+        read_token: whether reading the API needs the token too; by default only when
+            ``host`` is not a loopback address.
 
     Use as a context manager, or call ``start()`` and ``stop()``; stop it before the stack.
     """
@@ -109,11 +114,13 @@ class WebView:
         host: str = "127.0.0.1",
         port: int = 0,
         token: str | None = None,
+        read_token: bool | None = None,
     ) -> None:
         self.stack = stack
         self.host = host
         self.port = port
         self.token = token if token is not None else secrets.token_urlsafe(24)
+        self.read_token = not is_loopback(host) if read_token is None else read_token
         self._runner: web.AppRunner | None = None
         self._events: Events | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -173,6 +180,7 @@ class WebView:
             pool=self._pool,
             events=self._events,
             allowed_hosts=lambda: self._hosts,
+            read_token=self.read_token,
         )
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()

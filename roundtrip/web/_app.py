@@ -144,12 +144,18 @@ class _Handlers:
         pool: ThreadPoolExecutor,
         events: Events,
         allowed_hosts: Callable[[], frozenset[str] | None],
+        read_token: bool,
     ) -> None:
         self.stack = stack
+        self.read_token = read_token
         self.token = token
         self.pool = pool
         self.events = events
         self.allowed_hosts = allowed_hosts
+
+    def _token_ok(self, given: str) -> bool:
+        # Header text may carry undecodable octets (surrogate escapes): compare bytes.
+        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token.encode())
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -170,13 +176,18 @@ class _Handlers:
             return _error(403, f"Host {request.host!r} is not this web view's address")
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             given = request.headers.get(TOKEN_HEADER, "")
-            # Header text may carry undecodable octets (surrogate escapes): compare bytes.
-            sent = given.encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(sent, self.token.encode()):
+            if not self._token_ok(given):
                 what = "a wrong" if given else "no"
                 return _error(
                     403, f"{request.method} needs the view's token: {what} {TOKEN_HEADER}"
                 )
+        elif self.read_token and request.path.startswith("/api/"):
+            # Beyond loopback anyone who can reach the port could read every mailbox, so
+            # reads need the token too: in the header, or in the ``token`` parameter for
+            # what the browser fetches by itself (the frame, downloads, the event stream).
+            given = request.headers.get(TOKEN_HEADER) or request.query.get("token", "")
+            if not self._token_ok(given):
+                return _error(403, f"reading needs the view's token: {TOKEN_HEADER} or ?token=")
         try:
             return await handler(request)
         except _data.NotFoundError as exc:
@@ -266,9 +277,12 @@ class _Handlers:
     async def html(self, request: web.Request) -> web.StreamResponse:
         user, folder, uid = self._message(request)
 
+        params: dict[str, Any] = {"user": user, "folder": folder, "uid": uid}
+        if self.read_token:  # the frame fetches the images itself: no header
+            params["token"] = self.token
+
         def part_url(index: int) -> str:
-            query = urlencode({"user": user, "folder": folder, "uid": uid, "index": index})
-            return f"/api/message/attachment?{query}&inline=1"
+            return f"/api/message/attachment?{urlencode({**params, 'index': index})}&inline=1"
 
         body = await self._run(_data.html_body, self.stack, user, folder, uid, part_url)
         response = web.Response(text=body, content_type="text/html", charset="utf-8")
@@ -346,9 +360,13 @@ def build_app(
     pool: ThreadPoolExecutor,
     events: Events,
     allowed_hosts: Callable[[], frozenset[str] | None],
+    read_token: bool = False,
 ) -> web.Application:
-    """The application: ``/`` and its static files, the JSON API under ``/api/``."""
-    handlers = _Handlers(stack, token, pool, events, allowed_hosts)
+    """The application: ``/`` and its static files, the JSON API under ``/api/``.
+
+    ``read_token``: reading the API needs the token too (a view beyond loopback).
+    """
+    handlers = _Handlers(stack, token, pool, events, allowed_hosts, read_token)
     app = web.Application(middlewares=[handlers.guard])
     app.router.add_get("/", handlers.static)
     app.router.add_get("/static/{name}", handlers.static)

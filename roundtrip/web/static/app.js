@@ -37,12 +37,20 @@ function query(params) {
   return new URLSearchParams(params).toString();
 }
 
+// A view beyond loopback needs the token for reads too: frames, downloads and the event
+// stream cannot send a header, so every URL the page builds carries it as a parameter.
+function withToken(params) {
+  return token ? { ...params, token } : params;
+}
+
 function where(extra) {
-  return query({ user: state.user, folder: state.folder, ...(extra || {}) });
+  return query(withToken({ user: state.user, folder: state.folder, ...(extra || {}) }));
 }
 
 async function api(path, options) {
-  const response = await fetch(path, options);
+  const headers = { ...((options && options.headers) || {}) };
+  if (token && !headers[TOKEN_HEADER]) headers[TOKEN_HEADER] = token;
+  const response = await fetch(path, { ...(options || {}), headers });
   if (!response.ok) {
     let text = response.statusText;
     try { text = (await response.json()).error; } catch (e) { /* not JSON */ }
@@ -59,12 +67,13 @@ async function change(path) {
   try {
     return await api(path, { method: "DELETE", headers: { [TOKEN_HEADER]: token } });
   } catch (err) {
-    setStatus(String(err));
+    setError(err);
     throw err;
   }
 }
 
 function setStatus(text) { $("status").textContent = text; }
+function setError(err) { $("error").textContent = String(err); }
 
 function badge(box) {
   return el("span", { class: box.unread ? "badge" : "badge zero", title: `${box.total} messages` },
@@ -257,16 +266,17 @@ function scheduleRefresh(event) {
   if (refreshTimer) clearTimeout(refreshTimer);
   refreshTimer = setTimeout(() => {
     refreshTimer = null;
-    loadMailboxes().catch((err) => setStatus(String(err)));
-    if (mine || (event && event.kind === "mailboxes")) loadMessages().catch((err) => setStatus(String(err)));
+    loadMailboxes().catch((err) => setError(err));
+    if (mine || (event && event.kind === "mailboxes")) loadMessages().catch((err) => setError(err));
   }, 20);
 }
 
 function listen() {
-  const source = new EventSource("/api/events");
+  const source = new EventSource(`/api/events?${query(withToken({}))}`);
   let opened = false;
   source.addEventListener("open", () => {
     setStatus("live");
+    setError("");
     // Changes made while the stream was down were not announced: read everything again.
     if (opened) scheduleRefresh({ kind: "mailboxes", user: state.user, folder: state.folder });
     opened = true;
@@ -309,7 +319,7 @@ document.addEventListener("DOMContentLoaded", () => {
     await loadMessages();
   });
   showTab("html");
-  loadMailboxes().catch((err) => setStatus(String(err)));
+  loadMailboxes().catch((err) => setError(err));
   setInterval(() => loadQueue().catch(() => {}), 5000);
   listen();
 });
