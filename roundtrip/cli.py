@@ -476,7 +476,7 @@ def _web_address(text: str) -> tuple[str, int]:
     if not _is_loopback(host):
         print(
             f"roundtrip: warning: --web {host} is not a loopback address: other machines can "
-            "read every mailbox on the web page",
+            "reach the web view (reading and deleting need its printed token)",
             file=sys.stderr,
             flush=True,
         )
