@@ -16,9 +16,12 @@ import pytest
 from _support import make_message
 
 from roundtrip import MailStack, StackConfig
+from roundtrip.protocols._imapmailbox import list_lines
 from roundtrip.stack._auth import peer_address
+from roundtrip.store import Mailboxes, Store
 
 TIMEOUT = 10.0
+LSUB_USER = "lsub@example.com"
 
 
 def _ipv6_loopback() -> str | None:
@@ -100,3 +103,38 @@ def test_received_peer_address_reads_both_literal_forms() -> None:
     assert peer_address(b"Received: from h (h.example)\r\n") is None
     assert peer_address(b"Received: from h ([IPv7:::1])\r\n") is None
     assert peer_address(b"X-Other: 1\r\nReceived: from h ([127.0.0.1])\r\n") is None
+
+
+# -- 2. LSUB answers from the subscription list it is given ------------------------------------
+
+
+def _boxes_with_stale_list() -> Mailboxes:
+    """One subscribed mailbox, one not, and a list of names that disagrees with both."""
+    store = Store()
+    store.add_user(LSUB_USER, "pw")
+    store.create_mailbox(LSUB_USER, "kept")
+    store.create_mailbox(LSUB_USER, "dropped")
+    store.subscribe(LSUB_USER, "kept", True)
+    store.subscribe(LSUB_USER, "dropped", False)
+    boxes = store.mailboxes(LSUB_USER)
+    return Mailboxes(boxes, ["dropped", "stale/name"])
+
+
+def test_imap_lsub_without_a_list_uses_the_mailboxes_own_flags() -> None:
+    """No list given: the mailboxes' ``subscribed`` decide, not a ``subscriptions``
+    attribute the sequence happens to carry (the IMAP machine always passes the list)."""
+    lines = list_lines(_boxes_with_stale_list(), "", "*", lsub=True, special_only=False)
+    assert b'* LSUB () "/" "kept"' in lines, lines
+    assert not any(b"dropped" in line or b"stale" in line for line in lines), lines
+
+
+def test_imap_lsub_with_a_list_answers_from_it() -> None:
+    """The twin: the list the machine passes is what LSUB shows, names without a mailbox
+    included (RFC 3501 6.3.6)."""
+    boxes = _boxes_with_stale_list()
+    lines = list_lines(
+        boxes, "", "*", lsub=True, special_only=False, subscriptions=["kept", "stale/name"]
+    )
+    assert b'* LSUB () "/" "kept"' in lines, lines
+    assert b'* LSUB (\\Noselect) "/" "stale/name"' in lines, lines
+    assert not any(b"dropped" in line for line in lines), lines

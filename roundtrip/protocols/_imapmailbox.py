@@ -151,9 +151,9 @@ def list_lines(
 ) -> list[bytes]:
     """The untagged LIST/LSUB responses for ``ref`` + ``pattern``.
 
-    ``subscriptions``: the subscribed names, mailboxes or not. When None, the ones that
-    ``mailboxes`` carries (``roundtrip.store.Mailboxes.subscriptions``) are used, and without
-    those the mailboxes' own ``subscribed``.
+    ``subscriptions``: the subscribed names, mailboxes or not (the store's
+    ``subscriptions``, which the IMAP machine passes for LSUB). When None, the mailboxes' own
+    ``subscribed`` say which of them are.
     """
     verb = "LSUB" if lsub else "LIST"
     if not pattern and not lsub:
@@ -188,10 +188,6 @@ def list_lines(
 
 
 def _subscribed(mailboxes: Sequence[IMAPMailbox], subscriptions: Iterable[str] | None) -> set[str]:
-    if subscriptions is None:
-        # The store's list of mailboxes may carry the user's subscriptions (read under the
-        # same lock); a plain sequence of mailboxes says only which of them are subscribed.
-        subscriptions = getattr(mailboxes, "subscriptions", None)
     if subscriptions is None:
         return {box.name for box in mailboxes if box.subscribed}
     return set(subscriptions)
