@@ -548,3 +548,18 @@ def lean_round_trip(
         _pop3(target, ctx, token, timeout, deadline, steps, pop3_pipelining)
     steps["total"] = steps.pop("fetched_at") - started
     return steps
+
+
+def lean_submit(
+    target: RoundTripTarget, ctx: ssl.SSLContext, timeout: float = 30.0
+) -> tuple[str, dict[str, float]]:
+    """Submit one message on 465 with AUTH, as ``lean_round_trip`` does, and nothing else.
+
+    Returns the message's Subject (it carries a unique token) and the step timings
+    (``smtp_connect``, ``smtp_session``). For round trips that end in the stack's own
+    ``wait_for`` rather than over IMAP or POP3 (``benchmarks/sections/inprocess.py``).
+    """
+    token, _message_id, raw = _message(target.mail_from, target.rcpt_to)
+    steps: dict[str, float] = {}
+    _submit(target, ctx, raw, timeout, steps)
+    return f"lean round trip {token}", steps

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python -m benchmarks.run [--quick] [--json FILE] [--no-postfix]
+    python -m benchmarks.run [--quick] [--json FILE] [--no-postfix] [--only inprocess]
 
 Prints one table with every figure of the issue and its ratio or target, and writes the same
 figures as JSON. ``--quick`` is the CI smoke version: the same rows with smaller counts and
@@ -47,6 +47,7 @@ from benchmarks._report import Results, machine, render, to_json  # noqa: E402
 from benchmarks.sections import (  # noqa: E402
     floor,
     imap_cost,
+    inprocess,
     latency,
     memory,
     paired,
@@ -56,14 +57,22 @@ from benchmarks.sections import (  # noqa: E402
 )
 
 
-def collect(plan: Plan, *, with_postfix: bool, log: Callable[[str], None]) -> dict[str, Any]:
+def collect(
+    plan: Plan, *, with_postfix: bool, log: Callable[[str], None], only: str | None = None
+) -> dict[str, Any]:
     data: dict[str, Any] = {"plan": asdict(plan), "machine": machine()}
+    if only == "inprocess":
+        log("in-process round trips per loop, first test, idle RSS")
+        data["inprocess"] = inprocess.measure(plan)
+        return data
     log("floor: TLS 1.3 handshake + round trip, TCP round trip")
     data["floor"] = floor.measure(plan)
     log("stack start (in-process) and an in-process round trip")
     data["start"] = start.stack_start(plan, plan.latency_n)
     log("pytest sessions (fixture overhead)")
     data["fixture"] = start.fixture_overhead(plan)
+    log("in-process round trips per loop (pytest's use), first test, idle RSS")
+    data["inprocess"] = inprocess.measure(plan)
     log("round trips against the stack in a child process")
     users = [f"user@{d}" for d in DOMAINS] + [IMAP_USER]
     latency.measure(plan, users, data)
@@ -87,6 +96,7 @@ def collect(plan: Plan, *, with_postfix: bool, log: Callable[[str], None]) -> di
 ROW_BUILDERS: tuple[Callable[[Results, dict[str, Any]], None], ...] = (
     floor.rows,
     start.rows,
+    inprocess.rows,
     latency.lean_rows,
     paired.rows,
     latency.probe_rows,
@@ -100,7 +110,8 @@ ROW_BUILDERS: tuple[Callable[[Results, dict[str, Any]], None], ...] = (
 def build_rows(data: dict[str, Any]) -> Results:
     """Turn the measurements into table rows with ratios, targets and verdicts."""
     res = Results(raw=data)
-    for build in ROW_BUILDERS:
+    builders = ROW_BUILDERS if "floor" in data else (inprocess.rows,)  # --only inprocess
+    for build in builders:
         build(res, data)
     return res
 
@@ -118,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="smoke version: small counts")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--no-postfix", action="store_true", help="skip Postfix + Dovecot")
+    parser.add_argument(
+        "--only",
+        choices=("inprocess",),
+        help="run one section: inprocess = the stack in this process on each event loop "
+        "(round trips with wait_for and IMAPS, after reset() and not), first test, idle RSS",
+    )
     return parser
 
 
@@ -129,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(f"[{time.perf_counter() - began:6.1f}s] {text}", file=sys.stderr, flush=True)
 
-    data = collect(plan, with_postfix=not args.no_postfix, log=log)
+    data = collect(plan, with_postfix=not args.no_postfix, log=log, only=args.only)
     data["elapsed"] = time.perf_counter() - began
     data["machine"]["load_average_end"] = machine()["load_average"]
     res = build_rows(data)

@@ -108,6 +108,26 @@ TARGETS: tuple[PerfTarget, ...] = (
         detail="3 TLS conns",
     ),
     PerfTarget(
+        "same-domain round trip in-process",
+        "inprocess.same_vs_floor",
+        "<=",
+        1.5,
+        "x floor",
+        'issue "Performance, round two": the same-domain round trip within 1.5x its floor '
+        "in-process too (the stack on its loop thread, the client in the test's process)",
+        detail="2 TLS conns, in-process",
+    ),
+    PerfTarget(
+        "cross-domain round trip in-process",
+        "inprocess.cross_vs_floor",
+        "<=",
+        2,
+        "x floor",
+        'issue "Performance, round two": the cross-domain round trip within 2x its floor '
+        "in-process too",
+        detail="3 TLS conns, in-process",
+    ),
+    PerfTarget(
         "round trip vs Postfix+Dovecot",
         "paired.same_vs_postfix_dovecot",
         ">=",

@@ -12,6 +12,7 @@ from types import ModuleType
 from benchmarks.sections import (
     floor,
     imap_cost,
+    inprocess,
     latency,
     memory,
     paired,
@@ -23,6 +24,7 @@ from benchmarks.sections import (
 SECTIONS: tuple[ModuleType, ...] = (
     floor,
     start,
+    inprocess,
     latency,
     paired,
     throughput,
