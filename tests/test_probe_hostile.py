@@ -639,11 +639,13 @@ def test_probe_hostile_real_close_says_closed() -> None:
     assert str(error) == "EHLO: mx.test:25 closed the connection: Connection unexpectedly closed"
 
 
-def _args(fake: Fake, smtp: str, reader: str, reader_port: int) -> list[str]:
+def _args(
+    fake: Fake, smtp: str, reader: str, reader_port: int, smtp_port: int | None = None
+) -> list[str]:
     return [
         "probe",
         "--smtp",
-        f"{smtp}://probe%40fake.test@127.0.0.1:{fake.smtp.port}",
+        f"{smtp}://probe%40fake.test@127.0.0.1:{smtp_port or fake.smtp.port}",
         f"--{reader.rstrip('s')}",
         f"{reader}://probe%40fake.test@127.0.0.1:{reader_port}",
         "--cafile",
@@ -722,3 +724,60 @@ def test_probe_hostile_legacy_only_server_is_not_met_halfway(
     assert "FAIL at CONNECT: 127.0.0.1" in run.out
     assert "accepts none of the TLS versions the probe offers (TLS 1.2 and above" in run.out
     assert not fake.world.auth_seen.is_set()
+
+
+# -- the classics: silence, a close, random bytes, a 20 MB line ---------------------------------
+
+
+def _raw_behaviour(kind: str, conn: socket.socket, stop: threading.Event) -> None:
+    if kind == "close":
+        return
+    if kind == "random":
+        conn.sendall(bytes(range(256)) * 64)
+    elif kind == "long-line":
+        block = b"220-" + b"x" * (1024 * 1024 - 4)
+        for _ in range(20):
+            conn.sendall(block)
+    stop.wait(SERVER_TIMEOUT)  # silence (after whatever it sent)
+
+
+@pytest.mark.parametrize("tls", [True, False])
+@pytest.mark.parametrize("kind", ["silence", "close", "random", "long-line"])
+def test_probe_hostile_classic_misbehaviour_ends_cleanly(
+    make_fake: Callable[..., Fake], ca: trustme.CA, kind: str, tls: bool
+) -> None:
+    fake = make_fake()
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(SERVER_TIMEOUT)
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(SERVER_TIMEOUT)
+            try:
+                if tls:
+                    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+                    with ctx.wrap_socket(conn, server_side=True) as secure:
+                        _raw_behaviour(kind, secure, stop)
+                else:
+                    _raw_behaviour(kind, conn, stop)
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        port = listener.getsockname()[1]
+        run = run_cli(_args(fake, "smtps", "imaps", fake.imap.port, smtp_port=port))
+    finally:
+        stop.set()
+        thread.join(SERVER_TIMEOUT)
+        listener.close()
+    _failed_within_timeout(run)
+    result = json.loads(run.out)["results"][0]
+    assert result["error_step"] == "CONNECT", result["error"]
