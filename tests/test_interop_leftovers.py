@@ -12,6 +12,9 @@ import smtplib
 import socket
 from collections.abc import Iterator
 
+import dns.message
+import dns.query
+import dns.rcode
 import pytest
 from _support import make_message
 
@@ -138,3 +141,43 @@ def test_imap_lsub_with_a_list_answers_from_it() -> None:
     assert b'* LSUB () "/" "kept"' in lines, lines
     assert b'* LSUB (\\Noselect) "/" "stale/name"' in lines, lines
     assert not any(b"dropped" in line for line in lines), lines
+
+
+# -- 3. DNS on every host of a dual stack --------------------------------------------------
+
+
+def _dns_ask(host: str, port: int, name: str, rdtype: str, *, tcp: bool) -> dns.message.Message:
+    query = dns.message.make_query(name, rdtype)
+    if tcp:
+        return dns.query.tcp(query, host, port=port, timeout=TIMEOUT)
+    return dns.query.udp(query, host, port=port, timeout=TIMEOUT)
+
+
+def _texts(reply: dns.message.Message) -> list[str]:
+    return [rdata.to_text() for rrset in reply.answer for rdata in rrset]
+
+
+@needs_ipv6
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_dns_dual_stack_answers_on_every_host(dual_stack: MailStack, host: str, tcp: bool) -> None:
+    assert dual_stack.dns is not None
+    assert dual_stack.dns.hosts == ("127.0.0.1", "::1")
+    port = dual_stack.dns.port
+    assert _texts(_dns_ask(host, port, "mail.example.org", "AAAA", tcp=tcp)) == ["::1"]
+    assert _texts(_dns_ask(host, port, "mail.example.org", "A", tcp=tcp)) == ["127.0.0.1"]
+    # A name in no zone gets the world's answer on every address too.
+    missing = _dns_ask(host, port, "no-such-domain.invalid", "MX", tcp=tcp)
+    assert missing.rcode() == dns.rcode.NXDOMAIN
+
+
+@needs_ipv6
+def test_dns_single_host_stack_listens_on_its_host_only() -> None:
+    """The twin: without extra hosts, nothing of the DNS listens on ::1."""
+    with MailStack(StackConfig()) as stack:
+        assert stack.dns is not None and stack.dns.hosts == ("127.0.0.1",)
+        port = stack.dns.port
+        assert _texts(_dns_ask("127.0.0.1", port, "mail.example.org", "A", tcp=True))
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("::1", port), timeout=TIMEOUT).close()
+        stack.check()

@@ -3,7 +3,8 @@
 Both listeners share one ephemeral port so a resolver pointed at ``(host, port)`` can retry a
 truncated UDP answer over TCP (RFC 7766). The UDP socket is bound first with port 0; the TCP
 listener then binds the same number, and the pair is retried when another process already
-holds that TCP port.
+holds that TCP port. A dual stack gives more addresses (``extra_hosts``, say ``::1``): each
+gets a UDP and a TCP listener on that same port, as every other service of the stack does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import errno
 import logging
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
 from ..errors import ServerStartError
@@ -42,8 +43,9 @@ class DNSServer:
     """A running DNS server; build it with :func:`start_dns`.
 
     Attributes:
-        host: the address both listeners are bound to.
-        port: the UDP and TCP port.
+        host: the first address the listeners are bound to.
+        hosts: every address, ``host`` first; each has a UDP and a TCP listener.
+        port: the UDP and TCP port, the same on every address.
         query_log: one ``(qname, qtype, rcode)`` per query answered (or dropped), in order.
     """
 
@@ -56,13 +58,14 @@ class DNSServer:
         tcp_idle_timeout: float,
     ) -> None:
         self.host = host
+        self.hosts: tuple[str, ...] = (host,)
         self.port = 0
         self.query_log: list[tuple[str, str, str]] = []
         self._zone_provider = zone_provider
         self._on_error = on_error
         self._tcp_idle_timeout = tcp_idle_timeout
-        self._udp: asyncio.DatagramTransport | None = None
-        self._tcp: asyncio.Server | None = None
+        self._udp: list[asyncio.DatagramTransport] = []
+        self._tcp: list[asyncio.Server] = []
         self._tcp_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -128,16 +131,16 @@ class DNSServer:
         if self._closed:
             return
         self._closed = True
-        if self._udp is not None:
-            self._udp.close()
-        if self._tcp is not None:
-            self._tcp.close()
+        for udp in self._udp:
+            udp.close()
+        for tcp in self._tcp:
+            tcp.close()
         for task in list(self._tcp_tasks):
             task.cancel()
         if self._tcp_tasks:
             await asyncio.gather(*self._tcp_tasks, return_exceptions=True)
-        if self._tcp is not None:
-            await self._tcp.wait_closed()
+        for tcp in self._tcp:
+            await tcp.wait_closed()
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -205,8 +208,9 @@ async def start_dns(
     port: int = 0,
     on_error: Callable[[BaseException], None],
     tcp_idle_timeout: float = 10.0,
+    extra_hosts: Sequence[str] = (),
 ) -> DNSServer:
-    """Start a DNS server on the running loop; return once both listeners are bound.
+    """Start a DNS server on the running loop; return once every listener is bound.
 
     Args:
         zone_provider: the zone to serve, or a callable returning it for each query (so the
@@ -215,17 +219,21 @@ async def start_dns(
         port: 0 for an ephemeral port (the default), else a fixed one.
         on_error: records unexpected exceptions (``LoopThread.record_error``).
         tcp_idle_timeout: seconds a TCP connection may wait for its next query.
+        extra_hosts: more addresses to listen on, UDP and TCP, on the same port (a dual
+            stack's ``::1``).
 
     Returns:
         The running :class:`DNSServer`; ``await server.close()`` stops it.
 
     Raises:
-        ServerStartError: no port could be bound for both UDP and TCP.
+        ServerStartError: no port could be bound for UDP and TCP on every address.
     """
     loop = asyncio.get_running_loop()
+    hosts = tuple(dict.fromkeys((host, *extra_hosts)))
     server = DNSServer(
         _provider(zone_provider), host=host, on_error=on_error, tcp_idle_timeout=tcp_idle_timeout
     )
+    server.hosts = hosts
     last_error: OSError | None = None
     for _ in range(_BIND_ATTEMPTS if port == 0 else 1):
         try:
@@ -235,17 +243,31 @@ async def start_dns(
         except OSError as exc:
             raise ServerStartError(f"DNS: cannot bind UDP {host}:{port}: {exc}") from exc
         bound = udp.get_extra_info("sockname")[1]
+        udps: list[asyncio.DatagramTransport] = [udp]
+        tcps: list[asyncio.Server] = []
+        where = host
         try:
-            tcp = await asyncio.start_server(server._serve_tcp, host, bound)
+            tcps.append(await asyncio.start_server(server._serve_tcp, host, bound))
+            for where in hosts[1:]:
+                more, _protocol = await loop.create_datagram_endpoint(
+                    lambda: _UDPProtocol(server), local_addr=(where, bound)
+                )
+                udps.append(more)
+                tcps.append(await asyncio.start_server(server._serve_tcp, where, bound))
         except OSError as exc:
-            udp.close()
+            for transport in udps:
+                transport.close()
+            for listener in tcps:
+                listener.close()
             last_error = exc
-            if exc.errno != errno.EADDRINUSE:
-                break
+            # Only an ephemeral port taken elsewhere is worth another try; a fixed port, or an
+            # address that cannot be bound at all, fails now and names the address.
+            if exc.errno != errno.EADDRINUSE or port != 0:
+                raise ServerStartError(f"DNS: cannot bind {where}:{bound}: {exc}") from exc
             continue
-        server._udp, server._tcp, server.port = udp, tcp, bound
+        server._udp, server._tcp, server.port = udps, tcps, bound
         return server
     raise ServerStartError(
-        f"DNS: cannot bind TCP on the UDP port at {host} after {_BIND_ATTEMPTS} attempts: "
-        f"{last_error}"
+        f"DNS: cannot bind UDP and TCP on one port at {', '.join(hosts)} after "
+        f"{_BIND_ATTEMPTS} attempts: {last_error}"
     ) from last_error

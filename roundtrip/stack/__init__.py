@@ -54,6 +54,7 @@ from ._services import (
     STANDARD_PORTS,
     DomainEndpoints,
     Listeners,
+    dns_hosts,
     hosts_for,
     port_for,
 )
@@ -245,13 +246,14 @@ class MailStack:
         self.dkim_keys = {d: domain_keys(d) for d in signing}
         self._router.dkim_keys = lambda domain: self.dkim_keys.get(domain, ())
         self._zone = self._default_zone = build_zone(self.default_dns_records())
-        dns_host = "127.0.0.1" if self.config.ports == "standard" else self.config.host
+        dns_host, *dns_extra = dns_hosts(self.config)
         try:
             self.dns = await start_dns(
                 self._default_zone,
                 host=dns_host,
                 port=port_for(self.config, "dns"),
                 on_error=self._thread.record_error,
+                extra_hosts=dns_extra,
             )
         except OSError as exc:
             raise ServerStartError(f"cannot bind dns on {dns_host}: {exc}") from exc

@@ -31,6 +31,7 @@ __all__ = [
     "STANDARD_PORTS",
     "DomainEndpoints",
     "Listeners",
+    "dns_hosts",
     "host_for",
     "hosts_for",
     "port_for",
@@ -105,6 +106,14 @@ def host_for(config: StackConfig, index: int) -> str:
 def hosts_for(config: StackConfig, index: int) -> tuple[str, ...]:
     """Every address domain number ``index`` listens on: :func:`host_for` first."""
     return (host_for(config, index), *config.extra_hosts)
+
+
+def dns_hosts(config: StackConfig) -> tuple[str, ...]:
+    """Every address the stack's DNS server listens on, on one port: 127.0.0.1 with standard
+    ports (where resolvers look), else the stack's host; then each extra host, as for every
+    other service."""
+    first = "127.0.0.1" if config.ports == "standard" else config.host
+    return tuple(dict.fromkeys((first, *config.extra_hosts)))
 
 
 def port_for(config: StackConfig, service: str, index: int = 0) -> int:
