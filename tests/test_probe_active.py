@@ -551,35 +551,42 @@ def test_active_chunking_not_advertised_by_the_stack(stack: MailStack) -> None:
 def test_active_smuggling_found_by_the_second_message_in_the_mailbox(
     weak: list[WeakServer], lenient: bool
 ) -> None:
-    smtp_server = _weak(weak, "smtp", lenient_data_end=lenient)
+    # The same flawed server is the submission port (AUTH) and the MX (no AUTH needed).
+    smtp_server = _weak(weak, "smtp", lenient_data_end=lenient, no_auth_needed=True)
     pop3_server = _weak(weak, "pop3", of=smtp_server)
     report = _run(
         ("smuggling",),
         smtp=_weak_endpoint(smtp_server),
         reader=_weak_endpoint(pop3_server, "pop3"),
         context=_weak_context(smtp_server),
+        mx=("127.0.0.1", smtp_server.port),
     )
-    (finding,) = report.findings
+    submission, mx = report.findings
+    assert "(submission)" in submission.message and "(MX)" in mx.message
     assert report.checks == {"no SMTP smuggling": not lenient}
-    if lenient:
-        assert finding.severity == "fail"
-        assert "LF.LF, LF.CRLF ended DATA early" in finding.message
-        assert "CVE-2023-51764" in finding.message
-        assert sum("a second message arrived" in line for line in finding.evidence) == 2
-    else:
-        assert finding.severity == "info" and "none of 7" in finding.message
+    for finding in (submission, mx):
+        if lenient:
+            assert finding.severity == "fail"
+            assert "LF.LF, LF.CRLF ended DATA early" in finding.message
+            assert "CVE-2023-51764" in finding.message
+            assert sum("a second message arrived" in line for line in finding.evidence) == 2
+        else:
+            assert finding.severity == "info" and "none of 7" in finding.message
     # Every message went to the probe's own mailbox, and was deleted from it again.
     rcpts = {line for line in smtp_server.received if line.upper().startswith("RCPT")}
     assert rcpts == {"RCPT TO:<probe@weak.test>"}
+    # Seven outer messages per route, and on the lenient server two smuggled ones each.
+    assert len(smtp_server.mailbox) == ((7 + 2) * 2 if lenient else 7 * 2)
     assert all(m.startswith(b"Subject: deleted") for m in smtp_server.mailbox)
 
 
 def test_active_smuggling_stack_ends_data_only_at_crlf_dot_crlf(stack: MailStack) -> None:
     report = _stack_run(stack, ("smuggling",), "submissions")
     assert report.checks == {"no SMTP smuggling": True}
-    (finding,) = report.findings
-    assert finding.severity == "info" and "none of 7" in finding.message
-    assert len(finding.evidence) == 7
+    submission, mx = report.findings  # the submission port, then the MX (inbound)
+    for finding in (submission, mx):
+        assert finding.severity == "info" and "none of 7" in finding.message
+        assert len(finding.evidence) == 7
     # Every probe message was removed from the probe's own mailbox again.
     recipient = stack.user(stack.config.domains[-1])
     assert not [m for m in stack.messages(recipient.address) if "smuggling" in m.subject]

@@ -451,7 +451,7 @@ def run_active_checks(
     wanted = tuple(g for g in GROUPS if g in set(groups))
     report = ActiveReport(requested=wanted)
     ctx = _Context(smtp, reader, context, mail_from, rcpt_to, timeout, mx, keep, report)
-    if {"starttls-injection", "plaintext-auth", "open-relay"} & set(wanted):
+    if {"starttls-injection", "plaintext-auth", "open-relay", "smuggling"} & set(wanted):
         ctx.mx_target = _mx_endpoint(ctx)
     runners: dict[str, Callable[[_Context], str | None]] = {
         "starttls-injection": _starttls_injection,
@@ -689,6 +689,25 @@ def _auth_before_tls(ctx: _Context, target: Endpoint) -> None:
 # -- B3.1 open relay ---------------------------------------------------------------------------
 
 
+def _mx_open(target: Endpoint, deadline: float) -> _Session:
+    """An unauthenticated session with an MX, upgraded with STARTTLS when it is offered
+    (certificate not verified: nothing secret is sent, and an MX's name is often not the
+    host dialled)."""
+    session = _smtp_open(target, _unverified(), deadline, auth=False, starttls=False)
+    try:
+        if "STARTTLS" in session.caps:
+            session.wire.send(b"STARTTLS\r\n")
+            if session.wire.reply()[0] == 220:
+                session.wire.tls(_unverified(), target.server_name)
+                code, ehlo = session.wire.command("EHLO roundtrip.probe")
+                _expect(session.wire, code, ehlo, "EHLO")
+                session.ehlo = ehlo
+        return session
+    except BaseException:
+        session.wire.close()
+        raise
+
+
 def _open_relay(ctx: _Context) -> str | None:
     target = ctx.mx_target
     if target is None:
@@ -696,12 +715,7 @@ def _open_relay(ctx: _Context) -> str | None:
     server = target.address
     session: _Session | None = None
     try:
-        session = _smtp_open(target, _unverified(), ctx.deadline(), auth=False, starttls=False)
-        if "STARTTLS" in session.caps:
-            session.wire.send(b"STARTTLS\r\n")
-            if session.wire.reply()[0] == 220:
-                session.wire.tls(_unverified(), target.server_name)
-                session.wire.command("EHLO roundtrip.probe")
+        session = _mx_open(target, ctx.deadline())
         mail = session.wire.command(f"MAIL FROM:<{RELAY_SENDER}>")
         rcpt = session.wire.command(f"RCPT TO:<{RELAY_RECIPIENT}>") if mail[0] // 100 == 2 else None
         # Never DATA (B7.5): the answer to RCPT is the verdict.
@@ -901,6 +915,8 @@ class _Vector:
     seq: bytes
     outer_id: str
     inner_id: str
+    #: ``submission`` (authenticated, the --smtp endpoint) or ``MX`` (inbound, no AUTH).
+    route: str = "submission"
     replies: list[str] = field(default_factory=list)
     refused: bool = False
     #: The server took a second DATA (354) after the fake end of data.
@@ -937,27 +953,42 @@ def _smuggling(ctx: _Context) -> str | None:
     if ctx.reader is None or not ctx.reader.user:
         return "needs the probe's own mailbox: an --imap or --pop3 URL with a user"
     domain = ctx.mail_from.rpartition("@")[2] or "roundtrip.invalid"
+    mx = ctx.mx_target
+    routes: dict[str, tuple[Endpoint, Callable[[float], _Session]]] = {
+        "submission": (
+            ctx.smtp,
+            lambda deadline: _smtp_open(ctx.smtp, ctx.context, deadline, auth=True),
+        ),
+    }
+    if mx is not None:
+        # Inbound: the MX takes mail for the probe's own domain without AUTH.
+        routes["MX"] = (mx, lambda deadline: _mx_open(mx, deadline))
     vectors = [
         _Vector(
             name,
             seq,
-            f"<roundtrip-smuggle-{ctx.token}-{index}@{domain}>",
-            f"<roundtrip-smuggle-{ctx.token}-{index}-inner@{domain}>",
+            f"<roundtrip-smuggle-{ctx.token}-{route[0].lower()}{index}@{domain}>",
+            f"<roundtrip-smuggle-{ctx.token}-{route[0].lower()}{index}-inner@{domain}>",
+            route,
         )
+        for route in routes
         for index, (name, seq) in enumerate(SMUGGLING_VECTORS)
     ]
     deadline = ctx.deadline()
     for vector in vectors:
-        _send_vector(ctx, vector, deadline)
+        _send_vector(ctx, vector, deadline, routes[vector.route][1])
     _look_for_smuggled(ctx, vectors, deadline)
-    _judge_smuggling(ctx, vectors)
+    for route, (endpoint, _) in routes.items():
+        _judge_smuggling(ctx, [v for v in vectors if v.route == route], endpoint.address, route)
     return None
 
 
-def _send_vector(ctx: _Context, vector: _Vector, deadline: float) -> None:
+def _send_vector(
+    ctx: _Context, vector: _Vector, deadline: float, open_session: Callable[[float], _Session]
+) -> None:
     session: _Session | None = None
     try:
-        session = _smtp_open(ctx.smtp, ctx.context, deadline, auth=True)
+        session = open_session(deadline)
         wire = session.wire
         for command in (f"MAIL FROM:<{ctx.mail_from}>", f"RCPT TO:<{ctx.rcpt_to}>", "DATA"):
             code, lines = wire.command(command)
@@ -1019,8 +1050,7 @@ def _look_for_smuggled(ctx: _Context, vectors: list[_Vector], deadline: float) -
         _mailbox_find(ctx, time.monotonic() + ctx.timeout, delete=True)
 
 
-def _judge_smuggling(ctx: _Context, vectors: list[_Vector]) -> None:
-    server = ctx.smtp.address
+def _judge_smuggling(ctx: _Context, vectors: list[_Vector], server: str, route: str) -> None:
     smuggled = [v for v in vectors if v.inner_seen]
     doubtful = [v for v in vectors if not v.inner_seen and v.second_transaction]
     untested = [v for v in vectors if v.error or (not v.refused and not v.outer_seen)]
@@ -1037,9 +1067,9 @@ def _judge_smuggling(ctx: _Context, vectors: list[_Vector]) -> None:
         ctx.finding(
             "smtp-smuggling",
             FAIL,
-            f"smtp {server}: the end-of-data variant(s) {names} ended DATA early: the second "
-            "transaction hidden in the body arrived as a message of its own (SMTP smuggling; "
-            "CVE-2023-51764, CVE-2023-51765, CVE-2023-51766; Postfix: "
+            f"smtp {server} ({route}): the end-of-data variant(s) {names} ended DATA early: "
+            "the second transaction hidden in the body arrived as a message of its own (SMTP "
+            "smuggling; CVE-2023-51764, CVE-2023-51765, CVE-2023-51766; Postfix: "
             "smtpd_forbid_bare_newline = normalize)",
             server,
             evidence,
@@ -1048,7 +1078,7 @@ def _judge_smuggling(ctx: _Context, vectors: list[_Vector]) -> None:
         ctx.finding(
             "smtp-smuggling",
             WARN,
-            f"smtp {server}: the server took a second DATA after the variant(s) "
+            f"smtp {server} ({route}): the server took a second DATA after the variant(s) "
             f"{', '.join(v.name for v in doubtful)}, but no second message arrived by the "
             "deadline",
             server,
@@ -1058,7 +1088,8 @@ def _judge_smuggling(ctx: _Context, vectors: list[_Vector]) -> None:
         ctx.finding(
             "smtp-smuggling",
             WARN,
-            f"smtp {server}: smuggling not tested: no probe message could be sent or found",
+            f"smtp {server} ({route}): smuggling not tested: no probe message could be sent or "
+            "found",
             server,
             evidence,
         )
@@ -1067,8 +1098,8 @@ def _judge_smuggling(ctx: _Context, vectors: list[_Vector]) -> None:
         ctx.finding(
             "smtp-smuggling",
             INFO,
-            f"smtp {server}: none of {tested} end-of-data variants ended DATA early (each "
-            "gave one message, or was refused)"
+            f"smtp {server} ({route}): none of {tested} end-of-data variants ended DATA "
+            "early (each gave one message, or was refused)"
             + (f"; {len(untested)} not tested" if untested else ""),
             server,
             evidence,
