@@ -76,18 +76,32 @@ class CertificateAuthority:
         identities: Iterable[str],
         *,
         minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
+        local_address: str | None = None,
     ) -> ssl.SSLContext:
         """A server-side context presenting a leaf for ``identities``.
 
         A client that sends a host name in SNI gets the leaf whose CN is the first identity.
         One that sends no SNI, or an IP address in it, gets a twin leaf whose CN is that address
-        (the first address among ``identities`` when none was sent, so list the listener's
-        address first), for clients that match the CN and ignore IP subjectAltNames.
+        (``local_address``, the one the listener is bound to, when none was sent: the address
+        the client dialled), for clients that match the CN and ignore IP subjectAltNames. A
+        listener on several addresses (``127.0.0.1`` and ``::1``) needs one context for each:
+        the handshake cannot see which address the connection came in on.
 
-        TLS 1.2 is the floor (RFC 8996, RFC 8997).
+        Args:
+            identities: the names and addresses the leaf covers (the loopback ones are added).
+            minimum_version: TLS 1.2 is the floor (RFC 8996, RFC 8997).
+            local_address: the address a no-SNI client gets in the CN; by default the first
+                address among ``identities``. An unspecified one (``0.0.0.0``, ``::``) says
+                nothing of what the client dialled and keeps that default.
         """
         names = _identities(identities)
         addresses = [name for name in names if _is_address(name)]
+        if local_address is not None and _is_address(local_address):
+            local = ipaddress.ip_address(local_address)
+            if not local.is_unspecified:
+                # Covered by both leaves' subjectAltNames, and the no-SNI default.
+                names = _identities([*names, str(local)])
+                addresses = [str(local), *(a for a in addresses if a != str(local))]
         ctx = _server_context(self.leaf(names), minimum_version)
         by_address: dict[str, ssl.SSLContext] = {}
 

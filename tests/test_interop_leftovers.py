@@ -8,9 +8,13 @@ tests skip where ::1 cannot be bound (a container without IPv6).
 
 from __future__ import annotations
 
+import os
+import shutil
 import smtplib
 import socket
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import dns.message
 import dns.query
@@ -19,6 +23,7 @@ import pytest
 from _support import make_message
 
 from roundtrip import MailStack, StackConfig
+from roundtrip.certs import CertificateAuthority
 from roundtrip.protocols._imapmailbox import list_lines
 from roundtrip.stack._auth import peer_address
 from roundtrip.store import Mailboxes, Store
@@ -181,3 +186,166 @@ def test_dns_single_host_stack_listens_on_its_host_only() -> None:
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("::1", port), timeout=TIMEOUT).close()
         stack.check()
+
+
+# -- 4. a no-SNI client gets a leaf whose CN is the address it dialled -------------------------
+
+
+def _peer_cn(stack: MailStack, host: str, service: str, *, sni: str | None) -> str:
+    """The subject CN of the leaf ``service`` of example.org presents on ``host``, verified
+    against the stack's CA, with ``sni`` as the server name (None: no SNI extension)."""
+    context = stack.client_context()
+    if sni is None:
+        context.check_hostname = False  # no name to check: the chain is still verified
+    port = stack.domains["example.org"].ports[service]
+    with (
+        socket.create_connection((host, port), timeout=TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname=sni) as tls,
+    ):
+        cert = tls.getpeercert()
+    assert cert, "no verified peer certificate"
+    subject = dict(pair for rdn in cert["subject"] for pair in rdn)
+    return str(subject["commonName"])
+
+
+@needs_ipv6
+@pytest.mark.parametrize("service", ["imaps", "pop3s", "submissions"])
+def test_certs_no_sni_client_on_v6_sees_the_v6_address_as_cn(
+    dual_stack: MailStack, service: str
+) -> None:
+    assert _peer_cn(dual_stack, "::1", service, sni=None) == "::1"
+
+
+@needs_ipv6
+@pytest.mark.parametrize("service", ["imaps", "pop3s", "submissions"])
+def test_certs_no_sni_client_on_v4_and_named_client_keep_their_cn(
+    dual_stack: MailStack, service: str
+) -> None:
+    """The twin: over 127.0.0.1 the CN stays 127.0.0.1, and a client that sends the host
+    name gets the name on either family."""
+    assert _peer_cn(dual_stack, "127.0.0.1", service, sni=None) == "127.0.0.1"
+    for host in ("127.0.0.1", "::1"):
+        assert _peer_cn(dual_stack, host, service, sni="mail.example.org") == "mail.example.org"
+
+
+def _mbsync_over_v6(stack: MailStack, home: Path, ca_file: str) -> subprocess.CompletedProcess[str]:
+    """mbsync (isync) syncing example.org's INBOX over IMAPS at ::1, trusting ``ca_file``
+    only. mbsync 1.4 matches the certificate's CN and DNS names, never its IP entries."""
+    program = shutil.which("mbsync")
+    if program is None:
+        pytest.skip("mbsync not installed (Debian package isync)")
+    rcpt = stack.user("example.org")
+    maildir = home / "Mail"
+    maildir.mkdir(exist_ok=True)
+    rc = home / "mbsyncrc"
+    rc.write_text(
+        "IMAPAccount remote\nHost ::1\n"
+        f"Port {stack.domains['example.org'].ports['imaps']}\n"
+        f'User "{rcpt.address}"\nPass "{rcpt.password}"\n'
+        "SSLType IMAPS\nSSLVersions TLSv1.2 TLSv1.3\n"
+        f"CertificateFile {ca_file}\nSystemCertificates no\nAuthMechs PLAIN LOGIN\nTimeout 20\n\n"
+        "IMAPStore remote\nAccount remote\n\n"
+        f"MaildirStore local\nPath {maildir}/\nInbox {maildir}/INBOX\n\n"
+        "Channel inbox\nFar :remote:INBOX\nNear :local:INBOX\n"
+        "Create Near\nSync Pull\nSyncState *\n"
+    )
+    environ = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home)}
+    return subprocess.run(
+        [program, "-V", "-c", str(rc), "inbox"],
+        env=environ,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=60.0,
+        check=False,
+        cwd=home,
+    )
+
+
+def _maildir_messages(home: Path) -> list[Path]:
+    inbox = home / "Mail" / "INBOX"
+    return [p for sub in ("new", "cur") for p in (inbox / sub).glob("*") if p.is_file()]
+
+
+@needs_ipv6
+def test_certs_mbsync_syncs_over_v6(dual_stack: MailStack, tmp_path: Path) -> None:
+    _mx_hop(dual_stack, "::1", "for mbsync over v6")
+    proc = _mbsync_over_v6(dual_stack, tmp_path, dual_stack.ca_file)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    (message,) = _maildir_messages(tmp_path)
+    assert b"Subject: for mbsync over v6" in message.read_bytes()
+
+
+@needs_ipv6
+def test_certs_mbsync_over_v6_refuses_another_ca(dual_stack: MailStack, tmp_path: Path) -> None:
+    """The twin: verification stays on; a CA that did not sign the leaf fails the sync."""
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(CertificateAuthority().pem)
+    proc = _mbsync_over_v6(dual_stack, tmp_path, str(other))
+    assert proc.returncode != 0
+    assert "certificate" in (proc.stdout + proc.stderr).lower(), proc.stderr
+    assert _maildir_messages(tmp_path) == []
+
+
+def _offlineimap_over_v6(stack: MailStack, home: Path, ca_file: str) -> tuple[str, list[Path]]:
+    """One offlineimap3 run (read-only, once) over IMAPS at ::1 trusting ``ca_file`` only;
+    its output and the messages it wrote. Its TLS (Python's ssl) sends no SNI for an
+    address, and it matches the CN and DNS names, never the IP entries."""
+    program = shutil.which("offlineimap")
+    if program is None:
+        pytest.skip("offlineimap not installed (Debian package offlineimap3)")
+    rcpt = stack.user("example.org")
+    maildir = home / "Mail"
+    rc = home / "offlineimaprc"
+    rc.write_text(
+        "[general]\naccounts = test\n"
+        f"metadata = {home / 'metadata'}\n\n"
+        "[Account test]\nlocalrepository = local\nremoterepository = remote\n\n"
+        f"[Repository local]\ntype = Maildir\nlocalfolders = {maildir}\n\n"
+        "[Repository remote]\ntype = IMAP\n"
+        f"remotehost = ::1\nremoteport = {stack.domains['example.org'].ports['imaps']}\n"
+        f"remoteuser = {rcpt.address}\nremotepass = {rcpt.password}\n"
+        f"ssl = yes\nstarttls = no\nsslcacertfile = {ca_file}\n"
+        "tls_level = tls_secure\nssl_version = tls1_2\n"
+        "folderfilter = lambda name: name == 'INBOX'\n"
+        "readonly = True\ntimeout = 20\nmaxconnections = 1\n"
+    )
+    environ = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home)}
+    proc = subprocess.run(
+        [program, "-c", str(rc), "-o", "-u", "basic"],
+        env=environ,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=60.0,
+        check=False,
+        cwd=home,
+    )
+    inbox = maildir / "INBOX"
+    found = [p for sub in ("new", "cur") for p in (inbox / sub).glob("*") if p.is_file()]
+    return f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}", found
+
+
+@needs_ipv6
+def test_certs_offlineimap_syncs_over_v6(dual_stack: MailStack, tmp_path: Path) -> None:
+    _mx_hop(dual_stack, "::1", "for offlineimap over v6")
+    out, found = _offlineimap_over_v6(dual_stack, tmp_path, dual_stack.ca_file)
+    assert out.startswith("exit 0\n"), out
+    (message,) = found
+    assert b"Subject: for offlineimap over v6" in message.read_bytes()
+
+
+@needs_ipv6
+def test_certs_offlineimap_over_v6_refuses_another_ca(
+    dual_stack: MailStack, tmp_path: Path
+) -> None:
+    """The twin: a CA that did not sign the leaf fails the sync over ::1."""
+    _mx_hop(dual_stack, "::1", "not for offlineimap")
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(CertificateAuthority().pem)
+    out, found = _offlineimap_over_v6(dual_stack, tmp_path, str(other))
+    assert not out.startswith("exit 0\n"), out
+    assert "certificate" in out.lower() or "verif" in out.lower(), out
+    assert found == []

@@ -232,7 +232,15 @@ class MailStack:
             # The leaf names the address too: clients dial what `serve` prints (127.0.0.N).
             hosts = hosts_for(self.config, index)
             tls = self.ca.server_context([f"mail.{domain}", domain, *hosts])
-            endpoints = await self._listeners.start_domain(index, domain, tls, penalties)
+            # A client without SNI (mbsync, offlineimap3) on an extra host (::1) gets a leaf
+            # whose CN is the address it dialled: one context per extra host.
+            tls_by_host = {
+                host: self.ca.server_context([f"mail.{domain}", domain, *hosts], local_address=host)
+                for host in hosts[1:]
+            }
+            endpoints = await self._listeners.start_domain(
+                index, domain, tls, penalties, tls_by_host=tls_by_host
+            )
             self.domains[domain] = endpoints
         await self._start_routing()
 

@@ -153,20 +153,33 @@ class Listeners:
         return host_for(self.config, index)
 
     async def start_domain(
-        self, index: int, domain: str, tls: ssl.SSLContext, penalties: AuthPenalties
+        self,
+        index: int,
+        domain: str,
+        tls: ssl.SSLContext,
+        penalties: AuthPenalties,
+        *,
+        tls_by_host: Mapping[str, ssl.SSLContext] | None = None,
     ) -> DomainEndpoints:
-        """Bind every service of one domain and return where each listens."""
+        """Bind every service of one domain and return where each listens.
+
+        ``tls_by_host``: the TLS context of a listening address other than the first (whose
+        no-SNI leaf names that address, ``CertificateAuthority.server_context``
+        ``local_address``); ``tls`` serves the addresses it does not list.
+        """
         hosts = hosts_for(self.config, index)
         hostname = f"mail.{domain}"
         ports: dict[str, int] = {}
+        by_host = tls_by_host or {}
         for service, row in _TABLE.items():
             port = port_for(self.config, service, index)
 
             def starting(host: str, port: int, service: str = service) -> Awaitable[Any]:
                 row = _TABLE[service]
+                ctx = by_host.get(host, tls)
                 if row.kind == "smtp":
-                    return self._smtp(service, domain, hostname, host, port, tls, penalties)
-                return self._mailbox(row, hostname, host, port, tls, penalties)
+                    return self._smtp(service, domain, hostname, host, port, ctx, penalties)
+                return self._mailbox(row, hostname, host, port, ctx, penalties)
 
             ports[service] = await self._bind_hosts(service, hosts, port, starting)
         return DomainEndpoints(domain, hostname, hosts[0], ports, hosts[1:])
