@@ -21,9 +21,9 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..config import StackConfig
-from ..protocols.dkim import KeyLookup, SigningKey, from_domain, sign, verify
 from ..protocols.filter import ContentFilter, FilterInput, default_filter, prepend_headers
 from ..protocols.smtp import Role, domain_of, drop_forged_auth_results
 from ..protocols.spf import Lookup
@@ -32,6 +32,11 @@ from ..servers.smtp import Accepted, ContentRejectedError
 from ..store import Store, StoredMessage
 from ._auth import JUNK, check_sender, junk_folder
 from ._journeys import Journeys
+
+if TYPE_CHECKING:
+    # roundtrip.protocols.dkim and dkimpy are imported where DKIM runs (issue #17):
+    # verification only with a key look-up (StackConfig.dkim), signing on submission.
+    from ..protocols.dkim import KeyLookup, SigningKey
 
 __all__ = ["Faults", "Router", "catch_all_owner", "split_recipients"]
 
@@ -154,7 +159,11 @@ class Router:
         raw = self.faults.altered(raw)
         raw = drop_forged_auth_results(raw, self._authserv_ids())
         if self.dkim_lookup is not None or self.sender_lookup is not None:
-            dkim = None if self.dkim_lookup is None else verify(raw, self.dkim_lookup)
+            dkim = None
+            if self.dkim_lookup is not None:
+                from ..protocols.dkim import verify
+
+                dkim = verify(raw, self.dkim_lookup)
             sender = check_sender(
                 raw,
                 authserv_id=accepted.hostname,
@@ -236,6 +245,8 @@ class Router:
     def _signed(self, accepted: Accepted) -> bytes:
         """The message with the sending domain's DKIM signatures: the From domain's when the
         stack holds keys for it, else the authenticated user's domain's."""
+        from ..protocols.dkim import from_domain, sign
+
         raw = accepted.raw
         keys = self.dkim_keys(from_domain(raw) or "")
         if not keys:

@@ -14,12 +14,17 @@ from __future__ import annotations
 import base64
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from ..protocols.dkim import KeyAnswer, KeyLookup, SigningKey, key_answer, key_query
-from ..protocols.dkim import public_key_record as _record
+if TYPE_CHECKING:
+    from ..protocols.dkim import KeyAnswer, KeyLookup, SigningKey
+
+# roundtrip.protocols.dkim (and dkimpy with it) is imported by the functions below, which run
+# only when DKIM is on or a test publishes a key: DKIM is off by default (StackConfig.dkim),
+# and a test that does not use it should not pay for the import (issue #17).
 
 __all__ = ["ED25519_SELECTOR", "RSA_SELECTOR", "domain_keys", "public_record", "zone_lookup"]
 
@@ -32,6 +37,9 @@ _RSA_BITS = 2048
 @functools.cache
 def domain_keys(domain: str) -> tuple[SigningKey, ...]:
     """The signing keys of ``domain``: Ed25519 first, then RSA-2048 (RFC 8463 section 4)."""
+    from ..protocols.dkim import SigningKey
+    from ..protocols.dkim import public_key_record as _record
+
     ed = ed25519.Ed25519PrivateKey.generate()
     ed_public = ed.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
@@ -70,6 +78,8 @@ def public_record(public_key: str | bytes | object) -> str:
     Raises:
         ValueError: none of those.
     """
+    from ..protocols.dkim import public_key_record as _record
+
     if isinstance(public_key, bytes):
         public_key = public_key.decode("ascii")
     if isinstance(public_key, str):
@@ -92,6 +102,7 @@ def public_record(public_key: str | bytes | object) -> str:
 
 def zone_lookup(answer: Callable[[bytes], bytes]) -> KeyLookup:
     """A key look-up over ``answer`` (query wire -> reply wire, ``b""`` for no reply)."""
+    from ..protocols.dkim import KeyAnswer, key_answer, key_query
 
     def lookup(name: str) -> KeyAnswer:
         try:
