@@ -561,6 +561,7 @@ def test_active_smuggling_found_by_the_second_message_in_the_mailbox(
         context=_weak_context(smtp_server),
         mx=("127.0.0.1", smtp_server.port),
     )
+    # POP3 shows lines, not raw bytes: no report of how the variants were stored.
     submission, mx = report.findings
     assert "(submission)" in submission.message and "(MX)" in mx.message
     assert report.checks == {"no SMTP smuggling": not lenient}
@@ -583,10 +584,15 @@ def test_active_smuggling_found_by_the_second_message_in_the_mailbox(
 def test_active_smuggling_stack_ends_data_only_at_crlf_dot_crlf(stack: MailStack) -> None:
     report = _stack_run(stack, ("smuggling",), "submissions")
     assert report.checks == {"no SMTP smuggling": True}
-    submission, mx = report.findings  # the submission port, then the MX (inbound)
-    for finding in (submission, mx):
+    verdicts = [f for f in report.findings if f.code == "smtp-smuggling"]
+    assert ["(submission)" in verdicts[0].message, "(MX)" in verdicts[1].message] == [True, True]
+    for finding in verdicts:
         assert finding.severity == "info" and "none of 7" in finding.message
         assert len(finding.evidence) == 7
+    # Over IMAP the raw copies are read back: how each variant's bytes were stored.
+    stored = [f for f in report.findings if f.code == "smuggling-bytes"]
+    assert [len(f.evidence) for f in stored] == [7, 7]
+    assert all(line.startswith(("LF.", "CR.", "CRLF-NUL.")) for f in stored for line in f.evidence)
     # Every probe message was removed from the probe's own mailbox again.
     recipient = stack.user(stack.config.domains[-1])
     assert not [m for m in stack.messages(recipient.address) if "smuggling" in m.subject]

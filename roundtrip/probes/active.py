@@ -32,6 +32,7 @@ import base64
 import email.utils
 import imaplib
 import poplib
+import re
 import secrets
 import socket
 import ssl
@@ -91,6 +92,8 @@ INJECTION_WAIT = 1.0
 #: Seconds the smuggling check looks again after the outer messages arrived, for a second
 #: message delivered just after them.
 SMUGGLING_SETTLE = 1.0
+#: Bytes of each smuggling probe message read back over IMAP (headers and the variant).
+MAX_STORED_BYTES = 16384
 #: Messages the POP3 look at the mailbox reads the headers of, at most (newest first).
 MAX_POP3_SCAN = 200
 #: The standard STARTTLS ports tried beside implicit-TLS URLs on the standard ports
@@ -924,6 +927,8 @@ class _Vector:
     outer_seen: bool = False
     inner_seen: bool = False
     error: str = ""
+    #: The start of the outer message as stored (IMAP only: POP3 clients see lines).
+    stored: bytes = b""
 
 
 def _smuggling_payload(ctx: _Context, vector: _Vector) -> bytes:
@@ -1046,8 +1051,30 @@ def _look_for_smuggled(ctx: _Context, vectors: list[_Vector], deadline: float) -
     for vector in vectors:
         vector.outer_seen = vector.outer_id in found
         vector.inner_seen = vector.inner_id in found
+        if vector.outer_seen:
+            vector.stored = found[vector.outer_id][1]
     if found and not ctx.keep:
         _mailbox_find(ctx, time.monotonic() + ctx.timeout, delete=True)
+
+
+def _stored_as(vector: _Vector) -> str:
+    """How the outer message stored the variant: kept, normalised, cut there, changed."""
+    marker = f"end-of-data variant {vector.name}".encode()
+    index = vector.stored.find(marker)
+    if index < 0:
+        return "not found in the first bytes of the stored copy"
+    after = vector.stored[index + len(marker) :]
+    if not after.strip():
+        return "the stored message ends there (DATA ended at the variant)"
+    got = after.split(b"MAIL FROM:", 1)[0]
+    normal = re.sub(rb"\r\n|\r|\n", b"\r\n", vector.seq)
+    if got == vector.seq:
+        return "kept as sent" + (" (bare CR/LF stored as is)" if got != normal else "")
+    if got == normal:
+        return "normalised: each bare CR or LF became CRLF"
+    if got.replace(b"\n..", b"\n.") in (vector.seq, normal):
+        return f"dot-stuffed: stored as {got!r}"
+    return f"changed: stored as {got!r}"
 
 
 def _judge_smuggling(ctx: _Context, vectors: list[_Vector], server: str, route: str) -> None:
@@ -1104,6 +1131,16 @@ def _judge_smuggling(ctx: _Context, vectors: list[_Vector], server: str, route: 
             server,
             evidence,
         )
+    stored = [v for v in vectors if v.stored]
+    if stored:
+        ctx.finding(
+            "smuggling-bytes",
+            INFO,
+            f"smtp {server} ({route}): how the stored copies keep the end-of-data variants "
+            "(bare CR or LF kept as is can carry smuggling on to a lenient receiver)",
+            server,
+            [f"{v.name}: {_stored_as(v)}" for v in stored],
+        )
 
 
 def _mailbox_find(ctx: _Context, deadline: float, *, delete: bool) -> dict[str, Any]:
@@ -1119,6 +1156,15 @@ def _mailbox_find(ctx: _Context, deadline: float, *, delete: bool) -> dict[str, 
         return _pop3_find(reader, ctx.context, timeout, marker, delete)
     except (OSError, ValueError, imaplib.IMAP4.error, poplib.error_proto):
         return {}
+
+
+def _split_head(raw: bytes) -> bytes:
+    """The header block of a raw message (up to the first empty line)."""
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        index = raw.find(separator)
+        if index >= 0:
+            return raw[:index]
+    return raw
 
 
 def _message_id(header_block: bytes) -> str:
@@ -1146,16 +1192,17 @@ def _imap_find(
         found: dict[str, Any] = {}
         if uids:
             uid_set = b",".join(uids).decode()
-            _, parts = imap.uid("FETCH", uid_set, "(UID BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+            # The start of each message, raw: how the server stored the variant's bytes.
+            _, parts = imap.uid("FETCH", uid_set, f"(UID BODY.PEEK[]<0.{MAX_STORED_BYTES}>)")
             for part in parts:
                 if isinstance(part, tuple) and len(part) == 2:
                     head = part[0].decode("ascii", "replace")
                     uid = head.split("UID ", 1)[1].split()[0].rstrip(")") if "UID " in head else ""
-                    message_id = _message_id(part[1])
+                    message_id = _message_id(_split_head(part[1]))
                     if marker in message_id:
-                        found[message_id] = uid
+                        found[message_id] = (uid, part[1])
         if delete and found:
-            uid_set = ",".join(str(u) for u in found.values())
+            uid_set = ",".join(str(u) for u, _ in found.values())
             imap.uid("STORE", uid_set, "+FLAGS.SILENT", r"(\Deleted)")
             if "UIDPLUS" in imap.capabilities:
                 imap.uid("EXPUNGE", uid_set)
@@ -1210,9 +1257,9 @@ def _pop3_find(
             _, lines, _ = pop.top(number, 0)
             message_id = _message_id(b"\n".join(lines))
             if marker in message_id:
-                found[message_id] = number
+                found[message_id] = (number, b"")
         if delete:
-            for number in found.values():
+            for number, _ in found.values():
                 pop.dele(number)
         pop.quit()
         return found

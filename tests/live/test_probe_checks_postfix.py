@@ -106,6 +106,11 @@ def test_checks_all_stock_postfix_shows_the_three_findings_hardened_none(
         for smuggling in [f for f in active["findings"] if f["code"] == "smtp-smuggling"]:
             assert "LF.LF, LF.CRLF ended DATA early" in smuggling["message"]
             assert sum("a second message arrived" in line for line in smuggling["evidence"]) == 2
+        for stored in [f for f in active["findings"] if f["code"] == "smuggling-bytes"]:
+            assert (
+                "LF.LF: the stored message ends there (DATA ended at the variant)"
+                in (stored["evidence"])
+            )
     else:
         assert code == 0, doc
         assert "legacy-tls" not in found and "plaintext-hop" not in found
