@@ -8,11 +8,13 @@ tests skip where ::1 cannot be bound (a container without IPv6).
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import smtplib
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from _support import make_message
 from roundtrip import MailStack, StackConfig
 from roundtrip.certs import CertificateAuthority
 from roundtrip.protocols._imapmailbox import list_lines
+from roundtrip.stack import Transcript
 from roundtrip.stack._auth import peer_address
 from roundtrip.store import Mailboxes, Store
 
@@ -349,3 +352,76 @@ def test_certs_offlineimap_over_v6_refuses_another_ca(
     assert not out.startswith("exit 0\n"), out
     assert "certificate" in out.lower() or "verif" in out.lower(), out
     assert found == []
+
+
+# -- 5. a POP3 AUTH login is named in its transcript ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recording_stack() -> Iterator[MailStack]:
+    with MailStack(StackConfig(transcript_connections=20)) as stack:
+        yield stack
+
+
+def _pop3_auth(stack: MailStack, mechanism: str, payload: str) -> bytes:
+    """``AUTH <mechanism> <payload>`` on example.com's POP3S, then QUIT; the AUTH reply."""
+    host, port = stack.endpoints("example.com").address("pop3s")
+    with (
+        socket.create_connection((host, port), timeout=TIMEOUT) as raw,
+        stack.client_context().wrap_socket(raw, server_hostname="mail.example.com") as tls,
+        tls.makefile("rb") as reader,
+    ):
+        assert reader.readline().startswith(b"+OK")
+        tls.sendall(f"AUTH {mechanism} {payload}\r\n".encode())
+        reply = reader.readline()
+        tls.sendall(b"QUIT\r\n")
+        reader.readline()
+    return reply
+
+
+def _pop3_transcript(stack: MailStack) -> Transcript:
+    """The one POP3S transcript, once the server has noted the close (on its loop)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        found = stack.transcripts(service="pop3s")
+        if found and any(line.text == "connection closed" for line in found[0].lines):
+            (transcript,) = found
+            return transcript
+        assert time.monotonic() < deadline, [str(t) for t in found]
+        stack.relay_idle(timeout=TIMEOUT)  # a round trip to the loop thread
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "XOAUTH2"])
+def test_transcripts_pop3_auth_login_names_the_user(
+    recording_stack: MailStack, mechanism: str
+) -> None:
+    recording_stack.reset()
+    user = recording_stack.user("example.com")
+    if mechanism == "PLAIN":
+        payload = _b64(f"\0{user.address}\0{user.password}")
+    else:
+        token = recording_stack.oauth_token(user)
+        payload = _b64(f"user={user.address}\1auth=Bearer {token}\1\1")
+    assert _pop3_auth(recording_stack, mechanism, payload).startswith(b"+OK")
+    transcript = _pop3_transcript(recording_stack)
+    assert transcript.addresses == [user.address]
+    assert f"== authenticated as {user.address}" in str(transcript)
+    assert payload not in str(transcript)
+    recording_stack.check()
+
+
+def test_transcripts_pop3_failed_auth_names_no_user(recording_stack: MailStack) -> None:
+    """The twin: a refused AUTH leaves no "authenticated as" note and names nobody (the
+    payload, which carries the name, is redacted)."""
+    recording_stack.reset()
+    user = recording_stack.user("example.com")
+    payload = _b64(f"\0{user.address}\0wrong-password")
+    assert _pop3_auth(recording_stack, "PLAIN", payload).startswith(b"-ERR")
+    transcript = _pop3_transcript(recording_stack)
+    assert transcript.addresses == []
+    assert "authenticated as" not in str(transcript)
+    recording_stack.check()
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
