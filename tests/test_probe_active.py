@@ -63,6 +63,8 @@ class Flaws:
     silent: bool = False
     #: Close every connection at once.
     hang_up: bool = False
+    #: Answer EHLO with continuation lines that never end (until the client hangs up).
+    endless_ehlo: bool = False
 
 
 @dataclass
@@ -172,7 +174,10 @@ class _Session:
                 in_group = more
                 continue
             verb = line.split(" ", 1)[0].upper().split(":")[0]
-            if verb == "EHLO":
+            if verb == "EHLO" and self.flaws.endless_ehlo:
+                for number in range(1_000_000):
+                    self.send(f"250-EXTENSION{number}")
+            elif verb == "EHLO":
                 caps = ["weak.test", "PIPELINING", "CHUNKING"]
                 if not self.secure:
                     caps.append("STARTTLS")
@@ -630,6 +635,16 @@ def test_active_hostile_server_ends_every_group_in_time(weak: list[WeakServer], 
         assert finding.severity == "warn", finding
         assert "not tested" in finding.message
         assert finding.server == f"127.0.0.1:{server.port}"
+
+
+def test_active_endless_reply_is_cut_off_not_buffered(weak: list[WeakServer]) -> None:
+    server = _weak(weak, "smtp", endless_ehlo=True)
+    started = time.monotonic()
+    report = _run(("pipelining",), smtp=_weak_endpoint(server), context=_weak_context(server))
+    assert time.monotonic() - started < TIMEOUT
+    (finding,) = report.findings
+    assert finding.severity == "warn" and "a reply of more than 100 lines" in finding.message
+    assert len(finding.evidence) <= 6
 
 
 # -- the command line --------------------------------------------------------------------------

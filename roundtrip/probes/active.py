@@ -5,14 +5,15 @@ Theory of operation
 The round trip (``probes/roundtrip.py``) only does what any mail client does. The checks here
 send what a client normally never sends, so they run only when asked for by group name
 (``--checks smuggling,open-relay`` or ``--checks all``), and each one keeps to these bounds
-(docs/active-checks.md; the consent rule of SEC Consult's and nmap's scanners):
+(docs/active-checks.md):
 
 - Mail is only ever addressed to the probe's own mailbox (the reader's user, or ``--to``).
   The open-relay check names ``relay-test@example.invalid`` (RFC 2606: can never be
   delivered) and stops after RCPT: it never sends DATA.
 - A fixed number of connections and commands per group (seven smuggling vectors, one
-  connection each; one connection per STARTTLS port for injection), each group within the
-  probe's ``--timeout``; a server that stalls ends the group with a "not tested" finding.
+  connection each, on the submission port and at the MX; one connection per STARTTLS port
+  for injection), each group within the probe's ``--timeout``, every reply bounded in lines
+  and bytes; a server that stalls ends the group with a "not tested" finding.
 - Credentials only after TLS; the bogus credentials of ``plaintext-auth`` belong to a user
   that does not exist; nothing secret ever appears in a finding.
 
@@ -86,6 +87,11 @@ RELAY_SENDER = "relay-probe@example.invalid"
 MAX_LINE = 8192
 #: Most lines of one reply (an EHLO reply has a dozen).
 MAX_REPLY_LINES = 100
+#: Most lines one connection may send (the longest exchange here has about 40).
+MAX_SESSION_LINES = 1000
+#: Replies read after a smuggling payload: the outer 250, then at most MAIL, RCPT, DATA,
+#: the inner 250 and QUIT's 221.
+MAX_SMUGGLING_REPLIES = 6
 #: Seconds a STARTTLS injection check waits, after the handshake, for an answer to the
 #: injected command (a vulnerable server answers from its buffer at once).
 INJECTION_WAIT = 1.0
@@ -252,6 +258,8 @@ class _Wire:
                 raise _TroubleError("the server closed the connection")
         index = self._buf.index(b"\n") + 1
         raw, self._buf[:] = bytes(self._buf[:index]), self._buf[index:]
+        if len(self.received) >= MAX_SESSION_LINES:
+            raise _TroubleError(f"more than {MAX_SESSION_LINES} lines on one connection")
         text = display(raw[:MAX_LINE])
         self.received.append(text)
         return text
@@ -1002,7 +1010,7 @@ def _send_vector(
         # QUIT in the same write: its 221 (or the close) ends the replies to read.
         wire.send(_smuggling_payload(ctx, vector) + b"QUIT\r\n")
         first = True
-        while True:
+        for _ in range(MAX_SMUGGLING_REPLIES):
             try:
                 code, lines = wire.reply()
             except _TroubleError:
