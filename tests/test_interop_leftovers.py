@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import smtplib
 import socket
@@ -425,3 +426,51 @@ def test_transcripts_pop3_failed_auth_names_no_user(recording_stack: MailStack) 
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+# -- 6. the docs name the relay's plaintext fallback after a failed handshake --------------
+
+
+ROOT = Path(__file__).resolve().parent.parent
+_CITED = re.compile(r"`(tests/[\w/]+\.py)?(?:::(test_\w+))?`")
+
+
+def _missing_tests(text: str) -> list[str]:
+    """The ``tests/<file>.py::test_name`` citations in ``text`` (a bare ``::test_name`` is in
+    the file cited last) that name no test function of that file."""
+    missing = []
+    current = ""
+    for match in _CITED.finditer(text):
+        current = match.group(1) or current
+        if match.group(2) is None:
+            continue
+        source = (ROOT / current).read_text(encoding="utf-8") if current else ""
+        if not re.search(rf"^def {match.group(2)}\(", source, re.MULTILINE):
+            missing.append(f"{current}::{match.group(2)}")
+    return missing
+
+
+def _a37_row() -> str:
+    rows = (ROOT / "docs" / "security.md").read_text(encoding="utf-8").splitlines()
+    (row,) = [line for line in rows if line.startswith("| A3.7 ")]
+    return row
+
+
+def test_docs_a37_names_the_handshake_fallback_and_its_tests() -> None:
+    row = _a37_row()
+    assert "handshake_fallback" in row
+    assert "tests/test_relay_tls_fallback.py::" in row
+    assert "plaintext" in row.partition("handshake_fallback")[2]
+    assert _missing_tests(row) == []
+    step3 = (ROOT / "roundtrip" / "servers" / "relay.py").read_text(encoding="utf-8")
+    step3 = step3.partition("\n3. ")[2].partition("\n4. ")[0]
+    assert "handshake_fallback" in step3 and "new connection" in step3
+
+
+def test_docs_citation_check_catches_a_test_that_does_not_exist() -> None:
+    """The twin: the citation check is not vacuous."""
+    row = _a37_row() + " `tests/test_relay_tls_fallback.py::test_no_such_test` `::test_nor_this`"
+    assert _missing_tests(row) == [
+        "tests/test_relay_tls_fallback.py::test_no_such_test",
+        "tests/test_relay_tls_fallback.py::test_nor_this",
+    ]

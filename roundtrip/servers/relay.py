@@ -20,8 +20,13 @@ How a message moves (RFC 5321 §5.1 and §4.5.4, RFC 7505, RFC 3464):
    (``tls_policy``, MTA-STS modes of RFC 8461): under ``enforce`` an MX that matches no ``mx``
    pattern, a missing STARTTLS or a failed verification is a temporary failure for that host,
    never a plaintext fallback; ``testing`` records the failure and delivers anyway; ``none`` or
-   no policy is opportunistic TLS (RFC 7435). Failures carry their TLS-RPT result type
-   (RFC 8460 §4.3) in the ``tls-failure`` event and the reason.
+   no policy is opportunistic TLS (RFC 7435). A STARTTLS handshake that fails after the MX's
+   220 leaves no SMTP session to go on with, so any fallback dials a new connection
+   (``protocols/delivery.py`` ``handshake_fallback``): under ``none`` or no policy it carries
+   the message in plaintext (as Postfix's ``smtp_tls_security_level = may`` does); under
+   ``testing`` it tries unverified TLS when only the certificate failed, and plaintext when the
+   handshake itself failed; under ``enforce`` the host is deferred. Failures carry their TLS-RPT
+   result type (RFC 8460 §4.3) in the ``tls-failure`` event and the reason.
    After a transaction that ended in step, the connection is reset with RSET and kept idle for
    ``connection_cache_time`` (2 s; Postfix's SMTP connection cache, ``servers/_mxcache.py``):
    the next message to the same MX host, address, port and HELO name takes it instead of
