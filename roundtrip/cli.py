@@ -301,6 +301,14 @@ def _add_probe_options(probe: argparse.ArgumentParser) -> None:
         "run); not with --json",
     )
     probe.add_argument(
+        "--tls-scan",
+        action="store_true",
+        help="also try each TLS version (1.0 to 1.3) on its own with each server, and a TLS "
+        "1.2 cipher suite without forward secrecy (five extra handshakes per server, first "
+        "run of --count only, no credentials): the versions are an info finding, accepting "
+        "that cipher suite is a warning (docs/checks.md)",
+    )
+    probe.add_argument(
         "--html",
         metavar="FILE",
         help="also write a self-contained HTML report to FILE (waterfall per round trip, "
@@ -697,6 +705,7 @@ def _repeat(
                 keep=args.keep,
                 # One extra TLS 1.0/1.1 handshake per server and invocation is enough.
                 check_legacy_tls=run == 0,
+                scan_tls=run == 0 and args.tls_scan,
                 thresholds=args.thresholds,
                 **options,
             )

@@ -4,11 +4,13 @@ capabilities fetched again after TLS and compared."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
 
 from roundtrip import MailStack
+from roundtrip.cli import main
 from roundtrip.config import Endpoint
 from roundtrip.probes.roundtrip import ProbeResult, run_probe, verify
 from roundtrip.probes.send import build_probe_message
@@ -98,3 +100,32 @@ def test_probe_starttls_capabilities_are_fetched_again_and_compared(
     before, after = upgrades[service].evidence
     assert command in before.split() and command not in after.split()
     assert not [f for f in result.findings if f.code == "starttls-offered-after-tls"]
+
+
+@pytest.mark.parametrize("flag", [["--tls-scan"], []])
+def test_probe_tls_scan_option(
+    stack: MailStack,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    flag: list[str],
+) -> None:
+    stack.reset()
+    monkeypatch.setenv("ROUNDTRIP_SMTP_PASSWORD", stack.user("example.com").password)
+    monkeypatch.setenv("ROUNDTRIP_IMAP_PASSWORD", stack.user("example.org").password)
+    src, dst = stack.endpoints("example.com"), stack.endpoints("example.org")
+    argv = [
+        "probe",
+        "--smtp",
+        f"smtps://user%40example.com@127.0.0.1:{src.ports['submissions']}",
+        "--imap",
+        f"imaps://user%40example.org@127.0.0.1:{dst.ports['imaps']}",
+        "--cafile",
+        stack.ca_file,
+        "--json",
+        *flag,
+    ]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    scanned = [f for f in result["findings"] if f["code"] == "tls-versions"]
+    assert len(scanned) == (2 if flag else 0)
+    assert len(result["tls_scan"]) == len(scanned)

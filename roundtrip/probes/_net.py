@@ -749,6 +749,79 @@ def check_legacy_tls(
         return f"accepted {sock.version()}"
 
 
+#: The versions ``scan_tls`` tries one by one, by the name ``SSLSocket.version()`` gives.
+_SCAN_VERSIONS = (
+    ("TLSv1", ssl.TLSVersion.TLSv1),
+    ("TLSv1.1", ssl.TLSVersion.TLSv1_1),
+    ("TLSv1.2", ssl.TLSVersion.TLSv1_2),
+    ("TLSv1.3", ssl.TLSVersion.TLSv1_3),
+)
+#: TLS 1.2 cipher suites with static RSA key exchange: no forward secrecy (RFC 9325
+#: section 4.1: SHOULD NOT be negotiated).
+_NO_FORWARD_SECRECY = "kRSA:!aNULL:!eNULL:@SECLEVEL=0"
+
+
+def _scan_one(ctx: ssl.SSLContext, **where: Any) -> str:
+    """``"accepted <version> <cipher>"``, ``"refused"`` or ``"not tested: ..."``; ``where``
+    are ``_handshake``'s arguments but the context."""
+    try:
+        sock = _handshake(context=ctx, **where)
+    except ssl.SSLError as exc:
+        text = str(exc)
+        if "NO_PROTOCOLS_AVAILABLE" in text.upper() or "NO_CIPHERS_AVAILABLE" in text.upper():
+            return f"not tested: local OpenSSL cannot offer it ({exc.reason})"
+        if "STARTTLS refused" in text:
+            return f"not tested: {text}"
+        return "refused"
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        return "refused"
+    except (OSError, ValueError) as exc:
+        return f"not tested: {exc}"
+    with sock:
+        cipher = sock.cipher()
+        return f"accepted {sock.version()} {cipher[0] if cipher else ''}".rstrip()
+
+
+def scan_tls(
+    *, host: str, port: int, protocol: str, tls: str, server_name: str, timeout: float
+) -> dict[str, str]:
+    """Which TLS versions the server accepts, one handshake each, and whether it accepts a
+    TLS 1.2 cipher suite without forward secrecy (static RSA key exchange).
+
+    Nothing is verified and nothing is sent after the handshake (after STARTTLS where the
+    endpoint needs it). ``server_name`` is sent in SNI.
+
+    Returns:
+        ``{"TLSv1": outcome, "TLSv1.1": ..., "TLSv1.2": ..., "TLSv1.3": ...,
+        "no-forward-secrecy": outcome}``, each outcome ``"accepted <version> <cipher>"``,
+        ``"refused"`` or ``"not tested: <why>"``.
+    """
+    where = {
+        "host": host,
+        "port": port,
+        "protocol": protocol,
+        "tls": tls,
+        "server_name": server_name,
+        "timeout": timeout,
+    }
+    outcomes: dict[str, str] = {}
+    for name, version in (*_SCAN_VERSIONS, ("no-forward-secrecy", ssl.TLSVersion.TLSv1_2)):
+        ctx = _unverified_context()
+        try:
+            with warnings.catch_warnings():
+                # The ssl module deprecates the very versions this scan asks about.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ctx.minimum_version = ctx.maximum_version = version
+            ctx.set_ciphers(
+                _NO_FORWARD_SECRECY if name == "no-forward-secrecy" else "DEFAULT:@SECLEVEL=0"
+            )
+        except (ValueError, ssl.SSLError) as exc:
+            outcomes[name] = f"not tested: local OpenSSL cannot offer it ({exc})"
+            continue
+        outcomes[name] = _scan_one(ctx, **where)
+    return outcomes
+
+
 def display(value: object) -> str:
     """A server reply as text for messages: bytes decoded (UTF-8, invalid bytes replaced),
     lists of lines joined by spaces, so a message never shows a Python ``b'...'`` literal."""

@@ -37,6 +37,7 @@ from ._net import (
     check_legacy_tls,
     diagnose_certificate,
     expiry_text,
+    scan_tls,
 )
 from .fetch import fetch_imap, fetch_pop3
 from .send import ProbeMessage, build_probe_message, submit
@@ -137,6 +138,9 @@ class ProbeResult:
     transcripts_omitted: int = 0
     #: Seconds of each of ``TIMINGS`` this run measured (a step not reached is absent).
     timings: dict[str, float] = field(default_factory=dict)
+    #: Server address -> ``_net.scan_tls`` outcomes (TLS versions one by one, and a cipher
+    #: suite without forward secrecy), when asked for (``scan_tls``).
+    tls_scan: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         # A transcript has its own JSON form (its kept lines, with the omission marker).
@@ -320,6 +324,7 @@ def run_probe(
     timeout: float = 30.0,
     keep: bool = False,
     check_legacy_tls: bool = False,
+    scan_tls: bool = False,
     settle: float = 0.25,
     thresholds: Thresholds | None = None,
 ) -> ProbeResult:
@@ -330,6 +335,9 @@ def run_probe(
             duplicate delivered just after the first copy fails the one-copy check.
         check_legacy_tls: also offer each server only TLS 1.0/1.1 in an extra handshake
             (no credentials sent); acceptance is a failing finding.
+        scan_tls: also try each TLS version on its own, and a TLS 1.2 cipher suite without
+            forward secrecy, with each server (five extra handshakes each, no credentials);
+            an info finding lists the versions, accepting the cipher suite is a warning.
         thresholds: a timing above its ``warn`` threshold is a warning finding, above its
             ``crit`` one a failing finding and a failed check (``<name> within N s``).
 
@@ -379,6 +387,8 @@ def run_probe(
         result.transcripts_omitted = timeline.transcripts_omitted
     if check_legacy_tls:
         _check_legacy(result, (smtp, retrieve), timeout)
+    if scan_tls:
+        _scan_tls(result, (smtp, retrieve), timeout)
     result.total_seconds = time.perf_counter() - started
     result.timings = timings(result)
     if thresholds:
@@ -467,14 +477,62 @@ def _conclude(
         result.error_step = "VERIFY"
 
 
+def _handshaken(result: ProbeResult, endpoints: tuple[Endpoint, ...]) -> list[Endpoint]:
+    """The endpoints whose verified TLS handshake succeeded in this run."""
+    # Implicit-TLS facts name the peer IP, STARTTLS facts the host as given: compare ports.
+    ports = {facts.server.rpartition(":")[2] for facts in result.tls if facts.hostname_verified}
+    return [e for e in endpoints if str(e.port) in ports]
+
+
+def _scan_tls(result: ProbeResult, endpoints: tuple[Endpoint, ...], timeout: float) -> None:
+    """``scan_tls`` with every server whose TLS handshake succeeded, and its findings."""
+    for endpoint in _handshaken(result, endpoints):
+        if endpoint.address in result.tls_scan:
+            continue
+        outcomes = scan_tls(
+            host=endpoint.host,
+            port=endpoint.port,
+            protocol=endpoint.protocol,
+            tls=endpoint.tls,
+            server_name=endpoint.server_name,
+            timeout=min(timeout, 10.0),
+        )
+        result.tls_scan[endpoint.address] = outcomes
+        label = f"{endpoint.protocol} {endpoint.address}"
+        evidence = tuple(f"{name}: {outcome}" for name, outcome in outcomes.items())
+        versions = {k: v for k, v in outcomes.items() if k != "no-forward-secrecy"}
+        accepted = [k for k, v in versions.items() if v.startswith("accepted")]
+        refused = [k for k, v in versions.items() if v == "refused"]
+        untested = [k for k, v in versions.items() if v.startswith("not tested")]
+        parts = [f"accepts {', '.join(accepted) or 'none'}"]
+        if refused:
+            parts.append(f"refuses {', '.join(refused)}")
+        if untested:
+            parts.append(f"not tested {', '.join(untested)}")
+        result.findings.append(
+            Finding(
+                "tls-versions", INFO, f"{label}: {'; '.join(parts)}", endpoint.address, evidence
+            )
+        )
+        weak = outcomes["no-forward-secrecy"]
+        if weak.startswith("accepted"):
+            result.findings.append(
+                Finding(
+                    "no-forward-secrecy",
+                    WARN,
+                    f"{label}: accepts a TLS 1.2 cipher suite without forward secrecy "
+                    f"({weak.rpartition(' ')[2]}, static RSA key exchange; RFC 9325 section "
+                    "4.1: SHOULD NOT be negotiated)",
+                    endpoint.address,
+                    (f"no-forward-secrecy: {weak}",),
+                )
+            )
+
+
 def _check_legacy(result: ProbeResult, endpoints: tuple[Endpoint, ...], timeout: float) -> None:
     """Try a TLS 1.0/1.1-only handshake with every server whose TLS handshake succeeded."""
-    # Implicit-TLS facts name the peer IP, STARTTLS facts the host as given: compare ports.
-    handshaken = {
-        facts.server.rpartition(":")[2] for facts in result.tls if facts.hostname_verified
-    }
-    for endpoint in endpoints:
-        if str(endpoint.port) not in handshaken or endpoint.address in result.legacy_tls:
+    for endpoint in _handshaken(result, endpoints):
+        if endpoint.address in result.legacy_tls:
             continue
         outcome = check_legacy_tls(
             host=endpoint.host,

@@ -20,6 +20,7 @@ from roundtrip.probes._net import (
     _hostname_matches,
     check_legacy_tls,
     open_socket,
+    scan_tls,
     wrap_tls,
 )
 from roundtrip.probes.roundtrip import run_probe
@@ -244,3 +245,71 @@ def test_tls_probe_describes_the_certificate_after_a_name_mismatch(stack: MailSt
     assert "matches mail.wrong.test: no" in result.error
     # No legacy check against a server whose certificate already failed.
     assert result.legacy_tls == {}
+
+
+# -- the TLS scan: each version on its own, and forward secrecy ---------------------------------
+
+
+def _scan(port: int) -> dict[str, str]:
+    return scan_tls(
+        host="127.0.0.1",
+        port=port,
+        protocol="smtp",
+        tls="implicit",
+        server_name="127.0.0.1",
+        timeout=TIMEOUT,
+    )
+
+
+def test_tls_scan_lists_the_versions_of_a_modern_server(ca: CertificateAuthority) -> None:
+    with listener(_server_context(ca.leaf(["mail.test"]))) as server:
+        outcomes = _scan(server.port)
+    assert outcomes["TLSv1.2"].startswith("accepted TLSv1.2 ")
+    assert outcomes["TLSv1.3"].startswith("accepted TLSv1.3 TLS_")
+    for old in ("TLSv1", "TLSv1.1"):
+        assert outcomes[old] == "refused" or outcomes[old].startswith("not tested: local")
+    assert outcomes["no-forward-secrecy"] == "refused"
+
+
+def test_tls_scan_finds_a_cipher_suite_without_forward_secrecy() -> None:
+    # Static RSA key exchange needs an RSA key (trustme's default is ECDSA).
+    leaf = trustme.CA().issue_cert("127.0.0.1", key_type=trustme.KeyType.RSA)
+    ctx = _server_context(leaf)
+    try:
+        ctx.set_ciphers("DEFAULT:kRSA:@SECLEVEL=0")
+    except ssl.SSLError as exc:  # pragma: no cover - OpenSSL built without static RSA
+        pytest.skip(f"local OpenSSL cannot serve static RSA key exchange: {exc}")
+    with listener(ctx) as server:
+        outcomes = _scan(server.port)
+    if outcomes["no-forward-secrecy"].startswith("not tested: local"):  # pragma: no cover
+        pytest.skip(outcomes["no-forward-secrecy"])
+    assert outcomes["no-forward-secrecy"].startswith("accepted TLSv1.2 AES")
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_tls_probe_scans_each_server_when_asked(stack: MailStack, scan: bool) -> None:
+    smtp, reader = (
+        _endpoint(stack, "example.com", "submission"),
+        _endpoint(stack, "example.org", "imaps"),
+    )
+    result = run_probe(
+        smtp,
+        reader,
+        context=stack.client_context(),
+        mail_from=stack.user("example.com").address,
+        rcpt_to=stack.user("example.org").address,
+        timeout=TIMEOUT,
+        scan_tls=scan,
+        settle=0.0,
+    )
+    assert result.ok, result.error
+    versions = [f for f in result.findings if f.code == "tls-versions"]
+    if not scan:
+        assert versions == [] and result.tls_scan == {}
+        return
+    assert set(result.tls_scan) == {smtp.address, reader.address}
+    assert [f.server for f in versions] == [smtp.address, reader.address]
+    assert all(f.severity == "info" for f in versions)
+    assert versions[0].message.startswith(f"smtp {smtp.address}: accepts TLSv1.2, TLSv1.3")
+    assert "TLSv1.3: accepted TLSv1.3" in " ".join(versions[0].evidence)
+    assert not [f for f in result.findings if f.code == "no-forward-secrecy"]
