@@ -29,6 +29,7 @@ __all__ = [
     "TLSMode",
     "Timeouts",
     "User",
+    "cert_cache_dir",
     "check_envelope_address",
     "loop_choice",
     "parse_bool",
@@ -60,6 +61,12 @@ def loop_choice(environ: Mapping[str, str] | None = None) -> str:
             + ", ".join(LOOP_CHOICES)
         )
     return value
+
+
+def cert_cache_dir(environ: Mapping[str, str] | None = None) -> str | None:
+    """The certificate cache directory named by ``ROUNDTRIP_CERT_CACHE`` (None when unset)."""
+    raw = (os.environ if environ is None else environ).get("ROUNDTRIP_CERT_CACHE", "")
+    return os.path.expanduser(raw.strip()) if raw.strip() else None
 
 
 #: What may never appear in an envelope address we write into an SMTP command: CR and LF end
@@ -383,6 +390,11 @@ class StackConfig:
     #: Transcripts (``MailStack.transcripts()``): how many of the latest connections, and
     #: of the latest DNS queries, the stack keeps (0: none are recorded).
     transcript_connections: int = 200
+    #: A directory that keeps the stack's CA and leaf certificates across sessions (files of
+    #: mode 0600 in a directory of mode 0700; roundtrip/stack/_certcache.py), so a session
+    #: reuses them instead of minting new ones; None: minted in memory every time, as before.
+    #: ``ROUNDTRIP_CERT_CACHE`` gives one to a stack that was given none (``cert_cache_dir``).
+    cert_cache: str | None = None
 
     def __post_init__(self) -> None:
         domains = tuple(dict.fromkeys(parse_domains(self.domains)))

@@ -26,7 +26,7 @@ from ..assertions import Criteria, TextPattern, wait_for_matches
 from ..assertions import assert_delivered as _assert_delivered
 from ..assertions import assert_not_delivered as _assert_not_delivered
 from ..certs import CertificateAuthority
-from ..config import Endpoint, StackConfig, User
+from ..config import Endpoint, StackConfig, User, cert_cache_dir
 from ..errors import ConfigError, NotDeliveredError, RoundtripError, ServerStartError
 from ..maildir import MaildirStore
 from ..message import ReceivedMessage
@@ -45,6 +45,7 @@ from ..spool import MAILDIR_SPOOL_NAME, RelaySpool
 from ..store import Store, StoredMessage
 from ._auth import sender_auth_records
 from ._auth import zone_lookup as sender_zone_lookup
+from ._certcache import cached_authority
 from ._delivery import Faults, Router, catch_all_owner
 from ._dkim import domain_keys, public_record, zone_lookup
 from ._journeys import HopTiming, Journeys
@@ -97,6 +98,9 @@ class MailStack:
         store: Store | None = None,
     ) -> None:
         self.config = config if config is not None else StackConfig()
+        cache = self.config.cert_cache or cert_cache_dir()
+        if ca is None and cache is not None:  # CA and leaves kept across sessions (issue #17)
+            ca = cached_authority(cache)
         self.ca = ca if ca is not None else CertificateAuthority()
         self.store = store if store is not None else Store()
         self.domains: dict[str, DomainEndpoints] = {}
