@@ -315,6 +315,19 @@ def _add_probe_options(probe: argparse.ArgumentParser) -> None:
         "latency histogram with --count, TLS facts, findings, transcripts)",
     )
     _add_active_options(probe)
+    _add_auth_options(probe)
+
+
+def _add_auth_options(probe: argparse.ArgumentParser) -> None:
+    """``--dns``: where the e-mail authentication checks look things up (docs/auth-checks.md)."""
+    probe.add_argument(
+        "--dns",
+        metavar="HOST[:PORT]",
+        help="the DNS server (an IP address, port 53 by default) for verifying the delivered "
+        "copy's DKIM signatures and checking the sending domain's SPF, DMARC, MTA-STS, "
+        "TLS-RPT, MX and reverse DNS; default the system resolver, except for a loopback "
+        "--smtp, where those checks are skipped unless --dns is given (docs/auth-checks.md)",
+    )
 
 
 def _add_active_options(probe: argparse.ArgumentParser) -> None:
@@ -570,6 +583,7 @@ def _probe(args: argparse.Namespace, out: TextIO) -> int:
         if crit is not None and warn > crit:
             raise ConfigError(f"--warn {name}={warn:g} is above --crit {name}={crit:g}")
     args.active_groups = _active_groups(args)
+    args.dns_server = _dns_server(args)
     if args.smtp is None:
         if args.imap or args.pop3 or args.cafile:
             raise ConfigError("--imap, --pop3 and --cafile need --smtp (a real server)")
@@ -603,8 +617,43 @@ def _probe(args: argparse.Namespace, out: TextIO) -> int:
         raise ConfigError("give --from and --to, or users in the URLs")
     results = _repeat(args, paths, context=context, mail_from=mail_from)
     _run_active(args, results, paths, context=context, mail_from=mail_from)
+    _run_posture(args, results, paths, mail_from=mail_from)
     title = f"{smtp.url} -> {', '.join(reader.url for reader in readers)}"
     return _finish(args, results, out, title=title)
+
+
+def _dns_server(args: argparse.Namespace) -> tuple[str, int] | None:
+    """``--dns``, parsed; only with ``--smtp`` (the embedded stack uses its own DNS)."""
+    from .probes.authcheck import parse_dns_server
+
+    args.auth = None
+    if args.dns is None:
+        return None
+    if args.smtp is None:
+        raise ConfigError("--dns needs --smtp: the embedded stack's checks use its own DNS")
+    return parse_dns_server(args.dns)
+
+
+def _run_posture(
+    args: argparse.Namespace,
+    results: list[ProbeResult],
+    paths: list[tuple[Endpoint, Endpoint, str]],
+    *,
+    mail_from: str,
+) -> None:
+    """The sending domain's SPF, DMARC, MTA-STS, TLS-RPT and MX checks, once per run of the
+    command, added to the latest run of the first path (so text, JSON and exit code include
+    them); skipped, with an info finding, for a loopback target without ``--dns``."""
+    from .probes.authcheck import check_posture, lookup_for, posture_skipped
+
+    smtp = paths[0][0]
+    domain = mail_from.rpartition("@")[2]
+    lookup = lookup_for(args.dns_server, smtp, timeout=min(args.timeout, 10.0))
+    if lookup is None or not domain:
+        results[-len(paths)].findings.append(posture_skipped(domain, smtp))
+        return
+    args.auth = check_posture(domain, lookup)
+    args.auth.apply(results[-len(paths)])
 
 
 def _active_groups(args: argparse.Namespace) -> tuple[str, ...]:
@@ -707,6 +756,8 @@ def _repeat(
                 check_legacy_tls=run == 0,
                 scan_tls=run == 0 and args.tls_scan,
                 thresholds=args.thresholds,
+                auth_checks=True,
+                dns=getattr(args, "dns_server", None),
                 **options,
             )
             for smtp, reader, rcpt_to in paths
@@ -774,6 +825,8 @@ def _finish(
         doc["thresholds"] = {"warn": args.thresholds.warn, "crit": args.thresholds.crit}
     if getattr(args, "active", None) is not None:
         doc["active"] = args.active.as_dict()
+    if getattr(args, "auth", None) is not None:
+        doc["auth"] = args.auth.as_dict()
     doc["verdict"] = report.verdict(doc, fail_on=args.fail_on)
     if args.nagios:
         text, nagios_code = report.nagios(doc, fail_on=args.fail_on)
@@ -809,6 +862,8 @@ def _probe_embedded(args: argparse.Namespace, out: TextIO) -> int:
         smtp = stack.endpoint("submissions", sender)
         readers = [stack.endpoint("imaps", recipient), stack.endpoint("pop3s", recipient)]
         rcpt_to = args.rcpt_to or recipient.address
+        # DKIM keys of the delivered copies are looked up in the stack's own DNS.
+        args.dns_server = (stack.dns.host, stack.dns.port) if stack.dns else None
         results = _repeat(
             args,
             [(smtp, reader, rcpt_to) for reader in readers],

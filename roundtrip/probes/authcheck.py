@@ -53,6 +53,7 @@ __all__ = [
     "delivered_findings",
     "lookup_for",
     "parse_dns_server",
+    "posture_skipped",
     "spf_lookup_count",
     "verify_dkim",
 ]
@@ -909,3 +910,16 @@ def check_posture(domain: str, lookup: Lookup) -> AuthReport:
     for check in (_check_spf, _check_dmarc, _check_mta_sts, _check_tls_rpt, _check_mx):
         check(report, lookup)
     return report
+
+
+def posture_skipped(domain: str, target: Endpoint) -> Finding:
+    """The info finding that says why the posture checks of ``domain`` did not run."""
+    why = (
+        "the probe's sender has no domain"
+        if not domain
+        else f"{target.host} is on loopback, and a test world's domains are not looked up in "
+        "the public DNS (give --dns HOST:PORT)"
+    )
+    return Finding(
+        "posture-skipped", INFO, f"sending domain checks of {domain or '?'} skipped: {why}"
+    )

@@ -39,6 +39,7 @@ from ._net import (
     expiry_text,
     scan_tls,
 )
+from .authcheck import delivered_findings
 from .fetch import fetch_imap, fetch_pop3
 from .send import ProbeMessage, build_probe_message, submit
 
@@ -327,6 +328,8 @@ def run_probe(
     scan_tls: bool = False,
     settle: float = 0.25,
     thresholds: Thresholds | None = None,
+    auth_checks: bool = False,
+    dns: tuple[str, int] | None = None,
 ) -> ProbeResult:
     """Submit through ``smtp``, find the message through ``retrieve`` (IMAP or POP3), verify.
 
@@ -340,6 +343,10 @@ def run_probe(
             an info finding lists the versions, accepting the cipher suite is a warning.
         thresholds: a timing above its ``warn`` threshold is a warning finding, above its
             ``crit`` one a failing finding and a failed check (``<name> within N s``).
+        auth_checks: also report the receiving server's Authentication-Results and verify
+            the delivered copy's DKIM signatures, as findings (docs/auth-checks.md).
+        dns: with ``auth_checks``, the DNS server (host, port) the DKIM keys are looked up
+            in; None: the system resolver, or no lookup for a loopback target.
 
     Never raises ``ProbeError``: a failed step is recorded in the result (``ok`` False,
     ``error`` and ``error_step`` set). Passwords are never put in the result.
@@ -373,6 +380,10 @@ def run_probe(
         if timeline.visible_at is not None:
             result.time_to_visible = max(timeline.visible_at - submitted_at, 0.0)
         verify(message, copies, result)
+        if auth_checks:  # the receiver's Authentication-Results, our own DKIM verdict
+            result.findings += delivered_findings(
+                copies, result.hops, target=smtp, dns_server=dns, timeout=timeout
+            )
     except ProbeError as exc:
         result.error = str(exc)
         result.error_step = exc.step
