@@ -27,7 +27,11 @@ from _support import make_message
 
 from roundtrip import MailStack, StackConfig
 from roundtrip.certs import CertificateAuthority
+from roundtrip.errors import ServerStartError
 from roundtrip.protocols._imapmailbox import list_lines
+from roundtrip.protocols.dns import build_zone, default_records
+from roundtrip.servers._runner import LoopThread
+from roundtrip.servers.dns import start_dns
 from roundtrip.stack import Transcript
 from roundtrip.stack._auth import peer_address
 from roundtrip.store import Mailboxes, Store
@@ -474,3 +478,59 @@ def test_docs_citation_check_catches_a_test_that_does_not_exist() -> None:
         "tests/test_relay_tls_fallback.py::test_no_such_test",
         "tests/test_relay_tls_fallback.py::test_nor_this",
     ]
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.stop()
+
+
+@needs_ipv6
+def test_dns_server_on_two_hosts_shares_one_port(loop_thread: LoopThread) -> None:
+    server = loop_thread.run(
+        start_dns(
+            build_zone(default_records("example.org", "127.0.0.1")),
+            host="127.0.0.1",
+            extra_hosts=("::1", "127.0.0.1"),  # a repeat of the first host is dropped
+            on_error=loop_thread.record_error,
+        ),
+        TIMEOUT,
+    )
+    try:
+        assert server.hosts == ("127.0.0.1", "::1")
+        for host in server.hosts:
+            for tcp in (False, True):
+                reply = _dns_ask(host, server.port, "example.org", "MX", tcp=tcp)
+                assert reply.rcode() == dns.rcode.NOERROR and _texts(reply), (host, tcp)
+    finally:
+        loop_thread.run(server.close(), TIMEOUT)
+    assert loop_thread.take_errors() == []
+
+
+@needs_ipv6
+def test_dns_server_fixed_port_taken_on_the_extra_host_is_a_start_error(
+    loop_thread: LoopThread,
+) -> None:
+    """The twin: a fixed port another socket holds on ::1 fails the start, names ::1, and
+    leaves nothing bound on the first host."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as holder:
+        holder.bind(("::1", 0))
+        port = holder.getsockname()[1]
+        with pytest.raises(ServerStartError, match=r"::1"):
+            loop_thread.run(
+                start_dns(
+                    build_zone(default_records("example.org", "127.0.0.1")),
+                    host="127.0.0.1",
+                    port=port,
+                    extra_hosts=("::1",),
+                    on_error=loop_thread.record_error,
+                ),
+                TIMEOUT,
+            )
+    # The first host's UDP and TCP listeners were closed again.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", port))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        tcp.bind(("127.0.0.1", port))
