@@ -285,15 +285,18 @@ class _Wire:
         """Whether unread bytes are buffered (the server said more than was asked)."""
         return bool(self._buf)
 
-    def listen(self, wait: float) -> list[str]:
-        """Whatever the server sends within ``wait`` seconds unprompted, as lines."""
+    def listen(self, wait: float, *, grace: float = 0.2) -> list[str]:
+        """Whatever the server sends within ``wait`` seconds unprompted, as lines (once a
+        line came, only ``grace`` seconds more; at most ``MAX_LINE`` bytes unterminated)."""
         until = min(time.monotonic() + wait, self.deadline)
         got: list[str] = []
         while True:
             while b"\n" in self._buf and len(got) < MAX_REPLY_LINES:
                 got.append(self.line())
+            if got:
+                until = min(until, time.monotonic() + grace)
             left = until - time.monotonic()
-            if left <= 0 or len(got) >= MAX_REPLY_LINES:
+            if left <= 0 or len(got) >= MAX_REPLY_LINES or len(self._buf) > MAX_LINE:
                 break
             try:
                 if not self._fill(left):
@@ -413,6 +416,7 @@ class _Context:
     mx: tuple[str, int] | None
     keep: bool
     report: ActiveReport
+    discover: bool = True
     token: str = field(default_factory=lambda: secrets.token_hex(6))
     #: The MX to test (``--mx``, else port 25 of the SMTP host when it answers).
     mx_target: Endpoint | None = None
@@ -444,6 +448,7 @@ def run_active_checks(
     rcpt_to: str,
     timeout: float,
     mx: tuple[str, int] | None = None,
+    discover: bool = True,
     keep: bool = False,
 ) -> ActiveReport:
     """Run the named groups (see ``GROUPS``) against ``smtp`` (and ``reader``, the probe's
@@ -453,6 +458,8 @@ def run_active_checks(
         mail_from: the probe's own sender (the SMTP user's address).
         rcpt_to: the probe's own mailbox: the only recipient any check sends mail to.
         mx: the MX to test for open relay; default port 25 of ``smtp``'s host, if it answers.
+        discover: try the standard ports (25 for the MX; 587, 143, 110 beside implicit-TLS
+            URLs on 465, 993, 995); False tests only what is named.
         keep: leave the smuggling check's messages in the mailbox.
 
     Never raises for what a server does: a group that cannot complete gives an ``info`` or
@@ -461,7 +468,9 @@ def run_active_checks(
     started = time.monotonic()
     wanted = tuple(g for g in GROUPS if g in set(groups))
     report = ActiveReport(requested=wanted)
-    ctx = _Context(smtp, reader, context, mail_from, rcpt_to, timeout, mx, keep, report)
+    ctx = _Context(
+        smtp, reader, context, mail_from, rcpt_to, timeout, mx, keep, report, discover=discover
+    )
     if {"starttls-injection", "plaintext-auth", "open-relay", "smuggling"} & set(wanted):
         ctx.mx_target = _mx_endpoint(ctx)
     runners: dict[str, Callable[[_Context], str | None]] = {
@@ -505,7 +514,12 @@ def _starttls_targets(ctx: _Context) -> list[Endpoint]:
     targets = [e for e in given if e.tls == "starttls"]
     for endpoint in given:
         port = _STANDARD_STARTTLS.get((endpoint.protocol, endpoint.port))
-        if endpoint.tls == "implicit" and port and _answers(endpoint.host, port, 2.0):
+        if (
+            ctx.discover
+            and endpoint.tls == "implicit"
+            and port
+            and _answers(endpoint.host, port, 2.0)
+        ):
             targets.append(Endpoint(endpoint.protocol, "starttls", endpoint.host, port))
     if ctx.mx_target is not None:
         targets.append(ctx.mx_target)
@@ -519,7 +533,7 @@ def _mx_endpoint(ctx: _Context) -> Endpoint | None:
     if ctx.mx is not None:
         return Endpoint("smtp", "starttls", ctx.mx[0], ctx.mx[1])
     host = ctx.smtp.host
-    if ctx.smtp.port == 25 or _answers(host, 25, min(2.0, ctx.timeout)):
+    if ctx.smtp.port == 25 or (ctx.discover and _answers(host, 25, min(2.0, ctx.timeout))):
         return Endpoint("smtp", "starttls", host, 25)
     return None
 
@@ -722,6 +736,8 @@ def _mx_open(target: Endpoint, deadline: float) -> _Session:
 def _open_relay(ctx: _Context) -> str | None:
     target = ctx.mx_target
     if target is None:
+        if not ctx.discover:
+            return "no MX given: give --mx HOST:PORT"
         return f"no MX: nothing answered on {ctx.smtp.host}:25; give --mx HOST:PORT"
     server = target.address
     session: _Session | None = None
