@@ -65,6 +65,8 @@ class Flaws:
     hang_up: bool = False
     #: Answer EHLO with continuation lines that never end (until the client hangs up).
     endless_ehlo: bool = False
+    #: Refuse AUTH quoting the command back, credentials and all.
+    echo_auth: bool = False
 
 
 @dataclass
@@ -189,6 +191,8 @@ class _Session:
             elif verb == "STARTTLS":
                 self.send("220 go ahead")
                 self.starttls()
+            elif verb == "AUTH" and self.flaws.echo_auth:
+                self.send(f"535 5.7.8 refused: {line}")
             elif verb == "AUTH":
                 if self.secure:
                     self.authed = True
@@ -647,6 +651,21 @@ def test_active_endless_reply_is_cut_off_not_buffered(weak: list[WeakServer]) ->
     (finding,) = report.findings
     assert finding.severity == "warn" and "a reply of more than 100 lines" in finding.message
     assert len(finding.evidence) <= 6
+
+
+def test_active_credentials_echoed_by_a_server_stay_out_of_the_report(
+    weak: list[WeakServer],
+) -> None:
+    server = _weak(weak, "smtp", echo_auth=True)
+    report = _run(("pipelining",), smtp=_weak_endpoint(server), context=_weak_context(server))
+    (finding,) = report.findings
+    assert "not tested" in finding.message and "535 5.7.8 refused: AUTH PLAIN ****" in (
+        finding.message
+    )
+    token = base64.b64encode(b"\0probe@weak.test\0pw").decode()
+    assert any(token in line for line in server.received)  # the server did echo it
+    text = finding.message + " ".join(finding.evidence)
+    assert token not in text
 
 
 # -- the command line --------------------------------------------------------------------------

@@ -378,15 +378,22 @@ def _smtp_auth(wire: _Wire, ehlo: list[str], endpoint: Endpoint) -> None:
     """AUTH PLAIN (else LOGIN); the credentials are never kept in ``received``."""
     mechanisms = _auth_mechanisms(ehlo)
     user, password = endpoint.user.encode(), endpoint.password.encode()
+    mark = len(wire.received)
+    token = base64.b64encode(b"\0" + user + b"\0" + password).decode()
+    secret = base64.b64encode(password).decode()
     if "PLAIN" in mechanisms:
-        token = base64.b64encode(b"\0" + user + b"\0" + password).decode()
         code, lines = wire.command(f"AUTH PLAIN {token}")
     elif "LOGIN" in mechanisms:
         wire.command("AUTH LOGIN")
         wire.command(base64.b64encode(user).decode())
-        code, lines = wire.command(base64.b64encode(password).decode())
+        code, lines = wire.command(secret)
     else:
         raise _TroubleError(f"no AUTH PLAIN or LOGIN offered: {' '.join(ehlo)!r}")
+    # A server that echoes what it got must not put the credentials into the evidence.
+    for text in (token, secret, endpoint.password):
+        if text:
+            wire.received[mark:] = [line.replace(text, "****") for line in wire.received[mark:]]
+            lines = [line.replace(text, "****") for line in lines]
     if code != 235:
         raise _TroubleError(f"AUTH answered {' '.join(lines)!r}")
 
