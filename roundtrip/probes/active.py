@@ -40,11 +40,14 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Endpoint
 from ..errors import ConfigError
 from ._net import FAIL, INFO, WARN, Finding, display
+
+if TYPE_CHECKING:
+    from .roundtrip import ProbeResult
 
 __all__ = [
     "GROUPS",
@@ -186,7 +189,7 @@ class ActiveReport:
             text += "; skipped: " + "; ".join(f"{g} ({why})" for g, why in self.skipped.items())
         return text
 
-    def apply(self, result: Any) -> None:
+    def apply(self, result: ProbeResult) -> None:
         """Add the findings and checks to a ``ProbeResult``; a failed check fails it (with
         ``error_step`` ``CHECKS`` when the round trip itself passed)."""
         result.findings.extend(self.findings)
