@@ -48,6 +48,7 @@ section.run,section.path{background:#fff;border:1px solid #d8dce3;border-radius:
   padding:12px 14px;margin:14px 0}
 .verdict{display:inline-block;font-weight:700;padding:1px 8px;border-radius:4px;color:#fff}
 .pass{background:#23863a}.fail{background:#c62828}.warn{background:#b26a00}
+.info{background:#44607f}
 .muted{color:#5b6475}
 .wrap,td,th,dd,li,summary{overflow-wrap:anywhere}
 table{border-collapse:collapse;width:100%;table-layout:fixed}
@@ -336,7 +337,7 @@ def _tls(result: Mapping[str, Any]) -> str:
 
 
 def _badge(severity: str) -> str:
-    kind = "fail" if severity == "fail" else "warn"
+    kind = {"fail": "fail", "info": "info", "ok": "pass"}.get(severity, "warn")
     return f'<span class="sev {kind}">{_e(severity.upper())}</span>'
 
 

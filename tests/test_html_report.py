@@ -205,3 +205,21 @@ def test_html_report_without_findings_lists_none(
     out.write_text(render(doc), encoding="utf-8")
     checker = check_page(out)
     assert "Findings" not in checker.text and "Checks" in checker.text
+
+
+def test_html_report_badges_follow_the_severity(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An info finding and a passed check are not drawn as warnings; a warning still is."""
+    doc = _document(capsys)
+    last = doc["results"][-1]
+    last["findings"] = [
+        {"code": "received-hop", "severity": "info", "message": "hop 1"},
+        {"code": "plaintext-hop", "severity": "warn", "message": "hop without TLS"},
+    ]
+    last["checks"] = {"passed check": True, "failed check": False}
+    page = render(doc)
+    assert '<span class="sev info">INFO</span><code>received-hop</code>' in page
+    assert '<span class="sev warn">WARN</span><code>plaintext-hop</code>' in page
+    assert '<span class="sev pass">OK</span>passed check' in page
+    assert '<span class="sev fail">FAIL</span>failed check' in page
