@@ -499,7 +499,7 @@ def _verdict_metrics(families: _Families, labels: dict[str, str], last: Mapping[
             {**labels, "check": check},
             1 if ok else 0,
         )
-    for severity in ("fail", "warn"):
+    for severity in ("fail", "warn", "info"):
         families.add(
             "roundtrip_probe_findings",
             "gauge",

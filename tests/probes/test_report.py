@@ -157,7 +157,7 @@ def test_report_prometheus_failure_and_missing_visibility() -> None:
     visible = families["roundtrip_probe_time_to_visible_seconds"].samples
     assert all(math.isnan(s.value) for s in visible if "quantile" in s.labels)
     findings = {s.labels["severity"]: s.value for s in families["roundtrip_probe_findings"].samples}
-    assert findings == {"fail": 1, "warn": 1}
+    assert findings == {"fail": 1, "warn": 1, "info": 0}
 
 
 def test_report_write_atomically_replaces_the_file(tmp_path: Path) -> None:
