@@ -328,6 +328,15 @@ def _add_auth_options(probe: argparse.ArgumentParser) -> None:
         "TLS-RPT, MX and reverse DNS; default the system resolver, except for a loopback "
         "--smtp, where those checks are skipped unless --dns is given (docs/auth-checks.md)",
     )
+    probe.add_argument(
+        "--mta-sts-policy",
+        nargs="?",
+        const=443,
+        type=int,
+        metavar="PORT",
+        help="also fetch the sending domain's MTA-STS policy over HTTPS (from port 443, or "
+        "PORT) and check it against its MX hosts; without it, only the TXT record is checked",
+    )
 
 
 def _add_active_options(probe: argparse.ArgumentParser) -> None:
@@ -617,16 +626,20 @@ def _probe(args: argparse.Namespace, out: TextIO) -> int:
         raise ConfigError("give --from and --to, or users in the URLs")
     results = _repeat(args, paths, context=context, mail_from=mail_from)
     _run_active(args, results, paths, context=context, mail_from=mail_from)
-    _run_posture(args, results, paths, mail_from=mail_from)
+    _run_posture(args, results, paths, mail_from=mail_from, context=context)
     title = f"{smtp.url} -> {', '.join(reader.url for reader in readers)}"
     return _finish(args, results, out, title=title)
 
 
 def _dns_server(args: argparse.Namespace) -> tuple[str, int] | None:
-    """``--dns``, parsed; only with ``--smtp`` (the embedded stack uses its own DNS)."""
+    """``--dns``, parsed; only with ``--smtp`` (the embedded stack uses its own DNS).
+    ``--mta-sts-policy`` is checked here too, before any round trip."""
     from .probes.authcheck import parse_dns_server
 
     args.auth = None
+    port = args.mta_sts_policy
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"--mta-sts-policy {port}: expected a port from 1 to 65535")
     if args.dns is None:
         return None
     if args.smtp is None:
@@ -640,6 +653,7 @@ def _run_posture(
     paths: list[tuple[Endpoint, Endpoint, str]],
     *,
     mail_from: str,
+    context: ssl.SSLContext,
 ) -> None:
     """The sending domain's SPF, DMARC, MTA-STS, TLS-RPT and MX checks, once per run of the
     command, added to the latest run of the first path (so text, JSON and exit code include
@@ -652,7 +666,9 @@ def _run_posture(
     if lookup is None or not domain:
         results[-len(paths)].findings.append(posture_skipped(domain, smtp))
         return
-    args.auth = check_posture(domain, lookup)
+    port = args.mta_sts_policy
+    policy = (context, port, min(args.timeout, 10.0)) if port is not None else None
+    args.auth = check_posture(domain, lookup, mta_sts_policy=policy)
     args.auth.apply(results[-len(paths)])
 
 

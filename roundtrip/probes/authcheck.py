@@ -13,7 +13,8 @@ Three passes, each turning what it saw into ``Finding`` objects:
 3. ``check_posture``: the sending domain's records: SPF (one record, plausible syntax, at most
    10 DNS-querying terms counted through include and redirect, RFC 7208 sections 4.5, 4.6.4
    and 12), DMARC at ``_dmarc.<domain>`` or its organizational domain (RFC 7489 section 6.6.3)
-   and its policy, MTA-STS TXT (RFC 8461 section 3.1; the HTTPS policy is not fetched),
+   and its policy, MTA-STS TXT (RFC 8461 section 3.1)
+   and, when asked (``--mta-sts-policy``), the HTTPS policy it announces (RFC 8461 section 3.3),
    TLS-RPT (RFC 8460 section 3), MX host names (no CNAME: RFC 2181 section 10.3; no address
    literal: RFC 5321 section 5.1) and forward-confirmed reverse DNS of their addresses.
 
@@ -26,8 +27,11 @@ a test world are not the internet's (``lookup_for``).
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import re
+import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +77,12 @@ _ADDRESSES_PER_HOST = 2
 
 #: Results an Authentication-Results method reports that deserve a warning (RFC 8601 2.7).
 _BAD_RESULTS = frozenset({"fail", "softfail", "permerror", "temperror", "hardfail"})
+
+#: Bytes of an MTA-STS policy body read at most (RFC 8461 section 3.3: 64 KiB).
+MAX_POLICY_BYTES = 64 * 1024
+
+#: RFC 8461 section 3.2: ``max_age`` at most one year, in seconds.
+_MAX_POLICY_AGE = 31557600
 
 #: Failing findings and the check each one fails.
 FINDING_CHECKS = {
@@ -728,7 +738,11 @@ def _check_dmarc(report: AuthReport, lookup: Lookup) -> None:
     )
 
 
-def _check_mta_sts(report: AuthReport, lookup: Lookup) -> None:
+def _check_mta_sts(
+    report: AuthReport,
+    lookup: Lookup,
+    policy: tuple[ssl.SSLContext, int, float] | None,
+) -> None:
     name = f"_mta-sts.{report.domain}"
     answer = lookup.txt(name)
     evidence = answer.describe(name, "TXT")
@@ -759,11 +773,122 @@ def _check_mta_sts(report: AuthReport, lookup: Lookup) -> None:
             records[0],
         )
     else:
+        fetched = "" if policy is not None else " (the HTTPS policy is not fetched)"
         report.add(
-            "mta-sts",
-            INFO,
-            f"MTA-STS record of {report.domain} present (the HTTPS policy is not fetched)",
-            records[0],
+            "mta-sts", INFO, f"MTA-STS record of {report.domain} present{fetched}", records[0]
+        )
+        if policy is not None:
+            _check_mta_sts_policy(report, lookup, *policy)
+
+
+def _fetch_policy(
+    host: str, lookup: Lookup, context: ssl.SSLContext, port: int, timeout: float
+) -> tuple[str, str]:
+    """GET the MTA-STS policy from ``host`` (RFC 8461 section 3.3): (body, "") or
+    ("", what went wrong). The address comes from ``lookup``, the certificate must name
+    ``host``, redirects are not followed."""
+    addresses = [*lookup.query(host, "A").values, *lookup.query(host, "AAAA").values]
+    if not addresses:
+        return "", f"{host} has no address"
+    request = (
+        f"GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: {host}\r\n"
+        "User-Agent: roundtrip-probe\r\nConnection: close\r\n\r\n"
+    ).encode("ascii")
+    try:
+        with (
+            socket.create_connection((addresses[0], port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            tls.sendall(request)
+            response = http.client.HTTPResponse(tls)
+            try:
+                response.begin()
+                body = response.read(MAX_POLICY_BYTES + 1)
+            finally:
+                response.close()
+    except (OSError, http.client.HTTPException) as exc:
+        # ssl.SSLError and TimeoutError are OSErrors: one place for every way a fetch fails.
+        return "", f"https://{host}:{port}/.well-known/mta-sts.txt: {type(exc).__name__}: {exc}"
+    where = f"https://{host}:{port}/.well-known/mta-sts.txt"
+    if response.status != 200:
+        return "", f"{where}: HTTP {response.status} {response.reason} (redirects are not followed)"
+    kind = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+    if kind != "text/plain":
+        return "", f"{where}: Content-Type {kind or 'missing'}, expected text/plain"
+    if len(body) > MAX_POLICY_BYTES:
+        return "", f"{where}: the policy is larger than {MAX_POLICY_BYTES} bytes"
+    return body.decode("utf-8", "replace"), ""
+
+
+def _mx_matches(pattern: str, host: str) -> bool:
+    """RFC 8461 section 4.1: a ``*.`` pattern matches exactly one leftmost label."""
+    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if pattern.startswith("*."):
+        label, dot, rest = host.partition(".")
+        return bool(label and dot) and rest == pattern[2:]
+    return pattern == host
+
+
+def _check_mta_sts_policy(
+    report: AuthReport, lookup: Lookup, context: ssl.SSLContext, port: int, timeout: float
+) -> None:
+    host = f"mta-sts.{report.domain}"
+    body, error = _fetch_policy(host, lookup, context, port, timeout)
+    if error:
+        report.add(
+            "mta-sts-policy-unreachable",
+            WARN,
+            f"the MTA-STS policy of {report.domain} cannot be fetched: senders apply none "
+            "(RFC 8461 section 3.3)",
+            error[:MAX_EVIDENCE_CHARS],
+        )
+        return
+    fields: dict[str, list[str]] = {}
+    for line in re.split(r"\r?\n", body):
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), []).append(value.strip())
+    version, mode = fields.get("version", [""])[0], fields.get("mode", [""])[0]
+    age, patterns = fields.get("max_age", [""])[0], fields.get("mx", [])
+    problems = []
+    if version != "STSv1":
+        problems.append(f"version {version or 'missing'} (expected STSv1)")
+    if mode not in ("enforce", "testing", "none"):
+        problems.append(f"mode {mode or 'missing'}")
+    if not age.isdigit() or int(age) > _MAX_POLICY_AGE:
+        problems.append(f"max_age {age or 'missing'}")
+    if mode != "none" and not patterns:
+        problems.append("no mx")
+    evidence = " | ".join(line for line in re.split(r"\r?\n", body) if line.strip())
+    if problems:
+        report.add(
+            "mta-sts-policy-invalid",
+            WARN,
+            f"the MTA-STS policy of {report.domain} is invalid: {', '.join(problems)} "
+            "(RFC 8461 section 3.2)",
+            evidence[:MAX_EVIDENCE_CHARS],
+        )
+        return
+    report.add(
+        "mta-sts-policy",
+        INFO,
+        f"MTA-STS policy of {report.domain}: mode {mode}, max_age {age}, mx {', '.join(patterns)}",
+        evidence[:MAX_EVIDENCE_CHARS],
+    )
+    if mode == "none":
+        return
+    mx = lookup.query(report.domain, "MX")
+    hosts = [v.partition(" ")[2].rstrip(".") for v in mx.values]
+    strays = [h for h in hosts if h and not any(_mx_matches(p, h) for p in patterns)]
+    if strays:
+        report.add(
+            "mta-sts-mx-mismatch",
+            WARN,
+            f"MX host(s) {', '.join(strays)} of {report.domain} match no mx of its MTA-STS "
+            f"policy: senders that {'enforce it refuse' if mode == 'enforce' else 'test it report'}"
+            " delivery to them (RFC 8461 section 4.1)",
+            mx.describe(report.domain, "MX"),
+            evidence[:MAX_EVIDENCE_CHARS],
         )
 
 
@@ -896,19 +1021,29 @@ def _check_fcrdns(report: AuthReport, lookup: Lookup, host: str, address: str) -
     )
 
 
-def check_posture(domain: str, lookup: Lookup) -> AuthReport:
+def check_posture(
+    domain: str,
+    lookup: Lookup,
+    *,
+    mta_sts_policy: tuple[ssl.SSLContext, int, float] | None = None,
+) -> AuthReport:
     """The sending domain's SPF, DMARC, MTA-STS, TLS-RPT and MX posture (pass 3).
 
     Args:
         domain: the domain of the probe's sender (From and MAIL FROM).
         lookup: where to ask.
+        mta_sts_policy: (TLS context, port, timeout) to also fetch the MTA-STS policy over
+            HTTPS (port 443 in the world; another for a test server); None: the TXT only.
 
     Returns:
         The findings, with a severity each, and the checks failed by SPF permerrors.
     """
     report = AuthReport(domain.lower().rstrip("."))
-    for check in (_check_spf, _check_dmarc, _check_mta_sts, _check_tls_rpt, _check_mx):
-        check(report, lookup)
+    _check_spf(report, lookup)
+    _check_dmarc(report, lookup)
+    _check_mta_sts(report, lookup, mta_sts_policy)
+    _check_tls_rpt(report, lookup)
+    _check_mx(report, lookup)
     return report
 
 
