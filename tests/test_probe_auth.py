@@ -144,6 +144,23 @@ def test_probe_auth_takes_the_receivers_field_not_a_forged_one_above() -> None:
     assert unknown.server == "forger.example" and "spf=pass" in unknown.message
 
 
+def test_probe_auth_takes_a_field_of_the_receivers_organization() -> None:
+    raw = (
+        b"Authentication-Results: forger.example; dmarc=pass header.from=example.com\r\n"
+        b"Authentication-Results: filter.example.org;\r\n"
+        b'\tdmarc=fail reason="p=reject" header.from=example.com\r\n'
+        b"\r\nbody\r\n"
+    )
+    (dmarc,) = [f for f in auth_results(raw, "lmtp.example.org") if f.code == "auth-dmarc"]
+    assert dmarc.server == "filter.example.org" and dmarc.severity == "warn"
+    assert "reason 'p=reject'" in dmarc.message
+    # Twin: a receiver of another organization: the topmost field, and the summary says why.
+    picked = auth_results(raw, "mx.other.example.net")
+    (summary,) = [f for f in picked if f.code == "auth-results"]
+    assert "none names the receiving host mx.other.example.net" in summary.message
+    assert summary.server == "forger.example"
+
+
 def test_probe_auth_says_when_the_receiver_added_no_field() -> None:
     findings = auth_results(b"Subject: x\r\n\r\nbody\r\n", "mx.example.org")
     assert [(f.code, f.severity) for f in findings] == [("auth-results-missing", "info")]
