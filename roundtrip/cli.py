@@ -346,14 +346,15 @@ def _add_active_options(probe: argparse.ArgumentParser) -> None:
         metavar="GROUP[,GROUP...]|all",
         help="after the round trip, run active checks of a server you own (with --smtp): "
         "starttls-injection, plaintext-auth, open-relay, spoofing, pipelining, chunking, "
-        "smuggling, or all; they send extra connections and mail, only ever to the probe's "
-        "own mailbox; the run says which groups it skipped and why (docs/active-checks.md)",
+        "smuggling, brute-force, or all; they send extra connections and mail, only ever to "
+        "the probe's own mailbox; the run says which groups it skipped and why "
+        "(docs/active-checks.md)",
     )
     probe.add_argument(
         "--mx",
         metavar="HOST[:PORT]",
-        help="the MX for --checks open-relay, starttls-injection and plaintext-auth "
-        "(default: port 25 of the --smtp host, when it answers)",
+        help="the MX for --checks open-relay, starttls-injection, plaintext-auth and "
+        "smuggling (inbound) (default: port 25 of the --smtp host, when it answers)",
     )
 
 

@@ -67,6 +67,8 @@ class Flaws:
     endless_ehlo: bool = False
     #: Refuse AUTH quoting the command back, credentials and all.
     echo_auth: bool = False
+    #: Refuse every AUTH at once, however often (no penalty, no disconnect).
+    refuse_auth: bool = False
 
 
 @dataclass
@@ -193,6 +195,8 @@ class _Session:
                 self.starttls()
             elif verb == "AUTH" and self.flaws.echo_auth:
                 self.send(f"535 5.7.8 refused: {line}")
+            elif verb == "AUTH" and self.secure and self.flaws.refuse_auth:
+                self.send("535 5.7.8 bad credentials")
             elif verb == "AUTH":
                 if self.secure:
                     self.authed = True
@@ -614,6 +618,40 @@ def test_active_smuggling_skipped_without_a_mailbox(stack: MailStack) -> None:
         ("smuggling",), smtp=stack.endpoint("submissions"), context=stack.client_context()
     )
     assert "own mailbox" in report.skipped["smuggling"]
+
+
+# -- B3.6 brute-force protection (report only) ------------------------------------------------
+
+
+def test_active_brute_force_reports_a_server_that_never_slows_down(
+    weak: list[WeakServer],
+) -> None:
+    server = _weak(weak, "smtp", refuse_auth=True)
+    report = _run(("brute-force",), smtp=_weak_endpoint(server), context=_weak_context(server))
+    (finding,) = report.findings
+    assert finding.code == "auth-throttling" and finding.severity == "info"
+    assert "did not slow down" in finding.message and "stayed open" in finding.message
+    assert finding.evidence[0].count("535 5.7.8 bad credentials") == 3
+    # Only the made-up user was tried, never the probe's own.
+    tried = [base64.b64decode(line.split()[-1]) for line in server.received if "AUTH" in line]
+    assert len(tried) == 3 and all(b"roundtrip-no-such-user" in t for t in tried)
+
+
+def test_active_brute_force_twin_stack_slows_down() -> None:
+    # A stack of its own: the penalty for failed AUTH outlives the test (per client address).
+    with MailStack() as own:
+        report = _stack_run(own, ("brute-force",), "submissions")
+    (finding,) = report.findings
+    assert finding.code == "auth-throttling" and "slows a password guesser down" in finding.message
+    assert report.checks == {"AUTH refuses unknown users": True}
+
+
+def test_active_brute_force_flags_a_server_accepting_anyone(weak: list[WeakServer]) -> None:
+    server = _weak(weak, "smtp")  # takes any credentials once TLS is up
+    report = _run(("brute-force",), smtp=_weak_endpoint(server), context=_weak_context(server))
+    (finding,) = report.findings
+    assert finding.code == "auth-accepts-anyone" and finding.severity == "fail"
+    assert report.checks == {"AUTH refuses unknown users": False}
 
 
 # -- hostile servers: every group ends within its deadline -------------------------------------

@@ -67,6 +67,8 @@ GROUPS = (
     "pipelining",
     "chunking",
     "smuggling",
+    # Last: a server's penalty for failed AUTH would slow every login of the groups after it.
+    "brute-force",
 )
 
 #: End-of-data variants a lenient server may take for ``<CRLF>.<CRLF>`` (SEC Consult's
@@ -101,6 +103,8 @@ INJECTION_WAIT = 1.0
 #: Seconds the smuggling check looks again after the outer messages arrived, for a second
 #: message delivered just after them.
 SMUGGLING_SETTLE = 1.0
+#: Failed AUTH attempts the brute-force check makes, with a user that does not exist.
+BRUTE_FORCE_ATTEMPTS = 3
 #: Bytes of each smuggling probe message read back over IMAP (headers and the variant).
 MAX_STORED_BYTES = 16384
 #: Messages the POP3 look at the mailbox reads the headers of, at most (newest first).
@@ -490,6 +494,7 @@ def run_active_checks(
         "spoofing": _spoofing,
         "pipelining": _pipelining,
         "chunking": _chunking,
+        "brute-force": _brute_force,
         "smuggling": _smuggling,
     }
     for group in wanted:
@@ -939,6 +944,84 @@ def _chunking(ctx: _Context) -> str | None:
         ),
         server,
         evidence,
+    )
+    return None
+
+
+# -- B3.6 brute-force protection (report only) ------------------------------------------------
+
+
+def _brute_force(ctx: _Context) -> str | None:
+    """A few AUTH attempts, over TLS, with a user that cannot exist: how the replies slow
+    down, and whether the server hangs up (421). Never a real user name: nobody's account
+    can be locked by it."""
+    server = ctx.smtp.address
+    session: _Session | None = None
+    attempts: list[tuple[float, str]] = []
+    closed = ""
+    try:
+        session = _smtp_open(ctx.smtp, ctx.context, ctx.deadline(), auth=False)
+        if not _auth_mechanisms(session.ehlo) & {"PLAIN", "LOGIN"}:
+            ctx.finding(
+                "auth-throttling",
+                INFO,
+                f"smtp {server}: no AUTH PLAIN or LOGIN offered; not tested",
+                server,
+                session.ehlo,
+            )
+            _quit(session.wire)
+            return None
+        for number in range(BRUTE_FORCE_ATTEMPTS):
+            bogus = f"\0{_BOGUS_USER}\0wrong-{ctx.token}-{number}".encode()
+            started = time.monotonic()
+            try:
+                code, lines = session.wire.command(f"AUTH PLAIN {base64.b64encode(bogus).decode()}")
+            except _TroubleError as exc:
+                closed = str(exc)
+                break
+            attempts.append((time.monotonic() - started, lines[-1]))
+            if code == 235:
+                break
+            if code == 421:
+                closed = lines[-1]
+                break
+        _quit(session.wire)
+    except (OSError, ValueError, _TroubleError) as exc:
+        _not_tested(ctx, "auth-throttling", server, exc, session.wire if session else None)
+        if session is not None:
+            session.wire.close()
+        return None
+    if attempts and attempts[-1][1].startswith("235"):
+        ctx.check("AUTH refuses unknown users", False)
+        ctx.finding(
+            "auth-accepts-anyone",
+            FAIL,
+            f"smtp {server}: AUTH accepted a user that does not exist ({_BOGUS_USER}) with a "
+            "made-up password (RFC 4954 section 4)",
+            server,
+            [reply for _, reply in attempts],
+        )
+        return None
+    ctx.check("AUTH refuses unknown users", True)
+    delays = [seconds for seconds, _ in attempts]
+    grows = len(delays) > 1 and delays[-1] > delays[0] + 0.05
+    said = ", ".join(f"{reply!r} after {seconds:.2f} s" for seconds, reply in attempts)
+    if closed or grows:
+        verdict = "slows a password guesser down" + (
+            f" and ends the session ({closed})" if closed else ""
+        )
+    else:
+        verdict = (
+            f"the replies did not slow down ({min(delays, default=0):.2f} to "
+            f"{max(delays, default=0):.2f} s) and the session stayed open (Postfix: "
+            "smtpd_client_auth_rate_limit; Dovecot: auth_failure_delay)"
+        )
+    ctx.finding(
+        "auth-throttling",
+        INFO,
+        f"smtp {server}: {len(attempts)} failed AUTH with a non-existent user: {verdict}",
+        server,
+        [said] if said else [],
     )
     return None
 

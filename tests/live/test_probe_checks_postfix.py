@@ -94,6 +94,7 @@ def test_checks_all_stock_postfix_shows_the_three_findings_hardened_none(
         "pipelining",
         "chunking",
         "smuggling",
+        "brute-force",
     ]
     assert active["skipped"] == {}
     if server.profile == "stock":
@@ -122,6 +123,9 @@ def test_checks_all_stock_postfix_shows_the_three_findings_hardened_none(
     # Postfix's defaults let a user send as another local address: a warning on both.
     assert found["sender-spoofing"] == {"warn"}
     assert found["chunking"] == {"info"} and found["pipelining"] == {"info"}
+    # Dovecot refuses the made-up user; how fast is reported, never judged.
+    assert found["auth-throttling"] == {"info"}
+    assert active["checks"]["AUTH refuses unknown users"] is True
 
 
 def _inbox_count(server: RealMailServer) -> int:
