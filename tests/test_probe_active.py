@@ -3,9 +3,10 @@ weakness and against its twin without it.
 
 The twins without the weakness are the embedded stack (it discards plaintext buffered before
 TLS, refuses AUTH before TLS with 538, is no open relay, holds MAIL FROM to the AUTH user and
-ends DATA only at CRLF.CRLF). The weak servers are small raw-socket servers below, each with
-one flaw switched on. SMTP smuggling and a working CHUNKING are proven against a real Postfix
-in ``tests/live/test_probe_checks_postfix.py``.
+ends DATA only at CRLF.CRLF, slows down failed logins). The weak servers are small
+raw-socket servers below, each with one flaw switched on; a flawed SMTP server and a POP3
+server sharing its mailbox prove the smuggling verdict. The same checks against Debian's
+stock and hardened Postfix are in ``tests/live/test_probe_checks_postfix.py``.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ send what a client normally never sends, so they run only when asked for by grou
   connection each, on the submission port and at the MX; one connection per STARTTLS port
   for injection), each group within the probe's ``--timeout``, every reply bounded in lines
   and bytes; a server that stalls ends the group with a "not tested" finding.
-- Credentials only after TLS; the bogus credentials of ``plaintext-auth`` belong to a user
-  that does not exist; nothing secret ever appears in a finding.
+- Credentials only after TLS; the bogus credentials of ``plaintext-auth`` and
+  ``brute-force`` belong to a user that does not exist (no account can be locked); nothing
+  secret ever appears in a finding, even when a server echoes it.
 
 The SMTP side is a raw-socket client (``_Wire``): smtplib normalises line endings and
 dot-stuffs bare LFs, which would hide exactly what the smuggling check sends (CVE-2023-51764),
