@@ -161,6 +161,43 @@ def test_probe_auth_takes_a_field_of_the_receivers_organization() -> None:
     assert summary.server == "forger.example"
 
 
+@pytest.mark.parametrize(
+    ("field", "code", "want"),
+    [
+        # OpenDMARC puts the policy it applied in a comment.
+        (
+            "mx.example.org; dmarc=fail (p=reject dis=none) header.from=example.com",
+            "auth-dmarc",
+            "mx.example.org: dmarc=fail (comment 'p=reject dis=none', header.from=example.com)",
+        ),
+        # A version after the authserv-id (RFC 8601 section 2.2); a comment holding "x=y"
+        # pairs is not read as results.
+        (
+            "mx.example.org 1; arc=pass (i=1 spf=fail dkim=pass) smtp.remote-ip=192.0.2.1",
+            "auth-arc",
+            "mx.example.org: arc=pass (comment 'i=1 spf=fail dkim=pass', smtp.remote-ip=192.0.2.1)",
+        ),
+        # No authserv-id at all, as Microsoft 365 writes the field: still read.
+        (
+            "spf=softfail (sender IP is 192.0.2.1) smtp.mailfrom=example.com; "
+            "dmarc=pass action=none header.from=example.com",
+            "auth-spf",
+            "(no authserv-id): spf=softfail (comment 'sender IP is 192.0.2.1', "
+            "smtp.mailfrom=example.com)",
+        ),
+    ],
+)
+def test_probe_auth_reads_the_fields_other_verifiers_write(
+    field: str, code: str, want: str
+) -> None:
+    raw = f"Authentication-Results: {field}\r\nSubject: x\r\n\r\nbody\r\n".encode()
+    found = [f for f in auth_results(raw, "mx.example.org") if f.code == code]
+    assert [f.message for f in found] == [want]
+    verdict = want.split(": ", 1)[1].split()[0]  # "dmarc=fail", "arc=pass", ...
+    assert found[0].severity == ("warn" if "fail" in verdict else "info")
+    assert not [f for f in auth_results(raw, "") if f.code == "auth-results-unreadable"]
+
+
 def test_probe_auth_says_when_the_receiver_added_no_field() -> None:
     findings = auth_results(b"Subject: x\r\n\r\nbody\r\n", "mx.example.org")
     assert [(f.code, f.severity) for f in findings] == [("auth-results-missing", "info")]

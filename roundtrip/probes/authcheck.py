@@ -272,6 +272,63 @@ def _is_name(host: str) -> bool:
     return False
 
 
+#: The authserv-id put in front of a field that has none (Microsoft 365 writes such fields,
+#: against RFC 8601 section 2.2), so that its results can still be read.
+NO_AUTHSERV_ID = "(no authserv-id)"
+
+
+def _parse_field(value: str) -> Any:
+    """``authres``'s reading of one field, or the name of the error when it has none."""
+    try:
+        return authres.AuthenticationResultsHeader.parse_value(value)
+    except (authres.AuthResError, ValueError, IndexError) as exc:
+        error = type(exc).__name__
+    if not re.match(r"\s*[A-Za-z][\w.-]*\s*=", value):
+        return error
+    try:
+        header = authres.AuthenticationResultsHeader.parse_value("missing; " + value)
+    except (authres.AuthResError, ValueError, IndexError):
+        return error
+    header.authserv_id = NO_AUTHSERV_ID
+    return header
+
+
+def _segments(value: str) -> list[str]:
+    """``value`` split at the semicolons outside comments and quoted strings."""
+    parts: list[str] = []
+    current: list[str] = []
+    depth, quoted = 0, False
+    for char in value:
+        if quoted:
+            quoted = char != '"'
+        elif char == '"' and not depth:
+            quoted = True
+        elif char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif char == ";" and not depth:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _comments(value: str) -> dict[str, list[str]]:
+    """The comment right after each ``method=result`` of a field, per method, in order
+    (``authres`` drops comments; OpenDMARC, Rspamd and Gmail put the policy applied in one)."""
+    found: dict[str, list[str]] = {}
+    for segment in _segments(value):
+        match = re.match(r"\s*([A-Za-z][\w-]*)\s*=\s*[A-Za-z]+\s*(\(([^()]*)\))?", segment)
+        if match:
+            found.setdefault(match.group(1).lower(), []).append(
+                " ".join((match.group(3) or "").split())
+            )
+    return found
+
+
 def auth_results(raw: bytes, receiver: str) -> list[Finding]:
     """Findings for the receiving server's Authentication-Results in ``raw``.
 
@@ -288,10 +345,11 @@ def auth_results(raw: bytes, receiver: str) -> list[Finding]:
     parsed: list[tuple[str, Any]] = []
     unreadable: list[str] = []
     for value in _header_fields(raw, "Authentication-Results"):
-        try:
-            parsed.append((value, authres.AuthenticationResultsHeader.parse_value(value)))
-        except (authres.AuthResError, ValueError, IndexError) as exc:
-            unreadable.append(f"{value[:MAX_EVIDENCE_CHARS]} ({type(exc).__name__})")
+        header = _parse_field(value)
+        if isinstance(header, str):
+            unreadable.append(f"{value[:MAX_EVIDENCE_CHARS]} ({header})")
+        else:
+            parsed.append((value, header))
     findings = [
         Finding(
             "auth-results-unreadable",
@@ -347,11 +405,16 @@ def auth_results(raw: bytes, receiver: str) -> list[Finding]:
             evidence,
         )
     )
+    comments = _comments(value)
     for result in results:
         method, verdict = str(result.method).lower(), str(result.result).lower()
         details = [f"{p.type}.{p.name}={p.value}" for p in result.properties]
         if result.reason:
             details.insert(0, f"reason {result.reason!r}")
+        comment = comments.get(method, [])
+        if comment and comment[0]:
+            details.insert(0, f"comment {comment[0]!r}")
+        del comment[:1]
         text = f"{authserv}: {method}={verdict}" + (f" ({', '.join(details)})" if details else "")
         findings.append(
             Finding(
