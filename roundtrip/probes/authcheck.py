@@ -7,16 +7,17 @@ Three passes, each turning what it saw into ``Finding`` objects:
    field (RFC 8601) of the delivered copy. Only one field counts: the topmost whose
    authserv-id is the receiving host (the ``by`` of the topmost Received field), else one of
    the same organizational domain, else the topmost field (RFC 8601 section 5: fields from
-   elsewhere may be forged; the finding says which rule picked it). ``authres`` parses it.
+   elsewhere may be forged; the finding says which rule picked it). ``authres`` parses it;
+   the comments it drops (where verifiers write the DMARC policy applied) are read here.
 2. ``verify_dkim``: every DKIM-Signature of the delivered copy verified by ``dkimpy`` (RFC
    6376, RFC 8463), with the keys looked up in the DNS the probe was given.
 3. ``check_posture``: the sending domain's records: SPF (one record, plausible syntax, at most
    10 DNS-querying terms counted through include and redirect, RFC 7208 sections 4.5, 4.6.4
    and 12), DMARC at ``_dmarc.<domain>`` or its organizational domain (RFC 7489 section 6.6.3)
-   and its policy, MTA-STS TXT (RFC 8461 section 3.1)
-   and, when asked (``--mta-sts-policy``), the HTTPS policy it announces (RFC 8461 section 3.3),
-   TLS-RPT (RFC 8460 section 3), MX host names (no CNAME: RFC 2181 section 10.3; no address
-   literal: RFC 5321 section 5.1) and forward-confirmed reverse DNS of their addresses.
+   and its policy, MTA-STS TXT (RFC 8461 section 3.1) and, when asked
+   (``--mta-sts-policy``), the HTTPS policy it announces (RFC 8461 section 3.3), TLS-RPT
+   (RFC 8460 section 3), MX host names (no CNAME: RFC 2181 section 10.3; no address literal:
+   RFC 5321 section 5.1) and forward-confirmed reverse DNS of their addresses.
 
 This module deliberately shares no code with the stack's SPF, DKIM and DMARC evaluation
 (roundtrip/protocols/spf.py, dmarc.py): a bug there must not validate itself here. All DNS
@@ -145,7 +146,11 @@ class Lookup:
     def __init__(self, server: tuple[str, int] | None = None, *, timeout: float = 5.0) -> None:
         self.server = server
         if server is None:
-            self._resolver = dns.resolver.Resolver()
+            try:
+                self._resolver = dns.resolver.Resolver()
+            except dns.resolver.NoResolverConfiguration:
+                # No /etc/resolv.conf: every question then fails, as a dns-error finding.
+                self._resolver = dns.resolver.Resolver(configure=False)
         else:
             self._resolver = dns.resolver.Resolver(configure=False)
             self._resolver.nameservers = [server[0]]
