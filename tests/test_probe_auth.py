@@ -23,6 +23,7 @@ from roundtrip.probes.authcheck import (
     parse_dns_server,
     spf_lookup_count,
 )
+from roundtrip.probes.roundtrip import run_probe
 from roundtrip.protocols.dns import Record
 
 SENDER = "example.com"
@@ -203,6 +204,32 @@ def test_probe_auth_says_when_the_receiver_added_no_field() -> None:
     assert [(f.code, f.severity) for f in findings] == [("auth-results-missing", "info")]
     broken = auth_results(b"Authentication-Results: ;;;\r\n\r\n", "mx.example.org")
     assert "auth-results-unreadable" in [f.code for f in broken]
+
+
+@pytest.mark.parametrize("reader", ["imaps", "pop3s"])
+def test_probe_auth_run_probe_api_reports_when_asked(stack: MailStack, reader: str) -> None:
+    stack.reset()
+    assert stack.dns is not None
+
+    def probe(**options: Any) -> list[str]:
+        sender, recipient = stack.user(SENDER), stack.user("example.org")
+        result = run_probe(
+            stack.endpoint("submissions", sender),
+            stack.endpoint(reader, recipient),
+            context=stack.client_context(),
+            mail_from=sender.address,
+            rcpt_to=recipient.address,
+            timeout=10.0,
+            settle=0.05,
+            **options,
+        )
+        assert result.ok, result.error
+        return [f.code for f in result.findings]
+
+    codes = probe(auth_checks=True, dns=(stack.dns.host, stack.dns.port))
+    assert {"auth-results", "auth-spf", "auth-dmarc", "dkim-verify"} <= set(codes)
+    # Twin: by default run_probe adds none of them (API callers see what they saw before).
+    assert not [c for c in probe() if c.startswith(("auth-", "dkim-"))]
 
 
 # -- the delivered copy's DKIM signatures -------------------------------------------------------
