@@ -43,8 +43,9 @@ __all__ = [
     "parse_user",
 ]
 
-#: The values ``ROUNDTRIP_LOOP`` accepts; the first is the default.
-LOOP_CHOICES = ("asyncio", "uvloop")
+#: The values ``ROUNDTRIP_LOOP`` accepts; the first is the default. ``auto``: uvloop when it
+#: can be imported, else asyncio's loop (resolved by roundtrip/servers/_runner.py).
+LOOP_CHOICES = ("asyncio", "uvloop", "auto")
 
 
 def loop_choice(environ: Mapping[str, str] | None = None) -> str:

@@ -10,8 +10,14 @@ The loop implementation
 
 - ``asyncio`` (the default, also when the variable is unset or empty): the standard library's
   loop, ``asyncio.new_event_loop()``;
-- ``uvloop``: ``uvloop.new_event_loop()`` (install it with ``pip install uvloop``; without it
-  ``LoopThread()`` raises ``ServerStartError`` saying so).
+- ``uvloop``: ``uvloop.new_event_loop()`` (install it with ``pip install uvloop``, or the
+  ``roundtrip[fast]`` extra; without it ``LoopThread()`` raises ``ServerStartError`` saying so);
+- ``auto``: uvloop when it can be imported, else asyncio's loop, silently.
+
+asyncio stays the default: measured side by side in the test's process (``python -m
+benchmarks.run --only inprocess``, docs/benchmarks.md), uvloop took 0.87-0.96x asyncio's time
+per round trip (geometric means over three runs), not a clear enough gain to make the loop
+depend on what happens to be installed.
 
 Any other value is a ``ConfigError`` listing the valid ones. The servers use only the public
 transport API (``get_extra_info("ssl_object")``, ``"peercert"``, ``"cipher"``), so they behave
@@ -53,6 +59,8 @@ def new_event_loop(choice: str | None = None) -> asyncio.AbstractEventLoop:
         # Imported by name: uvloop is optional, and the type check must pass without it.
         uvloop = importlib.import_module("uvloop")
     except ImportError as exc:
+        if choice == "auto":
+            return asyncio.new_event_loop()
         raise ServerStartError(
             "ROUNDTRIP_LOOP=uvloop, but uvloop is not installed: pip install uvloop "
             "(or unset ROUNDTRIP_LOOP to use asyncio's own loop)"
@@ -66,7 +74,7 @@ class LoopThread:
 
     Args:
         name: the thread's name.
-        loop: ``"asyncio"`` or ``"uvloop"``; None: as ``ROUNDTRIP_LOOP`` says.
+        loop: ``"asyncio"``, ``"uvloop"`` or ``"auto"``; None: as ``ROUNDTRIP_LOOP`` says.
 
     Raises:
         ConfigError: an unknown loop name.
