@@ -247,7 +247,8 @@ def first_test(plan: Plan) -> dict[str, Any]:
         with open(os.path.join(workdir, "pytest.ini"), "w", encoding="ascii") as fh:
             fh.write("[pytest]\n")
         src = _package_copy(workdir)
-        for bytecode in (False, True):
+        # The quick (CI smoke) run keeps to the cached case: each session costs seconds.
+        for bytecode in (True,) if plan.quick else (False, True):
             _drop_bytecode(src)
             if bytecode:
                 _session(workdir, src, True, True)  # warm: writes the caches
@@ -290,7 +291,7 @@ def idle(plan: Plan) -> dict[str, Any]:
     """A fresh interpreter per sample: import, start, ``gc.collect()``, VmRSS; per loop."""
     out: dict[str, Any] = {}
     repeat = 1 if plan.quick else 3
-    for loop in loops():
+    for loop in loops()[:1] if plan.quick else loops():
         got = []
         for _ in range(repeat):
             env = child_env()
@@ -372,6 +373,8 @@ def rows(res: Results, data: dict[str, Any]) -> None:
                     )
     ft = got["first_test"]
     for mode, label in (("on", "bytecode cached"), ("off", "package not compiled")):
+        if mode not in ft:
+            continue
         f = ft[mode]
         res.add(
             SECTION,
