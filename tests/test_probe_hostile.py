@@ -45,11 +45,16 @@ STARTUP = 2.0
 #: Server-side socket timeout: a server thread never outlives its test.
 SERVER_TIMEOUT = 10.0
 
+# The child's own peak RSS is VmHWM of its address space. Not getrusage's ru_maxrss: Linux
+# carries the parent's high-water mark across fork and exec into it, and the pytest process
+# that runs this suite may have grown past any bound set here (it was 865 MB in a full run).
 _RUNNER = (
-    "import resource, sys\n"
+    "import re, sys\n"
     "from roundtrip.cli import main\n"
     "code = main(sys.argv[1:])\n"
-    "print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "with open('/proc/self/status') as status:\n"
+    "    hwm = re.search(r'VmHWM:\\s+(\\d+) kB', status.read())\n"
+    "print('maxrss_kib', hwm.group(1) if hwm else 0, file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 

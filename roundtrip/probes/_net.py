@@ -903,14 +903,28 @@ def _certificate_rejected(exc: ssl.SSLCertVerificationError, where: _Where) -> P
     )
 
 
-#: OpenSSL's reasons for a handshake that found no TLS version both sides accept.
+#: OpenSSL's reasons for a handshake that found no TLS version both sides accept. A server
+#: limited to TLS 1.0/1.1 answers a TLS 1.2 ClientHello with its own version, and some OpenSSL
+#: 3.0 builds (Debian 12's) stop at its MD5+SHA1 key-exchange signature, which only those
+#: versions use, before they check the version: LEGACY_SIGALG_DISALLOWED_OR_UNSUPPORTED.
 _NO_COMMON_VERSION = frozenset(
-    {"TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE"}
+    {
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "UNSUPPORTED_PROTOCOL",
+        "NO_PROTOCOLS_AVAILABLE",
+        "LEGACY_SIGALG_DISALLOWED_OR_UNSUPPORTED",
+    }
 )
 
 
+def _no_common_version(exc: ssl.SSLError) -> bool:
+    # An older Python may not know an OpenSSL reason by name (reason None, the text only).
+    reason = exc.reason or str(exc).upper().replace(" ", "_")
+    return any(known in reason for known in _NO_COMMON_VERSION)
+
+
 def _tls_failed(exc: ssl.SSLError, where: _Where) -> ProbeError:
-    if exc.reason in _NO_COMMON_VERSION:
+    if _no_common_version(exc):
         return TLSError(
             f"{where.step}: {where.server} accepts none of the TLS versions the probe offers "
             f"(TLS 1.2 and above; it never offers less: RFC 8996): {exc}",
