@@ -189,7 +189,7 @@ def _aligned(mode: str, identifier: str, from_domain: str) -> bool:
     identifier = identifier.rstrip(".").lower()
     if not identifier:
         return False
-    if mode == "s":
+    if mode == "s" or identifier == from_domain:
         return identifier == from_domain
     return organizational_domain(identifier) == organizational_domain(from_domain)
 
@@ -198,10 +198,11 @@ def _discover(
     domain: str, lookup: Callable[[str, RecordType], DNSAnswer]
 ) -> tuple[DMARCRecord, bool] | None:
     """The record for ``domain`` and whether it came from the organizational domain."""
-    org = organizational_domain(domain)
-    for name, inherited in ((domain, False), (org, True)):
-        if inherited and org == domain:
-            break
+    # The organizational domain (and so the Public Suffix List) only when the domain itself
+    # publishes nothing (RFC 7489 section 6.6.3).
+    name: str | None = domain
+    inherited = False
+    while name is not None:
         answer = lookup(f"_dmarc.{name}", "TXT")
         if answer.status == "error":
             raise _DNSFailureError(f"DNS failure for _dmarc.{name}")
@@ -210,9 +211,13 @@ def _discover(
             raise _UnusableRecordError(f"{len(found)} DMARC records at _dmarc.{name}")
         if found:
             try:
-                return parse_record(found[0]), inherited and org != domain
+                return parse_record(found[0]), inherited
             except ValueError as exc:
                 raise _UnusableRecordError(f"bad record at _dmarc.{name}: {exc}") from None
+        if inherited:
+            break
+        org = organizational_domain(domain)
+        name, inherited = (org, True) if org != domain else (None, False)
     return None
 
 

@@ -169,9 +169,6 @@ def sender_auth_records(config: StackConfig, records: list[Record]) -> list[Reco
     ``StackConfig.sender_auth``: ``records`` as they are."""
     if not config.sender_auth:
         return records
-    # Read the Public Suffix List now (about 50 ms, once per process), at start-up rather
-    # than while the first message waits for its 250.
-    _dmarc.organizational_domain(config.domains[0])
     out: list[Record] = []
     for record in records:
         name = record.name.rstrip(".").lower()
