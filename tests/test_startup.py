@@ -47,11 +47,6 @@ def test_startup_eager_dkim_import_is_caught() -> None:
     assert _eager_dkim_imports(source) == [2, 3]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="roundtrip/protocols/dkim.py imports dkimpy at module level, and stack/_auth.py and "
-    "protocols/dmarc.py import it for DKIMResult (issue #17: import dkimpy in sign/verify)",
-)
 def test_startup_mailstack_import_leaves_dkimpy_out() -> None:
     code = "import sys\nfrom roundtrip import MailStack\nprint('dkim' in sys.modules)\n"
     out = subprocess.run(

@@ -36,15 +36,13 @@ from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses
-from typing import Literal
+from typing import Any, Literal
 
-import dkim  # type: ignore[import-untyped]
 import dns.message
 import dns.name
 import dns.rcode
 import dns.rdatatype
 import dns.rdtypes.ANY.TXT
-from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped]
 
 __all__ = [
     "CANONICALIZATION",
@@ -175,6 +173,8 @@ def sign(raw: bytes, keys: Iterable[SigningKey]) -> bytes:
     """
     fields: list[bytes] = []
     # One parse for every key: parsing a large message costs as much as hashing it.
+    import dkim  # type: ignore[import-untyped]  # dkimpy: only when something is signed
+
     signer = dkim.DKIM(raw)
     present = [name.lower() for name, _ in signer.headers]
     include = list(SIGNED_HEADERS)
@@ -241,6 +241,10 @@ def verify(raw: bytes, lookup: KeyLookup) -> list[DKIMResult]:
 
     Never raises: whatever goes wrong with one signature is that signature's result.
     """
+    if not re.search(rb"(?im)^dkim-signature[ \t]*:", raw.partition(b"\r\n\r\n")[0]):
+        return [DKIMResult("none")]  # dkimpy is not even imported for unsigned mail
+    import dkim
+
     try:
         verifier = dkim.DKIM(raw)
         headers: Sequence[tuple[bytes, bytes]] = verifier.headers
@@ -254,7 +258,10 @@ def verify(raw: bytes, lookup: KeyLookup) -> list[DKIMResult]:
     return [_verify_one(verifier, index, value, lookup) for index, value in enumerate(signatures)]
 
 
-def _verify_one(verifier: dkim.DKIM, index: int, value: bytes, lookup: KeyLookup) -> DKIMResult:
+def _verify_one(verifier: Any, index: int, value: bytes, lookup: KeyLookup) -> DKIMResult:
+    import dkim
+    from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped]
+
     try:
         tags = parse_tag_value(value)
     except (InvalidTagValueList, ValueError, IndexError) as exc:
