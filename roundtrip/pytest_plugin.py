@@ -227,11 +227,19 @@ def mailstack_config(pytestconfig: pytest.Config) -> StackConfig:
 
 
 @pytest.fixture(scope="session")
-def mailstack_ca() -> Iterator[CertificateAuthority]:
-    """One trustme CA for the whole session."""
+def mailstack_ca(mailstack_config: StackConfig) -> Iterator[CertificateAuthority]:
+    """One trustme CA for the whole session; kept across sessions in the certificate cache
+    when one is configured (``StackConfig.cert_cache`` or ``ROUNDTRIP_CERT_CACHE``)."""
     from .certs import CertificateAuthority
+    from .config import cert_cache_dir
 
-    ca = CertificateAuthority()
+    cache = mailstack_config.cert_cache or cert_cache_dir()
+    if cache:
+        from .stack._certcache import cached_authority
+
+        ca: CertificateAuthority = cached_authority(cache)
+    else:
+        ca = CertificateAuthority()
     yield ca
     ca.cleanup()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import smtplib
 import socket
 import stat
@@ -121,3 +122,36 @@ def test_cert_cache_dir_from_environment() -> None:
     assert cert_cache_dir({}) is None
     home = os.path.expanduser("~")
     assert cert_cache_dir({"ROUNDTRIP_CERT_CACHE": "~/rt"}) == os.path.join(home, "rt")
+
+
+PLUGIN_TEST = """
+import hashlib, pathlib
+
+def test_ca(mailstack):
+    pem = pathlib.Path(mailstack.ca_file).read_bytes()
+    print("CA", hashlib.sha256(pem).hexdigest())
+"""
+
+
+def _session_ca(pytester: pytest.Pytester) -> str:
+    result = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    [digest] = re.findall(r"\bCA ([0-9a-f]{64})\b", result.stdout.str())
+    return digest
+
+
+def test_cert_cache_plugin_sessions_share_the_ca(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(test_ca=PLUGIN_TEST)
+    monkeypatch.setenv("ROUNDTRIP_CERT_CACHE", str(tmp_path / "certs"))
+    assert _session_ca(pytester) == _session_ca(pytester)
+
+
+def test_cert_cache_plugin_sessions_without_it_mint_each_time(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The twin: no cache directory, a new CA per session."""
+    pytester.makepyfile(test_ca=PLUGIN_TEST)
+    monkeypatch.delenv("ROUNDTRIP_CERT_CACHE", raising=False)
+    assert _session_ca(pytester) != _session_ca(pytester)
