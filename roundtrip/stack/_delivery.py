@@ -31,7 +31,7 @@ from ..servers.relay import Relay
 from ..servers.smtp import Accepted, ContentRejectedError
 from ..store import Store, StoredMessage
 from ._auth import JUNK, check_sender, junk_folder
-from ._journeys import Journeys
+from ._journeys import HopAuth, Journeys
 
 if TYPE_CHECKING:
     # roundtrip.protocols.dkim and dkimpy are imported where DKIM runs (issue #17):
@@ -171,6 +171,14 @@ class Router:
                 helo=accepted.helo,
                 dkim=dkim,
                 lookup=self.sender_lookup,
+            )
+            self._journeys.authenticated(
+                accepted.queue_id,
+                HopAuth(
+                    spf=sender.spf.result if sender.spf is not None else None,
+                    dkim=tuple(r.result for r in dkim or ()),
+                    dmarc=sender.dmarc.result if sender.dmarc is not None else None,
+                ),
             )
             # RFC 7489 section 6.6.4: the policy of a From domain that failed DMARC.
             reject = sender.reject_reply

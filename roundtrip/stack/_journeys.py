@@ -6,15 +6,20 @@ mx-lookup``, ``relay connected``, ``relay delivered``), the recipient's MX (``sm
 accepted``) and the store (``stored``). A stored message names those queue ids in its
 ``Received:`` fields (``id ...``, RFC 5321 section 4.4), so its Message-ID leads to every
 hop's steps. Only the newest :data:`TIMELINE_LIMIT` messages are remembered.
+
+An MX that checks senders (SPF, DKIM, DMARC) records its verdicts on its ``smtp accepted``
+step (:attr:`HopTiming.auth`), the same results its Authentication-Results field carries, so
+a journey shows which hop decided what.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 from dataclasses import dataclass
 
-__all__ = ["TIMELINE_LIMIT", "HopTiming", "Journeys"]
+__all__ = ["TIMELINE_LIMIT", "HopAuth", "HopTiming", "Journeys"]
 
 #: How many messages' journeys are remembered (oldest forgotten first).
 TIMELINE_LIMIT = 10_000
@@ -27,15 +32,33 @@ _MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]*>)", re.MULTILINE | re.
 
 
 @dataclass(frozen=True, slots=True)
+class HopAuth:
+    """The sender checks an MX made on a message (RFC 8601 section 2.7.1 result names).
+
+    Attributes:
+        spf: the SPF result (None: SPF was not checked).
+        dkim: one result per DKIM-Signature, topmost first, ``("none",)`` for unsigned mail
+            (empty: DKIM was not checked).
+        dmarc: the DMARC result (None: DMARC was not checked).
+    """
+
+    spf: str | None = None
+    dkim: tuple[str, ...] = ()
+    dmarc: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class HopTiming:
     """One step of a message's journey through the stack.
 
-    ``at`` is in seconds since the first hop accepted the message.
+    ``at`` is in seconds since the first hop accepted the message. ``auth`` is set on the
+    step where an MX accepted the message and checked its sender (None elsewhere).
     """
 
     step: str
     host: str
     at: float
+    auth: HopAuth | None = None
 
 
 class Journeys:
@@ -57,6 +80,15 @@ class Journeys:
             while len(self._relay_origin) > self._limit:  # insertion-ordered: oldest first
                 self._relay_origin.pop(next(iter(self._relay_origin)))
         hops.append(HopTiming(step, host, when))
+
+    def authenticated(self, queue_id: str, auth: HopAuth) -> None:
+        """Attach an MX's verdicts to the step where it accepted ``queue_id`` (its last
+        ``... accepted`` step; nothing when that was not recorded or is forgotten)."""
+        hops = self._hops.get(queue_id, [])
+        for index in range(len(hops) - 1, -1, -1):
+            if hops[index].step.endswith(" accepted"):
+                hops[index] = dataclasses.replace(hops[index], auth=auth)
+                return
 
     def relayed(self, relay_id: str, origin_id: str) -> None:
         """The relay queued message ``relay_id`` for the hop that accepted ``origin_id``."""
@@ -89,4 +121,4 @@ class Journeys:
             return []
         hops.sort(key=lambda h: h.at)
         start = hops[0].at
-        return [HopTiming(h.step, h.host, h.at - start) for h in hops]
+        return [HopTiming(h.step, h.host, h.at - start, h.auth) for h in hops]
