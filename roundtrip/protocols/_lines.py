@@ -32,6 +32,7 @@ __all__ = [
     "StartTLSRequested",
     "dot_stuff",
     "dot_stuffed_slices",
+    "header_section",
 ]
 
 CRLF = b"\r\n"
@@ -267,3 +268,11 @@ def _next_dot_line(data: bytes, start: int) -> int:
     """Index of the next "." that starts a line at or after ``start`` (after a CRLF), or -1."""
     dot = data.find(b"\r\n.", start)
     return dot + 2 if dot != -1 else -1
+
+
+def header_section(raw: bytes) -> bytes:
+    """The header section of ``raw`` with the empty line that ends it (all of ``raw`` when
+    there is none), without copying the body: a ``partition`` would, and for a big message
+    that copy is the size of the message, held while headers are read."""
+    end = raw.find(b"\r\n\r\n")
+    return raw if end < 0 else raw[: end + 4]

@@ -44,6 +44,8 @@ import dns.rcode
 import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 
+from ._lines import header_section
+
 __all__ = [
     "CANONICALIZATION",
     "OVERSIGNED",
@@ -196,7 +198,7 @@ def sign(raw: bytes, keys: Iterable[SigningKey]) -> bytes:
 
 def from_domain(raw: bytes) -> str | None:
     """The domain of the first From address (lower case), or None."""
-    head = raw.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    head = header_section(raw)
     try:
         fields = BytesHeaderParser(policy=compat32).parsebytes(head).get_all("From") or []
         pairs = getaddresses([str(f) for f in fields])
@@ -241,7 +243,7 @@ def verify(raw: bytes, lookup: KeyLookup) -> list[DKIMResult]:
 
     Never raises: whatever goes wrong with one signature is that signature's result.
     """
-    if not re.search(rb"(?im)^dkim-signature[ \t]*:", raw.partition(b"\r\n\r\n")[0]):
+    if not re.search(rb"(?im)^dkim-signature[ \t]*:", header_section(raw)):
         return [DKIMResult("none")]  # dkimpy is not even imported for unsigned mail
     import dkim
 
@@ -249,7 +251,7 @@ def verify(raw: bytes, lookup: KeyLookup) -> list[DKIMResult]:
         verifier = dkim.DKIM(raw)
         headers: Sequence[tuple[bytes, bytes]] = verifier.headers
     except Exception as exc:  # dkimpy's header parser: garbage headers are a permerror
-        if re.search(rb"(?im)^dkim-signature[ \t]*:", raw.partition(b"\r\n\r\n")[0]):
+        if re.search(rb"(?im)^dkim-signature[ \t]*:", header_section(raw)):
             return [DKIMResult("permerror", f"message not parsable: {_short(exc)}")]
         return [DKIMResult("none")]
     signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]

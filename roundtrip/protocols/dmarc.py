@@ -42,6 +42,7 @@ from email.policy import compat32
 from email.utils import getaddresses
 from typing import Literal
 
+from ._lines import header_section
 from .dkim import DKIMResult, authentication_results
 from .spf import DNSAnswer, RecordType, SPFResult, quote_value
 from .spf import resinfo as spf_resinfo
@@ -170,7 +171,7 @@ def organizational_domain(domain: str) -> str:
 def from_domains(raw: bytes) -> list[str] | None:
     """The distinct domains of every RFC5322.From address, in order; None when the header
     block cannot be read. ``[]``: no From field, or no address with a domain."""
-    head = raw.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    head = header_section(raw)
     try:
         fields = BytesHeaderParser(policy=compat32).parsebytes(head).get_all("From") or []
         pairs = getaddresses([str(f) for f in fields])
