@@ -33,6 +33,7 @@ from ..errors import (
 )
 from ._limits import MAX_REPLY_BYTES, ReplyTooLargeError, StepDeadlineError, step_limit
 from ._transcript import Recorder, RecordingContext, RecordingSocket, Transcript
+from .tlsfacts import certificate_issues, peer_chain, verified_chain
 
 __all__ = [
     "Finding",
@@ -142,6 +143,9 @@ class Timeline:
     #: The latest connection of each protocol: the one its steps are recorded on.
     _current: dict[str, Transcript] = field(default_factory=dict, repr=False)
     _recorders: dict[str, Recorder] = field(default_factory=dict, repr=False)
+    #: Findings about each verified handshake's certificate chain and names (kept apart
+    #: from ``findings``; ``run_probe`` reports both).
+    certificate_findings: list[Finding] = field(default_factory=list)
 
     def add(self, name: str, started: float, *, server: str = "", detail: str = "") -> Step:
         step = Step(name, time.perf_counter() - started, True, detail, server)
@@ -513,6 +517,23 @@ def record_tls(
     step = timeline.add(f"{label} tls", started, server=server)
     facts = tls_facts(sock, server=server, server_name=server_name, verified=context.check_hostname)
     timeline.note_tls(facts, label)
+    if context.check_hostname:
+        anchors = context.get_ca_certs(binary_form=True)
+        for issue in certificate_issues(
+            peer_chain(sock),
+            server_name=server_name,
+            anchors=anchors,
+            verified=verified_chain(sock),
+        ):
+            finding = Finding(
+                issue.code,
+                issue.severity,
+                f"{label} {server}: {issue.message}",
+                server,
+                issue.evidence,
+            )
+            if finding not in timeline.certificate_findings:
+                timeline.certificate_findings.append(finding)
     step.detail = f"{facts.version} {facts.cipher}"
     if recorder is not None:
         recorder.note(
@@ -681,11 +702,19 @@ def _unverified_context() -> ssl.SSLContext:
 
 
 def diagnose_certificate(
-    *, host: str, port: int, protocol: str, tls: str, server_name: str, timeout: float
+    *,
+    host: str,
+    port: int,
+    protocol: str,
+    tls: str,
+    server_name: str,
+    timeout: float,
+    chain: list[bytes] | None = None,
 ) -> TLSFacts | None:
     """After a failed verification: handshake without verifying, only to describe the
     certificate the server presents (subject, issuer, expiry, names). Returns None when even
-    that fails. The connection is closed right after the handshake."""
+    that fails. The connection is closed right after the handshake. ``chain``, when given,
+    receives the certificates the server sent (DER, leaf first)."""
     try:
         sock = _handshake(
             host=host,
@@ -700,6 +729,8 @@ def diagnose_certificate(
         return None
     with sock:
         server = f"{host}:{port}"
+        if chain is not None:
+            chain[:] = peer_chain(sock)
         return tls_facts(sock, server=server, server_name=server_name, verified=False)
 
 

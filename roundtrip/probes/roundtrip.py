@@ -42,6 +42,7 @@ from ._net import (
 from .authcheck import delivered_findings
 from .fetch import fetch_imap, fetch_pop3
 from .send import ProbeMessage, build_probe_message, submit
+from .tlsfacts import certificate_issues
 
 __all__ = [
     "TIMINGS",
@@ -81,6 +82,8 @@ MAX_GROWTH = 1024 * 1024
 FINDING_CHECKS = {
     "auth-before-tls": "no AUTH before TLS",
     "legacy-tls": "TLS below 1.2 refused",
+    "chain-incomplete": "certificate chain complete",
+    "weak-signature": "no certificate signed with SHA-1 or MD5",
 }
 
 
@@ -389,11 +392,13 @@ def run_probe(
         result.error_step = exc.step
         timeline.mark_failed()
         if isinstance(exc, TLSError) and isinstance(exc.__cause__, ssl.SSLCertVerificationError):
-            _describe_rejected_certificate(result, timeline, current, timeout)
+            _describe_rejected_certificate(result, timeline, current, timeout, context)
     finally:
         result.steps = timeline.steps
         result.tls = _unique(timeline.tls)
-        result.findings = _unique(timeline.findings + result.findings)
+        result.findings = _unique(
+            timeline.findings + timeline.certificate_findings + result.findings
+        )
         result.transcripts = timeline.transcripts
         result.transcripts_omitted = timeline.transcripts_omitted
     if check_legacy_tls:
@@ -450,9 +455,15 @@ def _judge_timings(result: ProbeResult, thresholds: Thresholds, smtp: str, reade
 
 
 def _describe_rejected_certificate(
-    result: ProbeResult, timeline: Timeline, endpoint: Endpoint, timeout: float
+    result: ProbeResult,
+    timeline: Timeline,
+    endpoint: Endpoint,
+    timeout: float,
+    context: ssl.SSLContext | None = None,
 ) -> None:
-    """Add what the certificate that failed verification says to the error, if it can be had."""
+    """Add what the certificate that failed verification says to the error, if it can be had,
+    and the findings about the chain it came with (judged against ``context``'s anchors)."""
+    chain: list[bytes] = []
     facts = diagnose_certificate(
         host=endpoint.host,
         port=endpoint.port,
@@ -460,10 +471,24 @@ def _describe_rejected_certificate(
         tls=endpoint.tls,
         server_name=endpoint.server_name,
         timeout=min(timeout, 10.0),
+        chain=chain,
     )
     if facts is not None:
         timeline.tls.append(facts)
         result.error += f" ({_describe(facts)})"
+    anchors = context.get_ca_certs(binary_form=True) if context is not None else []
+    for issue in certificate_issues(
+        chain, server_name=endpoint.server_name, anchors=anchors, verified=[]
+    ):
+        timeline.certificate_findings.append(
+            Finding(
+                issue.code,
+                issue.severity,
+                f"{endpoint.protocol} {endpoint.address}: {issue.message}",
+                endpoint.address,
+                issue.evidence,
+            )
+        )
 
 
 def _conclude(
