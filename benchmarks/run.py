@@ -45,6 +45,7 @@ if REPO not in sys.path:  # ``python benchmarks/run.py``
 from benchmarks._common import DOMAINS, IMAP_USER, Plan  # noqa: E402
 from benchmarks._report import Results, machine, render, to_json  # noqa: E402
 from benchmarks.sections import (  # noqa: E402
+    auth,
     floor,
     imap_cost,
     inprocess,
@@ -80,6 +81,8 @@ def collect(
     data["imap_costs"] = imap_cost.measure(plan, users)
     log("throughput (client processes against a fresh stack child)")
     data["throughput"] = throughput.measure(plan, users)
+    log("sender authentication per message: DKIM sign/verify, SPF + DMARC (in-process)")
+    data["auth"] = auth.measure(plan)
     log("memory (fresh stack children)")
     data["memory"] = memory.measure(plan)
     log("paired samples: floor, same and cross domain, Postfix+Dovecot, interleaved")
@@ -102,6 +105,7 @@ ROW_BUILDERS: tuple[Callable[[Results, dict[str, Any]], None], ...] = (
     latency.probe_rows,
     throughput.rows,
     imap_cost.rows,
+    auth.rows,
     memory.rows,
     postfix.rows,
 )
