@@ -12,6 +12,7 @@ lists every check.
 from __future__ import annotations
 
 import datetime
+import email.message
 import email.parser
 import email.policy
 import email.utils
@@ -42,7 +43,7 @@ from ._net import (
 from .authcheck import delivered_findings
 from .fetch import fetch_imap, fetch_pop3
 from .send import ProbeMessage, build_probe_message, submit
-from .tlsfacts import certificate_issues
+from .tlsfacts import certificate_issues, header_issues
 
 __all__ = [
     "TIMINGS",
@@ -266,6 +267,7 @@ def verify(sent: ProbeMessage, copies: list[bytes], result: ProbeResult) -> None
                     f"the {name} header changed in transit: sent {want!r}, got {got_value!r}",
                 )
             )
+    result.findings += _header_findings(original, head)
     result.hops = parse_hops(got)
     for number, hop in enumerate(result.hops, 1):
         evidence = (hop.field,) if hop.field else ()
@@ -298,6 +300,22 @@ def verify(sent: ProbeMessage, copies: list[bytes], result: ProbeResult) -> None
         result.findings.append(
             Finding("duplicate", FAIL, f"the message arrived {len(copies)} times")
         )
+
+
+def _header_findings(sent: email.message.Message, head: bytes) -> list[Finding]:
+    """Header sanity of the delivered copy (RFC 5322 section 3.6): the Date may lie within
+    a window around the probe's own Date (the submission) and now."""
+    try:
+        submitted = email.utils.parsedate_to_datetime(str(sent.get("Date", "")))
+    except (TypeError, ValueError):
+        submitted = datetime.datetime.now(datetime.UTC)
+    if submitted.tzinfo is None:  # "-0000": UTC, local offset unknown (RFC 5322 3.3)
+        submitted = submitted.replace(tzinfo=datetime.UTC)
+    now = datetime.datetime.now(datetime.UTC)
+    return [
+        Finding(issue.code, issue.severity, issue.message, "", issue.evidence)
+        for issue in header_issues(head, submitted=min(submitted, now), now=now)
+    ]
 
 
 def _unique(items: Iterable[Any]) -> list[Any]:
