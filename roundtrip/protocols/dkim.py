@@ -177,6 +177,7 @@ def sign(raw: bytes, keys: Iterable[SigningKey]) -> bytes:
     # One parse for every key: parsing a large message costs as much as hashing it.
     import dkim  # type: ignore[import-untyped]  # dkimpy: only when something is signed
 
+    _openssl_rsa(dkim)
     signer = dkim.DKIM(raw)
     present = [name.lower() for name, _ in signer.headers]
     include = list(SIGNED_HEADERS)
@@ -194,6 +195,63 @@ def sign(raw: bytes, keys: Iterable[SigningKey]) -> bytes:
             )
         )
     return b"".join(fields) + raw
+
+
+# RSA signing through OpenSSL. dkimpy computes RSA signatures with Python's pow() (about 8 ms
+# for a 2048-bit key, most of what StackConfig(dkim=True) adds to a message); the
+# ``cryptography`` package's OpenSSL does the same in well under 1 ms. RSASSA-PKCS1-v1_5
+# (RFC 8017 section 8.2) is deterministic, so the signature is byte for byte the one dkimpy
+# computes (tests/test_dkim_opendkim_signed_openssl.py compares them): only dkimpy's last step,
+# the modular exponentiation over the digest it prepared, is replaced. Anything the OpenSSL
+# path does not take (an unknown digest, a key it refuses) goes to dkimpy's own function.
+
+#: OpenSSL key objects by RSA modulus (building one checks the key: done once per key).
+_RSA_KEYS: dict[int, Any] = {}
+_RSA_KEYS_MAX = 64
+
+
+def _openssl_rsa(dkim: Any) -> None:
+    """Have dkimpy's signer (``dkim.RSASSA_PKCS1_v1_5_sign``) use OpenSSL; idempotent."""
+    pure = dkim.RSASSA_PKCS1_v1_5_sign
+    if getattr(pure, "_roundtrip_openssl", False):
+        return
+
+    def rsa_sign(digest: Any, key: dict[str, int]) -> bytes:
+        try:
+            return _rsa_sign_openssl(digest, key)
+        except Exception:  # not a key or digest the OpenSSL path takes: dkimpy decides
+            return bytes(pure(digest, key))
+
+    rsa_sign._roundtrip_openssl = True  # type: ignore[attr-defined]
+    dkim.RSASSA_PKCS1_v1_5_sign = rsa_sign
+
+
+def _rsa_sign_openssl(digest: Any, key: dict[str, int]) -> bytes:
+    """RSASSA-PKCS1-v1_5 over ``digest`` (a hash object dkimpy fed) with dkimpy's parsed key."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+
+    algorithm = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}[str(digest.name).lower()]
+    modulus = key["modulus"]
+    private = _RSA_KEYS.get(modulus)
+    if private is None:
+        public = rsa.RSAPublicNumbers(key["publicExponent"], modulus)
+        private = rsa.RSAPrivateNumbers(
+            key["prime1"],
+            key["prime2"],
+            key["privateExponent"],
+            key["exponent1"],
+            key["exponent2"],
+            key["coefficient"],
+            public,
+        ).private_key()
+        if len(_RSA_KEYS) >= _RSA_KEYS_MAX:
+            _RSA_KEYS.clear()
+        _RSA_KEYS[modulus] = private
+    signature: bytes = private.sign(
+        digest.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm())
+    )
+    return signature
 
 
 def from_domain(raw: bytes) -> str | None:
