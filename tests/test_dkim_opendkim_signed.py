@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import pathlib
 import re
+import shutil
 import smtplib
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -198,3 +201,35 @@ def test_dkim_opendkim_signed_body_changed_fails_at_our_mx(
     (verdict,) = msg.auth.dkim
     assert verdict.result == "fail"
     assert "body hash" in (verdict.reason or "")
+
+
+def test_dkim_opendkim_testmsg_rsa_sha1_is_refused_at_our_mx(
+    stack: MailStack, tmp_path: pathlib.Path
+) -> None:
+    """``opendkim-testmsg`` signs with rsa-sha1 only; RFC 8301 section 3.1: a verifier must
+    not consider such a signature valid. The MX reports it as a permanent error, and the
+    message still passes DMARC through SPF, so it is delivered."""
+    tool = shutil.which("opendkim-testmsg")
+    if tool is None:
+        pytest.skip("opendkim-testmsg is not installed (Debian package opendkim-tools)")
+    private, public = _key("rsa-sha256")  # an RSA key; the tool picks the hash itself
+    keyfile = tmp_path / "odkim-sha1.private"
+    keyfile.write_bytes(private)
+    stack.publish_dkim_key("example.com", "odkim-sha1", public)
+    raw = make_message(sender=SENDER, recipient=RCPT, subject="odkim testmsg sha1")
+    done = subprocess.run(
+        [tool, "-C", "-d", "example.com", "-k", str(keyfile), "-s", "odkim-sha1"],
+        input=raw.replace(b"\r\n", b"\n"),  # a Unix filter: LF in, the signature with CRLF
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    signed = re.sub(rb"\r?\n", b"\r\n", done.stdout)
+    assert b"a=rsa-sha1;" in signed.partition(b"\r\n\r\n")[0]
+    _mx_send(stack, signed)
+    (msg,) = stack.assert_delivered(RCPT, subject="odkim testmsg sha1", auth={"dmarc": "pass"})
+    (verdict,) = msg.auth.dkim
+    assert verdict.result == "permerror"
+    assert "rsa-sha1" in (verdict.reason or "")
+    assert verdict.properties["header.s"] == "odkim-sha1"

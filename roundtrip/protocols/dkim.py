@@ -18,7 +18,9 @@ signed and how a verification outcome maps to an RFC 8601 result:
   ``permerror`` (RFC 6376 section 6.1.2, "no key for signature"), a DNS failure
   ``temperror``, a record that does not parse or is revoked (empty ``p=``, section 3.6.1)
   ``permerror``, a malformed or expired signature ``permerror`` (section 6.1.1), a body hash
-  or signature that does not match ``fail`` (RFC 8601 section 2.7.1).
+  or signature that does not match ``fail`` (RFC 8601 section 2.7.1). An rsa-sha1 signature
+  is ``permerror`` without a key look-up: RFC 8301 section 3.1 makes it historic, a
+  permanently failed evaluation, which no verifier may consider valid.
 - Bad input never escapes as an exception: whatever dkimpy raises on one signature becomes
   that signature's ``permerror``, and the message is delivered.
 
@@ -343,6 +345,8 @@ def _verify_one(verifier: Any, index: int, value: bytes, lookup: KeyLookup) -> D
         return outcome("permerror", f"malformed signature: {_short(exc)}")
     except Exception as exc:  # dkimpy on input it did not foresee: still this signature's
         return outcome("permerror", f"malformed signature: {_short(exc)}")
+    if found.algorithm.lower() == "rsa-sha1":  # dkimpy would check it, and could pass it
+        return outcome("permerror", "rsa-sha1 is historic (RFC 8301 section 3.1)")
     name = key_record_name(found.selector, found.domain)
     answer = lookup(name)
     if answer.status == "missing":
