@@ -437,7 +437,9 @@ class MailStack:
 
         Steps: ``submissions accepted`` (or ``submission``/``smtp``), ``relay queued``,
         ``relay mx-lookup``, ``relay connected``, ``smtp accepted`` (the recipient's MX),
-        ``relay delivered``, ``stored``; ``at`` counts seconds from the first step.
+        ``relay delivered``, ``stored``; ``at`` counts seconds from the first step. The MX's
+        ``smtp accepted`` step carries its sender verdicts in ``auth`` (``spf``, ``dkim`` per
+        signature, ``dmarc``), as its Authentication-Results field reports them.
         """
         return self._journeys.journey(message_id)
 
