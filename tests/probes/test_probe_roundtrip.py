@@ -94,9 +94,10 @@ def test_probe_roundtrip_passes_every_tls_flavour(
     assert len(result.tls) >= 2
     assert {f.version for f in result.tls} <= {"TLSv1.2", "TLSv1.3"}
     assert [h.with_ for h in result.hops] == ["ESMTPSA", "ESMTPS"]
-    # Each hop, and each STARTTLS upgrade, is described by an info finding; nothing else.
+    # Each hop, each STARTTLS upgrade and each certificate's names are described by an info
+    # finding; nothing else.
     assert [f.code for f in result.findings if f.code == "received-hop"] == ["received-hop"] * 2
-    assert {f.code for f in result.findings} <= {"received-hop", "starttls"}
+    assert {f.code for f in result.findings} <= {"received-hop", "starttls", "cert-names"}
     assert {f.severity for f in result.findings} == {"info"}
 
 
