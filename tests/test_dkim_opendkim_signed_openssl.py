@@ -21,11 +21,11 @@ from roundtrip.stack._dkim import domain_keys
 dkimpy = pytest.importorskip("dkim")
 from dkim import crypto as dkim_crypto  # noqa: E402  # type: ignore[import-untyped]
 
-RAW = (
+HEAD = (
     b"From: <user@example.com>\r\nTo: <user@example.org>\r\nSubject: openssl rsa\r\n"
     b"Date: Thu, 03 Dec 2026 22:00:00 +0000\r\nMessage-ID: <rsa@example.com>\r\n\r\n"
-    + b"hello\r\n" * 100
 )
+RAW = HEAD + b"hello\r\n" * 100
 
 
 def _rsa_key() -> ours.SigningKey:
