@@ -790,6 +790,17 @@ _SCAN_VERSIONS = (
 #: TLS 1.2 cipher suites with static RSA key exchange: no forward secrecy (RFC 9325
 #: section 4.1: SHOULD NOT be negotiated).
 _NO_FORWARD_SECRECY = "kRSA:!aNULL:!eNULL:@SECLEVEL=0"
+#: Cipher classes RFC 9325 section 4.1 rules out, each offered alone at TLS 1.2: NULL
+#: encryption, anonymous key exchange, RC4 and export-grade suites MUST NOT be negotiated;
+#: 3DES (112-bit security) SHOULD NOT. OpenSSL 3 builds without the legacy provider cannot
+#: offer RC4, export suites or (at any security level) 3DES: those come back "not tested".
+WEAK_CIPHER_CLASSES = {
+    "null-encryption": "eNULL:@SECLEVEL=0",
+    "anonymous": "aNULL:!eNULL:@SECLEVEL=0",
+    "rc4": "RC4:@SECLEVEL=0",
+    "export": "EXP:@SECLEVEL=0",
+    "3des": "3DES:@SECLEVEL=0",
+}
 
 
 def _scan_one(ctx: ssl.SSLContext, **where: Any) -> str:
@@ -817,14 +828,16 @@ def scan_tls(
     *, host: str, port: int, protocol: str, tls: str, server_name: str, timeout: float
 ) -> dict[str, str]:
     """Which TLS versions the server accepts, one handshake each, and whether it accepts a
-    TLS 1.2 cipher suite without forward secrecy (static RSA key exchange).
+    TLS 1.2 cipher suite without forward secrecy (static RSA key exchange) or of a weak class
+    (:data:`WEAK_CIPHER_CLASSES`).
 
     Nothing is verified and nothing is sent after the handshake (after STARTTLS where the
     endpoint needs it). ``server_name`` is sent in SNI.
 
     Returns:
         ``{"TLSv1": outcome, "TLSv1.1": ..., "TLSv1.2": ..., "TLSv1.3": ...,
-        "no-forward-secrecy": outcome}``, each outcome ``"accepted <version> <cipher>"``,
+        "no-forward-secrecy": outcome, "null-encryption": ..., "anonymous": ..., "rc4": ...,
+        "export": ..., "3des": ...}``, each outcome ``"accepted <version> <cipher>"``,
         ``"refused"`` or ``"not tested: <why>"``.
     """
     where = {
@@ -836,16 +849,16 @@ def scan_tls(
         "timeout": timeout,
     }
     outcomes: dict[str, str] = {}
-    for name, version in (*_SCAN_VERSIONS, ("no-forward-secrecy", ssl.TLSVersion.TLSv1_2)):
+    ciphers = {"no-forward-secrecy": _NO_FORWARD_SECRECY, **WEAK_CIPHER_CLASSES}
+    tls12 = ssl.TLSVersion.TLSv1_2
+    for name, version in (*_SCAN_VERSIONS, *((name, tls12) for name in ciphers)):
         ctx = _unverified_context()
         try:
             with warnings.catch_warnings():
                 # The ssl module deprecates the very versions this scan asks about.
                 warnings.simplefilter("ignore", DeprecationWarning)
                 ctx.minimum_version = ctx.maximum_version = version
-            ctx.set_ciphers(
-                _NO_FORWARD_SECRECY if name == "no-forward-secrecy" else "DEFAULT:@SECLEVEL=0"
-            )
+            ctx.set_ciphers(ciphers.get(name, "DEFAULT:@SECLEVEL=0"))
         except (ValueError, ssl.SSLError) as exc:
             outcomes[name] = f"not tested: local OpenSSL cannot offer it ({exc})"
             continue

@@ -554,7 +554,7 @@ def _scan_tls(result: ProbeResult, endpoints: tuple[Endpoint, ...], timeout: flo
         result.tls_scan[endpoint.address] = outcomes
         label = f"{endpoint.protocol} {endpoint.address}"
         evidence = tuple(f"{name}: {outcome}" for name, outcome in outcomes.items())
-        versions = {k: v for k, v in outcomes.items() if k != "no-forward-secrecy"}
+        versions = {k: v for k, v in outcomes.items() if k.startswith("TLSv")}
         accepted = [k for k, v in versions.items() if v.startswith("accepted")]
         refused = [k for k, v in versions.items() if v == "refused"]
         untested = [k for k, v in versions.items() if v.startswith("not tested")]
@@ -581,6 +581,52 @@ def _scan_tls(result: ProbeResult, endpoints: tuple[Endpoint, ...], timeout: flo
                     (f"no-forward-secrecy: {weak}",),
                 )
             )
+        result.findings.extend(weak_cipher_findings(label, endpoint.address, outcomes))
+
+
+#: RFC 9325 section 4.1 on each weak class: MUST NOT (fail) or SHOULD NOT (warn).
+_WEAK_CLASS_RULES = {
+    "null-encryption": (FAIL, "NULL encryption", "MUST NOT"),
+    "anonymous": (FAIL, "anonymous key exchange", "MUST NOT"),
+    "rc4": (FAIL, "RC4", "MUST NOT"),
+    "export": (FAIL, "export-grade encryption", "MUST NOT"),
+    "3des": (WARN, "3DES (112-bit security)", "SHOULD NOT"),
+}
+
+
+def weak_cipher_findings(label: str, address: str, outcomes: dict[str, str]) -> list[Finding]:
+    """One ``weak-cipher`` finding per weak class the server accepted; one ``info`` naming the
+    classes the local OpenSSL could not offer, so a silent gap is never read as a pass."""
+    findings: list[Finding] = []
+    untested: list[str] = []
+    for name, (severity, what, rule) in _WEAK_CLASS_RULES.items():
+        outcome = outcomes.get(name, "not tested: not scanned")
+        if outcome.startswith("accepted"):
+            findings.append(
+                Finding(
+                    "weak-cipher",
+                    severity,
+                    f"{label}: accepts a cipher suite with {what} "
+                    f"({outcome.rpartition(' ')[2]}; RFC 9325 section 4.1: {rule} be "
+                    "negotiated)",
+                    address,
+                    (f"{name}: {outcome}",),
+                )
+            )
+        elif outcome.startswith("not tested"):
+            untested.append(name)
+    if untested:
+        findings.append(
+            Finding(
+                "weak-cipher-untested",
+                INFO,
+                f"{label}: cipher classes the local OpenSSL cannot offer, not tested: "
+                f"{', '.join(untested)}",
+                address,
+                tuple(f"{name}: {outcomes.get(name, 'not scanned')}" for name in untested),
+            )
+        )
+    return findings
 
 
 def _check_legacy(result: ProbeResult, endpoints: tuple[Endpoint, ...], timeout: float) -> None:
