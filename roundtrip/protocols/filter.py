@@ -51,7 +51,11 @@ SPAM_THRESHOLD = 5.0
 
 @dataclass(frozen=True, slots=True)
 class FilterInput:
-    """What the filter sees of one message at the receiving MX."""
+    """What the filter sees of one message at the receiving MX.
+
+    ``raw`` is the message as this MX received it, its Received field on top; the
+    Authentication-Results field this MX writes is added with the filter's own fields.
+    """
 
     mail_from: str
     rcpt_tos: tuple[str, ...]
@@ -148,9 +152,13 @@ def default_filter(message: FilterInput) -> Verdict:
     )
 
 
-def prepend_headers(raw: bytes, headers: tuple[tuple[str, str], ...]) -> bytes:
-    """``raw`` with the given fields in front (CRLF-terminated, values as given)."""
-    if not headers:
+def prepend_headers(
+    raw: bytes, headers: tuple[tuple[str, str], ...], *, below: bytes = b""
+) -> bytes:
+    """``raw`` with the given fields in front (CRLF-terminated, values as given), and
+    ``below`` (whole fields, already encoded) between them and ``raw``: one copy of a big
+    message instead of one per prepended block."""
+    if not headers and not below:
         return raw
     block = "".join(f"{name}: {value}\r\n" for name, value in headers)
-    return block.encode("utf-8") + raw
+    return b"".join((block.encode("utf-8"), below, raw))

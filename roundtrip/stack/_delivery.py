@@ -186,11 +186,14 @@ class Router:
                 raise ContentRejectedError(reject)
             if sender.quarantine:
                 mailbox = JUNK  # each recipient's \\Junk folder (_store_here)
-            # RFC 8601 section 5: ours goes on top, above this hop's Received.
-            raw = sender.field + raw
+            # RFC 8601 section 5: ours goes on top, above this hop's Received; prepended
+            # below the filter's fields in one copy (a big message is copied once here).
+            auth_field = sender.field
+        else:
+            auth_field = b""
         content_filter = self.content_filter
         if content_filter is None:
-            return raw, mailbox
+            return prepend_headers(raw, (), below=auth_field), mailbox
         verdict = content_filter(
             FilterInput(
                 mail_from=accepted.mail_from,
@@ -202,12 +205,12 @@ class Router:
             )
         )
         if verdict is None:
-            return raw, mailbox
+            return prepend_headers(raw, (), below=auth_field), mailbox
         if verdict.action == "reject":
             raise ContentRejectedError(verdict.reply)
         # The filter's folder, unless it says INBOX for mail DMARC quarantined.
         folder = mailbox if verdict.mailbox == "INBOX" else verdict.mailbox
-        return prepend_headers(raw, verdict.headers), folder
+        return prepend_headers(raw, verdict.headers, below=auth_field), folder
 
     def route(self, accepted: Accepted) -> None:
         """Store or relay an accepted message (runs on the loop thread)."""
