@@ -55,6 +55,7 @@ from benchmarks.sections import (  # noqa: E402
     postfix,
     start,
     throughput,
+    web,
 )
 
 
@@ -83,6 +84,8 @@ def collect(
     data["throughput"] = throughput.measure(plan, users)
     log("sender authentication per message: DKIM sign/verify, SPF + DMARC (in-process)")
     data["auth"] = auth.measure(plan)
+    log("web view: a mailbox of 10,000 messages over loopback (benchmarks.web)")
+    data["web"] = web.measure(plan)
     log("memory (fresh stack children)")
     data["memory"] = memory.measure(plan)
     log("paired samples: floor, same and cross domain, Postfix+Dovecot, interleaved")
@@ -106,6 +109,7 @@ ROW_BUILDERS: tuple[Callable[[Results, dict[str, Any]], None], ...] = (
     throughput.rows,
     imap_cost.rows,
     auth.rows,
+    web.rows,
     memory.rows,
     postfix.rows,
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from benchmarks.sections import (
+    auth,
     floor,
     imap_cost,
     inprocess,
@@ -19,6 +20,7 @@ from benchmarks.sections import (
     postfix,
     start,
     throughput,
+    web,
 )
 
 SECTIONS: tuple[ModuleType, ...] = (
@@ -29,6 +31,8 @@ SECTIONS: tuple[ModuleType, ...] = (
     paired,
     throughput,
     imap_cost,
+    auth,
+    web,
     memory,
     postfix,
 )
