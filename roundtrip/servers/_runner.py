@@ -127,6 +127,21 @@ class LoopThread:
             future.cancel()
             raise TimeoutError(f"loop task did not finish within {timeout:g} s") from None
 
+    def call_wait(self, fn: Callable[..., T], *args: Any, timeout: float = 10.0) -> T:
+        """Run ``fn(*args)`` on the loop thread and return its result once it has run.
+
+        For a change the caller relies on at once (the records the DNS server answers with):
+        :meth:`call` only schedules, and a query sent right after it may be answered first
+        (uvloop runs callbacks from other threads after the I/O already waiting).
+        """
+        if self.in_loop_thread:
+            return fn(*args)
+
+        async def invoke() -> T:
+            return fn(*args)
+
+        return self.run(invoke(), timeout)
+
     def call(self, fn: Callable[..., Any], *args: Any) -> None:
         """Schedule ``fn(*args)`` on the loop thread, from any thread."""
         if self.in_loop_thread:

@@ -58,6 +58,7 @@ import functools
 import hashlib
 import logging
 import re
+import weakref
 from base64 import b64decode, b64encode
 from typing import TYPE_CHECKING, Any
 
@@ -80,7 +81,7 @@ from . import _recording
 if TYPE_CHECKING:
     from .smtp import SMTPHandler
 
-__all__ = ["SMTPSession", "call_limits", "methods_named", "tls_facts"]
+__all__ = ["SMTPSession", "abort_sessions", "call_limits", "methods_named", "tls_facts"]
 
 log = logging.getLogger("roundtrip.servers.smtp")
 
@@ -152,6 +153,24 @@ class _Commands(dict[str, Any]):
         if method is None:
             return functools.partial(self._server._unknown_command, key)
         return method
+
+
+#: Sessions whose connection is open, for abort_sessions().
+_LIVE: weakref.WeakSet[SMTPSession] = weakref.WeakSet()
+
+
+def abort_sessions(loop: asyncio.AbstractEventLoop) -> None:
+    """Abort the connection of every session still open on ``loop`` (a stack stopping).
+
+    A client that connects and leaves before its session ends keeps a half-closed transport
+    that aiosmtpd closes only when its handler returns; cancelled at shutdown, the handler
+    leaves it open on uvloop, which then warns about it when the loop closes.
+    """
+    for session in list(_LIVE):
+        # uvloop's transports are not asyncio.Transport subclasses: ask for abort() itself.
+        abort = getattr(session.transport, "abort", None)
+        if session.loop is loop and abort is not None:
+            abort()
 
 
 class SMTPSession(SMTP):
@@ -230,6 +249,8 @@ class SMTPSession(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
         super().connection_made(transport)
+        if first:
+            _LIVE.add(self)
         if first and self._implicit_tls:
             self._mark_implicit_tls(transport)
         recordings = _recording.current() if first else None
@@ -277,6 +298,7 @@ class SMTPSession(SMTP):
         return result
 
     def connection_lost(self, error: Exception | None) -> None:
+        _LIVE.discard(self)
         if self._rec is not None:
             self._rec.note("connection closed")
         self._release_slot()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import socket
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import cast
@@ -201,6 +202,19 @@ def _provider(zone: Zone | ZoneProvider) -> ZoneProvider:
     return zone
 
 
+def _bound_udp(host: str, port: int) -> socket.socket:
+    """A UDP socket bound to ``(host, port)``, or OSError with nothing left open."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 async def start_dns(
     zone_provider: ZoneProvider | Zone,
     *,
@@ -249,8 +263,10 @@ async def start_dns(
         try:
             tcps.append(await asyncio.start_server(server._serve_tcp, host, bound))
             for where in hosts[1:]:
+                # Bound here, not by the loop: a bind that fails must leave nothing behind,
+                # and uvloop leaves an unclosed transport for a local_addr it cannot bind.
                 more, _protocol = await loop.create_datagram_endpoint(
-                    lambda: _UDPProtocol(server), local_addr=(where, bound)
+                    lambda: _UDPProtocol(server), sock=_bound_udp(where, bound)
                 )
                 udps.append(more)
                 tcps.append(await asyncio.start_server(server._serve_tcp, where, bound))
@@ -259,6 +275,11 @@ async def start_dns(
                 transport.close()
             for listener in tcps:
                 listener.close()
+                await listener.wait_closed()
+            # A transport's close completes in a callback (uvloop frees the socket there):
+            # let it run before this start fails and the caller may stop the loop.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
             last_error = exc
             # Only an ephemeral port taken elsewhere is worth another try; a fixed port, or an
             # address that cannot be bound at all, fails now and names the address.

@@ -38,6 +38,7 @@ from ..protocols.tlspolicy import TLSPolicy, parse_policy, sts_record
 from ..servers._recording import Recordings
 from ..servers._recording import install as _record_on_loop
 from ..servers._runner import LoopThread
+from ..servers._smtpsession import abort_sessions
 from ..servers.dns import DNSServer, start_dns
 from ..servers.relay import QueuedMessage, Relay, RelayEvent
 from ..servers.smtp import AuthPenalties
@@ -345,6 +346,9 @@ class MailStack:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        # And their connections, which a cancelled aiosmtpd handler leaves open.
+        abort_sessions(asyncio.get_running_loop())
+        await asyncio.sleep(0)  # a yield: the aborts' connection_lost callbacks run
 
     def check(self) -> None:
         """Re-raise the first exception any server raised since the last check."""
@@ -371,7 +375,7 @@ class MailStack:
             if dns is not None:
                 dns.query_log.clear()
                 if self._dns_changed:
-                    self._thread.call(dns.set_zone, self._default_zone)
+                    self._thread.call_wait(dns.set_zone, self._default_zone)
                     self._zone = self._default_zone
                     self._dns_changed = False
             self.mx_ports = {ep.hostname: ep.ports["smtp"] for ep in self.domains.values()}
@@ -529,7 +533,8 @@ class MailStack:
         assert self._thread is not None and self.dns is not None
         zone = build_zone(records, refuse_outside=refuse_outside)
         self._dns_changed = True
-        self._thread.call(self.dns.set_zone, zone)
+        # Served before this returns: the caller's next query must get these records.
+        self._thread.call_wait(self.dns.set_zone, zone)
         self._zone = zone
 
     def publish_dkim_key(self, domain: str, selector: str, public_key: str | bytes | object) -> str:
