@@ -167,10 +167,18 @@ def abort_sessions(loop: asyncio.AbstractEventLoop) -> None:
     leaves it open on uvloop, which then warns about it when the loop closes.
     """
     for session in list(_LIVE):
+        transport = session.transport
+        if session.loop is not loop or transport is None or transport.is_closing():
+            continue
         # uvloop's transports are not asyncio.Transport subclasses: ask for abort() itself.
-        abort = getattr(session.transport, "abort", None)
-        if session.loop is loop and abort is not None:
+        abort = getattr(transport, "abort", None)
+        if abort is None:
+            continue
+        try:
             abort()
+        except (AttributeError, RuntimeError):
+            # asyncio's TLS transport whose protocol has already gone (closed meanwhile).
+            pass
 
 
 class SMTPSession(SMTP):
