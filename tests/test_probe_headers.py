@@ -1,4 +1,4 @@
-"""Header sanity of the delivered copy (B4.6, RFC 5322 section 3.6): a stack that mangles the
+"""Header sanity of the delivered copy (RFC 5322 section 3.6): a stack that mangles the
 header section on delivery, and its twin that does not."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Certificate chain completeness, weak signatures and keys, and strict name match (B1.3,
-B1.4), each against a loopback TLS server that has the weakness and a twin without it."""
+"""Certificate chain completeness, weak signatures and keys, and strict name match (RFC 9325,
+RFC 9525), each against a loopback TLS server that has the weakness and a twin without it."""
 
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def _failed_probe(port: int, ctx: ssl.SSLContext, name: str = NAME) -> list[Find
     return result.findings
 
 
-# -- B1.3 chain completeness ------------------------------------------------------------------
+# -- chain completeness (RFC 8446 section 4.4.2) ---------------------------------------------------
 
 
 def test_tls_facts_leaf_without_intermediate_is_incomplete_even_when_verified(
@@ -266,7 +266,7 @@ def test_tls_facts_probe_finds_the_chain_complete_when_only_the_name_fails(
     assert _codes(findings)["cert-names"] == "info"
 
 
-# -- B1.3 weak signatures and keys ------------------------------------------------------------
+# -- weak signatures and keys (RFC 9325) -----------------------------------------------------------
 
 
 def test_tls_facts_sha1_signed_leaf_is_a_failure(tmp_path: Path) -> None:
@@ -303,7 +303,7 @@ def test_tls_facts_rsa_1024_leaf_is_a_warning(tmp_path: Path) -> None:
     assert weak.evidence == ("leaf: CN=mail.test; key RSA 1024 bits",)
 
 
-# -- B1.4 strict name match -------------------------------------------------------------------
+# -- strict name match (RFC 9525) ------------------------------------------------------------------
 
 
 def test_tls_facts_exact_name_is_listed_without_warning(tmp_path: Path) -> None:

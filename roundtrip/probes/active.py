@@ -356,7 +356,7 @@ def _smtp_open(
     """Greeting, EHLO, TLS as ``endpoint`` says (``starttls`` overrides), and AUTH.
 
     STARTTLS is required when asked for: a server that does not offer it is ``_TroubleError``
-    and no credentials are sent (fail closed, B2.3).
+    and no credentials are sent (fail closed: the probe never lowers its own security).
     """
     wire = _Wire(endpoint.host, endpoint.port, deadline)
     try:
@@ -555,7 +555,7 @@ def _mx_endpoint(ctx: _Context) -> Endpoint | None:
 
 
 def _unverified() -> ssl.SSLContext:
-    """For the MX (B1.4: its name is not checked against the host dialled); the checks that
+    """For the MX (its name is not checked against the host dialled); the checks that
     use it send no credentials."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
@@ -563,7 +563,7 @@ def _unverified() -> ssl.SSLContext:
     return context
 
 
-# -- B2.2 STARTTLS command injection -----------------------------------------------------------
+# -- STARTTLS command injection (CVE-2011-0411, RFC 3207 section 4.2) ------------------------------
 
 #: protocol: (STARTTLS plus the injected command in one write, the go-ahead reply prefix)
 _INJECTION = {
@@ -666,7 +666,7 @@ def _inject(ctx: _Context, target: Endpoint) -> None:
         )
 
 
-# -- B3.3 AUTH before TLS ----------------------------------------------------------------------
+# -- AUTH before TLS (RFC 8314 section 3, RFC 4954 section 4) --------------------------------------
 
 _BOGUS_USER = "roundtrip-no-such-user@example.invalid"
 
@@ -727,7 +727,7 @@ def _auth_before_tls(ctx: _Context, target: Endpoint) -> None:
         )
 
 
-# -- B3.1 open relay ---------------------------------------------------------------------------
+# -- open relay (RFC 5321 section 7.1) -------------------------------------------------------------
 
 
 def _mx_open(target: Endpoint, deadline: float) -> _Session:
@@ -761,7 +761,7 @@ def _open_relay(ctx: _Context) -> str | None:
         session = _mx_open(target, ctx.deadline())
         mail = session.wire.command(f"MAIL FROM:<{RELAY_SENDER}>")
         rcpt = session.wire.command(f"RCPT TO:<{RELAY_RECIPIENT}>") if mail[0] // 100 == 2 else None
-        # Never DATA (B7.5): the answer to RCPT is the verdict.
+        # Never DATA (docs/active-checks.md): the answer to RCPT is the verdict.
         session.wire.command("RSET")
         _quit(session.wire)
     except (OSError, ValueError, _TroubleError) as exc:
@@ -792,7 +792,7 @@ def _open_relay(ctx: _Context) -> str | None:
     return None
 
 
-# -- B3.2 submission without AUTH, sender spoofing ---------------------------------------------
+# -- submission without AUTH, sender spoofing (RFC 6409 section 6.1) -------------------------------
 
 
 def _spoofing(ctx: _Context) -> str | None:
@@ -829,7 +829,7 @@ def _spoofing(ctx: _Context) -> str | None:
         session = _smtp_open(ctx.smtp, ctx.context, ctx.deadline(), auth=True)
         mail = session.wire.command(f"MAIL FROM:<{other}>")
         rcpt = session.wire.command(f"RCPT TO:<{ctx.rcpt_to}>") if mail[0] // 100 == 2 else None
-        # Never DATA: the envelope is the verdict (B7.5).
+        # Never DATA: the envelope is the verdict (docs/active-checks.md).
         session.wire.command("RSET")
         _quit(session.wire)
     except (OSError, ValueError, _TroubleError) as exc:
@@ -856,7 +856,7 @@ def _spoofing(ctx: _Context) -> str | None:
     return None
 
 
-# -- B3.5 PIPELINING and CHUNKING --------------------------------------------------------------
+# -- PIPELINING and CHUNKING (RFC 2920, RFC 3030) --------------------------------------------------
 
 
 def _pipelining(ctx: _Context) -> str | None:
@@ -949,7 +949,7 @@ def _chunking(ctx: _Context) -> str | None:
     return None
 
 
-# -- B3.6 brute-force protection (report only) ------------------------------------------------
+# -- brute-force protection (report only) ------------------------------------------------
 
 
 def _brute_force(ctx: _Context) -> str | None:
@@ -1027,7 +1027,7 @@ def _brute_force(ctx: _Context) -> str | None:
     return None
 
 
-# -- B3.4 SMTP smuggling -----------------------------------------------------------------------
+# -- SMTP smuggling (CVE-2023-51764) ---------------------------------------------------------------
 
 
 @dataclass
