@@ -36,6 +36,7 @@ __all__ = [
     "parse_dmarc_policy",
     "parse_domains",
     "parse_endpoint",
+    "parse_host_port",
     "parse_port_mode",
     "parse_relay_tls",
     "parse_seconds",
@@ -761,6 +762,25 @@ def _url_quote(text: str) -> str:
     from urllib.parse import quote
 
     return quote(text, safe="")
+
+
+def parse_host_port(
+    text: str, *, default_port: int, option: str, hint: str = ""
+) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT`` or ``[V6]:PORT`` of a command-line option -> ``(host, port)``.
+
+    Raises:
+        ConfigError: an empty host or a port outside 1-65535, naming ``option``.
+    """
+    host, port = text.strip(), str(default_port)
+    if host.startswith("["):
+        inner, _, rest = host[1:].partition("]")
+        host, port = inner, rest[1:] if rest.startswith(":") else port
+    elif host.count(":") == 1:
+        host, _, port = host.partition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{option} {text!r}: expected HOST or HOST:PORT{hint}")
+    return host, int(port)
 
 
 def parse_endpoint(

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..config import Endpoint
+from ..config import Endpoint, parse_host_port
 from ..errors import ConfigError
 from ._net import FAIL, INFO, WARN, Finding, display
 
@@ -144,15 +144,7 @@ def parse_mx(text: str) -> tuple[str, int]:
     Raises:
         ConfigError: an empty host or a bad port.
     """
-    host, port = text.strip(), "25"
-    if host.startswith("["):
-        inner, _, rest = host[1:].partition("]")
-        host, port = inner, rest[1:] if rest.startswith(":") else port
-    elif host.count(":") == 1:
-        host, _, port = host.partition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--mx {text!r}: expected HOST or HOST:PORT")
-    return host, int(port)
+    return parse_host_port(text, default_port=25, option="--mx")
 
 
 @dataclass

@@ -47,7 +47,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
-from ..config import Endpoint
+from ..config import Endpoint, parse_host_port
 from ..errors import ConfigError
 from ._net import FAIL, INFO, WARN, Finding
 
@@ -100,19 +100,12 @@ def parse_dns_server(text: str) -> tuple[str, int]:
     Raises:
         ConfigError: an empty host or a bad port.
     """
-    host, port = text.strip(), "53"
-    if host.startswith("["):
-        inner, _, rest = host[1:].partition("]")
-        host, port = inner, rest[1:] if rest.startswith(":") else port
-    elif host.count(":") == 1:
-        host, _, port = host.partition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--dns {text!r}: expected HOST or HOST:PORT (an IP address)")
+    host, port = parse_host_port(text, default_port=53, option="--dns", hint=" (an IP address)")
     try:
         ipaddress.ip_address(host)
     except ValueError:
         raise ConfigError(f"--dns {text!r}: HOST must be an IP address") from None
-    return host, int(port)
+    return host, port
 
 
 # -- DNS ---------------------------------------------------------------------------------------
