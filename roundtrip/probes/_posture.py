@@ -1,0 +1,274 @@
+"""The sending domain's published posture (docs/auth-checks.md, section 3): ``AuthReport``, and
+the DMARC (RFC 7489 section 6.6.3), TLS-RPT (RFC 8460 section 3), MX (no CNAME: RFC 2181
+section 10.3; no address literal: RFC 5321 section 5.1) and forward-confirmed reverse DNS
+checks. SPF is in ``_spfposture``, MTA-STS in ``_posture_mtasts``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import dns.reversename
+
+from ._authdns import Lookup, organizational, tagged_records
+from ._net import FAIL, INFO, WARN, Finding
+
+#: MX hosts, and addresses per host, checked for forward-confirmed reverse DNS.
+_MX_HOSTS = 5
+_ADDRESSES_PER_HOST = 2
+
+#: Failing findings and the check each one fails.
+FINDING_CHECKS = {
+    "spf-multiple": "sending domain has one SPF record",
+    "spf-syntax": "sending domain's SPF record is valid",
+    "spf-lookups": "sending domain's SPF within 10 DNS lookups",
+}
+
+
+@dataclass
+class AuthReport:
+    """The posture of one sending domain: findings, and the pass/fail checks their failing
+    findings stand for (``check name -> passed``)."""
+
+    domain: str
+    findings: list[Finding] = field(default_factory=list)
+    checks: dict[str, bool] = field(default_factory=dict)
+
+    def add(self, code: str, severity: str, message: str, *evidence: str) -> None:
+        self.findings.append(
+            Finding(code, severity, message, self.domain, tuple(e for e in evidence if e))
+        )
+        if code in FINDING_CHECKS:
+            self.checks[FINDING_CHECKS[code]] = severity != FAIL
+
+    def apply(self, result: Any) -> None:
+        """Add the findings and checks to a ``ProbeResult``; a failed check fails it (with
+        ``error_step`` ``AUTH`` when the round trip itself passed)."""
+        result.findings.extend(self.findings)
+        result.checks.update(self.checks)
+        failed = [name for name, ok in self.checks.items() if not ok]
+        if failed:
+            result.ok = False
+            if not result.error:
+                failing = [f.message for f in self.findings if f.severity == FAIL]
+                result.error = "sending domain checks failed: " + ", ".join(failed)
+                if failing:
+                    result.error += " (" + "; ".join(failing) + ")"
+                result.error_step = "AUTH"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "checks": dict(self.checks),
+            "findings": [
+                {
+                    "code": f.code,
+                    "severity": f.severity,
+                    "message": f.message,
+                    "evidence": list(f.evidence),
+                }
+                for f in self.findings
+            ],
+        }
+
+
+def record_tags(record: str) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for part in record.split(";"):
+        name, sep, value = part.partition("=")
+        if sep:
+            tags.setdefault(name.strip().lower(), value.strip())
+    return tags
+
+
+def check_dmarc(report: AuthReport, lookup: Lookup) -> None:
+    domain = report.domain
+    org = organizational(domain)
+    names = [f"_dmarc.{domain}"] + ([f"_dmarc.{org}"] if org != domain else [])
+    tried: list[str] = []
+    for name in names:
+        answer = lookup.txt(name)
+        tried.append(answer.describe(name, "TXT"))
+        if answer.failed:
+            report.add("dns-error", WARN, f"DMARC of {domain} not checked: {answer.rcode}", *tried)
+            return
+        records = tagged_records(answer, "v=DMARC1")
+        if not records:
+            continue
+        if len(records) > 1:
+            report.add(
+                "dmarc-multiple",
+                WARN,
+                f"{name} holds {len(records)} DMARC records: receivers apply none "
+                "(RFC 7489 section 6.6.3)",
+                *records,
+            )
+            return
+        tags = record_tags(records[0])
+        policy = tags.get("p", "").lower()
+        if name != f"_dmarc.{domain}" and tags.get("sp"):
+            policy = tags["sp"].lower()  # a subdomain's policy (RFC 7489 section 6.3)
+        where = "" if name == f"_dmarc.{domain}" else f" (from the organizational domain {org})"
+        if policy not in ("none", "quarantine", "reject"):
+            report.add(
+                "dmarc-invalid",
+                WARN,
+                f"DMARC record of {domain}{where} has no valid policy (p={policy or 'missing'})",
+                records[0],
+            )
+        elif policy == "none":
+            report.add(
+                "dmarc-none",
+                WARN,
+                f"DMARC policy of {domain}{where} is p=none: receivers only monitor, "
+                "spoofed mail is not refused",
+                records[0],
+            )
+        else:
+            pct = tags.get("pct", "100")
+            report.add(
+                "dmarc",
+                INFO,
+                f"DMARC policy of {domain}{where}: p={policy}"
+                + ("" if pct == "100" else f" for {pct}% of failing mail"),
+                records[0],
+            )
+        return
+    report.add(
+        "dmarc-missing",
+        WARN,
+        f"{domain} publishes no DMARC record: receivers apply no policy to mail forging it",
+        *tried,
+    )
+
+
+def check_tls_rpt(report: AuthReport, lookup: Lookup) -> None:
+    name = f"_smtp._tls.{report.domain}"
+    answer = lookup.txt(name)
+    evidence = answer.describe(name, "TXT")
+    records = tagged_records(answer, "v=TLSRPTv1")
+    if answer.failed:
+        report.add("dns-error", WARN, f"TLS-RPT of {report.domain} not checked", evidence)
+    elif not records:
+        report.add(
+            "tls-rpt-missing",
+            INFO,
+            f"{report.domain} publishes no TLS-RPT record: nobody reports TLS failures "
+            "delivering to it (RFC 8460)",
+            evidence,
+        )
+    elif len(records) > 1:
+        report.add(
+            "tls-rpt-invalid",
+            WARN,
+            f"{name} holds {len(records)} TLS-RPT records (RFC 8460 section 3)",
+            *records,
+        )
+    elif not re.match(r"(?i)(mailto:|https:)", record_tags(records[0]).get("rua", "")):
+        report.add(
+            "tls-rpt-invalid",
+            WARN,
+            f"TLS-RPT record of {report.domain} has no rua=mailto: or https: (RFC 8460 3)",
+            records[0],
+        )
+    else:
+        report.add("tls-rpt", INFO, f"TLS-RPT record of {report.domain} present", records[0])
+
+
+def check_mx(report: AuthReport, lookup: Lookup) -> None:
+    domain = report.domain
+    answer = lookup.query(domain, "MX")
+    evidence = answer.describe(domain, "MX")
+    if answer.failed:
+        report.add("dns-error", WARN, f"MX of {domain} not checked: {answer.rcode}", evidence)
+        return
+    exchanges: list[tuple[int, str]] = []
+    for value in answer.values:
+        preference, _, host = value.partition(" ")
+        exchanges.append((int(preference) if preference.isdigit() else 0, host.rstrip(".")))
+    exchanges.sort()
+    if not exchanges:
+        report.add(
+            "mx-missing",
+            WARN,
+            f"{domain} has no MX record: bounces to it go to its address record, if any",
+            evidence,
+        )
+        return
+    if exchanges == [(0, "")]:
+        report.add("mx-null", INFO, f"{domain} has a null MX: it receives no mail (RFC 7505)")
+        return
+    for _, host in exchanges[:_MX_HOSTS]:
+        _check_mx_host(report, lookup, host, evidence)
+
+
+def _check_mx_host(report: AuthReport, lookup: Lookup, host: str, evidence: str) -> None:
+    literal = host.strip("[]")
+    try:
+        ipaddress.ip_address(literal)
+    except ValueError:
+        pass
+    else:
+        report.add(
+            "mx-ip-literal",
+            WARN,
+            f"MX of {report.domain} is the address {host}, not a host name (RFC 5321 5.1)",
+            evidence,
+        )
+        return
+    cname = lookup.query(host, "CNAME")
+    if cname.values:
+        report.add(
+            "mx-cname",
+            WARN,
+            f"MX host {host} is an alias (CNAME to {cname.values[0].rstrip('.')}); an MX must "
+            "name a host directly (RFC 2181 section 10.3)",
+            cname.describe(host, "CNAME"),
+        )
+    addresses: list[str] = []
+    for rtype in ("A", "AAAA"):
+        addresses += lookup.query(host, rtype).values
+    if not addresses:
+        report.add("mx-no-address", WARN, f"MX host {host} has no address", evidence)
+        return
+    report.add("mx", INFO, f"MX host {host} of {report.domain}: {', '.join(addresses)}")
+    for address in addresses[:_ADDRESSES_PER_HOST]:
+        _check_fcrdns(report, lookup, host, address)
+
+
+def _check_fcrdns(report: AuthReport, lookup: Lookup, host: str, address: str) -> None:
+    """Forward-confirmed reverse DNS: a PTR name of ``address`` resolves back to it."""
+    reverse = dns.reversename.from_address(address).to_text().rstrip(".")
+    ptr = lookup.query(reverse, "PTR")
+    names = [v.rstrip(".") for v in ptr.values]
+    if not names:
+        report.add(
+            "fcrdns-missing",
+            WARN,
+            f"MX host {host}: the address {address} has no PTR record (many receivers distrust "
+            "a sender without reverse DNS)",
+            ptr.describe(reverse, "PTR"),
+        )
+        return
+    trail = [ptr.describe(reverse, "PTR")]
+    for name in names[:3]:
+        forward = lookup.query(name, "AAAA" if ":" in address else "A")
+        trail.append(forward.describe(name, "AAAA" if ":" in address else "A"))
+        if any(ipaddress.ip_address(v) == ipaddress.ip_address(address) for v in forward.values):
+            report.add(
+                "fcrdns",
+                INFO,
+                f"MX host {host}: {address} -> {name} -> {address} (forward-confirmed)",
+                *trail,
+            )
+            return
+    report.add(
+        "fcrdns-mismatch",
+        WARN,
+        f"MX host {host}: the PTR name(s) of {address} ({', '.join(names)}) do not resolve "
+        "back to it",
+        *trail,
+    )
