@@ -6,12 +6,14 @@ verifier that knows only RSA still finds a signature it can check). The receivin
 every DKIM-Signature, topmost first, and writes one Authentication-Results field (RFC 8601)
 naming itself as authserv-id, with one ``dkim=`` result per signature, or ``dkim=none``.
 
-The cryptography and canonicalization are dkimpy's (``dkim``); this module decides what is
-signed and how a verification outcome maps to an RFC 8601 result:
+The canonicalization, body hash and header hash are ours (roundtrip/protocols/_dkimcore.py:
+the body is read in slices, once however many signatures use it), the signatures OpenSSL's
+(``cryptography``); dkimpy and OpenDKIM verify what we sign in the tests. This module decides
+what is signed and how a verification outcome maps to an RFC 8601 result:
 
-- Signed: the header fields RFC 6376 section 5.4.1 recommends (:data:`SIGNED_HEADERS`), From
-  once more than it occurs (oversigning, section 8.15: a second From added on the way breaks
-  the signature); canonicalization relaxed/relaxed (section 3.4), which survives the header
+- Signed: every field of the list RFC 6376 section 5.4.1 recommends (:data:`SIGNED_HEADERS`)
+  that the message has, each instance, and From once more than it occurs (oversigning,
+  section 8.15: a second From added on the way breaks the signature); canonicalization relaxed/relaxed (section 3.4), which survives the header
   refolding and trailing-space changes relays make.
 - Results: the key record is looked up through a function the caller passes
   (:data:`KeyLookup`), answering from whatever the stack's DNS serves. A missing record is
@@ -21,24 +23,26 @@ signed and how a verification outcome maps to an RFC 8601 result:
   or signature that does not match ``fail`` (RFC 8601 section 2.7.1). An rsa-sha1 signature
   is ``permerror`` without a key look-up: RFC 8301 section 3.1 makes it historic, a
   permanently failed evaluation, which no verifier may consider valid.
-- Bad input never escapes as an exception: whatever dkimpy raises on one signature becomes
-  that signature's ``permerror``, and the message is delivered.
+- Bad input never escapes as an exception: a tag list, key record or signature that does not
+  parse is that signature's ``permerror`` (an RSA key under 1024 bits too, RFC 8301 section
+  3.2), and the message is delivered.
 
 Deliberately unsupported: ``l=`` body length limits and ``i=`` identities other than the
-domain (we never sign with them; a verified one is reported as dkimpy reads it), ARC, ADSP.
-dkimpy reads the wall clock itself for ``t=`` when signing and for the ``x=`` expiry check.
+domain (we never sign with them; a verified one is honoured), ADSP. ARC is
+roundtrip/protocols/arc.py. The clock (``t=``, the ``x=`` expiry) is a parameter.
 """
 
 from __future__ import annotations
 
 import base64
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses
-from typing import Any, Literal
+from typing import Literal
 
 import dns.message
 import dns.name
@@ -46,6 +50,20 @@ import dns.rcode
 import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 
+from ._dkimcore import (
+    BodyHashes,
+    Canon,
+    HeaderField,
+    TagError,
+    header_hash_input,
+    load_private,
+    parse_public_key,
+    parse_tags,
+    select_headers,
+    sign_data,
+    split_message,
+    verify_data,
+)
 from ._lines import header_section
 
 __all__ = [
@@ -66,8 +84,7 @@ __all__ = [
     "verify",
 ]
 
-#: Header fields signed when present (RFC 6376 section 5.4.1's list); absent ones are signed
-#: too (as empty), so adding one later breaks the signature (section 5.4.2).
+#: Header fields signed when present (RFC 6376 section 5.4.1's list), every instance.
 SIGNED_HEADERS: tuple[str, ...] = (
     "from",
     "reply-to",
@@ -168,92 +185,58 @@ def key_record_name(selector: str, domain: str) -> str:
     return f"{selector}._domainkey.{domain}"
 
 
-def sign(raw: bytes, keys: Iterable[SigningKey]) -> bytes:
+def sign(raw: bytes, keys: Iterable[SigningKey], *, now: float | None = None) -> bytes:
     """``raw`` with one DKIM-Signature per key prepended (the first key's on top).
 
+    Args:
+        raw: the message, lines ending in CRLF.
+        keys: the keys to sign with.
+        now: the ``t=`` timestamp (default: the clock).
+
     Raises:
-        dkim.DKIMException: a key is unusable, or the message has no header block dkimpy
-            can parse (the caller decides whether that stops delivery).
+        ValueError: a key that cannot be loaded or does not match its algorithm (the caller
+            decides whether that stops delivery).
     """
-    fields: list[bytes] = []
-    # One parse for every key: parsing a large message costs as much as hashing it.
-    import dkim  # type: ignore[import-untyped]  # dkimpy: only when something is signed
-
-    _openssl_rsa(dkim)
-    signer = dkim.DKIM(raw)
-    present = [name.lower() for name, _ in signer.headers]
-    include = list(SIGNED_HEADERS)
-    for name in OVERSIGNED:
-        include += [name] * present.count(name.encode())
+    fields, offset = split_message(raw)
+    present = [f.name.strip().lower().decode("ascii", "replace") for f in fields]
+    include: list[str] = []
+    for name in SIGNED_HEADERS:
+        include += [name] * (present.count(name) + (name in OVERSIGNED))
+    signed = select_headers(fields, include)
+    bodies = BodyHashes(raw, offset)
+    stamp = int(time.time() if now is None else now)
+    out: list[bytes] = []
     for key in keys:
-        fields.append(
-            signer.sign(
-                key.selector.encode(),
-                key.domain.encode(),
-                key.private,
-                signature_algorithm=key.algorithm.encode(),
-                canonicalize=CANONICALIZATION,
-                include_headers=[h.encode() for h in include],
-            )
-        )
-    return b"".join(fields) + raw
+        bh = base64.b64encode(bodies.get("relaxed")).decode("ascii")
+        head = (
+            f"DKIM-Signature: v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain};\r\n"
+            f"\ts={key.selector}; t={stamp};\r\n"
+            f"\th={_fold_list(include)};\r\n"
+            f"\tbh={bh};\r\n"
+            "\tb=\r\n"
+        ).encode("ascii")
+        field = HeaderField(b"DKIM-Signature", head)
+        data = header_hash_input(signed, field, "relaxed")
+        value = base64.b64encode(sign_data(data, key.algorithm, load_private(key.private)))
+        out.append(head[:-2] + _fold_base64(value) + b"\r\n")
+    return b"".join(out) + raw
 
 
-# RSA signing through OpenSSL. dkimpy computes RSA signatures with Python's pow() (about 8 ms
-# for a 2048-bit key, most of what StackConfig(dkim=True) adds to a message); the
-# ``cryptography`` package's OpenSSL does the same in well under 1 ms. RSASSA-PKCS1-v1_5
-# (RFC 8017 section 8.2) is deterministic, so the signature is byte for byte the one dkimpy
-# computes (tests/test_dkim_opendkim_signed_openssl.py compares them): only dkimpy's last step,
-# the modular exponentiation over the digest it prepared, is replaced. Anything the OpenSSL
-# path does not take (an unknown digest, a key it refuses) goes to dkimpy's own function.
-
-#: OpenSSL key objects by RSA modulus (building one checks the key: done once per key).
-_RSA_KEYS: dict[int, Any] = {}
-_RSA_KEYS_MAX = 64
-
-
-def _openssl_rsa(dkim: Any) -> None:
-    """Have dkimpy's signer (``dkim.RSASSA_PKCS1_v1_5_sign``) use OpenSSL; idempotent."""
-    pure = dkim.RSASSA_PKCS1_v1_5_sign
-    if getattr(pure, "_roundtrip_openssl", False):
-        return
-
-    def rsa_sign(digest: Any, key: dict[str, int]) -> bytes:
-        try:
-            return _rsa_sign_openssl(digest, key)
-        except Exception:  # not a key or digest the OpenSSL path takes: dkimpy decides
-            return bytes(pure(digest, key))
-
-    rsa_sign._roundtrip_openssl = True  # type: ignore[attr-defined]
-    dkim.RSASSA_PKCS1_v1_5_sign = rsa_sign
+def _fold_list(names: Sequence[str], width: int = 70) -> str:
+    """``a:b:c`` folded after a colon so no line passes ``width``."""
+    lines = [""]
+    for name in names:
+        piece = name if not lines[-1] else ":" + name
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines[-1] += ":"
+            lines.append(name)
+        else:
+            lines[-1] += piece
+    return "\r\n\t  ".join(lines)
 
 
-def _rsa_sign_openssl(digest: Any, key: dict[str, int]) -> bytes:
-    """RSASSA-PKCS1-v1_5 over ``digest`` (a hash object dkimpy fed) with dkimpy's parsed key."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
-
-    algorithm = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}[str(digest.name).lower()]
-    modulus = key["modulus"]
-    private = _RSA_KEYS.get(modulus)
-    if private is None:
-        public = rsa.RSAPublicNumbers(key["publicExponent"], modulus)
-        private = rsa.RSAPrivateNumbers(
-            key["prime1"],
-            key["prime2"],
-            key["privateExponent"],
-            key["exponent1"],
-            key["exponent2"],
-            key["coefficient"],
-            public,
-        ).private_key()
-        if len(_RSA_KEYS) >= _RSA_KEYS_MAX:
-            _RSA_KEYS.clear()
-        _RSA_KEYS[modulus] = private
-    signature: bytes = private.sign(
-        digest.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm())
-    )
-    return signature
+def _fold_base64(value: bytes, width: int = 72) -> bytes:
+    return b"\r\n\t ".join(value[i : i + width] for i in range(0, len(value), width))
 
 
 def from_domain(raw: bytes) -> str | None:
@@ -298,82 +281,154 @@ def key_answer(reply: bytes) -> KeyAnswer:
     return KeyAnswer("missing")
 
 
-def verify(raw: bytes, lookup: KeyLookup) -> list[DKIMResult]:
+def verify(raw: bytes, lookup: KeyLookup, *, now: float | None = None) -> list[DKIMResult]:
     """One result per DKIM-Signature of ``raw``, topmost first; ``[none]`` without any.
+
+    Args:
+        raw: the message as received.
+        lookup: answers key record names from DNS.
+        now: the time ``x=`` is checked against (default: the clock).
 
     Never raises: whatever goes wrong with one signature is that signature's result.
     """
-    if not re.search(rb"(?im)^dkim-signature[ \t]*:", header_section(raw)):
-        return [DKIMResult("none")]  # dkimpy is not even imported for unsigned mail
-    import dkim
-
-    try:
-        verifier = dkim.DKIM(raw)
-        headers: Sequence[tuple[bytes, bytes]] = verifier.headers
-    except Exception as exc:  # dkimpy's header parser: garbage headers are a permerror
-        if re.search(rb"(?im)^dkim-signature[ \t]*:", header_section(raw)):
-            return [DKIMResult("permerror", f"message not parsable: {_short(exc)}")]
+    if not _HAS_SIGNATURE.search(header_section(raw)):
         return [DKIMResult("none")]
-    signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]
+    fields, offset = split_message(raw)
+    signatures = [f for f in fields if f.name.strip().lower() == b"dkim-signature"]
     if not signatures:
         return [DKIMResult("none")]
-    return [_verify_one(verifier, index, value, lookup) for index, value in enumerate(signatures)]
+    bodies = BodyHashes(raw, offset)
+    clock = time.time() if now is None else now
+    return [_verify_one(fields, sig, bodies, lookup, clock) for sig in signatures]
 
 
-def _verify_one(verifier: Any, index: int, value: bytes, lookup: KeyLookup) -> DKIMResult:
-    import dkim
-    from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped]
+_HAS_SIGNATURE = re.compile(rb"(?im)^dkim-signature[ \t]*:")
+_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+_WSP = re.compile(rb"[ \t\r\n]+")
 
+
+def _verify_one(
+    fields: Sequence[HeaderField],
+    sig: HeaderField,
+    bodies: BodyHashes,
+    lookup: KeyLookup,
+    now: float,
+) -> DKIMResult:
     try:
-        tags = parse_tag_value(value)
-    except (InvalidTagValueList, ValueError, IndexError) as exc:
+        tags = parse_tags(sig.value)
+    except TagError as exc:
         return DKIMResult("permerror", f"malformed signature: {_short(exc)}")
     found = DKIMResult(
         "permerror",
-        domain=_text(tags.get(b"d", b"")),
-        selector=_text(tags.get(b"s", b"")),
-        algorithm=_text(tags.get(b"a", b"")),
-        b=_text(re.sub(rb"\s+", b"", tags.get(b"b", b""))[:8]),
+        domain=_text(tags.get("d", b"")),
+        selector=_text(tags.get("s", b"")),
+        algorithm=_text(tags.get("a", b"")),
+        b=_text(_WSP.sub(b"", tags.get("b", b""))[:8]),
     )
 
     def outcome(result: Result, reason: str = "") -> DKIMResult:
         return DKIMResult(result, reason, found.domain, found.selector, found.algorithm, found.b)
 
-    try:
-        dkim.validate_signature_fields(tags)
-    except dkim.DKIMException as exc:
-        return outcome("permerror", f"malformed signature: {_short(exc)}")
-    except Exception as exc:  # dkimpy on input it did not foresee: still this signature's
-        return outcome("permerror", f"malformed signature: {_short(exc)}")
-    if found.algorithm.lower() == "rsa-sha1":  # dkimpy would check it, and could pass it
+    problem = _signature_problem(tags, now)
+    if problem:
+        return outcome("permerror", problem)
+    algorithm = found.algorithm.lower()
+    if algorithm == "rsa-sha1":
         return outcome("permerror", "rsa-sha1 is historic (RFC 8301 section 3.1)")
+    if algorithm not in _ALGORITHMS:
+        return outcome("permerror", f"malformed signature: unknown algorithm a={found.algorithm}")
+    header_canon, body_canon = _canonicalization(tags.get("c", b"simple/simple"))
     name = key_record_name(found.selector, found.domain)
     answer = lookup(name)
     if answer.status == "missing":
         return outcome("permerror", "no key for signature")
     if answer.status == "error":
         return outcome("temperror", "key lookup failed")
-    if not re.search(rb"(?:^|;)\s*p\s*=\s*[^;\s]", answer.text):
-        return outcome("permerror", "key revoked (empty p=)")
     try:
-        dkim.evaluate_pk(name.encode(), answer.text)
-    except Exception as exc:  # KeyFormatError, or dkimpy tripping over the record
+        key_tags = parse_tags(answer.text)
+    except TagError as exc:
         return outcome("permerror", f"bad key record: {_short(exc)}")
-
-    def from_memory(_name: bytes, timeout: float = 0) -> bytes:
-        return answer.text
-
+    if not key_tags.get("p"):
+        return outcome("permerror", "key revoked (empty p=)")
+    problem = _key_problem(key_tags, algorithm, tags)
+    if problem:
+        return outcome("permerror", f"bad key record: {problem}")
     try:
-        good = verifier.verify(idx=index, dnsfunc=from_memory)
-    except dkim.ValidationError as exc:
-        if "body hash mismatch" in str(exc):
-            return outcome("fail", "body hash did not verify")
+        public = parse_public_key(key_tags.get("k", b"rsa"), key_tags["p"])
+    except ValueError as exc:
+        return outcome("permerror", f"bad key record: {_short(exc)}")
+    try:
+        limit = int(tags["l"]) if "l" in tags else None
+        expected = base64.b64decode(_WSP.sub(b"", tags["bh"]), validate=True)
+        signature = base64.b64decode(_WSP.sub(b"", tags["b"]), validate=True)
+    except ValueError as exc:
         return outcome("permerror", f"malformed signature: {_short(exc)}")
-    except Exception as exc:  # MessageFormatError, KeyFormatError, dkimpy's own slips
-        return outcome("permerror", _short(exc))
-    if good:
+    assert header_canon is not None and body_canon is not None
+    if bodies.get(body_canon, "sha256", limit) != expected:
+        return outcome("fail", "body hash did not verify")
+    names = [n.decode("ascii", "replace") for n in _WSP.sub(b"", tags["h"]).split(b":")]
+    data = header_hash_input(select_headers(fields, names), sig, header_canon)
+    if verify_data(data, signature, algorithm, public):
         return outcome("pass")
     return outcome("fail", "signature did not verify")
+
+
+_REQUIRED = ("v", "a", "b", "bh", "d", "h", "s")
+
+
+def _signature_problem(tags: dict[str, bytes], now: float) -> str:
+    """Why a DKIM-Signature's tags are unusable (RFC 6376 section 6.1.1), or ``""``."""
+    missing = [t for t in _REQUIRED if not tags.get(t)]
+    if missing:
+        return f"malformed signature: missing {', '.join(t + '=' for t in missing)}"
+    if tags["v"] != b"1":
+        return f"malformed signature: unsupported version v={_text(tags['v'])}"
+    header_canon, body_canon = _canonicalization(tags.get("c", b"simple/simple"))
+    if header_canon is None or body_canon is None:
+        return f"malformed signature: bad c={_text(tags.get('c', b''))}"
+    names = [n.lower() for n in _WSP.sub(b"", tags["h"]).split(b":")]
+    if b"from" not in names:
+        return "malformed signature: From is not signed"
+    domain = tags["d"].lower().rstrip(b".")
+    if "i" in tags:
+        identity = tags["i"].rpartition(b"@")[2].lower().rstrip(b".")
+        if identity != domain and not identity.endswith(b"." + domain):
+            return "malformed signature: i= is not in d="
+    for tag in ("l", "t", "x"):
+        if tag in tags and not tags[tag].isdigit():
+            return f"malformed signature: {tag}= is not a number"
+    if "x" in tags:
+        if int(tags["x"]) < now:
+            return "signature expired"
+        if "t" in tags and int(tags["t"]) > int(tags["x"]):
+            return "malformed signature: x= before t="
+    return ""
+
+
+def _key_problem(key: dict[str, bytes], algorithm: str, tags: dict[str, bytes]) -> str:
+    """Why a key record does not apply to this signature (RFC 6376 section 3.6.1), or ``""``."""
+    if "v" in key and key["v"] != b"DKIM1":
+        return f"v={_text(key['v'])}"
+    kind = key.get("k", b"rsa").lower()
+    if kind not in (b"rsa", b"ed25519"):
+        return f"unknown key type k={_text(kind)}"
+    if kind.decode("ascii") != algorithm.partition("-")[0]:
+        return f"a k={_text(kind)} key cannot check {algorithm}"
+    if "h" in key and b"sha256" not in [h.strip() for h in key["h"].lower().split(b":")]:
+        return "the key does not allow sha256 (h=)"
+    if "s" in key and not {b"*", b"email"} & {s.strip() for s in key["s"].lower().split(b":")}:
+        return "the key is not for e-mail (s=)"
+    flags = {f.strip() for f in key.get("t", b"").lower().split(b":")}
+    identity = tags.get("i", b"").rpartition(b"@")[2].lower().rstrip(b".")
+    if b"s" in flags and "i" in tags and identity != tags["d"].lower().rstrip(b"."):
+        return "t=s requires i= to be in d= itself"
+    return ""
+
+
+def _canonicalization(c: bytes) -> tuple[Canon | None, Canon | None]:
+    head, _, body = c.strip().lower().partition(b"/")
+    known: dict[bytes, Canon] = {b"simple": "simple", b"relaxed": "relaxed"}
+    return known.get(head), known.get(body or b"simple")
 
 
 def _short(exc: BaseException) -> str:
