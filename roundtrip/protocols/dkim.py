@@ -13,8 +13,9 @@ what is signed and how a verification outcome maps to an RFC 8601 result:
 
 - Signed: every field of the list RFC 6376 section 5.4.1 recommends (:data:`SIGNED_HEADERS`)
   that the message has, each instance, and From once more than it occurs (oversigning,
-  section 8.15: a second From added on the way breaks the signature); canonicalization relaxed/relaxed (section 3.4), which survives the header
-  refolding and trailing-space changes relays make.
+  section 8.15: a second From added on the way breaks the signature); canonicalization
+  relaxed/relaxed (section 3.4), which survives the header refolding and trailing-space
+  changes relays make.
 - Results: the key record is looked up through a function the caller passes
   (:data:`KeyLookup`), answering from whatever the stack's DNS serves. A missing record is
   ``permerror`` (RFC 6376 section 6.1.2, "no key for signature"), a DNS failure
