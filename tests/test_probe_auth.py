@@ -311,9 +311,10 @@ def test_probe_auth_posture_domain_without_dmarc_is_a_warning(
 
 def _chain(lookups: int) -> list[Record]:
     """An SPF record for the sender whose include chain needs ``lookups`` DNS lookups (and
-    which matches the stack's address first, so the MX's own verdict stays pass)."""
-    first = ["a"] * 5
-    second = ["mx"] * (lookups - 8) + ["exists:%{i}.e.example.com"]
+    which matches the stack's address first, so the MX's own verdict stays pass). Every term
+    names a name that answers, so none is a void lookup (RFC 7208 section 4.6.4)."""
+    first = ["exists:mail.example.com"] * 5
+    second = ["mx:example.com"] * (lookups - 8) + ["exists:%{i}.e.example.com"]
     return [
         Record(SENDER, "TXT", "v=spf1 ip4:127.0.0.1 include:_s1.example.com -all"),
         Record("_s1.example.com", "TXT", f"v=spf1 {' '.join(first)} include:_s2.example.com ~all"),

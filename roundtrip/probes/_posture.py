@@ -25,6 +25,7 @@ FINDING_CHECKS = {
     "spf-multiple": "sending domain has one SPF record",
     "spf-syntax": "sending domain's SPF record is valid",
     "spf-lookups": "sending domain's SPF within 10 DNS lookups",
+    "spf-void-lookups": "sending domain's SPF within 2 void DNS lookups",
 }
 
 

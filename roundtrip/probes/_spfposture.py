@@ -8,67 +8,163 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from ._authdns import MAX_EVIDENCE_CHARS, Lookup, tagged_records
+from ._authdns import MAX_EVIDENCE_CHARS, Answer, Lookup, tagged_records
 from ._net import FAIL, INFO, WARN
-from ._posture import AuthReport
+from ._posture import FINDING_CHECKS, AuthReport
+from ._spfposture_macro import (
+    MacroError,
+    expand_domain,
+    parse_domain_spec,
+    parse_macro_string,
+    sender_letters,
+)
 
 #: RFC 7208 section 4.6.4: at most 10 terms that cause DNS queries.
 SPF_LOOKUP_LIMIT = 10
 
-#: DNS queries one SPF evaluation may make here before the count stops (a loop or a huge tree).
+#: RFC 7208 section 4.6.4: at most 2 "void lookups" (NXDOMAIN, or an answer without records).
+SPF_VOID_LIMIT = 2
+
+#: TXT queries one SPF walk may make here before the count stops (a loop or a huge tree).
 _SPF_QUERY_BUDGET = 40
 
+#: Queries for void lookups (A, AAAA, MX of the terms) one walk may make.
+_VOID_QUERY_BUDGET = 60
 
-_SPF_DOMAIN_ARG = r"[^\s/]+"
-_SPF_MECHANISM = re.compile(
-    rf"(?i)^[+\-~?]?(?:all|include:{_SPF_DOMAIN_ARG}|exists:{_SPF_DOMAIN_ARG}"
-    rf"|(?:a|mx)(?::{_SPF_DOMAIN_ARG})?(?:/\d{{1,2}})?(?://\d{{1,3}})?"
-    rf"|ptr(?::{_SPF_DOMAIN_ARG})?|ip4:(?P<ip4>\S+)|ip6:(?P<ip6>\S+))$"
-)
-_SPF_MODIFIER = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_.\-]*)=(?P<value>\S*)$")
-#: Terms that cause DNS queries (RFC 7208 section 4.6.4).
-_SPF_QUERYING = ("include", "a", "mx", "ptr", "exists")
+#: RFC 7208 section 5: the mechanisms; those that cause DNS queries (section 4.6.4).
+_MECHANISMS = frozenset({"all", "include", "a", "mx", "ptr", "ip4", "ip6", "exists"})
+_QUERYING = frozenset({"include", "a", "mx", "ptr", "exists"})
+
+_TERM = re.compile(r"(?P<qualifier>[+\-~?]?)(?P<name>[A-Za-z][A-Za-z0-9_.\-]*)(?P<rest>.*)")
+_CIDR = re.compile(r"(?P<spec>.*?)(?:/(?P<four>0|[1-9]\d?))?(?://(?P<six>0|[1-9]\d{0,2}))?")
+
+#: The client address families a receiver may evaluate the record for.
+_FAMILIES = ("IPv4", "IPv6")
 
 
-def _spf_syntax(record: str) -> list[str]:
-    """What is wrong with one SPF record (RFC 7208 section 12 grammar, loosely; macros are
-    taken as they come)."""
+@dataclass(frozen=True)
+class Term:
+    """One term of an SPF record: a mechanism (``name`` lower case, ``arg`` its domain-spec
+    or network, empty when absent) or a modifier (``name=arg``)."""
+
+    text: str
+    name: str
+    arg: str
+    modifier: bool
+
+
+def parse_record(record: str) -> tuple[list[Term], list[str]]:
+    """The terms of one SPF record and what is wrong with it (RFC 7208 section 12 grammar,
+    with macro-strings checked by RFC 7208 section 7.1)."""
+    terms: list[Term] = []
     problems: list[str] = []
     seen: set[str] = set()
-    for term in record.split()[1:]:
-        mechanism = _SPF_MECHANISM.match(term)
-        if mechanism:
-            for group, version in (("ip4", 4), ("ip6", 6)):
-                network = mechanism.group(group)
-                if network is None:
-                    continue
-                try:
-                    parsed = ipaddress.ip_network(network, strict=False)
-                except ValueError:
-                    parsed = None
-                if parsed is None or parsed.version != version:
-                    problems.append(f"{term!r}: not an IPv{version} network")
+    for text in record.split()[1:]:
+        term, problem = _parse_term(text)
+        if problem:
+            problems.append(problem)
             continue
-        modifier = _SPF_MODIFIER.match(term)
-        if modifier is None:
-            problems.append(f"unknown term {term!r}")
-            continue
-        name = modifier.group("name").lower()
+        assert term is not None
+        terms.append(term)
+        if term.modifier and term.name in ("redirect", "exp"):
+            if term.name in seen:
+                problems.append(f"{term.name}= appears twice (RFC 7208 section 6)")
+            seen.add(term.name)
+    return terms, problems
+
+
+def _parse_term(text: str) -> tuple[Term | None, str]:
+    match = _TERM.fullmatch(text)
+    if match is None:
+        return None, f"unknown term {text!r}"
+    qualifier, name, rest = match.group("qualifier", "name", "rest")
+    name = name.lower()
+    if rest.startswith("=") and not qualifier:
+        value = rest[1:]
         if name in ("redirect", "exp"):
-            if name in seen:
-                problems.append(f"{name}= appears twice (RFC 7208 section 6)")
-            if not modifier.group("value"):
-                problems.append(f"{name}= has no domain")
-            seen.add(name)
-    return problems
+            if not value:
+                return None, f"{name}= has no domain"
+            problem = _macro_problem(text, value, domain=True)
+        else:  # unknown modifiers are ignored, but their value is a macro-string (section 6)
+            problem = _macro_problem(text, value, domain=False)
+        return (None, problem) if problem else (Term(text, name, value, True), "")
+    if name not in _MECHANISMS or not (rest == "" or rest[0] in ":/"):
+        return None, f"unknown term {text!r}"
+    arg = rest[1:] if rest.startswith(":") else ""
+    if name in ("ip4", "ip6"):
+        version = 4 if name == "ip4" else 6
+        try:
+            network = ipaddress.ip_network(arg, strict=False) if arg else None
+        except ValueError:
+            network = None
+        if network is None or network.version != version:
+            return None, f"{text!r}: not an IPv{version} network"
+        return Term(text, name, arg, False), ""
+    if name == "all":
+        return (Term(text, name, "", False), "") if not rest else (None, f"unknown term {text!r}")
+    if name in ("a", "mx"):
+        cidr = _CIDR.fullmatch(rest[1:] if rest.startswith(":") else rest)
+        assert cidr is not None  # the lazy ``spec`` matches anything
+        spec, four, six = cidr.group("spec", "four", "six")
+        if (four and int(four) > 32) or (six and int(six) > 128) or (spec and "//" in spec):
+            return None, f"{text!r}: bad CIDR length"
+        if rest.startswith("/") and spec:
+            return None, f"unknown term {text!r}"
+        arg = spec
+    elif rest.startswith("/"):
+        return None, f"unknown term {text!r}"
+    if rest.startswith(":") and not arg:
+        return None, f"{text!r}: no domain after ':'"
+    if name in ("include", "exists") and not arg:
+        return None, f"{text!r} needs a domain (RFC 7208 section 5)"
+    problem = _macro_problem(text, arg, domain=True) if arg else ""
+    return (None, problem) if problem else (Term(text, name, arg, False), "")
+
+
+def _macro_problem(text: str, value: str, *, domain: bool) -> str:
+    try:
+        parse_domain_spec(value) if domain else parse_macro_string(value, explain=True)
+    except MacroError as exc:
+        return f"{text!r}: {exc} (RFC 7208 section 7.1)"
+    return ""
 
 
 @dataclass
-class _SPFCount:
+class SPFWalk:
+    """What a walk through a domain's SPF record and everything it includes found.
+
+    Attributes:
+        lookups: DNS-querying terms (at least that many when the query budget ran out).
+        void: per client address family, the terms whose query got NXDOMAIN or no records.
+        problems: includes or redirects without one SPF record, syntax errors in them,
+            loops, queries that failed, a budget that ran out.
+        sender: terms whose target depends on the sender (counted as one lookup each).
+        trail: the records read, as ``domain: record`` lines.
+    """
+
     lookups: int = 0
-    queries: int = 0
+    void: dict[str, list[str]] = field(default_factory=lambda: {f: [] for f in _FAMILIES})
     problems: list[str] = field(default_factory=list)
+    sender: list[str] = field(default_factory=list)
     trail: list[str] = field(default_factory=list)
+    queries: int = 0
+    void_queries: int = 0
+
+    def worst_void(self) -> tuple[int, str]:
+        """The most void lookups of one address family, and the families with that many
+        (``IPv4``, ``IPv6``, ``IPv4 and IPv6``)."""
+        most = max(len(terms) for terms in self.void.values())
+        return most, " and ".join(f for f in _FAMILIES if len(self.void[f]) == most)
+
+
+def spf_walk(domain: str, lookup: Lookup) -> SPFWalk:
+    """Walk ``domain``'s SPF record through include and redirect (RFC 7208 section 4.6.4),
+    counting the DNS-querying terms and the void lookups, expanding the macros that do not
+    depend on the sender (``%{d}``, ``%{o}``)."""
+    walk = SPFWalk()
+    name = domain.lower().rstrip(".")
+    _walk(name, lookup, walk, (), origin=name, via="")
+    return walk
 
 
 def spf_lookup_count(domain: str, lookup: Lookup) -> tuple[int, list[str], list[str]]:
@@ -80,44 +176,110 @@ def spf_lookup_count(domain: str, lookup: Lookup) -> tuple[int, list[str], list[
         the way (an include without an SPF record, a loop), and the records read, as
         ``domain: record`` lines.
     """
-    count = _SPFCount()
-    _count_spf(domain.lower().rstrip("."), lookup, count, ())
-    return count.lookups, count.problems, count.trail
+    walk = spf_walk(domain, lookup)
+    return walk.lookups, walk.problems, walk.trail
 
 
-def _count_spf(domain: str, lookup: Lookup, count: _SPFCount, path: tuple[str, ...]) -> None:
+def _void(answer: Answer) -> bool:
+    """RFC 7208 section 4.6.4: a "void lookup" got NXDOMAIN or an answer without records."""
+    return answer.rcode == "NXDOMAIN" or (answer.rcode == "NOERROR" and not answer.values)
+
+
+def _walk(
+    domain: str,
+    lookup: Lookup,
+    walk: SPFWalk,
+    path: tuple[str, ...],
+    *,
+    origin: str,
+    via: str,
+) -> None:
     if domain in path:
-        count.problems.append(f"loop: {' -> '.join((*path, domain))}")
+        walk.problems.append(f"loop: {' -> '.join((*path, domain))}")
         return
-    if count.queries >= _SPF_QUERY_BUDGET:
-        count.problems.append(
-            f"stopped counting at {domain}: more than {_SPF_QUERY_BUDGET} queries"
-        )
+    if walk.queries >= _SPF_QUERY_BUDGET:
+        walk.problems.append(f"stopped counting at {domain}: more than {_SPF_QUERY_BUDGET} queries")
         return
-    count.queries += 1
+    walk.queries += 1
     answer = lookup.txt(domain)
-    records = tagged_records(answer, "v=spf1")
-    if len(records) != 1:
-        if path:  # the top record was judged by the caller
-            what = "no SPF record" if not records else f"{len(records)} SPF records"
-            count.problems.append(f"{path[-1]} refers to {domain}, which has {what} (permerror)")
+    found = tagged_records(answer, "v=spf1")
+    if path:  # the top record is judged by the caller
+        if _void(answer):
+            for family in _FAMILIES:
+                walk.void[family].append(f"{path[-1]}: {via} ({answer.describe(domain, 'TXT')})")
+        if answer.failed:
+            walk.problems.append(f"{path[-1]}: {via}: {answer.rcode} (receivers: temperror)")
+        elif len(found) != 1:
+            what = "no SPF record" if not found else f"{len(found)} SPF records"
+            walk.problems.append(f"{path[-1]} refers to {domain}, which has {what} (permerror)")
+    if len(found) != 1:
         return
-    record = records[0]
-    count.trail.append(f"{domain}: {record}"[:MAX_EVIDENCE_CHARS])
-    terms = [t.lower() for t in record.split()[1:]]
-    has_all = any(re.fullmatch(r"[+\-~?]?all", t) for t in terms)
+    record = found[0]
+    walk.trail.append(f"{domain}: {record}"[:MAX_EVIDENCE_CHARS])
+    terms, problems = parse_record(record)
+    if problems and path:
+        walk.problems.append(
+            f"{domain} (reached from {path[-1]}): {'; '.join(problems)} (permerror, RFC 7208 "
+            "section 12)"
+        )
+    has_all = any(t.name == "all" and not t.modifier for t in terms)
     for term in terms:
-        name, _, target = term.lstrip("+-~?").partition(":")
-        name = name.split("/")[0]
-        if name in _SPF_QUERYING:
-            count.lookups += 1
-            if name == "include" and target and "%" not in target:
-                _count_spf(target.rstrip("."), lookup, count, (*path, domain))
-        elif term.startswith("redirect=") and not has_all:  # RFC 7208 section 6.1
-            count.lookups += 1
-            target = term.partition("=")[2]
-            if target and "%" not in target:
-                _count_spf(target.rstrip("."), lookup, count, (*path, domain))
+        if term.modifier:
+            if term.name != "redirect" or has_all:  # RFC 7208 section 6.1
+                continue
+        elif term.name not in _QUERYING:
+            continue
+        walk.lookups += 1
+        if term.name == "ptr":
+            continue  # its queries depend on the client's address
+        target = _target(term, domain, origin, walk)
+        if not target:
+            continue
+        if term.name in ("include", "redirect"):
+            _walk(target, lookup, walk, (*path, domain), origin=origin, via=term.text)
+        else:
+            _void_check(term, target, domain, lookup, walk)
+
+
+def _target(term: Term, domain: str, origin: str, walk: SPFWalk) -> str:
+    """The name ``term`` queries, or "" when it depends on the sender (noted in ``walk``)."""
+    if not term.arg:
+        return domain
+    tokens = parse_domain_spec(term.arg)
+    letters = sender_letters(tokens)
+    if letters:
+        macros = ", ".join(f"%{{{letter}}}" for letter in letters)
+        walk.sender.append(f"{domain}: {term.text} ({macros})")
+        return ""
+    return expand_domain(tokens, domain=domain, sender_domain=origin)
+
+
+def _void_check(term: Term, target: str, domain: str, lookup: Lookup, walk: SPFWalk) -> None:
+    """Ask what a receiver asks for an ``a``, ``mx`` or ``exists`` term (RFC 7208 sections
+    5.3, 5.4, 5.7: ``a`` the address type of the client, ``exists`` always A)."""
+    questions: list[tuple[str, tuple[str, ...]]]
+    if term.name == "a":
+        questions = [("A", ("IPv4",)), ("AAAA", ("IPv6",))]
+    elif term.name == "mx":
+        questions = [("MX", _FAMILIES)]
+    else:
+        questions = [("A", _FAMILIES)]
+    for rtype, families in questions:
+        if walk.void_queries >= _VOID_QUERY_BUDGET:
+            if not any(p.startswith("void lookups") for p in walk.problems):
+                walk.problems.append(
+                    f"void lookups counted up to {_VOID_QUERY_BUDGET} queries, not beyond"
+                )
+            return
+        walk.void_queries += 1
+        answer = lookup.query(target, rtype)
+        if answer.failed:
+            walk.problems.append(f"{domain}: {term.text}: {target} {rtype}: {answer.rcode}")
+        elif _void(answer):
+            for family in families:
+                walk.void[family].append(
+                    f"{domain}: {term.text} ({answer.describe(target, rtype)})"
+                )
 
 
 def check_spf(report: AuthReport, lookup: Lookup) -> None:
@@ -146,7 +308,7 @@ def check_spf(report: AuthReport, lookup: Lookup) -> None:
         )
         return
     record = records[0]
-    problems = _spf_syntax(record)
+    problems = parse_record(record)[1]
     report.add(
         "spf-syntax",
         FAIL if problems else INFO,
@@ -163,19 +325,48 @@ def check_spf(report: AuthReport, lookup: Lookup) -> None:
             f"SPF record of {domain} ends in +all: every host on the internet passes",
             record,
         )
-    lookups, trouble, trail = spf_lookup_count(domain, lookup)
-    over = lookups > SPF_LOOKUP_LIMIT
+    walk = spf_walk(domain, lookup)
+    over = walk.lookups > SPF_LOOKUP_LIMIT
+    void, family = walk.worst_void()
     report.add(
         "spf-lookups",
         FAIL if over else INFO,
-        f"SPF of {domain} needs {lookups} DNS lookups"
+        f"SPF of {domain} needs {walk.lookups} DNS lookups"
         + (
             f", above the limit of {SPF_LOOKUP_LIMIT}: receivers return permerror "
             "(RFC 7208 section 4.6.4)"
             if over
             else f" (limit {SPF_LOOKUP_LIMIT})"
-        ),
-        *trail[:8],
+        )
+        + (f", {void} of them void for {family} clients" if void else ""),
+        *walk.trail[:8],
     )
-    for problem in trouble:
-        report.add("spf-include", WARN, f"SPF of {domain}: {problem}", *trail[:4])
+    _report_void(report, walk)
+    for term in walk.sender:
+        report.add(
+            "spf-sender-dependent",
+            INFO,
+            f"SPF of {domain}: {term} depends on the sender: counted as one lookup, its "
+            "target not followed (RFC 7208 section 7)",
+            *walk.trail[:4],
+        )
+    for problem in walk.problems:
+        report.add("spf-include", WARN, f"SPF of {domain}: {problem}", *walk.trail[:4])
+
+
+def _report_void(report: AuthReport, walk: SPFWalk) -> None:
+    """A failing ``spf-void-lookups`` above the limit; the check passes silently otherwise."""
+    void, _ = walk.worst_void()
+    if void <= SPF_VOID_LIMIT:
+        report.checks[FINDING_CHECKS["spf-void-lookups"]] = True
+        return
+    over = [f for f in _FAMILIES if len(walk.void[f]) > SPF_VOID_LIMIT]
+    worst = max(over, key=lambda f: len(walk.void[f]))
+    report.add(
+        "spf-void-lookups",
+        FAIL,
+        f"SPF of {report.domain} makes {void} void DNS lookups (NXDOMAIN or no records) for "
+        f"{' and '.join(over)} clients, above the limit of {SPF_VOID_LIMIT}: receivers return "
+        "permerror (RFC 7208 section 4.6.4)",
+        *walk.void[worst][:8],
+    )
