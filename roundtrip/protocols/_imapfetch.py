@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from . import _mime
 from ._imapparse import MAX_NUMBER, ParseError, Token
 from ._imapsearch import SearchMessage, mime_tree
 from ._imapwire import flag_list, internal_date, parse_flags, safe
+
+if TYPE_CHECKING:
+    from . import _mime
 
 __all__ = [
     "FetchItem",
@@ -167,9 +170,13 @@ def render_item(
     if name == "RFC822.SIZE":
         return b"RFC822.SIZE %d" % msg.size
     if name == "ENVELOPE":
+        from . import _mime  # here: only parts, envelopes and structures need the parser
+
         tree = mime_tree(msg, on_error)
         return b"ENVELOPE " + _mime.envelope(msg.raw, tree=tree, on_error=on_error)
     if name == "BODYSTRUCTURE" or (name == "BODY" and not item.section):
+        from . import _mime
+
         extended = name == "BODYSTRUCTURE"
         tree = mime_tree(msg, on_error)
         structure = _mime.bodystructure(msg.raw, extended=extended, tree=tree, on_error=on_error)
@@ -177,6 +184,8 @@ def render_item(
     if item.text is None and not item.part:
         data = msg.raw
     else:
+        from . import _mime
+
         tree = mime_tree(msg, on_error)
         data = _mime.section(
             msg.raw, item.part, item.text, item.fields, tree=tree, on_error=on_error

@@ -23,10 +23,15 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable, Container
 from email.utils import getaddresses, parsedate_tz
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import _mime
 from ._imapparse import MAX_DEPTH, ParseError, SequenceSet, Token, parse_date, parse_sequence_set
+
+if TYPE_CHECKING:
+    from . import _mime
+
+# ``_mime`` (the MIME parser) is imported where a message is parsed: a stack that never
+# searches or fetches a part does not load it (tests/test_startup_imports.py).
 
 __all__ = ["BadCharsetError", "Matcher", "SearchMessage", "compile_search", "mime_tree"]
 
@@ -71,6 +76,8 @@ def mime_tree(msg: SearchMessage, on_error: _mime.OnError = None) -> Any:
     """
     tree = msg.cache.get("mime")
     if tree is None:
+        from . import _mime
+
         tree = msg.cache["mime"] = _mime.parse(msg.raw, on_error=on_error)
     return tree
 
@@ -79,6 +86,8 @@ def _header_text(msg: SearchMessage, name: str, on_error: _mime.OnError) -> list
     key = "hdr:" + name.lower()
     values = msg.cache.get(key)
     if values is None:
+        from . import _mime
+
         tree = mime_tree(msg, on_error)
         found = _mime.header_values(msg.raw, name, tree=tree, on_error=on_error)
         values = msg.cache[key] = [v.casefold() for v in found]
@@ -88,6 +97,8 @@ def _header_text(msg: SearchMessage, name: str, on_error: _mime.OnError) -> list
 def _body_text(msg: SearchMessage, on_error: _mime.OnError) -> str:
     text = msg.cache.get("search_text")
     if text is None:
+        from . import _mime
+
         tree = mime_tree(msg, on_error)
         found = _mime.search_text(msg.raw, tree=tree, on_error=on_error)
         text = msg.cache["search_text"] = found.casefold()
@@ -105,6 +116,8 @@ def _all_headers_text(msg: SearchMessage) -> str:
 def _sent_day(msg: SearchMessage, on_error: _mime.OnError) -> datetime.date | None:
     """The calendar day of the Date: field in the field's own zone (RFC 3501 6.4.4)."""
     if "sent_day" not in msg.cache:
+        from . import _mime
+
         tree = mime_tree(msg, on_error)
         values = _mime.header_values(msg.raw, "Date", tree=tree, on_error=on_error)
         msg.cache["sent_day"] = _date_field_day(values[0]) if values else None

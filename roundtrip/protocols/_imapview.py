@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from . import _imapfetch
 from ._imapparse import MAX_NUMBER, ParseError, Token, parse_sequence_set
 from ._imapsearch import compile_search
 from ._imapstore import IMAPMailbox, IMAPMessage, IMAPStoreChange
 from ._imapwire import flag_list, flags_lines, has_flag
-from ._mime import OnError
+
+if TYPE_CHECKING:
+    from ._mime import OnError
 
 __all__ = ["MailboxView"]
 

@@ -61,6 +61,7 @@ import enum
 import functools
 import re
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from ..errors import MailboxError, RemoteProtocolError, StorageError
 from . import _imapauth, _imapfetch, _imapmailbox
@@ -89,7 +90,9 @@ from ._lines import (
     OutputBuffer,
     StartTLSRequested,
 )
-from ._mime import OnError
+
+if TYPE_CHECKING:
+    from ._mime import OnError
 
 __all__ = [
     "IMAPConnection",
