@@ -1,8 +1,14 @@
 """The delivered copy's DKIM signatures, verified by ``dkimpy`` (RFC 6376, RFC 8463) with the
 keys looked up in the DNS the probe was given (docs/auth-checks.md, section 2).
+
+RFC 8301 is applied here, not left to ``dkimpy`` (which still verifies rsa-sha1): an rsa-sha1
+signature (section 3.1) and an RSA key shorter than 1024 bits (section 3.2) make the
+signature a permerror, never a pass.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import dkim  # type: ignore[import-untyped]
 
@@ -35,11 +41,59 @@ def _tags(signature: str) -> dict[str, str]:
     return tags
 
 
+#: RFC 8301 section 3.2: verifiers must not consider a signature with a shorter RSA key valid.
+MIN_RSA_BITS = 1024
+
+#: RFC 8301 section 3.2: the RSA key size signers should use at least.
+RECOMMENDED_RSA_BITS = 2048
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One signature's result (RFC 8601 section 2.7.1: ``pass``, ``fail``, ``permerror``),
+    why, and the RSA key size seen (0 when none was loaded or the key is not RSA)."""
+
+    result: str
+    reason: str = ""
+    rsa_bits: int = 0
+
+
+def verify_signature(raw: bytes, index: int, tags: dict[str, str], lookup: Lookup) -> Verdict:
+    """Verify the ``index``-th DKIM-Signature of ``raw`` (its ``tags``) with RFC 8301 applied."""
+    if tags.get("a", "").lower() == "rsa-sha1":
+        return Verdict(
+            "permerror",
+            "rsa-sha1 is historic and verifiers must not consider it valid (RFC 8301 section "
+            "3.1); the signature was not verified",
+        )
+    notes = _Notes()
+    # minkey=0: the key size is judged below, also for a signature that does not verify.
+    verifier = dkim.DKIM(raw, logger=notes, minkey=0)
+    try:
+        ok = bool(verifier.verify(idx=index, dnsfunc=lookup.dkim_key))
+        reason = "; ".join(notes.errors) or "the signature does not match"
+    except dkim.DKIMException as exc:
+        ok, reason = False, str(exc)
+    bits = int(getattr(verifier, "keysize", 0) or 0)
+    if getattr(verifier, "ktag", b"") != b"rsa":
+        bits = 0
+    if 0 < bits < MIN_RSA_BITS:
+        return Verdict(
+            "permerror",
+            f"the RSA key has {bits} bits, fewer than {MIN_RSA_BITS}: verifiers must not "
+            "consider the signature valid (RFC 8301 section 3.2)"
+            + ("" if ok else f"; it does not verify either: {reason}"),
+            bits,
+        )
+    return Verdict("pass", "", bits) if ok else Verdict("fail", reason, bits)
+
+
 def verify_dkim(raw: bytes, lookup: Lookup | None) -> list[Finding]:
-    """Verify every DKIM-Signature of ``raw`` with dkimpy: a ``dkim-verify`` info finding per
-    signature that verifies, a ``dkim-verify-fail`` warning (with the reason and the
-    signature as evidence) per one that does not; ``dkim-unsigned`` when there is none,
-    ``dkim-verify-skipped`` when ``lookup`` is None."""
+    """Verify every DKIM-Signature of ``raw``: a ``dkim-verify`` info finding per signature
+    that verifies, a ``dkim-verify-fail`` warning per one that does not, a
+    ``dkim-verify-permerror`` warning per one RFC 8301 forbids to pass (rsa-sha1, an RSA key
+    under 1024 bits); each failure with the reason and the signature as evidence.
+    ``dkim-unsigned`` when there is none, ``dkim-verify-skipped`` when ``lookup`` is None."""
     signatures = header_fields(raw, "DKIM-Signature")
     if not signatures:
         return [Finding("dkim-unsigned", INFO, "the delivered copy carries no DKIM signature")]
@@ -56,20 +110,33 @@ def verify_dkim(raw: bytes, lookup: Lookup | None) -> list[Finding]:
     for index, signature in enumerate(signatures):
         tags = _tags(signature)
         label = f"d={tags.get('d', '?')} s={tags.get('s', '?')} ({tags.get('a', '?')})"
-        notes = _Notes()
-        try:
-            verifier = dkim.DKIM(raw, logger=notes)
-            ok = bool(verifier.verify(idx=index, dnsfunc=lookup.dkim_key))
-            reason = "; ".join(notes.errors) or "the signature does not match"
-        except dkim.DKIMException as exc:
-            ok, reason = False, str(exc)
-        if ok:
+        verdict = verify_signature(raw, index, tags, lookup)
+        evidence = (f"DKIM-Signature: {signature}"[:MAX_EVIDENCE_CHARS],)
+        if verdict.result == "pass":
+            short = 0 < verdict.rsa_bits < RECOMMENDED_RSA_BITS
             findings.append(
                 Finding(
                     "dkim-verify",
                     INFO,
-                    f"DKIM signature {label} of the delivered copy verifies (key via {lookup})",
+                    f"DKIM signature {label} of the delivered copy verifies (key via {lookup})"
+                    + (
+                        f"; its RSA key has {verdict.rsa_bits} bits, signers should use "
+                        f"{RECOMMENDED_RSA_BITS} (RFC 8301 section 3.2)"
+                        if short
+                        else ""
+                    ),
                     tags.get("d", ""),
+                )
+            )
+        elif verdict.result == "permerror":
+            findings.append(
+                Finding(
+                    "dkim-verify-permerror",
+                    WARN,
+                    f"DKIM signature {label} of the delivered copy is a permerror, not a "
+                    f"pass: {verdict.reason}",
+                    tags.get("d", ""),
+                    evidence,
                 )
             )
         else:
@@ -77,9 +144,10 @@ def verify_dkim(raw: bytes, lookup: Lookup | None) -> list[Finding]:
                 Finding(
                     "dkim-verify-fail",
                     WARN,
-                    f"DKIM signature {label} of the delivered copy does not verify: {reason}",
+                    f"DKIM signature {label} of the delivered copy does not verify: "
+                    f"{verdict.reason}",
                     tags.get("d", ""),
-                    (f"DKIM-Signature: {signature}"[:MAX_EVIDENCE_CHARS],),
+                    evidence,
                 )
             )
     return findings
