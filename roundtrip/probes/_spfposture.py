@@ -1,5 +1,10 @@
-"""The sending domain's SPF record (RFC 7208): one record, valid syntax (section 12), at most
-10 DNS-querying terms counted through include and redirect (sections 4.5, 4.6.4).
+"""The sending domain's SPF record (RFC 7208): one record (section 4.5), valid syntax
+(section 12, macro-strings by section 7.1), at most 10 DNS-querying terms and at most 2 void
+lookups counted through include and redirect (section 4.6.4), with the macros that do not
+depend on the sender expanded (``_spfposture_macro``).
+
+The walk is static: every term is counted, as the records publish them, where a receiver
+stops at the first match (docs/auth-checks.md, section 3).
 """
 
 from __future__ import annotations
@@ -245,7 +250,10 @@ def _target(term: Term, domain: str, origin: str, walk: SPFWalk) -> str:
     """The name ``term`` queries, or "" when it depends on the sender (noted in ``walk``)."""
     if not term.arg:
         return domain
-    tokens = parse_domain_spec(term.arg)
+    try:
+        tokens = parse_domain_spec(term.arg)
+    except MacroError:  # parse_record already reported it
+        return ""
     letters = sender_letters(tokens)
     if letters:
         macros = ", ".join(f"%{{{letter}}}" for letter in letters)
