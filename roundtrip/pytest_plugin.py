@@ -16,7 +16,6 @@ Options (command line ``--roundtrip-*``, ini ``roundtrip_*``): host, tls, timeou
 
 from __future__ import annotations
 
-import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +26,8 @@ import pytest
 from .errors import ConfigError
 
 if TYPE_CHECKING:
+    import ssl
+
     from .certs import CertificateAuthority
     from .config import Endpoint, StackConfig
     from .probes.roundtrip import ProbeResult
@@ -434,11 +435,13 @@ def _live_target(
         pytest.UsageError: a bad URL, no reader, a password missing from the environment, or
             an unreadable CA file.
     """
-    from .config import PASSWORD_ENV, parse_endpoint
-
     live = config.getoption("roundtrip_live")
     if not live:
         return None
+    import ssl  # here, not at the top: a session without --roundtrip-live never needs it
+
+    from .config import PASSWORD_ENV, parse_endpoint
+
     try:
         smtp = parse_endpoint(live, expect="smtp")
         imap_url = config.getoption("roundtrip_live_imap")
