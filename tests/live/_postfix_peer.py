@@ -93,6 +93,8 @@ class PostfixPeer:
         host: the loopback address of its one smtpd listener (also its only "own" address).
         port: that listener's port.
         nameserver: the address written into the private resolv.conf (the stack's DNS).
+        extra_main_cf: lines appended to main.cf (a later line wins in Postfix), for
+            example ``smtpd_milters`` naming mail filters (``tests/live/_milter_peer.py``).
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class PostfixPeer:
         host: str = "127.0.0.10",
         port: int = 25,
         nameserver: str = "127.0.0.1",
+        extra_main_cf: str = "",
     ) -> None:
         self.ca = ca
         self.domain = domain
@@ -113,6 +116,7 @@ class PostfixPeer:
         self.host = host
         self.port = port
         self.nameserver = nameserver
+        self.extra_main_cf = extra_main_cf
         self.dir = ""
         self.start_duration = 0.0
 
@@ -175,7 +179,7 @@ delay_warning_time = 0
 in_flow_delay = 0
 smtpd_error_sleep_time = 0
 smtpd_forbid_bare_newline = yes
-"""
+""" + (self.extra_main_cf.rstrip("\n") + "\n" if self.extra_main_cf else "")
 
     def master_cf(self) -> str:
         """The text of master.cf: the one smtpd listener, then the daemons (none chrooted)."""
