@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python -m benchmarks.run [--quick] [--json FILE] [--no-postfix] [--only inprocess]
+    python -m benchmarks.run [--quick] [--json FILE] [--no-postfix] [--only inprocess|startup]
 
 Prints one table with every figure of the issue and its ratio or target, and writes the same
 figures as JSON. ``--quick`` is the CI smoke version: the same rows with smaller counts and
@@ -54,6 +54,7 @@ from benchmarks.sections import (  # noqa: E402
     paired,
     postfix,
     start,
+    startup,
     throughput,
     web,
 )
@@ -66,6 +67,10 @@ def collect(
     if only == "inprocess":
         log("in-process round trips per loop, first test, idle RSS")
         data["inprocess"] = inprocess.measure(plan)
+        return data
+    if only == "startup":
+        log("start-up: first test, per test, import/start phases, idle RSS (fresh interpreters)")
+        data["startup"] = startup.measure(plan)
         return data
     log("floor: TLS 1.3 handshake + round trip, TCP round trip")
     data["floor"] = floor.measure(plan)
@@ -118,7 +123,9 @@ ROW_BUILDERS: tuple[Callable[[Results, dict[str, Any]], None], ...] = (
 def build_rows(data: dict[str, Any]) -> Results:
     """Turn the measurements into table rows with ratios, targets and verdicts."""
     res = Results(raw=data)
-    builders = ROW_BUILDERS if "floor" in data else (inprocess.rows,)  # --only inprocess
+    builders: tuple[Callable[[Results, dict[str, Any]], None], ...] = ROW_BUILDERS
+    if "floor" not in data:  # --only inprocess or --only startup
+        builders = (inprocess.rows, startup.rows)
     for build in builders:
         build(res, data)
     return res
@@ -139,9 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-postfix", action="store_true", help="skip Postfix + Dovecot")
     parser.add_argument(
         "--only",
-        choices=("inprocess",),
+        choices=("inprocess", "startup"),
         help="run one section: inprocess = the stack in this process on each event loop "
-        "(round trips with wait_for and IMAPS, after reset() and not), first test, idle RSS",
+        "(round trips with wait_for and IMAPS, after reset() and not), first test, idle RSS; "
+        "startup = first test and per-test cost with bytecode cached and not, the import and "
+        "start phases, idle RSS (fresh interpreters)",
     )
     return parser
 

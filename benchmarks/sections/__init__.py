@@ -19,6 +19,7 @@ from benchmarks.sections import (
     paired,
     postfix,
     start,
+    startup,
     throughput,
     web,
 )
@@ -26,6 +27,7 @@ from benchmarks.sections import (
 SECTIONS: tuple[ModuleType, ...] = (
     floor,
     start,
+    startup,
     inprocess,
     latency,
     paired,
