@@ -26,9 +26,8 @@ field). What the tests assert, per filter set:
 
 Every verdict is checked in what the reader makes of each field on its own (its parsing of
 the filters' syntax). That the reader reports the verdicts of *every* field of the receiving
-host, not only of the topmost one, is asserted separately: it does not yet with OpenDKIM and
-OpenDMARC, which spread them over three fields (an expected failure, see
-``tests/test_authres_milter_fields.py``).
+host, not only of the topmost one, is asserted separately: OpenDKIM and OpenDMARC spread
+them over three fields (``tests/test_authres_milter_fields.py`` keeps them as text).
 
 Needs root, Postfix, unshare(1) and the filters (``apt-get install --no-install-recommends
 opendkim opendmarc rspamd``); each set is skipped when its programs are missing, everything
@@ -416,22 +415,12 @@ def test_body_altered_after_signing_reads_dkim_fail(
 
 
 def test_reader_reports_every_verdict_of_the_receiving_host(
-    request: pytest.FixtureRequest,
     pair: tuple[str, MailStack, PostfixPeer, list[Filter]],
 ) -> None:
     """``auth_results`` on the delivered file reports the verdicts of every field the
-    receiving host wrote. OpenDKIM and OpenDMARC write three fields with one authserv-id;
-    the reader reads only the topmost (OpenDMARC's ``dmarc=``), so ``dkim=`` and ``spf=``
-    go unreported (tests/test_authres_milter_fields.py holds the text)."""
-    name, stack, peer, filters = pair
-    if name == "opendkim+opendmarc":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="auth_results reads only the topmost field of the receiving host;"
-                " OpenDKIM and OpenDMARC write one field each per method",
-            )
-        )
+    receiving host wrote. OpenDKIM and OpenDMARC write three fields with one authserv-id,
+    all read together (tests/test_authres_milter_fields.py holds the text)."""
+    _, stack, peer, filters = pair
     tag = secrets.token_hex(6)
     submit(stack, PEER_USER, message(SENDER, PEER_USER, tag))
     raw = _delivered(peer, filters, tag)
