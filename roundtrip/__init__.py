@@ -20,6 +20,7 @@ _EXPORTS = {
     "ConnectError": "errors",
     "DeliveredMessage": "stack",
     "Endpoint": "config",
+    "Forward": "config",
     "MailStack": "stack",
     "MaildirStore": "maildir",
     "RoundtripOutcome": "testing",
@@ -73,7 +74,7 @@ if TYPE_CHECKING:
         header_matches,
     )
     from .certs import CertificateAuthority
-    from .config import Endpoint, StackConfig, Timeouts, User, parse_endpoint
+    from .config import Endpoint, Forward, StackConfig, Timeouts, User, parse_endpoint
     from .errors import (
         AuthError,
         ConfigError,

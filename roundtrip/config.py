@@ -22,6 +22,7 @@ __all__ = [
     "LOOP_CHOICES",
     "PASSWORD_ENV",
     "Endpoint",
+    "Forward",
     "MailboxLimits",
     "PortMode",
     "SMTPLimits",
@@ -126,6 +127,55 @@ class User:
             # ``nopassword`` is configured on purpose): refuse it where it is configured.
             raise ConfigError(f"user {self.address!r}: the password is empty")
         object.__setattr__(self, "address", f"{local}@{domain.lower()}")
+
+
+#: What a forwarding alias may write into a message: printable ASCII (a subject prefix on one
+#: line; a footer may span lines), so the forwarded copy never needs a new encoding.
+_FORWARD_TEXT = re.compile(r"[ -~]*")
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """A forwarding alias of a stack domain (Postfix ``virtual_alias_maps``, a mailing list).
+
+    Mail to ``address`` is accepted by its domain's MX, checked as any mail there, changed as
+    a mailing list changes it (``subject_prefix`` in front of the Subject, ``footer`` after
+    the text body: either breaks the original DKIM signature), ARC-sealed (RFC 8617) and
+    re-sent through the relay to every ``to`` address, the envelope sender kept.
+
+    Attributes:
+        address: the alias, in a stack domain, not a user's mailbox.
+        to: where each message goes (one or more addresses; a string is one address).
+        subject_prefix: put in front of the Subject value (``"[list] "``); printable ASCII.
+        footer: appended to the text body; printable ASCII lines.
+    """
+
+    address: str
+    to: tuple[str, ...]
+    subject_prefix: str = ""
+    footer: str = ""
+
+    def __post_init__(self) -> None:
+        local, at, domain = self.address.rpartition("@")
+        if not at or not local or not domain:
+            raise ConfigError(f"forwards: {self.address!r} is not of the form local@domain")
+        check_envelope_address(self.address, what="forwards: address")
+        object.__setattr__(self, "address", f"{local}@{domain.lower()}")
+        targets = (self.to,) if isinstance(self.to, str) else tuple(self.to)
+        if not targets:
+            raise ConfigError(f"forwards: {self.address!r} has no 'to' address")
+        for target in targets:
+            _, at, domain = target.rpartition("@")
+            if not at or not domain:
+                raise ConfigError(f"forwards: {self.address!r}: to {target!r} is not an address")
+            check_envelope_address(target, what=f"forwards: {self.address!r}: to")
+        object.__setattr__(self, "to", targets)
+        if not _FORWARD_TEXT.fullmatch(self.subject_prefix):
+            raise ConfigError(
+                f"forwards: {self.address!r}: subject_prefix must be printable ASCII on one line"
+            )
+        if not all(_FORWARD_TEXT.fullmatch(line) for line in self.footer.splitlines()):
+            raise ConfigError(f"forwards: {self.address!r}: footer must be printable ASCII lines")
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +442,17 @@ class StackConfig:
     #: Transcripts (``MailStack.transcripts()``): how many of the latest connections, and
     #: of the latest DNS queries, the stack keeps (0: none are recorded).
     transcript_connections: int = 200
+    #: Forwarding aliases (:class:`Forward`): mail to each ``address`` is checked at its MX,
+    #: changed as a mailing list changes it, ARC-sealed and relayed to its ``to`` addresses
+    #: (docs/design.md, "Forwarding and ARC").
+    forwards: tuple[Forward, ...] = ()
+    #: The ARC sealers (RFC 8617 ``d=`` of the newest ARC-Seal) whose word every MX takes
+    #: when DMARC fails: a chain that validates, sealed by one of these (or a subdomain),
+    #: whose ARC-Authentication-Results says the From domain passed DMARC (or DKIM) at the
+    #: sealer, lets the message in despite ``p=reject``/``quarantine`` (RFC 8617 section 7.2,
+    #: RFC 7489 section 6.7 local policy). None (default): the stack's own domains; ``()``:
+    #: nobody, so a forwarder's modifications end in the DMARC policy.
+    arc_trusted_sealers: tuple[str, ...] | None = None
     #: A directory that keeps the stack's CA and leaf certificates across sessions (files of
     #: mode 0600 in a directory of mode 0700; roundtrip/stack/_certcache.py), so a session
     #: reuses them instead of minting new ones; None: minted in memory every time, as before.
@@ -469,6 +530,13 @@ class StackConfig:
         if isinstance(self.transcript_connections, bool) or self.transcript_connections < 0:
             raise ConfigError("transcript_connections must be a count, 0 or more")
         object.__setattr__(self, "extra_hosts", _extra_hosts(self))
+        object.__setattr__(self, "forwards", _forwards(self.forwards, domains, users))
+        if self.arc_trusted_sealers is not None:
+            try:
+                sealers = tuple(parse_domains(_as_list(self.arc_trusted_sealers)))
+            except ConfigError as exc:
+                raise ConfigError(f"arc_trusted_sealers: {exc}") from None
+            object.__setattr__(self, "arc_trusted_sealers", sealers)
 
     def user(self, domain: str | None = None) -> User:
         """The first user of ``domain``, or the user ``domain`` names when it is an address.
@@ -617,6 +685,32 @@ def parse_dmarc_policy(
             )
         out[name] = text
     return tuple(sorted(out.items()))
+
+
+def _forwards(
+    value: Iterable[Forward], domains: tuple[str, ...], users: tuple[User, ...]
+) -> tuple[Forward, ...]:
+    """``StackConfig.forwards`` checked: each alias in a stack domain, not a user, once."""
+    if isinstance(value, Forward):
+        value = (value,)
+    forwards = tuple(value)
+    seen: set[str] = set()
+    mailboxes = {u.address.lower() for u in users}
+    for forward in forwards:
+        if not isinstance(forward, Forward):
+            raise ConfigError(f"forwards: {forward!r} is not a roundtrip.Forward")
+        address = forward.address.lower()
+        if address.rpartition("@")[2] not in domains:
+            raise ConfigError(
+                f"forwards: {forward.address!r} is not in a domain of the stack"
+                f" ({', '.join(domains)})"
+            )
+        if address in mailboxes:
+            raise ConfigError(f"forwards: {forward.address!r} is a user's mailbox")
+        if address in seen:
+            raise ConfigError(f"forwards: {forward.address!r} is given twice")
+        seen.add(address)
+    return forwards
 
 
 def _as_list(value: Any) -> list[str]:

@@ -132,6 +132,12 @@ class AuthResults:
         """The DMARC result (one; ``header.from`` and ``policy.dmarc`` in its properties)."""
         return self.of("dmarc")
 
+    @property
+    def arc(self) -> list[AuthResult]:
+        """The ARC chain's validation (RFC 8617 section 10.2; one, when the message carried an
+        ARC set): ``pass``, ``fail`` or ``none``."""
+        return self.of("arc")
+
 
 def parse_auth_results(value: str) -> AuthResults:
     """Parse one Authentication-Results value (after the colon) with ``authres``.

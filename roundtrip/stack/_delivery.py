@@ -13,32 +13,50 @@ submission DKIM-signs what an authenticated user sends before storing or relayin
 relay's part is
 spooled before any local copy is stored (``Relay.prepare/commit/abandon``), so a failure on
 either side leaves nothing that a client's retry would duplicate.
+
+Forwarding aliases (``StackConfig.forwards``): the MX checks mail for one as any other,
+then :func:`list_rewrite` changes it as a mailing list does, the domain's RSA key ARC-seals
+the result (RFC 8617 section 5.1, ``roundtrip/protocols/arc.py``) and the relay sends it to
+the alias's targets with the envelope sender kept, as Postfix's virtual aliases do. Each hop
+adds a ``Received`` field, so a loop of aliases ends at ``SMTPLimits.max_hops`` (554 5.4.6,
+bounced to the sender). Every MX validates an ARC chain it finds (``_auth.py`` decides
+whether it overrides DMARC).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import quopri
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from email.policy import compat32
 from typing import TYPE_CHECKING
 
-from ..config import StackConfig
+from ..config import Forward, StackConfig
 from ..protocols.filter import ContentFilter, FilterInput, default_filter, prepend_headers
 from ..protocols.smtp import Role, domain_of, drop_forged_auth_results
 from ..protocols.spf import Lookup
 from ..servers.relay import Relay
 from ..servers.smtp import Accepted, ContentRejectedError
 from ..store import Store, StoredMessage
-from ._auth import JUNK, check_sender, junk_folder
+from ._auth import JUNK, SenderVerdict, check_sender, junk_folder, trusted_sealers
 from ._journeys import HopAuth, Journeys
 
 if TYPE_CHECKING:
     # roundtrip.protocols.dkim and dkimpy are imported where DKIM runs (issue #17):
     # verification only with a key look-up (StackConfig.dkim), signing on submission.
+    from ..protocols.arc import ARCResult
     from ..protocols.dkim import KeyLookup, SigningKey
+    from ..servers.relay import Prepared
 
-__all__ = ["Faults", "Router", "catch_all_owner", "split_recipients"]
+__all__ = ["Faults", "Router", "catch_all_owner", "list_rewrite", "split_recipients"]
+
+# An ARC field in the header block (RFC 8617 section 4.1): validation runs only then.
+_ARC_FIELD = re.compile(rb"(?im)^arc-(?:seal|message-signature|authentication-results)[ \t]*:")
+_SUBJECT = re.compile(rb"(?im)^subject[ \t]*:[ \t]*")
 
 
 @dataclass
@@ -100,6 +118,58 @@ def catch_all_owner(config: StackConfig, address: str) -> str | None:
     return None
 
 
+def list_rewrite(raw: bytes, *, subject_prefix: str = "", footer: str = "") -> bytes:
+    """``raw`` changed as a mailing list changes a message it forwards (Mailman's
+    ``subject_prefix`` and ``msg_footer``): the prefix in front of the Subject value (once:
+    a Subject that already starts with it is left alone), the footer after the text.
+
+    The footer goes at the end of a ``text/plain`` body (7bit, 8bit, or quoted-printable,
+    then encoded so), or into a ``multipart`` message as a last ``text/plain`` part; other
+    bodies are left as they are. Both prefix and footer are printable ASCII
+    (``roundtrip.config.Forward``).
+    """
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        head, body = (raw if raw.endswith(b"\r\n") else raw + b"\r\n"), b""
+    else:
+        head, body = raw[: end + 2], raw[end + 4 :]
+    if subject_prefix:
+        prefix = subject_prefix.encode("ascii")
+        found = _SUBJECT.search(head)
+        if found is None:
+            head += b"Subject: " + prefix.rstrip() + b"\r\n"
+        elif not head[found.end() :].startswith(prefix):
+            head = head[: found.end()] + prefix + head[found.end() :]
+    if footer:
+        body = _with_footer(head, body, footer)
+    return head + b"\r\n" + body
+
+
+def _with_footer(head: bytes, body: bytes, footer: str) -> bytes:
+    text = "\r\n".join(footer.splitlines()).encode("ascii") + b"\r\n"
+    fields = BytesHeaderParser(policy=compat32).parsebytes(head)
+    ctype = fields.get_content_type()
+    cte = str(fields.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    if ctype == "text/plain" and cte in ("7bit", "8bit", "binary"):
+        return body + text
+    if ctype == "text/plain" and cte == "quoted-printable":
+        return body + quopri.encodestring(text.replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n")
+    boundary = fields.get_boundary() if fields.get_content_maintype() == "multipart" else None
+    if not boundary:
+        return body
+    close = body.rfind(b"--" + boundary.encode("ascii", "replace") + b"--")
+    if close < 0 or (close > 0 and not body[:close].endswith(b"\r\n")):
+        return body
+    part = (
+        b"--" + boundary.encode("ascii", "replace") + b"\r\n"
+        b"Content-Type: text/plain; charset=us-ascii\r\n"
+        b"Content-Disposition: inline\r\n\r\n" + text
+    )
+    return body[:close] + part + body[close:]
+
+
 class Router:
     """Carries out the plan for each accepted message (the SMTP listeners' ``router``).
 
@@ -142,8 +212,24 @@ class Router:
         self.sender_lookup: Lookup | None = None
 
     def accepts(self, address: str) -> bool:
-        """Whether ``address`` may be a recipient: a user, or any address of a catch-all."""
-        return self._store.has_user(address) or catch_all_owner(self._config, address) is not None
+        """Whether ``address`` may be a recipient: a user, a forwarding alias, or any address
+        of a catch-all domain."""
+        return (
+            self._store.has_user(address)
+            or self.forward(address) is not None
+            or catch_all_owner(self._config, address) is not None
+        )
+
+    def forward(self, address: str) -> Forward | None:
+        """The forwarding alias ``address`` names (``StackConfig.forwards``), if any: a
+        user's mailbox never is one (the configuration refuses that)."""
+        if not self._config.forwards:
+            return None
+        wanted = address.lower()  # as StackConfig tells aliases apart
+        for forward in self._config.forwards:
+            if forward.address.lower() == wanted:
+                return forward
+        return None
 
     def owner(self, address: str) -> str:
         """Whose mailbox gets mail for ``address``."""
@@ -151,19 +237,22 @@ class Router:
             return address
         return catch_all_owner(self._config, address) or address
 
-    def _filtered(self, accepted: Accepted) -> tuple[bytes, str]:
-        """The bytes to store and the folder, after the MX's checks and content filter."""
+    def _filtered(self, accepted: Accepted) -> tuple[bytes, str, SenderVerdict | None]:
+        """The bytes to store and the folder, after the MX's checks and content filter, and
+        what the checks found (None: no checks here)."""
         raw, mailbox = accepted.raw, "INBOX"
         if accepted.role is not Role.SMTP:
-            return raw, mailbox
+            return raw, mailbox, None
         raw = self.faults.altered(raw)
         raw = drop_forged_auth_results(raw, self._authserv_ids())
+        sender = None
         if self.dkim_lookup is not None or self.sender_lookup is not None:
-            dkim = None
+            dkim = arc = None
             if self.dkim_lookup is not None:
                 from ..protocols.dkim import verify
 
                 dkim = verify(raw, self.dkim_lookup)
+                arc = self._arc(raw, self.dkim_lookup)
             sender = check_sender(
                 raw,
                 authserv_id=accepted.hostname,
@@ -171,6 +260,8 @@ class Router:
                 helo=accepted.helo,
                 dkim=dkim,
                 lookup=self.sender_lookup,
+                arc=arc,
+                trusted_sealers=trusted_sealers(self._config),
             )
             self._journeys.authenticated(
                 accepted.queue_id,
@@ -178,9 +269,11 @@ class Router:
                     spf=sender.spf.result if sender.spf is not None else None,
                     dkim=tuple(r.result for r in dkim or ()),
                     dmarc=sender.dmarc.result if sender.dmarc is not None else None,
+                    arc=arc.result if arc is not None else None,
                 ),
             )
-            # RFC 7489 section 6.6.4: the policy of a From domain that failed DMARC.
+            # RFC 7489 section 6.6.4: the policy of a From domain that failed DMARC; a
+            # verdict a DNS failure left open is a temporary failure (_auth.py).
             reject = sender.reject_reply
             if reject is not None:
                 raise ContentRejectedError(reject)
@@ -193,7 +286,7 @@ class Router:
             auth_field = b""
         content_filter = self.content_filter
         if content_filter is None:
-            return prepend_headers(raw, (), below=auth_field), mailbox
+            return prepend_headers(raw, (), below=auth_field), mailbox, sender
         verdict = content_filter(
             FilterInput(
                 mail_from=accepted.mail_from,
@@ -205,12 +298,22 @@ class Router:
             )
         )
         if verdict is None:
-            return prepend_headers(raw, (), below=auth_field), mailbox
+            return prepend_headers(raw, (), below=auth_field), mailbox, sender
         if verdict.action == "reject":
             raise ContentRejectedError(verdict.reply)
         # The filter's folder, unless it says INBOX for mail DMARC quarantined.
         folder = mailbox if verdict.mailbox == "INBOX" else verdict.mailbox
-        return prepend_headers(raw, verdict.headers, below=auth_field), folder
+        return prepend_headers(raw, verdict.headers, below=auth_field), folder, sender
+
+    @staticmethod
+    def _arc(raw: bytes, lookup: KeyLookup) -> ARCResult | None:
+        """The ARC chain's validation (RFC 8617 section 5.2), None without an ARC set."""
+        end = raw.find(b"\r\n\r\n")
+        if not _ARC_FIELD.search(raw, 0, end if end >= 0 else len(raw)):
+            return None
+        from ..protocols.arc import validate
+
+        return validate(raw, lookup)
 
     def route(self, accepted: Accepted) -> None:
         """Store or relay an accepted message (runs on the loop thread)."""
@@ -223,35 +326,83 @@ class Router:
         )
         if accepted.role is not Role.SMTP and accepted.authenticated_user:
             accepted = dataclasses.replace(accepted, raw=self._signed(accepted))
-        raw, mailbox = self._filtered(accepted)
+        raw, mailbox, sender = self._filtered(accepted)
         here, remote = split_recipients(accepted.role, accepted.server_domain, accepted.rcpt_tos)
-        relay = self._relay() if remote else None
-        prepared = None
-        if remote:
-            assert relay is not None
-            prepared = relay.prepare(
-                helo=accepted.hostname,
-                mail_from=accepted.mail_from or "<>",
-                rcpt_tos=remote,
-                raw=accepted.raw,
-                received_at=accepted.received_at,
-                origin_id=accepted.queue_id,
-            )
+        forwards: list[Forward] = []
+        if self._config.forwards:
+            aliases = [r for r in here if self.forward(r) is not None]
+            here = [r for r in here if r not in aliases]
+            if accepted.role is Role.SMTP:
+                for alias in aliases:
+                    forward = self.forward(alias)
+                    if forward is not None and forward not in forwards:
+                        forwards.append(forward)
+            else:  # submission: the domain's own aliases go through its MX as any mail
+                remote += aliases
+        relay = self._relay() if remote or forwards else None
+        prepared: list[Prepared] = []
         try:
+            if remote:
+                assert relay is not None
+                prepared.append(
+                    relay.prepare(
+                        helo=accepted.hostname,
+                        mail_from=accepted.mail_from or "<>",
+                        rcpt_tos=remote,
+                        raw=accepted.raw,
+                        received_at=accepted.received_at,
+                        origin_id=accepted.queue_id,
+                    )
+                )
+            for forward in forwards:
+                assert relay is not None
+                prepared.append(
+                    relay.prepare(
+                        helo=accepted.hostname,
+                        mail_from=accepted.mail_from or "<>",
+                        rcpt_tos=forward.to,
+                        raw=self._forwarded(forward, raw, accepted.hostname, sender),
+                        received_at=accepted.received_at,
+                        origin_id=accepted.queue_id,
+                    )
+                )
             self._store_here(here, raw, mailbox, accepted.mail_from, accepted.role)
         except BaseException:
-            if prepared is not None:
+            assert relay is not None or not prepared
+            for done in prepared:
                 assert relay is not None
-                relay.abandon(prepared)
+                relay.abandon(done)
             raise
         if here:
             journeys.record(accepted.queue_id, "stored", accepted.hostname, time.monotonic())
             journeys.index(raw)
-        if prepared is not None:
+        for done in prepared:
             assert relay is not None
-            entry = relay.commit(prepared)
+            entry = relay.commit(done)
             journeys.relayed(entry.id, accepted.queue_id)
             journeys.record(accepted.queue_id, "relay queued", entry.id, time.monotonic())
+
+    def _forwarded(
+        self, forward: Forward, raw: bytes, hostname: str, sender: SenderVerdict | None
+    ) -> bytes:
+        """The copy the alias sends on: rewritten as a list does, then ARC-sealed with the
+        alias domain's RSA key (RFC 8617 section 5.1) when the stack holds one, this hop's
+        verdicts as the ARC-Authentication-Results."""
+        copy = list_rewrite(raw, subject_prefix=forward.subject_prefix, footer=forward.footer)
+        domain = forward.address.rpartition("@")[2]
+        key = next((k for k in self.dkim_keys(domain) if k.algorithm == "rsa-sha256"), None)
+        if key is None:
+            return copy
+        from ..protocols.arc import ARCResult, seal
+
+        chain = sender.arc if sender is not None and sender.arc is not None else ARCResult("none")
+        results = _resinfo(sender.field if sender is not None else b"")
+        if not re.search(r"(?:\A|;)\s*arc\s*=", results):
+            results = f"{results}; arc={chain.result}" if results else f"arc={chain.result}"
+        try:
+            return seal(copy, key, hostname, results, chain) + copy
+        except ValueError:  # the chain is at i=50 already: it goes on unsealed
+            return copy
 
     def _signed(self, accepted: Accepted) -> bytes:
         """The message with the sending domain's DKIM signatures: the From domain's when the
@@ -265,7 +416,7 @@ class Router:
         if not keys:
             return raw
         try:
-            return sign(raw, keys)
+            return sign(raw, keys, now=time.time())
         except Exception:  # dkimpy cannot read this header block: the mail goes unsigned
             return raw
 
@@ -281,3 +432,11 @@ class Router:
                     owner, copy, mailbox=folder, envelope_from=mail_from, envelope_to=(rcpt,)
                 )
                 self._announce(stored)
+
+
+def _resinfo(field: bytes) -> str:
+    """The results of an Authentication-Results field, without its name and authserv-id,
+    on one line (what ARC-Authentication-Results repeats, RFC 8617 section 4.1.1)."""
+    text = re.sub(r"\r\n[ \t]+", " ", field.decode("utf-8", "replace")).strip()
+    _, _, results = text.partition(";")
+    return results.strip()

@@ -40,11 +40,14 @@ class HopAuth:
         dkim: one result per DKIM-Signature, topmost first, ``("none",)`` for unsigned mail
             (empty: DKIM was not checked).
         dmarc: the DMARC result (None: DMARC was not checked).
+        arc: the ARC chain's validation, ``pass``, ``fail`` or ``none`` (RFC 8617 section
+            5.2; None: the message carried no ARC set, or ARC was not checked).
     """
 
     spf: str | None = None
     dkim: tuple[str, ...] = ()
     dmarc: str | None = None
+    arc: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
