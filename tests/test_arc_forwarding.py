@@ -254,6 +254,25 @@ def test_tampered_arc_results_are_an_arc_fail(stack: MailStack) -> None:
     stack.assert_delivered(OTHER, subject="tamper results", auth={"arc": "fail"})
 
 
+def test_forged_sealer_name_cannot_write_results_into_ours(stack: MailStack) -> None:
+    """A seal's d= is message text: quoted into our Authentication-Results it must not close
+    the comment and add results in our name (RFC 8601 section 5)."""
+    arc_set = (
+        "ARC-Seal: i=1; a=rsa-sha256; cv=none; d=x.test) dkim=pass (; s=s; b=AAAA\r\n"
+        "ARC-Message-Signature: i=1; a=rsa-sha256; d=x.test; s=s; h=from; bh=AAAA; b=AAAA\r\n"
+        "ARC-Authentication-Results: i=1; mx.x.test; dmarc=pass header.from=example.net\r\n"
+    )
+    raw = make_message(sender="a@elsewhere.test", recipient=OTHER, subject="forged d=")
+    _mx_send(stack, arc_set.encode() + raw, OTHER)
+    (msg,) = stack.assert_delivered(OTHER, subject="forged d=", auth={"arc": "fail"})
+    assert msg.auth.error is None
+    assert [r.result for r in msg.auth.dkim] == ["none"]
+    # The twin: the same message without the ARC set has no arc= result at all.
+    _mx_send(stack, raw, RCPT)
+    (plain,) = stack.assert_delivered(RCPT, subject="forged d=")
+    assert plain.auth.arc == []
+
+
 # Loops and configuration
 
 

@@ -274,7 +274,8 @@ def check_sender(
     if arc is not None:
         from ..protocols.arc import resinfo as arc_resinfo
 
-        extra.append(arc_resinfo(arc))
+        # d= comes from the message: nothing but name characters reach our field's comment.
+        extra.append(arc_resinfo(replace(arc, sealer=_name(arc.sealer))))
     field = _dmarc.combined_authentication_results(authserv_id, dkim=dkim, spf=spf, dmarc=shown)
     if extra:
         field = field.rstrip(b"\r\n") + "".join(f";\r\n\t{x}" for x in extra).encode() + b"\r\n"
