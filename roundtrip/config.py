@@ -424,15 +424,15 @@ class StackConfig:
     #: TLS policy with ``relay_tls`` or ``MailStack.tls_policies``, opportunistic by default).
     routed_domains: tuple[str, ...] = ()
     #: DKIM (RFC 6376, RFC 8463): every stack domain gets keys in the stack's DNS, submission
-    #: signs authenticated mail, and every MX verifies and prepends Authentication-Results.
-    #: Off by default for now: signing runs on the event loop in pure Python (measured 27.9 ms
-    #: against 11.5 ms per cross-domain message, and a copy of the message while signing).
-    dkim: bool = False
+    #: signs authenticated mail, and every MX verifies every signature and reports it in its
+    #: Authentication-Results. On by default, as at every large receiver; False: no keys, no
+    #: signing, no DKIM verdict (``python -m benchmarks.run --only auth`` gives the cost).
+    dkim: bool = True
     #: With ``dkim``: stack domains whose submission does not DKIM-sign (and which get no keys
     #: in DNS): their mail arrives with ``dkim=none``, as from a domain that never set DKIM up, or
     #: one whose application signs with its own key (``MailStack.publish_dkim_key``).
     #: Every other domain signs with an Ed25519 and an RSA-2048 key (RFC 8463 dual signing).
-    #: ``("*",)``: no domain signs (RSA signing costs about 8 ms of CPU per message).
+    #: ``("*",)``: no domain signs (the MX still verifies what applications sign).
     dkim_unsigned_domains: tuple[str, ...] = ()
     #: More addresses every listener binds besides ``host``, each on the same port as on
     #: ``host`` (``("::1",)``: dual stack, IPv4 and IPv6 loopback). ``describe()`` and the

@@ -415,7 +415,7 @@ def test_user_style_parametrised_directory(pytester: pytest.Pytester) -> None:
         ]
     )
     output = result.stdout.str()
-    assert "stored message after 7 prepended field(s) vs submitted" in output
+    assert "stored message after 9 prepended field(s) vs submitted" in output
     assert "(equal after line-ending normalisation)" in output
     assert "first difference at byte" in output
 

@@ -26,6 +26,7 @@ def stack() -> Iterator[MailStack]:
     config = StackConfig(
         domains=("example.com", "example.org", "junk.test"),
         sender_auth=True,
+        dkim=False,  # SPF and DMARC alone here; DKIM is tests/test_dkim.py's
         dmarc_policy={"junk.test": "quarantine"},
         retry_delays=(0.05, 0.1),
     )
@@ -310,7 +311,8 @@ def test_auth_dkim_alignment_rescues_a_failed_spf_and_its_twin() -> None:
 
 def test_auth_off_writes_nothing_and_refuses_nothing() -> None:
     assert StackConfig().sender_auth is True
-    with MailStack(StackConfig(retry_delays=(0.05,), sender_auth=False)) as plain:
+    config = StackConfig(retry_delays=(0.05,), sender_auth=False, dkim=False)
+    with MailStack(config) as plain:
         assert not [r for r in plain.default_dns_records() if r.name.startswith("_dmarc.")]
         _mx_send(plain, "someone@elsewhere.test", _msg("user@example.com", "not checked"))
         (msg,) = plain.assert_delivered(RCPT, subject="not checked")

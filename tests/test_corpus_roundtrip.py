@@ -48,8 +48,10 @@ ADDED = [
     "X-Spam-Flag",
     "X-Spam-Score",
     "X-Spam-Status",
-    "Authentication-Results",  # the recipient's MX: SPF and DMARC verdicts
+    "Authentication-Results",  # the recipient's MX: DKIM, SPF and DMARC verdicts
     "Received",  # the recipient's MX (mail.example.org), ESMTPS from the relay
+    "DKIM-Signature",  # the submission server signs: Ed25519 (RFC 8463) ...
+    "DKIM-Signature",  # ... and RSA, above its own Received as a signing milter writes
     "Received",  # the submission server (mail.example.com), ESMTPSA from the client
 ]
 FETCH_ITEMS = [

@@ -89,6 +89,17 @@ def test_dkim_altered_body_fails(stack: MailStack) -> None:
     assert {r.reason for r in msg.auth.dkim} == {"body hash did not verify"}
 
 
+def test_dkim_bare_lf_message_is_signed_as_it_travels(stack: MailStack) -> None:
+    """A client sending bare LF line ends (smtplib passes bytes unchanged): the signature
+    covers the CRLF form every hop after submission carries, so it verifies."""
+    sender = stack.user(SENDER_DOMAIN).address
+    raw = make_message(sender=sender, recipient=RCPT, subject="unix lines")
+    _submit(stack, raw.replace(b"\r\n", b"\n"))
+    (msg,) = stack.assert_delivered(RCPT, subject="unix lines", auth={"dkim": "pass"})
+    signature = msg.headers.get_all("DKIM-Signature")[0].replace(" ", "")
+    assert "subject" in signature and "message-id" in signature
+
+
 def test_dkim_auth_criterion_fails_when_a_result_differs(stack: MailStack) -> None:
     stack.faults.alter_body = True
     _send(stack, "tampered twin")
@@ -274,10 +285,21 @@ def test_dkim_star_turns_signing_off_everywhere() -> None:
         quiet.assert_delivered(RCPT, subject="nobody signs", auth={"dkim": "none"})
 
 
-def test_dkim_off_by_default_adds_nothing() -> None:
-    """Without ``dkim=True`` the stack neither signs nor verifies: no keys, no DKIM-Signature,
-    no dkim= verdict (the twin of every test above). SPF and DMARC still give theirs."""
+def test_dkim_on_by_default() -> None:
+    """A stack configured with nothing signs and verifies: keys in DNS, dkim=pass."""
+    assert StackConfig().dkim is True
     with MailStack(StackConfig()) as plain:
+        assert set(plain.dkim_keys) == set(plain.config.domains)
+        assert [r for r in plain.default_dns_records() if "_domainkey" in r.name]
+        _send(plain, "default")
+        [message] = plain.assert_delivered(RCPT, subject="default", auth={"dkim": "pass"})
+        assert [r.result for r in message.auth.dkim] == ["pass", "pass"]
+
+
+def test_dkim_off_adds_nothing() -> None:
+    """With ``dkim=False`` the stack neither signs nor verifies: no keys, no DKIM-Signature,
+    no dkim= verdict (the twin of every test above). SPF and DMARC still give theirs."""
+    with MailStack(StackConfig(dkim=False)) as plain:
         assert plain.dkim_keys == {}
         assert not [r for r in plain.default_dns_records() if "_domainkey" in r.name]
         _send(plain, "plain")

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from roundtrip.corpus import CorpusMessage, iter_corpus
 from roundtrip.protocols._dkimcore import BodyHashes, split_message
+from roundtrip.protocols.delivery import normalize_line_endings
 from roundtrip.protocols.dkim import KeyAnswer, SigningKey, public_key_record, sign, verify
 
 DOMAIN = "signer.test"
@@ -70,7 +71,8 @@ def _lookup(name: str) -> KeyAnswer:
 
 
 def _crlf(raw: bytes) -> bytes:
-    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    """The message as SMTP carries it (every line ending CRLF): what both sides see."""
+    return normalize_line_endings(raw)
 
 
 @pytest.mark.parametrize("item", CORPUS, ids=[c.name for c in CORPUS])

@@ -176,7 +176,7 @@ def test_roundtrip_eml_saved_mail_is_identical(mailstack: MailStack) -> None:
     assert outcome.original == SAVED
     assert outcome.submitted == canonical_form(SAVED)
     assert outcome.submission_fields == ["Message-ID", "Date"]
-    assert outcome.added_fields[-2:] == ["Received", "Received"]
+    assert outcome.added_fields[-4:] == ["Received", "DKIM-Signature", "DKIM-Signature", "Received"]
     assert outcome.delivered.startswith(b"Delivered-To: list-owner@example.org\r\nReceived:")
     assert "line endings converted to CRLF for submission (66 bare LF)" in outcome.diff()
 

@@ -37,6 +37,7 @@ __all__ = [
     "load_private",
     "parse_public_key",
     "parse_tags",
+    "remember_private",
     "select_headers",
     "sign_data",
     "split_message",
@@ -205,7 +206,12 @@ class _Canonicalizer:
         if self.canon == "relaxed":
             # A last line without CRLF keeps its trailing space (compressed), as dkimpy
             # and OpenDKIM read RFC 6376 section 3.4.4; SMTP never delivers such a body.
-            chunk = _WSP_RUN.sub(b" ", _TRAILING_WSP.sub(b"", chunk))
+            # The substitutions run only where they change something: base64 and most text
+            # have no trailing space and no run of spaces, and bytes.find is much faster.
+            if b" \r\n" in chunk or b"\t\r\n" in chunk:
+                chunk = _TRAILING_WSP.sub(b"", chunk)
+            if b"\t" in chunk or b"  " in chunk:
+                chunk = _WSP_RUN.sub(b" ", chunk)
         match = _TRAILING_CRLFS.search(chunk)
         crlfs = (match.end() - match.start()) // 2 if match else 0
         content = chunk[: match.start()] if match else chunk
@@ -300,7 +306,11 @@ def load_private(private: bytes) -> PrivateKey:
     key = _PRIVATE.get(private)
     if key is None:
         if private.lstrip().startswith(b"-----BEGIN"):
-            loaded = serialization.load_pem_private_key(private, password=None)
+            # Only the stack's own keys come here (minted by it, or read back from its cache
+            # directory): the slow consistency check of an RSA key (tens of ms) is skipped.
+            loaded = serialization.load_pem_private_key(
+                private, password=None, unsafe_skip_rsa_key_validation=True
+            )
             if not isinstance(loaded, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
                 raise ValueError(f"not an RSA or Ed25519 key: {type(loaded).__name__}")
             key = loaded
@@ -311,6 +321,11 @@ def load_private(private: bytes) -> PrivateKey:
             _PRIVATE.clear()
         _PRIVATE[private] = key
     return key
+
+
+def remember_private(private: bytes, key: PrivateKey) -> None:
+    """Let :func:`load_private` answer ``private`` with ``key`` without parsing it."""
+    _PRIVATE[private] = key
 
 
 def sign_data(data: bytes, algorithm: str, key: PrivateKey) -> bytes:

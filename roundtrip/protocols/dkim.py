@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import base64
 import re
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
@@ -55,6 +54,7 @@ from ._dkimcore import (
     BodyHashes,
     Canon,
     HeaderField,
+    PublicKey,
     TagError,
     header_hash_input,
     load_private,
@@ -66,6 +66,7 @@ from ._dkimcore import (
     verify_data,
 )
 from ._lines import header_section
+from .delivery import normalize_line_endings
 
 __all__ = [
     "CANONICALIZATION",
@@ -76,6 +77,7 @@ __all__ = [
     "KeyLookup",
     "SigningKey",
     "authentication_results",
+    "fetch_key",
     "from_domain",
     "key_answer",
     "key_query",
@@ -190,14 +192,16 @@ def sign(raw: bytes, keys: Iterable[SigningKey], *, now: float | None = None) ->
     """``raw`` with one DKIM-Signature per key prepended (the first key's on top).
 
     Args:
-        raw: the message, lines ending in CRLF.
+        raw: the message; a bare CR or LF is signed, and returned, as CRLF.
         keys: the keys to sign with.
-        now: the ``t=`` timestamp (default: the clock).
+        now: the ``t=`` timestamp (the caller's clock: this module reads none); None: no
+            ``t=`` (it is optional, RFC 6376 section 3.5).
 
     Raises:
         ValueError: a key that cannot be loaded or does not match its algorithm (the caller
             decides whether that stops delivery).
     """
+    raw = normalize_line_endings(raw)  # signed as it travels: SMTP lines end in CRLF
     fields, offset = split_message(raw)
     present = [f.name.strip().lower().decode("ascii", "replace") for f in fields]
     include: list[str] = []
@@ -205,13 +209,13 @@ def sign(raw: bytes, keys: Iterable[SigningKey], *, now: float | None = None) ->
         include += [name] * (present.count(name) + (name in OVERSIGNED))
     signed = select_headers(fields, include)
     bodies = BodyHashes(raw, offset)
-    stamp = int(time.time() if now is None else now)
+    stamp = "" if now is None else f" t={int(now)};"
     out: list[bytes] = []
     for key in keys:
         bh = base64.b64encode(bodies.get("relaxed")).decode("ascii")
         head = (
             f"DKIM-Signature: v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain};\r\n"
-            f"\ts={key.selector}; t={stamp};\r\n"
+            f"\ts={key.selector};{stamp}\r\n"
             f"\th={_fold_list(include)};\r\n"
             f"\tbh={bh};\r\n"
             "\tb=\r\n"
@@ -288,19 +292,20 @@ def verify(raw: bytes, lookup: KeyLookup, *, now: float | None = None) -> list[D
     Args:
         raw: the message as received.
         lookup: answers key record names from DNS.
-        now: the time ``x=`` is checked against (default: the clock).
+        now: the time ``x=`` is checked against (the caller's clock: this module reads
+            none); None: expiry is not checked.
 
     Never raises: whatever goes wrong with one signature is that signature's result.
     """
     if not _HAS_SIGNATURE.search(header_section(raw)):
         return [DKIMResult("none")]
+    raw = normalize_line_endings(raw)  # a bare LF is read as the CRLF it stands for
     fields, offset = split_message(raw)
     signatures = [f for f in fields if f.name.strip().lower() == b"dkim-signature"]
     if not signatures:
         return [DKIMResult("none")]
     bodies = BodyHashes(raw, offset)
-    clock = time.time() if now is None else now
-    return [_verify_one(fields, sig, bodies, lookup, clock) for sig in signatures]
+    return [_verify_one(fields, sig, bodies, lookup, now) for sig in signatures]
 
 
 _HAS_SIGNATURE = re.compile(rb"(?im)^dkim-signature[ \t]*:")
@@ -313,7 +318,7 @@ def _verify_one(
     sig: HeaderField,
     bodies: BodyHashes,
     lookup: KeyLookup,
-    now: float,
+    now: float | None,
 ) -> DKIMResult:
     try:
         tags = parse_tags(sig.value)
@@ -339,25 +344,9 @@ def _verify_one(
     if algorithm not in _ALGORITHMS:
         return outcome("permerror", f"malformed signature: unknown algorithm a={found.algorithm}")
     header_canon, body_canon = _canonicalization(tags.get("c", b"simple/simple"))
-    name = key_record_name(found.selector, found.domain)
-    answer = lookup(name)
-    if answer.status == "missing":
-        return outcome("permerror", "no key for signature")
-    if answer.status == "error":
-        return outcome("temperror", "key lookup failed")
-    try:
-        key_tags = parse_tags(answer.text)
-    except TagError as exc:
-        return outcome("permerror", f"bad key record: {_short(exc)}")
-    if not key_tags.get("p"):
-        return outcome("permerror", "key revoked (empty p=)")
-    problem = _key_problem(key_tags, algorithm, tags)
-    if problem:
-        return outcome("permerror", f"bad key record: {problem}")
-    try:
-        public = parse_public_key(key_tags.get("k", b"rsa"), key_tags["p"])
-    except ValueError as exc:
-        return outcome("permerror", f"bad key record: {_short(exc)}")
+    public = fetch_key(lookup, found.selector, found.domain, algorithm, tags)
+    if isinstance(public, tuple):
+        return outcome(*public)
     try:
         limit = int(tags["l"]) if "l" in tags else None
         expected = base64.b64decode(_WSP.sub(b"", tags["bh"]), validate=True)
@@ -374,10 +363,36 @@ def _verify_one(
     return outcome("fail", "signature did not verify")
 
 
+def fetch_key(
+    lookup: KeyLookup, selector: str, domain: str, algorithm: str, tags: dict[str, bytes]
+) -> PublicKey | tuple[Result, str]:
+    """The public key a signature names, or the ``(result, reason)`` it ends with: no record
+    ``permerror``, a DNS failure ``temperror``, a revoked, unparsable or unsuitable record
+    ``permerror`` (RFC 6376 section 6.1.2). DKIM-Signature and ARC (RFC 8617) share it."""
+    answer = lookup(key_record_name(selector, domain))
+    if answer.status == "missing":
+        return ("permerror", "no key for signature")
+    if answer.status == "error":
+        return ("temperror", "key lookup failed")
+    try:
+        key_tags = parse_tags(answer.text)
+    except TagError as exc:
+        return ("permerror", f"bad key record: {_short(exc)}")
+    if not key_tags.get("p"):
+        return ("permerror", "key revoked (empty p=)")
+    problem = _key_problem(key_tags, algorithm, tags)
+    if problem:
+        return ("permerror", f"bad key record: {problem}")
+    try:
+        return parse_public_key(key_tags.get("k", b"rsa"), key_tags["p"])
+    except ValueError as exc:
+        return ("permerror", f"bad key record: {_short(exc)}")
+
+
 _REQUIRED = ("v", "a", "b", "bh", "d", "h", "s")
 
 
-def _signature_problem(tags: dict[str, bytes], now: float) -> str:
+def _signature_problem(tags: dict[str, bytes], now: float | None) -> str:
     """Why a DKIM-Signature's tags are unusable (RFC 6376 section 6.1.1), or ``""``."""
     missing = [t for t in _REQUIRED if not tags.get(t)]
     if missing:
@@ -399,7 +414,7 @@ def _signature_problem(tags: dict[str, bytes], now: float) -> str:
         if tag in tags and not tags[tag].isdigit():
             return f"malformed signature: {tag}= is not a number"
     if "x" in tags:
-        if int(tags["x"]) < now:
+        if now is not None and int(tags["x"]) < now:
             return "signature expired"
         if "t" in tags and int(tags["t"]) > int(tags["x"]):
             return "malformed signature: x= before t="

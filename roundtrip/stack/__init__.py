@@ -48,7 +48,7 @@ from ._auth import sender_auth_records
 from ._auth import zone_lookup as sender_zone_lookup
 from ._certcache import cached_authority
 from ._delivery import Faults, Router, catch_all_owner
-from ._dkim import domain_keys, public_record, zone_lookup
+from ._dkim import mint_in_background, public_record, zone_lookup
 from ._journeys import HopTiming, Journeys
 from ._services import (
     IMPLICIT_TLS_SERVICES,
@@ -119,6 +119,7 @@ class MailStack:
         self._zone: Zone | None = None  # what the DNS serves now
         #: DKIM signing keys per domain, minted at start (StackConfig.dkim_unsigned_domains).
         self.dkim_keys: dict[str, tuple[SigningKey, ...]] = {}
+        self._dkim_minted: Callable[[], dict[str, tuple[SigningKey, ...]]] = dict
         self._dns_changed = False
         self._journeys = Journeys()
         #: The latest connections of every server, for transcripts() (issue #15).
@@ -196,6 +197,12 @@ class MailStack:
             if self._started:
                 return self
             self._started = True
+        # DKIM keys are minted on worker threads while the listeners bind (stack/_dkim.py).
+        unsigned = self.config.dkim_unsigned_domains
+        signing = [d for d in self.config.domains if d not in unsigned and "*" not in unsigned]
+        self._dkim_minted = mint_in_background(
+            signing if self.config.dkim else (), self.config.cert_cache or cert_cache_dir()
+        )
         self._thread = LoopThread(name=f"roundtrip-{'-'.join(self.config.domains)}")
         self.store.on_listener_error = self._thread.record_error
         timeout = self.config.timeouts.start_timeout
@@ -252,11 +259,7 @@ class MailStack:
     async def _start_routing(self) -> None:
         """The DNS zone of every domain, and the relay that routes by it."""
         assert self._thread is not None
-        unsigned = self.config.dkim_unsigned_domains
-        signing = [d for d in self.domains if d not in unsigned and "*" not in unsigned]
-        if not self.config.dkim:
-            signing = []
-        self.dkim_keys = {d: domain_keys(d) for d in signing}
+        self.dkim_keys = self._dkim_minted()
         self._router.dkim_keys = lambda domain: self.dkim_keys.get(domain, ())
         self._zone = self._default_zone = build_zone(self.default_dns_records())
         dns_host, *dns_extra = dns_hosts(self.config)

@@ -251,7 +251,7 @@ class Router:
             if self.dkim_lookup is not None:
                 from ..protocols.dkim import verify
 
-                dkim = verify(raw, self.dkim_lookup)
+                dkim = verify(raw, self.dkim_lookup, now=time.time())
                 arc = self._arc(raw, self.dkim_lookup)
             sender = check_sender(
                 raw,
