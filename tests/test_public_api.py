@@ -13,6 +13,7 @@ EXPECTED = [
     "ConnectError",
     "DeliveredMessage",
     "Endpoint",
+    "Forward",
     "MailStack",
     "MailboxError",
     "MaildirStore",
