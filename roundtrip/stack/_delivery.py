@@ -313,7 +313,7 @@ class Router:
             return None
         from ..protocols.arc import validate
 
-        return validate(raw, lookup)
+        return validate(raw, lookup, now=time.time())
 
     def route(self, accepted: Accepted) -> None:
         """Store or relay an accepted message (runs on the loop thread)."""
@@ -400,7 +400,7 @@ class Router:
         if not re.search(r"(?:\A|;)\s*arc\s*=", results):
             results = f"{results}; arc={chain.result}" if results else f"arc={chain.result}"
         try:
-            return seal(copy, key, hostname, results, chain) + copy
+            return seal(copy, key, hostname, results, chain, now=time.time()) + copy
         except ValueError:  # the chain is at i=50 already: it goes on unsealed
             return copy
 
