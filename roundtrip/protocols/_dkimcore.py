@@ -196,9 +196,11 @@ class _Canonicalizer:
         self.sinks = sinks
         self.pending = 0  # empty lines seen since the last line with content
         self.emitted = False
+        self.length = 0  # canonical octets so far
 
     def _emit(self, data: bytes) -> None:
         self.emitted = True
+        self.length += len(data)
         for sink in self.sinks:
             sink.update(data)
 
@@ -255,6 +257,7 @@ class BodyHashes:
         self.offset = body_offset
         self.chunk = max(chunk, 2)
         self._done: dict[tuple[Canon, str, int | None], bytes] = {}
+        self._lengths: dict[Canon, int] = {}
 
     def get(self, canon: Canon, algorithm: str = "sha256", limit: int | None = None) -> bytes:
         """The digest of the body under ``canon`` and ``algorithm``, of its first ``limit``
@@ -263,6 +266,12 @@ class BodyHashes:
         if key not in self._done:
             self.compute([key])
         return self._done[key]
+
+    def length(self, canon: Canon) -> int:
+        """How many octets the canonical body has (what an ``l=`` tag is compared with)."""
+        if canon not in self._lengths:
+            self.compute([(canon, "sha256", None)])
+        return self._lengths[canon]
 
     def compute(self, keys: Iterable[tuple[Canon, str, int | None]]) -> None:
         """Compute several digests in one pass over the body per canonicalization."""
@@ -284,6 +293,7 @@ class BodyHashes:
                 feeder.feed(raw[pos:stop], last=stop >= end)
                 pos = stop
             feeder.finish()
+            self._lengths[canon] = feeder.length
             for key, sink in pairs:
                 self._done[key] = sink.hash.digest()
 
@@ -358,6 +368,9 @@ def verify_data(data: bytes, signature: bytes, algorithm: str, key: PublicKey) -
 
 #: RSA keys shorter than this are refused (RFC 8301 section 3.2).
 MIN_RSA_BITS = 1024
+#: Nor longer than this: RFC 8301 section 3.2 asks verifiers to handle 1024 to 4096 bits;
+#: 8192 is the largest size in use, and a larger key only costs the verifier time.
+MAX_RSA_BITS = 8192
 
 
 def parse_public_key(kind: bytes, p: bytes) -> PublicKey:
@@ -386,4 +399,6 @@ def parse_public_key(kind: bytes, p: bytes) -> PublicKey:
         raise ValueError(f"p= is a {type(loaded).__name__}, not an RSA key")
     if loaded.key_size < MIN_RSA_BITS:
         raise ValueError(f"RSA key of {loaded.key_size} bits, under {MIN_RSA_BITS}")
+    if loaded.key_size > MAX_RSA_BITS:
+        raise ValueError(f"RSA key of {loaded.key_size} bits, above {MAX_RSA_BITS}")
     return loaded

@@ -28,8 +28,13 @@ what is signed and how a verification outcome maps to an RFC 8601 result:
   parse is that signature's ``permerror`` (an RSA key under 1024 bits too, RFC 8301 section
   3.2), and the message is delivered.
 
-Deliberately unsupported: ``l=`` body length limits and ``i=`` identities other than the
-domain (we never sign with them; a verified one is honoured), ADSP. ARC is
+- ``l=`` (body length): we never sign with it. A signature whose ``l=`` leaves part of the
+  body unsigned is ``policy`` (RFC 8601 section 2.7.1), not ``pass``: whatever was appended
+  after signing is unauthenticated (RFC 6376 section 8.2); one covering the whole body passes.
+  RSA keys over 8192 bits are ``permerror``.
+
+Deliberately unsupported: ``i=`` identities other than the domain (we never sign with them;
+a verified one is honoured), ADSP. ARC is
 roundtrip/protocols/arc.py. The clock (``t=``, the ``x=`` expiry) is a parameter.
 """
 
@@ -120,7 +125,7 @@ OVERSIGNED: tuple[str, ...] = ("from",)
 CANONICALIZATION: tuple[bytes, bytes] = (b"relaxed", b"relaxed")
 
 Algorithm = Literal["ed25519-sha256", "rsa-sha256"]
-Result = Literal["pass", "fail", "neutral", "temperror", "permerror", "none"]
+Result = Literal["pass", "fail", "neutral", "policy", "temperror", "permerror", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,9 +363,14 @@ def _verify_one(
         return outcome("fail", "body hash did not verify")
     names = [n.decode("ascii", "replace") for n in _WSP.sub(b"", tags["h"]).split(b":")]
     data = header_hash_input(select_headers(fields, names), sig, header_canon)
-    if verify_data(data, signature, algorithm, public):
-        return outcome("pass")
-    return outcome("fail", "signature did not verify")
+    if not verify_data(data, signature, algorithm, public):
+        return outcome("fail", "signature did not verify")
+    if limit is not None and bodies.length(body_canon) > limit:
+        # RFC 6376 section 8.2: content appended past l= is unsigned; an ADMD may refuse it
+        # (RFC 8601 section 2.7.1, "policy"), and a test tool must not call it a pass.
+        unsigned = bodies.length(body_canon) - limit
+        return outcome("policy", f"l= leaves {unsigned} octets of the body unsigned")
+    return outcome("pass")
 
 
 def fetch_key(
