@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python -m benchmarks.run [--quick] [--json FILE] [--no-postfix] [--only inprocess|startup]
+    python -m benchmarks.run [--quick] [--json FILE] [--no-postfix] [--only inprocess|startup|auth]
 
 Prints one table with every figure of the issue and its ratio or target, and writes the same
 figures as JSON. ``--quick`` is the CI smoke version: the same rows with smaller counts and
@@ -72,6 +72,10 @@ def collect(
         log("start-up: first test, per test, import/start phases, idle RSS (fresh interpreters)")
         data["startup"] = startup.measure(plan)
         return data
+    if only == "auth":
+        log("sender authentication per message: DKIM, ARC, SPF + DMARC (in-process)")
+        data["auth"] = auth.measure(plan)
+        return data
     log("floor: TLS 1.3 handshake + round trip, TCP round trip")
     data["floor"] = floor.measure(plan)
     log("stack start (in-process) and an in-process round trip")
@@ -124,8 +128,9 @@ def build_rows(data: dict[str, Any]) -> Results:
     """Turn the measurements into table rows with ratios, targets and verdicts."""
     res = Results(raw=data)
     builders: tuple[Callable[[Results, dict[str, Any]], None], ...] = ROW_BUILDERS
-    if "floor" not in data:  # --only inprocess or --only startup
-        builders = (inprocess.rows, startup.rows)
+    if "floor" not in data:  # --only SECTION
+        sections = (("inprocess", inprocess.rows), ("startup", startup.rows), ("auth", auth.rows))
+        builders = tuple(build for key, build in sections if key in data)
     for build in builders:
         build(res, data)
     return res
@@ -146,11 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-postfix", action="store_true", help="skip Postfix + Dovecot")
     parser.add_argument(
         "--only",
-        choices=("inprocess", "startup"),
+        choices=("inprocess", "startup", "auth"),
         help="run one section: inprocess = the stack in this process on each event loop "
         "(round trips with wait_for and IMAPS, after reset() and not), first test, idle RSS; "
         "startup = first test and per-test cost with bytecode cached and not, the import and "
-        "start phases, idle RSS (fresh interpreters)",
+        "start phases, idle RSS (fresh interpreters); auth = DKIM sign/verify, ARC "
+        "seal/validate, SPF + DMARC per message",
     )
     return parser
 
