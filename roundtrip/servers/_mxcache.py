@@ -1,6 +1,7 @@
 """The relay's MX connection cache (Postfix smtp_connection_cache_*, smtp_connection_reuse_*).
 
-After a transaction that ended in step, the relay resets the connection with RSET and files it
+After a transaction that ended in step, the relay resets the connection with RSET (unless a
+pipelining MX answered the final dot: ``protocols/_pipelining.py`` ``rset_due``) and files it
 here for ``cache_time`` seconds under its endpoint (MX host, address, port and the HELO name it
 announced): the next message to the same endpoint takes it instead of dialling. A connection
 that is not verified TLS serves only under the policy mode that allowed it; verified TLS serves
@@ -65,6 +66,9 @@ class Connection:
     messages: int = 0
     errors: int = 0
     timer: asyncio.TimerHandle | None = None
+    #: No RSET is due before caching it (``protocols/_pipelining.py`` ``rset_due``): the last
+    #: transaction ended with the reply to the final dot, on a connection that pipelines.
+    clean: bool = False
 
 
 def discard(client: aiosmtplib.SMTP) -> None:
@@ -126,39 +130,18 @@ class ConnectionCache:
         #: Set when the relay closes: nothing is cached any more, nothing closed gracefully.
         self.closed = False
 
-    async def reuse(
-        self, endpoint: Endpoint, mode: str, mail_from: str, label: str
-    ) -> Connection | None:
-        """An idle connection to ``endpoint`` that has accepted ``MAIL FROM``, or None.
+    def take(self, endpoint: Endpoint, mode: str) -> Connection | None:
+        """An idle connection to ``endpoint`` that may serve under ``mode``, or None.
 
-        Taken out of the cache (so no other delivery can use it) before anything is sent.
-        ``label`` names the message in the log.
+        Taken out of the cache, so no other delivery can use it. One the MX closed while it
+        was idle is dropped on the way. The caller then sends ``MAIL FROM``; should that fail
+        in any way, the connection was stale: :func:`discard` it and take or dial another.
         """
         while True:
             conn = self._take(endpoint, mode)
-            if conn is None:
-                return None
-            if not conn.client.is_connected:  # the MX closed it while it was idle
-                discard(conn.client)
-                continue
-            taken = False
-            try:
-                with translated():
-                    await conn.client.mail(mail_from)
-                taken = True
-            except StepError as exc:
-                log.info(
-                    "relay %s: cached connection to %s[%s] failed MAIL FROM (%s); dialling",
-                    label,
-                    endpoint[0],
-                    endpoint[1],
-                    exc,
-                )
-                continue
-            finally:
-                if not taken:  # also when cancelled mid-command
-                    discard(conn.client)
-            return conn
+            if conn is None or conn.client.is_connected:
+                return conn
+            discard(conn.client)  # the MX closed it while it was idle
 
     def _take(self, endpoint: Endpoint, mode: str) -> Connection | None:
         idle = self._idle.get(endpoint)
@@ -200,9 +183,11 @@ class ConnectionCache:
         said_goodbye = cached = False
         try:
             if reusable and self._cacheable(conn):
+                clean, conn.clean = conn.clean, False
                 try:
-                    with translated():
-                        await client.rset()
+                    if not clean:
+                        with translated():
+                            await client.rset()
                 except StepError as exc:
                     log.info("relay: RSET to %s[%s]: %s", *conn.endpoint[:2], exc)
                 else:

@@ -26,12 +26,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import aiosmtplib
 
+from ..protocols._pipelining import first_write, path, rset_due
 from ..protocols.delivery import (
+    DATA_SLICE,
     FALLBACK_WORDS,
     Outcome,
     Temporary,
@@ -44,12 +47,24 @@ from . import _recording
 from ._mxcache import Connection, Failure, discard
 from ._relayerrors import StepError, translated
 
-__all__ = ["Dialer"]
+__all__ = ["Dialer", "Started"]
 
 #: ``(result, detail, fallback)``: record a TLS failure; raises ``StepError`` under enforce.
 OnTLSFailure = Callable[[ResultType, str, str], None]
 
 _WITHOUT_TLS = "delivering without TLS"
+
+
+@dataclass(eq=False)
+class Started:
+    """A transaction under way: the reply to MAIL FROM, and how many replies are still owed.
+
+    ``owed`` counts the replies to the ``RCPT TO`` and ``DATA`` written with ``MAIL FROM``
+    when the MX offers PIPELINING (RFC 2920); without it, 0.
+    """
+
+    mail: aiosmtplib.SMTPResponse
+    owed: int
 
 
 class Dialer:
@@ -201,6 +216,91 @@ class Dialer:
             await client.ehlo()
         return " without TLS"
 
+    async def start(self, conn: Connection, *, mail_from: str, rcpts: list[str]) -> Started:
+        """Send MAIL FROM and read its reply; with PIPELINING, send RCPT and DATA with it.
+
+        An MX that lists PIPELINING in its EHLO reply (RFC 2920) gets ``MAIL FROM``, every
+        ``RCPT TO`` and ``DATA`` in one write, as Postfix sends them: one round trip instead of
+        two plus one per recipient. The replies still owed are read by :meth:`transaction`.
+        Without PIPELINING only ``MAIL FROM`` goes out. A refusal is returned, not raised.
+
+        Raises:
+            StepError: no (well-formed) reply; a pipelined connection is then closed.
+        """
+        client = conn.client
+        pipelining = client.supports_extension("pipelining")
+        commands = first_write(mail_from, rcpts, pipelining=pipelining)
+        if not pipelining:
+            try:
+                with translated():
+                    return Started(await client.execute_command(*commands), 0)
+            except StepError as exc:
+                if exc.code is None:
+                    raise
+                # A malformed reply: as a refusal (reply_outcome makes it temporary).
+                return Started(aiosmtplib.SMTPResponse(exc.code, exc.reply), 0)
+        started = Started(aiosmtplib.SMTPResponse(0, ""), len(commands))
+        try:
+            with translated():
+                protocol = client.protocol
+                if protocol is None:
+                    raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+                protocol.write(b"".join(command + b"\r\n" for command in commands))
+        except StepError:
+            discard(client)
+            raise
+        started.mail = await self._owed(client, started)
+        return started
+
+    async def _owed(self, client: aiosmtplib.SMTP, started: Started) -> aiosmtplib.SMTPResponse:
+        """The next reply to a pipelined group (RFC 2920 §3.1: one per command, in order).
+
+        aiosmtplib's protocol parses one reply per arrival of data and leaves the rest in its
+        buffer, where the next ``read_response`` would not look before more data came: so a
+        reply already buffered is taken from there (``_read_response_from_buffer``, aiosmtplib
+        private), any other is awaited with ``read_response``. Nothing is lost in between:
+        no other await runs while replies are owed, and aiosmtplib keeps what arrives while a
+        read is pending.
+
+        Raises:
+            StepError: no reply, or a malformed one: the group is out of step, so the
+                connection is closed and the error carries no reply code.
+        """
+        started.owed -= 1
+        try:
+            with translated():
+                protocol = client.protocol
+                if protocol is None:
+                    raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+                reply = protocol._read_response_from_buffer() if protocol._buffer else None
+                if reply is None:
+                    return await protocol.read_response(timeout=self._timeout)
+        except StepError as exc:
+            discard(client)
+            raise StepError(f"pipelined reply: {exc}") from exc
+        rec = client.recording if isinstance(client, _RecordingSMTP) else None
+        if rec is not None:  # read_response (wrapped) records what it returns; this it did not
+            rec.server(_reply_bytes(reply))
+        return reply
+
+    async def _settle_owed(self, client: aiosmtplib.SMTP, started: Started) -> bool:
+        """Read the replies still owed after a refusal; whether the session is still in step.
+
+        A 354 to a pipelined ``DATA`` after the recipients were all refused leaves the MX
+        waiting for content we will not send: the connection is closed instead (RFC 2920 §3.1
+        expects a 503 or 554 there).
+        """
+        try:
+            reply = None
+            while started.owed > 0:
+                reply = await self._owed(client, started)
+        except StepError:
+            return False
+        if reply is not None and reply.code == 354:
+            discard(client)
+            return False
+        return True
+
     async def transaction(
         self,
         conn: Connection,
@@ -209,9 +309,9 @@ class Dialer:
         raw: bytes,
         host: str,
         rcpts: list[str],
-        reused: bool,
+        started: Started | None = None,
     ) -> tuple[dict[str, Outcome], bool]:
-        """MAIL (unless the cache sent it already on reuse), RCPT, DATA over ``conn``.
+        """MAIL (unless :meth:`start` sent it already, on reuse), RCPT, DATA over ``conn``.
 
         Returns:
             The outcome of each recipient, and whether the session ended in step, so that
@@ -222,38 +322,97 @@ class Dialer:
         """
         client = conn.client
         conn.messages += 1
-        if not reused:
-            try:
-                with translated():
-                    await client.mail(mail_from)
-            except StepError as exc:
-                if exc.code is None:
-                    raise
-                conn.errors += 1
-                outcome = reply_outcome(exc.code, exc.reply, host)
-                if isinstance(outcome, Temporary):
-                    raise StepError(f"MAIL FROM: {exc}") from exc
-                return dict.fromkeys(rcpts, outcome), True
+        if started is None:
+            started = await self.start(conn, mail_from=mail_from, rcpts=rcpts)
+        mail = started.mail
+        if mail.code != 250:
+            conn.errors += 1
+            outcome = reply_outcome(mail.code, mail.message, host)
+            in_step = await self._settle_owed(client, started)
+            if isinstance(outcome, Temporary):
+                raise StepError(f"MAIL FROM: {mail.code} {mail.message}")
+            return dict.fromkeys(rcpts, outcome), in_step
+        if started.owed:
+            return await self._pipelined(conn, started, raw=raw, host=host, rcpts=rcpts)
         outcomes: dict[str, Outcome] = {}
         accepted: list[str] = []
         for rcpt in rcpts:
             try:
                 with translated():
-                    await client.rcpt(rcpt)
+                    reply = await client.execute_command(b"RCPT TO:" + path(rcpt))
             except StepError as exc:
                 if exc.code is None:
                     raise
-                conn.errors += 1
-                outcomes[rcpt] = reply_outcome(exc.code, exc.reply, host)
-            else:
+                reply = aiosmtplib.SMTPResponse(exc.code, exc.reply)
+            if reply.code in (250, 251):
                 accepted.append(rcpt)
+            else:
+                conn.errors += 1
+                outcomes[rcpt] = reply_outcome(reply.code, reply.message, host)
         if not accepted:
             return outcomes, True
         try:
             with translated():
                 reply = await client.execute_command(b"DATA")
+        except StepError as exc:
+            if exc.code is None:
+                raise
+            # A malformed or over-long reply: out of step.
+            outcomes.update(dict.fromkeys(accepted, reply_outcome(exc.code, exc.reply, host)))
+            return outcomes, False
+        return await self._content(
+            conn, reply, raw=raw, host=host, outcomes=outcomes, accepted=accepted
+        )
+
+    async def _pipelined(
+        self, conn: Connection, started: Started, *, raw: bytes, host: str, rcpts: list[str]
+    ) -> tuple[dict[str, Outcome], bool]:
+        """The rest of a pipelined transaction: the RCPT replies, DATA's, then the content."""
+        client = conn.client
+        outcomes: dict[str, Outcome] = {}
+        accepted: list[str] = []
+        for rcpt in rcpts:
+            reply = await self._owed(client, started)
+            if reply.code in (250, 251):
+                accepted.append(rcpt)
+            else:
+                conn.errors += 1
+                outcomes[rcpt] = reply_outcome(reply.code, reply.message, host)
+        reply = await self._owed(client, started)
+        if not accepted:
+            if reply.code == 354:  # content we will not send is awaited: out of step
+                discard(client)
+                return outcomes, False
+            return outcomes, True
+        if reply.code != 354:
+            return await self._content(
+                conn, reply, raw=raw, host=host, outcomes=outcomes, accepted=accepted
+            )
+        protocol = client.protocol
+        if protocol is not None:
+            # Sent past the 354 unasked (RFC 2920 §3.1 forbids it): never a reply of ours.
+            del protocol._buffer[:]  # aiosmtplib private, as in _owed
+        outcomes, in_step = await self._content(
+            conn, reply, raw=raw, host=host, outcomes=outcomes, accepted=accepted
+        )
+        conn.clean = not rset_due(pipelining=True, dot_answered=in_step)
+        return outcomes, in_step
+
+    async def _content(
+        self,
+        conn: Connection,
+        reply: aiosmtplib.SMTPResponse,
+        *,
+        raw: bytes,
+        host: str,
+        outcomes: dict[str, Outcome],
+        accepted: list[str],
+    ) -> tuple[dict[str, Outcome], bool]:
+        """After DATA's ``reply``: the content if it was 354, and the outcome of ``accepted``."""
+        try:
+            with translated():
                 if reply.code == 354:
-                    reply = await self.send_content(client, raw)
+                    reply = await self.send_content(conn.client, raw)
         except StepError as exc:
             if exc.code is None:
                 raise
@@ -294,7 +453,7 @@ class Dialer:
             with translated():
                 if protocol is None:
                     raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-                for piece in dot_stuffed_slices(raw):
+                for piece in _coalesced(dot_stuffed_slices(raw)):
                     await self._drained(protocol, timeout)
                     transport = protocol.transport
                     if transport is None or transport.is_closing():
@@ -317,12 +476,37 @@ class Dialer:
     @staticmethod
     async def _drained(protocol: aiosmtplib.protocol.SMTPProtocol, timeout: float) -> None:
         """Return once the transport has not asked us to pause (at once, usually)."""
+        # aiosmtplib private: FlowControlMixin's flags, which _drain_helper reads first. Not
+        # paused is the usual case, and it must not cost a round of the loop: wait_for would
+        # run _drain_helper as a task of its own (Python 3.11).
+        if not protocol._paused and not protocol._connection_lost:
+            return
         try:
             await asyncio.wait_for(protocol._drain_helper(), timeout)
         except TimeoutError as exc:
             raise aiosmtplib.SMTPTimeoutError(
                 f"Timed out writing the message (no progress for {timeout:g} s)"
             ) from exc
+
+
+def _coalesced(slices: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+    """``slices`` with neighbours joined while together they fit in one slice.
+
+    A message smaller than a slice, its CRLF and the final ``.\\r\\n`` then go out in one
+    write (one TLS record, one system call) instead of two or three; a bigger one costs one
+    copy of its last slice at most.
+    """
+    held: bytes | memoryview | None = None
+    for piece in slices:
+        if held is None:
+            held = piece
+        elif len(held) + len(piece) <= DATA_SLICE:
+            held = b"".join((held, piece))
+        else:
+            yield held
+            held = piece
+    if held is not None:
+        yield held
 
 
 class _RecordingSMTP(aiosmtplib.SMTP):

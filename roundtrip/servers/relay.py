@@ -27,16 +27,22 @@ How a message moves (RFC 5321 §5.1 and §4.5.4, RFC 7505, RFC 3464):
    ``testing`` it tries unverified TLS when only the certificate failed, and plaintext when the
    handshake itself failed; under ``enforce`` the host is deferred. Failures carry their TLS-RPT
    result type (RFC 8460 §4.3) in the ``tls-failure`` event and the reason.
-   After a transaction that ended in step, the connection is reset with RSET and kept idle for
+   Towards an MX whose EHLO reply lists PIPELINING (RFC 2920), ``MAIL FROM``, every ``RCPT TO``
+   and ``DATA`` go out in one write and their replies are read in order; then the content and
+   its final dot in one more (``protocols/_pipelining.py`` has the grouping rule).
+   After a transaction that ended in step, the connection is reset with RSET (not needed, and
+   not sent, after a pipelining MX answered the final dot: ``rset_due``) and kept idle for
    ``connection_cache_time`` (2 s; Postfix's SMTP connection cache, ``servers/_mxcache.py``):
    the next message to the same MX host, address, port and HELO name takes it instead of
    dialling, if its TLS meets that message's policy (verified TLS meets every mode; plaintext
    or unverified TLS only the mode that allowed it). The DNS lookups still run for every
    message. A cached connection that turns out dead (EOF, 421 or any failure of MAIL FROM) is
-   dropped and a fresh one dialled at once. Bounds: ``connection_cache_size`` idle
-   connections, 300 s and 100 messages per connection; idle ones get QUIT when their time is
-   up, ``clear()`` closes them with QUIT and ``close()`` drops them. The ``connected`` event
-   says ``(reused)``.
+   dropped and a fresh one dialled at once. Messages queued together for one MX go over
+   parallel connections: each of the up to ``max_concurrent`` attempts takes an idle one, or
+   dials when none is idle (tests/servers/test_relay_concurrency.py).
+   Bounds: ``connection_cache_size`` idle connections, 300 s and 100 messages per connection;
+   idle ones get QUIT when their time is up, ``clear()`` closes them with QUIT and ``close()``
+   drops them. The ``connected`` event says ``(reused)``.
 4. Connection failures and 4xx replies move on to the next address/MX, then leave the
    recipient queued for a retry after ``retry_delays[attempt]``; 5xx replies bounce it. When a
    recipient has waited ``queue_lifetime`` seconds it bounces with 4.4.7.
@@ -91,9 +97,9 @@ from ..protocols.delivery import dot_stuffed_slices as dot_stuffed_slices
 from ..protocols.delivery import normalize_line_endings as normalize_line_endings
 from ..protocols.tlspolicy import ResultType, TLSPolicy
 from ..spool import RelaySpool
-from ._mxcache import Connection, ConnectionCache, Endpoint
+from ._mxcache import Connection, ConnectionCache, Endpoint, discard
 from ._mxroute import Router
-from ._mxsession import Dialer
+from ._mxsession import Dialer, Started
 from ._relayerrors import StepError
 from ._relayqueue import STEPS as STEPS
 from ._relayqueue import Entry, Prepared, QueuedMessage, RelayEvent
@@ -697,12 +703,34 @@ class Relay:
 
     async def _connect(
         self, entry: Entry, endpoint: Endpoint, rcpts: list[str], policy: TLSPolicy, domain: str
-    ) -> tuple[Connection, bool]:
-        """A cached connection to ``endpoint`` that took MAIL FROM, or a new one; reused?"""
+    ) -> tuple[Connection, Started | None]:
+        """A cached connection to ``endpoint`` that took MAIL FROM, or a new one (no start).
+
+        A cached connection gets ``MAIL FROM`` (with RCPT and DATA when the MX pipelines)
+        before anything is announced: one that fails it in any way was stale, and is
+        replaced at once, by another cached one or a fresh dial.
+        """
         host, ip, port, _ = endpoint
-        conn = await self._cache.reuse(endpoint, policy.mode, entry.mail_from, entry.id)
-        if conn is not None:
-            return conn, True
+        while (conn := self._cache.take(endpoint, policy.mode)) is not None:
+            taken = False
+            try:
+                started = await self._dialer.start(conn, mail_from=entry.mail_from, rcpts=rcpts)
+                if started.mail.code == 250:
+                    taken = True
+                    return conn, started
+                failure = f"{started.mail.code} {started.mail.message}"
+            except StepError as exc:
+                failure = str(exc)
+            finally:
+                if not taken:  # also when cancelled mid-command
+                    discard(conn.client)
+            log.info(
+                "relay %s: cached connection to %s[%s] failed MAIL FROM (%s); dialling",
+                entry.id,
+                host,
+                ip,
+                failure,
+            )
 
         def on_tls_failure(result: ResultType, detail: str, fallback: str) -> None:
             failure = (result, detail, fallback)
@@ -717,7 +745,7 @@ class Relay:
             on_tls_failure=on_tls_failure,
         )
         opened = asyncio.get_running_loop().time()
-        return Connection(client, endpoint, security, policy.mode, failures, opened), False
+        return Connection(client, endpoint, security, policy.mode, failures, opened), None
 
     async def _session(
         self, entry: Entry, host: str, ip: str, rcpts: list[str]
@@ -735,9 +763,10 @@ class Relay:
                 "delivering anyway",
             )
             self._tls_failure(entry, rcpts, policy, domain, failure, where=where)
-        conn, reused = await self._connect(
+        conn, started = await self._connect(
             entry, (host, ip, port, entry.helo), rcpts, policy, domain
         )
+        reused = started is not None
         reusable = False
         try:
             note = ""
@@ -754,7 +783,7 @@ class Relay:
                 raw=entry.raw,
                 host=host,
                 rcpts=rcpts,
-                reused=reused,
+                started=started,
             )
             for rcpt, outcome in outcomes.items():
                 if outcome is None:
