@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import cast
 
+import aiosmtplib
+import aiosmtplib.protocol
 import pytest
 from test_relay import SENDER, TIMEOUT, World
 
@@ -41,6 +43,10 @@ class ChunkMX:
     pipelining: bool = True
     #: Recipients (as written in RCPT TO, e.g. b"<x@example.org>") refused with 550.
     refused: set[bytes] = field(default_factory=set)
+    #: Reply to every MAIL FROM after the first of a session (None: accept it).
+    later_mail_reply: bytes | None = None
+    #: Reply to every MAIL FROM (None: as above).
+    mail_reply: bytes | None = None
     sessions: list[Session] = field(default_factory=list)
     #: The banner waits until this many connections are open (then every later one gets it at
     #: once): dials that overlap are then seen to overlap, however fast each one would be.
@@ -77,6 +83,7 @@ class _ChunkProtocol(asyncio.Protocol):
         self.mail: bytes | None = None
         self.rcpts: list[bytes] = []
         self.in_data = False
+        self.mails = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP transport is not an asyncio.Transport subclass: same methods.
@@ -135,6 +142,11 @@ class _ChunkProtocol(asyncio.Protocol):
             extensions = [b"250-PIPELINING"] if self.mx.pipelining else []
             return b"\r\n".join([f"250-{self.mx.name}".encode(), *extensions, b"250 8BITMIME"])
         if verb == b"MAIL":
+            self.mails += 1
+            if self.mx.mail_reply is not None:
+                return self.mx.mail_reply
+            if self.mails > 1 and self.mx.later_mail_reply is not None:
+                return self.mx.later_mail_reply
             self.mail, self.rcpts = line[10:], []
             return b"250 2.1.0 OK"
         if verb == b"RCPT":
@@ -334,3 +346,65 @@ def test_relay_stale_pipelining_connection_is_replaced_at_once(world: PipeWorld)
     assert not world.connected_details("carol@example.org")[0].endswith("(reused)")
     assert len(mx.sessions) == 2
     assert mx.delivered() == [[b"<bob@example.org>"], [b"<carol@example.org>"]]
+
+
+def test_relay_pipelined_group_refused_on_a_cached_connection_redials(world: PipeWorld) -> None:
+    mx = _world(world, pipelining=True)
+    mx.later_mail_reply = b"421 4.3.2 Service shutting down"
+    world.deliver(["bob@example.org"])
+    world.deliver(["carol@example.org"])
+    steps = ["queued", "mx-lookup", "tls-failure", "connected", "delivered"]
+    assert world.steps("carol@example.org") == steps
+    assert len(mx.sessions) == 2
+    # The refused group's RCPT and DATA were answered (503, 554) and no content followed.
+    assert mx.sessions[0].commands[-3:] == [
+        b"MAIL FROM:<alice@example.net>",
+        b"RCPT TO:<carol@example.org>",
+        b"DATA",
+    ]
+    assert mx.delivered() == [[b"<bob@example.org>"], [b"<carol@example.org>"]]
+
+
+def test_relay_same_refusal_on_a_fresh_pipelined_connection_defers(world: PipeWorld) -> None:
+    """Twin: a refusal of MAIL FROM on a fresh connection is the MX's answer: deferred."""
+    mx = _world(world, pipelining=True)
+    world.deliver(["bob@example.org"])
+    mx.mail_reply = b"421 4.3.2 Service shutting down"
+    world.enqueue(["carol@example.org"])
+    (deferred,) = world.wait_step("carol@example.org", "deferred")
+    assert "421" in deferred.detail
+    assert len(mx.sessions) == 2  # the cached one, then a fresh one: both refused
+    assert mx.delivered() == [[b"<bob@example.org>"]]
+
+
+# -- aiosmtplib's protocol, as _mxsession reads pipelined replies from it ----------------------
+
+
+def _protocol_with(data: bytes) -> aiosmtplib.protocol.SMTPProtocol:
+    loop = asyncio.new_event_loop()
+    try:
+        protocol = aiosmtplib.protocol.SMTPProtocol(loop=loop)
+    finally:
+        loop.close()
+    protocol._buffer.extend(data)
+    return protocol
+
+
+def test_aiosmtplib_buffer_yields_buffered_replies_one_by_one() -> None:
+    """The private names servers/_mxsession.py relies on, and what they do."""
+    protocol = _protocol_with(b"250 2.1.0 OK\r\n250-first\r\n250 second\r\n354 go\r\n")
+    assert protocol._paused is False and protocol._connection_lost is False
+    replies = [protocol._read_response_from_buffer() for _ in range(3)]
+    assert [(r.code, r.message) for r in replies if r is not None] == [
+        (250, "2.1.0 OK"),
+        (250, "first\nsecond"),
+        (354, "go"),
+    ]
+    assert protocol._buffer == bytearray()
+
+
+def test_aiosmtplib_buffer_keeps_a_partial_reply() -> None:
+    """Twin: half a reply is not a reply; it stays for read_response to complete."""
+    protocol = _protocol_with(b"250-first\r\n250 sec")
+    assert protocol._read_response_from_buffer() is None
+    assert bytes(protocol._buffer) == b"250-first\r\n250 sec"
