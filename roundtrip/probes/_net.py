@@ -41,6 +41,7 @@ __all__ = [
     "TLSFacts",
     "Timeline",
     "Transcript",
+    "apply_checks",
     "check_legacy_tls",
     "diagnose_certificate",
     "display",
@@ -100,6 +101,26 @@ class Finding:
 
     def __str__(self) -> str:
         return self.message
+
+
+def apply_checks(
+    result: Any, findings: list[Finding], checks: dict[str, bool], *, what: str, step: str
+) -> None:
+    """Add ``findings`` and ``checks`` to a ``ProbeResult``: a failed check fails it, and
+    when the round trip itself passed, the error names the failed ``what`` checks (with the
+    failing findings) and ``error_step`` becomes ``step``."""
+    result.findings.extend(findings)
+    result.checks.update(checks)
+    failed = [name for name, ok in checks.items() if not ok]
+    if not failed:
+        return
+    result.ok = False
+    if not result.error:
+        failing = [f.message for f in findings if f.severity == FAIL]
+        result.error = f"{what} checks failed: " + ", ".join(failed)
+        if failing:
+            result.error += " (" + "; ".join(failing) + ")"
+        result.error_step = step
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 import dns.reversename
 
 from ._authdns import Lookup, organizational, tagged_records
-from ._net import FAIL, INFO, WARN, Finding
+from ._net import FAIL, INFO, WARN, Finding, apply_checks
 
 #: MX hosts, and addresses per host, checked for forward-confirmed reverse DNS.
 _MX_HOSTS = 5
@@ -48,17 +48,7 @@ class AuthReport:
     def apply(self, result: Any) -> None:
         """Add the findings and checks to a ``ProbeResult``; a failed check fails it (with
         ``error_step`` ``AUTH`` when the round trip itself passed)."""
-        result.findings.extend(self.findings)
-        result.checks.update(self.checks)
-        failed = [name for name, ok in self.checks.items() if not ok]
-        if failed:
-            result.ok = False
-            if not result.error:
-                failing = [f.message for f in self.findings if f.severity == FAIL]
-                result.error = "sending domain checks failed: " + ", ".join(failed)
-                if failing:
-                    result.error += " (" + "; ".join(failing) + ")"
-                result.error_step = "AUTH"
+        apply_checks(result, self.findings, self.checks, what="sending domain", step="AUTH")
 
     def as_dict(self) -> dict[str, Any]:
         return {

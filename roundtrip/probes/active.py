@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Endpoint, parse_host_port
 from ..errors import ConfigError
-from ._net import FAIL, INFO, WARN, Finding, display
+from ._net import FAIL, INFO, WARN, Finding, apply_checks, display
 
 if TYPE_CHECKING:
     from .roundtrip import ProbeResult
@@ -189,17 +189,7 @@ class ActiveReport:
     def apply(self, result: ProbeResult) -> None:
         """Add the findings and checks to a ``ProbeResult``; a failed check fails it (with
         ``error_step`` ``CHECKS`` when the round trip itself passed)."""
-        result.findings.extend(self.findings)
-        result.checks.update(self.checks)
-        failed = [name for name, ok in self.checks.items() if not ok]
-        if failed:
-            result.ok = False
-            if not result.error:
-                failing = [f.message for f in self.findings if f.severity == FAIL]
-                result.error = "active checks failed: " + ", ".join(failed)
-                if failing:
-                    result.error += " (" + "; ".join(failing) + ")"
-                result.error_step = "CHECKS"
+        apply_checks(result, self.findings, self.checks, what="active", step="CHECKS")
 
 
 # -- the raw SMTP/IMAP/POP3 line client --------------------------------------------------------
