@@ -21,12 +21,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
-
-import aiosmtplib
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..protocols.tlspolicy import ResultType
 from ._relayerrors import StepError, translated
+
+if TYPE_CHECKING:
+    import aiosmtplib
 
 __all__ = ["Connection", "ConnectionCache", "Endpoint", "Failure", "discard"]
 

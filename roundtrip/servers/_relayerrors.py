@@ -14,10 +14,6 @@ import contextlib
 import ssl
 from collections.abc import Iterator
 
-import aiosmtplib
-import dns.exception
-import dns.resolver
-
 from ..errors import RoundtripError
 from ..protocols.tlspolicy import ResultType, verify_failure_result
 
@@ -59,6 +55,10 @@ def translated() -> Iterator[None]:
 
     Cancellation and bugs (anything else) pass through unchanged.
     """
+    import aiosmtplib  # here: a stack that never dials an MX does not load the client
+    import dns.exception
+    import dns.resolver
+
     try:
         yield
     except aiosmtplib.SMTPResponseException as exc:

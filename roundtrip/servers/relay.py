@@ -81,6 +81,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, StorageError
 from ..protocols import delivery
@@ -98,11 +99,13 @@ from ..protocols.delivery import normalize_line_endings as normalize_line_ending
 from ..protocols.tlspolicy import ResultType, TLSPolicy
 from ..spool import RelaySpool
 from ._mxcache import Connection, ConnectionCache, Endpoint, discard
-from ._mxroute import Router
-from ._mxsession import Dialer, Started
 from ._relayerrors import StepError
 from ._relayqueue import STEPS as STEPS
 from ._relayqueue import Entry, Prepared, QueuedMessage, RelayEvent
+
+if TYPE_CHECKING:  # the MX client and resolver are imported on first use (issue #17)
+    from ._mxroute import Router
+    from ._mxsession import Dialer, Started
 
 __all__ = ["Prepared", "QueuedMessage", "Relay", "RelayEvent"]
 
@@ -196,7 +199,8 @@ class Relay:
             reuse_limit=connection_reuse_limit,
             quit_timeout=connect_timeout,
         )
-        self._dialer = Dialer(tls_context=tls_context, timeout=connect_timeout)
+        self._dialer_args = (tls_context, connect_timeout)
+        self._dialer_made: Dialer | None = None
         self._slots = asyncio.Semaphore(max_concurrent)
         self._local_domains = local_domains
         self._mx_port = mx_port
@@ -219,9 +223,28 @@ class Relay:
         self._ids = itertools.count(1)
         self._closed = False
         self._spool = spool
-        self._router = Router(
-            dns_address=dns_address, timeout=dns_timeout, zone_version=zone_version
-        )
+        self._router_args = (dns_address, dns_timeout, zone_version)
+        self._router_made: Router | None = None
+
+    @property
+    def _dialer(self) -> Dialer:
+        # The SMTP client (aiosmtplib) is imported on the first delivery to an MX.
+        if self._dialer_made is None:
+            from ._mxsession import Dialer
+
+            context, timeout = self._dialer_args
+            self._dialer_made = Dialer(tls_context=context, timeout=timeout)
+        return self._dialer_made
+
+    @property
+    def _router(self) -> Router:
+        # The resolver (dns.asyncresolver) is imported on the first MX look-up.
+        if self._router_made is None:
+            from ._mxroute import Router
+
+            address, timeout, version = self._router_args
+            self._router_made = Router(dns_address=address, timeout=timeout, zone_version=version)
+        return self._router_made
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -437,7 +460,8 @@ class Relay:
         closing them costs. Cached MX routes go for the same reason: a test that looks for
         its MX lookups in the DNS server's query log must find them.
         """
-        self._router.forget()
+        if self._router_made is not None:
+            self._router_made.forget()
         for entry in self._entries.values():
             if entry.timer is not None:
                 entry.timer.cancel()
