@@ -41,6 +41,14 @@ Answers (RFC 1034 §4.3.2, RFC 2308):
   so two servers cannot be made to bounce errors at each other. Unknown opcodes get NOTIMP,
   classes other than IN get REFUSED.
 
+In-process callers (the stack's SPF, DMARC and DKIM checks) use :func:`lookup` instead: the
+same reply built by the same code (:func:`_build`), handed back as Python values
+(:class:`ZoneAnswer`) without encoding a query or a reply, which cost several times what
+answering does. It gives what a client parsing :func:`respond`'s reply would read: the reply
+is encoded only when it may not fit ``max_size`` (then cut as above) or when name compression
+could change the case of the names a reader sees (RFC 1035 §4.1.4), and the records of each
+RRset come in the order the encoder's shuffle would write them.
+
 A query dnspython cannot parse gets a FORMERR header built by hand (there is no message to
 echo). Every exception raised while answering a parsed query becomes an rcode in exactly one
 place, :func:`_rcode_for` (docs/design.md: one error tree, translated at one edge): protocol
@@ -55,9 +63,11 @@ update, classes other than IN. Record types are limited to A, AAAA, MX, TXT, CNA
 from __future__ import annotations
 
 import ipaddress
+import random
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import dns.exception
 import dns.flags
@@ -68,6 +78,10 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.SOA
+import dns.rdtypes.ANY.TXT
+import dns.rdtypes.mxbase
+import dns.rdtypes.nsbase
 import dns.rrset
 
 from ..errors import ConfigError
@@ -77,9 +91,13 @@ __all__ = [
     "Record",
     "Reply",
     "Zone",
+    "ZoneAnswer",
+    "ZoneSource",
     "answer",
     "build_zone",
     "default_records",
+    "lookup",
+    "query_name",
     "respond",
     "udp_max_size",
 ]
@@ -145,6 +163,49 @@ class Reply:
     qtype: str
     rcode: str
     error: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneAnswer:
+    """What :func:`lookup` found for one name and type, as the records themselves.
+
+    The same reply :func:`respond` would put on the wire for a query of that name and type
+    (no EDNS, RD set, as ``dns.message.make_query`` builds it), left as Python values: a
+    client that parses that reply sees this rcode and these answer RRsets, in this order.
+
+    Attributes:
+        qname: the name as text, as :attr:`Reply.qname` logs it.
+        qtype: the type as text.
+        rcode: the reply's rcode as text ("NOERROR", "NXDOMAIN", "REFUSED" ...).
+        answer: the answer section: the RRset asked for, after the CNAMEs leading to it;
+            empty for a negative answer, or when the reply was cut to fit ``max_size``.
+        truncated: the reply did not fit ``max_size`` and was cut (TC set, RFC 2181 §9).
+        error: an unexpected exception turned into SERVFAIL, for the caller to record.
+    """
+
+    qname: str
+    qtype: str
+    rcode: str
+    answer: tuple[dns.rrset.RRset, ...] = ()
+    truncated: bool = False
+    error: BaseException | None = None
+
+    def rdatas(self, rtype: str) -> list[dns.rdata.Rdata]:
+        """The records of type ``rtype`` in the answer section, in order."""
+        wanted = dns.rdatatype.from_text(rtype)
+        return [rdata for rrset in self.answer if rrset.rdtype == wanted for rdata in rrset]
+
+
+@runtime_checkable
+class ZoneSource(Protocol):
+    """Something that answers a look-up from its zone without wire format (the stack's
+    ``DNSServer``): ``None`` when it has no answer at all, as ``b""`` is on the wire.
+
+    Raises:
+        ValueError: ``name`` cannot be carried by a query (see :func:`query_name`).
+    """
+
+    def lookup(self, name: str, rtype: str) -> ZoneAnswer | None: ...
 
 
 class Zone:
@@ -345,6 +406,143 @@ def respond(zone: Zone, query: bytes, *, max_size: int = TCP_PAYLOAD_MAX) -> Rep
         response.set_rcode(rcode)
         error = None if rcode == dns.rcode.FORMERR else exc
         return Reply(_to_wire(response, max_size), qname, qtype, dns.rcode.to_text(rcode), error)
+
+
+def query_name(name: str) -> dns.name.Name:
+    """``name`` as the question name of a query for it (``dns.message.make_query``).
+
+    Raises:
+        ValueError: no query can carry ``name`` (an empty or over-long label, a name over
+            255 octets, a relative name such as ``@``).
+    """
+    try:
+        qname = dns.name.from_text(name)
+    except dns.exception.DNSException as exc:
+        raise ValueError(f"not a DNS name: {name!r}: {exc}") from None
+    if not qname.is_absolute():  # what to_wire refuses (NeedAbsoluteNameOrOrigin)
+        raise ValueError(f"not a DNS name: {name!r}: not absolute")
+    return qname
+
+
+def lookup(
+    zone: Zone, name: dns.name.Name, rtype: str, *, max_size: int = TCP_PAYLOAD_MAX
+) -> ZoneAnswer:
+    """Answer a query for ``name`` and ``rtype`` as :func:`respond` does, without wire format.
+
+    The reply is built by the same code as :func:`respond`'s (:func:`_build`), so CNAMEs,
+    NXDOMAIN and NODATA, names outside every zone and ``refuse_outside`` behave alike. It is
+    encoded, and read back as a client reads it, only when an upper bound of its size (no
+    name compression) exceeds ``max_size`` (the encoder then decides, as for :func:`respond`,
+    whether the reply is cut to fit or cannot be encoded at all, an rcode from
+    :func:`_rcode_for`), or when an upper-case letter in a name lets compression change the
+    case of the names a reader sees. Otherwise the records of each RRset are shuffled as the
+    encoder would shuffle them (:func:`_shuffled`).
+
+    Args:
+        zone: the records we serve.
+        name: the question name (:func:`query_name` makes one from text).
+        rtype: the question type as text (``"TXT"``).
+        max_size: the largest reply the caller would accept on the wire.
+
+    Returns:
+        The rcode and answer section a client parsing :func:`respond`'s reply would see.
+    """
+    rdtype = dns.rdatatype.from_text(rtype)
+    qname, qtype = name.to_text(), dns.rdatatype.to_text(rdtype)
+    query = dns.message.make_query(name, rdtype, id=0)
+    try:
+        response = _build(zone, query)
+        wire: bytes | None = None
+        if _size_bound(response) > max_size:
+            wire = _to_wire(response, max_size)  # cuts the reply in place when it is too big
+        truncated = bool(response.flags & dns.flags.TC)
+        answer = tuple(response.answer)
+        if answer and wire is None and _cased(name, answer):
+            # Name compression (RFC 1035 §4.1.4) matches names whatever their case, so a
+            # reader sees ``mail.EXAMPLE.org`` in an MX answer to ``EXAMPLE.org``.
+            wire = response.to_wire(max_size=max_size)
+        if answer and wire is not None:
+            # Read the reply back, as a client does, to give the same names and order.
+            answer = tuple(dns.message.from_wire(wire).answer)
+        elif answer:
+            answer = _shuffled(answer)
+        rcode = dns.rcode.to_text(response.rcode())
+        return ZoneAnswer(qname, qtype, rcode, answer, truncated)
+    except Exception as exc:
+        # As respond(): one place turns the exception into an rcode (_rcode_for).
+        code = _rcode_for(exc)
+        error = None if code == dns.rcode.FORMERR else exc
+        return ZoneAnswer(qname, qtype, dns.rcode.to_text(code), (), False, error)
+
+
+def _shuffled(answer: tuple[dns.rrset.RRset, ...]) -> tuple[dns.rrset.RRset, ...]:
+    """``answer`` with the records of each RRset in the order the encoder would write them.
+
+    dnspython's ``Rdataset.to_wire`` shuffles an RRset's records with :func:`random.shuffle`
+    on every reply (RFC 2181 §5: their order carries no meaning); the same call on the same
+    list gives a look-up the same order a parsed reply would have, draw for draw.
+    """
+    out = []
+    for rrset in answer:
+        if len(rrset) > 1:
+            rdatas = list(rrset)
+            random.shuffle(rdatas)
+            rrset = dns.rrset.from_rdata_list(rrset.name, rrset.ttl, rdatas)
+        out.append(rrset)
+    return tuple(out)
+
+
+def _cased(name: dns.name.Name, answer: tuple[dns.rrset.RRset, ...]) -> bool:
+    """Whether an upper-case letter occurs in ``name`` or in a name of ``answer`` (owners,
+    and the names inside MX, CNAME, NS and SOA records): only then can name compression
+    make the names a reader sees differ from ours."""
+    names = [name]
+    for rrset in answer:
+        names.append(rrset.name)
+        for rdata in rrset:
+            rdtype = rdata.rdtype
+            if rdtype == dns.rdatatype.MX:
+                names.append(rdata.exchange)
+            elif rdtype in (dns.rdatatype.CNAME, dns.rdatatype.NS, dns.rdatatype.PTR):
+                names.append(rdata.target)
+            elif rdtype == dns.rdatatype.SOA:
+                names += [rdata.mname, rdata.rname]
+    return any(label != label.lower() for n in names for label in n.labels)
+
+
+def _name_size(name: dns.name.Name) -> int:
+    """Octets of ``name`` in wire format, uncompressed (RFC 1035 §3.1)."""
+    return sum(len(label) + 1 for label in name.labels)
+
+
+def _rdata_size(rdata: dns.rdata.Rdata) -> int:
+    """An upper bound of the RDATA's octets in wire format (RFC 1035 §3.3)."""
+    rdtype = rdata.rdtype
+    if rdtype == dns.rdatatype.A:
+        return 4
+    if rdtype == dns.rdatatype.AAAA:
+        return 16
+    if isinstance(rdata, dns.rdtypes.ANY.TXT.TXT):
+        return sum(len(s) + 1 for s in rdata.strings)
+    if isinstance(rdata, dns.rdtypes.mxbase.MXBase):
+        return 2 + _name_size(rdata.exchange)
+    if isinstance(rdata, dns.rdtypes.nsbase.NSBase):  # CNAME, NS, PTR
+        return _name_size(rdata.target)
+    if isinstance(rdata, dns.rdtypes.ANY.SOA.SOA):
+        return _name_size(rdata.mname) + _name_size(rdata.rname) + 20
+    return TCP_PAYLOAD_MAX + 1  # a type we do not size: let the encoder decide
+
+
+def _size_bound(message: dns.message.Message) -> int:
+    """An upper bound of ``message``'s size in wire format: header, question, and every
+    record with its owner name uncompressed (RFC 1035 §4.1). No OPT record: the queries
+    :func:`lookup` answers carry no EDNS, so neither do the replies."""
+    size = 12 + sum(_name_size(q.name) + 4 for q in message.question)
+    for section in (message.answer, message.authority, message.additional):
+        for rrset in section:
+            owner = _name_size(rrset.name) + 10
+            size += sum(owner + _rdata_size(rdata) for rdata in rrset)
+    return size
 
 
 def udp_max_size(query: bytes) -> int:
