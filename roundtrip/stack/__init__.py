@@ -304,11 +304,9 @@ class MailStack:
         dns_server = self.dns
         assert dns_server is not None
         if self.config.dkim:
-            self._router.dkim_lookup = zone_lookup(lambda q: dns_server.answer(q, max_size=65535))
+            self._router.dkim_lookup = zone_lookup(dns_server)
         if self.config.sender_auth:  # SPF and DMARC (roundtrip/stack/_auth.py)
-            self._router.sender_lookup = sender_zone_lookup(
-                lambda q: dns_server.answer(q, max_size=65535)
-            )
+            self._router.sender_lookup = sender_zone_lookup(dns_server)
         # What a previous process left queued gets its attempt now, before start() returns.
         self.relay.restore()
 

@@ -52,6 +52,7 @@ from ..store import Store
 
 if TYPE_CHECKING:
     from ..protocols.arc import ARCResult
+    from ..protocols.dns import ZoneSource
 
 __all__ = [
     "JUNK",
@@ -88,17 +89,63 @@ _LOOPBACK_SOURCE = "127.0.0.1"
 _RECEIVED_PEER = re.compile(rb"\AReceived: from \S+ \(\[(?:(?i:IPv6):)?([0-9A-Fa-f:.]+)\]\)")
 
 
-def zone_lookup(answer: Callable[[bytes], bytes]) -> _spf.Lookup:
-    """A DNS look-up over ``answer`` (query wire -> reply wire, ``b""`` for no reply)."""
+def zone_lookup(answer: Callable[[bytes], bytes] | ZoneSource) -> _spf.Lookup:
+    """A DNS look-up over ``answer``.
 
-    def lookup(name: str, rtype: _spf.RecordType) -> _spf.DNSAnswer:
+    Args:
+        answer: the stack's DNS server, or anything with its ``lookup`` (a
+            :class:`~roundtrip.protocols.dns.ZoneSource`): asked for the records as Python
+            values, with no wire format to build and parse; or a function from query wire to
+            reply wire (``b""`` for no reply). Both give the same :class:`~_spf.DNSAnswer`
+            (tests/test_dns_structured_lookup.py).
+    """
+    from ..protocols.dns import ZoneSource
+
+    if not isinstance(answer, ZoneSource):
+        wire = answer
+
+        def lookup(name: str, rtype: _spf.RecordType) -> _spf.DNSAnswer:
+            try:
+                query = _spf.dns_query(name, rtype)
+            except ValueError:  # a name no query can carry: nothing exists there
+                return _spf.DNSAnswer("missing")
+            return _spf.dns_answer(wire(query), rtype)
+
+        return lookup
+
+    import dns.rdtypes.ANY.TXT
+    import dns.rdtypes.IN.A
+    import dns.rdtypes.IN.AAAA
+    import dns.rdtypes.mxbase
+    import dns.rdtypes.nsbase
+
+    source = answer
+
+    def structured(name: str, rtype: _spf.RecordType) -> _spf.DNSAnswer:
+        # What _spf.dns_answer reads from the reply to _spf.dns_query, read from the records.
         try:
-            query = _spf.dns_query(name, rtype)
+            found = source.lookup(name, rtype)
         except ValueError:  # a name no query can carry: nothing exists there
             return _spf.DNSAnswer("missing")
-        return _spf.dns_answer(answer(query), rtype)
+        if found is None:
+            return _spf.DNSAnswer("error")
+        if found.rcode == "NXDOMAIN":
+            return _spf.DNSAnswer("missing")
+        if found.rcode != "NOERROR":
+            return _spf.DNSAnswer("error")
+        records: list[str] = []
+        for rdata in found.rdatas(rtype):
+            if isinstance(rdata, dns.rdtypes.ANY.TXT.TXT):
+                records.append(b"".join(rdata.strings).decode("utf-8", "replace"))
+            elif isinstance(rdata, dns.rdtypes.mxbase.MXBase):
+                records.append(rdata.exchange.to_text().rstrip("."))
+            elif isinstance(rdata, dns.rdtypes.nsbase.NSBase):  # PTR
+                records.append(rdata.target.to_text().rstrip("."))
+            elif isinstance(rdata, dns.rdtypes.IN.A.A | dns.rdtypes.IN.AAAA.AAAA):
+                records.append(rdata.address)
+        return _spf.DNSAnswer("found", tuple(records)) if records else _spf.DNSAnswer("missing")
 
-    return lookup
+    return structured
 
 
 def peer_address(raw: bytes) -> str | None:

@@ -35,6 +35,7 @@ from ._certcache import _check_directory, _read_private, _write_private
 
 if TYPE_CHECKING:
     from ..protocols.dkim import KeyAnswer, KeyLookup, SigningKey
+    from ..protocols.dns import ZoneSource
 
 __all__ = [
     "ED25519_SELECTOR",
@@ -202,15 +203,50 @@ def public_record(public_key: str | bytes | object) -> str:
     )
 
 
-def zone_lookup(answer: Callable[[bytes], bytes]) -> KeyLookup:
-    """A key look-up over ``answer`` (query wire -> reply wire, ``b""`` for no reply)."""
-    from ..protocols.dkim import KeyAnswer, key_answer, key_query
+def zone_lookup(answer: Callable[[bytes], bytes] | ZoneSource) -> KeyLookup:
+    """A key look-up over ``answer``.
 
-    def lookup(name: str) -> KeyAnswer:
+    Args:
+        answer: the stack's DNS server, or anything with its ``lookup`` (a
+            :class:`~roundtrip.protocols.dns.ZoneSource`): asked for the TXT records as
+            Python values, with no wire format to build and parse; or a function from query
+            wire to reply wire (``b""`` for no reply). Both give the same ``KeyAnswer``
+            (tests/test_dns_structured_lookup.py).
+    """
+    from ..protocols.dkim import KeyAnswer, key_answer, key_query
+    from ..protocols.dns import ZoneSource
+
+    if not isinstance(answer, ZoneSource):
+        wire = answer
+
+        def lookup(name: str) -> KeyAnswer:
+            try:
+                query = key_query(name)
+            except Exception:  # a name no DNS query can carry (bad labels in d= or s=)
+                return KeyAnswer("missing")
+            return key_answer(wire(query))
+
+        return lookup
+
+    import dns.rdtypes.ANY.TXT
+
+    source = answer
+
+    def structured(name: str) -> KeyAnswer:
+        # What key_answer reads from the reply to key_query, read from the records.
         try:
-            query = key_query(name)
+            found = source.lookup(name, "TXT")
         except Exception:  # a name no DNS query can carry (bad labels in d= or s=)
             return KeyAnswer("missing")
-        return key_answer(answer(query))
+        if found is None:
+            return KeyAnswer("error")
+        if found.rcode == "NXDOMAIN":
+            return KeyAnswer("missing")
+        if found.rcode != "NOERROR":
+            return KeyAnswer("error")
+        for rdata in found.rdatas("TXT"):
+            if isinstance(rdata, dns.rdtypes.ANY.TXT.TXT):
+                return KeyAnswer("found", b"".join(rdata.strings))
+        return KeyAnswer("missing")
 
-    return lookup
+    return structured
