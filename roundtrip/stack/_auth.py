@@ -4,7 +4,9 @@ The rules are pure (``roundtrip/protocols/spf.py``, ``dmarc.py``, ``dkim.py``); 
 gives them the three things only the stack has:
 
 - DNS answers. :func:`zone_lookup` asks the stack's own DNS server in memory (its
-  ``answer``, the code its UDP and TCP listeners run, query log included), so the checks see
+  ``lookup``: the reply its UDP and TCP listeners would send, as Python values rather than
+  wire format, query log included; tests/test_dns_structured_lookup.py holds the two paths
+  equal), so the checks see
   exactly what the DNS serves, records set by a test included. The router runs inside the
   aiosmtpd handler on the loop thread and is synchronous: a resolver over the socket would
   need a coroutine there, and a blocking one would deadlock against the server on the same

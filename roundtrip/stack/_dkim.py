@@ -13,8 +13,9 @@ Ed25519 seed), written and trusted again under the same rules as the certificate
 them instead of minting. Nothing is written without one.
 
 The MX looks key records up through :func:`zone_lookup`, which asks the stack's own DNS server
-in memory (its ``answer``, the same code its listeners run): the verifier sees exactly what the
-DNS serves, records set by a test included, and never blocks the event loop on a socket.
+in memory (its ``lookup``: the reply its listeners would send, as Python values): the verifier
+sees exactly what the DNS serves, records set by a test included, and never blocks the event
+loop on a socket.
 """
 
 from __future__ import annotations
