@@ -17,6 +17,7 @@ Options (command line ``--roundtrip-*``, ini ``roundtrip_*``): host, tls, timeou
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -206,9 +207,37 @@ def pytest_report_header(config: pytest.Config) -> str:
     )
 
 
+#: Fixtures that start an embedded stack.
+_STACK_FIXTURES = frozenset({"mailstack", "mailstack_session", "mailstack_factory"})
+
+
+def _prime_dkim_keys(config: pytest.Config) -> None:
+    """Start minting the session stack's DKIM keys (an RSA-2048 key per domain takes 25 to
+    200 ms) on worker threads now, while pytest sets the first test up: OpenSSL releases the
+    GIL, so the first ``mailstack`` finds them made or nearly (roundtrip/stack/_dkim.py)."""
+    stack_config = _stack_config(config)
+    unsigned = stack_config.dkim_unsigned_domains
+    domains = [d for d in stack_config.domains if d not in unsigned and "*" not in unsigned]
+    if not stack_config.dkim or not domains:
+        return
+
+    def prime() -> None:
+        from .config import cert_cache_dir
+        from .stack._dkim import mint_in_background
+
+        try:
+            mint_in_background(domains, stack_config.cert_cache or cert_cache_dir())
+        except Exception:  # the stack mints the keys again, and reports what fails
+            return
+
+    threading.Thread(target=prime, name="roundtrip-dkim-prime", daemon=True).start()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("roundtrip_live"):
         return
+    if any(_STACK_FIXTURES.intersection(getattr(i, "fixturenames", ())) for i in items):
+        _prime_dkim_keys(config)
     skip = pytest.mark.skip(reason="needs a real mail server: pass --roundtrip-live=URL")
     for item in items:
         if item.get_closest_marker("roundtrip_live") is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import functools
 import os
 import re
 import threading
@@ -54,8 +55,9 @@ _RSA_BITS = 2048
 _SEED_LINE = re.compile(rb"^ed25519-seed: ([A-Za-z0-9+/=]{44})\r?$", re.M)
 
 _KEYS: dict[str, tuple[SigningKey, ...]] = {}
-_KEYS_LOCK = threading.Lock()
+_KEYS_LOCK = threading.RLock()
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_PENDING: dict[str, concurrent.futures.Future[tuple[SigningKey, ...]]] = {}
 
 
 def domain_keys(domain: str, cache: str | os.PathLike[str] | None = None) -> tuple[SigningKey, ...]:
@@ -86,17 +88,32 @@ def mint_in_background(
     function waits for them and gives ``{domain: keys}``."""
     global _POOL
     wanted = [d.lower() for d in domains]
+    futures: dict[str, concurrent.futures.Future[tuple[SigningKey, ...]]] = {}
     with _KEYS_LOCK:
         if _POOL is None:
             _POOL = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="roundtrip-dkim")
-        pool = _POOL
         ready = {d: _KEYS[d] for d in wanted if d in _KEYS}
-    futures = {d: pool.submit(domain_keys, d, cache) for d in wanted if d not in ready}
+        for d in wanted:
+            if d in ready:
+                continue
+            # A key already being minted (the plugin starts the session's keys early) is
+            # waited for, not minted a second time.
+            pending = _PENDING.get(d)
+            if pending is None:
+                pending = _PENDING[d] = _POOL.submit(domain_keys, d, cache)
+                pending.add_done_callback(functools.partial(_done, d))
+            futures[d] = pending
 
     def result() -> dict[str, tuple[SigningKey, ...]]:
         return {**ready, **{d: f.result() for d, f in futures.items()}}
 
     return result
+
+
+def _done(domain: str, _future: object) -> None:
+    """A minting finished: its keys are in ``_KEYS``, or a later start tries again."""
+    with _KEYS_LOCK:
+        _PENDING.pop(domain, None)
 
 
 def _signing_keys(
