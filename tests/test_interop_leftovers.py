@@ -509,6 +509,33 @@ def test_dns_server_on_two_hosts_shares_one_port(loop_thread: LoopThread) -> Non
     assert loop_thread.take_errors() == []
 
 
+def _own_sockets_on(port: int) -> list[str]:
+    """The sockets of this process bound to ``port`` on any address, as ``proto:address``.
+
+    Reads /proc/net (the kernel's socket tables, with inodes) and /proc/self/fd (this
+    process's descriptors), so a socket of another process with the same port does not count.
+    """
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to list this process's sockets")
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed since listdir
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    found = []
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        lines = Path(f"/proc/net/{proto}").read_text().splitlines()[1:]
+        for line in lines:
+            fields = line.split()
+            local, inode = fields[1], fields[9]
+            if int(local.rsplit(":", 1)[1], 16) == port and inode in inodes:
+                found.append(f"{proto}:{local}")
+    return found
+
+
 @needs_ipv6
 def test_dns_server_fixed_port_taken_on_the_extra_host_is_a_start_error(
     loop_thread: LoopThread,
@@ -518,6 +545,8 @@ def test_dns_server_fixed_port_taken_on_the_extra_host_is_a_start_error(
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as holder:
         holder.bind(("::1", 0))
         port = holder.getsockname()[1]
+        # The check below sees a socket this process holds: the holder itself.
+        assert [found.split(":")[0] for found in _own_sockets_on(port)] == ["udp6"]
         with pytest.raises(ServerStartError, match=r"::1"):
             loop_thread.run(
                 start_dns(
@@ -529,8 +558,6 @@ def test_dns_server_fixed_port_taken_on_the_extra_host_is_a_start_error(
                 ),
                 TIMEOUT,
             )
-    # The first host's UDP and TCP listeners were closed again.
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind(("127.0.0.1", port))
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-        tcp.bind(("127.0.0.1", port))
+    # The first host's UDP and TCP listeners were closed again. Binding the port to find out
+    # is not proof: another test process's client connection may own that port number.
+    assert _own_sockets_on(port) == []

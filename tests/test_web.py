@@ -384,7 +384,11 @@ def test_web_queue_shows_a_deferred_entry_with_its_last_error(
     stack.set_dns_records([*records, Record("mail.example.org", "A", "127.0.0.2")])
     try:
         submit(stack, rich_message(stack, "deferred"), to=stack.user("example.org").address)
-        stack.wait_relay(lambda q: any(e.attempts >= 1 for e in q), timeout=TIMEOUT)
+        # attempts counts an attempt from its start, last_error is set when it has failed and
+        # next_attempt when the retry is scheduled: wait for the end of the whole attempt.
+        stack.wait_relay(
+            lambda q: any(e.last_error and e.next_attempt is not None for e in q), timeout=TIMEOUT
+        )
         [entry] = call(view, "/api/queue").json()["queue"]
         assert entry["rcpt"] == [stack.user("example.org").address]
         assert entry["attempts"] >= 1 and "127.0.0.2" in entry["last_error"]
