@@ -320,7 +320,10 @@ def test_transcripts_follow_a_message_through_every_hop(stack: MailStack) -> Non
     ]
     assert sent == received and "sha256" in sent[0]
     dns = stack.transcripts(service="dns")
-    assert any(t.lines[0].text == "MX example.org." for t in dns)
+    # The relay asks the stack's DNS server in this process: no wire format, same records.
+    (mx,) = [t for t in dns if t.lines[0].text == "MX example.org."]
+    assert (mx.local, mx.peer) == ("memory", "relay")
+    assert mx.lines[1].text == "NOERROR MX 10 mail.example.org."
 
 
 def test_transcripts_filters_exclude_other_messages(stack: MailStack) -> None:

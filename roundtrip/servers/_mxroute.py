@@ -10,6 +10,13 @@ keeps them (Postfix asks the system's caching resolver), but only when the calle
 zone is being served (``zone_version``): the stack's zones change between tests, and an answer
 from before a change is never used after it. The address lookups of every MX host (A and AAAA)
 go out together.
+
+When the DNS server runs in this process (the stack's own), the questions are put to it
+directly (``source``, its ``lookup``): the same answers, the same query-log entries and a
+transcript entry, without encoding a query, a UDP round through the event loop and decoding
+the reply for each of MX, A and AAAA. A failure reads as the resolver's would: NXDOMAIN as
+NXDOMAIN, another rcode as a failed server, no answer at all as a time-out
+(tests/servers/test_mxroute_memory.py compares both paths).
 """
 
 from __future__ import annotations
@@ -19,10 +26,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import dns.asyncresolver
+import dns.rdatatype
+import dns.rrset
 
 from ..protocols import delivery
 from ..protocols.delivery import Permanent, Route, Temporary
+from ..protocols.dns import ZoneAnswer
 from ._relayerrors import StepError, translated
 
 __all__ = ["Router"]
@@ -37,6 +46,8 @@ class Router:
         zone_version: returns a token that changes whenever the served records change; routes
             are cached for their TTL while it stays the same. None: no cache.
         clock: monotonic seconds, for TTLs.
+        source: the DNS server at ``dns_address`` when it runs in this process: asked
+            directly (its ``lookup(name, rtype, peer=...)``) rather than over UDP.
     """
 
     def __init__(
@@ -46,16 +57,23 @@ class Router:
         timeout: float,
         zone_version: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        source: Callable[..., ZoneAnswer | None] | None = None,
     ) -> None:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = [dns_address[0]]
-        resolver.port = dns_address[1]
-        resolver.cache = None
-        resolver.lifetime = timeout
-        resolver.timeout = timeout
-        self._resolver = resolver
+        self._resolver: Any = None
+        if source is None:
+            import dns.asyncresolver  # here: a router with a source never needs it
+
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = [dns_address[0]]
+            resolver.port = dns_address[1]
+            resolver.cache = None
+            resolver.lifetime = timeout
+            resolver.timeout = timeout
+            self._resolver = resolver
         self._zone_version = zone_version
         self._clock = clock
+        self._source = source
+        self._server = f"{dns_address[0]}@{dns_address[1]}"
         # domain -> (zone token, expiry, route); only complete answers are kept.
         self._cache: dict[str, tuple[object, float, Route | Permanent]] = {}
 
@@ -86,17 +104,16 @@ class Router:
     async def _lookup(self, domain: str) -> tuple[Route | Permanent | Temporary, float]:
         """The route and how long it may be kept (0: not at all)."""
         try:
-            with translated():
-                answer = await self._resolver.resolve(domain, "MX", raise_on_no_answer=False)
+            rrset = await self._ask(domain, "MX")
         except StepError as exc:
             if exc.nxdomain:
                 return delivery.no_such_domain(domain), 0
             return delivery.lookup_failed(domain, str(exc)), 0
         records = None
         ttls: list[float] = []
-        if answer.rrset is not None:
-            records = [(r.preference, r.exchange.to_text()) for r in answer.rrset]
-            ttls.append(answer.rrset.ttl)
+        if rrset is not None:
+            records = [(r.preference, r.exchange.to_text()) for r in rrset]
+            ttls.append(rrset.ttl)
         hosts = delivery.order_mx(domain, records)
         if isinstance(hosts, Permanent):
             return hosts, min(ttls, default=0)
@@ -128,11 +145,48 @@ class Router:
     async def _resolve_address(self, host: str, rdtype: str) -> Any:
         """The rrset for ``rdtype`` (None: no such records), or the StepError it failed with."""
         try:
-            with translated():
-                answer = await self._resolver.resolve(host, rdtype, raise_on_no_answer=False)
+            return await self._ask(host, rdtype)
         except StepError as exc:
             return exc
-        return answer.rrset
+
+    async def _ask(self, name: str, rdtype: str) -> dns.rrset.RRset | None:
+        """The answer's RRset of ``rdtype`` for ``name`` (None: no such records).
+
+        Raises:
+            StepError: the name does not exist (``nxdomain``), or the look-up failed.
+        """
+        if self._source is not None:
+            return self._ask_source(name, rdtype)
+        with translated():
+            answer = await self._resolver.resolve(name, rdtype, raise_on_no_answer=False)
+        rrset: dns.rrset.RRset | None = answer.rrset
+        return rrset
+
+    def _ask_source(self, name: str, rdtype: str) -> dns.rrset.RRset | None:
+        """:meth:`_ask` of the server in this process, failing as the resolver fails."""
+        assert self._source is not None
+        try:
+            found = self._source(name, rdtype, peer="relay")
+        except ValueError as exc:  # no query can carry the name (dnspython: a DNSException)
+            raise StepError(f"{name}: {exc}") from exc
+        if found is None:  # the server would send nothing: the resolver times out
+            raise StepError(
+                f"The DNS operation timed out: server {self._server} sent no answer "
+                f"to {name} {rdtype}"
+            )
+        if found.rcode == "NXDOMAIN":
+            raise StepError(f"The DNS query name does not exist: {found.qname}", nxdomain=True)
+        if found.rcode != "NOERROR":
+            raise StepError(
+                f"All nameservers failed to answer the query {found.qname} IN {found.qtype}: "
+                f"Server {self._server} answered {found.rcode}"
+            )
+        wanted = dns.rdatatype.from_text(rdtype)
+        # The answer section is the CNAME chain (if any), then the RRset asked for.
+        for rrset in reversed(found.answer):
+            if rrset.rdtype == wanted:
+                return rrset
+        return None
 
 
 # More distinct domains than any test routes; past it the cache starts again.

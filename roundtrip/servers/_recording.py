@@ -171,7 +171,12 @@ class Session:
 
 @dataclass(frozen=True, slots=True)
 class DNSQuery:
-    """One DNS query and the answer sent (``reply`` empty when none was)."""
+    """One DNS query and the answer sent (``reply`` empty when none was).
+
+    A look-up asked in memory (transport ``memory``: the relay's MX look-ups) has no wire
+    format: ``query`` and ``reply`` are empty and ``records`` holds the answer's records as
+    text, as a reader of the reply would print them (``"MX 10 mail.example.org."``).
+    """
 
     started: float
     started_at: float
@@ -182,6 +187,7 @@ class DNSQuery:
     qname: str
     qtype: str
     rcode: str
+    records: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -214,6 +220,14 @@ class Recordings:
     ) -> None:
         self.queries.append(
             DNSQuery(_now(), time.time(), transport, peer, query, reply, qname, qtype, rcode)
+        )
+
+    def lookup(
+        self, *, peer: str, qname: str, qtype: str, rcode: str, records: tuple[str, ...]
+    ) -> None:
+        """A look-up answered in memory (no wire format): its records as text."""
+        self.queries.append(
+            DNSQuery(_now(), time.time(), "memory", peer, b"", b"", qname, qtype, rcode, records)
         )
 
     def clear(self) -> None:

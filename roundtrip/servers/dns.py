@@ -102,14 +102,17 @@ class DNSServer:
         return b"" if reply is None else reply.wire
 
     def lookup(
-        self, name: str, rtype: str, *, max_size: int = TCP_PAYLOAD_MAX
+        self, name: str, rtype: str, *, max_size: int = TCP_PAYLOAD_MAX, peer: str | None = None
     ) -> ZoneAnswer | None:
         """Answer ``name`` and ``rtype`` as :meth:`answer` answers a query for them, without
         wire format: the records come back as Python values (:class:`ZoneAnswer`).
 
-        The stack's checks at the MX (SPF, DMARC, DKIM and ARC keys) ask here: encoding the
-        query and decoding the reply cost several times what answering does. The query log
-        gets the same entry, and unexpected errors are recorded the same way.
+        The stack's checks at the MX (SPF, DMARC, DKIM and ARC keys) and the relay's MX
+        look-ups ask here: encoding the query and decoding the reply cost several times what
+        answering does. The query log gets the same entry, and unexpected errors are recorded
+        the same way. With ``peer`` (who asked, such as ``"relay"``), the look-up is also
+        recorded for the stack's transcripts, with transport ``memory``, as a query that
+        came over the network is.
 
         Returns:
             The answer, or None where :meth:`answer` would send nothing (the zone provider
@@ -129,6 +132,20 @@ class DNSServer:
         self.query_log.append((found.qname, found.qtype, found.rcode))
         if found.error is not None:
             self._on_error(found.error)
+        if peer is not None:
+            recordings = _recording.current()
+            if recordings is not None:
+                recordings.lookup(
+                    peer=peer,
+                    qname=found.qname,
+                    qtype=found.qtype,
+                    rcode=found.rcode,
+                    records=tuple(
+                        f"{rrset.rdtype.name} {rdata.to_text()}"
+                        for rrset in found.answer
+                        for rdata in rrset
+                    ),
+                )
         return found
 
     def _reply(self, query: bytes, *, max_size: int) -> Reply | None:

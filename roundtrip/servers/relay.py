@@ -9,7 +9,8 @@ How a message moves (RFC 5321 §5.1 and §4.5.4, RFC 7505, RFC 3464):
    test). The others get a delivery attempt at once: one task per attempt, retries scheduled
    with ``loop.call_later`` (no polling loop).
 2. An attempt groups the pending recipients by domain and asks our DNS server for the MX set
-   (dnspython's async resolver, ``configure=False``: the system resolver is never used). MX
+   (in memory when it runs in this process, else dnspython's async resolver with
+   ``configure=False``: the system resolver is never used; ``servers/_mxroute.py``). MX
    records are tried by preference; no MX means the domain itself is the MX (implicit MX);
    a null MX (``0 .``) bounces with 5.1.10; NXDOMAIN bounces with 5.1.2; a DNS timeout or
    SERVFAIL defers.
@@ -104,6 +105,7 @@ from ._relayqueue import STEPS as STEPS
 from ._relayqueue import Entry, Prepared, QueuedMessage, RelayEvent
 
 if TYPE_CHECKING:  # the MX client and resolver are imported on first use (issue #17)
+    from ..protocols.dns import ZoneAnswer
     from ._mxroute import Router
     from ._mxsession import Dialer, Started
 
@@ -119,6 +121,8 @@ class Relay:
 
     Args:
         dns_address: ``(ip, port)`` of the DNS server to ask for MX and address records.
+        dns_source: that server's ``lookup`` when it runs in this process: asked directly,
+            without a UDP round (``_mxroute``); None asks over the network.
         tls_context: client context trusting the stack CA (verifies certificates and names).
         local_domains: domains that live in this hermetic world; mail for any other domain
             goes to ``capture_outbound`` and never to the network.
@@ -165,6 +169,7 @@ class Relay:
         *,
         dns_address: tuple[str, int],
         tls_context: ssl.SSLContext,
+        dns_source: Callable[..., ZoneAnswer | None] | None = None,
         local_domains: Callable[[], set[str]],
         mx_port: Callable[[str], int],
         deliver_local: Callable[[str, bytes, str], None],
@@ -223,7 +228,7 @@ class Relay:
         self._ids = itertools.count(1)
         self._closed = False
         self._spool = spool
-        self._router_args = (dns_address, dns_timeout, zone_version)
+        self._router_args = (dns_address, dns_timeout, zone_version, dns_source)
         self._router_made: Router | None = None
 
     @property
@@ -238,12 +243,15 @@ class Relay:
 
     @property
     def _router(self) -> Router:
-        # The resolver (dns.asyncresolver) is imported on the first MX look-up.
+        # The router (and dns.asyncresolver, without a dns_source) comes with the first
+        # MX look-up.
         if self._router_made is None:
             from ._mxroute import Router
 
-            address, timeout, version = self._router_args
-            self._router_made = Router(dns_address=address, timeout=timeout, zone_version=version)
+            address, timeout, version, source = self._router_args
+            self._router_made = Router(
+                dns_address=address, timeout=timeout, zone_version=version, source=source
+            )
         return self._router_made
 
     # -- public API ---------------------------------------------------------------------------

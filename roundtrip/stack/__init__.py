@@ -281,6 +281,8 @@ class MailStack:
             spool = RelaySpool(self.store.root / MAILDIR_SPOOL_NAME)
         self.relay = Relay(
             dns_address=self.dns.address,
+            # The MX look-ups ask the DNS server in this process, without a UDP round.
+            dns_source=self.dns.lookup,
             tls_context=self.ca.client_context(),
             # Routed domains are delivered over SMTP like the stack's own, never captured.
             local_domains=lambda: {*self.config.domains, *self.config.routed_domains},

@@ -152,6 +152,8 @@ def _dns(query: DNSQuery) -> Transcript:
 
 
 def _answer_text(query: DNSQuery) -> str:
+    if query.records is not None:  # answered in memory
+        return " ".join([query.rcode, "; ".join(query.records)]) if query.records else query.rcode
     if not query.reply:
         return "(no answer sent)"
     try:
