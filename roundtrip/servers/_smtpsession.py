@@ -164,21 +164,28 @@ def abort_sessions(loop: asyncio.AbstractEventLoop) -> None:
 
     A client that connects and leaves before its session ends keeps a half-closed transport
     that aiosmtpd closes only when its handler returns; cancelled at shutdown, the handler
-    leaves it open on uvloop, which then warns about it when the loop closes.
+    leaves it open on uvloop, which then warns about it when the loop closes. A TLS
+    transport that is closing (the session ended with QUIT) still holds its socket while it
+    waits for the client's close_notify, which a client that closes its socket without one
+    (smtplib) never sends: it is aborted too, or the loop stops with the socket open
+    (asyncio warns, uvloop cannot close the loop; tests/test_stack_stop_clean.py).
     """
     for session in list(_LIVE):
         transport = session.transport
-        if session.loop is not loop or transport is None or transport.is_closing():
+        if session.loop is not loop or transport is None:
             continue
         # uvloop's transports are not asyncio.Transport subclasses: ask for abort() itself.
-        abort = getattr(transport, "abort", None)
-        if abort is None:
-            continue
-        try:
-            abort()
-        except (AttributeError, RuntimeError):
-            # asyncio's TLS transport whose protocol has already gone (closed meanwhile).
-            pass
+        # asyncio's TLS transport forgets its protocol when closed twice (aiosmtpd closes it
+        # after QUIT, then again as its handler ends), and its abort() then does nothing: the
+        # socket under it, kept at connection_made, is aborted instead.
+        for target in (transport, session._raw_transport):
+            abort = getattr(target, "abort", None)
+            if abort is None:
+                continue
+            try:
+                abort()
+            except (AttributeError, RuntimeError):
+                pass  # asyncio's TLS transport whose protocol has already gone
 
 
 class SMTPSession(SMTP):
@@ -193,6 +200,9 @@ class SMTPSession(SMTP):
     #: This connection's transcript when the stack records (``_recording``); message content
     #: is recorded as its size and digest, not as the bytes (``_rec_content``).
     _rec: _recording.Session | None = None
+    #: The socket transport under asyncio's TLS transport of an implicit-TLS connection, for
+    #: abort_sessions(); None elsewhere (plaintext, uvloop).
+    _raw_transport: asyncio.BaseTransport | None = None
     _rec_content = False
     _data_size = 0
 
@@ -261,6 +271,9 @@ class SMTPSession(SMTP):
             _LIVE.add(self)
         if first and self._implicit_tls:
             self._mark_implicit_tls(transport)
+            # asyncio's _SSLProtocolTransport: its SSLProtocol's transport is the socket's.
+            ssl_protocol = getattr(transport, "_ssl_protocol", None)
+            self._raw_transport = getattr(ssl_protocol, "_transport", None)
         recordings = _recording.current() if first else None
         if recordings is not None:
             self._rec = recordings.open(
