@@ -11,7 +11,10 @@ written, and no system service is started or stopped:
   ``data_directory`` and ``maillog_file``. It listens on 127.0.0.1 only: implicit-TLS
   submission (RFC 8314, "465") and STARTTLS submission (RFC 6409, "587"), plus an optional
   unauthenticated MX listener ("25"). Every outbound transport is ``error:``, so nothing
-  leaves the machine. Mail for ``domain`` goes through Dovecot LMTP over a unix socket.
+  leaves the machine, except for the foreign domains of ``relay_to``: their mail goes over
+  SMTP with STARTTLS required to the loopback MX listener of another instance (two
+  instances, one per domain, relay to each other; ``benchmarks/sections/load.py``).
+  Mail for ``domain`` goes through Dovecot LMTP over a unix socket.
   No service is chrooted: the sockets live in the temporary directory.
 - Dovecot runs as ``dovecot -F -c FILE`` (our child, output to a log file, because it keeps
   the caller's stdout open) with its own ``base_dir`` and ``state_dir``: IMAPS, POP3S, IMAP
@@ -205,6 +208,14 @@ class RealMailServer:
         duplicate_delivery: deliver every message for the domain twice.
         alter_body: append ``ALTERED_SUFFIX`` to every non-empty body line in transit.
         mx: also listen as an unauthenticated MX (STARTTLS offered) under ``ports["smtp"]``.
+        mx_port: with ``mx``, the MX listener's port instead of a free one, so that another
+            instance can be told where to relay before either starts.
+        relay_to: foreign domain -> ``(host, port)`` of another instance's MX listener (a
+            loopback address). Mail for those domains leaves over SMTP with STARTTLS required
+            (``smtp_tls_security_level = encrypt``, ``smtp_tls_CAfile`` = this ``ca``); every
+            other foreign domain still meets ``error:``. The next hop is written ``[host]:port``
+            (no MX look-up), which Postfix relays to even on one of its own addresses, so both
+            instances of a pair may share 127.0.0.1.
         profile: ``"harness"``, ``"stock"`` or ``"hardened"`` (see the module docstring);
             ``"hardened"`` adds ``ports["lmtp"]``, Dovecot's LMTP listener on TCP.
         keep: leave the temporary directory in place after ``stop()`` (for debugging).
@@ -227,6 +238,8 @@ class RealMailServer:
         mx: bool = False,
         keep: bool = False,
         profile: Profile = "harness",
+        mx_port: int | None = None,
+        relay_to: Mapping[str, tuple[str, int]] | None = None,
     ) -> None:
         if profile not in PROFILE_CHOICES:
             raise ConfigError(f"profile={profile!r} is not one of {', '.join(PROFILE_CHOICES)}")
@@ -239,6 +252,9 @@ class RealMailServer:
                 raise ValueError(host)
         except ValueError:
             raise ConfigError(f"host={host!r}: expected a loopback IP address") from None
+        if mx_port is not None and (not mx or not 0 < mx_port < 65536):
+            raise ConfigError(f"mx_port={mx_port!r}: expected a port number, with mx=True")
+        self.relay_to = self._check_relays(relay_to or {}, domain)
         if users is None:
             users = {"alice": "alice-" + secrets.token_hex(8), "bob": "bob-" + secrets.token_hex(8)}
         self.domain = domain
@@ -262,6 +278,7 @@ class RealMailServer:
         self.duplicate_delivery = duplicate_delivery
         self.alter_body = alter_body
         self.mx = mx
+        self.mx_port = mx_port
         self.keep = keep
         self.profile: Profile = profile
         self.ports: dict[str, int] = {}
@@ -397,6 +414,26 @@ class RealMailServer:
 
     # -- start-up ------------------------------------------------------------------------
 
+    @staticmethod
+    def _check_relays(
+        relays: Mapping[str, tuple[str, int]], domain: str
+    ) -> dict[str, tuple[str, int]]:
+        checked: dict[str, tuple[str, int]] = {}
+        for foreign, (relay_host, relay_port) in relays.items():
+            if foreign == domain or not foreign or any(c in foreign for c in " \t\r\n/:@,[]"):
+                raise ConfigError(f"relay_to: {foreign!r} is not a foreign domain name")
+            try:
+                loopback = ipaddress.ip_address(relay_host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback or not 0 < int(relay_port) < 65536:
+                raise ConfigError(
+                    f"relay_to[{foreign!r}] = {relay_host!r}:{relay_port!r}: expected a "
+                    "loopback IP address and a port"
+                )
+            checked[foreign] = (relay_host, int(relay_port))
+        return checked
+
     def _start_once(self) -> None:
         parent = self._parent_dir if self._parent_dir is not None else tempfile.gettempdir()
         # mkdtemp adds 8 characters to the prefix.
@@ -422,6 +459,8 @@ class RealMailServer:
         if self.profile == "hardened":
             names.append("lmtp")
         self.ports = dict(zip(names, _free_ports(self.host, len(names)), strict=True))
+        if self.mx_port is not None:
+            self.ports["smtp"] = self.mx_port
         self._write_tls()
         self._write_dovecot()
         self._write_postfix()
@@ -474,6 +513,9 @@ class RealMailServer:
         self._mkdir("tls")
         self._write("tls/key.pem", key, mode=0o600)
         self._write("tls/cert.pem", chain)
+        if self.relay_to:
+            # What Postfix's SMTP client trusts when it relays to another instance.
+            self._write("tls/ca.pem", self.ca.pem)
 
     def _write_dovecot(self) -> None:
         nobody = pwd.getpwnam("nobody")
@@ -522,6 +564,7 @@ class RealMailServer:
             discard_mail=self.discard_mail,
             duplicate_delivery=self.duplicate_delivery,
             alter_body=self.alter_body,
+            relays=self.relay_to,
         )
         for name, text in maps.items():
             self._write(f"postfix/etc/{name}", text)
@@ -543,6 +586,9 @@ class RealMailServer:
         settings = dict(_PROFILE_MAIN_CF[self.profile])
         if self.profile == "hardened":
             settings["virtual_transport"] = f"lmtp:inet:{self.host}:{self.ports['lmtp']}"
+        if self.relay_to:
+            settings["smtp_tls_security_level"] = "encrypt"
+            settings["smtp_tls_CAfile"] = self._path("tls", "ca.pem")
         main = _override_main_cf(main, settings)
         self._write("postfix/etc/main.cf", main)
         self._write("postfix/etc/master.cf", master)

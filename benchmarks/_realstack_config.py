@@ -157,14 +157,24 @@ def postfix_maps(
     discard_mail: bool,
     duplicate_delivery: bool,
     alter_body: bool,
+    relays: Mapping[str, tuple[str, int]] | None = None,
 ) -> tuple[dict[str, str], list[str]]:
-    """The lookup tables (file name under ``etc`` -> text) and the main.cf lines using them."""
+    """The lookup tables (file name under ``etc`` -> text) and the main.cf lines using them.
+
+    ``relays`` maps a foreign domain to the ``(host, port)`` its mail goes to over SMTP (the
+    ``smtp`` transport; the ``[]`` turn off MX look-ups, postconf(5) ``transport_maps``).
+    """
     maps = {
         "vmailbox": "".join(f"{user} OK\n" for user in users),
     }
     extra: list[str] = []
+    transport = ""
     if discard_mail:
-        maps["transport"] = f"{domain} discard:silently dropped by roundtrip harness\n"
+        transport += f"{domain} discard:silently dropped by roundtrip harness\n"
+    for foreign, (relay_host, relay_port) in (relays or {}).items():
+        transport += f"{foreign} smtp:[{relay_host}]:{relay_port}\n"
+    if transport:
+        maps["transport"] = transport
         extra.append(f"transport_maps = texthash:{etc}/transport")
     if duplicate_delivery:
         # The alias maps each user to itself plus user+detail; Dovecot strips the detail,
