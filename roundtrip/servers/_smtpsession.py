@@ -155,6 +155,10 @@ class _Commands(dict[str, Any]):
         return method
 
 
+class _SessionEnded(BaseException):
+    """Ends the session task after QUIT: aiosmtpd's command loop catches Exception only."""
+
+
 #: Sessions whose connection is open, for abort_sessions().
 _LIVE: weakref.WeakSet[SMTPSession] = weakref.WeakSet()
 
@@ -175,17 +179,15 @@ def abort_sessions(loop: asyncio.AbstractEventLoop) -> None:
         if session.loop is not loop or transport is None:
             continue
         # uvloop's transports are not asyncio.Transport subclasses: ask for abort() itself.
-        # asyncio's TLS transport forgets its protocol when closed twice (aiosmtpd closes it
-        # after QUIT, then again as its handler ends), and its abort() then does nothing: the
-        # socket under it, kept at connection_made, is aborted instead.
-        for target in (transport, session._raw_transport):
-            abort = getattr(target, "abort", None)
-            if abort is None:
-                continue
-            try:
-                abort()
-            except (AttributeError, RuntimeError):
-                pass  # asyncio's TLS transport whose protocol has already gone
+        # Each transport is closed once only (smtp_QUIT below), so asyncio's TLS transport
+        # still has its protocol here and its abort() reaches the socket.
+        abort = getattr(transport, "abort", None)
+        if abort is None:
+            continue
+        try:
+            abort()
+        except (AttributeError, RuntimeError):
+            pass  # a transport that a cancelled session closed twice (see MailStack.stop)
 
 
 class SMTPSession(SMTP):
@@ -200,9 +202,6 @@ class SMTPSession(SMTP):
     #: This connection's transcript when the stack records (``_recording``); message content
     #: is recorded as its size and digest, not as the bytes (``_rec_content``).
     _rec: _recording.Session | None = None
-    #: The socket transport under asyncio's TLS transport of an implicit-TLS connection, for
-    #: abort_sessions(); None elsewhere (plaintext, uvloop).
-    _raw_transport: asyncio.BaseTransport | None = None
     _rec_content = False
     _data_size = 0
 
@@ -271,9 +270,6 @@ class SMTPSession(SMTP):
             _LIVE.add(self)
         if first and self._implicit_tls:
             self._mark_implicit_tls(transport)
-            # asyncio's _SSLProtocolTransport: its SSLProtocol's transport is the socket's.
-            ssl_protocol = getattr(transport, "_ssl_protocol", None)
-            self._raw_transport = getattr(ssl_protocol, "_transport", None)
         recordings = _recording.current() if first else None
         if recordings is not None:
             self._rec = recordings.open(
@@ -370,7 +366,10 @@ class SMTPSession(SMTP):
             return
         # aiosmtpd writes the banner before its first await: nothing can arrive in between.
         self._greeted = True
-        await super()._handle_client()
+        try:
+            await super()._handle_client()
+        except _SessionEnded:
+            pass
 
     def _close_with(self, reply: str | None) -> None:
         """Send ``reply`` (if any) as the last words, close, and abort if the peer stalls."""
@@ -512,6 +511,25 @@ class SMTPSession(SMTP):
         return address, rest
 
     # DATA (RFC 5321 4.1.1.4, 4.5.2)
+
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str) -> None:
+        """Say 221 and close the connection once.
+
+        aiosmtpd's QUIT closes the transport and cancels the session task, whose cancellation
+        handler closes it a second time. asyncio's TLS transport, closed twice while it waits
+        for the client's close_notify (smtplib closes its socket without one), forgets its
+        protocol: its abort() then does nothing, and a stack stopping leaves the socket open
+        (tests/test_stack_stop_clean.py). Here the connection is closed once, and the task
+        ends as aiosmtpd's does, through an exception its command loop lets pass.
+        """
+        if arg:
+            await self.push("501 Syntax: QUIT")
+            return
+        status = await self._call_handler_hook("QUIT")
+        await self.push("221 Bye" if status is MISSING else status)
+        self._close_with(None)
+        raise _SessionEnded
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

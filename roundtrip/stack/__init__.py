@@ -342,6 +342,12 @@ class MailStack:
             await self.dns.close()
         if self._listeners is not None:
             self._listeners.close()
+        # Abort the SMTP sessions' connections before their tasks are cancelled: a cancelled
+        # aiosmtpd session closes its transport, and a TLS transport closed a second time
+        # cannot be aborted any more (abort_sessions).
+        loop = asyncio.get_running_loop()
+        abort_sessions(loop)
+        await asyncio.sleep(0)  # a yield: the aborts' connection_lost callbacks run
         # Cancel sessions still running (aiosmtpd handlers) so nothing outlives the loop.
         current = asyncio.current_task()
         tasks = [t for t in asyncio.all_tasks() if t is not current]
@@ -349,9 +355,9 @@ class MailStack:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        # And their connections, which a cancelled aiosmtpd handler leaves open.
-        abort_sessions(asyncio.get_running_loop())
-        await asyncio.sleep(0)  # a yield: the aborts' connection_lost callbacks run
+        # And the connections a cancelled handler left open.
+        abort_sessions(loop)
+        await asyncio.sleep(0)
 
     def check(self) -> None:
         """Re-raise the first exception any server raised since the last check."""
