@@ -21,12 +21,12 @@ from typing import cast
 from ..errors import ServerStartError
 from ..protocols.dns import (
     TCP_PAYLOAD_MAX,
+    AnswerCache,
     Record,
     Reply,
     Zone,
     ZoneAnswer,
     build_zone,
-    lookup,
     query_name,
     respond,
     udp_max_size,
@@ -66,6 +66,8 @@ class DNSServer:
         self.port = 0
         self.query_log: list[tuple[str, str, str]] = []
         self._zone_provider = zone_provider
+        # lookup()'s answers, per zone: the stack's checks ask the same few names per message.
+        self._answers = AnswerCache()
         self._on_error = on_error
         self._tcp_idle_timeout = tcp_idle_timeout
         self._udp: list[asyncio.DatagramTransport] = []
@@ -109,7 +111,9 @@ class DNSServer:
 
         The stack's checks at the MX (SPF, DMARC, DKIM and ARC keys) and the relay's MX
         look-ups ask here: encoding the query and decoding the reply cost several times what
-        answering does. The query log gets the same entry, and unexpected errors are recorded
+        answering does. Answers are kept while the same zone is served
+        (:class:`~roundtrip.protocols.dns.AnswerCache`): a new zone is answered from its first
+        look-up on. The query log gets the same entry, and unexpected errors are recorded
         the same way. With ``peer`` (who asked, such as ``"relay"``), the look-up is also
         recorded for the stack's transcripts, with transport ``memory``, as a query that
         came over the network is.
@@ -128,7 +132,7 @@ class DNSServer:
         except Exception as exc:
             self._on_error(exc)
             return None
-        found = lookup(zone, qname, rtype, max_size=max_size)
+        found = self._answers.lookup(zone, qname, rtype, max_size=max_size)
         self.query_log.append((found.qname, found.qtype, found.rcode))
         if found.error is not None:
             self._on_error(found.error)
