@@ -55,6 +55,8 @@ class Plan:
     fill_size: int
     big_size: int
     smtp_fill_count: int
+    #: Messages of the load section (the issue's 10,000; the quick run fits the CI budget).
+    load_messages: int
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
@@ -75,6 +77,7 @@ class Plan:
                 4096,
                 4 * 1000 * 1000,
                 200,
+                500,
             )
         return cls(
             False,
@@ -91,6 +94,7 @@ class Plan:
             10000,
             4096,
             40 * 1000 * 1000,
+            10000,
             10000,
         )
 

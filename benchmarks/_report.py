@@ -73,7 +73,7 @@ class Results:
 def fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
-    if unit == "/s":
+    if unit in ("/s", "messages"):
         return f"{value:.0f}"
     if unit == "MiB":
         return f"{value:.1f}"

@@ -2,7 +2,8 @@
 
 Usage (from the repository root)::
 
-    python -m benchmarks.run [--quick] [--json FILE] [--no-postfix] [--only inprocess|startup|auth]
+    python -m benchmarks.run [--quick] [--json FILE] [--no-postfix]
+        [--only inprocess|startup|auth|load]
 
 Prints one table with every figure of the issue and its ratio or target, and writes the same
 figures as JSON. ``--quick`` is the CI smoke version: the same rows with smaller counts and
@@ -19,6 +20,8 @@ How each figure is taken (docs/benchmarks.md says more):
   is measured beside it in rows of its own, and drives the throughput clients.
 - Postfix + Dovecot is ``benchmarks._realstack.RealMailServer``, the validator's integration
   harness, with the same lean client, the same probe and the same throughput clients.
+- The load section (``benchmarks/sections/load.py``) submits many messages across two domains
+  to our stack and then to two relaying Postfix + Dovecot instances, with the same client.
 
 Where the code is: each section measures and builds its rows in ``benchmarks/sections/``;
 every target (bound, comparison, unit, why) is in ``benchmarks/targets.py``, the only place
@@ -50,6 +53,7 @@ from benchmarks.sections import (  # noqa: E402
     imap_cost,
     inprocess,
     latency,
+    load,
     memory,
     paired,
     postfix,
@@ -58,6 +62,8 @@ from benchmarks.sections import (  # noqa: E402
     throughput,
     web,
 )
+
+_LOAD_LOG = "load: {n:,} messages over 32 connections, two domains, ours then Postfix+Dovecot"
 
 
 def collect(
@@ -75,6 +81,10 @@ def collect(
     if only == "auth":
         log("sender authentication per message: DKIM, ARC, SPF + DMARC (in-process)")
         data["auth"] = auth.measure(plan)
+        return data
+    if only == "load":
+        log(_LOAD_LOG.format(n=plan.load_messages))
+        data["load"] = load.measure(plan, with_postfix)
         return data
     log("floor: TLS 1.3 handshake + round trip, TCP round trip")
     data["floor"] = floor.measure(plan)
@@ -104,6 +114,8 @@ def collect(
         data["postfix_dovecot"] = postfix.measure(plan)
     else:
         data["postfix_dovecot"] = {"skipped": "--no-postfix"}
+    log(_LOAD_LOG.format(n=plan.load_messages))
+    data["load"] = load.measure(plan, with_postfix)
     return data
 
 
@@ -121,6 +133,7 @@ ROW_BUILDERS: tuple[Callable[[Results, dict[str, Any]], None], ...] = (
     web.rows,
     memory.rows,
     postfix.rows,
+    load.rows,
 )
 
 
@@ -129,7 +142,12 @@ def build_rows(data: dict[str, Any]) -> Results:
     res = Results(raw=data)
     builders: tuple[Callable[[Results, dict[str, Any]], None], ...] = ROW_BUILDERS
     if "floor" not in data:  # --only SECTION
-        sections = (("inprocess", inprocess.rows), ("startup", startup.rows), ("auth", auth.rows))
+        sections = (
+            ("inprocess", inprocess.rows),
+            ("startup", startup.rows),
+            ("auth", auth.rows),
+            ("load", load.rows),
+        )
         builders = tuple(build for key, build in sections if key in data)
     for build in builders:
         build(res, data)
@@ -151,12 +169,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-postfix", action="store_true", help="skip Postfix + Dovecot")
     parser.add_argument(
         "--only",
-        choices=("inprocess", "startup", "auth"),
+        choices=("inprocess", "startup", "auth", "load"),
         help="run one section: inprocess = the stack in this process on each event loop "
         "(round trips with wait_for and IMAPS, after reset() and not), first test, idle RSS; "
         "startup = first test and per-test cost with bytecode cached and not, the import and "
         "start phases, idle RSS (fresh interpreters); auth = DKIM sign/verify, ARC "
-        "seal/validate, SPF + DMARC per message",
+        "seal/validate, SPF + DMARC per message; load = 10,000 messages (--quick: 500) over 32 "
+        "connections across two domains, ours and then two relaying Postfix + Dovecot "
+        "instances, submitted and end-to-end rates, lost and duplicated",
     )
     return parser
 

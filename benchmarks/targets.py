@@ -71,6 +71,11 @@ class PerfTarget:
 
 _ISSUE = 'issue "Performance": '
 
+_LOAD = (
+    'issue "Performance, round two": end-to-end throughput, 10,000 messages over 32 '
+    "connections across two domains, stored and readable: "
+)
+
 TARGETS: tuple[PerfTarget, ...] = (
     PerfTarget(
         "first test",
@@ -183,6 +188,41 @@ TARGETS: tuple[PerfTarget, ...] = (
         3,
         "x size",
         _ISSUE + "a big message's round trip raises peak RSS by under 3x its size",
+    ),
+    PerfTarget(
+        "load end to end vs Postfix+Dovecot",
+        "load.end_to_end_vs_postfix_dovecot",
+        ">=",
+        2,
+        "x Postfix+Dovecot",
+        _LOAD + ">= 2x Postfix+Dovecot's end-to-end rate measured in the same run",
+        detail="end to end",
+    ),
+    PerfTarget(
+        "load end to end without Postfix+Dovecot",
+        "load.end_to_end",
+        ">=",
+        500,
+        "/s",
+        _LOAD + "at least 500/s where Postfix+Dovecot cannot run",
+    ),
+    PerfTarget(
+        "load: none lost",
+        "load.lost",
+        "<=",
+        0,
+        "messages",
+        _LOAD + "with zero lost",
+        detail="lost",
+    ),
+    PerfTarget(
+        "load: none duplicated",
+        "load.duplicated",
+        "<=",
+        0,
+        "messages",
+        _LOAD + "with zero duplicated",
+        detail="duplicated",
     ),
 )
 

@@ -15,6 +15,7 @@ from benchmarks.sections import (
     imap_cost,
     inprocess,
     latency,
+    load,
     memory,
     paired,
     postfix,
@@ -37,6 +38,7 @@ SECTIONS: tuple[ModuleType, ...] = (
     web,
     memory,
     postfix,
+    load,
 )
 
 __all__ = ["SECTIONS"]
