@@ -148,6 +148,7 @@ class Mailbox:
 
     __slots__ = (
         "_by_uid",
+        "_keyword_counts",
         "_message_ids",
         "_uids",
         "first_recent_uid",
@@ -178,6 +179,8 @@ class Mailbox:
         self._by_uid: dict[int, StoredMessage] = {}
         # Message-ID -> UIDs, built on the first lookup and kept up to date after it.
         self._message_ids: dict[str, list[int]] | None = None
+        # Keyword -> how many messages carry it, kept up to date by every change (keywords()).
+        self._keyword_counts: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._uids)
@@ -192,6 +195,11 @@ class Mailbox:
     def uids(self) -> list[int]:
         """A snapshot of the UIDs, ascending."""
         return list(self._uids)
+
+    def keywords(self) -> set[str]:
+        """The keywords (flags without a backslash) some message here carries: O(keywords),
+        not O(messages); IMAP's SELECT lists them in its FLAGS response."""
+        return set(self._keyword_counts)
 
     def get(self, uid: int) -> StoredMessage | None:
         """The message with this UID, or None: O(1)."""
@@ -228,6 +236,7 @@ class Mailbox:
     def _add(self, msg: StoredMessage) -> None:
         self._uids.append(msg.uid)
         self._by_uid[msg.uid] = msg
+        self._count_keywords(msg.flags, 1)
         self.modseq += 1
         if self._message_ids is not None:
             key = message_id_of(msg.raw)
@@ -240,10 +249,26 @@ class Mailbox:
             drop = set(gone)
             self._uids = [u for u in self._uids if u not in drop]
             for u in gone:
-                del self._by_uid[u]
+                self._count_keywords(self._by_uid.pop(u).flags, -1)
             self.modseq += 1
             self._message_ids = None  # rebuilt on the next lookup
         return gone
+
+    def _reflag(self, msg: StoredMessage, flags: frozenset[str]) -> None:
+        self._count_keywords(msg.flags, -1)
+        msg.flags = flags
+        self._count_keywords(flags, 1)
+
+    def _count_keywords(self, flags: Iterable[str], step: int) -> None:
+        counts = self._keyword_counts
+        for flag in flags:
+            if flag.startswith("\\"):
+                continue
+            left = counts.get(flag, 0) + step
+            if left > 0:
+                counts[flag] = left
+            else:
+                counts.pop(flag, None)
 
 
 class Mailboxes(list[Mailbox]):
@@ -630,7 +655,7 @@ class Store:
             done, failure = self._write_flags(box, wanted)
             changed = [msg for msg, _ in wanted[:done]]
             for msg, flags in wanted[:done]:
-                msg.flags = flags
+                box._reflag(msg, flags)
             if changed:
                 box.modseq += 1
                 self._bump()

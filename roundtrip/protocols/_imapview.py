@@ -79,27 +79,23 @@ class MailboxView:
         self._pending_expunge: set[int] = set()
         self._pending_flags: set[int] = set()
         self._take_recent(self.uids)
-        for uid in self.uids:
-            msg = box.get(uid)
-            if msg is not None:
-                self.keywords.update(f for f in msg.flags if not f.startswith("\\"))
+        self.keywords.update(box.keywords())
 
     def _take_recent(self, new: list[int]) -> None:
         """Mark which of the ``new`` UIDs (ascending) are recent in this session."""
         if not new:
             return
         if self._claim is None:
-            floor = self.box.first_recent_uid
-            self.recent.update(u for u in new if u >= floor)
+            self.recent.update(new[bisect.bisect_left(new, self.box.first_recent_uid) :])
             return
         first, end = self._claim()
         # Older ranges lie below every new UID: drop them, so the list stays short.
         self._claimed = [r for r in self._claimed if r[1] > new[0]]
         if first < end:
             self._claimed.append((first, end))
-        for uid in new:
-            if any(lo <= uid < hi for lo, hi in self._claimed):
-                self.recent.add(uid)
+        # ``new`` is ascending: each claimed range is one slice of it (O(log n) to find).
+        for lo, hi in self._claimed:
+            self.recent.update(new[bisect.bisect_left(new, lo) : bisect.bisect_left(new, hi)])
 
     def flags_of(self, msg: IMAPMessage) -> frozenset[str]:
         """The flags to show for ``msg``: its stored ones, plus ``\\Recent`` in this session."""
