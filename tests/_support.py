@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import select
@@ -11,10 +12,13 @@ import ssl
 import struct
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
+
+from roundtrip.maildir import MaildirStore
+from roundtrip.store import Store
 
 if TYPE_CHECKING:
     import asyncio
@@ -25,7 +29,6 @@ if TYPE_CHECKING:
     from roundtrip.servers._conn import LineServerProtocol
     from roundtrip.servers._runner import LoopThread
     from roundtrip.servers.smtp import Accepted, Router
-    from roundtrip.store import Store
 
 #: Where the test listeners bind and clients connect.
 LOOPBACK = "127.0.0.1"
@@ -360,3 +363,17 @@ class RawSMTPClient:
         """Close with a TCP RST (SO_LINGER 0): an abrupt disconnect."""
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
+
+
+@contextlib.contextmanager
+def backend_store(kind: str, path: Path, users: dict[str, str]) -> Iterator[Store]:
+    """A store of either backend (``"memory"`` or ``"maildir"`` under ``path``) with
+    ``users``; a Maildir store is closed afterwards. For tests that hold both to one rule."""
+    store: Store = Store() if kind == "memory" else MaildirStore(path)
+    for address, password in users.items():
+        store.add_user(address, password)
+    try:
+        yield store
+    finally:
+        if isinstance(store, MaildirStore):
+            store.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _support import make_message
+from _support import backend_store, make_message
 from imapclient import IMAPClient
 
 from roundtrip import MailStack, StackConfig, User
@@ -38,14 +38,8 @@ def _maildir(path: Path) -> MaildirStore:
 @pytest.fixture(params=["memory", "maildir"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """The same behaviour is required of both backends."""
-    if request.param == "memory":
-        s: Store = Store()
-    else:
-        s = MaildirStore(tmp_path / "mail")
-    s.add_user(ALICE, "secret")
-    yield s
-    if isinstance(s, MaildirStore):
-        s.close()
+    with backend_store(request.param, tmp_path / "mail", {ALICE: "secret"}) as s:
+        yield s
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _support import backend_store
 
 from roundtrip.maildir import MaildirStore
 from roundtrip.protocols.imap import IMAPConnection
@@ -27,14 +28,8 @@ FLAGS = ("\\Seen", "\\Flagged", "$label1", "$label2", "Junk", "$Forwarded")
 
 @pytest.fixture(params=["memory", "maildir"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "memory":
-        s: Store = Store()
-    else:
-        s = MaildirStore(tmp_path / "mail")
-    s.add_user(ALICE, "secret")
-    yield s
-    if isinstance(s, MaildirStore):
-        s.close()
+    with backend_store(request.param, tmp_path / "mail", {ALICE: "secret"}) as s:
+        yield s
 
 
 def _recomputed(box: Mailbox) -> set[str]:
