@@ -79,7 +79,7 @@ from ._imapparse import (
 from ._imapsearch import BadCharsetError
 from ._imapstore import IMAPMailbox, IMAPMessage, IMAPStore, IMAPStoreChange
 from ._imapview import MailboxView
-from ._imapwire import NoResponseError, mailbox_arg, safe, text_arg
+from ._imapwire import NoResponseError, flag_list, mailbox_arg, safe, text_arg
 from ._lines import (
     CRLF,
     AuthenticationFailed,
@@ -116,6 +116,11 @@ class IMAPState(enum.Enum):
     #: Finished: BYE sent or the peer went away; all input is ignored.
     LOGOUT = "logout"
 
+
+#: FETCH items the flags-only path answers (``IMAPConnection._fetch_flags``); the switch lets
+#: tests compare it with the general path.
+_FLAG_ITEMS = frozenset({"FLAGS", "UID"})
+_FLAGS_FAST_PATH = True
 
 _TAG_RE = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\+]+\Z')
 
@@ -736,6 +741,10 @@ class IMAPConnection:
             items.insert(0, FetchItem("UID"))
         sets_seen = not view.readonly and any(i.sets_seen for i in items)
         wants_flags = any(i.name == "FLAGS" for i in items)
+        if _FLAGS_FAST_PATH and not sets_seen and all(i.name in _FLAG_ITEMS for i in items):
+            self._fetch_flags(view, indices, [i.name for i in items])
+            self._tagged(tag, "OK", "FETCH completed")
+            return
         for index in indices:
             msg_uid = view.uids[index]
             msg = box.get(msg_uid)
@@ -759,6 +768,46 @@ class IMAPConnection:
             for chunk in chunks:  # one by one: a message literal is never copied
                 self._out += chunk
         self._tagged(tag, "OK", "FETCH completed")
+
+    def _fetch_flags(self, view: MailboxView, indices: Iterable[int], names: list[str]) -> None:
+        """FETCH of FLAGS and UID alone: what a client syncing a folder asks of every message.
+
+        The same responses as the general path (``_imapfetch.fetch_response``), with each
+        distinct flag set rendered and announced once, and the lines handed over in batches:
+        about a microsecond a message instead of ten (100,000 messages: issue #17).
+        """
+        box = view.box
+        known = view.known_flags
+        recent = view.recent
+        wants_flags = "FLAGS" in names
+        rendered: dict[tuple[frozenset[str], bool], bytes] = {}
+        batch: list[bytes] = []
+        text = b""
+        for index in indices:
+            msg_uid = view.uids[index]
+            msg = box.get(msg_uid)
+            if msg is None:  # expunged by another session, not yet announced
+                continue
+            if wants_flags:
+                flags = msg.flags
+                key = (flags, msg_uid in recent)
+                found = rendered.get(key)
+                if found is None:
+                    announced = view.announce(flags)
+                    if announced:  # before the first FETCH that shows the keyword
+                        self._out += b"".join(batch)
+                        batch.clear()
+                        self._send_all(announced)
+                    found = rendered[key] = b"FLAGS " + flag_list(view.flags_of(msg))
+                text = found
+                known[msg_uid] = flags
+            parts = [text if name == "FLAGS" else b"UID %d" % msg_uid for name in names]
+            batch.append(b"* %d FETCH (%s)\r\n" % (index + 1, b" ".join(parts)))
+            if len(batch) >= 1024:
+                self._out += b"".join(batch)
+                batch.clear()
+        if batch:
+            self._out += b"".join(batch)
 
     def _store(self, tag: str, args: list[Token], *, uid: bool) -> None:
         view = self._selected()
