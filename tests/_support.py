@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from roundtrip.maildir import MaildirStore
+from roundtrip.protocols.imap import IMAPConnection
 from roundtrip.store import Store
 
 if TYPE_CHECKING:
@@ -377,3 +378,21 @@ def backend_store(kind: str, path: Path, users: dict[str, str]) -> Iterator[Stor
     finally:
         if isinstance(store, MaildirStore):
             store.close()
+
+
+def imap_session(store: Store, address: str, password: str) -> IMAPConnection:
+    """An ``IMAPConnection`` over ``store`` (sans-IO), greeted and logged in as ``address``,
+    hearing the store's changes as a served session does."""
+    conn = IMAPConnection(
+        store,
+        hostname="imap.example.test",
+        secure=True,
+        starttls_available=False,
+        clock=lambda: 1_700_000_000.0,
+    )
+    store.add_listener(conn.on_store_change)
+    conn.data_to_send()
+    list(conn.receive_data(f'a LOGIN {address} "{password}"\r\n'.encode()))
+    reply = conn.data_to_send()
+    assert b"a OK" in reply, reply
+    return conn

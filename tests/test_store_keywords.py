@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _support import backend_store
+from _support import backend_store, imap_session
 
 from roundtrip.maildir import MaildirStore
-from roundtrip.protocols.imap import IMAPConnection
 from roundtrip.store import Mailbox, Store
 
 ALICE = "alice@example.com"
@@ -85,16 +84,7 @@ def test_keywords_are_counted_again_when_a_maildir_is_reopened(tmp_path: Path) -
 
 
 def _select_flags(store: Store) -> bytes:
-    conn = IMAPConnection(
-        store,
-        hostname="imap.example.test",
-        secure=True,
-        starttls_available=False,
-        clock=lambda: 1_700_000_000.0,
-    )
-    conn.data_to_send()
-    list(conn.receive_data(b"a LOGIN alice@example.com secret\r\n"))
-    conn.data_to_send()
+    conn = imap_session(store, ALICE, "secret")
     list(conn.receive_data(b"b SELECT INBOX\r\n"))
     out = conn.data_to_send()
     return next(line for line in out.split(b"\r\n") if line.startswith(b"* FLAGS ("))

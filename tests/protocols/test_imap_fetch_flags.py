@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from _support import imap_session
 
 import roundtrip.protocols.imap as imap_module
 from roundtrip.protocols.imap import IMAPConnection
@@ -25,17 +26,7 @@ FLAGS = ("\\Seen", "\\Flagged", "\\Answered", "\\Draft", "$label1", "$Forwarded"
 
 
 def _connection(store: Store) -> IMAPConnection:
-    conn = IMAPConnection(
-        store,
-        hostname="imap.example.test",
-        secure=True,
-        starttls_available=False,
-        clock=lambda: 1_700_000_000.0,
-    )
-    store.add_listener(conn.on_store_change)
-    conn.data_to_send()
-    _cmd(conn, f"a LOGIN {ALICE} {PASSWORD}")
-    return conn
+    return imap_session(store, ALICE, PASSWORD)
 
 
 def _cmd(conn: IMAPConnection, line: str) -> bytes:

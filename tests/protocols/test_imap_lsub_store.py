@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from roundtrip.protocols.imap import IMAPConnection
+from _support import imap_session
+
 from roundtrip.store import Mailbox, Store
 
 USER, PASSWORD = "alice@example.test", "wonderland"
@@ -24,16 +25,7 @@ class PlainListStore(Store):
 
 
 def _lsub(store: Store, pattern: str = "*") -> list[bytes]:
-    conn = IMAPConnection(
-        store,
-        hostname="imap.example.test",
-        secure=True,
-        starttls_available=False,
-        clock=lambda: 0.0,
-    )
-    conn.data_to_send()
-    conn.receive_data(f'a1 LOGIN {USER} "{PASSWORD}"\r\n'.encode())
-    assert b"a1 OK" in conn.data_to_send()
+    conn = imap_session(store, USER, PASSWORD)
     conn.receive_data(f'a2 LSUB "" "{pattern}"\r\n'.encode())
     out = conn.data_to_send()
     assert b"a2 OK LSUB completed" in out, out
