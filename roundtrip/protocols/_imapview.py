@@ -78,6 +78,7 @@ class MailboxView:
         self._high_uid = self.uids[-1] if self.uids else 0
         self._pending_expunge: set[int] = set()
         self._pending_flags: set[int] = set()
+        self._last_search: tuple[tuple[object, ...], tuple[int, ...]] | None = None
         self._take_recent(self.uids)
         self.keywords.update(box.keywords())
 
@@ -226,6 +227,13 @@ class MailboxView:
                     found.append(wanted if uid else i + 1)
             return found
         top = self.uids[-1] if self.uids else 0
+        # The same SEARCH again, nothing changed since (the mailbox's modseq moves on every
+        # delivery, flag change and expunge; the view's UIDs on every update it announced):
+        # the last answer. A client polling for new mail repeats one search (issue #17: a
+        # repeated SEARCH SUBJECT over 100,000 messages took 113 ms, Dovecot's 0.5 ms).
+        key = (self.box.modseq, len(self.uids), top, uid, repr(args))
+        if self._last_search is not None and self._last_search[0] == key:
+            return list(self._last_search[1])
         matcher = compile_search(
             args, count=len(self.uids), max_uid=top, recent=self.recent, on_error=on_error
         )
@@ -234,4 +242,5 @@ class MailboxView:
             msg = self.box.get(u)
             if msg is not None and matcher(msg, i + 1):
                 hits.append(u if uid else i + 1)
+        self._last_search = (key, tuple(hits))
         return hits
