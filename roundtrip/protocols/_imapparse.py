@@ -272,6 +272,10 @@ class _Tokenizer:
                 end = line.find(b"]", i)
                 # Without a "]" the "[" is an ordinary ATOM-CHAR (RFC 3501 section 9: only
                 # "]", a resp-special, is excluded from atoms), as in a mailbox name "a[b".
+                # What the brackets hold is 7-bit too (a section spec; quoted strings there
+                # are 7-bit): "[\x80]" is refused, not decoded.
+                if end >= 0 and _NOT_7BIT_TEXT.search(line, i, end):
+                    raise ParseError("non-ASCII or control character in atom")
                 i = i + 1 if end < 0 else end + 1
                 continue
             if c in _ATOM_END:
@@ -285,6 +289,10 @@ class _Tokenizer:
         if i == start:
             raise ParseError("empty atom")
         return line[start:i].decode("ascii")
+
+
+#: A byte no atom may hold, inside a section's brackets included (RFC 3501 section 9).
+_NOT_7BIT_TEXT = re.compile(rb"[\x00-\x1f\x7f-\xff]")
 
 
 def tokenize(cmd: RawCommand) -> list[Token]:
