@@ -380,9 +380,11 @@ def backend_store(kind: str, path: Path, users: dict[str, str]) -> Iterator[Stor
             store.close()
 
 
-def imap_session(store: Store, address: str, password: str) -> IMAPConnection:
-    """An ``IMAPConnection`` over ``store`` (sans-IO), greeted and logged in as ``address``,
-    hearing the store's changes as a served session does."""
+def imap_session(
+    store: Store, address: str, password: str, *, login: bool = True
+) -> IMAPConnection:
+    """An ``IMAPConnection`` over ``store`` (sans-IO), greeted and logged in as ``address``
+    (``login=False``: greeted only), hearing the store's changes as a served session does."""
     conn = IMAPConnection(
         store,
         hostname="imap.example.test",
@@ -392,6 +394,8 @@ def imap_session(store: Store, address: str, password: str) -> IMAPConnection:
     )
     store.add_listener(conn.on_store_change)
     conn.data_to_send()
+    if not login:
+        return conn
     list(conn.receive_data(f'a LOGIN {address} "{password}"\r\n'.encode()))
     reply = conn.data_to_send()
     assert b"a OK" in reply, reply

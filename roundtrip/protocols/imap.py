@@ -189,6 +189,11 @@ class IMAPConnection:
         self.state = IMAPState.NOT_AUTHENTICATED
         self.user: str | None = None
         self._out = OutputBuffer()
+        #: Set by an adapter that can send output while a command is still being answered:
+        #: a long FETCH calls it between batches, so the client reads while the rest is
+        #: built. It is called only while this input raised no event (nothing the adapter
+        #: must see first, such as a failed login whose reply it holds back).
+        self.flush_hook: Callable[[], None] | None = None
         self._events: list[Event] = []
         self._reader = CommandReader(max_line)
         self._bad = 0
@@ -774,38 +779,47 @@ class IMAPConnection:
 
         The same responses as the general path (``_imapfetch.fetch_response``), with each
         distinct flag set rendered and announced once, and the lines handed over in batches:
-        about a microsecond a message instead of ten (100,000 messages: issue #17).
+        a few microseconds a message instead of about seven (100,000 messages: issue #17).
         """
-        box = view.box
+        get = view.box.get
+        uids = view.uids
         known = view.known_flags
         recent = view.recent
         wants_flags = "FLAGS" in names
-        rendered: dict[tuple[frozenset[str], bool], bytes] = {}
+        # The line's shape once: "%d" for the sequence number, then the items in order.
+        shape = b"* %d FETCH (" + b" ".join(b"%s" if n == "FLAGS" else b"UID %d" for n in names)
+        shape += b")\r\n"
+        order = [n for n in names if n in ("FLAGS", "UID")]
+        rendered: dict[frozenset[str], bytes] = {}
+        rendered_recent: dict[frozenset[str], bytes] = {}
         batch: list[bytes] = []
-        text = b""
+        append = batch.append
         for index in indices:
-            msg_uid = view.uids[index]
-            msg = box.get(msg_uid)
+            msg_uid = uids[index]
+            msg = get(msg_uid)
             if msg is None:  # expunged by another session, not yet announced
                 continue
+            text = b""
             if wants_flags:
                 flags = msg.flags
-                key = (flags, msg_uid in recent)
-                found = rendered.get(key)
+                cache = rendered_recent if recent and msg_uid in recent else rendered
+                found = cache.get(flags)
                 if found is None:
                     announced = view.announce(flags)
                     if announced:  # before the first FETCH that shows the keyword
                         self._out += b"".join(batch)
                         batch.clear()
                         self._send_all(announced)
-                    found = rendered[key] = b"FLAGS " + flag_list(view.flags_of(msg))
+                    found = cache[flags] = b"FLAGS " + flag_list(view.flags_of(msg))
                 text = found
                 known[msg_uid] = flags
-            parts = [text if name == "FLAGS" else b"UID %d" % msg_uid for name in names]
-            batch.append(b"* %d FETCH (%s)\r\n" % (index + 1, b" ".join(parts)))
+            values = [text if n == "FLAGS" else msg_uid for n in order]
+            append(shape % (index + 1, *values))
             if len(batch) >= 1024:
                 self._out += b"".join(batch)
                 batch.clear()
+                if self.flush_hook is not None and not self._events:
+                    self.flush_hook()
         if batch:
             self._out += b"".join(batch)
 

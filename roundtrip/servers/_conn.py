@@ -201,6 +201,8 @@ class LineServerProtocol(asyncio.Protocol):
             self._on_error(exc)
             transport.abort()
             return
+        if hasattr(self._machine, "flush_hook"):
+            self._machine.flush_hook = self._flush_early
         on_change = getattr(self._machine, "on_store_change", None)
         if self._subscribe is not None and on_change is not None:
             self._unsubscribe = self._subscribe(self._store_changed)
@@ -326,6 +328,13 @@ class LineServerProtocol(asyncio.Protocol):
                     rec.server(chunk)
         self._pending.extend(memoryview(c) for c in chunks if c)
         self._pump()
+
+    def _flush_early(self) -> None:
+        """Send what the machine has written so far, while it still answers a command (a
+        long FETCH): never while replies are held back (a failed login's delay) or during
+        a TLS upgrade."""
+        if self._hold_handle is None and not self._closed and not self._upgrading:
+            self._flush()
 
     def _pump(self) -> None:
         """Write pending output until the transport asks us to pause (or nothing is left).

@@ -111,3 +111,40 @@ def test_a_new_keyword_is_announced_before_the_fetch_that_shows_it() -> None:
     _cmd(other, "t STORE 1 +FLAGS ($fresh)")
     out = _cmd(conn, "f FETCH 1:* (FLAGS)")
     assert out.index(b"* FLAGS (") < out.index(b"* 1 FETCH (FLAGS ($fresh")
+
+
+def _big_mailbox(count: int) -> Store:
+    store = Store()
+    store.add_user(ALICE, PASSWORD)
+    for i in range(count):
+        store.deliver(ALICE, RAW, flags=("\\Seen",) if i % 2 else ())
+    return store
+
+
+def test_a_long_flags_fetch_hands_its_output_over_while_it_runs() -> None:
+    conn = _connection(_big_mailbox(3000))
+    _cmd(conn, "s SELECT INBOX")
+    handed: list[int] = []
+    conn.flush_hook = lambda: handed.append(len(conn.data_to_send()))
+    rest = _cmd(conn, "f FETCH 1:* (FLAGS)")
+    # Two batches of 1,024 lines went to the adapter before the command ended; the rest and
+    # the tagged reply came after.
+    assert len(handed) == 2 and all(n > 0 for n in handed)
+    assert rest.endswith(b"f OK FETCH completed\r\n") and rest.startswith(b"* 2049 FETCH")
+
+
+def test_nothing_is_handed_over_early_behind_a_failed_login() -> None:
+    """The twin: a failed LOGIN in the same input is an event the adapter must see first (it
+    holds that reply back, docs/security.md A4.3), so the FETCH's output waits too."""
+    store = _big_mailbox(3000)
+    conn = imap_session(store, ALICE, PASSWORD, login=False)
+    handed: list[int] = []
+    conn.flush_hook = lambda: handed.append(1)
+    pipelined = (
+        f"a LOGIN {ALICE} wrong\r\nb LOGIN {ALICE} {PASSWORD}\r\n"
+        "c SELECT INBOX\r\nd FETCH 1:* (FLAGS)\r\n"
+    )
+    events = conn.receive_data(pipelined.encode())
+    out = conn.data_to_send()
+    assert events and handed == []
+    assert b"a NO" in out and out.endswith(b"d OK FETCH completed\r\n")
