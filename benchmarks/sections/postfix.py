@@ -73,8 +73,14 @@ def _measure_running(plan: Plan, server: Any, big_pw: str, out: dict[str, Any]) 
         str(c): throughput(target, c, plan.throughput_seconds, plan.throughput_warmup)
         for c in plan.throughput_clients
     }
+    out["imap_costs"] = dovecot_imap_costs(plan, server, big_pw)
+    out["versions"] = _versions()
+
+
+def dovecot_imap_costs(plan: Plan, server: Any, big_pw: str) -> dict[str, Any]:
+    """The IMAP cost section's figures against Dovecot (user ``big``, Maildir filled here)."""
     user = server.mailbox_address("big")
-    out["imap_costs"] = imap_costs(
+    return imap_costs(
         lambda: open_imap(
             server.host,
             server.ports["imaps"],
@@ -87,7 +93,22 @@ def _measure_running(plan: Plan, server: Any, big_pw: str, out: dict[str, Any]) 
         plan.imap_sizes,
         plan.imap_repeat,
     )
-    out["versions"] = _versions()
+
+
+def measure_imap(plan: Plan) -> dict[str, Any]:
+    """Dovecot's IMAP costs alone (``--only imap``), or ``{"skipped": reason}``."""
+    from benchmarks._realstack import RealMailServer
+
+    ok, reason = RealMailServer.is_available()
+    if not ok:
+        return {"skipped": reason}
+    big_pw = "big-" + os.urandom(6).hex()
+    server = RealMailServer(users={"big": big_pw})
+    server.start()
+    try:
+        return {"imap_costs": dovecot_imap_costs(plan, server, big_pw), "versions": _versions()}
+    finally:
+        server.stop()
 
 
 def measure(plan: Plan) -> dict[str, Any]:
