@@ -789,7 +789,6 @@ class IMAPConnection:
         # The line's shape once: "%d" for the sequence number, then the items in order.
         shape = b"* %d FETCH (" + b" ".join(b"%s" if n == "FLAGS" else b"UID %d" for n in names)
         shape += b")\r\n"
-        order = [n for n in names if n in ("FLAGS", "UID")]
         rendered: dict[frozenset[str], bytes] = {}
         rendered_recent: dict[frozenset[str], bytes] = {}
         batch: list[bytes] = []
@@ -813,7 +812,7 @@ class IMAPConnection:
                     found = cache[flags] = b"FLAGS " + flag_list(view.flags_of(msg))
                 text = found
                 known[msg_uid] = flags
-            values = [text if n == "FLAGS" else msg_uid for n in order]
+            values = [text if n == "FLAGS" else msg_uid for n in names]
             append(shape % (index + 1, *values))
             if len(batch) >= 1024:
                 self._out += b"".join(batch)
