@@ -374,7 +374,17 @@ def fetchmail(
     )
     os.chmod(rc, 0o600)
     proc = run(
-        [require("fetchmail", "fetchmail"), "-v", "--nodetach", "-f", str(rc)],
+        # As root fetchmail locks /var/run/fetchmail.pid, whatever FETCHMAILHOME says: two
+        # test workers would refuse each other ("another foreground fetchmail is running").
+        [
+            require("fetchmail", "fetchmail"),
+            "-v",
+            "--nodetach",
+            "--pidfile",
+            str(home / "fetchmail.pid"),
+            "-f",
+            str(rc),
+        ],
         home,
         FETCHMAILHOME=str(home),
     )
