@@ -15,6 +15,7 @@ signatures use it (:class:`BodyHashes`), and the signatures themselves are OpenS
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
@@ -188,6 +189,16 @@ _TRAILING_WSP = re.compile(rb"[ \t]+(?=\r\n)")
 _TRAILING_CRLFS = re.compile(rb"(?:\r\n)+\Z")
 
 
+def _trailing_crlfs(chunk: bytes) -> int:
+    """How many CRLFs end ``chunk``. Only the run of CR and LF at its end is looked at: a
+    regular expression anchored at the end still tries every position of the chunk."""
+    tail = chunk[len(chunk.rstrip(b"\r\n")) :]
+    if tail == b"\r\n" * (len(tail) // 2):  # the usual case: CRLFs and nothing else
+        return len(tail) // 2
+    match = _TRAILING_CRLFS.search(tail)  # a bare CR or LF among them
+    return (match.end() - match.start()) // 2 if match else 0
+
+
 class _Canonicalizer:
     """Feeds a body to hashes in canonical form, holding back trailing empty lines."""
 
@@ -214,9 +225,8 @@ class _Canonicalizer:
                 chunk = _TRAILING_WSP.sub(b"", chunk)
             if b"\t" in chunk or b"  " in chunk:
                 chunk = _WSP_RUN.sub(b" ", chunk)
-        match = _TRAILING_CRLFS.search(chunk)
-        crlfs = (match.end() - match.start()) // 2 if match else 0
-        content = chunk[: match.start()] if match else chunk
+        crlfs = _trailing_crlfs(chunk)
+        content = chunk[: len(chunk) - 2 * crlfs] if crlfs else chunk
         if not content:
             self.pending += crlfs
             return
@@ -373,6 +383,7 @@ MIN_RSA_BITS = 1024
 MAX_RSA_BITS = 8192
 
 
+@functools.lru_cache(maxsize=256)
 def parse_public_key(kind: bytes, p: bytes) -> PublicKey:
     """The key a record's ``k=`` and ``p=`` publish.
 
