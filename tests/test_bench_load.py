@@ -80,7 +80,9 @@ def _run(rate: float, lost: int = 0) -> dict[str, Any]:
     }
 
 
-def _report(theirs: dict[str, Any], ours: dict[str, Any]) -> tuple[Results, str]:
+def _report(
+    theirs: dict[str, Any], ours: dict[str, Any], same: dict[str, Any] | None = None
+) -> tuple[Results, str]:
     data = {
         "machine": dict.fromkeys(
             ("cpu", "cpus", "memory", "kernel", "python", "openssl", "date", "commit"), "x"
@@ -89,6 +91,8 @@ def _report(theirs: dict[str, Any], ours: dict[str, Any]) -> tuple[Results, str]
         "plan": {"quick": False},
         "load": {"messages": 1000, "connections": 32, "ours": ours, "postfix_dovecot": theirs},
     }
+    if same is not None:
+        data["load"]["ours_same_work"] = same  # type: ignore[index]
     res = Results(raw=data)
     load.rows(res, data)
     return res, render(res)
@@ -115,6 +119,41 @@ def test_bench_load_rows_fall_back_to_500_per_second_without_postfix_dovecot() -
     assert "Postfix+Dovecot not run: --no-postfix" in fallback.note
     res, _ = _report({"skipped": "--no-postfix"}, _run(400.0))
     assert res.judged["load.end_to_end"].met is False
+
+
+def test_bench_load_rows_show_the_run_without_sender_checks_beside_theirs() -> None:
+    res, text = _report(_run(100.0), _run(150.0), _run(420.0))
+    (row,) = [r for r in res.rows if "sender checks off" in r.name]
+    assert row.ours == 420.0 and row.ratio == pytest.approx(4.2)
+    assert row.name in text and not row.target  # shown beside the target's row, not judged
+    assert "dkim=False, sender_auth=False" in row.note
+    # The target stays on the default run: 1.5x is a miss, whatever the other run did.
+    assert res.judged["load.end_to_end_vs_postfix_dovecot"].met is False
+    assert res.judged["load.lost"].met is True
+    # A message lost in the run without sender checks is a loss all the same.
+    res, _ = _report(_run(100.0), _run(250.0), _run(420.0, lost=2))
+    assert res.judged["load.lost"].ours == 2.0 and res.judged["load.lost"].met is False
+    assert not [r for r in _report(_run(100.0), _run(250.0))[0].rows if "checks off" in r.name]
+
+
+def test_bench_load_stack_child_turns_the_sender_checks_off_when_asked() -> None:
+    from benchmarks import _server
+
+    for asked, expected in (
+        ({}, (True, True)),
+        ({"dkim": False, "sender_auth": False}, (False, False)),
+    ):
+        state = _server._State()
+        reply: dict[str, Any] = {}
+        try:
+            cmd = {"domains": ["example.com"], "users": ["user@example.com"], **asked}
+            _server._op_start(state, cmd, reply)
+            assert state.stack is not None
+            config = state.stack.config
+            assert (config.dkim, config.sender_auth) == expected
+            assert bool(state.stack.dkim_keys.get("example.com")) is expected[0]
+        finally:
+            state.close()
 
 
 def _maps(discard_mail: bool) -> tuple[dict[str, str], list[str]]:

@@ -102,9 +102,11 @@ def measure(plan: Plan) -> dict[str, Any]:
     from roundtrip.protocols import arc
 
     # A forwarder's ARC set (a mailing list, StackConfig.forwards), and its check at the MX.
-    results = "dkim=pass header.d=example.com; spf=pass smtp.mailfrom=example.com"
+    forwarded = "dkim=pass header.d=example.com; spf=pass smtp.mailfrom=example.com"
     arrived = arc.validate(signed["both"], dkim_lookup)
-    sealed = arc.seal(signed["both"], rsa[0], "mail.example.org", results, arrived) + signed["both"]
+    sealed = (
+        arc.seal(signed["both"], rsa[0], "mail.example.org", forwarded, arrived) + signed["both"]
+    )
     if arc.validate(sealed, dkim_lookup).result != "pass":
         raise RuntimeError("auth section: the ARC set did not validate")
 
@@ -124,7 +126,7 @@ def measure(plan: Plan) -> dict[str, Any]:
         "verify_both": _summary(_times(n, lambda: verify(signed["both"], dkim_lookup))),
         "spf_dmarc": _summary(_times(n, check)),
         "arc_seal": _summary(
-            _times(n, lambda: arc.seal(signed["both"], rsa[0], "mx", results, arrived))
+            _times(n, lambda: arc.seal(signed["both"], rsa[0], "mx", forwarded, arrived))
         ),
         "arc_validate": _summary(_times(n, lambda: arc.validate(sealed, dkim_lookup))),
     }
