@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python -m benchmarks.run [--quick] [--json FILE] [--no-postfix]
-        [--only inprocess|startup|auth|imap|load]
+        [--only inprocess|startup|auth|imap|paired|load]
 
 Prints one table with every figure of the issue and its ratio or target, and writes the same
 figures as JSON. ``--quick`` is the CI smoke version: the same rows with smaller counts and
@@ -89,6 +89,11 @@ def collect(
             postfix.measure_imap(plan) if with_postfix else {"skipped": "--no-postfix"}
         )
         return data
+    if only == "paired":
+        log("paired samples: floor, same and cross domain, Postfix+Dovecot, interleaved")
+        users = [f"user@{d}" for d in DOMAINS] + [IMAP_USER]
+        data["paired"] = paired.measure(plan, users, with_postfix)
+        return data
     if only == "load":
         log(_LOAD_LOG.format(n=plan.load_messages))
         data["load"] = load.measure(plan, with_postfix)
@@ -154,6 +159,7 @@ def build_rows(data: dict[str, Any]) -> Results:
             ("startup", startup.rows),
             ("auth", auth.rows),
             ("imap_costs", imap_cost.rows),
+            ("paired", paired.rows),
             ("load", load.rows),
         )
         builders = tuple(build for key, build in sections if key in data)
@@ -177,13 +183,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-postfix", action="store_true", help="skip Postfix + Dovecot")
     parser.add_argument(
         "--only",
-        choices=("inprocess", "startup", "auth", "imap", "load"),
+        choices=("inprocess", "startup", "auth", "imap", "paired", "load"),
         help="run one section: inprocess = the stack in this process on each event loop "
         "(round trips with wait_for and IMAPS, after reset() and not), first test, idle RSS; "
         "startup = first test and per-test cost with bytecode cached and not, the import and "
         "start phases, idle RSS (fresh interpreters); auth = DKIM sign/verify, ARC "
         "seal/validate, SPF + DMARC per message; imap = SELECT, SEARCH, FETCH against "
-        "mailbox size up to 100,000 messages, ours and Dovecot's; load = 10,000 messages "
+        "mailbox size up to 100,000 messages, ours and Dovecot's; paired = the round-trip "
+        "targets: the floor, our same- and cross-domain round trips (and with the sender "
+        "checks off) and Postfix+Dovecot's, sampled in turn; load = 10,000 messages "
         "(--quick: 500) over 32 connections across two domains, ours and then two relaying "
         "Postfix + Dovecot "
         "instances, submitted and end-to-end rates, lost and duplicated",

@@ -5,6 +5,8 @@ On a shared machine the speed drifts within seconds; figures taken one after the
 round takes a short block of samples of each kind (the floor, our same-domain and
 cross-domain round trips, Postfix+Dovecot's), in a rotating order, so all of them see the
 same machine; the ratios are of the medians, and the round-trip targets are judged on them.
+A second stack with the sender checks off (no DKIM signature at submission) is sampled too:
+the work the harness's Postfix+Dovecot do, shown beside the target's row.
 """
 
 from __future__ import annotations
@@ -77,18 +79,30 @@ def measure(plan: Plan, users: list[str], with_postfix: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"n": plan.latency_n}
     # The floor's echo server in a child of its own, as in section "floor": never sharing a
     # process (or a GIL) with the stack.
-    with _real_server(with_postfix) as server, server_child() as child, server_child() as echo:
+    with (
+        _real_server(with_postfix) as server,
+        server_child() as child,
+        server_child() as plain_child,
+        server_child() as echo,
+    ):
         start = child.call("start", domains=list(DOMAINS), users=users)
+        # The same work as Postfix+Dovecot here (the harness gives them no DKIM, SPF or DMARC).
+        plain_start = plain_child.call(
+            "start", domains=list(DOMAINS), users=users, dkim=False, sender_auth=False
+        )
         info = echo.call("echo")
         floor_ctx = tls_context(info["ca_file"])
         floor_addr = ("127.0.0.1", info["tls_port"])
         same = stack_target(start, DOMAINS[0], DOMAINS[0])
         cross = stack_target(start, DOMAINS[0], DOMAINS[1])
         ours_ctx = same.context()
+        plain = stack_target(plain_start, DOMAINS[0], DOMAINS[0])
+        plain_ctx = plain.context()
         jobs: dict[str, Callable[[], float]] = {
             "floor": lambda: tls_sample(floor_addr, floor_ctx, info["name"])[0],
             "same": lambda: lean_round_trip(same, ours_ctx, "imap", TIMEOUT)["total"],
             "cross": lambda: lean_round_trip(cross, ours_ctx, "imap", TIMEOUT)["total"],
+            "same_plain": lambda: lean_round_trip(plain, plain_ctx, "imap", TIMEOUT)["total"],
         }
         if server is not None:
             theirs = real_target(server)
@@ -143,3 +157,17 @@ def rows(res: Results, data: dict[str, Any]) -> None:
         note=f"Postfix+Dovecot p95 {theirs['p95'] * MS:.2f} ms" if theirs else "not installed",
         metric="paired.same_vs_postfix_dovecot",
     )
+    plain = got.get("same_plain")
+    if plain:
+        res.add(
+            SECTION,
+            "same domain IMAPS, sender checks off, vs Postfix+Dovecot p50 (paired)",
+            plain["p50"] * MS,
+            "ms",
+            postfix_dovecot=theirs["p50"] * MS if theirs else None,
+            ratio=ratio(theirs["p50"], plain["p50"]) if theirs else None,
+            ratio_of="x faster",
+            note=f"p95 {plain['p95'] * MS:.2f} ms; a second stack with StackConfig(dkim=False, "
+            "sender_auth=False): no DKIM signature at submission, the work the harness's "
+            "Postfix+Dovecot do",
+        )
