@@ -13,7 +13,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roundtrip.protocols._dkimcore import BodyHashes, _trailing_crlfs
+from roundtrip.protocols._dkimcore import BodyHashes, HeaderField, _trailing_crlfs, canonical_header
 from roundtrip.protocols.dkim import KeyAnswer, sign, verify
 from roundtrip.stack._dkim import domain_keys
 
@@ -61,6 +61,34 @@ def test_body_hash_differs_when_a_line_with_content_is_added() -> None:
     # Empty lines at the end are not part of the body; lines with content are.
     padded = raw + b"\r\n\r\n"
     assert one.get("relaxed") == BodyHashes(padded, padded.index(b"\r\n\r\n") + 4).get("relaxed")
+
+
+def _reference_header(raw: bytes) -> bytes:
+    """RFC 6376 section 3.4.2, read literally: lower-case name, unfold, one space per run of
+    WSP, none at either end of the value or around the colon."""
+    name, _, value = raw[:-2].partition(b":")
+    value = re.sub(rb"\r\n", b"", value)
+    value = re.sub(rb"[ \t]+", b" ", value).strip(b" ")
+    return name.strip(b" \t").lower() + b":" + value + b"\r\n"
+
+
+_VALUE_PIECES = st.sampled_from([b"a", b"B c", b" ", b"  ", b"\t", b"\r\n ", b"\r\n\t", b"x;y"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from([b"Subject", b"FROM ", b"x-Tag\t"]), pieces=st.lists(_VALUE_PIECES))
+def test_relaxed_header_matches_the_rfc(name: bytes, pieces: list[bytes]) -> None:
+    raw = name + b":" + b"".join(pieces) + b"\r\n"
+    field = HeaderField(name, raw)
+    assert canonical_header(field, "relaxed") == _reference_header(raw)
+    assert canonical_header(field, "simple") == raw
+
+
+def test_relaxed_header_changes_what_the_rfc_changes() -> None:
+    field = HeaderField(b"Subject", b"Subject: \tfolded\r\n  twice  \r\n")
+    assert canonical_header(field, "relaxed") == b"subject:folded twice\r\n"
+    plain = HeaderField(b"To", b"To: one space\r\n")
+    assert canonical_header(plain, "relaxed") == b"to:one space\r\n"
 
 
 @given(st.binary(max_size=24).map(lambda b: bytes(c for c in b if c in b"\r\na \t")))
