@@ -129,7 +129,7 @@ def render(res: Results) -> str:
         f"machine: {m['cpu']} x{m['cpus']}, {m['memory']}, Linux {m['kernel']}, "
         f"Python {m['python']}, {m['openssl']}; {m['date']}; commit {m['commit']}; "
         f"load average {m['load_average']} at start, {m.get('load_average_end', '?')} "
-        "at end"
+        f"at end; stack children's event loop: {m.get('loop', '?')}"
     )
     judged = [r for r in res.rows if r.met is not None]
     lines.append(f"targets met: {sum(bool(r.met) for r in judged)} of {len(judged)}")
@@ -193,4 +193,21 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "openssl": ssl.OPENSSL_VERSION,
         "commit": commit,
+        "loop": _loop(),
     }
+
+
+def _loop() -> str:
+    """The loop a stack child runs on: ``ROUNDTRIP_LOOP`` as the children inherit it, and
+    what ``auto`` (the default) finds installed. The in-process section measures both."""
+    import importlib.util
+
+    from roundtrip.config import loop_choice
+
+    choice = loop_choice()
+    if choice == "auto":
+        found = importlib.util.find_spec("uvloop") is not None
+        return (
+            f"auto ({'uvloop' if found else 'asyncio'}: uvloop {'' if found else 'not '}installed)"
+        )
+    return choice

@@ -48,16 +48,20 @@ __all__ = [
 #: The values ``ROUNDTRIP_LOOP`` accepts; the first is the default. ``auto``: uvloop when it
 #: can be imported, else asyncio's loop (resolved by roundtrip/servers/_runner.py).
 LOOP_CHOICES = ("asyncio", "uvloop", "auto")
+#: What an unset ``ROUNDTRIP_LOOP`` means (issue "Performance, round two": uvloop as the loop
+#: when it is installed; docs/benchmarks.md has both loops' figures).
+DEFAULT_LOOP = "auto"
 
 
 def loop_choice(environ: Mapping[str, str] | None = None) -> str:
-    """The event loop named by ``ROUNDTRIP_LOOP`` (``asyncio`` when unset or empty).
+    """The event loop named by ``ROUNDTRIP_LOOP`` (``auto`` when unset or empty: uvloop when
+    it is installed, else asyncio's own).
 
     Raises:
         ConfigError: the value is not one of ``LOOP_CHOICES``.
     """
     raw = (os.environ if environ is None else environ).get("ROUNDTRIP_LOOP", "")
-    value = raw.strip().lower() or LOOP_CHOICES[0]
+    value = raw.strip().lower() or DEFAULT_LOOP
     if value not in LOOP_CHOICES:
         raise ConfigError(
             f"ROUNDTRIP_LOOP={raw!r} is not a known event loop; expected one of "

@@ -41,9 +41,10 @@ LOOPS = [
 ]
 
 
-def test_loop_choice_defaults_to_asyncio() -> None:
-    assert loop_choice({}) == "asyncio"
-    assert loop_choice({"ROUNDTRIP_LOOP": ""}) == "asyncio"
+def test_loop_choice_defaults_to_auto() -> None:
+    assert loop_choice({}) == "auto"
+    assert loop_choice({"ROUNDTRIP_LOOP": ""}) == "auto"
+    assert loop_choice({"ROUNDTRIP_LOOP": "asyncio"}) == "asyncio"
     assert loop_choice({"ROUNDTRIP_LOOP": " UVLoop "}) == "uvloop"
 
 

@@ -27,10 +27,22 @@ def _loop_module(thread: LoopThread) -> str:
         thread.stop()
 
 
-def test_loop_auto_is_a_choice_and_not_the_default() -> None:
+def test_loop_auto_is_the_default() -> None:
     assert "auto" in LOOP_CHOICES
     assert loop_choice({"ROUNDTRIP_LOOP": " Auto "}) == "auto"
-    assert loop_choice({}) == "asyncio"
+    assert loop_choice({}) == "auto"
+
+
+def test_loop_unset_runs_uvloop_when_installed_and_asyncio_without(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ROUNDTRIP_LOOP", raising=False)
+    assert _loop_module(LoopThread()) == ("uvloop" if _HAS_UVLOOP else "asyncio")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    assert _loop_module(LoopThread()) == "asyncio"
+    monkeypatch.setenv("ROUNDTRIP_LOOP", "asyncio")  # forcing asyncio where uvloop is
+    monkeypatch.delitem(sys.modules, "uvloop")
+    assert _loop_module(LoopThread()) == "asyncio"
 
 
 @pytest.mark.skipif(not _HAS_UVLOOP, reason="uvloop not installed (pip install roundtrip[fast])")
