@@ -45,8 +45,8 @@ __all__ = [
     "parse_user",
 ]
 
-#: The values ``ROUNDTRIP_LOOP`` accepts; the first is the default. ``auto``: uvloop when it
-#: can be imported, else asyncio's loop (resolved by roundtrip/servers/_runner.py).
+#: The values ``ROUNDTRIP_LOOP`` accepts (``DEFAULT_LOOP`` when unset). ``auto``: uvloop when
+#: it can be imported, else asyncio's loop (resolved by roundtrip/servers/_runner.py).
 LOOP_CHOICES = ("asyncio", "uvloop", "auto")
 #: What an unset ``ROUNDTRIP_LOOP`` means (issue "Performance, round two": uvloop as the loop
 #: when it is installed; docs/benchmarks.md has both loops' figures).

@@ -18,8 +18,8 @@ The loop implementation
 uvloop is taken when installed, as the issue "Performance, round two" asks: measured side by
 side in the test's process (``python -m benchmarks.run --only inprocess``,
 docs/benchmarks.md), it took 0.87-0.96x asyncio's time per round trip on 2026-12-03 and
-0.87x on 2026-12-04 (geometric means of the section's rows), and 10,000 relayed messages went
-through 3 % faster end to end and 12 % faster at submission.
+0.92x and 0.86x in two runs on 2026-12-04 (geometric means of the section's rows), and
+10,000 relayed messages went through 3 % faster end to end and 12 % faster at submission.
 
 Any other value is a ``ConfigError`` listing the valid ones. The servers use only the public
 transport API (``get_extra_info("ssl_object")``, ``"peercert"``, ``"cipher"``), so they behave
