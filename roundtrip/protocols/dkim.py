@@ -44,8 +44,6 @@ import base64
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from email.utils import getaddresses
 from typing import Literal
 
@@ -70,7 +68,7 @@ from ._dkimcore import (
     split_message,
     verify_data,
 )
-from ._lines import header_section
+from ._lines import from_field_values, header_section
 from .delivery import normalize_line_endings
 
 __all__ = [
@@ -251,10 +249,8 @@ def _fold_base64(value: bytes, width: int = 72) -> bytes:
 
 def from_domain(raw: bytes) -> str | None:
     """The domain of the first From address (lower case), or None."""
-    head = header_section(raw)
     try:
-        fields = BytesHeaderParser(policy=compat32).parsebytes(head).get_all("From") or []
-        pairs = getaddresses([str(f) for f in fields])
+        pairs = getaddresses(from_field_values(header_section(raw)))
     except Exception:  # a From the email package cannot read: no domain to sign for
         return None
     for _, address in pairs:

@@ -37,12 +37,10 @@ import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from email.utils import getaddresses
 from typing import Literal
 
-from ._lines import header_section
+from ._lines import from_field_values, header_section
 from .dkim import DKIMResult, authentication_results
 from .spf import DNSAnswer, RecordType, SPFResult, quote_value
 from .spf import resinfo as spf_resinfo
@@ -171,10 +169,8 @@ def organizational_domain(domain: str) -> str:
 def from_domains(raw: bytes) -> list[str] | None:
     """The distinct domains of every RFC5322.From address, in order; None when the header
     block cannot be read. ``[]``: no From field, or no address with a domain."""
-    head = header_section(raw)
     try:
-        fields = BytesHeaderParser(policy=compat32).parsebytes(head).get_all("From") or []
-        pairs = getaddresses([str(f) for f in fields])
+        pairs = getaddresses(from_field_values(header_section(raw)))
     except Exception:  # the email package on headers it cannot read
         return None
     domains: list[str] = []
