@@ -44,6 +44,8 @@ import base64
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from email.policy import compat32
 from email.utils import getaddresses
 from typing import Literal
 
@@ -68,7 +70,7 @@ from ._dkimcore import (
     split_message,
     verify_data,
 )
-from ._lines import from_field_values, header_section
+from ._lines import header_section
 from .delivery import normalize_line_endings
 
 __all__ = [
@@ -82,6 +84,7 @@ __all__ = [
     "authentication_results",
     "fetch_key",
     "from_domain",
+    "from_field_values",
     "key_answer",
     "key_query",
     "key_record_name",
@@ -245,6 +248,59 @@ def _fold_list(names: Sequence[str], width: int = 70) -> str:
 
 def _fold_base64(value: bytes, width: int = 72) -> bytes:
     return b"\r\n\t ".join(value[i : i + width] for i in range(0, len(value), width))
+
+
+#: A line the email package's header parser takes as a field without repairing anything: a
+#: name of printable ASCII (no colon, no space) and a colon (RFC 5322 section 2.2).
+_FIELD_START = re.compile(rb"[!-9;-~]+:")
+
+
+def from_field_values(head: bytes) -> list[str]:
+    """The values of the From fields of a header section (``header_section``), as the email
+    package's ``BytesHeaderParser(policy=compat32)`` gives them: folding kept, the space
+    after the colon dropped.
+
+    A plain section (ASCII, CRLF line ends only, every line a field or the continuation of
+    one) is read here, in about a quarter of the time; anything else goes to the email
+    package, so one parser decides what the From fields of an odd message are, wherever
+    they are read (DKIM signing at submission, DMARC at the MX).
+
+    Raises:
+        Whatever the email package raises on a section it cannot read.
+    """
+    values = _plain_from_values(head)
+    if values is not None:
+        return values
+    fields = BytesHeaderParser(policy=compat32).parsebytes(head).get_all("From") or []
+    return [str(f) for f in fields]
+
+
+def _plain_from_values(head: bytes) -> list[str] | None:
+    """``from_field_values`` of a plain section; None for any other."""
+    if not (head.isascii() and head.endswith(b"\r\n\r\n")):
+        return None
+    block = head[:-4]
+    crlfs = block.count(b"\r\n")
+    if block.count(b"\r") != crlfs or block.count(b"\n") != crlfs:
+        return None  # a bare CR or LF: the parser splits lines on those too
+    values: list[list[bytes]] = []
+    current: list[bytes] | None = None
+    for index, line in enumerate(block.split(b"\r\n")):
+        if line[:1] in (b" ", b"\t"):
+            if index == 0:
+                return None  # a first line that continues nothing: a defect to the parser
+            if current is not None:
+                current.append(line)
+            continue
+        found = _FIELD_START.match(line)
+        if found is None:
+            return None  # the parser ends the header section here
+        if line[: found.end() - 1].lower() == b"from":
+            current = [line[found.end() :].lstrip(b" \t")]
+            values.append(current)
+        else:
+            current = None
+    return [b"\r\n".join(value).decode("ascii") for value in values]
 
 
 def from_domain(raw: bytes) -> str | None:

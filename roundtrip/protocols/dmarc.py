@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from email.utils import getaddresses
 from typing import Literal
 
-from ._lines import from_field_values, header_section
-from .dkim import DKIMResult, authentication_results
+from ._lines import header_section
+from .dkim import DKIMResult, authentication_results, from_field_values
 from .spf import DNSAnswer, RecordType, SPFResult, quote_value
 from .spf import resinfo as spf_resinfo
 

@@ -1,4 +1,4 @@
-"""The From fields of a header section (``roundtrip/protocols/_lines.py``), read directly
+"""The From fields of a header section (``roundtrip/protocols/dkim.py``), read directly
 when the section is plain: exactly what the email package's compat32 header parser gives,
 which still reads every other section (DKIM signing and DMARC both ask)."""
 
@@ -10,8 +10,8 @@ from email.policy import compat32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from roundtrip.protocols._lines import _plain_from_values, from_field_values, header_section
-from roundtrip.protocols.dkim import from_domain
+from roundtrip.protocols._lines import header_section
+from roundtrip.protocols.dkim import _plain_from_values, from_domain, from_field_values
 from roundtrip.protocols.dmarc import from_domains
 
 
