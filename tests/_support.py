@@ -270,6 +270,18 @@ class SMTPWorld:
     routed: list[Accepted] = field(default_factory=list)
 
 
+def mx_starttls(conn: socket.socket, name: str, context: ssl.SSLContext) -> ssl.SSLSocket:
+    """The server's side of an SMTP session up to TLS, on a blocking socket: the greeting,
+    EHLO answered with STARTTLS (and nothing else), ``220``, and the handshake."""
+    with conn.makefile("rb") as plain:
+        conn.sendall(f"220 {name} ESMTP\r\n".encode())
+        assert plain.readline().startswith(b"EHLO")
+        conn.sendall(f"250-{name}\r\n250 STARTTLS\r\n".encode())
+        assert plain.readline() == b"STARTTLS\r\n"
+        conn.sendall(b"220 go ahead\r\n")
+    return context.wrap_socket(conn, server_side=True)
+
+
 class RawSMTPClient:
     """A blocking SMTP client on a plain (or implicitly TLS) socket: bytes go out as given.
 

@@ -80,10 +80,14 @@ def discard(client: aiosmtplib.SMTP) -> None:
     that failed, or while the loop is being stopped, that wait can outlive the loop and leave
     an unclosed transport behind.
     """
-    # Any transport with abort(): uvloop's TCP transport is not an asyncio.Transport subclass.
-    abort = getattr(client.transport, "abort", None)
-    if callable(abort):
-        abort()
+    # The TLS transport if any, then the TCP one under it (``_mxsession._MXClient.wire``):
+    # aiosmtplib may have closed the connection gracefully already (after QUIT, or a failed
+    # command) and forgotten it, with a TLS close still waiting for the server. Any
+    # transport with abort(): uvloop's TCP transport is not an asyncio.Transport subclass.
+    for transport in (client.transport, getattr(client, "wire", None)):
+        abort = getattr(transport, "abort", None)
+        if callable(abort):
+            abort()
     client.close()
 
 
@@ -184,6 +188,8 @@ class ConnectionCache:
         client = conn.client
         said_goodbye = cached = False
         try:
+            if self.closed:  # the stack stops: no QUIT that could hold it up
+                return
             if reusable and self._cacheable(conn):
                 clean, conn.clean = conn.clean, False
                 try:

@@ -94,7 +94,7 @@ class Dialer:
         return self._unverified_context
 
     def _client(self, helo: str, ip: str, port: int) -> aiosmtplib.SMTP:
-        kind = aiosmtplib.SMTP if _recording.current() is None else _RecordingSMTP
+        kind = _MXClient if _recording.current() is None else _RecordingSMTP
         return kind(
             hostname=ip,
             port=port,
@@ -471,7 +471,10 @@ class Dialer:
             raise
         finally:
             if not in_step:
-                client.close()  # QUIT now would be read as message content
+                # QUIT now would be read as message content. Dropped, not closed: a graceful
+                # TLS close waits for the MX's close_notify, which an MX still reading (or a
+                # relay cancelled because the stack stops) may never get to.
+                discard(client)
 
     @staticmethod
     async def _drained(protocol: aiosmtplib.protocol.SMTPProtocol, timeout: float) -> None:
@@ -509,7 +512,24 @@ def _coalesced(slices: Iterator[bytes | memoryview]) -> Iterator[bytes | memoryv
         yield held
 
 
-class _RecordingSMTP(aiosmtplib.SMTP):
+class _MXClient(aiosmtplib.SMTP):
+    """aiosmtplib's client, keeping its TCP transport for :func:`~._mxcache.discard`.
+
+    aiosmtplib closes its connection itself, gracefully, after QUIT and when a command
+    fails or times out, and forgets the transport: over TLS that close waits for the
+    server's close_notify. Should the relay then drop the connection (the stack stops),
+    ``wire`` is what it aborts, so nothing outlives the event loop.
+    """
+
+    wire: asyncio.BaseTransport | None = None
+
+    async def connect(self, *args: Any, **kwargs: Any) -> aiosmtplib.SMTPResponse:
+        response = await super().connect(*args, **kwargs)
+        self.wire = self.transport  # plaintext TCP: STARTTLS comes later, in Dialer.open
+        return response
+
+
+class _RecordingSMTP(_MXClient):
     """aiosmtplib's client with a transcript per connection (the stack records).
 
     Each ``connect()`` opens a session in the stack's recordings. The protocol's ``write``
