@@ -127,6 +127,10 @@ _TAG_RE = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\+]+\Z')
 _Handler = Callable[[str, list[Token]], None]
 
 
+#: FETCH responses of ``IMAPConnection._fetch_flags`` handed to the connection at a time.
+_FLAGS_BATCH = 1024
+
+
 class IMAPConnection:
     """One IMAP session over one connection.
 
@@ -793,34 +797,38 @@ class IMAPConnection:
         rendered_recent: dict[frozenset[str], bytes] = {}
         batch: list[bytes] = []
         append = batch.append
-        for index in indices:
-            msg_uid = uids[index]
-            msg = get(msg_uid)
-            if msg is None:  # expunged by another session, not yet announced
-                continue
-            text = b""
-            if wants_flags:
-                flags = msg.flags
-                cache = rendered_recent if recent and msg_uid in recent else rendered
-                found = cache.get(flags)
-                if found is None:
-                    announced = view.announce(flags)
-                    if announced:  # before the first FETCH that shows the keyword
-                        self._out += b"".join(batch)
-                        batch.clear()
-                        self._send_all(announced)
-                    found = cache[flags] = b"FLAGS " + flag_list(view.flags_of(msg))
-                text = found
-                known[msg_uid] = flags
-            values = [text if n == "FLAGS" else msg_uid for n in names]
-            append(shape % (index + 1, *values))
-            if len(batch) >= 1024:
-                self._out += b"".join(batch)
-                batch.clear()
-                if self.flush_hook is not None and not self._events:
-                    self.flush_hook()
-        if batch:
+        # FETCH 1:* (FLAGS), the usual case, formats its two values without building a list.
+        flags_only = names == ["FLAGS"]
+        indices = indices if isinstance(indices, list) else list(indices)
+        for start in range(0, len(indices), _FLAGS_BATCH):
+            for index in indices[start : start + _FLAGS_BATCH]:
+                msg_uid = uids[index]
+                msg = get(msg_uid)
+                if msg is None:  # expunged by another session, not yet announced
+                    continue
+                text = b""
+                if wants_flags:
+                    flags = msg.flags
+                    cache = rendered_recent if recent and msg_uid in recent else rendered
+                    found = cache.get(flags)
+                    if found is None:
+                        announced = view.announce(flags)
+                        if announced:  # before the first FETCH that shows the keyword
+                            self._out += b"".join(batch)
+                            batch.clear()
+                            self._send_all(announced)
+                        found = cache[flags] = b"FLAGS " + flag_list(view.flags_of(msg))
+                    text = found
+                    known[msg_uid] = flags
+                if flags_only:
+                    append(shape % (index + 1, text))
+                else:
+                    append(shape % (index + 1, *[text if n == "FLAGS" else msg_uid for n in names]))
             self._out += b"".join(batch)
+            batch.clear()
+            more = start + _FLAGS_BATCH < len(indices)  # the last lines go with the tagged reply
+            if more and self.flush_hook is not None and not self._events:
+                self.flush_hook()
 
     def _store(self, tag: str, args: list[Token], *, uid: bool) -> None:
         view = self._selected()
