@@ -4,9 +4,12 @@ aiosmtpd parses the protocol; ``SMTPSession`` subclasses its ``SMTP`` to correct
 
 - on an implicit-TLS listener aiosmtpd never learns that the link is encrypted, so it neither
   advertises nor accepts AUTH (aiosmtpd issues #274, #281). ``connection_made`` marks the TLS
-  layer as active when the transport already carries an SSL object (465 only; the STARTTLS
-  path is aiosmtpd's own). The TLS facts come from the public ``transport.get_extra_info()``
-  (``ssl_object``, ``peercert``, ``cipher``), which asyncio's and uvloop's transports share;
+  layer as active when the transport already carries an SSL object (465). The TLS facts come
+  from the public ``transport.get_extra_info()`` (``ssl_object``, ``peercert``, ``cipher``),
+  which asyncio's and uvloop's transports share;
+- aiosmtpd's STARTTLS runs asyncio's pure-Python TLS layer even on uvloop; ours asks the loop
+  (``loop.start_tls``), so a session on uvloop gets uvloop's native TLS, and drops plaintext
+  pipelined after STARTTLS before the handshake (RFC 3207 4.2);
 - aiosmtpd does not advertise PIPELINING or ENHANCEDSTATUSCODES, and many of its replies lack
   enhanced codes; ``SMTPSession.push`` adds them (RFC 2034) once the client used EHLO.
 
@@ -42,7 +45,10 @@ naming the hook, when one of them changes upstream:
 
 - overridden: ``_handle_client`` (pregreet, connection caps before the banner),
   ``_call_handler_hook`` (no handler runs once the session is closing), ``_getaddr`` (fast path,
-  no crash on malformed paths);
+  no crash on malformed paths), ``smtp_STARTTLS`` (see above), which then sets what aiosmtpd's
+  own STARTTLS and ``connection_made`` would: ``_original_transport``, ``_tls_protocol``,
+  ``_tls_handshake_okay`` (from the ``STARTTLS`` hook in ``_handle_hooks``), a new session
+  (``_set_rset_state``, ``_create_session``, ``_reset_timeout``) and the streams' transport;
 - read or written: ``_smtp_methods`` (unknown verbs under our error budget), ``_reader`` and
   ``_writer`` (the session's streams), ``_tls_protocol`` (set on implicit TLS, see above);
 - asyncio's ``StreamReader._buffer``: whether the client's next command is already buffered
@@ -60,9 +66,17 @@ import logging
 import re
 import weakref
 from base64 import b64decode, b64encode
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    TLSSetupException,
+    syntax,
+)
 
 from ..config import SMTPLimits
 from ..protocols import _oauth
@@ -93,9 +107,11 @@ _CLOSE_GRACE = 2.0
 _AIOSMTPD_TIMER = 365 * 24 * 3600.0
 
 
-#: What ``SMTPSession._tls_protocol`` holds on an implicit-TLS link (aiosmtpd only tests it
-#: for truth).
+#: What ``SMTPSession._tls_protocol`` holds on an implicit-TLS link, and after our STARTTLS
+#: (aiosmtpd only tests it for truth once its own connection_made has not read it).
 _IMPLICIT_TLS: Any = object()
+_TLS_UP: Any = object()
+
 
 #: The TLS facts an asyncio transport offers through ``get_extra_info`` (the public API that
 #: asyncio's and uvloop's TLS transports both implement).
@@ -511,6 +527,56 @@ class SMTPSession(SMTP):
         return address, rest
 
     # DATA (RFC 5321 4.1.1.4, 4.5.2)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """STARTTLS through ``loop.start_tls``: the loop's own TLS, uvloop's on uvloop.
+
+        aiosmtpd's STARTTLS builds asyncio's pure-Python ``SSLProtocol`` itself, so every
+        session of the MX ran its TLS records through it even on uvloop, whose TLS is native.
+        The session after the handshake is what aiosmtpd's ``connection_made`` makes of it
+        (RFC 3207 4.2: a new session, the TLS facts in ``session.ssl``, the STARTTLS hook),
+        with one difference of timing: the plaintext a client pipelined after STARTTLS is
+        dropped before the handshake, not after it. The loop resumes this coroutine a turn
+        after the handshake, and by then the client's first command inside TLS may be in the
+        buffer already (its EHLO, which aiosmtpd's order would have thrown away).
+        """
+        if arg or not self.tls_context:
+            await super().smtp_STARTTLS(arg)  # its 501 and 454 replies
+            return
+        await self.push("220 Ready to start TLS")
+        plain = self.transport
+        assert plain is not None
+        # Anything buffered now came in plaintext after STARTTLS (docs/security.md A3.1);
+        # start_tls pauses reading before this coroutine yields, so nothing more can.
+        self._reader._buffer.clear()  # type: ignore[attr-defined]  # asyncio private: _buffered()
+        try:
+            tls = await self.loop.start_tls(
+                cast(asyncio.WriteTransport, plain), self, self.tls_context, server_side=True
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # aiosmtpd's command loop closes the session on it
+            raise TLSSetupException() from error
+        if tls is None:  # the transport closed during the handshake
+            raise TLSSetupException()
+        # aiosmtpd private: the state its STARTTLS and connection_made leave behind.
+        # _original_transport (the TCP one) is closed explicitly in connection_lost;
+        # _tls_protocol is tested for truth (TLS is up: AUTH allowed, no second STARTTLS).
+        self._original_transport = plain
+        self._tls_protocol = cast(Any, _TLS_UP)
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.session = self._create_session()
+        self.session.peer = tls.get_extra_info("peername")
+        self.session.ssl = tls_facts(tls)
+        self._reset_timeout()
+        self._reader._transport = tls  # type: ignore[attr-defined]
+        self._writer._transport = tls  # type: ignore[attr-defined]
+        self.transport = tls
+        hook = self._handle_hooks.get("STARTTLS")
+        self._tls_handshake_okay = True if hook is None else hook(self, self.session, self.envelope)
+        if self._rec is not None:
+            self._rec.note(_recording.tls_note(tls) or "TLS")
 
     @syntax("QUIT")
     async def smtp_QUIT(self, arg: str) -> None:

@@ -93,6 +93,15 @@ HOOKS = [
     Hook("smtp_EHLO", ("self", "hostname"), True, "SMTPSession.smtp_EHLO: name checks"),
     Hook("smtp_HELO", ("self", "hostname"), True, "SMTPSession.smtp_HELO: name checks"),
     Hook("eof_received", ("self",), False, "SMTPSession.eof_received frees the client's slot"),
+    Hook(
+        "smtp_STARTTLS",
+        ("self", "arg"),
+        True,
+        "SMTPSession.smtp_STARTTLS: the handshake through loop.start_tls (its 501/454 kept)",
+    ),
+    Hook("_set_rset_state", ("self",), False, "SMTPSession.smtp_STARTTLS resets the state"),
+    Hook("_create_session", ("self",), False, "SMTPSession.smtp_STARTTLS: a new session"),
+    Hook("_reset_timeout", ("self", "duration"), False, "SMTPSession.smtp_STARTTLS calls it"),
 ]
 
 
@@ -127,6 +136,14 @@ CALL_SITES = [
     ("__init__", "inspect.getmembers(obj)", "SMTPSession.__dir__ lists only the auth_* methods"),
     ("_cb_client_connected", "self._reader = reader", "SMTPSession reads _reader"),
     ("_cb_client_connected", "self._writer = writer", "SMTPSession writes with _writer"),
+    # SMTPSession.smtp_STARTTLS leaves the state aiosmtpd's own STARTTLS and connection_made
+    # would: these are the names that state is read under.
+    ("connection_made", "self.session.ssl = ", "smtp_STARTTLS sets session.ssl likewise"),
+    ("connection_made", 'self._handle_hooks.get("STARTTLS")', "smtp_STARTTLS runs the hook"),
+    ("connection_made", "self._tls_handshake_okay", "smtp_STARTTLS sets it from the hook"),
+    ("connection_lost", "self._original_transport.close()", "smtp_STARTTLS sets it"),
+    ("_handle_client", "self._tls_handshake_okay", "smtp_STARTTLS sets it from the hook"),
+    ("_handle_client", "TLSSetupException", "smtp_STARTTLS raises it on a failed handshake"),
 ]
 
 
@@ -186,7 +203,7 @@ def test_asyncio_stream_reader_buffer_is_readable() -> None:
 
 def test_smtp_session_helpers_shadow_no_aiosmtpd_name() -> None:
     """Our own private helpers must not silently override a new aiosmtpd private name."""
-    overrides = {"_handle_client", "_call_handler_hook", "_getaddr"}
+    overrides = {"_handle_client", "_call_handler_hook", "_getaddr"}  # smtp_* are public verbs
     ours = {n for n in vars(SMTPSession) if n.startswith("_") and not n.startswith("__")}
     clashes = sorted(n for n in ours - overrides if hasattr(SMTP, n))
     assert clashes == [], (
