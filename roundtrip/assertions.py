@@ -9,7 +9,8 @@ a short ``difflib`` diff of that closest candidate. ``assert_not_delivered`` is 
 Criteria combine with AND:
 
 - ``to``: a recipient, compared case-insensitively with the envelope recipients and mailbox
-  owner of a stored message, and with its To and Cc addresses.
+  owner of a stored message (the stack's), or with the To and Cc addresses of a message
+  without them (one downloaded over IMAP or POP3).
 - ``subject``: the exact decoded Subject, or a compiled regular expression (``search``).
 - ``sender``: the From address (case-insensitive), also accepted as the Sender or envelope
   sender.
@@ -201,10 +202,16 @@ class Criteria:
 
 
 def _recipients(message: ReceivedMessage) -> set[str]:
-    found = {a.lower() for a in (*message.to, *message.cc)}
-    envelope_to = getattr(message, "envelope_to", ())
-    found.update(a.lower() for a in envelope_to if isinstance(a, str))
     stored = getattr(message, "stored", None)
+    if stored is None:  # a download (IMAP, POP3): its header fields are all there is
+        return {a.lower() for a in (*message.to, *message.cc)}
+    # A stored copy belongs to whom it was delivered: its envelope recipients and the owner
+    # of its mailbox. Not to every address in its To and Cc: alice's copy of a message to
+    # alice and bob is not bob's, and counting it made assert_delivered(to=bob) pass with
+    # bob's copy missing (and the outbound capture's copy for an outside recipient match
+    # every local address in its header).
+    envelope_to = getattr(message, "envelope_to", ())
+    found = {a.lower() for a in envelope_to if isinstance(a, str)}
     user = getattr(stored, "user", None)
     # A copy in the stack's outbound capture belongs to its envelope recipient, not to the
     # capture mailbox that holds it.

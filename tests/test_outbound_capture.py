@@ -32,14 +32,7 @@ def stack(running: MailStack) -> MailStack:
 
 
 def _send(stack: MailStack, to: list[str], subject: str) -> None:
-    user = stack.user("example.com")
-    raw = (
-        f"From: <{user.address}>\r\nTo: {', '.join(to)}\r\nSubject: {subject}\r\n\r\nhi\r\n"
-    ).encode()
-    host, port = stack.endpoints("example.com").address("submissions")
-    with smtplib.SMTP_SSL(host, port, context=stack.client_context(), timeout=TIMEOUT) as smtp:
-        smtp.login(user.address, user.password)
-        smtp.sendmail(user.address, to, raw)
+    _send_raw(stack, to, to, subject)
 
 
 def test_outbound_assert_not_delivered_fails_for_captured_mail(stack: MailStack) -> None:
@@ -94,6 +87,50 @@ def test_outbound_mixed_recipients_counted_per_copy(stack: MailStack) -> None:
     stack.assert_delivered(OUTSIDE, subject="both", timeout=TIMEOUT)
     stack.assert_delivered(subject="both", count=2, timeout=TIMEOUT)
     assert [m.subject for m in stack.messages()] == ["both"]  # users' mailboxes only
+
+
+def _send_raw(stack: MailStack, envelope: list[str], header_to: list[str], subject: str) -> None:
+    """Submit with these envelope recipients and a To field that names ``header_to``."""
+    user = stack.user("example.com")
+    raw = (
+        f"From: <{user.address}>\r\nTo: {', '.join(header_to)}\r\nSubject: {subject}\r\n\r\nhi\r\n"
+    ).encode()
+    host, port = stack.endpoints("example.com").address("submissions")
+    with smtplib.SMTP_SSL(host, port, context=stack.client_context(), timeout=TIMEOUT) as smtp:
+        smtp.login(user.address, user.password)
+        smtp.sendmail(user.address, envelope, raw)
+
+
+def test_outbound_copy_counts_for_its_envelope_recipient_only(stack: MailStack) -> None:
+    """The captured copy for carol names a local user in its To field; it is carol's."""
+    local = stack.user("example.org").address
+    _send_raw(stack, [OUTSIDE], [OUTSIDE, local], "carol only")
+    stack.assert_delivered(OUTSIDE, subject="carol only", timeout=TIMEOUT)
+    stack.assert_not_delivered(local, subject="carol only", timeout=0.5)
+
+
+def test_outbound_copy_twin_a_missing_local_copy_fails_the_assertion(stack: MailStack) -> None:
+    """With the header counted, ``assert_delivered(local)`` passed on carol's copy although
+    the local user never got one (as test_outbound_mixed_recipients_counted_per_copy did,
+    until its local copy came in as well and made it two)."""
+    local = stack.user("example.org").address
+    _send_raw(stack, [OUTSIDE], [OUTSIDE, local], "not for local")
+    stack.assert_delivered(OUTSIDE, subject="not for local", timeout=TIMEOUT)
+    with pytest.raises(AssertionError, match=r"carol@gmail\.com"):
+        stack.assert_delivered(local, subject="not for local", timeout=0.5)
+
+
+def test_mailbox_copy_belongs_to_its_owner_not_to_the_other_names_in_to(
+    stack: MailStack,
+) -> None:
+    """alice's copy of a message addressed to alice and bob is no proof that bob got his."""
+    here = stack.user("example.com").address
+    there = stack.user("example.org").address
+    _send_raw(stack, [here], [here, there], "only here")
+    stack.assert_delivered(here, subject="only here", timeout=TIMEOUT)
+    stack.assert_not_delivered(there, subject="only here", timeout=0.5)
+    with pytest.raises(AssertionError):
+        stack.assert_delivered(there, subject="only here", timeout=0.5)
 
 
 def test_user_lookup_by_address(stack: MailStack) -> None:
