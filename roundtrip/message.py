@@ -58,6 +58,7 @@ _PARSE_ERRORS = (
     IndexError,
     TypeError,
     AttributeError,
+    OverflowError,  # a Date or Received zone offset of 11+ digits (timedelta)
     email.errors.MessageError,
 )
 
@@ -385,7 +386,7 @@ def parse_received(value: str) -> ReceivedHop:
     if date_text:
         try:
             timestamp = parsedate_to_datetime(date_text)
-        except (ValueError, TypeError, IndexError):
+        except (ValueError, TypeError, IndexError, OverflowError):
             timestamp = None
     with_ = found.get("with")
     tls = (with_ or "").upper() in _TLS_PROTOCOLS or bool(_TLS_COMMENT.search(text))
@@ -422,9 +423,12 @@ def _decode_text(data: bytes, charset: str | None) -> str:
     for candidate in (charset, "utf-8"):
         if not candidate:
             continue
+        # The charset name comes from the message: an unknown one raises LookupError, one
+        # with a NUL in it ValueError ("embedded null character"), "idna", "punycode" or
+        # "undefined" UnicodeError (all ValueErrors, but not UnicodeDecodeError).
         try:
             return data.decode(candidate)
-        except (LookupError, UnicodeDecodeError):
+        except (LookupError, ValueError):
             continue
     return data.decode("utf-8", "replace")
 
@@ -540,6 +544,7 @@ class ReceivedMessage:
         self.raw = bytes(raw)
         self.parse_error: str | None = None
         parser = BytesParser(policy=_POLICY)
+        msg: Message
         try:
             msg = parser.parsebytes(self.raw)
         except RecursionError:
@@ -547,6 +552,16 @@ class ReceivedMessage:
             self.parse_error = (
                 "MIME structure too deeply nested for the email package (RecursionError); "
                 "only headers and raw bytes are available"
+            )
+        except _PARSE_ERRORS as exc:
+            # The feed parser reads every part's Content-Type, and the email package's
+            # header parser (Python 3.11-3.13) raises on some malformed ones: "; name*" at
+            # the end gives IndexError, an RFC 2231 charset with a NUL ValueError, an odd
+            # RFC 2231 UTF-16 value UnicodeDecodeError. compat32 does not parse them.
+            msg = BytesParser(policy=policy.compat32).parsebytes(self.raw, headersonly=True)
+            self.parse_error = (
+                f"the email package could not parse the MIME structure "
+                f"({type(exc).__name__}: {exc}); only headers and raw bytes are available"
             )
 
         self.headers = Headers(
@@ -573,8 +588,12 @@ class ReceivedMessage:
 
         scan = _HTMLScan()
         if self.html is not None:
-            scan.feed(self.html)
-            scan.close()
+            # html.parser raises on some malformed markup: AssertionError for an unknown
+            # marked section ("<![x["), ValueError for a decimal character reference of more
+            # than 4300 digits (int's str-conversion limit). Keep what was found so far.
+            with contextlib.suppress(AssertionError, ValueError):
+                scan.feed(self.html)
+                scan.close()
         self._html_text = "".join(scan.text)
         links = _text_links(self.text or "") + scan.links
         self.links: list[str] = list(dict.fromkeys(links))
@@ -600,7 +619,7 @@ class ReceivedMessage:
             return None
         try:
             return parsedate_to_datetime(value)
-        except (ValueError, TypeError, IndexError):
+        except (ValueError, TypeError, IndexError, OverflowError):
             return None
 
     @staticmethod
@@ -632,7 +651,11 @@ class ReceivedMessage:
             data = _leaf_data(part)
 
             if content_type in ("text/plain", "text/html") and not is_file:
-                body = _decode_text(data, part.get_content_charset()).replace("\r\n", "\n")
+                try:
+                    charset = part.get_content_charset()
+                except _PARSE_ERRORS:
+                    charset = None
+                body = _decode_text(data, charset).replace("\r\n", "\n")
                 if content_type == "text/plain" and self.text is None:
                     self.text = body
                     continue

@@ -477,3 +477,41 @@ def test_message_mutated_corpus_never_raises(base: bytes, cut: int, junk: bytes)
     assert parsed.raw == raw
     assert isinstance(parsed.summary(), str)
     assert isinstance(parsed.links, list)
+
+
+#: Inputs on which ``ReceivedMessage`` raised (found by the mutation test above and by a fuzz
+#: around it): a NUL in a charset name (ValueError from the codec lookup), charsets that are
+#: codecs but not charsets (UnicodeError), Content-Type parameters the email package's header
+#: parser chokes on, a zone offset that overflows timedelta, and html.parser's own errors.
+HOSTILE = {
+    "nul-in-charset": b"Content-Type: text/plain; charset=us-\x00ascii\r\n\r\nbody\r\n",
+    "idna-charset": b"Content-Type: text/plain; charset=idna\r\n\r\nxn--\r\n",
+    "undefined-charset": b"Content-Type: text/plain; charset=undefined\r\n\r\nbody\r\n",
+    "rfc2231-nul-charset": b"Content-Type: text/plain; name*=a\x00''x\r\n\r\nbody\r\n",
+    "trailing-star-param": b"Content-Type: text/plain; c*\r\n\r\nbody\r\n",
+    "rfc2231-utf16-odd": b"Content-Type: text/plain; name*=utf-16''%41\r\n\r\nbody\r\n",
+    "html-charref-5000-digits": b"Content-Type: text/html\r\n\r\n<p>&#" + b"1" * 5000 + b";</p>",
+    "html-marked-section": b"Content-Type: text/html\r\n\r\n<p>a</p><![foo[ x ]]><p>b</p>",
+    "date-zone-overflow": b"Date: Mon, 3 Jun 2024 10:00:00 +99999999999999999999\r\n\r\nx\r\n",
+}
+
+
+@pytest.mark.parametrize("raw", HOSTILE.values(), ids=HOSTILE.keys())
+def test_message_hostile_input_never_raises(raw: bytes) -> None:
+    parsed = ReceivedMessage(raw)
+    assert parsed.raw == raw
+    assert isinstance(parsed.summary(), str)
+    assert isinstance(parsed.links, list)
+
+
+def test_message_hostile_input_twin_a_real_charset_still_decodes() -> None:
+    """The codec errors above fall back to UTF-8; a charset that exists is still used."""
+    raw = b"Content-Type: text/plain; charset=iso-8859-1\r\n\r\ncaf\xe9\r\n"
+    assert ReceivedMessage(raw).text == "caf\u00e9\n"
+    broken = b"Content-Type: text/plain; charset=us-\x00ascii\r\n\r\ncaf\xc3\xa9\r\n"
+    assert ReceivedMessage(broken).text == "caf\u00e9\n"  # UTF-8, the fallback
+    # An unparsable Content-Type keeps the headers and says why.
+    parsed = ReceivedMessage(HOSTILE["trailing-star-param"])
+    assert parsed.headers.get("Content-Type") == "text/plain; c*"
+    assert parsed.parse_error is not None and "could not parse the MIME" in parsed.parse_error
+    assert ReceivedMessage(b"Content-Type: text/plain\r\n\r\nbody\r\n").parse_error is None
