@@ -109,7 +109,6 @@ _AIOSMTPD_TIMER = 365 * 24 * 3600.0
 
 #: What ``SMTPSession._tls_protocol`` holds on an implicit-TLS link, and after our STARTTLS
 #: (aiosmtpd only tests it for truth once its own connection_made has not read it).
-_IMPLICIT_TLS: Any = object()
 _TLS_UP: Any = object()
 
 
@@ -314,7 +313,7 @@ class SMTPSession(SMTP):
         # aiosmtpd's only notion of "TLS is up" is this attribute being set, which its own
         # STARTTLS does; it gates AUTH in EHLO and in AUTH itself. The public alternative,
         # auth_require_tls=False, raises a UserWarning together with auth_required.
-        self._tls_protocol = _IMPLICIT_TLS  # aiosmtpd private: see the comment above
+        self._tls_protocol = _TLS_UP  # aiosmtpd private: see the comment above
         self.session.ssl = facts
 
     def _tls_active(self) -> bool:
@@ -528,56 +527,6 @@ class SMTPSession(SMTP):
 
     # DATA (RFC 5321 4.1.1.4, 4.5.2)
 
-    @syntax("STARTTLS", when="tls_context")
-    async def smtp_STARTTLS(self, arg: str) -> None:
-        """STARTTLS through ``loop.start_tls``: the loop's own TLS, uvloop's on uvloop.
-
-        aiosmtpd's STARTTLS builds asyncio's pure-Python ``SSLProtocol`` itself, so every
-        session of the MX ran its TLS records through it even on uvloop, whose TLS is native.
-        The session after the handshake is what aiosmtpd's ``connection_made`` makes of it
-        (RFC 3207 4.2: a new session, the TLS facts in ``session.ssl``, the STARTTLS hook),
-        with one difference of timing: the plaintext a client pipelined after STARTTLS is
-        dropped before the handshake, not after it. The loop resumes this coroutine a turn
-        after the handshake, and by then the client's first command inside TLS may be in the
-        buffer already (its EHLO, which aiosmtpd's order would have thrown away).
-        """
-        if arg or not self.tls_context:
-            await super().smtp_STARTTLS(arg)  # its 501 and 454 replies
-            return
-        await self.push("220 Ready to start TLS")
-        plain = self.transport
-        assert plain is not None
-        # Anything buffered now came in plaintext after STARTTLS (docs/security.md A3.1);
-        # start_tls pauses reading before this coroutine yields, so nothing more can.
-        self._reader._buffer.clear()  # type: ignore[attr-defined]  # asyncio private: _buffered()
-        try:
-            tls = await self.loop.start_tls(
-                cast(asyncio.WriteTransport, plain), self, self.tls_context, server_side=True
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # aiosmtpd's command loop closes the session on it
-            raise TLSSetupException() from error
-        if tls is None:  # the transport closed during the handshake
-            raise TLSSetupException()
-        # aiosmtpd private: the state its STARTTLS and connection_made leave behind.
-        # _original_transport (the TCP one) is closed explicitly in connection_lost;
-        # _tls_protocol is tested for truth (TLS is up: AUTH allowed, no second STARTTLS).
-        self._original_transport = plain
-        self._tls_protocol = cast(Any, _TLS_UP)
-        self._set_rset_state()  # type: ignore[no-untyped-call]
-        self.session = self._create_session()
-        self.session.peer = tls.get_extra_info("peername")
-        self.session.ssl = tls_facts(tls)
-        self._reset_timeout()
-        self._reader._transport = tls  # type: ignore[attr-defined]
-        self._writer._transport = tls  # type: ignore[attr-defined]
-        self.transport = tls
-        hook = self._handle_hooks.get("STARTTLS")
-        self._tls_handshake_okay = True if hook is None else hook(self, self.session, self.envelope)
-        if self._rec is not None:
-            self._rec.note(_recording.tls_note(tls) or "TLS")
-
     @syntax("QUIT")
     async def smtp_QUIT(self, arg: str) -> None:
         """Say 221 and close the connection once.
@@ -704,6 +653,56 @@ class SMTPSession(SMTP):
         return None
 
     # commands
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """STARTTLS through ``loop.start_tls``: the loop's own TLS, uvloop's on uvloop.
+
+        aiosmtpd's STARTTLS builds asyncio's pure-Python ``SSLProtocol`` itself, so every
+        session of the MX ran its TLS records through it even on uvloop, whose TLS is native.
+        The session after the handshake is what aiosmtpd's ``connection_made`` makes of it
+        (RFC 3207 4.2: a new session, the TLS facts in ``session.ssl``, the STARTTLS hook),
+        with one difference of timing: the plaintext a client pipelined after STARTTLS is
+        dropped before the handshake, not after it. The loop resumes this coroutine a turn
+        after the handshake, and by then the client's first command inside TLS may be in the
+        buffer already (its EHLO, which aiosmtpd's order would have thrown away).
+        """
+        if arg or not self.tls_context:
+            await super().smtp_STARTTLS(arg)  # its 501 and 454 replies
+            return
+        await self.push("220 Ready to start TLS")
+        plain = self.transport
+        assert plain is not None
+        # Anything buffered now came in plaintext after STARTTLS (docs/security.md A3.1);
+        # start_tls pauses reading before this coroutine yields, so nothing more can.
+        self._reader._buffer.clear()  # type: ignore[attr-defined]  # asyncio private: _buffered()
+        try:
+            tls = await self.loop.start_tls(
+                cast(asyncio.WriteTransport, plain), self, self.tls_context, server_side=True
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # aiosmtpd's command loop closes the session on it
+            raise TLSSetupException() from error
+        if tls is None:  # the transport closed during the handshake
+            raise TLSSetupException()
+        # aiosmtpd private: the state its STARTTLS and connection_made leave behind.
+        # _original_transport (the TCP one) is closed explicitly in connection_lost;
+        # _tls_protocol is tested for truth (TLS is up: AUTH allowed, no second STARTTLS).
+        self._original_transport = plain
+        self._tls_protocol = _TLS_UP
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.session = self._create_session()
+        self.session.peer = tls.get_extra_info("peername")
+        self.session.ssl = tls_facts(tls)
+        self._reset_timeout()
+        self._reader._transport = tls  # type: ignore[attr-defined]
+        self._writer._transport = tls  # type: ignore[attr-defined]
+        self.transport = tls
+        hook = self._handle_hooks.get("STARTTLS")
+        self._tls_handshake_okay = True if hook is None else hook(self, self.session, self.envelope)
+        if self._rec is not None:
+            self._rec.note(_recording.tls_note(tls) or "TLS")
 
     async def smtp_HELO(self, hostname: str) -> None:
         refusal = check_helo_name(hostname, verb="HELO") if hostname else None
