@@ -62,6 +62,7 @@ import binascii
 import collections
 import functools
 import hashlib
+import io
 import logging
 import re
 import weakref
@@ -591,10 +592,14 @@ class SMTPSession(SMTP):
         Lines are read with ``readuntil(b"\\r\\n")`` as aiosmtpd does, so a bare LF or CR is
         content, and a line longer than the reader's limit arrives in pieces (read as they
         come and discarded; a ``.`` piece of it does not end the data).
+
+        The lines gather in a ``BytesIO``: its ``getvalue()`` hands over its own buffer as the
+        ``bytes`` when nothing else holds it, where ``bytes(bytearray)`` would copy the whole
+        message, so a big message never exists twice here (tests/test_memory.py).
         """
         reader = self._reader
         limit = self.data_size_limit
-        buf = bytearray()
+        buf = io.BytesIO()
         size = 0
         refusal: str | None = None
         in_long_line = False
@@ -608,30 +613,30 @@ class SMTPSession(SMTP):
             except asyncio.LimitOverrunError as exc:
                 if refusal is None:
                     refusal = "500 Line too long (see RFC5321 4.5.3.1.6)"
-                buf = bytearray()
+                buf = io.BytesIO()
                 line = await reader.read(exc.consumed)
             if not in_long_line and line == b".\r\n":
                 break
             size += len(line)
             if refusal is None and limit and size > limit:
                 refusal = "552 Error: Too much mail data"
-                buf = bytearray()
+                buf = io.BytesIO()
             if not line.endswith(b"\r\n"):
                 in_long_line = True
                 continue
             if refusal is None and not in_long_line:
                 if len(line) > self.line_length_limit:
                     refusal = "500 Line too long (see RFC5321 4.5.3.1.6)"
-                    buf = bytearray()
+                    buf = io.BytesIO()
                 elif line[:1] == b".":
-                    buf += memoryview(line)[1:]  # transparency (RFC 5321 4.5.2)
+                    buf.write(memoryview(line)[1:])  # transparency (RFC 5321 4.5.2)
                 else:
-                    buf += line
+                    buf.write(line)
             in_long_line = False
         self._data_size = size
         if refusal is not None:
             return refusal
-        return bytes(buf)
+        return buf.getvalue()
 
     def _record_content(self, rec: _recording.Session, content: bytes | str) -> None:
         """The message as its size and sha256 (dot-stuffing removed), then whatever the client
