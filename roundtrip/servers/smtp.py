@@ -17,7 +17,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,10 +87,16 @@ class Accepted:
     received_monotonic: float
     #: The client's EHLO/HELO name, as given.
     helo: str = ""
+    #: ``raw`` carries the sending domain's DKIM signatures already (the router's prepare
+    #: step signed it), so routing does not sign again.
+    signed: bool = False
 
 
 #: Delivers or queues an accepted message; raising StorageError makes the reply a 451.
 Router = Callable[[Accepted], None]
+#: Work on an accepted message that may leave the loop (DKIM signing: roundtrip/stack/
+#: _delivery.py), awaited before the router sees it; it returns the message to route.
+Prepare = Callable[[Accepted], Awaitable[Accepted]]
 
 
 class SMTPHandler:
@@ -116,8 +122,10 @@ class SMTPHandler:
         on_error: Callable[[BaseException], None] | None = None,
         limits: SMTPLimits | None = None,
         check_token: Callable[[str, str], bool] | None = None,
+        prepare: Prepare | None = None,
     ) -> None:
         self.role = role
+        self._prepare = prepare
         self._check_token = check_token
         self.domain = domain
         self.hostname = hostname
@@ -206,6 +214,8 @@ class SMTPHandler:
             return refusal
         accepted = self._accept(session, envelope)
         try:
+            if self._prepare is not None:
+                accepted = await self._prepare(accepted)
             self._router(accepted)
         except ContentRejectedError as exc:
             return exc.reply

@@ -241,6 +241,7 @@ class MailStack:
             store=self.store,
             accepts_recipient=self._router.accepts,
             router=self._router.route,
+            prepare=self._router.prepare,
             on_error=self._thread.record_error,
             check_token=self._tokens.check,
         )

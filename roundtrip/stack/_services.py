@@ -137,6 +137,8 @@ class Listeners:
         on_error: where the servers report exceptions of ours.
         check_token: ``(user, token) -> bool`` for the XOAUTH2 and OAUTHBEARER logins of
             submission, IMAP and POP3 (the stack's issued tokens); None refuses every token.
+        prepare: awaited with each accepted message before ``router`` (see
+            ``servers.smtp.Prepare``).
     """
 
     config: StackConfig
@@ -145,6 +147,7 @@ class Listeners:
     router: Callable[[Any], None]
     on_error: Callable[[BaseException], None]
     check_token: Callable[[str, str], bool] | None = None
+    prepare: Callable[[Any], Awaitable[Any]] | None = None
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
     connections: list[set[Any]] = field(default_factory=list)
 
@@ -240,6 +243,7 @@ class Listeners:
             on_error=self.on_error,
             limits=config.smtp_limits,
             check_token=self.check_token,
+            prepare=self.prepare,
         )
         return start_smtp(
             handler,
