@@ -11,27 +11,20 @@ from __future__ import annotations
 
 import smtplib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from roundtrip import MailStack, StackConfig
+from roundtrip import MailStack
 from roundtrip.protocols import dkim
 
 TIMEOUT = 5.0
 
 
-@pytest.fixture(scope="module")
-def running() -> Iterator[MailStack]:
-    with MailStack(StackConfig(domains=("example.com", "example.org"))) as stack:
-        yield stack
-
-
 @pytest.fixture
-def stack(running: MailStack) -> MailStack:
-    running.reset()
-    return running
+def stack(two_domains: MailStack) -> MailStack:
+    return two_domains
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch, before: Callable[[], None] | None = None) -> list[str]:

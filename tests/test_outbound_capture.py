@@ -8,27 +8,19 @@ An application that mails ``carol@gmail.com`` from inside a test must not pass
 from __future__ import annotations
 
 import smtplib
-from collections.abc import Iterator
 
 import pytest
 
-from roundtrip import MailStack, StackConfig
+from roundtrip import MailStack
 from roundtrip.errors import ConfigError, NotDeliveredError
 
 TIMEOUT = 5.0
 OUTSIDE = "carol@gmail.com"
 
 
-@pytest.fixture(scope="module")
-def running() -> Iterator[MailStack]:
-    with MailStack(StackConfig(domains=("example.com", "example.org"))) as stack:
-        yield stack
-
-
 @pytest.fixture
-def stack(running: MailStack) -> MailStack:
-    running.reset()
-    return running
+def stack(two_domains: MailStack) -> MailStack:
+    return two_domains
 
 
 def _send(stack: MailStack, to: list[str], subject: str) -> None:
