@@ -1,10 +1,11 @@
-"""Submission signs on the signing thread, not on the loop (``Router.prepare``).
+"""Submission signs on the signing thread when other sessions share the loop (``Router.prepare``).
 
 An RSA-2048 DKIM signature costs about 0.8 ms of OpenSSL per message. Made on the loop
-thread, it stalled every session of the stack for that long; made on the signing thread, the
+thread, it stalls every session of the stack for that long; made on the signing thread, the
 loop answers other clients meanwhile, and the submitting client still gets its 250 only once
-the message is signed and routed. The twins: a signer that fails leaves the message unsigned
-and delivered (as before), and mail from outside (port 25) is not signed at all.
+the message is signed and routed. A session alone on the loop stalls nobody: its message is
+signed in place, without the thread hops. The twins: a signer that fails leaves the message
+unsigned and delivered (as before), and mail from outside (port 25) is not signed at all.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from roundtrip import MailStack
+from roundtrip.message import ReceivedMessage
 from roundtrip.protocols import dkim
 
 TIMEOUT = 5.0
@@ -52,15 +54,42 @@ def _submit(stack: MailStack, subject: str) -> None:
         smtp.sendmail(sender.address, [rcpt.address], raw.encode())
 
 
-def test_submission_is_signed_on_the_signing_thread(
+def _other_client(stack: MailStack) -> smtplib.SMTP:
+    """Another SMTP session on the stack's loop, greeted and idle."""
+    host, port = stack.endpoints("example.org").address("smtp")
+    other = smtplib.SMTP(host, port, timeout=TIMEOUT)
+    assert other.ehlo("other.example")[0] == 250
+    return other
+
+
+def _signed_twice(got: ReceivedMessage) -> None:
+    assert got.raw.count(b"DKIM-Signature:") == 2  # Ed25519 and RSA
+    assert got.auth is not None
+    assert [r.result for r in got.auth.dkim] == ["pass", "pass"], got.auth
+
+
+def test_submission_beside_other_sessions_is_signed_on_the_signing_thread(
     stack: MailStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threads = _spy(monkeypatch)
-    _submit(stack, "signed off the loop")
+    with _other_client(stack):
+        _submit(stack, "signed off the loop")
     got = stack.wait_for(stack.user("example.org").address, subject="signed off the loop")
     assert len(threads) == 1 and threads[0].startswith("roundtrip-sign"), threads
-    assert got.raw.count(b"DKIM-Signature:") == 2  # Ed25519 and RSA
-    assert got.auth is not None and [r.result for r in got.auth.dkim] == ["pass", "pass"], got.auth
+    _signed_twice(got)
+
+
+def test_twin_a_lone_submission_is_signed_in_place(
+    stack: MailStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop_thread = stack.loop_thread
+    assert loop_thread is not None
+    on_loop: list[bool] = []
+    threads = _spy(monkeypatch, lambda: on_loop.append(loop_thread.in_loop_thread))
+    _submit(stack, "signed in place")
+    got = stack.wait_for(stack.user("example.org").address, subject="signed in place")
+    assert on_loop == [True], threads
+    _signed_twice(got)
 
 
 def test_the_loop_serves_others_while_a_message_is_signed(
@@ -85,22 +114,20 @@ def test_the_loop_serves_others_while_a_message_is_signed(
             done.set()
 
     sender = threading.Thread(target=submit)
-    sender.start()
-    try:
-        assert signing.wait(TIMEOUT), "the message never reached the signer"
-        # The signer is busy: another client is still answered...
-        host, port = stack.endpoints("example.org").address("smtp")
-        with smtplib.SMTP(host, port, timeout=TIMEOUT) as other:
-            assert other.ehlo("other.example")[0] == 250
+    with _other_client(stack) as other:
+        sender.start()
+        try:
+            assert signing.wait(TIMEOUT), "the message never reached the signer"
+            # The signer is busy: the other client is still answered...
             assert other.noop()[0] == 250
-        # ...and the submitter has not had its 250: the reply waits for the signature.
-        assert not done.is_set()
-    finally:
-        release.set()
-        sender.join(TIMEOUT)
+            assert other.ehlo("other.example")[0] == 250
+            # ...and the submitter has not had its 250: it waits for the signature.
+            assert not done.is_set()
+        finally:
+            release.set()
+            sender.join(TIMEOUT)
     assert done.is_set() and not errors, errors
-    got = stack.wait_for(stack.user("example.org").address, subject="held signature")
-    assert got.raw.count(b"DKIM-Signature:") == 2
+    _signed_twice(stack.wait_for(stack.user("example.org").address, subject="held signature"))
 
 
 def test_twin_a_failing_signer_leaves_the_message_unsigned_and_delivered(
@@ -110,7 +137,8 @@ def test_twin_a_failing_signer_leaves_the_message_unsigned_and_delivered(
         raise ValueError("unreadable header block")
 
     threads = _spy(monkeypatch, broken)
-    _submit(stack, "unsigned after all")
+    with _other_client(stack):
+        _submit(stack, "unsigned after all")
     got = stack.wait_for(stack.user("example.org").address, subject="unsigned after all")
     assert len(threads) == 1
     assert b"DKIM-Signature:" not in got.raw

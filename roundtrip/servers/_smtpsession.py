@@ -179,6 +179,12 @@ class _SessionEnded(BaseException):
 _LIVE: weakref.WeakSet[SMTPSession] = weakref.WeakSet()
 
 
+def others_open(session: object, loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether another SMTP session than ``session`` has its connection open on ``loop``:
+    work that would stall the loop then had better run elsewhere (``Router.prepare``)."""
+    return any(other is not session and other.loop is loop for other in list(_LIVE))
+
+
 def abort_sessions(loop: asyncio.AbstractEventLoop) -> None:
     """Abort the connection of every session still open on ``loop`` (a stack stopping).
 

@@ -44,7 +44,7 @@ from ..protocols.smtp import (
     with_protocol,
 )
 from . import _recording
-from ._smtpsession import SMTPSession, methods_named
+from ._smtpsession import SMTPSession, methods_named, others_open
 
 __all__ = [
     "Accepted",
@@ -87,16 +87,18 @@ class Accepted:
     received_monotonic: float
     #: The client's EHLO/HELO name, as given.
     helo: str = ""
-    #: ``raw`` carries the sending domain's DKIM signatures already (the router's prepare
-    #: step signed it), so routing does not sign again.
+    #: The router's prepare step has signed ``raw`` already (or found no key to sign with),
+    #: so routing does not sign again.
     signed: bool = False
 
 
 #: Delivers or queues an accepted message; raising StorageError makes the reply a 451.
 Router = Callable[[Accepted], None]
 #: Work on an accepted message that may leave the loop (DKIM signing: roundtrip/stack/
-#: _delivery.py), awaited before the router sees it; it returns the message to route.
-Prepare = Callable[[Accepted], Awaitable[Accepted]]
+#: _delivery.py), awaited before the router sees it; it returns the message to route. The
+#: flag says whether other SMTP sessions share the loop (``others_open``): alone, the work
+#: stalls nobody and is cheaper done in place.
+Prepare = Callable[[Accepted, bool], Awaitable[Accepted]]
 
 
 class SMTPHandler:
@@ -215,7 +217,7 @@ class SMTPHandler:
         accepted = self._accept(session, envelope)
         try:
             if self._prepare is not None:
-                accepted = await self._prepare(accepted)
+                accepted = await self._prepare(accepted, others_open(server, server.loop))
             self._router(accepted)
         except ContentRejectedError as exc:
             return exc.reply

@@ -147,7 +147,7 @@ class Listeners:
     router: Callable[[Any], None]
     on_error: Callable[[BaseException], None]
     check_token: Callable[[str, str], bool] | None = None
-    prepare: Callable[[Any], Awaitable[Any]] | None = None
+    prepare: Callable[[Any, bool], Awaitable[Any]] | None = None
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
     connections: list[set[Any]] = field(default_factory=list)
 
