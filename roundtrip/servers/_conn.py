@@ -127,6 +127,10 @@ class LineServerProtocol(asyncio.Protocol):
         self._protocol_name = protocol_name
         #: This connection's transcript when the stack records (``_recording``).
         self._rec: _recording.Session | None = None
+        #: What the client sent while a STARTTLS handshake completed: recorded after the
+        #: handshake's note, so the transcript shows it inside TLS (asyncio's loop can hand
+        #: it over before the start_tls() await resumes).
+        self._rec_pending: list[bytes] = []
         self._login_timeout = idle_timeout if login_timeout is None else login_timeout
         self._authenticated = False
         self._penalties = penalties
@@ -211,7 +215,10 @@ class LineServerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._rec is not None:
-            self._rec.client(data)
+            if self._upgrading:
+                self._rec_pending.append(data)
+            else:
+                self._rec.client(data)
         if self._machine is None or self._closed:
             return
         # The deadline is per command (docs/security.md A8.1): only a line end, or a good run of
@@ -374,6 +381,13 @@ class LineServerProtocol(asyncio.Protocol):
             transport.write(b"".join(pending) if len(pending) > 1 else pending[0])
         pending.clear()
 
+    def _record_pending(self) -> None:
+        """Record what arrived during the STARTTLS handshake, after its outcome's note."""
+        pending, self._rec_pending = self._rec_pending, []
+        if self._rec is not None:
+            for data in pending:
+                self._rec.client(data)
+
     def _start_tls(self) -> None:
         assert self._transport is not None and self._starttls_context is not None
         self._drain_now()
@@ -397,18 +411,21 @@ class LineServerProtocol(asyncio.Protocol):
             log.info("STARTTLS handshake failed: %r", exc)
             if self._rec is not None:
                 self._rec.note(f"TLS handshake failed: {exc!r}")
+            self._record_pending()
             self._upgrading = False
             transport.abort()
             self._finish()
             return
         self._upgrading = False
         if new is None:
+            self._record_pending()
             self._finish()
             return
         self._transport = new
         self._write_paused = False  # a pause of the plain transport does not carry over
         if self._rec is not None:
             self._rec.note(_recording.tls_note(new) or "TLS")
+        self._record_pending()
         try:
             self._machine.tls_started()
         except Exception as exc:

@@ -282,6 +282,9 @@ class SMTPSession(SMTP):
         self._deadline = 0.0
         self._bytes_since_reply = 0
         self._held = bytearray()
+        #: What the client sent while STARTTLS's handshake completed, recorded after the
+        #: TLS note (None: not in a handshake).
+        self._rec_held: list[bytes] | None = None
 
     # connection life cycle
 
@@ -356,7 +359,10 @@ class SMTPSession(SMTP):
 
     def data_received(self, data: bytes) -> None:
         if self._rec is not None and not self._rec_content:
-            self._rec.client(data)
+            if self._rec_held is not None:
+                self._rec_held.append(data)  # inside TLS already: after the TLS note
+            else:
+                self._rec.client(data)
         if not self._greeted:
             self._pregreet = True
         if self._closing:
@@ -687,15 +693,22 @@ class SMTPSession(SMTP):
         # Anything buffered now came in plaintext after STARTTLS (docs/security.md A3.1);
         # start_tls pauses reading before this coroutine yields, so nothing more can.
         self._reader._buffer.clear()  # type: ignore[attr-defined]  # asyncio private: _buffered()
+        # On asyncio's loop the client's first command inside TLS can reach data_received
+        # before this coroutine resumes: its recording waits for the TLS note below.
+        if self._rec is not None:
+            self._rec_held = []
         try:
             tls = await self.loop.start_tls(
                 cast(asyncio.WriteTransport, plain), self, self.tls_context, server_side=True
             )
         except asyncio.CancelledError:
+            self._record_held()
             raise
         except Exception as error:  # aiosmtpd's command loop closes the session on it
+            self._record_held()
             raise TLSSetupException() from error
         if tls is None:  # the transport closed during the handshake
+            self._record_held()
             raise TLSSetupException()
         # aiosmtpd private: the state its STARTTLS and connection_made leave behind.
         # _original_transport (the TCP one) is closed explicitly in connection_lost;
@@ -714,6 +727,14 @@ class SMTPSession(SMTP):
         self._tls_handshake_okay = True if hook is None else hook(self, self.session, self.envelope)
         if self._rec is not None:
             self._rec.note(_recording.tls_note(tls) or "TLS")
+        self._record_held()
+
+    def _record_held(self) -> None:
+        """Record what arrived during the STARTTLS handshake, now that its outcome is noted."""
+        held, self._rec_held = self._rec_held, None
+        if held and self._rec is not None:
+            for data in held:
+                self._rec.client(data)
 
     async def smtp_HELO(self, hostname: str) -> None:
         refusal = check_helo_name(hostname, verb="HELO") if hostname else None
