@@ -127,10 +127,6 @@ class LineServerProtocol(asyncio.Protocol):
         self._protocol_name = protocol_name
         #: This connection's transcript when the stack records (``_recording``).
         self._rec: _recording.Session | None = None
-        #: What the client sent while a STARTTLS handshake completed: recorded after the
-        #: handshake's note, so the transcript shows it inside TLS (asyncio's loop can hand
-        #: it over before the start_tls() await resumes).
-        self._rec_pending: list[bytes] = []
         self._login_timeout = idle_timeout if login_timeout is None else login_timeout
         self._authenticated = False
         self._penalties = penalties
@@ -215,10 +211,7 @@ class LineServerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._rec is not None:
-            if self._upgrading:
-                self._rec_pending.append(data)
-            else:
-                self._rec.client(data)
+            self._rec.client(data)
         if self._machine is None or self._closed:
             return
         # The deadline is per command (docs/security.md A8.1): only a line end, or a good run of
@@ -383,10 +376,8 @@ class LineServerProtocol(asyncio.Protocol):
 
     def _record_pending(self) -> None:
         """Record what arrived during the STARTTLS handshake, after its outcome's note."""
-        pending, self._rec_pending = self._rec_pending, []
         if self._rec is not None:
-            for data in pending:
-                self._rec.client(data)
+            self._rec.release_client()
 
     def _start_tls(self) -> None:
         assert self._transport is not None and self._starttls_context is not None
@@ -394,6 +385,8 @@ class LineServerProtocol(asyncio.Protocol):
         transport = self._transport
         transport.pause_reading()
         self._upgrading = True
+        if self._rec is not None:
+            self._rec.hold_client()  # until the handshake's note (_record_pending)
         task = self._loop.create_task(self._upgrade(transport))
         task.add_done_callback(_consume_result)
 

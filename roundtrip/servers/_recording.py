@@ -86,6 +86,7 @@ class Session:
     __slots__ = (
         "dropped",
         "events",
+        "held",
         "kept",
         "local",
         "peer",
@@ -109,15 +110,36 @@ class Session:
         #: Events after the head (None until the head is full), and how many fell out of it.
         self.tail: collections.deque[Event] | None = None
         self.dropped = 0
+        #: Client bytes waiting for :meth:`release_client` (None: none are held).
+        self.held: list[bytes] | None = None
 
     def client(self, data: bytes) -> None:
         """Bytes the client sent."""
+        if self.held is not None:
+            self.held.append(data)
+            return
         kept = self.kept + len(data) + _EVENT_COST
         if kept <= MAX_BYTES:
             self.kept = kept
             self.events.append((_now(), CLIENT, data))
         else:
             self._late(CLIENT, data)
+
+    def hold_client(self) -> None:
+        """Keep what the client sends from now on until :meth:`release_client`.
+
+        For a STARTTLS handshake: on asyncio's loop the client's first command inside TLS
+        can reach the server before the server notes that TLS is up, and must follow that
+        note in the transcript.
+        """
+        if self.held is None:
+            self.held = []
+
+    def release_client(self) -> None:
+        """Record what :meth:`hold_client` kept, after whatever was noted meanwhile."""
+        held, self.held = self.held, None
+        for data in held or ():
+            self.client(data)
 
     def server(self, data: bytes) -> None:
         """Bytes the server sent."""

@@ -282,9 +282,6 @@ class SMTPSession(SMTP):
         self._deadline = 0.0
         self._bytes_since_reply = 0
         self._held = bytearray()
-        #: What the client sent while STARTTLS's handshake completed, recorded after the
-        #: TLS note (None: not in a handshake).
-        self._rec_held: list[bytes] | None = None
 
     # connection life cycle
 
@@ -359,10 +356,7 @@ class SMTPSession(SMTP):
 
     def data_received(self, data: bytes) -> None:
         if self._rec is not None and not self._rec_content:
-            if self._rec_held is not None:
-                self._rec_held.append(data)  # inside TLS already: after the TLS note
-            else:
-                self._rec.client(data)
+            self._rec.client(data)
         if not self._greeted:
             self._pregreet = True
         if self._closing:
@@ -696,7 +690,7 @@ class SMTPSession(SMTP):
         # On asyncio's loop the client's first command inside TLS can reach data_received
         # before this coroutine resumes: its recording waits for the TLS note below.
         if self._rec is not None:
-            self._rec_held = []
+            self._rec.hold_client()
         try:
             tls = await self.loop.start_tls(
                 cast(asyncio.WriteTransport, plain), self, self.tls_context, server_side=True
@@ -731,10 +725,8 @@ class SMTPSession(SMTP):
 
     def _record_held(self) -> None:
         """Record what arrived during the STARTTLS handshake, now that its outcome is noted."""
-        held, self._rec_held = self._rec_held, None
-        if held and self._rec is not None:
-            for data in held:
-                self._rec.client(data)
+        if self._rec is not None:
+            self._rec.release_client()
 
     async def smtp_HELO(self, hostname: str) -> None:
         refusal = check_helo_name(hostname, verb="HELO") if hostname else None
