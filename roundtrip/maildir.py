@@ -93,6 +93,7 @@ from .store import (
     Mailbox,
     Store,
     StoredMessage,
+    init_fields,
     validate_mailbox_name,
 )
 
@@ -130,11 +131,14 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _create_file(path: Path, data: bytes, *, mtime: float | None = None) -> None:
-    """Write a new file and fsync it; on failure nothing is left at ``path``."""
+def _create_file(path: Path, data: bytes, *, mtime: float | None = None, head: bytes = b"") -> None:
+    """Write a new file, ``head`` then ``data``, and fsync it; on failure nothing is left at
+    ``path``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _NOFOLLOW, _FILE_MODE)
     try:
         try:
+            if head:
+                _write_all(fd, head)
             _write_all(fd, data)
             if mtime is not None:
                 os.utime(fd if os.utime in os.supports_fd else path, (mtime, mtime))
@@ -335,16 +339,7 @@ class _MaildirMessage(StoredMessage):
         envelope_from: str = "",
         envelope_to: tuple[str, ...] = (),
     ) -> None:
-        # The dataclass __init__ would assign ``raw``; set the fields ourselves instead.
-        self.uid = uid
-        self.internal_date = internal_date
-        self.flags = flags
-        self.user = box.user
-        self.mailbox = box.name
-        self.stored_monotonic = time.monotonic()
-        self.envelope_from = envelope_from
-        self.envelope_to = envelope_to
-        self.cache = {}
+        init_fields(self, uid, internal_date, flags, box.user, box.name, envelope_from, envelope_to)
         self._box = box
         #: ``new/<name>`` or ``cur/<name>:2,<info>``, relative to the folder.
         self._file = file
@@ -967,14 +962,16 @@ class MaildirStore(Store):
         internal_date: float,
         envelope_from: str,
         envelope_to: tuple[str, ...],
+        head: bytes = b"",
     ) -> StoredMessage:
-        """Write one message durably.
+        """Write one message, ``head + raw``, durably.
 
         Order: tmp/ file, fsync, rename into new/ or cur/, directory fsync, UID record
         appended and fsynced. On ``OSError`` everything written is removed again.
         """
         folder = _as_box(box)
-        base = fmt.unique_name(len(raw), self._host, next(self._deliveries))
+        size = len(head) + len(raw)
+        base = fmt.unique_name(size, self._host, next(self._deliveries))
         sub = "cur" if flags else "new"
         filename = f"{base}{fmt.INFO}{fmt.info_for(flags)}" if sub == "cur" else base
         tmp = folder.path / "tmp" / base
@@ -983,7 +980,7 @@ class MaildirStore(Store):
             folder,
             f"{sub}/{filename}",
             uid=folder.uidnext,
-            size=len(raw),
+            size=size,
             internal_date=internal_date,
             flags=flags,
             envelope_from=envelope_from,
@@ -991,7 +988,7 @@ class MaildirStore(Store):
         )
         placed = False
         try:
-            _create_file(tmp, raw, mtime=internal_date)
+            _create_file(tmp, raw, mtime=internal_date, head=head)
             if os.path.lexists(dest):  # pragma: no cover - the name is unique by construction
                 raise OSError(errno.EEXIST, "maildir file name collision", str(dest))
             os.rename(tmp, dest)

@@ -138,6 +138,87 @@ class StoredMessage:
     def size(self) -> int:
         return len(self.raw)
 
+    def message_id(self) -> str:
+        """:func:`message_id_of` this message."""
+        return message_id_of(self.raw)
+
+
+def init_fields(
+    msg: StoredMessage,
+    uid: int,
+    internal_date: float,
+    flags: frozenset[str],
+    user: str,
+    mailbox: str,
+    envelope_from: str,
+    envelope_to: tuple[str, ...],
+) -> None:
+    """Set the fields of a new ``msg`` of a subclass whose ``raw`` is a property (the
+    dataclass ``__init__`` would assign ``raw``), stored now."""
+    msg.uid = uid
+    msg.internal_date = internal_date
+    msg.flags = flags
+    msg.user = user
+    msg.mailbox = mailbox
+    msg.stored_monotonic = time.monotonic()
+    msg.envelope_from = envelope_from
+    msg.envelope_to = envelope_to
+    msg.cache = {}
+
+
+class _HeadedMessage(StoredMessage):
+    """A StoredMessage kept as two parts until someone reads ``raw``: the fields the receiving
+    MX put on top (its Received, Authentication-Results, the filter's fields) and the bytes
+    it received. Joining them is a copy of the message; done on arrival, it would coexist
+    with the relay's copy (held until the MX's 250) and the received bytes, three copies of
+    a big message at once (tests/test_memory.py).
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(
+        self,
+        head: bytes,
+        body: bytes,
+        *,
+        uid: int,
+        internal_date: float,
+        flags: frozenset[str],
+        user: str,
+        mailbox: str,
+        envelope_from: str = "",
+        envelope_to: tuple[str, ...] = (),
+    ) -> None:
+        init_fields(self, uid, internal_date, flags, user, mailbox, envelope_from, envelope_to)
+        #: ``(head, body)`` until the first read, then the joined bytes: one attribute, so a
+        #: reader on another thread sees one form or the other, never half of a change.
+        self._parts: bytes | tuple[bytes, bytes] = (head, body)
+
+    @property
+    def raw(self) -> bytes:
+        parts = self._parts
+        if isinstance(parts, tuple):
+            parts = parts[0] + parts[1]
+            self._parts = parts
+        return parts
+
+    @raw.setter
+    def raw(self, value: bytes) -> None:
+        self._parts = bytes(value)
+
+    @property
+    def size(self) -> int:
+        parts = self._parts
+        return len(parts) if isinstance(parts, bytes) else len(parts[0]) + len(parts[1])
+
+    def message_id(self) -> str:
+        parts = self._parts
+        if isinstance(parts, bytes):
+            return message_id_of(parts)
+        # ``head`` is whole fields: the first Message-ID of the header block is its own
+        # if it has one, else the body's first.
+        return message_id_of(parts[0] + b"\r\n") or message_id_of(parts[1])
+
 
 class Mailbox:
     """A folder of one user: messages ordered by UID.
@@ -227,7 +308,7 @@ class Mailbox:
         if index is None:
             index = {}
             for uid in self._uids:
-                key = message_id_of(self._by_uid[uid].raw)
+                key = self._by_uid[uid].message_id()
                 if key:
                     index.setdefault(key, []).append(uid)
             self._message_ids = index
@@ -239,7 +320,7 @@ class Mailbox:
         self._count_keywords(msg.flags, 1)
         self.modseq += 1
         if self._message_ids is not None:
-            key = message_id_of(msg.raw)
+            key = msg.message_id()
             if key:
                 self._message_ids.setdefault(key, []).append(msg.uid)
 
@@ -599,11 +680,12 @@ class Store:
         internal_date: float | None,
         envelope_from: str = "",
         envelope_to: tuple[str, ...] = (),
+        head: bytes = b"",
     ) -> StoredMessage:
         """Store one message under the next UID of ``box``; called with the lock held."""
         when = self._clock() if internal_date is None else internal_date
         msg = self._store_message(
-            box, bytes(raw), frozenset(flags), when, envelope_from, tuple(envelope_to)
+            box, bytes(raw), frozenset(flags), when, envelope_from, tuple(envelope_to), head
         )
         box.uidnext += 1
         box._add(msg)
@@ -619,8 +701,13 @@ class Store:
         internal_date: float | None = None,
         envelope_from: str = "",
         envelope_to: Iterable[str] = (),
+        head: bytes = b"",
     ) -> StoredMessage:
         """Store ``raw`` in a mailbox of ``address`` and announce it.
+
+        ``head``: whole header fields (each CRLF-terminated) that go in front of ``raw``. The
+        message is ``head + raw``; a backend may keep the two apart until ``raw`` is read,
+        so a big message is not copied while it is delivered (``_HeadedMessage``).
 
         Raises:
             MailboxError: no such user or mailbox.
@@ -628,7 +715,9 @@ class Store:
         """
         box = self.mailbox(address, mailbox)
         with self._lock:
-            msg = self._put(box, raw, flags, internal_date, envelope_from, tuple(envelope_to))
+            msg = self._put(
+                box, raw, flags, internal_date, envelope_from, tuple(envelope_to), bytes(head)
+            )
             self._bump()
         self._notify(StoreChange(box.user, box.name, "added", (msg.uid,)))
         return msg
@@ -811,8 +900,22 @@ class Store:
         internal_date: float,
         envelope_from: str,
         envelope_to: tuple[str, ...],
+        head: bytes = b"",
     ) -> StoredMessage:
-        """Keep one message as UID ``box.uidnext`` (the caller adds it to ``box``)."""
+        """Keep one message, ``head + raw``, as UID ``box.uidnext`` (the caller adds it to
+        ``box``)."""
+        if head:
+            return _HeadedMessage(
+                head,
+                raw,
+                uid=box.uidnext,
+                internal_date=internal_date,
+                flags=flags,
+                user=box.user,
+                mailbox=box.name,
+                envelope_from=envelope_from,
+                envelope_to=envelope_to,
+            )
         return StoredMessage(
             uid=box.uidnext,
             raw=raw,

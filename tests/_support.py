@@ -12,7 +12,8 @@ import ssl
 import struct
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
+import tracemalloc
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -412,3 +413,19 @@ def imap_session(
     reply = conn.data_to_send()
     assert b"a OK" in reply, reply
     return conn
+
+
+def peak_growth(action: Callable[[], object]) -> int:
+    """Peak bytes allocated (``tracemalloc``) while ``action`` runs, above what was traced
+    before."""
+    owner = not tracemalloc.is_tracing()
+    if owner:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        action()
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        if owner:
+            tracemalloc.stop()

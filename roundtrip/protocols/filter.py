@@ -41,6 +41,7 @@ __all__ = [
     "FilterInput",
     "Verdict",
     "default_filter",
+    "header_fields",
     "prepend_headers",
 ]
 
@@ -49,20 +50,60 @@ GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 SPAM_THRESHOLD = 5.0
 
 
-@dataclass(frozen=True, slots=True)
 class FilterInput:
     """What the filter sees of one message at the receiving MX.
 
     ``raw`` is the message as this MX received it, its Received field on top; the
     Authentication-Results field this MX writes is added with the filter's own fields.
+
+    The MX hands the message over in two parts: ``head``, the fields it put on top (its
+    Received), and ``content``, the bytes the client sent. ``raw`` joins them on first use,
+    which copies the message; a filter that reads only fields (``header``) or searches the
+    body (``content``) leaves a big message uncopied.
     """
 
-    mail_from: str
-    rcpt_tos: tuple[str, ...]
-    raw: bytes
-    tls: bool
-    helo: str
-    hostname: str
+    __slots__ = ("_raw", "content", "head", "helo", "hostname", "mail_from", "rcpt_tos", "tls")
+
+    def __init__(
+        self,
+        mail_from: str,
+        rcpt_tos: tuple[str, ...],
+        raw: bytes,
+        tls: bool,
+        helo: str,
+        hostname: str,
+        *,
+        head: bytes = b"",
+    ) -> None:
+        self.mail_from = mail_from
+        self.rcpt_tos = rcpt_tos
+        self.tls = tls
+        self.helo = helo
+        self.hostname = hostname
+        #: Whole fields in front of ``content`` (CRLF-terminated), or nothing.
+        self.head = head
+        self.content = raw
+        self._raw: bytes | None = None if head else raw
+
+    @property
+    def raw(self) -> bytes:
+        """The whole message, ``head + content``."""
+        if self._raw is None:
+            self._raw = self.head + self.content
+        return self._raw
+
+    @property
+    def header(self) -> bytes:
+        """The message's header block (``head`` and the content's fields), without the
+        blank line and the body."""
+        return self.head + _header_block(self.content)
+
+    def __repr__(self) -> str:
+        return (
+            f"FilterInput(mail_from={self.mail_from!r}, rcpt_tos={self.rcpt_tos!r}, "
+            f"size={len(self.head) + len(self.content)}, tls={self.tls!r}, "
+            f"helo={self.helo!r}, hostname={self.hostname!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,9 +156,9 @@ def _header(headers: bytes, name: bytes) -> bytes | None:
 
 def default_filter(message: FilterInput) -> Verdict:
     """Score ``message`` with the rules in the module docstring and add X-Spam headers."""
-    headers = _header_block(message.raw)
+    headers = message.header
     hits: list[tuple[str, float]] = []
-    if GTUBE in message.raw:
+    if GTUBE in message.content:  # not in ``head``: the MX's own fields
         hits.append(("GTUBE", 1000.0))
     if _header(headers, b"Date") is None:
         hits.append(("MISSING_DATE", 1.0))
@@ -152,6 +193,12 @@ def default_filter(message: FilterInput) -> Verdict:
     )
 
 
+def header_fields(headers: tuple[tuple[str, str], ...]) -> bytes:
+    """The given fields, CRLF-terminated, values as given (a block to go on top of a
+    message)."""
+    return "".join(f"{name}: {value}\r\n" for name, value in headers).encode("utf-8")
+
+
 def prepend_headers(
     raw: bytes, headers: tuple[tuple[str, str], ...], *, below: bytes = b""
 ) -> bytes:
@@ -160,5 +207,4 @@ def prepend_headers(
     message instead of one per prepended block."""
     if not headers and not below:
         return raw
-    block = "".join(f"{name}: {value}\r\n" for name, value in headers)
-    return b"".join((block.encode("utf-8"), below, raw))
+    return b"".join((header_fields(headers), below, raw))

@@ -70,8 +70,11 @@ def _new_queue_id() -> str:
 class Accepted:
     """A message accepted by one SMTP listener, handed to the router.
 
-    ``raw`` already carries this hop's Received line (and, on submission, a Message-ID and
-    Date if they were missing).
+    The message is ``head + raw`` (:attr:`message`). On submission ``raw`` is all of it: this
+    hop's Received field on top, and a Message-ID and Date if they were missing. The MX keeps
+    its Received field in ``head`` and the bytes it received as ``raw``, so that a big
+    message is not copied on arrival; the store joins them when the message is first read
+    (roundtrip/store.py, ``Store.deliver``).
     """
 
     role: Role
@@ -90,6 +93,13 @@ class Accepted:
     #: The router's prepare step has signed ``raw`` already (or found no key to sign with),
     #: so routing does not sign again.
     signed: bool = False
+    #: Whole fields (CRLF-terminated) in front of ``raw``: the MX's Received field.
+    head: bytes = b""
+
+    @property
+    def message(self) -> bytes:
+        """The whole message, ``head + raw`` (a copy when there is a ``head``)."""
+        return self.head + self.raw if self.head else self.raw
 
 
 #: Delivers or queues an accepted message; raising StorageError makes the reply a 451.
@@ -286,8 +296,11 @@ class SMTPHandler:
             timestamp=now,
             tls=tls_info,
         )
-        raw = trace + content
-        del content  # the only other copy: freed before the router stores ``raw``
+        if self.role is Role.SMTP:
+            head, raw = trace, content
+        else:  # submission signs and relays the whole message: one copy, here
+            head, raw = b"", trace + content
+        del content  # on submission the only other copy: freed before the router stores
         return Accepted(
             role=self.role,
             server_domain=self.domain,
@@ -296,6 +309,7 @@ class SMTPHandler:
             mail_from=envelope.mail_from or "",
             rcpt_tos=rcpts,
             raw=raw,
+            head=head,
             authenticated_user=user,
             tls=tls,
             received_at=now,

@@ -280,6 +280,7 @@ def _override_resinfo(dmarc: _dmarc.DMARCResult, sealer: str, arc: ARCResult) ->
 def check_sender(
     raw: bytes,
     *,
+    trace: bytes = b"",
     authserv_id: str,
     mail_from: str,
     helo: str,
@@ -292,7 +293,9 @@ def check_sender(
     override and the DNS-failure deferral (module docstring).
 
     Args:
-        raw: the message as received, this hop's Received field on top.
+        raw: the message as received, this hop's Received field on top (or in ``trace``).
+        trace: this hop's Received field when the MX keeps it apart from ``raw``
+            (``Accepted.head``).
         authserv_id: the MX host name.
         mail_from: the envelope sender (``""`` for a bounce).
         helo: the client's EHLO/HELO name.
@@ -304,7 +307,7 @@ def check_sender(
     spf = dmarc = None
     override = ""
     if lookup is not None:
-        ip = peer_address(raw)
+        ip = peer_address(trace or raw)
         if ip is None:  # no trace field of ours: nothing to check the address against
             spf = _spf.SPFResult("none", "client address unknown")
         else:

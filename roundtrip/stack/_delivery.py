@@ -39,7 +39,7 @@ from email.policy import compat32
 from typing import TYPE_CHECKING
 
 from ..config import Forward, StackConfig
-from ..protocols.filter import ContentFilter, FilterInput, default_filter, prepend_headers
+from ..protocols.filter import ContentFilter, FilterInput, default_filter, header_fields
 from ..protocols.smtp import Role, domain_of, drop_forged_auth_results
 from ..protocols.spf import Lookup
 from ..servers.relay import Relay
@@ -254,12 +254,18 @@ class Router:
             return address
         return catch_all_owner(self._config, address) or address
 
-    def _filtered(self, accepted: Accepted) -> tuple[bytes, str, SenderVerdict | None]:
-        """The bytes to store and the folder, after the MX's checks and content filter, and
-        what the checks found (None: no checks here)."""
-        raw, mailbox = accepted.raw, "INBOX"
+    def _filtered(self, accepted: Accepted) -> tuple[bytes, bytes, str, SenderVerdict | None]:
+        """What to store, as the fields to put on top and the bytes below them, and the
+        folder, after the MX's checks and content filter; and what the checks found (None:
+        no checks here).
+
+        The MX's checks read the received bytes and its Received field apart
+        (``Accepted.head``), and the fields they add join that field in a small block: the
+        message itself is not copied here (the store joins the two when it is first read).
+        """
+        raw, head, mailbox = accepted.raw, accepted.head, "INBOX"
         if accepted.role is not Role.SMTP:
-            return raw, mailbox, None
+            return head, raw, mailbox, None
         raw = self.faults.altered(raw)
         raw = drop_forged_auth_results(raw, self._authserv_ids())
         sender = None
@@ -272,6 +278,7 @@ class Router:
                 arc = self._arc(raw, self.dkim_lookup)
             sender = check_sender(
                 raw,
+                trace=head,
                 authserv_id=accepted.hostname,
                 mail_from=accepted.mail_from,
                 helo=accepted.helo,
@@ -296,14 +303,14 @@ class Router:
                 raise ContentRejectedError(reject)
             if sender.quarantine:
                 mailbox = JUNK  # each recipient's \\Junk folder (_store_here)
-            # RFC 8601 section 5: ours goes on top, above this hop's Received; prepended
-            # below the filter's fields in one copy (a big message is copied once here).
+            # RFC 8601 section 5: ours goes on top, above this hop's Received, below the
+            # filter's fields.
             auth_field = sender.field
         else:
             auth_field = b""
         content_filter = self.content_filter
         if content_filter is None:
-            return prepend_headers(raw, (), below=auth_field), mailbox, sender
+            return auth_field + head, raw, mailbox, sender
         verdict = content_filter(
             FilterInput(
                 mail_from=accepted.mail_from,
@@ -312,15 +319,16 @@ class Router:
                 tls=accepted.tls,
                 helo=accepted.helo,
                 hostname=accepted.hostname,
+                head=head,
             )
         )
         if verdict is None:
-            return prepend_headers(raw, (), below=auth_field), mailbox, sender
+            return auth_field + head, raw, mailbox, sender
         if verdict.action == "reject":
             raise ContentRejectedError(verdict.reply)
         # The filter's folder, unless it says INBOX for mail DMARC quarantined.
         folder = mailbox if verdict.mailbox == "INBOX" else verdict.mailbox
-        return prepend_headers(raw, verdict.headers, below=auth_field), folder, sender
+        return header_fields(verdict.headers) + auth_field + head, raw, folder, sender
 
     @staticmethod
     def _arc(raw: bytes, lookup: KeyLookup) -> ARCResult | None:
@@ -343,7 +351,7 @@ class Router:
         )
         if accepted.role is not Role.SMTP and accepted.authenticated_user and not accepted.signed:
             accepted = dataclasses.replace(accepted, raw=self._signed(accepted), signed=True)
-        raw, mailbox, sender = self._filtered(accepted)
+        head, raw, mailbox, sender = self._filtered(accepted)
         here, remote = split_recipients(accepted.role, accepted.server_domain, accepted.rcpt_tos)
         forwards: list[Forward] = []
         if self._config.forwards:
@@ -366,7 +374,7 @@ class Router:
                         helo=accepted.hostname,
                         mail_from=accepted.mail_from or "<>",
                         rcpt_tos=remote,
-                        raw=accepted.raw,
+                        raw=accepted.message,
                         received_at=accepted.received_at,
                         origin_id=accepted.queue_id,
                     )
@@ -378,12 +386,12 @@ class Router:
                         helo=accepted.hostname,
                         mail_from=accepted.mail_from or "<>",
                         rcpt_tos=forward.to,
-                        raw=self._forwarded(forward, raw, accepted.hostname, sender),
+                        raw=self._forwarded(forward, head + raw, accepted.hostname, sender),
                         received_at=accepted.received_at,
                         origin_id=accepted.queue_id,
                     )
                 )
-            self._store_here(here, raw, mailbox, accepted.mail_from, accepted.role)
+            self._store_here(here, head, raw, mailbox, accepted.mail_from, accepted.role)
         except BaseException:
             assert relay is not None or not prepared
             for done in prepared:
@@ -392,7 +400,7 @@ class Router:
             raise
         if here:
             journeys.record(accepted.queue_id, "stored", accepted.hostname, time.monotonic())
-            journeys.index(raw)
+            journeys.index(raw, head=head)
         for done in prepared:
             assert relay is not None
             entry = relay.commit(done)
@@ -470,7 +478,7 @@ class Router:
             return raw
 
     def _store_here(
-        self, here: list[str], raw: bytes, mailbox: str, mail_from: str, role: Role
+        self, here: list[str], head: bytes, raw: bytes, mailbox: str, mail_from: str, role: Role
     ) -> None:
         for rcpt in here:
             owner = self.owner(rcpt)
@@ -478,7 +486,12 @@ class Router:
             # The MX altered the body on arrival already (_filtered).
             for copy in self.faults.apply(raw, alter=role is not Role.SMTP):
                 stored = self._store.deliver(
-                    owner, copy, mailbox=folder, envelope_from=mail_from, envelope_to=(rcpt,)
+                    owner,
+                    copy,
+                    mailbox=folder,
+                    envelope_from=mail_from,
+                    envelope_to=(rcpt,),
+                    head=head,
                 )
                 self._announce(stored)
 

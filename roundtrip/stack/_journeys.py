@@ -103,10 +103,10 @@ class Journeys:
         if origin is not None:
             self.record(origin, f"relay {step}", detail, when)
 
-    def index(self, raw: bytes) -> None:
-        """Remember which queue ids the stored message ``raw`` went through."""
+    def index(self, raw: bytes, *, head: bytes = b"") -> None:
+        """Remember which queue ids the stored message ``head + raw`` went through."""
         end = raw.find(b"\r\n\r\n")
-        head = raw[: end if end >= 0 else len(raw)]  # not split(): that copies the body too
+        head += raw[: end if end >= 0 else len(raw)]  # not split(): that copies the body too
         found = _MESSAGE_ID.search(head)
         if found is None:
             return

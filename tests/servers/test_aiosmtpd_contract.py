@@ -341,5 +341,5 @@ def test_implicit_tls_session_records_tls_facts(listeners: Listeners) -> None:
     assert version is not None and cipher is not None
     (accepted,) = listeners.routed
     assert accepted.tls and accepted.authenticated_user == USER
-    trace = accepted.raw.split(b"\r\n\r\n", 1)[0].decode()
+    trace = accepted.message.split(b"\r\n\r\n", 1)[0].decode()
     assert f"(using {version} with cipher {cipher[0]} ({cipher[2]} bits))" in trace, trace

@@ -119,7 +119,9 @@ def make_world(ca: CertificateAuthority) -> Iterator[MakeWorld]:
         def router(accepted: Accepted) -> None:
             world.routed.append(accepted)
             for rcpt in accepted.rcpt_tos:
-                store.deliver(rcpt, accepted.raw, envelope_from=accepted.mail_from)
+                store.deliver(
+                    rcpt, accepted.raw, envelope_from=accepted.mail_from, head=accepted.head
+                )
 
         world.ports.update(
             listeners.start(

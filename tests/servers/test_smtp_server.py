@@ -103,6 +103,7 @@ def world(ca: CertificateAuthority) -> Iterator[World]:
                     accepted.raw,
                     envelope_from=accepted.mail_from,
                     envelope_to=accepted.rcpt_tos,
+                    head=accepted.head,
                 )
             else:
                 w.relayed.append((rcpt, accepted))
@@ -356,6 +357,26 @@ def test_mx_local_recipient_plaintext_is_esmtp(world: World) -> None:
     assert "(using " not in trace
     assert world.routed[0].authenticated_user is None
     assert world.routed[0].tls is False
+
+
+def test_mx_hands_over_its_received_field_apart_from_the_bytes_it_received(
+    world: World,
+) -> None:
+    """The MX does not copy the message on arrival: ``raw`` is what the client sent, ``head``
+    this hop's Received field; submission hands over one whole message (the twin)."""
+    with world.smtp(Role.SMTP) as client:
+        client.sendmail(STRANGER, [USER], MESSAGE)
+    with world.smtp(Role.SUBMISSION) as client:
+        client.starttls(context=world.client_context())
+        client.login(USER, PASSWORD)
+        client.sendmail(USER, [OTHER], MESSAGE)
+    mx, submission = world.routed
+    assert mx.raw == MESSAGE
+    assert mx.head.startswith(b"Received: ") and mx.head.endswith(b"\r\n")
+    assert mx.message == mx.head + MESSAGE
+    assert split_received(mx.message) == (mx.head, MESSAGE)
+    assert submission.head == b""
+    assert submission.raw.startswith(b"Received: ") and submission.message is submission.raw
 
 
 def test_mx_local_recipient_after_starttls_is_esmtps(world: World) -> None:

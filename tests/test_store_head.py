@@ -1,0 +1,173 @@
+"""A message stored as the fields the MX put on top plus the bytes it received.
+
+``Store.deliver(..., head=...)`` keeps the two apart until ``raw`` is first read, and
+``FilterInput`` hands a filter the two parts with ``raw`` joined only on demand: a big
+message is not copied while it is delivered (tests/test_memory.py measures the round trip).
+Each "no copy" test has a twin that reads ``raw`` and sees the copy with the same measure.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _support import backend_store, peak_growth
+
+from roundtrip import MailStack, StackConfig
+from roundtrip.maildir import MaildirStore
+from roundtrip.protocols.filter import FilterInput, Verdict, default_filter
+from roundtrip.store import Store
+
+TIMEOUT = 10
+ALICE = "alice@example.com"
+HEAD = b"Received: from a (a [127.0.0.1]) by mx.example.com; Thu, 3 Dec 2026 10:00:00 +0000\r\n"
+BODY = b"From: <bob@example.org>\r\nMessage-ID: <one@example.org>\r\nSubject: one\r\n\r\nbody\r\n"
+BIG = 4_000_000
+
+
+@pytest.fixture(params=["memory", "maildir"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    with backend_store(request.param, tmp_path / "mail", {ALICE: "secret"}) as s:
+        yield s
+
+
+def _big_body() -> bytes:
+    return b"Subject: big\r\n\r\n" + (b"x" * 76 + b"\r\n") * (BIG // 78)
+
+
+# the store
+
+
+def test_store_head_is_in_front_of_the_message(store: Store) -> None:
+    msg = store.deliver(ALICE, BODY, head=HEAD)
+    assert msg.size == len(HEAD) + len(BODY)  # before anything is joined
+    assert msg.raw == HEAD + BODY
+    assert msg.size == len(HEAD + BODY)
+    again = store.messages(ALICE, "INBOX")[0]
+    assert again.raw == HEAD + BODY
+
+
+def test_store_without_head_keeps_the_bytes_as_given(store: Store) -> None:
+    msg = store.deliver(ALICE, BODY)
+    assert msg.raw == BODY and msg.size == len(BODY)
+
+
+def test_store_head_survives_a_reopened_maildir(tmp_path: Path) -> None:
+    md = MaildirStore(tmp_path / "mail")
+    md.add_user(ALICE, "secret")
+    md.deliver(ALICE, BODY, head=HEAD)
+    md.close()
+    again = MaildirStore(tmp_path / "mail")
+    try:
+        [msg] = again.messages(ALICE, "INBOX")
+        assert msg.raw == HEAD + BODY and msg.size == len(HEAD + BODY)
+    finally:
+        again.close()
+
+
+def test_store_head_message_id_lookup_without_joining(store: Store) -> None:
+    store.deliver(ALICE, BODY, head=HEAD)
+    box = store.mailbox(ALICE)
+    assert box.uids_with_message_id("<one@example.org>") == [1]
+    # A Message-ID in the head is the header block's first: it wins over the body's.
+    store.deliver(ALICE, BODY, head=b"Message-ID: <head@example.org>\r\n" + HEAD)
+    assert box.uids_with_message_id("<head@example.org>") == [2]
+    assert box.uids_with_message_id("<one@example.org>") == [1]
+
+
+def test_store_head_delivery_does_not_copy_the_message() -> None:
+    store = Store()
+    store.add_user(ALICE, "secret")
+    body = _big_body()
+    kept = []
+    assert peak_growth(lambda: kept.append(store.deliver(ALICE, body, head=HEAD))) < BIG // 10
+    # The twin: the first read of ``raw`` is the one copy, made once.
+    assert peak_growth(lambda: kept[0].raw) >= BIG
+    assert peak_growth(lambda: kept[0].raw) < BIG // 10
+    assert kept[0].raw == HEAD + body
+
+
+def test_store_head_joined_once_under_concurrent_readers() -> None:
+    store = Store()
+    store.add_user(ALICE, "secret")
+    seen: list[bytes] = []
+    lock = threading.Lock()
+    for _ in range(50):
+        msg = store.deliver(ALICE, BODY, head=HEAD)
+        start = threading.Barrier(4)
+
+        def read(msg: object = msg, start: threading.Barrier = start) -> None:
+            start.wait(timeout=TIMEOUT)
+            got = msg.raw  # type: ignore[attr-defined]
+            with lock:
+                seen.append(got)
+
+        threads = [threading.Thread(target=read) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=TIMEOUT)
+    assert len(seen) == 200
+    assert all(got == HEAD + BODY for got in seen)
+
+
+# the filter's view
+
+
+def test_filter_input_raw_joins_head_and_content() -> None:
+    message = FilterInput("b@example.org", ("a@example.com",), BODY, True, "h", "mx", head=HEAD)
+    assert message.raw == HEAD + BODY
+    assert message.header.startswith(HEAD) and message.header.endswith(b"Subject: one\r\n")
+    assert message.content is BODY
+    plain = FilterInput("b@example.org", ("a@example.com",), BODY, True, "h", "mx")
+    assert plain.raw is BODY
+
+
+def test_filter_default_filter_does_not_copy_the_message() -> None:
+    body = _big_body()
+    message = FilterInput("b@example.org", ("a@example.com",), body, True, "h", "mx", head=HEAD)
+    verdicts: list[Verdict] = []
+    assert peak_growth(lambda: verdicts.append(default_filter(message))) < BIG // 10
+    assert dict(verdicts[0].headers)["X-Spam-Flag"] == "NO"
+    # The twin: a filter that reads ``raw`` pays for the join.
+    assert peak_growth(lambda: message.raw) >= BIG
+
+
+def test_filter_default_filter_finds_gtube_in_the_content() -> None:
+    spam = BODY + b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\r\n"
+    for raw, flag in ((spam, "YES"), (BODY, "NO")):
+        verdict = default_filter(FilterInput("b@x", ("a@y",), raw, True, "h", "mx", head=HEAD))
+        assert dict(verdict.headers)["X-Spam-Flag"] == flag
+
+
+# through the stack
+
+
+def test_stack_mx_filter_sees_its_received_field_on_top() -> None:
+    """A custom filter's ``raw`` is the message as the MX received it, its Received on top;
+    the stored copy has the filter's field, then Authentication-Results, then that Received."""
+    seen: list[bytes] = []
+
+    def custom(message: FilterInput) -> Verdict:
+        seen.append(message.raw)
+        return Verdict(headers=(("X-Checked", "yes"),))
+
+    with MailStack(StackConfig()) as stack:
+        stack.content_filter = custom
+        sender, rcpt = stack.user("example.com"), stack.user("example.org")
+        host, port = stack.endpoints("example.com").address("submissions")
+        with smtplib.SMTP_SSL(host, port, context=stack.client_context(), timeout=TIMEOUT) as smtp:
+            smtp.login(sender.address, sender.password)
+            smtp.sendmail(sender.address, [rcpt.address], b"Subject: head order\r\n\r\nhello\r\n")
+        got = stack.wait_for(rcpt.address, subject="head order", timeout=TIMEOUT)
+        stack.check()
+    assert len(seen) == 1
+    assert seen[0].startswith(b"Received: from ")
+    first = seen[0].split(b"\r\n\r\n", 1)[0].replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ")
+    assert b"by mail.example.org" in first.split(b"\r\n", 1)[0]
+    fields = [line.split(b":", 1)[0] for line in got.raw.split(b"\r\n") if line[:1] not in b" \t"]
+    assert fields[:3] == [b"X-Checked", b"Authentication-Results", b"Received"]
+    assert got.raw.endswith(seen[0])  # stored = the filter's view with the new fields on top
