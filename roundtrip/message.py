@@ -413,7 +413,8 @@ def _body_offset(raw: bytes) -> int:
     crlf = raw.find(b"\r\n\r\n")
     if crlf != -1:
         candidates.append(crlf + 4)
-    lf = raw.find(b"\n\n")
+    # A bare-LF blank line only counts before the CRLF one: no need to scan a big body.
+    lf = raw.find(b"\n\n", 0, crlf + 3 if crlf != -1 else len(raw))
     if lf != -1:
         candidates.append(lf + 2)
     return min(candidates) if candidates else len(raw)
@@ -492,63 +493,23 @@ def _leaves(root: Message) -> list[tuple[Message, str]]:
     return leaves
 
 
-class ReceivedMessage:
-    """A message as a mailbox returned it, parsed for assertions.
+class _Mime:
+    """The MIME structure of a message: its primary text and HTML bodies, its parts, its
+    links, or why the email package could not parse it (``ReceivedMessage`` attributes)."""
 
-    Args:
-        raw: the message bytes (``BODY[]`` over IMAP, ``RETR`` over POP3, a stored file).
-
-    Attributes:
-        raw: the bytes given.
-        headers: decoded :class:`Headers`.
-        subject: the decoded Subject (``""`` when absent).
-        from_: the first From address, or ``None``.
-        sender: the Sender address when there is one, else :attr:`from_` (RFC 5322 3.6.2).
-        to: To addresses (groups flattened), in order.
-        cc: Cc addresses, in order.
-        message_id: the Message-ID as written, angle brackets included, or ``None``.
-        date: the Date header as an aware ``datetime``, or ``None`` when absent or invalid.
-        text: the primary text/plain body (first non-attachment text/plain part), or ``None``.
-        html: the primary text/html body, or ``None``.
-        attachments: downloadable parts (``inline`` False), in document order.
-        inline_parts: inline non-body parts (cid: images, calendar parts, extra text parts).
-        links: URLs in the text body, then href/src values in the HTML body, deduplicated.
-        body_sha256: hex SHA-256 of the raw bytes after the header block's blank line.
-        received_chain: parsed ``Received`` headers, newest (topmost) first.
-        parse_error: why the MIME structure could not be parsed (then only headers and raw
-            bytes are available), or ``None``.
-    """
-
-    __slots__ = (
-        "_html_text",
-        "attachments",
-        "body_sha256",
-        "cc",
-        "date",
-        "from_",
-        "headers",
-        "html",
-        "inline_parts",
-        "links",
-        "message_id",
-        "parse_error",
-        "raw",
-        "received_chain",
-        "sender",
-        "subject",
-        "text",
-        "to",
-    )
+    __slots__ = ("attachments", "html", "html_text", "inline_parts", "links", "parse_error", "text")
 
     def __init__(self, raw: bytes) -> None:
-        self.raw = bytes(raw)
         self.parse_error: str | None = None
         parser = BytesParser(policy=_POLICY)
-        msg: Message
+        self.text: str | None = None
+        self.html: str | None = None
+        self.attachments: list[Attachment] = []
+        self.inline_parts: list[Attachment] = []
+        msg: Message | None = None
         try:
-            msg = parser.parsebytes(self.raw)
+            msg = parser.parsebytes(raw)
         except RecursionError:
-            msg = parser.parsebytes(self.raw, headersonly=True)
             self.parse_error = (
                 "MIME structure too deeply nested for the email package (RecursionError); "
                 "only headers and raw bytes are available"
@@ -558,34 +519,12 @@ class ReceivedMessage:
             # header parser (Python 3.11-3.13) raises on some malformed ones: "; name*" at
             # the end gives IndexError, an RFC 2231 charset with a NUL ValueError, an odd
             # RFC 2231 UTF-16 value UnicodeDecodeError. compat32 does not parse them.
-            msg = BytesParser(policy=policy.compat32).parsebytes(self.raw, headersonly=True)
             self.parse_error = (
                 f"the email package could not parse the MIME structure "
                 f"({type(exc).__name__}: {exc}); only headers and raw bytes are available"
             )
-
-        self.headers = Headers(
-            (name, self._decode_header(name, value)) for name, value in msg.raw_items()
-        )
-        self.subject = self.headers.get("Subject") or ""
-        self.message_id = (self.headers.get("Message-ID") or "").strip() or None
-        self.date = self._parse_date(self.headers.get("Date"))
-        from_list = self._addresses(msg, "From")
-        self.from_ = from_list[0] if from_list else None
-        sender_list = self._addresses(msg, "Sender")
-        self.sender = sender_list[0] if sender_list else self.from_
-        self.to = self._addresses(msg, "To")
-        self.cc = self._addresses(msg, "Cc")
-        self.body_sha256 = hashlib.sha256(self.raw[_body_offset(self.raw) :]).hexdigest()
-        self.received_chain = [parse_received(v) for v in self.headers.get_all("Received")]
-
-        self.text: str | None = None
-        self.html: str | None = None
-        self.attachments: list[Attachment] = []
-        self.inline_parts: list[Attachment] = []
-        if self.parse_error is None:
+        if msg is not None:
             self._collect_parts(msg)
-
         scan = _HTMLScan()
         if self.html is not None:
             # html.parser raises on some malformed markup: AssertionError for an unknown
@@ -594,47 +533,9 @@ class ReceivedMessage:
             with contextlib.suppress(AssertionError, ValueError):
                 scan.feed(self.html)
                 scan.close()
-        self._html_text = "".join(scan.text)
+        self.html_text = "".join(scan.text)
         links = _text_links(self.text or "") + scan.links
         self.links: list[str] = list(dict.fromkeys(links))
-
-    # -- construction helpers -------------------------------------------------------------
-
-    @staticmethod
-    def _decode_header(name: str, value: str) -> str:
-        if value.isascii() and "=?" not in value and name.lower() not in _STRUCTURED:
-            # Unstructured ASCII text without encoded words (RFC 2047) decodes to itself:
-            # the email package's parse gives the same string at ~30 us a field, and a
-            # delivered message carries a dozen such fields (Received, DKIM-Signature, ...).
-            return value.replace("\r", "").replace("\n", "").strip()
-        try:
-            decoded = str(_header(name, value))
-        except _PARSE_ERRORS:
-            decoded = value
-        return _unsurrogate(_unfold(decoded)).strip()
-
-    @staticmethod
-    def _parse_date(value: str | None) -> datetime | None:
-        if not value:
-            return None
-        try:
-            return parsedate_to_datetime(value)
-        except (ValueError, TypeError, IndexError, OverflowError):
-            return None
-
-    @staticmethod
-    def _addresses(msg: Message, name: str) -> list[str]:
-        found: list[str] = []
-        for raw_name, raw_value in msg.raw_items():
-            if raw_name.lower() != name.lower():
-                continue
-            try:
-                header = _header(raw_name, raw_value)
-                found.extend(_unsurrogate(a.addr_spec) for a in header.addresses)
-            except _PARSE_ERRORS:
-                text = _unsurrogate(_unfold(raw_value))
-                found.extend(addr for _, addr in getaddresses([text]) if addr)
-        return [a for a in found if a and a != "<>"]
 
     def _collect_parts(self, msg: Message) -> None:
         for part, _parent in _leaves(msg):
@@ -681,6 +582,164 @@ class ReceivedMessage:
                 inline=inline,
             )
             (self.inline_parts if inline else self.attachments).append(item)
+
+
+class ReceivedMessage:
+    """A message as a mailbox returned it, parsed for assertions.
+
+    The header fields are parsed when the message is made; the MIME structure (``text``,
+    ``html``, ``attachments``, ``inline_parts``, ``links``, ``parse_error``) and
+    ``body_sha256`` when one of them is first read, so waiting for a message by its headers
+    does not decode a big attachment.
+
+    Args:
+        raw: the message bytes (``BODY[]`` over IMAP, ``RETR`` over POP3, a stored file).
+
+    Attributes:
+        raw: the bytes given.
+        headers: decoded :class:`Headers`.
+        subject: the decoded Subject (``""`` when absent).
+        from_: the first From address, or ``None``.
+        sender: the Sender address when there is one, else :attr:`from_` (RFC 5322 3.6.2).
+        to: To addresses (groups flattened), in order.
+        cc: Cc addresses, in order.
+        message_id: the Message-ID as written, angle brackets included, or ``None``.
+        date: the Date header as an aware ``datetime``, or ``None`` when absent or invalid.
+        text: the primary text/plain body (first non-attachment text/plain part), or ``None``.
+        html: the primary text/html body, or ``None``.
+        attachments: downloadable parts (``inline`` False), in document order.
+        inline_parts: inline non-body parts (cid: images, calendar parts, extra text parts).
+        links: URLs in the text body, then href/src values in the HTML body, deduplicated.
+        body_sha256: hex SHA-256 of the raw bytes after the header block's blank line.
+        received_chain: parsed ``Received`` headers, newest (topmost) first.
+        parse_error: why the MIME structure could not be parsed (then only headers and raw
+            bytes are available), or ``None``.
+    """
+
+    __slots__ = (
+        "_mime",
+        "_sha",
+        "cc",
+        "date",
+        "from_",
+        "headers",
+        "message_id",
+        "raw",
+        "received_chain",
+        "sender",
+        "subject",
+        "to",
+    )
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = bytes(raw)
+        # The header block alone: the MIME structure below it is parsed on first use
+        # (``_parsed``), so a look at the headers of a big message does not decode its parts.
+        head = self.raw[: _body_offset(self.raw)]
+        msg: Message
+        try:
+            msg = BytesParser(policy=_POLICY).parsebytes(head, headersonly=True)
+        except (RecursionError, *_PARSE_ERRORS):
+            msg = BytesParser(policy=policy.compat32).parsebytes(head, headersonly=True)
+        self.headers = Headers(
+            (name, self._decode_header(name, value)) for name, value in msg.raw_items()
+        )
+        self.subject = self.headers.get("Subject") or ""
+        self.message_id = (self.headers.get("Message-ID") or "").strip() or None
+        self.date = self._parse_date(self.headers.get("Date"))
+        from_list = self._addresses(msg, "From")
+        self.from_ = from_list[0] if from_list else None
+        sender_list = self._addresses(msg, "Sender")
+        self.sender = sender_list[0] if sender_list else self.from_
+        self.to = self._addresses(msg, "To")
+        self.cc = self._addresses(msg, "Cc")
+        self.received_chain = [parse_received(v) for v in self.headers.get_all("Received")]
+        self._mime: _Mime | None = None
+        self._sha: str | None = None
+
+    # -- the MIME structure, parsed on first use -----------------------------------------------
+
+    def _parsed(self) -> _Mime:
+        """The body parts, parsed once; two threads asking at once both parse, and each gets
+        a whole result (one attribute store)."""
+        mime = self._mime
+        if mime is None:
+            mime = self._mime = _Mime(self.raw)
+        return mime
+
+    @property
+    def text(self) -> str | None:
+        return self._parsed().text
+
+    @property
+    def html(self) -> str | None:
+        return self._parsed().html
+
+    @property
+    def attachments(self) -> list[Attachment]:
+        return self._parsed().attachments
+
+    @property
+    def inline_parts(self) -> list[Attachment]:
+        return self._parsed().inline_parts
+
+    @property
+    def links(self) -> list[str]:
+        return self._parsed().links
+
+    @property
+    def parse_error(self) -> str | None:
+        return self._parsed().parse_error
+
+    @property
+    def _html_text(self) -> str:
+        return self._parsed().html_text
+
+    @property
+    def body_sha256(self) -> str:
+        digest = self._sha
+        if digest is None:
+            body = memoryview(self.raw)[_body_offset(self.raw) :]  # hashed without a copy
+            digest = self._sha = hashlib.sha256(body).hexdigest()
+        return digest
+
+    # -- construction helpers -------------------------------------------------------------
+
+    @staticmethod
+    def _decode_header(name: str, value: str) -> str:
+        if value.isascii() and "=?" not in value and name.lower() not in _STRUCTURED:
+            # Unstructured ASCII text without encoded words (RFC 2047) decodes to itself:
+            # the email package's parse gives the same string at ~30 us a field, and a
+            # delivered message carries a dozen such fields (Received, DKIM-Signature, ...).
+            return value.replace("\r", "").replace("\n", "").strip()
+        try:
+            decoded = str(_header(name, value))
+        except _PARSE_ERRORS:
+            decoded = value
+        return _unsurrogate(_unfold(decoded)).strip()
+
+    @staticmethod
+    def _parse_date(value: str | None) -> datetime | None:
+        if not value:
+            return None
+        try:
+            return parsedate_to_datetime(value)
+        except (ValueError, TypeError, IndexError, OverflowError):
+            return None
+
+    @staticmethod
+    def _addresses(msg: Message, name: str) -> list[str]:
+        found: list[str] = []
+        for raw_name, raw_value in msg.raw_items():
+            if raw_name.lower() != name.lower():
+                continue
+            try:
+                header = _header(raw_name, raw_value)
+                found.extend(_unsurrogate(a.addr_spec) for a in header.addresses)
+            except _PARSE_ERRORS:
+                text = _unsurrogate(_unfold(raw_value))
+                found.extend(addr for _, addr in getaddresses([text]) if addr)
+        return [a for a in found if a and a != "<>"]
 
     # -- assertions helpers ---------------------------------------------------------------
 

@@ -12,11 +12,12 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import tracemalloc
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from roundtrip.maildir import MaildirStore
 from roundtrip.protocols.imap import IMAPConnection
@@ -429,3 +430,27 @@ def peak_growth(action: Callable[[], object]) -> int:
     finally:
         if owner:
             tracemalloc.stop()
+
+
+_T = TypeVar("_T")
+
+
+def run_together(action: Callable[[], _T], count: int = 4, timeout: float = 10) -> list[_T]:
+    """``action``'s results from ``count`` threads released at once (a barrier), so that
+    first uses race."""
+    start = threading.Barrier(count)
+    results: list[_T] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        start.wait(timeout=timeout)
+        got = action()
+        with lock:
+            results.append(got)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    return results

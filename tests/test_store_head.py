@@ -9,12 +9,11 @@ Each "no copy" test has a twin that reads ``raw`` and sees the copy with the sam
 from __future__ import annotations
 
 import smtplib
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _support import backend_store, peak_growth
+from _support import backend_store, peak_growth, run_together
 
 from roundtrip import MailStack, StackConfig
 from roundtrip.maildir import MaildirStore
@@ -93,25 +92,9 @@ def test_store_head_delivery_does_not_copy_the_message() -> None:
 def test_store_head_joined_once_under_concurrent_readers() -> None:
     store = Store()
     store.add_user(ALICE, "secret")
-    seen: list[bytes] = []
-    lock = threading.Lock()
     for _ in range(50):
         msg = store.deliver(ALICE, BODY, head=HEAD)
-        start = threading.Barrier(4)
-
-        def read(msg: object = msg, start: threading.Barrier = start) -> None:
-            start.wait(timeout=TIMEOUT)
-            got = msg.raw  # type: ignore[attr-defined]
-            with lock:
-                seen.append(got)
-
-        threads = [threading.Thread(target=read) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=TIMEOUT)
-    assert len(seen) == 200
-    assert all(got == HEAD + BODY for got in seen)
+        assert run_together(lambda msg=msg: msg.raw) == [HEAD + BODY] * 4
 
 
 # the filter's view
