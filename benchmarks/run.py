@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python -m benchmarks.run [--quick] [--json FILE] [--no-postfix]
-        [--only inprocess|startup|auth|imap|paired|load]
+        [--only inprocess|startup|auth|imap|memory|paired|load]
 
 Prints one table with every figure of the issue and its ratio or target, and writes the same
 figures as JSON. ``--quick`` is the CI smoke version: the same rows with smaller counts and
@@ -89,6 +89,10 @@ def collect(
             postfix.measure_imap(plan) if with_postfix else {"skipped": "--no-postfix"}
         )
         return data
+    if only == "memory":
+        log("memory (fresh stack children)")
+        data["memory"] = memory.measure(plan)
+        return data
     if only == "paired":
         log("paired samples: floor, same and cross domain, Postfix+Dovecot, interleaved")
         users = [f"user@{d}" for d in DOMAINS] + [IMAP_USER]
@@ -159,6 +163,7 @@ def build_rows(data: dict[str, Any]) -> Results:
             ("startup", startup.rows),
             ("auth", auth.rows),
             ("imap_costs", imap_cost.rows),
+            ("memory", memory.rows),
             ("paired", paired.rows),
             ("load", load.rows),
         )
@@ -183,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-postfix", action="store_true", help="skip Postfix + Dovecot")
     parser.add_argument(
         "--only",
-        choices=("inprocess", "startup", "auth", "imap", "paired", "load"),
+        choices=("inprocess", "startup", "auth", "imap", "memory", "paired", "load"),
         help="run one section: inprocess = the stack in this process on each event loop "
         "(round trips with wait_for and IMAPS, after reset() and not), first test, idle RSS; "
         "startup = first test and per-test cost with bytecode cached and not, the import and "

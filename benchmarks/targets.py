@@ -199,6 +199,16 @@ TARGETS: tuple[PerfTarget, ...] = (
         _ISSUE + "a big message's round trip raises peak RSS by under 3x its size",
     ),
     PerfTarget(
+        "big message peak RSS across domains",
+        "memory.big_cross_peak_vs_size",
+        "<",
+        3,
+        "x size",
+        _ISSUE + "the cross-domain big-message round trip (through the relay) under 3x its "
+        "size as well",
+        detail="across domains",
+    ),
+    PerfTarget(
         "load end to end vs Postfix+Dovecot",
         "load.end_to_end_vs_postfix_dovecot",
         ">=",
