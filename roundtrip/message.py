@@ -403,6 +403,13 @@ def parse_received(value: str) -> ReceivedHop:
     )
 
 
+def header_block(head: bytes, rest: bytes) -> bytes:
+    """The header block of the message ``head + rest`` (through its blank line), where
+    ``head`` is whole header fields or nothing: without joining the two (``rest`` may be
+    big)."""
+    return head + rest[: _body_offset(rest)]
+
+
 def _body_offset(raw: bytes) -> int:
     """Offset of the first body octet: just after the blank line ending the header block."""
     if raw.startswith(b"\r\n"):
@@ -633,9 +640,12 @@ class ReceivedMessage:
 
     def __init__(self, raw: bytes) -> None:
         self.raw = bytes(raw)
-        # The header block alone: the MIME structure below it is parsed on first use
-        # (``_parsed``), so a look at the headers of a big message does not decode its parts.
-        head = self.raw[: _body_offset(self.raw)]
+        self._read_header(self.raw[: _body_offset(self.raw)])
+
+    def _read_header(self, head: bytes) -> None:
+        """Set the header attributes from ``head``, the header block up to and including the
+        blank line. The MIME structure below it is parsed on first use (``_parsed``), so a
+        look at the headers of a big message does not decode its parts."""
         msg: Message
         try:
             msg = BytesParser(policy=_POLICY).parsebytes(head, headersonly=True)
@@ -822,7 +832,7 @@ class ReceivedMessage:
         """One line: ``from -> to: subject (N bytes)``."""
         recipients = ", ".join(self.to + self.cc) or "<no recipients>"
         subject = " ".join(self.subject.split()) or "<no subject>"
-        return f"{self.from_ or '<no sender>'} -> {recipients}: {subject} ({len(self.raw)} bytes)"
+        return f"{self.from_ or '<no sender>'} -> {recipients}: {subject} ({self.size} bytes)"
 
     def __repr__(self) -> str:
         return f"<ReceivedMessage {self.summary()}>"

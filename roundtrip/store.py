@@ -142,6 +142,12 @@ class StoredMessage:
         """:func:`message_id_of` this message."""
         return message_id_of(self.raw)
 
+    def parts(self) -> tuple[bytes, bytes]:
+        """The message as ``(head, rest)``, ``head + rest`` being ``raw``: whole header
+        fields kept apart from the rest until the first read of ``raw``, or ``b""`` and all
+        of it. Lets a reader of the header block leave a big message unjoined."""
+        return b"", self.raw
+
 
 def init_fields(
     msg: StoredMessage,
@@ -210,6 +216,10 @@ class _HeadedMessage(StoredMessage):
     def size(self) -> int:
         parts = self._parts
         return len(parts) if isinstance(parts, bytes) else len(parts[0]) + len(parts[1])
+
+    def parts(self) -> tuple[bytes, bytes]:
+        parts = self._parts
+        return (b"", parts) if isinstance(parts, bytes) else parts
 
     def message_id(self) -> str:
         parts = self._parts

@@ -17,7 +17,10 @@ from _support import backend_store, peak_growth, run_together
 
 from roundtrip import MailStack, StackConfig
 from roundtrip.maildir import MaildirStore
+from roundtrip.message import ReceivedMessage
 from roundtrip.protocols.filter import FilterInput, Verdict, default_filter
+from roundtrip.protocols.pop3 import POP3Connection
+from roundtrip.stack import DeliveredMessage
 from roundtrip.store import Store
 
 TIMEOUT = 10
@@ -154,3 +157,73 @@ def test_stack_mx_filter_sees_its_received_field_on_top() -> None:
     fields = [line.split(b":", 1)[0] for line in got.raw.split(b"\r\n") if line[:1] not in b" \t"]
     assert fields[:3] == [b"X-Checked", b"Authentication-Results", b"Received"]
     assert got.raw.endswith(seen[0])  # stored = the filter's view with the new fields on top
+
+
+# readers of the header block: DeliveredMessage (wait_for, delivery callbacks) and POP3
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        BODY,
+        b"Subject: lf\nMessage-ID: <lf@example.org>\n\nbody\n",
+        b"\r\nno header of its own\r\n",
+        b"\nbare LF blank line first\n",
+        b"Subject: no body",
+    ],
+)
+@pytest.mark.parametrize("head", [HEAD, b""])
+def test_delivered_message_from_the_parts_reads_as_from_the_bytes(
+    store: Store, head: bytes, body: bytes
+) -> None:
+    stored = store.deliver(ALICE, body, head=head)
+    lazy = DeliveredMessage(None, stored)
+    eager = ReceivedMessage(head + body)
+    for name in ("subject", "message_id", "from_", "to", "date", "size", "body_sha256"):
+        assert getattr(lazy, name) == getattr(eager, name), name
+    assert lazy.headers.items() == eager.headers.items()
+    assert [h.by for h in lazy.received_chain] == [h.by for h in eager.received_chain]
+    assert lazy.raw == head + body and lazy.text == eager.text
+
+
+def test_delivered_message_headers_without_joining() -> None:
+    store = Store()
+    store.add_user(ALICE, "secret")
+    body = _big_body()
+    stored = store.deliver(ALICE, body, head=HEAD)
+    made: list[DeliveredMessage] = []
+
+    def headers_and_size() -> None:
+        made.append(DeliveredMessage(None, stored))
+        assert made[0].subject == "big" and made[0].size == len(HEAD) + len(body)
+        assert "big" in made[0].summary()
+
+    assert peak_growth(headers_and_size) < BIG // 10
+    # The twin: the first read of ``raw`` joins the parts.
+    assert peak_growth(lambda: made[0].raw) >= BIG
+    assert made[0].raw == HEAD + body
+
+
+def test_pop3_login_does_not_join_and_retr_sends_the_whole_message() -> None:
+    store = Store()
+    store.add_user(ALICE, "secret")
+    body = _big_body()
+    store.deliver(ALICE, body, head=HEAD)
+    conn = POP3Connection(store, hostname="pop.example.test", secure=True, starttls_available=False)
+    conn.data_to_send()
+    replies: list[bytes] = []
+
+    def login_and_list() -> None:
+        for line in (f"USER {ALICE}\r\n", "PASS secret\r\n", "LIST 1\r\n"):
+            conn.receive_data(line.encode())
+            replies.append(conn.data_to_send())
+
+    assert peak_growth(login_and_list) < BIG // 10
+    size = len(HEAD) + len(body)  # CRLF throughout: the wire size is the stored size
+    assert replies[1].startswith(b"+OK maildrop has 1 messages")
+    assert replies[2] == f"+OK 1 {size}\r\n".encode()
+    # The twin: RETR reads the message, whole.
+    conn.receive_data(b"RETR 1\r\n")
+    sent = conn.data_to_send()
+    assert sent.startswith(f"+OK {size} octets\r\n".encode())
+    assert sent[len(f"+OK {size} octets\r\n") :] == HEAD + body + b".\r\n"

@@ -88,6 +88,11 @@ class POP3Message(Protocol):
     @property
     def raw(self) -> bytes: ...
 
+    def parts(self) -> tuple[bytes, bytes]:
+        """``(head, rest)`` with ``head + rest == raw``, ``head`` whole header fields or
+        ``b""`` (``roundtrip.store.StoredMessage.parts``)."""
+        ...
+
 
 class POP3Mailbox(Protocol):
     """A mailbox view: UIDs ascending, messages by UID, and the UIDVALIDITY of the folder."""
@@ -156,12 +161,19 @@ class _CommandError(RemoteProtocolError):
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
-    """One message of the session's snapshot."""
+    """One message of the session's snapshot: its bytes, or the stored message itself while
+    the store keeps it in two parts (immutable, and joined by the store once, on the first
+    RETR or TOP, not at login beside a copy the relay may still hold)."""
 
     uid: int
     unique_id: str
     size: int
-    raw: bytes
+    source: bytes | POP3Message
+
+    @property
+    def raw(self) -> bytes:
+        source = self.source
+        return source if isinstance(source, bytes) else source.raw
 
 
 def _wire_size(raw: bytes) -> int:
@@ -553,9 +565,16 @@ class POP3Connection:
             entries: list[_Entry] = []
             for uid in box.uids():
                 msg = box.get(uid)
-                if msg is not None:
-                    raw = msg.raw
-                    entries.append(_Entry(uid, f"{box.uidvalidity}.{uid}", _wire_size(raw), raw))
+                if msg is None:
+                    continue
+                head, rest = msg.parts()
+                source: bytes | POP3Message
+                if head.endswith(b"\n"):  # whole fields: the sizes add up (_wire_size)
+                    size, source = _wire_size(head) + _wire_size(rest), msg
+                else:
+                    source = head + rest if head else rest
+                    size = _wire_size(source)
+                entries.append(_Entry(uid, f"{box.uidvalidity}.{uid}", size, source))
             snapshot_taken = True
         finally:
             if not snapshot_taken:

@@ -29,7 +29,7 @@ from ..certs import CertificateAuthority
 from ..config import Endpoint, StackConfig, User, cert_cache_dir
 from ..errors import ConfigError, NotDeliveredError, RoundtripError, ServerStartError
 from ..maildir import MaildirStore
-from ..message import ReceivedMessage
+from ..message import ReceivedMessage, header_block
 from ..protocols._oauth import TokenTable
 from ..protocols.dkim import SigningKey
 from ..protocols.dns import Record, Zone, build_zone, default_records
@@ -992,15 +992,42 @@ class MailStack:
 class DeliveredMessage(ReceivedMessage):
     """A message as the stack stored it: parsed, plus where and when it was stored.
 
+    Made from the store's record alone (``raw`` None), it reads the header block without
+    joining a message the MX keeps in two parts (``StoredMessage.parts``), and ``raw`` on
+    first use: waiting for a big message by its headers leaves it uncopied.
+
     Attributes:
         stored: the store's record (user, mailbox, uid, flags, internal date, envelope).
     """
 
-    __slots__ = ("stored",)
+    __slots__ = ("_raw", "stored")
 
-    def __init__(self, raw: bytes, stored: StoredMessage) -> None:
-        super().__init__(raw)
+    def __init__(self, raw: bytes | None, stored: StoredMessage) -> None:
         self.stored = stored
+        self._raw: bytes | None = None
+        if raw is not None:
+            super().__init__(raw)
+            return
+        head, rest = stored.parts()
+        if not head:
+            self._raw = rest  # the whole message (a Maildir record reads its file once)
+        self._read_header(header_block(head, rest))
+
+    @property
+    def raw(self) -> bytes:
+        raw = self._raw
+        if raw is None:
+            raw = self._raw = self.stored.raw
+        return raw
+
+    @raw.setter
+    def raw(self, value: bytes) -> None:
+        self._raw = value
+
+    @property
+    def size(self) -> int:
+        raw = self._raw
+        return self.stored.size if raw is None else len(raw)
 
     @property
     def envelope_from(self) -> str:
@@ -1019,7 +1046,7 @@ class DeliveredMessage(ReceivedMessage):
 def _received(stored: StoredMessage) -> DeliveredMessage:
     parsed = stored.cache.get("received")
     if parsed is None:
-        parsed = stored.cache["received"] = DeliveredMessage(stored.raw, stored)
+        parsed = stored.cache["received"] = DeliveredMessage(None, stored)
     assert isinstance(parsed, DeliveredMessage)
     return parsed
 

@@ -64,7 +64,7 @@ def _parsed(stored: StoredMessage) -> DeliveredMessage:
     per-message cache entry), so the web view does not double the memory of parsing."""
     parsed = stored.cache.get("received")
     if not isinstance(parsed, DeliveredMessage):
-        parsed = stored.cache["received"] = DeliveredMessage(stored.raw, stored)
+        parsed = stored.cache["received"] = DeliveredMessage(None, stored)
     return parsed
 
 
