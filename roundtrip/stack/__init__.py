@@ -636,7 +636,7 @@ class MailStack:
     def _announce(self, stored: StoredMessage) -> None:
         if not self._delivery_callbacks:
             return
-        message = _received(stored)
+        message = DeliveredMessage.of(stored)
         for callback in self._delivery_callbacks:
             try:
                 callback(message)
@@ -785,7 +785,7 @@ class MailStack:
             ]
         )
         stored.sort(key=lambda m: m.stored_monotonic)
-        return [_received(m) for m in stored]
+        return [DeliveredMessage.of(m) for m in stored]
 
     @property
     def outbound(self) -> list[DeliveredMessage]:
@@ -795,7 +795,7 @@ class MailStack:
         ``assert_not_delivered`` and ``wait_for`` look here too: mail to ``carol@gmail.com``
         counts as delivered to her, and fails ``assert_not_delivered()``.
         """
-        return [_received(m) for m in self.store.messages(OUTBOUND_ADDRESS)]
+        return [DeliveredMessage.of(m) for m in self.store.messages(OUTBOUND_ADDRESS)]
 
     def _is_outside(self, address: str) -> bool:
         """True for an address of a domain the stack does not serve (mail to it is captured)."""
@@ -897,7 +897,7 @@ class MailStack:
                     stored = self.store.messages(address, mailbox)
                 except RoundtripError:  # the folder does not exist (yet)
                     continue
-                for message in map(_received, stored):
+                for message in map(DeliveredMessage.of, stored):
                     if rcpt is None or rcpt in (a.lower() for a in message.envelope_to):
                         found.append(message)
             return found
@@ -1042,13 +1042,14 @@ class DeliveredMessage(ReceivedMessage):
         """True for a copy in the outbound capture (mail for a domain outside the stack)."""
         return self.stored.user == OUTBOUND_ADDRESS
 
-
-def _received(stored: StoredMessage) -> DeliveredMessage:
-    parsed = stored.cache.get("received")
-    if parsed is None:
-        parsed = stored.cache["received"] = DeliveredMessage(None, stored)
-    assert isinstance(parsed, DeliveredMessage)
-    return parsed
+    @classmethod
+    def of(cls, stored: StoredMessage) -> DeliveredMessage:
+        """``stored`` parsed once: the same object for every reader of the record
+        (``MailStack.messages``, ``wait_for``, the web view), kept in its per-message cache."""
+        parsed = stored.cache.get("received")
+        if not isinstance(parsed, DeliveredMessage):
+            parsed = stored.cache["received"] = cls(None, stored)
+        return parsed
 
 
 def _not_delivered_text(

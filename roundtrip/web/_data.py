@@ -59,15 +59,6 @@ class NotFoundError(Exception):
     """No such user, mailbox, message or part; the text says which."""
 
 
-def _parsed(stored: StoredMessage) -> DeliveredMessage:
-    """The stored message parsed once, shared with ``MailStack.messages()`` (the same
-    per-message cache entry), so the web view does not double the memory of parsing."""
-    parsed = stored.cache.get("received")
-    if not isinstance(parsed, DeliveredMessage):
-        parsed = stored.cache["received"] = DeliveredMessage(None, stored)
-    return parsed
-
-
 def _mailbox(stack: MailStack, user: str, folder: str) -> Any:
     try:
         return stack.store.mailbox(user, folder)
@@ -335,7 +326,7 @@ def _parts(msg: DeliveredMessage) -> list[Attachment]:
 def journey(stack: MailStack, stored: StoredMessage) -> dict[str, Any]:
     """Each hop of the message: the stack's step timings (``MailStack.journey``) and the
     message's own ``Received`` fields, oldest first, with the TLS each one records."""
-    msg = _parsed(stored)
+    msg = DeliveredMessage.of(stored)
     steps = [
         {"step": h.step, "host": h.host, "at": round(h.at, 6)}
         for h in (stack.journey(msg.message_id) if msg.message_id else [])
@@ -386,7 +377,7 @@ def message_detail(stack: MailStack, user: str, folder: str, uid: int) -> dict[s
         NotFoundError: no such user, mailbox or message.
     """
     stored = stored_message(stack, user, folder, uid)
-    msg = _parsed(stored)
+    msg = DeliveredMessage.of(stored)
     parts = [
         {
             "index": index,
@@ -429,7 +420,7 @@ def html_body(
         NotFoundError: no such message, or it has no HTML body.
     """
     stored = stored_message(stack, user, folder, uid)
-    msg = _parsed(stored)
+    msg = DeliveredMessage.of(stored)
     if msg.html is None:
         raise NotFoundError(f"message {uid} of {user} {folder} has no HTML body")
     by_cid = {p.content_id: i for i, p in enumerate(_parts(msg)) if p.content_id}
@@ -451,7 +442,7 @@ def attachment(stack: MailStack, user: str, folder: str, uid: int, index: int) -
     Raises:
         NotFoundError: no such message or part.
     """
-    parts = _parts(_parsed(stored_message(stack, user, folder, uid)))
+    parts = _parts(DeliveredMessage.of(stored_message(stack, user, folder, uid)))
     if not 0 <= index < len(parts):
         raise NotFoundError(f"message {uid} has {len(parts)} part(s); there is no part {index}")
     return parts[index]
