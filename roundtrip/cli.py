@@ -15,6 +15,7 @@ unchanged; only its usage errors get the error document.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ipaddress
 import json
@@ -1000,8 +1001,13 @@ def _report_human(
         _print_result(result, out, verbose=verbose)
     verdict = doc["verdict"]
     if verdict["exit_code"] and doc["ok"]:
-        warnings = sum(1 for r in results for f in r.findings if f.severity == "warn")
-        print(f"\nFAIL: --fail-on {verdict['fail_on']} and {warnings} warning(s)", file=out)
+        # Every round trip passed, and findings of the severity --fail-on names fail the run.
+        failing = ("warn", "fail") if verdict["fail_on"] == "warn" else ("fail",)
+        counts = collections.Counter(
+            f.severity for r in results for f in r.findings if f.severity in failing
+        )
+        named = " and ".join(f"{counts[s]} {s} finding(s)" for s in failing if counts[s])
+        print(f"\nFAIL: --fail-on {verdict['fail_on']}: {named}", file=out)
     summary = doc["summary"]
     paths = summary["paths"]
     if max((path["runs"] for path in paths), default=0) <= 1:

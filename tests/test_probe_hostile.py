@@ -92,6 +92,18 @@ class Knobs:
     exists_interval: float = 0.0
     #: POP3: lines of a RETR answer before the message; -1: never-ending.
     retr_junk_lines: int = 0
+    #: SMTP: store every accepted message twice (a duplicate delivery).
+    store_twice: bool = False
+    #: IMAP: how a UID FETCH after the session's first is answered: ``"no"`` (a tagged NO),
+    #: ``"empty"`` (OK without the message); None: honestly.
+    refetch: str | None = None
+    #: IMAP: answer UID STORE with NO (the probe's clean-up refused).
+    store_refused: bool = False
+    #: SMTP: seconds to hold the reply to QUIT (pacing, not a synchronisation).
+    quit_delay: float = 0.0
+    #: SMTP: also accept TLS 1.2 cipher suites with NULL encryption or anonymous key
+    #: exchange (RFC 9325 section 4.1: MUST NOT be negotiated).
+    smtp_weak_ciphers: bool = False
 
 
 @dataclass
@@ -250,9 +262,12 @@ def smtp_handler(conn: Conn, world: World) -> None:
             if knobs.stall_after_data:
                 world.stop.wait(SERVER_TIMEOUT)
                 return
-            world.add(RECEIVED + _undot(lines))
+            for _ in range(2 if knobs.store_twice else 1):
+                world.add(RECEIVED + _undot(lines))
             conn.send(b"250 2.0.0 queued\r\n")
         elif verb == b"QUIT":
+            if not world.pace(knobs.quit_delay):
+                return
             conn.send(b"221 2.0.0 bye\r\n")
             return
         else:
@@ -269,6 +284,7 @@ def _endless(conn: Conn, world: World, line: bytes, interval: float) -> None:
 def imap_handler(conn: Conn, world: World) -> None:
     knobs = world.knobs
     conn.send(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN UIDPLUS] fake ready\r\n")
+    fetched = 0
     while True:
         line = conn.line()
         tag, _, rest = line.rstrip(b"\r\n").partition(b" ")
@@ -287,7 +303,16 @@ def imap_handler(conn: Conn, world: World) -> None:
             needle = rest.rpartition(b'"<')[2].rstrip(b'>"')
             found = world.matching(needle) if needle else []
             conn.send(b"* SEARCH" + b"".join(b" %d" % n for n in found) + b"\r\n")
+        elif verb == b"UID FETCH" and fetched and knobs.refetch == "no":
+            conn.send(tag + b" NO [UNAVAILABLE] not now\r\n")
+            continue
+        elif verb == b"UID FETCH" and fetched and knobs.refetch == "empty":
+            pass  # the tagged OK below, and no message
+        elif verb == b"UID STORE" and knobs.store_refused:
+            conn.send(tag + b" NO [CANNOT] read-only\r\n")
+            continue
         elif verb == b"UID FETCH":
+            fetched += 1
             uid = int(words[2])
             raw = world.message(uid)
             size = len(raw) if knobs.literal_size is None else knobs.literal_size
@@ -417,6 +442,10 @@ def make_fake(ca: trustme.CA, cafile: Path) -> Iterator[Callable[..., Fake]]:
         leaf.configure_cert(ctx)
         world = World(Knobs(**knobs), tls=ctx)
         smtp_tls = None if world.knobs.smtp_plaintext else ctx
+        if world.knobs.smtp_weak_ciphers:
+            smtp_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            leaf.configure_cert(smtp_tls)
+            smtp_tls.set_ciphers("aNULL:eNULL:DEFAULT:@SECLEVEL=0")
         if world.knobs.smtp_legacy_only:
             smtp_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             leaf.configure_cert(smtp_tls)
@@ -786,3 +815,89 @@ def test_probe_hostile_classic_misbehaviour_ends_cleanly(
     _failed_within_timeout(run)
     result = json.loads(run.out)["results"][0]
     assert result["error_step"] == "CONNECT", result["error"]
+
+
+# -- what a server refuses or withholds never reads as a pass -----------------------------------
+
+
+@pytest.mark.parametrize("refetch", ["no", "empty"])
+def test_probe_hostile_withheld_second_copy_fails(
+    make_fake: Callable[..., Fake], refetch: str
+) -> None:
+    # The search finds two copies; the server will not hand over the second. Counting the
+    # bodies that came back would read "exactly one copy".
+    run = make_fake(store_twice=True, refetch=refetch).run("imap", "--json")
+    assert run.code == 1, run.out + run.err
+    result = json.loads(run.out)["results"][0]
+    assert not result["ok"]
+    assert result["error_step"] == "IMAP FETCH", result["error"]
+    assert "UID FETCH 2 (one of 2 copies found)" in result["error"]
+
+
+def test_probe_hostile_honest_second_copy_is_a_duplicate(make_fake: Callable[..., Fake]) -> None:
+    # The twin: both copies handed over, and the probe names the duplicate.
+    run = make_fake(store_twice=True).run("imap", "--json")
+    assert run.code == 1, run.out + run.err
+    result = json.loads(run.out)["results"][0]
+    assert result["checks"]["exactly one copy"] is False
+    assert any(f["code"] == "duplicate" for f in result["findings"])
+
+
+def test_probe_hostile_refused_clean_up_fails(make_fake: Callable[..., Fake]) -> None:
+    # The probe message cannot be deleted: it would pile up in the mailbox run after run.
+    run = make_fake(store_refused=True).run("imap", "--json")
+    assert run.code == 1, run.out + run.err
+    result = json.loads(run.out)["results"][0]
+    assert result["error_step"] == "IMAP DELETE", result["error"]
+    assert "[CANNOT] read-only" in result["error"]
+    # The twin: --keep asks for no clean-up, and the same server passes.
+    kept = make_fake(store_refused=True).run("imap", "--keep")
+    assert kept.code == 0, kept.out + kept.err
+
+
+def test_probe_hostile_deliver_time_starts_at_the_data_reply(
+    make_fake: Callable[..., Fake],
+) -> None:
+    # A server slow to answer QUIT: the fetch cannot start before the submission is over,
+    # so the time from the DATA reply to the message showing includes that wait, and a
+    # deliver bound below it fails instead of reading a few milliseconds.
+    run = make_fake(quit_delay=0.6).run("imap", "--json", "--crit", "deliver=0.5")
+    assert run.code == 1, run.out + run.err
+    result = json.loads(run.out)["results"][0]
+    assert result["timings"]["deliver"] >= 0.6
+    assert result["checks"]["deliver within 0.5 s"] is False
+    quit_step = next(s for s in result["steps"] if s["name"] == "smtp quit")
+    assert quit_step["seconds"] >= 0.6
+    # QUIT is not part of the submission's own time (connect to the reply to DATA).
+    assert result["timings"]["submit"] < quit_step["seconds"]
+    # The twin: the same server within a bound it meets passes.
+    run = make_fake(quit_delay=0.6).run("imap", "--json", "--crit", "deliver=5")
+    assert run.code == 0, run.out + run.err
+
+
+def test_probe_hostile_forbidden_cipher_suite_fails_the_verdict(
+    make_fake: Callable[..., Fake],
+) -> None:
+    # RFC 9325 section 4.1: NULL encryption and anonymous key exchange MUST NOT be
+    # negotiated. The failing findings fail the result in every output, not only the exit.
+    run = make_fake(smtp_weak_ciphers=True).run("imap", "--json", "--tls-scan")
+    assert run.code == 1, run.out + run.err
+    doc = json.loads(run.out)
+    result = doc["results"][0]
+    assert doc["ok"] is False and result["ok"] is False
+    assert result["checks"]["no cipher suite RFC 9325 forbids"] is False
+    assert result["error_step"] == "VERIFY"
+    assert "NULL encryption" in result["error"] or "anonymous" in result["error"]
+    human = make_fake(smtp_weak_ciphers=True).run("imap", "--tls-scan")
+    assert human.code == 1
+    assert "PASS" not in human.out
+    assert "warning(s)" not in human.out
+
+
+def test_probe_hostile_scanned_server_without_forbidden_suites_passes(
+    make_fake: Callable[..., Fake],
+) -> None:
+    run = make_fake().run("imap", "--json", "--tls-scan")
+    assert run.code == 0, run.out + run.err
+    result = json.loads(run.out)["results"][0]
+    assert result["checks"]["no cipher suite RFC 9325 forbids"] is True

@@ -13,6 +13,9 @@ import pytest
 
 from roundtrip import MailStack
 from roundtrip.cli import main
+from roundtrip.probes._net import FAIL, INFO, WARN, Finding
+from roundtrip.probes.roundtrip import ProbeResult, _body_difference, _conclude
+from roundtrip.probes.tlsfacts import wildcard_covers
 from roundtrip.report import nagios, verdict
 
 #: A threshold every real round trip is above.
@@ -236,3 +239,100 @@ def test_report_nagios_ok_and_critical() -> None:
     assert nagios(_doc(True, "info"))[1] == 0
     text, code = nagios(_doc(False))
     assert code == 2 and text.startswith("ROUNDTRIP CRITICAL - 1 of 1 round trips failed; pop3:")
+
+
+def test_probe_verdict_fail_on_warn_names_the_findings_in_the_report(
+    urls: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["probe", *urls, "--warn", f"deliver={TINY}", "--fail-on", "warn"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL: --fail-on warn: 1 warn finding(s)" in out
+
+
+# -- _conclude: a failing finding always fails, a check passes only on evidence ----------------
+
+
+def _concluded(
+    findings: list[Finding], *, legacy: dict[str, str] | None = None, scanned: bool = False
+) -> ProbeResult:
+    result = ProbeResult(ok=False, smtp="smtps://a", retrieve="imaps://b")
+    result.checks["exactly one copy"] = True
+    result.findings = findings
+    result.legacy_tls = dict(legacy or {})
+    if scanned:
+        result.tls_scan = {"127.0.0.1:1": {"TLSv1.2": "accepted"}}
+    _conclude(result, (), legacy_checked=legacy is not None, scan_checked=scanned)
+    return result
+
+
+def test_conclude_any_failing_finding_fails_the_result() -> None:
+    weak = _concluded([Finding("weak-cipher", FAIL, "accepts NULL")], scanned=True)
+    assert not weak.ok
+    assert weak.checks["no cipher suite RFC 9325 forbids"] is False
+    assert weak.error_step == "VERIFY" and "accepts NULL" in weak.error
+    # A failing finding of a kind with no check of its own still fails, under its code.
+    novel = _concluded([Finding("something-new", FAIL, "bad")])
+    assert not novel.ok and novel.checks["no something-new finding"] is False
+
+
+def test_conclude_warnings_and_info_leave_the_result_passed() -> None:
+    result = _concluded(
+        [Finding("weak-cipher", WARN, "3DES"), Finding("received-hop", INFO, "hop")],
+        scanned=True,
+    )
+    assert result.ok, result.error
+    assert result.checks["no cipher suite RFC 9325 forbids"] is True
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "expected"),
+    [
+        ({"a": "refused", "b": "refused"}, True),
+        ({"a": "refused", "b": "not tested: timed out"}, None),
+        ({"a": "not tested: timed out", "b": "not tested: timed out"}, None),
+    ],
+)
+def test_conclude_legacy_check_passes_only_when_every_server_refused(
+    outcomes: dict[str, str], expected: bool | None
+) -> None:
+    result = _concluded([], legacy=outcomes)
+    assert result.checks.get("TLS below 1.2 refused") is expected
+    assert result.ok
+
+
+def test_conclude_accepted_legacy_tls_fails() -> None:
+    result = _concluded(
+        [Finding("legacy-tls", FAIL, "TLSv1.1 was accepted")],
+        legacy={"a": "accepted TLSv1.1", "b": "refused"},
+    )
+    assert not result.ok and result.checks["TLS below 1.2 refused"] is False
+
+
+# -- the facts the report quotes -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "host", "covered"),
+    [
+        ("*.example.org", "mail.example.org", True),
+        ("*.Example.org.", "MAIL.example.org", True),
+        ("*.example.org", "example.org", False),
+        ("*.example.org", "a.mail.example.org", False),
+        ("*.test", "mail.test", False),  # one label under the wildcard: OpenSSL refuses it
+        ("*.org", "example.org", False),
+        ("mail.example.org", "mail.example.org", False),  # exact, not a wildcard
+    ],
+)
+def test_wildcard_covers(pattern: str, host: str, covered: bool) -> None:
+    assert wildcard_covers(pattern, host) is covered
+
+
+def test_body_difference_quotes_the_change_past_the_start_of_a_long_line() -> None:
+    line = b"x" * 70
+    text = _body_difference(line + b"\r\n", line + b" \r\n")
+    assert "line 1 at byte 71" in text
+    sent, _, got = text.partition(", got ")
+    assert sent.split(" sent ")[1] != got
+    short = _body_difference(b"abc\r\n", b"abd\r\n")
+    assert "line 1 sent b'abc', got b'abd'" in short

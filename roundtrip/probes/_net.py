@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ._limits import MAX_REPLY_BYTES, ReplyTooLargeError, StepDeadlineError, step_limit
 from ._transcript import Recorder, RecordingContext, RecordingSocket, Transcript
-from .tlsfacts import certificate_issues, peer_chain, verified_chain
+from .tlsfacts import certificate_issues, peer_chain, verified_chain, wildcard_covers
 
 __all__ = [
     "Finding",
@@ -157,6 +157,9 @@ class Timeline:
     findings: list[Finding] = field(default_factory=list)
     #: ``time.perf_counter()`` when the fetcher first saw the message.
     visible_at: float | None = None
+    #: ``time.perf_counter()`` when the server answered DATA (the message accepted): where
+    #: the time to visible starts, before QUIT and its reply.
+    submitted_at: float | None = None
     #: The session transcript of each connection (at most ``MAX_TRANSCRIPTS``).
     transcripts: list[Transcript] = field(default_factory=list)
     #: Transcripts dropped to keep within ``MAX_TRANSCRIPTS``.
@@ -596,8 +599,7 @@ def _hostname_matches(san: list[str], name: str) -> bool:
         pattern, host = value.lower().rstrip("."), name.lower().rstrip(".")
         if pattern == host:
             return True
-        label, _, parent = host.partition(".")
-        if pattern.startswith("*.") and label and parent == pattern[2:]:
+        if wildcard_covers(pattern, host):
             return True
     return False
 
@@ -715,10 +717,21 @@ def _handshake(
         raise
 
 
+#: OpenSSL's SSL_OP_LEGACY_SERVER_CONNECT (``ssl.OP_LEGACY_SERVER_CONNECT`` from Python 3.12).
+_LEGACY_SERVER_CONNECT = getattr(ssl, "OP_LEGACY_SERVER_CONNECT", 0x4)
+
+
 def _unverified_context() -> ssl.SSLContext:
+    """The context of the diagnostic handshakes (no credentials are ever sent on them).
+
+    OpenSSL 3 aborts a handshake with a server that lacks secure renegotiation (RFC 5746)
+    unless told otherwise; such a server answering an old ClientHello must read "accepted",
+    not "refused", so the diagnostic handshakes allow it.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    ctx.options |= _LEGACY_SERVER_CONNECT
     return ctx
 
 

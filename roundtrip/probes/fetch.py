@@ -173,8 +173,16 @@ def fetch_imap(
         with map_errors("IMAP FETCH", server, timeout=timeout):
             started = time.perf_counter()
             for uid in uids:
-                _, data = imap.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
-                copies.extend(_literals(data))
+                typ, data = imap.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
+                bodies = _literals(data)
+                # Every UID the search found is a copy: one the server will not hand over
+                # (NO, or an OK without the body) must not leave "exactly one copy" true.
+                if typ != "OK" or len(bodies) != 1:
+                    raise imaplib.IMAP4.error(
+                        f"UID FETCH {uid.decode()} (one of {len(uids)} copies found) "
+                        f"gave {typ} and {len(bodies)} bodies: {display(data)!r}"
+                    )
+                copies.extend(bodies)
             timeline.add("imap fetch", started, server=server, detail=f"{len(copies)} copy")
         if delete:
             _imap_delete(imap, uids, server=server, timeline=timeline, timeout=timeout)
@@ -319,11 +327,17 @@ def _imap_delete(
     with map_errors("IMAP DELETE", server, timeout=timeout):
         started = time.perf_counter()
         uid_set = ",".join(u.decode() for u in uids)
-        imap.uid("STORE", uid_set, "+FLAGS.SILENT", r"(\Deleted)")
+        typ, data = imap.uid("STORE", uid_set, "+FLAGS.SILENT", r"(\Deleted)")
+        if typ != "OK":
+            raise imaplib.IMAP4.error(
+                f"UID STORE {uid_set} +FLAGS (\\Deleted) failed: {display(data)!r}"
+            )
         if "UIDPLUS" in imap.capabilities:
-            imap.uid("EXPUNGE", uid_set)
+            typ, data = imap.uid("EXPUNGE", uid_set)
         else:
-            imap.expunge()
+            typ, data = imap.expunge()
+        if typ != "OK":
+            raise imaplib.IMAP4.error(f"EXPUNGE failed: {display(data)!r}")
         timeline.add("imap delete", started, server=server)
 
 

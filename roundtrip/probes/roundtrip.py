@@ -85,6 +85,7 @@ FINDING_CHECKS = {
     "legacy-tls": "TLS below 1.2 refused",
     "chain-incomplete": "certificate chain complete",
     "weak-signature": "no certificate signed with SHA-1 or MD5",
+    "weak-cipher": "no cipher suite RFC 9325 forbids",
 }
 
 
@@ -230,8 +231,17 @@ def _body_difference(sent: bytes, got: bytes) -> str:
     got_lines = _normalise(got).split(b"\r\n")
     for number, (want, have) in enumerate(zip(want_lines, got_lines, strict=False), 1):
         if want != have:
+            # Quote both lines around their first differing byte, so a change past the start
+            # of a long line shows in the quotes.
+            at = next(
+                (i for i, (a, b) in enumerate(zip(want, have, strict=False)) if a != b),
+                min(len(want), len(have)),
+            )
+            start = max(at - 30, 0)
+            where = f" at byte {at + 1}" if start else ""
             return (
-                f"the body changed in transit: line {number} sent {want[:60]!r}, got {have[:60]!r}"
+                f"the body changed in transit: line {number}{where} sent "
+                f"{want[start : start + 60]!r}, got {have[start : start + 60]!r}"
             )
     return (
         f"the body changed in transit: sent {len(want_lines)} lines, got {len(got_lines)} "
@@ -384,7 +394,8 @@ def run_probe(
         result.submit_reply = submit(
             smtp, message, context=context, timeout=timeout, timeline=timeline
         )
-        submitted_at = time.perf_counter()
+        # The delivery clock starts at the server's reply to DATA, not after QUIT.
+        submitted_at = timeline.submitted_at or time.perf_counter()
         current = retrieve
         fetcher = fetch_imap if retrieve.protocol == "imap" else fetch_pop3
         copies = fetcher(
@@ -427,14 +438,15 @@ def run_probe(
     result.timings = timings(result)
     if thresholds:
         _judge_timings(result, thresholds, smtp.address, retrieve.address)
-    _conclude(result, (smtp, retrieve), legacy_checked=check_legacy_tls)
+    _conclude(result, (smtp, retrieve), legacy_checked=check_legacy_tls, scan_checked=scan_tls)
     return result
 
 
 def timings(result: ProbeResult) -> dict[str, float]:
     """The ``TIMINGS`` of ``result`` that it measured (see ``TIMINGS``)."""
     measured: dict[str, float] = {}
-    submit = [s for s in result.steps if s.name.startswith("smtp ")]
+    # From the connect to the reply to DATA: QUIT, timed as a step of its own, is not in it.
+    submit = [s for s in result.steps if s.name.startswith("smtp ") and s.name != "smtp quit"]
     if any(s.name == "smtp submit" and s.ok for s in submit):
         measured["submit"] = sum(s.seconds for s in submit)
     if result.time_to_visible is not None:
@@ -510,15 +522,26 @@ def _describe_rejected_certificate(
 
 
 def _conclude(
-    result: ProbeResult, endpoints: tuple[Endpoint, ...], *, legacy_checked: bool
+    result: ProbeResult,
+    endpoints: tuple[Endpoint, ...],
+    *,
+    legacy_checked: bool,
+    scan_checked: bool = False,
 ) -> None:
     """Turn failing findings into failed checks, then set ``ok`` and, when only a check
     failed, the ``VERIFY`` error naming the failed checks and findings."""
     for finding in result.findings:
-        if finding.severity == FAIL and finding.code in FINDING_CHECKS:
-            result.checks[FINDING_CHECKS[finding.code]] = False
-    if legacy_checked and result.legacy_tls:
+        # Every failing finding fails the result: one without a check of its own fails the
+        # check named after its code, so a new kind of failing finding can never read PASS.
+        if finding.severity == FAIL:
+            result.checks[FINDING_CHECKS.get(finding.code, f"no {finding.code} finding")] = False
+    # Passed only where every server was offered TLS 1.0/1.1 and refused it; a server that
+    # could not be tested leaves the check unset (its warning finding says why).
+    outcomes = list(result.legacy_tls.values())
+    if legacy_checked and outcomes and all(o == "refused" for o in outcomes):
         result.checks.setdefault(FINDING_CHECKS["legacy-tls"], True)
+    if scan_checked and result.tls_scan:
+        result.checks.setdefault(FINDING_CHECKS["weak-cipher"], True)
     if any(e.tls == "starttls" for e in endpoints) and result.checks:
         result.checks.setdefault(FINDING_CHECKS["auth-before-tls"], True)
     result.ok = not result.error and bool(result.checks) and all(result.checks.values())

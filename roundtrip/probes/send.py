@@ -193,12 +193,15 @@ def submit(
         with map_errors("SUBMIT", server, timeout=timeout):
             started = time.perf_counter()
             data_reply = _transaction(client, message)
+            timeline.submitted_at = time.perf_counter()
             timeline.add("smtp submit", started, server=server, detail=data_reply)
         with map_errors("QUIT", server, timeout=timeout):
+            started = time.perf_counter()
             try:
                 client.quit()
             except smtplib.SMTPServerDisconnected:
                 pass
+            timeline.add("smtp quit", started, server=server)
         return data_reply
     finally:
         client.close()

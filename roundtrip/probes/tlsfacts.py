@@ -45,6 +45,7 @@ __all__ = [
     "header_issues",
     "peer_chain",
     "verified_chain",
+    "wildcard_covers",
 ]
 
 #: RSA (and DSA) keys below this many bits are a warning (RFC 9325 section 4.3, NIST SP
@@ -87,6 +88,18 @@ class Issue(NamedTuple):
 
 
 # -- the chain as received --------------------------------------------------------------------
+
+
+def wildcard_covers(pattern: str, host: str) -> bool:
+    """Whether the DNS-ID ``pattern`` names ``host`` through a wildcard: ``*`` as the whole
+    left-most label (RFC 9525 section 6.3) over at least two labels, as OpenSSL's verifier
+    requires (``*.example.org`` covers ``mail.example.org``; ``*.org`` and ``*.test`` cover
+    nothing)."""
+    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if not pattern.startswith("*.") or "." not in pattern[2:]:
+        return False
+    label, _, parent = host.partition(".")
+    return bool(label) and parent == pattern[2:]
 
 
 def _der(item: Any) -> bytes:
@@ -265,10 +278,7 @@ def name_issues(leaf: bytes, server_name: str) -> list[Issue]:
     how = "no name"
     if isinstance(reference, str):
         exact = any(v.lower().rstrip(".") == reference for v in dns)
-        label, _, parent = reference.partition(".")
-        wildcard = any(
-            v.startswith("*.") and label and parent == v[2:].lower().rstrip(".") for v in dns
-        )
+        wildcard = any(wildcard_covers(v, reference) for v in dns)
         if exact:
             how = "an exact DNS-ID"
         elif wildcard:
