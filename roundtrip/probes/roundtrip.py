@@ -1,12 +1,13 @@
 """A full round trip: submit a tagged message, wait for it, fetch it, verify it, report.
 
-Verification: exactly one copy arrived; the body is byte-identical (sha256); From, To,
-Subject and Message-ID are unchanged; the Received chain is parsed, each hop described by an
-info finding (TLS or not, seconds since the previous hop) and any hop without TLS reported as a
-warning. Findings of severity ``fail`` (AUTH offered before STARTTLS, TLS below 1.2 negotiated
-or accepted, a duplicate, a timing above its ``crit`` threshold) also fail the probe, each
-through a named check; a certificate expiring within 30 days is a warning. docs/checks.md
-lists every check.
+Verification: exactly one copy arrived; the body is unchanged byte for byte once line ends
+are made CRLF (sha256; a server may store LF and serve CRLF, RFC 5321 section 2.3.8); From,
+To, Subject and Message-ID are unchanged; the Received chain is parsed, each hop described by
+an info finding (TLS or not, seconds since the previous hop) and any hop without TLS reported
+as a warning. Every finding of severity ``fail`` (AUTH offered before STARTTLS, TLS below 1.2
+negotiated or accepted, a forbidden cipher suite, a duplicate, a timing above its ``crit``
+threshold, ...) also fails the probe through a named check; a certificate expiring within 30
+days is a warning. docs/checks.md lists every check.
 """
 
 from __future__ import annotations
