@@ -264,6 +264,61 @@ def test_auth_two_from_fields_cannot_hide_a_forged_one(stack: MailStack) -> None
     assert info.value.smtp_code == 550
 
 
+def _with_from(value: str, subject: str) -> bytes:
+    return _msg("placeholder@example.net", subject).replace(
+        b"From: <placeholder@example.net>", f"From: {value}".encode(), 1
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # email.utils.getaddresses read example.comx.partner.test (org partner.test: pass).
+        f"user@example.com (,) x.{PARTNER}",
+        # ... and no domain at all here (permerror, no policy).
+        f"user@example.com (,) bob@{PARTNER}",
+        f'"a" <bob@{PARTNER}>, "b\\" <user@example.com>',
+    ],
+)
+def test_auth_malformed_from_cannot_escape_the_shown_domains_reject(
+    stack: MailStack, value: str
+) -> None:
+    """RFC 7489 sections 3.1 and 6.6.1: readers show user@example.com (p=reject); the MX
+    must not evaluate a domain a lenient parser glued together, nor pass the message."""
+    _world(stack, *_partner("v=spf1 ip4:127.0.0.0/8 -all", "v=DMARC1; p=none"))
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        _mx_send(stack, f"bob@{PARTNER}", _with_from(value, "malformed from"))
+    assert info.value.smtp_code == 550
+    assert info.value.smtp_error == (
+        b"5.7.1 Rejected by DMARC policy of example.com: malformed From field (RFC 5322 3.6.2)"
+    )
+    stack.assert_not_delivered(subject="malformed from")
+
+
+def test_auth_malformed_from_twin_well_formed_comment_passes(stack: MailStack) -> None:
+    _world(stack, *_partner("v=spf1 ip4:127.0.0.0/8 -all", "v=DMARC1; p=reject"))
+    _mx_send(stack, f"bob@{PARTNER}", _with_from(f"Bob (work) <bob@{PARTNER}>", "comment from"))
+    (msg,) = stack.assert_delivered(
+        RCPT, subject="comment from", mailbox="INBOX", auth={"spf": "pass", "dmarc": "pass"}
+    )
+    assert msg.auth.dmarc[0].properties["header.from"] == PARTNER
+    _submit(stack, _with_from("User (work) <user@example.com>", "comment submitted"))
+    stack.assert_delivered(RCPT, subject="comment submitted", auth={"dmarc": "pass"})
+
+
+def test_auth_malformed_from_that_authenticates_is_delivered_but_not_a_pass(
+    stack: MailStack,
+) -> None:
+    """Every candidate (example.com) passes SPF aligned: nothing to reject, still no pass."""
+    _submit(stack, _with_from("user@example.com (,) x", "malformed but ours"))
+    (msg,) = stack.assert_delivered(
+        RCPT, subject="malformed but ours", mailbox="INBOX", auth={"dmarc": "permerror"}
+    )
+    assert msg.auth.dmarc[0].properties["header.from"] == "example.com"
+    assert "malformed From field" in (msg.auth.dmarc[0].reason or "")
+    stack.assert_not_delivered(RCPT, subject="malformed but ours", auth={"dmarc": "pass"})
+
+
 def test_auth_message_without_from_is_a_dmarc_permerror_and_delivered(stack: MailStack) -> None:
     _mx_send(stack, "x@elsewhere.test", b"Subject: no from\r\n\r\nbody\r\n")
     stack.assert_delivered(RCPT, subject="no from", auth={"dmarc": "permerror"})

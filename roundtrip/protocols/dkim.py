@@ -46,7 +46,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from email.utils import getaddresses
 from typing import Literal
 
 import dns.message
@@ -55,6 +54,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 
+from ._author import AuthorDomains, read_from_fields
 from ._dkimcore import (
     BodyHashes,
     Canon,
@@ -82,6 +82,7 @@ __all__ = [
     "KeyLookup",
     "SigningKey",
     "authentication_results",
+    "author_domains",
     "fetch_key",
     "from_domain",
     "from_field_values",
@@ -303,17 +304,25 @@ def _plain_from_values(head: bytes) -> list[str] | None:
     return [b"\r\n".join(value).decode("ascii") for value in values]
 
 
-def from_domain(raw: bytes) -> str | None:
-    """The domain of the first From address (lower case), or None."""
+def author_domains(raw: bytes) -> AuthorDomains | None:
+    """The author domains of ``raw`` (``roundtrip/protocols/_author.py``): the one reading of
+    the From field that DKIM signing (:func:`from_domain`) and DMARC
+    (``roundtrip/protocols/dmarc.py``) share; None when the header block cannot be read."""
     try:
-        pairs = getaddresses(from_field_values(header_section(raw)))
-    except Exception:  # a From the email package cannot read: no domain to sign for
+        values = from_field_values(header_section(raw))
+    except Exception:  # the email package on a section it cannot read
         return None
-    for _, address in pairs:
-        domain = address.rpartition("@")[2].strip().rstrip(".").lower()
-        if "@" in address and domain:
-            return domain
-    return None
+    return read_from_fields(values)
+
+
+def from_domain(raw: bytes) -> str | None:
+    """The domain of the first From address (lower case), or None: no From, or a malformed
+    one (RFC 5322 section 3.6.2), whose domain readers may not agree on, so there is no
+    domain to sign for (OpenDKIM does not sign a From it cannot parse either)."""
+    found = author_domains(raw)
+    if found is None or found.malformed or not found.domains:
+        return None
+    return found.domains[0]
 
 
 def key_query(name: str) -> bytes:

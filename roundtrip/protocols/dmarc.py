@@ -24,7 +24,16 @@ caller passes for the policy records, so this module does no I/O.
 - The From field (section 6.6.1): no From, or none with a domain, is ``permerror`` (the
   message breaks RFC 5322 and there is no domain to apply a policy for). Several From
   fields or addresses are each evaluated, and the strictest failing policy wins, so a
-  second From cannot hide a forged one.
+  second From cannot hide a forged one. The field is read strictly
+  (``roundtrip/protocols/_author.py``, shared with DKIM signing): the domain evaluated is
+  the one a mail user agent shows (section 3.1), never one a lenient parser glued together
+  from broken syntax. A From that does not parse (RFC 5322 section 3.6.2) is never a pass:
+  ``permerror``, and every candidate domain a reader could take for the author's is
+  checked, the strictest policy among those that fail applying (its ``p=reject`` gets the
+  message rejected), as section 6.6.1 asks for a From with several domains. The permerror
+  follows RFC 8601 section 2.7.1 (the message could not be evaluated as the specification
+  requires); the policy is applied because section 6.6.1 leaves such mail to the receiver,
+  and a malformed From must not be a way around a policy that a well-formed one obeys.
 
 Deliberately unsupported: aggregate and failure reports (``rua``, ``ruf``, ``fo``, ``rf``,
 ``ri`` are read past), and the DMARCbis tree walk (the PSL decides the organizational
@@ -37,11 +46,10 @@ import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from email.utils import getaddresses
 from typing import Literal
 
-from ._lines import header_section
-from .dkim import DKIMResult, authentication_results, from_field_values
+from ._author import AuthorDomains
+from .dkim import DKIMResult, authentication_results, author_domains
 from .spf import DNSAnswer, RecordType, SPFResult, quote_value
 from .spf import resinfo as spf_resinfo
 
@@ -166,20 +174,11 @@ def organizational_domain(domain: str) -> str:
     return str(private) if private else domain
 
 
-def from_domains(raw: bytes) -> list[str] | None:
-    """The distinct domains of every RFC5322.From address, in order; None when the header
-    block cannot be read. ``[]``: no From field, or no address with a domain."""
-    try:
-        pairs = getaddresses(from_field_values(header_section(raw)))
-    except Exception:  # the email package on headers it cannot read
-        return None
-    domains: list[str] = []
-    for _, address in pairs:
-        local, at, domain = address.rpartition("@")
-        domain = domain.strip().rstrip(".").lower()
-        if at and local and domain and domain not in domains:
-            domains.append(domain)
-    return domains
+def from_domains(raw: bytes) -> AuthorDomains | None:
+    """The author domains of ``raw``: ``dkim.author_domains``, the reading DKIM signing
+    shares (``roundtrip/protocols/_author.py``); None when the header block cannot be read.
+    ``malformed`` set: the From field does not parse, and ``domains`` are the candidates."""
+    return author_domains(raw)
 
 
 def _aligned(mode: str, identifier: str, from_domain: str) -> bool:
@@ -251,7 +250,7 @@ def _evaluate_one(
 
 
 def evaluate(
-    domains: Iterable[str] | None,
+    domains: AuthorDomains | Iterable[str] | None,
     spf: SPFResult | None,
     dkim: Sequence[tuple[str, str]],
     lookup: Callable[[str, RecordType], DNSAnswer],
@@ -261,23 +260,33 @@ def evaluate(
     """The DMARC result of a message.
 
     Args:
-        domains: :func:`from_domains` of the message.
+        domains: :func:`from_domains` of the message (or the From domains themselves, for a
+            well-formed field).
         spf: the SPF result of MAIL FROM (None: SPF was not checked).
         dkim: ``(result, d= domain)`` of every DKIM signature.
         lookup: answers DNS questions (``roundtrip/protocols/spf.py`` :data:`Lookup`).
         roll: where the message falls in ``pct`` (0 to 100; the policy applies below ``pct``).
 
     Returns:
-        One result; with several From domains the strictest failing one, else the first.
-        Never raises for anything in the DNS or the message.
+        One result; with several From domains the strictest failing one, else the first. A
+        malformed From field is never a pass: ``permerror``, with the strictest policy of the
+        candidate domains that fail (module docstring). Never raises for anything in the DNS
+        or the message.
     """
     if domains is None:
         return DMARCResult("permerror", "From field not parsable")
-    wanted = list(domains)
+    malformed = ""
+    if isinstance(domains, AuthorDomains):
+        malformed = domains.malformed
+        wanted = list(domains.domains)
+    else:
+        wanted = list(domains)
     if not wanted:
-        return DMARCResult("permerror", "no RFC5322.From domain")
+        return DMARCResult("permerror", malformed or "no RFC5322.From domain")
     results = [_evaluate_one(d, spf, dkim, lookup, roll) for d in wanted]
     failed = [r for r in results if r.result in ("fail", "temperror", "permerror")]
+    if malformed:
+        return _malformed(malformed, results, failed)
     if not failed:
         return results[0]
     worst = max(failed, key=lambda r: (r.result == "fail", _STRICTNESS[r.disposition]))
@@ -287,6 +296,29 @@ def evaluate(
     return worst
 
 
+def _malformed(why: str, results: list[DMARCResult], failed: list[DMARCResult]) -> DMARCResult:
+    """The result for a From field that does not parse (RFC 5322 section 3.6.2).
+
+    RFC 7489 section 6.6.1 leaves such a message to the receiver, and asks, for a From with
+    several domains, to check each and apply the strictest policy among those that fail.
+    Readers may disagree on which domain is the author's, so it is never a pass: each
+    candidate is checked, the strictest failure's policy and disposition apply, and the
+    result is ``permerror`` (RFC 8601 section 2.7.1: the message could not be evaluated as
+    the specification requires). A DNS failure with no failing candidate stays
+    ``temperror``, so the message is deferred and the policy applied on the retry.
+    """
+    fails = [r for r in failed if r.result == "fail"]
+    if fails:
+        worst = max(fails, key=lambda r: _STRICTNESS[r.disposition])
+        reason = f"{why}; {worst.reason} for {worst.from_domain}"
+        return DMARCResult("permerror", reason, worst.from_domain, worst.policy, worst.disposition)
+    errors = [r for r in failed if r.result == "temperror"]
+    if errors:
+        return DMARCResult("temperror", f"{why}; {errors[0].reason}", errors[0].from_domain)
+    first = results[0]
+    return DMARCResult("permerror", why, first.from_domain, first.policy)
+
+
 def resinfo(result: DMARCResult) -> str:
     """The ``dmarc=`` part of Authentication-Results (RFC 7489 section 11.2)."""
     parts = [f"dmarc={result.result}"]
@@ -294,7 +326,7 @@ def resinfo(result: DMARCResult) -> str:
         parts.append(f"reason={quote_value(result.reason)}")
     if result.from_domain:
         parts.append(f"header.from={quote_value(result.from_domain)}")
-    if result.result in ("pass", "fail"):
+    if result.result in ("pass", "fail") or result.disposition != "none":
         parts.append(f"policy.dmarc={result.policy}")
     return " ".join(parts)
 

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "JUNK",
+    "MALFORMED_FROM_REPLY",
     "REJECT_REPLY",
     "TEMPFAIL_REPLY",
     "SenderVerdict",
@@ -74,6 +75,11 @@ __all__ = [
 #: The reply to mail whose From domain publishes p=reject and fails DMARC (RFC 7489
 #: section 6.6.4, RFC 7372 section 3.2's 5.7.1 code).
 REJECT_REPLY = "550 5.7.1 Rejected by DMARC policy of {domain}"
+#: The reply when the From field does not parse and one candidate author domain's p=reject
+#: applies (``roundtrip/protocols/dmarc.py``, RFC 7489 section 6.6.1).
+MALFORMED_FROM_REPLY = (
+    "550 5.7.1 Rejected by DMARC policy of {domain}: malformed From field (RFC 5322 3.6.2)"
+)
 #: The reply to mail whose DMARC verdict a DNS failure left open (module docstring).
 TEMPFAIL_REPLY = (
     "451 4.4.3 DMARC policy of {domain} could not be evaluated (DNS failure), try again later"
@@ -191,7 +197,11 @@ class SenderVerdict:
             return None
         # The domain comes from the message: nothing but name characters reach the reply line.
         domain = _name(self.dmarc.from_domain)
-        return (TEMPFAIL_REPLY if self.deferred else REJECT_REPLY).format(domain=domain)
+        if self.deferred:
+            return TEMPFAIL_REPLY.format(domain=domain)
+        if self.dmarc.result == "permerror":
+            return MALFORMED_FROM_REPLY.format(domain=domain)
+        return REJECT_REPLY.format(domain=domain)
 
     @property
     def quarantine(self) -> bool:

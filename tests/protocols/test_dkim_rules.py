@@ -158,7 +158,12 @@ def test_dkim_key_answer_reads_dns_replies() -> None:
     ("raw", "domain"),
     [
         (MESSAGE, "example.com"),
-        (b"From: a@Sub.Example.COM.\r\n\r\nx", "sub.example.com"),
+        (b"From: a@Sub.Example.COM\r\n\r\nx", "sub.example.com"),
+        # A trailing dot is not a dot-atom (RFC 5322 section 3.2.3): malformed, no domain.
+        (b"From: a@Sub.Example.COM.\r\n\r\nx", None),
+        # getaddresses glued this into example.comx.example.net (roundtrip/protocols/_author.py).
+        (b"From: alice@example.com (,) x.example.net\r\n\r\nx", None),
+        (b"From: Alice (work) <alice@example.com>\r\n\r\nx", "example.com"),
         (b"From: undisclosed\r\n\r\nx", None),
         (b"Subject: none\r\n\r\nx", None),
         (b"From: =?x?q?\xff?= <\xff@\r\n\r\nx", None),

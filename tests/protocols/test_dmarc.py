@@ -3,9 +3,12 @@ dict of DNS answers in, a result and a disposition out."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from roundtrip.message import parse_auth_results
+from roundtrip.protocols._author import AuthorDomains, read_from_fields
 from roundtrip.protocols.dkim import DKIMResult
 from roundtrip.protocols.dmarc import (
     DMARCRecord,
@@ -15,6 +18,7 @@ from roundtrip.protocols.dmarc import (
     from_domains,
     organizational_domain,
     parse_record,
+    resinfo,
 )
 from roundtrip.protocols.spf import DNSAnswer, RecordType, SPFResult
 
@@ -84,12 +88,67 @@ def test_dmarc_organizational_domain_uses_the_public_suffix_list() -> None:
 
 
 def test_dmarc_from_domains() -> None:
-    assert from_domains(message("Alice <alice@Example.ORG>")) == ["example.org"]
-    assert from_domains(message("a@example.org, b@example.net")) == ["example.org", "example.net"]
-    assert from_domains(message("a@example.org", "b@example.org")) == ["example.org"]
-    assert from_domains(b"Subject: no from\r\n\r\nbody\r\n") == []
-    assert from_domains(message("undisclosed-recipients:;")) == []
-    assert from_domains(message("no-at-sign")) == []
+    assert from_domains(message("Alice <alice@Example.ORG>")) == AuthorDomains(("example.org",))
+    assert from_domains(message("a@example.org, b@example.net")) == AuthorDomains(
+        ("example.org", "example.net")
+    )
+    assert from_domains(message("a@example.org", "b@example.org")) == AuthorDomains(
+        ("example.org",)
+    )
+    assert from_domains(b"Subject: no from\r\n\r\nbody\r\n") == AuthorDomains((), "no From field")
+    assert from_domains(message("undisclosed-recipients:;")).domains == ()  # type: ignore[union-attr]
+    assert from_domains(message("no-at-sign")).domains == ()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Alice (work) <alice@example.com>",
+        "alice@example.com (Alice)",
+        '"Doe, John" <john@example.com>',
+        "=?utf-8?q?Caf=C3=A9?= <cafe@example.com>",
+        "Dr. Alice <alice@example.com>",  # obs-phrase (RFC 5322 section 4.1)
+        "<@route.example:alice@example.com>",  # obs-route (section 4.4)
+        "alice @ example . com",  # CFWS around the dots (section 4.4)
+        '"alice smith"@example.com',
+        "alice@example.com,",  # obs-mbox-list: an empty element
+        "Alice\r\n (folded) <alice@example.com>",
+    ],
+)
+def test_dmarc_from_well_formed_reads_the_one_domain(value: str) -> None:
+    assert read_from_fields([value]) == AuthorDomains(("example.com",))
+
+
+@pytest.mark.parametrize(
+    ("value", "candidates"),
+    [
+        # email.utils.getaddresses made these example.comx.example.net and nothing.
+        ("alice@example.com (,) x.example.net", ("example.com",)),
+        ("alice@example.com (,) bob@evil.example", ("example.com", "evil.example")),
+        ('"a" <bob@evil.example>, "b\\" <alice@example.com>', ("evil.example", "example.com")),
+        ("Alice <alice@example.com", ("example.com",)),
+        ("Alice <alice@example.com> <bob@evil.example>", ("example.com", "evil.example")),
+        ("alice@example.com.", ("example.com",)),
+        ("a..b@example.com", ("example.com",)),
+        ("alice@example.com (unclosed", ("example.com",)),
+        ("Group: alice@example.com;", ("example.com",)),  # From is a mailbox-list
+        ("no-at-sign", ()),
+        ("", ()),
+    ],
+)
+def test_dmarc_from_malformed_gives_every_candidate(value: str, candidates: tuple[str]) -> None:
+    found = read_from_fields([value])
+    assert found.malformed.startswith("malformed From field: ")
+    assert found.domains == candidates
+
+
+def test_dmarc_from_reading_is_linear() -> None:
+    """docs/security.md: no backtracking on client input; 100 kB of each shape at once."""
+    for shape in ("(", "<", '"', "a@", "a.", "(\\", "a ", ")", "a@b, ", "@ "):
+        value = shape * (100_000 // len(shape))
+        started = time.perf_counter()
+        read_from_fields([value])
+        assert time.perf_counter() - started < 1.0, shape
 
 
 # Results and their twins
@@ -185,6 +244,35 @@ def test_dmarc_no_from_domain_is_a_permerror() -> None:
     out = evaluate(from_domains(b"Subject: s\r\n\r\nb\r\n"), SPF_PASS, [], REJECT)
     assert (out.result, out.disposition) == ("permerror", "none")
     assert evaluate(None, SPF_PASS, [], REJECT).result == "permerror"
+
+
+def test_dmarc_malformed_from_applies_the_candidates_policy_and_never_passes() -> None:
+    """RFC 7489 sections 3.1 and 6.6.1: SPF passes for example.net, which a lenient parser
+    read into the glued example.comx.example.net; the reader's example.org has p=reject."""
+    dns = FakeDNS({"_dmarc.example.org": ["v=DMARC1; p=reject"]})
+    spf = SPFResult("pass", "", "example.net")
+    out = evaluate(from_domains(message("alice@example.org (,) x.example.net")), spf, [], dns)
+    assert (out.result, out.from_domain, out.policy, out.disposition) == (
+        "permerror",
+        "example.org",
+        "reject",
+        "reject",
+    )
+    assert out.reason.startswith("malformed From field")
+    assert "policy.dmarc=reject" in resinfo(out)
+    # Every candidate authenticates: still no pass, and no policy to apply.
+    signed = evaluate(
+        from_domains(message("a@example.org (,) x")), None, [("pass", "example.org")], dns
+    )
+    assert (signed.result, signed.disposition) == ("permerror", "none")
+
+
+def test_dmarc_well_formed_from_with_a_comment_passes_twin() -> None:
+    dns = FakeDNS({"_dmarc.example.org": ["v=DMARC1; p=reject"]})
+    out = evaluate(from_domains(message("Alice (work) <alice@example.org>")), SPF_PASS, [], dns)
+    assert (out.result, out.from_domain, out.disposition) == ("pass", "example.org", "none")
+    failed = evaluate(from_domains(message("Alice (work) <alice@example.org>")), SPF_OTHER, [], dns)
+    assert (failed.result, failed.disposition) == ("fail", "reject")
 
 
 def test_dmarc_a_second_from_cannot_hide_a_forged_one() -> None:

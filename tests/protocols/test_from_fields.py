@@ -10,6 +10,7 @@ from email.policy import compat32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from roundtrip.protocols._author import AuthorDomains
 from roundtrip.protocols._lines import header_section
 from roundtrip.protocols.dkim import _plain_from_values, from_domain, from_field_values
 from roundtrip.protocols.dmarc import from_domains
@@ -68,6 +69,12 @@ def test_plain_sections_are_read_directly_and_odd_ones_are_not() -> None:
 def test_dkim_and_dmarc_read_the_same_from_domains() -> None:
     raw = b"From: A <a@Example.COM>, b@example.org\r\nTo: t@example.net\r\n\r\nbody\r\n"
     assert from_domain(raw) == "example.com"
-    assert from_domains(raw) == ["example.com", "example.org"]
+    assert from_domains(raw) == AuthorDomains(("example.com", "example.org"))
     hidden = b"Subject: x\r\nnot a field\r\nFrom: a@example.com\r\n\r\nbody\r\n"
-    assert from_domain(hidden) is None and from_domains(hidden) == []
+    assert from_domain(hidden) is None
+    assert from_domains(hidden) == AuthorDomains((), "no From field")
+    glued = b"From: alice@example.com (,) x.example.net\r\n\r\nbody\r\n"
+    assert from_domain(glued) is None
+    assert from_domains(glued) == AuthorDomains(
+        ("example.com",), "malformed From field: more text after an address"
+    )
