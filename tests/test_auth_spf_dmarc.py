@@ -12,6 +12,7 @@ from _support import make_message
 
 from roundtrip import MailStack, StackConfig
 from roundtrip.errors import ConfigError
+from roundtrip.probes._authres import auth_results
 from roundtrip.protocols.dmarc import DMARCResult
 from roundtrip.protocols.dns import Record, default_records
 from roundtrip.stack._auth import SenderVerdict, sender_auth_records
@@ -331,6 +332,32 @@ def test_auth_forged_authentication_results_cannot_claim_a_pass(stack: MailStack
     (msg,) = stack.assert_delivered(RCPT, subject="forged ar 2", auth={"spf": "none"})
     assert msg.raw.count(b"Authentication-Results:") == 1
     stack.assert_not_delivered(RCPT, subject="forged ar 2", auth={"dmarc": "pass"})
+
+
+@pytest.mark.parametrize("variant", ["glued comment", "after 70 kB of fields"])
+def test_auth_forged_authentication_results_behind_cfws_or_far_down_are_dropped(
+    stack: MailStack, variant: str
+) -> None:
+    """RFC 8601 section 5: the MX drops fields in its name however they are written and
+    wherever they sit in the header; a foreign server's field stays (the twin)."""
+    forged = b"Authentication-Results: mail.example.org; dkim=pass header.d=example.com;"
+    forged += b" dmarc=pass header.from=example.com\r\n"
+    pad = b""
+    if variant == "glued comment":
+        forged = forged.replace(b"mail.example.org;", b"mail.example.org(ok);", 1)
+    else:
+        pad = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 900) for i in range(80))
+    foreign = b"Authentication-Results: mx.elsewhere.test; spf=pass smtp.mailfrom=x\r\n"
+    subject = f"forged ar {variant}"
+    _mx_send(stack, "x@elsewhere.test", pad + forged + foreign + _msg("x@elsewhere.test", subject))
+    (msg,) = stack.assert_delivered(RCPT, subject=subject, auth={"spf": "none"})
+    fields = msg.headers.get_all("Authentication-Results")
+    assert len(fields) == 2
+    assert fields[0].startswith("mail.example.org;")  # the MX's own, on top
+    assert fields[1] == "mx.elsewhere.test; spf=pass smtp.mailfrom=x"
+    ours = [f for f in auth_results(msg.raw, "mail.example.org") if f.server == "mail.example.org"]
+    assert {f.code for f in ours} >= {"auth-results", "auth-spf", "auth-dmarc"}
+    assert not [f for f in ours if "=pass" in f.message]
 
 
 # DKIM, SPF and DMARC together; the switch; the configuration

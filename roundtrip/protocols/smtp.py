@@ -535,33 +535,72 @@ def extend_data_deadline(
 _FIELD_START = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
 
 
+def authserv_id(value: bytes) -> str:
+    """The authserv-id of an Authentication-Results field value (lower case, no final dot).
+
+    RFC 8601 section 2.2: ``[CFWS] authserv-id [CFWS [authres-version]] ";"``, the id being
+    an RFC 2045 ``value`` (a token or a quoted string). Comments (nested, with quoted-pairs,
+    RFC 5322 section 3.2.2) are removed in one pass before the id is taken, so
+    ``mail.example.org(ok);`` gives ``mail.example.org`` as ``authres`` (the parser
+    ``roundtrip/probes/_authres.py`` reads fields with) does; a quoted id is unquoted.
+    """
+    text = value.decode("utf-8", "replace")
+    bare: list[str] = []
+    depth, quoted, escaped = 0, False, False
+    for char in text:
+        if escaped:
+            escaped = False
+            if not depth:
+                bare.append(char)
+        elif char == "\\" and (quoted or depth):
+            escaped = True
+        elif depth:
+            depth += {"(": 1, ")": -1}.get(char, 0)
+            if not depth:
+                bare.append(" ")
+        elif quoted:
+            quoted = char != '"'
+            bare.append(" " if not quoted else char)
+        elif char == '"':
+            quoted = True
+            bare.append(" ")
+        elif char == "(":
+            depth = 1
+            bare.append(" ")
+        elif char == ";":
+            break
+        else:
+            bare.append(char)
+    words = "".join(bare).split()
+    return words[0].lower().rstrip(".") if words else ""
+
+
 def drop_forged_auth_results(raw: bytes, authserv_ids: Collection[str]) -> bytes:
     """Remove ``Authentication-Results`` fields that claim one of our own authserv-ids.
 
     RFC 8601 section 5: a receiving MTA must delete A-R fields carrying its own authserv-id
     that arrive from outside, else a sender can forge "dkim=pass" in our name. Fields naming
-    another host are trace data and stay. Only the top-level header block is examined, and
-    nothing else in ``raw`` changes.
+    another host are trace data and stay. The whole top-level header block is examined,
+    however long (a bound on it would let a field below the bound through), and nothing else
+    in ``raw`` changes. The id is read as readers read it (:func:`authserv_id`), case aside.
     """
-    if b"authentication-results" not in raw[:65536].lower():
-        return raw
-    ours = {i.lower().rstrip(".") for i in authserv_ids}
     end = len(raw)
     for sep in (b"\r\n\r\n", b"\n\n"):
         idx = raw.find(sep)
         if 0 <= idx < end:
             end = idx + len(sep) // 2
     head = raw[:end]
+    if b"authentication-results" not in head.lower():
+        return raw
+    ours = {i.lower().rstrip(".") for i in authserv_ids}
     starts = [m.start() for m in _FIELD_START.finditer(head)] + [len(head)]
     kept = bytearray(head[: starts[0]])
     changed = False
     for begin, stop in itertools.pairwise(starts):
         field_bytes = head[begin:stop]
         name, _, value = field_bytes.partition(b":")
-        if name.strip().lower() == b"authentication-results":
-            authserv = value.split(b";", 1)[0].strip().split()
-            if authserv and authserv[0].decode("ascii", "replace").lower().rstrip(".") in ours:
-                changed = True
-                continue
+        if name.strip().lower() == b"authentication-results" and authserv_id(value) in ours:
+            changed = True
+            continue
         kept += field_bytes
     return bytes(kept) + raw[end:] if changed else raw
