@@ -273,6 +273,37 @@ def test_forged_sealer_name_cannot_write_results_into_ours(stack: MailStack) -> 
     assert plain.auth.arc == []
 
 
+def test_arc_set_numbered_zero_is_an_arc_fail_and_the_message_is_delivered(
+    stack: MailStack,
+) -> None:
+    """i= runs from 1 to 50 (RFC 8617 section 4.2.1): a set with i=0, from any sender, makes
+    the chain fail (section 5.2) and the MX takes the message in as usual (250, INBOX),
+    with or without a valid chain beside it."""
+    zero = (
+        b"ARC-Seal: i=0; a=rsa-sha256; cv=none; d=example.com; s=x; b=AAAA\r\n"
+        b"ARC-Message-Signature: i=0; a=rsa-sha256; d=example.com; s=x; h=from; bh=AAAA;"
+        b" b=AAAA\r\n"
+        b"ARC-Authentication-Results: i=0; mx.x.test; dmarc=pass header.from=example.net\r\n"
+    )
+    raw = make_message(sender="a@elsewhere.test", recipient=OTHER, subject="arc zero")
+    _mx_send(stack, zero + raw, OTHER)
+    (msg,) = stack.assert_delivered(
+        OTHER, subject="arc zero", mailbox="INBOX", auth={"arc": "fail"}
+    )
+    assert msg.auth.error is None
+    assert msg.auth.arc[0].result == "fail"
+    assert 'reason="instance 0 below 1"' in _field(msg.raw, "Authentication-Results")
+    # A valid chain (the alias's seal, arc=pass at RCPT) fails with an i=0 set added ...
+    forwarded = _forwarded_copy(stack, "arc zero beside")
+    _mx_send(stack, zero + forwarded, "user@example.com")
+    stack.assert_delivered(
+        "user@example.com", subject="arc zero beside", mailbox="INBOX", auth={"arc": "fail"}
+    )
+    # ... and the twin: the same copy as it came passes at the same MX.
+    _mx_send(stack, forwarded, "user@example.com")
+    stack.assert_delivered("user@example.com", subject="arc zero beside", auth={"arc": "pass"})
+
+
 # Loops and configuration
 
 

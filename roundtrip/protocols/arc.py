@@ -140,8 +140,12 @@ def validate(raw: bytes, lookup: KeyLookup, *, now: float | None = None) -> ARCR
     def fail(reason: str) -> ARCResult:
         return ARCResult("fail", reason, top, sealer, results)
 
+    # i= runs from 1 to 50 (RFC 8617 section 4.2.1); any other value makes the chain fail
+    # (section 5.2, step 2), checked before the sets 1..top are read.
     if top > MAX_INSTANCE:
         return fail(f"instance {top} above {MAX_INSTANCE}")
+    if min(sets) < 1:
+        return fail(f"instance {min(sets)} below 1")
     for i in range(1, top + 1):
         kinds = sets.get(i, {})
         for kind in (_AAR, _AMS, _AS):
@@ -285,7 +289,9 @@ def seal(
     instance = chain.instance + 1
     if instance > MAX_INSTANCE:
         raise ValueError(f"an ARC chain ends at i={MAX_INSTANCE}")
-    cv = "none" if chain.instance == 0 else ("pass" if chain.result == "pass" else "fail")
+    # cv=none only when no chain arrived; a chain that failed, even one whose only sets
+    # claim i=0, is cv=fail (RFC 8617 section 4.4).
+    cv = "none" if chain.result == "none" else ("pass" if chain.result == "pass" else "fail")
     fields, offset = split_message(raw)
     stamp = "" if now is None else f" t={int(now)};"
     verdicts = ";\r\n\t".join(p.strip() for p in results.split(";") if p.strip()) or "none"

@@ -7,8 +7,12 @@ has its ``fail``.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import dkim  # dkimpy: the independent implementation
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from roundtrip.protocols import arc
 from roundtrip.protocols.dkim import KeyAnswer, SigningKey, sign
@@ -170,3 +174,106 @@ def test_arc_instance_above_fifty_fails_and_seal_refuses() -> None:
     assert (result.result, result.reason) == ("fail", "instance 51 above 50")
     with pytest.raises(ValueError, match="i=50"):
         arc.seal(_signed(), LIST[1], "mx", VERDICTS, arc.ARCResult("pass", instance=50))
+
+
+ARC_ZERO = (
+    b"ARC-Seal: i=0; a=rsa-sha256; cv=none; d=list.test; s=rt-rsa; b=AAAA\r\n"
+    b"ARC-Message-Signature: i=0; a=rsa-sha256; d=list.test; s=rt-rsa; h=from; bh=AAAA;"
+    b" b=AAAA\r\n"
+    b"ARC-Authentication-Results: i=0; mx.list.test; dmarc=pass header.from=author.test\r\n"
+)
+
+
+def test_arc_instance_zero_fails_and_a_valid_chain_still_passes() -> None:
+    """i= starts at 1 (RFC 8617 section 4.2.1): a set numbered 0 fails the chain (section
+    5.2), alone or next to valid sets, and a forwarder seals such a chain with cv=fail."""
+    alone = arc.validate(ARC_ZERO + _signed(), _lookup())
+    assert (alone.result, alone.reason, alone.instance) == ("fail", "instance 0 below 1", 0)
+    assert arc.resinfo(alone) == 'arc=fail (i=0 d=list.test) reason="instance 0 below 1"'
+    once = _forward(_signed(), LIST[1], "mx.list.test")
+    beside = arc.validate(ARC_ZERO + once, _lookup())
+    assert (beside.result, beside.reason, beside.instance) == ("fail", "instance 0 below 1", 1)
+    resealed = arc.seal(ARC_ZERO + _signed(), NEXT[1], "mx.next.test", "arc=fail", alone)
+    assert resealed.startswith(b"ARC-Seal: i=1; a=rsa-sha256; cv=fail;")
+    # The twins: the same valid chain without the i=0 set passes, and a message that arrived
+    # without any chain is still sealed with cv=none.
+    assert arc.validate(once, _lookup()).result == "pass"
+    first = arc.seal(_signed(), NEXT[1], "mx.next.test", "arc=none", arc.ARCResult("none"))
+    assert first.startswith(b"ARC-Seal: i=1; a=rsa-sha256; cv=none;")
+
+
+# validate never raises: property tests over hostile ARC fields (bounded like
+# tests/protocols/test_fuzz.py: a fixed number of examples, a deadline per example).
+
+ARC_FUZZ = settings(
+    max_examples=200,
+    deadline=timedelta(seconds=2),
+    suppress_health_check=[HealthCheck.too_slow],
+)
+_ARC_NAMES = st.sampled_from(
+    [b"ARC-Seal", b"ARC-Message-Signature", b"ARC-Authentication-Results", b"arc-seal ", b"From"]
+)
+_ARC_INSTANCES = st.sampled_from(
+    [b"0", b"1", b"2", b"3", b"50", b"51", b"999", b"00", b"01", b"", b"-1", b"1.5", b"\xff"]
+)
+_ARC_TAGS = st.lists(
+    st.sampled_from(
+        [
+            *(b"a=" + a for a in (b"rsa-sha256", b"ed25519-sha256", b"x")),
+            *(b"b=" + b for b in (b"AAAA", b"", b"!!")),
+            *(b"d=" + d for d in (b"list.test", b"next.test", b"..", b"\xff")),
+            *(b"s=" + s for s in (b"rt-rsa", b"rt-ed25519", b"")),
+            *(b"cv=" + cv for cv in (b"none", b"pass", b"fail")),
+            *(b"h=" + h for h in (b"from", b"", b"arc-seal")),
+            *(b"c=" + c for c in (b"relaxed/relaxed", b"simple", b"/", b"x/y")),
+            *(b"bh=AAAA", b"bh=", b"t=1", b"x", b"=", b"i=2", b"\r\n\t", b"\xc3\xa9=1"),
+        ]
+    ),
+    max_size=8,
+)
+
+
+@st.composite
+def _arc_field(draw: st.DrawFn) -> bytes:
+    tags = b"; ".join(draw(_ARC_TAGS))
+    return draw(_ARC_NAMES) + b": i=" + draw(_ARC_INSTANCES) + b"; " + tags + b"\r\n"
+
+
+_CHAIN = _forward(_forward(_signed(), LIST[1], "mx.list.test"), NEXT[0], "mx.next.test")
+_CHAIN_HEAD = _CHAIN.index(b"\r\n\r\n") + 4
+
+
+@ARC_FUZZ
+@given(fields=st.lists(_arc_field(), max_size=8), on_chain=st.booleans())
+def test_fuzz_arc_fields_give_a_result_never_an_exception(
+    fields: list[bytes], on_chain: bool
+) -> None:
+    raw = b"".join(fields) + (_CHAIN if on_chain else _signed())
+    result = arc.validate(raw, _lookup())
+    assert result.result in ("none", "pass", "fail")
+    if result.result == "pass":
+        assert 1 <= result.instance <= arc.MAX_INSTANCE
+
+
+@ARC_FUZZ
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, _CHAIN_HEAD), st.integers(0, 8), st.binary(max_size=6)),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_fuzz_arc_damaged_chain_gives_a_result_never_an_exception(
+    edits: list[tuple[int, int, bytes]],
+) -> None:
+    raw = _CHAIN
+    for at, cut, inserted in edits:
+        raw = raw[:at] + inserted + raw[at + cut :]
+    result = arc.validate(raw, _lookup())
+    assert result.result in ("none", "pass", "fail")
+
+
+def test_fuzz_arc_chain_the_damage_starts_from_passes() -> None:
+    """The twin of the property tests: undamaged, the chain they start from passes."""
+    result = arc.validate(_CHAIN, _lookup())
+    assert (result.result, result.instance, result.sealer) == ("pass", 2, "next.test")
