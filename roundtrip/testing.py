@@ -39,6 +39,13 @@ additions, and every download equals the stored copy.
    Only a field the submitted header does not have counts, each at most once, and only at
    that place; ``outcome.submission_fields`` names them.
 
+Both kinds must be well-formed header fields, not just carry allowed names: every line ends
+as the message's lines do (CRLF, or bare LF for a message stored with bare LF), holds no
+other CR or LF, is not empty nor white space only, and starts a field or continues one (RFC
+5322 sections 2.2, 2.2.3, 3.2.2). An empty line would turn the message's header into body,
+and a lone CR would hide a new field from a check that splits at LF but not from a parser
+that splits at CR; ``outcome.malformed_added`` quotes what is wrong.
+
 Every client here verifies certificates (against the stack's CA, or the context given).
 """
 
@@ -205,17 +212,84 @@ def _field_names(block: bytes) -> list[str]:
     return [_field_name(block[s:e]) for s, e in _pairs(_field_starts(block), len(block))]
 
 
+#: A line that starts a header field: its name (printable US-ASCII but the colon, RFC 5322
+#: section 3.6.8), white space the obsolete syntax allows (section 4.5), then the colon.
+_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_PROBLEMS_SHOWN = 5  # per block, in diff() and the problem lists
+_EXCERPT = 120  # bytes of an offending line quoted
+
+
+def _line_ending(data: bytes, at: int) -> bytes:
+    """How the line that starts at ``at`` ends: in a bare LF, or else (also when no LF
+    follows) in CRLF."""
+    lf = data.find(b"\n", at)
+    return b"\n" if lf != -1 and (lf == at or data[lf - 1] != 0x0D) else b"\r\n"
+
+
+def _excerpt(line: bytes, at: int = 0) -> str:
+    """``line`` quoted as a bytes literal, cut to about :data:`_EXCERPT` bytes around ``at``."""
+    start = max(0, min(at - _EXCERPT // 2, len(line) - _EXCERPT))
+    end = start + _EXCERPT
+    return f"{'...' if start else ''}{line[start:end]!r}{'...' if end < len(line) else ''}"
+
+
+def _line_problem(line: bytes, eol: bytes, first: bool) -> tuple[str, int] | None:
+    """What is wrong with one line of added fields (without its ``eol``) and where, if
+    anything. Header fields are lines ending in CRLF (here: in ``eol``, the message's own
+    line ending), with no CR or LF alone (RFC 5322 sections 2.2 and 2.2.3); each is the
+    start of a field or continues the one before it, never empty (the empty line ends the
+    header block, section 2.1) nor white space only (section 3.2.2)."""
+    cr, lf = line.find(b"\r"), line.find(b"\n")
+    if eol == b"\n" and line.endswith(b"\r") and cr == len(line) - 1 and lf == -1:
+        return "ends in CRLF where the message's lines end in LF", cr
+    if cr != -1 and (lf == -1 or cr < lf):
+        return "has a CR that does not end the line", cr
+    if lf != -1:
+        return "has an LF that does not end the line", lf
+    if not line:
+        return "is empty (an empty line ends the header block: what follows is body)", 0
+    if line[:1] in (b" ", b"\t"):
+        if first:
+            return "continues a field that is not there (it starts with white space)", 0
+        if not line.strip(b" \t"):
+            return "is white space only", 0
+        return None
+    if not _FIELD_START.match(line):
+        return "is neither a field (name and colon) nor a continuation", 0
+    return None
+
+
+def _block_problems(block: bytes, eol: bytes, what: str) -> list[str]:
+    """Why ``block`` is not whole header fields whose lines end in ``eol``, one sentence per
+    offending line with its bytes quoted; ``[]`` when it is (or is empty)."""
+    if not block:
+        return []
+    lines = block.split(eol)
+    problems: list[str] = []
+    if lines[-1]:
+        ending = "CRLF" if eol == b"\r\n" else "LF"
+        problems.append(f"{what} does not end in {ending}: {_excerpt(lines[-1], len(lines[-1]))}")
+    for number, line in enumerate(lines[:-1], 1):
+        found = _line_problem(line, eol, first=number == 1)
+        if found is not None:
+            reason, at = found
+            problems.append(f"{what}, line {number} {reason}: {_excerpt(line + eol, at)}")
+    if len(problems) > _PROBLEMS_SHOWN:
+        more = len(problems) - _PROBLEMS_SHOWN
+        problems[_PROBLEMS_SHOWN:] = [f"{what}: {more} more malformed line(s)"]
+    return problems
+
+
 def _missing_submission_fields(head: bytes) -> set[str]:
     present = {name.lower() for name in _field_names(head + b"\r\n")}
     return {name.lower() for name in SUBMISSION_FIELDS} - present
 
 
-def _is_submission_block(block: bytes, missing: set[str]) -> bool:
-    """Whether ``block`` is whole header fields, each one of ``missing``, none twice."""
-    if not block.endswith(b"\n") or block[:1] in (b" ", b"\t"):
+def _is_submission_block(block: bytes, missing: set[str], eol: bytes) -> bool:
+    """Whether ``block`` is whole header fields with lines ending in ``eol``, each one of
+    ``missing``, none twice."""
+    if not block or _block_problems(block, eol, ""):
         return False
-    if block.startswith((b"\r\n", b"\n")) or b"\n\n" in block or b"\n\r\n" in block:
-        return False  # an empty line: not header fields only
     names = [name.lower() for name in _field_names(block)]
     return len(set(names)) == len(names) and set(names) <= missing
 
@@ -263,7 +337,10 @@ def _locate(stored: bytes, submitted: bytes) -> _Layout | None:
         if start > last or not stored.startswith(head, start):
             continue
         at = start + len(head)
-        if at == tail_at or (missing and _is_submission_block(stored[at:tail_at], missing)):
+        if at == tail_at or (
+            missing
+            and _is_submission_block(stored[at:tail_at], missing, _line_ending(stored, start))
+        ):
             return _Layout(start, at, tail_at)
     return None
 
@@ -296,9 +373,10 @@ def _best_guess(stored: bytes, submitted: bytes) -> _Layout:
     missing = _missing_submission_fields(head) if best_len == len(head) else set()
     if missing and at <= (block_end := _header_block_end(stored)):
         block = stored[at:block_end]
+        eol = _line_ending(stored, best)
         for s, e in _pairs(_field_starts(block), len(block)):
             name = _field_name(block[s:e]).lower()
-            if s != end - at or name not in missing:
+            if s != end - at or name not in missing or _block_problems(block[s:e], eol, ""):
                 break
             missing.discard(name)
             end = at + e
@@ -475,6 +553,24 @@ class RoundtripOutcome:
         ]
 
     @property
+    def malformed_added(self) -> list[str]:
+        """What makes the added blocks (prepended, and the submission server's) other than
+        whole header fields, one sentence per offending line, its bytes quoted (should be
+        empty).
+
+        Their lines must end as the message's own first line does (CRLF; bare LF for a
+        message stored with bare LF), with no CR or LF elsewhere, no empty or white-space
+        line, each line a field start (``Name:``) or a continuation (RFC 5322 sections 2.2,
+        2.2.3, 3.2.2). Field names alone cannot tell: ``Received: ...`` followed by an empty
+        line turns the message's header into body, and a CR inside it starts a new field
+        for parsers that split lines at CR.
+        """
+        eol = _line_ending(self.stored, len(self.added_headers))
+        return _block_problems(self.added_headers, eol, "prepended fields") + _block_problems(
+            self.submission_added, eol, "fields added by the submission server"
+        )
+
+    @property
     def converted(self) -> str:
         """How the line endings of :attr:`original` were converted for submission ("" if not)."""
         return "" if self.original is None else _conversion_note(self.original, self.submitted)
@@ -490,21 +586,25 @@ class RoundtripOutcome:
 
         The additions allowed are prepended trace and filter fields (:attr:`allowed_added`)
         and, at the end of the header block, the :data:`SUBMISSION_FIELDS` the submitted
-        message lacked. Compared with :attr:`submitted`, the canonical form when
-        :attr:`original` was converted.
+        message lacked, both well-formed header fields (:attr:`malformed_added` empty).
+        Compared with :attr:`submitted`, the canonical form when :attr:`original` was
+        converted.
         """
         return (
             self.downloads_match
             and not self.unexpected_added
+            and not self.malformed_added
             and (self.delivered == self.submitted)
         )
 
     @property
     def equivalent(self) -> bool:
-        """Identity up to SMTP's line-ending normalisation (final CRLF, stray CR/LF to CRLF)."""
+        """Identity up to SMTP's line-ending normalisation (final CRLF, stray CR/LF to CRLF)
+        of the message itself; the additions must still be well-formed header fields."""
         return (
             self.downloads_match
             and not self.unexpected_added
+            and not self.malformed_added
             and relayed_form(self.delivered) == relayed_form(self.submitted)
         )
 
@@ -531,6 +631,10 @@ class RoundtripOutcome:
                 f"prepended fields that are not trace fields: {self.unexpected_added} "
                 f"(allowed: {', '.join(self.allowed_added)})"
             )
+        lines += [
+            f"added fields that are not well-formed header fields: {problem}"
+            for problem in self.malformed_added
+        ]
         if self.delivered != self.submitted:
             note = (
                 " (equal after line-ending normalisation)"

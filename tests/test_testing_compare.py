@@ -7,10 +7,14 @@ The pure tests build outcomes from bytes; the stack tests submit through a real 
 
 from __future__ import annotations
 
+import email.policy
+import re
 import smtplib
+from email import message_from_bytes
 
 import pytest
 
+from roundtrip.corpus import corpus_params
 from roundtrip.stack import MailStack
 from roundtrip.testing import (
     SUBMISSION_FIELDS,
@@ -164,6 +168,219 @@ def test_testing_submission_fields_after_an_empty_header() -> None:
     assert outcome.identical, outcome.diff()
     assert outcome.added_headers == PREPENDED
     assert outcome.submission_fields == ["Message-ID", "Date"]
+
+
+# -- what the added blocks must be: whole header fields (pure) -------------------------------
+
+# Corpus messages: one in SMTP's canonical form (CRLF, a PDF attachment), one saved with bare
+# LF and stored so (a store that keeps a file's line endings), both with Date and Message-ID.
+(CRLF_MESSAGE,) = [m for m in corpus_params() if m.name == "11-attachment-pdf.eml"]
+(LF_MESSAGE,) = [m for m in corpus_params() if m.name == "22-bare-lf-unix.eml"]
+_DATE = b"Mon, 3 Jun 2024 12:00:02 +0000"
+
+
+def _honest(eol: bytes) -> bytes:
+    """What a hop prepends, folded as MTAs fold (RFC 5322 section 2.2.3), lines ending ``eol``."""
+    lines = [
+        b"X-Spam-Flag: NO",
+        b"Authentication-Results: mail.example.org;",
+        b"\tdkim=pass header.d=example.com header.s=rt-ed25519;",
+        b"\tspf=pass smtp.mailfrom=example.com",
+        b"Received: from mail.example.com (mail.example.com [127.0.0.1])",
+        b"\tby mail.example.org with ESMTPS id Q1; " + _DATE,
+        b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com;",
+        b"\ts=rt-rsa; h=from:to:subject:date:message-id;",
+        b"\t bh=AAAA; b=BBBB",
+        b"Return-Path: <user@example.com>",
+        b"Received: from client by mail.example.com with ESMTPSA id Q0; " + _DATE,
+    ]
+    return b"".join(line + eol for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("raw", "eol"),
+    [(CRLF_MESSAGE.raw, b"\r\n"), (LF_MESSAGE.raw, b"\n")],
+    ids=["crlf", "bare-lf"],
+)
+def test_testing_outcome_honest_added_fields_are_identical(raw: bytes, eol: bytes) -> None:
+    stored = _honest(eol) + raw
+    outcome = RoundtripOutcome.build(raw, stored, {"imap": stored})
+    assert outcome.identical, outcome.diff()
+    assert outcome.equivalent
+    assert outcome.malformed_added == []
+    assert outcome.added_fields == [
+        "X-Spam-Flag",
+        "Authentication-Results",
+        "Received",
+        "DKIM-Signature",
+        "Return-Path",
+        "Received",
+    ]
+    assert outcome.diff() == "identical"
+
+
+_RECEIVED = b"Received: from a by b; " + _DATE
+
+
+@pytest.mark.parametrize(
+    ("raw", "prepended", "reason", "quoted", "names"),
+    [
+        # An empty line: the message's own header (From, MIME structure) becomes body.
+        (
+            CRLF_MESSAGE.raw,
+            _RECEIVED + b"\r\n\r\n",
+            "line 2 is empty (an empty line ends the header block",
+            r"b'\r\n'",
+            [],
+        ),
+        (
+            LF_MESSAGE.raw,
+            _RECEIVED + b"\n\n",
+            "line 2 is empty (an empty line ends the header block",
+            r"b'\n'",
+            [],
+        ),
+        # A lone CR: a new Content-Type for parsers that end lines at CR.
+        (
+            CRLF_MESSAGE.raw,
+            _RECEIVED + b"\rContent-Type: text/plain\r\n",
+            "line 1 has a CR that does not end the line",
+            r"\rContent-Type: text/plain\r\n'",
+            [],
+        ),
+        (
+            LF_MESSAGE.raw,
+            _RECEIVED + b"\rContent-Type: text/plain\n",
+            "line 1 has a CR that does not end the line",
+            r"\rContent-Type: text/plain\n'",
+            [],
+        ),
+        # A lone LF in a CRLF message, and CRLF in a message whose lines end in LF.
+        (
+            CRLF_MESSAGE.raw,
+            _RECEIVED + b"\nContent-Type: text/plain\r\n",
+            "line 1 has an LF that does not end the line",
+            r"\nContent-Type: text/plain\r\n'",
+            ["Content-Type"],
+        ),
+        (
+            LF_MESSAGE.raw,
+            _RECEIVED + b"\r\n",
+            "line 1 ends in CRLF where the message's lines end in LF",
+            r"+0000\r\n'",
+            [],
+        ),
+        # Lines that are neither a field nor a continuation of one.
+        (
+            CRLF_MESSAGE.raw,
+            _RECEIVED + b"\r\n \t\r\n",
+            "line 2 is white space only",
+            r"b' \t\r\n'",
+            [],
+        ),
+        (
+            CRLF_MESSAGE.raw,
+            b"\tby b; " + _DATE + b"\r\n" + _RECEIVED + b"\r\n",
+            "line 1 continues a field that is not there",
+            r"b'\tby b; Mon",
+            ["by b; Mon, 3 Jun 2024 12"],
+        ),
+        (
+            LF_MESSAGE.raw,
+            _RECEIVED + b"\nno colon here\n",
+            "line 2 is neither a field (name and colon) nor a continuation",
+            r"b'no colon here\n'",
+            ["no colon here"],
+        ),
+    ],
+    ids=[
+        "empty-line-crlf",
+        "empty-line-lf",
+        "lone-cr-crlf",
+        "lone-cr-lf",
+        "lone-lf-crlf",
+        "crlf-in-lf",
+        "white-space-line",
+        "leading-continuation",
+        "not-a-field",
+    ],
+)
+def test_testing_outcome_damaged_added_fields_are_not_identical(
+    raw: bytes, prepended: bytes, reason: str, quoted: str, names: list[str]
+) -> None:
+    """Allowed field names are not enough: what a hop prepends must be header fields. In
+    most cases the names read at LF are all allowed (``names`` empty)."""
+    stored = prepended + raw
+    outcome = RoundtripOutcome.build(raw, stored, {"imap": stored})
+    assert outcome.delivered == raw  # the message's own bytes are all there
+    assert outcome.unexpected_added == names
+    assert not outcome.identical
+    assert not outcome.equivalent
+    (problem,) = outcome.malformed_added
+    assert problem.startswith(f"prepended fields, {reason}")
+    assert quoted in problem
+    assert f"added fields that are not well-formed header fields: {problem}" in outcome.diff()
+
+
+def test_testing_outcome_an_empty_line_on_top_hides_the_message_header() -> None:
+    """Why the empty line matters: a reader finds no From and no attachment any more."""
+    stored = _RECEIVED + b"\r\n\r\n" + CRLF_MESSAGE.raw
+    parsed = message_from_bytes(stored, policy=email.policy.default)
+    assert parsed["From"] is None and not parsed.is_multipart()
+    assert not RoundtripOutcome.build(CRLF_MESSAGE.raw, stored, {"imap": stored}).identical
+    # The twin: with the field only, the reader sees the message as sent.
+    stored = _RECEIVED + b"\r\n" + CRLF_MESSAGE.raw
+    assert message_from_bytes(stored, policy=email.policy.default).is_multipart()
+    assert RoundtripOutcome.build(CRLF_MESSAGE.raw, stored, {"imap": stored}).identical
+
+
+@pytest.mark.parametrize(
+    ("inserted", "shown"),
+    [
+        (
+            b"Date: Mon, 3 Jun 2024 12:00:01 -0000\rContent-Type: text/plain\r\n",
+            ["+Date: Mon, 3 Jun 2024 12:00:01 -0000\\r", "+Content-Type: text/plain\\r\\n"],
+        ),
+        (b"Date: Mon, 3 Jun 2024 12:00:01 -0000\r\n\r\n", ["+\\r\\n"]),
+        (
+            b"Date: Mon, 3 Jun 2024 12:00:01 -0000\r\n \r\n",
+            ["+Date: Mon, 3 Jun 2024 12:00:01 -0000\\r\\n", "+ \\r\\n"],
+        ),
+    ],
+    ids=["lone-cr", "empty-line", "white-space-line"],
+)
+def test_testing_outcome_damaged_submission_fields_are_not_identical(
+    inserted: bytes, shown: list[str]
+) -> None:
+    """The fields added at the end of the header must be header fields too: what is not
+    stays part of the message, and the diff quotes it."""
+    canonical = b"From: <user@example.com>\r\nMessage-ID: <m@example.com>\r\n\r\nhi\r\n"
+    stored = _stored(canonical, inserted)
+    outcome = RoundtripOutcome.build(canonical, stored, {"imap": stored})
+    assert not outcome.identical
+    assert not outcome.equivalent
+    text = outcome.diff()
+    assert "vs submitted bytes: first difference at byte" in text
+    for line in shown:
+        assert f"\n  {line}\n" in text
+    # The twin: the same Date field, well formed, is the submission server's addition.
+    good = _stored(canonical, b"Date: Mon, 3 Jun 2024 12:00:01 -0000\r\n")
+    outcome = RoundtripOutcome.build(canonical, good, {"imap": good})
+    assert outcome.identical, outcome.diff()
+    assert outcome.submission_fields == ["Date"]
+
+
+def test_testing_outcome_submission_fields_of_a_bare_lf_message_are_identical() -> None:
+    """A message stored with bare LF gets its Date in LF too; CRLF there is a change."""
+    raw = re.sub(rb"(?m)^Date: [^\n]*\n", b"", LF_MESSAGE.raw, count=1)
+    split = raw.index(b"\n\n") + 1
+    date = b"Date: Mon, 3 Jun 2024 12:00:01 -0000"
+    stored = _honest(b"\n") + raw[:split] + date + b"\n" + raw[split:]
+    outcome = RoundtripOutcome.build(raw, stored, {"imap": stored})
+    assert outcome.identical, outcome.diff()
+    assert outcome.submission_fields == ["Date"]
+    mixed = _honest(b"\n") + raw[:split] + date + b"\r\n" + raw[split:]
+    assert not RoundtripOutcome.build(raw, mixed, {"imap": mixed}).identical
 
 
 # -- through the stack -----------------------------------------------------------------------
