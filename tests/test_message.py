@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import email.parser
 import hashlib
 import re
 from datetime import UTC, datetime, timedelta, timezone
+from email import policy
+from email.errors import MissingHeaderBodySeparatorDefect
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from roundtrip.corpus import CorpusMessage, iter_corpus, large_message, nested_message
@@ -380,6 +383,70 @@ def test_message_body_sha256_changes_with_the_body() -> None:
     raw = parse("20-").raw
     unstuffed = raw.replace(b"\r\n..\r\n", b"\r\n.\r\n")
     assert ReceivedMessage(unstuffed).body_sha256 != ReceivedMessage(raw).body_sha256
+
+
+@pytest.mark.parametrize(
+    ("raw", "body"),
+    [
+        (b"Subject: A\n\r\nbody\r\n", b"body\r\n"),  # an LF field, then a CRLF empty line
+        (b"Subject: A\r\n\nbody\n", b"body\n"),  # a CRLF field, then an LF empty line
+        (b"Subject: A\n\rbody\r", b"body\r"),  # bare CR: email/feedparser.py ends lines so
+        (b"Subject: A\r\rbody\r", b"body\r"),
+        (b"Subject: A\r\r\nbody\r\n", b"body\r\n"),
+        (b"\rbody\r\n", b"body\r\n"),
+    ],
+)
+def test_message_body_after_mixed_line_endings(raw: bytes, body: bytes) -> None:
+    parsed = ReceivedMessage(raw)
+    assert parsed.subject == ("" if raw.startswith(b"\r") else "A")
+    assert parsed.body == body
+    assert parsed.body_sha256 == hashlib.sha256(body).hexdigest()
+    # ``text`` is parsed by the email package: the same split, CRLF read as LF.
+    assert parsed.text == body.decode().replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize(
+    ("raw", "body"),
+    [
+        # The twins: one line ending throughout splits where it always did, and an empty
+        # line of another kind further down the body does not move the split.
+        (b"Subject: A\r\nTo: b@example.org\r\n\r\nbody\n\nmore\n\r\n", b"body\n\nmore\n\r\n"),
+        (b"Subject: A\nTo: b@example.org\n\nbody\r\n\r\nmore\r\r", b"body\r\n\r\nmore\r\r"),
+        (b"Subject: A\r\n\r\n", b""),
+        (b"Subject: A\r\n", b""),  # no empty line: all header
+        (b"\r\nSubject: A\r\n\r\nbody\r\n", b"Subject: A\r\n\r\nbody\r\n"),
+        (b"\nSubject: A\n\nbody\n", b"Subject: A\n\nbody\n"),
+    ],
+)
+def test_message_body_after_one_kind_of_line_ending(raw: bytes, body: bytes) -> None:
+    parsed = ReceivedMessage(raw)
+    assert parsed.body == body
+    assert parsed.body_sha256 == hashlib.sha256(body).hexdigest()
+    assert parsed.subject == ("A" if raw.startswith(b"S") else "")
+
+
+_EOL = st.sampled_from([b"\r\n", b"\n", b"\r"])
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    fields=st.lists(st.tuples(st.sampled_from([b"X-A: 1", b"Subject: s", b" fold"]), _EOL)),
+    empty=_EOL,
+    body=st.lists(st.sampled_from([b"x", b"\r\n", b"\n", b"\r", b"Y: 2"])),
+)
+def test_message_body_where_the_email_package_splits(
+    fields: list[tuple[bytes, bytes]], empty: bytes, body: list[bytes]
+) -> None:
+    """Fields with any line endings, then an empty line of any kind: ``body`` is the
+    payload the stdlib email parser leaves below its header (email/feedparser.py)."""
+    raw = b"".join(f + eol for f, eol in fields) + empty + b"".join(body)
+    parsed = email.parser.BytesParser(policy=policy.compat32).parsebytes(raw, headersonly=True)
+    # A line that is no field also ends the header there (a CR, then the "empty" LF, is one
+    # CRLF): that rule is not this one.
+    assume(not any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in parsed.defects))
+    payload = parsed.get_payload()
+    assert isinstance(payload, str)
+    assert ReceivedMessage(raw).body == payload.encode("ascii", "surrogateescape")
 
 
 def test_message_received_chain() -> None:

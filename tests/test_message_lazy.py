@@ -8,6 +8,7 @@ same measure.
 
 from __future__ import annotations
 
+import hashlib
 from email.message import EmailMessage
 
 import pytest
@@ -88,3 +89,19 @@ def test_message_first_use_from_several_threads() -> None:
         msg = ReceivedMessage(raw)
         seen = run_together(lambda msg=msg: (msg.text, len(msg.attachments)))
         assert seen == [("code 123456, see https://example.com/a\n", 1)] * 4
+
+
+def test_message_header_of_big_crlf_message_ends_at_its_empty_line() -> None:
+    """A big CRLF message whose body has empty lines of every other kind (LF, bare CR,
+    LF then CRLF) further down: the header still ends at its own CRLF empty line."""
+    head = b"Subject: big\r\nMessage-ID: <big@example.com>\r\n\r\n"
+    body = b"x\r\n" * (BIG // 3) + b"a\n\nb\r\rc\n\r\nd\r\n"
+    raw = head + body
+    made: list[ReceivedMessage] = []
+    assert peak_growth(lambda: made.append(ReceivedMessage(raw))) < len(raw) // 10
+    msg = made[0]
+    assert (msg.subject, msg.message_id) == ("big", "<big@example.com>")
+    assert msg.body == body and msg.body_sha256 == hashlib.sha256(body).hexdigest()
+    # The twin: the same body under an LF field and a CRLF empty line starts after them.
+    mixed = ReceivedMessage(b"Subject: big\n\r\n" + body)
+    assert mixed.subject == "big" and mixed.body == body
