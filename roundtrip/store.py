@@ -101,12 +101,29 @@ _MESSAGE_ID = re.compile(
 )
 
 
+def _header_end(raw: bytes) -> int:
+    """Offset just past the empty line that ends ``raw``'s header block; -1 without one.
+
+    The header ends at the first empty line (RFC 5322 section 2.1), CRLF or a bare LF, after
+    a line that ended in either; an empty line first means no header at all. IMAP reads the
+    header block the same way (roundtrip/protocols/_mime.py, ``_parse_header``).
+    """
+    if raw.startswith(b"\r\n"):
+        return 2
+    if raw.startswith(b"\n"):
+        return 1
+    crlf = raw.find(b"\n\r\n")
+    # A bare-LF empty line only counts before the CRLF one: no need to scan a big body.
+    lf = raw.find(b"\n\n", 0, crlf + 2 if crlf != -1 else len(raw))
+    if lf != -1:
+        return lf + 2
+    return crlf + 3 if crlf != -1 else -1
+
+
 def message_id_of(raw: bytes) -> str:
     """The first Message-ID field of ``raw``'s header block, unfolded and lower-cased."""
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        end = raw.find(b"\n\n")
-    head = raw[: end if end >= 0 else min(len(raw), 1 << 20)]
+    end = _header_end(raw)
+    head = raw[:end] if end >= 0 else raw[: 1 << 20]
     found = _MESSAGE_ID.search(head)
     if found is None:
         return ""
@@ -225,8 +242,9 @@ class _HeadedMessage(StoredMessage):
         parts = self._parts
         if isinstance(parts, bytes):
             return message_id_of(parts)
-        # ``head`` is whole fields: the first Message-ID of the header block is its own
-        # if it has one, else the body's first.
+        # ``head`` is whole fields: the first Message-ID of the header block is its own if
+        # it has one, else the first of the header block the body starts with (none when
+        # the body starts with the empty line: _header_end).
         return message_id_of(parts[0] + b"\r\n") or message_id_of(parts[1])
 
 

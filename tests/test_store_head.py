@@ -8,6 +8,8 @@ Each "no copy" test has a twin that reads ``raw`` and sees the copy with the sam
 
 from __future__ import annotations
 
+import contextlib
+import imaplib
 import smtplib
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +82,46 @@ def test_store_head_message_id_lookup_without_joining(store: Store) -> None:
     assert box.uids_with_message_id("<one@example.org>") == [1]
 
 
+IN_BODY = b"<in-body@example.org>"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\r\nMessage-ID: <in-body@example.org>\r\n\r\nbody\r\n",  # no header of its own
+        b"\nMessage-ID: <in-body@example.org>\n\nbody\n",
+        b"Subject: lf\n\nMessage-ID: <in-body@example.org>\r\n\r\nbody\r\n",
+        b"Subject: mixed\n\r\nMessage-ID: <in-body@example.org>\n\nbody\n",
+    ],
+)
+@pytest.mark.parametrize("head", [HEAD, b""])
+def test_store_message_id_is_not_read_from_the_body(store: Store, head: bytes, body: bytes) -> None:
+    """The header block ends at its first empty line (RFC 5322 section 2.1), also when the
+    received bytes start with it right after the MX's fields."""
+    msg = store.deliver(ALICE, body, head=head)
+    assert msg.message_id() == ""
+    assert store.mailbox(ALICE).uids_with_message_id(IN_BODY.decode()) == []
+    assert msg.raw == head + body and msg.message_id() == ""  # joined: the same answer
+
+
+@pytest.mark.parametrize(
+    ("head", "body"),
+    [
+        (HEAD, b"Message-ID: <in-body@example.org>\r\n\r\nbody\r\n"),
+        (HEAD, b"Subject: lf\nMessage-ID: <in-body@example.org>\n\r\nbody\r\n\r\n"),
+        (HEAD + b"Message-ID: <in-body@example.org>\r\n", b"\r\nbody\r\n"),
+        (b"", b"Message-ID: <in-body@example.org>\n\nbody\n"),
+    ],
+)
+def test_store_message_id_of_the_header_is_still_found(
+    store: Store, head: bytes, body: bytes
+) -> None:
+    # The twin: a Message-ID field above the empty line is the message's.
+    msg = store.deliver(ALICE, body, head=head)
+    assert msg.message_id() == IN_BODY.decode()
+    assert store.mailbox(ALICE).uids_with_message_id(IN_BODY.decode()) == [msg.uid]
+
+
 def test_store_head_delivery_does_not_copy_the_message() -> None:
     store = Store()
     store.add_user(ALICE, "secret")
@@ -129,6 +171,22 @@ def test_filter_default_filter_finds_gtube_in_the_content() -> None:
         assert dict(verdict.headers)["X-Spam-Flag"] == flag
 
 
+def test_filter_header_stops_at_the_content_empty_line() -> None:
+    """Content that starts with the empty line has no fields of its own: lines below it
+    are body, not header (a Message-ID or Date there does not count)."""
+    fake = b"\r\nMessage-ID: <in-body@example.org>\r\nDate: Thu, 3 Dec 2026 10:00:00 +0000\r\n"
+    for content in (fake + b"\r\nbody\r\n", b"Subject: s\n\n" + fake[2:] + b"\r\nbody\r\n"):
+        message = FilterInput("b@x", ("a@y",), content, True, "h", "mx", head=HEAD)
+        assert b"in-body" not in message.header
+        tests = dict(default_filter(message).headers)["X-Spam-Status"]
+        assert "MISSING_MESSAGE_ID" in tests and "MISSING_DATE" in tests
+    # The twin: the same fields above the empty line are the header's.
+    message = FilterInput("b@x", ("a@y",), fake[2:] + b"\r\nbody\r\n", True, "h", "mx", head=HEAD)
+    assert message.header == HEAD + fake[2:]
+    tests = dict(default_filter(message).headers)["X-Spam-Status"]
+    assert "MISSING_MESSAGE_ID" not in tests and "MISSING_DATE" not in tests
+
+
 # through the stack
 
 
@@ -159,6 +217,45 @@ def test_stack_mx_filter_sees_its_received_field_on_top() -> None:
     assert got.raw.endswith(seen[0])  # stored = the filter's view with the new fields on top
 
 
+@pytest.mark.parametrize("backend", ["memory", "maildir"])
+def test_stack_imap_search_message_id_reads_only_the_header(backend: str, tmp_path: Path) -> None:
+    """A message sent straight to the MX with no header fields of its own (it starts with
+    the empty line) is stored as the MX's fields plus those bytes: IMAP SEARCH HEADER
+    Message-ID does not take a line of its body for a field, and finds a real one (the twin).
+    """
+    fake = b"\r\nMessage-ID: <in-body@example.org>\r\n\r\nheaderless\r\n"
+    real = b"Message-ID: <in-header@example.org>\r\nSubject: real\r\n\r\nbody\r\n"
+    with contextlib.ExitStack() as cleanup:
+        store = Store() if backend == "memory" else cleanup.enter_context(MaildirStore(tmp_path))
+        stack = cleanup.enter_context(MailStack(StackConfig(), store=store))
+        rcpt = stack.user("example.org")
+        host, port = stack.endpoints("example.org").address("smtp")
+        with smtplib.SMTP(host, port, timeout=TIMEOUT) as smtp:
+            smtp.starttls(context=stack.client_context())
+            assert smtp.sendmail("someone@example.net", [rcpt.address], fake) == {}
+            assert smtp.sendmail("someone@example.net", [rcpt.address], real) == {}
+        second = stack.wait_for(rcpt.address, subject="real", timeout=TIMEOUT)
+        first = stack.wait_for(rcpt.address, match=lambda m: m.message_id is None, timeout=TIMEOUT)
+        if backend == "memory":  # kept in two parts (the MX's fields, the bytes sent) until
+            assert first.stored.parts()[1] == fake  # ``raw`` is read, after the searches
+        assert first.message_id is None and second.message_id == "<in-header@example.org>"
+        ep = stack.endpoints("example.org")
+        with imaplib.IMAP4_SSL(
+            ep.host, ep.ports["imaps"], ssl_context=stack.client_context(), timeout=TIMEOUT
+        ) as imap:
+            imap.login(rcpt.address, rcpt.password)
+            imap.select("INBOX")
+            for needle, uids in (
+                ("<in-body@example.org>", b""),  # the index
+                ("in-body@example.org", b""),  # a scan
+                ("<in-header@example.org>", str(second.stored.uid).encode()),
+                ("in-header@example.org", str(second.stored.uid).encode()),
+            ):
+                assert imap.uid("SEARCH", "HEADER", "Message-ID", f'"{needle}"') == ("OK", [uids])
+        assert first.raw.endswith(fake)
+        stack.check()
+
+
 # readers of the header block: DeliveredMessage (wait_for, delivery callbacks) and POP3
 
 
@@ -168,6 +265,8 @@ def test_stack_mx_filter_sees_its_received_field_on_top() -> None:
         BODY,
         b"Subject: lf\nMessage-ID: <lf@example.org>\n\nbody\n",
         b"\r\nno header of its own\r\n",
+        b"\r\nMessage-ID: <in-body@example.org>\r\n\r\nbody\r\n",
+        b"Subject: mixed\n\r\nMessage-ID: <in-body@example.org>\r\n\r\nbody\r\n",
         b"\nbare LF blank line first\n",
         b"Subject: no body",
     ],

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
+from _support import backend_store
 
 from roundtrip.protocols.imap import IMAPConnection
 from roundtrip.store import Store
@@ -63,3 +65,24 @@ def test_search_index_follows_expunge_and_delivery(store: Store) -> None:
     assert _search(conn, b'c UID SEARCH HEADER Message-ID "<nope@example.com>"\r\n') == (
         b"* SEARCH"
     )
+
+
+HEAD = b"Received: from a by mx.example.org; Thu, 3 Dec 2026 10:00:00 +0000\r\n"
+
+
+@pytest.mark.parametrize("backend", ["memory", "maildir"])
+def test_search_message_id_index_skips_a_body_line(backend: str, tmp_path: Path) -> None:
+    """A message kept as the MX's fields plus bytes that start with the empty line has no
+    Message-ID of its own: the index and the scan both skip the one in its body, and both
+    find a real field (the twin)."""
+    with backend_store(backend, tmp_path, {USER: "pw"}) as store:
+        store.deliver(USER, b"\r\nMessage-ID: <body@example.com>\r\n\r\nx\r\n", head=HEAD)
+        store.deliver(USER, b"Message-ID: <head@example.com>\r\n\r\nx\r\n", head=HEAD)
+        conn = _session(store)
+        for tag, key, want in (
+            (b"a", b'"<body@example.com>"', b"* SEARCH"),
+            (b"b", b'"body@example.com>"', b"* SEARCH"),
+            (b"c", b'"<head@example.com>"', b"* SEARCH 2"),
+            (b"d", b'"head@example.com>"', b"* SEARCH 2"),
+        ):
+            assert _search(conn, tag + b" UID SEARCH HEADER Message-ID " + key + b"\r\n") == want
