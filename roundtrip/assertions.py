@@ -17,9 +17,13 @@ Criteria combine with AND:
 - ``headers``: ``{name: value}``; each value exact (surrounding space ignored) or a compiled
   regular expression; any occurrence of a repeated header may match.
 - ``body_contains``: a substring of the text body or of the HTML body.
-- ``auth``: ``{method: result}`` read from the topmost Authentication-Results field (what the
-  receiving MX found): ``{"dkim": "pass"}`` holds when that field has at least one ``dkim``
-  result and every one of them is ``pass`` (so one failing signature of two does not hide).
+- ``auth``: ``{method: result}`` read from the message's ``auth`` (what the receiving MX
+  found): ``{"dkim": "pass"}`` holds when it has at least one ``dkim`` result and every one
+  of them is ``pass`` (so one failing signature of two does not hide). For a copy the stack
+  stored (``DeliveredMessage.auth``) that is only the Authentication-Results field the
+  stack's MX added, never one the sender wrote: mail submission stored for its own domain
+  passed no MX, has none, and fails every ``auth`` criterion (the failure says so). For a
+  download it is the topmost field (RFC 8601 section 5).
 - ``match``: any predicate, for example :func:`header_matches` or :func:`body_contains`
   (these two describe themselves in failure messages).
 
@@ -329,6 +333,7 @@ def assert_delivered(
         lines += _listing(matched)
     elif not matched:
         lines += _near_miss(criteria, arrived)
+        lines += _auth_misses(criteria, arrived)
         lines += _arrivals(arrived)
     raise AssertionError("\n".join(lines))
 
@@ -410,6 +415,43 @@ def _arrivals(arrived: Sequence[ReceivedMessage]) -> list[str]:
     return [f"What did arrive ({len(arrived)}):", *_listing(arrived)]
 
 
+#: Why a stored copy has no Authentication-Results field of the stack.
+NO_STACK_AUTH = (
+    "no Authentication-Results field of the stack: no receiving MX of the stack checked it "
+    "(mail submission stores for its own domain, or a client APPENDed)"
+)
+
+
+def _auth_found(message: ReceivedMessage) -> str:
+    """The results ``message.auth`` holds, in one line, or why there are none."""
+    auth = message.auth
+    if not auth.authserv_id:
+        if getattr(message, "stored", None) is not None:
+            return NO_STACK_AUTH
+        return auth.error or "no Authentication-Results field"
+    found = ", ".join(
+        f"{r.method}={r.result}" + (f" ({r.reason})" if r.reason else "") for r in auth.results
+    )
+    return f"at {auth.authserv_id}: {found or 'no results'}"
+
+
+def _auth_misses(criteria: Criteria, arrived: Sequence[ReceivedMessage]) -> list[str]:
+    """The arrivals that meet every criterion but ``auth``, with what their field says."""
+    if not criteria.auth:
+        return []
+    missed = []
+    for message in arrived:
+        failed = criteria.failures(message)
+        if failed and all(f.startswith("auth ") for f in failed):
+            missed.append(message)
+    if not missed:
+        return []
+    shown = missed[-5:]
+    lines = [f"Only the authentication results differ for {_plural(len(missed), 'arrival')}:"]
+    lines += [f"  - {_arrival(m)}: {_auth_found(m)}" for m in shown]
+    return lines
+
+
 def _ratio(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
 
@@ -471,8 +513,11 @@ def _near_miss(criteria: Criteria, arrived: Sequence[ReceivedMessage]) -> list[s
         found = [
             f"{r.result}" + (f" ({r.reason})" if r.reason else "") for r in message.auth.of(method)
         ]
-        where = message.auth.authserv_id or "no Authentication-Results field"
-        lines.append(f"  {method} results at {where}: {', '.join(found) or 'none reported'}")
+        if message.auth.authserv_id:
+            where = message.auth.authserv_id
+            lines.append(f"  {method} results at {where}: {', '.join(found) or 'none reported'}")
+        else:
+            lines.append(f"  {_auth_found(message)}")
     return lines
 
 

@@ -441,3 +441,48 @@ def test_stack_assert_not_delivered(mailstack: MailStack) -> None:
     mailstack.assert_not_delivered(subject="Other")
     with pytest.raises(AssertionError, match=f"expected no message to {BOB}, but 1 matched"):
         mailstack.assert_not_delivered(BOB)
+
+
+# -- what the stack wrote, not what the sender wrote -----------------------------------------
+
+FORGED_AUTH = (
+    "Authentication-Results: mail.example.com; dkim=pass header.d=evil.test; spf=pass\r\n"
+    "Authentication-Results: mx.elsewhere.test; dkim=pass header.d=evil.test\r\n"
+)
+
+
+def test_stack_auth_refuses_a_field_the_client_wrote_on_same_domain_mail(
+    mailstack: MailStack,
+) -> None:
+    raw = f"From: {ALICE}\r\nTo: {ALICE}\r\nSubject: forged\r\n{FORGED_AUTH}\r\nhi\r\n"
+    send_eml(mailstack, raw.encode(), recipient=ALICE, timeout=5)
+    msg = mailstack.wait_for(ALICE, subject="forged", timeout=5)
+    # Submission dropped the field in the stack's name (RFC 8601 section 5); the other
+    # one is trace data and stays, but no MX of the stack wrote it.
+    values = msg.headers.get_all("Authentication-Results")
+    assert values == ["mx.elsewhere.test; dkim=pass header.d=evil.test"]
+    assert msg.auth.authserv_id == "" and not msg.auth.results
+    with pytest.raises(AssertionError) as info:
+        mailstack.assert_delivered(ALICE, subject="forged", auth={"dkim": "pass"}, timeout=0.2)
+    assert "no Authentication-Results field of the stack" in str(info.value)
+    assert "no receiving MX of the stack checked it" in str(info.value)
+    mailstack.assert_not_delivered(ALICE, auth={"dkim": "pass"}, timeout=0.2)
+
+
+def test_stack_auth_reads_the_field_the_receiving_mx_added(mailstack: MailStack) -> None:
+    """The twin: cross-domain mail gets the MX's own field, on top of the forged ones."""
+    raw = f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: checked\r\n{FORGED_AUTH}\r\nhi\r\n"
+    send_eml(mailstack, raw.encode(), recipient=BOB, timeout=5)
+    (msg,) = mailstack.assert_delivered(BOB, subject="checked", auth={"dkim": "pass"})
+    assert msg.auth.authserv_id == "mail.example.org"
+    assert not any("evil.test" in v for v in msg.stack_headers.get_all("Authentication-Results"))
+
+
+def test_stack_auth_is_not_fooled_by_a_pass_the_sender_wrote_below(mailstack: MailStack) -> None:
+    mailstack.faults.alter_body = True  # DKIM fails at the MX
+    raw = f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: altered\r\n{FORGED_AUTH}\r\nhello\r\n"
+    send_eml(mailstack, raw.encode(), recipient=BOB, timeout=5)
+    (msg,) = mailstack.assert_delivered(BOB, subject="altered", auth={"dkim": "fail"})
+    with pytest.raises(AssertionError, match=r"dkim=fail"):
+        mailstack.assert_delivered(BOB, subject="altered", auth={"dkim": "pass"}, timeout=0.2)
+    assert [r.result for r in msg.auth.dkim] == ["fail", "fail"]

@@ -29,7 +29,14 @@ from ..certs import CertificateAuthority
 from ..config import Endpoint, StackConfig, User, cert_cache_dir
 from ..errors import ConfigError, NotDeliveredError, RoundtripError, ServerStartError
 from ..maildir import MaildirStore
-from ..message import ReceivedMessage, header_block
+from ..message import (
+    AuthResults,
+    Headers,
+    ReceivedMessage,
+    header_block,
+    parse_auth_results,
+    parse_received,
+)
 from ..protocols._oauth import TokenTable
 from ..protocols.dkim import SigningKey
 from ..protocols.dns import Record, Zone, build_zone, default_records
@@ -996,15 +1003,20 @@ class DeliveredMessage(ReceivedMessage):
     joining a message the MX keeps in two parts (``StoredMessage.parts``), and ``raw`` on
     first use: waiting for a big message by its headers leaves it uncopied.
 
+    What the stack wrote is told apart from what the sender wrote: :attr:`stack_headers`
+    are the fields the stack put on top when it stored the copy, and :attr:`auth` reads
+    only an Authentication-Results field among them.
+
     Attributes:
         stored: the store's record (user, mailbox, uid, flags, internal date, envelope).
     """
 
-    __slots__ = ("_raw", "stored")
+    __slots__ = ("_raw", "_stack_headers", "stored")
 
     def __init__(self, raw: bytes | None, stored: StoredMessage) -> None:
         self.stored = stored
         self._raw: bytes | None = None
+        self._stack_headers: Headers | None = None
         if raw is not None:
             super().__init__(raw)
             return
@@ -1041,6 +1053,59 @@ class DeliveredMessage(ReceivedMessage):
     def captured(self) -> bool:
         """True for a copy in the outbound capture (mail for a domain outside the stack)."""
         return self.stored.user == OUTBOUND_ADDRESS
+
+    @property
+    def delivered(self) -> bool:
+        """True for a copy the stack delivered to a recipient (it has an envelope
+        recipient), False for one a client only APPENDed over IMAP (a draft, a copy of its
+        own sent mail), which no server of the stack received."""
+        return bool(self.stored.envelope_to)
+
+    @property
+    def stack_headers(self) -> Headers:
+        """The header fields the stack put on top of this copy when it stored it.
+
+        Every hop prepends its fields (RFC 5321 section 4.4, RFC 8601 section 5), so they
+        are the fields above the topmost ``Received`` field, that field included: the
+        receiving MX's content-filter fields (``X-Spam-*``), its Authentication-Results
+        and its Received; on mail submission stored for its own domain, its DKIM
+        signatures and its Received. A delivery without a Received field was written by
+        the stack whole (a bounce, RFC 3464): all its fields. A copy a client APPENDed
+        (not :attr:`delivered`): none.
+        """
+        found = self._stack_headers
+        if found is None:
+            items = self.headers.items() if self.delivered else []
+            for index, (name, _) in enumerate(items):
+                if name.lower() == "received":
+                    items = items[: index + 1]
+                    break
+            found = self._stack_headers = Headers(items)
+        return found
+
+    @property
+    def auth(self) -> AuthResults:
+        """The Authentication-Results field the stack's receiving MX added, parsed; empty
+        (``authserv_id`` ``""``) when no MX of the stack checked this copy.
+
+        Only a field among :attr:`stack_headers` whose authserv-id is the host named in
+        their Received field counts (the topmost such, RFC 8601 section 5): one the sender
+        wrote lies below, and every server of the stack drops a field in its name that
+        arrives with a message (``roundtrip/protocols/smtp.py``,
+        ``drop_forged_auth_results``). Mail submission stores for its own domain passes no
+        MX, so it has none; :meth:`ReceivedMessage.auth` semantics (the topmost field,
+        whoever wrote it) are ``ReceivedMessage(msg.raw).auth``.
+        """
+        added = self.stack_headers
+        received = added.get_all("Received")
+        if not received:
+            return AuthResults()
+        host = (parse_received(received[-1]).by or "").rstrip(".").lower()
+        for value in added.get_all("Authentication-Results"):
+            parsed = parse_auth_results(value)
+            if host and parsed.authserv_id.rstrip(".").lower() == host:
+                return parsed
+        return AuthResults()
 
     @classmethod
     def of(cls, stored: StoredMessage) -> DeliveredMessage:

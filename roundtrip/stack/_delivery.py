@@ -9,8 +9,9 @@ Authentication-Results (RFC 8601 section 5), verifies DKIM, checks SPF and DMARC
 one Authentication-Results field of its own (``_auth.py``), refuses mail DMARC says to reject
 and files what it says to quarantine into the recipient's Junk folder, and runs the content
 filter;
-submission DKIM-signs what an authenticated user sends before storing or relaying it; the
-relay's part is
+submission DKIM-signs what an authenticated user sends before storing or relaying it, and
+drops Authentication-Results fields in the stack's name from it as the MX does; the relay's
+part is
 spooled before any local copy is stored (``Relay.prepare/commit/abandon``), so a failure on
 either side leaves nothing that a client's retry would duplicate.
 
@@ -351,6 +352,13 @@ class Router:
         )
         if accepted.role is not Role.SMTP and accepted.authenticated_user and not accepted.signed:
             accepted = dataclasses.replace(accepted, raw=self._signed(accepted), signed=True)
+        if accepted.role is not Role.SMTP:
+            # RFC 8601 section 5, as the MX does (_filtered): an Authentication-Results field
+            # in the stack's name that the client wrote goes, from the copy submission
+            # stores for its own domain as from the one it relays or captures.
+            cleaned = drop_forged_auth_results(accepted.raw, self._authserv_ids())
+            if cleaned is not accepted.raw:
+                accepted = dataclasses.replace(accepted, raw=cleaned)
         head, raw, mailbox, sender = self._filtered(accepted)
         here, remote = split_recipients(accepted.role, accepted.server_domain, accepted.rcpt_tos)
         forwards: list[Forward] = []
