@@ -15,7 +15,10 @@ Criteria combine with AND:
 - ``sender``: the From address (case-insensitive), also accepted as the Sender or envelope
   sender.
 - ``headers``: ``{name: value}``; each value exact (surrounding space ignored) or a compiled
-  regular expression; any occurrence of a repeated header may match.
+  regular expression; any occurrence of a repeated header may match, except on a copy the
+  stack stored, where only the stack's own copy of a field it writes counts (see
+  :func:`header_values`): ``{"X-Spam-Flag": "NO"}`` is what the stack's filter said, never
+  an ``X-Spam-Flag: NO`` the sender put in the message.
 - ``body_contains``: a substring of the text body or of the HTML body.
 - ``auth``: ``{method: result}`` read from the message's ``auth`` (what the receiving MX
   found): ``{"dkim": "pass"}`` holds when it has at least one ``dkim`` result and every one
@@ -42,7 +45,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from .errors import ConfigError
-from .message import ReceivedMessage
+from .message import Headers, ReceivedMessage
 
 __all__ = [
     "MAX_SHOWN",
@@ -53,6 +56,7 @@ __all__ = [
     "assert_not_delivered",
     "body_contains",
     "header_matches",
+    "header_values",
     "wait_for_matches",
 ]
 
@@ -94,18 +98,52 @@ def _compile(pattern: TextPattern) -> re.Pattern[str]:
     return pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
 
 
+#: Fields the stack writes when it stores a copy: its Received field, its receiving MX's
+#: Authentication-Results (RFC 8601 section 5) and the default content filter's ``X-Spam-*``
+#: fields (roundtrip/protocols/filter.py).
+STACK_FIELDS = frozenset({"received", "authentication-results"})
+STACK_FIELD_PREFIXES = ("x-spam-",)
+
+
+def _stack_field(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in STACK_FIELDS or lowered.startswith(STACK_FIELD_PREFIXES)
+
+
+def header_values(message: ReceivedMessage, name: str) -> list[str]:
+    """The values of header ``name`` that ``headers=`` and :func:`header_matches` look at.
+
+    On a copy the stack stored (it has ``stack_headers``, the fields the stack put on top,
+    ``DeliveredMessage.stack_headers``), a field the stack wrote is read from those only:
+    for a name among them (a content filter's fields, the DKIM-Signature submission adds,
+    its Received), and for the names the stack writes (:data:`STACK_FIELDS`, ``X-Spam-*``)
+    even when it did not write one this time (mail submission stored for its own domain
+    passes no content filter). So an ``X-Spam-Flag: NO`` the sender wrote below the
+    filter's ``X-Spam-Flag: YES`` never matches. Any other name: every occurrence, in order,
+    as on a download (IMAP, POP3), whose fields are all there is.
+    """
+    added = getattr(message, "stack_headers", None)
+    if not isinstance(added, Headers):
+        return message.headers.get_all(name)
+    values = added.get_all(name)
+    if values or _stack_field(name):
+        return values
+    return message.headers.get_all(name)
+
+
 def header_matches(name: str, pattern: TextPattern) -> Matcher:
     """A matcher: some value of header ``name`` matches ``pattern`` (``re.search``).
 
     Args:
-        name: the header name (case-insensitive).
+        name: the header name (case-insensitive); on a copy the stack stored, a field the
+            stack writes is read from the stack's own copy only (:func:`header_values`).
         pattern: a regular expression, as a string or compiled; values are decoded and
             unfolded (see :class:`roundtrip.message.Headers`).
     """
     regex = _compile(pattern)
 
     def check(message: ReceivedMessage) -> bool:
-        return any(regex.search(value) for value in message.headers.get_all(name))
+        return any(regex.search(value) for value in header_values(message, name))
 
     return Matcher(f"header {name} ~ {regex.pattern!r}", check)
 
@@ -239,7 +277,7 @@ def _subject_ok(wanted: TextPattern, subject: str) -> bool:
 
 
 def _header_ok(message: ReceivedMessage, name: str, wanted: TextPattern) -> bool:
-    values = message.headers.get_all(name)
+    values = header_values(message, name)
     if isinstance(wanted, re.Pattern):
         return any(wanted.search(v) for v in values)
     return any(_norm_space(v) == _norm_space(wanted) for v in values)
@@ -501,8 +539,17 @@ def _near_miss(criteria: Criteria, arrived: Sequence[ReceivedMessage]) -> list[s
         lines += _diff([criteria.sender or ""], [message.from_ or ""], "sender")
     elif what.startswith("header "):
         name = what[len("header ") :]
-        values = message.headers.get_all(name)
-        lines.append(f"  {name}: {values!r}" if values else f"  it has no {name} header")
+        values = header_values(message, name)
+        # The stack's copies are the topmost ones (header_values): what is left is not its.
+        ignored = message.headers.get_all(name)[len(values) :]
+        if values:
+            lines.append(f"  {name}: {values!r}")
+        elif ignored:
+            lines.append(f"  the stack added no {name} field")
+        else:
+            lines.append(f"  it has no {name} header")
+        if ignored:
+            lines.append(f"  not the stack's, so not matched: {name}: {ignored!r}")
         wanted = (criteria.headers or {}).get(name)
         if isinstance(wanted, str) and len(values) == 1:
             lines += _diff([wanted], values, name)

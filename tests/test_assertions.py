@@ -486,3 +486,46 @@ def test_stack_auth_is_not_fooled_by_a_pass_the_sender_wrote_below(mailstack: Ma
     with pytest.raises(AssertionError, match=r"dkim=fail"):
         mailstack.assert_delivered(BOB, subject="altered", auth={"dkim": "pass"}, timeout=0.2)
     assert [r.result for r in msg.auth.dkim] == ["fail", "fail"]
+
+
+def test_stack_headers_match_the_filters_flag_not_the_senders(mailstack: MailStack) -> None:
+    from roundtrip.protocols.filter import GTUBE
+
+    raw = (
+        (
+            f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: cheap\r\nX-Spam-Flag: NO\r\n"
+            "X-Campaign: spring\r\nX-Campaign: summer\r\n\r\n"
+        ).encode()
+        + GTUBE
+        + b"\r\n"
+    )
+    send_eml(mailstack, raw, recipient=BOB, timeout=5)
+    (msg,) = mailstack.assert_delivered(BOB, subject="cheap", headers={"X-Spam-Flag": "YES"})
+    assert msg.headers.get_all("X-Spam-Flag") == ["YES", "NO"]  # both are in the message
+    with pytest.raises(AssertionError) as info:
+        mailstack.assert_delivered(BOB, subject="cheap", headers={"X-Spam-Flag": "NO"}, timeout=0.2)
+    text = str(info.value)
+    assert "X-Spam-Flag: ['YES']" in text
+    assert "not the stack's, so not matched: X-Spam-Flag: ['NO']" in text
+    mailstack.assert_not_delivered(BOB, headers={"X-Spam-Flag": "NO"}, timeout=0.2)
+    assert_not_delivered(mailstack.messages(), match=header_matches("X-Spam-Flag", "NO"))
+    # A field the stack never writes: any occurrence, as documented.
+    mailstack.assert_delivered(BOB, subject="cheap", headers={"X-Campaign": "summer"})
+    assert_delivered(mailstack.messages(), match=header_matches("X-Campaign", "^spring$"))
+
+
+def test_stack_headers_on_same_domain_mail_have_no_spam_verdict(mailstack: MailStack) -> None:
+    """Submission stores mail for its own domain without the MX's filter: the sender's
+    X-Spam-Flag is all there is, and it is not the stack's."""
+    raw = f"From: {ALICE}\r\nTo: {ALICE}\r\nSubject: own\r\nX-Spam-Flag: NO\r\n\r\nhi\r\n"
+    send_eml(mailstack, raw.encode(), recipient=ALICE, timeout=5)
+    mailstack.wait_for(ALICE, subject="own", timeout=5)
+    with pytest.raises(AssertionError, match="the stack added no X-Spam-Flag field"):
+        mailstack.assert_delivered(ALICE, subject="own", headers={"X-Spam-Flag": "NO"}, timeout=0.2)
+    # The twin: the stack's own fields on that copy match (its Received, its DKIM signature).
+    (msg,) = mailstack.assert_delivered(
+        ALICE,
+        subject="own",
+        headers={"Received": re.compile(r"by mail\.example\.com .*ESMTPSA")},
+    )
+    assert msg.stack_headers.get("DKIM-Signature") is not None
