@@ -55,6 +55,8 @@ __all__ = [
     "assert_delivered",
     "assert_not_delivered",
     "body_contains",
+    "check_delivered",
+    "check_not_delivered",
     "header_matches",
     "header_values",
     "wait_for_matches",
@@ -350,18 +352,50 @@ def assert_delivered(
         ValueError: ``count`` is negative.
     """
     __tracebackhide__ = True  # the report shows the test's line, not ours
+    criteria = Criteria(to, subject, sender, match, headers, body_contains, auth)
+    return check_delivered(list(messages), criteria, count)
+
+
+def check_delivered(
+    arrived: Sequence[M],
+    criteria: Criteria,
+    count: int | None,
+    *,
+    pending: Sequence[str] = (),
+    elsewhere: Sequence[ReceivedMessage] = (),
+    where: str | None = None,
+) -> list[M]:
+    """:func:`assert_delivered` with what a caller knows besides ``arrived``.
+
+    Args:
+        pending: lines about mail still on its way to a matching recipient (the stack's
+            relay queue): with an exact ``count`` the assertion fails while there are any,
+            since the count is not final.
+        elsewhere: arrivals in the folders not searched, listed when nothing matched.
+        where: the folder searched (None: every folder).
+    """
+    __tracebackhide__ = True  # the report shows the test's line, not ours
     if count is not None and count < 0:
         raise ConfigError(f"count must be >= 0 or None, got {count}")
-    criteria = Criteria(to, subject, sender, match, headers, body_contains, auth)
-    arrived = list(messages)
     matched = criteria.select(arrived)
-    if (count is None and matched) or len(matched) == count:
+    final = count is None or not pending
+    if final and ((count is None and matched) or len(matched) == count):
         return matched
     want = "at least 1 message" if count is None else _plural(count, "message")
+    if count is not None and len(matched) == count:
+        lines = [
+            f"expected exactly {want} {criteria.describe()}: {len(matched)} matched, but the "
+            "count is not final:",
+            *pending,
+        ]
+        if matched:
+            lines += ["Matched:", *_listing(matched)]
+        raise AssertionError("\n".join(lines))
     if count is not None and count > 0 and matched:
         lines = [
             f"expected exactly {want} {criteria.describe()}, but {len(matched)} matched:",
             *_listing(matched),
+            *pending,
         ]
         raise AssertionError("\n".join(lines))
     exactly = "exactly " if count is not None else ""
@@ -372,7 +406,9 @@ def assert_delivered(
     elif not matched:
         lines += _near_miss(criteria, arrived)
         lines += _auth_misses(criteria, arrived)
-        lines += _arrivals(arrived)
+        lines += _arrivals(arrived, where)
+        lines += _elsewhere(criteria, elsewhere, where)
+    lines += pending
     raise AssertionError("\n".join(lines))
 
 
@@ -396,13 +432,30 @@ def assert_not_delivered(
     """
     __tracebackhide__ = True  # the report shows the test's line, not ours
     criteria = Criteria(to, subject, sender, match, headers, body_contains, auth)
+    check_not_delivered(list(messages), criteria)
+
+
+def check_not_delivered(
+    messages: Sequence[ReceivedMessage], criteria: Criteria, *, pending: Sequence[str] = ()
+) -> None:
+    """:func:`assert_not_delivered`; ``pending`` as for :func:`check_delivered`: mail still
+    on its way to a matching recipient fails it, since it may yet be delivered."""
+    __tracebackhide__ = True  # the report shows the test's line, not ours
     matched = criteria.select(messages)
-    if not matched:
+    if not matched and not pending:
         return
-    lines = [
-        f"expected no message {criteria.describe()}, but {len(matched)} matched:",
-        *_listing(matched),
-    ]
+    if matched:
+        lines = [
+            f"expected no message {criteria.describe()}, but {len(matched)} matched:",
+            *_listing(matched),
+            *pending,
+        ]
+    else:
+        lines = [
+            f"expected no message {criteria.describe()}; none matched yet, but it may still "
+            "be delivered:",
+            *pending,
+        ]
     raise AssertionError("\n".join(lines))
 
 
@@ -447,10 +500,25 @@ def _listing(messages: Sequence[ReceivedMessage]) -> list[str]:
     return lines
 
 
-def _arrivals(arrived: Sequence[ReceivedMessage]) -> list[str]:
+def _arrivals(arrived: Sequence[ReceivedMessage], where: str | None = None) -> list[str]:
+    place = f" in {where}" if where is not None else ""
     if not arrived:
-        return ["Nothing arrived."]
-    return [f"What did arrive ({len(arrived)}):", *_listing(arrived)]
+        return [f"Nothing arrived{place}."]
+    return [f"What did arrive{place} ({len(arrived)}):", *_listing(arrived)]
+
+
+def _elsewhere(
+    criteria: Criteria, elsewhere: Sequence[ReceivedMessage], where: str | None
+) -> list[str]:
+    """The arrivals in the folders not searched, those that meet every criterion first."""
+    if not elsewhere:
+        return []
+    matching = criteria.select(elsewhere)
+    lines = [f"In other folders than {where} ({len(elsewhere)}, not searched):"]
+    if matching:
+        lines[0] += f" {len(matching)} of them meet every criterion:"
+    others = [m for m in elsewhere if m not in matching]
+    return lines + _listing([*others, *matching])
 
 
 #: Why a stored copy has no Authentication-Results field of the stack.

@@ -32,6 +32,7 @@ __all__ = [
     "Store",
     "StoreChange",
     "StoredMessage",
+    "address_key",
     "message_id_of",
     "validate_mailbox_name",
 ]
@@ -407,6 +408,12 @@ class StoreChange:
 Listener = Callable[[StoreChange], None]
 
 
+def address_key(address: str) -> str:
+    """An address as the stack compares it: surrounding space gone, lower case (the store's
+    user keys, the test API's ``to`` and ``sender``)."""
+    return address.strip().lower()
+
+
 class Store:
     """An in-memory, thread-safe mailbox store.
 
@@ -443,7 +450,7 @@ class Store:
 
     @staticmethod
     def _key(address: str) -> str:
-        return address.strip().lower()
+        return address_key(address)
 
     def add_user(self, address: str, password: str | None) -> None:
         """Create a user with the default folders; an existing user gets the new password.

@@ -20,6 +20,7 @@ from roundtrip.assertions import (
 from roundtrip.config import Endpoint
 from roundtrip.corpus import corpus_params
 from roundtrip.message import ReceivedMessage
+from roundtrip.protocols.filter import default_filter
 from roundtrip.stack import MailStack
 from roundtrip.testing import (
     RoundtripOutcome,
@@ -529,3 +530,71 @@ def test_stack_headers_on_same_domain_mail_have_no_spam_verdict(mailstack: MailS
         headers={"Received": re.compile(r"by mail\.example\.com .*ESMTPSA")},
     )
     assert msg.stack_headers.get("DKIM-Signature") is not None
+
+
+# -- the relay: mail still on its way counts --------------------------------------------------
+
+
+def _defer_at_the_mx(mailstack: MailStack) -> None:
+    """example.org's MX answers 451 to every message until the filter is reset."""
+    from roundtrip.protocols.filter import Verdict
+
+    mailstack.content_filter = lambda message: Verdict(
+        action="reject", reply="451 4.7.1 Try again later"
+    )
+
+
+def _send_held(mailstack: MailStack, subject: str) -> None:
+    """ALICE -> BOB, held in the relay queue for a retry by a 451 at the MX."""
+    _defer_at_the_mx(mailstack)
+    raw = f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: {subject}\r\n\r\nhi\r\n".encode()
+    send_eml(mailstack, raw, recipient=BOB, timeout=5)
+    mailstack.wait_relay(lambda q: any("451 4.7.1" in m.last_error for m in q), 5)
+
+
+def test_stack_assert_not_delivered_fails_while_a_retry_is_pending(mailstack: MailStack) -> None:
+    _send_held(mailstack, "later")
+    with pytest.raises(AssertionError) as info:
+        mailstack.assert_not_delivered(BOB, subject="later", timeout=0.3)
+    text = str(info.value)
+    assert "none matched yet, but it may still be delivered" in text
+    assert f"Still in the relay queue for {BOB} (1)" in text
+    assert re.search(r"1 attempt made, next attempt in \d+\.\d s \(at \d\d:\d\d:\d\d\)", text)
+    assert "451 4.7.1 Try again later" in text
+    # An exact count is not final either, 0 included.
+    with pytest.raises(AssertionError, match="the count is not final"):
+        mailstack.assert_delivered(BOB, subject="later", count=0, timeout=0.3)
+
+
+def test_stack_assert_not_delivered_twins_around_a_pending_retry(mailstack: MailStack) -> None:
+    _send_held(mailstack, "later")
+    # Queued for BOB only: another recipient's assertions are not held up.
+    send_eml(
+        mailstack, f"Subject: mine\r\nTo: {ALICE}\r\n\r\nx\r\n".encode(), recipient=ALICE, timeout=5
+    )
+    mailstack.assert_not_delivered(ALICE, subject="later", timeout=5)
+    mailstack.assert_delivered(ALICE, subject="mine", count=1, timeout=5)
+    # The MX accepts again: the retry delivers, which the wait sees.
+    mailstack.content_filter = default_filter
+    with pytest.raises(AssertionError, match=f"expected no message to {BOB} .* but 1 matched"):
+        mailstack.assert_not_delivered(BOB, subject="later", timeout=10)
+    assert not mailstack.relay_queue()
+
+
+def test_stack_assert_delivered_count_zero_waits_for_mail_in_flight(mailstack: MailStack) -> None:
+    raw = f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: inflight\r\n\r\nhi\r\n".encode()
+    send_eml(mailstack, raw, recipient=BOB, timeout=5)
+    with pytest.raises(AssertionError, match=r"exactly 0 messages .* but 1 matched"):
+        mailstack.assert_delivered(BOB, subject="inflight", count=0, timeout=5)
+    # The twin: nothing with that subject is on its way.
+    mailstack.assert_delivered(BOB, subject="never sent", count=0, timeout=5)
+
+
+def test_stack_assert_delivered_count_sees_a_duplicate_in_flight(mailstack: MailStack) -> None:
+    raw = f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: once\r\n\r\nhi\r\n".encode()
+    send_eml(mailstack, raw, recipient=BOB, timeout=5)
+    mailstack.wait_for(BOB, subject="once", timeout=5)
+    send_eml(mailstack, raw, recipient=BOB, timeout=5)  # the application's duplicate
+    with pytest.raises(AssertionError, match=r"exactly 1 message .* but 2 matched"):
+        mailstack.assert_delivered(BOB, subject="once", count=1, timeout=5)
+    assert len(mailstack.assert_delivered(BOB, subject="once", count=2, timeout=5)) == 2

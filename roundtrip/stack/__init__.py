@@ -22,9 +22,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..assertions import Criteria, TextPattern, wait_for_matches
-from ..assertions import assert_delivered as _assert_delivered
-from ..assertions import assert_not_delivered as _assert_not_delivered
+from ..assertions import (
+    MAX_SHOWN,
+    Criteria,
+    TextPattern,
+    check_delivered,
+    check_not_delivered,
+    wait_for_matches,
+)
 from ..certs import CertificateAuthority
 from ..config import Endpoint, StackConfig, User, cert_cache_dir
 from ..errors import ConfigError, NotDeliveredError, RoundtripError, ServerStartError
@@ -50,7 +55,7 @@ from ..servers.dns import DNSServer, start_dns
 from ..servers.relay import QueuedMessage, Relay, RelayEvent
 from ..servers.smtp import AuthPenalties
 from ..spool import MAILDIR_SPOOL_NAME, RelaySpool
-from ..store import Store, StoredMessage
+from ..store import Store, StoredMessage, address_key
 from ._auth import sender_auth_records
 from ._auth import zone_lookup as sender_zone_lookup
 from ._certcache import cached_authority
@@ -925,22 +930,36 @@ class MailStack:
         timeout: float | None = None,
         auth: Mapping[str, str] | None = None,
     ) -> list[DeliveredMessage]:
-        """Wait until ``count`` matching messages are stored, then assert exactly that many.
+        """Wait until ``count`` matching messages are stored and the relay has settled, then
+        assert exactly that many.
 
         Args:
             to, subject, sender, match, headers, body_contains, auth: as for
                 :func:`roundtrip.assertions.assert_delivered`.
-            count: how many must match (``None``: at least one). ``0`` does not wait.
-            mailbox: only this folder (every folder by default, so quarantined mail shows).
-            timeout: seconds to wait (``config.timeouts.wait_timeout`` by default).
+            count: how many must match exactly, ``0`` included: it waits until that many
+                are stored, then, as :meth:`assert_not_delivered` does, until no relay
+                attempt is running and no message is queued for a matching recipient (any
+                recipient without ``to``), so a copy still on its way counts. A message
+                still queued when ``timeout`` passes (the next attempt is later) fails the
+                assertion: the count is not final. ``None``: at least one; it returns as
+                soon as one is stored.
+            mailbox: only this folder (every folder by default, so quarantined mail shows);
+                ``INBOX`` in any case, other names exactly (RFC 3501 section 5.1). A
+                failure lists what arrived in the other folders.
+            timeout: seconds to wait in all (``config.timeouts.wait_timeout`` by default).
 
         Raises:
-            AssertionError: a different number matched; lists what arrived, with a diff of
-                a near miss.
+            AssertionError: a different number matched, or mail for a matching recipient is
+                still queued; lists what arrived, with a diff of a near miss, and what is
+                queued with its next attempt.
+            ConfigError: no user of the stack (no user ``to`` names) has a folder
+                ``mailbox``; the message names the folders there are.
         """
         __tracebackhide__ = True  # the report shows the test's line, not ours
         criteria = Criteria(to, subject, sender, match, headers, body_contains, auth=auth)
         limit = self.config.timeouts.wait_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        self._check_mailbox(criteria.to, mailbox)
         wait_for_matches(
             lambda: self._all_messages(mailbox),
             criteria,
@@ -948,17 +967,15 @@ class MailStack:
             wait_until=self.store.wait_until,
             timeout=limit,
         )
+        pending = [] if count is None else self._settle_relay(criteria.to, deadline)
         self.check()
-        return _assert_delivered(
+        return check_delivered(
             self._all_messages(mailbox),
-            to=to,
-            subject=subject,
-            sender=sender,
-            count=count,
-            match=match,
-            headers=headers,
-            body_contains=body_contains,
-            auth=auth,
+            criteria,
+            count,
+            pending=_queued_text(pending, criteria.to),
+            elsewhere=self._other_folders(criteria.to, mailbox),
+            where=mailbox,
         )
 
     def assert_not_delivered(
@@ -974,26 +991,76 @@ class MailStack:
         timeout: float | None = None,
         auth: Mapping[str, str] | None = None,
     ) -> None:
-        """Wait until the relay is idle, then assert that no stored message matches.
+        """Wait until the relay has settled, then assert that no stored message matches.
+
+        Settled: no relay attempt is running and no message is queued for a matching
+        recipient (any recipient without ``to``; its subject and other fields are not
+        looked at, since they may change on the way, as a list alias's subject prefix
+        does). A retry due within ``timeout`` is waited for; a message still queued when it
+        passes fails the assertion, since it may yet be delivered: the failure says for
+        whom it is queued, why, and when the next attempt is.
+
+        Args:
+            mailbox: as for :meth:`assert_delivered` (an unknown folder is an error, not a
+                pass).
 
         Raises:
-            AssertionError: something matched; the message lists what.
+            AssertionError: something matched, or is still queued; the message lists what.
+            ConfigError: no user of the stack (no user ``to`` names) has a folder
+                ``mailbox``.
         """
         __tracebackhide__ = True  # the report shows the test's line, not ours
+        criteria = Criteria(to, subject, sender, match, headers, body_contains, auth=auth)
         limit = self.config.timeouts.wait_timeout if timeout is None else timeout
-        if self._thread is not None and self.relay is not None:
-            self._thread.run(self.relay.wait_idle(limit), timeout=limit + 1)
+        self._check_mailbox(criteria.to, mailbox)
+        pending = self._settle_relay(criteria.to, time.monotonic() + limit)
         self.check()
-        _assert_not_delivered(
-            self._all_messages(mailbox),
-            to=to,
-            subject=subject,
-            sender=sender,
-            match=match,
-            headers=headers,
-            body_contains=body_contains,
-            auth=auth,
+        check_not_delivered(
+            self._all_messages(mailbox), criteria, pending=_queued_text(pending, criteria.to)
         )
+
+    def _check_mailbox(self, to: str | None, mailbox: str | None) -> None:
+        """Refuse a folder no user the assertion looks at has."""
+
+    def _other_folders(self, to: str | None, mailbox: str | None) -> list[DeliveredMessage]:
+        """What arrived in the folders the assertion does not search."""
+        return []
+
+    def _settle_relay(self, to: str | None, deadline: float) -> list[QueuedMessage]:
+        """Wait, until ``deadline`` (``time.monotonic()``), for the relay attempts under way
+        and for every queued message a recipient matching ``to`` may get (any without
+        ``to``) to leave the queue; return those still queued.
+
+        ``Relay.wait_idle`` alone waits for running attempts only: a message whose attempt
+        got a 4xx waits for its retry in the queue (roundtrip/servers/relay.py).
+        """
+        thread, relay = self._thread, self.relay
+        if thread is None or relay is None or not self.started:
+            return []
+
+        def waiting(queue: list[QueuedMessage]) -> list[QueuedMessage]:
+            return [q for q in queue if any(self._may_reach(rcpt, to) for rcpt in q.rcpt)]
+
+        try:
+            remaining = max(0.0, deadline - time.monotonic())
+            thread.run(relay.wait_idle(remaining), timeout=remaining + 1)
+            self.wait_relay(lambda q: not waiting(q), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            return waiting(self.relay_queue())
+        return []
+
+    def _may_reach(self, rcpt: str, to: str | None) -> bool:
+        """Whether mail queued for ``rcpt`` may end up as a copy delivered to ``to``: ``to``
+        itself, the catch-all owner who receives it, or a target of the alias it names."""
+        if to is None:
+            return True
+        if address_key(rcpt) == to:
+            return True
+        owner = catch_all_owner(self.config, rcpt)
+        if owner is not None and address_key(owner) == to:
+            return True
+        forward = self._router.forward(rcpt)
+        return forward is not None and any(address_key(t) == to for t in forward.to)
 
 
 class DeliveredMessage(ReceivedMessage):
@@ -1157,3 +1224,28 @@ def _arrival_line(msg: DeliveredMessage) -> str:
     where = f"{stored.user} {stored.mailbox}: "
     stamp = time.strftime("%H:%M:%S", time.localtime(stored.internal_date))
     return f"{where}from {msg.from_ or '?'} subject {msg.subject!r} at {stamp}"
+
+
+def _queued_text(queued: list[QueuedMessage], to: str | None) -> list[str]:
+    """Failure lines for messages the relay still holds for a matching recipient."""
+    if not queued:
+        return []
+    whom = f"for {to}" if to is not None else "for a recipient"
+    lines = [f"Still in the relay queue {whom} ({len(queued)}), so it may yet be delivered:"]
+    now = time.time()  # the relay's clock (roundtrip/servers/relay.py)
+    for entry in queued[-MAX_SHOWN:]:
+        if entry.next_attempt is None:
+            when = "an attempt is under way"
+        else:
+            stamp = time.strftime("%H:%M:%S", time.localtime(entry.next_attempt))
+            when = f"next attempt in {max(0.0, entry.next_attempt - now):.1f} s (at {stamp})"
+        error = f", last error: {entry.last_error}" if entry.last_error else ""
+        lines.append(
+            f"  - {entry.id} from {entry.mail_from or '<>'} to {', '.join(entry.rcpt)}: "
+            f"{_plural_attempts(entry.attempts)}, {when}{error}"
+        )
+    return lines
+
+
+def _plural_attempts(n: int) -> str:
+    return "1 attempt made" if n == 1 else f"{n} attempts made"
