@@ -362,7 +362,7 @@ def check_delivered(
     count: int | None,
     *,
     pending: Sequence[str] = (),
-    elsewhere: Sequence[ReceivedMessage] = (),
+    elsewhere: Callable[[], Sequence[ReceivedMessage]] | None = None,
     where: str | None = None,
 ) -> list[M]:
     """:func:`assert_delivered` with what a caller knows besides ``arrived``.
@@ -371,7 +371,8 @@ def check_delivered(
         pending: lines about mail still on its way to a matching recipient (the stack's
             relay queue): with an exact ``count`` the assertion fails while there are any,
             since the count is not final.
-        elsewhere: arrivals in the folders not searched, listed when nothing matched.
+        elsewhere: returns the arrivals in the folders not searched, listed when nothing
+            matched.
         where: the folder searched (None: every folder).
     """
     __tracebackhide__ = True  # the report shows the test's line, not ours
@@ -407,7 +408,7 @@ def check_delivered(
         lines += _near_miss(criteria, arrived)
         lines += _auth_misses(criteria, arrived)
         lines += _arrivals(arrived, where)
-        lines += _elsewhere(criteria, elsewhere, where)
+        lines += _elsewhere(criteria, elsewhere() if elsewhere else (), where)
     lines += pending
     raise AssertionError("\n".join(lines))
 

@@ -598,3 +598,52 @@ def test_stack_assert_delivered_count_sees_a_duplicate_in_flight(mailstack: Mail
     with pytest.raises(AssertionError, match=r"exactly 1 message .* but 2 matched"):
         mailstack.assert_delivered(BOB, subject="once", count=1, timeout=5)
     assert len(mailstack.assert_delivered(BOB, subject="once", count=2, timeout=5)) == 2
+
+
+# -- folders ---------------------------------------------------------------------------------
+
+
+def _quarantined(mailstack: MailStack, subject: str) -> None:
+    from roundtrip.protocols.filter import Verdict
+
+    mailstack.content_filter = lambda message: Verdict(action="quarantine")
+    raw = f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: {subject}\r\n\r\nhi\r\n".encode()
+    send_eml(mailstack, raw, recipient=BOB, timeout=5)
+    assert mailstack.wait_for(BOB, subject=subject, mailbox="Junk", timeout=5)
+
+
+def test_stack_assertions_refuse_a_folder_that_does_not_exist(mailstack: MailStack) -> None:
+    from roundtrip.errors import ConfigError
+
+    _quarantined(mailstack, "junky")
+    for name in ("junk", "Spam"):
+        with pytest.raises(ConfigError) as info:
+            mailstack.assert_not_delivered(BOB, subject="junky", mailbox=name, timeout=5)
+        assert f"mailbox={name!r}: no such folder; {BOB}'s folders: INBOX, Drafts, Junk" in str(
+            info.value
+        )
+        with pytest.raises(ConfigError, match="the users' folders: INBOX"):
+            mailstack.assert_delivered(subject="junky", mailbox=name, timeout=5)
+    with pytest.raises(ConfigError, match="outbound capture's INBOX"):
+        mailstack.assert_not_delivered("carol@gmail.com", mailbox="Junk", timeout=5)
+
+
+def test_stack_assertions_take_folders_that_exist(mailstack: MailStack) -> None:
+    """The twin: the real name, and INBOX in any case (RFC 3501 section 5.1)."""
+    _quarantined(mailstack, "junky")
+    with pytest.raises(AssertionError, match=r"but 1 matched"):
+        mailstack.assert_not_delivered(BOB, subject="junky", mailbox="Junk", timeout=5)
+    mailstack.assert_not_delivered(BOB, subject="junky", mailbox="inbox", timeout=5)
+    mailstack.assert_delivered(BOB, subject="junky", mailbox="Junk", timeout=5)
+
+
+def test_stack_assert_delivered_lists_what_arrived_in_other_folders(mailstack: MailStack) -> None:
+    _quarantined(mailstack, "junky")
+    with pytest.raises(AssertionError) as info:
+        mailstack.assert_delivered(BOB, subject="junky", mailbox="INBOX", timeout=0.2)
+    text = str(info.value)
+    assert "Nothing arrived in INBOX." in text
+    assert "In other folders than INBOX (1, not searched): 1 of them meet every criterion:" in text
+    assert f"to {BOB} [Junk] subject 'junky'" in text
+    # Without a folder every one is searched: the quarantined copy counts.
+    mailstack.assert_delivered(BOB, subject="junky", timeout=5)

@@ -55,7 +55,7 @@ from ..servers.dns import DNSServer, start_dns
 from ..servers.relay import QueuedMessage, Relay, RelayEvent
 from ..servers.smtp import AuthPenalties
 from ..spool import MAILDIR_SPOOL_NAME, RelaySpool
-from ..store import Store, StoredMessage, address_key
+from ..store import Store, StoredMessage, address_key, validate_mailbox_name
 from ._auth import sender_auth_records
 from ._auth import zone_lookup as sender_zone_lookup
 from ._certcache import cached_authority
@@ -974,7 +974,7 @@ class MailStack:
             criteria,
             count,
             pending=_queued_text(pending, criteria.to),
-            elsewhere=self._other_folders(criteria.to, mailbox),
+            elsewhere=lambda: self._other_folders(criteria.to, mailbox),
             where=mailbox,
         )
 
@@ -1020,11 +1020,54 @@ class MailStack:
         )
 
     def _check_mailbox(self, to: str | None, mailbox: str | None) -> None:
-        """Refuse a folder no user the assertion looks at has."""
+        """Refuse a folder that no user the assertion looks at has: it would search nothing,
+        and pass as not delivered whatever arrived. ``INBOX`` is case-insensitive, other
+        names are not (RFC 3501 section 5.1, ``store.validate_mailbox_name``).
+
+        Raises:
+            ConfigError: the name is not acceptable, or no such folder; the message names
+                the folders there are.
+        """
+        if mailbox is None:
+            return
+        try:
+            canonical = validate_mailbox_name(mailbox)
+        except RoundtripError as exc:
+            raise ConfigError(f"mailbox={mailbox!r}: {exc}") from None
+        if to is not None and self._is_outside(to):
+            if canonical != "INBOX":
+                raise ConfigError(
+                    f"mailbox={mailbox!r}: mail for {to} (an outside domain) is captured in "
+                    "the outbound capture's INBOX, which has no other folder"
+                )
+            return
+        owner = None if to is None else (to if self.store.has_user(to) else None)
+        if to is not None and owner is None:
+            owner = catch_all_owner(self.config, to)
+        users = [owner] if owner is not None else self._users()
+        names: list[str] = []
+        for user in users:
+            for box in self.store.mailboxes(user):
+                if box.name == canonical:
+                    return
+                if box.name not in names:
+                    names.append(box.name)
+        whose = f"{owner}'s folders" if owner is not None else "the users' folders"
+        raise ConfigError(
+            f"mailbox={mailbox!r}: no such folder; {whose}: {', '.join(names)} (INBOX in any "
+            "case, other names exactly as listed)"
+        )
+
+    def _users(self) -> list[str]:
+        return [u for u in self.store.users() if u != OUTBOUND_ADDRESS]
 
     def _other_folders(self, to: str | None, mailbox: str | None) -> list[DeliveredMessage]:
-        """What arrived in the folders the assertion does not search."""
-        return []
+        """What arrived for ``to`` (anyone: None) in the folders other than ``mailbox``."""
+        if mailbox is None:
+            return []
+        canonical = validate_mailbox_name(mailbox)
+        found = [m for m in self._all_messages(None) if m.stored.mailbox != canonical]
+        return found if to is None else Criteria(to=to).select(found)
 
     def _settle_relay(self, to: str | None, deadline: float) -> list[QueuedMessage]:
         """Wait, until ``deadline`` (``time.monotonic()``), for the relay attempts under way
