@@ -8,12 +8,13 @@ a short ``difflib`` diff of that closest candidate. ``assert_not_delivered`` is 
 
 Criteria combine with AND:
 
-- ``to``: a recipient, compared case-insensitively with the envelope recipients and mailbox
-  owner of a stored message (the stack's), or with the To and Cc addresses of a message
-  without them (one downloaded over IMAP or POP3).
+- ``to``: a recipient (a bare address; surrounding space is ignored), compared
+  case-insensitively with the envelope recipients and mailbox owner of a stored message
+  (the stack's), or with the To and Cc addresses of a message without them (one downloaded
+  over IMAP or POP3).
 - ``subject``: the exact decoded Subject, or a compiled regular expression (``search``).
-- ``sender``: the From address (case-insensitive), also accepted as the Sender or envelope
-  sender.
+- ``sender``: the From address (a bare address, surrounding space ignored, case-insensitive),
+  also accepted as the Sender or envelope sender.
 - ``headers``: ``{name: value}``; each value exact (surrounding space ignored) or a compiled
   regular expression; any occurrence of a repeated header may match, except on a copy the
   stack stored, where only the stack's own copy of a field it writes counts (see
@@ -30,7 +31,8 @@ Criteria combine with AND:
 - ``match``: any predicate, for example :func:`header_matches` or :func:`body_contains`
   (these two describe themselves in failure messages).
 
-This module uses only the standard library and :mod:`roundtrip.message`; it never imports
+This module uses only the standard library, :mod:`roundtrip.message` and
+:mod:`roundtrip.store`; it never imports
 pytest, so the same calls work in any test runner.
 """
 
@@ -46,6 +48,7 @@ from typing import TypeVar
 
 from .errors import ConfigError
 from .message import Headers, ReceivedMessage
+from .store import address_key
 
 __all__ = [
     "MAX_SHOWN",
@@ -183,6 +186,14 @@ class Criteria:
     body_contains: str | None = None
     auth: Mapping[str, str] | None = None
 
+    def __post_init__(self) -> None:
+        # One form for every address the stack compares (store.address_key, as wait_for and
+        # messages() use it): " Bob@Example.org\n" finds bob's mail here too.
+        for name in ("to", "sender"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _address(value, name))
+
     def count(self) -> int:
         """How many criteria are given (each header or auth method counts as one)."""
         given = [self.to, self.subject, self.sender, self.match, self.body_contains]
@@ -191,11 +202,11 @@ class Criteria:
     def failures(self, message: ReceivedMessage) -> list[str]:
         """Names of the criteria ``message`` does not meet (empty: it matches)."""
         failed = []
-        if self.to is not None and self.to.lower() not in _recipients(message):
+        if self.to is not None and self.to not in _recipients(message):
             failed.append("to")
         if self.subject is not None and not _subject_ok(self.subject, message.subject):
             failed.append("subject")
-        if self.sender is not None and self.sender.lower() not in _senders(message):
+        if self.sender is not None and self.sender not in _senders(message):
             failed.append("sender")
         for name, wanted in (self.headers or {}).items():
             if not _header_ok(message, name, wanted):
@@ -245,30 +256,44 @@ class Criteria:
         return " ".join(parts)
 
 
+def _address(value: str, name: str) -> str:
+    """``value`` as the stack compares addresses (:func:`roundtrip.store.address_key`).
+
+    Raises:
+        ConfigError: not a bare address (``user@example.org``): one with a display name or
+            angle brackets, or several, would match no message and pass every
+            ``assert_not_delivered``.
+    """
+    key = address_key(value)
+    if not key or any(c.isspace() or c in "<>,;" for c in key):
+        raise ConfigError(f"{name}={value!r} is not a bare address such as user@example.org")
+    return key
+
+
 def _recipients(message: ReceivedMessage) -> set[str]:
     stored = getattr(message, "stored", None)
     if stored is None:  # a download (IMAP, POP3): its header fields are all there is
-        return {a.lower() for a in (*message.to, *message.cc)}
+        return {address_key(a) for a in (*message.to, *message.cc)}
     # A stored copy belongs to whom it was delivered: its envelope recipients and the owner
     # of its mailbox. Not to every address in its To and Cc: alice's copy of a message to
     # alice and bob is not bob's, and counting it made assert_delivered(to=bob) pass with
     # bob's copy missing (and the outbound capture's copy for an outside recipient match
     # every local address in its header).
     envelope_to = getattr(message, "envelope_to", ())
-    found = {a.lower() for a in envelope_to if isinstance(a, str)}
+    found = {address_key(a) for a in envelope_to if isinstance(a, str)}
     user = getattr(stored, "user", None)
     # A copy in the stack's outbound capture belongs to its envelope recipient, not to the
     # capture mailbox that holds it.
     if isinstance(user, str) and not getattr(message, "captured", False):
-        found.add(user.lower())
+        found.add(address_key(user))
     return found
 
 
 def _senders(message: ReceivedMessage) -> set[str]:
-    found = {a.lower() for a in (message.from_, message.sender) if a}
+    found = {address_key(a) for a in (message.from_, message.sender) if a}
     envelope_from = getattr(message, "envelope_from", None)
     if isinstance(envelope_from, str) and envelope_from:
-        found.add(envelope_from.lower())
+        found.add(address_key(envelope_from))
     return found
 
 

@@ -647,3 +647,32 @@ def test_stack_assert_delivered_lists_what_arrived_in_other_folders(mailstack: M
     assert f"to {BOB} [Junk] subject 'junky'" in text
     # Without a folder every one is searched: the quarantined copy counts.
     mailstack.assert_delivered(BOB, subject="junky", timeout=5)
+
+
+# -- addresses: one normalisation for wait_for, messages() and the assertions ----------------
+
+
+def test_stack_assertions_trim_to_and_sender_as_wait_for_does(mailstack: MailStack) -> None:
+    raw = f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: hello\r\n\r\nhi\r\n".encode()
+    send_eml(mailstack, raw, recipient=BOB, timeout=5)
+    padded = f" {BOB.upper()}\n"
+    found = mailstack.wait_for(padded, subject="hello", timeout=5)
+    assert mailstack.messages(padded) == [found]
+    assert mailstack.assert_delivered(padded, subject="hello", sender=f"\t{ALICE} ") == [found]
+    with pytest.raises(AssertionError, match=f"expected no message to {BOB} with subject"):
+        mailstack.assert_not_delivered(padded, subject="hello", timeout=5)
+    with pytest.raises(AssertionError, match="but 1 matched"):
+        assert_not_delivered(mailstack.messages(), to=padded, sender=f" {ALICE}\r\n")
+    # The twin: another address, padded alike, has nothing.
+    mailstack.assert_not_delivered(f" {ALICE}\n", subject="hello", timeout=5)
+
+
+def test_assertions_refuse_an_address_that_is_not_bare(inbox: list[ReceivedMessage]) -> None:
+    from roundtrip.errors import ConfigError
+
+    for value in (f"Bob <{BOB}>", f"<{BOB}>", f"{BOB}, {ALICE}", "  "):
+        with pytest.raises(ConfigError, match="is not a bare address"):
+            assert_not_delivered(inbox, to=value)
+        with pytest.raises(ConfigError, match="is not a bare address"):
+            Criteria(sender=value)
+    assert Criteria(to=f" {BOB.upper()} ").to == BOB

@@ -780,11 +780,11 @@ class MailStack:
         if to is not None and not self.store.has_user(to):
             owner = catch_all_owner(self.config, to)
             if owner is not None:
-                wanted = to.strip().lower()
+                wanted = address_key(to)
                 return [
                     m
                     for m in self.messages(owner, mailbox=mailbox)
-                    if wanted in (a.lower() for a in m.envelope_to)
+                    if wanted in (address_key(a) for a in m.envelope_to)
                 ]
         stored = (
             self.store.messages(to, mailbox)
@@ -813,12 +813,12 @@ class MailStack:
         """True for an address of a domain the stack does not serve (mail to it is captured)."""
         if self.store.has_user(address):
             return False
-        domain = address.rpartition("@")[2].rstrip(".").lower()
+        domain = address_key(address).rpartition("@")[2].rstrip(".")
         return bool(domain) and domain not in {d.lower() for d in self.config.domains}
 
     def _outbound_for(self, address: str) -> list[DeliveredMessage]:
-        wanted = address.strip().lower()
-        return [m for m in self.outbound if wanted in (a.lower() for a in m.envelope_to)]
+        wanted = address_key(address)
+        return [m for m in self.outbound if wanted in (address_key(a) for a in m.envelope_to)]
 
     def _all_messages(self, mailbox: str | None) -> list[DeliveredMessage]:
         """What the assertions search: every user's mailboxes, then the outbound capture."""
@@ -898,7 +898,7 @@ class MailStack:
                 f"{to!r} is not a user of this stack, though its domain is served by it;"
                 f" the users: {users}"
             )
-        rcpt = to.strip().lower() if to is not None and (outside or owner) else None
+        rcpt = address_key(to) if to is not None and (outside or owner) else None
 
         def snapshot() -> list[DeliveredMessage]:
             found = []
@@ -910,7 +910,7 @@ class MailStack:
                 except RoundtripError:  # the folder does not exist (yet)
                     continue
                 for message in map(DeliveredMessage.of, stored):
-                    if rcpt is None or rcpt in (a.lower() for a in message.envelope_to):
+                    if rcpt is None or rcpt in (address_key(a) for a in message.envelope_to):
                         found.append(message)
             return found
 
