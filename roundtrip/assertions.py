@@ -9,9 +9,11 @@ a short ``difflib`` diff of that closest candidate. ``assert_not_delivered`` is 
 Criteria combine with AND:
 
 - ``to``: a recipient (a bare address; surrounding space is ignored), compared
-  case-insensitively with the envelope recipients and mailbox owner of a stored message
-  (the stack's), or with the To and Cc addresses of a message without them (one downloaded
-  over IMAP or POP3).
+  case-insensitively with the envelope recipients of a stored message (the stack's) and,
+  when it has one, its mailbox owner (a catch-all domain's user); a copy a client only
+  APPENDed (its Sent copy, a draft) has none and was delivered to nobody. A message
+  without a store record (one downloaded over IMAP or POP3) is compared with its To and Cc
+  addresses.
 - ``subject``: the exact decoded Subject, or a compiled regular expression (``search``).
 - ``sender``: the From address (a bare address, surrounding space ignored, case-insensitive),
   also accepted as the Sender or envelope sender.
@@ -283,8 +285,10 @@ def _recipients(message: ReceivedMessage) -> set[str]:
     found = {address_key(a) for a in envelope_to if isinstance(a, str)}
     user = getattr(stored, "user", None)
     # A copy in the stack's outbound capture belongs to its envelope recipient, not to the
-    # capture mailbox that holds it.
-    if isinstance(user, str) and not getattr(message, "captured", False):
+    # capture mailbox that holds it. A copy without an envelope recipient was APPENDed by
+    # a client (RFC 3501 section 6.3.11: its own Sent copy, a draft), never delivered: it
+    # is not its owner's mail either.
+    if isinstance(user, str) and found and not getattr(message, "captured", False):
         found.add(address_key(user))
     return found
 

@@ -676,3 +676,47 @@ def test_assertions_refuse_an_address_that_is_not_bare(inbox: list[ReceivedMessa
         with pytest.raises(ConfigError, match="is not a bare address"):
             Criteria(sender=value)
     assert Criteria(to=f" {BOB.upper()} ").to == BOB
+
+
+# -- an APPEND is no delivery ------------------------------------------------------------------
+
+
+def _append_to_sent(mailstack: MailStack, subject: str) -> None:
+    import imaplib
+
+    alice = mailstack.user("example.com")
+    host, port = mailstack.endpoints("example.com").address("imaps")
+    raw = f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: {subject}\r\n\r\nhi\r\n".encode()
+    context = mailstack.client_context()
+    with imaplib.IMAP4_SSL(host, port, ssl_context=context, timeout=5) as imap:
+        imap.login(alice.address, alice.password)
+        typ, _ = imap.append("Sent", "(\\Seen)", None, raw)
+        assert typ == "OK"
+
+
+def test_stack_a_copy_only_appended_to_sent_is_not_delivered_to_its_owner(
+    mailstack: MailStack,
+) -> None:
+    _append_to_sent(mailstack, "invoice 42")
+    (stored,) = mailstack.messages(ALICE, mailbox="Sent")
+    assert stored.envelope_to == ()
+    with pytest.raises(AssertionError, match="but 0 matched"):
+        mailstack.assert_delivered(ALICE, subject="invoice 42", timeout=0.2)
+    mailstack.assert_not_delivered(ALICE, subject="invoice 42", timeout=5)
+    mailstack.assert_not_delivered(BOB, subject="invoice 42", timeout=5)
+    # The twin: a copy submission delivered to her, in the same folder or not, is hers.
+    send_eml(mailstack, b"Subject: invoice 43\r\n\r\nhi\r\n", recipient=ALICE, timeout=5)
+    mailstack.assert_delivered(ALICE, subject="invoice 43", timeout=5)
+    with pytest.raises(AssertionError, match="but 1 matched"):
+        mailstack.assert_not_delivered(ALICE, subject="invoice 43", timeout=5)
+
+
+@pytest.mark.mailstack(catch_all=("example.org",))
+def test_stack_catch_all_mail_is_still_its_owners(mailstack: MailStack) -> None:
+    """Catch-all mail has an envelope recipient: it counts for that address and for the
+    domain's user who receives it."""
+    send_eml(mailstack, b"Subject: caught\r\n\r\nhi\r\n", recipient="sales@example.org", timeout=5)
+    mailstack.assert_delivered("sales@example.org", subject="caught", timeout=5)
+    (msg,) = mailstack.assert_delivered(BOB, subject="caught", timeout=5)
+    assert msg.stored.user == BOB and msg.envelope_to == ("sales@example.org",)
+    mailstack.assert_not_delivered("other@example.org", subject="caught", timeout=5)
