@@ -15,6 +15,7 @@ LAYER = {
     "errors": 0,
     "config": 1,
     "report": 1,
+    "_headerblock": 1,
     "protocols": 2,
     "store": 2,
     "certs": 2,
@@ -77,8 +78,10 @@ def violations(unit: str, module: tuple[str, ...], source: str) -> list[str]:
             continue  # inside the same package or module
         if LAYER[target] >= LAYER[unit]:
             found.append(f"{module[-1]}:{line} imports {name} (layer of {target})")
-        elif unit == "probes" and target not in ("errors", "config", "certs"):
-            found.append(f"{module[-1]}:{line}: probes import only errors, config, certs")
+        elif unit == "probes" and target not in ("errors", "config", "certs", "_headerblock"):
+            found.append(
+                f"{module[-1]}:{line}: probes import only errors, config, certs, _headerblock"
+            )
         elif unit == "servers" and target == "probes":
             found.append(f"{module[-1]}:{line}: servers must not import probes")
     if unit == "protocols":
