@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from email.utils import getaddresses
 from pathlib import Path
 
+from ._headerblock import header_bounds
 from .errors import ConfigError
 
 __all__ = [
@@ -223,11 +224,7 @@ def corpus_params(
 
 
 def _header_block(raw: bytes) -> bytes:
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        end = raw.find(sep)
-        if end != -1:
-            return raw[:end]
-    return raw
+    return raw[: header_bounds(raw)[0]]
 
 
 def large_payload(size: int) -> bytes:

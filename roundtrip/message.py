@@ -37,6 +37,8 @@ from typing import Any
 
 import authres  # type: ignore[import-untyped]
 
+from ._headerblock import header_bounds
+
 __all__ = [
     "Attachment",
     "AuthResult",
@@ -411,28 +413,14 @@ def header_block(head: bytes, rest: bytes) -> bytes:
 
 
 def _body_offset(raw: bytes) -> int:
-    r"""Offset of the first body octet: just after the empty line ending the header block.
+    """Offset of the first body octet: past the empty line ending the header block, or the
+    first line that is not a field (roundtrip/_headerblock.py).
 
-    Lines end in CRLF, LF or a bare CR, and the header ends at the first empty line by any
-    of them, mixed ones included (``Subject: a\n\r\nbody``): where the stdlib email parser
-    splits header and body (email/feedparser.py, ``NLCRE``), so ``body`` is what it parses.
+    A bare CR ends a line here too (``bare_cr``), unlike IMAP: the body is handed to the
+    email package and hashed, so it starts where that package's parser starts it
+    (email/feedparser.py, ``NLCRE``).
     """
-    start = 0 if raw[:1] in (b"\r", b"\n") else -1
-    if start < 0:
-        # An empty line starts right after a line break: "\n\r" (CRLF after CRLF or LF, or
-        # a bare CR), "\n\n" or "\r\r". Each search stops at the last hit, so the order is
-        # only for speed: the first line's ending is likely the empty line's, and searched
-        # first it ends the header, the body never scanned.
-        first = raw.find(b"\n")
-        crlf = first > 0 and raw[first - 1] == 0x0D
-        end = len(raw)
-        for pair in (b"\n\r", b"\n\n", b"\r\r") if crlf else (b"\n\n", b"\n\r", b"\r\r"):
-            found = raw.find(pair, 0, end)
-            if found != -1:
-                start = end = found + 1
-        if start < 0:
-            return len(raw)
-    return start + (2 if raw.startswith(b"\r\n", start) else 1)
+    return header_bounds(raw, bare_cr=True)[1]
 
 
 def _decode_text(data: bytes, charset: str | None) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._headerblock import header_bounds
 from .errors import MailboxError, RoundtripError
 
 __all__ = [
@@ -102,30 +103,13 @@ _MESSAGE_ID = re.compile(
 )
 
 
-def _header_end(raw: bytes) -> int:
-    """Offset just past the empty line that ends ``raw``'s header block; -1 without one.
-
-    The header ends at the first empty line (RFC 5322 section 2.1), CRLF or a bare LF, after
-    a line that ended in either; an empty line first means no header at all. IMAP reads the
-    header block the same way (roundtrip/protocols/_mime.py, ``_parse_header``).
-    """
-    if raw.startswith(b"\r\n"):
-        return 2
-    if raw.startswith(b"\n"):
-        return 1
-    crlf = raw.find(b"\n\r\n")
-    # A bare-LF empty line only counts before the CRLF one: no need to scan a big body.
-    lf = raw.find(b"\n\n", 0, crlf + 2 if crlf != -1 else len(raw))
-    if lf != -1:
-        return lf + 2
-    return crlf + 3 if crlf != -1 else -1
-
-
 def message_id_of(raw: bytes) -> str:
-    """The first Message-ID field of ``raw``'s header block, unfolded and lower-cased."""
-    end = _header_end(raw)
-    head = raw[:end] if end >= 0 else raw[: 1 << 20]
-    found = _MESSAGE_ID.search(head)
+    """The first Message-ID field of ``raw``'s header block, unfolded and lower-cased.
+
+    The header block is read by the one rule of roundtrip/_headerblock.py: a Message-ID line
+    after a line that is not a field is body text, as IMAP's BODY[HEADER] reads it.
+    """
+    found = _MESSAGE_ID.search(raw, 0, header_bounds(raw)[0])
     if found is None:
         return ""
     return b" ".join(found.group(1).split()).decode("utf-8", "replace").lower()
@@ -245,7 +229,7 @@ class _HeadedMessage(StoredMessage):
             return message_id_of(parts)
         # ``head`` is whole fields: the first Message-ID of the header block is its own if
         # it has one, else the first of the header block the body starts with (none when
-        # the body starts with the empty line: _header_end).
+        # the body starts with the empty line: roundtrip/_headerblock.py).
         return message_id_of(parts[0] + b"\r\n") or message_id_of(parts[1])
 
 

@@ -64,6 +64,7 @@ from typing import Literal
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
+from ._headerblock import header_bounds
 from .config import Endpoint, User
 from .errors import ConfigError
 from .stack import DeliveredMessage, MailStack
@@ -162,30 +163,22 @@ def smtp_options(raw: bytes, *addresses: str) -> list[str]:
     SMTPUTF8 (RFC 6531) when the header block or an address holds non-ASCII; BODY=8BITMIME
     (RFC 6152) when any octet is 8-bit.
     """
-    head = raw[: _header_end(raw)]
+    head = raw[: _header_block_end(raw)]
     utf8 = not head.isascii() or not all(a.isascii() for a in addresses)
     if utf8:
         return ["SMTPUTF8", "BODY=8BITMIME"]
     return [] if raw.isascii() else ["BODY=8BITMIME"]
 
 
-def _header_end(raw: bytes) -> int:
-    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i != -1]
-    return min(ends) if ends else len(raw)
-
-
 def _header_block_end(raw: bytes) -> int:
-    """Where the header block's last line ends: just before the empty line that ends it.
+    """Where the header block's last line ends (roundtrip/_headerblock.py): just before the
+    empty line, or before the first line that is not a field.
 
-    0 when the message starts with the empty line, ``len(raw)`` when it has none. This is
-    where a submission server inserts the fields it adds.
+    0 when the message starts with either, ``len(raw)`` when it is all fields. This is
+    where a submission server inserts the fields it adds (roundtrip/protocols/smtp.py,
+    ``add_missing_headers``).
     """
-    if raw.startswith((b"\r\n", b"\n")):
-        return 0
-    end = _header_end(raw)
-    if end == len(raw):
-        return end
-    return end + (2 if raw.startswith(b"\r\n", end) else 1)
+    return header_bounds(raw)[0]
 
 
 def _field_starts(raw: bytes) -> list[int]:

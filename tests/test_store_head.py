@@ -92,6 +92,9 @@ IN_BODY = b"<in-body@example.org>"
         b"\nMessage-ID: <in-body@example.org>\n\nbody\n",
         b"Subject: lf\n\nMessage-ID: <in-body@example.org>\r\n\r\nbody\r\n",
         b"Subject: mixed\n\r\nMessage-ID: <in-body@example.org>\n\nbody\n",
+        # A line that is not a field ends the header: the body starts with it.
+        b"hello\r\nMessage-ID: <in-body@example.org>\r\n\r\nbody\r\n",
+        b"Subject: x\r\nnot a field\r\nMessage-ID: <in-body@example.org>\r\n\r\nbody\r\n",
     ],
 )
 @pytest.mark.parametrize("head", [HEAD, b""])
@@ -111,6 +114,9 @@ def test_store_message_id_is_not_read_from_the_body(store: Store, head: bytes, b
         (HEAD, b"Subject: lf\nMessage-ID: <in-body@example.org>\n\r\nbody\r\n\r\n"),
         (HEAD + b"Message-ID: <in-body@example.org>\r\n", b"\r\nbody\r\n"),
         (b"", b"Message-ID: <in-body@example.org>\n\nbody\n"),
+        # A folded field continues the header; a space before the colon still names a field.
+        (b"", b"Subject: x\r\n\tfolded\r\nMessage-ID: <in-body@example.org>\r\n\r\nb\r\n"),
+        (HEAD, b"X-A : y\r\nMessage-ID: <in-body@example.org>\r\n\r\nbody\r\n"),
     ],
 )
 def test_store_message_id_of_the_header_is_still_found(

@@ -20,6 +20,7 @@ from typing import Any
 
 import authres  # type: ignore[import-untyped]
 
+from .._headerblock import header_bounds
 from ._authdns import MAX_EVIDENCE_CHARS, is_name, organizational
 from ._net import INFO, WARN, Finding
 
@@ -31,11 +32,8 @@ _METHODS = ("spf", "dkim", "dmarc", "arc")
 
 
 def _split_head(raw: bytes) -> bytes:
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        idx = raw.find(sep)
-        if idx >= 0:
-            return raw[:idx]
-    return raw
+    """The header block of a raw message (roundtrip/_headerblock.py)."""
+    return raw[: header_bounds(raw)[0]]
 
 
 def _head(raw: bytes) -> list[tuple[str, str]]:

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._headerblock import header_bounds
 from ..config import Endpoint, parse_host_port
 from ..errors import ConfigError
 from ._net import FAIL, INFO, WARN, Finding, apply_checks, display
@@ -1259,12 +1260,8 @@ def _mailbox_find(ctx: _Context, deadline: float, *, delete: bool) -> dict[str, 
 
 
 def _split_head(raw: bytes) -> bytes:
-    """The header block of a raw message (up to the first empty line)."""
-    for separator in (b"\r\n\r\n", b"\n\n"):
-        index = raw.find(separator)
-        if index >= 0:
-            return raw[:index]
-    return raw
+    """The header block of a raw message (roundtrip/_headerblock.py)."""
+    return raw[: header_bounds(raw)[0]]
 
 
 def _message_id(header_block: bytes) -> str:

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .._headerblock import header_bounds
 from ..config import Endpoint
 from ..errors import ProbeError, TLSError
 from ._net import (
@@ -161,11 +162,9 @@ _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
 
 def _split(raw: bytes) -> tuple[bytes, bytes]:
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        idx = raw.find(sep)
-        if idx >= 0:
-            return raw[:idx], raw[idx + len(sep) :]
-    return raw, b""
+    """The header block and the body (roundtrip/_headerblock.py)."""
+    end, body = header_bounds(raw)
+    return raw[:end], raw[body:]
 
 
 def _normalise(body: bytes) -> bytes:

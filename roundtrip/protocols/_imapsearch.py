@@ -25,6 +25,7 @@ from collections.abc import Callable, Container
 from email.utils import getaddresses, parsedate_tz
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .._headerblock import header_bounds
 from ._imapparse import MAX_DEPTH, ParseError, SequenceSet, Token, parse_date, parse_sequence_set
 
 if TYPE_CHECKING:
@@ -108,7 +109,9 @@ def _body_text(msg: SearchMessage, on_error: _mime.OnError) -> str:
 def _all_headers_text(msg: SearchMessage) -> str:
     text = msg.cache.get("header_text")
     if text is None:
-        head = msg.raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+        # BODY[HEADER]'s block (roundtrip/_headerblock.py): none when the message starts with
+        # the empty line or a line that is not a field.
+        head = msg.raw[: header_bounds(msg.raw)[0]]
         text = msg.cache["header_text"] = head.decode("utf-8", "replace").casefold()
     return str(text)
 

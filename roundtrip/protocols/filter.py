@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from .._headerblock import header_bounds
 from ..errors import ConfigError
 
 __all__ = [
@@ -138,17 +139,10 @@ ContentFilter = Callable[[FilterInput], "Verdict | None"]
 
 
 def _header_block(raw: bytes) -> bytes:
-    """The fields at the top of ``raw``, without the empty line that ends them: the first
-    one (RFC 5322 section 2.1), CRLF or a bare LF; none when ``raw`` starts with it (the
-    MX's ``head`` then holds every field; roundtrip/store.py reads ``(head, rest)`` alike)."""
-    if raw.startswith((b"\r\n", b"\n")):
-        return b""
-    crlf = raw.find(b"\n\r\n")
-    # A bare-LF empty line only counts before the CRLF one: no need to scan a big body.
-    lf = raw.find(b"\n\n", 0, crlf + 2 if crlf != -1 else len(raw))
-    if lf != -1:
-        return raw[: lf + 1]
-    return raw[: crlf + 1] if crlf != -1 else raw
+    """The fields at the top of ``raw``, without the empty line that ends them
+    (roundtrip/_headerblock.py); none when ``raw`` starts with it (the MX's ``head`` then holds
+    every field; roundtrip/store.py reads ``(head, rest)`` alike)."""
+    return raw[: header_bounds(raw)[0]]
 
 
 def _header(headers: bytes, name: bytes) -> bytes | None:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from enum import Enum
 
+from .._headerblock import first_empty_line, header_bounds
 from ._limits import (
     TOO_MANY_CONNECTIONS,
     TOO_MANY_CONNECTIONS_FROM,
@@ -250,7 +251,7 @@ def check_from_header(raw: bytes, *, authenticated_user: str | None) -> str | No
     """
     if authenticated_user is None:
         return None
-    end, _ = _header_block_end(raw)
+    end = _checked_end(raw)
     values = [
         b" ".join(m.group(1).split()).decode("utf-8", "replace")
         for m in _FROM.finditer(raw, 0, end)
@@ -274,7 +275,7 @@ def check_bare_cr_in_header(raw: bytes) -> str | None:
     Returns:
         None to accept, or the reply line to refuse with.
     """
-    end, _ = _header_block_end(raw)
+    end = _checked_end(raw)
     if _BARE_CR.search(raw, 0, end):
         return Reply.BARE_CR_IN_HEADER
     return None
@@ -384,25 +385,35 @@ def received_header(
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
-def _header_block_end(raw: bytes) -> tuple[int, bytes]:
-    """Where the header block's last line ends, and the line ending it uses.
+def _checked_end(raw: bytes) -> int:
+    """Where the header block the submission checks read ends: every line up to the first
+    empty line, fields or not (``first_empty_line`` in roundtrip/_headerblock.py).
 
-    The offset is just before the empty line that separates header and body (0 when the
-    message starts with it, ``len(raw)`` when there is none). The line ending is the one of
-    that separator, so fields added there match the rest of the block.
+    Wider than the header block of the one rule on purpose: a line that is not a field ends
+    the header for IMAP and the email package, but a reader that reads on past it must not
+    find a From:, a bare CR or a Received field that these checks did not see.
     """
-    if raw.startswith(b"\r\n"):
-        return 0, b"\r\n"
-    if raw.startswith(b"\n"):
-        return 0, b"\n"
-    # The earliest blank line wins: a CRLF header block may be followed by a body with bare
-    # LFs, and a bare-LF header block by a body with CRLFs.
-    found = [(idx, sep) for sep in (b"\r\n\r\n", b"\n\n") if (idx := raw.find(sep)) >= 0]
-    if found:
-        idx, sep = min(found)
-        eol = sep[: len(sep) // 2]
-        return idx + len(eol), eol
-    return len(raw), (b"\n" if b"\n" in raw and b"\r\n" not in raw else b"\r\n")
+    return first_empty_line(raw)[0]
+
+
+def _insertion_point(raw: bytes) -> tuple[int, bytes]:
+    """Where fields added to the header block go, and the line ending they take.
+
+    The offset is the end of the header block (roundtrip/_headerblock.py): just before the
+    empty line, or before the first line that is not a field; 0 when the message starts with
+    either, ``len(raw)`` when the whole message is fields. The line ending is the one of the
+    block's last line that has one, else of the empty line, else of the first line after the
+    block, else CRLF.
+    """
+    end, body = header_bounds(raw)
+    nl = raw.rfind(b"\n", 0, end)
+    if nl < 0 and body > end:
+        return end, raw[end:body]
+    if nl < 0:
+        nl = raw.find(b"\n", end)
+    if nl < 0:
+        return end, b"\r\n"
+    return end, b"\r\n" if nl > 0 and raw[nl - 1] == 0x0D else b"\n"
 
 
 def _has_header(headers: bytes, name: bytes) -> bool:
@@ -416,7 +427,7 @@ def add_missing_headers(raw: bytes, *, domain: str, queue_id: str, timestamp: fl
     The added fields go at the end of the header block, with the block's own line ending;
     nothing else in ``raw`` changes.
     """
-    end, eol = _header_block_end(raw)
+    end, eol = _insertion_point(raw)
     headers = raw[:end]
     fields: list[str] = []
     if not _has_header(headers, b"Message-ID"):
@@ -474,7 +485,7 @@ _RECEIVED = re.compile(rb"^Received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 def count_received(raw: bytes) -> int:
     """How many ``Received:`` fields the header block of ``raw`` carries (body lines are not
     counted)."""
-    end, _ = _header_block_end(raw)
+    end = _checked_end(raw)
     return len(_RECEIVED.findall(raw, 0, end))
 
 
@@ -494,7 +505,7 @@ def check_hops(raw: bytes, *, max_hops: int) -> str | None:
 
 def largest_header_field(raw: bytes) -> int:
     """Octets of the largest header field of ``raw`` (a field with its folded lines)."""
-    end, _ = _header_block_end(raw)
+    end = _checked_end(raw)
     largest = 0
     start = 0
     pos = 0
@@ -584,11 +595,7 @@ def drop_forged_auth_results(raw: bytes, authserv_ids: Collection[str]) -> bytes
     however long (a bound on it would let a field below the bound through), and nothing else
     in ``raw`` changes. The id is read as readers read it (:func:`authserv_id`), case aside.
     """
-    end = len(raw)
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        idx = raw.find(sep)
-        if 0 <= idx < end:
-            end = idx + len(sep) // 2
+    end = _checked_end(raw)
     head = raw[:end]
     if b"authentication-results" not in head.lower():
         return raw

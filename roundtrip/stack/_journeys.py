@@ -19,6 +19,8 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from .._headerblock import header_bounds
+
 __all__ = ["TIMELINE_LIMIT", "HopAuth", "HopTiming", "Journeys"]
 
 #: How many messages' journeys are remembered (oldest forgotten first).
@@ -105,8 +107,7 @@ class Journeys:
 
     def index(self, raw: bytes, *, head: bytes = b"") -> None:
         """Remember which queue ids the stored message ``head + raw`` went through."""
-        end = raw.find(b"\r\n\r\n")
-        head += raw[: end if end >= 0 else len(raw)]  # not split(): that copies the body too
+        head += raw[: header_bounds(raw)[0]]  # not split(): that copies the body too
         found = _MESSAGE_ID.search(head)
         if found is None:
             return

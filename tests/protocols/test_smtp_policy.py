@@ -11,8 +11,10 @@ from roundtrip.protocols.smtp import (
     Role,
     TLSInfo,
     add_missing_headers,
+    check_from_header,
     check_recipient,
     check_sender,
+    count_received,
     domain_of,
     enhanced_status,
     received_header,
@@ -341,6 +343,13 @@ def add(raw: bytes) -> bytes:
         # empty header block: the message starts with the separator
         (b"\r\nbody\r\n", MID + b"\r\n" + DATE + b"\r\n\r\nbody\r\n"),
         (b"", MID + b"\r\n" + DATE + b"\r\n"),
+        # an LF field and a CRLF empty line: the fields take the block's LF
+        (b"Subject: x\n\r\nbody\r\n", b"Subject: x\n" + MID + b"\n" + DATE + b"\n\r\nbody\r\n"),
+        # a line that is not a field starts the body: added above it, not after the body
+        (
+            b"hello\r\nMessage-ID: <a@b>\r\n\r\nbody\r\n",
+            MID + b"\r\n" + DATE + b"\r\nhello\r\nMessage-ID: <a@b>\r\n\r\nbody\r\n",
+        ),
     ],
     ids=repr,
 )
@@ -353,6 +362,8 @@ def test_add_missing_headers(raw: bytes, expected: bytes) -> None:
     [
         b"Message-ID: <a@b>\r\nDate: Thu, 01 Jan 2026 00:00:00 +0000\r\n\r\nbody\r\n",
         b"message-id : <a@b>\r\nDATE:\r\n Thu, 01 Jan 2026 00:00:00 +0000\r\n\r\nbody\r\n",
+        # the twin of the LF-field, CRLF-empty-line case above: its fields are found
+        b"Message-ID: <a@b>\nDate: Thu, 01 Jan 2026 00:00:00 +0000\n\r\nbody\r\n",
     ],
 )
 def test_add_missing_headers_keeps_complete_message(raw: bytes) -> None:
@@ -402,3 +413,20 @@ def test_check_header_size_refuses_only_past_the_limit() -> None:
         "552 5.3.4 Error: message header field too large (limit 101 octets)"
     )
     assert check_header_size(raw, limit=0) is None
+
+
+# The submission checks read every line up to the first empty line (roundtrip/_headerblock.py,
+# first_empty_line): wider than the header block, so no reader finds a field they missed.
+
+
+def test_check_from_header_reads_past_a_line_that_is_not_a_field() -> None:
+    stray = b"hello\r\nFrom: mallory@example.net\r\n\r\nbody\r\n"
+    assert check_from_header(stray, authenticated_user="alice@example.com") is not None
+    # The twin: the same line in the body, below the empty line, is not checked.
+    body = b"Subject: x\n\r\nFrom: mallory@example.net\r\n"
+    assert check_from_header(body, authenticated_user="alice@example.com") is None
+
+
+def test_count_received_stops_at_an_lf_then_crlf_empty_line() -> None:
+    assert count_received(b"Received: a\nReceived: b\n\r\nReceived: c\r\n") == 2
+    assert count_received(b"Received: a\r\nnot a field\r\nReceived: b\r\n\r\n") == 2

@@ -373,6 +373,30 @@ def test_imap_server_imaplib_session(servers: IMAPServers, mode: str) -> None:
 # IDLE, and two sessions on one mailbox
 
 
+def test_imap_server_search_header_stops_where_the_header_block_ends(
+    servers: IMAPServers,
+) -> None:
+    """A line that is not a field, or an empty line first, ends the header block
+    (roundtrip/_headerblock.py): what follows is body text for SEARCH."""
+    servers.store.deliver(USER, b"hello\r\nMessage-ID: <stray@example.test>\r\n\r\nb\r\n")
+    servers.store.deliver(USER, b"\r\nSubject: bodyword\r\n\r\nmore\r\n")
+    servers.store.deliver(USER, b"Message-ID: <real@example.test>\r\nSubject: x\n\r\nb\r\n")
+    m = servers.imaplib("starttls")
+    try:
+        m.login(USER, PASSWORD)
+        m.select("INBOX")
+        assert m.search(None, "HEADER", "Message-ID", "stray@example.test") == ("OK", [b""])
+        assert m.search(None, "BODY", "stray@example.test") == ("OK", [b"4"])
+        # The twins: a real header field is found, and TEXT finds the headerless body.
+        assert m.search(None, "HEADER", "Message-ID", "real@example.test") == ("OK", [b"6"])
+        assert m.search(None, "HEADER", "Subject", "bodyword") == ("OK", [b""])
+        assert m.search(None, "TEXT", "bodyword") == ("OK", [b"5"])
+        typ, data = m.fetch("5", "(BODY.PEEK[HEADER])")
+        assert typ == "OK" and data[0][1] == b"\r\n"
+    finally:
+        m.logout()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_imap_server_idle_sees_delivery_from_another_thread(
     servers: IMAPServers, mode: str
