@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .._headerblock import header_bounds
+from .._headerblock import first_empty_line
 from ..config import Endpoint
 from ..errors import ProbeError, TLSError
 from ._net import (
@@ -162,8 +162,11 @@ _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
 
 def _split(raw: bytes) -> tuple[bytes, bytes]:
-    """The header block and the body (roundtrip/_headerblock.py)."""
-    end, body = header_bounds(raw)
+    """The header block and the body, by the wider reading of roundtrip/_headerblock.py
+    (every line up to the first empty line): a server that mangled a header line (a bare
+    LF, a stray line) is reported by the header findings, with the whole line as evidence,
+    and the fields below it are still compared, as a lenient mail reader would show them."""
+    end, body = first_empty_line(raw)
     return raw[:end], raw[body:]
 
 
