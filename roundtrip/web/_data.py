@@ -10,14 +10,13 @@ the relay queue from ``MailStack.relay_queue``.
 from __future__ import annotations
 
 import contextlib
-import email.errors
 import email.utils
 import html
+import logging
 import re
 import time
 from collections.abc import Callable
 from email import policy
-from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesParser
 from typing import Any
@@ -53,6 +52,7 @@ _MAX_TREE_NODES = 2000
 # What our Received lines say about TLS (roundtrip/protocols/smtp.py trace field), and
 # Postfix's equivalent: "(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256 bits))".
 _TLS_FACTS = re.compile(r"using (TLSv?[\d.]+) with cipher ([A-Za-z0-9_-]+)")
+log = logging.getLogger("roundtrip.web")
 
 
 class NotFoundError(Exception):
@@ -131,41 +131,63 @@ def queue(stack: MailStack) -> dict[str, Any]:
     return {"queue": entries}
 
 
-def _text(value: str | None) -> str:
-    """A header value as text: RFC 2047 words decoded, RFC 6532 UTF-8 kept, unfolded."""
-    if not value:
+def _text(value: object) -> str:
+    """A header value as text, whatever it is: RFC 2047 words decoded, RFC 6532 UTF-8 kept,
+    undecodable octets replaced, unfolded. Never raises.
+
+    ``value`` is normally a raw ``str`` from :func:`_raw_values` (undecodable octets as
+    surrogate escapes, as ``email.parser.BytesParser`` stores them); anything else (an
+    ``email.header.Header``, which ``compat32``'s ``Message.get`` returns for 8-bit
+    values) is turned into text with ``str()`` first.
+    """
+    if value is None:
         return ""
-    text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    try:
+        text = value if isinstance(value, str) else str(value)
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except Exception:  # a value no str() can read: shown as nothing rather than a 500
+        return ""
     if "=?" in text:
+        # email.policy.default's unstructured reading decodes encoded words leniently:
+        # adjacent words (one character split across two, RFC 2047 section 5) are joined,
+        # an unknown charset or bad base64 becomes a defect, and 8-bit text beside a word
+        # is kept. A parser bug must not cost the listing: then the text stays as it is.
         try:
-            text = str(make_header(decode_header(text)))
-        except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+            text = str(policy.default.header_factory("subject", text))
+        except Exception:
             pass
     return " ".join(text.split())
 
 
-def _light(stored: StoredMessage) -> dict[str, Any]:
-    """What a list row and the search need, from a quick parse (cached with the message).
+def _raw_values(msg: Message, name: str) -> list[str]:
+    """Every ``name`` field's value as stored (``Message.raw_items``): a ``str`` even
+    when the field has 8-bit octets, where ``compat32``'s ``get`` gives a ``Header``."""
+    wanted = name.lower()
+    return [v if isinstance(v, str) else str(v) for k, v in msg.raw_items() if k.lower() == wanted]
 
-    The list must answer in a few milliseconds however full the mailbox, and the full
-    ``DeliveredMessage`` parse (``email.policy.default`` header objects) costs some 50 times
-    more than the ``compat32`` parse used here; the message view uses the full one.
+
+def _addresses(msg: Message, name: str) -> tuple[list[str], list[str]]:
+    """The addresses of every ``name`` field, and their display names decoded.
+
+    The field is split into mailboxes before any encoded word is decoded: a decoded name
+    may hold a comma or an angle bracket (``Müller, Jürgen``) that would split it again.
     """
-    cached = stored.cache.get("web")
-    if isinstance(cached, dict):
-        return cached
     try:
-        msg = BytesParser(policy=policy.compat32).parsebytes(stored.raw)
-    except RecursionError:  # hostile nesting (docs/security.md A5.5): headers only
-        msg = BytesParser(policy=policy.compat32).parsebytes(stored.raw, headersonly=True)
+        pairs = email.utils.getaddresses(_raw_values(msg, name))
+    except Exception:  # getaddresses is not meant to raise; one message must not break a list
+        return [], [_text(v) for v in _raw_values(msg, name)]
+    addresses, names = [], []
+    for display, address in pairs:
+        address = _text(address)
+        if address:
+            addresses.append(address)
+        if display and (decoded := _text(display)):
+            names.append(decoded)
+    return addresses, names
 
-    def addresses(name: str) -> list[str]:
-        values = [_text(v) for v in msg.get_all(name, [])]
-        return [a for _, a in email.utils.getaddresses(values) if a]
 
-    date = None
-    with contextlib.suppress(TypeError, ValueError, IndexError):
-        date = email.utils.parsedate_to_datetime(_text(msg.get("Date")))
+def _body_texts(msg: Message) -> tuple[list[str], int]:
+    """The decoded text parts (for the preview and the search) and how many attachments."""
     texts: list[str] = []
     files = 0
     for index, part in enumerate(msg.walk()):
@@ -186,9 +208,67 @@ def _light(stored: StoredMessage) -> dict[str, Any]:
                     texts.append(data.decode(charset, "replace"))
                 except LookupError:
                     texts.append(data.decode("utf-8", "replace"))
-    subject = _text(msg.get("Subject"))
-    sender, to, cc = addresses("From"), addresses("To"), addresses("Cc")
-    light = {
+    return texts, files
+
+
+def _light(stored: StoredMessage) -> dict[str, Any]:
+    """What a list row and the search need, from a quick parse (cached with the message).
+
+    The list must answer in a few milliseconds however full the mailbox, and the full
+    ``DeliveredMessage`` parse (``email.policy.default`` header objects) costs some 50 times
+    more than the ``compat32`` parse used here; the message view uses the full one.
+
+    Never raises: a message some part of which cannot be read is listed with the rest (its
+    envelope at least), so one odd message never turns a whole listing into an error.
+    """
+    cached = stored.cache.get("web")
+    if isinstance(cached, dict):
+        return cached
+    try:
+        light = _read_light(stored)
+    except Exception:
+        log.warning("web view: cannot summarise %s UID %s", stored.user, stored.uid, exc_info=True)
+        light = _fallback_light(stored)
+    stored.cache["web"] = light
+    return light
+
+
+def _fallback_light(stored: StoredMessage) -> dict[str, Any]:
+    """A row for a message whose parse failed: the envelope, and the subject if a
+    headers-only parse can read it."""
+    subject = ""
+    with contextlib.suppress(Exception):
+        head = BytesParser(policy=policy.compat32).parsebytes(stored.raw, headersonly=True)
+        subject = next((_text(v) for v in _raw_values(head, "Subject")), "")
+    return {
+        "subject": subject,
+        "from": None,
+        "to": [],
+        "cc": [],
+        "date": None,
+        "attachments": 0,
+        "preview": "",
+        "haystack": "\n".join([subject, stored.envelope_from, *stored.envelope_to]).lower(),
+    }
+
+
+def _read_light(stored: StoredMessage) -> dict[str, Any]:
+    try:
+        msg = BytesParser(policy=policy.compat32).parsebytes(stored.raw)
+    except RecursionError:  # hostile nesting (docs/security.md A5.5): headers only
+        msg = BytesParser(policy=policy.compat32).parsebytes(stored.raw, headersonly=True)
+
+    date = None
+    with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+        date = email.utils.parsedate_to_datetime(_text(next(iter(_raw_values(msg, "Date")), "")))
+    try:
+        texts, files = _body_texts(msg)
+    except Exception:  # a body part the parser cannot read: the headers are still listed
+        log.warning("web view: cannot read the body of %s UID %s", stored.user, stored.uid)
+        texts, files = [], 0
+    subject = next((_text(v) for v in _raw_values(msg, "Subject")), "")
+    sender, to, cc = (_addresses(msg, name)[0] for name in ("From", "To", "Cc"))
+    return {
         "subject": subject,
         "from": sender[0] if sender else None,
         "to": to,
@@ -200,8 +280,6 @@ def _light(stored: StoredMessage) -> dict[str, Any]:
             [subject, *sender, *to, *cc, stored.envelope_from, *stored.envelope_to, *texts]
         ).lower(),
     }
-    stored.cache["web"] = light
-    return light
 
 
 def _summary(stored: StoredMessage) -> dict[str, Any]:
