@@ -187,6 +187,38 @@ def test_web_search_does_not_match_the_encoded_form(stack: MailStack, view: WebV
         assert call(view, "/api/messages", {"user": rcpt, "q": encoded}).json()["total"] == 0
 
 
+def test_web_search_finds_decoded_display_names(stack: MailStack, view: WebView) -> None:
+    rcpt = stack.user("example.org").address
+    sender = stack.user("example.com").address
+    submit(
+        stack,
+        f"Subject: invoice\r\nFrom: =?utf-8?q?J=C3=BCrgen_M=C3=BCller?= <{sender}>\r\n"
+        f'To: Bob Builder <{rcpt}>\r\nCc: "Doe, Jane" <jane@x.test>\r\n\r\nhi\r\n'.encode(),
+        to=rcpt,
+    )
+    stack.wait_for(rcpt, subject="invoice", timeout=TIMEOUT)
+    for name in ("Jürgen", "müller", "BOB BUILDER", "Doe, Jane"):
+        found = call(view, "/api/messages", {"user": rcpt, "q": name}).json()
+        assert [m["subject"] for m in found["messages"]] == ["invoice"], name
+    # The row still shows the address; a comma in a decoded name does not split the field.
+    [row] = call(view, "/api/messages", {"user": rcpt}).json()["messages"]
+    assert (row["from"], row["to"], row["cc"]) == (sender, [rcpt], ["jane@x.test"])
+
+
+def test_web_search_for_a_display_name_not_there_finds_nothing(
+    stack: MailStack, view: WebView
+) -> None:
+    rcpt = stack.user("example.org").address
+    stack.store.deliver(
+        rcpt,
+        b"Subject: invoice\r\nFrom: =?utf-8?q?J=C3=BCrgen?= <j@x.test>\r\n"
+        b"To: Bob Builder <b@x.test>\r\n\r\nhi\r\n",
+    )
+    assert call(view, "/api/messages", {"user": rcpt, "q": "Jürgen"}).json()["total"] == 1
+    for absent in ("Günther", "Bob Baumeister", "J=C3=BC"):
+        assert call(view, "/api/messages", {"user": rcpt, "q": absent}).json()["total"] == 0
+
+
 def test_web_list_shows_raw_utf8_headers_beside_ascii_messages(
     stack: MailStack, view: WebView
 ) -> None:

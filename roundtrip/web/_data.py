@@ -267,7 +267,9 @@ def _read_light(stored: StoredMessage) -> dict[str, Any]:
         log.warning("web view: cannot read the body of %s UID %s", stored.user, stored.uid)
         texts, files = [], 0
     subject = next((_text(v) for v in _raw_values(msg, "Subject")), "")
-    sender, to, cc = (_addresses(msg, name)[0] for name in ("From", "To", "Cc"))
+    (sender, sender_names), (to, to_names), (cc, cc_names) = (
+        _addresses(msg, name) for name in ("From", "To", "Cc")
+    )
     return {
         "subject": subject,
         "from": sender[0] if sender else None,
@@ -277,7 +279,20 @@ def _read_light(stored: StoredMessage) -> dict[str, Any]:
         "attachments": files,
         "preview": " ".join((texts[0] if texts else "").split())[:120],
         "haystack": "\n".join(
-            [subject, *sender, *to, *cc, stored.envelope_from, *stored.envelope_to, *texts]
+            [
+                subject,
+                *sender,
+                *to,
+                *cc,
+                # docs/web.md: From, To and Cc are searched with encoded words decoded, and
+                # only a display name can hold one (RFC 2047 section 5).
+                *sender_names,
+                *to_names,
+                *cc_names,
+                stored.envelope_from,
+                *stored.envelope_to,
+                *texts,
+            ]
         ).lower(),
     }
 
