@@ -4,8 +4,10 @@ MailStack fed through submission on 465. The browser tests are in test_web_brows
 from __future__ import annotations
 
 import email.utils
+import html
 import http.client
 import json
+import re
 import smtplib
 import subprocess
 import sys
@@ -580,11 +582,132 @@ def test_web_reads_need_the_token_when_asked(stack: MailStack) -> None:
         assert call(guarded, "/api/mailboxes", headers={TOKEN_HEADER: "wrong"}).status == 403
         assert call(guarded, "/api/mailboxes", headers={TOKEN_HEADER: guarded.token}).status == 200
         params = {"user": rcpt, "uid": uid, "token": guarded.token}
-        html = call(guarded, "/api/message/html", params)
-        assert html.status == 200
-        # The frame loads the inline image itself, so its URL carries the token.
-        assert f"token={guarded.token}".encode() in html.body
+        assert call(guarded, "/api/message/html", params).status == 200
         assert call(guarded, "/api/message/html", {"user": rcpt, "uid": uid}).status == 403
+
+
+def _image_urls(body: bytes) -> list[str]:
+    """Every view URL written into a message's HTML, as the browser reads it."""
+    return [html.unescape(m.decode()) for m in re.findall(rb"""["'](/api/[^"']*)["']""", body)]
+
+
+def _guarded_html(view: WebView, rcpt: str, uid: int, folder: str = "INBOX") -> tuple[str, Reply]:
+    """The frame URL the page is given for a message, and what it serves (no token)."""
+    detail = call(
+        view,
+        "/api/message",
+        {"user": rcpt, "folder": folder, "uid": uid},
+        headers={TOKEN_HEADER: view.token},
+    )
+    assert detail.status == 200, detail.body
+    url = detail.json()["html_url"]
+    return url, call(view, url + "&remote=1")
+
+
+def test_web_guarded_view_never_writes_its_token_into_message_html(stack: MailStack) -> None:
+    rcpt, uid = deliver(stack, "capabilities")
+    with WebView(stack, read_token=True) as guarded:
+        url, frame = _guarded_html(guarded, rcpt, uid)
+        # The frame's URL and every byte of the HTML are the message's to read (its CSS can
+        # match attribute values, its links and images send the frame's URL as Referer).
+        assert guarded.token not in url and "token" not in url and "cap=" in url
+        assert frame.status == 200, frame.body
+        assert guarded.token.encode() not in frame.body and b"token" not in frame.body
+        assert all(guarded.token not in value for value in frame.headers.values())
+        [image_url] = _image_urls(frame.body)
+        assert "cap=" in image_url and "index=1" in image_url
+        # The image still loads, with its capability and nothing else.
+        image = call(guarded, image_url)
+        assert (image.status, image.headers["Content-Type"]) == (200, "image/png")
+        assert image.body == b"\x89PNG-logo"
+
+
+def _with(url: str, **changes: Any) -> str:
+    path, _, query = url.partition("?")
+    params = dict(urllib.parse.parse_qsl(query))
+    params.update({k: str(v) for k, v in changes.items()})
+    return f"{path}?{urllib.parse.urlencode(params)}"
+
+
+def test_web_capability_grants_its_part_only(stack: MailStack) -> None:
+    rcpt, uid = deliver(stack, "one part")
+    other_rcpt, other_uid = deliver(stack, "another message")
+    assert other_rcpt == rcpt and other_uid != uid
+    alice = stack.user("example.com").address
+    submit(stack, rich_message(stack, "alice's", to=alice), to=alice)
+    alice_uid = stack.wait_for(alice, subject="alice's", timeout=TIMEOUT).stored.uid
+    with WebView(stack, read_token=True) as guarded:
+        url, frame = _guarded_html(guarded, rcpt, uid)
+        [image_url] = _image_urls(frame.body)
+        cap = dict(urllib.parse.parse_qsl(image_url.partition("?")[2]))["cap"]
+        assert call(guarded, image_url).status == 200
+        tampered = cap[:-1] + ("A" if cap[-1] != "A" else "B")
+        refused = [
+            _with(image_url, cap=tampered),
+            _with(image_url, cap=""),
+            _with(image_url, index=0),  # the attachment beside the image
+            _with(image_url, uid=other_uid),  # the same part of another message
+            _with(image_url, user=alice, uid=alice_uid),  # another user's message
+            _with(image_url, uid=uid + 1000),  # no such message: 403, not 404
+            _with(image_url, folder="Sent"),
+            # The frame's capability grants the HTML, not a part, and the other way round.
+            _with(image_url, cap=dict(urllib.parse.parse_qsl(url.partition("?")[2]))["cap"]),
+            _with(url.replace("/api/message/html", "/api/message/attachment"), index=1),
+            _with(url, cap=cap),
+            # Nothing but the HTML and its parts is ever read with a capability.
+            _with(url.replace("/html", ""), cap=cap),
+            _with(url.replace("/html", "/raw")),
+            _with(url.replace("/html", "/journey")),
+            "/api/mailboxes?" + urllib.parse.urlencode({"cap": cap}),
+            "/api/messages?" + urllib.parse.urlencode({"user": rcpt, "cap": cap}),
+        ]
+        for target in refused:
+            reply = call(guarded, target)
+            assert reply.status == 403, (target, reply.status, reply.body)
+        deleting = call(guarded, image_url, method="DELETE")
+        assert deleting.status in (403, 405)
+        assert len(stack.messages(rcpt)) == 2
+    # A capability dies with the view that made it (its key is made when the view starts).
+    with WebView(stack, read_token=True) as another:
+        assert call(another, image_url).status == 403
+        assert call(another, url).status == 403
+
+
+def test_web_capability_of_a_message_gone_grants_nothing_to_its_uids_next_owner(
+    stack: MailStack,
+) -> None:
+    # A mailbox deleted and created again (IMAP DELETE, CREATE) starts its UIDs at 1 again.
+    rcpt = stack.user("example.org").address
+    stack.store.create_mailbox(rcpt, "Lab")
+    first = stack.store.deliver(rcpt, rich_message(stack, "first life"), mailbox="Lab").uid
+    with WebView(stack, read_token=True) as guarded:
+        url, frame = _guarded_html(guarded, rcpt, first, "Lab")
+        assert "folder=Lab" in url
+        [image_url] = _image_urls(frame.body)
+        assert call(guarded, image_url).status == 200
+        stack.store.delete_mailbox(rcpt, "Lab")
+        stack.store.create_mailbox(rcpt, "Lab")
+        again = stack.store.deliver(rcpt, rich_message(stack, "second life"), mailbox="Lab").uid
+        assert again == first  # the same UID, another message: the capability named the first
+        assert call(guarded, image_url).status == 403
+        assert call(guarded, url).status == 403
+        url, frame = _guarded_html(guarded, rcpt, again, "Lab")
+        assert call(guarded, url).status == 200
+        assert call(guarded, _image_urls(frame.body)[0]).status == 200
+
+
+def test_web_loopback_view_frames_without_token_or_capability(
+    stack: MailStack, view: WebView
+) -> None:
+    rcpt, uid = deliver(stack, "open reads")
+    url = call(view, "/api/message", {"user": rcpt, "uid": uid}).json()["html_url"]
+    assert "cap=" not in url and "token" not in url
+    frame = call(view, url)
+    [image_url] = _image_urls(frame.body)
+    assert "cap=" not in image_url and "token" not in image_url
+    assert call(view, image_url).body == b"\x89PNG-logo"
+    plain = stack.store.deliver(rcpt, b"Subject: no html\r\n\r\ntext\r\n").uid
+    assert call(view, "/api/message", {"user": rcpt, "uid": plain}).json()["html_url"] is None
 
 
 def test_web_reads_are_open_on_loopback_and_guarded_beyond(stack: MailStack, view: WebView) -> None:

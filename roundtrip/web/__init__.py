@@ -19,8 +19,10 @@ Safety
   preflight, which the view never grants, so another web page open in the same browser can
   neither send the request nor read the token.
 - On an address beyond loopback, reading the API needs the token too (in the header, or in
-  the ``token`` parameter for what the browser fetches by itself: the frame, downloads, the
-  event stream), since anyone who can reach the port could read every mailbox.
+  the ``token`` parameter for what the page has the browser fetch: downloads, the event
+  stream), since anyone who can reach the port could read every mailbox. The message frame
+  and its inline images are fetched with per-message, per-part capabilities instead
+  (``_app.Capabilities``): the token never appears in anything a message can read.
 - On a loopback address, the ``Host`` header must name the view's own address (127.0.0.1,
   ``localhost`` or ``[::1]`` with its port): a page whose name is rebound to 127.0.0.1 (DNS
   rebinding) is refused.

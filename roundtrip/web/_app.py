@@ -11,10 +11,13 @@ the listener runs on whichever thread changed the store and hands the change to 
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import hashlib
 import hmac
 import json
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -24,16 +27,28 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from ..stack import MailStack
-from ..store import StoreChange
+from ..store import StoreChange, StoredMessage
 from . import _data
 
-__all__ = ["PAGE_CSP", "TOKEN_HEADER", "Events", "build_app", "html_csp"]
+__all__ = [
+    "CAPABILITY_PARAM",
+    "PAGE_CSP",
+    "TOKEN_HEADER",
+    "Capabilities",
+    "Events",
+    "build_app",
+    "html_csp",
+]
 
 T = TypeVar("T")
 log = logging.getLogger("roundtrip.web")
 
 #: The header every state-changing request carries the view's token in.
 TOKEN_HEADER = "X-Roundtrip-Token"
+
+#: The query parameter of a capability URL (:class:`Capabilities`): what the message's frame
+#: and its inline images are fetched with on a view whose reads need the token.
+CAPABILITY_PARAM = "cap"
 
 #: The page's own policy: its scripts and styles only, nothing inline, nothing remote; the
 #: message HTML is framed from this origin (and sandboxed, see html_csp).
@@ -56,6 +71,8 @@ _INLINE_IMAGES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"
 # browser from timing it out.
 _KEEPALIVE_SECONDS = 15.0
 _SSE_BACKLOG = 1000  # changes queued for one slow client before it is dropped
+# The only paths read with a capability (class Capabilities); nothing else ever is.
+_CAPABILITY_PATHS = frozenset({"/api/message/html", "/api/message/attachment"})
 
 
 def html_csp(*, remote_images: bool) -> str:
@@ -86,6 +103,49 @@ def _error(status: int, message: str) -> web.Response:
     response = web.json_response({"error": message}, status=status)
     _security_headers(response, PAGE_CSP)
     return response
+
+
+class Capabilities:
+    """Read capabilities for a message's HTML and for one of its parts.
+
+    Message HTML is hostile, and on a view whose reads need the token, the browser fetches
+    the frame and its ``cid:`` images by URL, without a header. Whatever those URLs hold
+    reaches the message: an image URL is in its markup (and its CSS can match it with
+    attribute selectors and send what matched to a remote server), and the frame's own URL
+    is the Referer of its requests (an ``<a>`` or ``<img>`` with
+    ``referrerpolicy="unsafe-url"`` overrides the response's ``Referrer-Policy``). So those
+    URLs carry no token, but a capability that grants exactly one thing: the HTML of one
+    message, or one part of one message.
+
+    A capability is an HMAC-SHA256 (RFC 2104) under a random key made when the view starts
+    (so none outlives it), over what it grants (kind, user, mailbox, UID, part index) and the
+    SHA-256 of the message's bytes: after ``MailStack.reset()`` gives the UID to another
+    message, an old capability grants nothing.
+    """
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+
+    @staticmethod
+    def _digest(stored: StoredMessage) -> bytes:
+        cached = stored.cache.get("web-sha256")
+        if isinstance(cached, bytes):
+            return cached
+        digest = hashlib.sha256(stored.raw).digest()
+        stored.cache["web-sha256"] = digest
+        return digest
+
+    def make(self, kind: str, stored: StoredMessage, index: int | None = None) -> str:
+        """The capability granting ``kind`` (``"html"`` or ``"part"``) of ``stored``."""
+        what = json.dumps([kind, stored.user, stored.mailbox, stored.uid, index])
+        mac = hmac.new(self._key, what.encode("utf-8", "surrogatepass"), hashlib.sha256)
+        mac.update(self._digest(stored))
+        return base64.urlsafe_b64encode(mac.digest()).decode("ascii").rstrip("=")
+
+    def check(self, given: str, kind: str, stored: StoredMessage, index: int | None = None) -> bool:
+        """Whether ``given`` grants ``kind`` (and part ``index``) of ``stored``."""
+        expected = self.make(kind, stored, index).encode("ascii")
+        return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected)
 
 
 class Events:
@@ -152,6 +212,11 @@ class _Handlers:
         self.pool = pool
         self.events = events
         self.allowed_hosts = allowed_hosts
+        self.capabilities = Capabilities()
+
+    @staticmethod
+    def _given_token(request: web.Request) -> str:
+        return request.headers.get(TOKEN_HEADER) or request.query.get("token", "")
 
     def _token_ok(self, given: str) -> bool:
         # Header text may carry undecodable octets (surrogate escapes): compare bytes.
@@ -184,9 +249,15 @@ class _Handlers:
         elif self.read_token and request.path.startswith("/api/"):
             # Beyond loopback anyone who can reach the port could read every mailbox, so
             # reads need the token too: in the header, or in the ``token`` parameter for
-            # what the browser fetches by itself (the frame, downloads, the event stream).
-            given = request.headers.get(TOKEN_HEADER) or request.query.get("token", "")
-            if not self._token_ok(given):
+            # what the page has the browser fetch by itself (downloads, the event stream).
+            # The message's frame and its images are fetched with a capability instead
+            # (class Capabilities): the token must never reach the message.
+            # A read with no token but a capability goes on only on a capability's path,
+            # and its handler checks the capability against the message it names before it
+            # reads anything (_granted).
+            given = self._given_token(request)
+            capable = CAPABILITY_PARAM in request.query and request.path in _CAPABILITY_PATHS
+            if not self._token_ok(given) and (given or not capable):
                 return _error(403, f"reading needs the view's token: {TOKEN_HEADER} or ?token=")
         try:
             return await handler(request)
@@ -194,6 +265,8 @@ class _Handlers:
             return _error(404, str(exc))
         except _BadRequestError as exc:
             return _error(400, str(exc))
+        except _ForbiddenError as exc:
+            return _error(403, str(exc))
 
     # query parameters
 
@@ -219,6 +292,34 @@ class _Handlers:
     def _message(self, request: web.Request) -> tuple[str, str, int]:
         user, folder = self._where(request)
         return user, folder, self._int(request, "uid")
+
+    async def _granted(
+        self, request: web.Request, kind: str, index: int | None = None
+    ) -> StoredMessage:
+        """The message the request names; on a request the guard let through on its
+        capability alone, only if the capability grants ``kind`` (and part ``index``) of
+        that very message. Whether a message exists is not told to a wrong capability."""
+        # The guard let a read without the token this far only on a capability's path.
+        by_capability = self.read_token and not self._token_ok(self._given_token(request))
+        try:
+            stored = await self._run(_data.stored_message, self.stack, *self._message(request))
+        except _data.NotFoundError:
+            if by_capability:
+                raise _ForbiddenError("this capability grants nothing here") from None
+            raise
+        if by_capability:
+            given = request.query.get(CAPABILITY_PARAM, "")
+            if not await self._run(self.capabilities.check, given, kind, stored, index):
+                raise _ForbiddenError("this capability grants nothing here")
+        return stored
+
+    def _html_url(self, stored: StoredMessage) -> str:
+        """The frame's URL of a message's HTML: with a capability for that alone (never the
+        token) when reads need one."""
+        params: dict[str, Any] = {"user": stored.user, "folder": stored.mailbox, "uid": stored.uid}
+        if self.read_token:
+            params[CAPABILITY_PARAM] = self.capabilities.make("html", stored)
+        return f"/api/message/html?{urlencode(params)}"
 
     # the page
 
@@ -259,9 +360,15 @@ class _Handlers:
         return self._json({"removed": removed})
 
     async def message(self, request: web.Request) -> web.StreamResponse:
-        return self._json(
-            await self._run(_data.message_detail, self.stack, *self._message(request))
-        )
+        where = self._message(request)
+
+        def detail() -> dict[str, Any]:
+            doc = _data.message_detail(self.stack, *where)
+            stored = _data.stored_message(self.stack, *where)
+            doc["html_url"] = self._html_url(stored) if doc["has_html"] else None
+            return doc
+
+        return self._json(await self._run(detail))
 
     async def delete(self, request: web.Request) -> web.StreamResponse:
         await self._run(_data.delete_message, self.stack, *self._message(request))
@@ -275,25 +382,27 @@ class _Handlers:
         return response
 
     async def html(self, request: web.Request) -> web.StreamResponse:
-        user, folder, uid = self._message(request)
-
-        params: dict[str, Any] = {"user": user, "folder": folder, "uid": uid}
-        if self.read_token:  # the frame fetches the images itself: no header
-            params["token"] = self.token
+        stored = await self._granted(request, "html")
+        where: dict[str, Any] = {"user": stored.user, "folder": stored.mailbox, "uid": stored.uid}
 
         def part_url(index: int) -> str:
-            return f"/api/message/attachment?{urlencode({**params, 'index': index})}&inline=1"
+            # Written into the message's own HTML: a capability for this part at most,
+            # never the token (class Capabilities).
+            params = {**where, "index": index}
+            if self.read_token:  # the frame fetches the images itself: no header
+                params[CAPABILITY_PARAM] = self.capabilities.make("part", stored, index)
+            return f"/api/message/attachment?{urlencode(params)}&inline=1"
 
-        body = await self._run(_data.html_body, self.stack, user, folder, uid, part_url)
+        body = await self._run(_data.html_of, stored, part_url)
         response = web.Response(text=body, content_type="text/html", charset="utf-8")
         remote = request.query.get("remote") == "1"
         _security_headers(response, html_csp(remote_images=remote))
         return response
 
     async def attachment(self, request: web.Request) -> web.StreamResponse:
-        user, folder, uid = self._message(request)
         index = self._int(request, "index")
-        part = await self._run(_data.attachment, self.stack, user, folder, uid, index)
+        stored = await self._granted(request, "part", index)
+        part = await self._run(_data.part_of, stored, index)
         inline = request.query.get("inline") == "1" and part.content_type in _INLINE_IMAGES
         # Anything but an inline image is a download: never rendered in the view's origin.
         response = web.Response(
@@ -346,6 +455,10 @@ class _Handlers:
 
 
 class _BadRequestError(Exception):
+    pass
+
+
+class _ForbiddenError(Exception):
     pass
 
 

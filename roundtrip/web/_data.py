@@ -34,10 +34,12 @@ __all__ = [
     "delete_message",
     "empty_mailbox",
     "html_body",
+    "html_of",
     "journey",
     "mailboxes",
     "message_detail",
     "message_list",
+    "part_of",
     "queue",
     "stored_message",
 ]
@@ -512,10 +514,23 @@ def html_body(
     Raises:
         NotFoundError: no such message, or it has no HTML body.
     """
-    stored = stored_message(stack, user, folder, uid)
+    return html_of(stored_message(stack, user, folder, uid), part_url)
+
+
+def html_of(stored: StoredMessage, part_url: Callable[[int], str]) -> str:
+    """:func:`html_body` of a message already looked up.
+
+    ``part_url`` is the only thing of the view written into the message's HTML, which is
+    hostile: it must not hold anything that grants more than that part.
+
+    Raises:
+        NotFoundError: the message has no HTML body.
+    """
     msg = DeliveredMessage.of(stored)
     if msg.html is None:
-        raise NotFoundError(f"message {uid} of {user} {folder} has no HTML body")
+        raise NotFoundError(
+            f"message {stored.uid} of {stored.user} {stored.mailbox} has no HTML body"
+        )
     by_cid = {p.content_id: i for i, p in enumerate(_parts(msg)) if p.content_id}
     if not by_cid:
         return msg.html
@@ -535,9 +550,20 @@ def attachment(stack: MailStack, user: str, folder: str, uid: int, index: int) -
     Raises:
         NotFoundError: no such message or part.
     """
-    parts = _parts(DeliveredMessage.of(stored_message(stack, user, folder, uid)))
+    return part_of(stored_message(stack, user, folder, uid), index)
+
+
+def part_of(stored: StoredMessage, index: int) -> Attachment:
+    """:func:`attachment` of a message already looked up.
+
+    Raises:
+        NotFoundError: no such part.
+    """
+    parts = _parts(DeliveredMessage.of(stored))
     if not 0 <= index < len(parts):
-        raise NotFoundError(f"message {uid} has {len(parts)} part(s); there is no part {index}")
+        raise NotFoundError(
+            f"message {stored.uid} has {len(parts)} part(s); there is no part {index}"
+        )
     return parts[index]
 
 

@@ -5,7 +5,7 @@
 
 const TOKEN_HEADER = "X-Roundtrip-Token";
 const PAGE = 50;
-const state = { user: null, folder: null, uid: null, offset: 0, query: "", tab: "html" };
+const state = { user: null, folder: null, uid: null, htmlUrl: null, offset: 0, query: "", tab: "html" };
 
 function readToken() {
   const match = /(?:^#|&)token=([^&]+)/.exec(window.location.hash);
@@ -189,8 +189,11 @@ function mimeNode(node) {
   return item;
 }
 
+// The frame's URL comes from the server (html_url): on a view whose reads need the token it
+// carries a capability for this message's HTML alone, never the token, since the message
+// can see its own URL (docs/web.md, "Safety").
 function htmlSource() {
-  return `/api/message/html?${where({ uid: state.uid, remote: $("remote").checked ? 1 : 0 })}`;
+  return `${state.htmlUrl}&${query({ remote: $("remote").checked ? 1 : 0 })}`;
 }
 
 async function openMessage(uid) {
@@ -209,6 +212,7 @@ async function openMessage(uid) {
     if (value) meta.append(el("dt", {}, name), el("dd", {}, value));
   }
   $("remote").checked = false;
+  state.htmlUrl = m.html_url;
   $("no-html").hidden = m.has_html;
   $("html-frame").hidden = !m.has_html;
   if (m.has_html) $("html-frame").src = htmlSource();
