@@ -17,7 +17,7 @@ from roundtrip.assertions import (
     body_contains,
     header_matches,
 )
-from roundtrip.config import Endpoint
+from roundtrip.config import Endpoint, Forward
 from roundtrip.corpus import corpus_params
 from roundtrip.message import ReceivedMessage
 from roundtrip.protocols.filter import default_filter
@@ -598,6 +598,49 @@ def test_stack_assert_delivered_count_sees_a_duplicate_in_flight(mailstack: Mail
     with pytest.raises(AssertionError, match=r"exactly 1 message .* but 2 matched"):
         mailstack.assert_delivered(BOB, subject="once", count=1, timeout=5)
     assert len(mailstack.assert_delivered(BOB, subject="once", count=2, timeout=5)) == 2
+
+
+# Two chains of aliases across both domains: team@ reaches BOB through list@example.org,
+# staff@ reaches ALICE through crew@example.org (StackConfig.forwards).
+_CHAINS = (
+    Forward("team@example.com", ("list@example.org",)),
+    Forward("list@example.org", (BOB,)),
+    Forward("staff@example.com", ("crew@example.org",)),
+    Forward("crew@example.org", (ALICE,)),
+)
+
+
+def _send_held_to_alias(mailstack: MailStack, alias: str, subject: str) -> None:
+    """Mail to ``alias``, held in the relay queue (for the alias, its first hop) by a 451."""
+    _defer_at_the_mx(mailstack)
+    raw = f"From: {ALICE}\r\nTo: {alias}\r\nSubject: {subject}\r\n\r\nhi\r\n".encode()
+    send_eml(mailstack, raw, recipient=alias, timeout=5)
+    mailstack.wait_relay(
+        lambda q: any(m.rcpt == (alias,) and "451 4.7.1" in m.last_error for m in q), 5
+    )
+
+
+@pytest.mark.mailstack(forwards=_CHAINS)
+def test_stack_assert_not_delivered_follows_a_chain_of_aliases(mailstack: MailStack) -> None:
+    """Queued for team@, the message reaches BOB through two aliases: not final for BOB."""
+    _send_held_to_alias(mailstack, "team@example.com", "chained")
+    with pytest.raises(AssertionError) as info:
+        mailstack.assert_not_delivered(BOB, subject="chained", timeout=0.3)
+    assert f"Still in the relay queue for {BOB} (1)" in str(info.value)
+    # The MX accepts again: the chain delivers, which the wait sees.
+    mailstack.content_filter = default_filter
+    with pytest.raises(AssertionError, match=f"expected no message to {BOB} .* but 1 matched"):
+        mailstack.assert_not_delivered(BOB, subject="chained", timeout=10)
+
+
+@pytest.mark.mailstack(forwards=_CHAINS)
+def test_stack_assert_not_delivered_twin_a_chain_to_someone_else(mailstack: MailStack) -> None:
+    """Queued for staff@, whose chain ends at ALICE: BOB's assertion passes at once, and
+    ALICE's does not."""
+    _send_held_to_alias(mailstack, "staff@example.com", "elsewhere")
+    mailstack.assert_not_delivered(BOB, subject="elsewhere", timeout=5)
+    with pytest.raises(AssertionError, match=f"Still in the relay queue for {ALICE} \\(1\\)"):
+        mailstack.assert_not_delivered(ALICE, subject="elsewhere", timeout=0.3)
 
 
 # -- folders ---------------------------------------------------------------------------------

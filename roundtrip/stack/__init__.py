@@ -1094,16 +1094,29 @@ class MailStack:
 
     def _may_reach(self, rcpt: str, to: str | None) -> bool:
         """Whether mail queued for ``rcpt`` may end up as a copy delivered to ``to``: ``to``
-        itself, the catch-all owner who receives it, or a target of the alias it names."""
+        itself, the catch-all owner who receives it, or any address the alias it names
+        forwards to, followed through further aliases and catch-all owners (an alias may
+        forward to another domain's alias: ``StackConfig.forwards``). A visited set ends
+        a loop of aliases."""
         if to is None:
             return True
-        if address_key(rcpt) == to:
-            return True
-        owner = catch_all_owner(self.config, rcpt)
-        if owner is not None and address_key(owner) == to:
-            return True
-        forward = self._router.forward(rcpt)
-        return forward is not None and any(address_key(t) == to for t in forward.to)
+        seen: set[str] = set()
+        todo = [rcpt]
+        while todo:
+            address = todo.pop()
+            key = address_key(address)
+            if key in seen:
+                continue
+            seen.add(key)
+            if key == to:
+                return True
+            owner = catch_all_owner(self.config, address)
+            if owner is not None:
+                todo.append(owner)
+            forward = self._router.forward(address)
+            if forward is not None:
+                todo.extend(forward.to)
+        return False
 
 
 class DeliveredMessage(ReceivedMessage):
