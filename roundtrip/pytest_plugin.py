@@ -375,7 +375,8 @@ def mailstack_factory(
 
 @pytest.fixture
 def mailstack(request: pytest.FixtureRequest) -> Iterator[MailStack]:
-    """The running stack for this test, with every mailbox empty.
+    """The running stack for this test, reset (``MailStack.reset``): every mailbox empty,
+    no ``on_delivery`` callback, the default faults, filter, DNS records and TLS policies.
 
     At teardown, an exception raised in any server thread during the test is re-raised.
     """

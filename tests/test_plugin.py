@@ -146,6 +146,41 @@ def test_next_one_is_clean(mailstack):
     )
 
 
+CALLBACK_LIFETIME_TESTS = """
+import smtplib
+
+SEEN = []
+
+def send(mailstack, subject):
+    user = mailstack.user("example.com")
+    host, port = mailstack.endpoints("example.com").address("submissions")
+    with smtplib.SMTP_SSL(host, port, context=mailstack.client_context(), timeout=5) as smtp:
+        smtp.login(user.address, user.password)
+        smtp.sendmail(user.address, [user.address], f"Subject: {subject}\\r\\n\\r\\nhi\\r\\n")
+
+def test_a_registers_a_callback(mailstack):
+    def only_mine(message):
+        SEEN.append(("A", message.subject))
+        assert message.subject.startswith("A-"), message.subject
+    mailstack.on_delivery(only_mine)
+    send(mailstack, "A-mail")
+    mailstack.wait_for(subject="A-mail", timeout=5)
+
+def test_b_runs_only_its_own(mailstack):
+    mailstack.on_delivery(lambda message: SEEN.append(("B", message.subject)))
+    send(mailstack, "B-mail")
+    mailstack.wait_for(subject="B-mail", timeout=5)
+    assert SEEN == [("A", "A-mail"), ("B", "B-mail")]
+"""
+
+
+def test_plugin_on_delivery_callbacks_end_with_their_test(pytester: pytest.Pytester) -> None:
+    """Test A's callback does not run for test B's mail; test B's own callback does."""
+    pytester.makepyfile(test_lifetime=CALLBACK_LIFETIME_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+
+
 def test_plugin_runs_under_xdist_without_port_clashes(pytester: pytest.Pytester) -> None:
     pytest.importorskip("xdist")
     pytester.makepyfile(test_par=USER_TEST)

@@ -161,6 +161,21 @@ def test_on_delivery_callback_error_fails_check() -> None:
         stack.check()  # reported once
 
 
+def test_reset_forgets_the_callbacks_and_a_new_one_runs() -> None:
+    old: list[str] = []
+    new: list[str] = []
+    with MailStack(StackConfig(domains=("example.com",))) as stack:
+        stack.on_delivery(lambda m: old.append(m.subject or ""))
+        _send(stack, [stack.user().address], "before")
+        stack.wait_for(subject="before", timeout=TIMEOUT)
+        stack.reset()
+        stack.on_delivery(lambda m: new.append(m.subject or ""))
+        _send(stack, [stack.user().address], "after")
+        stack.wait_for(subject="after", timeout=TIMEOUT)
+        assert old == ["before"]
+        assert new == ["after"]
+
+
 # -- users add their domain --------------------------------------------------------------------
 
 

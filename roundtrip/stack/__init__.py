@@ -386,7 +386,9 @@ class MailStack:
             raise errors[0]
 
     def reset(self) -> None:
-        """Empty every mailbox and the relay queue, forget recorded errors and DNS queries.
+        """Empty every mailbox and the relay queue; forget recorded errors, DNS queries,
+        transcripts, OAuth tokens and the :meth:`on_delivery` callbacks; restore the default
+        faults, content filter, DNS records, MX ports and relay TLS policies.
 
         The servers keep running.
         """
@@ -411,6 +413,7 @@ class MailStack:
         self._tokens.clear()
         self.faults = Faults()
         self.content_filter = default_filter
+        self._delivery_callbacks = []
         if self._thread is not None:
             self._thread.take_errors()
 
@@ -641,7 +644,9 @@ class MailStack:
         That is every copy in a user's mailbox (from the MX, or from submission for the
         same domain) and every copy captured for an outside domain; not APPENDs. The callback
         runs on the stack's event-loop thread: keep it short and never block there. An
-        exception it raises is recorded and re-raised by :meth:`check`.
+        exception it raises is recorded and re-raised by :meth:`check`. :meth:`reset` forgets
+        every callback: the ``mailstack`` fixture resets the stack for each test, so a
+        callback lives as long as the test that registered it.
         """
         self._delivery_callbacks.append(callback)
 
@@ -649,7 +654,7 @@ class MailStack:
         if not self._delivery_callbacks:
             return
         message = DeliveredMessage.of(stored)
-        for callback in self._delivery_callbacks:
+        for callback in tuple(self._delivery_callbacks):  # reset() may replace the list
             try:
                 callback(message)
             except Exception as exc:  # reported to the test through check()
