@@ -146,6 +146,61 @@ def test_next_one_is_clean(mailstack):
     )
 
 
+CALLBACK_TESTS = """
+import smtplib
+
+def send(mailstack, subject):
+    user = mailstack.user("example.com")
+    host, port = mailstack.endpoints("example.com").address("submissions")
+    with smtplib.SMTP_SSL(host, port, context=mailstack.client_context(), timeout=5) as smtp:
+        smtp.login(user.address, user.password)
+        smtp.sendmail(user.address, [user.address], f"Subject: {subject}\\r\\n\\r\\nhi\\r\\n")
+
+def test_raising_callback_then_wait_for(mailstack):
+    mailstack.on_delivery(lambda message: 1 / 0)
+    send(mailstack, "hello")
+    mailstack.wait_for(subject="hello", timeout=5)
+
+def test_raising_callback_never_checked(mailstack):
+    def broken(message):
+        raise RuntimeError("callback failed unchecked")
+    mailstack.on_delivery(broken)
+    send(mailstack, "stored before the 250")
+
+def test_passing_callback(mailstack):
+    seen = []
+    mailstack.on_delivery(lambda message: seen.append(message.subject))
+    send(mailstack, "fine")
+    mailstack.wait_for(subject="fine", timeout=5)
+    assert seen == ["fine"]
+
+def test_next_one_is_clean(mailstack):
+    send(mailstack, "after")
+    mailstack.wait_for(subject="after", timeout=5)
+"""
+
+
+def test_plugin_on_delivery_callback_error_fails_the_test_that_caused_it(
+    pytester: pytest.Pytester,
+) -> None:
+    """A raising callback fails its test, in the call (wait_for) or at teardown; a passing
+    one leaves its test passed, and neither touches the next test."""
+    pytester.makepyfile(test_callbacks=CALLBACK_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=3, failed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*_ test_raising_callback_then_wait_for _*", "E*ZeroDivisionError: division by zero"]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_raising_callback_never_checked*",
+            "E*RuntimeError: callback failed unchecked",
+        ]
+    )
+    result.stdout.fnmatch_lines(["FAILED *::test_raising_callback_then_wait_for - *"])
+    result.stdout.fnmatch_lines(["ERROR *::test_raising_callback_never_checked - *"])
+
+
 CALLBACK_LIFETIME_TESTS = """
 import smtplib
 

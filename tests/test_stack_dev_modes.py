@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import smtplib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from imapclient import IMAPClient
@@ -159,6 +159,80 @@ def test_on_delivery_callback_error_fails_check() -> None:
             stack.wait_for(subject="boom", timeout=TIMEOUT)  # which calls check()
         assert [m.subject for m in stack.messages()] == ["boom"]  # the message is stored
         stack.check()  # reported once
+
+
+def _gated(stack: MailStack, gate: threading.Event, then: Callable[[], None]) -> None:
+    """Register a callback that runs ``then`` only once ``gate`` is set: after the test
+    thread has seen the message stored, as when the loop is slow to reach the callback."""
+
+    def callback(message: DeliveredMessage) -> None:
+        assert gate.wait(TIMEOUT), "the test thread never saw the message"
+        then()
+
+    stack.on_delivery(callback)
+
+
+def _send_aside(stack: MailStack, subject: str) -> threading.Thread:
+    """Send to the stack's user from another thread: the callback holds the 250 back (the
+    same domain's copy is stored before it), and the test thread must wait meanwhile."""
+    sender = threading.Thread(target=_send, args=(stack, [stack.user().address], subject))
+    sender.start()
+    return sender
+
+
+def _seen_by_the_test(gate: threading.Event) -> Callable[[DeliveredMessage], bool]:
+    """A wait_for predicate that opens ``gate`` once wait_for has found the message."""
+
+    def match(message: DeliveredMessage) -> bool:
+        gate.set()
+        return True
+
+    return match
+
+
+def test_wait_for_reraises_a_callback_error_raised_after_the_message_was_stored() -> None:
+    gate = threading.Event()
+
+    def fail() -> None:
+        raise RuntimeError("late callback failure")
+
+    with MailStack(StackConfig(domains=("example.com",))) as stack:
+        _gated(stack, gate, fail)
+        sender = _send_aside(stack, "late")
+        with pytest.raises(RuntimeError, match="late callback failure"):
+            stack.wait_for(subject="late", match=_seen_by_the_test(gate), timeout=TIMEOUT)
+        sender.join(TIMEOUT)
+        assert not sender.is_alive()
+        stack.check()  # reported once
+
+
+def test_wait_for_twin_returns_after_a_passing_callback_ran() -> None:
+    gate = threading.Event()
+    ran: list[str] = []
+    with MailStack(StackConfig(domains=("example.com",))) as stack:
+        _gated(stack, gate, lambda: ran.append("callback"))
+        sender = _send_aside(stack, "late")
+        stack.wait_for(subject="late", match=_seen_by_the_test(gate), timeout=TIMEOUT)
+        assert ran == ["callback"]  # already: wait_for returned after the callback
+        sender.join(TIMEOUT)
+        assert not sender.is_alive()
+        stack.check()
+
+
+def test_reset_raises_an_error_recorded_since_the_last_check() -> None:
+    def broken(message: DeliveredMessage) -> None:
+        raise RuntimeError("unchecked failure")
+
+    with MailStack(StackConfig(domains=("example.com",))) as stack:
+        stack.on_delivery(broken)
+        _send(stack, [stack.user().address], "unchecked")  # stored, and announced, before the 250
+        assert [m.subject for m in stack.messages()] == ["unchecked"]
+        with pytest.raises(RuntimeError, match="unchecked failure") as info:
+            stack.reset()
+        assert "recorded by the stack before reset()" in "\n".join(info.value.__notes__)
+        assert stack.messages() == []  # the stack was reset all the same
+        stack.check()  # reported once
+        stack.reset()  # and not by the next reset either
 
 
 def test_reset_forgets_the_callbacks_and_a_new_one_runs() -> None:

@@ -377,20 +377,48 @@ class MailStack:
         await asyncio.sleep(0)
 
     def check(self) -> None:
-        """Re-raise the first exception any server raised since the last check."""
+        """Re-raise the first exception any server or :meth:`on_delivery` callback raised
+        since the last check (the others are named in its notes).
+
+        It first lets the event loop finish the step it is running: a delivery stores the
+        message, which wakes :meth:`wait_for`, and then runs the callbacks in the same step
+        (``Router._store_here`` in roundtrip/stack/_delivery.py), so a thread that saw the
+        message may ask before a callback raised.
+
+        Raises:
+            TimeoutError: the loop did not get to it within ``timeouts.wait_timeout``
+                seconds (a callback or server code blocks it).
+        """
         __tracebackhide__ = True  # the report shows the test's line, not ours
         if self._thread is None:
             return
-        errors = self._thread.take_errors()
-        if errors:
-            raise errors[0]
+        self._settle_loop()
+        _raise_first(self._thread.take_errors(), "")
+
+    def _settle_loop(self) -> None:
+        """Return once the loop has run what it was running and what was scheduled on it."""
+        thread = self._thread
+        if thread is None or not self.started or thread.in_loop_thread:
+            return
+        if not thread.loop.is_running():
+            return
+        limit = self.config.timeouts.wait_timeout
+        try:
+            thread.call_wait(_nothing, timeout=limit)
+        except TimeoutError:
+            raise TimeoutError(
+                f"the stack's event loop did not answer within {limit:g} s: a delivery "
+                "callback or server code blocks it"
+            ) from None
 
     def reset(self) -> None:
-        """Empty every mailbox and the relay queue; forget recorded errors, DNS queries,
-        transcripts, OAuth tokens and the :meth:`on_delivery` callbacks; restore the default
-        faults, content filter, DNS records, MX ports and relay TLS policies.
+        """Empty every mailbox and the relay queue; forget DNS queries, transcripts, OAuth
+        tokens and the :meth:`on_delivery` callbacks; restore the default faults, content
+        filter, DNS records, MX ports and relay TLS policies.
 
-        The servers keep running.
+        The servers keep running. An error a server or callback recorded since the last
+        :meth:`check` is not forgotten: once the stack is reset, it is raised (the first
+        one, the others named in its notes), as :meth:`check` would.
         """
         if self._thread is not None and self.relay is not None:
             relay, dns = self.relay, self.dns
@@ -415,7 +443,10 @@ class MailStack:
         self.content_filter = default_filter
         self._delivery_callbacks = []
         if self._thread is not None:
-            self._thread.take_errors()
+            _raise_first(
+                self._thread.take_errors(),
+                "recorded by the stack before reset(), which raised it once the stack was reset",
+            )
 
     # the relay queue
 
@@ -644,9 +675,11 @@ class MailStack:
         That is every copy in a user's mailbox (from the MX, or from submission for the
         same domain) and every copy captured for an outside domain; not APPENDs. The callback
         runs on the stack's event-loop thread: keep it short and never block there. An
-        exception it raises is recorded and re-raised by :meth:`check`. :meth:`reset` forgets
-        every callback: the ``mailstack`` fixture resets the stack for each test, so a
-        callback lives as long as the test that registered it.
+        exception it raises is recorded and re-raised by :meth:`check` (which
+        :meth:`wait_for` and the assertions call once they have looked), or by
+        :meth:`reset`. :meth:`reset` forgets every callback: the ``mailstack`` fixture
+        resets the stack for each test, so a callback lives as long as the test that
+        registered it.
         """
         self._delivery_callbacks.append(callback)
 
@@ -856,6 +889,8 @@ class MailStack:
         Raises:
             NotDeliveredError: nothing matched in time; the message lists what did arrive.
             ConfigError: ``to`` is in a domain of the stack but is not a user of it.
+            Exception: what a server or an :meth:`on_delivery` callback raised, the found
+                message's callbacks included (:meth:`check`).
         """
         __tracebackhide__ = True  # the report shows the test's line, not ours
         limit = self.config.timeouts.wait_timeout if timeout is None else timeout
@@ -1122,6 +1157,24 @@ class MailStack:
             if forward is not None:
                 todo.extend(forward.to)
         return False
+
+
+def _nothing() -> None:
+    """What check() runs on the loop to know it has finished the step it was running."""
+
+
+def _raise_first(errors: list[BaseException], note: str) -> None:
+    """Raise the first of ``errors`` (if any), with ``note`` and the others named in its
+    notes (PEP 678)."""
+    __tracebackhide__ = True
+    if not errors:
+        return
+    first = errors[0]
+    if note:
+        first.add_note(note)
+    for other in errors[1:]:
+        first.add_note(f"also recorded: {other!r}")
+    raise first
 
 
 class DeliveredMessage(ReceivedMessage):
