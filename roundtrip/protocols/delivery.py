@@ -20,7 +20,9 @@ timers, the spool) and hands the results in as plain values. Clocks are passed i
   bounce (no host has an address: 5.1.2 for an implicit MX, 5.4.4 otherwise).
 * Replies (RFC 5321 §4.2.1, §4.5.3.2 for 421): :func:`reply_outcome` makes a 5xx permanent,
   with the enhanced status code of the reply (RFC 2034) forced to class 5, or 5.0.0; every
-  other reply is temporary. :class:`DomainAttempt` gathers one domain's attempt across its MX
+  other reply is temporary. :func:`data_reply_outcome` reads the reply to ``DATA`` itself:
+  only 354 lets the content go, and a 2xx there is out of step (:func:`out_of_step`), never a
+  delivery (RFC 5321 §4.1.1.4). :class:`DomainAttempt` gathers one domain's attempt across its MX
   hosts and addresses: a permanent outcome or a delivery settles a recipient, a temporary one
   (or a host that failed as a whole) moves on to the next address, and a recipient no host
   settled is deferred with every host's reason.
@@ -72,6 +74,7 @@ __all__ = [
     "bounce_message",
     "check_address",
     "conclude_route",
+    "data_reply_outcome",
     "domain_of",
     "dot_stuffed_slices",
     "expiry",
@@ -82,6 +85,7 @@ __all__ = [
     "normalize_domains",
     "normalize_line_endings",
     "order_mx",
+    "out_of_step",
     "policy_for",
     "reply_outcome",
     "route_detail",
@@ -244,6 +248,31 @@ def reply_outcome(code: int, message: str, host: str) -> Permanent | Temporary:
             status = "5" + status[1:]
         return Permanent(status, f"smtp; {code} {text}", host)
     return Temporary(f"{host}: {code} {text}")
+
+
+def data_reply_outcome(code: int, message: str, host: str) -> Permanent | Temporary | None:
+    """What the MX's reply to ``DATA`` (the command, not the final dot) means.
+
+    None for 354: the content may go. A 4xx or 5xx keeps its meaning (:func:`reply_outcome`).
+    Any other reply, 250 included, is out of step (RFC 5321 §4.1.1.4, §4.3.2: ``DATA`` is
+    answered 354 or an error; only the reply to the final dot completes the transaction): no
+    content went out, so nothing was delivered, and the recipients are tried again.
+    """
+    if code == 354:
+        return None
+    if 400 <= code < 600:
+        return reply_outcome(code, message, host)
+    return out_of_step(host, f"DATA answered {code} {' '.join(message.split())}, not 354")
+
+
+def out_of_step(host: str, detail: str) -> Temporary:
+    """A reply that cannot belong to the command sent: the session is out of step.
+
+    The connection is dropped and the transaction's recipients are tried again: a reply
+    paired with the wrong command must never count as a delivery (RFC 5321 §4.1.1, §4.2;
+    RFC 2920 §3.1).
+    """
+    return Temporary(f"{host}: reply out of step: {detail}")
 
 
 @dataclass

@@ -38,6 +38,7 @@ from ..protocols.delivery import (
     FALLBACK_WORDS,
     Outcome,
     Temporary,
+    data_reply_outcome,
     dot_stuffed_slices,
     handshake_fallback,
     reply_outcome,
@@ -380,7 +381,7 @@ class Dialer:
                 outcomes[rcpt] = reply_outcome(reply.code, reply.message, host)
         reply = await self._owed(client, started)
         if not accepted:
-            if reply.code == 354:  # content we will not send is awaited: out of step
+            if reply.code < 400:  # 354 awaits content we will not send; a 2xx is out of step
                 discard(client)
                 return outcomes, False
             return outcomes, True
@@ -408,18 +409,31 @@ class Dialer:
         outcomes: dict[str, Outcome],
         accepted: list[str],
     ) -> tuple[dict[str, Outcome], bool]:
-        """After DATA's ``reply``: the content if it was 354, and the outcome of ``accepted``."""
+        """After DATA's ``reply``: the content if it was 354, and the outcome of ``accepted``.
+
+        Only the reply to the final dot can deliver. A 4xx or 5xx to ``DATA`` settles as any
+        refusal; any other reply to it (a 250, say) is out of step (``data_reply_outcome``):
+        no content went out, so the recipients are deferred and the connection is dropped,
+        never asked for QUIT (the MX may be waiting for content).
+        """
+        refused = data_reply_outcome(reply.code, reply.message, host)
+        if refused is not None:
+            conn.errors += 1
+            outcomes.update(dict.fromkeys(accepted, refused))
+            if reply.code < 400:
+                discard(conn.client)
+                return outcomes, False
+            return outcomes, True
         try:
             with translated():
-                if reply.code == 354:
-                    reply = await self.send_content(conn.client, raw)
+                reply = await self.send_content(conn.client, raw)
         except StepError as exc:
             if exc.code is None:
                 raise
             # A malformed or over-long reply: out of step.
             outcomes.update(dict.fromkeys(accepted, reply_outcome(exc.code, exc.reply, host)))
             return outcomes, False
-        if reply.code != 250:  # to DATA (not 354) or to the final dot
+        if reply.code != 250:  # to the final dot
             conn.errors += 1
             outcome = reply_outcome(reply.code, reply.message, host)
             outcomes.update(dict.fromkeys(accepted, outcome))

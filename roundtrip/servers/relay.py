@@ -60,8 +60,10 @@ session (connect, STARTTLS, MAIL/RCPT/DATA, the content written under flow contr
 where aiosmtplib, ``ssl``, ``OSError``, ``TimeoutError`` and dnspython exceptions become
 ``StepError``.
 
-Exactly once: a recipient is settled as soon as the final ``250`` to DATA arrives (or its 5xx)
-and is never attempted again. A reply lost between the remote's 250 and our reading it can
+Exactly once: a recipient is settled as soon as the ``250`` to the final dot arrives (or its
+5xx) and is never attempted again. A ``250`` to the ``DATA`` command itself is out of step, not
+a delivery (RFC 5321 §4.1.1.4; ``delivery.data_reply_outcome``): the recipient is deferred and
+the connection dropped. A reply lost between the remote's 250 and our reading it can
 still cause one duplicate on retry (RFC 1047: a duplicate is better than a loss).
 
 Durability (docs/security.md A9.4): with a ``spool`` (:mod:`roundtrip.spool`; the stack gives one

@@ -47,6 +47,8 @@ class ChunkMX:
     later_mail_reply: bytes | None = None
     #: Reply to every MAIL FROM (None: as above).
     mail_reply: bytes | None = None
+    #: Reply to DATA instead of 354 (None: 354, then the content).
+    data_reply: bytes | None = None
     sessions: list[Session] = field(default_factory=list)
     #: The banner waits until this many connections are open (then every later one gets it at
     #: once): dials that overlap are then seen to overlap, however fast each one would be.
@@ -160,6 +162,8 @@ class _ChunkProtocol(asyncio.Protocol):
         if verb == b"DATA":
             if not self.rcpts:
                 return b"554 5.5.1 No valid recipients"
+            if self.mx.data_reply is not None:
+                return self.mx.data_reply
             self.in_data = True
             return b"354 End data with <CR><LF>.<CR><LF>"
         if verb == b"RSET":
@@ -375,6 +379,60 @@ def test_relay_same_refusal_on_a_fresh_pipelined_connection_defers(world: PipeWo
     assert "421" in deferred.detail
     assert len(mx.sessions) == 2  # the cached one, then a fresh one: both refused
     assert mx.delivered() == [[b"<bob@example.org>"]]
+
+
+# -- replies out of step ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_relay_data_answered_250_defers_and_drops_the_connection(
+    world: PipeWorld, pipelining: bool
+) -> None:
+    """RFC 5321 §4.1.1.4: only the reply to the final dot delivers; 250 to DATA sent nothing."""
+    mx = _world(world, pipelining=pipelining)
+    mx.data_reply = b"250 2.0.0 OK"
+    world.enqueue(["bob@example.org"])
+    (deferred, *_) = world.wait_step("bob@example.org", "deferred")
+    assert "out of step" in deferred.detail and "DATA answered 250" in deferred.detail
+    assert "delivered" not in world.steps("bob@example.org")
+    assert mx.delivered() == []
+    mx.data_reply = None  # the MX mends its ways: the retry delivers, once
+    world.wait_step("bob@example.org", "delivered")
+    world.idle()
+    assert world.steps("bob@example.org").count("delivered") == 1
+    assert mx.delivered() == [[b"<bob@example.org>"]]
+    # The session that answered 250 to DATA was dropped, never reused.
+    assert len(mx.sessions) >= 2 and mx.sessions[0].closed
+    assert b"QUIT" not in mx.sessions[0].commands
+    assert not world.connected_details("bob@example.org")[-1].endswith("(reused)")
+    assert world.relay is not None and world.relay.queue() == []
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_relay_data_answered_354_delivers_once_and_keeps_the_connection(
+    world: PipeWorld, pipelining: bool
+) -> None:
+    """Twin: 354, content, 250 to the dot: delivered once, and the connection serves again."""
+    mx = _world(world, pipelining=pipelining)
+    world.deliver(["bob@example.org"])
+    world.deliver(["carol@example.org"])
+    assert world.steps("bob@example.org").count("delivered") == 1
+    assert "deferred" not in world.steps("bob@example.org")
+    assert mx.delivered() == [[b"<bob@example.org>"], [b"<carol@example.org>"]]
+    assert len(mx.sessions) == 1
+    assert world.connected_details("carol@example.org")[0].endswith("(reused)")
+
+
+@pytest.mark.parametrize("reply", [b"451 4.3.0 Try later", b"554 5.7.1 No thanks"])
+def test_relay_data_refused_keeps_its_meaning(world: PipeWorld, reply: bytes) -> None:
+    """Twin: a 4xx or 5xx to DATA is the MX's answer, in step: deferred or bounced."""
+    mx = _world(world, pipelining=True)
+    mx.data_reply = reply
+    world.enqueue(["bob@example.org"])
+    step = "deferred" if reply.startswith(b"4") else "bounced"
+    (event, *_) = world.wait_step("bob@example.org", step)
+    assert reply.decode() in event.detail and "out of step" not in event.detail
+    assert mx.delivered() == []
 
 
 # -- aiosmtplib's protocol, as _mxsession reads pipelined replies from it ----------------------
