@@ -30,7 +30,7 @@ from ._relayerrors import StepError, translated
 if TYPE_CHECKING:
     import aiosmtplib
 
-__all__ = ["Connection", "ConnectionCache", "Endpoint", "Failure", "discard"]
+__all__ = ["Connection", "ConnectionCache", "Endpoint", "Failure", "discard", "unread"]
 
 # The relay's logger: these lines are part of its story.
 log = logging.getLogger("roundtrip.servers.relay")
@@ -91,6 +91,18 @@ def discard(client: aiosmtplib.SMTP) -> None:
     client.close()
 
 
+def unread(client: aiosmtplib.SMTP) -> bool:
+    """Whether bytes the MX sent wait unread in the client's buffer.
+
+    After the last reply the relay asked for, nothing may be left: a reply nobody asked for
+    would be paired with the next command, shifting every reply after it (RFC 5321 §4.1.1,
+    §4.2; RFC 2920 §3.1). Such a connection is out of step: dropped, never cached or reused.
+    ``_buffer`` is aiosmtplib private, as in ``servers/_mxsession.py``.
+    """
+    protocol = client.protocol
+    return protocol is not None and bool(protocol._buffer)
+
+
 class ConnectionCache:
     """Idle MX connections by endpoint. Use it on the relay's event loop thread.
 
@@ -145,9 +157,9 @@ class ConnectionCache:
         """
         while True:
             conn = self._take(endpoint, mode)
-            if conn is None or conn.client.is_connected:
+            if conn is None or (conn.client.is_connected and not unread(conn.client)):
                 return conn
-            discard(conn.client)  # the MX closed it while it was idle
+            discard(conn.client)  # the MX closed it while it was idle, or it is out of step
 
     def _take(self, endpoint: Endpoint, mode: str) -> Connection | None:
         idle = self._idle.get(endpoint)
@@ -172,6 +184,7 @@ class ConnectionCache:
             self._cache_time > 0
             and not self.closed
             and conn.client.is_connected
+            and not unread(conn.client)
             and conn.messages < self._reuse_limit
             and conn.errors < _REUSE_ERROR_LIMIT
             and asyncio.get_running_loop().time() - conn.opened < self._reuse_time
@@ -183,12 +196,17 @@ class ConnectionCache:
         """After a delivery: RSET and cache the connection if it may serve again, else QUIT.
 
         ``reusable``: the transaction ended in step (the MX answered the final dot, or
-        refused MAIL FROM, every RCPT or DATA). An MX that fails the RSET is not cached.
+        refused MAIL FROM, every RCPT or DATA). An MX that fails the RSET is not cached; one
+        that sent more than was asked (:func:`unread`) is dropped without a word.
         """
         client = conn.client
         said_goodbye = cached = False
         try:
             if self.closed:  # the stack stops: no QUIT that could hold it up
+                return
+            if unread(client):
+                # Out of step: RSET or QUIT would be answered by the stale reply, or by
+                # nothing at all while the MX waits for something else. Dropped.
                 return
             if reusable and self._cacheable(conn):
                 clean, conn.clean = conn.clean, False

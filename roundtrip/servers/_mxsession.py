@@ -41,11 +41,12 @@ from ..protocols.delivery import (
     data_reply_outcome,
     dot_stuffed_slices,
     handshake_fallback,
+    out_of_step,
     reply_outcome,
 )
 from ..protocols.tlspolicy import ResultType
 from . import _recording
-from ._mxcache import Connection, Failure, discard
+from ._mxcache import Connection, Failure, discard, unread
 from ._relayerrors import StepError, translated
 
 __all__ = ["Dialer", "Started"]
@@ -234,12 +235,19 @@ class Dialer:
         if not pipelining:
             try:
                 with translated():
-                    return Started(await client.execute_command(*commands), 0)
+                    mail = await client.execute_command(*commands)
             except StepError as exc:
                 if exc.code is None:
                     raise
                 # A malformed reply: as a refusal (reply_outcome makes it temporary).
                 return Started(aiosmtplib.SMTPResponse(exc.code, exc.reply), 0)
+            if unread(client):
+                # More than one reply to MAIL FROM: which one is ours is unknowable.
+                discard(client)
+                raise StepError(
+                    f"reply out of step: more than one reply to MAIL FROM ({mail.code})"
+                )
+            return Started(mail, 0)
         started = Started(aiosmtplib.SMTPResponse(0, ""), len(commands))
         try:
             with translated():
@@ -297,7 +305,7 @@ class Dialer:
                 reply = await self._owed(client, started)
         except StepError:
             return False
-        if reply is not None and reply.code == 354:
+        if (reply is not None and reply.code == 354) or unread(client):
             discard(client)
             return False
         return True
@@ -345,6 +353,10 @@ class Dialer:
                 if exc.code is None:
                     raise
                 reply = aiosmtplib.SMTPResponse(exc.code, exc.reply)
+            if unread(client):
+                return self._out_of_step(
+                    conn, host, rcpts, f"more than one reply to RCPT TO ({reply.code})"
+                )
             if reply.code in (250, 251):
                 accepted.append(rcpt)
             else:
@@ -361,6 +373,10 @@ class Dialer:
             # A malformed or over-long reply: out of step.
             outcomes.update(dict.fromkeys(accepted, reply_outcome(exc.code, exc.reply, host)))
             return outcomes, False
+        if unread(client):
+            return self._out_of_step(
+                conn, host, rcpts, f"more than one reply to DATA ({reply.code})"
+            )
         return await self._content(
             conn, reply, raw=raw, host=host, outcomes=outcomes, accepted=accepted
         )
@@ -380,6 +396,10 @@ class Dialer:
                 conn.errors += 1
                 outcomes[rcpt] = reply_outcome(reply.code, reply.message, host)
         reply = await self._owed(client, started)
+        if unread(client):
+            # More replies than commands: RFC 2920 §3.1 pairs them one to one, so which ones
+            # are ours is unknowable, and no content goes out.
+            return self._out_of_step(conn, host, rcpts, "more replies than commands")
         if not accepted:
             if reply.code < 400:  # 354 awaits content we will not send; a 2xx is out of step
                 discard(client)
@@ -389,10 +409,6 @@ class Dialer:
             return await self._content(
                 conn, reply, raw=raw, host=host, outcomes=outcomes, accepted=accepted
             )
-        protocol = client.protocol
-        if protocol is not None:
-            # Sent past the 354 unasked (RFC 2920 §3.1 forbids it): never a reply of ours.
-            del protocol._buffer[:]  # aiosmtplib private, as in _owed
         outcomes, in_step = await self._content(
             conn, reply, raw=raw, host=host, outcomes=outcomes, accepted=accepted
         )
@@ -433,13 +449,34 @@ class Dialer:
             # A malformed or over-long reply: out of step.
             outcomes.update(dict.fromkeys(accepted, reply_outcome(exc.code, exc.reply, host)))
             return outcomes, False
+        if unread(conn.client):
+            # The first reply after the dot is the dot's (send_content armed the reader before
+            # the MX could answer), so it stands; what follows it was never asked for, and
+            # would answer the next command (RFC 5321 §4.1.1): the connection is dropped.
+            discard(conn.client)
+            in_step = False
+        else:
+            in_step = True
         if reply.code != 250:  # to the final dot
             conn.errors += 1
             outcome = reply_outcome(reply.code, reply.message, host)
             outcomes.update(dict.fromkeys(accepted, outcome))
-            return outcomes, True
+            return outcomes, in_step
         outcomes.update(dict.fromkeys(accepted))
-        return outcomes, True
+        return outcomes, in_step
+
+    @staticmethod
+    def _out_of_step(
+        conn: Connection, host: str, rcpts: list[str], detail: str
+    ) -> tuple[dict[str, Outcome], bool]:
+        """Replies no longer pair with the commands sent: drop the connection, defer all.
+
+        Every recipient of the transaction is deferred, refusals included: a reply paired
+        with the wrong command says nothing about the recipient it seemed to answer.
+        """
+        conn.errors += 1
+        discard(conn.client)
+        return dict.fromkeys(rcpts, out_of_step(host, detail)), False
 
     async def send_content(self, client: aiosmtplib.SMTP, raw: bytes) -> aiosmtplib.SMTPResponse:
         """After ``354``: write the content under flow control and read the final reply.

@@ -49,6 +49,8 @@ class ChunkMX:
     mail_reply: bytes | None = None
     #: Reply to DATA instead of 354 (None: 354, then the content).
     data_reply: bytes | None = None
+    #: A reply nobody asked for, written with the reply to the first final dot of a session.
+    dot_extra: bytes | None = None
     sessions: list[Session] = field(default_factory=list)
     #: The banner waits until this many connections are open (then every later one gets it at
     #: once): dials that overlap are then seen to overlap, however fast each one would be.
@@ -125,6 +127,8 @@ class _ChunkProtocol(asyncio.Protocol):
                     self.session.messages.append((self.mail or b"", self.rcpts, content))
                 self.in_data, self.mail, self.rcpts = False, None, []
                 replies.append(b"250 2.0.0 queued")
+                if self.mx.dot_extra is not None and len(self.session.messages) == 1:
+                    replies.append(self.mx.dot_extra)
                 continue
             line, found, rest = self.buffer.partition(b"\r\n")
             if not found:
@@ -421,6 +425,32 @@ def test_relay_data_answered_354_delivers_once_and_keeps_the_connection(
     assert mx.delivered() == [[b"<bob@example.org>"], [b"<carol@example.org>"]]
     assert len(mx.sessions) == 1
     assert world.connected_details("carol@example.org")[0].endswith("(reused)")
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_relay_unasked_reply_after_the_dot_is_never_paired_with_the_next_message(
+    world: PipeWorld, pipelining: bool
+) -> None:
+    """RFC 5321 §4.1.1, RFC 2920 §3.1: one reply per command. A connection holding a reply
+    nobody asked for is dropped, never cached: the next message goes over a new one.
+
+    The twin, a clean connection that is reused, is
+    test_relay_data_answered_354_delivers_once_and_keeps_the_connection.
+    """
+    mx = _world(world, pipelining=pipelining)
+    mx.dot_extra = b"250 2.0.0 unasked"
+    world.deliver(["bob@example.org"])
+    world.deliver(["carol@example.org"])
+    assert mx.delivered() == [[b"<bob@example.org>"], [b"<carol@example.org>"]]
+    for rcpt in ("bob@example.org", "carol@example.org"):
+        steps = world.steps(rcpt)
+        assert steps.count("delivered") == 1 and "deferred" not in steps
+    assert len(mx.sessions) == 2
+    assert mx.sessions[0].closed
+    # Dropped, not asked for RSET or QUIT: their replies could not be told from the stale one.
+    assert mx.sessions[0].commands[-1].startswith(b"DATA")
+    assert not world.connected_details("carol@example.org")[0].endswith("(reused)")
+    assert world.relay is not None and world.relay.queue() == []
 
 
 @pytest.mark.parametrize("reply", [b"451 4.3.0 Try later", b"554 5.7.1 No thanks"])
