@@ -20,7 +20,8 @@ timers, the spool) and hands the results in as plain values. Clocks are passed i
   bounce (no host has an address: 5.1.2 for an implicit MX, 5.4.4 otherwise).
 * Replies (RFC 5321 §4.2.1, §4.5.3.2 for 421): :func:`reply_outcome` makes a 5xx permanent,
   with the enhanced status code of the reply (RFC 2034) forced to class 5, or 5.0.0; every
-  other reply is temporary. :func:`data_reply_outcome` reads the reply to ``DATA`` itself:
+  other reply is temporary; :func:`rcpt_outcome` makes a 552 to RCPT temporary too
+  (RFC 5321 §4.5.3.1.10). :func:`data_reply_outcome` reads the reply to ``DATA`` itself:
   only 354 lets the content go, and a 2xx there is out of step (:func:`out_of_step`), never a
   delivery (RFC 5321 §4.1.1.4). :class:`DomainAttempt` gathers one domain's attempt across its MX
   hosts and addresses: a permanent outcome or a delivery settles a recipient, a temporary one
@@ -87,6 +88,7 @@ __all__ = [
     "order_mx",
     "out_of_step",
     "policy_for",
+    "rcpt_outcome",
     "reply_outcome",
     "route_detail",
     "tls_failure",
@@ -248,6 +250,17 @@ def reply_outcome(code: int, message: str, host: str) -> Permanent | Temporary:
             status = "5" + status[1:]
         return Permanent(status, f"smtp; {code} {text}", host)
     return Temporary(f"{host}: {code} {text}")
+
+
+def rcpt_outcome(code: int, message: str, host: str) -> Permanent | Temporary:
+    """The outcome of an MX's refusal of ``RCPT TO``: as :func:`reply_outcome`, but for 552.
+
+    RFC 5321 §4.5.3.1.10: a 552 to RCPT means "too many recipients" and is to be treated as
+    temporary, like 452: the recipient waits for a later transaction instead of bouncing.
+    """
+    if code == 552:
+        return Temporary(f"{host}: {code} {' '.join(message.split())}")
+    return reply_outcome(code, message, host)
 
 
 def data_reply_outcome(code: int, message: str, host: str) -> Permanent | Temporary | None:

@@ -42,6 +42,7 @@ from ..protocols.delivery import (
     dot_stuffed_slices,
     handshake_fallback,
     out_of_step,
+    rcpt_outcome,
     reply_outcome,
 )
 from ..protocols.tlspolicy import ResultType
@@ -361,7 +362,7 @@ class Dialer:
                 accepted.append(rcpt)
             else:
                 conn.errors += 1
-                outcomes[rcpt] = reply_outcome(reply.code, reply.message, host)
+                outcomes[rcpt] = rcpt_outcome(reply.code, reply.message, host)
         if not accepted:
             return outcomes, True
         try:
@@ -394,7 +395,7 @@ class Dialer:
                 accepted.append(rcpt)
             else:
                 conn.errors += 1
-                outcomes[rcpt] = reply_outcome(reply.code, reply.message, host)
+                outcomes[rcpt] = rcpt_outcome(reply.code, reply.message, host)
         reply = await self._owed(client, started)
         if unread(client):
             # More replies than commands: RFC 2920 §3.1 pairs them one to one, so which ones

@@ -18,7 +18,7 @@ from typing import cast
 import aiosmtplib
 import aiosmtplib.protocol
 import pytest
-from test_relay import SENDER, TIMEOUT, World
+from test_relay import SENDER, TIMEOUT, World, status_fields
 
 from roundtrip.protocols._pipelining import first_write, path, rset_due
 
@@ -51,6 +51,8 @@ class ChunkMX:
     data_reply: bytes | None = None
     #: A reply nobody asked for, written with the reply to the first final dot of a session.
     dot_extra: bytes | None = None
+    #: Recipients per transaction; later ones get 552 (RFC 5321 §4.5.3.1.10). None: no limit.
+    rcpt_limit: int | None = None
     sessions: list[Session] = field(default_factory=list)
     #: The banner waits until this many connections are open (then every later one gets it at
     #: once): dials that overlap are then seen to overlap, however fast each one would be.
@@ -161,6 +163,8 @@ class _ChunkProtocol(asyncio.Protocol):
                 return b"503 5.5.1 MAIL first"
             if rcpt in self.mx.refused:
                 return b"550 5.1.1 No such user"
+            if self.mx.rcpt_limit is not None and len(self.rcpts) >= self.mx.rcpt_limit:
+                return b"552 5.5.3 Too many recipients"
             self.rcpts.append(rcpt)
             return b"250 2.1.5 OK"
         if verb == b"DATA":
@@ -450,6 +454,46 @@ def test_relay_unasked_reply_after_the_dot_is_never_paired_with_the_next_message
     # Dropped, not asked for RSET or QUIT: their replies could not be told from the stale one.
     assert mx.sessions[0].commands[-1].startswith(b"DATA")
     assert not world.connected_details("carol@example.org")[0].endswith("(reused)")
+    assert world.relay is not None and world.relay.queue() == []
+
+
+# -- refused recipients --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_relay_552_to_rcpt_defers_to_a_later_transaction(
+    world: PipeWorld, pipelining: bool
+) -> None:
+    """RFC 5321 §4.5.3.1.10: 552 to RCPT (too many recipients) is temporary, like 452."""
+    mx = _world(world, pipelining=pipelining)
+    mx.rcpt_limit = 1
+    world.enqueue(["bob@example.org", "carol@example.org"])
+    (deferred, *_) = world.wait_step("carol@example.org", "deferred")
+    assert "552" in deferred.detail
+    world.wait_step("carol@example.org", "delivered")
+    world.idle()
+    assert mx.delivered() == [[b"<bob@example.org>"], [b"<carol@example.org>"]]
+    for rcpt in ("bob@example.org", "carol@example.org"):
+        assert world.steps(rcpt).count("delivered") == 1
+    assert "bounced" not in world.steps("carol@example.org")
+    assert world.local == []  # no DSN
+    assert world.relay is not None and world.relay.queue() == []
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_relay_550_to_rcpt_still_bounces_once(world: PipeWorld, pipelining: bool) -> None:
+    """Twin: 550 to RCPT is permanent: one DSN, no retry, the others delivered once."""
+    mx = _world(world, pipelining=pipelining)
+    mx.refused.add(b"<carol@example.org>")
+    world.enqueue(["bob@example.org", "carol@example.org"])
+    world.wait_step("bob@example.org", "delivered")
+    (bounced,) = world.wait_step("carol@example.org", "bounced")
+    world.idle()
+    assert "550" in bounced.detail
+    assert "deferred" not in world.steps("carol@example.org")
+    assert mx.delivered() == [[b"<bob@example.org>"]]
+    (dsn,) = world.local
+    assert dsn[0] == SENDER and "5.1.1" in status_fields(dsn[1])["Status"]
     assert world.relay is not None and world.relay.queue() == []
 
 
