@@ -303,3 +303,29 @@ def test_routing_relay_connection_cache_setting(cache: float) -> None:
         assert len(connected) == 2
         assert "(reused)" not in connected[0]
         assert connected[1].endswith("(reused)") is (cache > 0)
+
+
+def test_routing_utf8_recipient_accepted_at_submission_is_relayed_once() -> None:
+    """RFC 6531: submission takes ``RCPT TO:<jöhn@...>`` with SMTPUTF8; the relay passes it on
+    to the stack's MX (which offers SMTPUTF8) with the parameter, and it is stored once.
+
+    The twin, an MX without SMTPUTF8 (one 5.6.7 DSN), is in
+    tests/servers/test_relay_pipelining.py.
+    """
+    config = StackConfig(retry_delays=(0.05,), queue_lifetime=30, catch_all=("example.org",))
+    with MailStack(config) as stack:
+        sender = stack.user("example.com")
+        rcpt = "jöhn@example.org"
+        raw = make_message(sender=sender.address, recipient="user@example.org", subject="utf8 rcpt")
+        host, port = stack.endpoints("example.com").address("submissions")
+        with smtplib.SMTP_SSL(host, port, context=stack.client_context(), timeout=TIMEOUT) as smtp:
+            smtp.login(sender.address, sender.password)
+            assert smtp.has_extn("smtputf8")
+            assert smtp.sendmail(sender.address, [rcpt], raw, mail_options=["SMTPUTF8"]) == {}
+        stack.wait_for("user@example.org", subject="utf8 rcpt", timeout=TIMEOUT)
+        stack.wait_relay(lambda queue: not queue, TIMEOUT)
+        assert [m.subject for m in stack.messages("user@example.org")] == ["utf8 rcpt"]
+        steps = [e.step for e in stack.relay.events if e.recipient == rcpt]
+        assert steps.count("delivered") == 1 and "deferred" not in steps
+        assert stack.messages(sender.address) == []  # no DSN
+        stack.check()

@@ -14,27 +14,35 @@ from collections.abc import Sequence
 __all__ = ["first_write", "path", "rset_due"]
 
 
-def path(address: str) -> bytes:
+def path(address: str, *, smtputf8: bool = False) -> bytes:
     """``address`` as a reverse- or forward-path: ``<address>``, ``<>`` for the null sender.
 
     RFC 5321 §4.1.2. The relay checks every envelope address for CR, LF, NUL and angle
     brackets when the message is queued (``delivery.check_address``), so nothing here can end
-    or inject a command line; an address that is not ASCII raises ``UnicodeEncodeError``
-    (SMTPUTF8 is not used).
+    or inject a command line. With ``smtputf8`` (the transaction's MAIL FROM carries the
+    SMTPUTF8 parameter) the address goes as UTF-8 (RFC 6531 §3.3); without it an address
+    that is not ASCII raises ``UnicodeEncodeError``: ``delivery.needs_smtputf8`` decides
+    before anything is written.
     """
-    return b"<" + address.encode("ascii") + b">"
+    return b"<" + address.encode("utf-8" if smtputf8 else "ascii") + b">"
 
 
-def first_write(mail_from: str, rcpts: Sequence[str], *, pipelining: bool) -> list[bytes]:
+def first_write(
+    mail_from: str, rcpts: Sequence[str], *, pipelining: bool, smtputf8: bool = False
+) -> list[bytes]:
     """The command lines (without CRLF) a transaction starts with, written together.
 
     ``MAIL FROM``, each ``RCPT TO`` and ``DATA`` when the MX offers PIPELINING; ``MAIL FROM``
-    alone when it does not (the rest then goes one command at a time).
+    alone when it does not (the rest then goes one command at a time). With ``smtputf8``,
+    ``MAIL FROM`` carries the SMTPUTF8 parameter and the paths are UTF-8 (RFC 6531 §3.4).
     """
-    mail = b"MAIL FROM:" + path(mail_from)
+    mail = b"MAIL FROM:" + path(mail_from, smtputf8=smtputf8)
+    if smtputf8:
+        mail += b" SMTPUTF8"
     if not pipelining:
         return [mail]
-    return [mail, *(b"RCPT TO:" + path(rcpt) for rcpt in rcpts), b"DATA"]
+    rcpt_lines = (b"RCPT TO:" + path(rcpt, smtputf8=smtputf8) for rcpt in rcpts)
+    return [mail, *rcpt_lines, b"DATA"]
 
 
 def rset_due(*, pipelining: bool, dot_answered: bool) -> bool:

@@ -13,6 +13,9 @@ timers, the spool) and hands the results in as plain values. Clocks are passed i
   writes addresses into commands verbatim); :func:`normalize_line_endings` makes every stray
   CR or LF a CRLF, so the relay never forwards smuggling material; :func:`dot_stuffed_slices`
   writes the DATA content (RFC 5321 §4.5.2) lazily, in slices.
+* Internationalized addresses (RFC 6531): :func:`needs_smtputf8` says when an envelope
+  address needs the SMTPUTF8 parameter; towards an MX that does not offer it the recipients
+  bounce with :func:`no_smtputf8`'s 5.6.7 (§3.7.5).
 * Routing (RFC 5321 §5.1, RFC 7505): :func:`order_mx` sorts MX records by preference; no MX
   record means the domain itself is the MX (implicit MX); a null MX (``0 .``) is a permanent
   5.1.10. :func:`no_such_domain` is NXDOMAIN's 5.1.2. :func:`conclude_route` decides what the
@@ -82,6 +85,8 @@ __all__ = [
     "handshake_fallback",
     "lookup_failed",
     "mx_mismatch",
+    "needs_smtputf8",
+    "no_smtputf8",
     "no_such_domain",
     "normalize_domains",
     "normalize_line_endings",
@@ -250,6 +255,24 @@ def reply_outcome(code: int, message: str, host: str) -> Permanent | Temporary:
             status = "5" + status[1:]
         return Permanent(status, f"smtp; {code} {text}", host)
     return Temporary(f"{host}: {code} {text}")
+
+
+def needs_smtputf8(mail_from: str, rcpts: Sequence[str]) -> bool:
+    """Whether an envelope address is not ASCII, so the transaction needs SMTPUTF8 (RFC 6531)."""
+    return not (mail_from.isascii() and all(rcpt.isascii() for rcpt in rcpts))
+
+
+def no_smtputf8(host: str) -> Permanent:
+    """The bounce when a non-ASCII address meets an MX that does not offer SMTPUTF8.
+
+    RFC 6531 §3.7.5 (no downgrade is defined): the message cannot be sent to that MX, and
+    RFC 5248 / RFC 6531 §3.7.4 give the status 5.6.7 (address not representable).
+    """
+    return Permanent(
+        "5.6.7",
+        f"X-Roundtrip; {host} does not offer SMTPUTF8, which a non-ASCII address needs",
+        host,
+    )
 
 
 def rcpt_outcome(code: int, message: str, host: str) -> Permanent | Temporary:

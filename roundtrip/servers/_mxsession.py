@@ -37,10 +37,13 @@ from ..protocols.delivery import (
     DATA_SLICE,
     FALLBACK_WORDS,
     Outcome,
+    Permanent,
     Temporary,
     data_reply_outcome,
     dot_stuffed_slices,
     handshake_fallback,
+    needs_smtputf8,
+    no_smtputf8,
     out_of_step,
     rcpt_outcome,
     reply_outcome,
@@ -63,11 +66,15 @@ class Started:
     """A transaction under way: the reply to MAIL FROM, and how many replies are still owed.
 
     ``owed`` counts the replies to the ``RCPT TO`` and ``DATA`` written with ``MAIL FROM``
-    when the MX offers PIPELINING (RFC 2920); without it, 0.
+    when the MX offers PIPELINING (RFC 2920); without it, 0. ``smtputf8``: MAIL FROM carried
+    the SMTPUTF8 parameter, so the paths are UTF-8 (RFC 6531). ``refused``: nothing was sent,
+    because the envelope needs SMTPUTF8 and the MX does not offer it (RFC 6531 §3.7.5).
     """
 
     mail: aiosmtplib.SMTPResponse
     owed: int
+    smtputf8: bool = False
+    refused: Permanent | None = None
 
 
 class Dialer:
@@ -232,7 +239,12 @@ class Dialer:
         """
         client = conn.client
         pipelining = client.supports_extension("pipelining")
-        commands = first_write(mail_from, rcpts, pipelining=pipelining)
+        utf8 = needs_smtputf8(mail_from, rcpts)
+        if utf8 and not client.supports_extension("smtputf8"):
+            # RFC 6531 §3.7.5: no downgrade; nothing is sent and the session stays in step.
+            refused = no_smtputf8(conn.endpoint[0])
+            return Started(aiosmtplib.SMTPResponse(0, ""), 0, refused=refused)
+        commands = first_write(mail_from, rcpts, pipelining=pipelining, smtputf8=utf8)
         if not pipelining:
             try:
                 with translated():
@@ -248,8 +260,8 @@ class Dialer:
                 raise StepError(
                     f"reply out of step: more than one reply to MAIL FROM ({mail.code})"
                 )
-            return Started(mail, 0)
-        started = Started(aiosmtplib.SMTPResponse(0, ""), len(commands))
+            return Started(mail, 0, smtputf8=utf8)
+        started = Started(aiosmtplib.SMTPResponse(0, ""), len(commands), smtputf8=utf8)
         try:
             with translated():
                 protocol = client.protocol
@@ -334,6 +346,8 @@ class Dialer:
         conn.messages += 1
         if started is None:
             started = await self.start(conn, mail_from=mail_from, rcpts=rcpts)
+        if started.refused is not None:
+            return dict.fromkeys(rcpts, started.refused), True
         mail = started.mail
         if mail.code != 250:
             conn.errors += 1
@@ -349,7 +363,9 @@ class Dialer:
         for rcpt in rcpts:
             try:
                 with translated():
-                    reply = await client.execute_command(b"RCPT TO:" + path(rcpt))
+                    reply = await client.execute_command(
+                        b"RCPT TO:" + path(rcpt, smtputf8=started.smtputf8)
+                    )
             except StepError as exc:
                 if exc.code is None:
                     raise

@@ -749,7 +749,7 @@ class Relay:
             taken = False
             try:
                 started = await self._dialer.start(conn, mail_from=entry.mail_from, rcpts=rcpts)
-                if started.mail.code == 250:
+                if started.mail.code == 250 or started.refused is not None:
                     taken = True
                     return conn, started
                 failure = f"{started.mail.code} {started.mail.message}"

@@ -53,6 +53,8 @@ class ChunkMX:
     dot_extra: bytes | None = None
     #: Recipients per transaction; later ones get 552 (RFC 5321 §4.5.3.1.10). None: no limit.
     rcpt_limit: int | None = None
+    #: Offer SMTPUTF8 (RFC 6531) in the EHLO reply.
+    smtputf8: bool = False
     sessions: list[Session] = field(default_factory=list)
     #: The banner waits until this many connections are open (then every later one gets it at
     #: once): dials that overlap are then seen to overlap, however fast each one would be.
@@ -148,6 +150,8 @@ class _ChunkProtocol(asyncio.Protocol):
         verb = line[:4].upper()
         if verb == b"EHLO":
             extensions = [b"250-PIPELINING"] if self.mx.pipelining else []
+            if self.mx.smtputf8:
+                extensions.append(b"250-SMTPUTF8")
             return b"\r\n".join([f"250-{self.mx.name}".encode(), *extensions, b"250 8BITMIME"])
         if verb == b"MAIL":
             self.mails += 1
@@ -495,6 +499,54 @@ def test_relay_550_to_rcpt_still_bounces_once(world: PipeWorld, pipelining: bool
     (dsn,) = world.local
     assert dsn[0] == SENDER and "5.1.1" in status_fields(dsn[1])["Status"]
     assert world.relay is not None and world.relay.queue() == []
+
+
+# -- internationalized addresses (RFC 6531) ----------------------------------------------------
+
+UTF8_RCPT = "jöhn@example.org"
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_relay_utf8_address_goes_with_smtputf8_when_offered(
+    world: PipeWorld, pipelining: bool
+) -> None:
+    """RFC 6531 §3.4: MAIL FROM carries SMTPUTF8, and the paths go as UTF-8."""
+    mx = _world(world, pipelining=pipelining)
+    mx.smtputf8 = True
+    world.enqueue([UTF8_RCPT])
+    world.wait_step(UTF8_RCPT, "delivered")
+    world.idle()
+    rcpt = f"<{UTF8_RCPT}>".encode()
+    assert mx.delivered() == [[rcpt]]
+    assert world.steps(UTF8_RCPT).count("delivered") == 1
+    (session,) = mx.sessions
+    mails = [c for c in session.commands if c.startswith(b"MAIL FROM:")]
+    assert mails == [b"MAIL FROM:<alice@example.net> SMTPUTF8"]
+    assert b"RCPT TO:" + rcpt in session.commands
+    assert world.local == []
+    # An ASCII envelope goes without the parameter, as before.
+    world.deliver(["bob@example.org"])
+    mails = [c for s in mx.sessions for c in s.commands if c.startswith(b"MAIL FROM:")]
+    assert mails[-1] == b"MAIL FROM:<alice@example.net>"
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_relay_utf8_address_bounces_5_6_7_when_smtputf8_is_not_offered(
+    world: PipeWorld, pipelining: bool
+) -> None:
+    """Twin, RFC 6531 §3.7.5: no downgrade; one DSN with 5.6.7, nothing sent, no retry."""
+    mx = _world(world, pipelining=pipelining)
+    world.enqueue([UTF8_RCPT])
+    (bounced,) = world.wait_step(UTF8_RCPT, "bounced")
+    world.idle()
+    assert "SMTPUTF8" in bounced.detail
+    assert "deferred" not in world.steps(UTF8_RCPT)
+    assert mx.delivered() == []
+    assert not [c for s in mx.sessions for c in s.commands if c.startswith(b"MAIL")]
+    (dsn,) = world.local
+    assert dsn[0] == SENDER and status_fields(dsn[1])["Status"] == "5.6.7"
+    assert world.relay is not None and world.relay.queue() == []
+    assert world.lt.take_errors() == []
 
 
 @pytest.mark.parametrize("reply", [b"451 4.3.0 Try later", b"554 5.7.1 No thanks"])
