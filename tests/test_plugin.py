@@ -146,7 +146,8 @@ def test_next_one_is_clean(mailstack):
     )
 
 
-CALLBACK_TESTS = """
+#: A test module's helper: ``send(mailstack, subject)`` submits one message to its sender.
+SEND_HELPER = """
 import smtplib
 
 def send(mailstack, subject):
@@ -155,6 +156,11 @@ def send(mailstack, subject):
     with smtplib.SMTP_SSL(host, port, context=mailstack.client_context(), timeout=5) as smtp:
         smtp.login(user.address, user.password)
         smtp.sendmail(user.address, [user.address], f"Subject: {subject}\\r\\n\\r\\nhi\\r\\n")
+"""
+
+CALLBACK_TESTS = (
+    SEND_HELPER
+    + """
 
 def test_raising_callback_then_wait_for(mailstack):
     mailstack.on_delivery(lambda message: 1 / 0)
@@ -178,6 +184,7 @@ def test_next_one_is_clean(mailstack):
     send(mailstack, "after")
     mailstack.wait_for(subject="after", timeout=5)
 """
+)
 
 
 def test_plugin_on_delivery_callback_error_fails_the_test_that_caused_it(
@@ -201,17 +208,11 @@ def test_plugin_on_delivery_callback_error_fails_the_test_that_caused_it(
     result.stdout.fnmatch_lines(["ERROR *::test_raising_callback_never_checked - *"])
 
 
-CALLBACK_LIFETIME_TESTS = """
-import smtplib
-
+CALLBACK_LIFETIME_TESTS = (
+    SEND_HELPER
+    + """
 SEEN = []
 
-def send(mailstack, subject):
-    user = mailstack.user("example.com")
-    host, port = mailstack.endpoints("example.com").address("submissions")
-    with smtplib.SMTP_SSL(host, port, context=mailstack.client_context(), timeout=5) as smtp:
-        smtp.login(user.address, user.password)
-        smtp.sendmail(user.address, [user.address], f"Subject: {subject}\\r\\n\\r\\nhi\\r\\n")
 
 def test_a_registers_a_callback(mailstack):
     def only_mine(message):
@@ -227,6 +228,7 @@ def test_b_runs_only_its_own(mailstack):
     mailstack.wait_for(subject="B-mail", timeout=5)
     assert SEEN == [("A", "A-mail"), ("B", "B-mail")]
 """
+)
 
 
 def test_plugin_on_delivery_callbacks_end_with_their_test(pytester: pytest.Pytester) -> None:
