@@ -184,7 +184,10 @@ def _wire_size(raw: bytes) -> int:
     if not raw:
         return 0
     bare_lf = raw.count(b"\n") - raw.count(b"\r\n")
-    return len(raw) + bare_lf + (0 if raw.endswith(b"\n") else 2)
+    # The last line's ending as dot_stuff completes it (protocols/_lines.py): nothing after
+    # an LF, an LF after a final CR, CRLF otherwise.
+    tail = 0 if raw.endswith(b"\n") else 1 if raw.endswith(b"\r") else 2
+    return len(raw) + bare_lf + tail
 
 
 def _top(raw: bytes, lines: int) -> bytes:

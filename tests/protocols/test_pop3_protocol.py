@@ -297,6 +297,33 @@ def test_pop3_retr_size_matches_wire_for_bare_lf(store: Store) -> None:
     assert size == len(body) - 1  # one stuffed dot is not part of the size
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"Subject: cr\r\n\r\nends in a bare CR\r",  # dot-stuffing adds only the LF
+        b"Subject: cr\r\n\r\nbare CR\rinside\r",
+        b"Subject: none\r\n\r\nno final line end",  # gets a whole CRLF
+        b"Subject: lf\n\nbare LF\n",
+        b"Subject: crlf\r\n\r\n.dot\r\n",
+        b"Subject: mixed\r\n\nx\r\ny\n\r",
+    ],
+)
+def test_pop3_list_and_stat_count_the_octets_retr_sends(raw: bytes) -> None:
+    # RFC 1939 section 5: LIST and STAT give the exact size of the message as RETR sends it
+    # (line ends as CRLF, before dot-stuffing). A final bare CR gets an LF, not a CRLF.
+    store = Store()
+    store.add_user(USER, PASSWORD)
+    store.deliver(USER, raw)
+    conn = login(store)
+    size = int(talk(conn, b"LIST 1\r\n").split()[2])
+    stat = int(talk(conn, b"STAT\r\n").split()[2])
+    body = talk(conn, b"RETR 1\r\n").split(b"\r\n", 1)[1].removesuffix(b".\r\n")
+    unstuffed = b"\r\n".join(
+        line[1:] if line.startswith(b".") else line for line in body.split(b"\r\n")
+    )
+    assert size == stat == len(unstuffed)
+
+
 def test_pop3_uidl_stable_across_sessions(store: Store) -> None:
     conn = login(store)
     first = talk(conn, b"UIDL\r\n")
