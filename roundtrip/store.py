@@ -35,6 +35,7 @@ __all__ = [
     "StoredMessage",
     "address_key",
     "message_id_of",
+    "message_ids_of",
     "validate_mailbox_name",
 ]
 
@@ -103,6 +104,23 @@ _MESSAGE_ID = re.compile(
 )
 
 
+#: A msg-id in a Message-ID field's value: "<", no "<" or ">", ">" (RFC 5322 section 3.6.4).
+_MSG_ID_TOKEN = re.compile(rb"<[^<>]*>")
+
+
+def message_ids_of(raw: bytes) -> list[str]:
+    """Every ``<...>`` of every Message-ID field of ``raw``'s header block, lower-cased: the
+    keys under which SEARCH HEADER Message-ID "<id>" must find the message, since the
+    search asks for a field that contains the id (RFC 3501 section 6.4.4), and a field may
+    carry a comment after it, or a second id, and a message a second field."""
+    end = header_bounds(raw)[0]
+    ids: list[str] = []
+    for found in _MESSAGE_ID.finditer(raw, 0, end):
+        value = b" ".join(found.group(1).split())
+        ids += [t.decode("utf-8", "replace").lower() for t in _MSG_ID_TOKEN.findall(value)]
+    return ids
+
+
 def message_id_of(raw: bytes) -> str:
     """The first Message-ID field of ``raw``'s header block, unfolded and lower-cased.
 
@@ -143,6 +161,10 @@ class StoredMessage:
     def message_id(self) -> str:
         """:func:`message_id_of` this message."""
         return message_id_of(self.raw)
+
+    def message_ids(self) -> list[str]:
+        """:func:`message_ids_of` this message."""
+        return message_ids_of(self.raw)
 
     def parts(self) -> tuple[bytes, bytes]:
         """The message as ``(head, rest)``, ``head + rest`` being ``raw``: whole header
@@ -232,6 +254,13 @@ class _HeadedMessage(StoredMessage):
         # the body starts with the empty line: roundtrip/_headerblock.py).
         return message_id_of(parts[0] + b"\r\n") or message_id_of(parts[1])
 
+    def message_ids(self) -> list[str]:
+        parts = self._parts
+        if isinstance(parts, bytes):
+            return message_ids_of(parts)
+        # The header block is ``head``'s fields, then those the body starts with (as above).
+        return message_ids_of(parts[0] + b"\r\n") + message_ids_of(parts[1])
+
 
 class Mailbox:
     """A folder of one user: messages ordered by UID.
@@ -312,7 +341,8 @@ class Mailbox:
     # Mutators, called by Store with its lock held.
 
     def uids_with_message_id(self, message_id: str) -> list[int]:
-        """UIDs of the messages whose Message-ID is ``message_id`` (case-insensitive).
+        """UIDs of the messages with a Message-ID field that contains the msg-id
+        ``message_id`` (``<left@right>``, case-insensitive): :func:`message_ids_of`.
 
         The first call reads every message's header block once; later deliveries and expunges
         keep the index current, so a probe finds its message in O(1) however full the mailbox.
@@ -321,11 +351,14 @@ class Mailbox:
         if index is None:
             index = {}
             for uid in self._uids:
-                key = self._by_uid[uid].message_id()
-                if key:
-                    index.setdefault(key, []).append(uid)
+                self._index_ids(index, self._by_uid[uid])
             self._message_ids = index
         return list(index.get(message_id.strip().lower(), ()))
+
+    @staticmethod
+    def _index_ids(index: dict[str, list[int]], msg: StoredMessage) -> None:
+        for key in dict.fromkeys(msg.message_ids()):  # a message once per id
+            index.setdefault(key, []).append(msg.uid)
 
     def _add(self, msg: StoredMessage) -> None:
         self._uids.append(msg.uid)
@@ -333,9 +366,7 @@ class Mailbox:
         self._count_keywords(msg.flags, 1)
         self.modseq += 1
         if self._message_ids is not None:
-            key = msg.message_id()
-            if key:
-                self._message_ids.setdefault(key, []).append(msg.uid)
+            self._index_ids(self._message_ids, msg)
 
     def _remove(self, uids: Iterable[int]) -> list[int]:
         gone = sorted(u for u in set(uids) if u in self._by_uid)

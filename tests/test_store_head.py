@@ -76,10 +76,12 @@ def test_store_head_message_id_lookup_without_joining(store: Store) -> None:
     store.deliver(ALICE, BODY, head=HEAD)
     box = store.mailbox(ALICE)
     assert box.uids_with_message_id("<one@example.org>") == [1]
-    # A Message-ID in the head is the header block's first: it wins over the body's.
+    # A Message-ID in the head is a field of the header block as much as the content's is:
+    # SEARCH HEADER finds a message by either (RFC 3501 section 6.4.4).
     store.deliver(ALICE, BODY, head=b"Message-ID: <head@example.org>\r\n" + HEAD)
     assert box.uids_with_message_id("<head@example.org>") == [2]
-    assert box.uids_with_message_id("<one@example.org>") == [1]
+    assert box.uids_with_message_id("<one@example.org>") == [1, 2]
+    assert box.get(2).message_id() == "<head@example.org>"  # the first field is the head's
 
 
 IN_BODY = b"<in-body@example.org>"

@@ -218,8 +218,9 @@ class MailboxView:
         needle = _imapfetch.message_id_needle(args)
         lookup = getattr(self.box, "uids_with_message_id", None)
         if needle is not None and lookup is not None:
-            # For a complete msg-id, "the field contains the string" (RFC 3501 6.4.4) and "the
-            # field is the string" select the same messages.
+            # "The field contains the string" (RFC 3501 6.4.4): a complete msg-id is contained
+            # in a field exactly where it is one of the field's <...> (store.message_ids_of
+            # indexes every one of every Message-ID field).
             found: list[int] = []
             for wanted in sorted(lookup(needle)):
                 i = bisect.bisect_left(self.uids, wanted)

@@ -86,3 +86,41 @@ def test_search_message_id_index_skips_a_body_line(backend: str, tmp_path: Path)
             (b"d", b'"head@example.com>"', b"* SEARCH 2"),
         ):
             assert _search(conn, tag + b" UID SEARCH HEADER Message-ID " + key + b"\r\n") == want
+
+
+#: Message-ID fields in which the id is contained but is not the whole value.
+CONTAINED = [
+    b"Message-ID: <c1@example.com> (a comment after it)\r\n\r\nx\r\n",
+    b"Message-ID: <first@example.com>\r\nMessage-ID: <c2@example.com>\r\n\r\nx\r\n",
+    b"Message-ID: <other@example.com><c3@example.com>\r\n\r\nx\r\n",
+    b"Message-ID:\r\n <c4@example.com>\r\n\r\nx\r\n",
+]
+#: Fields that do not contain the id searched for (the twins).
+NOT_CONTAINED = [
+    b"Message-ID: <xc5@example.com>\r\n\r\nx\r\n",  # a longer id that ends like it
+    b"Subject: <c5@example.com>\r\n\r\nx\r\n",  # another field
+    b"Message-ID: <c5@example.com.evil>\r\n\r\nx\r\n",
+]
+
+
+@pytest.mark.parametrize("backend", ["memory", "maildir"])
+def test_search_message_id_index_finds_an_id_the_field_contains(
+    backend: str, tmp_path: Path
+) -> None:
+    """RFC 3501 section 6.4.4: HEADER matches a field that contains the string. The index
+    finds what a scan finds: an id followed by a comment, in a second field, or second in
+    its field; and neither finds a field that only looks alike."""
+    with backend_store(backend, tmp_path, {USER: "pw"}) as store:
+        for raw in CONTAINED + NOT_CONTAINED:
+            store.deliver(USER, raw)
+        conn = _session(store)
+        for n in (1, 2, 3, 4, 5):
+            wanted = f"<C{n}@example.com>".encode()
+            fast = _search(conn, b's UID SEARCH HEADER Message-ID "' + wanted + b'"\r\n')
+            slow = _search(conn, b't UID SEARCH HEADER Message-ID "' + wanted[1:] + b'"\r\n')
+            if n <= 4:
+                assert fast == slow == f"* SEARCH {n}".encode(), wanted
+            else:
+                # "<c5@example.com>" is in no field; "c5@example.com>" is, inside <xc5@...>.
+                assert fast == b"* SEARCH", fast
+                assert slow == b"* SEARCH 5", slow
