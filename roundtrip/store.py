@@ -615,14 +615,20 @@ class Store:
                 raise MailboxError(f"no mailbox {old!r}", code="NONEXISTENT")
             if dst in boxes:
                 raise MailboxError(f"mailbox {new!r} already exists", code="ALREADYEXISTS")
+            moved: list[int] = []
             if src == "INBOX":
-                self._rename_inbox(user, boxes, dst)
+                moved = self._rename_inbox(user, boxes, dst)
             else:
                 self._rename_tree(user, boxes, src, dst)
             self._bump()
         self._notify(StoreChange(user, dst, "mailboxes"))
+        if moved:
+            # INBOX stays and loses its messages: a session that has it selected must hear
+            # them expunged (RFC 3501 section 7.4.1), or it keeps showing messages gone.
+            self._notify(StoreChange(user, "INBOX", "expunged", tuple(moved)))
 
-    def _rename_inbox(self, user: str, boxes: dict[str, Mailbox], dst: str) -> None:
+    def _rename_inbox(self, user: str, boxes: dict[str, Mailbox], dst: str) -> list[int]:
+        """Move INBOX's messages into a new mailbox ``dst``; the UIDs that left INBOX."""
         inbox = boxes["INBOX"]
         self._check_mailbox(inbox)
         target = self._new_mailbox(user, dst)
@@ -638,6 +644,7 @@ class Store:
         finally:
             inbox._remove(moved)
             self._messages_moved(inbox, target)
+        return moved
 
     def _rename_tree(self, user: str, boxes: dict[str, Mailbox], src: str, dst: str) -> None:
         prefix = src + HIERARCHY_DELIMITER

@@ -988,6 +988,26 @@ def test_imap_rename_to_a_sibling_or_out_of_inbox_still_works(any_store: Store) 
     assert len(store.mailbox(USER, "INBOX/old")) == 3 and len(store.mailbox(USER, "INBOX")) == 0
 
 
+def test_imap_rename_inbox_expunges_in_a_session_that_has_it_selected(any_store: Store) -> None:
+    """RFC 3501 6.3.5 and 7.4.1: INBOX stays and its messages leave; a session with INBOX
+    selected hears them expunged, and then sees a new delivery as the only message."""
+    store = any_store
+    watcher, renamer = Client(store), Client(store)
+    assert b"* 3 EXISTS" in watcher.select()
+    _notify(store, watcher)
+    renamer.login()
+    assert renamer.cmd("r RENAME INBOX Archive").startswith(b"r OK")
+    out = watcher.cmd("n NOOP")
+    assert out.count(b" EXPUNGE\r\n") == 3 and out.endswith(b"n OK NOOP completed\r\n"), out
+    assert watcher.cmd("f UID FETCH 1:* (UID)") == b"f OK FETCH completed\r\n"  # no ghost
+    store.deliver(USER, b"Subject: new\r\n\r\nbody\r\n")
+    out = watcher.cmd("m NOOP")
+    assert b"* 1 EXISTS" in out, out
+    # The twin: a session that has the renamed folder's new name selected sees all three.
+    reader = Client(store)
+    assert b"* 3 EXISTS" in reader.select("Archive")
+
+
 def _big_field_message(field_size: int) -> bytes:
     """A message whose X-Big field (folded lines together) is exactly ``field_size`` octets."""
     head = b"X-Big: "
