@@ -9,6 +9,7 @@ bound (a container without IPv6).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import poplib
@@ -322,13 +323,20 @@ def test_ipv6_dual_stack_port_taken_on_v6_moves_to_another_port() -> None:
     """An ephemeral port free on 127.0.0.1 may be held on ::1 by another program: the
     listeners of that attempt are closed and the service gets a port free on both."""
     blockers: list[socket.socket] = []
+    blocked_ports: list[int] = []
 
     def starting(host: str, port: int) -> Awaitable[asyncio.Server]:
-        if host == "::1" and not blockers:
+        if host == "::1" and not blocked_ports:
+            blocked_ports.append(port)
             blocker = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            blocker.bind(("::1", port))  # someone else holds this port on IPv6 only
-            blocker.listen()
-            blockers.append(blocker)
+            try:
+                blocker.bind(("::1", port))  # someone else holds this port on IPv6 only
+                blocker.listen()
+                blockers.append(blocker)
+            except OSError as exc:
+                # Another program on this machine already holds it on ::1: the very case.
+                blocker.close()
+                assert exc.errno == errno.EADDRINUSE, exc
         return asyncio.start_server(_echo, host, port)
 
     async def run() -> tuple[int, int, list[int]]:
@@ -336,7 +344,7 @@ def test_ipv6_dual_stack_port_taken_on_v6_moves_to_another_port() -> None:
         try:
             port = await listeners._bind_hosts("imaps", ("127.0.0.1", "::1"), 0, starting)
             bound = [s.sockets[0].getsockname()[1] for s in listeners.servers]
-            return port, blockers[0].getsockname()[1], bound
+            return port, blocked_ports[0], bound
         finally:
             listeners.close()
 
