@@ -70,6 +70,11 @@ class Flaws:
     echo_auth: bool = False
     #: Refuse every AUTH at once, however often (no penalty, no disconnect).
     refuse_auth: bool = False
+    #: Answer MAIL without AUTH with this reply (a sender check, as Postfix's
+    #: reject_unknown_sender_domain or reject_unauthenticated_sender_login_mismatch).
+    mail_reply: str = ""
+    #: Answer RCPT to a foreign domain with this reply (MAIL taken without AUTH).
+    relay_reply: str = ""
 
 
 @dataclass
@@ -206,9 +211,18 @@ class _Session:
                     self.send("535 5.7.8 bad credentials")
                 else:
                     self.send("538 5.7.11 Encryption required")
+            elif verb == "MAIL" and self.flaws.mail_reply and not self.authed:
+                self.send(self.flaws.mail_reply)
             elif verb == "MAIL":
-                ok = self.authed or self.flaws.no_auth_needed or self.flaws.open_relay
+                ok = (
+                    self.authed
+                    or self.flaws.no_auth_needed
+                    or self.flaws.open_relay
+                    or bool(self.flaws.relay_reply)
+                )
                 self.send("250 2.1.0 ok" if ok else "530 5.7.0 Authentication required")
+            elif verb == "RCPT" and self.flaws.relay_reply and "example.invalid" in line:
+                self.send(self.flaws.relay_reply)
             elif verb == "RCPT":
                 foreign = "example.invalid" in line
                 ok = (self.authed or self.flaws.no_auth_needed) and not foreign
@@ -306,7 +320,7 @@ def weak(stack: MailStack) -> Iterator[list[WeakServer]]:
 
 
 def _weak(
-    weak: list[WeakServer], protocol: str, *, of: WeakServer | None = None, **flaws: bool
+    weak: list[WeakServer], protocol: str, *, of: WeakServer | None = None, **flaws: bool | str
 ) -> WeakServer:
     """A weak server; with ``of``, one sharing that server's CA and mailbox."""
     if of is not None:
@@ -483,6 +497,85 @@ def test_active_open_relay_flags_a_relay_and_never_sends_data(weak: list[WeakSer
     verbs = [line.split(" ")[0].split(":")[0].upper() for line in server.received]
     assert "DATA" not in verbs and "BDAT" not in verbs
     assert "RCPT" in verbs
+    # The sender is the probe's own address: a domain that resolves (docs/active-checks.md).
+    assert "MAIL FROM:<probe@weak.test>" in server.received
+
+
+def _relay_run(server: WeakServer) -> ActiveReport:
+    return _run(
+        ("open-relay",),
+        smtp=_weak_endpoint(server),
+        context=_weak_context(server),
+        mx=("127.0.0.1", server.port),
+    )
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "450 4.1.8 <probe@weak.test>: Sender address rejected: Domain not found",
+        "553 5.7.1 <probe@weak.test>: Sender address rejected: not logged in",
+    ],
+)
+def test_active_open_relay_refused_mail_is_not_tested_never_a_pass(
+    weak: list[WeakServer], reply: str
+) -> None:
+    # The same open relay as above, only refusing this sender: RCPT is never asked, so the
+    # relay is not tested (a warning quoting the reply), never "no open relay".
+    server = _weak(weak, "smtp", open_relay=True, mail_reply=reply)
+    report = _relay_run(server)
+    assert report.checks == {}
+    assert report.ran == ["open-relay"]
+    (finding,) = report.findings
+    assert finding.severity == "warn" and "not tested" in finding.message
+    assert repr(reply) in finding.message and finding.evidence == (reply,)
+    assert not any(line.upper().startswith("RCPT") for line in server.received)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        # Postfix reject_unknown_recipient_domain on .invalid (unknown_address_reject_code)
+        "450 4.1.2 <relay-test@example.invalid>: Recipient address rejected: Domain not found",
+        # Postfix defer_unauth_destination: temporary, may be accepted on a later try
+        "454 4.7.1 <relay-test@example.invalid>: Relay access denied",
+        # Sender checks Postfix runs at RCPT time (smtpd_delay_reject)
+        "450 4.1.8 <probe@weak.test>: Sender address rejected: Domain not found",
+        # 5xx refusing an address, not relaying (RFC 3463, RFC 7505, RFC 7372)
+        "550 5.1.2 <relay-test@example.invalid>: Recipient address rejected: Domain not found",
+        "556 5.1.10 <relay-test@example.invalid>: Recipient address rejected: null MX",
+        "550 5.7.23 <probe@weak.test>: Sender address rejected: SPF fail",
+    ],
+)
+def test_active_open_relay_inconclusive_rcpt_reply_is_not_a_pass(
+    weak: list[WeakServer], reply: str
+) -> None:
+    server = _weak(weak, "smtp", relay_reply=reply)
+    report = _relay_run(server)
+    assert report.checks == {}
+    (finding,) = report.findings
+    assert finding.severity == "warn" and "not tested" in finding.message
+    assert repr(reply) in finding.message and finding.evidence == ("250 2.1.0 ok", reply)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "554 5.7.1 <relay-test@example.invalid>: Relay access denied",  # Postfix
+        "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain",  # Exchange
+        "550 relay not permitted",  # Exim, no enhanced status code
+    ],
+)
+def test_active_open_relay_twin_5xx_to_rcpt_after_mail_250_passes(
+    weak: list[WeakServer], reply: str
+) -> None:
+    # The twin of the two above: MAIL taken, then a permanent refusal of the foreign RCPT.
+    server = _weak(weak, "smtp", relay_reply=reply)
+    report = _relay_run(server)
+    assert report.checks == {"no open relay": True}
+    (finding,) = report.findings
+    assert finding.severity == "info" and "refused to relay" in finding.message
+    assert repr(reply) in finding.message and finding.evidence == ("250 2.1.0 ok", reply)
 
 
 def test_active_open_relay_twin_stack_mx_refuses(stack: MailStack) -> None:

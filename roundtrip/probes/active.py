@@ -9,7 +9,7 @@ send what a client normally never sends, so they run only when asked for by grou
 
 - Mail is only ever addressed to the probe's own mailbox (the reader's user, or ``--to``).
   The open-relay check names ``relay-test@example.invalid`` (RFC 2606: can never be
-  delivered) and stops after RCPT: it never sends DATA.
+  delivered), from the probe's own sender, and stops after RCPT: it never sends DATA.
 - A fixed number of connections and commands per group (seven smuggling vectors, one
   connection each, on the submission port and at the MX; one connection per STARTTLS port
   for injection), each group within the probe's ``--timeout``, every reply bounded in lines
@@ -86,10 +86,20 @@ SMUGGLING_VECTORS: tuple[tuple[str, bytes], ...] = (
     ("CRLF-NUL.CRLF", b"\r\n\x00.\r\n"),
 )
 
-#: The foreign recipient of the open-relay check: RFC 2606 reserves ``.invalid``.
+#: The foreign recipient of the open-relay check. RFC 2606 section 2 reserves ``.invalid``:
+#: it never resolves, so no relay can deliver there, and a server that verifies recipients
+#: contacts nobody. A documentation domain such as example.com is no better: a relay that
+#: checks recipient domains may refuse it with a 5xx for its DNS (RFC 7505 null MX, X.1.10),
+#: which says nothing about relaying (docs/active-checks.md). The sender is the probe's own
+#: address: a domain that resolves passes sender-domain checks (Postfix
+#: reject_unknown_sender_domain answers 450 for ``.invalid``), and a relay that trusts its
+#: own domain's senders is caught too.
 RELAY_RECIPIENT = "relay-test@example.invalid"
-#: The foreign sender of the open-relay check.
-RELAY_SENDER = "relay-probe@example.invalid"
+#: Enhanced status codes (RFC 3463 section 3.2, RFC 7372, RFC 7505 sections 4.2-4.3) by which
+#: a 5xx to the foreign RCPT refuses an address, not relaying: a relay says the same. X.1.2 bad
+#: destination system, X.1.7/X.1.8 bad sender mailbox or system, X.1.10 recipient null MX,
+#: X.7.23/X.7.24 SPF failed or errored, X.7.27 sender null MX.
+_NOT_RELAY_STATUS = frozenset({"1.2", "1.7", "1.8", "1.10", "7.23", "7.24", "7.27"})
 #: Longest reply line read (RFC 5321 section 4.5.3.1.5 allows 512; servers send more).
 MAX_LINE = 8192
 #: Most lines of one reply (an EHLO reply has a dozen).
@@ -732,17 +742,29 @@ def _mx_open(target: Endpoint, deadline: float) -> _Session:
         raise
 
 
+def _enhanced_status(lines: list[str]) -> str:
+    """The subject.detail of a reply's enhanced status code (RFC 3463 section 2; RFC 2034
+    section 4: after the reply code), or "" when there is none."""
+    match = re.match(r"\d{3}[ -]([245])\.(\d{1,3}\.\d{1,3})(?:\s|$)", lines[-1] if lines else "")
+    return match.group(2) if match else ""
+
+
 def _open_relay(ctx: _Context) -> str | None:
+    """MAIL FROM the probe's own address, RCPT TO a foreign ``.invalid`` address, without
+    AUTH. Only a 5xx to that RCPT proves the MX refuses to relay (RFC 5321 section 7.1); a
+    refused MAIL, a 4xx (RFC 5321 section 4.2.1: temporary, may be accepted later) or a 5xx
+    about an address (``_NOT_RELAY_STATUS``) leaves it not tested: a warning, no check."""
     target = ctx.mx_target
     if target is None:
         if not ctx.discover:
             return "no MX given: give --mx HOST:PORT"
         return f"no MX: nothing answered on {ctx.smtp.host}:25; give --mx HOST:PORT"
     server = target.address
+    sender = ctx.mail_from
     session: _Session | None = None
     try:
         session = _mx_open(target, ctx.deadline())
-        mail = session.wire.command(f"MAIL FROM:<{RELAY_SENDER}>")
+        mail = session.wire.command(f"MAIL FROM:<{sender}>")
         rcpt = session.wire.command(f"RCPT TO:<{RELAY_RECIPIENT}>") if mail[0] // 100 == 2 else None
         # Never DATA (docs/active-checks.md): the answer to RCPT is the verdict.
         session.wire.command("RSET")
@@ -753,13 +775,34 @@ def _open_relay(ctx: _Context) -> str | None:
             session.wire.close()
         return None
     evidence = mail[1] + (rcpt[1] if rcpt else [])
-    relays = rcpt is not None and rcpt[0] // 100 == 2
+    untested = ""
+    if rcpt is None:
+        untested = f"MAIL FROM:<{sender}> got {mail[1][-1]!r}, so no RCPT was sent"
+    elif rcpt[0] // 100 == 4:
+        untested = (
+            f"RCPT TO:<{RELAY_RECIPIENT}> got {rcpt[1][-1]!r}, a temporary refusal "
+            "(RFC 5321 section 4.2.1), not a refusal to relay"
+        )
+    elif rcpt[0] // 100 == 5 and _enhanced_status(rcpt[1]) in _NOT_RELAY_STATUS:
+        untested = (
+            f"RCPT TO:<{RELAY_RECIPIENT}> got {rcpt[1][-1]!r}, a refusal of an address "
+            "(RFC 3463), not a refusal to relay"
+        )
+    elif rcpt[0] // 100 != 5 and rcpt[0] // 100 != 2:
+        untested = f"RCPT TO:<{RELAY_RECIPIENT}> got {rcpt[1][-1]!r}, not an SMTP verdict"
+    if untested:
+        ctx.finding(
+            "open-relay", WARN, f"open-relay at {server} not tested: {untested}", server, evidence
+        )
+        return None
+    assert rcpt is not None
+    relays = rcpt[0] // 100 == 2
     ctx.check("no open relay", not relays)
     if relays:
         ctx.finding(
             "open-relay",
             FAIL,
-            f"smtp {server}: accepted mail from {RELAY_SENDER} to {RELAY_RECIPIENT} without "
+            f"smtp {server}: accepted mail from {sender} to {RELAY_RECIPIENT} without "
             "AUTH: an open relay (RFC 5321 section 7.1; CVE-1999-0512); no DATA was sent",
             server,
             evidence,
@@ -768,7 +811,7 @@ def _open_relay(ctx: _Context) -> str | None:
         ctx.finding(
             "open-relay",
             INFO,
-            f"smtp {server}: refused to relay to {RELAY_RECIPIENT} ({evidence[-1]!r})",
+            f"smtp {server}: refused to relay from {sender} to {RELAY_RECIPIENT} ({rcpt[1][-1]!r})",
             server,
             evidence,
         )
