@@ -26,6 +26,7 @@ from roundtrip.protocols.dns import Record
 
 SENDER = "example.com"
 VOID_CHECK = "sending domain's SPF within 2 void DNS lookups"
+VALID_CHECK = "sending domain's SPF record is valid"
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +125,9 @@ def test_spf_void_lookups_are_counted_through_includes(stack: MailStack) -> None
         "_inc.example.com: mx:nomx.example.com (nomx.example.com MX: NXDOMAIN)",
         "example.com: include:gone.example.com (gone.example.com TXT: NXDOMAIN)",
     )
-    assert [f.message for f in codes["spf-include"]] == [
-        "SPF of example.com: example.com refers to gone.example.com, which has no SPF record "
-        "(permerror)"
+    assert [f.message for f in codes["spf-include-permerror"]] == [
+        "SPF of example.com: example.com refers to gone.example.com, which has no SPF record: "
+        "receivers return permerror for the whole record (RFC 7208 sections 5.2 and 6.1)"
     ]
 
 
@@ -271,11 +272,92 @@ def test_spf_syntax_error_in_an_included_record_is_reported(stack: MailStack) ->
         Record("_bad.example.com", "TXT", "v=spf1 exists:%{z}.example.com ~all"),
         Record("_good.example.com", "TXT", "v=spf1 exists:%{i}.example.com ~all"),
     )
-    _, codes = _posture(stack)
-    (problem,) = codes["spf-include"]
-    assert problem.severity == "warn"
+    report, codes = _posture(stack)
+    (problem,) = codes["spf-include-permerror"]
+    assert problem.severity == "fail" and "spf-include" not in codes
     assert "_bad.example.com (reached from example.com)" in problem.message
     assert "unknown macro letter 'z'" in problem.message
+    assert report.checks[VALID_CHECK] is False
+    # Twin: the same includes, both valid.
+    _serve(
+        stack,
+        "v=spf1 include:_bad.example.com include:_good.example.com -all",
+        Record("_bad.example.com", "TXT", "v=spf1 exists:%{d}.example.com ~all"),
+        Record("_good.example.com", "TXT", "v=spf1 exists:%{i}.example.com ~all"),
+    )
+    report, codes = _posture(stack)
+    assert "spf-include-permerror" not in codes and "spf-include" not in codes
+    assert report.checks[VALID_CHECK] is True
+
+
+# -- include and redirect targets (RFC 7208 sections 5.2 and 6.1) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spf", "more", "says"),
+    [
+        (
+            "v=spf1 include:_n.example.com -all",
+            [Record("_n.example.com", "TXT", "not spf")],
+            "example.com refers to _n.example.com, which has no SPF record",
+        ),
+        (
+            "v=spf1 include:_nx.example.com -all",
+            [],
+            "example.com refers to _nx.example.com, which has no SPF record",
+        ),
+        (
+            "v=spf1 redirect=_nx.example.com",
+            [],
+            "example.com refers to _nx.example.com, which has no SPF record",
+        ),
+        (
+            "v=spf1 include:_two.example.com -all",
+            [
+                Record("_two.example.com", "TXT", "v=spf1 -all"),
+                Record("_two.example.com", "TXT", "v=spf1 ~all"),
+            ],
+            "example.com refers to _two.example.com, which has 2 SPF records",
+        ),
+        (
+            "v=spf1 redirect=_syn.example.com",
+            [Record("_syn.example.com", "TXT", "v=spf1 ip4:192.0.2.1 bogus:x -all")],
+            "_syn.example.com (reached from example.com): unknown term 'bogus:x'",
+        ),
+    ],
+)
+def test_spf_include_or_redirect_to_a_permerror_fails_the_record(
+    stack: MailStack, spf: str, more: list[Record], says: str
+) -> None:
+    _serve(stack, spf, *more)
+    report, codes = _posture(stack)
+    (problem,) = codes["spf-include-permerror"]
+    assert problem.severity == "fail" and says in problem.message
+    assert "receivers return permerror for the whole record" in problem.message
+    assert [f.severity for f in codes["spf-syntax"]] == ["info"]
+    assert report.checks[VALID_CHECK] is False
+
+
+@pytest.mark.parametrize(
+    "spf", ["v=spf1 include:_ok.example.com -all", "v=spf1 redirect=_ok.example.com"]
+)
+def test_spf_include_or_redirect_to_a_valid_record_passes(stack: MailStack, spf: str) -> None:
+    _serve(stack, spf, Record("_ok.example.com", "TXT", "v=spf1 ip4:192.0.2.1 -all"))
+    report, codes = _posture(stack)
+    assert "spf-include-permerror" not in codes and "spf-include" not in codes
+    assert report.checks[VALID_CHECK] is True
+
+
+def test_spf_include_loop_stays_a_warning(stack: MailStack) -> None:
+    _serve(
+        stack,
+        "v=spf1 include:_loop.example.com -all",
+        Record("_loop.example.com", "TXT", "v=spf1 include:example.com -all"),
+    )
+    report, codes = _posture(stack)
+    assert [f.severity for f in codes["spf-include"]] == ["warn"]
+    assert "spf-include-permerror" not in codes
+    assert report.checks[VALID_CHECK] is True
 
 
 # -- expansion (RFC 7208 section 7.3, with the examples of section 7.4) --------------------

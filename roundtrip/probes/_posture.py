@@ -24,6 +24,7 @@ _ADDRESSES_PER_HOST = 2
 FINDING_CHECKS = {
     "spf-multiple": "sending domain has one SPF record",
     "spf-syntax": "sending domain's SPF record is valid",
+    "spf-include-permerror": "sending domain's SPF record is valid",
     "spf-lookups": "sending domain's SPF within 10 DNS lookups",
     "spf-void-lookups": "sending domain's SPF within 2 void DNS lookups",
 }
@@ -42,8 +43,9 @@ class AuthReport:
         self.findings.append(
             Finding(code, severity, message, self.domain, tuple(e for e in evidence if e))
         )
-        if code in FINDING_CHECKS:
-            self.checks[FINDING_CHECKS[code]] = severity != FAIL
+        if code in FINDING_CHECKS:  # several codes share a check: one fail fails it
+            check = FINDING_CHECKS[code]
+            self.checks[check] = self.checks.get(check, True) and severity != FAIL
 
     def apply(self, result: Any) -> None:
         """Add the findings and checks to a ``ProbeResult``; a failed check fails it (with

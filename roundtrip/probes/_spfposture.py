@@ -141,14 +141,17 @@ class SPFWalk:
     Attributes:
         lookups: DNS-querying terms (at least that many when the query budget ran out).
         void: per client address family, the terms whose query got NXDOMAIN or no records.
-        problems: includes or redirects without one SPF record, syntax errors in them,
-            loops, queries that failed, a budget that ran out.
+        permerrors: includes or redirects whose target has no SPF record (or several), and
+            syntax errors in an included or redirected record: receivers return permerror
+            for the whole record (RFC 7208 sections 5.2 and 6.1).
+        problems: loops, queries that failed (receivers: temperror), a budget that ran out.
         sender: terms whose target depends on the sender (counted as one lookup each).
         trail: the records read, as ``domain: record`` lines.
     """
 
     lookups: int = 0
     void: dict[str, list[str]] = field(default_factory=lambda: {f: [] for f in _FAMILIES})
+    permerrors: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     sender: list[str] = field(default_factory=list)
     trail: list[str] = field(default_factory=list)
@@ -178,11 +181,11 @@ def spf_lookup_count(domain: str, lookup: Lookup) -> tuple[int, list[str], list[
 
     Returns:
         The count (at least that many when the query budget ran out), the problems found on
-        the way (an include without an SPF record, a loop), and the records read, as
-        ``domain: record`` lines.
+        the way (the permerrors first: an include without an SPF record; then the others: a
+        loop), and the records read, as ``domain: record`` lines.
     """
     walk = spf_walk(domain, lookup)
-    return walk.lookups, walk.problems, walk.trail
+    return walk.lookups, [*walk.permerrors, *walk.problems], walk.trail
 
 
 def _void(answer: Answer) -> bool:
@@ -216,16 +219,15 @@ def _walk(
             walk.problems.append(f"{path[-1]}: {via}: {answer.rcode} (receivers: temperror)")
         elif len(found) != 1:
             what = "no SPF record" if not found else f"{len(found)} SPF records"
-            walk.problems.append(f"{path[-1]} refers to {domain}, which has {what} (permerror)")
+            walk.permerrors.append(f"{path[-1]} refers to {domain}, which has {what}")
     if len(found) != 1:
         return
     record = found[0]
     walk.trail.append(f"{domain}: {record}"[:MAX_EVIDENCE_CHARS])
     terms, problems = parse_record(record)
     if problems and path:
-        walk.problems.append(
-            f"{domain} (reached from {path[-1]}): {'; '.join(problems)} (permerror, RFC 7208 "
-            "section 12)"
+        walk.permerrors.append(
+            f"{domain} (reached from {path[-1]}): {'; '.join(problems)} (RFC 7208 section 12)"
         )
     has_all = any(t.name == "all" and not t.modifier for t in terms)
     for term in terms:
@@ -356,6 +358,14 @@ def check_spf(report: AuthReport, lookup: Lookup) -> None:
             INFO,
             f"SPF of {domain}: {term} depends on the sender: counted as one lookup, its "
             "target not followed (RFC 7208 section 7)",
+            *walk.trail[:4],
+        )
+    for problem in walk.permerrors:
+        report.add(
+            "spf-include-permerror",
+            FAIL,
+            f"SPF of {domain}: {problem}: receivers return permerror for the whole record "
+            "(RFC 7208 sections 5.2 and 6.1)",
             *walk.trail[:4],
         )
     for problem in walk.problems:
