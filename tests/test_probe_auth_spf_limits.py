@@ -27,6 +27,7 @@ from roundtrip.protocols.dns import Record
 SENDER = "example.com"
 VOID_CHECK = "sending domain's SPF within 2 void DNS lookups"
 VALID_CHECK = "sending domain's SPF record is valid"
+LOOKUP_CHECK = "sending domain's SPF within 10 DNS lookups"
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +173,34 @@ def test_spf_void_lookups_through_the_cli(
         assert result["error_step"] == "AUTH"
         assert "sending domain's SPF within 2 void DNS lookups" in result["error"]
     stack.check()
+
+
+# -- MX hosts of an mx term (RFC 7208 section 4.6.4) -----------------------------------------
+
+
+def _mx_hosts(count: int) -> list[Record]:
+    return [Record("many.example.com", "MX", f"{n} m{n}.example.com.") for n in range(count)] + [
+        Record(f"m{n}.example.com", "A", "192.0.2.1") for n in range(count)
+    ]
+
+
+def test_spf_mx_term_with_eleven_mx_hosts_is_a_permerror(stack: MailStack) -> None:
+    _serve(stack, "v=spf1 mx:many.example.com -all", *_mx_hosts(11))
+    report, codes = _posture(stack)
+    (count,) = codes["spf-lookups"]
+    assert count.severity == "fail"
+    assert "needs 1 DNS lookups (limit 10)" in count.message
+    assert "example.com: mx:many.example.com (many.example.com has 11 MX hosts)" in count.message
+    assert "more than 10 MX hosts for one mx term, receivers return permerror" in count.message
+    assert report.checks[LOOKUP_CHECK] is False
+
+
+def test_spf_mx_term_with_ten_mx_hosts_passes(stack: MailStack) -> None:
+    _serve(stack, "v=spf1 mx:many.example.com -all", *_mx_hosts(10))
+    report, codes = _posture(stack)
+    (count,) = codes["spf-lookups"]
+    assert count.severity == "info" and "MX hosts" not in count.message
+    assert report.checks[LOOKUP_CHECK] is True
 
 
 # -- macros (RFC 7208 section 7) ---------------------------------------------------------------

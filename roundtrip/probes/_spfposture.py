@@ -27,6 +27,9 @@ from ._spfposture_macro import (
 #: RFC 7208 section 4.6.4: at most 10 terms that cause DNS queries.
 SPF_LOOKUP_LIMIT = 10
 
+#: RFC 7208 section 4.6.4: an ``mx`` term whose domain has more MX hosts is a permerror.
+SPF_MX_LIMIT = 10
+
 #: RFC 7208 section 4.6.4: at most 2 "void lookups" (NXDOMAIN, or an answer without records).
 SPF_VOID_LIMIT = 2
 
@@ -145,6 +148,7 @@ class SPFWalk:
             syntax errors in an included or redirected record: receivers return permerror
             for the whole record (RFC 7208 sections 5.2 and 6.1).
         problems: loops, queries that failed (receivers: temperror), a budget that ran out.
+        many_mx: ``mx`` terms whose domain has more than ``SPF_MX_LIMIT`` MX hosts.
         sender: terms whose target depends on the sender (counted as one lookup each).
         trail: the records read, as ``domain: record`` lines.
     """
@@ -152,6 +156,7 @@ class SPFWalk:
     lookups: int = 0
     void: dict[str, list[str]] = field(default_factory=lambda: {f: [] for f in _FAMILIES})
     permerrors: list[str] = field(default_factory=list)
+    many_mx: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     sender: list[str] = field(default_factory=list)
     trail: list[str] = field(default_factory=list)
@@ -285,6 +290,10 @@ def _void_check(term: Term, target: str, domain: str, lookup: Lookup, walk: SPFW
         answer = lookup.query(target, rtype)
         if answer.failed:
             walk.problems.append(f"{domain}: {term.text}: {target} {rtype}: {answer.rcode}")
+        elif rtype == "MX" and len(answer.values) > SPF_MX_LIMIT:
+            walk.many_mx.append(
+                f"{domain}: {term.text} ({target} has {len(answer.values)} MX hosts)"
+            )
         elif _void(answer):
             for family in families:
                 walk.void[family].append(
@@ -340,7 +349,7 @@ def check_spf(report: AuthReport, lookup: Lookup) -> None:
     void, family = walk.worst_void()
     report.add(
         "spf-lookups",
-        FAIL if over else INFO,
+        FAIL if over or walk.many_mx else INFO,
         f"SPF of {domain} needs {walk.lookups} DNS lookups"
         + (
             f", above the limit of {SPF_LOOKUP_LIMIT}: receivers return permerror "
@@ -348,7 +357,13 @@ def check_spf(report: AuthReport, lookup: Lookup) -> None:
             if over
             else f" (limit {SPF_LOOKUP_LIMIT})"
         )
-        + (f", {void} of them void for {family} clients" if void else ""),
+        + (f", {void} of them void for {family} clients" if void else "")
+        + (
+            f"; {', '.join(walk.many_mx)}: more than {SPF_MX_LIMIT} MX hosts for one mx term, "
+            "receivers return permerror (RFC 7208 section 4.6.4)"
+            if walk.many_mx
+            else ""
+        ),
         *walk.trail[:8],
     )
     _report_void(report, walk)
