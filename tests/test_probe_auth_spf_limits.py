@@ -175,6 +175,68 @@ def test_spf_void_lookups_through_the_cli(
     stack.check()
 
 
+# -- records that let every host pass -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spf", "more", "says"),
+    [
+        (
+            "v=spf1 include:_p.example.com -all",
+            [Record("_p.example.com", "TXT", "v=spf1 +all")],
+            "_p.example.com (reached from example.com by include:_p.example.com): +all lets "
+            "every host on the internet pass",
+        ),
+        (
+            "v=spf1 redirect=_p.example.com",
+            [Record("_p.example.com", "TXT", "v=spf1 all")],
+            "_p.example.com (reached from example.com by redirect=_p.example.com): all lets "
+            "every host on the internet pass",
+        ),
+        ("v=spf1 +ALL", [], "SPF of example.com: +ALL lets every host on the internet pass"),
+        ("v=spf1 ip4:0.0.0.0/0 -all", [], "ip4:0.0.0.0/0 lets every IPv4 host pass"),
+        ("v=spf1 ip6:::/0 -all", [], "ip6:::/0 lets every IPv6 host pass"),
+        (
+            "v=spf1 ip4:10.0.0.0/8 -all",
+            [],
+            "ip4:10.0.0.0/8 lets a /8 of IPv4 addresses (16,777,216) pass",
+        ),
+        ("v=spf1 a/0 -all", [], "a/0 lets every IPv4 host pass"),
+    ],
+)
+def test_spf_record_that_lets_every_host_pass_is_permissive(
+    stack: MailStack, spf: str, more: list[Record], says: str
+) -> None:
+    _serve(stack, spf, *more)
+    _, codes = _posture(stack)
+    (wide,) = codes["spf-permissive"]
+    assert wide.severity == "warn" and says in wide.message
+
+
+@pytest.mark.parametrize(
+    ("spf", "more"),
+    [
+        (
+            "v=spf1 include:_p.example.com -all",
+            [Record("_p.example.com", "TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
+        ),
+        # A match in an included record with -include is a fail, not a pass (RFC 7208 5.2).
+        ("v=spf1 -include:_p.example.com ~all", [Record("_p.example.com", "TXT", "v=spf1 +all")]),
+        ("v=spf1 redirect=_p.example.com", [Record("_p.example.com", "TXT", "v=spf1 -all")]),
+        # Terms after the first ``all`` are never tested (RFC 7208 section 5.1).
+        ("v=spf1 -all +all", []),
+        ("v=spf1 ?ip4:0.0.0.0/0 -all", []),
+        ("v=spf1 ip4:10.0.0.0/9 ip6:2001:db8::/32 a/24 -all", []),
+    ],
+)
+def test_spf_record_with_a_bounded_pass_is_not_permissive(
+    stack: MailStack, spf: str, more: list[Record]
+) -> None:
+    _serve(stack, spf, *more)
+    _, codes = _posture(stack)
+    assert "spf-permissive" not in codes
+
+
 # -- MX hosts of an mx term (RFC 7208 section 4.6.4) -----------------------------------------
 
 

@@ -46,6 +46,11 @@ _QUERYING = frozenset({"include", "a", "mx", "ptr", "exists"})
 _TERM = re.compile(r"(?P<qualifier>[+\-~?]?)(?P<name>[A-Za-z][A-Za-z0-9_.\-]*)(?P<rest>.*)")
 _CIDR = re.compile(r"(?P<spec>.*?)(?:/(?P<four>0|[1-9]\d?))?(?://(?P<six>0|[1-9]\d{0,2}))?")
 
+#: Networks at least this wide (prefix lengths at most these) in a term that passes are
+#: reported as permissive, like ``+all``: an IPv4 /8 is 16,777,216 addresses, an IPv6 /16
+#: 2**112; no domain sends mail from networks that wide.
+_WIDE_PREFIX = {4: 8, 6: 16}
+
 #: The client address families a receiver may evaluate the record for.
 _FAMILIES = ("IPv4", "IPv6")
 
@@ -148,6 +153,8 @@ class SPFWalk:
             syntax errors in an included or redirected record: receivers return permerror
             for the whole record (RFC 7208 sections 5.2 and 6.1).
         problems: loops, queries that failed (receivers: temperror), a budget that ran out.
+        permissive: terms reached with a pass result that let every host pass (``+all``) or
+            a network of ``_WIDE_PREFIX`` or wider, through includes that pass and redirects.
         many_mx: ``mx`` terms whose domain has more than ``SPF_MX_LIMIT`` MX hosts.
         sender: terms whose target depends on the sender (counted as one lookup each).
         trail: the records read, as ``domain: record`` lines.
@@ -157,6 +164,7 @@ class SPFWalk:
     void: dict[str, list[str]] = field(default_factory=lambda: {f: [] for f in _FAMILIES})
     permerrors: list[str] = field(default_factory=list)
     many_mx: list[str] = field(default_factory=list)
+    permissive: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     sender: list[str] = field(default_factory=list)
     trail: list[str] = field(default_factory=list)
@@ -176,7 +184,7 @@ def spf_walk(domain: str, lookup: Lookup) -> SPFWalk:
     depend on the sender (``%{d}``, ``%{o}``)."""
     walk = SPFWalk()
     name = domain.lower().rstrip(".")
-    _walk(name, lookup, walk, (), origin=name, via="")
+    _walk(name, lookup, walk, (), origin=name, via="", passes=True)
     return walk
 
 
@@ -206,7 +214,11 @@ def _walk(
     *,
     origin: str,
     via: str,
+    passes: bool,
 ) -> None:
+    """Walk one record. ``passes``: a match in this record makes the top record pass (the
+    top record itself, an include with a pass qualifier, a redirect: RFC 7208 sections 5.2
+    and 6.1)."""
     if domain in path:
         walk.problems.append(f"loop: {' -> '.join((*path, domain))}")
         return
@@ -234,8 +246,17 @@ def _walk(
         walk.permerrors.append(
             f"{domain} (reached from {path[-1]}): {'; '.join(problems)} (RFC 7208 section 12)"
         )
-    has_all = any(t.name == "all" and not t.modifier for t in terms)
-    for term in terms:
+    first_all = next(
+        (n for n, t in enumerate(terms) if t.name == "all" and not t.modifier), len(terms)
+    )
+    has_all = first_all < len(terms)
+    if passes:  # terms after the first ``all`` are never tested (RFC 7208 section 5.1)
+        where = f"{domain} (reached from {path[-1]} by {via}): " if path else ""
+        for term in terms[: first_all + 1]:
+            wide = _permissive(term)
+            if wide and where + wide not in walk.permissive:
+                walk.permissive.append(where + wide)
+    for index, term in enumerate(terms):
         if term.modifier:
             if term.name != "redirect" or has_all:  # RFC 7208 section 6.1
                 continue
@@ -248,9 +269,46 @@ def _walk(
         if not target:
             continue
         if term.name in ("include", "redirect"):
-            _walk(target, lookup, walk, (*path, domain), origin=origin, via=term.text)
+            follows = passes and (
+                term.name == "redirect" or (index < first_all and _qualifier(term) == "+")
+            )
+            _walk(
+                target, lookup, walk, (*path, domain), origin=origin, via=term.text, passes=follows
+            )
         else:
             _void_check(term, target, domain, lookup, walk)
+
+
+def _qualifier(term: Term) -> str:
+    return term.text[0] if term.text[0] in "+-~?" else "+"
+
+
+def _permissive(term: Term) -> str:
+    """What a mechanism with a pass qualifier lets pass when that is every host or a network
+    of ``_WIDE_PREFIX`` or wider (``ip4``, ``ip6``, and the CIDR lengths of ``a`` and ``mx``,
+    RFC 7208 section 5.6); "" otherwise."""
+    if term.modifier or _qualifier(term) != "+":
+        return ""
+    if term.name == "all":
+        return f"{term.text} lets every host on the internet pass"
+    if term.name in ("ip4", "ip6"):
+        network = ipaddress.ip_network(term.arg, strict=False)
+        lengths = {network.version: network.prefixlen}
+    elif term.name in ("a", "mx"):
+        cidr = _CIDR.fullmatch(term.text)
+        assert cidr is not None
+        four, six = cidr.group("four", "six")
+        lengths = {4: int(four) if four else 32, 6: int(six) if six else 128}
+    else:
+        return ""
+    wide = [
+        f"every IPv{v} host"
+        if n == 0
+        else f"a /{n} of IPv{v} addresses ({2 ** ((32 if v == 4 else 128) - n):,})"
+        for v, n in lengths.items()
+        if n <= _WIDE_PREFIX[v]
+    ]
+    return f"{term.text} lets {' and '.join(wide)} pass" if wide else ""
 
 
 def _target(term: Term, domain: str, origin: str, walk: SPFWalk) -> str:
@@ -337,14 +395,9 @@ def check_spf(report: AuthReport, lookup: Lookup) -> None:
     )
     if problems:
         return
-    if re.search(r"(?i)(^|\s)\+?all(\s|$)", record):
-        report.add(
-            "spf-permissive",
-            WARN,
-            f"SPF record of {domain} ends in +all: every host on the internet passes",
-            record,
-        )
     walk = spf_walk(domain, lookup)
+    for wide in walk.permissive:
+        report.add("spf-permissive", WARN, f"SPF of {domain}: {wide}", *walk.trail[:4])
     over = walk.lookups > SPF_LOOKUP_LIMIT
     void, family = walk.worst_void()
     report.add(
