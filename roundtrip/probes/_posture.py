@@ -100,35 +100,9 @@ def check_dmarc(report: AuthReport, lookup: Lookup) -> None:
                 *records,
             )
             return
-        tags = record_tags(records[0])
-        policy = tags.get("p", "").lower()
-        if name != f"_dmarc.{domain}" and tags.get("sp"):
-            policy = tags["sp"].lower()  # a subdomain's policy (RFC 7489 section 6.3)
-        where = "" if name == f"_dmarc.{domain}" else f" (from the organizational domain {org})"
-        if policy not in ("none", "quarantine", "reject"):
-            report.add(
-                "dmarc-invalid",
-                WARN,
-                f"DMARC record of {domain}{where} has no valid policy (p={policy or 'missing'})",
-                records[0],
-            )
-        elif policy == "none":
-            report.add(
-                "dmarc-none",
-                WARN,
-                f"DMARC policy of {domain}{where} is p=none: receivers only monitor, "
-                "spoofed mail is not refused",
-                records[0],
-            )
-        else:
-            pct = tags.get("pct", "100")
-            report.add(
-                "dmarc",
-                INFO,
-                f"DMARC policy of {domain}{where}: p={policy}"
-                + ("" if pct == "100" else f" for {pct}% of failing mail"),
-                records[0],
-            )
+        own = name == f"_dmarc.{domain}"
+        where = "" if own else f" (from the organizational domain {org})"
+        _judge_dmarc(report, f"{domain}{where}", record_tags(records[0]), records[0], own)
         return
     report.add(
         "dmarc-missing",
@@ -136,6 +110,80 @@ def check_dmarc(report: AuthReport, lookup: Lookup) -> None:
         f"{domain} publishes no DMARC record: receivers apply no policy to mail forging it",
         *tried,
     )
+
+
+_DMARC_POLICIES = ("none", "quarantine", "reject")
+
+#: RFC 7489 section 6.6.4: failing mail not selected by pct= gets the next weaker policy.
+_WEAKER_POLICY = {"reject": "quarantine", "quarantine": "none"}
+
+#: Known DMARC tags whose value is checked (RFC 7489 section 6.3): a pattern the whole value
+#: must match, what it should be, and what receivers use instead of an invalid value.
+_DMARC_TAG_VALUES: dict[str, tuple[str, str, str]] = {
+    "pct": (r"[0-9]{1,3}", "an integer from 0 to 100", "the default pct=100"),
+}
+
+
+def _invalid_dmarc_tags(tags: dict[str, str]) -> list[tuple[str, str, str]]:
+    """The known tags whose value breaks RFC 7489 section 6.3: (tag, what it should be, what
+    receivers use instead)."""
+    invalid = []
+    for tag, (pattern, should, instead) in _DMARC_TAG_VALUES.items():
+        if tag not in tags:
+            continue
+        value = tags[tag]
+        good = re.fullmatch(pattern, value) is not None
+        if good and tag == "pct":
+            good = int(value) <= 100
+        if not good:
+            invalid.append((f"{tag}={value!r}", should, instead))
+    return invalid
+
+
+def _judge_dmarc(
+    report: AuthReport, who: str, tags: dict[str, str], record: str, own: bool
+) -> None:
+    """One DMARC record of ``who`` (the domain, with where the record came from):
+    ``own`` is false for a subdomain that inherits the organizational domain's record."""
+    policy = tags.get("p", "").lower()
+    if not own and tags.get("sp"):
+        policy = tags["sp"].lower()  # a subdomain's policy (RFC 7489 section 6.3)
+    if policy not in _DMARC_POLICIES:
+        report.add(
+            "dmarc-invalid",
+            WARN,
+            f"DMARC record of {who} has no valid policy (p={policy or 'missing'})",
+            record,
+        )
+        return
+    for tag, should, instead in _invalid_dmarc_tags(tags):
+        report.add(
+            "dmarc-invalid",
+            WARN,
+            f"DMARC record of {who}: {tag} is not valid (it must be {should}); receivers "
+            f"ignore it and use {instead} (RFC 7489 section 6.3)",
+            record,
+        )
+    pct = tags.get("pct", "100")
+    pct = pct if re.fullmatch(r"[0-9]{1,3}", pct) and int(pct) <= 100 else "100"
+    if policy == "none":
+        report.add(
+            "dmarc-none",
+            WARN,
+            f"DMARC policy of {who} is p=none: receivers only monitor, spoofed mail is not refused",
+            record,
+        )
+    elif int(pct) < 100:
+        rest = "all of it" if pct == "0" else f"the other {100 - int(pct)}%"
+        report.add(
+            "dmarc-pct",
+            WARN,
+            f"DMARC policy of {who}: p={policy} for only {int(pct)}% of failing mail; {rest} "
+            f"gets p={_WEAKER_POLICY[policy]} (RFC 7489 section 6.6.4)",
+            record,
+        )
+    else:
+        report.add("dmarc", INFO, f"DMARC policy of {who}: p={policy}", record)
 
 
 def check_tls_rpt(report: AuthReport, lookup: Lookup) -> None:
