@@ -84,3 +84,95 @@ def test_dmarc_full_pct_is_the_plain_policy(stack: MailStack, record: str) -> No
     assert set(codes) == {"dmarc"}
     assert [f.severity for f in codes["dmarc"]] == ["info"]
     assert codes["dmarc"][0].message == "DMARC policy of example.com: p=reject"
+
+
+# -- p= and sp= (RFC 7489 section 6.6.3) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "says"),
+    [
+        (
+            "v=DMARC1; p=reject; sp=bogus; rua=mailto:d@example.com",
+            "invalid subdomain policy sp='bogus' (none, quarantine or reject): receivers act as "
+            "if it were p=none (its rua= is valid)",
+        ),
+        (
+            "v=DMARC1; p=reject; sp=bogus",
+            "invalid subdomain policy sp='bogus' (none, quarantine or reject): receivers apply "
+            "no DMARC policy (it has no valid rua=)",
+        ),
+        (
+            "v=DMARC1; p=block; rua=mailto:d@example.com",
+            "has no valid policy (p=block): receivers act as if it were p=none",
+        ),
+    ],
+)
+def test_dmarc_invalid_p_or_sp_is_not_the_published_policy(
+    stack: MailStack, record: str, says: str
+) -> None:
+    codes = _dmarc(stack, record)
+    (invalid,) = codes["dmarc-invalid"]
+    assert invalid.severity == "warn" and says in invalid.message
+    assert "dmarc" not in codes
+
+
+def test_dmarc_invalid_sp_of_the_organizational_domain_reaches_its_subdomains(
+    stack: MailStack,
+) -> None:
+    # A subdomain without a record of its own inherits sp= (RFC 7489 section 6.3).
+    stack.reset()
+    name = f"_dmarc.{SENDER}"
+    kept = [r for r in stack.default_dns_records() if (r.name.lower(), r.rtype) != (name, "TXT")]
+    assert stack.dns is not None
+    lookup = Lookup((stack.dns.host, stack.dns.port), timeout=5.0)
+    for sp, code in (("bogus", "dmarc-invalid"), ("quarantine", "dmarc")):
+        stack.set_dns_records([*kept, Record(name, "TXT", f"v=DMARC1; p=reject; sp={sp}")])
+        found = [f for f in check_posture(f"sub.{SENDER}", lookup).findings if "dmarc" in f.code]
+        assert [f.code for f in found] == [code], found
+        assert "from the organizational domain example.com" in found[0].message
+
+
+@pytest.mark.parametrize("sp", ["none", "quarantine", "reject", "Reject"])
+def test_dmarc_valid_sp_keeps_the_domains_policy(stack: MailStack, sp: str) -> None:
+    codes = _dmarc(stack, f"v=DMARC1; p=reject; sp={sp}; rua=mailto:d@example.com")
+    assert set(codes) == {"dmarc"}
+    assert codes["dmarc"][0].message == "DMARC policy of example.com: p=reject"
+
+
+# -- the other known tags (RFC 7489 section 6.3) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tag", "says"),
+    [
+        ("adkim=x", "adkim='x' is not valid (it must be r or s); receivers ignore it and use "),
+        ("aspf=q", "aspf='q' is not valid (it must be r or s)"),
+        ("fo=9", "fo='9' is not valid (it must be 0, 1, d or s, separated by ':')"),
+        ("fo=1:x", "fo='1:x' is not valid"),
+        ("ri=day", "ri='day' is not valid (it must be a number of seconds)"),
+        ("rua=http://x.example", "rua= holds 'http://x.example', not a mailto: URI"),
+        ("ruf=d@example.com", "ruf= holds 'd@example.com', which is not a URI"),
+        ("rua=mailto:", "rua= holds 'mailto:', which is not a URI"),
+        ("rua=mailto:nobody", "rua= holds 'mailto:nobody', a mailto: URI without an address"),
+        (
+            "rua=mailto:d@example.com,ftp://x.example",
+            "rua= holds 'ftp://x.example', not a mailto: URI",
+        ),
+    ],
+)
+def test_dmarc_invalid_tag_value_is_reported(stack: MailStack, tag: str, says: str) -> None:
+    codes = _dmarc(stack, f"v=DMARC1; p=reject; {tag}")
+    (invalid,) = codes["dmarc-invalid"]
+    assert invalid.severity == "warn" and says in invalid.message
+    # The policy itself stands: receivers ignore the invalid tag.
+    assert [f.message for f in codes["dmarc"]] == ["DMARC policy of example.com: p=reject"]
+
+
+def test_dmarc_valid_tag_values_are_not_reported(stack: MailStack) -> None:
+    codes = _dmarc(
+        stack,
+        "v=DMARC1; p=reject; sp=quarantine; adkim=s; aspf=R; fo=0:1 : d:s; ri=3600; pct=100; "
+        "rua=mailto:d@example.com!10m, mailto:e@example.com; ruf=mailto:f@example.com",
+    )
+    assert set(codes) == {"dmarc"}

@@ -121,23 +121,63 @@ _WEAKER_POLICY = {"reject": "quarantine", "quarantine": "none"}
 #: must match, what it should be, and what receivers use instead of an invalid value.
 _DMARC_TAG_VALUES: dict[str, tuple[str, str, str]] = {
     "pct": (r"[0-9]{1,3}", "an integer from 0 to 100", "the default pct=100"),
+    "adkim": (r"(?i)[rs]", "r or s", "the default adkim=r (relaxed)"),
+    "aspf": (r"(?i)[rs]", "r or s", "the default aspf=r (relaxed)"),
+    "fo": (
+        r"(?i)[01ds](?:\s*:\s*[01ds])*",
+        "0, 1, d or s, separated by ':'",
+        "the default fo=0",
+    ),
+    "ri": (r"[0-9]{1,10}", "a number of seconds", "the default ri=86400"),
 }
 
+#: RFC 7489 section 6.4: dmarc-uri = URI [ "!" 1*DIGIT [ "k" / "m" / "g" / "t" ] ], with
+#: commas and exclamation points inside the URI percent-encoded.
+_DMARC_URI = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*):(?P<rest>[^\s,!]+)(?:![0-9]+[kmgtKMGT]?)?"
+)
 
-def _invalid_dmarc_tags(tags: dict[str, str]) -> list[tuple[str, str, str]]:
-    """The known tags whose value breaks RFC 7489 section 6.3: (tag, what it should be, what
-    receivers use instead)."""
+
+def _invalid_dmarc_tags(tags: dict[str, str]) -> list[str]:
+    """What is wrong with the values of the known tags other than p= and sp= (RFC 7489
+    section 6.3), and what receivers do instead, one sentence each."""
     invalid = []
     for tag, (pattern, should, instead) in _DMARC_TAG_VALUES.items():
         if tag not in tags:
             continue
         value = tags[tag]
         good = re.fullmatch(pattern, value) is not None
-        if good and tag == "pct":
-            good = int(value) <= 100
+        if good and tag in ("pct", "ri"):
+            good = int(value) <= (100 if tag == "pct" else 2**32 - 1)
         if not good:
-            invalid.append((f"{tag}={value!r}", should, instead))
+            invalid.append(
+                f"{tag}={value!r} is not valid (it must be {should}); receivers ignore it and "
+                f"use {instead} (RFC 7489 section 6.3)"
+            )
+    for tag in ("rua", "ruf"):
+        for uri in (u.strip() for u in tags[tag].split(",")) if tag in tags else ():
+            match = _DMARC_URI.fullmatch(uri)
+            if match is None:
+                invalid.append(
+                    f"{tag}= holds {uri!r}, which is not a URI: receivers send no reports to it "
+                    "(RFC 7489 section 6.4)"
+                )
+            elif match["scheme"].lower() != "mailto":
+                invalid.append(
+                    f"{tag}= holds {uri!r}, not a mailto: URI: receivers only have to support "
+                    "mailto: and ignore a URI they do not support (RFC 7489 section 6.3)"
+                )
+            elif "@" not in match["rest"]:
+                invalid.append(
+                    f"{tag}= holds {uri!r}, a mailto: URI without an address: receivers send "
+                    "no reports to it (RFC 7489 section 6.4)"
+                )
     return invalid
+
+
+def _has_valid_rua(tags: dict[str, str]) -> bool:
+    """RFC 7489 section 6.6.3: "at least one syntactically valid reporting URI" in rua=."""
+    return any(_DMARC_URI.fullmatch(u.strip()) for u in tags.get("rua", "").split(","))
 
 
 def _judge_dmarc(
@@ -145,25 +185,32 @@ def _judge_dmarc(
 ) -> None:
     """One DMARC record of ``who`` (the domain, with where the record came from):
     ``own`` is false for a subdomain that inherits the organizational domain's record."""
-    policy = tags.get("p", "").lower()
-    if not own and tags.get("sp"):
-        policy = tags["sp"].lower()  # a subdomain's policy (RFC 7489 section 6.3)
-    if policy not in _DMARC_POLICIES:
+    p = tags.get("p", "").lower()
+    sp = tags.get("sp", "").lower() if "sp" in tags else None
+    if p not in _DMARC_POLICIES or (sp is not None and sp not in _DMARC_POLICIES):
+        # RFC 7489 section 6.6.3: an invalid p= or sp= makes the whole record p=none when rua=
+        # holds a valid URI, and no record otherwise.
+        what = (
+            f"has no valid policy (p={p or 'missing'})"
+            if p not in _DMARC_POLICIES
+            else f"has an invalid subdomain policy sp={tags['sp']!r} (none, quarantine or reject)"
+        )
+        applied = (
+            "receivers act as if it were p=none (its rua= is valid)"
+            if _has_valid_rua(tags)
+            else "receivers apply no DMARC policy (it has no valid rua=)"
+        )
         report.add(
             "dmarc-invalid",
             WARN,
-            f"DMARC record of {who} has no valid policy (p={policy or 'missing'})",
+            f"DMARC record of {who} {what}: {applied}, for the domain and its subdomains "
+            "(RFC 7489 section 6.6.3)",
             record,
         )
         return
-    for tag, should, instead in _invalid_dmarc_tags(tags):
-        report.add(
-            "dmarc-invalid",
-            WARN,
-            f"DMARC record of {who}: {tag} is not valid (it must be {should}); receivers "
-            f"ignore it and use {instead} (RFC 7489 section 6.3)",
-            record,
-        )
+    policy = p if own or sp is None else sp  # a subdomain's policy (RFC 7489 section 6.3)
+    for problem in _invalid_dmarc_tags(tags):
+        report.add("dmarc-invalid", WARN, f"DMARC record of {who}: {problem}", record)
     pct = tags.get("pct", "100")
     pct = pct if re.fullmatch(r"[0-9]{1,3}", pct) and int(pct) <= 100 else "100"
     if policy == "none":
