@@ -1,6 +1,8 @@
 """The probe's own DKIM verdict under RFC 8301 (roundtrip/probes/_authdkim.py,
 docs/auth-checks.md section 2): an rsa-sha1 signature (section 3.1) and an RSA key shorter
-than 1024 bits (section 3.2) are permerrors, never a pass.
+than 1024 bits (section 3.2) are permerrors, never a pass; and the key record's flags
+(RFC 6376 section 3.6.1): a key in testing mode (``t=y``) is a warning, an empty ``p=`` is
+named as a revoked key.
 
 Each message is signed here with a key minted at run time, sent over SMTP to the stack's MX,
 fetched back over IMAPS, and verified with the key looked up in the stack's DNS server.
@@ -179,3 +181,52 @@ def test_short_key_that_does_not_verify_says_both(stack: MailStack) -> None:
     (finding,) = verify_dkim(raw, _lookup(stack))
     assert finding.code == "dkim-verify-permerror"
     assert "fewer than 1024" in finding.message and "does not verify either" in finding.message
+
+
+# -- the key record's flags (RFC 6376 section 3.6.1) ------------------------------------------
+
+
+def _republish(stack: MailStack, key: rsa.RSAPrivateKey, selector: str, flags: str) -> None:
+    """Publish ``key`` again at ``selector`` with ``flags`` (``t=...;``) in its record."""
+    value = stack.publish_dkim_key(SENDER, selector, key.public_key())
+    assert value.startswith("v=DKIM1;")
+    stack.publish_dkim_key(SENDER, selector, value.replace("v=DKIM1;", f"v=DKIM1; {flags}", 1))
+
+
+@pytest.mark.parametrize("flags", ["t=y;", "t=s:y;", "t = Y ;"])
+def test_key_in_testing_mode_is_a_warning(
+    stack: MailStack, key2048: rsa.RSAPrivateKey, flags: str
+) -> None:
+    raw = _deliver_signed(stack, key2048, b"rsa-sha256", "testsel")
+    _republish(stack, key2048, "testsel", flags)
+    (finding,) = verify_dkim(raw, _lookup(stack))
+    assert (finding.code, finding.severity) == ("dkim-testing", "warn")
+    assert "of the delivered copy verifies" in finding.message
+    assert "its key is in testing mode (t=y): verifiers must treat the message like unsigned " in (
+        finding.message
+    )
+    assert finding.evidence[0].startswith("DKIM-Signature: ")
+
+
+@pytest.mark.parametrize("flags", ["t=s;", ""])
+def test_key_not_in_testing_mode_is_a_plain_pass(
+    stack: MailStack, key2048: rsa.RSAPrivateKey, flags: str
+) -> None:
+    raw = _deliver_signed(stack, key2048, b"rsa-sha256", "testsel")
+    _republish(stack, key2048, "testsel", flags)
+    (finding,) = verify_dkim(raw, _lookup(stack))
+    assert (finding.code, finding.severity) == ("dkim-verify", "info")
+    assert "testing" not in finding.message
+
+
+def test_revoked_key_is_named_as_revoked(stack: MailStack, key2048: rsa.RSAPrivateKey) -> None:
+    raw = _deliver_signed(stack, key2048, b"rsa-sha256", "gonesel")
+    stack.publish_dkim_key(SENDER, "gonesel", "v=DKIM1; k=rsa; p=")
+    (finding,) = verify_dkim(raw, _lookup(stack))
+    assert (finding.code, finding.severity) == ("dkim-verify-fail", "warn")
+    assert "the key at gonesel._domainkey.example.com is revoked (empty p=" in finding.message
+    assert "could not parse" not in finding.message
+    # Twin: another key in its place is a mismatch, not a revocation.
+    stack.publish_dkim_key(SENDER, "gonesel", _rsa_key(2048).public_key())
+    (finding,) = verify_dkim(raw, _lookup(stack))
+    assert finding.code == "dkim-verify-fail" and "revoked" not in finding.message
