@@ -101,6 +101,10 @@ def test_probe_auth_mta_sts_policy_not_naming_the_mx_is_a_warning(
     [
         ({"body": GOOD.replace("STSv1", "STSv2")}, "mta-sts-policy-invalid", "version STSv2"),
         ({"body": "version: STSv1\nmode: enforce\n"}, "mta-sts-policy-invalid", "max_age"),
+        # RFC 8461 section 3.2: max_age is 1*10DIGIT, ASCII digits.
+        ({"body": GOOD.replace("86400", "\u0663")}, "mta-sts-policy-invalid", "max_age \u0663"),
+        ({"body": GOOD.replace("86400", "00000086400")}, "mta-sts-policy-invalid", "max_age 0"),
+        ({"body": GOOD.replace("86400", "+86400")}, "mta-sts-policy-invalid", "max_age +86400"),
         ({"status": 404}, "mta-sts-policy-unreachable", "HTTP 404"),
         ({"status": 301}, "mta-sts-policy-unreachable", "redirects are not followed"),
         ({"type": "text/html"}, "mta-sts-policy-unreachable", "Content-Type text/html"),
@@ -114,6 +118,16 @@ def test_probe_auth_mta_sts_policy_bad_replies(
     assert codes[code].severity == "warn"
     assert says in codes[code].message + " ".join(codes[code].evidence)
     assert "mta-sts-policy" not in codes
+
+
+@pytest.mark.parametrize("age", ["0", "0000086400", "31557600"])
+def test_probe_auth_mta_sts_policy_max_age_of_ascii_digits_is_valid(
+    stack: MailStack, policy_port: int, age: str
+) -> None:
+    _Policy.reply["body"] = GOOD.replace("86400", age)
+    codes = _codes(stack, policy_port)
+    assert codes["mta-sts-policy"].severity == "info" and "mta-sts-policy-invalid" not in codes
+    assert f"max_age {age}," in codes["mta-sts-policy"].message
 
 
 def test_probe_auth_mta_sts_policy_with_a_certificate_for_another_name(

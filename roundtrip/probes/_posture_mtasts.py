@@ -137,7 +137,8 @@ def _check_mta_sts_policy(
         problems.append(f"version {version or 'missing'} (expected STSv1)")
     if mode not in ("enforce", "testing", "none"):
         problems.append(f"mode {mode or 'missing'}")
-    if not age.isdigit() or int(age) > _MAX_POLICY_AGE:
+    # RFC 8461 section 3.2: max_age is 1*10DIGIT, ASCII digits only (str.isdigit takes others).
+    if not re.fullmatch(r"[0-9]{1,10}", age) or int(age) > _MAX_POLICY_AGE:
         problems.append(f"max_age {age or 'missing'}")
     if mode != "none" and not patterns:
         problems.append("no mx")
