@@ -176,3 +176,50 @@ def test_dmarc_valid_tag_values_are_not_reported(stack: MailStack) -> None:
         "rua=mailto:d@example.com!10m, mailto:e@example.com; ruf=mailto:f@example.com",
     )
     assert set(codes) == {"dmarc"}
+
+
+# -- report destinations in other domains (RFC 7489 section 7.1) ------------------------------
+
+
+def test_dmarc_reports_to_another_domain_without_its_consent_warn(stack: MailStack) -> None:
+    codes = _dmarc(
+        stack,
+        "v=DMARC1; p=reject; rua=mailto:d@reports.example.net,mailto:e@example.com; "
+        "ruf=mailto:f@example.org",
+    )
+    found = codes["dmarc-report-unauthorized"]
+    assert [f.severity for f in found] == ["warn", "warn"]
+    assert "sends rua= reports to reports.example.net, which does not accept them" in (
+        found[0].message
+    )
+    assert found[0].evidence == ("example.com._report._dmarc.reports.example.net TXT: NXDOMAIN",)
+    assert "sends ruf= reports to example.org" in found[1].message
+    assert [f.severity for f in codes["dmarc"]] == ["info"]
+
+
+def test_dmarc_reports_to_a_consenting_or_own_domain_pass(stack: MailStack) -> None:
+    codes = _dmarc(
+        stack,
+        "v=DMARC1; p=reject; rua=mailto:d@reports.example.org,mailto:e@sub.example.com; "
+        "ruf=mailto:f@example.org!10m",
+        Record("example.com._report._dmarc.reports.example.org", "TXT", "v=DMARC1"),
+        Record("example.com._report._dmarc.example.org", "TXT", "v=DMARC1;"),
+    )
+    assert set(codes) == {"dmarc"}
+
+
+def test_dmarc_report_consent_is_asked_for_the_policy_domain(stack: MailStack) -> None:
+    # A subdomain inheriting the organizational record: the record came from example.com, so
+    # the destination's consent is looked up for example.com (RFC 7489 section 7.1).
+    stack.reset()
+    name = f"_dmarc.{SENDER}"
+    kept = [r for r in stack.default_dns_records() if (r.name.lower(), r.rtype) != (name, "TXT")]
+    assert stack.dns is not None
+    lookup = Lookup((stack.dns.host, stack.dns.port), timeout=5.0)
+    record = Record(name, "TXT", "v=DMARC1; p=reject; rua=mailto:d@example.org")
+    consent = Record("example.com._report._dmarc.example.org", "TXT", "v=DMARC1")
+    for more, warned in (([], True), ([consent], False)):
+        stack.set_dns_records([*kept, record, *more])
+        codes = {f.code for f in check_posture(f"sub.{SENDER}", lookup).findings}
+        assert ("dmarc-report-unauthorized" in codes) is warned
+        assert "dmarc" in codes

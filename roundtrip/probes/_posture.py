@@ -102,7 +102,9 @@ def check_dmarc(report: AuthReport, lookup: Lookup) -> None:
             return
         own = name == f"_dmarc.{domain}"
         where = "" if own else f" (from the organizational domain {org})"
-        _judge_dmarc(report, f"{domain}{where}", record_tags(records[0]), records[0], own)
+        tags = record_tags(records[0])
+        if _judge_dmarc(report, f"{domain}{where}", tags, records[0], own):
+            _check_report_destinations(report, lookup, name.removeprefix("_dmarc."), tags)
         return
     report.add(
         "dmarc-missing",
@@ -182,9 +184,10 @@ def _has_valid_rua(tags: dict[str, str]) -> bool:
 
 def _judge_dmarc(
     report: AuthReport, who: str, tags: dict[str, str], record: str, own: bool
-) -> None:
+) -> bool:
     """One DMARC record of ``who`` (the domain, with where the record came from):
-    ``own`` is false for a subdomain that inherits the organizational domain's record."""
+    ``own`` is false for a subdomain that inherits the organizational domain's record.
+    False when receivers do not act on the record as published (no valid p= or sp=)."""
     p = tags.get("p", "").lower()
     sp = tags.get("sp", "").lower() if "sp" in tags else None
     if p not in _DMARC_POLICIES or (sp is not None and sp not in _DMARC_POLICIES):
@@ -207,7 +210,7 @@ def _judge_dmarc(
             "(RFC 7489 section 6.6.3)",
             record,
         )
-        return
+        return False
     policy = p if own or sp is None else sp  # a subdomain's policy (RFC 7489 section 6.3)
     for problem in _invalid_dmarc_tags(tags):
         report.add("dmarc-invalid", WARN, f"DMARC record of {who}: {problem}", record)
@@ -231,6 +234,45 @@ def _judge_dmarc(
         )
     else:
         report.add("dmarc", INFO, f"DMARC policy of {who}: p={policy}", record)
+    return True
+
+
+def _check_report_destinations(
+    report: AuthReport, lookup: Lookup, policy_domain: str, tags: dict[str, str]
+) -> None:
+    """RFC 7489 section 7.1: receivers send reports to a mailto: address outside the policy
+    domain's organizational domain only when ``<policy domain>._report._dmarc.<destination>``
+    holds a TXT record starting ``v=DMARC1``."""
+    org = organizational(policy_domain)
+    seen: set[str] = set()
+    for tag in ("rua", "ruf"):
+        for uri in (u.strip() for u in tags.get(tag, "").split(",")):
+            match = _DMARC_URI.fullmatch(uri)
+            if match is None or match["scheme"].lower() != "mailto" or "@" not in match["rest"]:
+                continue  # reported by _invalid_dmarc_tags
+            dest = match["rest"].partition("?")[0].rpartition("@")[2].lower().rstrip(".")
+            if not dest or dest in seen or organizational(dest) == org:
+                continue
+            seen.add(dest)
+            name = f"{policy_domain}._report._dmarc.{dest}"
+            answer = lookup.txt(name)
+            if answer.failed:
+                report.add(
+                    "dns-error",
+                    WARN,
+                    f"DMARC report destination {dest} of {report.domain} not checked: "
+                    f"{answer.rcode}",
+                    answer.describe(name, "TXT"),
+                )
+            elif not tagged_records(answer, "v=DMARC1"):
+                report.add(
+                    "dmarc-report-unauthorized",
+                    WARN,
+                    f"DMARC record of {report.domain} sends {tag}= reports to {dest}, which does "
+                    f"not accept them: {name} holds no v=DMARC1 record, so receivers send no "
+                    "reports there (RFC 7489 section 7.1)",
+                    answer.describe(name, "TXT"),
+                )
 
 
 def check_tls_rpt(report: AuthReport, lookup: Lookup) -> None:
