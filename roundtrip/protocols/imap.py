@@ -304,9 +304,28 @@ class IMAPConnection:
             return
         if change.user != self.user.strip().lower():
             return
+        if change.kind == "mailboxes" and not self._still_selected(view):
+            # Another session deleted (or deleted and created anew) the selected mailbox: its
+            # messages and UIDs are gone, and a new mailbox of that name is another mailbox
+            # (a new UIDVALIDITY), so this session cannot go on with it (as Dovecot does).
+            self._send("* BYE Selected mailbox was deleted, have to disconnect.")
+            self._end_session()
+            return
         view.note(change)
         if self._idle_tag is not None:
             self._send_updates(allow_expunge=True)
+
+    @property
+    def ended(self) -> bool:
+        """The session is over (LOGOUT, a BYE): the adapter closes the connection."""
+        return self.state is IMAPState.LOGOUT
+
+    def _still_selected(self, view: MailboxView) -> bool:
+        """Whether the store still holds the selected mailbox under its name."""
+        try:
+            return self.store.mailbox(self._address(), view.box.name) is view.box
+        except MailboxError:
+            return False
 
     # Framing
 

@@ -457,6 +457,8 @@ class LineServerProtocol(asyncio.Protocol):
             self._close()
             return
         self._flush()
+        if getattr(self._machine, "ended", False):  # the change ended the session (a BYE)
+            self._close()
 
     def _reset_idle(self) -> None:
         if self._idle_handle is not None:

@@ -1008,6 +1008,41 @@ def test_imap_rename_inbox_expunges_in_a_session_that_has_it_selected(any_store:
     assert b"* 3 EXISTS" in reader.select("Archive")
 
 
+def test_imap_selected_mailbox_deleted_elsewhere_ends_the_session(any_store: Store) -> None:
+    """A mailbox deleted (and maybe created anew) by another session is gone with its UIDs:
+    the session that had it selected gets a BYE and ends, instead of showing the old
+    messages and never hearing of new ones."""
+    store = any_store
+    store.create_mailbox(USER, "F")
+    store.deliver(USER, b"Subject: old\r\n\r\nbody\r\n", mailbox="F")
+    watcher, other = Client(store), Client(store)
+    assert b"* 1 EXISTS" in watcher.select("F")
+    _notify(store, watcher)
+    other.login()
+    assert other.cmd("d DELETE F").startswith(b"d OK")
+    assert watcher.conn.ended
+    assert watcher.conn.data_to_send() == (
+        b"* BYE Selected mailbox was deleted, have to disconnect.\r\n"
+    )
+    assert other.cmd("c CREATE F").startswith(b"c OK")
+    assert watcher.cmd("n NOOP") == b""  # nothing more is read
+
+
+def test_imap_other_mailboxes_created_or_deleted_leave_the_session_be(any_store: Store) -> None:
+    store = any_store
+    store.create_mailbox(USER, "F")
+    store.create_mailbox(USER, "G")
+    watcher, other = Client(store), Client(store)
+    watcher.select("F")
+    _notify(store, watcher)
+    other.login()
+    assert other.cmd("d DELETE G").startswith(b"d OK")
+    assert other.cmd("c CREATE H").startswith(b"c OK")
+    assert other.cmd("r RENAME H F/sub").startswith(b"r OK")
+    assert not watcher.conn.ended
+    assert watcher.cmd("n NOOP").endswith(b"n OK NOOP completed\r\n")
+
+
 def _big_field_message(field_size: int) -> bytes:
     """A message whose X-Big field (folded lines together) is exactly ``field_size`` octets."""
     head = b"X-Big: "

@@ -442,6 +442,29 @@ def test_imap_server_two_sessions_see_each_others_changes(servers: IMAPServers) 
         assert b.search("ALL") == a.search("ALL") == [2, 3]
 
 
+def test_imap_server_deleting_the_selected_mailbox_ends_that_session(
+    servers: IMAPServers,
+) -> None:
+    """Another session deletes the mailbox this one has selected: a BYE, then the server
+    closes the connection (the session's messages and UIDs are gone)."""
+    servers.store.create_mailbox(USER, "Shared")
+    watcher = servers.raw(tls=True)
+    watcher.send(f'a LOGIN {USER} "{PASSWORD}"\r\nb SELECT Shared\r\n'.encode())
+    assert b"b OK" in watcher.read_until(rb"b OK .*\r\n")
+    with servers.imapclient("implicit") as other:
+        other.login(USER, PASSWORD)
+        other.create_folder("Elsewhere")  # the twin: another mailbox changes nothing
+        other.delete_folder("Elsewhere")
+        watcher.send(b"n NOOP\r\n")
+        assert watcher.read_until(rb"n OK .*\r\n").endswith(b"n OK NOOP completed\r\n")
+        other.delete_folder("Shared")
+    out = watcher.read_until(rb"\Z-never")  # everything until the server closes
+    assert out == b"* BYE Selected mailbox was deleted, have to disconnect.\r\n", out
+    watcher.sock.settimeout(TIMEOUT)
+    assert watcher.sock.recv(1) == b""  # closed, not just silent
+    watcher.close()
+
+
 # Refusals (the "fails when it should" twins)
 
 
