@@ -19,6 +19,7 @@ from roundtrip.assertions import (
 )
 from roundtrip.config import Endpoint, Forward
 from roundtrip.corpus import corpus_params
+from roundtrip.errors import NotDeliveredError
 from roundtrip.message import ReceivedMessage
 from roundtrip.protocols.filter import default_filter
 from roundtrip.stack import MailStack
@@ -669,6 +670,11 @@ def test_stack_assertions_refuse_a_folder_that_does_not_exist(mailstack: MailSta
             mailstack.assert_delivered(subject="junky", mailbox=name, timeout=5)
     with pytest.raises(ConfigError, match="outbound capture's INBOX"):
         mailstack.assert_not_delivered("carol@gmail.com", mailbox="Junk", timeout=5)
+    # wait_for refuses it too (a ConfigError, not a NotDeliveredError after its timeout).
+    with pytest.raises(ConfigError, match=f"mailbox='spam': no such folder; {BOB}'s folders"):
+        mailstack.wait_for(BOB, subject="junky", mailbox="spam", timeout=30)
+    with pytest.raises(ConfigError, match="the users' folders"):
+        mailstack.wait_for(subject="junky", mailbox="Spam", timeout=30)
 
 
 def test_stack_assertions_take_folders_that_exist(mailstack: MailStack) -> None:
@@ -678,6 +684,9 @@ def test_stack_assertions_take_folders_that_exist(mailstack: MailStack) -> None:
         mailstack.assert_not_delivered(BOB, subject="junky", mailbox="Junk", timeout=5)
     mailstack.assert_not_delivered(BOB, subject="junky", mailbox="inbox", timeout=5)
     mailstack.assert_delivered(BOB, subject="junky", mailbox="Junk", timeout=5)
+    assert mailstack.wait_for(BOB, subject="junky", mailbox="Junk", timeout=5)
+    with pytest.raises(NotDeliveredError):  # "inbox" is INBOX (RFC 3501 5.1): nothing there
+        mailstack.wait_for(BOB, subject="junky", mailbox="inbox", timeout=0.2)
 
 
 def test_stack_assert_delivered_lists_what_arrived_in_other_folders(mailstack: MailStack) -> None:

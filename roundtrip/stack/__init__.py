@@ -883,18 +883,22 @@ class MailStack:
             sender: the From address (case-insensitive; the Sender field and the envelope
                 sender count too, as in :func:`roundtrip.assertions.assert_delivered`).
             match: any other predicate on the parsed message.
-            mailbox: the folder to look in.
+            mailbox: the folder to look in (``INBOX`` in any case, other names exactly).
             timeout: seconds to wait (``config.timeouts.wait_timeout`` by default).
 
         Raises:
             NotDeliveredError: nothing matched in time; the message lists what did arrive.
-            ConfigError: ``to`` is in a domain of the stack but is not a user of it.
+            ConfigError: ``to`` is in a domain of the stack but is not a user of it; no user
+                ``to`` names (any user without ``to``) has a folder ``mailbox``.
             Exception: what a server or an :meth:`on_delivery` callback raised, the found
                 message's callbacks included (:meth:`check`).
         """
         __tracebackhide__ = True  # the report shows the test's line, not ours
         limit = self.config.timeouts.wait_timeout if timeout is None else timeout
         snapshot = self._mailboxes_of(to, mailbox)
+        # A misspelt folder would wait the whole timeout for nothing: refused at once, as by
+        # the assertions, naming the folders there are.
+        self._check_mailbox(None if to is None else address_key(to), mailbox)
         criteria = Criteria(subject=subject, sender=sender, match=match)  # type: ignore[arg-type]
         found = wait_for_matches(
             snapshot, criteria, count=1, wait_until=self.store.wait_until, timeout=limit
