@@ -30,10 +30,8 @@ __all__ = [
     "DEFAULT_PAGE",
     "MAX_PAGE",
     "NotFoundError",
-    "attachment",
     "delete_message",
     "empty_mailbox",
-    "html_body",
     "html_of",
     "journey",
     "mailboxes",
@@ -505,20 +503,10 @@ def message_detail(stack: MailStack, user: str, folder: str, uid: int) -> dict[s
     }
 
 
-def html_body(
-    stack: MailStack, user: str, folder: str, uid: int, part_url: Callable[[int], str]
-) -> str:
-    """The HTML body, with each ``cid:`` reference replaced by ``part_url(index)`` of the
-    part it names (RFC 2392), so inline images show without any remote request.
-
-    Raises:
-        NotFoundError: no such message, or it has no HTML body.
-    """
-    return html_of(stored_message(stack, user, folder, uid), part_url)
-
-
 def html_of(stored: StoredMessage, part_url: Callable[[int], str]) -> str:
-    """:func:`html_body` of a message already looked up.
+    """The HTML body of ``stored``, with each ``cid:`` reference replaced by
+    ``part_url(index)`` of the part it names (RFC 2392), so inline images show without any
+    remote request.
 
     ``part_url`` is the only thing of the view written into the message's HTML, which is
     hostile: it must not hold anything that grants more than that part.
@@ -544,17 +532,8 @@ def html_of(stored: StoredMessage, part_url: Callable[[int], str]) -> str:
     return re.sub(r"""(["'])cid:([^"'\s>]+)""", link, msg.html)
 
 
-def attachment(stack: MailStack, user: str, folder: str, uid: int, index: int) -> Attachment:
-    """Part ``index`` of :func:`message_detail`'s ``parts``.
-
-    Raises:
-        NotFoundError: no such message or part.
-    """
-    return part_of(stored_message(stack, user, folder, uid), index)
-
-
 def part_of(stored: StoredMessage, index: int) -> Attachment:
-    """:func:`attachment` of a message already looked up.
+    """Part ``index`` of :func:`message_detail`'s ``parts``.
 
     Raises:
         NotFoundError: no such part.
